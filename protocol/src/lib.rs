@@ -1,0 +1,48 @@
+//! The host/guest protocol of agentos.
+//!
+//! A connection carries frames in both directions. A frame is a 4-byte big-endian length followed by
+//! that many bytes of one JSON object. The guest speaks first, with a [`GuestMessage::Hello`] that
+//! carries its protocol version and boot timings; after that the host sends [`HostMessage`]s, each with
+//! an `id` that the guest's answers carry back. Several requests may be in flight on one connection.
+//!
+//! The same frames run over vsock between host and agent, and over a virtio-serial port between the
+//! host and a carrier VM.
+
+mod codec;
+mod message;
+
+pub use codec::{FrameError, FrameReader, MAX_FRAME_BYTES, encode_frame, write_frame};
+pub use message::{
+    BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, StreamData,
+};
+
+/// Version of the message set. A guest whose version differs from the host's is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The well-known CID of the host in vsock addressing.
+pub const HOST_CID: u64 = 2;
+
+/// vsock port on the host that a guest agent dials once it is ready to serve.
+pub const AGENT_CONTROL_PORT: u32 = 1024;
+
+/// vsock port the guest agent listens on for connections the host opens.
+pub const AGENT_LISTEN_PORT: u32 = 52;
+
+/// Name of the virtio-serial port that carries frames between the host and a carrier VM.
+pub const CARRIER_PORT_NAME: &str = "agentos.ctl";
+
+/// A one-byte status channel from the guest to its VMM, below vsock: an I/O port the guest agent
+/// writes to. The VMM timestamps each write and, when the guest resets, tells a clean shutdown
+/// (last status [`status::SHUTDOWN`]) from a crash.
+pub mod status {
+    /// The I/O port.
+    pub const PORT: u16 = 0x510;
+    /// The agent runs as PID 1 (written before anything else it does).
+    pub const INIT_STARTED: u8 = 1;
+    /// The agent is connected and serving.
+    pub const READY: u8 = 2;
+    /// The agent is powering the VM off on request.
+    pub const SHUTDOWN: u8 = 3;
+    /// The agent hit a fatal error (it said why on the console) and is powering the VM off.
+    pub const FAILED: u8 = 4;
+}

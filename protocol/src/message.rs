@@ -1,0 +1,242 @@
+//! The messages carried in frames.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Bytes carried as a base64 string, so that any output survives JSON.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StreamData(pub Vec<u8>);
+
+impl fmt::Debug for StreamData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamData({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for StreamData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&BASE64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        BASE64
+            .decode(text)
+            .map(StreamData)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the host asks of a guest agent. Every request carries an `id` chosen by the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    /// Liveness check; answered with [`GuestMessage::Pong`].
+    Ping { id: u64 },
+    /// Start a program. Output streams back as `stdout`/`stderr` frames, then one `exited`.
+    Exec(ExecRequest),
+    /// Bytes for the standard input of the program started by request `id`.
+    Stdin { id: u64, data: StreamData },
+    /// End of the standard input of the program started by request `id`.
+    CloseStdin { id: u64 },
+    /// Send a signal to the process group of the program started by request `id`.
+    Signal { id: u64, signal: i32 },
+    /// Stop every program and power the VM off; answered with `shutting_down`.
+    Shutdown { id: u64 },
+}
+
+impl HostMessage {
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Exec(req) => req.id,
+            Self::Ping { id }
+            | Self::Stdin { id, .. }
+            | Self::CloseStdin { id }
+            | Self::Signal { id, .. }
+            | Self::Shutdown { id } => *id,
+        }
+    }
+}
+
+/// A program to run in the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub id: u64,
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Variables added to (or replacing those of) the agent's base environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the agent's own (`/`) when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// The program is killed (whole process group) when it runs longer than this.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// When true the host sends `stdin` frames and a `close_stdin`; otherwise stdin is empty.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// How a program ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when the program exited on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Whether the agent killed it for running past its timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the exit code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Uptimes measured by the guest, in milliseconds since its kernel started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTimings {
+    /// When the agent started as PID 1.
+    pub init_ms: u64,
+    /// When the agent was ready to serve (modules loaded, connection open).
+    pub ready_ms: u64,
+}
+
+/// The first frame on every connection, sent by the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    /// Name and version of the agent binary.
+    pub agent: String,
+    /// Release of the guest kernel.
+    pub kernel: String,
+    pub vcpus: u32,
+    pub memory_kib: u64,
+    pub boot: BootTimings,
+}
+
+/// What a guest agent sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestMessage {
+    Hello(Hello),
+    Pong { id: u64 },
+    /// The program of request `id` is running as `pid`.
+    Started { id: u64, pid: u32 },
+    Stdout { id: u64, data: StreamData },
+    Stderr { id: u64, data: StreamData },
+    /// The program of request `id` ended; no output for `id` follows.
+    Exited { id: u64, status: ExitStatus },
+    /// Request `id` failed (bad program, unknown id, ...); nothing else follows for it.
+    Error { id: u64, message: String },
+    /// Answer to `shutdown`: the agent stops everything and powers off.
+    ShuttingDown { id: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire format is a contract with guests built earlier; a change here must be deliberate
+    /// and come with a new `PROTOCOL_VERSION`.
+    #[test]
+    fn wire_format_is_stable() {
+        let exec = HostMessage::Exec(ExecRequest {
+            id: 3,
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo hi".into()],
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            cwd: Some("/tmp".into()),
+            timeout_ms: Some(500),
+            stdin: true,
+        });
+        assert_eq!(
+            serde_json::to_string(&exec).unwrap(),
+            r#"{"op":"exec","id":3,"program":"/bin/sh","args":["-c","echo hi"],"env":{"A":"1"},"cwd":"/tmp","timeout_ms":500,"stdin":true}"#
+        );
+        let out = GuestMessage::Stdout {
+            id: 3,
+            data: StreamData(b"hi\n".to_vec()),
+        };
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"type":"stdout","id":3,"data":"aGkK"}"#
+        );
+        let exited = GuestMessage::Exited {
+            id: 3,
+            status: ExitStatus {
+                code: None,
+                signal: Some(9),
+                timed_out: true,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&exited).unwrap(),
+            r#"{"type":"exited","id":3,"status":{"signal":9,"timed_out":true}}"#
+        );
+        let hello = GuestMessage::Hello(Hello {
+            protocol: 1,
+            agent: "agentos-guest 0.1.0".into(),
+            kernel: "6.1.0".into(),
+            vcpus: 2,
+            memory_kib: 1024,
+            boot: BootTimings {
+                init_ms: 10,
+                ready_ms: 20,
+            },
+        });
+        assert_eq!(
+            serde_json::to_string(&hello).unwrap(),
+            r#"{"type":"hello","protocol":1,"agent":"agentos-guest 0.1.0","kernel":"6.1.0","vcpus":2,"memory_kib":1024,"boot":{"init_ms":10,"ready_ms":20}}"#
+        );
+    }
+
+    #[test]
+    fn exec_defaults_optional_fields() {
+        let msg: HostMessage =
+            serde_json::from_str(r#"{"op":"exec","id":1,"program":"true"}"#).unwrap();
+        let HostMessage::Exec(req) = msg else {
+            panic!("not an exec: {msg:?}")
+        };
+        assert!(req.args.is_empty() && req.env.is_empty() && !req.stdin);
+        assert_eq!(req.cwd, None);
+    }
+
+    #[test]
+    fn stream_data_rejects_bad_base64() {
+        let bad = r#"{"op":"stdin","id":1,"data":"!!!"}"#;
+        assert!(serde_json::from_str::<HostMessage>(bad).is_err());
+    }
+
+    #[test]
+    fn shell_code_maps_signals_above_128() {
+        let by_signal = ExitStatus {
+            signal: Some(15),
+            ..Default::default()
+        };
+        assert_eq!(by_signal.shell_code(), 143);
+        let by_code = ExitStatus {
+            code: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(by_code.shell_code(), 7);
+    }
+}

@@ -1,0 +1,1 @@
+//! VM tests live in `tests/vm/`.
