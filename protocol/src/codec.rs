@@ -106,7 +106,10 @@ mod tests {
     fn round_trips_a_frame() {
         let frame = encode_frame(&HostMessage::Ping { id: 7 }).unwrap();
         let mut reader = FrameReader::new(&frame[..]);
-        assert_eq!(reader.read::<HostMessage>().unwrap(), Some(HostMessage::Ping { id: 7 }));
+        assert_eq!(
+            reader.read::<HostMessage>().unwrap(),
+            Some(HostMessage::Ping { id: 7 })
+        );
         assert_eq!(reader.read::<HostMessage>().unwrap(), None);
     }
 
@@ -114,26 +117,42 @@ mod tests {
     fn refuses_a_frame_over_the_limit_before_allocating() {
         let len = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
         let mut reader = FrameReader::new(&len[..]);
-        assert!(matches!(reader.read::<HostMessage>(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            reader.read::<HostMessage>(),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn reports_truncation_inside_length_and_body() {
         let mut reader = FrameReader::new(&[0u8, 0][..]);
-        assert!(matches!(reader.read::<HostMessage>(), Err(FrameError::Truncated)));
+        assert!(matches!(
+            reader.read::<HostMessage>(),
+            Err(FrameError::Truncated)
+        ));
         let mut frame = encode_frame(&HostMessage::Ping { id: 1 }).unwrap();
         frame.pop();
         let mut reader = FrameReader::new(&frame[..]);
-        assert!(matches!(reader.read::<HostMessage>(), Err(FrameError::Truncated)));
+        assert!(matches!(
+            reader.read::<HostMessage>(),
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[test]
     fn rejects_garbage_and_unknown_operations() {
-        for body in [&b"not json"[..], br#"{"op":"format_disk","id":1}"#, br#"{"id":1}"#] {
+        for body in [
+            &b"not json"[..],
+            br#"{"op":"format_disk","id":1}"#,
+            br#"{"id":1}"#,
+        ] {
             let mut frame = (body.len() as u32).to_be_bytes().to_vec();
             frame.extend_from_slice(body);
             let mut reader = FrameReader::new(&frame[..]);
-            assert!(matches!(reader.read::<HostMessage>(), Err(FrameError::Json(_))));
+            assert!(matches!(
+                reader.read::<HostMessage>(),
+                Err(FrameError::Json(_))
+            ));
         }
     }
 }

@@ -36,7 +36,7 @@ pub const CARRIER_PORT_NAME: &str = "agentos.ctl";
 /// (last status [`status::SHUTDOWN`]) from a crash.
 pub mod status {
     /// The I/O port.
-    pub const PORT: u16 = 0x510;
+    pub const PORT: u16 = 0x550;
     /// The agent runs as PID 1 (written before anything else it does).
     pub const INIT_STARTED: u8 = 1;
     /// The agent is connected and serving.

@@ -138,17 +138,36 @@ pub struct Hello {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestMessage {
     Hello(Hello),
-    Pong { id: u64 },
+    Pong {
+        id: u64,
+    },
     /// The program of request `id` is running as `pid`.
-    Started { id: u64, pid: u32 },
-    Stdout { id: u64, data: StreamData },
-    Stderr { id: u64, data: StreamData },
+    Started {
+        id: u64,
+        pid: u32,
+    },
+    Stdout {
+        id: u64,
+        data: StreamData,
+    },
+    Stderr {
+        id: u64,
+        data: StreamData,
+    },
     /// The program of request `id` ended; no output for `id` follows.
-    Exited { id: u64, status: ExitStatus },
+    Exited {
+        id: u64,
+        status: ExitStatus,
+    },
     /// Request `id` failed (bad program, unknown id, ...); nothing else follows for it.
-    Error { id: u64, message: String },
+    Error {
+        id: u64,
+        message: String,
+    },
     /// Answer to `shutdown`: the agent stops everything and powers off.
-    ShuttingDown { id: u64 },
+    ShuttingDown {
+        id: u64,
+    },
 }
 
 #[cfg(test)]

@@ -1,1 +1,79 @@
-fn main() {}
+//! `agentos`: the command line, and the VMM (`agentos vmm`), in one binary.
+
+mod agent;
+mod carrier;
+mod doctor;
+mod image;
+mod image_cmd;
+mod run;
+mod rundir;
+mod signals;
+mod vmm_cmd;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agentos",
+    version,
+    about = "Run every AI agent in its own KVM microVM",
+    after_help = "Images live in $AGENTOS_HOME (default ~/.cache/agentos); build them with `scripts/setup`.\nLogs: AGENTOS_LOG=info|debug."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot an agent VM, run a program in it with your stdin/stdout/stderr, and exit with its status.
+    Run(run::RunArgs),
+    /// Run a command inside a QEMU carrier VM (for hosts whose KVM cannot boot Linux).
+    Carrier(carrier::CarrierArgs),
+    /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
+    Doctor(doctor::DoctorArgs),
+    /// Build the guest images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
+    /// Run one microVM in this process (what the other commands start, one per VM).
+    Vmm(vmm_cmd::VmmArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match &cli.command {
+        Command::Vmm(args) => vmm_cmd::run(args, started),
+        command => signals::install()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| match command {
+                Command::Run(args) => run::run(args, started),
+                Command::Carrier(args) => carrier::run_command(args),
+                Command::Doctor(args) => doctor::run(args),
+                Command::Image(cmd) => image_cmd::run(cmd),
+                Command::Vmm(_) => unreachable!("handled above"),
+            }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("agentos: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

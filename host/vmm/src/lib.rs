@@ -1,1 +1,16 @@
-//! agentos VMM
+//! The agentos VMM: one KVM microVM per process.
+//!
+//! [`builder::build_vm`] turns a [`config::VmConfig`] into a running VM in one linear pass
+//! (memory → KVM VM → devices → kernel and initrd → ACPI and boot parameters → vCPUs), and
+//! [`vmm::Vmm::run`] drives it until the guest shuts down, crashes or the VMM is told to stop.
+//! Threads: one per vCPU, and the caller's thread for the device event loop.
+
+pub mod acpi;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod vmm;
+pub mod vstate;

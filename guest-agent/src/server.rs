@@ -1,0 +1,306 @@
+//! The agent's side of one connection: `hello` first, then the host's requests, until the host
+//! leaves, breaks the protocol, or asks for a shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use agentos_protocol::{
+    BootTimings, ExecRequest, FrameError, FrameReader, GuestMessage, Hello, HostMessage,
+    PROTOCOL_VERSION, status, write_frame,
+};
+
+use crate::exec::{self, Finish, Running, StdinError};
+use crate::outbox::{Outbox, Writer, WriterGone};
+use crate::reaper::Reaper;
+use crate::transport::Connection;
+use crate::{describe, init, lock, system};
+
+/// Programs one connection may run at once; each costs threads, pipes and queued output.
+const MAX_EXECS: usize = 64;
+
+/// How long the last frames of a connection (`shutting_down` above all) may take to leave.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// What every connection of the agent shares.
+pub struct Context {
+    pid1: bool,
+    /// Environment of every program, before the request's own variables.
+    base_env: BTreeMap<String, String>,
+    reaper: Arc<Reaper>,
+    init_ms: u64,
+    /// Set by the first `hello`: boot timings describe the boot, not each connection.
+    ready_ms: OnceLock<u64>,
+}
+
+impl Context {
+    pub fn new(
+        pid1: bool,
+        base_env: BTreeMap<String, String>,
+        reaper: Arc<Reaper>,
+        init_ms: u64,
+    ) -> Self {
+        Self {
+            pid1,
+            base_env,
+            reaper,
+            init_ms,
+            ready_ms: OnceLock::new(),
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let ready_ms = *self
+            .ready_ms
+            .get_or_init(|| system::uptime_ms().unwrap_or(0));
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            agent: format!("agentos-guest {}", env!("CARGO_PKG_VERSION")),
+            kernel: system::kernel_release(),
+            vcpus: system::online_cpus(),
+            memory_kib: system::memory_kib(),
+            boot: BootTimings {
+                init_ms: self.init_ms,
+                ready_ms,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The connection the agent opened itself (dialled vsock, or the serial port): its `hello`
+    /// means the agent is ready.
+    Control,
+    /// A connection the host opened to the agent's listening port.
+    Accepted,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    HostClosed,
+    /// The stream failed or carried something that is not a frame; the connection was dropped.
+    Broken(FrameError),
+    /// Frames could no longer be written.
+    WriterGone,
+    /// The host asked for a shutdown and has been answered.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot duplicate the connection")]
+    Clone(#[source] io::Error),
+    #[error("cannot send hello")]
+    Hello(#[source] FrameError),
+    #[error("cannot start the connection's writer")]
+    Writer(#[source] io::Error),
+}
+
+/// Serves one connection until it ends. Programs still running then are killed: nobody would
+/// receive their output.
+pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, ServeError> {
+    let mut writer = conn.try_clone().map_err(ServeError::Clone)?;
+    write_frame(&mut writer, &GuestMessage::Hello(ctx.hello())).map_err(ServeError::Hello)?;
+    if role == Role::Control && ctx.pid1 {
+        init::report(status::READY);
+    }
+    let (outbox, writer) = Writer::start(writer).map_err(ServeError::Writer)?;
+    let session = Session {
+        ctx,
+        outbox,
+        execs: Arc::default(),
+    };
+    let mut frames = FrameReader::new(conn);
+    let ended = session.run(&mut frames);
+    if let Ended::Broken(err) = &ended {
+        console!("dropping a connection: {}", describe(err));
+    }
+    session.kill_all();
+    if !matches!(ended, Ended::Shutdown) {
+        // Unblocks a writer stuck on a host that stopped reading.
+        frames.get_ref().shutdown();
+    }
+    writer.finish(DRAIN_PATIENCE);
+    Ok(ended)
+}
+
+type Execs = Arc<Mutex<HashMap<u64, Running>>>;
+
+struct Session<'a> {
+    ctx: &'a Context,
+    outbox: Outbox,
+    execs: Execs,
+}
+
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+impl Session<'_> {
+    fn run(&self, frames: &mut FrameReader<Connection>) -> Ended {
+        loop {
+            let msg = match frames.read::<HostMessage>() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ended::HostClosed,
+                Err(err) => return Ended::Broken(err),
+            };
+            match self.handle(msg) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Shutdown) => return Ended::Shutdown,
+                Err(WriterGone) => return Ended::WriterGone,
+            }
+        }
+    }
+
+    fn handle(&self, msg: HostMessage) -> Result<Flow, WriterGone> {
+        match msg {
+            HostMessage::Ping { id } => self.outbox.send(GuestMessage::Pong { id })?,
+            HostMessage::Exec(req) => self.exec(req)?,
+            HostMessage::Stdin { id, data } => self.stdin(id, data.0)?,
+            HostMessage::CloseStdin { id } => self.close_stdin(id)?,
+            HostMessage::Signal { id, signal } => self.signal(id, signal)?,
+            HostMessage::Shutdown { id } => {
+                // The VM goes down whether or not the host still reads; the answer is best effort.
+                let _ = self
+                    .outbox
+                    .send_within(GuestMessage::ShuttingDown { id }, DRAIN_PATIENCE);
+                return Ok(Flow::Shutdown);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn exec(&self, req: ExecRequest) -> Result<(), WriterGone> {
+        let id = req.id;
+        // Held while starting, so that a program that ends at once finds itself in the table.
+        let mut execs = lock(&self.execs);
+        let refusal = if execs.contains_key(&id) {
+            Some(format!("request {id} is already running"))
+        } else if execs.len() >= MAX_EXECS {
+            Some(format!(
+                "{MAX_EXECS} programs are already running on this connection"
+            ))
+        } else {
+            None
+        };
+        let started = match refusal {
+            Some(refusal) => Err(refusal),
+            None => exec::start(
+                &req,
+                &self.ctx.base_env,
+                &self.ctx.reaper,
+                &self.outbox,
+                self.finisher(id),
+            )
+            .map_err(|err| describe(&err)),
+        };
+        match started {
+            Ok(running) => {
+                execs.insert(id, running);
+                Ok(())
+            }
+            Err(message) => {
+                drop(execs);
+                self.error(id, message)
+            }
+        }
+    }
+
+    /// Reports the end of program `id` and forgets it.
+    fn finisher(&self, id: u64) -> Finish {
+        let execs = Arc::clone(&self.execs);
+        let outbox = self.outbox.clone();
+        Box::new(move |status| {
+            // Under the table lock, so that a host that reuses the id as soon as it reads
+            // `exited` never finds it still taken.
+            let mut execs = lock(&execs);
+            let _ = outbox.send(GuestMessage::Exited { id, status });
+            if let Some(running) = execs.remove(&id) {
+                running.release();
+            }
+        })
+    }
+
+    fn stdin(&self, id: u64, data: Vec<u8>) -> Result<(), WriterGone> {
+        let queue = match self.stdin_of(id) {
+            Ok(queue) => queue,
+            Err(message) => return self.error(id, message),
+        };
+        // Waits while the program's queue is full: the host's writes then block, which is the
+        // only flow control the protocol has.
+        match queue.push(data) {
+            Ok(()) => Ok(()),
+            Err(StdinError::Stalled) => {
+                console!(
+                    "killing request {id}: {}; its connection cannot wait longer",
+                    StdinError::Stalled
+                );
+                self.kill(id);
+                Ok(())
+            }
+            Err(err) => self.error(id, format!("request {id}: {err}")),
+        }
+    }
+
+    fn close_stdin(&self, id: u64) -> Result<(), WriterGone> {
+        match self
+            .stdin_of(id)
+            .and_then(|queue| queue.close().map_err(|err| format!("request {id}: {err}")))
+        {
+            Ok(()) => Ok(()),
+            Err(message) => self.error(id, message),
+        }
+    }
+
+    fn stdin_of(&self, id: u64) -> Result<Arc<exec::StdinQueue>, String> {
+        let execs = lock(&self.execs);
+        let running = execs.get(&id).ok_or_else(|| no_such_program(id))?;
+        running
+            .stdin()
+            .cloned()
+            .ok_or_else(|| format!("request {id} did not ask for standard input"))
+    }
+
+    fn signal(&self, id: u64, signal: i32) -> Result<(), WriterGone> {
+        if signal <= 0 {
+            return self.error(id, format!("{signal} is not a signal"));
+        }
+        let sent = lock(&self.execs)
+            .get(&id)
+            .map(|running| running.signal(signal));
+        match sent {
+            None => self.error(id, no_such_program(id)),
+            Some(Ok(())) => Ok(()),
+            // The whole group has exited; its `exited` frame is on its way.
+            Some(Err(err)) if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Some(Err(err)) => self.error(id, format!("cannot send signal {signal}: {err}")),
+        }
+    }
+
+    fn kill(&self, id: u64) {
+        if let Some(running) = lock(&self.execs).get(&id) {
+            let _ = running.signal(libc::SIGKILL);
+        }
+    }
+
+    fn kill_all(&self) {
+        for running in lock(&self.execs).values() {
+            let _ = running.signal(libc::SIGKILL);
+        }
+    }
+
+    fn error(&self, id: u64, message: String) -> Result<(), WriterGone> {
+        self.outbox.send(GuestMessage::Error { id, message })
+    }
+}
+
+fn no_such_program(id: u64) -> String {
+    format!("no program is running for request {id}")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,397 @@
+//! The server driven over a socket pair, as a host would drive it over vsock.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use agentos_protocol::{
+    ExecRequest, ExitStatus, FrameReader, GuestMessage, Hello, HostMessage, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, StreamData, write_frame,
+};
+
+use super::{Context, Ended, Role, serve};
+use crate::config::DEFAULT_PATH;
+use crate::exec::OUTPUT_CHUNK_BYTES;
+use crate::reaper::Reaper;
+use crate::transport::Connection;
+
+/// Long enough for any test here; a hung server fails the test instead of hanging it.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Host {
+    frames: FrameReader<UnixStream>,
+    out: UnixStream,
+    server: JoinHandle<Ended>,
+    hello: Hello,
+}
+
+impl Host {
+    fn connect() -> Self {
+        let (host, guest) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        let server = thread::spawn(move || {
+            let env = BTreeMap::from([("PATH".to_owned(), DEFAULT_PATH.to_owned())]);
+            let ctx = Context::new(false, env, Reaper::own_children(), 0);
+            serve(Connection::socket(guest.into()), &ctx, Role::Control).unwrap()
+        });
+        let out = host.try_clone().unwrap();
+        let mut frames = FrameReader::new(host);
+        let Some(GuestMessage::Hello(hello)) = frames.read().unwrap() else {
+            panic!("the first frame is not a hello");
+        };
+        Self {
+            frames,
+            out,
+            server,
+            hello,
+        }
+    }
+
+    fn send(&mut self, msg: HostMessage) {
+        write_frame(&mut self.out, &msg).unwrap();
+    }
+
+    fn recv(&mut self) -> GuestMessage {
+        self.frames
+            .read()
+            .unwrap()
+            .expect("the guest closed the connection")
+    }
+
+    fn exec(&mut self, req: ExecRequest) {
+        self.send(HostMessage::Exec(req));
+    }
+
+    fn expect_started(&mut self, id: u64) {
+        match self.recv() {
+            GuestMessage::Started { id: got, pid } if got == id && pid > 0 => {}
+            other => panic!("expected started for {id}, got {other:?}"),
+        }
+    }
+
+    /// Collects the output of request `id` up to its `exited`; no other request may interleave.
+    fn run_to_exit(&mut self, id: u64) -> Output {
+        self.expect_started(id);
+        let mut output = Output::default();
+        loop {
+            match self.recv() {
+                GuestMessage::Stdout { id: got, data } if got == id => {
+                    output.largest_chunk = output.largest_chunk.max(data.0.len());
+                    output.stdout.extend(data.0);
+                }
+                GuestMessage::Stderr { id: got, data } if got == id => {
+                    output.stderr.extend(data.0);
+                }
+                GuestMessage::Exited { id: got, status } if got == id => {
+                    output.status = status;
+                    return output;
+                }
+                other => panic!("unexpected frame while running {id}: {other:?}"),
+            }
+        }
+    }
+
+    fn expect_error(&mut self, id: u64) -> String {
+        match self.recv() {
+            GuestMessage::Error { id: got, message } if got == id => message,
+            other => panic!("expected an error for {id}, got {other:?}"),
+        }
+    }
+
+    /// The guest must close the connection and end the server.
+    fn expect_closed(mut self) -> Ended {
+        assert!(matches!(self.frames.read::<GuestMessage>(), Ok(None)));
+        self.server.join().unwrap()
+    }
+}
+
+#[derive(Default)]
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: ExitStatus,
+    largest_chunk: usize,
+}
+
+fn sh(id: u64, script: &str) -> ExecRequest {
+    ExecRequest {
+        id,
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        ..ExecRequest::default()
+    }
+}
+
+fn exited_with(code: i32) -> ExitStatus {
+    ExitStatus {
+        code: Some(code),
+        ..ExitStatus::default()
+    }
+}
+
+#[test]
+fn hello_comes_first_with_the_protocol_version() {
+    let host = Host::connect();
+    assert_eq!(host.hello.protocol, PROTOCOL_VERSION);
+    assert!(host.hello.agent.starts_with("agentos-guest "));
+    assert!(!host.hello.kernel.is_empty());
+    assert!(host.hello.vcpus > 0 && host.hello.memory_kib > 0);
+    assert!(host.hello.boot.ready_ms > 0);
+}
+
+#[test]
+fn ping_is_answered_with_pong() {
+    let mut host = Host::connect();
+    host.send(HostMessage::Ping { id: 41 });
+    assert_eq!(host.recv(), GuestMessage::Pong { id: 41 });
+}
+
+#[test]
+fn exec_streams_stdout_and_reports_the_exit_code() {
+    let mut host = Host::connect();
+    host.exec(sh(1, "echo hi; exit 7"));
+    let output = host.run_to_exit(1);
+    assert_eq!(output.stdout, b"hi\n");
+    assert!(output.stderr.is_empty());
+    assert_eq!(output.status, exited_with(7));
+}
+
+#[test]
+fn exec_applies_environment_and_working_directory() {
+    let mut host = Host::connect();
+    host.exec(ExecRequest {
+        env: BTreeMap::from([("GREETING".into(), "hello".into())]),
+        cwd: Some("/tmp".into()),
+        ..sh(1, r#"echo "$GREETING"; pwd; echo "$PATH""#)
+    });
+    let output = host.run_to_exit(1);
+    let expected = format!("hello\n/tmp\n{DEFAULT_PATH}\n");
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), expected);
+}
+
+#[test]
+fn stderr_is_kept_apart_from_stdout() {
+    let mut host = Host::connect();
+    host.exec(sh(1, "echo out; echo err >&2"));
+    let output = host.run_to_exit(1);
+    assert_eq!(output.stdout, b"out\n");
+    assert_eq!(output.stderr, b"err\n");
+    assert_eq!(output.status, exited_with(0));
+}
+
+#[test]
+fn a_signal_from_the_host_ends_the_program_and_is_reported() {
+    let mut host = Host::connect();
+    host.exec(ExecRequest {
+        id: 1,
+        program: "sleep".into(),
+        args: vec!["30".into()],
+        ..ExecRequest::default()
+    });
+    host.expect_started(1);
+    host.send(HostMessage::Signal {
+        id: 1,
+        signal: libc::SIGTERM,
+    });
+    let GuestMessage::Exited { id: 1, status } = host.recv() else {
+        panic!("expected exited");
+    };
+    assert_eq!(status.signal, Some(libc::SIGTERM));
+    assert_eq!(status.code, None);
+    assert!(!status.timed_out);
+}
+
+#[test]
+fn stdin_passes_through_until_closed() {
+    let mut host = Host::connect();
+    host.exec(ExecRequest {
+        id: 1,
+        program: "cat".into(),
+        stdin: true,
+        ..ExecRequest::default()
+    });
+    for part in [&b"first "[..], b"second\n"] {
+        host.send(HostMessage::Stdin {
+            id: 1,
+            data: StreamData(part.to_vec()),
+        });
+    }
+    host.send(HostMessage::CloseStdin { id: 1 });
+    let output = host.run_to_exit(1);
+    assert_eq!(output.stdout, b"first second\n");
+    assert_eq!(output.status, exited_with(0));
+}
+
+#[test]
+fn large_output_arrives_whole_in_order_and_in_bounded_chunks() {
+    let mut host = Host::connect();
+    let lines = 700_000;
+    host.exec(ExecRequest {
+        id: 1,
+        program: "seq".into(),
+        args: vec!["1".into(), lines.to_string()],
+        ..ExecRequest::default()
+    });
+    let output = host.run_to_exit(1);
+    let expected: String = (1..=lines).map(|n| format!("{n}\n")).collect();
+    assert!(expected.len() > 4 << 20);
+    assert!(output.stdout == expected.as_bytes(), "output differs");
+    assert!(output.largest_chunk <= OUTPUT_CHUNK_BYTES);
+    assert_eq!(output.status, exited_with(0));
+}
+
+#[test]
+fn timeout_kills_the_whole_group_and_says_so() {
+    let mut host = Host::connect();
+    let began = Instant::now();
+    // The background sleep keeps stdout open: only a kill of the whole group ends the exec.
+    host.exec(ExecRequest {
+        timeout_ms: Some(200),
+        ..sh(1, "sleep 30 & sleep 30")
+    });
+    let output = host.run_to_exit(1);
+    assert_eq!(
+        output.status,
+        ExitStatus {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            timed_out: true,
+        }
+    );
+    assert!(began.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn two_programs_run_at_once_on_one_connection() {
+    let mut host = Host::connect();
+    host.exec(ExecRequest {
+        id: 1,
+        program: "cat".into(),
+        stdin: true,
+        ..ExecRequest::default()
+    });
+    host.expect_started(1);
+    // The second program runs to its end while the first still waits for input.
+    host.exec(sh(2, "echo two"));
+    let output = host.run_to_exit(2);
+    assert_eq!(output.stdout, b"two\n");
+    host.send(HostMessage::Stdin {
+        id: 1,
+        data: StreamData(b"one\n".to_vec()),
+    });
+    host.send(HostMessage::CloseStdin { id: 1 });
+    assert_eq!(
+        host.recv(),
+        GuestMessage::Stdout {
+            id: 1,
+            data: StreamData(b"one\n".to_vec())
+        }
+    );
+    assert_eq!(
+        host.recv(),
+        GuestMessage::Exited {
+            id: 1,
+            status: exited_with(0)
+        }
+    );
+}
+
+#[test]
+fn a_missing_program_is_an_error() {
+    let mut host = Host::connect();
+    host.exec(ExecRequest {
+        id: 5,
+        program: "/nonexistent/program".into(),
+        ..ExecRequest::default()
+    });
+    let message = host.expect_error(5);
+    assert!(message.contains("/nonexistent/program"), "{message}");
+    // The connection carries on.
+    host.send(HostMessage::Ping { id: 6 });
+    assert_eq!(host.recv(), GuestMessage::Pong { id: 6 });
+}
+
+#[test]
+fn requests_for_unknown_or_unsuitable_programs_are_errors() {
+    let mut host = Host::connect();
+    host.send(HostMessage::Stdin {
+        id: 9,
+        data: StreamData(b"x".to_vec()),
+    });
+    host.expect_error(9);
+    host.send(HostMessage::CloseStdin { id: 9 });
+    host.expect_error(9);
+    host.send(HostMessage::Signal { id: 9, signal: 15 });
+    host.expect_error(9);
+
+    host.exec(ExecRequest {
+        id: 1,
+        program: "sleep".into(),
+        args: vec!["30".into()],
+        ..ExecRequest::default()
+    });
+    host.expect_started(1);
+    host.send(HostMessage::Stdin {
+        id: 1,
+        data: StreamData(b"x".to_vec()),
+    });
+    host.expect_error(1);
+    host.exec(sh(1, "true"));
+    host.expect_error(1);
+    host.send(HostMessage::Signal { id: 1, signal: 0 });
+    host.expect_error(1);
+    host.exec(ExecRequest {
+        env: BTreeMap::from([("A=B".into(), "1".into())]),
+        ..sh(2, "true")
+    });
+    host.expect_error(2);
+}
+
+#[test]
+fn shutdown_is_answered_and_ends_the_server() {
+    let mut host = Host::connect();
+    host.exec(sh(1, "sleep 30"));
+    host.expect_started(1);
+    host.send(HostMessage::Shutdown { id: 2 });
+    assert_eq!(host.recv(), GuestMessage::ShuttingDown { id: 2 });
+    assert!(matches!(host.expect_closed(), Ended::Shutdown));
+}
+
+#[test]
+fn a_garbage_frame_closes_the_connection() {
+    let mut host = Host::connect();
+    let body = b"this is not json";
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    host.out.write_all(&frame).unwrap();
+    assert!(matches!(host.expect_closed(), Ended::Broken(_)));
+}
+
+#[test]
+fn an_oversized_length_prefix_is_refused() {
+    let mut host = Host::connect();
+    let len = u32::try_from(MAX_FRAME_BYTES + 1).unwrap();
+    host.out.write_all(&len.to_be_bytes()).unwrap();
+    assert!(matches!(host.expect_closed(), Ended::Broken(_)));
+}
+
+#[test]
+fn closing_the_connection_kills_running_programs() {
+    let mut host = Host::connect();
+    host.exec(sh(1, "echo $$; exec sleep 30"));
+    host.expect_started(1);
+    let GuestMessage::Stdout { data, .. } = host.recv() else {
+        panic!("expected the pid");
+    };
+    let pid: i32 = String::from_utf8(data.0).unwrap().trim().parse().unwrap();
+    host.out.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(host.server.join().unwrap(), Ended::HostClosed));
+    let began = Instant::now();
+    // SAFETY: kill with signal 0 only probes whether the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(began.elapsed() < READ_TIMEOUT, "program {pid} survived");
+        thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,4 @@
+//! The host side of agent VMs: starting one, and talking to its guest agent.
+
+pub mod connection;
+pub mod vm;

@@ -1,0 +1,325 @@
+//! An agent microVM seen from the host: a child `agentos vmm` process, its run directory and the
+//! control connection its guest agent dials when it is ready.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentos_protocol::{AGENT_CONTROL_PORT, Hello};
+
+use super::connection::{AgentConnection, ConnectionError};
+use crate::rundir::RunDir;
+use crate::signals;
+use crate::vmm_cmd::VmmReport;
+
+/// Kernel command line of agent VMs. `reboot=k` makes a guest reboot reset through the i8042,
+/// which ends the VMM; `panic=-1` turns a panic into an immediate reset; `quiet` matters because
+/// every console byte is a VM exit.
+pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+/// How long a VMM gets to exit after the guest agent acknowledged a shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to [`AGENT_CMDLINE`].
+    pub extra_cmdline: Option<String>,
+    /// Copy the guest console to our stdout.
+    pub console: bool,
+    /// From process start to the agent's hello.
+    pub boot_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot prepare the VM's run directory")]
+    RunDir(#[source] io::Error),
+    #[error("cannot start the VMM ({path})")]
+    Spawn {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the VM ended during boot: {why}{console}")]
+    BootFailed { why: String, console: String },
+    #[error("the guest agent did not answer within {secs} s{console}")]
+    BootTimeout { secs: u64, console: String },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("cannot talk to the guest agent")]
+    Connection(#[from] ConnectionError),
+}
+
+/// How a VM ended.
+#[derive(Debug)]
+pub struct VmEnd {
+    pub report: Option<VmmReport>,
+    pub exit_code: Option<i32>,
+}
+
+pub struct AgentVm {
+    child: Option<Child>,
+    run_dir: RunDir,
+    conn: AgentConnection,
+    boot_time: Duration,
+}
+
+impl AgentVm {
+    /// Starts a VM and waits for its guest agent to say hello.
+    pub fn boot(opts: &BootOptions) -> Result<Self, VmError> {
+        let started = Instant::now();
+        let run_dir = RunDir::create("vm").map_err(VmError::RunDir)?;
+        let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(VmError::RunDir)?;
+        let mut child = spawn_vmm(opts, &run_dir)?;
+        signals::watch_child(child.id());
+        let stream = match wait_for_connection(&control, &mut child, started + opts.boot_timeout) {
+            Ok(stream) => stream,
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                signals::forget_child(child.id());
+                return Err(boot_failure(why, &run_dir, opts.boot_timeout));
+            }
+        };
+        drop(control);
+        let remaining = (started + opts.boot_timeout).saturating_duration_since(Instant::now());
+        let conn = match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
+            Ok(conn) => conn,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                signals::forget_child(child.id());
+                return Err(e.into());
+            }
+        };
+        Ok(Self {
+            child: Some(child),
+            run_dir,
+            conn,
+            boot_time: started.elapsed(),
+        })
+    }
+
+    pub fn conn(&mut self) -> &mut AgentConnection {
+        &mut self.conn
+    }
+
+    pub fn hello(&self) -> &Hello {
+        self.conn.hello()
+    }
+
+    /// From spawning the VMM to the agent's hello.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    /// Shuts the guest down and waits for the VMM to exit.
+    pub fn shutdown(mut self) -> VmEnd {
+        let acknowledged = self.conn.shutdown().is_ok();
+        let deadline = Instant::now()
+            + if acknowledged {
+                SHUTDOWN_GRACE
+            } else {
+                Duration::ZERO
+            };
+        self.reap(deadline)
+    }
+
+    /// Waits for the VMM until `deadline`, then kills it.
+    fn reap(&mut self, deadline: Instant) -> VmEnd {
+        let Some(mut child) = self.child.take() else {
+            return VmEnd {
+                report: None,
+                exit_code: None,
+            };
+        };
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+                _ => {
+                    let _ = child.kill();
+                    break child.wait().ok();
+                }
+            }
+        };
+        signals::forget_child(child.id());
+        VmEnd {
+            report: read_report(&self.run_dir),
+            exit_code: status.and_then(|s| s.code()),
+        }
+    }
+
+    /// The VMM's process id (for accounting and tests).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for AgentVm {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.reap(Instant::now());
+        }
+    }
+}
+
+fn spawn_vmm(opts: &BootOptions, run_dir: &RunDir) -> Result<Child, VmError> {
+    let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
+        path: "agentos".into(),
+        source,
+    })?;
+    let mut cmdline = AGENT_CMDLINE.to_string();
+    if let Some(extra) = &opts.extra_cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let vmm_log = File::create(run_dir.join("vmm.log")).map_err(VmError::RunDir)?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("vmm")
+        .arg("--kernel")
+        .arg(&opts.kernel)
+        .arg("--initrd")
+        .arg(&opts.initrd)
+        .args(["--vcpus", &opts.vcpus.to_string()])
+        .args(["--memory", &opts.memory_mib.to_string()])
+        .args(["--cmdline", &cmdline])
+        .arg("--vsock-uds")
+        .arg(run_dir.join("vsock.sock"))
+        .arg("--console-log")
+        .arg(run_dir.join("console.log"))
+        .arg("--report")
+        .arg(run_dir.join("report.json"))
+        .stdin(Stdio::null())
+        .stderr(vmm_log);
+    if opts.console {
+        cmd.arg("--console").stdout(Stdio::from(io::stderr()));
+    } else {
+        cmd.stdout(Stdio::null());
+    }
+    cmd.spawn().map_err(|source| VmError::Spawn {
+        path: exe.display().to_string(),
+        source,
+    })
+}
+
+/// Waits for a connection on `control` (non-blocking) from what `child` runs, while watching that
+/// the child is still alive and that we were not interrupted.
+pub fn wait_for_connection(
+    control: &UnixListener,
+    child: &mut Child,
+    deadline: Instant,
+) -> Result<std::os::unix::net::UnixStream, ChildWait> {
+    loop {
+        match control.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).map_err(ChildWait::Io)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ChildWait::Io(e)),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(ChildWait::Exited(status.code()));
+        }
+        if signals::interrupted() {
+            return Err(ChildWait::Interrupted);
+        }
+        if Instant::now() >= deadline {
+            return Err(ChildWait::Timeout);
+        }
+        poll_readable(control.as_raw_fd(), POLL_INTERVAL);
+    }
+}
+
+/// Why no connection came.
+pub enum ChildWait {
+    Exited(Option<i32>),
+    Timeout,
+    Interrupted,
+    Io(io::Error),
+}
+
+impl ChildWait {
+    pub fn describe(&self, timeout: Duration) -> String {
+        match self {
+            ChildWait::Exited(code) => format!("it exited with status {code:?}"),
+            ChildWait::Timeout => format!("no answer within {} s", timeout.as_secs()),
+            ChildWait::Interrupted => "interrupted".into(),
+            ChildWait::Io(e) => e.to_string(),
+        }
+    }
+}
+
+fn boot_failure(why: ChildWait, run_dir: &RunDir, timeout: Duration) -> VmError {
+    let report = read_report(run_dir);
+    let console = console_excerpt(run_dir, report.as_ref());
+    match why {
+        ChildWait::Timeout => VmError::BootTimeout {
+            secs: timeout.as_secs(),
+            console,
+        },
+        ChildWait::Io(e) => VmError::RunDir(e),
+        ChildWait::Interrupted => VmError::Interrupted,
+        ChildWait::Exited(code) => {
+            let why = report
+                .as_ref()
+                .and_then(|r| r.error.clone())
+                .or_else(|| last_line(&run_dir.join("vmm.log")))
+                .unwrap_or_else(|| format!("the VMM exited with status {code:?}"));
+            VmError::BootFailed { why, console }
+        }
+    }
+}
+
+fn read_report(run_dir: &RunDir) -> Option<VmmReport> {
+    let bytes = std::fs::read(run_dir.join("report.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn last_line(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim_start_matches("agentos: ").to_string())
+}
+
+/// The end of the guest console, for error messages.
+fn console_excerpt(run_dir: &RunDir, report: Option<&VmmReport>) -> String {
+    const LINES: usize = 12;
+    let lines: Vec<String> = match report {
+        Some(r) if !r.console_tail.is_empty() => r.console_tail.clone(),
+        _ => std::fs::read_to_string(run_dir.join("console.log"))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default(),
+    };
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(LINES);
+    format!(
+        "\n--- last lines of the guest console ---\n{}",
+        lines[start..].join("\n")
+    )
+}
+
+fn poll_readable(fd: i32, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+}

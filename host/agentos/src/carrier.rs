@@ -1,0 +1,462 @@
+//! The QEMU carrier: a software-emulated VM (TCG, with AMD SVM emulated) whose own KVM can boot
+//! Linux, for hosts whose KVM cannot (PVM sandboxes, CI runners without nested virtualisation).
+//!
+//! The carrier boots the carrier image (Debian's kernel, the KVM modules, our guest agent as PID 1
+//! speaking the agentos protocol over a virtio-serial port). Files the command needs (the agentos
+//! binary, the guest images, test binaries, with their shared libraries) are appended to its
+//! initramfs at their own absolute paths, so the command runs inside with the same paths as here.
+//! Nothing of the host is shared with the carrier but those copies and the control socket.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
+use anyhow::{Context, bail};
+
+use crate::agent::connection::{AgentConnection, ExecIo};
+use crate::agent::vm::{ChildWait, wait_for_connection};
+use crate::doctor::{self, LinuxKvm};
+use crate::image::{self, CARRIER_IMAGE, cpio::CpioTree};
+use crate::run::VmArgs;
+use crate::rundir::RunDir;
+use crate::signals;
+
+/// Set in the environment of commands run inside a carrier: they run VMs directly.
+pub const IN_CARRIER_ENV: &str = "AGENTOS_IN_CARRIER";
+const QEMU: &str = "qemu-system-x86_64";
+const DEFAULT_MEMORY_MIB: u64 = 4096;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Combined initramfs files kept in the cache (one per distinct payload).
+const KEEP_COMBINED: usize = 4;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CarrierChoice {
+    /// Use the carrier when this host's KVM cannot boot Linux.
+    Auto,
+    /// Always run VMs directly on this host's KVM.
+    Never,
+    /// Always run VMs in a carrier.
+    Always,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CarrierArgs {
+    /// Host file to copy into the carrier at the same path, with its shared libraries
+    /// (repeatable).
+    #[arg(long = "file", value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// Carrier memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u64,
+    /// Carrier vCPUs (default: this host's CPUs).
+    #[arg(long)]
+    pub cpus: Option<u8>,
+    /// Copy the carrier's console to stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Environment variable for the command, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command to run in the carrier, and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+/// Whether VM commands should go through a carrier, saying so once when `auto` picks it.
+pub fn should_use(choice: CarrierChoice) -> anyhow::Result<bool> {
+    static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+    if std::env::var_os(IN_CARRIER_ENV).is_some() {
+        return Ok(false);
+    }
+    match choice {
+        CarrierChoice::Never => Ok(false),
+        CarrierChoice::Always => Ok(true),
+        CarrierChoice::Auto => match doctor::linux_kvm(&image::default_cache_dir(), false) {
+            LinuxKvm::Usable { .. } => Ok(false),
+            LinuxKvm::Unusable { reason } => {
+                if !ANNOUNCED.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "agentos: this host's KVM cannot boot Linux ({reason}); running VMs in a QEMU carrier (see `agentos doctor`)"
+                    );
+                }
+                Ok(true)
+            }
+            LinuxKvm::Unknown { reason } => {
+                bail!(
+                    "cannot tell whether this host's KVM boots Linux: {reason}; pass --carrier never or --carrier always"
+                )
+            }
+        },
+    }
+}
+
+/// Runs this very command line again inside a carrier, and returns its exit status.
+pub fn rerun_self_inside(vm: &VmArgs) -> anyhow::Result<i32> {
+    let argv: Vec<String> = std::env::args().collect();
+    let mut files: Vec<PathBuf> = [&vm.kernel, &vm.initrd]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    files.extend(agent_image_files());
+    let spec = CarrierRun {
+        argv,
+        env: BTreeMap::new(),
+        files,
+        memory_mib: DEFAULT_MEMORY_MIB,
+        cpus: None,
+        console: false,
+    };
+    Ok(run(&spec)?.shell_code())
+}
+
+/// The agent image's files, when it is built (commands inside report it missing otherwise).
+fn agent_image_files() -> Vec<PathBuf> {
+    let cache = image::default_cache_dir();
+    match image::find_image(&cache, image::AGENT_IMAGE) {
+        Ok(img) => vec![img.vmlinuz, img.initrd, img.dir.join("manifest.json")],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `agentos carrier -- COMMAND...`
+pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
+    let mut files = args.files.clone();
+    files.extend(agent_image_files());
+    let program = Path::new(&args.command[0]);
+    if program.is_absolute() && program.is_file() {
+        files.push(program.to_path_buf());
+    }
+    let spec = CarrierRun {
+        argv: args.command.clone(),
+        env: args.env.iter().cloned().collect(),
+        files,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        console: args.console,
+    };
+    Ok(run(&spec)?.shell_code())
+}
+
+/// A command to run in a fresh carrier.
+pub struct CarrierRun {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Host files to copy in (the agentos binary always comes along).
+    pub files: Vec<PathBuf>,
+    pub memory_mib: u64,
+    pub cpus: Option<u8>,
+    pub console: bool,
+}
+
+/// Boots a carrier, runs `spec.argv` in it with our standard I/O, and tears it down.
+pub fn run(spec: &CarrierRun) -> anyhow::Result<ExitStatus> {
+    let started = Instant::now();
+    let cache = image::default_cache_dir();
+    let carrier = image::find_image(&cache, CARRIER_IMAGE).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; run `scripts/setup` (or `agentos image build`) to build the carrier image"
+        )
+    })?;
+    which_qemu()?;
+    let exe = std::env::current_exe().context("cannot find the agentos binary")?;
+    let mut files = vec![exe];
+    files.extend(spec.files.iter().cloned());
+    let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
+
+    let run_dir = RunDir::create("carrier").context("cannot create the carrier's run directory")?;
+    let control_path = run_dir.join("ctl.sock");
+    let control = UnixListener::bind(&control_path)
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .context("cannot listen for the carrier")?;
+    let mut qemu = Qemu::spawn(&QemuConfig {
+        kernel: &carrier.vmlinuz,
+        initrd: &initrd,
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus.unwrap_or_else(host_cpus),
+        control: &control_path,
+        console_log: &run_dir.join("console.log"),
+        console: spec.console,
+    })?;
+    let stream = match wait_for_connection(&control, &mut qemu.child, started + BOOT_TIMEOUT) {
+        Ok(stream) => stream,
+        Err(ChildWait::Interrupted) => return Ok(interrupted_status()),
+        Err(why) => bail!(
+            "the carrier did not come up ({}){}",
+            why.describe(BOOT_TIMEOUT),
+            console_tail(&run_dir.join("console.log"))
+        ),
+    };
+    let mut conn = AgentConnection::handshake(stream, BOOT_TIMEOUT)
+        .context("the carrier's guest agent did not answer")?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
+
+    let cwd = std::env::current_dir()
+        .ok()
+        .filter(|d| files_cover(&files, d))
+        .map(|d| d.display().to_string());
+    let request = ExecRequest {
+        program: spec.argv[0].clone(),
+        args: spec.argv[1..].to_vec(),
+        env: carrier_env(&cache, &spec.env),
+        cwd,
+        ..Default::default()
+    };
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let result = conn.exec(
+        request,
+        ExecIo {
+            stdin: Some(Box::new(io::stdin())),
+            stdout: &mut stdout.lock(),
+            stderr: &mut stderr.lock(),
+        },
+    );
+    drop(qemu);
+    match result {
+        Ok(status) => Ok(status),
+        Err(_) if signals::interrupted() => Ok(interrupted_status()),
+        Err(e) => Err(e).context(format!(
+            "the command in the carrier did not complete{}",
+            console_tail(&run_dir.join("console.log"))
+        )),
+    }
+}
+
+fn interrupted_status() -> ExitStatus {
+    ExitStatus {
+        code: Some(signals::exit_code()),
+        ..Default::default()
+    }
+}
+
+/// Whether `dir` will exist inside the carrier (some file we copy lives under it).
+fn files_cover(files: &[PathBuf], dir: &Path) -> bool {
+    files.iter().any(|f| f.starts_with(dir))
+}
+
+/// The command's environment: ours for agentos itself, plus what the caller asked.
+fn carrier_env(cache: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| {
+            (k.starts_with("AGENTOS_") || k.starts_with("RUST_")) && k != "AGENTOS_RUN_DIR"
+        })
+        .collect();
+    env.insert("AGENTOS_HOME".into(), cache.display().to_string());
+    env.insert(IN_CARRIER_ENV.into(), "1".into());
+    env.insert("HOME".into(), "/root".into());
+    env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+fn host_cpus() -> u8 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(usize::from(u8::MAX)) as u8)
+        .unwrap_or(1)
+}
+
+fn which_qemu() -> anyhow::Result<()> {
+    match Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(status) if status.success() => Ok(()),
+        _ => bail!(
+            "{QEMU} is not installed: `apt-get install qemu-system-x86` (scripts/setup does this)"
+        ),
+    }
+}
+
+/// The carrier image's initramfs with `files` (and their shared libraries) appended, cached by
+/// the identity of its inputs so that repeated runs reuse it.
+fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    let mut all = Vec::new();
+    for file in files {
+        let file = fs::canonicalize(file)
+            .with_context(|| format!("cannot copy {} into the carrier", file.display()))?;
+        if let Ok(libs) = image::needed_libraries(&file) {
+            all.extend(libs);
+        }
+        all.push(file);
+    }
+    all.sort();
+    all.dedup();
+
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in std::iter::once(base).chain(all.iter().map(PathBuf::as_path)) {
+        let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        path.hash(&mut hasher);
+        meta.len().hash(&mut hasher);
+        meta.modified().ok().hash(&mut hasher);
+    }
+    let dir = cache.join("carrier");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let combined = dir.join(format!("initrd-{:016x}.cpio", hasher.finish()));
+    if combined.is_file() {
+        return Ok(combined);
+    }
+
+    let mut tree = CpioTree::new();
+    for path in &all {
+        add_parents(&mut tree, path)?;
+        tree.host_file_at_same_path(path)
+            .with_context(|| format!("cannot add {} to the carrier", path.display()))?;
+    }
+    let tmp = dir.join(format!(".initrd-{}.tmp", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
+        io::copy(&mut fs::File::open(base)?, &mut out)?;
+        let mut out = tree.write(out)?;
+        io::Write::flush(&mut out)?;
+        fs::rename(&tmp, &combined)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).context("cannot write the carrier's initramfs");
+    }
+    prune_combined(&dir, &combined);
+    Ok(combined)
+}
+
+fn add_parents(tree: &mut CpioTree, path: &Path) -> anyhow::Result<()> {
+    let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
+    parents.reverse();
+    for dir in parents {
+        let Some(name) = dir.to_str().filter(|d| *d != "/") else {
+            continue;
+        };
+        if !tree.contains(name) {
+            tree.dir(name, 0o755)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the newest few combined initramfs files.
+fn prune_combined(dir: &Path, keep: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p != keep
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("initrd-"))
+        })
+        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    let excess = found.len().saturating_sub(KEEP_COMBINED - 1);
+    for (_, path) in found.into_iter().take(excess) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    let Ok(text) = fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(15);
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n--- last lines of the carrier console ---\n{}",
+        lines[start..].join("\n")
+    )
+}
+
+struct QemuConfig<'a> {
+    kernel: &'a Path,
+    initrd: &'a Path,
+    memory_mib: u64,
+    cpus: u8,
+    control: &'a Path,
+    console_log: &'a Path,
+    console: bool,
+}
+
+/// A running QEMU, killed when dropped.
+struct Qemu {
+    child: Child,
+}
+
+impl Qemu {
+    fn spawn(cfg: &QemuConfig<'_>) -> anyhow::Result<Self> {
+        let serial = if cfg.console {
+            "stdio".to_string()
+        } else {
+            format!("file:{}", cfg.console_log.display())
+        };
+        let mut cmd = Command::new(QEMU);
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+        ])
+        .args(["-smp", &cfg.cpus.to_string()])
+        .args(["-m", &cfg.memory_mib.to_string()])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-monitor", "none", "-serial", &serial])
+        .arg("-kernel")
+        .arg(cfg.kernel)
+        .arg("-initrd")
+        .arg(cfg.initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-device", "virtio-serial-pci"])
+        .arg("-chardev")
+        .arg(format!("socket,id=ctl,path={}", cfg.control.display()))
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=ctl,name={CARRIER_PORT_NAME}"),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+        if cfg.console {
+            cmd.stdout(Stdio::from(io::stderr()));
+        } else {
+            cmd.stdout(Stdio::null());
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {QEMU}"))?;
+        signals::watch_child(child.id());
+        Ok(Self { child })
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        signals::forget_child(self.child.id());
+    }
+}

@@ -1,0 +1,331 @@
+//! `agentos doctor`: what this host offers agentos, each finding with what to do about it; and
+//! the probe that decides whether this host's KVM can boot Linux guests or a carrier is needed.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::vm::{AgentVm, BootOptions};
+use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
+
+/// A Linux guest that is not up by then is taken as not booting.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+const PROBE_FILE: &str = "kvm-probe.json";
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Boot a Linux guest on this host's KVM even when a cached or known answer exists.
+    #[arg(long)]
+    pub probe: bool,
+}
+
+/// Whether this host's KVM boots the agent image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "linux_guests", rename_all = "snake_case")]
+pub enum LinuxKvm {
+    Usable { boot_ms: u64 },
+    Unusable { reason: String },
+    Unknown { reason: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedProbe {
+    boot_id: String,
+    result: LinuxKvm,
+}
+
+fn boot_id() -> String {
+    fs::read_to_string(BOOT_ID)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The answer for this host, probed at most once per host boot (cached in `cache`).
+pub fn linux_kvm(cache: &Path, force_probe: bool) -> LinuxKvm {
+    let kvm = Path::new("/dev/kvm");
+    if !kvm.exists() {
+        return LinuxKvm::Unusable {
+            reason: "there is no /dev/kvm".into(),
+        };
+    }
+    if let Err(e) = fs::OpenOptions::new().read(true).write(true).open(kvm) {
+        return LinuxKvm::Unknown {
+            reason: format!(
+                "cannot open /dev/kvm ({e}): add your user to its group (usually `kvm`)"
+            ),
+        };
+    }
+    let cache_file = cache.join(PROBE_FILE);
+    let boot_id = boot_id();
+    if !force_probe
+        && let Ok(bytes) = fs::read(&cache_file)
+        && let Ok(cached) = serde_json::from_slice::<CachedProbe>(&bytes)
+        && cached.boot_id == boot_id
+    {
+        return cached.result;
+    }
+    let result = if !force_probe && Path::new("/sys/module/kvm_pvm").exists() {
+        LinuxKvm::Unusable {
+            reason:
+                "its KVM is kvm_pvm, whose instruction emulation cannot run a stock Linux kernel"
+                    .into(),
+        }
+    } else {
+        probe_linux(cache)
+    };
+    if !matches!(result, LinuxKvm::Unknown { .. }) {
+        let cached = CachedProbe {
+            boot_id,
+            result: result.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&cached) {
+            let _ = fs::create_dir_all(cache);
+            let _ = fs::write(&cache_file, bytes);
+        }
+    }
+    result
+}
+
+/// Boots the agent image directly on this host's KVM and waits for its agent.
+fn probe_linux(cache: &Path) -> LinuxKvm {
+    let img = match image::find_image(cache, AGENT_IMAGE) {
+        Ok(img) => img,
+        Err(_) => {
+            return LinuxKvm::Unknown {
+                reason: "no agent image to probe with: run `scripts/setup`".into(),
+            };
+        }
+    };
+    let opts = BootOptions {
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: img.vmlinuz,
+        initrd: img.initrd,
+        extra_cmdline: None,
+        console: false,
+        boot_timeout: PROBE_TIMEOUT,
+    };
+    match AgentVm::boot(&opts) {
+        Ok(vm) => {
+            let boot_ms = vm.boot_time().as_millis() as u64;
+            vm.shutdown();
+            LinuxKvm::Usable { boot_ms }
+        }
+        Err(e) => LinuxKvm::Unusable {
+            reason: format!("a probe boot failed: {}", first_line(&format!("{e:#}"))),
+        },
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct Finding {
+    what: &'static str,
+    ok: bool,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn finding(what: &'static str, ok: bool, detail: String, fix: Option<&str>) -> Finding {
+    Finding {
+        what,
+        ok,
+        detail,
+        fix: fix.map(str::to_string),
+    }
+}
+
+fn kvm_finding() -> Finding {
+    let modules: Vec<&str> = ["kvm_intel", "kvm_amd", "kvm_pvm"]
+        .into_iter()
+        .filter(|m| Path::new("/sys/module").join(m).exists())
+        .collect();
+    let present = Path::new("/dev/kvm").exists();
+    let detail = if present {
+        format!(
+            "/dev/kvm present (module: {})",
+            if modules.is_empty() {
+                "built in".into()
+            } else {
+                modules.join(", ")
+            }
+        )
+    } else {
+        "no /dev/kvm".into()
+    };
+    finding("kvm", present, detail, (!present).then_some("enable virtualisation in the BIOS or the cloud instance type, and load kvm_intel or kvm_amd; without it agentos runs VMs in the QEMU carrier"))
+}
+
+fn linux_finding(cache: &Path, force: bool) -> (Finding, LinuxKvm) {
+    let result = linux_kvm(cache, force);
+    let f = match &result {
+        LinuxKvm::Usable { boot_ms } => finding(
+            "linux_guests",
+            true,
+            format!(
+                "this host's KVM boots Linux guests (probe booted in {boot_ms} ms); VMs run directly"
+            ),
+            None,
+        ),
+        LinuxKvm::Unusable { reason } => finding(
+            "linux_guests",
+            true,
+            format!(
+                "this host's KVM cannot boot Linux: {reason}; VMs run in the QEMU carrier (software CPU, much slower)"
+            ),
+            Some("for full speed, run on bare metal or a cloud VM with nested virtualisation"),
+        ),
+        LinuxKvm::Unknown { reason } => finding(
+            "linux_guests",
+            false,
+            reason.clone(),
+            Some("run `scripts/setup`, then `agentos doctor` again"),
+        ),
+    };
+    (f, result)
+}
+
+fn cgroup_findings() -> Vec<Finding> {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut v2 = None;
+    let mut v1 = Vec::new();
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, target, fstype, opts, ..] = fields[..] else {
+            continue;
+        };
+        match fstype {
+            "cgroup2" => v2 = Some(target.to_string()),
+            "cgroup" => {
+                for c in ["cpu", "cpuset", "memory", "pids", "freezer"] {
+                    if opts.split(',').any(|o| o == c) {
+                        v1.push(c.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let v2_controllers = v2
+        .as_ref()
+        .and_then(|m| fs::read_to_string(Path::new(m).join("cgroup.controllers")).ok())
+        .unwrap_or_default();
+    let mut out = vec![finding(
+        "cgroup_v2",
+        v2.is_some(),
+        match &v2 {
+            Some(m) => format!("mounted at {m}, controllers: {}", v2_controllers.trim()),
+            None => "not mounted".into(),
+        },
+        v2.is_none()
+            .then_some("mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup)"),
+    )];
+    v1.sort();
+    v1.dedup();
+    out.push(finding(
+        "cgroup_v1",
+        true,
+        if v1.is_empty() {
+            "no v1 controllers mounted".into()
+        } else {
+            format!("v1 controllers mounted: {}", v1.join(", "))
+        },
+        None,
+    ));
+    out
+}
+
+fn vsock_finding() -> Finding {
+    let vhost = Path::new("/dev/vhost-vsock").exists();
+    finding(
+        "vsock",
+        true,
+        format!(
+            "the VMM's own userspace virtio-vsock is used (host side: Unix sockets); /dev/vhost-vsock {}",
+            if vhost {
+                "present (not needed)"
+            } else {
+                "absent (not needed)"
+            }
+        ),
+        None,
+    )
+}
+
+fn image_finding(cache: &Path, name: &'static str, what: &'static str) -> Finding {
+    match image::find_image(cache, name) {
+        Ok(img) => finding(
+            what,
+            true,
+            format!(
+                "{} (kernel {}, initrd {:.1} MiB)",
+                img.dir.display(),
+                img.manifest.kernel.release,
+                img.manifest.initrd.size as f64 / (1 << 20) as f64
+            ),
+            None,
+        ),
+        Err(e) => finding(
+            what,
+            false,
+            format!("{e}"),
+            Some("run `scripts/setup` (or `agentos image build`)"),
+        ),
+    }
+}
+
+fn qemu_finding() -> Finding {
+    let out = Command::new("qemu-system-x86_64").arg("--version").output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            finding("qemu", true, first_line(&text).to_string(), None)
+        }
+        _ => finding(
+            "qemu",
+            false,
+            "qemu-system-x86_64 not found (needed for the carrier and for `agentos bench`)".into(),
+            Some("apt-get install qemu-system-x86 (scripts/setup does this)"),
+        ),
+    }
+}
+
+pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
+    let cache = image::default_cache_dir();
+    let (linux, _) = linux_finding(&cache, args.probe);
+    let mut findings = vec![kvm_finding(), linux];
+    findings.extend(cgroup_findings());
+    findings.push(vsock_finding());
+    findings.push(image_finding(&cache, AGENT_IMAGE, "agent_image"));
+    findings.push(image_finding(&cache, CARRIER_IMAGE, "carrier_image"));
+    findings.push(qemu_finding());
+    if args.json {
+        let doc = serde_json::json!({ "cache": cache, "findings": findings });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        for f in &findings {
+            println!(
+                "{:<14} {:<4} {}",
+                f.what,
+                if f.ok { "ok" } else { "FAIL" },
+                f.detail
+            );
+            if let Some(fix) = &f.fix {
+                println!("{:<14} {:<4} -> {}", "", "", fix);
+            }
+        }
+    }
+    Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
+}

@@ -1,0 +1,199 @@
+//! What goes into an image, and the guest agent's boot configuration that the image carries.
+
+use std::collections::BTreeMap;
+
+use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, CARRIER_PORT_NAME};
+use serde::{Deserialize, Serialize};
+
+/// The image every agent VM boots.
+pub const AGENT_IMAGE: &str = "agent";
+/// The image of the QEMU carrier VM, for hosts whose own KVM cannot boot Linux.
+pub const CARRIER_IMAGE: &str = "carrier";
+
+/// Where the guest agent reads its [`InitConfig`].
+pub const INIT_CONFIG_PATH: &str = "/etc/agentos/init.json";
+/// Where modules sit in the initramfs: flat, since the guest loads them by path, not by name.
+pub const MODULES_DIR: &str = "/lib/modules";
+
+const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// The virtio-mmio vsock stack, in the order that was verified to bring up `/dev/vsock`.
+const AGENT_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+/// KVM for the nested guests, and virtio-pci with a console for the control port. The carrier's
+/// CPU is QEMU's software one, which emulates AMD's SVM and not Intel's VMX: `kvm-intel` would
+/// fail to load, and the guest agent stops at a module that fails.
+const CARRIER_MODULES: &[&str] = &[
+    "irqbypass",
+    "kvm",
+    "kvm-amd",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci",
+    "virtio_console",
+];
+
+/// The directories a guest needs before anything is mounted on them.
+const BASE_DIRS: &[(&str, u32)] = &[
+    ("/dev", 0o755),
+    ("/etc", 0o755),
+    ("/proc", 0o555),
+    ("/root", 0o700),
+    ("/run", 0o755),
+    ("/sys", 0o555),
+    ("/tmp", 0o1777),
+];
+
+const GUEST_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+
+/// Everything that decides an image's contents apart from the package files and the guest agent
+/// binary. It is hashed into the image's inputs key, so any change here rebuilds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub name: String,
+    /// Debian package holding the kernel, or a meta package depending on it.
+    pub kernel_package: String,
+    /// Debian package holding a static `/bin/busybox`.
+    pub busybox_package: String,
+    /// Modules to load at boot; their dependencies are added.
+    pub modules: Vec<String>,
+    pub transport: Transport,
+    /// The vsock port the guest agent listens on; vsock transport only.
+    pub listen_port: Option<u32>,
+    pub hostname: String,
+    pub env: BTreeMap<String, String>,
+    /// Empty directories and their modes.
+    pub dirs: Vec<(String, u32)>,
+}
+
+/// How the guest agent reaches the host. Serialised as `{"vsock": {"port": 1024}}` or
+/// `{"serial": {"name": "agentos.ctl"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Vsock { port: u32 },
+    Serial { name: String },
+}
+
+/// The guest agent's `/etc/agentos/init.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// Module files in load order, dependencies first.
+    pub modules: Vec<String>,
+    pub transport: Transport,
+    /// The guest agent refuses this field next to a serial transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u32>,
+    pub hostname: String,
+    pub env: BTreeMap<String, String>,
+}
+
+impl ImageSpec {
+    pub fn agent() -> Self {
+        Self::base(
+            AGENT_IMAGE,
+            AGENT_MODULES,
+            Transport::Vsock {
+                port: AGENT_CONTROL_PORT,
+            },
+            Some(AGENT_LISTEN_PORT),
+        )
+    }
+
+    pub fn carrier() -> Self {
+        Self::base(
+            CARRIER_IMAGE,
+            CARRIER_MODULES,
+            Transport::Serial {
+                name: CARRIER_PORT_NAME.to_owned(),
+            },
+            None,
+        )
+    }
+
+    /// The spec of a known image by its name (`agent` or `carrier`).
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            AGENT_IMAGE => Some(Self::agent()),
+            CARRIER_IMAGE => Some(Self::carrier()),
+            _ => None,
+        }
+    }
+
+    fn base(name: &str, modules: &[&str], transport: Transport, listen_port: Option<u32>) -> Self {
+        Self {
+            name: name.to_owned(),
+            kernel_package: KERNEL_PACKAGE.to_owned(),
+            busybox_package: BUSYBOX_PACKAGE.to_owned(),
+            modules: modules.iter().map(|m| (*m).to_owned()).collect(),
+            transport,
+            listen_port,
+            hostname: name.to_owned(),
+            env: BTreeMap::from([("PATH".to_owned(), GUEST_PATH.to_owned())]),
+            dirs: BASE_DIRS
+                .iter()
+                .map(|(path, mode)| ((*path).to_owned(), *mode))
+                .collect(),
+        }
+    }
+
+    /// The guest agent's configuration, given the module files in load order.
+    pub fn init_config(&self, module_files: &[String]) -> InitConfig {
+        InitConfig {
+            modules: module_files
+                .iter()
+                .map(|file| format!("{MODULES_DIR}/{file}"))
+                .collect(),
+            transport: self.transport.clone(),
+            listen_port: self.listen_port,
+            hostname: self.hostname.clone(),
+            env: self.env.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_config_has_the_agreed_json_shape() {
+        let config = ImageSpec::agent().init_config(&["virtio_ring.ko".to_owned()]);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "modules": ["/lib/modules/virtio_ring.ko"],
+                "transport": {"vsock": {"port": 1024}},
+                "listen_port": 52,
+                "hostname": "agent",
+                "env": {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin"},
+            })
+        );
+        let carrier = serde_json::to_value(ImageSpec::carrier().init_config(&[])).unwrap();
+        assert_eq!(
+            carrier,
+            serde_json::json!({
+                "modules": [],
+                "transport": {"serial": {"name": "agentos.ctl"}},
+                "hostname": "carrier",
+                "env": {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin"},
+            })
+        );
+    }
+
+    #[test]
+    fn known_images_are_found_by_name() {
+        assert_eq!(ImageSpec::named("agent"), Some(ImageSpec::agent()));
+        assert_eq!(ImageSpec::named("carrier"), Some(ImageSpec::carrier()));
+        assert_eq!(ImageSpec::named("other"), None);
+    }
+}

@@ -1,0 +1,266 @@
+//! `agentos run`: boot an agent VM, run one program in it with the caller's standard I/O, shut the
+//! VM down, and exit with the program's status.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agentos_protocol::ExecRequest;
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::agent::connection::ExecIo;
+use crate::agent::vm::{AgentVm, BootOptions, VmError};
+use crate::carrier::{self, CarrierChoice};
+use crate::image::{self, AGENT_IMAGE};
+use crate::signals;
+
+/// Below this the stock kernel and the initramfs do not fit comfortably.
+pub const MIN_MEMORY_MIB: u64 = 128;
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub vcpus: u8,
+    /// Guest memory in MiB (at least 128).
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Guest kernel (default: the agent image's).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (default: the agent image's).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Copy the guest's serial console to stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Seconds the guest agent has to come up.
+    #[arg(long, default_value_t = 300)]
+    pub boot_timeout: u64,
+    /// Where the VM runs: directly on this host's KVM, or in a QEMU carrier VM (`auto` asks
+    /// `agentos doctor`'s probe whether this host's KVM boots Linux).
+    #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
+    pub carrier: CarrierChoice,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Print a JSON result (exit code, output, timings) instead of passing the output through.
+    #[arg(long)]
+    pub json: bool,
+    /// Kill the program after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Environment variable for the program, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the program in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+#[derive(Serialize)]
+struct JsonResult {
+    exit_code: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signal: Option<i32>,
+    timed_out: bool,
+    stdout: String,
+    stderr: String,
+    /// From process start to the guest agent's hello.
+    boot_ms: u64,
+    /// From process start to the end of the command.
+    total_ms: u64,
+}
+
+impl VmArgs {
+    /// Checks what a user can get wrong, before anything is started.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.memory < MIN_MEMORY_MIB {
+            bail!(
+                "--memory {} MiB is too small: an agent VM needs at least {MIN_MEMORY_MIB} MiB",
+                self.memory
+            );
+        }
+        if self.memory > MAX_MEMORY_MIB {
+            bail!(
+                "--memory {} MiB is more than the {MAX_MEMORY_MIB} MiB limit",
+                self.memory
+            );
+        }
+        for path in [&self.kernel, &self.initrd].into_iter().flatten() {
+            if !path.is_file() {
+                bail!("{} does not exist or is not a file", path.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Kernel and initrd: given, or the agent image's.
+    pub fn boot_options(&self) -> anyhow::Result<BootOptions> {
+        let (kernel, initrd) = match (&self.kernel, &self.initrd) {
+            (Some(k), Some(i)) => (k.clone(), i.clone()),
+            (kernel, initrd) => {
+                let cache = image::default_cache_dir();
+                let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
+                    )
+                })?;
+                (
+                    kernel.clone().unwrap_or(img.vmlinuz),
+                    initrd.clone().unwrap_or(img.initrd),
+                )
+            }
+        };
+        Ok(BootOptions {
+            vcpus: self.vcpus,
+            memory_mib: self.memory,
+            kernel,
+            initrd,
+            extra_cmdline: None,
+            console: self.console,
+            boot_timeout: Duration::from_secs(self.boot_timeout),
+        })
+    }
+}
+
+/// Checks that /dev/kvm can be opened, with an explanation a user can act on.
+pub fn check_kvm_access() -> anyhow::Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "/dev/kvm does not exist: this host has no KVM (enable virtualisation, load kvm_intel or kvm_amd, or run on a machine with KVM)"
+        ),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => bail!(
+            "no permission to open /dev/kvm: add your user to the group that owns it (usually `kvm`) and log in again"
+        ),
+        Err(e) => Err(e).context("cannot open /dev/kvm"),
+    }
+}
+
+pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
+    args.vm.validate()?;
+    if carrier::should_use(args.vm.carrier)? {
+        return carrier::rerun_self_inside(&args.vm);
+    }
+    check_kvm_access()?;
+    let opts = args.vm.boot_options()?;
+    let mut vm = match AgentVm::boot(&opts) {
+        Ok(vm) => vm,
+        Err(VmError::Interrupted) => return Ok(signals::exit_code()),
+        Err(e) => return Err(e).context("the agent VM did not boot"),
+    };
+    let boot_ms = started.elapsed().as_millis() as u64;
+    let request = ExecRequest {
+        program: args.command[0].clone(),
+        args: args.command[1..].to_vec(),
+        env: args.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+        cwd: args.cwd.clone(),
+        timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+        ..Default::default()
+    };
+
+    let (mut out_buf, mut err_buf) = (Vec::new(), Vec::new());
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let (mut out_lock, mut err_lock) = (stdout.lock(), stderr.lock());
+    let io = if args.json {
+        ExecIo {
+            stdin: None,
+            stdout: &mut out_buf,
+            stderr: &mut err_buf,
+        }
+    } else {
+        ExecIo {
+            stdin: Some(Box::new(io::stdin())),
+            stdout: &mut out_lock,
+            stderr: &mut err_lock,
+        }
+    };
+    let status = vm.conn().exec(request, io);
+    drop((out_lock, err_lock));
+    let status = match status {
+        Ok(status) => status,
+        Err(_) if signals::interrupted() => return Ok(signals::exit_code()),
+        Err(e) => {
+            let end = vm.shutdown();
+            let why = end
+                .report
+                .and_then(|r| r.error)
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            return Err(e).context(format!("the program did not complete{why}"));
+        }
+    };
+    vm.shutdown();
+    let code = status.shell_code();
+    if args.json {
+        let result = JsonResult {
+            exit_code: code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            stdout: String::from_utf8_lossy(&out_buf).into_owned(),
+            stderr: String::from_utf8_lossy(&err_buf).into_owned(),
+            boot_ms,
+            total_ms: started.elapsed().as_millis() as u64,
+        };
+        let mut out = io::stdout().lock();
+        serde_json::to_writer(&mut out, &result)?;
+        writeln!(out)?;
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn env_pairs_parse() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn too_little_memory_is_refused_with_the_minimum() {
+        let cli = Cli::parse_from(["t", "--memory", "64", "--", "true"]);
+        let err = cli.run.vm.validate().unwrap_err().to_string();
+        assert!(err.contains("at least 128 MiB"), "{err}");
+    }
+
+    #[test]
+    fn the_program_comes_after_the_separator() {
+        let cli = Cli::parse_from(["t", "--vcpus", "2", "--", "/bin/sh", "-c", "exit 7"]);
+        assert_eq!(cli.run.command, ["/bin/sh", "-c", "exit 7"]);
+        assert_eq!(cli.run.vm.vcpus, 2);
+        assert!(Cli::try_parse_from(["t", "--vcpus", "0", "--", "x"]).is_err());
+    }
+}

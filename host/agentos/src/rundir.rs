@@ -1,0 +1,73 @@
+//! Per-VM run directories: the sockets, console log and report of one VM, private to the user and
+//! removed when the VM is done.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Unix socket paths must fit in 108 bytes, so run directories live under a short base.
+fn runtime_base() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AGENTOS_RUN_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("agentos");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("agentos-{uid}"))
+}
+
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a fresh, empty directory (mode 0700) for one VM of this process.
+    pub fn create(label: &str) -> io::Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let base = runtime_base();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("{label}-{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dirs_are_private_unique_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = RunDir::create("t").unwrap();
+        let b = RunDir::create("t").unwrap();
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let path = a.path().to_path_buf();
+        std::fs::write(a.join("f"), b"x").unwrap();
+        drop(a);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,3 @@
+//! Architecture-specific boot and CPU setup.
+
+pub mod x86_64;

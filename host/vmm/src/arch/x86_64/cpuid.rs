@@ -1,0 +1,136 @@
+//! The CPUID a vCPU reports: what KVM supports on this host, with the topology made to match the
+//! VM (one socket, one thread per core, `vcpus` cores) and the hypervisor bit set.
+
+use kvm_bindings::CpuId;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_PERF_MONITORING: u32 = 0xa;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+/// Level types in leaf 0xb/0x1f ECX[15:8].
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Bits needed to number `count` cores (the APIC-id shift of the core level).
+fn core_id_bits(count: u8) -> u32 {
+    u32::from(count.max(1)).next_power_of_two().trailing_zeros()
+}
+
+/// Rewrites `cpuid` (as returned by `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
+pub fn adjust_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+    let apic_id = u32::from(index);
+    let count32 = u32::from(count.max(1));
+    let shift = core_id_bits(count);
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            LEAF_FEATURES => {
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | (count32 << 16);
+                entry.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    entry.edx |= EDX_HTT;
+                } else {
+                    entry.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                let level = (entry.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count32 - 1 } else { 0 };
+                entry.eax = (entry.eax & 0x3fff) | (sharing << 14) | ((count32 - 1) << 26);
+            }
+            LEAF_PERF_MONITORING => {
+                // No virtual PMU: the guest must not program counters KVM may not back.
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+                entry.edx = apic_id;
+                match entry.index {
+                    0 => {
+                        entry.eax = 0;
+                        entry.ebx = 1;
+                        entry.ecx = (LEVEL_TYPE_SMT << 8) | entry.index;
+                    }
+                    1 => {
+                        entry.eax = shift;
+                        entry.ebx = count32;
+                        entry.ecx = (LEVEL_TYPE_CORE << 8) | entry.index;
+                    }
+                    _ => {
+                        entry.eax = 0;
+                        entry.ebx = 0;
+                        entry.ecx = entry.index;
+                    }
+                }
+            }
+            LEAF_AMD_SIZE_IDS => {
+                entry.ecx = (entry.ecx & !0xf0ff) | (shift << 12) | (count32 - 1);
+            }
+            LEAF_AMD_EXT_APIC_ID => {
+                entry.eax = apic_id;
+                entry.ebx = (entry.ebx & !0xffff) | apic_id;
+                entry.ecx &= !0xff;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sets_apic_id_topology_and_hypervisor_bit() {
+        let mut cpuid = CpuId::from_entries(&[
+            entry(LEAF_FEATURES, 0),
+            entry(LEAF_EXT_TOPOLOGY, 0),
+            entry(LEAF_EXT_TOPOLOGY, 1),
+            entry(LEAF_EXT_TOPOLOGY, 2),
+        ])
+        .unwrap();
+        adjust_cpuid(&mut cpuid, 2, 3);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ebx >> 24, 2);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 3);
+        assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e[0].edx & EDX_HTT, 0);
+        assert_eq!((e[1].ebx, e[1].edx), (1, 2));
+        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 3, LEVEL_TYPE_CORE));
+        assert_eq!((e[3].ebx, e[3].ecx >> 8), (0, 0));
+    }
+
+    #[test]
+    fn one_vcpu_clears_htt() {
+        let mut features = entry(LEAF_FEATURES, 0);
+        features.edx = EDX_HTT;
+        let mut cpuid = CpuId::from_entries(&[features]).unwrap();
+        adjust_cpuid(&mut cpuid, 0, 1);
+        assert_eq!(cpuid.as_slice()[0].edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn core_id_bits_round_up() {
+        assert_eq!(
+            [1, 2, 3, 4, 5, 8, 9].map(core_id_bits),
+            [0, 1, 2, 2, 3, 3, 4]
+        );
+    }
+}

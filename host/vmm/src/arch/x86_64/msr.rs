@@ -1,0 +1,69 @@
+//! Model-specific registers set before a vCPU first runs.
+
+use kvm_bindings::{Msrs, kvm_msr_entry};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MsrError {
+    #[error("cannot read the MSR list KVM supports")]
+    List(#[source] kvm_ioctls::Error),
+    #[error("cannot build the MSR list")]
+    Build(#[source] vmm_sys_util::fam::Error),
+    #[error("KVM refused the boot MSRs")]
+    Set(#[source] kvm_ioctls::Error),
+    #[error("KVM set {set} of {wanted} boot MSRs")]
+    Partial { set: usize, wanted: usize },
+}
+
+/// The MSRs and values a vCPU boots with, among those KVM supports here.
+pub fn boot_msrs(kvm: &Kvm) -> Result<Msrs, MsrError> {
+    let supported = kvm.get_msr_index_list().map_err(MsrError::List)?;
+    let wanted = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
+    ];
+    let entries: Vec<kvm_msr_entry> = wanted
+        .iter()
+        .filter(|(index, _)| supported.as_slice().contains(index))
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(MsrError::Build)
+}
+
+pub fn set_boot_msrs(vcpu: &VcpuFd, msrs: &Msrs) -> Result<(), MsrError> {
+    let set = vcpu.set_msrs(msrs).map_err(MsrError::Set)?;
+    let wanted = msrs.as_slice().len();
+    if set != wanted {
+        return Err(MsrError::Partial { set, wanted });
+    }
+    Ok(())
+}

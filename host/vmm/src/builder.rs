@@ -1,0 +1,226 @@
+//! From a [`VmConfig`] to a VM ready to run, in one linear pass:
+//! memory → KVM VM → devices → kernel and initrd → ACPI and boot parameters → vCPUs.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use agentos_protocol::status;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::acpi::{AcpiConfig, AcpiDevice, AcpiError, write_acpi_tables};
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::layout::{
+    CMDLINE_MAX_SIZE, FIRST_VIRTIO_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, MMIO_DEVICE_SIZE,
+    MMIO_DEVICES_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+};
+use crate::arch::x86_64::msr::{MsrError, boot_msrs};
+use crate::arch::x86_64::regs::{RegsError, write_boot_tables};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::IrqLine;
+use crate::devices::legacy::console::Console;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::status::{GuestStatus, StatusPort};
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::mmio::{MmioMetrics, MmioTransport, queue_notify_address};
+use crate::devices::virtio::vsock::event_handler::VsockEvents;
+use crate::devices::virtio::vsock::metrics::VsockMetrics;
+use crate::devices::virtio::vsock::muxer::{MuxerError, UnixMuxer};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::exit::ExitSignal;
+use crate::vmm::{Vmm, VmmMetrics};
+use crate::vstate::memory::{MemoryError, create_guest_memory};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuMetrics};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The status port is one byte wide.
+const STATUS_PORT_LEN: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot set up guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("cannot create the KVM VM")]
+    Vm(#[from] VmError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot open {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot place a device")]
+    Bus(#[from] BusError),
+    #[error("cannot load the kernel or initrd")]
+    Boot(#[from] BootError),
+    #[error("the kernel command line is too long or invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[from] AcpiError),
+    #[error("cannot write the boot tables")]
+    Regs(#[from] RegsError),
+    #[error("cannot prepare the boot MSRs")]
+    Msr(#[from] MsrError),
+    #[error("cannot set up a vCPU")]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up the vsock device")]
+    Vsock(#[from] VsockError),
+    #[error("cannot set up the vsock host sockets")]
+    VsockHost(#[from] MuxerError),
+    #[error("cannot set up the event loop")]
+    EventLoop(#[from] EventLoopError),
+}
+
+fn open(path: &std::path::Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Builds the VM described by `config`. Nothing runs until [`Vmm::run`].
+pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let mem = create_guest_memory(config.memory_mib)?;
+    let vm = Vm::new(config.vcpus)?;
+    vm.register_memory(&mem)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
+    let console_log = match &config.console.log {
+        Some(path) => Some(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let console = Console::new(console_log, config.console.stdout);
+    let status = GuestStatus::default();
+
+    let mut io_bus = Bus::default();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    io_bus.insert(
+        u64::from(SERIAL_PORT_BASE),
+        u64::from(SERIAL_PORT_LEN),
+        Arc::new(Mutex::new(SerialDevice::new(
+            IrqLine(serial_irq),
+            console.clone(),
+        ))),
+    )?;
+    io_bus.insert(
+        u64::from(I8042_PORT_BASE),
+        u64::from(I8042_PORT_LEN),
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    io_bus.insert(
+        u64::from(status::PORT),
+        STATUS_PORT_LEN,
+        Arc::new(Mutex::new(StatusPort(status.clone()))),
+    )?;
+
+    let mut mmio_bus = Bus::default();
+    let mut event_loop = EventLoop::new()?;
+    let mmio_metrics = Arc::new(MmioMetrics::default());
+    let mut vsock_metrics = None;
+    // The i8042 is left out of the tables on purpose: the guest's driver would probe it for
+    // nothing (it only exists for its reset line, which `reboot=k` pulses without a driver).
+    let mut acpi_devices = vec![AcpiDevice::Serial {
+        port: SERIAL_PORT_BASE,
+        len: SERIAL_PORT_LEN,
+        gsi: SERIAL_IRQ,
+    }];
+    if let Some(vsock) = &config.vsock {
+        let slot = 0;
+        let base = MMIO_DEVICES_START + slot * MMIO_DEVICE_SIZE;
+        let gsi = FIRST_VIRTIO_IRQ + slot as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irq, gsi)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irq));
+        let metrics = Arc::new(VsockMetrics::default());
+        let backend = UnixMuxer::new(&vsock.uds_path, metrics.clone())?;
+        let device = Vsock::new(vsock.guest_cid, backend, interrupt.clone(), metrics.clone())?;
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                event,
+                queue_notify_address(GuestAddress(base)),
+                queue as u32,
+            )?;
+        }
+        let notifier = device.notifier()?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            interrupt,
+            notifier,
+            mmio_metrics.clone(),
+        )));
+        mmio_bus.insert(base, MMIO_DEVICE_SIZE, transport.clone())?;
+        event_loop.add(Box::new(VsockEvents::new(transport)))?;
+        acpi_devices.push(AcpiDevice::VirtioMmio {
+            base,
+            size: MMIO_DEVICE_SIZE,
+            gsi,
+        });
+        vsock_metrics = Some(metrics);
+    }
+
+    let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&mem, &kernel, &mut open(path)?)?),
+        None => None,
+    };
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
+    if !config.cmdline.is_empty() {
+        cmdline
+            .insert_str(&config.cmdline)
+            .map_err(BuildError::Cmdline)?;
+    }
+    let rsdp = write_acpi_tables(
+        &mem,
+        &AcpiConfig {
+            vcpus: config.vcpus,
+            devices: acpi_devices,
+        },
+    )?;
+    boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp)?;
+    write_boot_tables(&mem, kernel.entry)?;
+
+    let msrs = boot_msrs(vm.kvm())?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| {
+            let vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure(&vm, config.vcpus, &msrs, kernel.entry)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+
+    Ok(Vmm::new(crate::vmm::VmmParts {
+        vm,
+        mem,
+        vcpus,
+        io_bus: Arc::new(io_bus),
+        mmio_bus: Arc::new(mmio_bus),
+        event_loop,
+        exit,
+        console,
+        status,
+        metrics: VmmMetrics {
+            vcpu: Arc::new(VcpuMetrics::default()),
+            mmio: mmio_metrics,
+            vsock: vsock_metrics,
+        },
+    }))
+}

@@ -1,0 +1,56 @@
+//! What a VM is made of, as the caller describes it.
+
+use std::path::PathBuf;
+
+/// Largest VM the VMM builds; the MADT and the topology leaves number vCPUs in a byte.
+pub const MAX_VCPUS: u8 = 64;
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// A bzImage, or an ELF with a PVH entry note.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub console: ConsoleConfig,
+    pub vsock: Option<VsockConfig>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleConfig {
+    /// File the serial console is appended to.
+    pub log: Option<PathBuf>,
+    /// Also copy the console to the VMM's stdout.
+    pub stdout: bool,
+}
+
+/// A virtio-vsock device whose host side is Unix sockets (see `devices::virtio::vsock`).
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// Host-initiated connections arrive here; guest-initiated ones go to `<uds_path>_<port>`.
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
+    Vcpus(u8),
+    #[error("guest CID {0} is reserved; use 3 or more")]
+    ReservedCid(u64),
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if let Some(vsock) = &self.vsock
+            && vsock.guest_cid < 3
+        {
+            return Err(ConfigError::ReservedCid(vsock.guest_cid));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! Counters of the vsock device; every error a guest can cause has one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! vsock_metrics {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        #[derive(Default)]
+        pub struct VsockMetrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct VsockMetricsSnapshot {
+            $(pub $name: u64,)*
+        }
+
+        impl VsockMetrics {
+            pub fn snapshot(&self) -> VsockMetricsSnapshot {
+                VsockMetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+vsock_metrics! {
+    /// Packets the guest sent and we accepted.
+    tx_packets,
+    /// Payload bytes from the guest delivered to host sockets.
+    tx_bytes,
+    /// Packets placed in the guest's receive queue.
+    rx_packets,
+    rx_bytes,
+    /// Transmit chains that were malformed, too short, too long or outside guest memory.
+    tx_bad_chains,
+    /// Receive buffers the guest gave that could not hold a packet.
+    rx_bad_buffers,
+    /// Packets with a source CID other than the guest's, or for a CID other than the host.
+    bad_addressing,
+    /// Packets of a type other than stream, or with an unknown operation.
+    bad_packets,
+    /// Data sent beyond the credit we granted (the connection is reset).
+    credit_violations,
+    /// Connections opened (either side) and closed.
+    connections_opened,
+    connections_closed,
+    /// Guest connection requests to host ports nobody listens on, or over the limit.
+    connections_refused,
+    /// Host clients that sent a bad `CONNECT` line, or came over the limit.
+    bad_host_connects,
+    /// Resets sent to the guest.
+    resets_sent,
+    /// Resets dropped because the reset queue was full (a guest flooding bad packets).
+    resets_dropped,
+}
+
+impl VsockMetrics {
+    pub fn inc(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,355 @@
+//! A userspace virtio-vsock device (device type 19).
+//!
+//! The device moves packets between the guest's queues and a [`VsockBackend`]: the real one is
+//! [`muxer::UnixMuxer`] (Unix sockets on the host); tests and fuzzers plug in their own. Queue
+//! notifications (ioeventfds) and the backend's readiness are gathered in one epoll set that the
+//! VMM's event loop watches.
+
+pub mod connection;
+pub mod event_handler;
+pub mod metrics;
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use agentos_protocol::HOST_CID;
+use tracing::{debug, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use self::metrics::VsockMetrics;
+use self::packet::{
+    Header, MAX_PAYLOAD, PacketError, RxBuffer, TYPE_STREAM, TxPacket, read_tx_packet,
+};
+use super::mmio::QueueNotifier;
+use super::{
+    ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    VirtioInterrupt,
+};
+use crate::vstate::memory::GuestMemory;
+
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+const BACKEND_TOKEN: u64 = 3;
+const MAX_EVENTS: usize = 8;
+
+/// The host side of the device.
+pub trait VsockBackend: Send {
+    /// Takes a packet from the guest; its type and addresses are already checked.
+    fn send(&mut self, pkt: TxPacket);
+    /// Whether a packet for the guest is (probably) ready.
+    fn has_rx(&self) -> bool;
+    /// The next packet for the guest, its payload written to the start of `buf` (whose length is
+    /// the most the guest's buffer can take). Source and destination CIDs and the type are filled
+    /// in by the device.
+    fn next_rx(&mut self, buf: &mut [u8]) -> Option<(Header, usize)>;
+    /// Readable when [`VsockBackend::on_host_ready`] has work.
+    fn fd(&self) -> RawFd;
+    fn on_host_ready(&mut self);
+    /// The driver reset the device: forget every connection.
+    fn reset(&mut self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("cannot create the vsock queue eventfds or epoll set")]
+    Setup(#[source] std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+}
+
+pub struct Vsock<B: VsockBackend> {
+    cid: u64,
+    backend: B,
+    queue_events: Vec<EventFd>,
+    epoll: Epoll,
+    interrupt: Arc<VirtioInterrupt>,
+    metrics: Arc<VsockMetrics>,
+    active: Option<Active>,
+    rx_buf: Vec<u8>,
+}
+
+impl<B: VsockBackend> Vsock<B> {
+    pub fn new(
+        cid: u64,
+        backend: B,
+        interrupt: Arc<VirtioInterrupt>,
+        metrics: Arc<VsockMetrics>,
+    ) -> Result<Self, VsockError> {
+        let queue_events = (0..QUEUE_SIZES.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::Setup)?;
+        let epoll = Epoll::new().map_err(VsockError::Setup)?;
+        for (token, event) in queue_events.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    event.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token as u64),
+                )
+                .map_err(VsockError::Setup)?;
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                backend.fd(),
+                EpollEvent::new(EventSet::IN, BACKEND_TOKEN),
+            )
+            .map_err(VsockError::Setup)?;
+        Ok(Self {
+            cid,
+            backend,
+            queue_events,
+            epoll,
+            interrupt,
+            metrics,
+            active: None,
+            rx_buf: vec![0; MAX_PAYLOAD],
+        })
+    }
+
+    /// The eventfds the guest's queue notifications should signal (register them as ioeventfds).
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// A notifier for notifications that reach the transport as MMIO writes.
+    pub fn notifier(&self) -> Result<Box<dyn QueueNotifier>, VsockError> {
+        let events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::Setup)?;
+        Ok(Box::new(EventNotifier(events)))
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The descriptor the VMM's event loop watches.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Handles everything that is ready: queue notifications and host sockets.
+    pub fn process(&mut self) {
+        let mut events = [EpollEvent::default(); MAX_EVENTS];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    warn!(error = %e, "vsock epoll wait failed");
+                }
+                return;
+            }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                BACKEND_TOKEN => self.backend.on_host_ready(),
+                token => {
+                    if let Some(evt) = self.queue_events.get(token as usize) {
+                        // Reading resets the counter; a spurious wake-up reads EAGAIN.
+                        let _ = evt.read();
+                    }
+                    if token as usize == TX_QUEUE {
+                        self.process_tx();
+                    }
+                }
+            }
+        }
+        self.process_rx();
+    }
+
+    /// Moves every packet the guest queued for transmission to the backend.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[TX_QUEUE];
+        let mut used = false;
+        loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match read_tx_packet(mem, chain) {
+                    Ok(pkt) if pkt.hdr.type_ != TYPE_STREAM => {
+                        count(&self.metrics.bad_packets, "non-stream packet");
+                    }
+                    Ok(pkt) if !(pkt.hdr.src_cid == self.cid && pkt.hdr.dst_cid == HOST_CID) => {
+                        count(
+                            &self.metrics.bad_addressing,
+                            "packet with a forged or foreign CID",
+                        );
+                    }
+                    Ok(pkt) => {
+                        VsockMetrics::inc(&self.metrics.tx_packets);
+                        self.backend.send(pkt);
+                    }
+                    Err(e) => bad_tx_chain(&self.metrics, &e),
+                }
+                // A used entry with length 0: transmit buffers are only read.
+                if queue.add_used(mem, head, 0).is_err() {
+                    count(
+                        &self.metrics.tx_bad_chains,
+                        "cannot return a transmit buffer",
+                    );
+                }
+                used = true;
+            }
+            if !queue.enable_notification(mem).unwrap_or(false) {
+                break;
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+    }
+
+    /// Fills the guest's receive buffers with what the backend has for it.
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[RX_QUEUE];
+        let mut used = false;
+        'refill: loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while self.backend.has_rx() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let buffer = match RxBuffer::new(mem, chain) {
+                    Ok(buffer) => buffer,
+                    Err(e) => {
+                        count(&self.metrics.rx_bad_buffers, &e.to_string());
+                        let _ = queue.add_used(mem, head, 0);
+                        used = true;
+                        continue;
+                    }
+                };
+                let capacity = buffer.payload_capacity();
+                let Some((mut hdr, len)) = self.backend.next_rx(&mut self.rx_buf[..capacity])
+                else {
+                    queue.go_to_previous_position();
+                    break 'refill;
+                };
+                hdr.src_cid = HOST_CID;
+                hdr.dst_cid = self.cid;
+                hdr.type_ = TYPE_STREAM;
+                match buffer.write(hdr, &self.rx_buf[..len]) {
+                    Ok(written) => {
+                        VsockMetrics::inc(&self.metrics.rx_packets);
+                        VsockMetrics::add(&self.metrics.rx_bytes, len as u64);
+                        let _ = queue.add_used(mem, head, written);
+                    }
+                    Err(e) => {
+                        count(&self.metrics.rx_bad_buffers, &e.to_string());
+                        let _ = queue.add_used(mem, head, 0);
+                    }
+                }
+                used = true;
+            }
+            if !self.backend.has_rx() || !queue.enable_notification(mem).unwrap_or(false) {
+                break;
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_ring();
+        }
+    }
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64, what: &str) {
+    if VsockMetrics::inc(counter) == 0 {
+        warn!("vsock: {what}");
+    } else {
+        debug!("vsock: {what}");
+    }
+}
+
+fn bad_tx_chain(metrics: &VsockMetrics, error: &PacketError) {
+    count(&metrics.tx_bad_chains, &error.to_string());
+}
+
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            mut queues,
+            acked_features,
+        } = activation;
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for queue in &mut queues {
+            queue.set_event_idx(event_idx);
+        }
+        self.active = Some(Active { mem, queues });
+        // The guest may have queued packets before its notification was seen.
+        self.process_tx();
+        self.process_rx();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.backend.reset();
+    }
+}
+
+/// Signals queue eventfds for notifications that arrive as MMIO writes.
+struct EventNotifier(Vec<EventFd>);
+
+impl QueueNotifier for EventNotifier {
+    fn notify(&self, index: u32) {
+        if let Some(evt) = self.0.get(index as usize) {
+            let _ = evt.write(1);
+        }
+    }
+}

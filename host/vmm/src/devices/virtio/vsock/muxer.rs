@@ -1,0 +1,558 @@
+//! The host side of vsock: Unix sockets, as Firecracker's hybrid vsock.
+//!
+//! - Host → guest: a client connects to the listener at `uds_path` and writes `CONNECT <port>\n`;
+//!   once the guest accepts, it reads `OK <hostport>\n` and then talks to the guest's port.
+//! - Guest → host: a guest connection to host port `P` is connected to `<uds_path>_<P>`, where
+//!   whoever serves that port listens. The path is fixed but for the number, so the guest can reach
+//!   nothing else on the host.
+//!
+//! All sockets are non-blocking and watched by one edge-triggered epoll set, which the device's
+//! event loop polls. Every table and queue is bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::VsockBackend;
+use super::connection::{ConnKey, ConnState, Connection, TxError, reset_header};
+use super::metrics::VsockMetrics;
+use super::packet::{
+    Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, TxPacket,
+};
+
+/// Connections per VM, either direction.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Host clients that have connected but not yet sent their `CONNECT` line.
+const MAX_PENDING_CONNECTS: usize = 32;
+/// Resets waiting for receive buffers; more are dropped (and counted).
+const MAX_QUEUED_RESETS: usize = 256;
+/// `CONNECT 4294967295\n` is 19 bytes; anything longer without a newline is garbage.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host ports for host-initiated connections are numbered from here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+const LISTENER_TOKEN: u64 = u64::MAX;
+const MAX_EVENTS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up the vsock epoll set")]
+    Epoll(#[source] io::Error),
+}
+
+struct PendingConnect {
+    stream: UnixStream,
+}
+
+pub struct UnixMuxer {
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<ConnKey, Connection>,
+    /// Which connection a socket belongs to.
+    by_fd: HashMap<RawFd, ConnKey>,
+    pending: HashMap<RawFd, PendingConnect>,
+    rx_work: VecDeque<ConnKey>,
+    resets: VecDeque<ConnKey>,
+    next_local_port: u32,
+    metrics: Arc<VsockMetrics>,
+}
+
+impl UnixMuxer {
+    /// Listens at `uds_path` (which must not exist) for host-initiated connections.
+    pub fn new(uds_path: &Path, metrics: Arc<VsockMetrics>) -> Result<Self, MuxerError> {
+        let listen_err = |source| MuxerError::Listen {
+            path: uds_path.display().to_string(),
+            source,
+        };
+        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(MuxerError::Epoll)?;
+        Ok(Self {
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            pending: HashMap::new(),
+            rx_work: VecDeque::new(),
+            resets: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            metrics,
+        })
+    }
+
+    /// Path a guest connection to host `port` is forwarded to.
+    pub fn guest_port_path(&self, port: u32) -> PathBuf {
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
+    }
+
+    fn watch(&self, fd: RawFd) -> bool {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(events, fd as u64),
+            )
+            .is_ok()
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn queue_rx(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(&key)
+            && !conn.queued
+            && conn.has_rx()
+        {
+            conn.queued = true;
+            self.rx_work.push_back(key);
+        }
+    }
+
+    fn queue_reset(&mut self, key: ConnKey) {
+        if self.resets.len() >= MAX_QUEUED_RESETS {
+            VsockMetrics::inc(&self.metrics.resets_dropped);
+            return;
+        }
+        self.resets.push_back(key);
+    }
+
+    /// Drops a connection and, unless the guest already knows, tells it with a reset.
+    fn close(&mut self, key: ConnKey, reset_guest: bool) {
+        if let Some(conn) = self.conns.remove(&key) {
+            let fd = conn.stream.as_raw_fd();
+            self.unwatch(fd);
+            self.by_fd.remove(&fd);
+            VsockMetrics::inc(&self.metrics.connections_closed);
+        }
+        if reset_guest {
+            self.queue_reset(key);
+        }
+    }
+
+    fn insert(&mut self, conn: Connection) -> bool {
+        let fd = conn.stream.as_raw_fd();
+        if !self.watch(fd) {
+            return false;
+        }
+        let key = conn.key;
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, conn);
+        VsockMetrics::inc(&self.metrics.connections_opened);
+        self.queue_rx(key);
+        true
+    }
+
+    /// A guest asked to connect to host port `key.local_port`.
+    fn connect_for_guest(&mut self, key: ConnKey, request: &Header) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            VsockMetrics::inc(&self.metrics.connections_refused);
+            self.queue_reset(key);
+            return;
+        }
+        let path = self.guest_port_path(key.local_port);
+        let stream = match connect_nonblocking(&path) {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(port = key.local_port, error = %e, "no host listener for guest connection");
+                VsockMetrics::inc(&self.metrics.connections_refused);
+                self.queue_reset(key);
+                return;
+            }
+        };
+        if !self.insert(Connection::from_guest(key, stream, request)) {
+            self.queue_reset(key);
+        }
+    }
+
+    fn accept_host_clients(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "vsock listener accept failed");
+                    return;
+                }
+            };
+            let fd = stream.as_raw_fd();
+            if self.pending.len() >= MAX_PENDING_CONNECTS
+                || stream.set_nonblocking(true).is_err()
+                || !self.watch(fd)
+            {
+                VsockMetrics::inc(&self.metrics.bad_host_connects);
+                continue;
+            }
+            self.pending.insert(fd, PendingConnect { stream });
+            self.read_connect_line(fd);
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line of a host client, and nothing past it: bytes after the
+    /// newline are data for the guest and stay in the socket.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(pending) = self.pending.get(&fd) else {
+            return;
+        };
+        let mut peek = [0u8; MAX_CONNECT_LINE];
+        let peeked = match peek_bytes(&pending.stream, &mut peek) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => None,
+        };
+        let Some(peeked) = peeked else {
+            self.drop_pending(fd);
+            return;
+        };
+        let Some(newline) = peek[..peeked].iter().position(|&b| b == b'\n') else {
+            if peeked == MAX_CONNECT_LINE {
+                VsockMetrics::inc(&self.metrics.bad_host_connects);
+                self.drop_pending(fd);
+            }
+            return;
+        };
+        let port = parse_connect_line(&peek[..newline]);
+        let Some(PendingConnect { mut stream }) = self.remove_pending(fd) else {
+            return;
+        };
+        let mut line = vec![0u8; newline + 1];
+        let (Some(port), Ok(())) = (port, stream.read_exact(&mut line)) else {
+            VsockMetrics::inc(&self.metrics.bad_host_connects);
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            VsockMetrics::inc(&self.metrics.bad_host_connects);
+            return;
+        }
+        let key = ConnKey {
+            local_port: self.allocate_local_port(port),
+            peer_port: port,
+        };
+        let mut conn = Connection::from_host(key, stream);
+        // Bytes may already wait behind the line; the edge that announced them is spent.
+        conn.rx_ready = true;
+        self.insert(conn);
+    }
+
+    fn remove_pending(&mut self, fd: RawFd) -> Option<PendingConnect> {
+        let pending = self.pending.remove(&fd)?;
+        self.unwatch(fd);
+        Some(pending)
+    }
+
+    fn drop_pending(&mut self, fd: RawFd) {
+        self.remove_pending(fd);
+    }
+
+    fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            let key = ConnKey {
+                local_port: port,
+                peer_port,
+            };
+            if !self.conns.contains_key(&key) {
+                return port;
+            }
+        }
+    }
+
+    fn on_socket_event(&mut self, fd: RawFd, events: EventSet) {
+        if self.pending.contains_key(&fd) {
+            self.read_connect_line(fd);
+            return;
+        }
+        let Some(&key) = self.by_fd.get(&fd) else {
+            return;
+        };
+        let readable = EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR;
+        if events.intersects(readable)
+            && let Some(conn) = self.conns.get_mut(&key)
+        {
+            conn.rx_ready = true;
+        }
+        if events.intersects(EventSet::OUT | EventSet::HANG_UP | EventSet::ERROR) {
+            self.flush(key);
+        }
+        self.queue_rx(key);
+    }
+
+    fn flush(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        match conn.flush_tx() {
+            Ok(n) => VsockMetrics::add(&self.metrics.tx_bytes, n as u64),
+            Err(_) => self.close(key, true),
+        }
+    }
+
+    /// Reads host data for the guest from `key`'s socket into `buf`.
+    fn read_data(&mut self, key: ConnKey, buf: &mut [u8]) -> Option<(Header, usize)> {
+        let conn = self.conns.get_mut(&key)?;
+        let limit = buf.len().min(conn.peer_credit() as usize);
+        match conn.stream.read(&mut buf[..limit]) {
+            Ok(0) => {
+                conn.rx_ready = false;
+                conn.on_host_eof();
+                let hdr = conn.next_control();
+                hdr.map(|h| (h, 0))
+            }
+            Ok(n) => {
+                conn.sent_data(n);
+                Some((conn.header(OP_RW, 0), n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.rx_ready = false;
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(_) => {
+                self.close(key, false);
+                Some((reset_header(key), 0))
+            }
+        }
+    }
+}
+
+impl VsockBackend for UnixMuxer {
+    fn send(&mut self, pkt: TxPacket) {
+        let hdr = pkt.hdr;
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
+        if hdr.op == OP_REQUEST {
+            self.connect_for_guest(key, &hdr);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if hdr.op != OP_RST {
+                self.queue_reset(key);
+            }
+            return;
+        };
+        conn.update_peer_credit(&hdr);
+        match hdr.op {
+            OP_RESPONSE => {
+                if !conn.on_response() {
+                    self.close(key, true);
+                    return;
+                }
+                let ok = format!("OK {}\n", key.local_port);
+                // The socket is fresh and empty, so a failure to take a dozen bytes means it is gone.
+                if conn.stream.write_all(ok.as_bytes()).is_err() {
+                    self.close(key, true);
+                    return;
+                }
+            }
+            OP_RW => {
+                if conn.state != ConnState::Established {
+                    self.close(key, true);
+                    return;
+                }
+                match conn.push_tx(&pkt.payload) {
+                    Ok(n) => VsockMetrics::add(&self.metrics.tx_bytes, n as u64),
+                    Err(TxError::CreditViolation) => {
+                        VsockMetrics::inc(&self.metrics.credit_violations);
+                        self.close(key, true);
+                        return;
+                    }
+                    Err(TxError::Broken) => {
+                        self.close(key, true);
+                        return;
+                    }
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => conn.request_credit_update(),
+            OP_SHUTDOWN => {
+                conn.on_shutdown(hdr.flags);
+                if conn.peer_fully_shut() {
+                    let _ = conn.flush_tx();
+                    self.close(key, true);
+                    return;
+                }
+                let _ = conn.flush_tx();
+            }
+            OP_RST => {
+                self.close(key, false);
+                return;
+            }
+            _ => {
+                VsockMetrics::inc(&self.metrics.bad_packets);
+                self.close(key, true);
+                return;
+            }
+        }
+        self.queue_rx(key);
+    }
+
+    fn has_rx(&self) -> bool {
+        !self.resets.is_empty() || !self.rx_work.is_empty()
+    }
+
+    fn next_rx(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
+        if let Some(key) = self.resets.pop_front() {
+            VsockMetrics::inc(&self.metrics.resets_sent);
+            return Some((reset_header(key), 0));
+        }
+        while let Some(key) = self.rx_work.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.queued = false;
+            let packet = match conn.next_control() {
+                Some(hdr) => Some((hdr, 0)),
+                None if conn.can_send_data() => self.read_data(key, buf),
+                None => None,
+            };
+            self.queue_rx(key);
+            if packet.is_some() {
+                return packet;
+            }
+        }
+        None
+    }
+
+    fn fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn on_host_ready(&mut self) {
+        let mut events = [EpollEvent::default(); MAX_EVENTS];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "vsock epoll wait failed");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    LISTENER_TOKEN => self.accept_host_clients(),
+                    fd => self.on_socket_event(fd as RawFd, event.event_set()),
+                }
+            }
+            if n < MAX_EVENTS {
+                return;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.close(key, false);
+        }
+        let fds: Vec<RawFd> = self.pending.keys().copied().collect();
+        for fd in fds {
+            self.drop_pending(fd);
+        }
+        self.rx_work.clear();
+        self.resets.clear();
+    }
+}
+
+impl Drop for UnixMuxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+/// `CONNECT <port>` → port.
+fn parse_connect_line(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = line.strip_prefix("CONNECT ")?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+fn peek_bytes(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes and the fd is owned by `stream`.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Connects to a Unix socket without ever blocking the event loop: a listener whose backlog is
+/// full refuses instead of stalling every other connection of the VM.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket we own; wrapping it closes it on every path below.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe { libc::connect(stream.as_raw_fd(), std::ptr::from_ref(&addr).cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}

@@ -1,0 +1,232 @@
+//! A built VM and the loop that runs it to its end.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use agentos_protocol::status;
+use serde::Serialize;
+use tracing::info;
+
+use crate::devices::bus::Bus;
+use crate::devices::legacy::console::Console;
+use crate::devices::legacy::status::GuestStatus;
+use crate::devices::virtio::mmio::MmioMetrics;
+use crate::devices::virtio::vsock::metrics::{VsockMetrics, VsockMetricsSnapshot};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuMetrics};
+use crate::vstate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot start the vCPUs")]
+    Vcpu(#[from] VcpuError),
+    #[error("the device event loop failed")]
+    EventLoop(#[from] EventLoopError),
+}
+
+/// How the guest ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest agent shut the VM down on request.
+    Shutdown,
+    /// The guest died: kernel panic, agent failure, triple fault, unexpected reset.
+    Crashed(String),
+    /// The VMM could not keep the guest running (KVM error, emulation failure).
+    Failed(String),
+    /// The VMM was told to stop.
+    Stopped,
+}
+
+pub struct RunReport {
+    pub outcome: Outcome,
+    /// The last lines of the guest console.
+    pub console_tail: Vec<String>,
+    /// Milliseconds from VMM start to the guest agent's milestones, when they happened.
+    pub init_started_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    pub metrics: MetricsSnapshot,
+}
+
+/// Everything the builder hands over.
+pub struct VmmParts {
+    pub vm: Vm,
+    pub mem: GuestMemory,
+    pub vcpus: Vec<Vcpu>,
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub event_loop: EventLoop,
+    pub exit: Arc<ExitSignal>,
+    pub console: Console,
+    pub status: GuestStatus,
+    pub metrics: VmmMetrics,
+}
+
+/// The VMM's counters, shared with the devices that update them.
+#[derive(Clone)]
+pub struct VmmMetrics {
+    pub vcpu: Arc<VcpuMetrics>,
+    pub mmio: Arc<MmioMetrics>,
+    pub vsock: Option<Arc<VsockMetrics>>,
+}
+
+/// A copy of the counters at one moment, for reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MetricsSnapshot {
+    pub unhandled_io: u64,
+    pub unhandled_mmio: u64,
+    pub unexpected_exits: u64,
+    pub virtio_bad_access: u64,
+    pub virtio_out_of_sequence: u64,
+    pub virtio_bad_queue: u64,
+    pub virtio_activations: u64,
+    pub virtio_resets: u64,
+    pub vsock: Option<VsockMetricsSnapshot>,
+}
+
+impl VmmMetrics {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            unhandled_io: load(&self.vcpu.unhandled_io),
+            unhandled_mmio: load(&self.vcpu.unhandled_mmio),
+            unexpected_exits: load(&self.vcpu.unexpected_exits),
+            virtio_bad_access: load(&self.mmio.bad_access_width),
+            virtio_out_of_sequence: load(&self.mmio.out_of_sequence),
+            virtio_bad_queue: load(&self.mmio.bad_queue),
+            virtio_activations: load(&self.mmio.activations),
+            virtio_resets: load(&self.mmio.resets),
+            vsock: self.vsock.as_ref().map(|m| m.snapshot()),
+        }
+    }
+}
+
+pub struct Vmm {
+    parts: VmmParts,
+    created: Instant,
+}
+
+impl Vmm {
+    pub fn new(parts: VmmParts) -> Self {
+        Self {
+            parts,
+            created: Instant::now(),
+        }
+    }
+
+    /// A handle that stops the VM from another thread (or a signal-waiting thread).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.parts.exit.clone()
+    }
+
+    pub fn console(&self) -> &Console {
+        &self.parts.console
+    }
+
+    pub fn metrics(&self) -> &VmmMetrics {
+        &self.parts.metrics
+    }
+
+    /// Runs the guest until it shuts down, crashes, fails or is stopped. `started` is the instant
+    /// boot timings are measured from (e.g. the start of the VMM process).
+    pub fn run(mut self, started: Option<Instant>) -> Result<RunReport, VmmError> {
+        let started = started.unwrap_or(self.created);
+        let ctx = VcpuContext {
+            io_bus: self.parts.io_bus.clone(),
+            mmio_bus: self.parts.mmio_bus.clone(),
+            exit: self.parts.exit.clone(),
+            metrics: self.parts.metrics.vcpu.clone(),
+        };
+        let mut handles = Vec::with_capacity(self.parts.vcpus.len());
+        for vcpu in std::mem::take(&mut self.parts.vcpus) {
+            match vcpu.start(ctx.clone()) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    handles.into_iter().for_each(|h| h.stop());
+                    return Err(e.into());
+                }
+            }
+        }
+        let reason = self.parts.event_loop.run(&self.parts.exit);
+        handles.into_iter().for_each(|h| h.stop());
+        let reason = reason?;
+        self.parts.console.flush_line();
+
+        let console_tail = self.parts.console.tail();
+        let outcome = classify(&reason, self.parts.status.last(), &console_tail);
+        info!(?reason, ?outcome, "VM ended");
+        let since_start = |value| {
+            self.parts
+                .status
+                .first_seen(value)
+                .map(|t| t.saturating_duration_since(started).as_millis() as u64)
+        };
+        Ok(RunReport {
+            outcome,
+            init_started_ms: since_start(status::INIT_STARTED),
+            ready_ms: since_start(status::READY),
+            console_tail,
+            metrics: self.parts.metrics.snapshot(),
+        })
+    }
+}
+
+/// Tells a clean shutdown from a crash, with the best explanation the console offers.
+fn classify(reason: &ExitReason, last_status: Option<u8>, console_tail: &[String]) -> Outcome {
+    let find = |needle: &str| console_tail.iter().find(|l| l.contains(needle)).cloned();
+    match reason {
+        ExitReason::Stopped => Outcome::Stopped,
+        ExitReason::VcpuFailed { vcpu, error } => Outcome::Failed(format!("vCPU {vcpu}: {error}")),
+        ExitReason::GuestReset | ExitReason::SystemEvent(_)
+            if last_status == Some(status::SHUTDOWN) =>
+        {
+            Outcome::Shutdown
+        }
+        _ => {
+            let what = match reason {
+                ExitReason::TripleFault => "the guest triple-faulted".to_string(),
+                ExitReason::SystemEvent(kind) => format!("the guest raised system event {kind}"),
+                _ => "the guest reset without shutting down".to_string(),
+            };
+            let why = find("Kernel panic")
+                .or_else(|| find("agentos-guest: fatal"))
+                .map(|line| format!(": {}", line.trim()))
+                .unwrap_or_default();
+            Outcome::Crashed(format!("{what}{why}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_after_shutdown_status_is_clean() {
+        let outcome = classify(&ExitReason::GuestReset, Some(status::SHUTDOWN), &[]);
+        assert_eq!(outcome, Outcome::Shutdown);
+    }
+
+    #[test]
+    fn reset_without_shutdown_explains_a_panic() {
+        let tail = vec![
+            "[    1.0] something".to_string(),
+            "[    1.2] Kernel panic - not syncing: Attempted to kill init!".to_string(),
+        ];
+        let Outcome::Crashed(why) = classify(&ExitReason::GuestReset, Some(status::READY), &tail)
+        else {
+            panic!("not a crash")
+        };
+        assert!(why.contains("Kernel panic - not syncing"), "{why}");
+    }
+
+    #[test]
+    fn triple_fault_is_a_crash_even_after_shutdown_status() {
+        assert!(matches!(
+            classify(&ExitReason::TripleFault, Some(status::SHUTDOWN), &[]),
+            Outcome::Crashed(_)
+        ));
+    }
+}

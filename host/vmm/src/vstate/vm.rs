@@ -1,0 +1,135 @@
+//! The KVM VM: its file descriptor, guest memory slots and in-kernel interrupt controllers.
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::GuestMemory;
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+
+/// KVM capabilities the VMM cannot do without.
+const REQUIRED_CAPS: [(Cap, &str); 6] = [
+    (Cap::Irqchip, "in-kernel interrupt controller"),
+    (Cap::Ioeventfd, "ioeventfd"),
+    (Cap::Irqfd, "irqfd"),
+    (Cap::UserMemory, "user memory regions"),
+    (Cap::SetTssAddr, "TSS address"),
+    (Cap::Pit2, "in-kernel PIT"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks a capability the VMM needs: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM refused to create a VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM refused guest memory slot {slot}")]
+    MemorySlot {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM refused to set up the {0}")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("this host supports at most {max} vCPUs per VM")]
+    TooManyVcpus { max: usize },
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    supported_cpuid: CpuId,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm` and creates an empty VM with an in-kernel irqchip and PIT.
+    pub fn new(vcpus: u8) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, what) in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(what));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(VmError::TooManyVcpus { max });
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Setup("CPUID list", e))?;
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmError::Setup("TSS address", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::Setup("identity map address", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Setup("interrupt controller", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(|e| VmError::Setup("PIT", e))?;
+        Ok(Self {
+            kvm,
+            fd,
+            supported_cpuid,
+        })
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Gives every region of `mem` to KVM as a memory slot.
+    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let slot = slot as u32;
+            let host =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| VmError::MemorySlot {
+                        slot,
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            let region = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM: the
+            // builder keeps both in the `Vmm` and drops the VM file descriptor first.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(|source| VmError::MemorySlot { slot, source })?;
+        }
+        Ok(())
+    }
+
+    /// Routes writes of `event` to interrupt line `gsi`.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(|e| VmError::Setup("interrupt eventfd", e))
+    }
+
+    /// Makes a 32-bit guest write of `value` to MMIO `addr` signal `event` without a VM exit.
+    pub fn register_ioevent(&self, event: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), value)
+            .map_err(|e| VmError::Setup("notification eventfd", e))
+    }
+}
