@@ -1,18 +1,9 @@
 //! `agentos`: the command line, and the VMM (`agentos vmm`), in one binary.
 
-mod agent;
-mod carrier;
-mod doctor;
-mod image;
-mod image_cmd;
-mod run;
-mod rundir;
-mod signals;
-mod vmm_cmd;
-
 use std::process::ExitCode;
 use std::time::Instant;
 
+use agentos::{carrier, doctor, image_cmd, run, signals, vmm_cmd};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

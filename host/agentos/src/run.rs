@@ -10,7 +10,7 @@ use agentos_protocol::ExecRequest;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::agent::connection::ExecIo;
+use crate::agent::connection::{ConnectionError, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
@@ -19,6 +19,8 @@ use crate::signals;
 /// Below this the stock kernel and the initramfs do not fit comfortably.
 pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// What a shell returns when it cannot run a command.
+const EXIT_CANNOT_RUN: i32 = 127;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
@@ -201,6 +203,11 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     let status = match status {
         Ok(status) => status,
         Err(_) if signals::interrupted() => return Ok(signals::exit_code()),
+        Err(ConnectionError::Refused(why)) => {
+            vm.shutdown();
+            eprintln!("agentos: {why}");
+            return Ok(EXIT_CANNOT_RUN);
+        }
         Err(e) => {
             let end = vm.shutdown();
             let why = end

@@ -84,6 +84,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     acked_features: u64,
     queue_select: u32,
     queues: Vec<Queue>,
+    /// Queues whose last QueueNum was refused. `Queue` keeps its old size then, so without this
+    /// the device would start with a ring of a size the driver never laid out.
+    bad_sizes: Vec<bool>,
     config_generation: u32,
 }
 
@@ -103,6 +106,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         metrics: Arc<MmioMetrics>,
     ) -> Self {
         let queues = new_queues(device.queue_max_sizes());
+        let bad_sizes = vec![false; queues.len()];
         Self {
             device,
             mem,
@@ -115,6 +119,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             acked_features: 0,
             queue_select: 0,
             queues,
+            bad_sizes,
             config_generation: 0,
         }
     }
@@ -172,6 +177,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.acked_features = 0;
         self.queue_select = 0;
         self.queues = new_queues(self.device.queue_max_sizes());
+        self.bad_sizes = vec![false; self.queues.len()];
         self.interrupt.clear();
     }
 
@@ -194,7 +200,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status::ACKNOWLEDGE => old == 0,
             status::DRIVER => old == status::ACKNOWLEDGE,
             status::FEATURES_OK => old == status::ACKNOWLEDGE | status::DRIVER,
-            status::DRIVER_OK => old & status::FEATURES_OK != 0,
+            status::DRIVER_OK => old & status::FEATURES_OK != 0 && old & status::FAILED == 0,
             status::FAILED => true,
             0 => true,
             _ => false,
@@ -224,8 +230,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let usable = self
             .queues
             .iter()
+            .zip(&self.bad_sizes)
             .enumerate()
-            .find(|(_, q)| !q.ready() || !q.is_valid(&self.mem));
+            .find(|(_, (q, bad_size))| **bad_size || !q.ready() || !q.is_valid(&self.mem));
         if let Some((index, _)) = usable {
             self.count(&self.metrics.bad_queue, "activation with an unusable queue");
             debug!(queue = index, "unusable queue at DRIVER_OK");
@@ -307,10 +314,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             reg::QUEUE_SEL => self.queue_select = value,
-            reg::QUEUE_NUM => match u16::try_from(value) {
-                Ok(size) => self.update_queue(|q| q.set_size(size)),
-                Err(_) => self.count(&self.metrics.bad_queue, "queue size out of range"),
-            },
+            reg::QUEUE_NUM => {
+                let mut accepted = None;
+                self.update_queue(|q| {
+                    accepted =
+                        Some(u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok()));
+                });
+                // `accepted` is set only if the selected queue exists, so its flag does too.
+                if let Some(accepted) = accepted
+                    && let Some(bad_size) = self.bad_sizes.get_mut(self.queue_select as usize)
+                {
+                    *bad_size = !accepted;
+                    if !accepted {
+                        self.count(&self.metrics.bad_queue, "queue size out of range");
+                    }
+                }
+            }
             reg::QUEUE_READY => {
                 let allowed = self.queue_config_allowed();
                 match self.selected_queue() {
@@ -394,3 +413,6 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 pub fn queue_notify_address(base: GuestAddress) -> u64 {
     base.0 + reg::QUEUE_NOTIFY
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod muxer;
 pub mod packet;
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -181,6 +182,10 @@ impl<B: VsockBackend> Vsock<B> {
         let queue = &mut active.queues[TX_QUEUE];
         let mut used = false;
         loop {
+            if avail_ring_corrupt(queue, mem) {
+                count(&self.metrics.tx_bad_chains, AVAIL_RING_CORRUPT);
+                break;
+            }
             if queue.disable_notification(mem).is_err() {
                 break;
             }
@@ -229,6 +234,10 @@ impl<B: VsockBackend> Vsock<B> {
         let queue = &mut active.queues[RX_QUEUE];
         let mut used = false;
         'refill: loop {
+            if self.backend.has_rx() && avail_ring_corrupt(queue, mem) {
+                count(&self.metrics.rx_bad_buffers, AVAIL_RING_CORRUPT);
+                break;
+            }
             if queue.disable_notification(mem).is_err() {
                 break;
             }
@@ -276,6 +285,16 @@ impl<B: VsockBackend> Vsock<B> {
             self.interrupt.signal_used_ring();
         }
     }
+}
+
+const AVAIL_RING_CORRUPT: &str = "available ring index beyond the queue size";
+
+/// Whether the driver claims more new buffers than the queue holds. Such a queue yields no
+/// chains yet keeps reporting new ones, so draining it would never end.
+fn avail_ring_corrupt(queue: &Queue, mem: &GuestMemory) -> bool {
+    !queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| (idx - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 fn count(counter: &std::sync::atomic::AtomicU64, what: &str) {
@@ -353,3 +372,6 @@ impl QueueNotifier for EventNotifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

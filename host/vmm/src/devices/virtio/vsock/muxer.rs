@@ -172,7 +172,14 @@ impl UnixMuxer {
 
     /// A guest asked to connect to host port `key.local_port`.
     fn connect_for_guest(&mut self, key: ConnKey, request: &Header) {
-        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.contains_key(&key) {
+            // The guest has no socket for this connection any more (Linux resets a connection
+            // on a second request too), so neither should the host.
+            VsockMetrics::inc(&self.metrics.connections_refused);
+            self.close(key, true);
+            return;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
             VsockMetrics::inc(&self.metrics.connections_refused);
             self.queue_reset(key);
             return;
@@ -293,6 +300,11 @@ impl UnixMuxer {
     fn on_socket_event(&mut self, fd: RawFd, events: EventSet) {
         if self.pending.contains_key(&fd) {
             self.read_connect_line(fd);
+            // A client that hung up before finishing its line never will; peeking would keep
+            // finding the same partial line.
+            if events.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+                self.drop_pending(fd);
+            }
             return;
         }
         let Some(&key) = self.by_fd.get(&fd) else {
@@ -430,14 +442,18 @@ impl VsockBackend for UnixMuxer {
             VsockMetrics::inc(&self.metrics.resets_sent);
             return Some((reset_header(key), 0));
         }
-        while let Some(key) = self.rx_work.pop_front() {
+        // Each connection is looked at once: one that keeps work it cannot hand over now (data
+        // but no room for it in `buf`) goes to the back of the list rather than round again.
+        for _ in 0..self.rx_work.len() {
+            let key = self.rx_work.pop_front()?;
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
             conn.queued = false;
             let packet = match conn.next_control() {
                 Some(hdr) => Some((hdr, 0)),
-                None if conn.can_send_data() => self.read_data(key, buf),
+                // Reading into an empty buffer returns 0, which would look like the host's EOF.
+                None if conn.can_send_data() && !buf.is_empty() => self.read_data(key, buf),
                 None => None,
             };
             self.queue_rx(key);
@@ -556,3 +572,6 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests;

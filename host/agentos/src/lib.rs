@@ -1,0 +1,14 @@
+//! agentos: every AI agent in its own KVM microVM.
+//!
+//! The `agentos` binary is the command line, and also the VMM (`agentos vmm`, one process per VM).
+//! This library holds what the commands are made of, so that tests drive the same code.
+
+pub mod agent;
+pub mod carrier;
+pub mod doctor;
+pub mod image;
+pub mod image_cmd;
+pub mod run;
+pub mod rundir;
+pub mod signals;
+pub mod vmm_cmd;

@@ -1,1 +1,0 @@
-//! VM tests live in `tests/vm/`.

@@ -1,0 +1,138 @@
+//! The VMM's vsock device in both directions, driven at the level of `agentos vmm`: the guest
+//! agent dials the host (`vsock.sock_1024`), a host client dials the guest (`CONNECT 52`), both
+//! carry the agentos protocol, and a shutdown ends the VMM cleanly.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use agentos::agent::connection::{AgentConnection, ExecIo};
+use agentos::agent::vm::AGENT_CMDLINE;
+use agentos::image::{self, AGENT_IMAGE};
+use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest};
+
+use crate::common::{Scratch, vm_available};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn accept_within(listener: &UnixListener, deadline: Instant) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the guest agent never dialled the host"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+fn exec_echo(conn: &mut AgentConnection, word: &str) -> String {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let request = ExecRequest {
+        program: "/bin/echo".into(),
+        args: vec![word.into()],
+        ..Default::default()
+    };
+    let status = conn
+        .exec(
+            request,
+            ExecIo {
+                stdin: None,
+                stdout: &mut out,
+                stderr: &mut err,
+            },
+        )
+        .unwrap();
+    assert_eq!(status.code, Some(0));
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
+    if !vm_available() {
+        return;
+    }
+    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+        .expect("no agent image: run scripts/setup");
+    let t = Scratch::new("vsock");
+    let run = t.run_dir();
+    std::fs::create_dir_all(&run).unwrap();
+    let control = UnixListener::bind(run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+    let report_path = run.join("report.json");
+    let mut vmm = t
+        .agentos()
+        .arg("vmm")
+        .arg("--kernel")
+        .arg(&img.vmlinuz)
+        .arg("--initrd")
+        .arg(&img.initrd)
+        .args(["--memory", "256", "--cmdline", AGENT_CMDLINE])
+        .arg("--vsock-uds")
+        .arg(run.join("vsock.sock"))
+        .arg("--report")
+        .arg(&report_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+
+    // Guest to host: the agent dials port 1024.
+    let stream = accept_within(&control, deadline);
+    let mut dialled = AgentConnection::handshake(stream, BOOT_TIMEOUT).unwrap();
+    assert_eq!(exec_echo(&mut dialled, "one"), "one\n");
+
+    // Host to guest: CONNECT to the agent's listening port, through the VMM's socket.
+    let mut stream = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    writeln!(stream, "CONNECT {AGENT_LISTEN_PORT}").unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(
+        ok.starts_with("OK ") && ok.ends_with('\n'),
+        "answer to CONNECT: {ok:?}"
+    );
+    drop(reader);
+    let mut opened = AgentConnection::handshake(stream, BOOT_TIMEOUT).unwrap();
+    assert_eq!(exec_echo(&mut opened, "two"), "two\n");
+    assert!(opened.ping().unwrap() < Duration::from_secs(10));
+
+    // A port nobody listens on in the guest is refused: the client sees the socket close.
+    let mut refused = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    writeln!(refused, "CONNECT 4000").unwrap();
+    let mut answer = String::new();
+    BufReader::new(refused).read_line(&mut answer).unwrap();
+    assert_eq!(
+        answer, "",
+        "a connection to a closed guest port must be refused"
+    );
+
+    dialled.shutdown().unwrap();
+    let status = vmm.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["outcome"], "shutdown", "{report}");
+    let vsock = &report["metrics"]["vsock"];
+    assert_eq!(vsock["tx_bad_chains"], 0, "{report}");
+    assert_eq!(vsock["credit_violations"], 0, "{report}");
+    assert!(
+        vsock["connections_opened"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
+    drop(control);
+    std::fs::remove_file(run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+    std::fs::remove_file(&report_path).unwrap();
+    let _ = std::fs::remove_file(run.join("report.tmp"));
+    t.assert_nothing_left();
+}
