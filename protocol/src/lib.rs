@@ -28,6 +28,10 @@ pub const AGENT_CONTROL_PORT: u32 = 1024;
 /// vsock port the guest agent listens on for connections the host opens.
 pub const AGENT_LISTEN_PORT: u32 = 52;
 
+/// The first line the guest agent prints on the serial console as PID 1, once its file systems
+/// are mounted: the same point of a boot under any VMM, which is what boot benchmarks time.
+pub const BOOT_MARKER: &str = "agentos-guest: started";
+
 /// Name of the virtio-serial port that carries frames between the host and a carrier VM.
 pub const CARRIER_PORT_NAME: &str = "agentos.ctl";
 

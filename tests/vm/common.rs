@@ -4,6 +4,19 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Most tests boot one VM and may run side by side; a test that boots many at once takes the
+/// machine for itself, so that its VMs and everyone else's do not starve each other of CPU.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+pub fn share_machine() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn take_machine() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The agentos binary under test: `$AGENTOS_BIN`, or the workspace's release build.
 pub fn agentos_bin() -> PathBuf {

@@ -3,13 +3,14 @@
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use crate::common::{Scratch, describe, text, vm_available};
+use crate::common::{Scratch, describe, share_machine, take_machine, text, vm_available};
 
 #[test]
 fn runs_a_command_with_the_requested_vcpus_and_memory() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("basic");
     let script = "echo hi; nproc; grep MemTotal /proc/meminfo";
     let out = t.output(
@@ -40,6 +41,7 @@ fn exit_code_and_output_come_back_as_json() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("json");
     let script = "echo out; echo err >&2; exit 7";
     let out = t.output(&["run", "--json", "--", "/bin/sh", "-c", script], b"");
@@ -60,6 +62,7 @@ fn a_program_killed_by_a_signal_exits_128_plus_the_signal() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("signal");
     let out = t.output(&["run", "--", "/bin/sh", "-c", "kill -KILL $$"], b"");
     assert_eq!(out.status.code(), Some(128 + 9), "{}", describe(&out));
@@ -71,6 +74,7 @@ fn a_missing_program_is_reported_with_status_127() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("missing");
     let out = t.output(&["run", "--", "/no/such/program"], b"");
     assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
@@ -87,6 +91,7 @@ fn stdin_passes_through_byte_for_byte() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("stdin");
     // Every byte value, many times over, and no trailing newline.
     let input: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 256) as u8).collect();
@@ -105,6 +110,7 @@ fn four_mib_of_stdout_arrive_whole_and_in_order() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("stream");
     let out = t.output(&["run", "--", "/bin/seq", "1", "620000"], b"");
     assert!(out.status.success(), "{}", describe(&out));
@@ -126,6 +132,7 @@ fn a_guest_kernel_panic_is_reported_as_an_error() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("panic");
     let out = t.output(
         &["run", "--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger"],
@@ -142,6 +149,7 @@ fn eight_vms_boot_at_once() {
     if !vm_available() {
         return;
     }
+    let _machine = take_machine();
     let t = Scratch::new("eight");
     let children: Vec<_> = (0..8)
         .map(|i| {
@@ -162,6 +170,7 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let t = Scratch::new("ctrlc");
     let mut child = t.spawn(&["run", "--", "/bin/sh", "-c", "echo ready; exec sleep 600"]);
     let mut stdout = BufReader::new(child.stdout.take().unwrap());

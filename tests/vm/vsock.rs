@@ -12,7 +12,7 @@ use agentos::agent::vm::AGENT_CMDLINE;
 use agentos::image::{self, AGENT_IMAGE};
 use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest};
 
-use crate::common::{Scratch, vm_available};
+use crate::common::{Scratch, share_machine, vm_available};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -63,6 +63,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     if !vm_available() {
         return;
     }
+    let _machine = share_machine();
     let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
         .expect("no agent image: run scripts/setup");
     let t = Scratch::new("vsock");

@@ -121,11 +121,11 @@ pub fn rerun_self_inside(vm: &VmArgs) -> anyhow::Result<i32> {
         cpus: None,
         console: false,
     };
-    Ok(run(&spec)?.shell_code())
+    Ok(run(&spec, &mut io::stdout().lock())?.shell_code())
 }
 
 /// The agent image's files, when it is built (commands inside report it missing otherwise).
-fn agent_image_files() -> Vec<PathBuf> {
+pub fn agent_image_files() -> Vec<PathBuf> {
     let cache = image::default_cache_dir();
     match image::find_image(&cache, image::AGENT_IMAGE) {
         Ok(img) => vec![img.vmlinuz, img.initrd, img.dir.join("manifest.json")],
@@ -149,7 +149,7 @@ pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
         cpus: args.cpus,
         console: args.console,
     };
-    Ok(run(&spec)?.shell_code())
+    Ok(run(&spec, &mut io::stdout().lock())?.shell_code())
 }
 
 /// A command to run in a fresh carrier.
@@ -163,8 +163,9 @@ pub struct CarrierRun {
     pub console: bool,
 }
 
-/// Boots a carrier, runs `spec.argv` in it with our standard I/O, and tears it down.
-pub fn run(spec: &CarrierRun) -> anyhow::Result<ExitStatus> {
+/// Boots a carrier, runs `spec.argv` in it with our stdin and stderr and its stdout going to
+/// `stdout`, and tears it down.
+pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<ExitStatus> {
     let started = Instant::now();
     let cache = image::default_cache_dir();
     let carrier = image::find_image(&cache, CARRIER_IMAGE).map_err(|e| {
@@ -216,12 +217,12 @@ pub fn run(spec: &CarrierRun) -> anyhow::Result<ExitStatus> {
         cwd,
         ..Default::default()
     };
-    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let stderr = io::stderr();
     let result = conn.exec(
         request,
         ExecIo {
             stdin: Some(Box::new(io::stdin())),
-            stdout: &mut stdout.lock(),
+            stdout,
             stderr: &mut stderr.lock(),
         },
     );
@@ -287,8 +288,16 @@ fn which_qemu() -> anyhow::Result<()> {
 fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Result<PathBuf> {
     let mut all = Vec::new();
     for file in files {
-        let file = fs::canonicalize(file)
-            .with_context(|| format!("cannot copy {} into the carrier", file.display()))?;
+        // The path as given, not resolved: a program looks for a symlink by its own name.
+        let file = std::path::absolute(file)
+            .ok()
+            .filter(|f| f.is_file())
+            .with_context(|| {
+                format!(
+                    "cannot copy {} into the carrier: no such file",
+                    file.display()
+                )
+            })?;
         if let Ok(libs) = image::needed_libraries(&file) {
             all.extend(libs);
         }

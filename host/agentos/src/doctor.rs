@@ -24,6 +24,9 @@ pub struct DoctorArgs {
     /// Boot a Linux guest on this host's KVM even when a cached or known answer exists.
     #[arg(long)]
     pub probe: bool,
+    /// Print only where VMs run here: `direct`, `carrier` or `unknown` (for scripts).
+    #[arg(long, conflicts_with = "json")]
+    pub placement: bool,
 }
 
 /// Whether this host's KVM boots the agent image.
@@ -304,6 +307,15 @@ fn qemu_finding() -> Finding {
 
 pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
     let cache = image::default_cache_dir();
+    if args.placement {
+        let (word, code) = match linux_kvm(&cache, args.probe) {
+            LinuxKvm::Usable { .. } => ("direct", 0),
+            LinuxKvm::Unusable { .. } => ("carrier", 0),
+            LinuxKvm::Unknown { .. } => ("unknown", 1),
+        };
+        println!("{word}");
+        return Ok(code);
+    }
     let (linux, _) = linux_finding(&cache, args.probe);
     let mut findings = vec![kvm_finding(), linux];
     findings.extend(cgroup_findings());

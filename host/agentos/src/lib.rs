@@ -4,6 +4,7 @@
 //! This library holds what the commands are made of, so that tests drive the same code.
 
 pub mod agent;
+pub mod bench;
 pub mod carrier;
 pub mod doctor;
 pub mod image;

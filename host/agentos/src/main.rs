@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{carrier, doctor, image_cmd, run, signals, vmm_cmd};
+use agentos::{bench, carrier, doctor, image_cmd, run, signals, vmm_cmd};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -26,6 +26,9 @@ enum Command {
     Carrier(carrier::CarrierArgs),
     /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
     Doctor(doctor::DoctorArgs),
+    /// Measure agentos beside QEMU's microvm machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Build the guest images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
                 Command::Carrier(args) => carrier::run_command(args),
                 Command::Doctor(args) => doctor::run(args),
                 Command::Image(cmd) => image_cmd::run(cmd),
+                Command::Bench(cmd) => bench::run(cmd),
                 Command::Vmm(_) => unreachable!("handled above"),
             }),
     };

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use agentos_protocol::status;
 use linux_loader::cmdline::Cmdline;
+use tracing::info;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -177,11 +178,14 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         vsock_metrics = Some(metrics);
     }
 
+    info!("devices ready");
     let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
+    info!(end = kernel.end.0, "kernel loaded");
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, &kernel, &mut open(path)?)?),
         None => None,
     };
+    info!("initrd loaded");
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     if !config.cmdline.is_empty() {
         cmdline
@@ -206,6 +210,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
+    info!(vcpus = config.vcpus, "VM built");
 
     Ok(Vmm::new(crate::vmm::VmmParts {
         vm,

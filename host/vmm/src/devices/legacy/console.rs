@@ -17,6 +17,7 @@ struct ConsoleState {
     /// The line being written, flushed to the sinks at each newline.
     line: Vec<u8>,
     tail: VecDeque<String>,
+    seen_output: bool,
 }
 
 impl ConsoleState {
@@ -81,6 +82,10 @@ impl Console {
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut state = self.state();
+        if !state.seen_output {
+            state.seen_output = true;
+            tracing::info!("first console output");
+        }
         for &byte in buf {
             state.line.push(byte);
             if byte == b'\n' || state.line.len() >= MAX_LINE_BYTES {

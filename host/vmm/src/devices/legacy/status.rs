@@ -29,6 +29,7 @@ impl GuestStatus {
         log.last = Some(value);
         if log.milestones.len() < MAX_MILESTONES && !log.milestones.iter().any(|(v, _)| *v == value)
         {
+            tracing::info!(status = value, "guest status");
             log.milestones.push((value, Instant::now()));
         }
     }

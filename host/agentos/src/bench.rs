@@ -1,0 +1,582 @@
+//! `agentos bench boot`: boot times, side by side with QEMU's microvm machine in the same run.
+//!
+//! - **Linux**: the agent image's kernel and initramfs, booted by agentos and by
+//!   `qemu-system-x86_64 -M microvm` with the same command line, timed from spawning the VMM to
+//!   the guest agent's first console line ([`BOOT_MARKER`]); for agentos also to the agent's
+//!   `hello` over vsock and to the VMM's exit after a shutdown. Runs where Linux guests run here:
+//!   directly, or inside the QEMU carrier (both VMMs then run in the same carrier).
+//! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
+//!   its first serial byte, with the peak resident memory of the VMM process.
+//!
+//! Runs of the two VMMs alternate, and results are medians with their min and max, because these
+//! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agentos_protocol::{AGENT_CONTROL_PORT, BOOT_MARKER};
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::connection::AgentConnection;
+use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
+use crate::carrier::{self, CarrierChoice, CarrierRun};
+use crate::image::{self, AGENT_IMAGE};
+use crate::rundir::RunDir;
+
+const QEMU: &str = "qemu-system-x86_64";
+/// Files QEMU's microvm machine loads besides its binary (its firmware).
+const QEMU_DATA: &[&str] = &[
+    "/usr/share/qemu/bios-microvm.bin",
+    "/usr/share/qemu/linuxboot_dma.bin",
+];
+const LINUX_TIMEOUT: Duration = Duration::from_secs(300);
+const TINY_TIMEOUT: Duration = Duration::from_secs(20);
+const TINY_MEMORY_MIB: u64 = 16;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Boot times of agentos beside QEMU microvm (Linux guest and the tiny guest).
+    Boot(BootBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BootBenchArgs {
+    /// Boots per VMM and guest.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Guest memory of the Linux boots, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Where the Linux boots run (see `agentos run --help`).
+    #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
+    pub carrier: CarrierChoice,
+    /// Only the Linux part, as JSON (what runs inside a carrier).
+    #[arg(long, hide = true)]
+    pub linux_only: bool,
+}
+
+/// Median, min and max of a set of measurements.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Self::default();
+        }
+        let mid = v.len() / 2;
+        let median = if v.len().is_multiple_of(2) {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinuxResults {
+    /// `direct` or `carrier`.
+    pub placement: String,
+    pub kernel: String,
+    pub memory_mib: u64,
+    pub agentos: LinuxAgentos,
+    pub qemu_microvm: LinuxQemu,
+    /// agentos / QEMU, medians of the time to the guest agent's first line.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinuxAgentos {
+    pub to_init_ms: Stats,
+    pub to_hello_ms: Stats,
+    pub to_exit_ms: Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinuxQemu {
+    pub to_init_ms: Stats,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TinyResults {
+    pub agentos: TinyVmm,
+    pub qemu_microvm: TinyVmm,
+    /// agentos / QEMU.
+    pub first_byte_ratio: f64,
+    pub max_rss_ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TinyVmm {
+    pub first_byte_ms: Stats,
+    pub max_rss_kib: Stats,
+}
+
+#[derive(Debug, Serialize)]
+struct BootResults {
+    runs: u32,
+    linux: LinuxResults,
+    tiny: Option<TinyResults>,
+    /// agentos / QEMU microvm, Linux boot to the guest agent's first line (medians).
+    ratio: f64,
+}
+
+pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
+    let BenchCommand::Boot(args) = cmd;
+    if args.linux_only {
+        let linux = linux_bench(args.runs, args.memory, "direct")?;
+        println!("{}", serde_json::to_string(&linux)?);
+        return Ok(0);
+    }
+    let tiny = if Path::new("/dev/kvm").exists() {
+        Some(tiny_bench(args.runs)?)
+    } else {
+        eprintln!("agentos bench: no /dev/kvm here; skipping the tiny-guest comparison");
+        None
+    };
+    let linux = if carrier::should_use(args.carrier)? {
+        linux_bench_in_carrier(args)?
+    } else {
+        linux_bench(args.runs, args.memory, "direct")?
+    };
+    let results = BootResults {
+        runs: args.runs,
+        ratio: linux.ratio,
+        linux,
+        tiny,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print_table(&results);
+    }
+    Ok(0)
+}
+
+fn print_table(r: &BootResults) {
+    let row = |name: &str, s: &Stats, unit: &str| {
+        println!(
+            "  {name:<34} median {:>9.1} {unit}  (min {:.1}, max {:.1})",
+            s.median, s.min, s.max
+        );
+    };
+    let l = &r.linux;
+    println!(
+        "Linux guest ({}, {} MiB, kernel {}), {} runs each:",
+        l.placement, l.memory_mib, l.kernel, r.runs
+    );
+    row(
+        "agentos: spawn to agent's first line",
+        &l.agentos.to_init_ms,
+        "ms",
+    );
+    row(
+        "agentos: spawn to agent's hello",
+        &l.agentos.to_hello_ms,
+        "ms",
+    );
+    row("agentos: spawn to VMM exit", &l.agentos.to_exit_ms, "ms");
+    row(
+        "QEMU microvm: spawn to first line",
+        &l.qemu_microvm.to_init_ms,
+        "ms",
+    );
+    println!("  ratio agentos/QEMU: {}", l.ratio);
+    if let Some(t) = &r.tiny {
+        println!("Tiny guest, directly on this host's KVM:");
+        row(
+            "agentos: spawn to first byte",
+            &t.agentos.first_byte_ms,
+            "ms",
+        );
+        row(
+            "QEMU microvm: spawn to first byte",
+            &t.qemu_microvm.first_byte_ms,
+            "ms",
+        );
+        row("agentos: peak RSS", &t.agentos.max_rss_kib, "KiB");
+        row("QEMU microvm: peak RSS", &t.qemu_microvm.max_rss_kib, "KiB");
+        println!(
+            "  ratios agentos/QEMU: first byte {}, peak RSS {}",
+            t.first_byte_ratio, t.max_rss_ratio
+        );
+    }
+}
+
+/// Runs the Linux part inside a carrier, with QEMU and its firmware copied in too.
+fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> {
+    let qemu = which(QEMU).with_context(|| {
+        format!(
+            "{QEMU} is not installed: `apt-get install qemu-system-x86` (scripts/setup does this)"
+        )
+    })?;
+    let mut files = vec![qemu];
+    files.extend(QEMU_DATA.iter().map(PathBuf::from).filter(|p| p.is_file()));
+    files.extend(carrier::agent_image_files());
+    let spec = CarrierRun {
+        argv: vec![
+            std::env::current_exe()?.display().to_string(),
+            "bench".into(),
+            "boot".into(),
+            "--linux-only".into(),
+            "--runs".into(),
+            args.runs.to_string(),
+            "--memory".into(),
+            args.memory.to_string(),
+        ],
+        env: Default::default(),
+        files,
+        memory_mib: 4096,
+        cpus: None,
+        console: false,
+    };
+    let mut out = Vec::new();
+    let status = carrier::run(&spec, &mut out)?;
+    if status.shell_code() != 0 {
+        bail!(
+            "the benchmark in the carrier failed (status {})",
+            status.shell_code()
+        );
+    }
+    let mut linux: LinuxResults =
+        serde_json::from_slice(&out).context("the carrier's benchmark printed no results")?;
+    linux.placement = "carrier".into();
+    Ok(linux)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+fn linux_bench(runs: u32, memory_mib: u64, placement: &str) -> anyhow::Result<LinuxResults> {
+    let cache = image::default_cache_dir();
+    let img = image::find_image(&cache, AGENT_IMAGE)
+        .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
+    which(QEMU)
+        .with_context(|| format!("{QEMU} is not installed: `apt-get install qemu-system-x86`"))?;
+    let (mut init, mut hello, mut exit, mut qemu) = (vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let a = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+            .with_context(|| format!("agentos boot {}", i + 1))?;
+        init.push(a.to_init_ms);
+        hello.push(a.to_hello_ms);
+        exit.push(a.to_exit_ms);
+        qemu.push(
+            qemu_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+                .with_context(|| format!("QEMU boot {}", i + 1))?,
+        );
+        eprintln!(
+            "agentos bench: run {}/{runs}: agentos {:.0} ms, QEMU {:.0} ms to the agent's first line",
+            i + 1,
+            a.to_init_ms,
+            qemu[i as usize]
+        );
+    }
+    let agentos = LinuxAgentos {
+        to_init_ms: Stats::of(&init),
+        to_hello_ms: Stats::of(&hello),
+        to_exit_ms: Stats::of(&exit),
+    };
+    let qemu = LinuxQemu {
+        to_init_ms: Stats::of(&qemu),
+    };
+    Ok(LinuxResults {
+        placement: placement.into(),
+        kernel: img.manifest.kernel.release.clone(),
+        memory_mib,
+        ratio: ratio(agentos.to_init_ms.median, qemu.to_init_ms.median),
+        agentos,
+        qemu_microvm: qemu,
+    })
+}
+
+struct LinuxBoot {
+    to_init_ms: f64,
+    to_hello_ms: f64,
+    to_exit_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Watches a console stream on a thread and reports when `marker` shows up in it.
+fn watch_console(
+    stream: impl Read + Send + 'static,
+    marker: &'static str,
+) -> mpsc::Receiver<Instant> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            if String::from_utf8_lossy(&line).contains(marker) {
+                let _ = tx.send(Instant::now());
+            }
+            line.clear();
+        }
+    });
+    rx
+}
+
+fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<LinuxBoot> {
+    let run_dir = RunDir::create("bench")?;
+    let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))?;
+    control.set_nonblocking(true)?;
+    let start = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("vmm")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args([
+            "--memory",
+            &memory_mib.to_string(),
+            "--cmdline",
+            AGENT_CMDLINE,
+            "--console",
+        ])
+        .arg("--vsock-uds")
+        .arg(run_dir.join("vsock.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let guard = KillOnDrop(&mut child);
+    let marker = watch_console(
+        guard.0.stdout.take().context("no console pipe")?,
+        BOOT_MARKER,
+    );
+    let stream = match wait_for_connection(&control, guard.0, start + LINUX_TIMEOUT) {
+        Ok(stream) => stream,
+        Err(why) => bail!("the guest agent did not dial the host: {}", describe(&why)),
+    };
+    let mut conn = AgentConnection::handshake(stream, LINUX_TIMEOUT)?;
+    let to_hello = start.elapsed();
+    let to_init = marker
+        .recv_timeout(Duration::from_secs(5))
+        .context("the guest agent's first line never came")?
+        .duration_since(start);
+    conn.shutdown()?;
+    let status = guard.0.wait()?;
+    let to_exit = start.elapsed();
+    drop(guard);
+    if !status.success() {
+        bail!("the VMM exited with {status}");
+    }
+    Ok(LinuxBoot {
+        to_init_ms: ms(to_init),
+        to_hello_ms: ms(to_hello),
+        to_exit_ms: ms(to_exit),
+    })
+}
+
+fn describe(why: &ChildWait) -> String {
+    why.describe(LINUX_TIMEOUT)
+}
+
+fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut child = Command::new(QEMU)
+        .args(["-machine", "microvm", "-accel", "kvm", "-cpu", "host"])
+        .args(["-m", &memory_mib.to_string(), "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", AGENT_CMDLINE])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {QEMU}"))?;
+    let guard = KillOnDrop(&mut child);
+    let marker = watch_console(
+        guard.0.stdout.take().context("no console pipe")?,
+        BOOT_MARKER,
+    );
+    let at = marker
+        .recv_timeout(LINUX_TIMEOUT)
+        .context("QEMU's guest never printed the agent's first line")?;
+    Ok(ms(at.duration_since(start)))
+}
+
+/// Kills a child that is still running when the measurement is abandoned or done.
+struct KillOnDrop<'a>(&'a mut Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tiny_bench(runs: u32) -> anyhow::Result<TinyResults> {
+    let run_dir = RunDir::create("bench-tiny")?;
+    let elf = run_dir.join("tiny.elf");
+    std::fs::write(&elf, agentos_tiny_guest::TINY_GUEST_ELF)?;
+    let agentos = std::env::current_exe()?;
+    let (mut a_byte, mut a_rss, mut q_byte, mut q_rss) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let mut cmd = Command::new(&agentos);
+        cmd.arg("vmm").arg("--kernel").arg(&elf).args([
+            "--memory",
+            &TINY_MEMORY_MIB.to_string(),
+            "--console",
+        ]);
+        let (byte, rss) = first_byte(cmd, false)?;
+        a_byte.push(byte);
+        a_rss.push(rss);
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-machine", "microvm", "-accel", "kvm"])
+            .args(["-m", &TINY_MEMORY_MIB.to_string()])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(&elf);
+        let (byte, rss) = first_byte(cmd, true)?;
+        q_byte.push(byte);
+        q_rss.push(rss);
+    }
+    let agentos = TinyVmm {
+        first_byte_ms: Stats::of(&a_byte),
+        max_rss_kib: Stats::of(&a_rss),
+    };
+    let qemu = TinyVmm {
+        first_byte_ms: Stats::of(&q_byte),
+        max_rss_kib: Stats::of(&q_rss),
+    };
+    Ok(TinyResults {
+        first_byte_ratio: ratio(agentos.first_byte_ms.median, qemu.first_byte_ms.median),
+        max_rss_ratio: ratio(agentos.max_rss_kib.median, qemu.max_rss_kib.median),
+        agentos,
+        qemu_microvm: qemu,
+    })
+}
+
+/// Spawns a VMM with the tiny guest, times its first console byte, lets it print the banner,
+/// then ends it (`kill`: QEMU's microvm machine has no i8042 to reset through) and returns the
+/// time and its peak resident memory.
+fn first_byte(mut cmd: Command, kill: bool) -> anyhow::Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut out = child.stdout.take().context("no console pipe")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        if out.read_exact(&mut byte).is_ok() {
+            let _ = tx.send(Instant::now());
+        }
+        let mut rest = Vec::new();
+        let _ = out.read_to_end(&mut rest);
+    });
+    let at = match rx.recv_timeout(TINY_TIMEOUT) {
+        Ok(at) => at,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} printed nothing", cmd.get_program());
+        }
+    };
+    if kill {
+        // Let it finish the banner before it is measured and stopped.
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = child.kill();
+    }
+    let rss = wait_rusage(&mut child)?;
+    Ok((ms(at.duration_since(start)), rss))
+}
+
+/// Reaps `child` and returns its peak resident set in KiB.
+fn wait_rusage(child: &mut Child) -> anyhow::Result<f64> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; zeroed is valid and wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let deadline = Instant::now() + TINY_TIMEOUT;
+    loop {
+        // SAFETY: `status` and `usage` are valid out pointers; `pid` is our own child.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if rc == pid {
+            return Ok(usage.ru_maxrss as f64);
+        }
+        if rc < 0 {
+            bail!(
+                "cannot wait for the VMM: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_take_the_middle_of_sorted_values() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]);
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert_eq!(Stats::of(&[4.0, 1.0, 3.0, 2.0]).median, 2.5);
+        assert_eq!(Stats::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn ratios_are_rounded_and_safe_against_zero() {
+        assert_eq!(ratio(1.0, 3.0), 0.333);
+        assert_eq!(ratio(1.0, 0.0), 0.0);
+    }
+}
