@@ -112,7 +112,7 @@ fn four_mib_of_stdout_arrive_whole_and_in_order() {
     }
     let _machine = share_machine();
     let t = Scratch::new("stream");
-    let out = t.output(&["run", "--", "/bin/seq", "1", "620000"], b"");
+    let out = t.output(&["run", "--", "/bin/sh", "-c", "seq 1 620000"], b"");
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         out.stdout.len() >= 4 << 20,

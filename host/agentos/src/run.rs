@@ -210,12 +210,10 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         }
         Err(e) => {
             let end = vm.shutdown();
-            let why = end
-                .report
-                .and_then(|r| r.error)
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default();
-            return Err(e).context(format!("the program did not complete{why}"));
+            if let Some(crash) = end.report.and_then(|r| r.error) {
+                bail!("the VM crashed while running the program: {crash}");
+            }
+            return Err(e).context("the program did not complete");
         }
     };
     vm.shutdown();

@@ -123,16 +123,12 @@ impl AgentVm {
         self.boot_time
     }
 
-    /// Shuts the guest down and waits for the VMM to exit.
+    /// Shuts the guest down and waits for the VMM to exit. When the connection is already gone
+    /// (the guest crashed or is rebooting) this still gives the VMM time to end on its own and
+    /// write its report, which says what happened.
     pub fn shutdown(mut self) -> VmEnd {
-        let acknowledged = self.conn.shutdown().is_ok();
-        let deadline = Instant::now()
-            + if acknowledged {
-                SHUTDOWN_GRACE
-            } else {
-                Duration::ZERO
-            };
-        self.reap(deadline)
+        let _ = self.conn.shutdown();
+        self.reap(Instant::now() + SHUTDOWN_GRACE)
     }
 
     /// Waits for the VMM until `deadline`, then kills it.
@@ -154,8 +150,10 @@ impl AgentVm {
             }
         };
         signals::forget_child(child.id());
+        let report = read_report(&self.run_dir);
+        tracing::info!(?status, report = report.is_some(), "VMM ended");
         VmEnd {
-            report: read_report(&self.run_dir),
+            report,
             exit_code: status.and_then(|s| s.code()),
         }
     }
