@@ -32,6 +32,7 @@ const QEMU: &str = "qemu-system-x86_64";
 /// Files QEMU's microvm machine loads besides its binary (its firmware).
 const QEMU_DATA: &[&str] = &[
     "/usr/share/qemu/bios-microvm.bin",
+    "/usr/share/qemu/qboot.rom",
     "/usr/share/qemu/linuxboot_dma.bin",
 ];
 const LINUX_TIMEOUT: Duration = Duration::from_secs(300);

@@ -289,12 +289,32 @@ fn image_finding(cache: &Path, name: &'static str, what: &'static str) -> Findin
     }
 }
 
+/// The oldest QEMU whose SVM emulation carried many VMs without crashing.
+const MIN_CARRIER_QEMU: u32 = 8;
+
+/// `QEMU emulator version 10.0.2 (...)` → 10.
+fn qemu_major(version_line: &str) -> Option<u32> {
+    version_line
+        .strip_prefix("QEMU emulator version ")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn qemu_finding() -> Finding {
     let out = Command::new("qemu-system-x86_64").arg("--version").output();
     match out {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
-            finding("qemu", true, first_line(&text).to_string(), None)
+            let line = first_line(&text).to_string();
+            let old = qemu_major(&line).is_some_and(|major| major < MIN_CARRIER_QEMU);
+            finding(
+                "qemu",
+                true,
+                line,
+                old.then_some("QEMU older than 8 was seen to crash the carrier's kernel with several VMs running: install QEMU 10 (on Debian 12 from bookworm-backports; scripts/setup does this)"),
+            )
         }
         _ => finding(
             "qemu",
@@ -340,4 +360,19 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_major_version_is_read_from_its_banner() {
+        assert_eq!(
+            qemu_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some(10)
+        );
+        assert_eq!(qemu_major("QEMU emulator version 7.2.19"), Some(7));
+        assert_eq!(qemu_major("something else"), None);
+    }
 }

@@ -36,6 +36,9 @@ pub struct VmArgs {
     /// Guest initramfs (default: the agent image's).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Extra kernel command line arguments, appended to agentos's own.
+    #[arg(long, value_name = "ARGS")]
+    pub kernel_args: Option<String>,
     /// Copy the guest's serial console to stderr.
     #[arg(long)]
     pub console: bool,
@@ -88,6 +91,15 @@ struct JsonResult {
     boot_ms: u64,
     /// From process start to the end of the command.
     total_ms: u64,
+    /// What the guest reported about its own boot (milliseconds of guest uptime).
+    guest: GuestBoot,
+}
+
+#[derive(Serialize)]
+struct GuestBoot {
+    kernel: String,
+    init_ms: u64,
+    ready_ms: u64,
 }
 
 impl VmArgs {
@@ -135,7 +147,7 @@ impl VmArgs {
             memory_mib: self.memory,
             kernel,
             initrd,
-            extra_cmdline: None,
+            extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
         })
@@ -173,6 +185,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         Err(e) => return Err(e).context("the agent VM did not boot"),
     };
     let boot_ms = started.elapsed().as_millis() as u64;
+    let hello = vm.conn().hello().clone();
     let request = ExecRequest {
         program: args.command[0].clone(),
         args: args.command[1..].to_vec(),
@@ -227,6 +240,11 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             stderr: String::from_utf8_lossy(&err_buf).into_owned(),
             boot_ms,
             total_ms: started.elapsed().as_millis() as u64,
+            guest: GuestBoot {
+                kernel: hello.kernel,
+                init_ms: hello.boot.init_ms,
+                ready_ms: hello.boot.ready_ms,
+            },
         };
         let mut out = io::stdout().lock();
         serde_json::to_writer(&mut out, &result)?;

@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub enum ExitReason {
     /// The guest reset the machine through the i8042 (how our guests shut down).
     GuestReset,
-    /// A vCPU hit a triple fault.
-    TripleFault,
+    /// A vCPU hit a triple fault; where it was, for the report.
+    TripleFault { vcpu: u8, state: String },
     /// KVM reported a system event (shutdown, reset, crash) of this type.
     SystemEvent(u32),
     /// A vCPU could not go on: KVM failed or reported an error.

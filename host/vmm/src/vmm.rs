@@ -186,7 +186,9 @@ fn classify(reason: &ExitReason, last_status: Option<u8>, console_tail: &[String
         }
         _ => {
             let what = match reason {
-                ExitReason::TripleFault => "the guest triple-faulted".to_string(),
+                ExitReason::TripleFault { vcpu, state } => {
+                    format!("vCPU {vcpu} of the guest triple-faulted ({state})")
+                }
                 ExitReason::SystemEvent(kind) => format!("the guest raised system event {kind}"),
                 _ => "the guest reset without shutting down".to_string(),
             };
@@ -225,7 +227,14 @@ mod tests {
     #[test]
     fn triple_fault_is_a_crash_even_after_shutdown_status() {
         assert!(matches!(
-            classify(&ExitReason::TripleFault, Some(status::SHUTDOWN), &[]),
+            classify(
+                &ExitReason::TripleFault {
+                    vcpu: 0,
+                    state: String::new()
+                },
+                Some(status::SHUTDOWN),
+                &[]
+            ),
             Outcome::Crashed(_)
         ));
     }

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use agentos_tiny_guest::{BANNER, TINY_GUEST_ELF, VIRTIO_NONE};
+use agentos_tiny_guest::{BANNER, TINY_GUEST_ELF, VIRTIO_FOUND, VIRTIO_NONE};
 use agentos_vmm::builder::build_vm;
-use agentos_vmm::config::{ConsoleConfig, VmConfig};
+use agentos_vmm::config::{ConsoleConfig, VmConfig, VsockConfig};
 use agentos_vmm::vmm::Outcome;
 
 fn kvm_available() -> bool {
@@ -87,4 +87,26 @@ fn application_processors_are_stopped_when_the_boot_cpu_resets() {
         .run(None)
         .expect("run");
     assert_eq!(report.outcome, Outcome::Shutdown);
+}
+
+#[test]
+fn tiny_guest_finds_the_virtio_device_through_an_mmio_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let scratch = Scratch::new("tiny-virtio");
+    let uds_path = scratch.0.join("vsock.sock");
+    let mut config = tiny_config(&scratch, 1);
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: uds_path.clone(),
+    });
+    let report = build_vm(&config).expect("build").run(None).expect("run");
+    assert_eq!(report.outcome, Outcome::Shutdown);
+    let log = std::fs::read_to_string(scratch.0.join("console.log")).unwrap();
+    assert_eq!(log, format!("{BANNER}{VIRTIO_FOUND}"));
+    // The device was never set up by the guest, and its host socket is gone with the VM.
+    let vsock = report.metrics.vsock.expect("vsock metrics");
+    assert_eq!(vsock.tx_packets, 0);
+    assert!(!uds_path.exists(), "the vsock socket outlived the VM");
 }

@@ -146,18 +146,6 @@ impl AgentConnection {
         }
     }
 
-    /// Sends a signal to the process group of the running request `id`.
-    pub fn signal_sender(&self) -> SignalSender {
-        SignalSender {
-            writer: self.writer.clone(),
-        }
-    }
-
-    /// The id the next `exec` will use.
-    pub fn next_exec_id(&self) -> u64 {
-        self.next_id
-    }
-
     /// Asks the agent to power the VM off; returns once it acknowledged (or the link dropped,
     /// which a powering-off guest may do first).
     pub fn shutdown(&mut self) -> Result<(), ConnectionError> {
@@ -171,19 +159,6 @@ impl AgentConnection {
                 Err(e) => return Err(e),
             }
         }
-    }
-}
-
-/// Sends signals to programs of a connection from another thread (e.g. on Ctrl-C).
-#[derive(Clone)]
-pub struct SignalSender {
-    writer: Arc<Mutex<UnixStream>>,
-}
-
-impl SignalSender {
-    pub fn send(&self, id: u64, signal: i32) {
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = write_frame(&mut *writer, &HostMessage::Signal { id, signal });
     }
 }
 

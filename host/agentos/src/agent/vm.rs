@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{AGENT_CONTROL_PORT, Hello};
+use agentos_protocol::AGENT_CONTROL_PORT;
 
 use super::connection::{AgentConnection, ConnectionError};
 use crate::rundir::RunDir;
@@ -23,6 +23,8 @@ pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 /// How long a VMM gets to exit after the guest agent acknowledged a shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a VMM told to stop gets to write its report before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -50,19 +52,22 @@ pub enum VmError {
     },
     #[error("the VM ended during boot: {why}{console}")]
     BootFailed { why: String, console: String },
-    #[error("the guest agent did not answer within {secs} s{console}")]
-    BootTimeout { secs: u64, console: String },
+    #[error("the guest agent did not answer within {secs} s ({progress}){console}")]
+    BootTimeout {
+        secs: u64,
+        progress: String,
+        console: String,
+    },
     #[error("interrupted")]
     Interrupted,
     #[error("cannot talk to the guest agent")]
     Connection(#[from] ConnectionError),
 }
 
-/// How a VM ended.
+/// How a VM ended: the VMM's report, when it wrote one.
 #[derive(Debug)]
 pub struct VmEnd {
     pub report: Option<VmmReport>,
-    pub exit_code: Option<i32>,
 }
 
 pub struct AgentVm {
@@ -85,8 +90,7 @@ impl AgentVm {
         let stream = match wait_for_connection(&control, &mut child, started + opts.boot_timeout) {
             Ok(stream) => stream,
             Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop_vmm(&mut child);
                 signals::forget_child(child.id());
                 return Err(boot_failure(why, &run_dir, opts.boot_timeout));
             }
@@ -114,10 +118,6 @@ impl AgentVm {
         &mut self.conn
     }
 
-    pub fn hello(&self) -> &Hello {
-        self.conn.hello()
-    }
-
     /// From spawning the VMM to the agent's hello.
     pub fn boot_time(&self) -> Duration {
         self.boot_time
@@ -134,10 +134,7 @@ impl AgentVm {
     /// Waits for the VMM until `deadline`, then kills it.
     fn reap(&mut self, deadline: Instant) -> VmEnd {
         let Some(mut child) = self.child.take() else {
-            return VmEnd {
-                report: None,
-                exit_code: None,
-            };
+            return VmEnd { report: None };
         };
         let status = loop {
             match child.try_wait() {
@@ -152,15 +149,7 @@ impl AgentVm {
         signals::forget_child(child.id());
         let report = read_report(&self.run_dir);
         tracing::info!(?status, report = report.is_some(), "VMM ended");
-        VmEnd {
-            report,
-            exit_code: status.and_then(|s| s.code()),
-        }
-    }
-
-    /// The VMM's process id (for accounting and tests).
-    pub fn vmm_pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        VmEnd { report }
     }
 }
 
@@ -265,6 +254,16 @@ fn boot_failure(why: ChildWait, run_dir: &RunDir, timeout: Duration) -> VmError 
     match why {
         ChildWait::Timeout => VmError::BootTimeout {
             secs: timeout.as_secs(),
+            progress: match report.as_ref().map(|r| (r.init_started_ms, r.ready_ms)) {
+                Some((_, Some(ready))) => format!(
+                    "the agent was ready {ready} ms after the VMM started, but its connection never came"
+                ),
+                Some((Some(init), None)) => {
+                    format!("the guest reached its init {init} ms after the VMM started")
+                }
+                Some((None, None)) => "the guest never reached its init".into(),
+                None => "the VMM wrote no report".into(),
+            },
             console,
         },
         ChildWait::Io(e) => VmError::RunDir(e),
@@ -278,6 +277,21 @@ fn boot_failure(why: ChildWait, run_dir: &RunDir, timeout: Duration) -> VmError 
             VmError::BootFailed { why, console }
         }
     }
+}
+
+/// Asks the VMM to stop (it then writes its report), and kills it if it does not.
+fn stop_vmm(child: &mut Child) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn read_report(run_dir: &RunDir) -> Option<VmmReport> {

@@ -109,6 +109,17 @@ impl Vcpu {
         Ok(VcpuHandle { thread, stop })
     }
 
+    /// The registers that say where a guest died.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
     fn run(mut self, ctx: &VcpuContext, stop: &AtomicBool) {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
@@ -147,7 +158,10 @@ impl Vcpu {
                     }
                 }
                 VcpuExit::Shutdown => {
-                    ctx.exit.request(ExitReason::TripleFault);
+                    ctx.exit.request(ExitReason::TripleFault {
+                        vcpu: index,
+                        state: self.describe_state(),
+                    });
                     return;
                 }
                 VcpuExit::SystemEvent(kind, _) => {

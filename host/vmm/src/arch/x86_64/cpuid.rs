@@ -10,6 +10,9 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+const LEAF_XSAVE: u32 = 0xd;
+/// x87 and SSE state live in the legacy XSAVE area and have no sub-leaf of their own.
+const XSAVE_LEGACY_COMPONENTS: u64 = 0b11;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -22,8 +25,44 @@ fn core_id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// Keeps, in the XSAVE leaf, only the state components whose sub-leaf describes them (non-zero
+/// size), and no supervisor components. Nested and emulated hosts have been seen to report
+/// components without sizes; a guest kernel that enables them computes a different XSAVE size
+/// than the CPU and complains, or worse.
+fn sanitize_xsave(cpuid: &mut CpuId) {
+    let described: u64 = cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| e.function == LEAF_XSAVE && (2..64).contains(&e.index) && e.eax != 0)
+        .fold(XSAVE_LEGACY_COMPONENTS, |mask, e| mask | (1 << e.index));
+    for entry in cpuid.as_mut_slice() {
+        if entry.function != LEAF_XSAVE {
+            continue;
+        }
+        match entry.index {
+            0 => {
+                entry.eax &= described as u32;
+                entry.edx &= (described >> 32) as u32;
+            }
+            1 => {
+                // XSAVES/XRSTORS-managed (supervisor) components: none.
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            i if i < 64 && described & (1 << i) == 0 => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Rewrites `cpuid` (as returned by `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
 pub fn adjust_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+    sanitize_xsave(cpuid);
     let apic_id = u32::from(index);
     let count32 = u32::from(count.max(1));
     let shift = core_id_bits(count);
@@ -124,6 +163,24 @@ mod tests {
         let mut cpuid = CpuId::from_entries(&[features]).unwrap();
         adjust_cpuid(&mut cpuid, 0, 1);
         assert_eq!(cpuid.as_slice()[0].edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn xsave_keeps_only_described_components() {
+        let mut leaf0 = entry(LEAF_XSAVE, 0);
+        // x87, SSE, AVX, and a component 3 whose sub-leaf says nothing.
+        leaf0.eax = 0b1111;
+        let mut avx = entry(LEAF_XSAVE, 2);
+        avx.eax = 256;
+        avx.ebx = 576;
+        let mut leaf1 = entry(LEAF_XSAVE, 1);
+        leaf1.ecx = 0x100;
+        let mut cpuid = CpuId::from_entries(&[leaf0, leaf1, avx, entry(LEAF_XSAVE, 3)]).unwrap();
+        adjust_cpuid(&mut cpuid, 0, 1);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].eax, 0b0111);
+        assert_eq!(e[1].ecx, 0);
+        assert_eq!((e[2].eax, e[2].ebx), (256, 576));
     }
 
     #[test]
