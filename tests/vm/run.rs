@@ -154,7 +154,17 @@ fn eight_vms_boot_at_once() {
     let children: Vec<_> = (0..8)
         .map(|i| {
             let script = format!("echo vm-{i}");
-            t.spawn(&["run", "--memory", "128", "--", "/bin/sh", "-c", &script])
+            t.spawn(&[
+                "run",
+                "--memory",
+                "128",
+                "--boot-timeout",
+                "900",
+                "--",
+                "/bin/sh",
+                "-c",
+                &script,
+            ])
         })
         .collect();
     for (i, child) in children.into_iter().enumerate() {

@@ -26,9 +26,9 @@ use crate::agent::connection::AgentConnection;
 use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
+use crate::qemu;
 use crate::rundir::RunDir;
 
-const QEMU: &str = "qemu-system-x86_64";
 /// Files QEMU's microvm machine loads besides its binary (its firmware).
 const QEMU_DATA: &[&str] = &[
     "/usr/share/qemu/bios-microvm.bin",
@@ -233,12 +233,9 @@ fn print_table(r: &BootResults) {
 
 /// Runs the Linux part inside a carrier, with QEMU and its firmware copied in too.
 fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> {
-    let qemu = which(QEMU).with_context(|| {
-        format!(
-            "{QEMU} is not installed: `apt-get install qemu-system-x86` (scripts/setup does this)"
-        )
-    })?;
-    let mut files = vec![qemu];
+    let qemu_bin = qemu::which(qemu::QEMU)
+        .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
+    let mut files = vec![qemu_bin];
     files.extend(QEMU_DATA.iter().map(PathBuf::from).filter(|p| p.is_file()));
     files.extend(carrier::agent_image_files());
     let spec = CarrierRun {
@@ -255,7 +252,7 @@ fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> 
         env: Default::default(),
         files,
         memory_mib: 4096,
-        cpus: None,
+        cpus: carrier::DEFAULT_CPUS,
         console: false,
     };
     let mut out = Vec::new();
@@ -272,20 +269,12 @@ fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> 
     Ok(linux)
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
-}
-
 fn linux_bench(runs: u32, memory_mib: u64, placement: &str) -> anyhow::Result<LinuxResults> {
     let cache = image::default_cache_dir();
     let img = image::find_image(&cache, AGENT_IMAGE)
         .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
-    which(QEMU)
-        .with_context(|| format!("{QEMU} is not installed: `apt-get install qemu-system-x86`"))?;
+    qemu::which(qemu::QEMU)
+        .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
     let (mut init, mut hello, mut exit, mut qemu) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let a = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
@@ -410,16 +399,9 @@ fn describe(why: &ChildWait) -> String {
 
 fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<f64> {
     let start = Instant::now();
-    let mut child = Command::new(QEMU)
+    let mut child = qemu::command()
         .args(["-machine", "microvm", "-accel", "kvm", "-cpu", "host"])
         .args(["-m", &memory_mib.to_string(), "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
         .args(["-serial", "stdio", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
@@ -429,7 +411,7 @@ fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Res
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {QEMU}"))?;
+        .with_context(|| format!("cannot start {}", qemu::QEMU))?;
     let guard = KillOnDrop(&mut child);
     let marker = watch_console(
         guard.0.stdout.take().context("no console pipe")?,
@@ -467,7 +449,7 @@ fn tiny_bench(runs: u32) -> anyhow::Result<TinyResults> {
         let (byte, rss) = first_byte(cmd, false)?;
         a_byte.push(byte);
         a_rss.push(rss);
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = qemu::command();
         cmd.args(["-machine", "microvm", "-accel", "kvm"])
             .args(["-m", &TINY_MEMORY_MIB.to_string()])
             .args([

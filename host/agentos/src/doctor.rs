@@ -3,13 +3,13 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::agent::vm::{AgentVm, BootOptions};
 use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
+use crate::qemu;
 
 /// A Linux guest that is not up by then is taken as not booting.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -292,35 +292,24 @@ fn image_finding(cache: &Path, name: &'static str, what: &'static str) -> Findin
 /// The oldest QEMU whose SVM emulation carried many VMs without crashing.
 const MIN_CARRIER_QEMU: u32 = 8;
 
-/// `QEMU emulator version 10.0.2 (...)` → 10.
-fn qemu_major(version_line: &str) -> Option<u32> {
-    version_line
-        .strip_prefix("QEMU emulator version ")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn qemu_finding() -> Finding {
-    let out = Command::new("qemu-system-x86_64").arg("--version").output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            let line = first_line(&text).to_string();
-            let old = qemu_major(&line).is_some_and(|major| major < MIN_CARRIER_QEMU);
-            finding(
-                "qemu",
-                true,
-                line,
-                old.then_some("QEMU older than 8 was seen to crash the carrier's kernel with several VMs running: install QEMU 10 (on Debian 12 from bookworm-backports; scripts/setup does this)"),
-            )
+    match qemu::version() {
+        Some(line) => {
+            let old = qemu::major_version(&line).is_some_and(|major| major < MIN_CARRIER_QEMU);
+            let fix = format!(
+                "QEMU older than {MIN_CARRIER_QEMU} was seen to crash the carrier's kernel with several VMs running: {}",
+                qemu::INSTALL_HINT
+            );
+            finding("qemu", true, line, old.then_some(fix.as_str()))
         }
-        _ => finding(
+        None => finding(
             "qemu",
             false,
-            "qemu-system-x86_64 not found (needed for the carrier and for `agentos bench`)".into(),
-            Some("apt-get install qemu-system-x86 (scripts/setup does this)"),
+            format!(
+                "{} not found (needed for the carrier and for `agentos bench`)",
+                qemu::QEMU
+            ),
+            Some(qemu::INSTALL_HINT),
         ),
     }
 }
@@ -360,19 +349,4 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_major_version_is_read_from_its_banner() {
-        assert_eq!(
-            qemu_major("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
-            Some(10)
-        );
-        assert_eq!(qemu_major("QEMU emulator version 7.2.19"), Some(7));
-        assert_eq!(qemu_major("something else"), None);
-    }
 }

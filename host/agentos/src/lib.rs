@@ -9,6 +9,7 @@ pub mod carrier;
 pub mod doctor;
 pub mod image;
 pub mod image_cmd;
+pub mod qemu;
 pub mod run;
 pub mod rundir;
 pub mod signals;

@@ -72,7 +72,8 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+/// `NAME=VALUE`, for `--env`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
         _ => Err(format!("`{s}` is not NAME=VALUE")),
