@@ -47,23 +47,27 @@ fn init_tracing() {
         .init();
 }
 
+fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
+    // The VMM handles its own signals (they stop the VM cleanly); the other commands kill the VMs
+    // they started when interrupted.
+    if !matches!(command, Command::Vmm(_)) {
+        signals::install()?;
+    }
+    match command {
+        Command::Run(args) => run::run(args, started),
+        Command::Carrier(args) => carrier::run_command(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Image(cmd) => image_cmd::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Vmm(args) => vmm_cmd::run(args, started),
+    }
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     init_tracing();
-    let result = match &cli.command {
-        Command::Vmm(args) => vmm_cmd::run(args, started),
-        command => signals::install()
-            .map_err(anyhow::Error::from)
-            .and_then(|()| match command {
-                Command::Run(args) => run::run(args, started),
-                Command::Carrier(args) => carrier::run_command(args),
-                Command::Doctor(args) => doctor::run(args),
-                Command::Image(cmd) => image_cmd::run(cmd),
-                Command::Bench(cmd) => bench::run(cmd),
-                Command::Vmm(_) => unreachable!("handled above"),
-            }),
-    };
+    let result = dispatch(&cli.command, started);
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

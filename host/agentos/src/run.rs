@@ -21,6 +21,8 @@ pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 /// What a shell returns when it cannot run a command.
 const EXIT_CANNOT_RUN: i32 = 127;
+/// How much longer than `--timeout` the host waits for the guest to report the program's end.
+const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
@@ -212,6 +214,12 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             stderr: &mut err_lock,
         }
     };
+    // The guest enforces the timeout; the host gives it a little longer before it gives up on a
+    // guest that no longer answers.
+    let deadline = args
+        .timeout
+        .map(|secs| Instant::now() + Duration::from_secs(secs) + HOST_TIMEOUT_GRACE);
+    vm.conn().set_deadline(deadline);
     let status = vm.conn().exec(request, io);
     drop((out_lock, err_lock));
     let status = match status {

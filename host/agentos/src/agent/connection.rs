@@ -14,6 +14,8 @@ use agentos_protocol::{
 
 /// Standard input is forwarded in chunks of this size.
 const STDIN_CHUNK: usize = 32 * 1024;
+/// How long an agent gets to acknowledge a shutdown.
+const SHUTDOWN_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -31,6 +33,8 @@ pub enum ConnectionError {
     Refused(String),
     #[error("cannot set a timeout on the agent connection")]
     Timeout(#[source] io::Error),
+    #[error("the guest agent did not answer in time")]
+    TimedOut,
 }
 
 /// Where the output of a program goes, and where its input comes from.
@@ -45,6 +49,8 @@ pub struct AgentConnection {
     writer: Arc<Mutex<UnixStream>>,
     hello: Hello,
     next_id: u64,
+    /// Past this instant, waiting for the agent is an error.
+    deadline: Option<Instant>,
 }
 
 impl AgentConnection {
@@ -74,6 +80,7 @@ impl AgentConnection {
             writer: Arc::new(Mutex::new(writer)),
             hello,
             next_id: 1,
+            deadline: None,
         })
     }
 
@@ -86,8 +93,38 @@ impl AgentConnection {
         write_frame(&mut *writer, msg).map_err(ConnectionError::from)
     }
 
+    /// Makes every later wait for the agent end at `deadline` (None: wait as long as it takes).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
     fn recv(&mut self) -> Result<GuestMessage, ConnectionError> {
-        self.reader.read()?.ok_or(ConnectionError::Closed)
+        let timeout = match self.deadline {
+            Some(deadline) => Some(
+                deadline
+                    .checked_duration_since(Instant::now())
+                    .filter(|d| !d.is_zero())
+                    .ok_or(ConnectionError::TimedOut)?,
+            ),
+            None => None,
+        };
+        self.reader
+            .get_ref()
+            .set_read_timeout(timeout)
+            .map_err(ConnectionError::Timeout)?;
+        match self.reader.read() {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(ConnectionError::Closed),
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(ConnectionError::TimedOut)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn new_id(&mut self) -> u64 {
@@ -150,7 +187,18 @@ impl AgentConnection {
     /// which a powering-off guest may do first).
     pub fn shutdown(&mut self) -> Result<(), ConnectionError> {
         let id = self.new_id();
-        self.send(&HostMessage::Shutdown { id })?;
+        self.deadline = Some(Instant::now() + SHUTDOWN_ACK_TIMEOUT);
+        match self.send(&HostMessage::Shutdown { id }) {
+            Err(ConnectionError::Frame(FrameError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(());
+            }
+            sent => sent?,
+        }
         loop {
             match self.recv() {
                 Ok(GuestMessage::ShuttingDown { id: got }) if got == id => return Ok(()),
@@ -189,5 +237,142 @@ fn pump_stdin(id: u64, mut stdin: Box<dyn Read + Send>, writer: &Mutex<UnixStrea
         if write_frame(&mut *w, &msg).is_err() || n == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentos_protocol::{BootTimings, FrameReader};
+
+    use super::*;
+
+    fn hello(protocol: u32) -> GuestMessage {
+        GuestMessage::Hello(Hello {
+            protocol,
+            agent: "test".into(),
+            kernel: "test".into(),
+            vcpus: 1,
+            memory_kib: 1,
+            boot: BootTimings::default(),
+        })
+    }
+
+    /// A guest that says hello, then answers each request with `respond`.
+    fn fake_guest(
+        respond: impl Fn(HostMessage) -> Vec<GuestMessage> + Send + 'static,
+    ) -> AgentConnection {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            write_frame(&mut guest, &hello(PROTOCOL_VERSION)).unwrap();
+            let mut reader = FrameReader::new(guest.try_clone().unwrap());
+            while let Ok(Some(msg)) = reader.read::<HostMessage>() {
+                for answer in respond(msg) {
+                    if write_frame(&mut guest, &answer).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        AgentConnection::handshake(host, Duration::from_secs(5)).unwrap()
+    }
+
+    fn run(
+        conn: &mut AgentConnection,
+        program: &str,
+    ) -> (Result<ExitStatus, ConnectionError>, Vec<u8>) {
+        let mut out = Vec::new();
+        let result = conn.exec(
+            ExecRequest {
+                program: program.into(),
+                ..Default::default()
+            },
+            ExecIo {
+                stdin: None,
+                stdout: &mut out,
+                stderr: &mut Vec::new(),
+            },
+        );
+        (result, out)
+    }
+
+    #[test]
+    fn exec_streams_output_and_returns_the_status() {
+        let mut conn = fake_guest(|msg| match msg {
+            HostMessage::Exec(req) => vec![
+                GuestMessage::Stdout {
+                    id: req.id + 100,
+                    data: StreamData(b"not ours".to_vec()),
+                },
+                GuestMessage::Stdout {
+                    id: req.id,
+                    data: StreamData(b"hi\n".to_vec()),
+                },
+                GuestMessage::Exited {
+                    id: req.id,
+                    status: ExitStatus {
+                        code: Some(7),
+                        ..Default::default()
+                    },
+                },
+            ],
+            _ => vec![],
+        });
+        let (status, out) = run(&mut conn, "/bin/true");
+        assert_eq!(status.unwrap().code, Some(7));
+        assert_eq!(out, b"hi\n");
+    }
+
+    #[test]
+    fn a_refused_request_is_an_error_with_the_agents_reason() {
+        let mut conn = fake_guest(|msg| {
+            vec![GuestMessage::Error {
+                id: msg.id(),
+                message: "no such program".into(),
+            }]
+        });
+        let (status, _) = run(&mut conn, "/nope");
+        assert!(matches!(status, Err(ConnectionError::Refused(m)) if m == "no such program"));
+    }
+
+    #[test]
+    fn a_silent_agent_times_out_at_the_deadline() {
+        let mut conn = fake_guest(|_| vec![]);
+        conn.set_deadline(Some(Instant::now() + Duration::from_millis(200)));
+        let start = Instant::now();
+        let (status, _) = run(&mut conn, "/bin/sleep");
+        assert!(
+            matches!(status, Err(ConnectionError::TimedOut)),
+            "{status:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn shutdown_of_a_guest_that_already_went_away_succeeds() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        write_frame(&mut guest, &hello(PROTOCOL_VERSION)).unwrap();
+        let mut conn = AgentConnection::handshake(host, Duration::from_secs(5)).unwrap();
+        drop(guest);
+        assert!(conn.shutdown().is_ok());
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        write_frame(&mut guest, &hello(PROTOCOL_VERSION + 1)).unwrap();
+        let err = AgentConnection::handshake(host, Duration::from_secs(5))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectionError::Version { .. }));
+    }
+
+    #[test]
+    fn a_guest_that_speaks_before_hello_is_refused() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        write_frame(&mut guest, &GuestMessage::Pong { id: 1 }).unwrap();
+        let err = AgentConnection::handshake(host, Duration::from_secs(5))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectionError::NoHello(_)));
     }
 }
