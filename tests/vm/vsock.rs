@@ -15,6 +15,8 @@ use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest};
 use crate::common::{Scratch, share_machine, vm_available};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Once the guest is up, every answer must come within this.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn accept_within(listener: &UnixListener, deadline: Instant) -> UnixStream {
     listener.set_nonblocking(true).unwrap();
@@ -91,35 +93,53 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     // Guest to host: the agent dials port 1024.
     let stream = accept_within(&control, deadline);
     let mut dialled = AgentConnection::handshake(stream, BOOT_TIMEOUT).unwrap();
+    dialled.set_deadline(Some(Instant::now() + ANSWER_TIMEOUT));
     assert_eq!(exec_echo(&mut dialled, "one"), "one\n");
 
     // Host to guest: CONNECT to the agent's listening port, through the VMM's socket.
     let mut stream = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
     writeln!(stream, "CONNECT {AGENT_LISTEN_PORT}").unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut ok = String::new();
-    reader.read_line(&mut ok).unwrap();
+    reader
+        .read_line(&mut ok)
+        .expect("no answer to CONNECT from the VMM");
     assert!(
         ok.starts_with("OK ") && ok.ends_with('\n'),
         "answer to CONNECT: {ok:?}"
     );
     drop(reader);
-    let mut opened = AgentConnection::handshake(stream, BOOT_TIMEOUT).unwrap();
+    let mut opened = AgentConnection::handshake(stream, ANSWER_TIMEOUT).unwrap();
+    opened.set_deadline(Some(Instant::now() + ANSWER_TIMEOUT));
     assert_eq!(exec_echo(&mut opened, "two"), "two\n");
     assert!(opened.ping().unwrap() < Duration::from_secs(10));
 
     // A port nobody listens on in the guest is refused: the client sees the socket close.
     let mut refused = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    refused.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
     writeln!(refused, "CONNECT 4000").unwrap();
     let mut answer = String::new();
-    BufReader::new(refused).read_line(&mut answer).unwrap();
+    BufReader::new(refused)
+        .read_line(&mut answer)
+        .expect("the refused connection was neither answered nor closed");
     assert_eq!(
         answer, "",
         "a connection to a closed guest port must be refused"
     );
 
     dialled.shutdown().unwrap();
-    let status = vmm.wait().unwrap();
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let status = loop {
+        if let Some(status) = vmm.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMM did not exit after the shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status.code(), Some(0));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();

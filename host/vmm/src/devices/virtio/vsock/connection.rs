@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use super::packet::{
     Header, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, SHUTDOWN_RCV,
@@ -15,6 +16,10 @@ use super::packet::{
 /// Receive buffer we grant the guest per connection: the most guest data we ever hold for a host
 /// socket that is not reading.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// How long a connection may wait for the guest in [`ConnState::Requesting`] or
+/// [`ConnState::Closing`] before it is reset. Generous, because a guest on a software-emulated CPU
+/// under load can take seconds to answer.
+pub const GUEST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tell the guest about freed buffer space once this much of it has been forwarded.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 
@@ -55,6 +60,8 @@ pub struct Connection {
     pub key: ConnKey,
     pub stream: UnixStream,
     pub state: ConnState,
+    /// When `state` last changed.
+    state_since: Instant,
     owed: Owed,
     /// Guest data waiting for the host socket to accept it.
     tx_buf: VecDeque<u8>,
@@ -95,6 +102,7 @@ impl Connection {
             key,
             stream,
             state,
+            state_since: Instant::now(),
             owed: Owed::default(),
             tx_buf: VecDeque::new(),
             fwd_cnt: Wrapping(0),
@@ -131,6 +139,7 @@ impl Connection {
             return false;
         }
         self.state = ConnState::Established;
+        self.state_since = Instant::now();
         true
     }
 
@@ -187,8 +196,19 @@ impl Connection {
     pub fn on_host_eof(&mut self) {
         if self.state != ConnState::Closing {
             self.state = ConnState::Closing;
+            self.state_since = Instant::now();
             self.owed.shutdown = true;
         }
+    }
+
+    /// Whether the connection waits for an answer from the guest.
+    pub fn awaits_guest(&self) -> bool {
+        matches!(self.state, ConnState::Requesting | ConnState::Closing)
+    }
+
+    /// Whether the guest has taken longer than `timeout` to answer.
+    pub fn guest_answer_overdue(&self, now: Instant, timeout: Duration) -> bool {
+        self.awaits_guest() && now.saturating_duration_since(self.state_since) > timeout
     }
 
     /// Whether this connection has a packet for the guest right now.
@@ -350,6 +370,16 @@ mod tests {
         peer.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"bye");
         assert!(!conn.peer_fully_shut());
+    }
+
+    #[test]
+    fn only_waiting_states_become_overdue() {
+        let (mut conn, _peer) = pair();
+        let later = Instant::now() + GUEST_ANSWER_TIMEOUT * 2;
+        assert!(!conn.guest_answer_overdue(later, GUEST_ANSWER_TIMEOUT));
+        conn.on_host_eof();
+        assert!(!conn.guest_answer_overdue(Instant::now(), GUEST_ANSWER_TIMEOUT));
+        assert!(conn.guest_answer_overdue(later, GUEST_ANSWER_TIMEOUT));
     }
 
     #[test]

@@ -52,6 +52,8 @@ vsock_metrics! {
     connections_refused,
     /// Host clients that sent a bad `CONNECT` line, or came over the limit.
     bad_host_connects,
+    /// Connections reset because the guest left a request or a shutdown unanswered.
+    guest_answer_timeouts,
     /// Resets sent to the guest.
     resets_sent,
     /// Resets dropped because the reset queue was full (a guest flooding bad packets).

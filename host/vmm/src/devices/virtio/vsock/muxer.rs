@@ -15,12 +15,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::VsockBackend;
-use super::connection::{ConnKey, ConnState, Connection, TxError, reset_header};
+use super::connection::{
+    ConnKey, ConnState, Connection, GUEST_ANSWER_TIMEOUT, TxError, reset_header,
+};
 use super::metrics::VsockMetrics;
 use super::packet::{
     Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
@@ -38,6 +42,9 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections are numbered from here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// How often connections waiting for the guest are checked, while there are any.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_EVENTS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,11 @@ pub struct UnixMuxer {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
+    /// Ticks while some connection waits for the guest, so that a guest that never answers
+    /// cannot hold a connection (and its host client) forever.
+    sweep_timer: TimerFd,
+    sweep_armed: bool,
+    answer_timeout: Duration,
     conns: HashMap<ConnKey, Connection>,
     /// Which connection a socket belongs to.
     by_fd: HashMap<RawFd, ConnKey>,
@@ -87,10 +99,22 @@ impl UnixMuxer {
                 EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
             )
             .map_err(MuxerError::Epoll)?;
+        let sweep_timer = TimerFd::new()
+            .map_err(|e| MuxerError::Epoll(io::Error::from_raw_os_error(e.errno())))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                sweep_timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )
+            .map_err(MuxerError::Epoll)?;
         Ok(Self {
             uds_path: uds_path.to_path_buf(),
             listener,
             epoll,
+            sweep_timer,
+            sweep_armed: false,
+            answer_timeout: GUEST_ANSWER_TIMEOUT,
             conns: HashMap::new(),
             by_fd: HashMap::new(),
             pending: HashMap::new(),
@@ -99,6 +123,11 @@ impl UnixMuxer {
             next_local_port: FIRST_LOCAL_PORT,
             metrics,
         })
+    }
+
+    /// Changes how long a connection may wait for the guest (see [`GUEST_ANSWER_TIMEOUT`]).
+    pub fn set_answer_timeout(&mut self, timeout: Duration) {
+        self.answer_timeout = timeout;
     }
 
     /// Path a guest connection to host `port` is forwarded to.
@@ -151,6 +180,7 @@ impl UnixMuxer {
             self.unwatch(fd);
             self.by_fd.remove(&fd);
             VsockMetrics::inc(&self.metrics.connections_closed);
+            self.arm_sweep();
         }
         if reset_guest {
             self.queue_reset(key);
@@ -166,6 +196,7 @@ impl UnixMuxer {
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
         VsockMetrics::inc(&self.metrics.connections_opened);
+        self.arm_sweep();
         self.queue_rx(key);
         true
     }
@@ -322,6 +353,41 @@ impl UnixMuxer {
         self.queue_rx(key);
     }
 
+    /// Resets connections whose guest did not answer in time: the host client sees its socket
+    /// close, the guest gets a reset.
+    fn sweep_overdue(&mut self) {
+        let _ = self.sweep_timer.wait();
+        let now = Instant::now();
+        let overdue: Vec<ConnKey> = self
+            .conns
+            .values()
+            .filter(|c| c.guest_answer_overdue(now, self.answer_timeout))
+            .map(|c| c.key)
+            .collect();
+        for key in overdue {
+            debug!(?key, "vsock connection reset: the guest did not answer");
+            VsockMetrics::inc(&self.metrics.guest_answer_timeouts);
+            self.close(key, true);
+        }
+    }
+
+    /// Keeps the sweep timer ticking exactly while some connection waits for the guest.
+    fn arm_sweep(&mut self) {
+        let interval = SWEEP_INTERVAL.min(self.answer_timeout);
+        let wanted = self.conns.values().any(Connection::awaits_guest);
+        if wanted == self.sweep_armed {
+            return;
+        }
+        let armed = if wanted {
+            self.sweep_timer.reset(interval, Some(interval))
+        } else {
+            self.sweep_timer.clear()
+        };
+        if armed.is_ok() {
+            self.sweep_armed = wanted;
+        }
+    }
+
     fn flush(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -340,6 +406,8 @@ impl UnixMuxer {
             Ok(0) => {
                 conn.rx_ready = false;
                 conn.on_host_eof();
+                self.arm_sweep();
+                let conn = self.conns.get_mut(&key)?;
                 let hdr = conn.next_control();
                 hdr.map(|h| (h, 0))
             }
@@ -384,6 +452,10 @@ impl VsockBackend for UnixMuxer {
                     self.close(key, true);
                     return;
                 }
+                self.arm_sweep();
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 let ok = format!("OK {}\n", key.local_port);
                 // The socket is fresh and empty, so a failure to take a dozen bytes means it is gone.
                 if conn.stream.write_all(ok.as_bytes()).is_err() {
@@ -482,6 +554,7 @@ impl VsockBackend for UnixMuxer {
             for event in &events[..n] {
                 match event.data() {
                     LISTENER_TOKEN => self.accept_host_clients(),
+                    TIMER_TOKEN => self.sweep_overdue(),
                     fd => self.on_socket_event(fd as RawFd, event.event_set()),
                 }
             }

@@ -538,6 +538,26 @@ fn guest_refusing_a_host_connection_closes_the_client() {
 }
 
 #[test]
+fn a_host_connection_the_guest_never_answers_is_reset() {
+    let mut h = Host::new();
+    h.muxer.set_answer_timeout(Duration::from_millis(50));
+    let (mut client, local_port) = h.connect_host(52, b"");
+    let mut reset = None;
+    wait_until("the unanswered request to be reset", || {
+        reset = h.poll();
+        reset.is_some()
+    });
+    let (hdr, _) = reset.unwrap();
+    assert_eq!(
+        (hdr.op, hdr.src_port, hdr.dst_port),
+        (OP_RST, local_port, 52)
+    );
+    assert!(sees_eof(&mut client));
+    assert!(h.muxer.conns.is_empty());
+    assert_eq!(h.stats().guest_answer_timeouts, 1);
+}
+
+#[test]
 fn data_before_the_guest_accepts_resets_the_connection() {
     let mut h = Host::new();
     let (mut client, local_port) = h.connect_host(52, b"");
@@ -574,6 +594,21 @@ fn host_closing_its_socket_sends_the_guest_a_shutdown() {
     h.send(guest(OP_RST, GUEST_PORT, HOST_PORT), b"");
     assert!(h.muxer.conns.is_empty());
     h.assert_quiet();
+}
+
+#[test]
+fn a_shutdown_the_guest_never_answers_ends_in_a_reset() {
+    let mut h = Host::new();
+    h.muxer.set_answer_timeout(Duration::from_millis(50));
+    let listener = h.listen(HOST_PORT);
+    let stream = h.connect_guest(&listener, GUEST_PORT, 4096);
+    drop(stream);
+    assert_eq!(h.wait_packet().0.op, OP_SHUTDOWN);
+    let (hdr, _) = h.wait_packet();
+    assert_eq!(hdr.op, OP_RST);
+    assert!(h.muxer.conns.is_empty());
+    // With nothing left to wait for, the sweep timer stops.
+    assert!(!h.muxer.sweep_armed);
 }
 
 #[test]
