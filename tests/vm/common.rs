@@ -1,10 +1,22 @@
 //! What every VM test needs: the agentos binary, a private run directory, and a check that a
 //! test left nothing behind.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+/// How long one `agentos` command in a test may take before the test stops it and fails with
+/// what its VMs were doing: `AGENTOS_TEST_COMMAND_LIMIT` seconds, by default 600 (generous: VMs
+/// boot slowly under emulation and when many share a CPU).
+pub fn command_limit() -> Duration {
+    let secs = std::env::var("AGENTOS_TEST_COMMAND_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
 
 /// Most tests boot one VM and may run side by side; a test that boots many at once takes the
 /// machine for itself, so that its VMs and everyone else's do not starve each other of CPU.
@@ -80,9 +92,89 @@ impl Scratch {
         let feeder = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let out = child.wait_with_output().expect("agentos did not finish");
+        let out = self.finish(child, command_limit());
         feeder.join().unwrap();
         out
+    }
+
+    /// Waits for `child` (started by [`Scratch::spawn`]) to end and collects its output. If it is
+    /// still running after `limit`, the test fails with the state of every process and VM
+    /// console under this test's run directory, then the child is killed.
+    pub fn finish(&self, mut child: Child, limit: Duration) -> Output {
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("cannot wait for agentos") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let report = self.hang_report(child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "agentos still running after {}s:\n{report}",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    }
+
+    /// What `agentos` (`pid`) and every VMM under this test's run directory are doing: thread
+    /// states and kernel wait channels, and the tail of each VM's console and VMM log.
+    pub fn hang_report(&self, pid: u32) -> String {
+        let mut report = String::new();
+        let marker = self.run_dir().display().to_string();
+        let mut pids = processes_mentioning(&marker);
+        pids.insert(0, pid);
+        for pid in pids {
+            report.push_str(&format!("process {pid}: {}\n", cmdline(pid)));
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.filter_map(Result::ok).collect::<Vec<_>>())
+                .unwrap_or_default();
+            for task in tasks {
+                let path = task.path();
+                let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+                let stat = read("stat");
+                // The state is the field after the parenthesised command name.
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .next();
+                report.push_str(&format!(
+                    "  thread {} {} state {} wchan {}\n",
+                    task.file_name().to_string_lossy(),
+                    read("comm").trim(),
+                    state.unwrap_or("?"),
+                    read("wchan").trim()
+                ));
+                for frame in read("stack").lines().take(8) {
+                    report.push_str(&format!("    {frame}\n"));
+                }
+            }
+        }
+        let vms = std::fs::read_dir(self.run_dir())
+            .map(|d| d.filter_map(Result::ok).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for vm in vms {
+            for log in ["console.log", "vmm.log"] {
+                let text = std::fs::read_to_string(vm.path().join(log)).unwrap_or_default();
+                report.push_str(&format!(
+                    "--- {} ---\n{}\n",
+                    vm.path().join(log).display(),
+                    tail(&text)
+                ));
+            }
+        }
+        report
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
@@ -111,12 +203,9 @@ impl Scratch {
             "left in the run directory: {leftovers:?}"
         );
         let marker = run_dir.display().to_string();
-        let processes: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&marker))
+        let processes: Vec<String> = processes_mentioning(&marker)
+            .into_iter()
+            .map(cmdline)
             .collect();
         assert!(
             processes.is_empty(),
@@ -129,6 +218,34 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Reads a child's pipe to its end on a thread of its own, so that the child never blocks on a
+/// full pipe while the test waits for it.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_mentioning(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| cmdline(*pid).contains(marker))
+        .collect()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 pub fn text(bytes: &[u8]) -> String {

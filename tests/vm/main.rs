@@ -1,6 +1,7 @@
 //! VM tests: each boots real agentos microVMs (a stock Debian kernel with our guest agent as PID 1)
 //! on this host's KVM, and checks what a user of `agentos` sees.
 
+mod cgroup;
 mod common;
 mod run;
 mod vsock;

@@ -3,7 +3,9 @@
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use crate::common::{Scratch, describe, share_machine, take_machine, text, vm_available};
+use crate::common::{
+    Scratch, command_limit, describe, share_machine, take_machine, text, vm_available,
+};
 
 #[test]
 fn runs_a_command_with_the_requested_vcpus_and_memory() {
@@ -168,7 +170,7 @@ fn eight_vms_boot_at_once() {
         })
         .collect();
     for (i, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().unwrap();
+        let out = t.finish(child, 2 * command_limit());
         assert!(out.status.success(), "VM {i}: {}", describe(&out));
         assert_eq!(text(&out.stdout), format!("vm-{i}\n"));
     }

@@ -31,6 +31,8 @@ use crate::signals;
 
 /// Set in the environment of commands run inside a carrier: they run VMs directly.
 pub const IN_CARRIER_ENV: &str = "AGENTOS_IN_CARRIER";
+/// Where to put the carrier's QEMU monitor socket (debugging aid; off by default).
+const MONITOR_ENV: &str = "AGENTOS_CARRIER_MONITOR";
 const DEFAULT_MEMORY_MIB: u64 = 4096;
 /// One vCPU, emulated on one host thread. With two (QEMU's multi-threaded TCG), the carrier's
 /// kernel crashed twice in about 70 nested boots (eight VMs at a time), and booting guests
@@ -40,6 +42,16 @@ pub const DEFAULT_CPUS: u8 = 1;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Combined initramfs files kept in the cache (one per distinct payload).
 const KEEP_COMBINED: usize = 4;
+
+/// The carrier's kernel command line. `idle=poll` keeps its idle CPU spinning instead of halting:
+/// with eight VMs booting at once, a halted carrier CPU (QEMU 7.2 and 10 alike) was seen to stay
+/// halted for good, interrupts enabled and a timer interrupt pending in its local APIC, not woken
+/// even by an NMI. Spinning costs one host core while the carrier runs.
+const CARRIER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet idle=poll";
+/// Everything QEMU can emulate (SVM with nested paging included) but the virtual GIF, so that the
+/// carrier's KVM gates interrupts with plain CLGI/STGI. This alone did not prevent the halt
+/// above; the combination with `idle=poll` is what the VM test suite runs on.
+const CARRIER_CPU: &str = "max,vgif=off";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CarrierChoice {
@@ -105,12 +117,19 @@ pub fn should_use(choice: CarrierChoice) -> anyhow::Result<bool> {
 
 /// Runs this very command line again inside a carrier, and returns its exit status.
 pub fn rerun_self_inside(vm: &VmArgs) -> anyhow::Result<i32> {
+    rerun_inside(
+        [&vm.kernel, &vm.initrd]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+    )
+}
+
+/// Runs this very command line again inside a carrier, with the agent image and `files` copied
+/// in, and returns its exit status.
+pub fn rerun_inside(mut files: Vec<PathBuf>) -> anyhow::Result<i32> {
     let argv: Vec<String> = std::env::args().collect();
-    let mut files: Vec<PathBuf> = [&vm.kernel, &vm.initrd]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
     files.extend(agent_image_files());
     let spec = CarrierRun {
         argv,
@@ -409,16 +428,16 @@ impl Qemu {
             "-accel",
             "tcg,thread=multi",
             "-cpu",
-            "max",
+            CARRIER_CPU,
         ])
         .args(["-smp", &cfg.cpus.to_string()])
         .args(["-m", &cfg.memory_mib.to_string()])
-        .args(["-monitor", "none", "-serial", &serial])
+        .args(["-monitor", &monitor(), "-serial", &serial])
         .arg("-kernel")
         .arg(cfg.kernel)
         .arg("-initrd")
         .arg(cfg.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-append", CARRIER_CMDLINE])
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("socket,id=ctl,path={}", cfg.control.display()))
@@ -438,6 +457,15 @@ impl Qemu {
             .with_context(|| format!("cannot start {}", qemu::QEMU))?;
         signals::watch_child(child.id());
         Ok(Self { child })
+    }
+}
+
+/// QEMU's human monitor: none, or on the Unix socket `AGENTOS_CARRIER_MONITOR` names, to look
+/// into a stuck carrier (`info registers`, `info lapic`).
+fn monitor() -> String {
+    match std::env::var_os(MONITOR_ENV) {
+        Some(path) => format!("unix:{},server,nowait", Path::new(&path).display()),
+        None => "none".into(),
     }
 }
 

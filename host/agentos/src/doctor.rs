@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::vm::{AgentVm, BootOptions};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use crate::cgroup::{Controller, Layout};
 use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
 use crate::qemu;
 
@@ -115,6 +116,8 @@ fn probe_linux(cache: &Path) -> LinuxKvm {
         extra_cmdline: None,
         console: false,
         boot_timeout: PROBE_TIMEOUT,
+        cpu: CpuSlice::default(),
+        wait_for_room: false,
     };
     match AgentVm::boot(&opts) {
         Ok(vm) => {
@@ -201,53 +204,23 @@ fn linux_finding(cache: &Path, force: bool) -> (Finding, LinuxKvm) {
 }
 
 fn cgroup_findings() -> Vec<Finding> {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let mut v2 = None;
-    let mut v1 = Vec::new();
-    for line in mounts.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [_, target, fstype, opts, ..] = fields[..] else {
-            continue;
-        };
-        match fstype {
-            "cgroup2" => v2 = Some(target.to_string()),
-            "cgroup" => {
-                for c in ["cpu", "cpuset", "memory", "pids", "freezer"] {
-                    if opts.split(',').any(|o| o == c) {
-                        v1.push(c.to_string());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let v2_controllers = v2
-        .as_ref()
-        .and_then(|m| fs::read_to_string(Path::new(m).join("cgroup.controllers")).ok())
-        .unwrap_or_default();
-    let mut out = vec![finding(
-        "cgroup_v2",
-        v2.is_some(),
-        match &v2 {
-            Some(m) => format!("mounted at {m}, controllers: {}", v2_controllers.trim()),
-            None => "not mounted".into(),
-        },
-        v2.is_none()
-            .then_some("mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup)"),
-    )];
-    v1.sort();
-    v1.dedup();
-    out.push(finding(
-        "cgroup_v1",
-        true,
-        if v1.is_empty() {
-            "no v1 controllers mounted".into()
-        } else {
-            format!("v1 controllers mounted: {}", v1.join(", "))
-        },
-        None,
-    ));
-    out
+    let layout = Layout::discover();
+    let missing: Vec<&str> = [Controller::Cpu, Controller::Memory]
+        .into_iter()
+        .filter(|c| layout.hierarchy(*c).is_none())
+        .map(Controller::name)
+        .collect();
+    vec![finding(
+        "cgroups",
+        missing.is_empty(),
+        format!(
+            "agent slices use {}",
+            layout.describe().join(", ")
+        ),
+        (!missing.is_empty()).then_some(
+            "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or the v1 cpu and memory controllers; without them --cpus and --weight are refused",
+        ),
+    )]
 }
 
 fn vsock_finding() -> Finding {

@@ -3,9 +3,12 @@
 //! The `agentos` binary is the command line, and also the VMM (`agentos vmm`, one process per VM).
 //! This library holds what the commands are made of, so that tests drive the same code.
 
+pub mod admission;
 pub mod agent;
 pub mod bench;
 pub mod carrier;
+pub mod cgroup;
+pub mod control;
 pub mod doctor;
 pub mod image;
 pub mod image_cmd;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{bench, carrier, doctor, image_cmd, run, signals, vmm_cmd};
+use agentos::{bench, carrier, control, doctor, image_cmd, run, signals, vmm_cmd};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -22,6 +22,14 @@ struct Cli {
 enum Command {
     /// Boot an agent VM, run a program in it with your stdin/stdout/stderr, and exit with its status.
     Run(run::RunArgs),
+    /// Show the agents running on this host: CPU, throttling, memory (from their cgroups).
+    Top(control::TopArgs),
+    /// One agent's CPU and memory figures.
+    Stats(control::StatsArgs),
+    /// Stop an agent's VM from running (freeze its cgroup) until `agentos resume`.
+    Pause(control::NameArg),
+    /// Let a paused agent run again.
+    Resume(control::NameArg),
     /// Run a command inside a QEMU carrier VM (for hosts whose KVM cannot boot Linux).
     Carrier(carrier::CarrierArgs),
     /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
@@ -55,6 +63,10 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
     }
     match command {
         Command::Run(args) => run::run(args, started),
+        Command::Top(args) => control::top(args),
+        Command::Stats(args) => control::stats(args),
+        Command::Pause(args) => control::pause(args),
+        Command::Resume(args) => control::resume(args),
         Command::Carrier(args) => carrier::run_command(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Image(cmd) => image_cmd::run(cmd),

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::agent::connection::{ConnectionError, ExecIo};
-use crate::agent::vm::{AgentVm, BootOptions, VmError};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
@@ -47,6 +47,19 @@ pub struct VmArgs {
     /// Seconds the guest agent has to come up.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
+    /// CPU time the VM may use, in CPUs (0.5 = half of one CPU), enforced by its cgroup.
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<f64>,
+    /// The host CPUs the VM may run on, e.g. `1` or `0-1,3`.
+    #[arg(long, value_name = "LIST")]
+    pub cpuset: Option<String>,
+    /// CPU weight against other agents, 1..=10000 (default 100).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// When the VM's memory or CPU slice does not fit beside the running agents, wait for room
+    /// instead of failing.
+    #[arg(long)]
+    pub wait: bool,
     /// Where the VM runs: directly on this host's KVM, or in a QEMU carrier VM (`auto` asks
     /// `agentos doctor`'s probe whether this host's KVM boots Linux).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
@@ -120,6 +133,13 @@ impl VmArgs {
                 self.memory
             );
         }
+        crate::cgroup::Slice {
+            cpus: self.cpus,
+            weight: self.weight,
+            cpuset: self.cpuset.clone(),
+            ..Default::default()
+        }
+        .validate()?;
         for path in [&self.kernel, &self.initrd].into_iter().flatten() {
             if !path.is_file() {
                 bail!("{} does not exist or is not a file", path.display());
@@ -153,6 +173,12 @@ impl VmArgs {
             extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
+            cpu: CpuSlice {
+                cpus: self.cpus,
+                weight: self.weight,
+                cpuset: self.cpuset.clone(),
+            },
+            wait_for_room: self.wait,
         })
     }
 }

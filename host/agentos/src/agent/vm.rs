@@ -5,13 +5,17 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::AGENT_CONTROL_PORT;
 
 use super::connection::{AgentConnection, ConnectionError};
+use crate::admission::{AdmissionLock, HostModel, Refusal};
+use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
 use crate::rundir::RunDir;
 use crate::signals;
 use crate::vmm_cmd::VmmReport;
@@ -25,6 +29,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a VMM told to stop gets to write its report before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Memory the VMM may use beyond guest RAM: its own heap, stacks and the kernel's per-VM state.
+pub const VMM_MEMORY_ALLOWANCE_MIB: u64 = 64;
+/// How often an agent waiting for room checks again.
+const ADMISSION_RETRY: Duration = Duration::from_secs(1);
+/// Threads of a VMM beyond its vCPUs: main, event loop, and room for the runtime's own.
+const VMM_EXTRA_THREADS: u64 = 16;
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -38,6 +48,37 @@ pub struct BootOptions {
     pub console: bool,
     /// From process start to the agent's hello.
     pub boot_timeout: Duration,
+    /// CPU quota, weight and cpuset asked for; memory and pids limits follow from the VM's size.
+    pub cpu: CpuSlice,
+    /// When the slice does not fit beside the running agents: wait for room instead of failing.
+    pub wait_for_room: bool,
+}
+
+/// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
+#[derive(Clone, Debug, Default)]
+pub struct CpuSlice {
+    pub cpus: Option<f64>,
+    pub weight: Option<u32>,
+    pub cpuset: Option<String>,
+}
+
+impl BootOptions {
+    /// The slice the VMM's cgroup gets: guest RAM plus the VMM allowance, a thread limit, and
+    /// the CPU share asked for.
+    pub fn slice(&self) -> Slice {
+        Slice {
+            cpus: self.cpu.cpus,
+            weight: self.cpu.weight,
+            cpuset: self.cpu.cpuset.clone(),
+            memory_bytes: Some((self.memory_mib + VMM_MEMORY_ALLOWANCE_MIB) << 20),
+            pids: Some(u64::from(self.vcpus) + VMM_EXTRA_THREADS),
+        }
+    }
+
+    /// Whether the caller asked for a CPU slice, which then must be enforced.
+    fn cpu_slice_asked(&self) -> bool {
+        self.cpu.cpus.is_some() || self.cpu.weight.is_some() || self.cpu.cpuset.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +103,12 @@ pub enum VmError {
     Interrupted,
     #[error("cannot talk to the guest agent")]
     Connection(#[from] ConnectionError),
+    #[error("cannot give the VM its CPU and memory slice")]
+    Cgroup(#[source] CgroupError),
+    #[error(transparent)]
+    Slice(SliceError),
+    #[error(transparent)]
+    Refused(Refusal),
 }
 
 /// How a VM ended: the VMM's report, when it wrote one.
@@ -75,6 +122,8 @@ pub struct AgentVm {
     run_dir: RunDir,
     conn: AgentConnection,
     boot_time: Duration,
+    /// Removed (dropped) after the VMM is gone.
+    cgroup: Option<Arc<AgentCgroup>>,
 }
 
 impl AgentVm {
@@ -85,7 +134,8 @@ impl AgentVm {
         let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
             .and_then(|l| l.set_nonblocking(true).map(|_| l))
             .map_err(VmError::RunDir)?;
-        let mut child = spawn_vmm(opts, &run_dir)?;
+        let cgroup = create_cgroup(opts, &run_dir)?.map(Arc::new);
+        let mut child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
         signals::watch_child(child.id());
         let stream = match wait_for_connection(&control, &mut child, started + opts.boot_timeout) {
             Ok(stream) => stream,
@@ -111,7 +161,13 @@ impl AgentVm {
             run_dir,
             conn,
             boot_time: started.elapsed(),
+            cgroup,
         })
+    }
+
+    /// The VMM's cgroup (none when the host gives us no cgroups).
+    pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {
+        self.cgroup.clone()
     }
 
     pub fn conn(&mut self) -> &mut AgentConnection {
@@ -161,7 +217,80 @@ impl Drop for AgentVm {
     }
 }
 
-fn spawn_vmm(opts: &BootOptions, run_dir: &RunDir) -> Result<Child, VmError> {
+/// The VM's cgroup, named after its run directory. Without a CPU slice asked for, a host that
+/// does not let us manage cgroups (not root, no controllers) still runs the VM, without limits.
+fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgroup>, VmError> {
+    let layout = Layout::discover();
+    let name = run_dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut slice = opts.slice();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    slice.check_online(&online).map_err(VmError::Slice)?;
+    // Memory and thread limits apply where the host has those controllers.
+    slice.memory_bytes = slice
+        .memory_bytes
+        .filter(|_| has(&layout, cgroup::Controller::Memory));
+    slice.pids = slice
+        .pids
+        .filter(|_| has(&layout, cgroup::Controller::Pids));
+    let _lock = admit(&layout, &slice, opts.wait_for_room)?;
+    match AgentCgroup::create(&layout, &name, &slice) {
+        Ok(cgroup) => Ok(Some(cgroup)),
+        Err(e)
+            if !opts.cpu_slice_asked()
+                && (e.is_not_permitted() || layout.hierarchies().is_empty()) =>
+        {
+            tracing::info!(error = %e, "running the VM without a cgroup");
+            Ok(None)
+        }
+        Err(e) => Err(VmError::Cgroup(e)),
+    }
+}
+
+/// Waits until `slice` fits beside the running agents (or fails at once without `wait`), and
+/// returns the admission lock, to be held until the VM's cgroup exists.
+fn admit(layout: &Layout, slice: &Slice, wait: bool) -> Result<Option<AdmissionLock>, VmError> {
+    let mut announced = false;
+    loop {
+        let lock = match AdmissionLock::take() {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                tracing::warn!(error = %e, "admission without the host-wide lock");
+                None
+            }
+        };
+        cgroup::remove_stale(layout);
+        let refusal = match HostModel::read(layout).admit(slice) {
+            Ok(()) => return Ok(lock),
+            Err(refusal) => refusal,
+        };
+        if !wait {
+            return Err(VmError::Refused(refusal));
+        }
+        drop(lock);
+        if !announced {
+            eprintln!("agentos: waiting for room: {refusal}");
+            announced = true;
+        }
+        if signals::interrupted() {
+            return Err(VmError::Interrupted);
+        }
+        std::thread::sleep(ADMISSION_RETRY);
+    }
+}
+
+fn has(layout: &Layout, controller: cgroup::Controller) -> bool {
+    layout.hierarchy(controller).is_some()
+}
+
+fn spawn_vmm(
+    opts: &BootOptions,
+    run_dir: &RunDir,
+    cgroup: Option<&AgentCgroup>,
+) -> Result<Child, VmError> {
     let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
         path: "agentos".into(),
         source,
@@ -194,6 +323,15 @@ fn spawn_vmm(opts: &BootOptions, run_dir: &RunDir) -> Result<Child, VmError> {
     } else {
         cmd.stdout(Stdio::null());
     }
+    let procs = match cgroup {
+        Some(cgroup) => cgroup.procs_files().map_err(VmError::Cgroup)?,
+        None => Vec::new(),
+    };
+    let fds: Vec<_> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the child between fork and exec and only calls write(2) on
+    // descriptors that `procs` keeps open until `spawn` returns. Joining there means every
+    // thread of the VMM, vCPUs included, starts inside the cgroup.
+    unsafe { cmd.pre_exec(move || cgroup::join(&fds)) };
     cmd.spawn().map_err(|source| VmError::Spawn {
         path: exe.display().to_string(),
         source,

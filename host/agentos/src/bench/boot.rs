@@ -22,6 +22,7 @@ use agentos_protocol::{AGENT_CONTROL_PORT, BOOT_MARKER};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use super::{Stats, ratio};
 use crate::agent::connection::AgentConnection;
 use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
@@ -38,12 +39,6 @@ const QEMU_DATA: &[&str] = &[
 const LINUX_TIMEOUT: Duration = Duration::from_secs(300);
 const TINY_TIMEOUT: Duration = Duration::from_secs(20);
 const TINY_MEMORY_MIB: u64 = 16;
-
-#[derive(clap::Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Boot times of agentos beside QEMU microvm (Linux guest and the tiny guest).
-    Boot(BootBenchArgs),
-}
 
 #[derive(clap::Args, Debug)]
 pub struct BootBenchArgs {
@@ -62,43 +57,6 @@ pub struct BootBenchArgs {
     /// Only the Linux part, as JSON (what runs inside a carrier).
     #[arg(long, hide = true)]
     pub linux_only: bool,
-}
-
-/// Median, min and max of a set of measurements.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct Stats {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Stats {
-    pub fn of(values: &[f64]) -> Self {
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return Self::default();
-        }
-        let mid = v.len() / 2;
-        let median = if v.len().is_multiple_of(2) {
-            (v[mid - 1] + v[mid]) / 2.0
-        } else {
-            v[mid]
-        };
-        Self {
-            median,
-            min: v[0],
-            max: v[v.len() - 1],
-        }
-    }
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        (a / b * 1000.0).round() / 1000.0
-    } else {
-        0.0
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,8 +107,7 @@ struct BootResults {
     ratio: f64,
 }
 
-pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
-    let BenchCommand::Boot(args) = cmd;
+pub fn run(args: &BootBenchArgs) -> anyhow::Result<i32> {
     if args.linux_only {
         let linux = linux_bench(args.runs, args.memory, "direct")?;
         println!("{}", serde_json::to_string(&linux)?);

@@ -1,0 +1,274 @@
+//! Admission control: an agent starts only if its slice fits beside the agents already running.
+//!
+//! The host model is read from the machine itself: online CPUs and memory from /proc and /sys,
+//! and what each running agent holds from its cgroup under `agentos/` (the cgroups are the
+//! record, so every agentos process on the host sees the same agents). Checks and cgroup
+//! creation happen under one host-wide lock, so two agents starting at once cannot both take the
+//! last slice.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::cgroup::slice::parse_cpu_list;
+use crate::cgroup::{Controller, Layout, PARENT, Slice, Version};
+
+/// Memory kept for the host itself: the larger of this and a tenth of its RAM.
+const HOST_RESERVE_BYTES: u64 = 512 << 20;
+
+/// What the host has, and what the running agents hold of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostModel {
+    pub online_cpus: u32,
+    pub memory_bytes: u64,
+    /// Sum of the running agents' memory limits.
+    pub agents_memory_bytes: u64,
+    /// Sum of the running agents' CPU quotas, in CPUs.
+    pub agents_cpus: f64,
+    pub agents: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refusal {
+    #[error(
+        "not enough memory for this agent: it needs {need_mib} MiB (guest RAM + VMM), but {agents} running agent(s) hold {held_mib} of the {usable_mib} MiB agents may use here; stop an agent, ask for less --memory, or pass --wait"
+    )]
+    Memory {
+        need_mib: u64,
+        held_mib: u64,
+        usable_mib: u64,
+        agents: usize,
+    },
+    #[error(
+        "not enough CPU for this agent: it asks for --cpus {need}, but {agents} running agent(s) hold {held} of the {online} CPU(s) here; stop an agent, ask for fewer --cpus, or pass --wait"
+    )]
+    Cpu {
+        need: f64,
+        held: f64,
+        online: u32,
+        agents: usize,
+    },
+}
+
+impl HostModel {
+    /// The model of this host, with the agents found in `layout`'s `agentos/` cgroups.
+    pub fn read(layout: &Layout) -> HostModel {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mut model = HostModel {
+            online_cpus: parse_cpu_list(&online).map_or(1, |c| c.len() as u32),
+            memory_bytes: mem_total(&meminfo),
+            agents_memory_bytes: 0,
+            agents_cpus: 0.0,
+            agents: 0,
+        };
+        let memory = layout.hierarchy(Controller::Memory);
+        let cpu = layout.hierarchy(Controller::Cpu);
+        let Some(any) = memory.or(cpu) else {
+            return model;
+        };
+        for name in agent_cgroups(&any.mount) {
+            model.agents += 1;
+            if let Some(h) = memory {
+                model.agents_memory_bytes +=
+                    memory_limit(&h.mount.join(PARENT).join(&name), h.version);
+            }
+            if let Some(h) = cpu {
+                model.agents_cpus += cpu_quota(&h.mount.join(PARENT).join(&name), h.version);
+            }
+        }
+        model
+    }
+
+    /// Memory agents may hold in all.
+    pub fn usable_memory_bytes(&self) -> u64 {
+        let reserve = HOST_RESERVE_BYTES.max(self.memory_bytes / 10);
+        self.memory_bytes.saturating_sub(reserve)
+    }
+
+    /// Whether `slice` fits beside the running agents.
+    pub fn admit(&self, slice: &Slice) -> Result<(), Refusal> {
+        if let Some(need) = slice.memory_bytes {
+            let usable = self.usable_memory_bytes();
+            if self.agents_memory_bytes.saturating_add(need) > usable {
+                return Err(Refusal::Memory {
+                    need_mib: need >> 20,
+                    held_mib: self.agents_memory_bytes >> 20,
+                    usable_mib: usable >> 20,
+                    agents: self.agents,
+                });
+            }
+        }
+        if let Some(need) = slice.cpus {
+            // A little slack for rounding of the quotas read back.
+            if self.agents_cpus + need > f64::from(self.online_cpus) + 1e-6 {
+                return Err(Refusal::Cpu {
+                    need,
+                    held: (self.agents_cpus * 100.0).round() / 100.0,
+                    online: self.online_cpus,
+                    agents: self.agents,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A host-wide lock held while an agent is admitted and its cgroup created.
+pub struct AdmissionLock {
+    _file: File,
+}
+
+impl AdmissionLock {
+    pub fn take() -> std::io::Result<Self> {
+        let path = lock_path();
+        // Shared by every user's agents: readable by all, and a read-only descriptor is enough.
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o644)
+            .open(&path)
+            .or_else(|_| File::open(&path))?;
+        // SAFETY: flock on a descriptor we own; the lock goes with the descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+fn lock_path() -> PathBuf {
+    std::env::temp_dir().join("agentos-admission.lock")
+}
+
+fn mem_total(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+/// Names of the agent cgroups under `mount/agentos`.
+fn agent_cgroups(mount: &Path) -> Vec<String> {
+    std::fs::read_dir(mount.join(PARENT))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn memory_limit(dir: &Path, version: Version) -> u64 {
+    let file = match version {
+        Version::V2 => "memory.max",
+        Version::V1 => "memory.limit_in_bytes",
+    };
+    // "max" (v2) or a huge number (v1) mean no limit: such an agent holds nothing reserved.
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|b| *b < 1 << 60)
+        .unwrap_or(0)
+}
+
+fn cpu_quota(dir: &Path, version: Version) -> f64 {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let (quota, period) = match version {
+        Version::V2 => {
+            let max = read("cpu.max");
+            let mut parts = max.split_whitespace();
+            (
+                parts.next().and_then(|q| q.parse::<i64>().ok()),
+                parts.next().and_then(|p| p.parse::<i64>().ok()),
+            )
+        }
+        Version::V1 => (
+            read("cpu.cfs_quota_us").trim().parse().ok(),
+            read("cpu.cfs_period_us").trim().parse().ok(),
+        ),
+    };
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => q as f64 / p as f64,
+        _ => 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostModel {
+        HostModel {
+            online_cpus: 2,
+            memory_bytes: 4 << 30,
+            agents_memory_bytes: 3 << 30,
+            agents_cpus: 1.5,
+            agents: 3,
+        }
+    }
+
+    #[test]
+    fn memory_beyond_what_agents_may_use_is_refused_with_the_numbers() {
+        let slice = Slice {
+            memory_bytes: Some(320 << 20),
+            ..Default::default()
+        };
+        // 4 GiB less the 512 MiB reserve: 3584 MiB usable, 3072 held, 320 more fits.
+        assert!(host().admit(&slice).is_ok());
+        let big = Slice {
+            memory_bytes: Some(600 << 20),
+            ..Default::default()
+        };
+        let err = host().admit(&big).unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::Memory {
+                need_mib: 600,
+                held_mib: 3072,
+                usable_mib: 3584,
+                agents: 3
+            }
+        );
+        assert!(err.to_string().contains("--wait"));
+    }
+
+    #[test]
+    fn cpu_quotas_beyond_the_online_cpus_are_refused() {
+        let half = Slice {
+            cpus: Some(0.5),
+            ..Default::default()
+        };
+        assert!(host().admit(&half).is_ok());
+        let one = Slice {
+            cpus: Some(1.0),
+            ..Default::default()
+        };
+        let err = host().admit(&one).unwrap_err().to_string();
+        assert!(err.contains("hold 1.5 of the 2 CPU(s)"), "{err}");
+        // Agents without a quota share CPUs by weight and reserve none.
+        assert!(host().admit(&Slice::default()).is_ok());
+    }
+
+    #[test]
+    fn large_hosts_keep_a_tenth_of_their_memory() {
+        let model = HostModel {
+            memory_bytes: 100 << 30,
+            ..host()
+        };
+        assert_eq!(model.usable_memory_bytes(), 90 << 30);
+    }
+
+    #[test]
+    fn meminfo_total_is_read_in_bytes() {
+        assert_eq!(
+            mem_total("MemTotal:       24683520 kB\nMemFree: 1 kB\n"),
+            24683520 << 10
+        );
+        assert_eq!(mem_total(""), 0);
+    }
+}

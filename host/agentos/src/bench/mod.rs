@@ -1,0 +1,60 @@
+//! `agentos bench`: measurements that print JSON, compared side by side in one run because these
+//! machines are shared and noisy.
+
+pub mod boot;
+pub mod sched;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Boot times of agentos beside QEMU microvm (Linux guest and the tiny guest).
+    Boot(boot::BootBenchArgs),
+    /// How well cgroups enforce agents' CPU slices: quotas, weights, pause and resume.
+    Sched(sched::SchedBenchArgs),
+}
+
+pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
+    match cmd {
+        BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Sched(args) => sched::run(args),
+    }
+}
+
+/// Median, min and max of a set of measurements.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Self::default();
+        }
+        let mid = v.len() / 2;
+        let median = if v.len().is_multiple_of(2) {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// a / b to three decimals (0 when b is 0).
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,454 @@
+//! Each agent's VMM, with all its threads, in a cgroup of its own under an `agentos` parent:
+//! CPU quota and weight, cpuset, memory and pids limits. Every controller is used in the
+//! hierarchy the host mounts it in (v2 or v1, see [`layout`]); the VMM joins its cgroup between
+//! fork and exec, so that no vCPU ever runs outside it.
+
+pub mod layout;
+pub mod slice;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+pub use self::layout::{Controller, Layout, Version};
+pub use self::slice::{Slice, SliceError};
+
+/// The directory, in every hierarchy, that holds the agents' cgroups.
+pub const PARENT: &str = "agentos";
+/// How long removal waits for a cgroup's last task to be gone.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "the {0} cgroup controller is not available on this host (mount it as cgroup v1 or enable it in cgroup2; see `agentos doctor`)"
+    )]
+    NoController(Controller),
+    #[error("cannot create cgroup {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write `{value}` to {path}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no running agent is called `{0}` (see `agentos top`)")]
+    NoAgent(String),
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl CgroupError {
+    /// Whether the host simply does not let us manage cgroups (not root, read-only mount).
+    pub fn is_not_permitted(&self) -> bool {
+        let source = match self {
+            CgroupError::NoController(_) | CgroupError::NoAgent(_) => return false,
+            CgroupError::Create { source, .. }
+            | CgroupError::Write { source, .. }
+            | CgroupError::Open { source, .. } => source,
+        };
+        source.kind() == io::ErrorKind::PermissionDenied
+            || source.raw_os_error() == Some(libc::EROFS)
+            || source.raw_os_error() == Some(libc::EPERM)
+    }
+}
+
+/// How long a freeze may take to reach every task before it counts as failed.
+const FREEZE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// One agent's cgroup: a directory per hierarchy, removed when dropped.
+#[derive(Debug)]
+pub struct AgentCgroup {
+    dirs: Vec<PathBuf>,
+    /// Each controller's version and directory for this cgroup.
+    placed: Vec<(Controller, Version, PathBuf)>,
+    /// Created by us (removed when dropped), or only opened to watch or pause it.
+    owned: bool,
+}
+
+/// What the cgroup files say about an agent's use of the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CgroupStats {
+    /// CPU time used by every task in the cgroup, in microseconds.
+    pub cpu_usage_us: u64,
+    /// Periods in which the quota ran out, and the time spent throttled.
+    pub nr_throttled: u64,
+    pub throttled_us: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+}
+
+impl AgentCgroup {
+    /// Creates `agentos/NAME` in every hierarchy that hosts one of our controllers and writes
+    /// `slice` into it. Fails if the slice needs a controller the host does not have.
+    pub fn create(layout: &Layout, name: &str, slice: &Slice) -> Result<Self, CgroupError> {
+        if let Some(missing) = slice
+            .controllers()
+            .into_iter()
+            .find(|c| layout.hierarchy(*c).is_none())
+        {
+            return Err(CgroupError::NoController(missing));
+        }
+        let mut cgroup = AgentCgroup {
+            dirs: Vec::new(),
+            placed: Vec::new(),
+            owned: true,
+        };
+        for (hierarchy, controllers) in layout.hierarchies() {
+            let parent = hierarchy.mount.join(PARENT);
+            prepare_parent(&hierarchy.mount, &parent, hierarchy.version, &controllers)?;
+            let dir = parent.join(name);
+            create_dir(&dir)?;
+            // Recorded at once, so that a failure below still removes it.
+            cgroup.dirs.push(dir.clone());
+            if hierarchy.version == Version::V1 && controllers.contains(&Controller::Cpuset) {
+                inherit_cpuset(&parent, &dir)?;
+            }
+            for controller in &controllers {
+                for (file, value) in slice.files(*controller, hierarchy.version) {
+                    write_file(&dir.join(file), &value)?;
+                }
+                cgroup
+                    .placed
+                    .push((*controller, hierarchy.version, dir.clone()));
+            }
+        }
+        debug!(dirs = ?cgroup.dirs, "agent cgroup created");
+        Ok(cgroup)
+    }
+
+    /// The running agent cgroup NAME, to watch or pause (it stays when dropped).
+    pub fn open(layout: &Layout, name: &str) -> Result<Self, CgroupError> {
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let mut cgroup = AgentCgroup {
+            dirs: Vec::new(),
+            placed: Vec::new(),
+            owned: false,
+        };
+        for (hierarchy, controllers) in layout.hierarchies() {
+            let dir = hierarchy.mount.join(PARENT).join(name);
+            if valid && dir.is_dir() {
+                cgroup.dirs.push(dir.clone());
+                cgroup.placed.extend(
+                    controllers
+                        .into_iter()
+                        .map(|c| (c, hierarchy.version, dir.clone())),
+                );
+            }
+        }
+        if cgroup.dirs.is_empty() {
+            return Err(CgroupError::NoAgent(name.to_string()));
+        }
+        Ok(cgroup)
+    }
+
+    /// The names of the agent cgroups on this host.
+    pub fn list(layout: &Layout) -> Vec<String> {
+        let mut names: Vec<String> = layout
+            .hierarchies()
+            .keys()
+            .filter_map(|h| std::fs::read_dir(h.mount.join(PARENT)).ok())
+            .flat_map(|d| d.filter_map(Result::ok))
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The cgroup's directories, one per hierarchy.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Opens every `cgroup.procs` for writing: a process that writes `0` to them joins the
+    /// cgroup (see [`join`]).
+    pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| CgroupError::Open { path, source })
+            })
+            .collect()
+    }
+}
+
+impl AgentCgroup {
+    fn place(&self, controller: Controller) -> Result<(Version, &Path), CgroupError> {
+        self.placed
+            .iter()
+            .find(|(c, _, _)| *c == controller)
+            .map(|(_, v, dir)| (*v, dir.as_path()))
+            .ok_or(CgroupError::NoController(controller))
+    }
+
+    /// Stops every task of the cgroup, and returns once all are stopped.
+    pub fn freeze(&self) -> Result<(), CgroupError> {
+        self.set_frozen(true)
+    }
+
+    /// Lets the tasks of a frozen cgroup run again.
+    pub fn thaw(&self) -> Result<(), CgroupError> {
+        self.set_frozen(false)
+    }
+
+    fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let (version, dir) = self.place(Controller::Freezer)?;
+        let (file, value, state_file, done): (_, _, _, fn(&str) -> bool) = match (version, frozen) {
+            (Version::V2, true) => ("cgroup.freeze", "1", "cgroup.events", |s| {
+                s.lines().any(|l| l == "frozen 1")
+            }),
+            (Version::V2, false) => ("cgroup.freeze", "0", "cgroup.events", |s| {
+                s.lines().any(|l| l == "frozen 0")
+            }),
+            (Version::V1, true) => ("freezer.state", "FROZEN", "freezer.state", |s| {
+                s.trim() == "FROZEN"
+            }),
+            (Version::V1, false) => ("freezer.state", "THAWED", "freezer.state", |s| {
+                s.trim() == "THAWED"
+            }),
+        };
+        write_file(&dir.join(file), value)?;
+        let deadline = Instant::now() + FREEZE_PATIENCE;
+        loop {
+            let path = dir.join(state_file);
+            let state = std::fs::read_to_string(&path)
+                .map_err(|source| CgroupError::Open { path, source })?;
+            if done(&state) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Write {
+                    path: dir.join(file),
+                    value: value.into(),
+                    source: io::Error::new(io::ErrorKind::TimedOut, "tasks did not follow"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether the cgroup is frozen (paused).
+    pub fn is_frozen(&self) -> bool {
+        match self.place(Controller::Freezer) {
+            Ok((Version::V2, dir)) => std::fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|s| s.lines().any(|l| l == "frozen 1")),
+            Ok((Version::V1, dir)) => std::fs::read_to_string(dir.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN"),
+            Err(_) => false,
+        }
+    }
+
+    /// CPU and memory use, from the cgroup's accounting files (0 where a figure is missing).
+    pub fn stats(&self) -> CgroupStats {
+        let mut stats = CgroupStats::default();
+        if let Ok((version, dir)) = self.place(Controller::Cpuacct) {
+            let cpu_stat = read_keyed(&dir.join("cpu.stat"));
+            stats.cpu_usage_us = match version {
+                Version::V2 => cpu_stat("usage_usec"),
+                Version::V1 => read_number(&dir.join("cpuacct.usage")) / 1000,
+            };
+        }
+        if let Ok((version, dir)) = self.place(Controller::Cpu) {
+            let cpu_stat = read_keyed(&dir.join("cpu.stat"));
+            stats.nr_throttled = cpu_stat("nr_throttled");
+            stats.throttled_us = match version {
+                Version::V2 => cpu_stat("throttled_usec"),
+                Version::V1 => cpu_stat("throttled_time") / 1000,
+            };
+        }
+        if let Ok((version, dir)) = self.place(Controller::Memory) {
+            let (current, peak) = match version {
+                Version::V2 => ("memory.current", "memory.peak"),
+                Version::V1 => ("memory.usage_in_bytes", "memory.max_usage_in_bytes"),
+            };
+            stats.memory_bytes = read_number(&dir.join(current));
+            stats.memory_peak_bytes = read_number(&dir.join(peak));
+        }
+        stats
+    }
+}
+
+fn read_number(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A `key value` per line file (cpu.stat), as a lookup returning 0 for missing keys.
+fn read_keyed(path: &Path) -> impl Fn(&str) -> u64 + use<> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    move |key| {
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        for dir in self.dirs.iter().rev() {
+            if let Err(e) = remove_dir(dir) {
+                warn!(dir = %dir.display(), error = %e, "cannot remove an agent cgroup");
+            }
+        }
+    }
+}
+
+/// Moves the calling process into the cgroups whose `cgroup.procs` files are open as `fds`.
+/// Meant for the child between fork and exec: it only calls write(2).
+pub fn join(fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    for &fd in fds {
+        // SAFETY: writes one byte from a static buffer to a descriptor the caller owns.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Removes the cgroups of agents whose owner process is gone (a run or daemon that was killed).
+/// Names are `LABEL-PID-N`, PID being the owner's.
+pub fn remove_stale(layout: &Layout) {
+    for (hierarchy, _) in layout.hierarchies() {
+        let Ok(entries) = std::fs::read_dir(hierarchy.mount.join(PARENT)) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(owner) = name.to_str().and_then(owner_pid) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{owner}")).exists() || !entry.path().is_dir() {
+                continue;
+            }
+            match remove_dir(&entry.path()) {
+                Ok(()) => debug!(dir = %entry.path().display(), "removed a stale agent cgroup"),
+                Err(e) => {
+                    warn!(dir = %entry.path().display(), error = %e, "cannot remove a stale agent cgroup")
+                }
+            }
+        }
+    }
+}
+
+/// The owner's pid in a cgroup name `LABEL-PID-N`.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let _n: u32 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next().filter(|label| !label.is_empty())?;
+    Some(pid)
+}
+
+/// Creates the `agentos` parent and lets its children use our controllers.
+fn prepare_parent(
+    root: &Path,
+    parent: &Path,
+    version: Version,
+    controllers: &[Controller],
+) -> Result<(), CgroupError> {
+    create_dir(parent)?;
+    match version {
+        Version::V1 => {
+            if controllers.contains(&Controller::Cpuset) {
+                inherit_cpuset(root, parent)?;
+            }
+        }
+        Version::V2 => {
+            for dir in [root, parent] {
+                for c in controllers.iter().filter(|c| !c.is_v2_core()) {
+                    let file = dir.join("cgroup.subtree_control");
+                    write_file(&file, &format!("+{}", c.name()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A new v1 cpuset has no CPUs and no memory nodes, and takes no task until it has both.
+fn inherit_cpuset(from: &Path, to: &Path) -> Result<(), CgroupError> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let current = std::fs::read_to_string(to.join(file)).unwrap_or_default();
+        if current.trim().is_empty() {
+            let value = std::fs::read_to_string(from.join(file)).unwrap_or_default();
+            write_file(&to.join(file), value.trim())?;
+        }
+    }
+    Ok(())
+}
+
+fn create_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|source| CgroupError::Write {
+            path: path.to_owned(),
+            value: value.to_string(),
+            source,
+        })
+}
+
+/// Removes a cgroup directory once its tasks are gone, killing any that linger.
+fn remove_dir(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + REMOVE_PATIENCE;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill has no memory-safety preconditions; these are the lingering
+                    // tasks of an agent cgroup that is being removed.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
