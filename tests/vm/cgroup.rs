@@ -79,12 +79,22 @@ fn the_vmm_runs_with_all_its_threads_in_a_cgroup_with_its_slice_which_goes_with_
     let (vmm, threads) = vmm_threads(&t.run_dir().display().to_string());
     assert!(threads.len() >= 2, "a VMM has a vCPU thread and a main one");
     for dir in &dirs {
-        assert_eq!(
-            read(&dir.join("cgroup.procs")),
-            vmm.to_string(),
-            "{}",
+        // KVM attaches its per-VM kernel workers (kvm-pit, kvm-nx-lpage-recovery) to the cgroup
+        // of the process that made the VM: their CPU time is the agent's too.
+        let procs = read(&dir.join("cgroup.procs"));
+        assert!(
+            procs.lines().any(|p| p == vmm.to_string()),
+            "the VMM is not in {}",
             dir.display()
         );
+        for pid in procs.lines().filter(|p| *p != vmm.to_string()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            assert!(
+                comm.starts_with("kvm"),
+                "{} holds process {pid} ({comm})",
+                dir.display()
+            );
+        }
         let members = ["cgroup.threads", "tasks"]
             .iter()
             .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
@@ -217,11 +227,7 @@ fn an_agent_whose_slice_does_not_fit_is_refused_with_what_is_short() {
         stderr.contains("not enough CPU for this agent: it asks for --cpus 4000"),
         "{stderr}"
     );
-    assert_eq!(
-        stderr.trim().lines().count(),
-        2,
-        "the carrier notice and one error line"
-    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     t.assert_nothing_left();
 }
 

@@ -214,29 +214,15 @@ impl AgentCgroup {
 
     fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
         let (version, dir) = self.place(Controller::Freezer)?;
-        let (file, value, state_file, done): (_, _, _, fn(&str) -> bool) = match (version, frozen) {
-            (Version::V2, true) => ("cgroup.freeze", "1", "cgroup.events", |s| {
-                s.lines().any(|l| l == "frozen 1")
-            }),
-            (Version::V2, false) => ("cgroup.freeze", "0", "cgroup.events", |s| {
-                s.lines().any(|l| l == "frozen 0")
-            }),
-            (Version::V1, true) => ("freezer.state", "FROZEN", "freezer.state", |s| {
-                s.trim() == "FROZEN"
-            }),
-            (Version::V1, false) => ("freezer.state", "THAWED", "freezer.state", |s| {
-                s.trim() == "THAWED"
-            }),
+        let (file, value) = match (version, frozen) {
+            (Version::V2, true) => ("cgroup.freeze", "1"),
+            (Version::V2, false) => ("cgroup.freeze", "0"),
+            (Version::V1, true) => ("freezer.state", "FROZEN"),
+            (Version::V1, false) => ("freezer.state", "THAWED"),
         };
         write_file(&dir.join(file), value)?;
         let deadline = Instant::now() + FREEZE_PATIENCE;
-        loop {
-            let path = dir.join(state_file);
-            let state = std::fs::read_to_string(&path)
-                .map_err(|source| CgroupError::Open { path, source })?;
-            if done(&state) {
-                return Ok(());
-            }
+        while !self.reached(version, dir, frozen) {
             if Instant::now() >= deadline {
                 return Err(CgroupError::Write {
                     path: dir.join(file),
@@ -246,15 +232,35 @@ impl AgentCgroup {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        Ok(())
     }
 
-    /// Whether the cgroup is frozen (paused).
+    /// Whether every task has followed a freeze (or thaw).
+    fn reached(&self, version: Version, dir: &Path, frozen: bool) -> bool {
+        match version {
+            Version::V1 => std::fs::read_to_string(dir.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == if frozen { "FROZEN" } else { "THAWED" }),
+            // `cgroup.events` never says `frozen 1` while the cgroup holds kernel threads, and
+            // KVM puts its per-VM workers in the VM creator's cgroup: look at the user tasks.
+            Version::V2 if frozen => {
+                let threads =
+                    std::fs::read_to_string(dir.join("cgroup.threads")).unwrap_or_default();
+                threads
+                    .lines()
+                    .all(|tid| is_kernel_thread(tid) || in_freezer_trap(tid))
+            }
+            Version::V2 => true,
+        }
+    }
+
+    /// Whether the cgroup is frozen (paused), or being frozen.
     pub fn is_frozen(&self) -> bool {
         match self.place(Controller::Freezer) {
-            Ok((Version::V2, dir)) => std::fs::read_to_string(dir.join("cgroup.events"))
-                .is_ok_and(|s| s.lines().any(|l| l == "frozen 1")),
+            Ok((Version::V2, dir)) => {
+                std::fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+            }
             Ok((Version::V1, dir)) => std::fs::read_to_string(dir.join("freezer.state"))
-                .is_ok_and(|s| s.trim() == "FROZEN"),
+                .is_ok_and(|s| s.trim() != "THAWED"),
             Err(_) => false,
         }
     }
@@ -286,6 +292,28 @@ impl AgentCgroup {
             stats.memory_peak_bytes = read_number(&dir.join(peak));
         }
         stats
+    }
+}
+
+/// PF_KTHREAD in the flags of /proc/TID/stat.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+fn is_kernel_thread(tid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state, ppid, pgrp, session, tty, tpgid, flags.
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// A task frozen by the v2 freezer waits in `do_freezer_trap` (which the compiler may fold into
+/// `get_signal`); a task that is gone counts too.
+fn in_freezer_trap(tid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{tid}/wchan")) {
+        Ok(wchan) => matches!(wchan.trim(), "do_freezer_trap" | "get_signal"),
+        Err(_) => true,
     }
 }
 
