@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
 use anyhow::{Context, bail};
 
-use crate::agent::connection::{AgentConnection, ExecIo};
+use crate::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{ChildWait, wait_for_connection};
 use crate::doctor::{self, LinuxKvm};
 use crate::image::{self, CARRIER_IMAGE, cpio::CpioTree};
@@ -40,6 +40,15 @@ const DEFAULT_MEMORY_MIB: u64 = 4096;
 /// A single boot is as fast either way; only VMs booting side by side share the one CPU.
 pub const DEFAULT_CPUS: u8 = 1;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// The carrier's guest agent answers pings from a thread of its own, even when the command it runs
+/// is busy or silent; no answer for this long means the carrier itself stopped.
+const CARRIER_KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_secs(10),
+    limit: Duration::from_secs(120),
+};
+/// Exit status of `agentos carrier` when the carrier stopped responding and was killed: a
+/// temporary failure (EX_TEMPFAIL); running the command again usually works.
+pub const EXIT_CARRIER_STALLED: i32 = 75;
 /// Combined initramfs files kept in the cache (one per distinct payload).
 const KEEP_COMBINED: usize = 4;
 
@@ -222,6 +231,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     };
     let mut conn = AgentConnection::handshake(stream, BOOT_TIMEOUT)
         .context("the carrier's guest agent did not answer")?;
+    conn.set_keepalive(Some(CARRIER_KEEPALIVE));
     tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
 
     let cwd = std::env::current_dir()
@@ -248,6 +258,17 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     match result {
         Ok(status) => Ok(status),
         Err(_) if signals::interrupted() => Ok(interrupted_status()),
+        Err(ConnectionError::Stalled(quiet)) => {
+            eprintln!(
+                "agentos: the carrier stopped responding (no answer for {} s) and was stopped (QEMU has been seen to stop delivering the carrier's interrupts when many VMs boot at once); run the command again (exit status {EXIT_CARRIER_STALLED}){}",
+                quiet.as_secs(),
+                console_tail(&run_dir.join("console.log"))
+            );
+            Ok(ExitStatus {
+                code: Some(EXIT_CARRIER_STALLED),
+                ..Default::default()
+            })
+        }
         Err(e) => Err(e).context(format!(
             "the command in the carrier did not complete{}",
             console_tail(&run_dir.join("console.log"))

@@ -69,28 +69,24 @@ pub fn stats(args: &StatsArgs) -> anyhow::Result<i32> {
 }
 
 pub fn pause(args: &NameArg) -> anyhow::Result<i32> {
-    let cgroup = AgentCgroup::open(&Layout::discover(), &args.name)?;
-    let started = Instant::now();
-    cgroup
-        .freeze()
-        .with_context(|| format!("cannot pause {}", args.name))?;
-    eprintln!(
-        "paused {} in {:.2} ms",
-        args.name,
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    Ok(0)
+    set_paused(&args.name, true)
 }
 
 pub fn resume(args: &NameArg) -> anyhow::Result<i32> {
-    let cgroup = AgentCgroup::open(&Layout::discover(), &args.name)?;
+    set_paused(&args.name, false)
+}
+
+fn set_paused(name: &str, paused: bool) -> anyhow::Result<i32> {
+    let cgroup = AgentCgroup::open(&Layout::discover(), name)?;
     let started = Instant::now();
-    cgroup
-        .thaw()
-        .with_context(|| format!("cannot resume {}", args.name))?;
+    let (done, verb) = if paused {
+        (cgroup.freeze(), "pause")
+    } else {
+        (cgroup.thaw(), "resume")
+    };
+    done.with_context(|| format!("cannot {verb} {name}"))?;
     eprintln!(
-        "resumed {} in {:.2} ms",
-        args.name,
+        "{verb}d {name} in {:.2} ms",
         started.elapsed().as_secs_f64() * 1000.0
     );
     Ok(0)

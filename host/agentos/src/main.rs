@@ -31,6 +31,9 @@ enum Command {
     /// Let a paused agent run again.
     Resume(control::NameArg),
     /// Run a command inside a QEMU carrier VM (for hosts whose KVM cannot boot Linux).
+    #[command(
+        after_help = "Exit status: the command's; 75 when the carrier stopped responding and was stopped (run the command again).\nAGENTOS_CARRIER_MONITOR=PATH opens QEMU's monitor on a Unix socket, to look into a carrier that seems stuck."
+    )]
     Carrier(carrier::CarrierArgs),
     /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
     Doctor(doctor::DoctorArgs),

@@ -2,6 +2,7 @@
 //! shutdown. The same client speaks to agents over vsock and to a carrier over virtio-serial.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -35,6 +36,16 @@ pub enum ConnectionError {
     Timeout(#[source] io::Error),
     #[error("the guest agent did not answer in time")]
     TimedOut,
+    #[error("the guest agent stopped answering: no reply to a ping for {} s", .0.as_secs())]
+    Stalled(Duration),
+}
+
+/// Pings an agent that has been quiet for `interval`, and gives up on it when `limit` passes
+/// without a frame: for links whose far end can freeze without closing them.
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub limit: Duration,
 }
 
 /// Where the output of a program goes, and where its input comes from.
@@ -51,6 +62,11 @@ pub struct AgentConnection {
     next_id: u64,
     /// Past this instant, waiting for the agent is an error.
     deadline: Option<Instant>,
+    keepalive: Option<Keepalive>,
+    /// When the last frame arrived.
+    last_heard: Instant,
+    /// When the ping sent to a quiet agent went out, if one is outstanding.
+    ping_sent: Option<Instant>,
 }
 
 impl AgentConnection {
@@ -81,6 +97,9 @@ impl AgentConnection {
             hello,
             next_id: 1,
             deadline: None,
+            keepalive: None,
+            last_heard: Instant::now(),
+            ping_sent: None,
         })
     }
 
@@ -98,7 +117,45 @@ impl AgentConnection {
         self.deadline = deadline;
     }
 
+    /// Pings the agent whenever it has been quiet for a while, and fails a wait once it has
+    /// been quiet for too long (see [`Keepalive`]).
+    pub fn set_keepalive(&mut self, keepalive: Option<Keepalive>) {
+        self.keepalive = keepalive;
+        self.last_heard = Instant::now();
+        self.ping_sent = None;
+    }
+
+    /// With a keepalive, waits until a frame starts to arrive, pinging a quiet agent.
+    fn await_frame(&mut self) -> Result<(), ConnectionError> {
+        let Some(keepalive) = self.keepalive else {
+            return Ok(());
+        };
+        let fd = self.reader.get_ref().as_raw_fd();
+        loop {
+            let mut wait = keepalive.interval;
+            if let Some(deadline) = self.deadline {
+                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            }
+            if poll_readable(fd, wait) {
+                return Ok(());
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(ConnectionError::TimedOut);
+            }
+            let quiet = self.last_heard.elapsed();
+            if quiet >= keepalive.limit {
+                return Err(ConnectionError::Stalled(quiet));
+            }
+            if self.ping_sent.is_none() && quiet >= keepalive.interval {
+                let id = self.new_id();
+                self.send(&HostMessage::Ping { id })?;
+                self.ping_sent = Some(Instant::now());
+            }
+        }
+    }
+
     fn recv(&mut self) -> Result<GuestMessage, ConnectionError> {
+        self.await_frame()?;
         let timeout = match self.deadline {
             Some(deadline) => Some(
                 deadline
@@ -113,7 +170,11 @@ impl AgentConnection {
             .set_read_timeout(timeout)
             .map_err(ConnectionError::Timeout)?;
         match self.reader.read() {
-            Ok(Some(msg)) => Ok(msg),
+            Ok(Some(msg)) => {
+                self.last_heard = Instant::now();
+                self.ping_sent = None;
+                Ok(msg)
+            }
             Ok(None) => Err(ConnectionError::Closed),
             Err(FrameError::Io(e))
                 if matches!(
@@ -210,6 +271,19 @@ impl AgentConnection {
     }
 }
 
+/// Waits up to `timeout` for `fd` to become readable (or to hang up); true if it did.
+pub fn poll_readable(fd: i32, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+    ready > 0
+}
+
 /// Output the caller cannot take (a closed pipe) is dropped: the program runs to its end.
 fn write_out(sink: &mut dyn Write, data: &[u8]) {
     if sink.write_all(data).is_ok() {
@@ -293,6 +367,60 @@ mod tests {
             },
         );
         (result, out)
+    }
+
+    const KEEPALIVE: Keepalive = Keepalive {
+        interval: Duration::from_millis(50),
+        limit: Duration::from_millis(400),
+    };
+
+    #[test]
+    fn a_quiet_agent_that_answers_pings_is_waited_for() {
+        // The program ends after twice the keepalive limit without output; meanwhile the
+        // agent answers pings, as the guest's reader does while a program runs.
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            write_frame(&mut guest, &hello(PROTOCOL_VERSION)).unwrap();
+            let writer = Arc::new(Mutex::new(guest.try_clone().unwrap()));
+            let mut reader = FrameReader::new(guest);
+            while let Ok(Some(msg)) = reader.read::<HostMessage>() {
+                let writer = writer.clone();
+                match msg {
+                    HostMessage::Ping { id } => {
+                        let _ =
+                            write_frame(&mut *writer.lock().unwrap(), &GuestMessage::Pong { id });
+                    }
+                    HostMessage::Exec(req) => {
+                        std::thread::spawn(move || {
+                            std::thread::sleep(2 * KEEPALIVE.limit);
+                            let exited = GuestMessage::Exited {
+                                id: req.id,
+                                status: ExitStatus::default(),
+                            };
+                            let _ = write_frame(&mut *writer.lock().unwrap(), &exited);
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let mut conn = AgentConnection::handshake(host, Duration::from_secs(5)).unwrap();
+        conn.set_keepalive(Some(KEEPALIVE));
+        let (status, _) = run(&mut conn, "/bin/sleep");
+        assert!(status.is_ok(), "{status:?}");
+    }
+
+    #[test]
+    fn an_agent_that_stops_answering_is_declared_stalled() {
+        let mut conn = fake_guest(|_| vec![]);
+        conn.set_keepalive(Some(KEEPALIVE));
+        let started = Instant::now();
+        let (status, _) = run(&mut conn, "/bin/true");
+        assert!(
+            matches!(status, Err(ConnectionError::Stalled(_))),
+            "{status:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::AGENT_CONTROL_PORT;
 
-use super::connection::{AgentConnection, ConnectionError};
+use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
 use crate::rundir::RunDir;
@@ -462,14 +462,4 @@ fn console_excerpt(run_dir: &RunDir, report: Option<&VmmReport>) -> String {
         "\n--- last lines of the guest console ---\n{}",
         lines[start..].join("\n")
     )
-}
-
-fn poll_readable(fd: i32, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
 }
