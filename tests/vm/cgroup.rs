@@ -274,3 +274,58 @@ fn an_agent_told_to_wait_starts_when_the_running_one_leaves_room() {
     assert_eq!(String::from_utf8_lossy(&second.stdout), "second\n");
     t.assert_nothing_left();
 }
+
+/// Starts `agentos run ARGS -- sh -c 'echo ready; exec sleep 600'` and waits for `ready`.
+fn start_waiting(t: &Scratch, args: &[&str]) -> std::process::Child {
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--", "/bin/sh", "-c", "echo ready; exec sleep 600"]);
+    let mut child = t.spawn(&argv);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n", "the VM did not start");
+    child
+}
+
+fn stop(t: &Scratch, child: std::process::Child) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = t.finish(child, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+}
+
+#[test]
+fn pinned_agents_are_placed_on_the_least_loaded_cpus() {
+    if !vm_available() {
+        return;
+    }
+    let layout = Layout::discover();
+    let Some(cpuset) = layout.hierarchy(Controller::Cpuset).cloned() else {
+        eprintln!("skipping: no cpuset controller here");
+        return;
+    };
+    let _machine = take_machine();
+    let t = Scratch::new("pin");
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let cpus = agentos::cgroup::slice::parse_cpu_list(&online).unwrap();
+    let placed = |child: &std::process::Child| {
+        read(
+            &cpuset
+                .mount
+                .join(PARENT)
+                .join(format!("vm-{}-0", child.id()))
+                .join("cpuset.cpus"),
+        )
+    };
+    let first = start_waiting(&t, &["--pin"]);
+    assert_eq!(placed(&first), cpus[0].to_string());
+    if cpus.len() > 1 {
+        let second = start_waiting(&t, &["--pin"]);
+        assert_eq!(placed(&second), cpus[1].to_string());
+        stop(&t, second);
+    }
+    stop(&t, first);
+    t.assert_nothing_left();
+}

@@ -4,8 +4,10 @@
 //! and what each running agent holds from its cgroup under `agentos/` (the cgroups are the
 //! record, so every agentos process on the host sees the same agents). Checks and cgroup
 //! creation happen under one host-wide lock, so two agents starting at once cannot both take the
-//! last slice.
+//! last slice. Placement (`--pin`) uses the same model: the agent goes to the online CPU that
+//! pinned agents load least.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,6 +23,9 @@ const HOST_RESERVE_BYTES: u64 = 512 << 20;
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostModel {
     pub online_cpus: u32,
+    /// Load on each online CPU from the agents pinned to some of the CPUs: an agent's quota
+    /// (1 CPU without one) spread evenly over its cpuset.
+    pub pinned_load: BTreeMap<u32, f64>,
     pub memory_bytes: u64,
     /// Sum of the running agents' memory limits.
     pub agents_memory_bytes: u64,
@@ -56,8 +61,10 @@ impl HostModel {
     pub fn read(layout: &Layout) -> HostModel {
         let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let online = parse_cpu_list(&online).unwrap_or_else(|| vec![0]);
         let mut model = HostModel {
-            online_cpus: parse_cpu_list(&online).map_or(1, |c| c.len() as u32),
+            online_cpus: online.len() as u32,
+            pinned_load: online.iter().map(|cpu| (*cpu, 0.0)).collect(),
             memory_bytes: mem_total(&meminfo),
             agents_memory_bytes: 0,
             agents_cpus: 0.0,
@@ -74,11 +81,46 @@ impl HostModel {
                 model.agents_memory_bytes +=
                     memory_limit(&h.mount.join(PARENT).join(&name), h.version);
             }
-            if let Some(h) = cpu {
-                model.agents_cpus += cpu_quota(&h.mount.join(PARENT).join(&name), h.version);
+            let quota = cpu.map_or(0.0, |h| {
+                cpu_quota(&h.mount.join(PARENT).join(&name), h.version)
+            });
+            model.agents_cpus += quota;
+            if let Some(h) = layout.hierarchy(Controller::Cpuset) {
+                let set =
+                    std::fs::read_to_string(h.mount.join(PARENT).join(&name).join("cpuset.cpus"))
+                        .ok()
+                        .and_then(|s| parse_cpu_list(&s));
+                model.add_pinned(set.as_deref().unwrap_or_default(), quota);
             }
         }
         model
+    }
+
+    /// Counts an agent pinned to `cpus` with `quota` CPUs (0: no quota, counted as one CPU). An
+    /// empty set or one spanning every online CPU is not a pin.
+    fn add_pinned(&mut self, cpus: &[u32], quota: f64) {
+        let pinned: Vec<u32> = cpus
+            .iter()
+            .copied()
+            .filter(|c| self.pinned_load.contains_key(c))
+            .collect();
+        if pinned.is_empty() || pinned.len() == self.pinned_load.len() {
+            return;
+        }
+        let load = if quota > 0.0 { quota } else { 1.0 };
+        for cpu in &pinned {
+            if let Some(l) = self.pinned_load.get_mut(cpu) {
+                *l += load / pinned.len() as f64;
+            }
+        }
+    }
+
+    /// The online CPU pinned agents load least (the lowest-numbered among equals).
+    pub fn least_loaded_cpu(&self) -> u32 {
+        self.pinned_load
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
+            .map_or(0, |(cpu, _)| *cpu)
     }
 
     /// Memory agents may hold in all.
@@ -205,6 +247,7 @@ mod tests {
     fn host() -> HostModel {
         HostModel {
             online_cpus: 2,
+            pinned_load: [(0, 0.0), (1, 0.0)].into(),
             memory_bytes: 4 << 30,
             agents_memory_bytes: 3 << 30,
             agents_cpus: 1.5,
@@ -252,6 +295,26 @@ mod tests {
         assert!(err.contains("hold 1.5 of the 2 CPU(s)"), "{err}");
         // Agents without a quota share CPUs by weight and reserve none.
         assert!(host().admit(&Slice::default()).is_ok());
+    }
+
+    #[test]
+    fn pinned_agents_go_to_the_least_loaded_cpu() {
+        let mut model = HostModel {
+            online_cpus: 4,
+            pinned_load: (0..4).map(|c| (c, 0.0)).collect(),
+            ..host()
+        };
+        assert_eq!(model.least_loaded_cpu(), 0);
+        model.add_pinned(&[0], 0.5);
+        model.add_pinned(&[1], 0.0);
+        assert_eq!(model.least_loaded_cpu(), 2);
+        model.add_pinned(&[2, 3], 1.0);
+        // CPUs 2 and 3 carry 0.5 each, like CPU 0: the lowest of them wins.
+        assert_eq!(model.least_loaded_cpu(), 0);
+        // Sets of every CPU, and CPUs that are not online, pin nothing.
+        model.add_pinned(&[0, 1, 2, 3], 1.0);
+        model.add_pinned(&[9], 1.0);
+        assert_eq!(model.pinned_load[&0], 0.5);
     }
 
     #[test]

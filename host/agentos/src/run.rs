@@ -51,8 +51,11 @@ pub struct VmArgs {
     #[arg(long, value_name = "CPUS")]
     pub cpus: Option<f64>,
     /// The host CPUs the VM may run on, e.g. `1` or `0-1,3`.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
     pub cpuset: Option<String>,
+    /// Pin the VM to the one host CPU that pinned agents load least.
+    #[arg(long)]
+    pub pin: bool,
     /// CPU weight against other agents, 1..=10000 (default 100).
     #[arg(long)]
     pub weight: Option<u32>,
@@ -177,6 +180,7 @@ impl VmArgs {
                 cpus: self.cpus,
                 weight: self.weight,
                 cpuset: self.cpuset.clone(),
+                pin: self.pin,
             },
             wait_for_room: self.wait,
         })

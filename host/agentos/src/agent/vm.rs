@@ -60,6 +60,8 @@ pub struct CpuSlice {
     pub cpus: Option<f64>,
     pub weight: Option<u32>,
     pub cpuset: Option<String>,
+    /// Pin to the CPU that pinned agents load least (instead of a given cpuset).
+    pub pin: bool,
 }
 
 impl BootOptions {
@@ -77,7 +79,10 @@ impl BootOptions {
 
     /// Whether the caller asked for a CPU slice, which then must be enforced.
     fn cpu_slice_asked(&self) -> bool {
-        self.cpu.cpus.is_some() || self.cpu.weight.is_some() || self.cpu.cpuset.is_some()
+        self.cpu.cpus.is_some()
+            || self.cpu.weight.is_some()
+            || self.cpu.cpuset.is_some()
+            || self.cpu.pin
     }
 }
 
@@ -236,7 +241,7 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
     slice.pids = slice
         .pids
         .filter(|_| has(&layout, cgroup::Controller::Pids));
-    let _lock = admit(&layout, &slice, opts.wait_for_room)?;
+    let _lock = admit(&layout, &mut slice, opts.cpu.pin, opts.wait_for_room)?;
     match AgentCgroup::create(&layout, &name, &slice) {
         Ok(cgroup) => Ok(Some(cgroup)),
         Err(e)
@@ -250,9 +255,15 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
     }
 }
 
-/// Waits until `slice` fits beside the running agents (or fails at once without `wait`), and
-/// returns the admission lock, to be held until the VM's cgroup exists.
-fn admit(layout: &Layout, slice: &Slice, wait: bool) -> Result<Option<AdmissionLock>, VmError> {
+/// Waits until `slice` fits beside the running agents (or fails at once without `wait`), places
+/// it on the least loaded CPU with `pin`, and returns the admission lock, to be held until the
+/// VM's cgroup exists.
+fn admit(
+    layout: &Layout,
+    slice: &mut Slice,
+    pin: bool,
+    wait: bool,
+) -> Result<Option<AdmissionLock>, VmError> {
     let mut announced = false;
     loop {
         let lock = match AdmissionLock::take() {
@@ -263,8 +274,14 @@ fn admit(layout: &Layout, slice: &Slice, wait: bool) -> Result<Option<AdmissionL
             }
         };
         cgroup::remove_stale(layout);
-        let refusal = match HostModel::read(layout).admit(slice) {
-            Ok(()) => return Ok(lock),
+        let model = HostModel::read(layout);
+        let refusal = match model.admit(slice) {
+            Ok(()) => {
+                if pin {
+                    slice.cpuset = Some(model.least_loaded_cpu().to_string());
+                }
+                return Ok(lock);
+            }
             Err(refusal) => refusal,
         };
         if !wait {
