@@ -44,7 +44,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// is busy or silent; no answer for this long means the carrier itself stopped.
 const CARRIER_KEEPALIVE: Keepalive = Keepalive {
     interval: Duration::from_secs(10),
-    limit: Duration::from_secs(120),
+    limit: Duration::from_secs(60),
 };
 /// Exit status of `agentos carrier` when the carrier stopped responding and was killed: a
 /// temporary failure (EX_TEMPFAIL); running the command again usually works.
