@@ -30,9 +30,11 @@ use crate::image::{self, AGENT_IMAGE};
 use crate::qemu;
 use crate::rundir::RunDir;
 
-/// Files QEMU's microvm machine loads besides its binary (its firmware).
+/// Files QEMU's microvm machine loads besides its binary (its firmware), wherever this QEMU's
+/// packaging keeps them: QEMU searches both directories.
 const QEMU_DATA: &[&str] = &[
     "/usr/share/qemu/bios-microvm.bin",
+    "/usr/share/seabios/bios-microvm.bin",
     "/usr/share/qemu/qboot.rom",
     "/usr/share/qemu/linuxboot_dma.bin",
 ];
