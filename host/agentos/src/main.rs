@@ -37,7 +37,7 @@ enum Command {
     Carrier(carrier::CarrierArgs),
     /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
     Doctor(doctor::DoctorArgs),
-    /// Measure agentos beside QEMU's microvm machine.
+    /// Measure agentos: boot times beside QEMU's microvm machine, and how CPU slices hold.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Build the guest images.
