@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use agentos::cgroup::slice::{online_cpu_list, parse_cpu_list};
 use agentos::cgroup::{Controller, Layout, PARENT, Version};
 
 use crate::common::{Scratch, command_limit, describe, share_machine, take_machine, vm_available};
@@ -48,27 +49,7 @@ fn the_vmm_runs_with_all_its_threads_in_a_cgroup_with_its_slice_which_goes_with_
     };
     let _machine = share_machine();
     let t = Scratch::new("cgroup");
-    let mut child = t.spawn(&[
-        "run",
-        "--cpus",
-        "0.5",
-        "--weight",
-        "200",
-        "--memory",
-        "192",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo ready; exec sleep 600",
-    ]);
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    if line != "ready\n" {
-        let out = t.finish(child, command_limit());
-        panic!("the VM did not start: {}", describe(&out));
-    }
+    let child = start_waiting(&t, &["--cpus", "0.5", "--weight", "200", "--memory", "192"]);
 
     let name = format!("vm-{}-0", child.id());
     let dirs: Vec<PathBuf> = layout
@@ -133,10 +114,7 @@ fn the_vmm_runs_with_all_its_threads_in_a_cgroup_with_its_slice_which_goes_with_
 
     watch_pause_and_resume(&t, &name);
 
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let out = t.finish(child, Duration::from_secs(60));
-    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+    stop(&t, child);
     for dir in &dirs {
         assert!(!dir.exists(), "{} outlived its VM", dir.display());
     }
@@ -145,18 +123,28 @@ fn the_vmm_runs_with_all_its_threads_in_a_cgroup_with_its_slice_which_goes_with_
 
 #[test]
 fn a_cpuset_outside_the_online_cpus_is_refused_in_one_line() {
+    assert_refused_in_one_line(
+        "cpuset",
+        &["--cpuset", "4095"],
+        "--cpuset 4095: CPU 4095 is not online here",
+    );
+}
+
+/// `agentos run ARGS -- true` fails with status 1 and one line of stderr containing `why`.
+fn assert_refused_in_one_line(label: &str, args: &[&str], why: &str) {
     if !vm_available() {
         return;
     }
     let _machine = share_machine();
-    let t = Scratch::new("cpuset");
-    let out = t.output(&["run", "--cpuset", "4095", "--", "true"], b"");
+    let t = Scratch::new(label);
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--", "true"]);
+    let out = t.output(&argv, b"");
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--cpuset 4095: CPU 4095 is not online here"),
-        "{stderr}"
-    );
+    assert!(stderr.contains(why), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     t.assert_nothing_left();
 }
 
@@ -206,29 +194,17 @@ fn watch_pause_and_resume(t: &Scratch, name: &str) {
 }
 
 /// CPUs online where the VMs run (inside the carrier, the carrier's).
-fn online_cpus() -> usize {
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    agentos::cgroup::slice::parse_cpu_list(&online)
-        .unwrap()
-        .len()
+fn online_cpus() -> Vec<u32> {
+    parse_cpu_list(&online_cpu_list()).expect("no online CPU list")
 }
 
 #[test]
 fn an_agent_whose_slice_does_not_fit_is_refused_with_what_is_short() {
-    if !vm_available() {
-        return;
-    }
-    let _machine = share_machine();
-    let t = Scratch::new("refused");
-    let out = t.output(&["run", "--cpus", "4000", "--", "true"], b"");
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("not enough CPU for this agent: it asks for --cpus 4000"),
-        "{stderr}"
+    assert_refused_in_one_line(
+        "refused",
+        &["--cpus", "4000"],
+        "not enough CPU for this agent: it asks for --cpus 4000",
     );
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    t.assert_nothing_left();
 }
 
 #[test]
@@ -238,7 +214,7 @@ fn an_agent_told_to_wait_starts_when_the_running_one_leaves_room() {
     }
     let _machine = take_machine();
     let t = Scratch::new("wait");
-    let cpus = online_cpus() as f64;
+    let cpus = online_cpus().len() as f64;
     let first_quota = format!("{}", cpus - 0.25);
     let mut first = t
         .agentos()
@@ -285,7 +261,10 @@ fn start_waiting(t: &Scratch, args: &[&str]) -> std::process::Child {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line, "ready\n", "the VM did not start");
+    if line != "ready\n" {
+        let out = t.finish(child, command_limit());
+        panic!("the VM did not start: {}", describe(&out));
+    }
     child
 }
 
@@ -308,8 +287,7 @@ fn pinned_agents_are_placed_on_the_least_loaded_cpus() {
     };
     let _machine = take_machine();
     let t = Scratch::new("pin");
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let cpus = agentos::cgroup::slice::parse_cpu_list(&online).unwrap();
+    let cpus = online_cpus();
     let placed = |child: &std::process::Child| {
         read(
             &cpuset

@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::cgroup::slice::parse_cpu_list;
-use crate::cgroup::{Controller, Layout, PARENT, Slice, Version};
+use crate::cgroup::slice::{online_cpu_list, parse_cpu_list};
+use crate::cgroup::{AgentCgroup, Layout, Slice};
 
 /// Memory kept for the host itself: the larger of this and a tenth of its RAM.
 const HOST_RESERVE_BYTES: u64 = 512 << 20;
@@ -59,9 +59,8 @@ pub enum Refusal {
 impl HostModel {
     /// The model of this host, with the agents found in `layout`'s `agentos/` cgroups.
     pub fn read(layout: &Layout) -> HostModel {
-        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let online = parse_cpu_list(&online).unwrap_or_else(|| vec![0]);
+        let online = parse_cpu_list(&online_cpu_list()).unwrap_or_else(|| vec![0]);
         let mut model = HostModel {
             online_cpus: online.len() as u32,
             pinned_load: online.iter().map(|cpu| (*cpu, 0.0)).collect(),
@@ -70,28 +69,17 @@ impl HostModel {
             agents_cpus: 0.0,
             agents: 0,
         };
-        let memory = layout.hierarchy(Controller::Memory);
-        let cpu = layout.hierarchy(Controller::Cpu);
-        let Some(any) = memory.or(cpu) else {
-            return model;
-        };
-        for name in agent_cgroups(&any.mount) {
+        for name in AgentCgroup::list(layout) {
+            let Ok(agent) = AgentCgroup::open(layout, &name) else {
+                continue;
+            };
+            let held = agent.held();
+            let quota = held.cpus.unwrap_or(0.0);
             model.agents += 1;
-            if let Some(h) = memory {
-                model.agents_memory_bytes +=
-                    memory_limit(&h.mount.join(PARENT).join(&name), h.version);
-            }
-            let quota = cpu.map_or(0.0, |h| {
-                cpu_quota(&h.mount.join(PARENT).join(&name), h.version)
-            });
+            model.agents_memory_bytes += held.memory_bytes.unwrap_or(0);
             model.agents_cpus += quota;
-            if let Some(h) = layout.hierarchy(Controller::Cpuset) {
-                let set =
-                    std::fs::read_to_string(h.mount.join(PARENT).join(&name).join("cpuset.cpus"))
-                        .ok()
-                        .and_then(|s| parse_cpu_list(&s));
-                model.add_pinned(set.as_deref().unwrap_or_default(), quota);
-            }
+            let pinned = held.cpuset.as_deref().and_then(parse_cpu_list);
+            model.add_pinned(pinned.as_deref().unwrap_or_default(), quota);
         }
         model
     }
@@ -191,53 +179,6 @@ fn mem_total(meminfo: &str) -> u64 {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kib| kib << 10)
-}
-
-/// Names of the agent cgroups under `mount/agentos`.
-fn agent_cgroups(mount: &Path) -> Vec<String> {
-    std::fs::read_dir(mount.join(PARENT))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.path().is_dir())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn memory_limit(dir: &Path, version: Version) -> u64 {
-    let file = match version {
-        Version::V2 => "memory.max",
-        Version::V1 => "memory.limit_in_bytes",
-    };
-    // "max" (v2) or a huge number (v1) mean no limit: such an agent holds nothing reserved.
-    std::fs::read_to_string(dir.join(file))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .filter(|b| *b < 1 << 60)
-        .unwrap_or(0)
-}
-
-fn cpu_quota(dir: &Path, version: Version) -> f64 {
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    let (quota, period) = match version {
-        Version::V2 => {
-            let max = read("cpu.max");
-            let mut parts = max.split_whitespace();
-            (
-                parts.next().and_then(|q| q.parse::<i64>().ok()),
-                parts.next().and_then(|p| p.parse::<i64>().ok()),
-            )
-        }
-        Version::V1 => (
-            read("cpu.cfs_quota_us").trim().parse().ok(),
-            read("cpu.cfs_period_us").trim().parse().ok(),
-        ),
-    };
-    match (quota, period) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => q as f64 / p as f64,
-        _ => 0.0,
-    }
 }
 
 #[cfg(test)]

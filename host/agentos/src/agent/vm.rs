@@ -232,8 +232,9 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut slice = opts.slice();
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-    slice.check_online(&online).map_err(VmError::Slice)?;
+    slice
+        .check_online(&cgroup::slice::online_cpu_list())
+        .map_err(VmError::Slice)?;
     // Memory and thread limits apply where the host has those controllers.
     slice.memory_bytes = slice
         .memory_bytes

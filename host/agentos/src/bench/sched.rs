@@ -332,7 +332,7 @@ fn measure_pause(cycles: u32) -> anyhow::Result<PauseResult> {
     std::thread::sleep(WARM_UP);
     let (mut pause, mut resume) = (Vec::new(), Vec::new());
     let mut paused_cpu = 0;
-    for _ in 0..cycles {
+    let cycled = (0..cycles).try_for_each(|_| {
         let t = Instant::now();
         cgroup.freeze()?;
         pause.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -343,11 +343,15 @@ fn measure_pause(cycles: u32) -> anyhow::Result<PauseResult> {
         cgroup.thaw()?;
         resume.push(t.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok::<_, crate::cgroup::CgroupError>(())
+    });
+    // Whatever happened, the agent must not stay frozen: its burner ends and shuts it down.
+    let _ = cgroup.thaw();
     drop(cgroup);
     burner
         .join()
         .map_err(|_| anyhow::anyhow!("the burner thread panicked"))??;
+    cycled.context("pause and resume failed")?;
     Ok(PauseResult {
         cycles,
         pause_ms: Stats::of(&pause),

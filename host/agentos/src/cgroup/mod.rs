@@ -71,7 +71,6 @@ const FREEZE_PATIENCE: Duration = Duration::from_secs(5);
 /// One agent's cgroup: a directory per hierarchy, removed when dropped.
 #[derive(Debug)]
 pub struct AgentCgroup {
-    dirs: Vec<PathBuf>,
     /// Each controller's version and directory for this cgroup.
     placed: Vec<(Controller, Version, PathBuf)>,
     /// Created by us (removed when dropped), or only opened to watch or pause it.
@@ -102,7 +101,6 @@ impl AgentCgroup {
             return Err(CgroupError::NoController(missing));
         }
         let mut cgroup = AgentCgroup {
-            dirs: Vec::new(),
             placed: Vec::new(),
             owned: true,
         };
@@ -112,7 +110,7 @@ impl AgentCgroup {
             let dir = parent.join(name);
             create_dir(&dir)?;
             // Recorded at once, so that a failure below still removes it.
-            cgroup.dirs.push(dir.clone());
+            cgroup.place_all(hierarchy.version, &dir, &controllers);
             if hierarchy.version == Version::V1 && controllers.contains(&Controller::Cpuset) {
                 inherit_cpuset(&parent, &dir)?;
             }
@@ -120,12 +118,9 @@ impl AgentCgroup {
                 for (file, value) in slice.files(*controller, hierarchy.version) {
                     write_file(&dir.join(file), &value)?;
                 }
-                cgroup
-                    .placed
-                    .push((*controller, hierarchy.version, dir.clone()));
             }
         }
-        debug!(dirs = ?cgroup.dirs, "agent cgroup created");
+        debug!(dirs = ?cgroup.dirs(), "agent cgroup created");
         Ok(cgroup)
     }
 
@@ -136,22 +131,16 @@ impl AgentCgroup {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         let mut cgroup = AgentCgroup {
-            dirs: Vec::new(),
             placed: Vec::new(),
             owned: false,
         };
         for (hierarchy, controllers) in layout.hierarchies() {
             let dir = hierarchy.mount.join(PARENT).join(name);
             if valid && dir.is_dir() {
-                cgroup.dirs.push(dir.clone());
-                cgroup.placed.extend(
-                    controllers
-                        .into_iter()
-                        .map(|c| (c, hierarchy.version, dir.clone())),
-                );
+                cgroup.place_all(hierarchy.version, &dir, &controllers);
             }
         }
-        if cgroup.dirs.is_empty() {
+        if cgroup.placed.is_empty() {
             return Err(CgroupError::NoAgent(name.to_string()));
         }
         Ok(cgroup)
@@ -172,16 +161,27 @@ impl AgentCgroup {
         names
     }
 
+    fn place_all(&mut self, version: Version, dir: &Path, controllers: &[Controller]) {
+        self.placed
+            .extend(controllers.iter().map(|c| (*c, version, dir.to_owned())));
+    }
+
     /// The cgroup's directories, one per hierarchy.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
+    pub fn dirs(&self) -> Vec<&Path> {
+        let mut dirs: Vec<&Path> = Vec::new();
+        for (_, _, dir) in &self.placed {
+            if !dirs.contains(&dir.as_path()) {
+                dirs.push(dir);
+            }
+        }
+        dirs
     }
 
     /// Opens every `cgroup.procs` for writing: a process that writes `0` to them joins the
     /// cgroup (see [`join`]).
     pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
-        self.dirs
-            .iter()
+        self.dirs()
+            .into_iter()
             .map(|dir| {
                 let path = dir.join("cgroup.procs");
                 OpenOptions::new()
@@ -191,9 +191,7 @@ impl AgentCgroup {
             })
             .collect()
     }
-}
 
-impl AgentCgroup {
     fn place(&self, controller: Controller) -> Result<(Version, &Path), CgroupError> {
         self.placed
             .iter()
@@ -222,7 +220,7 @@ impl AgentCgroup {
         };
         write_file(&dir.join(file), value)?;
         let deadline = Instant::now() + FREEZE_PATIENCE;
-        while !self.reached(version, dir, frozen) {
+        while !freeze_reached(version, dir, frozen) {
             if Instant::now() >= deadline {
                 return Err(CgroupError::Write {
                     path: dir.join(file),
@@ -235,24 +233,6 @@ impl AgentCgroup {
         Ok(())
     }
 
-    /// Whether every task has followed a freeze (or thaw).
-    fn reached(&self, version: Version, dir: &Path, frozen: bool) -> bool {
-        match version {
-            Version::V1 => std::fs::read_to_string(dir.join("freezer.state"))
-                .is_ok_and(|s| s.trim() == if frozen { "FROZEN" } else { "THAWED" }),
-            // `cgroup.events` never says `frozen 1` while the cgroup holds kernel threads, and
-            // KVM puts its per-VM workers in the VM creator's cgroup: look at the user tasks.
-            Version::V2 if frozen => {
-                let threads =
-                    std::fs::read_to_string(dir.join("cgroup.threads")).unwrap_or_default();
-                threads
-                    .lines()
-                    .all(|tid| is_kernel_thread(tid) || in_freezer_trap(tid))
-            }
-            Version::V2 => true,
-        }
-    }
-
     /// Whether the cgroup is frozen (paused), or being frozen.
     pub fn is_frozen(&self) -> bool {
         match self.place(Controller::Freezer) {
@@ -263,6 +243,49 @@ impl AgentCgroup {
                 .is_ok_and(|s| s.trim() != "THAWED"),
             Err(_) => false,
         }
+    }
+
+    /// What the agent holds of the host, read back from its limits: CPU quota (in CPUs), cpuset
+    /// and memory limit. Missing or unlimited values are None.
+    pub fn held(&self) -> Slice {
+        let mut held = Slice::default();
+        if let Ok((version, dir)) = self.place(Controller::Cpu) {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let (quota, period) = match version {
+                Version::V2 => {
+                    let max = read("cpu.max");
+                    let mut parts = max.split_whitespace();
+                    (
+                        parts.next().and_then(|q| q.parse::<i64>().ok()),
+                        parts.next().and_then(|p| p.parse::<i64>().ok()),
+                    )
+                }
+                Version::V1 => (
+                    read("cpu.cfs_quota_us").trim().parse().ok(),
+                    read("cpu.cfs_period_us").trim().parse().ok(),
+                ),
+            };
+            held.cpus = match (quota, period) {
+                (Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
+                _ => None,
+            };
+        }
+        if let Ok((_, dir)) = self.place(Controller::Cpuset) {
+            held.cpuset = std::fs::read_to_string(dir.join("cpuset.cpus"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty());
+        }
+        if let Ok((version, dir)) = self.place(Controller::Memory) {
+            let file = match version {
+                Version::V2 => "memory.max",
+                Version::V1 => "memory.limit_in_bytes",
+            };
+            // "max" (v2) or a huge number (v1) mean no limit.
+            held.memory_bytes =
+                Some(read_number(&dir.join(file))).filter(|b| *b > 0 && *b < 1 << 60);
+        }
+        held
     }
 
     /// CPU and memory use, from the cgroup's accounting files (0 where a figure is missing).
@@ -292,6 +315,23 @@ impl AgentCgroup {
             stats.memory_peak_bytes = read_number(&dir.join(peak));
         }
         stats
+    }
+}
+
+/// Whether every task of the cgroup in `dir` has followed a freeze (or thaw).
+fn freeze_reached(version: Version, dir: &Path, frozen: bool) -> bool {
+    match version {
+        Version::V1 => std::fs::read_to_string(dir.join("freezer.state"))
+            .is_ok_and(|s| s.trim() == if frozen { "FROZEN" } else { "THAWED" }),
+        // `cgroup.events` never says `frozen 1` while the cgroup holds kernel threads, and
+        // KVM puts its per-VM workers in the VM creator's cgroup: look at the user tasks.
+        Version::V2 if frozen => {
+            let threads = std::fs::read_to_string(dir.join("cgroup.threads")).unwrap_or_default();
+            threads
+                .lines()
+                .all(|tid| is_kernel_thread(tid) || in_freezer_trap(tid))
+        }
+        Version::V2 => true,
     }
 }
 
@@ -341,7 +381,7 @@ impl Drop for AgentCgroup {
         if !self.owned {
             return;
         }
-        for dir in self.dirs.iter().rev() {
+        for dir in self.dirs().into_iter().rev() {
             if let Err(e) = remove_dir(dir) {
                 warn!(dir = %dir.display(), error = %e, "cannot remove an agent cgroup");
             }
@@ -362,27 +402,20 @@ pub fn join(fds: &[std::os::fd::RawFd]) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes the cgroups of agents whose owner process is gone (a run or daemon that was killed).
-/// Names are `LABEL-PID-N`, PID being the owner's.
+/// Removes the cgroups of agents whose owner process is gone (a run or daemon that was killed),
+/// with anything left in them. Names are `LABEL-PID-N`, PID being the owner's.
 pub fn remove_stale(layout: &Layout) {
-    for (hierarchy, _) in layout.hierarchies() {
-        let Ok(entries) = std::fs::read_dir(hierarchy.mount.join(PARENT)) else {
+    for name in AgentCgroup::list(layout) {
+        let Some(owner) = owner_pid(&name) else {
             continue;
         };
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name();
-            let Some(owner) = name.to_str().and_then(owner_pid) else {
-                continue;
-            };
-            if Path::new(&format!("/proc/{owner}")).exists() || !entry.path().is_dir() {
-                continue;
-            }
-            match remove_dir(&entry.path()) {
-                Ok(()) => debug!(dir = %entry.path().display(), "removed a stale agent cgroup"),
-                Err(e) => {
-                    warn!(dir = %entry.path().display(), error = %e, "cannot remove a stale agent cgroup")
-                }
-            }
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        if let Ok(mut stale) = AgentCgroup::open(layout, &name) {
+            debug!(name, "removing a stale agent cgroup");
+            // Owned from here: dropping it removes it.
+            stale.owned = true;
         }
     }
 }
@@ -467,7 +500,11 @@ fn remove_dir(dir: &Path) -> io::Result<()> {
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => {
                 let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                for pid in procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok())
+                    .filter(|pid| *pid > 0)
+                {
                     // SAFETY: kill has no memory-safety preconditions; these are the lingering
                     // tasks of an agent cgroup that is being removed.
                     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -145,6 +145,11 @@ impl Slice {
     }
 }
 
+/// The CPUs online on this machine, as the kernel lists them (`0-3,6`); empty if unreadable.
+pub fn online_cpu_list() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default()
+}
+
 /// Parses a kernel CPU list ("0-3,6"), returning the CPUs in it.
 pub fn parse_cpu_list(list: &str) -> Option<Vec<u32>> {
     let mut cpus = Vec::new();

@@ -40,6 +40,10 @@ fn a_process_joined_between_fork_and_exec_runs_under_the_slice_and_nothing_is_le
         cpuset: None,
     };
     let cgroup = AgentCgroup::create(&layout, &name, &slice).unwrap();
+    // What admission reads back is what was written.
+    let held = cgroup.held();
+    assert_eq!(held.cpus, slice.cpus);
+    assert_eq!(held.memory_bytes, slice.memory_bytes);
     let files = cgroup.procs_files().unwrap();
     let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
     let mut cmd = Command::new("sleep");
@@ -79,7 +83,7 @@ fn a_process_joined_between_fork_and_exec_runs_under_the_slice_and_nothing_is_le
 
     child.kill().unwrap();
     child.wait().unwrap();
-    let dirs = cgroup.dirs().to_vec();
+    let dirs: Vec<PathBuf> = cgroup.dirs().into_iter().map(Path::to_owned).collect();
     drop(cgroup);
     for dir in dirs {
         assert!(!dir.exists(), "{} is left", dir.display());
@@ -109,8 +113,8 @@ fn cgroups_of_dead_owners_are_removed_and_live_ones_kept() {
         .iter()
         .map(|name| AgentCgroup::create(&layout, name, &Slice::default()).unwrap())
         .collect();
-    let dead_dirs = created[0].dirs().to_vec();
-    let live_dirs = created[1].dirs().to_vec();
+    let dead_dirs: Vec<PathBuf> = created[0].dirs().into_iter().map(Path::to_owned).collect();
+    let live_dirs: Vec<PathBuf> = created[1].dirs().into_iter().map(Path::to_owned).collect();
     // Forget them, as a killed owner would.
     created.into_iter().for_each(std::mem::forget);
 
