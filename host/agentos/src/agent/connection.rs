@@ -65,8 +65,8 @@ pub struct AgentConnection {
     keepalive: Option<Keepalive>,
     /// When the last frame arrived.
     last_heard: Instant,
-    /// When the ping sent to a quiet agent went out, if one is outstanding.
-    ping_sent: Option<Instant>,
+    /// Whether a ping to a quiet agent is still unanswered.
+    ping_outstanding: bool,
 }
 
 impl AgentConnection {
@@ -99,7 +99,7 @@ impl AgentConnection {
             deadline: None,
             keepalive: None,
             last_heard: Instant::now(),
-            ping_sent: None,
+            ping_outstanding: false,
         })
     }
 
@@ -122,7 +122,7 @@ impl AgentConnection {
     pub fn set_keepalive(&mut self, keepalive: Option<Keepalive>) {
         self.keepalive = keepalive;
         self.last_heard = Instant::now();
-        self.ping_sent = None;
+        self.ping_outstanding = false;
     }
 
     /// With a keepalive, waits until a frame starts to arrive, pinging a quiet agent.
@@ -146,10 +146,10 @@ impl AgentConnection {
             if quiet >= keepalive.limit {
                 return Err(ConnectionError::Stalled(quiet));
             }
-            if self.ping_sent.is_none() && quiet >= keepalive.interval {
+            if !self.ping_outstanding && quiet >= keepalive.interval {
                 let id = self.new_id();
                 self.send(&HostMessage::Ping { id })?;
-                self.ping_sent = Some(Instant::now());
+                self.ping_outstanding = true;
             }
         }
     }
@@ -172,7 +172,7 @@ impl AgentConnection {
         match self.reader.read() {
             Ok(Some(msg)) => {
                 self.last_heard = Instant::now();
-                self.ping_sent = None;
+                self.ping_outstanding = false;
                 Ok(msg)
             }
             Ok(None) => Err(ConnectionError::Closed),
