@@ -3,15 +3,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
 use std::time::Duration;
 
 use agentos_protocol::{
     BootTimings, ExecRequest, FrameError, FrameReader, GuestMessage, Hello, HostMessage,
-    PROTOCOL_VERSION, status, write_frame,
+    InferRequest, PROTOCOL_VERSION, status, write_frame,
 };
 
 use crate::exec::{self, Finish, Running, StdinError};
+use crate::infer::Models;
 use crate::outbox::{Outbox, Writer, WriterGone};
 use crate::reaper::Reaper;
 use crate::transport::Connection;
@@ -19,6 +22,9 @@ use crate::{describe, init, lock, system};
 
 /// Programs one connection may run at once; each costs threads, pipes and queued output.
 const MAX_EXECS: usize = 64;
+
+/// Inference requests one connection may have in flight; each holds a thread.
+const MAX_INFERS: usize = 8;
 
 /// How long the last frames of a connection (`shutting_down` above all) may take to leave.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
@@ -32,6 +38,8 @@ pub struct Context {
     init_ms: u64,
     /// Set by the first `hello`: boot timings describe the boot, not each connection.
     ready_ms: OnceLock<u64>,
+    /// Loaded once, shared by every connection.
+    models: Arc<Models>,
 }
 
 impl Context {
@@ -47,6 +55,7 @@ impl Context {
             reaper,
             init_ms,
             ready_ms: OnceLock::new(),
+            models: Arc::new(Models::new(system::online_cpus() as usize)),
         }
     }
 
@@ -112,6 +121,7 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         ctx,
         outbox,
         execs: Arc::default(),
+        infers: Arc::default(),
     };
     let mut frames = FrameReader::new(conn);
     let ended = session.run(&mut frames);
@@ -133,6 +143,8 @@ struct Session<'a> {
     ctx: &'a Context,
     outbox: Outbox,
     execs: Execs,
+    /// Inference requests running.
+    infers: Arc<AtomicUsize>,
 }
 
 enum Flow {
@@ -163,6 +175,7 @@ impl Session<'_> {
             HostMessage::Stdin { id, data } => self.stdin(id, data.0)?,
             HostMessage::CloseStdin { id } => self.close_stdin(id)?,
             HostMessage::Signal { id, signal } => self.signal(id, signal)?,
+            HostMessage::Infer(req) => self.infer(req)?,
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.
                 let _ = self
@@ -172,6 +185,40 @@ impl Session<'_> {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Runs an inference on a thread of its own, so that the connection keeps serving (pings
+    /// above all) while a model loads or runs.
+    fn infer(&self, req: InferRequest) -> Result<(), WriterGone> {
+        let id = req.id;
+        if self.infers.fetch_add(1, Ordering::AcqRel) >= MAX_INFERS {
+            self.infers.fetch_sub(1, Ordering::AcqRel);
+            return self.error(
+                id,
+                format!("{MAX_INFERS} inference requests are already running on this connection"),
+            );
+        }
+        let models = Arc::clone(&self.ctx.models);
+        let outbox = self.outbox.clone();
+        let infers = Arc::clone(&self.infers);
+        let spawned = thread::Builder::new()
+            .name(format!("infer-{id}"))
+            .spawn(move || {
+                let answer = match models.infer(&req) {
+                    Ok(reply) => GuestMessage::Inferred(reply),
+                    Err(err) => GuestMessage::Error {
+                        id,
+                        message: describe(&err),
+                    },
+                };
+                infers.fetch_sub(1, Ordering::AcqRel);
+                let _ = outbox.send(answer);
+            });
+        if let Err(err) = spawned {
+            self.infers.fetch_sub(1, Ordering::AcqRel);
+            return self.error(id, format!("cannot start an inference thread: {err}"));
+        }
+        Ok(())
     }
 
     fn exec(&self, req: ExecRequest) -> Result<(), WriterGone> {

@@ -8,16 +8,22 @@
 //! The same frames run over vsock between host and agent, and over a virtio-serial port between the
 //! host and a carrier VM.
 
+pub mod bundle;
 mod codec;
+mod infer;
 mod message;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME_BYTES, encode_frame, write_frame};
+pub use infer::{
+    Entity, InferOptions, InferReply, InferRequest, InferResult, InferTimings, LabelScore,
+    MAX_INFER_INPUT_BYTES, MAX_INFER_INPUTS, Task, UnknownTask,
+};
 pub use message::{
     BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, StreamData,
 };
 
 /// Version of the message set. A guest whose version differs from the host's is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The well-known CID of the host in vsock addressing.
 pub const HOST_CID: u64 = 2;

@@ -7,6 +7,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::infer::{InferReply, InferRequest};
+
 /// Bytes carried as a base64 string, so that any output survives JSON.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct StreamData(pub Vec<u8>);
@@ -34,7 +36,7 @@ impl<'de> Deserialize<'de> for StreamData {
 }
 
 /// What the host asks of a guest agent. Every request carries an `id` chosen by the host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostMessage {
     /// Liveness check; answered with [`GuestMessage::Pong`].
@@ -49,12 +51,15 @@ pub enum HostMessage {
     Signal { id: u64, signal: i32 },
     /// Stop every program and power the VM off; answered with `shutting_down`.
     Shutdown { id: u64 },
+    /// Run a model; answered with `inferred`, or `error`.
+    Infer(InferRequest),
 }
 
 impl HostMessage {
     pub fn id(&self) -> u64 {
         match self {
             Self::Exec(req) => req.id,
+            Self::Infer(req) => req.id,
             Self::Ping { id }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
@@ -134,7 +139,7 @@ pub struct Hello {
 }
 
 /// What a guest agent sends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum GuestMessage {
     Hello(Hello),
@@ -168,6 +173,8 @@ pub enum GuestMessage {
     ShuttingDown {
         id: u64,
     },
+    /// Answer to `infer`.
+    Inferred(InferReply),
 }
 
 #[cfg(test)]

@@ -3,5 +3,6 @@
 
 mod cgroup;
 mod common;
+mod infer;
 mod run;
 mod vsock;

@@ -88,6 +88,10 @@ pub struct CarrierArgs {
     /// Copy the carrier's console to stderr.
     #[arg(long)]
     pub console: bool,
+    /// Also copy in every installed model bundle, packed, so that `agentos run --model` works
+    /// inside.
+    #[arg(long)]
+    pub models: bool,
     /// Environment variable for the command, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -164,6 +168,15 @@ pub fn agent_image_files() -> Vec<PathBuf> {
 pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
     let mut files = args.files.clone();
     files.extend(agent_image_files());
+    if args.models {
+        let cache = image::default_cache_dir();
+        let img = image::find_image(&cache, image::AGENT_IMAGE)
+            .context("--models needs the agent image; run `scripts/setup`")?;
+        files.extend(crate::model::carrier_files(
+            &crate::model::ModelStore::new(&cache),
+            &img.manifest.libraries,
+        )?);
+    }
     let program = Path::new(&args.command[0]);
     if program.is_absolute() && program.is_file() {
         files.push(program.to_path_buf());

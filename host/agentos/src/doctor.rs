@@ -113,6 +113,7 @@ fn probe_linux(cache: &Path) -> LinuxKvm {
         memory_mib: 256,
         kernel: img.vmlinuz,
         initrd: img.initrd,
+        extra_initrds: Vec::new(),
         extra_cmdline: None,
         console: false,
         boot_timeout: PROBE_TIMEOUT,

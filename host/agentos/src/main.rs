@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{bench, carrier, control, doctor, image_cmd, run, signals, vmm_cmd};
+use agentos::{bench, carrier, control, doctor, image_cmd, model_cmd, run, signals, vmm_cmd};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -20,8 +20,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot an agent VM, run a program in it with your stdin/stdout/stderr, and exit with its status.
+    /// Boot an agent VM, run a program in it with your stdin/stdout/stderr, and exit with its status;
+    /// or, with --model, run a model on a text and print the result.
+    #[command(
+        after_help = "Examples:\n  agentos run -- /bin/uname -a\n  agentos run --model sentiment --task classify --input \"I love this, it works perfectly\"\n  agentos run --model minilm --task summarize --input-file article.txt --json"
+    )]
     Run(run::RunArgs),
+    /// The model bundles agents run: list, add, verify, remove.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Show the agents running on this host: CPU, throttling, memory (from their cgroups).
     Top(control::TopArgs),
     /// One agent's CPU and memory figures.
@@ -73,6 +80,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Carrier(args) => carrier::run_command(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Image(cmd) => image_cmd::run(cmd),
+        Command::Model(cmd) => model_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Vmm(args) => vmm_cmd::run(args, started),
     }

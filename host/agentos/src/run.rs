@@ -16,6 +16,8 @@ use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
 
+/// Guest memory when `--memory` is not given.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Below this the stock kernel and the initramfs do not fit comfortably.
 pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
@@ -29,9 +31,9 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub vcpus: u8,
-    /// Guest memory in MiB (at least 128).
-    #[arg(long, default_value_t = 256)]
-    pub memory: u64,
+    /// Guest memory in MiB, at least 128 (default 256; 768 with --model).
+    #[arg(long)]
+    pub memory: Option<u64>,
     /// Guest kernel (default: the agent image's).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -85,8 +87,15 @@ pub struct RunArgs {
     /// Working directory of the program in the guest.
     #[arg(long)]
     pub cwd: Option<String>,
+    #[command(flatten)]
+    pub infer: crate::infer_run::InferArgs,
     /// The program and its arguments.
-    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    #[arg(
+        last = true,
+        required_unless_present = "model",
+        conflicts_with = "model",
+        value_name = "PROGRAM"
+    )]
     pub command: Vec<String>,
 }
 
@@ -124,17 +133,14 @@ struct GuestBoot {
 impl VmArgs {
     /// Checks what a user can get wrong, before anything is started.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.memory < MIN_MEMORY_MIB {
+        let memory = self.memory.unwrap_or(DEFAULT_MEMORY_MIB);
+        if memory < MIN_MEMORY_MIB {
             bail!(
-                "--memory {} MiB is too small: an agent VM needs at least {MIN_MEMORY_MIB} MiB",
-                self.memory
+                "--memory {memory} MiB is too small: an agent VM needs at least {MIN_MEMORY_MIB} MiB"
             );
         }
-        if self.memory > MAX_MEMORY_MIB {
-            bail!(
-                "--memory {} MiB is more than the {MAX_MEMORY_MIB} MiB limit",
-                self.memory
-            );
+        if memory > MAX_MEMORY_MIB {
+            bail!("--memory {memory} MiB is more than the {MAX_MEMORY_MIB} MiB limit");
         }
         crate::cgroup::Slice {
             cpus: self.cpus,
@@ -170,9 +176,10 @@ impl VmArgs {
         };
         Ok(BootOptions {
             vcpus: self.vcpus,
-            memory_mib: self.memory,
+            memory_mib: self.memory.unwrap_or(DEFAULT_MEMORY_MIB),
             kernel,
             initrd,
+            extra_initrds: Vec::new(),
             extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
@@ -207,6 +214,9 @@ pub fn check_kvm_access() -> anyhow::Result<()> {
 
 pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     args.vm.validate()?;
+    if args.infer.model.is_some() {
+        return crate::infer_run::run(args, started);
+    }
     if carrier::should_use(args.vm.carrier)? {
         return carrier::rerun_self_inside(&args.vm);
     }

@@ -24,9 +24,9 @@ pub struct VmmArgs {
     /// Guest kernel: a bzImage, or an ELF with a PVH entry note.
     #[arg(long)]
     pub kernel: PathBuf,
-    /// Initial ramdisk.
+    /// Initial ramdisk; repeat to append more cpio archives (loaded end to end).
     #[arg(long)]
-    pub initrd: Option<PathBuf>,
+    pub initrd: Vec<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,

@@ -181,9 +181,15 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     info!("devices ready");
     let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
     info!(end = kernel.end.0, "kernel loaded");
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(&mem, &kernel, &mut open(path)?)?),
-        None => None,
+    let initrd = if config.initrd.is_empty() {
+        None
+    } else {
+        let mut parts = config
+            .initrd
+            .iter()
+            .map(|path| open(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(boot::load_initrd(&mem, &kernel, &mut parts)?)
     };
     info!("initrd loaded");
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;

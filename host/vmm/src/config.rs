@@ -11,7 +11,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// A bzImage, or an ELF with a PVH entry note.
     pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    /// Initramfs parts, loaded end to end; the kernel unpacks each cpio archive in turn, later
+    /// files replacing earlier ones.
+    pub initrd: Vec<PathBuf>,
     pub cmdline: String,
     pub console: ConsoleConfig,
     pub vsock: Option<VsockConfig>,

@@ -44,7 +44,7 @@ fn tiny_config(scratch: &Scratch, vcpus: u8) -> VmConfig {
         vcpus,
         memory_mib: 16,
         kernel,
-        initrd: None,
+        initrd: Vec::new(),
         cmdline: String::new(),
         console: ConsoleConfig {
             log: Some(scratch.0.join("console.log")),

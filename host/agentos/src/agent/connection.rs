@@ -1,5 +1,5 @@
 //! The host end of a guest-agent connection: handshake, ping, exec with streamed standard I/O,
-//! shutdown. The same client speaks to agents over vsock and to a carrier over virtio-serial.
+//! inference, shutdown. The same client speaks to agents over vsock and to a carrier over virtio-serial.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -9,8 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::{
-    ExecRequest, ExitStatus, FrameError, FrameReader, GuestMessage, Hello, HostMessage,
-    PROTOCOL_VERSION, StreamData, write_frame,
+    ExecRequest, ExitStatus, FrameError, FrameReader, GuestMessage, Hello, HostMessage, InferReply,
+    InferRequest, PROTOCOL_VERSION, StreamData, write_frame,
 };
 
 /// Standard input is forwarded in chunks of this size.
@@ -236,6 +236,23 @@ impl AgentConnection {
                     write_out(io.stderr, &data.0);
                 }
                 GuestMessage::Exited { id: got, status } if got == id => return Ok(status),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs an inference and waits for its answer. A refusal (unknown model, text too long, ...)
+    /// comes back as [`ConnectionError::Refused`] with the agent's explanation.
+    pub fn infer(&mut self, mut request: InferRequest) -> Result<InferReply, ConnectionError> {
+        let id = self.new_id();
+        request.id = id;
+        self.send(&HostMessage::Infer(request))?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Inferred(reply) if reply.id == id => return Ok(reply),
                 GuestMessage::Error { id: got, message } if got == id => {
                     return Err(ConnectionError::Refused(message));
                 }

@@ -42,6 +42,8 @@ pub struct BootOptions {
     pub memory_mib: u64,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// cpio archives loaded after `initrd` (model bundles, ONNX Runtime).
+    pub extra_initrds: Vec<PathBuf>,
     /// Appended to [`AGENT_CMDLINE`].
     pub extra_cmdline: Option<String>,
     /// Copy the guest console to our stdout.
@@ -324,8 +326,11 @@ fn spawn_vmm(
         .arg("--kernel")
         .arg(&opts.kernel)
         .arg("--initrd")
-        .arg(&opts.initrd)
-        .args(["--vcpus", &opts.vcpus.to_string()])
+        .arg(&opts.initrd);
+    for extra in &opts.extra_initrds {
+        cmd.arg("--initrd").arg(extra);
+    }
+    cmd.args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--memory", &opts.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
         .arg("--vsock-uds")

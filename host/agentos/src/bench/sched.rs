@@ -172,6 +172,7 @@ fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
         memory_mib: MEMORY_MIB,
         kernel: img.vmlinuz,
         initrd: img.initrd,
+        extra_initrds: Vec::new(),
         extra_cmdline: None,
         console: false,
         boot_timeout: BOOT_TIMEOUT,

@@ -100,32 +100,49 @@ pub fn load_kernel(mem: &GuestMemory, kernel: &mut File) -> Result<LoadedKernel,
     })
 }
 
-/// Loads the initrd at the top of low memory (page aligned), above the kernel.
+/// Loads the initrd, made of `parts` laid end to end, at the top of low memory (page aligned),
+/// above the kernel.
 pub fn load_initrd(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
-    initrd: &mut File,
+    parts: &mut [File],
 ) -> Result<LoadedInitrd, BootError> {
-    let size = initrd
-        .seek(SeekFrom::End(0))
-        .and_then(|size| initrd.seek(SeekFrom::Start(0)).map(|_| size))
-        .map_err(BootError::ReadInitrd)?;
+    let mut sizes = Vec::with_capacity(parts.len());
+    for part in parts.iter_mut() {
+        let size = part
+            .seek(SeekFrom::End(0))
+            .and_then(|size| part.seek(SeekFrom::Start(0)).map(|_| size))
+            .map_err(BootError::ReadInitrd)?;
+        sizes.push(size);
+    }
+    // Each part starts on a 4-byte boundary, as concatenated cpio archives must; the gaps are
+    // zeros (fresh guest memory), which the kernel skips between archives.
+    let total = sizes
+        .iter()
+        .try_fold(0u64, |sum, &size| {
+            sum.checked_add(size.checked_next_multiple_of(4)?)
+        })
+        .ok_or(BootError::InitrdTooLarge { initrd: u64::MAX })?;
     let low_end = low_memory_end(mem);
-    let too_large = BootError::InitrdTooLarge { initrd: size };
+    let too_large = BootError::InitrdTooLarge { initrd: total };
     let addr = low_end
-        .checked_sub(size)
+        .checked_sub(total)
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel.end.raw_value())
         .ok_or(too_large)?;
-    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { initrd: size })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
-        .map_err(|e| match e {
-            vm_memory::GuestMemoryError::IOError(io) => BootError::ReadInitrd(io),
-            other => BootError::GuestMemory(other),
-        })?;
+    let mut at = addr;
+    for (part, &size) in parts.iter_mut().zip(&sizes) {
+        let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { initrd: total })?;
+        mem.read_exact_volatile_from(GuestAddress(at), part, len)
+            .map_err(|e| match e {
+                vm_memory::GuestMemoryError::IOError(io) => BootError::ReadInitrd(io),
+                other => BootError::GuestMemory(other),
+            })?;
+        at += size.next_multiple_of(4);
+    }
     Ok(LoadedInitrd {
         addr: GuestAddress(addr),
-        size,
+        size: at - addr,
     })
 }
 

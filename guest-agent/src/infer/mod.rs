@@ -1,0 +1,219 @@
+//! Inference: the model bundles the image carries, loaded on first use and kept for the agent's
+//! life, and the tasks run on them.
+
+mod apertium;
+mod decode;
+pub mod native;
+mod onnx;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use agentos_protocol::bundle::{
+    BundleManifest, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE, Runtime, check_name,
+};
+use agentos_protocol::{
+    InferReply, InferRequest, InferResult, InferTimings, MAX_INFER_INPUT_BYTES, MAX_INFER_INPUTS,
+    Task,
+};
+
+use crate::lock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("request has no inputs")]
+    NoInputs,
+    #[error("input {0} is empty")]
+    EmptyInput(usize),
+    #[error("{count} inputs is too many; send at most {MAX_INFER_INPUTS} per request")]
+    TooManyInputs { count: usize },
+    #[error("inputs total {bytes} bytes; send at most {MAX_INFER_INPUT_BYTES} per request")]
+    TooMuchText { bytes: usize },
+    #[error("{0}")]
+    BadName(#[from] agentos_protocol::bundle::BundleError),
+    #[error("model `{name}` is not in this VM (looked in {dir}); start the agent with it")]
+    NoModel { name: String, dir: PathBuf },
+    #[error("model `{name}`: cannot read {path}: {source}")]
+    Read {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model `{name}`: {detail}")]
+    Manifest { name: String, detail: String },
+    #[error("model `{name}` does not do {task}; it does {tasks}")]
+    Unsupported {
+        name: String,
+        task: Task,
+        tasks: String,
+    },
+    #[error("ONNX Runtime is not in this VM ({GUEST_ONNXRUNTIME}); start the agent with a model")]
+    NoRuntime,
+    #[error("cannot load ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("model `{name}`: cannot load {file}: {detail}")]
+    Load {
+        name: String,
+        file: &'static str,
+        detail: String,
+    },
+    #[error(
+        "input {input} is {tokens} tokens long; model `{model}` takes at most {max}: split the text, or summarize it first"
+    )]
+    TooLong {
+        input: usize,
+        tokens: usize,
+        max: u32,
+        model: String,
+    },
+    #[error(
+        "sentence {sentence} of input {input} is {tokens} tokens long; model `{model}` takes at most {max}"
+    )]
+    SentenceTooLong {
+        input: usize,
+        sentence: usize,
+        tokens: usize,
+        max: u32,
+        model: String,
+    },
+    #[error("model `{model}`: {detail}")]
+    Model { model: String, detail: String },
+    #[error("translator `{model}`: {detail}")]
+    Translate { model: String, detail: String },
+}
+
+/// A bundle, loaded.
+enum Loaded {
+    Onnx(Box<onnx::Model>),
+    Apertium(Box<apertium::Translator>),
+}
+
+/// The bundles of this VM, each loaded once.
+pub struct Models {
+    dir: PathBuf,
+    runtime: PathBuf,
+    threads: usize,
+    loaded: Mutex<HashMap<String, Arc<Mutex<Option<Loaded>>>>>,
+}
+
+impl Models {
+    pub fn new(threads: usize) -> Self {
+        Self::at(
+            Path::new(GUEST_MODELS_DIR),
+            Path::new(GUEST_ONNXRUNTIME),
+            threads,
+        )
+    }
+
+    pub fn at(dir: &Path, runtime: &Path, threads: usize) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            runtime: runtime.to_owned(),
+            threads: threads.max(1),
+            loaded: Mutex::default(),
+        }
+    }
+
+    pub fn infer(&self, req: &InferRequest) -> Result<InferReply, InferError> {
+        check_inputs(&req.inputs)?;
+        check_name(&req.model)?;
+        let slot = Arc::clone(lock(&self.loaded).entry(req.model.clone()).or_default());
+        // One request at a time per model: a session is not shared between runs.
+        let mut slot = lock(&slot);
+        let mut timings = InferTimings::default();
+        if slot.is_none() {
+            let started = Instant::now();
+            *slot = Some(self.load(&req.model)?);
+            timings.load_us = micros(started);
+        }
+        let Some(loaded) = slot.as_mut() else {
+            unreachable!("loaded just above")
+        };
+        let results = match loaded {
+            Loaded::Onnx(model) => model.run(req, &mut timings)?,
+            Loaded::Apertium(translator) => translator.run(req, &mut timings)?,
+        };
+        Ok(InferReply {
+            id: req.id,
+            model: req.model.clone(),
+            task: req.task,
+            results,
+            timings,
+        })
+    }
+
+    fn load(&self, name: &str) -> Result<Loaded, InferError> {
+        let dir = self.dir.join(name);
+        let manifest_path = dir.join(MANIFEST_FILE);
+        if !manifest_path.is_file() {
+            return Err(InferError::NoModel {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+            });
+        }
+        let text = fs::read_to_string(&manifest_path).map_err(|source| InferError::Read {
+            name: name.to_owned(),
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let manifest = BundleManifest::parse(&text).map_err(|e| InferError::Manifest {
+            name: name.to_owned(),
+            detail: e.to_string(),
+        })?;
+        if manifest.name != name {
+            return Err(InferError::Manifest {
+                name: name.to_owned(),
+                detail: format!("its manifest names it `{}`", manifest.name),
+            });
+        }
+        match manifest.runtime {
+            Runtime::Onnx => onnx::Model::load(&dir, manifest, &self.runtime, self.threads)
+                .map(|m| Loaded::Onnx(Box::new(m))),
+            Runtime::Apertium => {
+                apertium::Translator::load(&dir, manifest).map(|t| Loaded::Apertium(Box::new(t)))
+            }
+        }
+    }
+}
+
+fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
+    if inputs.is_empty() {
+        return Err(InferError::NoInputs);
+    }
+    if inputs.len() > MAX_INFER_INPUTS {
+        return Err(InferError::TooManyInputs {
+            count: inputs.len(),
+        });
+    }
+    let bytes: usize = inputs.iter().map(String::len).sum();
+    if bytes > MAX_INFER_INPUT_BYTES {
+        return Err(InferError::TooMuchText { bytes });
+    }
+    if let Some(i) = inputs.iter().position(|t| t.trim().is_empty()) {
+        return Err(InferError::EmptyInput(i + 1));
+    }
+    Ok(())
+}
+
+fn unsupported(manifest: &BundleManifest, task: Task) -> InferError {
+    InferError::Unsupported {
+        name: manifest.name.clone(),
+        task,
+        tasks: manifest
+            .tasks
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The result type every task produces per input.
+type Results = Vec<InferResult>;

@@ -1,0 +1,279 @@
+//! Model bundles: a directory holding a model and its `agentos-model.toml`, which the host checks
+//! and packs and the guest agent loads.
+//!
+//! ```toml
+//! name = "sentiment"
+//! tasks = ["classify"]
+//! max_tokens = 256
+//! output = "probabilities"        # the model output the task reads
+//! labels = ["negative", "positive"]
+//!
+//! [files]                         # every file of the bundle, with its SHA-256
+//! "model.onnx" = "9f2c..."
+//! "tokenizer.json" = "41d0..."
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::infer::Task;
+
+/// The manifest's file name inside a bundle directory.
+pub const MANIFEST_FILE: &str = "agentos-model.toml";
+/// Where bundles are in the guest: `<dir>/<name>/`.
+pub const GUEST_MODELS_DIR: &str = "/opt/agentos/models";
+/// Where ONNX Runtime is in the guest.
+pub const GUEST_ONNXRUNTIME: &str = "/opt/agentos/onnxruntime/libonnxruntime.so";
+/// The model file of an `onnx` bundle.
+pub const MODEL_FILE: &str = "model.onnx";
+/// The tokenizer of an `onnx` bundle, in the Hugging Face `tokenizers` format.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+const MAX_NAME: usize = 64;
+const MAX_LABELS: usize = 4096;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// `model.onnx` and `tokenizer.json`, run with ONNX Runtime.
+    #[default]
+    Onnx,
+    /// Apertium's rule-based translator, with the language pair's data in the bundle.
+    Apertium,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleManifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub licence: String,
+    #[serde(default)]
+    pub runtime: Runtime,
+    pub tasks: Vec<Task>,
+    /// Longest input, in tokens including the special ones, the model takes.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// The output the task reads: `[batch, n]` pooled vectors or class scores, `[batch, seq, n]`
+    /// token scores. Scores named `probabilities` are used as they are, others get a softmax.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Class names, in the order of the output's last dimension.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Apertium: the mode to run, e.g. `eng-spa`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Free-form: what built the bundle.
+    #[serde(default)]
+    pub build: String,
+    /// Free-form: how well the model does, and on what.
+    #[serde(default)]
+    pub evaluation: BTreeMap<String, toml::Value>,
+    /// Every file of the bundle, relative to its directory, with its SHA-256 in hex.
+    pub files: BTreeMap<String, String>,
+}
+
+fn default_max_tokens() -> u32 {
+    512
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{MANIFEST_FILE}: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error(
+        "bundle name `{0}` is not valid: use 1 to {MAX_NAME} letters, digits, `-`, `_` or `.`, not starting with `.`"
+    )]
+    Name(String),
+    #[error(
+        "{MANIFEST_FILE}: `tasks` is empty; list what the model does, e.g. tasks = [\"embed\"]"
+    )]
+    NoTasks,
+    #[error(
+        "{MANIFEST_FILE}: file name `{0}` must be a plain name or a relative path inside the bundle"
+    )]
+    FileName(String),
+    #[error("{MANIFEST_FILE}: `{0}` is not a SHA-256 in hex")]
+    Checksum(String),
+    #[error("{MANIFEST_FILE}: a {runtime} bundle needs `{file}` in [files]")]
+    MissingFile { runtime: &'static str, file: String },
+    #[error("{MANIFEST_FILE}: task {task} needs `labels`")]
+    NoLabels { task: Task },
+    #[error("{MANIFEST_FILE}: {0} labels is too many (at most {MAX_LABELS})")]
+    TooManyLabels(usize),
+    #[error("{MANIFEST_FILE}: task {task} is not something {runtime} bundles do")]
+    Unsupported { task: Task, runtime: &'static str },
+    #[error("{MANIFEST_FILE}: an apertium bundle needs `mode`, e.g. mode = \"eng-spa\"")]
+    NoMode,
+    #[error("{MANIFEST_FILE}: max_tokens must be at least 3")]
+    MaxTokens,
+}
+
+impl BundleManifest {
+    /// Parses and checks a manifest: everything that can be known without the files.
+    pub fn parse(text: &str) -> Result<Self, BundleError> {
+        let manifest: Self = toml::from_str(text)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    pub fn validate(&self) -> Result<(), BundleError> {
+        check_name(&self.name)?;
+        if self.tasks.is_empty() {
+            return Err(BundleError::NoTasks);
+        }
+        if self.max_tokens < 3 {
+            return Err(BundleError::MaxTokens);
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(BundleError::TooManyLabels(self.labels.len()));
+        }
+        for (file, sum) in &self.files {
+            check_relative(file)?;
+            if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(BundleError::Checksum(sum.clone()));
+            }
+        }
+        let runtime = self.runtime_name();
+        let needs: &[&str] = match self.runtime {
+            Runtime::Onnx => &[MODEL_FILE, TOKENIZER_FILE],
+            Runtime::Apertium => &[],
+        };
+        for file in needs {
+            if !self.files.contains_key(*file) {
+                return Err(BundleError::MissingFile {
+                    runtime,
+                    file: (*file).to_owned(),
+                });
+            }
+        }
+        for &task in &self.tasks {
+            let supported = match self.runtime {
+                Runtime::Onnx => task != Task::Translate,
+                Runtime::Apertium => task == Task::Translate,
+            };
+            if !supported {
+                return Err(BundleError::Unsupported { task, runtime });
+            }
+            if matches!(task, Task::Classify | Task::TokenClassify) && self.labels.is_empty() {
+                return Err(BundleError::NoLabels { task });
+            }
+        }
+        if self.runtime == Runtime::Apertium && self.mode.is_none() {
+            return Err(BundleError::NoMode);
+        }
+        Ok(())
+    }
+
+    pub fn runtime_name(&self) -> &'static str {
+        match self.runtime {
+            Runtime::Onnx => "onnx",
+            Runtime::Apertium => "apertium",
+        }
+    }
+}
+
+/// Bundle names become directory names on the host and in the guest.
+pub fn check_name(name: &str) -> Result<(), BundleError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::Name(name.to_owned()))
+    }
+}
+
+fn check_relative(file: &str) -> Result<(), BundleError> {
+    let ok = !file.is_empty()
+        && !file.starts_with('/')
+        && file.len() <= 255
+        && file
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && !file.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::FileName(file.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUM: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn onnx(extra: &str) -> String {
+        format!(
+            "name = \"m\"\ntasks = [\"classify\"]\n{extra}\n[files]\n\"model.onnx\" = \"{SUM}\"\n\"tokenizer.json\" = \"{SUM}\"\n"
+        )
+    }
+
+    #[test]
+    fn a_classifier_needs_labels() {
+        let err = BundleManifest::parse(&onnx("")).unwrap_err().to_string();
+        assert!(err.contains("task classify needs `labels`"), "{err}");
+        let ok = BundleManifest::parse(&onnx("labels = [\"a\", \"b\"]")).unwrap();
+        assert_eq!(ok.max_tokens, 512);
+        assert_eq!(ok.runtime, Runtime::Onnx);
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_bundle() {
+        for bad in ["../x", "/etc/passwd", "a/../b", "", "a//b"] {
+            let text = format!("name = \"m\"\ntasks = [\"embed\"]\n[files]\n{bad:?} = \"{SUM}\"\n");
+            let err = BundleManifest::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("must be a plain name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_are_directory_safe() {
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        check_name("minilm-l6_v2.int8").unwrap();
+    }
+
+    #[test]
+    fn unknown_tasks_and_fields_are_refused() {
+        let text = onnx("labels = [\"a\"]").replace("classify", "sentiment");
+        let err = BundleManifest::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `sentiment`"), "{err}");
+        let err = BundleManifest::parse(&onnx("labels = [\"a\"]\ncolour = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn runtimes_do_their_own_tasks() {
+        let text =
+            "name = \"t\"\nruntime = \"apertium\"\ntasks = [\"translate\"]\n[files]\n".to_owned();
+        let err = BundleManifest::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("needs `mode`"), "{err}");
+        BundleManifest::parse(&text.replace("[files]", "mode = \"eng-spa\"\n[files]")).unwrap();
+        let err = BundleManifest::parse(&onnx("").replace("classify", "translate"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not something onnx bundles do"), "{err}");
+    }
+
+    #[test]
+    fn checksums_are_hex_sha256() {
+        let err = BundleManifest::parse(&onnx("labels = [\"a\"]").replacen(SUM, "abc", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`abc` is not a SHA-256"), "{err}");
+    }
+}
