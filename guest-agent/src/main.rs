@@ -77,16 +77,7 @@ enum Event {
 
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
-    if !pid1 && std::env::args().nth(1).as_deref() == Some("infer") {
-        let args: Vec<String> = std::env::args().skip(2).collect();
-        return match infer::native::main(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("agentos-guest infer: {err}");
-                ExitCode::from(2)
-            }
-        };
-    }
+
     match run(pid1) {
         Ok(()) => {
             if pid1 {

@@ -3,9 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread;
 use std::time::Duration;
 
 use agentos_protocol::{
@@ -14,7 +12,7 @@ use agentos_protocol::{
 };
 
 use crate::exec::{self, Finish, Running, StdinError};
-use crate::infer::Models;
+use crate::infer::Inference;
 use crate::outbox::{Outbox, Writer, WriterGone};
 use crate::reaper::Reaper;
 use crate::transport::Connection;
@@ -22,9 +20,6 @@ use crate::{describe, init, lock, system};
 
 /// Programs one connection may run at once; each costs threads, pipes and queued output.
 const MAX_EXECS: usize = 64;
-
-/// Inference requests one connection may have in flight; each holds a thread.
-const MAX_INFERS: usize = 8;
 
 /// How long the last frames of a connection (`shutting_down` above all) may take to leave.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
@@ -38,8 +33,8 @@ pub struct Context {
     init_ms: u64,
     /// Set by the first `hello`: boot timings describe the boot, not each connection.
     ready_ms: OnceLock<u64>,
-    /// Loaded once, shared by every connection.
-    models: Arc<Models>,
+    /// The inference worker, shared by every connection.
+    inference: Inference,
 }
 
 impl Context {
@@ -52,10 +47,10 @@ impl Context {
         Self {
             pid1,
             base_env,
+            inference: Inference::new(Arc::clone(&reaper), system::online_cpus() as usize),
             reaper,
             init_ms,
             ready_ms: OnceLock::new(),
-            models: Arc::new(Models::new(system::online_cpus() as usize)),
         }
     }
 
@@ -121,7 +116,6 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         ctx,
         outbox,
         execs: Arc::default(),
-        infers: Arc::default(),
     };
     let mut frames = FrameReader::new(conn);
     let ended = session.run(&mut frames);
@@ -143,8 +137,6 @@ struct Session<'a> {
     ctx: &'a Context,
     outbox: Outbox,
     execs: Execs,
-    /// Inference requests running.
-    infers: Arc<AtomicUsize>,
 }
 
 enum Flow {
@@ -187,38 +179,12 @@ impl Session<'_> {
         Ok(Flow::Continue)
     }
 
-    /// Runs an inference on a thread of its own, so that the connection keeps serving (pings
-    /// above all) while a model loads or runs.
     fn infer(&self, req: InferRequest) -> Result<(), WriterGone> {
         let id = req.id;
-        if self.infers.fetch_add(1, Ordering::AcqRel) >= MAX_INFERS {
-            self.infers.fetch_sub(1, Ordering::AcqRel);
-            return self.error(
-                id,
-                format!("{MAX_INFERS} inference requests are already running on this connection"),
-            );
+        match self.ctx.inference.submit(req, &self.outbox) {
+            Ok(()) => Ok(()),
+            Err(message) => self.error(id, message),
         }
-        let models = Arc::clone(&self.ctx.models);
-        let outbox = self.outbox.clone();
-        let infers = Arc::clone(&self.infers);
-        let spawned = thread::Builder::new()
-            .name(format!("infer-{id}"))
-            .spawn(move || {
-                let answer = match models.infer(&req) {
-                    Ok(reply) => GuestMessage::Inferred(reply),
-                    Err(err) => GuestMessage::Error {
-                        id,
-                        message: describe(&err),
-                    },
-                };
-                infers.fetch_sub(1, Ordering::AcqRel);
-                let _ = outbox.send(answer);
-            });
-        if let Err(err) = spawned {
-            self.infers.fetch_sub(1, Ordering::AcqRel);
-            return self.error(id, format!("cannot start an inference thread: {err}"));
-        }
-        Ok(())
     }
 
     fn exec(&self, req: ExecRequest) -> Result<(), WriterGone> {

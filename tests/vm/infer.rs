@@ -174,3 +174,92 @@ fn a_corrupt_model_is_a_clear_error() {
     );
     t.assert_nothing_left();
 }
+
+#[test]
+fn apertium_translates_english_to_spanish() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("infer-translate");
+    let out = t.output(
+        &[
+            "run",
+            "--model",
+            "translate-eng-spa",
+            "--input",
+            "The cat is on the table. I love this house.",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout),
+        "El gato es en la mesa. Quiero esta casa.\n"
+    );
+    t.assert_nothing_left();
+}
+
+/// The encoder-decoder bundle of `tests/data/seq2seq` (made by its `make.py`): greedy decoding
+/// gives the input's words in reverse order, so the decode loop's output is known exactly.
+const SEQ2SEQ_FILES: &[(&str, &[u8])] = &[
+    (
+        "encoder.onnx",
+        include_bytes!("../data/seq2seq/encoder.onnx"),
+    ),
+    (
+        "decoder.onnx",
+        include_bytes!("../data/seq2seq/decoder.onnx"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../data/seq2seq/tokenizer.json"),
+    ),
+    (
+        "agentos-model.toml",
+        include_bytes!("../data/seq2seq/agentos-model.toml"),
+    ),
+];
+
+#[test]
+fn a_seq2seq_bundle_decodes_greedily() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("infer-seq2seq");
+    let name = format!("test-reverse-{}", std::process::id());
+    let bundle = t.dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for (file, bytes) in SEQ2SEQ_FILES {
+        let bytes = if *file == "agentos-model.toml" {
+            String::from_utf8_lossy(bytes)
+                .replace("name = \"test-reverse\"", &format!("name = \"{name}\""))
+                .into_bytes()
+        } else {
+            bytes.to_vec()
+        };
+        std::fs::write(bundle.join(file), bytes).unwrap();
+    }
+    let added = t.output(&["model", "add", bundle.to_str().unwrap()], b"");
+    assert!(added.status.success(), "{}", describe(&added));
+    let out = t.output(
+        &[
+            "run",
+            "--model",
+            &name,
+            "--input",
+            "hello agent a b c world",
+            "--input",
+            "z",
+        ],
+        b"",
+    );
+    let _ = t.output(&["model", "rm", &name], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout),
+        "# input 1\nworld c b a agent hello\n# input 2\nz\n"
+    );
+    t.assert_nothing_left();
+}

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::agent::vm::{AgentVm, VmError};
 use crate::carrier;
 use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelStore, packed_model, packed_runtime};
+use crate::model::{ModelStore, packed_model, packed_runtime, packed_worker};
 use crate::run::{RunArgs, check_kvm_access};
 use crate::signals;
 
@@ -83,7 +83,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         )
     })?;
     let base = &img.manifest.libraries;
-    let mut archives = Vec::new();
+    let mut archives = vec![packed_worker(&store, base)?];
     if bundle.manifest.runtime == Runtime::Onnx {
         archives.push(packed_runtime(&store, base)?);
     }

@@ -93,7 +93,7 @@ fn ls(store: &ModelStore, args: &LsArgs) -> anyhow::Result<i32> {
     if !args.json {
         writeln!(
             out,
-            "{:<16} {:<22} {:>9}  DESCRIPTION",
+            "{:<18} {:<22} {:>9}  DESCRIPTION",
             "NAME", "TASKS", "SIZE"
         )?;
     }
@@ -116,7 +116,7 @@ fn ls(store: &ModelStore, args: &LsArgs) -> anyhow::Result<i32> {
         } else {
             writeln!(
                 out,
-                "{:<16} {:<22} {:>7.1}MB  {}",
+                "{:<18} {:<22} {:>7.1}MB  {}",
                 bundle.manifest.name,
                 tasks(&bundle.manifest),
                 bytes as f64 / 1e6,

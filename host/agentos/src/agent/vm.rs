@@ -173,6 +173,11 @@ impl AgentVm {
     }
 
     /// The VMM's cgroup (none when the host gives us no cgroups).
+    /// The VMM's process id, while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {
         self.cgroup.clone()
     }

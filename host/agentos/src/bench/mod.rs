@@ -2,6 +2,7 @@
 //! machines are shared and noisy.
 
 pub mod boot;
+pub mod infer;
 pub mod sched;
 
 use serde::{Deserialize, Serialize};
@@ -12,12 +13,15 @@ pub enum BenchCommand {
     Boot(boot::BootBenchArgs),
     /// How well cgroups enforce agents' CPU slices: quotas, weights, pause and resume.
     Sched(sched::SchedBenchArgs),
+    /// Inference in a VM beside the same code run natively: latency, throughput, load, memory.
+    Infer(infer::InferBenchArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Sched(args) => sched::run(args),
+        BenchCommand::Infer(args) => infer::run(args),
     }
 }
 

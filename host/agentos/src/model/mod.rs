@@ -6,6 +6,7 @@
 //! <cache>/runtime/onnxruntime/       libonnxruntime.so (scripts/setup)
 //! <cache>/packed/model-<name>.cpio   a bundle at /opt/agentos/models/<name>/ in the guest
 //! <cache>/packed/onnxruntime.cpio    ONNX Runtime and the libraries it needs
+//! <cache>/packed/infer-worker.cpio   the inference worker (`agentos-infer`)
 //! ```
 //!
 //! A packed archive carries a key (the SHA-256 of its bundle's manifest, which lists the SHA-256
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use agentos_protocol::bundle::{BundleError, BundleManifest, MANIFEST_FILE, check_name};
 use sha2::{Digest, Sha256};
 
-pub use pack::{packed_model, packed_runtime};
+pub use pack::{packed_model, packed_runtime, packed_worker};
 
 const MODELS_DIR: &str = "models";
 const PACKED_DIR: &str = "packed";
@@ -68,6 +69,10 @@ pub enum ModelError {
     Exists(String),
     #[error("ONNX Runtime is not installed ({path} is missing); run `scripts/setup` to fetch it")]
     NoRuntime { path: PathBuf },
+    #[error(
+        "the inference worker is missing ({path}); build it with `cargo build --release` (scripts/setup does)"
+    )]
+    NoWorker { path: PathBuf },
     #[error("cannot pack {what}")]
     Pack {
         what: String,
@@ -228,8 +233,14 @@ pub fn carrier_files(
         files.push(archive);
         files.push(bundle.dir.join(MANIFEST_FILE));
     }
+    let mut programs = Vec::new();
+    if !bundles.is_empty() {
+        programs.push(packed_worker(store, base_libraries)?);
+    }
     if onnx {
-        let archive = packed_runtime(store, base_libraries)?;
+        programs.push(packed_runtime(store, base_libraries)?);
+    }
+    for archive in programs {
         files.push(archive.with_extension("key"));
         files.push(archive);
     }

@@ -6,7 +6,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use agentos_protocol::bundle::{GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE};
+use agentos_protocol::bundle::{
+    GUEST_INFER_WORKER, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE,
+};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
@@ -79,21 +81,57 @@ pub fn packed_model(
 }
 
 /// The archive holding ONNX Runtime at its guest path and the libraries it needs beyond
-/// `base_libraries`. Inside a carrier only the archive is copied in, not the library: there an
-/// existing archive is used as it is.
+/// `base_libraries`.
 pub fn packed_runtime(
     store: &ModelStore,
     base_libraries: &[String],
 ) -> Result<PathBuf, ModelError> {
     let library = store.runtime_library();
-    let archive = store.packed_dir().join("onnxruntime.cpio");
-    let meta = match fs::metadata(&library) {
+    packed_program(
+        store,
+        &library,
+        GUEST_ONNXRUNTIME,
+        "onnxruntime",
+        base_libraries,
+    )
+    .map_err(|e| e.unwrap_or(ModelError::NoRuntime { path: library }))
+}
+
+/// The archive holding the inference worker (`agentos-infer`, next to this binary) and the
+/// libraries it needs beyond `base_libraries`.
+pub fn packed_worker(store: &ModelStore, base_libraries: &[String]) -> Result<PathBuf, ModelError> {
+    let worker = std::env::current_exe()
+        .map(|exe| exe.with_file_name("agentos-infer"))
+        .unwrap_or_else(|_| PathBuf::from("agentos-infer"));
+    packed_program(
+        store,
+        &worker,
+        GUEST_INFER_WORKER,
+        "infer-worker",
+        base_libraries,
+    )
+    .map_err(|e| e.unwrap_or(ModelError::NoWorker { path: worker }))
+}
+
+/// `<packed>/<name>.cpio`: `source` at `guest` with its libraries, rebuilt when `source` changes.
+/// Inside a carrier only archives are copied in, not their sources: there an existing archive
+/// is used as it is. `Err(None)`: neither the source nor an archive is there.
+fn packed_program(
+    store: &ModelStore,
+    source: &Path,
+    guest: &str,
+    name: &str,
+    base_libraries: &[String],
+) -> Result<PathBuf, Option<ModelError>> {
+    let archive = store.packed_dir().join(format!("{name}.cpio"));
+    let meta = match fs::metadata(source) {
         Ok(meta) => meta,
         Err(_) if archive.is_file() && key_path(&archive).is_file() => return Ok(archive),
-        Err(_) => return Err(ModelError::NoRuntime { path: library }),
+        Err(_) => return Err(None),
     };
     let mut key = Sha256::new();
     key.update(PACK_FORMAT);
+    key.update(guest);
     key.update(meta.len().to_le_bytes());
     let mtime = meta
         .modified()
@@ -106,19 +144,21 @@ pub fn packed_runtime(
     if up_to_date(&archive, &key) {
         return Ok(archive);
     }
-    let pack_error = |source: anyhow::Error| ModelError::Pack {
-        what: "ONNX Runtime".to_owned(),
-        source,
+    let pack_error = |source: anyhow::Error| {
+        Some(ModelError::Pack {
+            what: name.to_owned(),
+            source,
+        })
     };
     let base: BTreeSet<&str> = base_libraries.iter().map(String::as_str).collect();
-    let needed: BTreeSet<PathBuf> = needed_libraries(&library)
+    let needed: BTreeSet<PathBuf> = needed_libraries(source)
         .map_err(|e| pack_error(e.into()))?
         .into_iter()
         .filter(|l| l.to_str().is_some_and(|l| !base.contains(l)))
         .collect();
     let mut tree = CpioTree::new();
-    add_parents(&mut tree, Path::new(GUEST_ONNXRUNTIME)).map_err(pack_error)?;
-    tree.host_file(GUEST_ONNXRUNTIME, EXEC_MODE, &library)
+    add_parents(&mut tree, Path::new(guest)).map_err(pack_error)?;
+    tree.host_file(guest, EXEC_MODE, source)
         .map_err(|e| pack_error(e.into()))?;
     add_host_files(&mut tree, &needed).map_err(pack_error)?;
     write_archive(&tree, &archive, &key).map_err(pack_error)?;

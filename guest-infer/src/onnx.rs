@@ -12,15 +12,15 @@ use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
-use super::decode::{self, TokenScores};
-use super::{InferError, Results, micros, unsupported};
+use crate::decode::{self, TokenScores};
+use crate::models::{InferError, Results, micros, unsupported};
 
 /// ONNX Runtime, loaded from the image once; a failure is kept, so every request reports it.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
-fn environment(library: &Path) -> Result<&'static Environment, InferError> {
+pub fn environment(library: &Path) -> Result<&'static Environment, InferError> {
     if !library.is_file() {
-        return Err(InferError::NoRuntime);
+        return Err(InferError::NoRuntime(library.to_owned()));
     }
     ENVIRONMENT
         .get_or_init(|| {
@@ -33,6 +33,25 @@ fn environment(library: &Path) -> Result<&'static Environment, InferError> {
         })
         .as_ref()
         .map_err(|e| InferError::Runtime(e.clone()))
+}
+
+/// A bundle's tokenizer, set to neither pad nor cut: inputs are checked against `max_tokens`,
+/// never cut silently, and padding is per batch.
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, String> {
+    let mut tokenizer =
+        Tokenizer::from_file(dir.join(TOKENIZER_FILE)).map_err(|e| e.to_string())?;
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|e| e.to_string())?;
+    Ok(tokenizer)
+}
+
+/// A session on `threads` intra-op threads and one inter-op thread.
+pub fn load_session(env: &Environment, model: &Path, threads: usize) -> Result<Session, String> {
+    Session::builder(env)
+        .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
+        .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+        .and_then(|mut b| b.commit_from_file(model))
+        .map_err(|e| e.to_string())
 }
 
 /// What the model wants in each of its inputs.
@@ -71,23 +90,14 @@ impl Model {
     ) -> Result<Self, InferError> {
         let name = manifest.name.clone();
         let env = environment(runtime)?;
-        let load_error = |file, detail: String| InferError::Load {
+        let load_error = |file: &str, detail: String| InferError::Load {
             name: name.clone(),
-            file,
+            file: file.to_owned(),
             detail,
         };
-        let mut tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE))
-            .map_err(|e| load_error(TOKENIZER_FILE, e.to_string()))?;
-        // Inputs are checked against max_tokens, never cut silently; padding is per batch.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| load_error(TOKENIZER_FILE, e.to_string()))?;
-        let session = Session::builder(env)
-            .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
-            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_file(dir.join(MODEL_FILE)))
-            .map_err(|e| load_error(MODEL_FILE, e.to_string()))?;
+        let tokenizer = load_tokenizer(dir).map_err(|e| load_error(TOKENIZER_FILE, e))?;
+        let session = load_session(env, &dir.join(MODEL_FILE), threads)
+            .map_err(|e| load_error(MODEL_FILE, e))?;
         let mut feeds = Vec::new();
         for input in session.inputs() {
             let feed = match input.name() {

@@ -1,25 +1,60 @@
-//! `agentos-guest infer`: the agent's inference code run as an ordinary program, on the host or
-//! anywhere, for benchmarks that compare it with the same code in a VM.
+//! agentos-infer: the inference worker. The guest agent starts it on an agent's first `infer`
+//! request and keeps it for the VM's life; benchmarks run the very same binary on the host.
+//! ONNX Runtime, the tokenizers and the models live in this process, not in PID 1: a model that
+//! crashes the runtime takes this worker down, and the agent reports it and starts another.
 //!
 //! ```text
-//! agentos-guest infer --models DIR --runtime LIBONNXRUNTIME [--threads N]
+//! agentos-infer --models DIR --runtime LIBONNXRUNTIME [--threads N]
 //! ```
 //!
 //! Reads one JSON `infer` request per line on standard input and writes one JSON line per
-//! request: the reply, or `{"id": N, "error": "..."}`.
+//! request, in order: the reply, or `{"id": N, "error": "..."}`.
+
+mod apertium;
+mod decode;
+mod models;
+mod onnx;
+mod seq2seq;
+#[cfg(test)]
+mod tests;
+
+use std::error::Error;
+use std::process::ExitCode;
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
 
 use agentos_protocol::InferRequest;
 
-use super::Models;
-use crate::describe;
+use crate::models::Models;
 
 const USAGE: &str =
     "usage: agentos-guest infer --models DIR --runtime LIBONNXRUNTIME [--threads N]";
 
-pub fn main(args: &[String]) -> Result<(), String> {
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match serve(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("agentos-infer: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// An error and its causes, on one line.
+fn describe(err: &dyn Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        line.push_str(": ");
+        line.push_str(&err.to_string());
+        cause = err.source();
+    }
+    line
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
     let mut models = None;
     let mut runtime = None;
     let mut threads = 1usize;

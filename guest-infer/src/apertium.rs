@@ -2,11 +2,12 @@
 //!
 //! The bundle holds the programs in `bin/`, the language pair's data in `data/`, and
 //! `<mode>.mode`: one shell-style pipeline (`prog 'data/file' | prog -b 'data/file' | ...`) whose
-//! relative paths are taken from the bundle. No shell runs it: each stage is a process of its
+//! relative paths are taken from the bundle, and `locale/` with a UTF-8 locale (the programs need
+//! one). No shell runs it: each stage is a process of its
 //! own, its standard output piped to the next one's input, between Apertium's plain-text
 //! deformatter and reformatter.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use agentos_protocol::bundle::BundleManifest;
 use agentos_protocol::{InferRequest, InferResult, InferTimings, Task};
 
-use super::{InferError, Results, micros, unsupported};
+use crate::models::{InferError, Results, micros, unsupported};
 
 const DEFORMAT: &str = "apertium-destxt";
 const REFORMAT: &str = "apertium-retxt";
@@ -23,6 +24,8 @@ const REFORMAT: &str = "apertium-retxt";
 const MAX_STAGES: usize = 32;
 /// Bytes of translation read back per input; far above what the input limit can produce.
 const MAX_OUTPUT: u64 = 4 << 20;
+/// Bytes of the stages' error output quoted when one fails.
+const MAX_STDERR: u64 = 1024;
 
 pub struct Translator {
     manifest: BundleManifest,
@@ -85,6 +88,8 @@ impl Translator {
     }
 
     fn translate(&self, text: &str) -> Result<String, String> {
+        // What the stages say on stderr, for the error when one fails.
+        let mut stderr = tempfile()?;
         let mut children: Vec<Child> = Vec::with_capacity(self.stages.len());
         let mut previous: Option<Stdio> = Some(Stdio::piped());
         let last = self.stages.len() - 1;
@@ -93,9 +98,17 @@ impl Translator {
             command
                 .args(&stage[1..])
                 .current_dir(&self.dir)
+                // The guest has no locales; the bundle brings glibc's C.UTF-8.
+                .env("LOCPATH", self.dir.join("locale"))
+                .env("LC_ALL", "C.UTF-8")
                 .stdin(previous.take().unwrap_or_else(Stdio::null))
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null());
+                .stderr(
+                    stderr
+                        .try_clone()
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null()),
+                );
             let mut child = match command.spawn() {
                 Ok(child) => child,
                 Err(e) => {
@@ -125,21 +138,48 @@ impl Translator {
             None => Err("the last stage has no output".to_owned()),
         };
         let _ = writer.join();
+        // A stage that fails makes the ones before it die of SIGPIPE: report the last failure.
         let mut failed = None;
         for (child, stage) in children.iter_mut().zip(&self.stages) {
             match child.wait() {
                 Ok(status) if status.success() => {}
-                Ok(status) => failed = failed.or(Some(format!("{} ended with {status}", stage[0]))),
-                Err(e) => failed = failed.or(Some(format!("cannot wait for {}: {e}", stage[0]))),
+                Ok(status) => failed = Some(format!("{} ended with {status}", stage[0])),
+                Err(e) => failed = Some(format!("cannot wait for {}: {e}", stage[0])),
             }
         }
-        read?;
         if let Some(failed) = failed {
-            return Err(failed);
+            let mut said = String::new();
+            let _ = stderr.seek(SeekFrom::Start(0));
+            let _ = (&mut stderr).take(MAX_STDERR).read_to_string(&mut said);
+            let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(if said.is_empty() {
+                failed
+            } else {
+                format!("{failed}: {said}")
+            });
         }
+        read?;
         let output = String::from_utf8_lossy(&output);
         Ok(output.split_whitespace().collect::<Vec<_>>().join(" "))
     }
+}
+
+/// An unnamed file in the temporary directory.
+fn tempfile() -> Result<std::fs::File, String> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!(
+        ".apertium-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(file)
 }
 
 fn kill_all(children: &mut [Child]) {

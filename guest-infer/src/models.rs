@@ -1,10 +1,5 @@
-//! Inference: the model bundles the image carries, loaded on first use and kept for the agent's
-//! life, and the tasks run on them.
-
-mod apertium;
-mod decode;
-pub mod native;
-mod onnx;
+//! The model bundles of this VM, each loaded on first use and kept for the worker's life, and the
+//! dispatch of a request to its bundle.
 
 use std::collections::HashMap;
 use std::fs;
@@ -12,15 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use agentos_protocol::bundle::{
-    BundleManifest, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE, Runtime, check_name,
-};
+use agentos_protocol::bundle::{BundleManifest, MANIFEST_FILE, Runtime, check_name};
 use agentos_protocol::{
     InferReply, InferRequest, InferResult, InferTimings, MAX_INFER_INPUT_BYTES, MAX_INFER_INPUTS,
     Task,
 };
 
-use crate::lock;
+use crate::{apertium, onnx, seq2seq};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -50,14 +43,14 @@ pub enum InferError {
         task: Task,
         tasks: String,
     },
-    #[error("ONNX Runtime is not in this VM ({GUEST_ONNXRUNTIME}); start the agent with a model")]
-    NoRuntime,
+    #[error("ONNX Runtime is missing ({0}); start the agent with an ONNX model")]
+    NoRuntime(PathBuf),
     #[error("cannot load ONNX Runtime: {0}")]
     Runtime(String),
     #[error("model `{name}`: cannot load {file}: {detail}")]
     Load {
         name: String,
-        file: &'static str,
+        file: String,
         detail: String,
     },
     #[error(
@@ -89,6 +82,7 @@ pub enum InferError {
 enum Loaded {
     Onnx(Box<onnx::Model>),
     Apertium(Box<apertium::Translator>),
+    Seq2Seq(Box<seq2seq::Translator>),
 }
 
 /// The bundles of this VM, each loaded once.
@@ -100,14 +94,6 @@ pub struct Models {
 }
 
 impl Models {
-    pub fn new(threads: usize) -> Self {
-        Self::at(
-            Path::new(GUEST_MODELS_DIR),
-            Path::new(GUEST_ONNXRUNTIME),
-            threads,
-        )
-    }
-
     pub fn at(dir: &Path, runtime: &Path, threads: usize) -> Self {
         Self {
             dir: dir.to_owned(),
@@ -135,6 +121,7 @@ impl Models {
         let results = match loaded {
             Loaded::Onnx(model) => model.run(req, &mut timings)?,
             Loaded::Apertium(translator) => translator.run(req, &mut timings)?,
+            Loaded::Seq2Seq(translator) => translator.run(req, &mut timings)?,
         };
         Ok(InferReply {
             id: req.id,
@@ -170,8 +157,14 @@ impl Models {
             });
         }
         match manifest.runtime {
-            Runtime::Onnx => onnx::Model::load(&dir, manifest, &self.runtime, self.threads)
-                .map(|m| Loaded::Onnx(Box::new(m))),
+            Runtime::Onnx => match manifest.seq2seq.clone() {
+                Some(config) => {
+                    seq2seq::Translator::load(&dir, manifest, config, &self.runtime, self.threads)
+                        .map(|t| Loaded::Seq2Seq(Box::new(t)))
+                }
+                None => onnx::Model::load(&dir, manifest, &self.runtime, self.threads)
+                    .map(|m| Loaded::Onnx(Box::new(m))),
+            },
             Runtime::Apertium => {
                 apertium::Translator::load(&dir, manifest).map(|t| Loaded::Apertium(Box::new(t)))
             }
@@ -198,7 +191,7 @@ fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
     Ok(())
 }
 
-fn unsupported(manifest: &BundleManifest, task: Task) -> InferError {
+pub fn unsupported(manifest: &BundleManifest, task: Task) -> InferError {
     InferError::Unsupported {
         name: manifest.name.clone(),
         task,
@@ -211,9 +204,15 @@ fn unsupported(manifest: &BundleManifest, task: Task) -> InferError {
     }
 }
 
-fn micros(since: Instant) -> u64 {
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The result type every task produces per input.
-type Results = Vec<InferResult>;
+pub type Results = Vec<InferResult>;
