@@ -49,6 +49,25 @@ pub struct InferArgs {
     pub top_k: Option<u32>,
 }
 
+impl InferArgs {
+    /// The inference flags only mean something with `--model`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.model.is_none() {
+            let given = [
+                (self.task.is_some(), "--task"),
+                (!self.input.is_empty(), "--input"),
+                (self.input_file.is_some(), "--input-file"),
+                (self.sentences.is_some(), "--sentences"),
+                (self.top_k.is_some(), "--top-k"),
+            ];
+            if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+                bail!("{flag} needs --model NAME (see `agentos model ls`)");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Serialize)]
 struct JsonInference<'a> {
     model: &'a str,

@@ -31,7 +31,7 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub vcpus: u8,
-    /// Guest memory in MiB, at least 128 (default 256; 768 with --model).
+    /// Guest memory in MiB, at least 128 (default 256; 512 with --model).
     #[arg(long)]
     pub memory: Option<u64>,
     /// Guest kernel (default: the agent image's).
@@ -214,6 +214,7 @@ pub fn check_kvm_access() -> anyhow::Result<()> {
 
 pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     args.vm.validate()?;
+    args.infer.validate()?;
     if args.infer.model.is_some() {
         return crate::infer_run::run(args, started);
     }
@@ -326,6 +327,17 @@ mod tests {
         let cli = Cli::parse_from(["t", "--memory", "64", "--", "true"]);
         let err = cli.run.vm.validate().unwrap_err().to_string();
         assert!(err.contains("at least 128 MiB"), "{err}");
+    }
+
+    #[test]
+    fn inference_flags_need_a_model() {
+        let cli = Cli::parse_from(["t", "--task", "embed", "--", "true"]);
+        let err = cli.run.infer.validate().unwrap_err().to_string();
+        assert_eq!(err, "--task needs --model NAME (see `agentos model ls`)");
+        let cli = Cli::parse_from(["t", "--model", "m", "--input", "x"]);
+        cli.run.infer.validate().unwrap();
+        assert!(cli.run.command.is_empty());
+        assert!(Cli::try_parse_from(["t", "--model", "m", "--", "true"]).is_err());
     }
 
     #[test]
