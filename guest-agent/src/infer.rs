@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use agentos_protocol::bundle::{GUEST_INFER_WORKER, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME};
-use agentos_protocol::{GuestMessage, InferReply, InferRequest, MAX_FRAME_BYTES};
+use agentos_protocol::{GuestMessage, InferReply, InferRequest, MAX_FRAME_BYTES, encode_frame};
 
 use crate::lock;
 use crate::outbox::Outbox;
@@ -57,11 +57,13 @@ impl Inference {
     /// request could not be handed over, for the caller to send back.
     pub fn submit(&self, mut req: InferRequest, outbox: &Outbox) -> Result<(), String> {
         let mut worker = lock(&self.worker);
-        if worker.as_ref().is_none_or(|w| lock(&w.shared).gone) {
-            *worker = Some(self.start()?);
+        if worker.as_ref().is_some_and(|w| lock(&w.shared).gone) {
+            // Dropping its input lets a worker that stopped answering exit.
+            *worker = None;
         }
-        let Some(current) = worker.as_mut() else {
-            unreachable!("started just above")
+        let current = match worker.as_mut() {
+            Some(current) => current,
+            None => worker.insert(self.start()?),
         };
         let id = {
             let mut shared = lock(&current.shared);
@@ -183,6 +185,17 @@ fn read_answers(stdout: ChildStdout, shared: &Mutex<Shared>) {
                     id,
                     message: format!("the inference worker's answer is malformed: {err}"),
                 },
+            },
+        };
+        // A reply that cannot become a frame would be dropped by the writer and leave the host
+        // waiting: answer with an error instead.
+        let message = match encode_frame(&message) {
+            Ok(_) => message,
+            Err(err) => GuestMessage::Error {
+                id,
+                message: format!(
+                    "the answer is too large to send ({err}); send fewer or shorter inputs"
+                ),
             },
         };
         let _ = outbox.send(message);

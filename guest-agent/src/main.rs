@@ -22,7 +22,6 @@ mod server;
 mod system;
 mod transport;
 
-use std::error::Error;
 use std::fmt;
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -32,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use agentos_protocol::{BOOT_MARKER, status};
+use agentos_protocol::{BOOT_MARKER, error_chain as describe, status};
 
 use crate::config::{Config, ConfigError, Transport};
 use crate::init::{InitError, PowerOff};
@@ -244,18 +243,6 @@ fn shutdown_requested(served: Result<Ended, ServeError>) -> bool {
 
 fn console_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "agentos-guest: {args}");
-}
-
-/// An error and its causes on one line, as the console and the host's error frames show them.
-fn describe(err: &dyn Error) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        line.push_str(": ");
-        line.push_str(&err.to_string());
-        cause = err.source();
-    }
-    line
 }
 
 /// Locks `mutex`. A poisoned lock only means another thread panicked while holding it, and the

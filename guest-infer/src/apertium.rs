@@ -14,9 +14,9 @@ use std::thread;
 use std::time::Instant;
 
 use agentos_protocol::bundle::BundleManifest;
-use agentos_protocol::{InferRequest, InferResult, InferTimings, Task};
+use agentos_protocol::{InferRequest, InferResult, InferTimings};
 
-use crate::models::{InferError, Results, micros, unsupported};
+use crate::models::{InferError, Results, micros};
 
 const DEFORMAT: &str = "apertium-destxt";
 const REFORMAT: &str = "apertium-retxt";
@@ -64,14 +64,16 @@ impl Translator {
         })
     }
 
+    pub fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    /// Runs `req`, whose task the bundle does (the caller checked).
     pub fn run(
         &mut self,
         req: &InferRequest,
         timings: &mut InferTimings,
     ) -> Result<Results, InferError> {
-        if req.task != Task::Translate {
-            return Err(unsupported(&self.manifest, req.task));
-        }
         let started = Instant::now();
         let mut results = Vec::with_capacity(req.inputs.len());
         for text in &req.inputs {

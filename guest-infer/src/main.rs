@@ -18,13 +18,12 @@ mod seq2seq;
 #[cfg(test)]
 mod tests;
 
-use std::error::Error;
 use std::process::ExitCode;
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
 
-use agentos_protocol::InferRequest;
+use agentos_protocol::{InferRequest, error_chain as describe};
 
 use crate::models::Models;
 
@@ -40,18 +39,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// An error and its causes, on one line.
-fn describe(err: &dyn Error) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        line.push_str(": ");
-        line.push_str(&err.to_string());
-        cause = err.source();
-    }
-    line
 }
 
 fn serve(args: &[String]) -> Result<(), String> {

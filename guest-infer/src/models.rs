@@ -110,14 +110,23 @@ impl Models {
         // One request at a time per model: a session is not shared between runs.
         let mut slot = lock(&slot);
         let mut timings = InferTimings::default();
-        if slot.is_none() {
-            let started = Instant::now();
-            *slot = Some(self.load(&req.model)?);
-            timings.load_us = micros(started);
-        }
-        let Some(loaded) = slot.as_mut() else {
-            unreachable!("loaded just above")
+        let loaded = match slot.as_mut() {
+            Some(loaded) => loaded,
+            None => {
+                let started = Instant::now();
+                let loaded = slot.insert(self.load(&req.model)?);
+                timings.load_us = micros(started);
+                loaded
+            }
         };
+        let manifest = match loaded {
+            Loaded::Onnx(model) => model.manifest(),
+            Loaded::Apertium(translator) => translator.manifest(),
+            Loaded::Seq2Seq(translator) => translator.manifest(),
+        };
+        if !manifest.tasks.contains(&req.task) {
+            return Err(unsupported(manifest, req.task));
+        }
         let results = match loaded {
             Loaded::Onnx(model) => model.run(req, &mut timings)?,
             Loaded::Apertium(translator) => translator.run(req, &mut timings)?,

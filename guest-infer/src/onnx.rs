@@ -54,6 +54,14 @@ pub fn load_session(env: &Environment, model: &Path, threads: usize) -> Result<S
         .map_err(|e| e.to_string())
 }
 
+/// A tensor's dimensions as sizes; a dynamic (negative) one counts as 0, which no check accepts.
+pub fn dims_of(shape: &[i64]) -> Vec<usize> {
+    shape
+        .iter()
+        .map(|&d| usize::try_from(d).unwrap_or(0))
+        .collect()
+}
+
 /// What the model wants in each of its inputs.
 #[derive(Clone, Copy)]
 enum Feed {
@@ -138,25 +146,19 @@ impl Model {
         })
     }
 
+    pub fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    /// Runs `req`, whose task the bundle does (the caller checked).
     pub fn run(
         &mut self,
         req: &InferRequest,
         timings: &mut InferTimings,
     ) -> Result<Results, InferError> {
-        if !self.manifest.tasks.contains(&req.task) {
-            return Err(unsupported(&self.manifest, req.task));
-        }
         match req.task {
             Task::Embed => {
-                let texts: Vec<&str> = req.inputs.iter().map(String::as_str).collect();
-                let batch = self.encode(&texts, timings, |input, tokens, max, model| {
-                    InferError::TooLong {
-                        input,
-                        tokens,
-                        max,
-                        model,
-                    }
-                })?;
+                let batch = self.encode_inputs(req, timings)?;
                 let vectors = self.vectors(&batch, timings)?;
                 Ok(vectors
                     .into_iter()
@@ -175,6 +177,23 @@ impl Model {
             model: self.manifest.name.clone(),
             detail: detail.into(),
         }
+    }
+
+    /// The request's inputs as one batch; an input over `max_tokens` is refused.
+    fn encode_inputs(
+        &self,
+        req: &InferRequest,
+        timings: &mut InferTimings,
+    ) -> Result<Batch, InferError> {
+        let texts: Vec<&str> = req.inputs.iter().map(String::as_str).collect();
+        self.encode(&texts, timings, |input, tokens, max, model| {
+            InferError::TooLong {
+                input,
+                tokens,
+                max,
+                model,
+            }
+        })
     }
 
     fn encode(
@@ -264,10 +283,7 @@ impl Model {
         let (dims, data) = value
             .try_extract_tensor::<f32>()
             .map_err(|e| error(format!("output `{}`: {e}", self.output)))?;
-        let dims: Vec<usize> = dims
-            .iter()
-            .map(|&d| usize::try_from(d).unwrap_or(0))
-            .collect();
+        let dims = dims_of(dims);
         let expected: usize = dims.iter().product();
         if dims.first() != Some(&batch.rows) || expected != data.len() {
             return Err(error(format!(
@@ -314,15 +330,7 @@ impl Model {
         req: &InferRequest,
         timings: &mut InferTimings,
     ) -> Result<Results, InferError> {
-        let texts: Vec<&str> = req.inputs.iter().map(String::as_str).collect();
-        let batch = self.encode(&texts, timings, |input, tokens, max, model| {
-            InferError::TooLong {
-                input,
-                tokens,
-                max,
-                model,
-            }
-        })?;
+        let batch = self.encode_inputs(req, timings)?;
         let (dims, mut data) = self.forward(&batch, timings)?;
         let started = Instant::now();
         let labels = &self.manifest.labels;
@@ -355,15 +363,7 @@ impl Model {
         req: &InferRequest,
         timings: &mut InferTimings,
     ) -> Result<Results, InferError> {
-        let texts: Vec<&str> = req.inputs.iter().map(String::as_str).collect();
-        let batch = self.encode(&texts, timings, |input, tokens, max, model| {
-            InferError::TooLong {
-                input,
-                tokens,
-                max,
-                model,
-            }
-        })?;
+        let batch = self.encode_inputs(req, timings)?;
         let (dims, mut data) = self.forward(&batch, timings)?;
         let started = Instant::now();
         let labels = &self.manifest.labels;
@@ -387,7 +387,7 @@ impl Model {
                 .map(|(probs, &(start, end))| TokenScores { start, end, probs })
                 .collect();
             results.push(InferResult::Entities {
-                entities: decode::merge_entities(texts[r], &tokens, labels),
+                entities: decode::merge_entities(&req.inputs[r], &tokens, labels),
             });
         }
         timings.decode_us += micros(started);

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use agentos_protocol::bundle::{BundleManifest, Seq2Seq, TOKENIZER_FILE};
-use agentos_protocol::{InferRequest, InferResult, InferTimings, Task};
-use ort::session::Session;
+use agentos_protocol::{InferRequest, InferResult, InferTimings};
+use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::models::{InferError, Results, micros, unsupported};
-use crate::onnx::{environment, load_session, load_tokenizer};
+use crate::models::{InferError, Results, micros};
+use crate::onnx::{dims_of, environment, load_session, load_tokenizer};
 
 pub struct Translator {
     manifest: BundleManifest,
@@ -87,14 +87,16 @@ impl Translator {
         })
     }
 
+    pub fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    /// Runs `req`, whose task the bundle does (the caller checked).
     pub fn run(
         &mut self,
         req: &InferRequest,
         timings: &mut InferTimings,
     ) -> Result<Results, InferError> {
-        if req.task != Task::Translate {
-            return Err(unsupported(&self.manifest, req.task));
-        }
         let mut results = Vec::with_capacity(req.inputs.len());
         for (i, text) in req.inputs.iter().enumerate() {
             let started = Instant::now();
@@ -165,10 +167,7 @@ impl Translator {
         let (shape, hidden) = encoded[0]
             .try_extract_tensor::<f32>()
             .map_err(|e| error(format!("encoder output: {e}")))?;
-        let shape: Vec<usize> = shape
-            .iter()
-            .map(|&d| usize::try_from(d).unwrap_or(0))
-            .collect();
+        let shape = dims_of(shape);
         if shape.len() != 3
             || shape[0] != 1
             || shape[1] != len
@@ -178,31 +177,30 @@ impl Translator {
                 "encoder output has shape {shape:?}, not [1, {len}, hidden]"
             )));
         }
-        let hidden = hidden.to_vec();
+        // The encoder's output and the mask are the same for every step: made once, lent to each.
+        let hidden = Tensor::from_array((shape, hidden.to_vec()))
+            .map(|t| t.into_dyn())
+            .map_err(|e| error(e.to_string()))?;
         drop(encoded);
+        let mask = tensor([1, len], mask)?;
 
         let mut tokens = vec![i64::from(self.config.decoder_start)];
         let eos = i64::from(self.config.eos);
         for _ in 0..self.config.max_new_tokens {
             let steps = tokens.len();
-            let hidden_states = Tensor::from_array((shape.clone(), hidden.clone()))
-                .map(|t| t.into_dyn())
-                .map_err(|e| error(e.to_string()))?;
+            let inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+                ("input_ids", tensor([1, steps], tokens.clone())?.into()),
+                ("encoder_hidden_states", (&hidden).into()),
+                ("encoder_attention_mask", (&mask).into()),
+            ];
             let out = self
                 .decoder
-                .run(vec![
-                    ("input_ids", tensor([1, steps], tokens.clone())?),
-                    ("encoder_hidden_states", hidden_states),
-                    ("encoder_attention_mask", tensor([1, len], mask.clone())?),
-                ])
+                .run(inputs)
                 .map_err(|e| error(format!("decoder: {e}")))?;
             let (dims, logits) = out[0]
                 .try_extract_tensor::<f32>()
                 .map_err(|e| error(format!("decoder output: {e}")))?;
-            let dims: Vec<usize> = dims
-                .iter()
-                .map(|&d| usize::try_from(d).unwrap_or(0))
-                .collect();
+            let dims = dims_of(dims);
             let vocab = dims.last().copied().unwrap_or(0);
             if dims.len() != 3
                 || dims[1] != steps

@@ -22,6 +22,18 @@ pub use message::{
     BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, StreamData,
 };
 
+/// An error and its causes on one line, as guest consoles and `error` frames show them.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        line.push_str(": ");
+        line.push_str(&err.to_string());
+        cause = err.source();
+    }
+    line
+}
+
 /// Version of the message set. A guest whose version differs from the host's is refused.
 pub const PROTOCOL_VERSION: u32 = 2;
 

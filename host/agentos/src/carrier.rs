@@ -361,7 +361,7 @@ fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Resu
 
     let mut tree = CpioTree::new();
     for path in &all {
-        add_parents(&mut tree, path)?;
+        tree.parent_dirs(path)?;
         tree.host_file_at_same_path(path)
             .with_context(|| format!("cannot add {} to the carrier", path.display()))?;
     }
@@ -380,20 +380,6 @@ fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Resu
     }
     prune_combined(&dir, &combined);
     Ok(combined)
-}
-
-fn add_parents(tree: &mut CpioTree, path: &Path) -> anyhow::Result<()> {
-    let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
-    parents.reverse();
-    for dir in parents {
-        let Some(name) = dir.to_str().filter(|d| *d != "/") else {
-            continue;
-        };
-        if !tree.contains(name) {
-            tree.dir(name, 0o755)?;
-        }
-    }
-    Ok(())
 }
 
 /// Keeps the newest few combined initramfs files.

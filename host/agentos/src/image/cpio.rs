@@ -256,6 +256,22 @@ impl CpioTree {
         }
     }
 
+    /// Adds the directories above `path` that are not there yet, mode 0755: what an archive
+    /// appended to another needs so that its files can be unpacked at host-like paths.
+    pub fn parent_dirs(&mut self, path: &Path) -> Result<(), CpioError> {
+        let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
+        parents.reverse();
+        for dir in parents {
+            let Some(name) = dir.to_str().filter(|d| *d != "/" && !d.is_empty()) else {
+                continue;
+            };
+            if !self.contains(name) {
+                self.dir(name, 0o755)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) -> Result<(), CpioError> {
         self.insert(path, Node::Bytes { mode, data })
     }

@@ -57,7 +57,7 @@ pub fn find_image(cache: &Path, name: &str) -> Result<BuiltImage, ImageError> {
     build::load_image(&build::image_dir(cache, name), name)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use agentos_protocol::bundle::{BundleError, BundleManifest, MANIFEST_FILE, check_name};
 use sha2::{Digest, Sha256};
 
+use crate::image::hex;
+
 pub use pack::{packed_model, packed_runtime, packed_worker};
 
 const MODELS_DIR: &str = "models";
@@ -299,10 +301,6 @@ fn file_sha256(dir: &Path, file: &str) -> Result<String, ModelError> {
         hasher.update(&buf[..n]);
     }
     Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

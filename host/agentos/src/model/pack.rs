@@ -61,7 +61,8 @@ pub fn packed_model(
         .chain([MANIFEST_FILE])
     {
         let guest = format!("{root}/{file}");
-        add_parents(&mut tree, Path::new(&guest)).map_err(pack_error)?;
+        tree.parent_dirs(Path::new(&guest))
+            .map_err(|e| pack_error(e.into()))?;
         let source = bundle.dir.join(file);
         let program = file.starts_with("bin/");
         tree.host_file(&guest, if program { EXEC_MODE } else { DATA_MODE }, &source)
@@ -157,7 +158,8 @@ fn packed_program(
         .filter(|l| l.to_str().is_some_and(|l| !base.contains(l)))
         .collect();
     let mut tree = CpioTree::new();
-    add_parents(&mut tree, Path::new(guest)).map_err(pack_error)?;
+    tree.parent_dirs(Path::new(guest))
+        .map_err(|e| pack_error(e.into()))?;
     tree.host_file(guest, EXEC_MODE, source)
         .map_err(|e| pack_error(e.into()))?;
     add_host_files(&mut tree, &needed).map_err(pack_error)?;
@@ -173,23 +175,9 @@ fn up_to_date(archive: &Path, key: &str) -> bool {
     archive.is_file() && fs::read_to_string(key_path(archive)).is_ok_and(|k| k.trim() == key)
 }
 
-fn add_parents(tree: &mut CpioTree, path: &Path) -> anyhow::Result<()> {
-    let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
-    parents.reverse();
-    for dir in parents {
-        let Some(name) = dir.to_str().filter(|d| *d != "/" && !d.is_empty()) else {
-            continue;
-        };
-        if !tree.contains(name) {
-            tree.dir(name, 0o755)?;
-        }
-    }
-    Ok(())
-}
-
 fn add_host_files(tree: &mut CpioTree, files: &BTreeSet<PathBuf>) -> anyhow::Result<()> {
     for file in files {
-        add_parents(tree, file)?;
+        tree.parent_dirs(file)?;
         tree.host_file_at_same_path(file)?;
     }
     Ok(())
