@@ -17,6 +17,7 @@ mod exec;
 mod infer;
 mod init;
 mod outbox;
+mod peer;
 mod reaper;
 mod server;
 mod system;
@@ -76,6 +77,31 @@ enum Event {
 
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !pid1 && args.first().map(String::as_str) == Some("ping") {
+        return match peer::ping_command(&args[1..]) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(problem) => {
+                eprintln!("agentos-guest ping: {problem}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if !pid1 && args.first().map(String::as_str) == Some("send") {
+        return match peer::send_command(&args[1..]) {
+            Ok(message) => {
+                println!("accepted {message}");
+                ExitCode::SUCCESS
+            }
+            Err(problem) => {
+                eprintln!("agentos-guest send: {problem}");
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     match run(pid1) {
         Ok(()) => {

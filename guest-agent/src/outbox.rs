@@ -38,9 +38,29 @@ impl Outbox {
         self.0.send(Outgoing::Frame(msg)).map_err(|_| WriterGone)
     }
 
+    /// An outbox whose frames come back out of the returned [`Collected`] instead of going to a
+    /// connection: for the agent's own requests (a group member running its model).
+    pub fn collector() -> (Self, Collected) {
+        let (queue, frames) = mpsc::sync_channel(QUEUE_FRAMES);
+        (Self(queue), Collected(frames))
+    }
+
     /// Queues `msg`, waiting no longer than `patience` for room; tells whether it was queued.
     pub fn send_within(&self, msg: GuestMessage, patience: Duration) -> bool {
         send_within(&self.0, Outgoing::Frame(msg), Instant::now() + patience)
+    }
+}
+
+/// The frames sent to a [`Outbox::collector`].
+pub struct Collected(Receiver<Outgoing>);
+
+impl Collected {
+    /// The next frame, or `None` when none came within `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<GuestMessage> {
+        match self.0.recv_timeout(timeout) {
+            Ok(Outgoing::Frame(msg)) => Some(msg),
+            Ok(Outgoing::Stop) | Err(_) => None,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use agentos_protocol::{
 use crate::exec::{self, Finish, Running, StdinError};
 use crate::infer::Inference;
 use crate::outbox::{Outbox, Writer, WriterGone};
+use crate::peer::{HandlerEnv, Membership};
 use crate::reaper::Reaper;
 use crate::transport::Connection;
 use crate::{describe, init, lock, system};
@@ -34,7 +35,10 @@ pub struct Context {
     /// Set by the first `hello`: boot timings describe the boot, not each connection.
     ready_ms: OnceLock<u64>,
     /// The inference worker, shared by every connection.
-    inference: Inference,
+    inference: Arc<Inference>,
+    /// The group the agent joined, and what its handler needs.
+    membership: Membership,
+    handler_env: Arc<HandlerEnv>,
 }
 
 impl Context {
@@ -44,10 +48,21 @@ impl Context {
         reaper: Arc<Reaper>,
         init_ms: u64,
     ) -> Self {
+        let inference = Arc::new(Inference::new(
+            Arc::clone(&reaper),
+            system::online_cpus() as usize,
+        ));
+        let handler_env = Arc::new(HandlerEnv {
+            inference: Arc::clone(&inference),
+            reaper: Arc::clone(&reaper),
+            base_env: base_env.clone(),
+        });
         Self {
             pid1,
             base_env,
-            inference: Inference::new(Arc::clone(&reaper), system::online_cpus() as usize),
+            inference,
+            membership: Membership::default(),
+            handler_env,
             reaper,
             init_ms,
             ready_ms: OnceLock::new(),
@@ -168,6 +183,17 @@ impl Session<'_> {
             HostMessage::CloseStdin { id } => self.close_stdin(id)?,
             HostMessage::Signal { id, signal } => self.signal(id, signal)?,
             HostMessage::Infer(req) => self.infer(req)?,
+            HostMessage::Join(req) => {
+                let id = req.id;
+                match self
+                    .ctx
+                    .membership
+                    .join(req, Arc::clone(&self.ctx.handler_env))
+                {
+                    Ok(()) => self.outbox.send(GuestMessage::Joined { id })?,
+                    Err(message) => self.error(id, message)?,
+                }
+            }
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.
                 let _ = self

@@ -12,6 +12,7 @@ pub mod bundle;
 mod codec;
 mod infer;
 mod message;
+pub mod peer;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME_BYTES, encode_frame, write_frame};
 pub use infer::{
@@ -35,7 +36,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Version of the message set. A guest whose version differs from the host's is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The well-known CID of the host in vsock addressing.
 pub const HOST_CID: u64 = 2;

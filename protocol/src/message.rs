@@ -8,6 +8,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::infer::{InferReply, InferRequest};
+use crate::peer::JoinRequest;
 
 /// Bytes carried as a base64 string, so that any output survives JSON.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -53,6 +54,9 @@ pub enum HostMessage {
     Shutdown { id: u64 },
     /// Run a model; answered with `inferred`, or `error`.
     Infer(InferRequest),
+    /// Become a member of a group; answered with `joined` once the agent listens for its
+    /// messages, or `error`.
+    Join(JoinRequest),
 }
 
 impl HostMessage {
@@ -60,6 +64,7 @@ impl HostMessage {
         match self {
             Self::Exec(req) => req.id,
             Self::Infer(req) => req.id,
+            Self::Join(req) => req.id,
             Self::Ping { id }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
@@ -175,6 +180,10 @@ pub enum GuestMessage {
     },
     /// Answer to `infer`.
     Inferred(InferReply),
+    /// Answer to `join`.
+    Joined {
+        id: u64,
+    },
 }
 
 #[cfg(test)]

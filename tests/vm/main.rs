@@ -3,6 +3,7 @@
 
 mod cgroup;
 mod common;
+mod group;
 mod infer;
 mod run;
 mod vsock;

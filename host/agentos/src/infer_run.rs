@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use agentos_protocol::bundle::{BundleManifest, MANIFEST_FILE, Runtime};
+use agentos_protocol::bundle::BundleManifest;
 use agentos_protocol::{InferOptions, InferReply, InferRequest, InferResult, Task};
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::agent::vm::{AgentVm, VmError};
 use crate::carrier;
 use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelStore, packed_model, packed_runtime, packed_worker};
+use crate::model::{ModelStore, carrier_copies, vm_archives};
 use crate::run::{RunArgs, check_kvm_access};
 use crate::signals;
 
@@ -101,20 +101,10 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
         )
     })?;
-    let base = &img.manifest.libraries;
-    let mut archives = vec![packed_worker(&store, base)?];
-    if bundle.manifest.runtime == Runtime::Onnx {
-        archives.push(packed_runtime(&store, base)?);
-    }
-    archives.push(packed_model(&store, &bundle, base)?);
+    let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
 
     if carrier::should_use(args.vm.carrier)? {
-        let mut files = Vec::new();
-        for archive in &archives {
-            files.push(archive.clone());
-            files.push(archive.with_extension("key"));
-        }
-        files.push(bundle.dir.join(MANIFEST_FILE));
+        let mut files = carrier_copies(&archives, &bundle);
         files.extend(
             infer
                 .input_file

@@ -10,6 +10,7 @@ pub mod carrier;
 pub mod cgroup;
 pub mod control;
 pub mod doctor;
+pub mod group;
 pub mod image;
 pub mod image_cmd;
 pub mod infer_run;

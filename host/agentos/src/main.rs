@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{bench, carrier, control, doctor, image_cmd, model_cmd, run, signals, vmm_cmd};
+use agentos::{
+    bench, carrier, control, doctor, group, image_cmd, model_cmd, run, signals, vmm_cmd,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -26,6 +28,11 @@ enum Command {
         after_help = "Examples:\n  agentos run -- /bin/uname -a\n  agentos run --model sentiment --task classify --input \"I love this, it works perfectly\"\n  agentos run --model minilm --task summarize --input-file article.txt --json"
     )]
     Run(run::RunArgs),
+    /// Groups of agents that work together: run one on an input, check a group file.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Show how a group's last input went through its agents, and where the time went.
+    Trace(group::run::TraceArgs),
     /// The model bundles agents run: list, add, verify, remove.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
@@ -81,6 +88,8 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Doctor(args) => doctor::run(args),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Group(cmd) => group::run_command(cmd),
+        Command::Trace(args) => group::run::show_trace(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Vmm(args) => vmm_cmd::run(args, started),
     }

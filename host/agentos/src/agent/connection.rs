@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use agentos_protocol::peer::JoinRequest;
 use agentos_protocol::{
     ExecRequest, ExitStatus, FrameError, FrameReader, GuestMessage, Hello, HostMessage, InferReply,
     InferRequest, PROTOCOL_VERSION, StreamData, write_frame,
@@ -253,6 +254,23 @@ impl AgentConnection {
         loop {
             match self.recv()? {
                 GuestMessage::Inferred(reply) if reply.id == id => return Ok(reply),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes the agent a member of a group: it connects to the router and handles what it
+    /// receives as `request` says. Returns once it listens for its messages.
+    pub fn join(&mut self, mut request: JoinRequest) -> Result<(), ConnectionError> {
+        let id = self.new_id();
+        request.id = id;
+        self.send(&HostMessage::Join(request))?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Joined { id: got } if got == id => return Ok(()),
                 GuestMessage::Error { id: got, message } if got == id => {
                     return Err(ConnectionError::Refused(message));
                 }

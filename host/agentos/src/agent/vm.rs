@@ -9,6 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::AGENT_CONTROL_PORT;
@@ -133,27 +134,55 @@ pub struct AgentVm {
     cgroup: Option<Arc<AgentCgroup>>,
 }
 
-impl AgentVm {
-    /// Starts a VM and waits for its guest agent to say hello.
-    pub fn boot(opts: &BootOptions) -> Result<Self, VmError> {
+/// A VMM that has been started and whose guest agent has not said hello yet.
+struct Starting {
+    started: Instant,
+    child: Child,
+    run_dir: RunDir,
+    control: UnixListener,
+    cgroup: Option<Arc<AgentCgroup>>,
+    boot_timeout: Duration,
+}
+
+impl Starting {
+    fn spawn(opts: &BootOptions) -> Result<Self, VmError> {
         let started = Instant::now();
         let run_dir = RunDir::create("vm").map_err(VmError::RunDir)?;
         let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
             .and_then(|l| l.set_nonblocking(true).map(|_| l))
             .map_err(VmError::RunDir)?;
         let cgroup = create_cgroup(opts, &run_dir)?.map(Arc::new);
-        let mut child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
+        let child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
         signals::watch_child(child.id());
-        let stream = match wait_for_connection(&control, &mut child, started + opts.boot_timeout) {
+        Ok(Self {
+            started,
+            child,
+            run_dir,
+            control,
+            cgroup,
+            boot_timeout: opts.boot_timeout,
+        })
+    }
+
+    fn wait(self) -> Result<AgentVm, VmError> {
+        let Self {
+            started,
+            mut child,
+            run_dir,
+            control,
+            cgroup,
+            boot_timeout,
+        } = self;
+        let stream = match wait_for_connection(&control, &mut child, started + boot_timeout) {
             Ok(stream) => stream,
             Err(why) => {
                 stop_vmm(&mut child);
                 signals::forget_child(child.id());
-                return Err(boot_failure(why, &run_dir, opts.boot_timeout));
+                return Err(boot_failure(why, &run_dir, boot_timeout));
             }
         };
         drop(control);
-        let remaining = (started + opts.boot_timeout).saturating_duration_since(Instant::now());
+        let remaining = (started + boot_timeout).saturating_duration_since(Instant::now());
         let conn = match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
             Ok(conn) => conn,
             Err(e) => {
@@ -163,7 +192,7 @@ impl AgentVm {
                 return Err(e.into());
             }
         };
-        Ok(Self {
+        Ok(AgentVm {
             child: Some(child),
             run_dir,
             conn,
@@ -171,11 +200,45 @@ impl AgentVm {
             cgroup,
         })
     }
+}
+
+impl AgentVm {
+    /// Starts a VM and waits for its guest agent to say hello.
+    pub fn boot(opts: &BootOptions) -> Result<Self, VmError> {
+        Starting::spawn(opts)?.wait()
+    }
+
+    /// Boots several VMs at once: every VMM is started from the calling thread (a VMM stops
+    /// when the thread that started it ends), then all are waited for side by side.
+    pub fn boot_all(opts: &[BootOptions]) -> Vec<Result<Self, VmError>> {
+        let started: Vec<Result<Starting, VmError>> = opts.iter().map(Starting::spawn).collect();
+        let waits: Vec<_> = started
+            .into_iter()
+            .map(|s| s.map(|s| thread::spawn(move || s.wait())))
+            .collect();
+        waits
+            .into_iter()
+            .map(|w| {
+                w.and_then(|h| {
+                    h.join().unwrap_or(Err(VmError::BootFailed {
+                        why: "the boot thread failed".to_owned(),
+                        console: String::new(),
+                    }))
+                })
+            })
+            .collect()
+    }
 
     /// The VMM's cgroup (none when the host gives us no cgroups).
     /// The VMM's process id, while it runs.
     pub fn vmm_pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The Unix socket the VMM connects to when the guest dials the host on `port`; whoever
+    /// listens there serves that port for this VM alone.
+    pub fn host_socket(&self, port: u32) -> PathBuf {
+        self.run_dir.join(&format!("vsock.sock_{port}"))
     }
 
     pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {

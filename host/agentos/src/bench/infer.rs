@@ -20,12 +20,13 @@ use agentos_protocol::{InferOptions, InferReply, InferRequest, Task};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
+use super::percentile;
 use super::ratio;
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
 use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{ModelStore, carrier_files, packed_model, packed_runtime, packed_worker};
+use crate::model::{ModelStore, carrier_files, vm_archives};
 
 /// Target of the VM/native ratio of latencies.
 const TARGET_RATIO: f64 = 1.10;
@@ -159,11 +160,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         eprintln!("agentos bench infer: {name} {task}: native");
         let native = measure_native(&worker, &store, name, task, args.requests)?;
         eprintln!("agentos bench infer: {name} {task}: VM");
-        let archives = vec![
-            packed_worker(&store, &img.manifest.libraries)?,
-            packed_runtime(&store, &img.manifest.libraries)?,
-            packed_model(&store, &bundle, &img.manifest.libraries)?,
-        ];
+        let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
         let vm = measure_vm(&img, archives, name, task, args.requests)?;
         let ratio_p50 = ratio(vm.p50_ms, native.p50_ms);
         let ratio_p99 = ratio(vm.p99_ms, native.p99_ms);
@@ -256,17 +253,6 @@ fn side(load_ms: f64, agent: &[f64], round_trip: &[f64], rss_mib: f64) -> Side {
         round_trip_p50_ms: round2(percentile(round_trip, 0.50)),
         rss_mib: round2(rss_mib),
     }
-}
-
-/// Nearest-rank percentile.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 fn round2(x: f64) -> f64 {

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod infer;
+pub mod ipc;
 pub mod sched;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,9 @@ pub enum BenchCommand {
     Sched(sched::SchedBenchArgs),
     /// Inference in a VM beside the same code run natively: latency, throughput, load, memory.
     Infer(infer::InferBenchArgs),
+    /// Messages between two agents through the router, beside the same exchange over a host
+    /// Unix socket pair: round trip latency, messages/s, MB/s.
+    Ipc(ipc::IpcBenchArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
@@ -22,6 +26,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Infer(args) => infer::run(args),
+        BenchCommand::Ipc(args) => ipc::run(args),
     }
 }
 
@@ -52,6 +57,17 @@ impl Stats {
             max: v[v.len() - 1],
         }
     }
+}
+
+/// Nearest-rank percentile (0 for no values).
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// a / b to three decimals (0 when b is 0).

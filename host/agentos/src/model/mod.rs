@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::image::hex;
 
-pub use pack::{packed_model, packed_runtime, packed_worker};
+pub use pack::{carrier_copies, packed_model, packed_runtime, packed_worker, vm_archives};
 
 const MODELS_DIR: &str = "models";
 const PACKED_DIR: &str = "packed";

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use agentos_protocol::bundle::{
-    GUEST_INFER_WORKER, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE,
+    GUEST_INFER_WORKER, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MANIFEST_FILE, Runtime,
 };
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -79,6 +79,33 @@ pub fn packed_model(
     add_host_files(&mut tree, &libraries).map_err(pack_error)?;
     write_archive(&tree, &archive, &key).map_err(pack_error)?;
     Ok(archive)
+}
+
+/// Every archive a VM running `bundle` needs after the agent image: the worker, ONNX Runtime
+/// when the bundle uses it, and the bundle.
+pub fn vm_archives(
+    store: &ModelStore,
+    bundle: &Bundle,
+    base_libraries: &[String],
+) -> Result<Vec<PathBuf>, ModelError> {
+    let mut archives = vec![packed_worker(store, base_libraries)?];
+    if bundle.manifest.runtime == Runtime::Onnx {
+        archives.push(packed_runtime(store, base_libraries)?);
+    }
+    archives.push(packed_model(store, bundle, base_libraries)?);
+    Ok(archives)
+}
+
+/// What a carrier needs to use `archives` of `bundle` as they are: each with its key, and the
+/// bundle's manifest (the store finds the bundle by it).
+pub fn carrier_copies(archives: &[PathBuf], bundle: &Bundle) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for archive in archives {
+        files.push(archive.clone());
+        files.push(archive.with_extension("key"));
+    }
+    files.push(bundle.dir.join(MANIFEST_FILE));
+    files
 }
 
 /// The archive holding ONNX Runtime at its guest path and the libraries it needs beyond

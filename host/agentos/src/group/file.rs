@@ -1,0 +1,462 @@
+//! Group files: the agents of a group and the channels between them, in TOML.
+//!
+//! ```toml
+//! name = "digest"
+//! channels = ["input -> summarizer", "summarizer -> output"]
+//!
+//! [[agent]]
+//! name = "summarizer"
+//! model = "minilm"
+//! task = "summarize"
+//! ```
+//!
+//! `input` and `output` are the group's two ends: the one channel from `input` names the agent
+//! that receives the group's input, and every message sent to `output` is part of its result.
+//! Every problem is reported with the file and line it is on.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use agentos_protocol::peer::{Handler, valid_peer_name};
+use agentos_protocol::{InferOptions, Task};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The sender of the group's input, and the receiver of its results.
+pub const INPUT: &str = "input";
+pub const OUTPUT: &str = "output";
+
+/// Agents one group may declare.
+pub const MAX_AGENTS: usize = 16;
+/// Largest group file read.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupFileError {
+    #[error("cannot read group file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupSpec {
+    pub name: String,
+    pub agents: Vec<AgentSpec>,
+    /// `(from, to)` pairs, `input` and `output` included.
+    pub channels: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSpec {
+    pub name: String,
+    pub handler: Option<Handler>,
+    /// The model bundle the VM needs (that of an `infer` handler).
+    pub model: Option<String>,
+    pub vcpus: u8,
+    /// Guest memory; `None` picks the default for an agent with or without a model.
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<f64>,
+    pub weight: Option<u32>,
+}
+
+impl GroupSpec {
+    /// The agent that receives the group's input.
+    pub fn entry(&self) -> &str {
+        self.channels
+            .iter()
+            .find(|(from, _)| from == INPUT)
+            .map(|(_, to)| to.as_str())
+            .unwrap_or_default()
+    }
+
+    /// Where the results of `agent` go.
+    pub fn outputs_of(&self, agent: &str) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter(|(from, _)| from == agent)
+            .map(|(_, to)| to.clone())
+            .collect()
+    }
+
+    /// How many results one input makes: one per channel into `output`.
+    pub fn results_per_input(&self) -> usize {
+        self.channels.iter().filter(|(_, to)| to == OUTPUT).count()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    #[serde(default)]
+    channels: Vec<Spanned<String>>,
+    #[serde(default)]
+    agent: Vec<Spanned<RawAgent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Spanned<String>,
+    model: Option<String>,
+    task: Option<Spanned<String>>,
+    sentences: Option<u32>,
+    top_k: Option<u32>,
+    exec: Option<Spanned<Vec<String>>>,
+    vcpus: Option<u8>,
+    memory: Option<u64>,
+    cpus: Option<f64>,
+    weight: Option<u32>,
+}
+
+/// Reads and checks the group file at `path`.
+pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
+    use std::io::Read;
+    let read_err = |source| GroupFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    parse(&text).map_err(|(line, problem)| GroupFileError::Invalid {
+        path: path.to_owned(),
+        line,
+        problem,
+    })
+}
+
+/// Parses a group file; an error is the line it is on and what is wrong.
+pub fn parse(text: &str) -> Result<GroupSpec, (usize, String)> {
+    let line_of = |span: Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let at = |span: Range<usize>, problem: String| (line_of(span), problem);
+    let raw: RawGroup = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, line_of);
+        (line, e.message().trim_end().replace('\n', " "))
+    })?;
+
+    let name = raw.name.get_ref();
+    if !valid_peer_name(name) {
+        return Err(at(
+            raw.name.span(),
+            format!("group name `{name}` must be 1-64 letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    if raw.agent.is_empty() {
+        return Err((
+            1,
+            "the group has no agents; add an [[agent]] table".to_owned(),
+        ));
+    }
+    if raw.agent.len() > MAX_AGENTS {
+        return Err((
+            line_of(raw.agent[MAX_AGENTS].span()),
+            format!("a group has at most {MAX_AGENTS} agents"),
+        ));
+    }
+
+    let mut agents = Vec::new();
+    let mut names = BTreeSet::new();
+    for raw_agent in &raw.agent {
+        let agent = agent_spec(raw_agent.get_ref(), &at)?;
+        if !names.insert(agent.name.clone()) {
+            return Err(at(
+                raw_agent.get_ref().name.span(),
+                format!("agent `{}` is declared twice", agent.name),
+            ));
+        }
+        agents.push(agent);
+    }
+
+    let mut channels = Vec::new();
+    for channel in &raw.channels {
+        let problem = |p: String| at(channel.span(), p);
+        let Some((from, to)) = channel.get_ref().split_once("->") else {
+            return Err(problem(format!(
+                "channel `{}` is not of the form `from -> to`",
+                channel.get_ref()
+            )));
+        };
+        let (from, to) = (from.trim(), to.trim());
+        if from != INPUT && !names.contains(from) {
+            return Err(problem(format!(
+                "channel from `{from}`: no agent has that name (agents: {})",
+                join(&names)
+            )));
+        }
+        if to != OUTPUT && !names.contains(to) {
+            return Err(problem(format!(
+                "channel to `{to}`: no agent has that name (agents: {})",
+                join(&names)
+            )));
+        }
+        if from == to {
+            return Err(problem(format!(
+                "channel from `{from}` to itself; an agent cannot send to itself"
+            )));
+        }
+        if from == INPUT && to == OUTPUT {
+            return Err(problem("the input must go to an agent".to_owned()));
+        }
+        let pair = (from.to_owned(), to.to_owned());
+        if channels.contains(&pair) {
+            return Err(problem(format!(
+                "channel `{from} -> {to}` is declared twice"
+            )));
+        }
+        if from == INPUT && channels.iter().any(|(f, _)| f == INPUT) {
+            return Err(problem(
+                "a second channel from `input`; the input goes to one agent".to_owned(),
+            ));
+        }
+        channels.push(pair);
+    }
+    let spec = GroupSpec {
+        name: name.clone(),
+        agents,
+        channels,
+    };
+    if spec.entry().is_empty() {
+        return Err((
+            line_of(raw.name.span()),
+            "no channel from `input`; add one such as \"input -> AGENT\"".to_owned(),
+        ));
+    }
+    Ok(spec)
+}
+
+fn agent_spec(
+    raw: &RawAgent,
+    at: &dyn Fn(Range<usize>, String) -> (usize, String),
+) -> Result<AgentSpec, (usize, String)> {
+    let name = raw.name.get_ref();
+    let here = |p: String| at(raw.name.span(), p);
+    if !valid_peer_name(name) || name == INPUT || name == OUTPUT {
+        return Err(here(format!(
+            "agent name `{name}` must be 1-64 letters, digits, `-`, `_` or `.`, and not `input` or `output`"
+        )));
+    }
+    let task = match &raw.task {
+        Some(task) => Some(task.get_ref().parse::<Task>().map_err(|e| {
+            at(
+                task.span(),
+                format!("agent `{name}`: {e}; use one of {}", task_names()),
+            )
+        })?),
+        None => None,
+    };
+    let handler = match (&raw.model, task, &raw.exec) {
+        (Some(_), _, Some(exec)) => {
+            return Err(at(
+                exec.span(),
+                format!("agent `{name}` has both a model and `exec`; give one"),
+            ));
+        }
+        (Some(model), Some(task), None) => Some(Handler::Infer {
+            model: model.clone(),
+            task,
+            options: InferOptions {
+                sentences: raw.sentences,
+                top_k: raw.top_k,
+            },
+        }),
+        (Some(_), None, None) => {
+            return Err(here(format!(
+                "agent `{name}` has a model but no `task`; add task = one of {}",
+                task_names()
+            )));
+        }
+        (None, Some(_), _) => {
+            return Err(here(format!("agent `{name}` has a `task` but no `model`")));
+        }
+        (None, None, Some(exec)) => {
+            let Some((program, args)) = exec.get_ref().split_first() else {
+                return Err(at(
+                    exec.span(),
+                    format!("agent `{name}`: `exec` needs a program"),
+                ));
+            };
+            Some(Handler::Exec {
+                program: program.clone(),
+                args: args.to_vec(),
+            })
+        }
+        (None, None, None) => None,
+    };
+    if let Some(cpus) = raw.cpus
+        && !(cpus > 0.0 && cpus <= 256.0)
+    {
+        return Err(here(format!(
+            "agent `{name}`: cpus = {cpus} must be above 0"
+        )));
+    }
+    if raw.vcpus == Some(0) {
+        return Err(here(format!("agent `{name}`: vcpus must be at least 1")));
+    }
+    Ok(AgentSpec {
+        name: name.clone(),
+        handler,
+        model: raw.model.clone(),
+        vcpus: raw.vcpus.unwrap_or(1),
+        memory_mib: raw.memory,
+        cpus: raw.cpus,
+        weight: raw.weight,
+    })
+}
+
+fn join(names: &BTreeSet<String>) -> String {
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn task_names() -> String {
+    Task::ALL
+        .iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = r#"name = "digest"
+channels = [
+  "input -> summarizer",
+  "summarizer -> translator",
+  "summarizer -> output",
+  "translator -> output",
+]
+
+[[agent]]
+name = "summarizer"
+model = "minilm"
+task = "summarize"
+sentences = 2
+
+[[agent]]
+name = "translator"
+exec = ["/bin/sh", "-c", "cat"]
+memory = 256
+"#;
+
+    #[test]
+    fn parses_agents_channels_and_ends() {
+        let spec = parse(DIGEST).unwrap();
+        assert_eq!(spec.name, "digest");
+        assert_eq!(spec.entry(), "summarizer");
+        assert_eq!(spec.results_per_input(), 2);
+        assert_eq!(spec.outputs_of("summarizer"), ["translator", "output"]);
+        let summarizer = &spec.agents[0];
+        assert_eq!(summarizer.model.as_deref(), Some("minilm"));
+        assert!(matches!(
+            &summarizer.handler,
+            Some(Handler::Infer { task: Task::Summarize, options, .. }) if options.sentences == Some(2)
+        ));
+        let translator = &spec.agents[1];
+        assert_eq!(translator.memory_mib, Some(256));
+        assert!(matches!(
+            &translator.handler,
+            Some(Handler::Exec { program, args }) if program == "/bin/sh" && args.len() == 2
+        ));
+    }
+
+    fn error(text: &str) -> (usize, String) {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_problem() {
+        let unknown = DIGEST.replace("translator -> output", "translator -> nobody");
+        let (line, problem) = error(&unknown);
+        assert_eq!(line, 6, "{problem}");
+        assert!(problem.contains("no agent has that name"), "{problem}");
+
+        let bad_task = DIGEST.replace("\"summarize\"", "\"sumarize\"");
+        let (line, problem) = error(&bad_task);
+        assert_eq!(line, 12, "{problem}");
+        assert!(problem.contains("unknown task `sumarize`"), "{problem}");
+
+        let twice = DIGEST.replace("name = \"translator\"", "name = \"summarizer\"");
+        let (line, problem) = error(&twice);
+        assert_eq!(line, 16, "{problem}");
+        assert!(problem.contains("declared twice"), "{problem}");
+
+        let unknown_key = DIGEST.replace("memory = 256", "memroy = 256");
+        let (line, problem) = error(&unknown_key);
+        assert_eq!(line, 18, "{problem}");
+        assert!(problem.contains("memroy"), "{problem}");
+
+        let syntax = DIGEST.replace("sentences = 2", "sentences = ");
+        assert_eq!(error(&syntax).0, 13);
+    }
+
+    #[test]
+    fn refuses_what_cannot_run() {
+        let cases = [
+            (
+                DIGEST.replace("  \"input -> summarizer\",\n", ""),
+                "no channel from `input`",
+            ),
+            (
+                DIGEST.replace("summarizer -> translator", "summarizer -> summarizer"),
+                "to itself",
+            ),
+            (DIGEST.replace("task = \"summarize\"", ""), "no `task`"),
+            (
+                DIGEST.replace("memory = 256", "model = \"x\""),
+                "both a model and `exec`",
+            ),
+            (
+                DIGEST.replace("[\"/bin/sh\", \"-c\", \"cat\"]", "[]"),
+                "needs a program",
+            ),
+            (
+                DIGEST.replace("name = \"digest\"", "name = \"../x\""),
+                "group name",
+            ),
+            (
+                DIGEST.replace("name = \"translator\"", "name = \"output\""),
+                "not `input` or `output`",
+            ),
+            (
+                DIGEST.replace(
+                    "\"translator -> output\",",
+                    "\"translator -> output\", \"input -> translator\",",
+                ),
+                "the input goes to one agent",
+            ),
+            ("name = \"g\"\nchannels = []\n".to_owned(), "no agents"),
+        ];
+        for (text, expected) in cases {
+            let (_, problem) = error(&text);
+            assert!(problem.contains(expected), "{expected}: {problem}");
+        }
+    }
+
+    #[test]
+    fn load_reports_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, "name = 1\n").unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:1: ", path.display())), "{err}");
+        let err = load(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read group file"), "{err}");
+    }
+}

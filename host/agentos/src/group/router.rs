@@ -1,0 +1,708 @@
+//! The router of a group: carries messages between its agents, along declared channels only.
+//!
+//! Each agent gets its own Unix socket (the one its VMM connects to when the guest dials the
+//! host on [`PEER_PORT`]), so every connection arriving on it speaks for that agent and nobody
+//! else. A message is accepted only on a declared channel, with a valid body, and while the
+//! receiver's queue for that channel has room: a full queue refuses with `retry`, so a flooding
+//! sender is slowed down instead of growing memory, and each channel into an agent has its own
+//! queue, served in turn, so one busy channel cannot starve another. An accepted message stays
+//! with the router until the receiver acknowledges it; when the receiver's connection comes back
+//! (the agent restarted) what it had not acknowledged is delivered again. Every message, refusal
+//! and result is written to the trace.
+//!
+//! [`PEER_PORT`]: agentos_protocol::peer::PEER_PORT
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io::{self, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use agentos_protocol::peer::{
+    Delivery, MAX_PEER_BODY_BYTES, PeerRequest, PeerSend, RouterMessage, valid_peer_name,
+};
+use agentos_protocol::{FrameReader, write_frame};
+use serde::Serialize;
+
+use super::file::{INPUT, OUTPUT};
+use super::trace::{EventKind, TraceEvent, TraceLog};
+
+/// Messages waiting on one channel before its sender is told to retry.
+pub const CHANNEL_QUEUE: usize = 16;
+/// Messages delivered to an agent and not yet acknowledged.
+const DELIVERY_WINDOW: usize = 4;
+/// Frames waiting for one connection's writer; a guest that reads none of them is disconnected.
+const CONNECTION_QUEUE: usize = 64;
+/// Connections one agent may hold open to the router.
+const MAX_CONNECTIONS: usize = 8;
+/// Messages one input may cause, all agents together: a loop between agents ends here.
+const MAX_MESSAGES_PER_INPUT: u32 = 1024;
+/// Results kept for the caller.
+const MAX_RESULTS: usize = 1024;
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+const QUIET_POLL: Duration = Duration::from_millis(50);
+
+/// What the router counted, for reports and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub accepted: u64,
+    pub delivered: u64,
+    pub acknowledged: u64,
+    /// Sent again to a receiver whose connection came back.
+    pub redelivered: u64,
+    pub refused_no_channel: u64,
+    pub refused_queue_full: u64,
+    pub refused_invalid: u64,
+    /// Sends that claimed a sender other than the one the router knows.
+    pub forged_sender: u64,
+    pub connections_refused: u64,
+}
+
+/// A message that reached `output`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct GroupResult {
+    pub trace: u64,
+    pub from: String,
+    pub kind: String,
+    pub body: String,
+    pub model: Option<String>,
+    pub infer_ms: Option<f64>,
+    /// Since the router started.
+    pub t_ms: f64,
+}
+
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    results_changed: Condvar,
+    trace: TraceLog,
+    started: Instant,
+    stopping: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashSet<(String, String)>,
+    mailboxes: BTreeMap<String, Mailbox>,
+    next_message: u64,
+    next_trace: u64,
+    next_connection: u64,
+    per_input: HashMap<u64, u32>,
+    results: Vec<GroupResult>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Mailbox {
+    /// One queue per sending peer, served in turn.
+    queues: BTreeMap<String, VecDeque<Pending>>,
+    /// The sender served last.
+    last_served: Option<String>,
+    /// Delivered, waiting for the acknowledgement.
+    in_flight: BTreeMap<u64, Pending>,
+    listener: Option<ConnectionHandle>,
+    connections: usize,
+}
+
+#[derive(Clone)]
+struct ConnectionHandle {
+    id: u64,
+    frames: SyncSender<RouterMessage>,
+}
+
+#[derive(Clone)]
+struct Pending {
+    delivery: Delivery,
+    model: Option<String>,
+    infer_us: Option<u64>,
+    claimed_from: Option<String>,
+    accepted_at: Instant,
+    delivered_at: Option<Instant>,
+}
+
+impl Router {
+    /// A router for `agents` with `channels`, writing its trace to `trace`.
+    pub fn new(agents: &[String], channels: &[(String, String)], trace: TraceLog) -> Self {
+        let mut state = State {
+            channels: channels.iter().cloned().collect(),
+            next_message: 1,
+            next_trace: 1,
+            ..Default::default()
+        };
+        for agent in agents {
+            state.mailboxes.insert(agent.clone(), Mailbox::default());
+        }
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                results_changed: Condvar::new(),
+                trace,
+                started: Instant::now(),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Listens on `socket` for the connections of agent `name`.
+    pub fn attach(&self, name: &str, socket: &Path) -> io::Result<()> {
+        let listener = UnixListener::bind(socket)?;
+        listener.set_nonblocking(true)?;
+        let shared = Arc::clone(&self.shared);
+        let name = name.to_owned();
+        thread::Builder::new()
+            .name(format!("router-{name}"))
+            .spawn(move || shared.accept_loop(&name, &listener))?;
+        Ok(())
+    }
+
+    /// Gives `body` to the group's entry agent as a new input; returns the input's trace id.
+    pub fn inject(&self, entry: &str, body: String) -> Result<u64, String> {
+        let mut state = self.shared.lock();
+        let trace = state.next_trace;
+        state.next_trace += 1;
+        let send = PeerSend {
+            seq: 0,
+            to: entry.to_owned(),
+            kind: "text".to_owned(),
+            body,
+            trace: Some(trace),
+            model: None,
+            infer_us: None,
+            from: None,
+        };
+        match self.shared.accept(&mut state, INPUT, send) {
+            RouterMessage::Accepted { .. } => Ok(trace),
+            RouterMessage::Refused { reason, .. } => Err(reason),
+            RouterMessage::Deliver(_) => Err("unexpected delivery".to_owned()),
+        }
+    }
+
+    /// Waits until input `trace` produced `count` results or `deadline` passed (or `give_up`
+    /// says so); returns the results so far.
+    pub fn wait_results(
+        &self,
+        trace: u64,
+        count: usize,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> Vec<GroupResult> {
+        let mut state = self.shared.lock();
+        loop {
+            let got: Vec<GroupResult> = state
+                .results
+                .iter()
+                .filter(|r| r.trace == trace)
+                .cloned()
+                .collect();
+            let now = Instant::now();
+            if got.len() >= count || now >= deadline || give_up() {
+                return got;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            state = self
+                .shared
+                .results_changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits until no message is waiting or unacknowledged, or `deadline` passed (or `give_up`
+    /// says so); tells whether the group went quiet.
+    pub fn wait_quiet(&self, deadline: Instant, give_up: &dyn Fn() -> bool) -> bool {
+        loop {
+            if self.unacknowledged().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline || give_up() {
+                return false;
+            }
+            thread::sleep(QUIET_POLL);
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().counters.clone()
+    }
+
+    /// Messages accepted and not yet acknowledged, per receiver.
+    pub fn unacknowledged(&self) -> BTreeMap<String, usize> {
+        let state = self.shared.lock();
+        state
+            .mailboxes
+            .iter()
+            .map(|(name, mb)| {
+                let queued: usize = mb.queues.values().map(VecDeque::len).sum();
+                (name.clone(), queued + mb.in_flight.len())
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    pub fn elapsed_ms(&self) -> f64 {
+        self.shared.started.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let mut state = self.shared.lock();
+        for mailbox in state.mailboxes.values_mut() {
+            mailbox.listener = None;
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ms(&self, at: Instant) -> f64 {
+        at.duration_since(self.started).as_secs_f64() * 1000.0
+    }
+
+    fn accept_loop(self: Arc<Self>, name: &str, listener: &UnixListener) {
+        while !self.stopping.load(Ordering::Relaxed) {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(ACCEPT_POLL);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(agent = name, "accepting a router connection failed: {e}");
+                    thread::sleep(ACCEPT_POLL);
+                    continue;
+                }
+            };
+            if let Err(e) = Arc::clone(&self).serve(name, stream) {
+                tracing::warn!(agent = name, "cannot serve a router connection: {e}");
+            }
+        }
+    }
+
+    fn serve(self: Arc<Self>, name: &str, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        let id = {
+            let mut state = self.lock();
+            let Some(mailbox) = state.mailboxes.get_mut(name) else {
+                return Ok(());
+            };
+            if mailbox.connections >= MAX_CONNECTIONS {
+                state.counters.connections_refused += 1;
+                return Ok(());
+            }
+            mailbox.connections += 1;
+            state.next_connection += 1;
+            state.next_connection
+        };
+        let (frames, outgoing) = mpsc::sync_channel::<RouterMessage>(CONNECTION_QUEUE);
+        let mut writer = stream.try_clone()?;
+        let handle = ConnectionHandle { id, frames };
+        thread::Builder::new()
+            .name(format!("router-w-{name}"))
+            .spawn(move || {
+                for msg in outgoing {
+                    if write_frame(&mut writer, &msg)
+                        .and_then(|()| writer.flush().map_err(Into::into))
+                        .is_err()
+                    {
+                        let _ = writer.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            })?;
+        let name = name.to_owned();
+        thread::Builder::new()
+            .name(format!("router-r-{name}"))
+            .spawn(move || {
+                self.read_connection(&name, &handle, stream);
+                let mut state = self.lock();
+                if let Some(mailbox) = state.mailboxes.get_mut(&name) {
+                    mailbox.connections -= 1;
+                    if mailbox.listener.as_ref().is_some_and(|l| l.id == handle.id) {
+                        mailbox.listener = None;
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn read_connection(&self, name: &str, conn: &ConnectionHandle, stream: UnixStream) {
+        let shutdown = stream.try_clone().ok();
+        let mut frames = FrameReader::new(stream);
+        loop {
+            let request = match frames.read::<PeerRequest>() {
+                Ok(Some(request)) => request,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(agent = name, "dropping a router connection: {e}");
+                    let mut state = self.lock();
+                    state.counters.refused_invalid += 1;
+                    return;
+                }
+            };
+            let mut state = self.lock();
+            match request {
+                PeerRequest::Listen => {
+                    self.listen(&mut state, name, conn.clone());
+                }
+                PeerRequest::Send(send) => {
+                    let seq = send.seq;
+                    let mut answer = self.accept(&mut state, name, send);
+                    if let RouterMessage::Accepted { seq: s, .. }
+                    | RouterMessage::Refused { seq: s, .. } = &mut answer
+                    {
+                        *s = seq;
+                    }
+                    if conn.frames.try_send(answer).is_err() {
+                        drop(state);
+                        if let Some(s) = &shutdown {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                        return;
+                    }
+                }
+                PeerRequest::Ack { message } => self.acknowledge(&mut state, name, message),
+            }
+        }
+    }
+
+    fn listen(&self, state: &mut State, name: &str, conn: ConnectionHandle) {
+        let Some(mailbox) = state.mailboxes.get_mut(name) else {
+            return;
+        };
+        mailbox.listener = Some(conn);
+        // What the previous connection had not acknowledged goes out again, first.
+        let again: Vec<Pending> = std::mem::take(&mut mailbox.in_flight)
+            .into_values()
+            .collect();
+        let count = again.len() as u64;
+        for pending in again.into_iter().rev() {
+            let from = pending.delivery.from.clone();
+            mailbox.queues.entry(from).or_default().push_front(pending);
+        }
+        state.counters.redelivered += count;
+        self.pump(state, name);
+    }
+
+    /// Takes a message from `from` (known from its socket), or says why not.
+    fn accept(&self, state: &mut State, from: &str, send: PeerSend) -> RouterMessage {
+        let now = Instant::now();
+        let bytes = send.body.len();
+        let refuse = |state: &mut State, reason: String, retry: bool, send: &PeerSend| {
+            if retry {
+                state.counters.refused_queue_full += 1;
+            }
+            self.trace.append(&TraceEvent {
+                t_ms: self.ms(now),
+                trace: send.trace.unwrap_or(0),
+                event: EventKind::Refused,
+                message: None,
+                from: from.to_owned(),
+                to: clip(&send.to),
+                kind: clip(&send.kind),
+                bytes: send.body.len(),
+                model: None,
+                infer_ms: None,
+                queued_ms: None,
+                handled_ms: None,
+                summary: reason.clone(),
+                claimed_from: send.from.as_deref().map(clip),
+            });
+            RouterMessage::Refused {
+                seq: send.seq,
+                reason,
+                retry,
+            }
+        };
+        if let Some(claimed) = send.from.as_deref()
+            && claimed != from
+        {
+            state.counters.forged_sender += 1;
+        }
+        if !valid_peer_name(&send.to) || !valid_peer_name(&send.kind) {
+            state.counters.refused_invalid += 1;
+            return refuse(
+                state,
+                "invalid receiver or kind name".to_owned(),
+                false,
+                &send,
+            );
+        }
+        if send.body.len() > MAX_PEER_BODY_BYTES {
+            state.counters.refused_invalid += 1;
+            return refuse(
+                state,
+                format!("the body is larger than {MAX_PEER_BODY_BYTES} bytes"),
+                false,
+                &send,
+            );
+        }
+        if from != INPUT && !state.channels.contains(&(from.to_owned(), send.to.clone())) {
+            state.counters.refused_no_channel += 1;
+            let reason = format!("no channel from `{from}` to `{}`", send.to);
+            return refuse(state, reason, false, &send);
+        }
+        // A trace id the router never handed out is the guest's invention: the message starts
+        // no known input's path, so it is counted against a trace of its own.
+        let trace = send
+            .trace
+            .filter(|t| *t > 0 && *t < state.next_trace)
+            .unwrap_or(0);
+        let caused = state.per_input.entry(trace).or_default();
+        if *caused >= MAX_MESSAGES_PER_INPUT {
+            state.counters.refused_invalid += 1;
+            let reason = format!(
+                "input {trace} already caused {MAX_MESSAGES_PER_INPUT} messages (a loop between agents?)"
+            );
+            return refuse(state, reason, false, &send);
+        }
+        let message = state.next_message;
+        if send.to == OUTPUT {
+            if state.results.len() >= MAX_RESULTS {
+                return refuse(
+                    state,
+                    "the group's results are full".to_owned(),
+                    true,
+                    &send,
+                );
+            }
+            *state.per_input.entry(trace).or_default() += 1;
+            state.next_message += 1;
+            state.counters.accepted += 1;
+            let result = GroupResult {
+                trace,
+                from: from.to_owned(),
+                kind: send.kind.clone(),
+                body: send.body.clone(),
+                model: send.model.clone(),
+                infer_ms: send.infer_us.map(|us| us as f64 / 1000.0),
+                t_ms: self.ms(now),
+            };
+            self.trace.append(&TraceEvent {
+                t_ms: result.t_ms,
+                trace,
+                event: EventKind::Result,
+                message: Some(message),
+                from: from.to_owned(),
+                to: OUTPUT.to_owned(),
+                kind: send.kind.clone(),
+                bytes: send.body.len(),
+                model: send.model.clone(),
+                infer_ms: result.infer_ms,
+                queued_ms: None,
+                handled_ms: None,
+                summary: summary(&send.body),
+                claimed_from: send.from.clone().filter(|c| c != from),
+            });
+            state.results.push(result);
+            self.results_changed.notify_all();
+            return RouterMessage::Accepted {
+                seq: send.seq,
+                message,
+            };
+        }
+        let Some(mailbox) = state.mailboxes.get_mut(&send.to) else {
+            state.counters.refused_invalid += 1;
+            let reason = format!("no agent `{}` in this group", send.to);
+            return refuse(state, reason, false, &send);
+        };
+        let queue = mailbox.queues.entry(from.to_owned()).or_default();
+        if queue.len() >= CHANNEL_QUEUE {
+            let reason = format!(
+                "`{}` has {CHANNEL_QUEUE} messages from `{from}` waiting; send again later",
+                send.to
+            );
+            return refuse(state, reason, true, &send);
+        }
+        queue.push_back(Pending {
+            delivery: Delivery {
+                message,
+                from: from.to_owned(),
+                kind: send.kind.clone(),
+                body: send.body,
+                trace,
+            },
+            model: send.model,
+            infer_us: send.infer_us,
+            claimed_from: send.from.filter(|c| c != from),
+            accepted_at: now,
+            delivered_at: None,
+        });
+        *state.per_input.entry(trace).or_default() += 1;
+        state.next_message += 1;
+        state.counters.accepted += 1;
+        if from == INPUT {
+            self.trace.append(&TraceEvent {
+                t_ms: self.ms(now),
+                trace,
+                event: EventKind::Input,
+                message: Some(message),
+                from: INPUT.to_owned(),
+                to: send.to.clone(),
+                kind: send.kind.clone(),
+                bytes,
+                model: None,
+                infer_ms: None,
+                queued_ms: None,
+                handled_ms: None,
+                summary: String::new(),
+                claimed_from: None,
+            });
+        }
+        self.pump(state, &send.to);
+        RouterMessage::Accepted {
+            seq: send.seq,
+            message,
+        }
+    }
+
+    /// Moves messages for `name` from its queues to its connection, up to the window.
+    fn pump(&self, state: &mut State, name: &str) {
+        let Some(mailbox) = state.mailboxes.get_mut(name) else {
+            return;
+        };
+        let Some(listener) = mailbox.listener.clone() else {
+            return;
+        };
+        let mut delivered = 0;
+        while mailbox.in_flight.len() < DELIVERY_WINDOW {
+            let Some(from) = mailbox.next_sender() else {
+                break;
+            };
+            let Some(queue) = mailbox.queues.get_mut(&from) else {
+                break;
+            };
+            let Some(mut pending) = queue.pop_front() else {
+                break;
+            };
+            match listener
+                .frames
+                .try_send(RouterMessage::Deliver(pending.delivery.clone()))
+            {
+                Ok(()) => {
+                    pending.delivered_at = Some(Instant::now());
+                    mailbox.last_served = Some(from);
+                    mailbox.in_flight.insert(pending.delivery.message, pending);
+                    delivered += 1;
+                }
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    queue.push_front(pending);
+                    break;
+                }
+            }
+        }
+        state.counters.delivered += delivered;
+    }
+
+    fn acknowledge(&self, state: &mut State, name: &str, message: u64) {
+        let Some(mailbox) = state.mailboxes.get_mut(name) else {
+            return;
+        };
+        let Some(pending) = mailbox.in_flight.remove(&message) else {
+            // Not this agent's, or acknowledged before: nothing to forget.
+            state.counters.refused_invalid += 1;
+            return;
+        };
+        state.counters.acknowledged += 1;
+        let now = Instant::now();
+        let delivered_at = pending.delivered_at.unwrap_or(now);
+        if pending.delivery.from != INPUT {
+            self.trace.append(&TraceEvent {
+                t_ms: self.ms(pending.accepted_at),
+                trace: pending.delivery.trace,
+                event: EventKind::Message,
+                message: Some(message),
+                from: pending.delivery.from.clone(),
+                to: name.to_owned(),
+                kind: pending.delivery.kind.clone(),
+                bytes: pending.delivery.body.len(),
+                model: pending.model.clone(),
+                infer_ms: pending.infer_us.map(|us| us as f64 / 1000.0),
+                queued_ms: Some(ms_between(pending.accepted_at, delivered_at)),
+                handled_ms: Some(ms_between(delivered_at, now)),
+                summary: summary(&pending.delivery.body),
+                claimed_from: pending.claimed_from.clone(),
+            });
+        } else {
+            self.trace.append(&TraceEvent {
+                t_ms: self.ms(now),
+                trace: pending.delivery.trace,
+                event: EventKind::Handled,
+                message: Some(message),
+                from: INPUT.to_owned(),
+                to: name.to_owned(),
+                kind: pending.delivery.kind.clone(),
+                bytes: pending.delivery.body.len(),
+                model: None,
+                infer_ms: None,
+                queued_ms: Some(ms_between(pending.accepted_at, delivered_at)),
+                handled_ms: Some(ms_between(delivered_at, now)),
+                summary: String::new(),
+                claimed_from: None,
+            });
+        }
+        self.pump(state, name);
+    }
+}
+
+impl Mailbox {
+    /// The next sender with a waiting message, after the one served last.
+    fn next_sender(&self) -> Option<String> {
+        let waiting = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(from, _)| from);
+        let after = self.last_served.as_deref();
+        let mut first = None;
+        for from in waiting {
+            if first.is_none() {
+                first = Some(from.clone());
+            }
+            if after.is_some_and(|last| from.as_str() > last) {
+                return Some(from.clone());
+            }
+        }
+        first
+    }
+}
+
+fn ms_between(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+/// The start of a body, on one line, for the trace.
+fn summary(body: &str) -> String {
+    let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    clip_to(&line, 80)
+}
+
+fn clip(text: &str) -> String {
+    clip_to(text, 64)
+}
+
+fn clip_to(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! The router over real Unix sockets, with test code in the guests' place.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agentos_protocol::peer::{PeerRequest, PeerSend, RouterMessage};
+use agentos_protocol::{FrameReader, write_frame};
+
+use super::*;
+use crate::group::trace;
+
+struct Fixture {
+    router: Router,
+    dir: tempfile::TempDir,
+}
+
+fn fixture(channels: &[(&str, &str)]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let agents: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let channels: Vec<(String, String)> = channels
+        .iter()
+        .map(|(f, t)| ((*f).to_owned(), (*t).to_owned()))
+        .collect();
+    let log = TraceLog::create(&dir.path().join("trace.jsonl")).unwrap();
+    let router = Router::new(&agents, &channels, log);
+    for agent in &agents {
+        router.attach(agent, &socket(&dir, agent)).unwrap();
+    }
+    Fixture { router, dir }
+}
+
+fn socket(dir: &tempfile::TempDir, agent: &str) -> PathBuf {
+    dir.path().join(format!("{agent}.sock"))
+}
+
+/// One guest-side connection.
+struct Peer {
+    writer: UnixStream,
+    frames: FrameReader<UnixStream>,
+}
+
+impl Peer {
+    fn connect(f: &Fixture, agent: &str) -> Self {
+        let stream = UnixStream::connect(socket(&f.dir, agent)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Self {
+            writer: stream.try_clone().unwrap(),
+            frames: FrameReader::new(stream),
+        }
+    }
+
+    fn request(&mut self, req: &PeerRequest) {
+        write_frame(&mut self.writer, req).unwrap();
+    }
+
+    fn send(&mut self, seq: u64, to: &str, body: &str, from: Option<&str>) -> RouterMessage {
+        self.request(&PeerRequest::Send(PeerSend {
+            seq,
+            to: to.into(),
+            kind: "text".into(),
+            body: body.into(),
+            trace: None,
+            model: None,
+            infer_us: None,
+            from: from.map(String::from),
+        }));
+        self.next()
+    }
+
+    fn next(&mut self) -> RouterMessage {
+        self.frames.read().unwrap().expect("the router closed")
+    }
+
+    fn delivery(&mut self) -> Delivery {
+        match self.next() {
+            RouterMessage::Deliver(d) => d,
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn delivers_along_channels_and_knows_the_sender_from_its_socket() {
+    let f = fixture(&[("a", "b"), ("b", "output")]);
+    let mut b = Peer::connect(&f, "b");
+    b.request(&PeerRequest::Listen);
+    let mut a = Peer::connect(&f, "a");
+    // `a` claims to be `c`: the router delivers it as from `a` and counts the claim.
+    let RouterMessage::Accepted { seq: 7, message } = a.send(7, "b", "hello", Some("c")) else {
+        panic!("not accepted")
+    };
+    let got = b.delivery();
+    assert_eq!(
+        (got.message, got.from.as_str(), got.body.as_str()),
+        (message, "a", "hello")
+    );
+    b.request(&PeerRequest::Ack { message });
+    assert!(matches!(
+        b.send(1, "output", "done", None),
+        RouterMessage::Accepted { .. }
+    ));
+
+    // No channel from b to a, nor from a to output.
+    let RouterMessage::Refused { reason, retry, .. } = b.send(2, "a", "back", None) else {
+        panic!("an undeclared channel was accepted")
+    };
+    assert!(
+        reason.contains("no channel from `b` to `a`") && !retry,
+        "{reason}"
+    );
+    assert!(matches!(
+        a.send(8, "output", "x", None),
+        RouterMessage::Refused { .. }
+    ));
+    assert!(matches!(
+        a.send(9, "../b", "x", None),
+        RouterMessage::Refused { .. }
+    ));
+
+    wait_for("the acknowledgement", || {
+        f.router.counters().acknowledged == 1
+    });
+    let counters = f.router.counters();
+    assert_eq!(counters.forged_sender, 1);
+    assert_eq!(counters.refused_no_channel, 2);
+    assert_eq!(counters.refused_invalid, 1);
+    let events = trace::read(&f.dir.path().join("trace.jsonl")).unwrap();
+    let message = events
+        .iter()
+        .find(|e| e.event == EventKind::Message)
+        .unwrap();
+    assert_eq!((message.from.as_str(), message.to.as_str()), ("a", "b"));
+    assert_eq!(message.claimed_from.as_deref(), Some("c"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event == EventKind::Refused)
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn a_flood_is_refused_with_retry_and_does_not_starve_another_channel() {
+    let f = fixture(&[("a", "c"), ("b", "c")]);
+    let mut a = Peer::connect(&f, "a");
+    let mut accepted = 0;
+    let mut refused = 0;
+    for seq in 0..200 {
+        match a.send(seq, "c", &"x".repeat(1000), None) {
+            RouterMessage::Accepted { .. } => accepted += 1,
+            RouterMessage::Refused { retry: true, .. } => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted, CHANNEL_QUEUE);
+    assert_eq!(refused, 200 - CHANNEL_QUEUE);
+    let mut b = Peer::connect(&f, "b");
+    assert!(matches!(
+        b.send(1, "c", "from b", None),
+        RouterMessage::Accepted { .. }
+    ));
+    // `c` starts listening: `b`'s one message comes within the first two deliveries.
+    let mut c = Peer::connect(&f, "c");
+    c.request(&PeerRequest::Listen);
+    let first = c.delivery();
+    let second = c.delivery();
+    assert!(
+        first.from == "b" || second.from == "b",
+        "{} then {}",
+        first.from,
+        second.from
+    );
+    assert_eq!(
+        f.router.counters().refused_queue_full,
+        200 - CHANNEL_QUEUE as u64
+    );
+}
+
+#[test]
+fn unacknowledged_messages_come_again_to_a_new_connection() {
+    let f = fixture(&[("a", "b")]);
+    let mut a = Peer::connect(&f, "a");
+    let mut b = Peer::connect(&f, "b");
+    b.request(&PeerRequest::Listen);
+    let mut ids = Vec::new();
+    for seq in 0..3 {
+        let RouterMessage::Accepted { message, .. } = a.send(seq, "b", &format!("m{seq}"), None)
+        else {
+            panic!("not accepted")
+        };
+        ids.push(message);
+    }
+    let first = b.delivery();
+    b.request(&PeerRequest::Ack {
+        message: first.message,
+    });
+    let _ = b.delivery();
+    // The receiver goes away (its agent restarted) with two messages unacknowledged.
+    drop(b);
+    wait_for("the acknowledgement", || {
+        f.router.counters().acknowledged == 1
+    });
+    let mut again = Peer::connect(&f, "b");
+    again.request(&PeerRequest::Listen);
+    let mut seen: Vec<u64> = (0..2).map(|_| again.delivery().message).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, ids[1..]);
+    assert!(f.router.counters().redelivered >= 1);
+    for id in seen {
+        again.request(&PeerRequest::Ack { message: id });
+    }
+    wait_for("every acknowledgement", || {
+        f.router.counters().acknowledged == 3
+    });
+    assert!(f.router.unacknowledged().is_empty());
+}
+
+#[test]
+fn input_reaches_the_entry_and_results_are_collected() {
+    let f = fixture(&[("a", "output")]);
+    let mut a = Peer::connect(&f, "a");
+    a.request(&PeerRequest::Listen);
+    let trace = f.router.inject("a", "the input".into()).unwrap();
+    let got = a.delivery();
+    assert_eq!((got.from.as_str(), got.trace), ("input", trace));
+    a.request(&PeerRequest::Send(PeerSend {
+        seq: 1,
+        to: "output".into(),
+        kind: "summary".into(),
+        body: "short".into(),
+        trace: Some(trace),
+        model: Some("minilm".into()),
+        infer_us: Some(2500),
+        from: None,
+    }));
+    let results = f
+        .router
+        .wait_results(trace, 1, Instant::now() + Duration::from_secs(5), &|| false);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].body, "short");
+    assert_eq!(results[0].infer_ms, Some(2.5));
+}

@@ -1,0 +1,531 @@
+//! `agentos group run FILE --input TEXT-FILE`: boot a group's agents, each in its own microVM,
+//! connect them through a router, give the entry agent the input, print the group's results and
+//! the trace of how they were made, and stop every VM.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use agentos_protocol::peer::{Handler, JoinRequest, MAX_PEER_BODY_BYTES, PEER_PORT};
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use super::file::{self, GroupSpec, OUTPUT};
+use super::router::{Counters, GroupResult, Router};
+use super::trace::{self, TraceEvent, TraceLog};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
+use crate::carrier::{self, CarrierChoice, CarrierRun};
+use crate::image::{self, AGENT_IMAGE};
+use crate::infer_run::MODEL_MEMORY_MIB;
+use crate::model::{ModelStore, carrier_copies, vm_archives};
+use crate::rundir::RunDir;
+use crate::signals;
+
+/// Guest memory of an agent without a model, unless its group file says otherwise.
+const PLAIN_MEMORY_MIB: u64 = 256;
+/// The carrier's memory beyond its agents' VMs: its own system, and the images it holds.
+const CARRIER_BASE_MIB: u64 = 2048;
+const CARRIER_MIN_MIB: u64 = 4096;
+/// How long a run that has all its results waits for messages still in flight.
+const QUIET_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GroupRunArgs {
+    /// The group file (TOML): agents, their models or programs, and the channels between them.
+    pub file: PathBuf,
+    /// The text given to the group's entry agent (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// Print the whole report (results, counters, trace) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the group's results once the input is given.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Seconds each agent has to boot.
+    #[arg(long, default_value_t = 300)]
+    pub boot_timeout: u64,
+    /// Where the VMs run (see `agentos run --help`).
+    #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
+    pub carrier: CarrierChoice,
+    /// Copy the agents' serial consoles to stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Print the report as one JSON line for the caller (used inside a carrier).
+    #[arg(long, hide = true)]
+    pub report: bool,
+}
+
+/// Everything a group run produced.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub group: String,
+    pub agents: Vec<AgentReport>,
+    /// What reached `output`, in the order it came.
+    pub results: Vec<GroupResult>,
+    /// How many results one input makes (one per channel into `output`).
+    pub expected_results: usize,
+    pub counters: Counters,
+    pub trace: Vec<TraceEvent>,
+    /// Messages accepted and never acknowledged, per receiver (empty when all went through).
+    pub unacknowledged: BTreeMap<String, usize>,
+    /// From the start to every agent listening.
+    pub ready_ms: u64,
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub name: String,
+    pub model: Option<String>,
+    pub boot_ms: u64,
+}
+
+pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let spec = file::load(&args.file)?;
+    let input = read_input(&args.input)?;
+    let cache = image::default_cache_dir();
+    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
+        )
+    })?;
+    let store = ModelStore::new(&cache);
+    let mut archives: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut carrier_files = Vec::new();
+    for agent in &spec.agents {
+        let Some(Handler::Infer { model, task, .. }) = &agent.handler else {
+            continue;
+        };
+        let bundle = store
+            .find(model)
+            .with_context(|| format!("agent `{}`", agent.name))?;
+        if !bundle.manifest.tasks.contains(task) {
+            bail!(
+                "agent `{}`: model `{model}` does not do {task} (see `agentos model ls`)",
+                agent.name
+            );
+        }
+        let parts = vm_archives(&store, &bundle, &img.manifest.libraries)?;
+        carrier_files.extend(carrier_copies(&parts, &bundle));
+        archives.insert(agent.name.clone(), parts);
+    }
+
+    let report = if carrier::should_use(args.carrier)? {
+        run_in_carrier(args, &spec, &input, carrier_files)?
+    } else {
+        crate::run::check_kvm_access()?;
+        let base = BootOptions {
+            vcpus: 1,
+            memory_mib: PLAIN_MEMORY_MIB,
+            kernel: img.vmlinuz.clone(),
+            initrd: img.initrd.clone(),
+            extra_initrds: Vec::new(),
+            extra_cmdline: None,
+            console: args.console,
+            boot_timeout: Duration::from_secs(args.boot_timeout),
+            cpu: CpuSlice::default(),
+            wait_for_room: false,
+        };
+        match run_here(&spec, input, &base, &archives, args, started)? {
+            Some(report) => report,
+            None => return Ok(signals::exit_code()),
+        }
+    };
+
+    if args.report {
+        serde_json::to_writer(io::stdout().lock(), &report)?;
+        println!();
+        return Ok(0);
+    }
+    let saved = save_trace(&cache, &report);
+    let mut out = io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_report(&mut out, &report)?;
+        match &saved {
+            Ok(path) => writeln!(
+                out,
+                "\n(trace saved to {}; show it again with `agentos trace {}`)",
+                path.display(),
+                report.group
+            )?,
+            Err(e) => writeln!(out, "\n(the trace could not be saved: {e:#})")?,
+        }
+    }
+    if report.results.len() < report.expected_results {
+        eprintln!(
+            "agentos: only {} of {} results came within {} s{}",
+            report.results.len(),
+            report.expected_results,
+            args.timeout,
+            describe_stuck(&report)
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn read_input(path: &Path) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let limit = MAX_PEER_BODY_BYTES as u64 + 1;
+    if path.as_os_str() == "-" {
+        io::stdin()
+            .take(limit)
+            .read_to_string(&mut text)
+            .context("cannot read the input from standard input")?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limit).read_to_string(&mut text))
+            .with_context(|| format!("cannot read the input {}", path.display()))?;
+    }
+    if text.len() > MAX_PEER_BODY_BYTES {
+        bail!("the input is larger than {MAX_PEER_BODY_BYTES} bytes; give a shorter text");
+    }
+    if text.trim().is_empty() {
+        bail!("the input is empty; give the group some text");
+    }
+    Ok(text)
+}
+
+/// Runs this group run again inside a carrier and reads its report back.
+fn run_in_carrier(
+    args: &GroupRunArgs,
+    spec: &GroupSpec,
+    input: &str,
+    mut files: Vec<PathBuf>,
+) -> anyhow::Result<GroupReport> {
+    // The input travels as a file, whatever it was read from; the carrier's /tmp is its own.
+    let dir = groups_dir(&image::default_cache_dir()).join(&spec.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let input_path = dir.join("input.txt");
+    std::fs::write(&input_path, input).context("cannot write the input for the carrier")?;
+    let group_file = std::path::absolute(&args.file).context("cannot resolve the group file")?;
+    files.push(group_file.clone());
+    files.push(input_path.clone());
+    files.extend(carrier::agent_image_files());
+    let exe = std::env::current_exe().context("cannot find the agentos binary")?;
+    let mut argv = vec![
+        exe.display().to_string(),
+        "group".into(),
+        "run".into(),
+        group_file.display().to_string(),
+        "--input".into(),
+        input_path.display().to_string(),
+        "--timeout".into(),
+        args.timeout.to_string(),
+        "--boot-timeout".into(),
+        args.boot_timeout.to_string(),
+        "--report".into(),
+    ];
+    if args.console {
+        argv.push("--console".into());
+    }
+    let vm_memory: u64 = spec
+        .agents
+        .iter()
+        .map(|a| memory_of(a) + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
+        .sum();
+    let spec = CarrierRun {
+        argv,
+        env: BTreeMap::new(),
+        files,
+        memory_mib: (vm_memory + CARRIER_BASE_MIB).max(CARRIER_MIN_MIB),
+        cpus: carrier::DEFAULT_CPUS,
+        console: false,
+    };
+    let mut out = Vec::new();
+    let status = carrier::run(&spec, &mut out)?;
+    if status.shell_code() != 0 {
+        if signals::interrupted() {
+            bail!("interrupted");
+        }
+        bail!(
+            "the group did not run in the carrier (exit status {})",
+            status.shell_code()
+        );
+    }
+    let line = out
+        .split(|b| *b == b'\n')
+        .rfind(|l| l.starts_with(b"{"))
+        .context("the group run in the carrier printed no report")?;
+    serde_json::from_slice(line).context("the group run in the carrier printed a malformed report")
+}
+
+fn memory_of(agent: &file::AgentSpec) -> u64 {
+    agent.memory_mib.unwrap_or(if agent.model.is_some() {
+        MODEL_MEMORY_MIB
+    } else {
+        PLAIN_MEMORY_MIB
+    })
+}
+
+/// Boots the agents here, runs the input through them and stops them. `None`: interrupted.
+fn run_here(
+    spec: &GroupSpec,
+    input: String,
+    base: &BootOptions,
+    archives: &BTreeMap<String, Vec<PathBuf>>,
+    args: &GroupRunArgs,
+    started: Instant,
+) -> anyhow::Result<Option<GroupReport>> {
+    let trace_dir = RunDir::create("trace").context("cannot create a run directory")?;
+    let trace_path = trace_dir.join("trace.jsonl");
+    let names: Vec<String> = spec.agents.iter().map(|a| a.name.clone()).collect();
+    let router = Router::new(&names, &spec.channels, TraceLog::create(&trace_path)?);
+
+    // Every agent boots at once; each VM is its own process.
+    let opts: Vec<BootOptions> = spec
+        .agents
+        .iter()
+        .map(|agent| {
+            let mut opts = base.clone();
+            opts.vcpus = agent.vcpus;
+            opts.memory_mib = memory_of(agent);
+            opts.extra_initrds = archives.get(&agent.name).cloned().unwrap_or_default();
+            opts.cpu = CpuSlice {
+                cpus: agent.cpus,
+                weight: agent.weight,
+                ..CpuSlice::default()
+            };
+            opts
+        })
+        .collect();
+    let mut vms: Vec<(String, AgentVm)> = Vec::new();
+    let mut failure = None;
+    for (agent, booted) in spec.agents.iter().zip(AgentVm::boot_all(&opts)) {
+        match booted {
+            Ok(vm) => vms.push((agent.name.clone(), vm)),
+            Err(VmError::Interrupted) => failure = failure.or(Some(None)),
+            Err(e) => {
+                failure = failure.or(Some(Some(
+                    anyhow::Error::new(e).context(format!("agent `{}` did not boot", agent.name)),
+                )));
+            }
+        }
+    }
+    if let Some(why) = failure {
+        stop_all(vms);
+        return match why {
+            Some(e) => Err(e),
+            None => Ok(None),
+        };
+    }
+    let boot_ms: BTreeMap<String, u64> = vms
+        .iter()
+        .map(|(name, vm)| (name.clone(), vm.boot_time().as_millis() as u64))
+        .collect();
+
+    let joined = join_all(spec, &router, &mut vms);
+    if let Err(e) = joined {
+        stop_all(vms);
+        return Err(e);
+    }
+    let ready_ms = started.elapsed().as_millis() as u64;
+    let trace = router
+        .inject(spec.entry(), input)
+        .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))?;
+    let results = router.wait_results(
+        trace,
+        spec.results_per_input(),
+        Instant::now() + Duration::from_secs(args.timeout),
+        &signals::interrupted,
+    );
+    // Messages still on their way (to agents that do not answer `output`) get a moment to
+    // arrive, so that the run ends with the group quiet.
+    if results.len() >= spec.results_per_input() {
+        router.wait_quiet(Instant::now() + QUIET_GRACE, &signals::interrupted);
+    }
+    let interrupted = signals::interrupted();
+    stop_all(vms);
+    if interrupted {
+        return Ok(None);
+    }
+    let report = GroupReport {
+        group: spec.name.clone(),
+        agents: spec
+            .agents
+            .iter()
+            .map(|a| AgentReport {
+                name: a.name.clone(),
+                model: a.model.clone(),
+                boot_ms: boot_ms.get(&a.name).copied().unwrap_or(0),
+            })
+            .collect(),
+        results,
+        expected_results: spec.results_per_input(),
+        counters: router.counters(),
+        unacknowledged: router.unacknowledged(),
+        trace: Vec::new(),
+        ready_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+    };
+    drop(router);
+    let trace = trace::read(&trace_path)?;
+    Ok(Some(GroupReport { trace, ..report }))
+}
+
+/// Attaches each agent to the router, then tells it to join.
+fn join_all(
+    spec: &GroupSpec,
+    router: &Router,
+    vms: &mut [(String, AgentVm)],
+) -> anyhow::Result<()> {
+    for (name, vm) in vms.iter_mut() {
+        router
+            .attach(name, &vm.host_socket(PEER_PORT))
+            .with_context(|| format!("cannot listen for agent `{name}`"))?;
+        let agent = spec
+            .agents
+            .iter()
+            .find(|a| &a.name == name)
+            .context("an agent left the group")?;
+        vm.conn()
+            .join(JoinRequest {
+                id: 0,
+                group: spec.name.clone(),
+                name: name.clone(),
+                handler: agent.handler.clone(),
+                outputs: spec.outputs_of(name),
+            })
+            .with_context(|| format!("agent `{name}` did not join the group"))?;
+    }
+    Ok(())
+}
+
+fn stop_all(vms: Vec<(String, AgentVm)>) {
+    let stops: Vec<_> = vms
+        .into_iter()
+        .map(|(_, vm)| thread::spawn(move || vm.shutdown()))
+        .collect();
+    for stop in stops {
+        let _ = stop.join();
+    }
+}
+
+fn groups_dir(cache: &Path) -> PathBuf {
+    cache.join("groups")
+}
+
+/// Where the last trace of group `name` is kept.
+pub fn trace_path(cache: &Path, name: &str) -> PathBuf {
+    groups_dir(cache).join(name).join("trace.jsonl")
+}
+
+fn save_trace(cache: &Path, report: &GroupReport) -> anyhow::Result<PathBuf> {
+    let path = trace_path(cache, &report.group);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let log = TraceLog::create(&path)?;
+    for event in &report.trace {
+        log.append(event);
+    }
+    Ok(path)
+}
+
+fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
+    writeln!(
+        out,
+        "group {}: {} agents",
+        report.group,
+        report.agents.len()
+    )?;
+    for agent in &report.agents {
+        writeln!(
+            out,
+            "  {:<12} {:<20} booted in {:.1} s",
+            agent.name,
+            agent.model.as_deref().unwrap_or("(no model)"),
+            agent.boot_ms as f64 / 1000.0
+        )?;
+    }
+    for result in &report.results {
+        let made = match (&result.model, result.infer_ms) {
+            (Some(model), Some(ms)) => format!(", {model} ran {:.1} s", ms / 1000.0),
+            _ => String::new(),
+        };
+        writeln!(out, "\n== {} (from {}{made})", result.kind, result.from)?;
+        writeln!(out, "{}", result.body.trim_end())?;
+    }
+    writeln!(out, "\n== trace")?;
+    trace::render(&report.trace, out)?;
+    let c = &report.counters;
+    writeln!(
+        out,
+        "router: {} accepted, {} delivered, {} acknowledged, {} redelivered; refused: {} without a channel, {} queue full, {} invalid; {} forged sender claims",
+        c.accepted,
+        c.delivered,
+        c.acknowledged,
+        c.redelivered,
+        c.refused_no_channel,
+        c.refused_queue_full,
+        c.refused_invalid,
+        c.forged_sender
+    )?;
+    writeln!(
+        out,
+        "all agents ready after {:.1} s; total {:.1} s",
+        report.ready_ms as f64 / 1000.0,
+        report.total_ms as f64 / 1000.0
+    )
+}
+
+fn describe_stuck(report: &GroupReport) -> String {
+    if report.unacknowledged.is_empty() {
+        return String::new();
+    }
+    let waiting: Vec<String> = report
+        .unacknowledged
+        .iter()
+        .map(|(agent, n)| format!("{agent} ({n})"))
+        .collect();
+    format!(
+        "; messages still waiting at: {} (see the trace; results go to `{OUTPUT}`)",
+        waiting.join(", ")
+    )
+}
+
+/// `agentos trace GROUP|FILE`: the saved trace of a group's last run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// A group's name (its last run's trace), or a trace file.
+    pub group: String,
+    /// Print the events as JSON lines instead.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn show_trace(args: &TraceArgs) -> anyhow::Result<i32> {
+    let as_path = Path::new(&args.group);
+    let path = if as_path.is_file() {
+        as_path.to_path_buf()
+    } else if agentos_protocol::peer::valid_peer_name(&args.group) {
+        let path = trace_path(&image::default_cache_dir(), &args.group);
+        if !path.is_file() {
+            bail!(
+                "no trace for group `{}` (run it with `agentos group run FILE --input TEXT`)",
+                args.group
+            );
+        }
+        path
+    } else {
+        bail!("`{}` is neither a group name nor a trace file", args.group);
+    };
+    let events = trace::read(&path)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        for event in &events {
+            serde_json::to_writer(&mut out, event)?;
+            writeln!(out)?;
+        }
+    } else {
+        trace::render(&events, &mut out)?;
+    }
+    Ok(0)
+}
