@@ -1,6 +1,10 @@
 //! `agentos group run`: agents in their own microVMs exchange messages through the router, which
 //! knows each sender from its socket and allows only declared channels.
 
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
 use crate::common::{Scratch, describe, take_machine, vm_available};
 
 /// `a` gets the input and pings `b` from a program (claiming to be `c`, and also trying `c`,
@@ -112,4 +116,132 @@ fn a_bad_group_file_is_named_with_its_line() {
         err.contains("bad.toml:2: channel to `d`: no agent has that name"),
         "{err}"
     );
+}
+
+/// `sender` sends six messages to `receiver`, which takes a second over each; its VMM is killed
+/// after two results. The router keeps what was not acknowledged, the agent is booted again,
+/// and every message's result arrives.
+const RESTART: &str = r#"name = "restart"
+channels = ["input -> sender", "sender -> receiver", "receiver -> output"]
+
+[[agent]]
+name = "sender"
+exec = ["/bin/sh", "-c", '''
+for i in 1 2 3 4 5 6; do echo "m$i" | /init send receiver --kind item > /dev/null; done
+''']
+
+[[agent]]
+name = "receiver"
+memory = 200
+exec = ["/bin/sh", "-c", 'body=$(cat); sleep 1; echo "got $body"']
+"#;
+
+#[test]
+fn a_receiver_killed_mid_stream_is_restarted_and_gets_every_message() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("group-restart");
+    let file = t.dir.join("restart.toml");
+    std::fs::write(&file, RESTART).unwrap();
+    let input = t.dir.join("input.txt");
+    std::fs::write(&input, "go\n").unwrap();
+    let child = t.spawn(&[
+        "group",
+        "run",
+        file.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--json",
+        "--timeout",
+        "400",
+    ]);
+    // Two results in the trace, then the receiver's VMM (the one VM of 200 MiB) is killed.
+    let deadline = Instant::now() + Duration::from_secs(400);
+    loop {
+        assert!(Instant::now() < deadline, "no results came");
+        if results_in_trace(&t.run_dir()) >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let receiver = vmm_with(&t.run_dir(), "--memory 200").expect("the receiver's VMM");
+    // SAFETY: kill has no memory-safety preconditions; the pid is a VMM this test started.
+    assert_eq!(unsafe { libc::kill(receiver, libc::SIGKILL) }, 0);
+
+    let out = t.finish(child, Duration::from_secs(600));
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    let bodies: Vec<&str> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["body"].as_str().unwrap())
+        .collect();
+    let distinct: BTreeSet<&str> = bodies.iter().copied().collect();
+    let expected: BTreeSet<String> = (1..=6).map(|i| format!("got m{i}")).collect();
+    assert_eq!(
+        distinct,
+        expected.iter().map(String::as_str).collect(),
+        "{report}"
+    );
+    // Only a message handled but not acknowledged before the kill may be handled twice.
+    let redelivered = report["counters"]["redelivered"].as_u64().unwrap();
+    assert!(
+        (bodies.len() - distinct.len()) as u64 <= redelivered,
+        "{report}"
+    );
+    let agents = report["agents"].as_array().unwrap();
+    let restarted = agents.iter().find(|a| a["name"] == "receiver").unwrap();
+    assert_eq!(restarted["restarts"], 1, "{report}");
+    let events: Vec<&str> = report["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["from"] == "receiver")
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(
+        events.contains(&"crashed") && events.contains(&"restarted"),
+        "{report}"
+    );
+    assert!(
+        report["unacknowledged"].as_object().unwrap().is_empty(),
+        "{report}"
+    );
+    t.assert_nothing_left();
+}
+
+/// Results from `receiver` in the trace a group run writes under `run_dir`.
+fn results_in_trace(run_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path().join("trace.jsonl")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.contains(r#""event":"result""#) && l.contains(r#""from":"receiver""#))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .count()
+}
+
+/// The pid of the VMM under `run_dir` whose command line contains `marker`.
+fn vmm_with(run_dir: &Path, marker: &str) -> Option<i32> {
+    let run_dir = run_dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            cmdline.contains(" vmm ") && cmdline.contains(&run_dir) && cmdline.contains(marker)
+        })
 }

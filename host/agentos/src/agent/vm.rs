@@ -254,6 +254,13 @@ impl AgentVm {
         self.boot_time
     }
 
+    /// Whether the VMM has exited (the guest crashed, powered off, or the VMM was killed).
+    pub fn ended(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| !matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Shuts the guest down and waits for the VMM to exit. When the connection is already gone
     /// (the guest crashed or is rebooting) this still gives the VMM time to end on its own and
     /// write its report, which says what happened.

@@ -83,7 +83,7 @@ impl Side {
             p50_us: round1(percentile(rtt_us, 0.50)),
             p99_us: round1(percentile(rtt_us, 0.99)),
             messages_per_s: round1(per_s),
-            mb_per_s: round1(per_s * bytes as f64 / 1e6),
+            mb_per_s: round3(per_s * bytes as f64 / 1e6),
         }
     }
 }
@@ -309,6 +309,10 @@ fn ping_socket_pair(bytes: usize, round_trips: u32) -> anyhow::Result<Vec<f64>> 
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

@@ -67,7 +67,22 @@ pub struct AgentSpec {
     pub memory_mib: Option<u64>,
     pub cpus: Option<f64>,
     pub weight: Option<u32>,
+    pub restart: Restart,
 }
+
+/// What happens when an agent's VM ends while its group runs (the host never stops an agent
+/// then, so any end is a failure).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    Never,
+    /// Boot it again, up to [`MAX_RESTARTS`] times, waiting 1, 2, 4 s before each.
+    #[default]
+    OnFailure,
+}
+
+/// Restarts of one agent in one run.
+pub const MAX_RESTARTS: u32 = 3;
 
 impl GroupSpec {
     /// The agent that receives the group's input.
@@ -117,6 +132,8 @@ struct RawAgent {
     memory: Option<u64>,
     cpus: Option<f64>,
     weight: Option<u32>,
+    #[serde(default)]
+    restart: Restart,
 }
 
 /// Reads and checks the group file at `path`.
@@ -314,6 +331,7 @@ fn agent_spec(
         memory_mib: raw.memory,
         cpus: raw.cpus,
         weight: raw.weight,
+        restart: raw.restart,
     })
 }
 
@@ -351,6 +369,7 @@ sentences = 2
 name = "translator"
 exec = ["/bin/sh", "-c", "cat"]
 memory = 256
+restart = "never"
 "#;
 
     #[test]
@@ -368,6 +387,8 @@ memory = 256
         ));
         let translator = &spec.agents[1];
         assert_eq!(translator.memory_mib, Some(256));
+        assert_eq!(translator.restart, Restart::Never);
+        assert_eq!(summarizer.restart, Restart::OnFailure);
         assert!(matches!(
             &translator.handler,
             Some(Handler::Exec { program, args }) if program == "/bin/sh" && args.len() == 2

@@ -109,6 +109,8 @@ struct Mailbox {
     in_flight: BTreeMap<u64, Pending>,
     listener: Option<ConnectionHandle>,
     connections: usize,
+    /// Counts attachments: an accept loop whose socket was replaced ends.
+    socket_generation: u64,
 }
 
 #[derive(Clone)]
@@ -150,16 +152,57 @@ impl Router {
         }
     }
 
-    /// Listens on `socket` for the connections of agent `name`.
+    /// Listens on `socket` for the connections of agent `name` (instead of the socket it had,
+    /// when the agent was restarted).
     pub fn attach(&self, name: &str, socket: &Path) -> io::Result<()> {
         let listener = UnixListener::bind(socket)?;
         listener.set_nonblocking(true)?;
+        let generation = {
+            let mut state = self.shared.lock();
+            let mailbox = state
+                .mailboxes
+                .get_mut(name)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such agent"))?;
+            mailbox.socket_generation += 1;
+            mailbox.socket_generation
+        };
         let shared = Arc::clone(&self.shared);
         let name = name.to_owned();
         thread::Builder::new()
             .name(format!("router-{name}"))
-            .spawn(move || shared.accept_loop(&name, &listener))?;
+            .spawn(move || shared.accept_loop(&name, &listener, generation))?;
         Ok(())
+    }
+
+    /// Writes an event about agent `name` itself (it crashed, it was restarted) to the trace.
+    pub fn note(&self, name: &str, event: EventKind, summary: String) {
+        self.shared.trace.append(&TraceEvent {
+            t_ms: self.elapsed_ms(),
+            trace: 0,
+            event,
+            message: None,
+            from: name.to_owned(),
+            to: String::new(),
+            kind: String::new(),
+            bytes: 0,
+            model: None,
+            infer_ms: None,
+            queued_ms: None,
+            handled_ms: None,
+            summary,
+            claimed_from: None,
+        });
+    }
+
+    /// The results of input `trace` so far.
+    pub fn results(&self, trace: u64) -> Vec<GroupResult> {
+        self.shared
+            .lock()
+            .results
+            .iter()
+            .filter(|r| r.trace == trace)
+            .cloned()
+            .collect()
     }
 
     /// Gives `body` to the group's entry agent as a new input; returns the input's trace id.
@@ -271,8 +314,12 @@ impl Shared {
         at.duration_since(self.started).as_secs_f64() * 1000.0
     }
 
-    fn accept_loop(self: Arc<Self>, name: &str, listener: &UnixListener) {
+    fn accept_loop(self: Arc<Self>, name: &str, listener: &UnixListener, generation: u64) {
         while !self.stopping.load(Ordering::Relaxed) {
+            let current = self.lock().mailboxes.get(name).map(|m| m.socket_generation);
+            if current != Some(generation) {
+                return;
+            }
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

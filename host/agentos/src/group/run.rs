@@ -12,9 +12,9 @@ use agentos_protocol::peer::{Handler, JoinRequest, MAX_PEER_BODY_BYTES, PEER_POR
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use super::file::{self, GroupSpec, OUTPUT};
+use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
 use super::router::{Counters, GroupResult, Router};
-use super::trace::{self, TraceEvent, TraceLog};
+use super::trace::{self, EventKind, TraceEvent, TraceLog};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
@@ -30,6 +30,10 @@ const CARRIER_BASE_MIB: u64 = 2048;
 const CARRIER_MIN_MIB: u64 = 4096;
 /// How long a run that has all its results waits for messages still in flight.
 const QUIET_GRACE: Duration = Duration::from_secs(30);
+/// How often a running group's VMs are looked at.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause before the first restart of an agent; it doubles with each one.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GroupRunArgs {
@@ -81,6 +85,8 @@ pub struct AgentReport {
     pub name: String,
     pub model: Option<String>,
     pub boot_ms: u64,
+    /// Times its VM ended and was booted again during the run.
+    pub restarts: u32,
 }
 
 pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
@@ -327,22 +333,28 @@ fn run_here(
         return Err(e);
     }
     let ready_ms = started.elapsed().as_millis() as u64;
-    let trace = router
+    let mut members: Vec<Member> = vms
+        .into_iter()
+        .zip(opts)
+        .map(|((name, vm), opts)| Member {
+            name,
+            vm: Some(vm),
+            opts,
+            restarts: 0,
+        })
+        .collect();
+    let outcome = router
         .inject(spec.entry(), input)
-        .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))?;
-    let results = router.wait_results(
-        trace,
-        spec.results_per_input(),
-        Instant::now() + Duration::from_secs(args.timeout),
-        &signals::interrupted,
-    );
-    // Messages still on their way (to agents that do not answer `output`) get a moment to
-    // arrive, so that the run ends with the group quiet.
-    if results.len() >= spec.results_per_input() {
-        router.wait_quiet(Instant::now() + QUIET_GRACE, &signals::interrupted);
-    }
+        .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))
+        .map(|trace| supervise(spec, &router, &mut members, trace, args));
     let interrupted = signals::interrupted();
-    stop_all(vms);
+    stop_all(
+        members
+            .iter_mut()
+            .filter_map(|m| m.vm.take().map(|vm| (m.name.clone(), vm)))
+            .collect(),
+    );
+    let results = outcome?;
     if interrupted {
         return Ok(None);
     }
@@ -355,6 +367,10 @@ fn run_here(
                 name: a.name.clone(),
                 model: a.model.clone(),
                 boot_ms: boot_ms.get(&a.name).copied().unwrap_or(0),
+                restarts: members
+                    .iter()
+                    .find(|m| m.name == a.name)
+                    .map_or(0, |m| m.restarts),
             })
             .collect(),
         results,
@@ -368,6 +384,125 @@ fn run_here(
     drop(router);
     let trace = trace::read(&trace_path)?;
     Ok(Some(GroupReport { trace, ..report }))
+}
+
+/// An agent of a running group: its VM (none once it is given up on) and how to boot it again.
+struct Member {
+    name: String,
+    vm: Option<AgentVm>,
+    opts: BootOptions,
+    restarts: u32,
+}
+
+/// Waits for the results of input `trace`, then for the group to go quiet, restarting agents
+/// whose VM ended meanwhile as their policy says. Returns the results.
+fn supervise(
+    spec: &GroupSpec,
+    router: &Router,
+    members: &mut [Member],
+    trace: u64,
+    args: &GroupRunArgs,
+) -> Vec<GroupResult> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let expected = spec.results_per_input();
+    // Once every result is in, messages still on their way (to agents that do not answer
+    // `output`) get a moment to arrive, so that the run ends with the group quiet.
+    let mut quiet_from: Option<Instant> = None;
+    loop {
+        let results = router.wait_results(
+            trace,
+            expected,
+            (Instant::now() + SUPERVISE_INTERVAL).min(deadline),
+            &signals::interrupted,
+        );
+        let now = Instant::now();
+        if signals::interrupted() || now >= deadline {
+            return results;
+        }
+        if results.len() >= expected {
+            let since = *quiet_from.get_or_insert(now);
+            if router.unacknowledged().is_empty() || now - since > QUIET_GRACE {
+                return results;
+            }
+        }
+        for member in members.iter_mut() {
+            if restart_if_ended(spec, router, member) {
+                // A restarted agent gets the grace again to catch up.
+                quiet_from = quiet_from.map(|_| Instant::now());
+            }
+        }
+    }
+}
+
+/// Restarts `member` if its VM ended and its policy allows; tells whether it did.
+fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> bool {
+    let Some(vm) = member.vm.as_mut() else {
+        return false;
+    };
+    if !vm.ended() {
+        return false;
+    }
+    let Some(vm) = member.vm.take() else {
+        return false;
+    };
+    let end = vm.shutdown();
+    let why = end.report.map_or_else(
+        || "the VMM ended without a report".to_owned(),
+        |r| match r.error {
+            Some(error) => format!("{}: {error}", r.outcome),
+            None => r.outcome,
+        },
+    );
+    tracing::warn!(agent = member.name, "the agent's VM ended: {why}");
+    router.note(&member.name, EventKind::Crashed, why);
+    let policy = spec
+        .agents
+        .iter()
+        .find(|a| a.name == member.name)
+        .map_or(Restart::Never, |a| a.restart);
+    if policy == Restart::Never || member.restarts >= MAX_RESTARTS {
+        router.note(
+            &member.name,
+            EventKind::Crashed,
+            format!("not restarted ({} restarts so far)", member.restarts),
+        );
+        return false;
+    }
+    thread::sleep(RESTART_BACKOFF * (1 << member.restarts));
+    member.restarts += 1;
+    // Booted from this thread, which outlives the VM (a VMM ends with the thread that started it).
+    let restarted = AgentVm::boot(&member.opts)
+        .map_err(anyhow::Error::new)
+        .and_then(|mut vm| {
+            let mut one = [(member.name.clone(), vm)];
+            join_all(spec, router, &mut one)?;
+            let [(_, joined)] = one;
+            vm = joined;
+            Ok(vm)
+        });
+    match restarted {
+        Ok(vm) => {
+            router.note(
+                &member.name,
+                EventKind::Restarted,
+                format!(
+                    "restart {} of {MAX_RESTARTS}, booted in {:.1} s",
+                    member.restarts,
+                    vm.boot_time().as_secs_f64()
+                ),
+            );
+            member.vm = Some(vm);
+            true
+        }
+        Err(e) => {
+            router.note(
+                &member.name,
+                EventKind::Crashed,
+                format!("restart {} failed: {e:#}", member.restarts),
+            );
+            false
+        }
+    }
 }
 
 /// Attaches each agent to the router, then tells it to join.
@@ -437,9 +572,13 @@ fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
         report.agents.len()
     )?;
     for agent in &report.agents {
+        let restarts = match agent.restarts {
+            0 => String::new(),
+            n => format!(", restarted {n} times"),
+        };
         writeln!(
             out,
-            "  {:<12} {:<20} booted in {:.1} s",
+            "  {:<12} {:<20} booted in {:.1} s{restarts}",
             agent.name,
             agent.model.as_deref().unwrap_or("(no model)"),
             agent.boot_ms as f64 / 1000.0

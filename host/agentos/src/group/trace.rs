@@ -23,6 +23,10 @@ pub enum EventKind {
     Result,
     /// A send the router did not take.
     Refused,
+    /// An agent's VM ended while the group ran (`summary` says how).
+    Crashed,
+    /// An agent was booted again after a crash; what it had not acknowledged comes again.
+    Restarted,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -221,6 +225,8 @@ fn event_name(kind: EventKind) -> &'static str {
         EventKind::Message => "message",
         EventKind::Result => "result",
         EventKind::Refused => "refused",
+        EventKind::Crashed => "crashed",
+        EventKind::Restarted => "restarted",
     }
 }
 
