@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::agent::connection::{ConnectionError, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
 use crate::carrier::{self, CarrierChoice};
+use crate::cgroup::PriorityClass;
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
 
@@ -59,8 +60,11 @@ pub struct VmArgs {
     #[arg(long)]
     pub pin: bool,
     /// CPU weight against other agents, 1..=10000 (default 100).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "class")]
     pub weight: Option<u32>,
+    /// Priority class, a CPU weight: interactive (10000), batch (100, the default), idle (1).
+    #[arg(long, value_enum)]
+    pub class: Option<PriorityClass>,
     /// When the VM's memory or CPU slice does not fit beside the running agents, wait for room
     /// instead of failing.
     #[arg(long)]
@@ -144,7 +148,7 @@ impl VmArgs {
         }
         crate::cgroup::Slice {
             cpus: self.cpus,
-            weight: self.weight,
+            weight: self.weight.or(self.class.map(PriorityClass::weight)),
             cpuset: self.cpuset.clone(),
             ..Default::default()
         }
@@ -174,7 +178,12 @@ impl VmArgs {
                 )
             }
         };
-        Ok(BootOptions {
+        Ok(self.boot_options_with(kernel, initrd))
+    }
+
+    /// The VM these flags ask for, booting `kernel` and `initrd`.
+    pub fn boot_options_with(&self, kernel: PathBuf, initrd: PathBuf) -> BootOptions {
+        BootOptions {
             vcpus: self.vcpus,
             memory_mib: self.memory.unwrap_or(DEFAULT_MEMORY_MIB),
             kernel,
@@ -185,12 +194,12 @@ impl VmArgs {
             boot_timeout: Duration::from_secs(self.boot_timeout),
             cpu: CpuSlice {
                 cpus: self.cpus,
-                weight: self.weight,
+                weight: self.weight.or(self.class.map(PriorityClass::weight)),
                 cpuset: self.cpuset.clone(),
                 pin: self.pin,
             },
             wait_for_room: self.wait,
-        })
+        }
     }
 }
 
@@ -338,6 +347,18 @@ mod tests {
         cli.run.infer.validate().unwrap();
         assert!(cli.run.command.is_empty());
         assert!(Cli::try_parse_from(["t", "--model", "m", "--", "true"]).is_err());
+    }
+
+    #[test]
+    fn a_class_is_a_weight_and_excludes_one() {
+        let cli = Cli::parse_from(["t", "--class", "interactive", "--", "true"]);
+        let opts = cli.run.vm.boot_options_with(PathBuf::new(), PathBuf::new());
+        assert_eq!(opts.cpu.weight, Some(10_000));
+        let cli = Cli::parse_from(["t", "--weight", "300", "--", "true"]);
+        let opts = cli.run.vm.boot_options_with(PathBuf::new(), PathBuf::new());
+        assert_eq!(opts.cpu.weight, Some(300));
+        assert!(Cli::try_parse_from(["t", "--class", "idle", "--weight", "5", "--", "x"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--class", "urgent", "--", "x"]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod infer;
 pub mod ipc;
+pub mod isolation;
 pub mod sched;
 
 use serde::{Deserialize, Serialize};

@@ -6,6 +6,8 @@
 //!   split it 1:3 (the heavier one's share 0.75 ±5 %).
 //! - **Pause and resume**: how long freezing and thawing a running agent's cgroup takes, and that
 //!   a frozen agent uses no CPU.
+//! - **Isolation**: inference latency of an interactive agent alone and beside CPU-burning
+//!   neighbours (see [`super::isolation`]).
 //!
 //! Runs where Linux guests run here: directly, or inside the QEMU carrier (whose single vCPU is
 //! then the CPU being shared).
@@ -18,6 +20,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::Stats;
+use super::isolation::{self, IsolationResult};
 use crate::agent::connection::ExecIo;
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::carrier::{self, CarrierChoice};
@@ -38,6 +41,9 @@ pub struct SchedBenchArgs {
     /// Length of each measurement window, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub window: u64,
+    /// Inference requests per isolation phase.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub requests: u32,
     /// Freeze/thaw cycles for the pause and resume latency.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub cycles: u32,
@@ -57,6 +63,7 @@ struct SchedResults {
     quota: Vec<QuotaResult>,
     weights: WeightResult,
     pause_resume: PauseResult,
+    isolation: IsolationResult,
     /// Whether every measured value met its target.
     all_within_target: bool,
 }
@@ -93,7 +100,7 @@ struct PauseResult {
 
 pub fn run(args: &SchedBenchArgs) -> anyhow::Result<i32> {
     if carrier::should_use(args.carrier)? {
-        return carrier::rerun_inside(Vec::new());
+        return carrier::rerun_inside(isolation::carrier_files()?);
     }
     crate::run::check_kvm_access()?;
     let window = Duration::from_secs(args.window);
@@ -112,15 +119,18 @@ pub fn run(args: &SchedBenchArgs) -> anyhow::Result<i32> {
     let weights = measure_weights(window)?;
     eprintln!("agentos bench sched: pause and resume");
     let pause_resume = measure_pause(args.cycles)?;
+    let isolation = isolation::measure(args.requests, &boot_options)?;
     let all_within_target = quota.iter().all(|q| q.within_target)
         && weights.within_target
-        && pause_resume.cpu_us_while_paused == 0;
+        && pause_resume.cpu_us_while_paused == 0
+        && isolation.within_target;
     let results = SchedResults {
         placement,
         window_s: args.window,
         quota,
         weights,
         pause_resume,
+        isolation,
         all_within_target,
     };
     if args.json {
@@ -162,24 +172,48 @@ fn print_summary(r: &SchedResults) {
         p.cpu_us_while_paused,
         mark(p.cpu_us_while_paused == 0)
     );
+    let i = &r.isolation;
+    println!(
+        "  isolation ({} requests of {}): p50/p99 alone {:.0}/{:.0} ms, beside {} same-weight agents {:.0}/{:.0} ms, beside {} batch agents {:.0}/{:.0} ms; p99 ratio {:.3} (target <= {}) {}",
+        i.requests,
+        isolation::MODEL,
+        i.alone.p50_ms,
+        i.alone.p99_ms,
+        i.neighbours,
+        i.same_weight.p50_ms,
+        i.same_weight.p99_ms,
+        i.neighbours,
+        i.batch_neighbours.p50_ms,
+        i.batch_neighbours.p99_ms,
+        i.p99_ratio,
+        i.target_p99_ratio,
+        mark(i.within_target)
+    );
 }
 
-fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
-    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
-        .context("the agent image is missing: run `scripts/setup`")?;
-    let opts = BootOptions {
+/// How the benchmark's agents boot: the agent image, one vCPU, `cpu` as their slice.
+fn boot_options(cpu: CpuSlice) -> BootOptions {
+    let (kernel, initrd) = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+        .map(|img| (img.vmlinuz, img.initrd))
+        .unwrap_or_default();
+    BootOptions {
         vcpus: 1,
         memory_mib: MEMORY_MIB,
-        kernel: img.vmlinuz,
-        initrd: img.initrd,
+        kernel,
+        initrd,
         extra_initrds: Vec::new(),
         extra_cmdline: None,
         console: false,
         boot_timeout: BOOT_TIMEOUT,
         cpu,
         wait_for_room: false,
-    };
-    let vm = AgentVm::boot(&opts).context("the agent VM did not boot")?;
+    }
+}
+
+fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
+    image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+        .context("the agent image is missing: run `scripts/setup`")?;
+    let vm = AgentVm::boot(&boot_options(cpu)).context("the agent VM did not boot")?;
     if vm.cgroup().is_none() {
         bail!("agents get no cgroup on this host (see `agentos doctor`)");
     }
@@ -187,7 +221,7 @@ fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
 }
 
 /// Keeps the guest's CPU busy for `secs` seconds.
-fn burn(vm: &mut AgentVm, secs: u64) -> anyhow::Result<()> {
+pub fn burn(vm: &mut AgentVm, secs: u64) -> anyhow::Result<()> {
     let request = ExecRequest {
         program: "/bin/sh".into(),
         args: vec![

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 pub use self::layout::{Controller, Layout, Version};
-pub use self::slice::{Slice, SliceError};
+pub use self::slice::{PriorityClass, Slice, SliceError};
 
 /// The directory, in every hierarchy, that holds the agents' cgroups.
 pub const PARENT: &str = "agentos";
@@ -198,6 +198,19 @@ impl AgentCgroup {
             .find(|(c, _, _)| *c == controller)
             .map(|(_, v, dir)| (*v, dir.as_path()))
             .ok_or(CgroupError::NoController(controller))
+    }
+
+    /// Changes the CPU weight of the running agent (its priority class).
+    pub fn set_weight(&self, weight: u32) -> Result<(), CgroupError> {
+        let (version, dir) = self.place(Controller::Cpu)?;
+        let slice = Slice {
+            weight: Some(weight),
+            ..Slice::default()
+        };
+        for (file, value) in slice.files(Controller::Cpu, version) {
+            write_file(&dir.join(file), &value)?;
+        }
+        Ok(())
     }
 
     /// Stops every task of the cgroup, and returns once all are stopped.

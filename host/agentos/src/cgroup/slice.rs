@@ -12,6 +12,29 @@ pub const MAX_WEIGHT: u32 = 10_000;
 const V1_SHARES_PER_WEIGHT: u64 = 1024;
 const DEFAULT_WEIGHT: u64 = 100;
 
+/// How urgently an agent needs the CPU when agents compete for it; a class is a CPU weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityClass {
+    /// Answers people: weight 10000, so that against batch agents (100) it gets 99 % of a CPU it
+    /// shares with one of them, and 97 % against three.
+    Interactive,
+    /// The default weight, 100.
+    Batch,
+    /// Runs on what is left: weight 1.
+    Idle,
+}
+
+impl PriorityClass {
+    pub fn weight(self) -> u32 {
+        match self {
+            Self::Interactive => MAX_WEIGHT,
+            Self::Batch => DEFAULT_WEIGHT as u32,
+            Self::Idle => 1,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Slice {
     /// CPU time as a number of CPUs (0.5 = half of one CPU per period).
@@ -172,6 +195,33 @@ pub fn parse_cpu_list(list: &str) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classes_are_weights_in_both_versions() {
+        assert_eq!(PriorityClass::Interactive.weight(), 10_000);
+        assert_eq!(PriorityClass::Batch.weight(), 100);
+        assert_eq!(PriorityClass::Idle.weight(), 1);
+        let interactive = Slice {
+            weight: Some(PriorityClass::Interactive.weight()),
+            ..Slice::default()
+        };
+        assert_eq!(
+            interactive.files(Controller::Cpu, Version::V2),
+            [("cpu.weight", "10000".to_owned())]
+        );
+        assert_eq!(
+            interactive.files(Controller::Cpu, Version::V1),
+            [("cpu.shares", "102400".to_owned())]
+        );
+        let idle = Slice {
+            weight: Some(PriorityClass::Idle.weight()),
+            ..Slice::default()
+        };
+        assert_eq!(
+            idle.files(Controller::Cpu, Version::V1),
+            [("cpu.shares", "10".to_owned())]
+        );
+    }
 
     fn slice() -> Slice {
         Slice {

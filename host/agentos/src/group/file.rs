@@ -23,6 +23,8 @@ use agentos_protocol::{InferOptions, Task};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::cgroup::PriorityClass;
+
 /// The sender of the group's input, and the receiver of its results.
 pub const INPUT: &str = "input";
 pub const OUTPUT: &str = "output";
@@ -132,6 +134,7 @@ struct RawAgent {
     memory: Option<u64>,
     cpus: Option<f64>,
     weight: Option<u32>,
+    class: Option<PriorityClass>,
     #[serde(default)]
     restart: Restart,
 }
@@ -320,6 +323,11 @@ fn agent_spec(
             "agent `{name}`: cpus = {cpus} must be above 0"
         )));
     }
+    if raw.weight.is_some() && raw.class.is_some() {
+        return Err(here(format!(
+            "agent `{name}` has both `weight` and `class`; a class is a weight, give one"
+        )));
+    }
     if raw.vcpus == Some(0) {
         return Err(here(format!("agent `{name}`: vcpus must be at least 1")));
     }
@@ -330,7 +338,7 @@ fn agent_spec(
         vcpus: raw.vcpus.unwrap_or(1),
         memory_mib: raw.memory,
         cpus: raw.cpus,
-        weight: raw.weight,
+        weight: raw.weight.or(raw.class.map(PriorityClass::weight)),
         restart: raw.restart,
     })
 }
@@ -370,6 +378,7 @@ name = "translator"
 exec = ["/bin/sh", "-c", "cat"]
 memory = 256
 restart = "never"
+class = "interactive"
 "#;
 
     #[test]
@@ -388,6 +397,7 @@ restart = "never"
         let translator = &spec.agents[1];
         assert_eq!(translator.memory_mib, Some(256));
         assert_eq!(translator.restart, Restart::Never);
+        assert_eq!(translator.weight, Some(10_000));
         assert_eq!(summarizer.restart, Restart::OnFailure);
         assert!(matches!(
             &translator.handler,
@@ -461,6 +471,10 @@ restart = "never"
                 "the input goes to one agent",
             ),
             ("name = \"g\"\nchannels = []\n".to_owned(), "no agents"),
+            (
+                DIGEST.replace("memory = 256", "weight = 5"),
+                "both `weight` and `class`",
+            ),
         ];
         for (text, expected) in cases {
             let (_, problem) = error(&text);
