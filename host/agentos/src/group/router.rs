@@ -41,8 +41,14 @@ const CONNECTION_QUEUE: usize = 64;
 const MAX_CONNECTIONS: usize = 8;
 /// Messages one input may cause, all agents together: a loop between agents ends here.
 const MAX_MESSAGES_PER_INPUT: u32 = 1024;
-/// Results kept for the caller.
+/// Results kept for the caller, and their bytes.
 const MAX_RESULTS: usize = 1024;
+const MAX_RESULT_BYTES: usize = 16 << 20;
+/// Bytes of messages held for one agent (queued or unacknowledged); with the per-channel bound
+/// this caps the router's memory at agents x 8 MiB.
+const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// Refusals written to the trace (all are counted).
+const MAX_TRACED_REFUSALS: u32 = 1000;
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 const QUIET_POLL: Duration = Duration::from_millis(50);
 
@@ -96,6 +102,8 @@ struct State {
     next_connection: u64,
     per_input: HashMap<u64, u32>,
     results: Vec<GroupResult>,
+    result_bytes: usize,
+    traced_refusals: u32,
     counters: Counters,
 }
 
@@ -109,6 +117,8 @@ struct Mailbox {
     in_flight: BTreeMap<u64, Pending>,
     listener: Option<ConnectionHandle>,
     connections: usize,
+    /// Body bytes queued or unacknowledged.
+    queued_bytes: usize,
     /// Counts attachments: an accept loop whose socket was replaced ends.
     socket_generation: u64,
 }
@@ -448,25 +458,29 @@ impl Shared {
         let now = Instant::now();
         let bytes = send.body.len();
         let refuse = |state: &mut State, reason: String, retry: bool, send: &PeerSend| {
+            // Back-pressure is counted, not traced (a flood would fill the trace), and so are
+            // refusals past a bound: a guest cannot grow the trace without end.
             if retry {
                 state.counters.refused_queue_full += 1;
+            } else if state.traced_refusals < MAX_TRACED_REFUSALS {
+                state.traced_refusals += 1;
+                self.trace.append(&TraceEvent {
+                    t_ms: self.ms(now),
+                    trace: send.trace.unwrap_or(0),
+                    event: EventKind::Refused,
+                    message: None,
+                    from: from.to_owned(),
+                    to: clip(&send.to),
+                    kind: clip(&send.kind),
+                    bytes: send.body.len(),
+                    model: None,
+                    infer_ms: None,
+                    queued_ms: None,
+                    handled_ms: None,
+                    summary: reason.clone(),
+                    claimed_from: send.from.as_deref().map(clip),
+                });
             }
-            self.trace.append(&TraceEvent {
-                t_ms: self.ms(now),
-                trace: send.trace.unwrap_or(0),
-                event: EventKind::Refused,
-                message: None,
-                from: from.to_owned(),
-                to: clip(&send.to),
-                kind: clip(&send.kind),
-                bytes: send.body.len(),
-                model: None,
-                infer_ms: None,
-                queued_ms: None,
-                handled_ms: None,
-                summary: reason.clone(),
-                claimed_from: send.from.as_deref().map(clip),
-            });
             RouterMessage::Refused {
                 seq: send.seq,
                 reason,
@@ -517,7 +531,7 @@ impl Shared {
         }
         let message = state.next_message;
         if send.to == OUTPUT {
-            if state.results.len() >= MAX_RESULTS {
+            if state.results.len() >= MAX_RESULTS || state.result_bytes + bytes > MAX_RESULT_BYTES {
                 return refuse(
                     state,
                     "the group's results are full".to_owned(),
@@ -553,6 +567,7 @@ impl Shared {
                 summary: summary(&send.body),
                 claimed_from: send.from.clone().filter(|c| c != from),
             });
+            state.result_bytes += bytes;
             state.results.push(result);
             self.results_changed.notify_all();
             return RouterMessage::Accepted {
@@ -565,6 +580,14 @@ impl Shared {
             let reason = format!("no agent `{}` in this group", send.to);
             return refuse(state, reason, false, &send);
         };
+        if mailbox.queued_bytes + bytes > MAX_QUEUED_BYTES {
+            let reason = format!(
+                "`{}` has {} KiB of messages waiting; send again later",
+                send.to,
+                mailbox.queued_bytes >> 10
+            );
+            return refuse(state, reason, true, &send);
+        }
         let queue = mailbox.queues.entry(from.to_owned()).or_default();
         if queue.len() >= CHANNEL_QUEUE {
             let reason = format!(
@@ -573,6 +596,7 @@ impl Shared {
             );
             return refuse(state, reason, true, &send);
         }
+        mailbox.queued_bytes += bytes;
         queue.push_back(Pending {
             delivery: Delivery {
                 message,
@@ -662,6 +686,9 @@ impl Shared {
             state.counters.refused_invalid += 1;
             return;
         };
+        mailbox.queued_bytes = mailbox
+            .queued_bytes
+            .saturating_sub(pending.delivery.body.len());
         state.counters.acknowledged += 1;
         let now = Instant::now();
         let delivered_at = pending.delivered_at.unwrap_or(now);

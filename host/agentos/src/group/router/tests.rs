@@ -252,3 +252,27 @@ fn input_reaches_the_entry_and_results_are_collected() {
     assert_eq!(results[0].body, "short");
     assert_eq!(results[0].infer_ms, Some(2.5));
 }
+
+#[test]
+fn an_agent_holds_at_most_its_byte_budget() {
+    let f = fixture(&[("a", "c"), ("b", "c"), ("input", "c")]);
+    let big = "x".repeat(MAX_PEER_BODY_BYTES);
+    for sender in ["a", "b"] {
+        let mut peer = Peer::connect(&f, sender);
+        for seq in 0..CHANNEL_QUEUE as u64 {
+            assert!(matches!(
+                peer.send(seq, "c", &big, None),
+                RouterMessage::Accepted { .. }
+            ));
+        }
+    }
+    // 32 bodies of 256 KiB fill the 8 MiB budget: one more, on any channel, must wait.
+    let err = f.router.inject("c", "one more".into()).unwrap_err();
+    assert!(err.contains("KiB of messages waiting"), "{err}");
+    assert_eq!(f.router.counters().refused_queue_full, 1);
+    let events = trace::read(&f.dir.path().join("trace.jsonl")).unwrap();
+    assert!(
+        events.iter().all(|e| e.event != EventKind::Refused),
+        "back-pressure is not traced"
+    );
+}
