@@ -245,3 +245,57 @@ fn vmm_with(run_dir: &Path, marker: &str) -> Option<i32> {
             cmdline.contains(" vmm ") && cmdline.contains(&run_dir) && cmdline.contains(marker)
         })
 }
+
+/// A group whose worker takes its time, so that it can be watched.
+const WATCHED: &str = r#"name = "watched"
+channels = ["input -> worker", "worker -> output"]
+
+[[agent]]
+name = "worker"
+exec = ["/bin/sh", "-c", 'cat > /dev/null; sleep 20; echo done']
+
+[[agent]]
+name = "idle"
+class = "idle"
+"#;
+
+#[test]
+fn top_and_stats_show_a_running_group_by_agent_name() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("group-top");
+    let file = t.dir.join("watched.toml");
+    std::fs::write(&file, WATCHED).unwrap();
+    let input = t.dir.join("input.txt");
+    std::fs::write(&input, "x\n").unwrap();
+    let child = t.spawn(&[
+        "group",
+        "run",
+        file.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let top = loop {
+        assert!(Instant::now() < deadline, "the group never showed in top");
+        let out = t.output(&["top", "--once", "--interval", "0.5"], b"");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("watched/worker") && text.contains("watched/idle") {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(top.contains("running"), "{top}");
+    let out = t.output(&["stats", "watched/worker", "--json"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stats["cpu_usage_us"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["memory_bytes"].as_u64().unwrap() > 1 << 20, "{stats}");
+
+    let out = t.finish(child, Duration::from_secs(600));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
+    t.assert_nothing_left();
+}

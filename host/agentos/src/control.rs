@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cgroup::{AgentCgroup, CgroupStats, Layout};
-use crate::signals;
+use crate::{rundir, signals};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {
@@ -22,7 +22,7 @@ pub struct TopArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct StatsArgs {
-    /// The agent (as `agentos top` names it).
+    /// The agent, by the name or label `agentos top` shows.
     pub name: String,
     /// Print JSON.
     #[arg(long)]
@@ -31,7 +31,7 @@ pub struct StatsArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct NameArg {
-    /// The agent (as `agentos top` names it).
+    /// The agent, by the name or label `agentos top` shows.
     pub name: String,
 }
 
@@ -43,8 +43,21 @@ struct AgentStats<'a> {
     stats: CgroupStats,
 }
 
+/// The cgroup name of the agent called `name`: its cgroup's own name, or its label.
+fn resolve(layout: &Layout, name: &str) -> String {
+    let names = AgentCgroup::list(layout);
+    if names.iter().any(|n| n == name) {
+        return name.to_owned();
+    }
+    names
+        .into_iter()
+        .find(|n| rundir::label_of(n).as_deref() == Some(name))
+        .unwrap_or_else(|| name.to_owned())
+}
+
 pub fn stats(args: &StatsArgs) -> anyhow::Result<i32> {
-    let cgroup = AgentCgroup::open(&Layout::discover(), &args.name)?;
+    let layout = Layout::discover();
+    let cgroup = AgentCgroup::open(&layout, &resolve(&layout, &args.name))?;
     let stats = AgentStats {
         name: &args.name,
         paused: cgroup.is_frozen(),
@@ -77,7 +90,8 @@ pub fn resume(args: &NameArg) -> anyhow::Result<i32> {
 }
 
 fn set_paused(name: &str, paused: bool) -> anyhow::Result<i32> {
-    let cgroup = AgentCgroup::open(&Layout::discover(), name)?;
+    let layout = Layout::discover();
+    let cgroup = AgentCgroup::open(&layout, &resolve(&layout, name))?;
     let started = Instant::now();
     let (done, verb) = if paused {
         (cgroup.freeze(), "pause")
@@ -118,8 +132,8 @@ pub fn top(args: &TopArgs) -> anyhow::Result<i32> {
         }
         writeln!(
             out,
-            "{:<20} {:<8} {:>6} {:>10} {:>11} {:>9} {:>9}",
-            "AGENT", "STATE", "CPU%", "CPU s", "THROTTLED s", "MEM MiB", "PEAK MiB"
+            "{:<20} {:<24} {:<8} {:>6} {:>10} {:>11} {:>9} {:>9}",
+            "AGENT", "LABEL", "STATE", "CPU%", "CPU s", "THROTTLED s", "MEM MiB", "PEAK MiB"
         )?;
         for (name, paused, stats) in &current {
             let before = previous
@@ -129,8 +143,9 @@ pub fn top(args: &TopArgs) -> anyhow::Result<i32> {
             let cpu_pct = stats.cpu_usage_us.saturating_sub(before) as f64 / elapsed_us * 100.0;
             writeln!(
                 out,
-                "{:<20} {:<8} {:>6.1} {:>10.2} {:>11.2} {:>9.1} {:>9.1}",
+                "{:<20} {:<24} {:<8} {:>6.1} {:>10.2} {:>11.2} {:>9.1} {:>9.1}",
                 name,
+                rundir::label_of(name).unwrap_or_else(|| "-".to_owned()),
                 state(*paused),
                 cpu_pct,
                 stats.cpu_usage_us as f64 / 1e6,

@@ -19,6 +19,19 @@ fn runtime_base() -> PathBuf {
     std::env::temp_dir().join(format!("agentos-{uid}"))
 }
 
+/// A file in a run directory naming what runs there for people (`group/agent`).
+const LABEL_FILE: &str = "label";
+
+/// The label of the VM whose run directory (and cgroup) is named `name`, if it has one.
+pub fn label_of(name: &str) -> Option<String> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    let text = std::fs::read_to_string(runtime_base().join(name).join(LABEL_FILE)).ok()?;
+    let label = text.trim();
+    (!label.is_empty()).then(|| label.to_owned())
+}
+
 pub struct RunDir {
     path: PathBuf,
 }
@@ -45,6 +58,11 @@ impl RunDir {
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
+
+    /// Names what runs here, for `agentos top` and friends.
+    pub fn set_label(&self, label: &str) -> io::Result<()> {
+        std::fs::write(self.join(LABEL_FILE), label)
+    }
 }
 
 impl Drop for RunDir {
@@ -56,6 +74,16 @@ impl Drop for RunDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_read_back_by_directory_name() {
+        let dir = RunDir::create("t").unwrap();
+        let name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(label_of(&name), None);
+        dir.set_label("digest/summarizer\n").unwrap();
+        assert_eq!(label_of(&name).as_deref(), Some("digest/summarizer"));
+        assert_eq!(label_of("../etc"), None);
+    }
 
     #[test]
     fn run_dirs_are_private_unique_and_removed() {

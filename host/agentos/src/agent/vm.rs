@@ -235,6 +235,11 @@ impl AgentVm {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Names the agent for `agentos top`, `stats`, `pause` and `resume` (e.g. `group/agent`).
+    pub fn set_label(&self, label: &str) -> io::Result<()> {
+        self.run_dir.set_label(label)
+    }
+
     /// The Unix socket the VMM connects to when the guest dials the host on `port`; whoever
     /// listens there serves that port for this VM alone.
     pub fn host_socket(&self, port: u32) -> PathBuf {

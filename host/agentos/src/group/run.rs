@@ -306,7 +306,10 @@ fn run_here(
     let mut failure = None;
     for (agent, booted) in spec.agents.iter().zip(AgentVm::boot_all(&opts)) {
         match booted {
-            Ok(vm) => vms.push((agent.name.clone(), vm)),
+            Ok(vm) => {
+                let _ = vm.set_label(&format!("{}/{}", spec.name, agent.name));
+                vms.push((agent.name.clone(), vm));
+            }
             Err(VmError::Interrupted) => failure = failure.or(Some(None)),
             Err(e) => {
                 failure = failure.or(Some(Some(
@@ -474,6 +477,7 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     let restarted = AgentVm::boot(&member.opts)
         .map_err(anyhow::Error::new)
         .and_then(|mut vm| {
+            let _ = vm.set_label(&format!("{}/{}", spec.name, member.name));
             let mut one = [(member.name.clone(), vm)];
             join_all(spec, router, &mut one)?;
             let [(_, joined)] = one;

@@ -1,0 +1,78 @@
+//! virtio-vsock packets as the device takes them from the guest. The fuzz bytes lay out a
+//! descriptor table (any address, length, flags and next index: outside memory, in the hole
+//! between regions, zero and huge lengths, loops, indirect tables) and the bytes its buffers hold;
+//! one chain is offered, parsed as a transmit packet, then filled as a receive buffer.
+//!
+//! Input, little-endian: queue size (1 byte, 2^(b % 9)), chain head (2), descriptor count (1),
+//! that many 16-byte descriptors (addr u64, len u32, flags u16, next u16), then the bytes placed
+//! at `DATA` (0x2000), which are also the payload written into the receive buffer.
+
+#![no_main]
+
+use agentos_fuzz::{Input, LOW_RAM_BYTES, QueueLayout, guest_memory, queue_size};
+use agentos_vmm::devices::virtio::vsock::packet::{
+    HEADER_SIZE, Header, MAX_PAYLOAD, OP_RW, RxBuffer, TYPE_STREAM, read_tx_packet,
+};
+use agentos_vmm::vstate::memory::GuestMemory;
+use libfuzzer_sys::fuzz_target;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Size of one descriptor in the table.
+const DESC_BYTES: usize = 16;
+/// The descriptor table is at 0 and holds 256 entries; the rings follow it.
+const QUEUE_BASE: u64 = 0;
+/// Where the buffer bytes go; descriptors that point elsewhere read whatever is there (zeros).
+const DATA: u64 = 0x2000;
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input::new(data);
+    let layout = QueueLayout::packed_at(QUEUE_BASE, queue_size(input.u8()));
+    let head = input.u16();
+    let count = usize::from(input.u8());
+    let table = input.take(count * DESC_BYTES);
+    let bytes = input.rest();
+
+    let mem = guest_memory();
+    mem.write_slice(table, GuestAddress(layout.desc_table))
+        .expect("the descriptor table fits in low RAM");
+    let room = LOW_RAM_BYTES - DATA as usize;
+    mem.write_slice(&bytes[..bytes.len().min(room)], GuestAddress(DATA))
+        .expect("the data fits in low RAM");
+    offer(&mem, &layout, head);
+
+    let mut queue = layout.queue();
+    let chain = queue
+        .pop_descriptor_chain(&mem)
+        .expect("one chain is offered");
+    if let Ok(pkt) = read_tx_packet(&mem, chain) {
+        assert_eq!(pkt.payload.len(), pkt.hdr.len as usize);
+        assert!(pkt.payload.len() <= MAX_PAYLOAD);
+    }
+
+    // The same chain again, as the receive queue would see it.
+    queue.go_to_previous_position();
+    let chain = queue
+        .pop_descriptor_chain(&mem)
+        .expect("one chain is offered");
+    if let Ok(buffer) = RxBuffer::new(&mem, chain) {
+        let capacity = buffer.payload_capacity();
+        assert!(capacity <= MAX_PAYLOAD);
+        let hdr = Header {
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            ..Header::default()
+        };
+        if let Ok(written) = buffer.write(hdr, bytes) {
+            assert_eq!(written as usize, HEADER_SIZE + bytes.len().min(capacity));
+        }
+    }
+});
+
+/// Puts `head` in the available ring as its only entry.
+fn offer(mem: &GuestMemory, layout: &QueueLayout, head: u16) {
+    let avail = GuestAddress(layout.avail_ring);
+    let ring = [0u16, 1, head].map(u16::to_le_bytes).concat();
+    mem.write_slice(&ring, avail)
+        .expect("the available ring is in low RAM");
+}

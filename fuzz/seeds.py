@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/: small inputs that each mean something (a valid
+frame, a valid group file, a packet in one descriptor or split over several, a loop, an indirect
+table, a buffer outside guest memory), so that fuzzing starts from the interesting shapes.
+
+Run from anywhere: python3 fuzz/seeds.py. The layouts below mirror fuzz/src/lib.rs and the
+targets' doc comments; the files it writes are committed, the script is how they were made.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+FUZZ = Path(__file__).resolve().parent
+CORPUS = FUZZ / "corpus"
+
+# virtio split-ring descriptor flags.
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+# virtio-vsock.
+HOST_CID, GUEST_CID = 2, 3
+TYPE_STREAM = 1
+OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW = 1, 2, 3, 4, 5
+HEADER_SIZE = 44
+
+
+def write(target, name, data):
+    directory = CORPUS / target
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    (directory / name).write_bytes(data)
+
+
+# ---- protocol_frames: 4-byte big-endian length, then one JSON object ----
+
+
+def frame(msg):
+    body = msg.encode() if isinstance(msg, str) else json.dumps(msg, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def protocol_frames():
+    seeds = {
+        "host_ping": [{"op": "ping", "id": 1}],
+        "host_exec": [
+            {
+                "op": "exec",
+                "id": 3,
+                "program": "/bin/sh",
+                "args": ["-c", "echo hi"],
+                "env": {"A": "1"},
+                "cwd": "/tmp",
+                "timeout_ms": 500,
+                "stdin": True,
+            },
+            {"op": "stdin", "id": 3, "data": "aGkK"},
+            {"op": "close_stdin", "id": 3},
+            {"op": "signal", "id": 3, "signal": 15},
+            {"op": "shutdown", "id": 4},
+        ],
+        "host_infer": [
+            {
+                "op": "infer",
+                "id": 5,
+                "model": "sentiment",
+                "task": "classify",
+                "inputs": ["I love this"],
+                "options": {"top_k": 2},
+            }
+        ],
+        "host_join": [
+            {
+                "op": "join",
+                "id": 6,
+                "group": "digest",
+                "name": "summarizer",
+                "handler": {
+                    "kind": "infer",
+                    "model": "minilm",
+                    "task": "summarize",
+                    "options": {"sentences": 2},
+                },
+                "outputs": ["translator", "output"],
+            }
+        ],
+        "guest_session": [
+            {
+                "type": "hello",
+                "protocol": 3,
+                "agent": "agentos-guest 0.1.0",
+                "kernel": "6.1.0",
+                "vcpus": 2,
+                "memory_kib": 1024,
+                "boot": {"init_ms": 10, "ready_ms": 20},
+            },
+            {"type": "pong", "id": 1},
+            {"type": "started", "id": 3, "pid": 42},
+            {"type": "stdout", "id": 3, "data": "aGkK"},
+            {"type": "stderr", "id": 3, "data": ""},
+            {"type": "exited", "id": 3, "status": {"signal": 9, "timed_out": True}},
+            {"type": "error", "id": 7, "message": "no such program"},
+            {"type": "shutting_down", "id": 4},
+            {"type": "joined", "id": 6},
+        ],
+        "guest_inferred": [
+            {
+                "type": "inferred",
+                "id": 5,
+                "model": "ner",
+                "task": "token-classify",
+                "results": [
+                    {"kind": "labels", "labels": [{"label": "positive", "score": 0.98}]},
+                    {"kind": "embedding", "vector": [0.5, -1.25, 3e-5]},
+                    {
+                        "kind": "entities",
+                        "entities": [
+                            {"label": "PER", "text": "John", "start": 5, "end": 9, "score": 0.9}
+                        ],
+                    },
+                    {"kind": "summary", "text": "A cat.", "sentences": [0]},
+                    {"kind": "translation", "text": "Un gato."},
+                ],
+                "timings": {
+                    "load_us": 1,
+                    "tokenize_us": 2,
+                    "run_us": 3,
+                    "decode_us": 4,
+                    "tokens": 5,
+                },
+            }
+        ],
+        "peer_requests": [
+            {"op": "listen"},
+            {
+                "op": "send",
+                "seq": 1,
+                "to": "translator",
+                "kind": "summary",
+                "body": "hi",
+                "trace": 7,
+                "model": None,
+                "infer_us": None,
+                "from": None,
+            },
+            {"op": "send", "seq": 2, "to": "output", "kind": "k", "body": ""},
+            {"op": "ack", "message": 9},
+        ],
+        "router_messages": [
+            {"type": "accepted", "seq": 1, "message": 9},
+            {"type": "refused", "seq": 2, "reason": "queue full", "retry": True},
+            {
+                "type": "deliver",
+                "message": 9,
+                "from": "input",
+                "kind": "text",
+                "body": "The cat is on the table.",
+                "trace": 1,
+            },
+        ],
+        "not_json": ["not json"],
+        "unknown_op": [{"op": "format_disk", "id": 1}],
+    }
+    for name, messages in seeds.items():
+        write("protocol_frames", name, b"".join(frame(m) for m in messages))
+    # A length prefix one over the 1 MiB limit, and a frame cut short inside its body.
+    write("protocol_frames", "over_limit", struct.pack(">I", (1 << 20) + 1) + b"{}")
+    write("protocol_frames", "truncated", struct.pack(">I", 100) + b'{"op":"pi')
+
+
+# ---- group_file: TOML text ----
+
+DIGEST = """name = "digest"
+channels = [
+  "input -> summarizer",
+  "summarizer -> translator",
+  "summarizer -> output",
+  "translator -> output",
+]
+
+[[agent]]
+name = "summarizer"
+model = "minilm"
+task = "summarize"
+sentences = 2
+
+[[agent]]
+name = "translator"
+exec = ["/bin/sh", "-c", "cat"]
+memory = 256
+restart = "never"
+class = "interactive"
+"""
+
+ECHO = """name = "echo"
+channels = ["input -> a", "a -> b", "b -> output"]
+
+[[agent]]
+name = "a"
+vcpus = 2
+cpus = 0.5
+weight = 200
+
+[[agent]]
+name = "b"
+model = "sentiment"
+task = "classify"
+top_k = 3
+restart = "on-failure"
+"""
+
+BROKEN = """name = "digest"
+channels = ["input -> summarizer", "summarizer -> nobody"]
+
+[[agent]]
+name = "summarizer"
+task = "sumarize"
+sentences =
+"""
+
+
+def group_file():
+    write("group_file", "digest_test", DIGEST)
+    write("group_file", "digest_example", (FUZZ.parent / "examples" / "digest.toml").read_text())
+    write("group_file", "exec_and_limits", ECHO)
+    write("group_file", "broken", BROKEN)
+    write("group_file", "no_agents", 'name = "g"\nchannels = []\n')
+
+
+# ---- virtio: descriptors, vsock headers ----
+
+
+def desc(addr, length, flags=0, next_index=0):
+    return struct.pack("<QIHH", addr, length, flags, next_index)
+
+
+def vsock_header(length, op=OP_RW, src_cid=GUEST_CID, dst_cid=HOST_CID, type_=TYPE_STREAM):
+    return struct.pack(
+        "<QQIIIHHIII", src_cid, dst_cid, 5000, 1024, length, type_, op, 0, 4096, 7
+    )
+
+
+def place(image, addr, data):
+    """Writes `data` at `addr` of a bytearray standing for guest RAM from some base."""
+    end = addr + len(data)
+    if len(image) < end:
+        image.extend(bytes(end - len(image)))
+    image[addr:end] = data
+
+
+# vsock_packet: queue size exponent, head (u16), descriptor count, descriptors, data at DATA.
+DATA = 0x2000
+
+
+def vsock_packet_seed(size_exp, head, descs, data_at_data):
+    return struct.pack("<BHB", size_exp, head, len(descs)) + b"".join(descs) + bytes(data_at_data)
+
+
+def vsock_packet():
+    hello = vsock_header(5) + b"hello"
+    seeds = {
+        # A packet in one readable descriptor.
+        "one_descriptor": vsock_packet_seed(4, 0, [desc(DATA, len(hello))], hello),
+        # The header split 10 + 34 over two descriptors, the payload in a third.
+        "split_header": vsock_packet_seed(
+            4,
+            0,
+            [desc(DATA, 10, NEXT, 1), desc(DATA + 10, 34, NEXT, 2), desc(DATA + 44, 5)],
+            hello,
+        ),
+        # A receive buffer: one device-writable descriptor.
+        "rx_buffer": vsock_packet_seed(4, 0, [desc(DATA, 4096, WRITE)], b"from host"),
+        # Readable header then writable payload, as a driver must order them.
+        "read_then_write": vsock_packet_seed(
+            4, 0, [desc(DATA, 44, NEXT, 1), desc(DATA + 64, 64, WRITE)], vsock_header(0)
+        ),
+        # Descriptors 0 and 1 point at each other.
+        "loop": vsock_packet_seed(
+            4, 0, [desc(DATA, 44, NEXT, 1), desc(DATA, 44, NEXT, 0)], vsock_header(1000)
+        ),
+        # A chain head past the queue size, and a next index past it.
+        "head_out_of_range": vsock_packet_seed(4, 300, [desc(DATA, 44)], hello),
+        "next_out_of_range": vsock_packet_seed(4, 0, [desc(DATA, 44, NEXT, 200)], hello),
+        # Buffers past the end of RAM, in the hole, and at the top of the address space.
+        "outside_memory": vsock_packet_seed(
+            4,
+            0,
+            [desc(0x1_0FF0, 44, NEXT, 1), desc(0x3_0000, 8, NEXT, 2), desc(2**64 - 10, 44)],
+            b"",
+        ),
+        # Across the boundary of two adjacent regions.
+        "across_regions": vsock_packet_seed(4, 0, [desc(0xFFF0, 64)], b""),
+        # Zero and huge lengths; a header claiming more than 64 KiB.
+        "zero_length": vsock_packet_seed(4, 0, [desc(DATA, 0, NEXT, 1), desc(DATA, 49)], hello),
+        "huge_length": vsock_packet_seed(4, 0, [desc(DATA, 0xFFFF_FFFF)], hello),
+        "payload_over_limit": vsock_packet_seed(
+            4, 0, [desc(DATA, 44)], vsock_header(64 * 1024 + 1)
+        ),
+        # A queue of 256 and of 1.
+        "queue_256": vsock_packet_seed(8, 0, [desc(DATA, len(hello))], hello),
+        "queue_1": vsock_packet_seed(0, 0, [desc(DATA, len(hello))], hello),
+    }
+    # An indirect table at DATA + 0x100 holding the header and the payload descriptors.
+    table = desc(DATA, 44, NEXT, 1) + desc(DATA + 44, 5)
+    data = bytearray(hello)
+    place(data, 0x100, table)
+    seeds["indirect"] = vsock_packet_seed(4, 0, [desc(DATA + 0x100, len(table), INDIRECT)], data)
+    # An indirect descriptor inside an indirect table, and a table of a length not a multiple of 16.
+    nested = bytearray(hello)
+    place(nested, 0x100, desc(DATA + 0x100, 16, INDIRECT))
+    seeds["nested_indirect"] = vsock_packet_seed(4, 0, [desc(DATA + 0x100, 16, INDIRECT)], nested)
+    seeds["indirect_bad_length"] = vsock_packet_seed(
+        4, 0, [desc(DATA + 0x100, 17, INDIRECT)], data
+    )
+    for name, seed in seeds.items():
+        write("vsock_packet", name, seed)
+
+
+# virtio_queue: features, tx and rx size exponents, backend byte, packets (op u16, len u16), RAM.
+
+
+class Layout:
+    """A queue packed at `base` as fuzz/src/lib.rs QueueLayout::packed_at lays it out."""
+
+    def __init__(self, base, size):
+        self.size = size
+        self.desc = base
+        self.avail = base + 16 * size
+        self.used = (self.avail + 6 + 2 * size + 3) // 4 * 4
+        self.end = (self.used + 6 + 8 * size + 15) // 16 * 16
+
+    def offer(self, ram, heads, idx=None):
+        """Puts `heads` in the available ring; the index says how many (or `idx` if given)."""
+        for i, head in enumerate(heads):
+            place(ram, self.avail + 4 + 2 * (i % self.size), struct.pack("<H", head))
+        place(ram, self.avail + 2, struct.pack("<H", len(heads) if idx is None else idx))
+
+    def set_desc(self, ram, index, d):
+        place(ram, self.desc + 16 * index, d)
+
+    def set_used_event(self, ram, value):
+        place(ram, self.avail + 4 + 2 * self.size, struct.pack("<H", value))
+
+
+BUFFERS = 0x800
+
+
+def queue_seed(features, tx_exp, rx_exp, backend, packets, build):
+    tx = Layout(0, 1 << tx_exp)
+    rx = Layout(tx.end, 1 << rx_exp)
+    ram = bytearray()
+    build(ram, tx, rx)
+    count = (backend & 0x80) | len(packets)
+    head = struct.pack("<BBBB", features, tx_exp, rx_exp, count)
+    return head + b"".join(struct.pack("<HH", op, n) for op, n in packets) + bytes(ram)
+
+
+def virtio_queue():
+    def good(ram, tx, rx):
+        place(ram, BUFFERS, vsock_header(5) + b"hello")
+        tx.set_desc(ram, 0, desc(BUFFERS, 49))
+        tx.offer(ram, [0])
+        rx.set_desc(ram, 0, desc(BUFFERS + 0x100, 4096, WRITE))
+        rx.set_desc(ram, 1, desc(BUFFERS + 0x1100, 44, WRITE))
+        rx.offer(ram, [0, 1])
+
+    def many(ram, tx, rx):
+        # Request, data split over descriptors, a forged CID, a non-stream packet, shutdown.
+        packets = [
+            vsock_header(0, OP_REQUEST),
+            vsock_header(6) + b"abcdef",
+            vsock_header(0, src_cid=HOST_CID),
+            vsock_header(0, type_=2),
+            vsock_header(0, OP_SHUTDOWN),
+        ]
+        heads = []
+        index = 0
+        for n, pkt in enumerate(packets):
+            addr = BUFFERS + 0x80 * n
+            place(ram, addr, pkt)
+            heads.append(index)
+            if len(pkt) > 44:
+                tx.set_desc(ram, index, desc(addr, 20, NEXT, index + 1))
+                tx.set_desc(ram, index + 1, desc(addr + 20, len(pkt) - 20))
+                index += 2
+            else:
+                tx.set_desc(ram, index, desc(addr, len(pkt)))
+                index += 1
+        tx.offer(ram, heads)
+        rx.set_desc(ram, 0, desc(BUFFERS + 0x400, 20, NEXT | WRITE, 1))
+        rx.set_desc(ram, 1, desc(BUFFERS + 0x500, 200, WRITE))
+        rx.offer(ram, [0])
+        tx.set_used_event(ram, 2)
+        rx.set_used_event(ram, 0)
+
+    def hostile(ram, tx, rx):
+        # A loop, a head past the queue, a buffer outside memory, an indirect table.
+        place(ram, BUFFERS, vsock_header(1000))
+        tx.set_desc(ram, 0, desc(BUFFERS, 44, NEXT, 1))
+        tx.set_desc(ram, 1, desc(BUFFERS, 44, NEXT, 0))
+        tx.set_desc(ram, 2, desc(0x3_0000, 44))
+        place(ram, BUFFERS + 0x100, desc(BUFFERS + 0x200, 44, NEXT, 1) + desc(BUFFERS + 0x200, 0))
+        place(ram, BUFFERS + 0x200, vsock_header(0, OP_RST))
+        tx.set_desc(ram, 3, desc(BUFFERS + 0x100, 32, INDIRECT))
+        tx.offer(ram, [0, 40, 2, 3])
+        rx.set_desc(ram, 0, desc(2**64 - 8, 4096, WRITE))
+        rx.set_desc(ram, 1, desc(BUFFERS, 4096))
+        rx.offer(ram, [0, 1, 7])
+
+    def corrupt_index(ram, tx, rx):
+        # Available indices beyond the queue size on both queues.
+        tx.offer(ram, [], idx=tx.size + 1)
+        rx.offer(ram, [], idx=0xFFFF)
+
+    seeds = {
+        "good": queue_seed(0, 4, 4, 1, [(OP_RW, 9)], good),
+        "many_event_idx": queue_seed(1, 4, 2, 2, [(OP_RESPONSE, 0), (OP_RW, 65535)], many),
+        "hostile": queue_seed(0, 2, 1, 0x80 | 1, [(OP_RW, 100)], hostile),
+        "corrupt_index": queue_seed(0, 4, 4, 0x80, [], corrupt_index),
+        "queue_256": queue_seed(1, 8, 8, 1, [(OP_RW, 9)], good),
+    }
+    for name, seed in seeds.items():
+        write("virtio_queue", name, seed)
+
+
+if __name__ == "__main__":
+    protocol_frames()
+    group_file()
+    vsock_packet()
+    virtio_queue()
