@@ -78,29 +78,28 @@ enum Event {
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if !pid1 && args.first().map(String::as_str) == Some("ping") {
-        return match peer::ping_command(&args[1..]) {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(problem) => {
-                eprintln!("agentos-guest ping: {problem}");
-                ExitCode::FAILURE
-            }
+    // Not as PID 1, the binary is also the tool guest programs message their peers with.
+    if !pid1 {
+        let tool = match args.first().map(String::as_str) {
+            Some("ping") => Some(("ping", peer::ping_command(&args[1..]))),
+            Some("send") => Some((
+                "send",
+                peer::send_command(&args[1..]).map(|id| format!("accepted {id}")),
+            )),
+            _ => None,
         };
-    }
-    if !pid1 && args.first().map(String::as_str) == Some("send") {
-        return match peer::send_command(&args[1..]) {
-            Ok(message) => {
-                println!("accepted {message}");
-                ExitCode::SUCCESS
-            }
-            Err(problem) => {
-                eprintln!("agentos-guest send: {problem}");
-                ExitCode::FAILURE
-            }
-        };
+        if let Some((name, outcome)) = tool {
+            return match outcome {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(problem) => {
+                    eprintln!("agentos-guest {name}: {problem}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     }
 
     match run(pid1) {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{Scratch, describe, take_machine, vm_available};
+use crate::common::{Scratch, command_limit, describe, take_machine, vm_available};
 
 /// `a` gets the input and pings `b` from a program (claiming to be `c`, and also trying `c`,
 /// to which it has no channel); `b` answers pings with the sender it saw; `a` passes the answer
@@ -34,6 +34,31 @@ if [ "$AGENTOS_KIND" = ping ]; then echo "pong for $AGENTOS_FROM: $(cat)"; fi
 name = "c"
 "#;
 
+/// Starts `agentos group run` on a group file holding `toml` with a small input, plus `extra`
+/// arguments.
+fn start_group(t: &Scratch, toml: &str, extra: &[&str]) -> std::process::Child {
+    let file = t.dir.join("group.toml");
+    std::fs::write(&file, toml).unwrap();
+    let input = t.dir.join("input.txt");
+    std::fs::write(&input, "hello b\n").unwrap();
+    let mut args = vec![
+        "group",
+        "run",
+        file.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    t.spawn(&args)
+}
+
+/// The JSON report of a `group run --json` that must have succeeded.
+fn report_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", describe(out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(out)))
+}
+
 #[test]
 fn agents_exchange_messages_along_declared_channels_only() {
     if !vm_available() {
@@ -41,26 +66,8 @@ fn agents_exchange_messages_along_declared_channels_only() {
     }
     let _machine = take_machine();
     let t = Scratch::new("group-pingpong");
-    let file = t.dir.join("pingpong.toml");
-    std::fs::write(&file, PING_PONG).unwrap();
-    let input = t.dir.join("input.txt");
-    std::fs::write(&input, "hello b\n").unwrap();
-    let out = t.output(
-        &[
-            "group",
-            "run",
-            file.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--json",
-            "--timeout",
-            "300",
-        ],
-        b"",
-    );
-    assert!(out.status.success(), "{}", describe(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    let child = start_group(&t, PING_PONG, &["--json", "--timeout", "300"]);
+    let report = report_of(&t.finish(child, command_limit()));
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 1, "{report}");
     // Both ways: a -> b (ping), b -> a (pong), and b saw `a`, not the `c` that a claimed.
@@ -143,20 +150,7 @@ fn a_receiver_killed_mid_stream_is_restarted_and_gets_every_message() {
     }
     let _machine = take_machine();
     let t = Scratch::new("group-restart");
-    let file = t.dir.join("restart.toml");
-    std::fs::write(&file, RESTART).unwrap();
-    let input = t.dir.join("input.txt");
-    std::fs::write(&input, "go\n").unwrap();
-    let child = t.spawn(&[
-        "group",
-        "run",
-        file.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--json",
-        "--timeout",
-        "400",
-    ]);
+    let child = start_group(&t, RESTART, &["--json", "--timeout", "400"]);
     // Two results in the trace, then the receiver's VMM (the one VM of 200 MiB) is killed.
     let deadline = Instant::now() + Duration::from_secs(400);
     loop {
@@ -170,10 +164,7 @@ fn a_receiver_killed_mid_stream_is_restarted_and_gets_every_message() {
     // SAFETY: kill has no memory-safety preconditions; the pid is a VMM this test started.
     assert_eq!(unsafe { libc::kill(receiver, libc::SIGKILL) }, 0);
 
-    let out = t.finish(child, Duration::from_secs(600));
-    assert!(out.status.success(), "{}", describe(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    let report = report_of(&t.finish(child, command_limit()));
     let bodies: Vec<&str> = report["results"]
         .as_array()
         .unwrap()
@@ -266,17 +257,7 @@ fn top_and_stats_show_a_running_group_by_agent_name() {
     }
     let _machine = take_machine();
     let t = Scratch::new("group-top");
-    let file = t.dir.join("watched.toml");
-    std::fs::write(&file, WATCHED).unwrap();
-    let input = t.dir.join("input.txt");
-    std::fs::write(&input, "x\n").unwrap();
-    let child = t.spawn(&[
-        "group",
-        "run",
-        file.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-    ]);
+    let child = start_group(&t, WATCHED, &[]);
     let deadline = Instant::now() + Duration::from_secs(400);
     let top = loop {
         assert!(Instant::now() < deadline, "the group never showed in top");
@@ -294,7 +275,7 @@ fn top_and_stats_show_a_running_group_by_agent_name() {
     assert!(stats["cpu_usage_us"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["memory_bytes"].as_u64().unwrap() > 1 << 20, "{stats}");
 
-    let out = t.finish(child, Duration::from_secs(600));
+    let out = t.finish(child, command_limit());
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
     t.assert_nothing_left();
