@@ -23,9 +23,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(valid_peer_name(&spec.name));
             assert!(!spec.agents.is_empty() && spec.agents.len() <= MAX_AGENTS);
             let entry = spec.entry();
-            assert!(spec.agents.iter().any(|a| a.name == entry), "entry `{entry}` is no agent");
+            assert!(
+                spec.agents.iter().any(|a| a.name == entry),
+                "entry `{entry}` is no agent"
+            );
             for agent in &spec.agents {
-                assert!(valid_peer_name(&agent.name) && agent.name != INPUT && agent.name != OUTPUT);
+                assert!(
+                    valid_peer_name(&agent.name) && agent.name != INPUT && agent.name != OUTPUT
+                );
                 assert!(agent.vcpus >= 1);
                 spec.outputs_of(&agent.name);
             }

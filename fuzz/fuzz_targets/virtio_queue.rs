@@ -146,7 +146,11 @@ impl VsockBackend for FuzzBackend {
     }
 
     fn next_rx(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
-        assert!(buf.len() <= MAX_PAYLOAD, "offered a {}-byte buffer", buf.len());
+        assert!(
+            buf.len() <= MAX_PAYLOAD,
+            "offered a {}-byte buffer",
+            buf.len()
+        );
         let (hdr, payload) = self.rx.pop_front()?;
         let n = payload.len().min(buf.len());
         buf[..n].copy_from_slice(&payload[..n]);

@@ -20,7 +20,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 /// Size of one descriptor in the table.
 const DESC_BYTES: usize = 16;
-/// The descriptor table is at 0 and holds 256 entries; the rings follow it.
+/// The descriptor table is at 0 and the rings right after its `size` entries: descriptors given
+/// past the queue size land under the rings, where only an indirect table can reach them.
 const QUEUE_BASE: u64 = 0;
 /// Where the buffer bytes go; descriptors that point elsewhere read whatever is there (zeros).
 const DATA: u64 = 0x2000;
