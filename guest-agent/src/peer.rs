@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -311,12 +312,25 @@ impl Member {
             .env("AGENTOS_KIND", &delivery.kind)
             .env("AGENTOS_TRACE", delivery.trace.to_string())
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+            .stdout(Stdio::piped())
+            .process_group(0);
         let (mut child, pid) = self
             .env
             .reaper
             .spawn(&mut command)
             .map_err(|e| format!("cannot start {}: {e}", clip(program)))?;
+        // The whole process group goes when the time is up, also when something it started
+        // still holds its output open.
+        let (done, finished) = mpsc::channel::<()>();
+        let _ = thread::Builder::new()
+            .name("peer-deadline".into())
+            .spawn(move || {
+                if finished.recv_timeout(HANDLER_TIMEOUT).is_err() {
+                    // SAFETY: kill has no memory-safety preconditions; -pid names the group
+                    // this handler's program leads.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+            });
         if let Some(mut stdin) = child.stdin.take() {
             let body = delivery.body.clone().into_bytes();
             // A program that does not read its input must not hold the handler.
@@ -334,16 +348,21 @@ impl Member {
         if too_long {
             let _ = child.kill();
         }
-        let status = match self
+        let waited = self
             .env
             .reaper
             .wait(pid, Some(started + HANDLER_TIMEOUT))
-            .map_err(|e| e.to_string())?
-        {
-            Waited::Exited(status) => status,
-            Waited::DeadlinePassed => {
+            .map_err(|e| e.to_string());
+        let _ = done.send(());
+        let status = match waited? {
+            Waited::Exited(status) if started.elapsed() < HANDLER_TIMEOUT => status,
+            Waited::Exited(_) | Waited::DeadlinePassed => {
                 let _ = child.kill();
-                return Err(format!("{} ran too long", clip(program)));
+                return Err(format!(
+                    "{} ran longer than {} s",
+                    clip(program),
+                    HANDLER_TIMEOUT.as_secs()
+                ));
             }
         };
         if too_long {
