@@ -9,7 +9,9 @@ use std::time::Duration;
 use agentos::cgroup::slice::{online_cpu_list, parse_cpu_list};
 use agentos::cgroup::{Controller, Layout, PARENT, Version};
 
-use crate::common::{Scratch, command_limit, describe, share_machine, take_machine, vm_available};
+use crate::common::{
+    Scratch, command_limit, describe, share_machine, take_machine, text, vm_available,
+};
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path)
@@ -305,5 +307,50 @@ fn pinned_agents_are_placed_on_the_least_loaded_cpus() {
         stop(&t, second);
     }
     stop(&t, first);
+    t.assert_nothing_left();
+}
+
+/// A guest that allocates past its memory meets its own kernel's OOM killer: the program dies,
+/// the guest agent and the VM go on, and an agent running beside it is not touched. The VMM
+/// cannot take more than guest RAM plus its allowance: that is its cgroup's memory limit.
+#[test]
+fn memory_exhaustion_stays_inside_the_guest() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("cgroup-oom");
+    let neighbour = t.spawn(&[
+        "run",
+        "--memory",
+        "128",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sleep 25; echo neighbour alive",
+    ]);
+    // The string doubles until the guest has no memory left for it.
+    let out = t.output(
+        &[
+            "run",
+            "--memory",
+            "128",
+            "--",
+            "/bin/sh",
+            "-c",
+            r#"awk 'BEGIN { s = "x"; while (1) s = s s }'; echo "awk ended: $?"; echo agent alive"#,
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("awk ended: 137") && stdout.contains("agent alive"),
+        "{}",
+        describe(&out)
+    );
+    let neighbour = t.finish(neighbour, command_limit());
+    assert!(neighbour.status.success(), "{}", describe(&neighbour));
+    assert!(text(&neighbour.stdout).contains("neighbour alive"));
     t.assert_nothing_left();
 }
