@@ -278,12 +278,5 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Host-supplied text, cut so that a message quoting it stays far below the frame limit.
 fn clip(text: &str) -> String {
-    if text.len() <= MAX_QUOTED_BYTES {
-        return text.to_owned();
-    }
-    let mut end = MAX_QUOTED_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    agentos_protocol::clip(text, MAX_QUOTED_BYTES)
 }

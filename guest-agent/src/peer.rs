@@ -72,12 +72,13 @@ impl Membership {
             }
         }
         let conn = transport::connect_vsock(PEER_PORT).map_err(|e| describe(&e))?;
-        let link = Link::open(conn).map_err(|e| format!("cannot reach the router: {e}"))?;
+        let (link, reader) =
+            Link::open(conn).map_err(|e| format!("cannot reach the router: {e}"))?;
         let (work, deliveries) = mpsc::sync_channel::<Delivery>(WORK_QUEUE);
         let reader_link = Arc::clone(&link);
         thread::Builder::new()
             .name("peer-reader".into())
-            .spawn(move || reader_link.read_forever(&work))
+            .spawn(move || reader_link.read_forever(reader, &work))
             .map_err(|e| format!("cannot start a thread: {e}"))?;
         let group = req.group.clone();
         let member = Member { req, link, env };
@@ -109,22 +110,21 @@ impl Membership {
 /// The connection to the router.
 struct Link {
     writer: Mutex<Connection>,
-    reader: Mutex<Option<Connection>>,
     waiting: Mutex<HashMap<u64, SyncSender<RouterMessage>>>,
     next_seq: AtomicU64,
 }
 
 impl Link {
-    fn open(conn: Connection) -> Result<Arc<Self>, FrameError> {
+    /// The link, listening, and the connection's reading end for [`Link::read_forever`].
+    fn open(conn: Connection) -> Result<(Arc<Self>, Connection), FrameError> {
         let reader = conn.try_clone()?;
         let link = Arc::new(Self {
             writer: Mutex::new(conn),
-            reader: Mutex::new(Some(reader)),
             waiting: Mutex::default(),
             next_seq: AtomicU64::new(1),
         });
         link.write(&PeerRequest::Listen)?;
-        Ok(link)
+        Ok((link, reader))
     }
 
     fn write(&self, req: &PeerRequest) -> Result<(), FrameError> {
@@ -134,10 +134,7 @@ impl Link {
         Ok(())
     }
 
-    fn read_forever(&self, work: &SyncSender<Delivery>) {
-        let Some(conn) = lock(&self.reader).take() else {
-            return;
-        };
+    fn read_forever(&self, conn: Connection, work: &SyncSender<Delivery>) {
         let mut frames = FrameReader::new(conn);
         loop {
             match frames.read::<RouterMessage>() {

@@ -23,6 +23,19 @@ pub use message::{
     BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, StreamData,
 };
 
+/// `text` cut to at most `max` bytes (at a character boundary) with `...` appended when cut:
+/// for quoting text that came from the other side in messages, logs and traces.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// An error and its causes on one line, as guest consoles and `error` frames show them.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
@@ -68,4 +81,16 @@ pub mod status {
     pub const SHUTDOWN: u8 = 3;
     /// The agent hit a fatal error (it said why on the console) and is powering the VM off.
     pub const FAILED: u8 = 4;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc...");
+        assert_eq!(clip("aé", 2), "a...");
+    }
 }

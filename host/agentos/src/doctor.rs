@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use crate::agent::vm::{AgentVm, BootOptions};
 use crate::cgroup::{Controller, Layout};
 use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
 use crate::qemu;
@@ -109,16 +109,8 @@ fn probe_linux(cache: &Path) -> LinuxKvm {
         }
     };
     let opts = BootOptions {
-        vcpus: 1,
-        memory_mib: 256,
-        kernel: img.vmlinuz,
-        initrd: img.initrd,
-        extra_initrds: Vec::new(),
-        extra_cmdline: None,
-        console: false,
         boot_timeout: PROBE_TIMEOUT,
-        cpu: CpuSlice::default(),
-        wait_for_room: false,
+        ..BootOptions::of_image(&img)
     };
     match AgentVm::boot(&opts) {
         Ok(vm) => {

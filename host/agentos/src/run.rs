@@ -11,14 +11,12 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::agent::connection::{ConnectionError, ExecIo};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::cgroup::PriorityClass;
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
 
-/// Guest memory when `--memory` is not given.
-pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Below this the stock kernel and the initramfs do not fit comfortably.
 pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;

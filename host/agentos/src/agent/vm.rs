@@ -30,6 +30,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a VMM told to stop gets to write its report before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Guest memory of an agent unless asked otherwise.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// How long an agent has to say hello unless asked otherwise.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Memory the VMM may use beyond guest RAM: its own heap, stacks and the kernel's per-VM state.
 pub const VMM_MEMORY_ALLOWANCE_MIB: u64 = 64;
 /// How often an agent waiting for room checks again.
@@ -68,6 +72,23 @@ pub struct CpuSlice {
 }
 
 impl BootOptions {
+    /// An agent of `img` as the commands boot one by default: one vCPU, 256 MiB, no model, no
+    /// slice beyond its memory, five minutes to come up.
+    pub fn of_image(img: &crate::image::BuiltImage) -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            kernel: img.vmlinuz.clone(),
+            initrd: img.initrd.clone(),
+            extra_initrds: Vec::new(),
+            extra_cmdline: None,
+            console: false,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            cpu: CpuSlice::default(),
+            wait_for_room: false,
+        }
+    }
+
     /// The slice the VMM's cgroup gets: guest RAM plus the VMM allowance, a thread limit, and
     /// the CPU share asked for.
     pub fn slice(&self) -> Slice {

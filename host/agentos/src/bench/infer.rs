@@ -20,9 +20,9 @@ use agentos_protocol::{InferOptions, InferReply, InferRequest, Task};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::percentile;
 use super::ratio;
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use super::{percentile, round};
+use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
 use crate::infer_run::MODEL_MEMORY_MIB;
@@ -256,21 +256,15 @@ fn side(load_ms: f64, agent: &[f64], round_trip: &[f64], rss_mib: f64) -> Side {
 }
 
 fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
+    round(x, 2)
 }
 
 fn boot_options(img: &image::BuiltImage, archives: Vec<PathBuf>) -> BootOptions {
     BootOptions {
-        vcpus: 1,
         memory_mib: MODEL_MEMORY_MIB,
-        kernel: img.vmlinuz.clone(),
-        initrd: img.initrd.clone(),
         extra_initrds: archives,
-        extra_cmdline: None,
-        console: false,
         boot_timeout: BOOT_TIMEOUT,
-        cpu: CpuSlice::default(),
-        wait_for_room: false,
+        ..BootOptions::of_image(img)
     }
 }
 

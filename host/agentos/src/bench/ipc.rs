@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agentos_protocol::peer::{
     Delivery, Handler, JoinRequest, PEER_PORT, PeerRequest, PeerSend, RouterMessage,
@@ -18,9 +18,9 @@ use agentos_protocol::{ExecRequest, FrameReader, write_frame};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::{percentile, ratio};
+use super::{percentile, ratio, round};
 use crate::agent::connection::ExecIo;
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice};
 use crate::group::router::Router;
 use crate::group::trace::TraceLog;
@@ -80,10 +80,10 @@ impl Side {
             0.0
         };
         Self {
-            p50_us: round1(percentile(rtt_us, 0.50)),
-            p99_us: round1(percentile(rtt_us, 0.99)),
-            messages_per_s: round1(per_s),
-            mb_per_s: round3(per_s * bytes as f64 / 1e6),
+            p50_us: round(percentile(rtt_us, 0.50), 1),
+            p99_us: round(percentile(rtt_us, 0.99), 1),
+            messages_per_s: round(per_s, 1),
+            mb_per_s: round(per_s * bytes as f64 / 1e6, 3),
         }
     }
 }
@@ -102,18 +102,7 @@ pub fn run(args: &IpcBenchArgs) -> anyhow::Result<i32> {
         "direct"
     };
 
-    let base = BootOptions {
-        vcpus: 1,
-        memory_mib: 256,
-        kernel: img.vmlinuz.clone(),
-        initrd: img.initrd.clone(),
-        extra_initrds: Vec::new(),
-        extra_cmdline: None,
-        console: false,
-        boot_timeout: Duration::from_secs(300),
-        cpu: CpuSlice::default(),
-        wait_for_room: false,
-    };
+    let base = BootOptions::of_image(&img);
     eprintln!("agentos bench ipc: booting two agents");
     let mut vms = Vec::new();
     for booted in AgentVm::boot_all(&[base.clone(), base]) {
@@ -305,14 +294,6 @@ fn ping_socket_pair(bytes: usize, round_trips: u32) -> anyhow::Result<Vec<f64>> 
     echo.join()
         .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
     Ok(rtt)
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

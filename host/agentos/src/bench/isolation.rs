@@ -3,18 +3,19 @@
 //! class weighs 10000 against their 100). The target: p99 beside batch neighbours within 10 % of
 //! alone.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::{InferOptions, InferRequest, Task};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::{percentile, ratio};
+use super::{percentile, ratio, round};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::cgroup::PriorityClass;
-use crate::image::{self, AGENT_IMAGE};
+use crate::image::{self, AGENT_IMAGE, BuiltImage};
 use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{ModelStore, vm_archives};
+use crate::model::{Bundle, ModelStore, carrier_copies, vm_archives};
 
 /// The interactive agent's model and task.
 pub const MODEL: &str = "sentiment";
@@ -47,36 +48,36 @@ pub struct Latency {
 impl Latency {
     fn of(ms: &[f64]) -> Self {
         Self {
-            p50_ms: round2(percentile(ms, 0.50)),
-            p99_ms: round2(percentile(ms, 0.99)),
+            p50_ms: round(percentile(ms, 0.50), 2),
+            p99_ms: round(percentile(ms, 0.99), 2),
         }
     }
 }
 
-/// Files a carrier needs for this measurement.
-pub fn carrier_files() -> anyhow::Result<Vec<std::path::PathBuf>> {
+/// The agent image, the model bundle and the archives a VM running it boots with.
+fn model_parts() -> anyhow::Result<(BuiltImage, Bundle, Vec<PathBuf>)> {
     let cache = image::default_cache_dir();
     let store = ModelStore::new(&cache);
     let img = image::find_image(&cache, AGENT_IMAGE).context("the agent image is missing")?;
     let bundle = store.find(MODEL)?;
     let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
-    Ok(crate::model::carrier_copies(&archives, &bundle))
+    Ok((img, bundle, archives))
 }
 
-pub fn measure(
-    requests: u32,
-    boot: &dyn Fn(CpuSlice) -> BootOptions,
-) -> anyhow::Result<IsolationResult> {
-    let cache = image::default_cache_dir();
-    let store = ModelStore::new(&cache);
-    let img = image::find_image(&cache, AGENT_IMAGE).context("the agent image is missing")?;
-    let bundle = store.find(MODEL)?;
-    let mut opts = boot(CpuSlice {
-        weight: Some(PriorityClass::Interactive.weight()),
-        ..CpuSlice::default()
-    });
-    opts.memory_mib = MODEL_MEMORY_MIB;
-    opts.extra_initrds = vm_archives(&store, &bundle, &img.manifest.libraries)?;
+/// Files a carrier needs for this measurement.
+pub fn carrier_files() -> anyhow::Result<Vec<PathBuf>> {
+    let (_, bundle, archives) = model_parts()?;
+    Ok(carrier_copies(&archives, &bundle))
+}
+
+pub fn measure(requests: u32) -> anyhow::Result<IsolationResult> {
+    let (img, _, archives) = model_parts()?;
+    let opts = BootOptions {
+        memory_mib: MODEL_MEMORY_MIB,
+        extra_initrds: archives,
+        cpu: class_slice(PriorityClass::Interactive),
+        ..BootOptions::of_image(&img)
+    };
     let mut agent = AgentVm::boot(&opts).context("the interactive agent did not boot")?;
     let cgroup = agent
         .cgroup()
@@ -89,11 +90,11 @@ pub fn measure(
 
     eprintln!("agentos bench sched: isolation: {NEIGHBOURS} neighbours, same weight");
     cgroup.set_weight(PriorityClass::Batch.weight())?;
-    let same_weight = beside_hogs(&mut agent, requests, PriorityClass::Batch, boot)?;
+    let same_weight = beside_hogs(&img, &mut agent, requests)?;
 
     eprintln!("agentos bench sched: isolation: {NEIGHBOURS} batch neighbours");
     cgroup.set_weight(PriorityClass::Interactive.weight())?;
-    let batch = beside_hogs(&mut agent, requests, PriorityClass::Batch, boot)?;
+    let batch = beside_hogs(&img, &mut agent, requests)?;
     drop(cgroup);
     agent.shutdown();
 
@@ -115,6 +116,13 @@ pub fn measure(
     })
 }
 
+fn class_slice(class: PriorityClass) -> CpuSlice {
+    CpuSlice {
+        weight: Some(class.weight()),
+        ..CpuSlice::default()
+    }
+}
+
 /// `requests` inference latencies, in milliseconds, measured from the host.
 fn latencies(agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
     let mut ms = Vec::new();
@@ -132,18 +140,13 @@ fn latencies(agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
     Ok(ms)
 }
 
-/// Latencies while `NEIGHBOURS` agents of `class` burn CPU; they are stopped afterwards.
-fn beside_hogs(
-    agent: &mut AgentVm,
-    requests: u32,
-    class: PriorityClass,
-    boot: &dyn Fn(CpuSlice) -> BootOptions,
-) -> anyhow::Result<Vec<f64>> {
-    let mut opts = boot(CpuSlice {
-        weight: Some(class.weight()),
-        ..CpuSlice::default()
-    });
-    opts.memory_mib = HOG_MEMORY_MIB;
+/// Latencies while `NEIGHBOURS` batch agents burn CPU; they are stopped afterwards.
+fn beside_hogs(img: &BuiltImage, agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
+    let opts = BootOptions {
+        memory_mib: HOG_MEMORY_MIB,
+        cpu: class_slice(PriorityClass::Batch),
+        ..BootOptions::of_image(img)
+    };
     let mut hogs = Vec::new();
     for booted in AgentVm::boot_all(&vec![opts; NEIGHBOURS]) {
         hogs.push(booted.context("a neighbour did not boot")?);
@@ -172,8 +175,4 @@ fn beside_hogs(
         }
     }
     measured
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

@@ -71,6 +71,12 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank - 1]
 }
 
+/// `x` to `decimals` decimal places, for reports.
+pub fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
 /// a / b to three decimals (0 when b is 0).
 pub fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {

@@ -19,8 +19,8 @@ use agentos_protocol::ExecRequest;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::Stats;
 use super::isolation::{self, IsolationResult};
+use super::{Stats, round};
 use crate::agent::connection::ExecIo;
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::carrier::{self, CarrierChoice};
@@ -119,7 +119,7 @@ pub fn run(args: &SchedBenchArgs) -> anyhow::Result<i32> {
     let weights = measure_weights(window)?;
     eprintln!("agentos bench sched: pause and resume");
     let pause_resume = measure_pause(args.cycles)?;
-    let isolation = isolation::measure(args.requests, &boot_options)?;
+    let isolation = isolation::measure(args.requests)?;
     let all_within_target = quota.iter().all(|q| q.within_target)
         && weights.within_target
         && pause_resume.cpu_us_while_paused == 0
@@ -192,28 +192,19 @@ fn print_summary(r: &SchedResults) {
 }
 
 /// How the benchmark's agents boot: the agent image, one vCPU, `cpu` as their slice.
-fn boot_options(cpu: CpuSlice) -> BootOptions {
-    let (kernel, initrd) = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
-        .map(|img| (img.vmlinuz, img.initrd))
-        .unwrap_or_default();
+fn boot_options(img: &image::BuiltImage, cpu: CpuSlice) -> BootOptions {
     BootOptions {
-        vcpus: 1,
         memory_mib: MEMORY_MIB,
-        kernel,
-        initrd,
-        extra_initrds: Vec::new(),
-        extra_cmdline: None,
-        console: false,
         boot_timeout: BOOT_TIMEOUT,
         cpu,
-        wait_for_room: false,
+        ..BootOptions::of_image(img)
     }
 }
 
 fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
-    image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
         .context("the agent image is missing: run `scripts/setup`")?;
-    let vm = AgentVm::boot(&boot_options(cpu)).context("the agent VM did not boot")?;
+    let vm = AgentVm::boot(&boot_options(&img, cpu)).context("the agent VM did not boot")?;
     if vm.cgroup().is_none() {
         bail!("agents get no cgroup on this host (see `agentos doctor`)");
     }
@@ -299,10 +290,6 @@ fn burn_and_measure(
     Ok(measured)
 }
 
-fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 fn measure_quota(cpus: f64, window: Duration) -> anyhow::Result<QuotaResult> {
     let vm = boot(CpuSlice {
         cpus: Some(cpus),
@@ -313,9 +300,9 @@ fn measure_quota(cpus: f64, window: Duration) -> anyhow::Result<QuotaResult> {
     let error = (share - cpus).abs() / cpus;
     Ok(QuotaResult {
         cpus,
-        share: round(share),
+        share: round(share, 3),
         target: cpus,
-        error_pct: round(error * 100.0),
+        error_pct: round(error * 100.0, 3),
         within_target: error <= TOLERANCE,
         throttled_periods: stats[0].nr_throttled,
     })
@@ -346,9 +333,9 @@ fn measure_weights(window: Duration) -> anyhow::Result<WeightResult> {
     let error = (shares[1] - target_shares[1]).abs() / target_shares[1];
     Ok(WeightResult {
         weights: WEIGHTS,
-        shares: shares.map(round),
+        shares: shares.map(|s| round(s, 3)),
         target_shares,
-        error_pct: round(error * 100.0),
+        error_pct: round(error * 100.0, 3),
         within_target: error <= TOLERANCE,
     })
 }

@@ -161,7 +161,11 @@ pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
 
 /// Parses a group file; an error is the line it is on and what is wrong.
 pub fn parse(text: &str) -> Result<GroupSpec, (usize, String)> {
-    let line_of = |span: Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    // Counted in bytes: a span is never trusted to fall on a character boundary.
+    let line_of = |span: Range<usize>| {
+        let before = &text.as_bytes()[..span.start.min(text.len())];
+        before.iter().filter(|b| **b == b'\n').count() + 1
+    };
     let at = |span: Range<usize>, problem: String| (line_of(span), problem);
     let raw: RawGroup = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(1, line_of);

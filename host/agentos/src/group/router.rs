@@ -23,7 +23,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::peer::{
-    Delivery, MAX_PEER_BODY_BYTES, PeerRequest, PeerSend, RouterMessage, valid_peer_name,
+    Delivery, MAX_PEER_BODY_BYTES, MAX_PEER_NAME_BYTES, PeerRequest, PeerSend, RouterMessage,
+    valid_peer_name,
 };
 use agentos_protocol::{FrameReader, write_frame};
 use serde::Serialize;
@@ -50,7 +51,6 @@ const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// Refusals written to the trace (all are counted).
 const MAX_TRACED_REFUSALS: u32 = 1000;
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
-const QUIET_POLL: Duration = Duration::from_millis(50);
 
 /// What the router counted, for reports and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -188,31 +188,11 @@ impl Router {
     pub fn note(&self, name: &str, event: EventKind, summary: String) {
         self.shared.trace.append(&TraceEvent {
             t_ms: self.elapsed_ms(),
-            trace: 0,
             event,
-            message: None,
             from: name.to_owned(),
-            to: String::new(),
-            kind: String::new(),
-            bytes: 0,
-            model: None,
-            infer_ms: None,
-            queued_ms: None,
-            handled_ms: None,
             summary,
-            claimed_from: None,
+            ..TraceEvent::default()
         });
-    }
-
-    /// The results of input `trace` so far.
-    pub fn results(&self, trace: u64) -> Vec<GroupResult> {
-        self.shared
-            .lock()
-            .results
-            .iter()
-            .filter(|r| r.trace == trace)
-            .cloned()
-            .collect()
     }
 
     /// Gives `body` to the group's entry agent as a new input; returns the input's trace id.
@@ -268,20 +248,6 @@ impl Router {
         }
     }
 
-    /// Waits until no message is waiting or unacknowledged, or `deadline` passed (or `give_up`
-    /// says so); tells whether the group went quiet.
-    pub fn wait_quiet(&self, deadline: Instant, give_up: &dyn Fn() -> bool) -> bool {
-        loop {
-            if self.unacknowledged().is_empty() {
-                return true;
-            }
-            if Instant::now() >= deadline || give_up() {
-                return false;
-            }
-            thread::sleep(QUIET_POLL);
-        }
-    }
-
     pub fn counters(&self) -> Counters {
         self.shared.lock().counters.clone()
     }
@@ -300,7 +266,7 @@ impl Router {
             .collect()
     }
 
-    pub fn elapsed_ms(&self) -> f64 {
+    fn elapsed_ms(&self) -> f64 {
         self.shared.started.elapsed().as_secs_f64() * 1000.0
     }
 }
@@ -457,6 +423,10 @@ impl Shared {
     fn accept(&self, state: &mut State, from: &str, send: PeerSend) -> RouterMessage {
         let now = Instant::now();
         let bytes = send.body.len();
+        // Kept with the message and written to the trace: no longer than a name.
+        let mut send = send;
+        send.model = send.model.as_deref().map(clip);
+        send.from = send.from.as_deref().map(clip);
         let refuse = |state: &mut State, reason: String, retry: bool, send: &PeerSend| {
             // Back-pressure is counted, not traced (a flood would fill the trace), and so are
             // refusals past a bound: a guest cannot grow the trace without end.
@@ -468,17 +438,13 @@ impl Shared {
                     t_ms: self.ms(now),
                     trace: send.trace.unwrap_or(0),
                     event: EventKind::Refused,
-                    message: None,
                     from: from.to_owned(),
                     to: clip(&send.to),
                     kind: clip(&send.kind),
                     bytes: send.body.len(),
-                    model: None,
-                    infer_ms: None,
-                    queued_ms: None,
-                    handled_ms: None,
                     summary: reason.clone(),
                     claimed_from: send.from.as_deref().map(clip),
+                    ..TraceEvent::default()
                 });
             }
             RouterMessage::Refused {
@@ -562,10 +528,9 @@ impl Shared {
                 bytes: send.body.len(),
                 model: send.model.clone(),
                 infer_ms: result.infer_ms,
-                queued_ms: None,
-                handled_ms: None,
                 summary: summary(&send.body),
                 claimed_from: send.from.clone().filter(|c| c != from),
+                ..TraceEvent::default()
             });
             state.result_bytes += bytes;
             state.results.push(result);
@@ -624,12 +589,7 @@ impl Shared {
                 to: send.to.clone(),
                 kind: send.kind.clone(),
                 bytes,
-                model: None,
-                infer_ms: None,
-                queued_ms: None,
-                handled_ms: None,
-                summary: String::new(),
-                claimed_from: None,
+                ..TraceEvent::default()
             });
         }
         self.pump(state, &send.to);
@@ -719,12 +679,9 @@ impl Shared {
                 to: name.to_owned(),
                 kind: pending.delivery.kind.clone(),
                 bytes: pending.delivery.body.len(),
-                model: None,
-                infer_ms: None,
                 queued_ms: Some(ms_between(pending.accepted_at, delivered_at)),
                 handled_ms: Some(ms_between(delivered_at, now)),
-                summary: String::new(),
-                claimed_from: None,
+                ..TraceEvent::default()
             });
         }
         self.pump(state, name);
@@ -760,22 +717,12 @@ fn ms_between(from: Instant, to: Instant) -> f64 {
 /// The start of a body, on one line, for the trace.
 fn summary(body: &str) -> String {
     let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    clip_to(&line, 80)
+    agentos_protocol::clip(&line, 80)
 }
 
+/// A name the guest wrote, cut for the trace.
 fn clip(text: &str) -> String {
-    clip_to(text, 64)
-}
-
-fn clip_to(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
+    agentos_protocol::clip(text, MAX_PEER_NAME_BYTES)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
 use super::router::{Counters, GroupResult, Router};
 use super::trace::{self, EventKind, TraceEvent, TraceLog};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmError};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
 use crate::infer_run::MODEL_MEMORY_MIB;
@@ -23,8 +23,6 @@ use crate::model::{ModelStore, carrier_copies, vm_archives};
 use crate::rundir::RunDir;
 use crate::signals;
 
-/// Guest memory of an agent without a model, unless its group file says otherwise.
-const PLAIN_MEMORY_MIB: u64 = 256;
 /// The carrier's memory beyond its agents' VMs: its own system, and the images it holds.
 const CARRIER_BASE_MIB: u64 = 2048;
 const CARRIER_MIN_MIB: u64 = 4096;
@@ -125,16 +123,9 @@ pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
     } else {
         crate::run::check_kvm_access()?;
         let base = BootOptions {
-            vcpus: 1,
-            memory_mib: PLAIN_MEMORY_MIB,
-            kernel: img.vmlinuz.clone(),
-            initrd: img.initrd.clone(),
-            extra_initrds: Vec::new(),
-            extra_cmdline: None,
             console: args.console,
             boot_timeout: Duration::from_secs(args.boot_timeout),
-            cpu: CpuSlice::default(),
-            wait_for_room: false,
+            ..BootOptions::of_image(&img)
         };
         match run_here(&spec, input, &base, &archives, args, started)? {
             Some(report) => report,
@@ -267,7 +258,7 @@ fn memory_of(agent: &file::AgentSpec) -> u64 {
     agent.memory_mib.unwrap_or(if agent.model.is_some() {
         MODEL_MEMORY_MIB
     } else {
-        PLAIN_MEMORY_MIB
+        DEFAULT_MEMORY_MIB
     })
 }
 
@@ -306,10 +297,7 @@ fn run_here(
     let mut failure = None;
     for (agent, booted) in spec.agents.iter().zip(AgentVm::boot_all(&opts)) {
         match booted {
-            Ok(vm) => {
-                let _ = vm.set_label(&format!("{}/{}", spec.name, agent.name));
-                vms.push((agent.name.clone(), vm));
-            }
+            Ok(vm) => vms.push((agent.name.clone(), vm)),
             Err(VmError::Interrupted) => failure = failure.or(Some(None)),
             Err(e) => {
                 failure = failure.or(Some(Some(
@@ -380,13 +368,11 @@ fn run_here(
         expected_results: spec.results_per_input(),
         counters: router.counters(),
         unacknowledged: router.unacknowledged(),
-        trace: Vec::new(),
+        trace: trace::read(&trace_path)?,
         ready_ms,
         total_ms: started.elapsed().as_millis() as u64,
     };
-    drop(router);
-    let trace = trace::read(&trace_path)?;
-    Ok(Some(GroupReport { trace, ..report }))
+    Ok(Some(report))
 }
 
 /// An agent of a running group: its VM (none once it is given up on) and how to boot it again.
@@ -439,10 +425,7 @@ fn supervise(
 
 /// Restarts `member` if its VM ended and its policy allows; tells whether it did.
 fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> bool {
-    let Some(vm) = member.vm.as_mut() else {
-        return false;
-    };
-    if !vm.ended() {
+    if !member.vm.as_mut().is_some_and(AgentVm::ended) {
         return false;
     }
     let Some(vm) = member.vm.take() else {
@@ -477,11 +460,7 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     let restarted = AgentVm::boot(&member.opts)
         .map_err(anyhow::Error::new)
         .and_then(|mut vm| {
-            let _ = vm.set_label(&format!("{}/{}", spec.name, member.name));
-            let mut one = [(member.name.clone(), vm)];
-            join_all(spec, router, &mut one)?;
-            let [(_, joined)] = one;
-            vm = joined;
+            join(spec, router, &member.name, &mut vm)?;
             Ok(vm)
         });
     match restarted {
@@ -509,31 +488,38 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     }
 }
 
-/// Attaches each agent to the router, then tells it to join.
+/// Attaches each agent to the router and tells it to join, in order.
 fn join_all(
     spec: &GroupSpec,
     router: &Router,
     vms: &mut [(String, AgentVm)],
 ) -> anyhow::Result<()> {
     for (name, vm) in vms.iter_mut() {
-        router
-            .attach(name, &vm.host_socket(PEER_PORT))
-            .with_context(|| format!("cannot listen for agent `{name}`"))?;
-        let agent = spec
-            .agents
-            .iter()
-            .find(|a| &a.name == name)
-            .context("an agent left the group")?;
-        vm.conn()
-            .join(JoinRequest {
-                id: 0,
-                group: spec.name.clone(),
-                name: name.clone(),
-                handler: agent.handler.clone(),
-                outputs: spec.outputs_of(name),
-            })
-            .with_context(|| format!("agent `{name}` did not join the group"))?;
+        join(spec, router, name, vm)?;
     }
+    Ok(())
+}
+
+/// Labels agent `name`'s VM, attaches it to the router, then tells it to join.
+fn join(spec: &GroupSpec, router: &Router, name: &str, vm: &mut AgentVm) -> anyhow::Result<()> {
+    let _ = vm.set_label(&format!("{}/{name}", spec.name));
+    router
+        .attach(name, &vm.host_socket(PEER_PORT))
+        .with_context(|| format!("cannot listen for agent `{name}`"))?;
+    let agent = spec
+        .agents
+        .iter()
+        .find(|a| a.name == name)
+        .context("an agent left the group")?;
+    vm.conn()
+        .join(JoinRequest {
+            id: 0,
+            group: spec.name.clone(),
+            name: name.to_owned(),
+            handler: agent.handler.clone(),
+            outputs: spec.outputs_of(name),
+        })
+        .with_context(|| format!("agent `{name}` did not join the group"))?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// The group's input, given to its entry agent.
@@ -18,6 +18,7 @@ pub enum EventKind {
     /// The entry agent finished with the input.
     Handled,
     /// A message from one agent to another, written once the receiver finished with it.
+    #[default]
     Message,
     /// A message to `output`: part of the group's answer.
     Result,
@@ -29,7 +30,7 @@ pub enum EventKind {
     Restarted,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TraceEvent {
     /// Since the group's router started.
     pub t_ms: f64,
