@@ -3,6 +3,7 @@
 
 mod cgroup;
 mod common;
+mod daemon;
 mod group;
 mod infer;
 mod run;

@@ -233,7 +233,8 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
         console_log: &run_dir.join("console.log"),
         console: spec.console,
     })?;
-    let stream = match wait_for_connection(&control, &mut qemu.child, started + BOOT_TIMEOUT) {
+    let stream = match wait_for_connection(&control, &mut qemu.child, started + BOOT_TIMEOUT, None)
+    {
         Ok(stream) => stream,
         Err(ChildWait::Interrupted) => return Ok(interrupted_status()),
         Err(why) => bail!(

@@ -2,7 +2,7 @@
 //! inference, print the result, stop the VM.
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use agentos_protocol::bundle::BundleManifest;
@@ -94,7 +94,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         ),
         None => bundle.manifest.tasks[0],
     };
-    let inputs = read_inputs(infer)?;
+    let inputs = read_inputs(&infer.input, infer.input_file.as_deref())?;
 
     let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
         anyhow::anyhow!(
@@ -183,8 +183,9 @@ fn tasks_of(manifest: &BundleManifest) -> String {
         .join(", ")
 }
 
-fn read_inputs(args: &InferArgs) -> anyhow::Result<Vec<String>> {
-    let inputs = match &args.input_file {
+/// The texts given by `--input` (repeated) or `--input-file FILE|-`, none of them empty.
+pub fn read_inputs(input: &[String], input_file: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let inputs = match input_file {
         Some(path) if path.as_os_str() == "-" => {
             let mut text = String::new();
             io::stdin()
@@ -196,7 +197,7 @@ fn read_inputs(args: &InferArgs) -> anyhow::Result<Vec<String>> {
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?,
         ],
-        None => args.input.clone(),
+        None => input.to_vec(),
     };
     if inputs.is_empty() {
         bail!("give the text to run the model on with --input TEXT or --input-file FILE");
@@ -208,7 +209,7 @@ fn read_inputs(args: &InferArgs) -> anyhow::Result<Vec<String>> {
 }
 
 /// One block per input: labels with scores, entities with spans, or the text produced.
-fn print_reply(out: &mut dyn Write, reply: &InferReply) -> io::Result<()> {
+pub fn print_reply(out: &mut dyn Write, reply: &InferReply) -> io::Result<()> {
     let many = reply.results.len() > 1;
     for (i, result) in reply.results.iter().enumerate() {
         if many {

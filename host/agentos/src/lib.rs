@@ -9,6 +9,7 @@ pub mod bench;
 pub mod carrier;
 pub mod cgroup;
 pub mod control;
+pub mod daemon;
 pub mod doctor;
 pub mod group;
 pub mod image;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use agentos::{
-    bench, carrier, control, doctor, group, image_cmd, model_cmd, run, signals, vmm_cmd,
+    bench, carrier, control, daemon, doctor, group, image_cmd, model_cmd, run, signals, vmm_cmd,
 };
 use clap::{Parser, Subcommand};
 
@@ -28,6 +28,34 @@ enum Command {
         after_help = "Examples:\n  agentos run -- /bin/uname -a\n  agentos run --model sentiment --task classify --input \"I love this, it works perfectly\"\n  agentos run --model minilm --task summarize --input-file article.txt --json"
     )]
     Run(run::RunArgs),
+    /// Run the agent daemon: it keeps agents running and serves the commands below on a socket.
+    #[command(
+        after_help = "Stopping it (Ctrl-C, SIGTERM) stops every agent. On a host whose KVM cannot boot Linux, run it\nand its clients in a carrier: `agentos carrier --models -- sh -c 'agentos daemon & ...'`."
+    )]
+    Daemon(daemon::DaemonArgs),
+    /// Start a long-lived agent under the daemon.
+    #[command(
+        after_help = "Examples:\n  agentos spawn --name worker\n  agentos spawn --name sentiment --model sentiment --restart always"
+    )]
+    Spawn(daemon::cli::SpawnArgs),
+    /// List the daemon's agents and their states.
+    Ps(daemon::cli::PsArgs),
+    /// Run a program in a daemon's agent and exit with its status.
+    #[command(after_help = "Example:\n  agentos exec worker -- /bin/uname -a")]
+    Exec(daemon::cli::ExecArgs),
+    /// Run a daemon agent's model on texts.
+    #[command(
+        after_help = "Example:\n  agentos infer sentiment --task classify --input \"I love this\""
+    )]
+    Infer(daemon::cli::InferArgs),
+    /// Print a daemon agent's serial console and the daemon's notes about it.
+    Logs(daemon::cli::LogsArgs),
+    /// Stop a daemon agent's VM (it stays listed until `agentos rm`).
+    Stop(daemon::cli::StopArgs),
+    /// Remove a stopped agent from the daemon.
+    Rm(daemon::cli::RmArgs),
+    /// The daemon's figures (agents' CPU, memory, restarts; API requests) as Prometheus text.
+    Metrics(daemon::cli::MetricsArgs),
     /// Groups of agents that work together: run one on an input, check a group file.
     #[command(subcommand)]
     Group(group::GroupCommand),
@@ -82,6 +110,15 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args, started),
         Command::Top(args) => control::top(args),
         Command::Stats(args) => control::stats(args),
+        Command::Daemon(args) => daemon::run(args),
+        Command::Spawn(args) => daemon::cli::spawn(args),
+        Command::Ps(args) => daemon::cli::ps(args),
+        Command::Exec(args) => daemon::cli::exec(args),
+        Command::Infer(args) => daemon::cli::infer(args),
+        Command::Logs(args) => daemon::cli::logs(args),
+        Command::Stop(args) => daemon::cli::stop(args),
+        Command::Rm(args) => daemon::cli::rm(args),
+        Command::Metrics(args) => daemon::cli::metrics(args),
         Command::Pause(args) => control::pause(args),
         Command::Resume(args) => control::resume(args),
         Command::Carrier(args) => carrier::run_command(args),

@@ -197,6 +197,8 @@ impl VmArgs {
                 pin: self.pin,
             },
             wait_for_room: self.wait,
+            console_log: None,
+            abort: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Unix socket paths must fit in 108 bytes, so run directories live under a short base.
-fn runtime_base() -> PathBuf {
+pub fn runtime_base() -> PathBuf {
     if let Some(dir) = std::env::var_os("AGENTOS_RUN_DIR") {
         return PathBuf::from(dir);
     }
@@ -30,6 +30,30 @@ pub fn label_of(name: &str) -> Option<String> {
     let text = std::fs::read_to_string(runtime_base().join(name).join(LABEL_FILE)).ok()?;
     let label = text.trim();
     (!label.is_empty()).then(|| label.to_owned())
+}
+
+/// Removes the run directories of processes that are gone (a run or daemon that was killed);
+/// returns how many.
+pub fn remove_stale() -> usize {
+    let Ok(entries) = std::fs::read_dir(runtime_base()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = crate::cgroup::owner_pid(&name) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir())
+            || Path::new(&format!("/proc/{owner}")).exists()
+        {
+            continue;
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 pub struct RunDir {

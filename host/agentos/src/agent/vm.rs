@@ -9,6 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,11 @@ pub struct BootOptions {
     pub cpu: CpuSlice,
     /// When the slice does not fit beside the running agents: wait for room instead of failing.
     pub wait_for_room: bool,
+    /// Where the serial console is appended (default: `console.log` in the run directory, which
+    /// goes with the VM).
+    pub console_log: Option<PathBuf>,
+    /// Set from another thread to give up a boot under way.
+    pub abort: Option<Arc<AtomicBool>>,
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
@@ -86,6 +92,8 @@ impl BootOptions {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             cpu: CpuSlice::default(),
             wait_for_room: false,
+            console_log: None,
+            abort: None,
         }
     }
 
@@ -146,6 +154,26 @@ pub struct VmEnd {
     pub report: Option<VmmReport>,
 }
 
+impl VmEnd {
+    /// The VMM's account of the end, in a line.
+    pub fn describe(&self) -> String {
+        match &self.report {
+            None => "the VMM ended without a report".to_owned(),
+            Some(r) => match &r.error {
+                Some(error) => format!("{}: {error}", r.outcome),
+                None => r.outcome.clone(),
+            },
+        }
+    }
+
+    /// Whether the guest powered off by itself, which is no failure.
+    pub fn is_clean(&self) -> bool {
+        self.report
+            .as_ref()
+            .is_some_and(|r| r.outcome == "shutdown" && r.error.is_none())
+    }
+}
+
 pub struct AgentVm {
     child: Option<Child>,
     run_dir: RunDir,
@@ -163,6 +191,7 @@ struct Starting {
     control: UnixListener,
     cgroup: Option<Arc<AgentCgroup>>,
     boot_timeout: Duration,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 impl Starting {
@@ -182,6 +211,7 @@ impl Starting {
             control,
             cgroup,
             boot_timeout: opts.boot_timeout,
+            abort: opts.abort.clone(),
         })
     }
 
@@ -193,8 +223,10 @@ impl Starting {
             control,
             cgroup,
             boot_timeout,
+            abort,
         } = self;
-        let stream = match wait_for_connection(&control, &mut child, started + boot_timeout) {
+        let deadline = started + boot_timeout;
+        let stream = match wait_for_connection(&control, &mut child, deadline, abort.as_deref()) {
             Ok(stream) => stream,
             Err(why) => {
                 stop_vmm(&mut child);
@@ -437,7 +469,11 @@ fn spawn_vmm(
         .arg("--vsock-uds")
         .arg(run_dir.join("vsock.sock"))
         .arg("--console-log")
-        .arg(run_dir.join("console.log"))
+        .arg(
+            opts.console_log
+                .clone()
+                .unwrap_or_else(|| run_dir.join("console.log")),
+        )
         .arg("--report")
         .arg(run_dir.join("report.json"))
         .stdin(Stdio::null())
@@ -463,11 +499,12 @@ fn spawn_vmm(
 }
 
 /// Waits for a connection on `control` (non-blocking) from what `child` runs, while watching that
-/// the child is still alive and that we were not interrupted.
+/// the child is still alive and that we were not interrupted (nor told to `abort`).
 pub fn wait_for_connection(
     control: &UnixListener,
     child: &mut Child,
     deadline: Instant,
+    abort: Option<&AtomicBool>,
 ) -> Result<std::os::unix::net::UnixStream, ChildWait> {
     loop {
         match control.accept() {
@@ -481,7 +518,7 @@ pub fn wait_for_connection(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(ChildWait::Exited(status.code()));
         }
-        if signals::interrupted() {
+        if signals::interrupted() || abort.is_some_and(|a| a.load(Ordering::SeqCst)) {
             return Err(ChildWait::Interrupted);
         }
         if Instant::now() >= deadline {

@@ -328,7 +328,7 @@ fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::
         guard.0.stdout.take().context("no console pipe")?,
         BOOT_MARKER,
     );
-    let stream = match wait_for_connection(&control, guard.0, start + LINUX_TIMEOUT) {
+    let stream = match wait_for_connection(&control, guard.0, start + LINUX_TIMEOUT, None) {
         Ok(stream) => stream,
         Err(why) => bail!("the guest agent did not dial the host: {}", describe(&why)),
     };

@@ -13,7 +13,9 @@ const V1_SHARES_PER_WEIGHT: u64 = 1024;
 const DEFAULT_WEIGHT: u64 = 100;
 
 /// How urgently an agent needs the CPU when agents compete for it; a class is a CPU weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PriorityClass {
     /// Answers people: weight 10000, so that against batch agents (100) it gets 99 % of a CPU it

@@ -431,14 +431,7 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     let Some(vm) = member.vm.take() else {
         return false;
     };
-    let end = vm.shutdown();
-    let why = end.report.map_or_else(
-        || "the VMM ended without a report".to_owned(),
-        |r| match r.error {
-            Some(error) => format!("{}: {error}", r.outcome),
-            None => r.outcome,
-        },
-    );
+    let why = vm.shutdown().describe();
     tracing::warn!(agent = member.name, "the agent's VM ended: {why}");
     router.note(&member.name, EventKind::Crashed, why);
     let policy = spec

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 /// Lines kept for crash reports, and the longest line kept whole.
 const TAIL_LINES: usize = 64;
 const MAX_LINE_BYTES: usize = 512;
+/// What one VM may write to its console log; the rest is dropped (the guest controls how much
+/// it prints, the host's disk is not its to fill).
+const MAX_LOG_BYTES: u64 = 16 << 20;
 
 #[derive(Default)]
 struct ConsoleState {
@@ -18,13 +21,24 @@ struct ConsoleState {
     line: Vec<u8>,
     tail: VecDeque<String>,
     seen_output: bool,
+    /// Bytes written to the log so far.
+    logged: u64,
 }
 
 impl ConsoleState {
     fn end_line(&mut self) {
         if let Some(log) = self.log.as_mut() {
-            // The console log is best effort: a full disk must not stop the guest.
-            let _ = log.write_all(&self.line);
+            let len = self.line.len() as u64;
+            if self.logged + len <= MAX_LOG_BYTES {
+                // The console log is best effort: a full disk must not stop the guest.
+                let _ = log.write_all(&self.line);
+                self.logged += len;
+            } else if self.logged < MAX_LOG_BYTES {
+                let _ = log
+                    .write_all(b"\n[console log full: the rest of this VM's output is not kept]\n");
+                self.logged = MAX_LOG_BYTES;
+                tracing::warn!("console log full; dropping further guest output");
+            }
         }
         if self.to_stdout {
             let mut out = io::stdout().lock();
@@ -127,6 +141,21 @@ mod tests {
     }
 
     #[test]
+    fn the_log_stops_at_its_bound() {
+        let mut log = tempfile_in_target();
+        let mut console = Console::new(Some(log.try_clone().unwrap()), false);
+        let line = [b'x'; MAX_LINE_BYTES];
+        for _ in 0..(MAX_LOG_BYTES as usize / MAX_LINE_BYTES + 10) {
+            console.write_all(&line).unwrap();
+        }
+        use std::io::Seek;
+        let len = log.seek(io::SeekFrom::End(0)).unwrap();
+        assert!(len <= MAX_LOG_BYTES + 100, "{len}");
+        assert!(len >= MAX_LOG_BYTES - MAX_LINE_BYTES as u64);
+        assert_eq!(console.tail().len(), TAIL_LINES);
+    }
+
+    #[test]
     fn splits_endless_lines() {
         let mut console = Console::new(None, false);
         console.write_all(&[b'x'; 5000]).unwrap();
@@ -134,7 +163,9 @@ mod tests {
     }
 
     fn tempfile_in_target() -> File {
-        let path = std::env::temp_dir().join(format!("agentos-console-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("agentos-console-{}-{n}", std::process::id()));
         let file = File::options()
             .read(true)
             .write(true)

@@ -1,0 +1,620 @@
+//! One agent of the daemon: a thread that owns its VM. It boots the VM (a VMM ends with the
+//! thread that started it, so this thread lives as long as the agent), serves the requests for
+//! it one at a time, watches it (the VMM ending, the guest agent not answering a ping) and boots
+//! it again as its restart policy says.
+
+use std::fs::File;
+use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use agentos_protocol::{ExecRequest, InferReply, InferRequest};
+use tokio::sync::oneshot;
+
+use super::api::{
+    AgentInfo, AgentState, ApiError, ErrorKind, ExecCall, ExecReply, LogsReply,
+    MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, RestartPolicy,
+};
+use crate::agent::connection::{ConnectionError, ExecIo, Keepalive};
+use crate::agent::vm::{AgentVm, BootOptions, VmError};
+use crate::cgroup::{AgentCgroup, CgroupStats};
+
+/// How often an idle agent's thread looks at its VM.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+/// How often a running agent is pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Requests waiting for one agent; more are refused.
+const JOB_QUEUE: usize = 32;
+/// The first pause before a restart; it doubles with each failure in a row, up to the cap.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+/// A VM that ran this long before it ended starts the back-off afresh.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// A log longer than this is emptied before the next boot (the VMM bounds what one VM writes).
+const MAX_LOG_BYTES: u64 = 32 << 20;
+/// How long past its own timeout the host waits for a program's end.
+const EXEC_GRACE: Duration = Duration::from_secs(10);
+
+/// What the daemon decided about an agent when it was spawned.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub model: Option<String>,
+    pub restart: RestartPolicy,
+    pub opts: BootOptions,
+    /// The serial console of each of its VMs, and the daemon's notes between them.
+    pub log: PathBuf,
+    /// A guest agent that does not answer a ping within this is hung.
+    pub hang_timeout: Duration,
+}
+
+/// A request for the agent's thread, with where its answer goes.
+pub enum Job {
+    Exec(ExecCall, oneshot::Sender<Result<ExecReply, ApiError>>),
+    Infer(InferRequest, oneshot::Sender<Result<InferReply, ApiError>>),
+}
+
+#[derive(Debug)]
+struct Status {
+    state: AgentState,
+    since: Instant,
+    restarts: u32,
+    vmm_pid: Option<u32>,
+    boot_ms: Option<u64>,
+    last_error: Option<String>,
+    /// Whether the admission control refused the agent's slice (it never booted).
+    refused: bool,
+    cgroup: Option<Arc<AgentCgroup>>,
+}
+
+/// The daemon's handle on an agent.
+pub struct Agent {
+    config: Arc<AgentConfig>,
+    status: Arc<Mutex<Status>>,
+    jobs: SyncSender<Job>,
+    stop: Arc<AtomicBool>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Where the agent's thread keeps what the daemon shows of it.
+#[derive(Clone)]
+struct Shared {
+    config: Arc<AgentConfig>,
+    status: Arc<Mutex<Status>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Agent {
+    /// Starts the agent's thread, which boots its first VM.
+    pub fn spawn(mut config: AgentConfig) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        config.opts.abort = Some(stop.clone());
+        let config = Arc::new(config);
+        let status = Arc::new(Mutex::new(Status {
+            state: AgentState::Booting,
+            since: Instant::now(),
+            restarts: 0,
+            vmm_pid: None,
+            boot_ms: None,
+            last_error: None,
+            refused: false,
+            cgroup: None,
+        }));
+        let (jobs, queue) = mpsc::sync_channel(JOB_QUEUE);
+        let shared = Shared {
+            config: config.clone(),
+            status: status.clone(),
+            stop: stop.clone(),
+        };
+        let thread = thread::Builder::new()
+            .name(format!("agent-{}", config.name))
+            .spawn(move || live(&shared, &queue))?;
+        Ok(Self {
+            config,
+            status,
+            jobs,
+            stop,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn state(&self) -> AgentState {
+        lock(&self.status).state
+    }
+
+    /// Whether admission control refused it (nothing of it ever ran).
+    pub fn was_refused(&self) -> bool {
+        lock(&self.status).refused
+    }
+
+    pub fn info(&self) -> AgentInfo {
+        let status = lock(&self.status);
+        AgentInfo {
+            name: self.config.name.clone(),
+            state: status.state,
+            model: self.config.model.clone(),
+            vcpus: self.config.opts.vcpus,
+            memory_mib: self.config.opts.memory_mib,
+            restart: self.config.restart,
+            restarts: status.restarts,
+            vmm_pid: status.vmm_pid,
+            boot_ms: status.boot_ms,
+            for_s: status.since.elapsed().as_secs(),
+            last_error: status.last_error.clone(),
+        }
+    }
+
+    /// CPU and memory figures of its running VM.
+    pub fn stats(&self) -> Option<CgroupStats> {
+        let cgroup = lock(&self.status).cgroup.clone()?;
+        Some(cgroup.stats())
+    }
+
+    /// Hands a request to the agent's thread.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let state = self.state();
+        if state != AgentState::Running {
+            return Err(not_running(&self.config.name, state));
+        }
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ApiError::new(
+                ErrorKind::Failed,
+                format!(
+                    "agent `{}` has {JOB_QUEUE} requests waiting already; try again later",
+                    self.config.name
+                ),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(not_running(&self.config.name, state)),
+        }
+    }
+
+    /// Tells the agent's thread to stop its VM and end; `join` waits for it.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// What waits until the agent's thread has ended (its VM stopped, its run directory and
+    /// cgroup removed). Blocking: the daemon runs it off its event loop.
+    pub fn waiter(&self) -> impl FnOnce() + Send + use<> {
+        let thread = self.thread.clone();
+        let name = self.config.name.clone();
+        move || {
+            let taken = thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(thread) = taken
+                && thread.join().is_err()
+            {
+                tracing::error!(agent = name, "the agent's thread failed");
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.request_stop();
+        self.waiter()();
+    }
+}
+
+pub fn not_running(name: &str, state: AgentState) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotRunning,
+        format!(
+            "agent `{name}` is {} now; see `agentos ps` and `agentos logs {name}`",
+            state.as_str()
+        ),
+    )
+}
+
+fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
+    status.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn set_state(&self, state: AgentState, error: Option<String>) {
+        let mut status = lock(&self.status);
+        status.state = state;
+        status.since = Instant::now();
+        if error.is_some() {
+            status.last_error = error;
+        }
+        if !matches!(state, AgentState::Running) {
+            status.vmm_pid = None;
+            status.cgroup = None;
+        }
+    }
+
+    /// Told to stop, or the daemon was (its VMMs are being killed: no restarts then).
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || crate::signals::interrupted()
+    }
+
+    /// Appends a line of the daemon's own to the agent's log.
+    fn note(&self, text: &str) {
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let line = format!("[agentos {stamp}] {text}\n");
+        if let Err(e) = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.config.log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+        {
+            tracing::warn!(agent = self.config.name, error = %e, "cannot write the agent's log");
+        }
+    }
+}
+
+/// How one VM of the agent ended.
+enum Ending {
+    /// Asked to stop.
+    Stopped,
+    /// The VM ended or hung: why, and whether that was a failure.
+    Ended { why: String, failure: bool },
+}
+
+/// The agent's whole life: boot, serve, and boot again while its policy says so.
+fn live(shared: &Shared, jobs: &Receiver<Job>) {
+    let config = &shared.config;
+    let mut failures_in_row: u32 = 0;
+    loop {
+        trim_log(&config.log);
+        shared.set_state(AgentState::Booting, None);
+        shared.note("booting");
+        let booted_at = Instant::now();
+        let ending = match AgentVm::boot(&config.opts) {
+            Ok(vm) => {
+                let boot = vm.boot_time();
+                {
+                    let mut status = lock(&shared.status);
+                    status.vmm_pid = vm.vmm_pid();
+                    status.boot_ms = Some(boot.as_millis() as u64);
+                    status.cgroup = vm.cgroup();
+                }
+                shared.set_state(AgentState::Running, None);
+                shared.note(&format!("up, booted in {:.1} s", boot.as_secs_f64()));
+                tracing::info!(agent = config.name, boot_ms = boot.as_millis(), "agent up");
+                serve(shared, jobs, vm)
+            }
+            Err(VmError::Interrupted) if shared.stopping() => Ending::Stopped,
+            Err(VmError::Refused(refusal)) => {
+                lock(&shared.status).refused = true;
+                let why = format!("no room on this host: {refusal}");
+                shared.note(&why);
+                shared.set_state(AgentState::Failed, Some(why));
+                return;
+            }
+            Err(e) => Ending::Ended {
+                why: format!("did not boot: {}", chain(&e)),
+                failure: true,
+            },
+        };
+        let (why, failure) = match ending {
+            Ending::Stopped => {
+                shared.note("stopped");
+                shared.set_state(AgentState::Stopped, None);
+                return;
+            }
+            Ending::Ended { why, failure } => (why, failure),
+        };
+        tracing::warn!(agent = config.name, "the agent's VM ended: {why}");
+        shared.note(&format!("ended: {why}"));
+        let restart = match config.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => failure,
+            RestartPolicy::Always => true,
+        };
+        if !restart || shared.stopping() {
+            let state = if shared.stopping() {
+                AgentState::Stopped
+            } else if failure {
+                AgentState::Failed
+            } else {
+                AgentState::Exited
+            };
+            shared.set_state(state, Some(why));
+            return;
+        }
+        if booted_at.elapsed() >= STABLE_RUN {
+            failures_in_row = 0;
+        }
+        let pause = (RESTART_BACKOFF * 2u32.saturating_pow(failures_in_row.min(8)))
+            .min(MAX_RESTART_BACKOFF);
+        failures_in_row = failures_in_row.saturating_add(1);
+        shared.set_state(AgentState::Restarting, Some(why));
+        shared.note(&format!("restarting in {} s", pause.as_secs()));
+        if !pause_unless_stopped(shared, jobs, pause) {
+            shared.note("stopped");
+            shared.set_state(AgentState::Stopped, None);
+            return;
+        }
+        lock(&shared.status).restarts += 1;
+    }
+}
+
+/// Sleeps `pause`, refusing the requests that arrive meanwhile; false if told to stop.
+fn pause_unless_stopped(shared: &Shared, jobs: &Receiver<Job>, pause: Duration) -> bool {
+    let until = Instant::now() + pause;
+    while Instant::now() < until {
+        if shared.stopping() {
+            return false;
+        }
+        if let Ok(job) = jobs.recv_timeout(WATCH_TICK) {
+            refuse(
+                job,
+                not_running(&shared.config.name, AgentState::Restarting),
+            );
+        }
+    }
+    !shared.stopping()
+}
+
+fn refuse(job: Job, error: ApiError) {
+    match job {
+        Job::Exec(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+        Job::Infer(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+    }
+}
+
+/// Serves requests and watches the VM until it ends, hangs or the agent is stopped.
+fn serve(shared: &Shared, jobs: &Receiver<Job>, mut vm: AgentVm) -> Ending {
+    let hang = shared.config.hang_timeout;
+    let mut last_ping = Instant::now();
+    loop {
+        match jobs.recv_timeout(WATCH_TICK) {
+            Ok(job) => {
+                vm.conn().set_keepalive(Some(Keepalive {
+                    interval: PING_INTERVAL,
+                    limit: hang,
+                }));
+                let stalled = run_job(shared, &mut vm, job);
+                vm.conn().set_keepalive(None);
+                vm.conn().set_deadline(None);
+                last_ping = Instant::now();
+                if let Some(quiet) = stalled {
+                    return hung(vm, quiet);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => shared.stop.store(true, Ordering::SeqCst),
+        }
+        if shared.stopping() {
+            vm.shutdown();
+            return Ending::Stopped;
+        }
+        if vm.ended() {
+            let end = vm.shutdown();
+            return Ending::Ended {
+                why: end.describe(),
+                failure: !end.is_clean(),
+            };
+        }
+        // A paused agent cannot answer; that is no hang.
+        let frozen = vm.cgroup().is_some_and(|c| c.is_frozen());
+        if !frozen && last_ping.elapsed() >= PING_INTERVAL {
+            vm.conn().set_deadline(Some(Instant::now() + hang));
+            let pinged = vm.conn().ping();
+            vm.conn().set_deadline(None);
+            last_ping = Instant::now();
+            match pinged {
+                Ok(_) => {}
+                Err(ConnectionError::TimedOut) => return hung(vm, hang),
+                Err(e) => {
+                    // The link broke: the VM is ending; the next turn reads how.
+                    tracing::info!(agent = shared.config.name, error = %e, "ping failed");
+                    if !vm.ended() {
+                        drop(vm);
+                        return Ending::Ended {
+                            why: format!("the guest agent's connection failed: {e}"),
+                            failure: true,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Kills a VM whose guest agent stopped answering.
+fn hung(vm: AgentVm, quiet: Duration) -> Ending {
+    drop(vm);
+    Ending::Ended {
+        why: format!(
+            "hung: the guest agent did not answer a ping for {} s; its VM was killed",
+            quiet.as_secs()
+        ),
+        failure: true,
+    }
+}
+
+/// Runs one request; returns how long the agent was quiet when it stopped answering.
+fn run_job(shared: &Shared, vm: &mut AgentVm, job: Job) -> Option<Duration> {
+    match job {
+        Job::Exec(call, reply) => {
+            let result = exec(vm, call);
+            let stalled = stalled_for(&result);
+            let _ = reply.send(result.map_err(|e| job_error(&shared.config.name, e)));
+            stalled
+        }
+        Job::Infer(request, reply) => {
+            let result = vm.conn().infer(request);
+            let stalled = stalled_for(&result);
+            let _ = reply.send(result.map_err(|e| job_error(&shared.config.name, e)));
+            stalled
+        }
+    }
+}
+
+fn stalled_for<T>(result: &Result<T, ConnectionError>) -> Option<Duration> {
+    match result {
+        Err(ConnectionError::Stalled(quiet)) => Some(*quiet),
+        _ => None,
+    }
+}
+
+fn job_error(name: &str, e: ConnectionError) -> ApiError {
+    match e {
+        ConnectionError::Refused(why) => ApiError::new(ErrorKind::Failed, why),
+        ConnectionError::TimedOut => ApiError::new(
+            ErrorKind::Failed,
+            format!("agent `{name}` did not finish the request in time"),
+        ),
+        other => ApiError::new(
+            ErrorKind::Failed,
+            format!("agent `{name}` failed the request: {}", chain(&other)),
+        ),
+    }
+}
+
+fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> {
+    let started = Instant::now();
+    let request = ExecRequest {
+        id: 0,
+        program: call.program,
+        args: call.args,
+        env: call.env,
+        cwd: call.cwd,
+        timeout_ms: call.timeout_s.map(|s| s.saturating_mul(1000)),
+        stdin: false,
+    };
+    if let Some(secs) = call.timeout_s {
+        vm.conn()
+            .set_deadline(Some(started + Duration::from_secs(secs) + EXEC_GRACE));
+    }
+    let mut stdout = Capped::default();
+    let mut stderr = Capped::default();
+    let stdin = call
+        .stdin
+        .map(|text| Box::new(Cursor::new(text.into_bytes())) as Box<dyn Read + Send>);
+    let status = vm.conn().exec(
+        request,
+        ExecIo {
+            stdin,
+            stdout: &mut stdout,
+            stderr: &mut stderr,
+        },
+    )?;
+    Ok(ExecReply {
+        code: status.code,
+        signal: status.signal,
+        timed_out: status.timed_out,
+        truncated: stdout.cut || stderr.cut,
+        stdout: String::from_utf8_lossy(&stdout.bytes).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
+        ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Output kept up to [`MAX_EXEC_OUTPUT_BYTES`]; the rest is counted as cut.
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    cut: bool,
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = MAX_EXEC_OUTPUT_BYTES.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
+        self.cut |= buf.len() > room;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An error with its causes, in a line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Empties a log that grew past [`MAX_LOG_BYTES`] (readers then start again from 0).
+fn trim_log(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+        let _ = File::create(path);
+    }
+}
+
+/// Up to [`MAX_LOG_CHUNK_BYTES`] of the log at `path`, from `offset` (from the start when the
+/// log is shorter than that: it was emptied).
+pub fn read_log(path: &Path, offset: u64) -> io::Result<LogsReply> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(LogsReply {
+                text: String::new(),
+                next_offset: 0,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = if offset > len { 0 } else { offset };
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_LOG_CHUNK_BYTES).read_to_end(&mut bytes)?;
+    Ok(LogsReply {
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+        next_offset: start + bytes.len() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_capped_and_says_so() {
+        let mut out = Capped::default();
+        out.write_all(&vec![b'x'; MAX_EXEC_OUTPUT_BYTES - 1])
+            .unwrap();
+        assert!(!out.cut);
+        out.write_all(b"yz").unwrap();
+        assert!(out.cut);
+        assert_eq!(out.bytes.len(), MAX_EXEC_OUTPUT_BYTES);
+    }
+
+    #[test]
+    fn logs_read_in_chunks_and_start_over_when_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        assert_eq!(read_log(&path, 0).unwrap().next_offset, 0);
+        std::fs::write(&path, "hello\nworld\n").unwrap();
+        let first = read_log(&path, 0).unwrap();
+        assert_eq!(
+            (first.text.as_str(), first.next_offset),
+            ("hello\nworld\n", 12)
+        );
+        assert_eq!(read_log(&path, 6).unwrap().text, "world\n");
+        assert_eq!(read_log(&path, 12).unwrap().text, "");
+        std::fs::write(&path, "new\n").unwrap();
+        assert_eq!(read_log(&path, 12).unwrap().text, "new\n");
+    }
+}

@@ -1,0 +1,375 @@
+//! The daemon's API: what a client may ask and what it gets back. Each request and each reply is
+//! one frame, a 4-byte big-endian length and a JSON object, on the daemon's Unix socket; a
+//! connection carries any number of requests, one after the other. `docs/api.md` describes them.
+
+use std::collections::BTreeMap;
+
+use agentos_protocol::{InferOptions, Task};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::slice::PriorityClass;
+
+/// The largest request frame the daemon reads. A longer one gets a `too_large` error and the
+/// connection is closed (its body is never read).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// What `exec` keeps of each output stream; more is cut and the reply says so.
+pub const MAX_EXEC_OUTPUT_BYTES: usize = 256 * 1024;
+/// The most `logs` returns at once; a client reads on from `next_offset`.
+pub const MAX_LOG_CHUNK_BYTES: u64 = 256 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The daemon's version and process id.
+    Version,
+    /// Boot a new agent.
+    Spawn(SpawnRequest),
+    /// Every agent and its state.
+    Ps,
+    /// Run a program in an agent and wait for its end.
+    Exec(ExecCall),
+    /// Run the agent's model on texts.
+    Infer(InferCall),
+    /// An agent's serial console and the daemon's notes about it, from a byte offset.
+    Logs(LogsRequest),
+    /// Shut an agent's VM down; the agent stays listed until `rm`.
+    Stop(NameRequest),
+    /// Forget an agent; a running one is stopped first only with `force`.
+    Rm(RmRequest),
+    /// The agents' CPU and memory figures as Prometheus text.
+    Metrics,
+}
+
+impl Request {
+    /// The name of the operation, for logs and counters.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Version => "version",
+            Self::Spawn(_) => "spawn",
+            Self::Ps => "ps",
+            Self::Exec(_) => "exec",
+            Self::Infer(_) => "infer",
+            Self::Logs(_) => "logs",
+            Self::Stop(_) => "stop",
+            Self::Rm(_) => "rm",
+            Self::Metrics => "metrics",
+        }
+    }
+}
+
+/// When the daemon boots an agent again after its VM ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it ended.
+    Never,
+    /// After a crash or a hang, not after the guest powered off by itself.
+    #[default]
+    OnFailure,
+    /// Whenever it ends, until `stop`.
+    Always,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub name: String,
+    /// An installed model bundle the agent carries (`agentos model ls`).
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub cpuset: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub class: Option<PriorityClass>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds the guest agent has to come up (default 300).
+    #[serde(default)]
+    pub boot_timeout_s: Option<u64>,
+    /// Reply once the agent is up (or failed), instead of at once.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecCall {
+    pub name: String,
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input of the program (none: empty).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// The agent kills the program after this many seconds.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferCall {
+    pub name: String,
+    /// Default: the agent's model.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub task: Task,
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub options: InferOptions,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsRequest {
+    pub name: String,
+    #[serde(default)]
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameRequest {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RmRequest {
+    pub name: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Every reply: `{"ok": ...}` or `{"error": {"kind": ..., "message": ...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(serde_json::Value),
+    Error(ApiError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame is not JSON, or not a request this daemon knows.
+    BadRequest,
+    /// The frame is longer than [`MAX_REQUEST_BYTES`].
+    TooLarge,
+    /// No agent has that name.
+    UnknownAgent,
+    /// An agent already has that name.
+    DuplicateName,
+    /// A name, model, size or slice that cannot be used.
+    Invalid,
+    /// The agent is not running now (booting, restarting, ended).
+    NotRunning,
+    /// The host has no room for the agent's slice.
+    NoRoom,
+    /// The VM or its guest agent failed the request.
+    Failed,
+    /// The daemon is stopping.
+    ShuttingDown,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 9] = [
+        Self::BadRequest,
+        Self::TooLarge,
+        Self::UnknownAgent,
+        Self::DuplicateName,
+        Self::Invalid,
+        Self::NotRunning,
+        Self::NoRoom,
+        Self::Failed,
+        Self::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::TooLarge => "too_large",
+            Self::UnknownAgent => "unknown_agent",
+            Self::DuplicateName => "duplicate_name",
+            Self::Invalid => "invalid",
+            Self::NotRunning => "not_running",
+            Self::NoRoom => "no_room",
+            Self::Failed => "failed",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where an agent is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Booting,
+    Running,
+    /// Its VM ended; it is booted again after a pause.
+    Restarting,
+    /// Its VM ended and the restart policy leaves it so.
+    Exited,
+    /// It did not boot, or crashed or hung and is not restarted.
+    Failed,
+    /// Stopped by `stop`.
+    Stopped,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Booting => "booting",
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Whether the agent has a VM, or is about to have one.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Booting | Self::Running | Self::Restarting)
+    }
+}
+
+/// One agent, as `spawn`, `ps` and `stop` describe it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub name: String,
+    pub state: AgentState,
+    #[serde(default)]
+    pub model: Option<String>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub restart: RestartPolicy,
+    /// Times its VM was booted again.
+    pub restarts: u32,
+    #[serde(default)]
+    pub vmm_pid: Option<u32>,
+    /// Boot time of its current VM.
+    #[serde(default)]
+    pub boot_ms: Option<u64>,
+    /// Seconds in its current state.
+    pub for_s: u64,
+    /// Why it last ended or failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PsReply {
+    pub agents: Vec<AgentInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecReply {
+    #[serde(default)]
+    pub code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// The program's output, as UTF-8 (invalid bytes replaced), cut at
+    /// [`MAX_EXEC_OUTPUT_BYTES`].
+    pub stdout: String,
+    pub stderr: String,
+    /// Whether either stream was cut.
+    pub truncated: bool,
+    pub ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsReply {
+    pub text: String,
+    /// Where the next read starts; equal to the log's length when everything was read.
+    pub next_offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionReply {
+    pub version: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReply {
+    pub text: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_as_documented() {
+        let spawn: Request = serde_json::from_str(
+            r#"{"op":"spawn","name":"a","memory_mib":256,"restart":"always"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            spawn,
+            Request::Spawn(SpawnRequest {
+                name: "a".into(),
+                memory_mib: Some(256),
+                restart: RestartPolicy::Always,
+                ..SpawnRequest::default()
+            })
+        );
+        let ps: Request = serde_json::from_str(r#"{"op":"ps"}"#).unwrap();
+        assert_eq!(ps, Request::Ps);
+        for bad in [
+            r#"{"op":"spawn","name":"a","memroy_mib":1}"#,
+            r#"{"op":"launch"}"#,
+            r#"{"name":"a"}"#,
+            r#"{"op":"exec","name":"a"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_carry_ok_or_error() {
+        let error = Reply::Error(ApiError::new(ErrorKind::UnknownAgent, "no agent named `x`"));
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"error":{"kind":"unknown_agent","message":"no agent named `x`"}}"#
+        );
+        let ok = Reply::Ok(serde_json::json!({"pid": 1}));
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"ok":{"pid":1}}"#);
+        for kind in ErrorKind::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::String(kind.as_str().into())
+            );
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The commands that talk to a running daemon: spawn, ps, exec, infer, logs, stop, rm, metrics.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentos_protocol::{InferOptions, InferReply, Task};
+use anyhow::Context;
+
+use super::SocketArg;
+use super::api::{
+    AgentInfo, ExecCall, ExecReply, InferCall, LogsReply, LogsRequest, MetricsReply, NameRequest,
+    PsReply, Request, RestartPolicy, RmRequest, SpawnRequest,
+};
+use super::client::Client;
+use crate::cgroup::slice::PriorityClass;
+use crate::signals;
+
+/// The most standard input `exec --stdin` sends.
+const MAX_STDIN_BYTES: u64 = 512 * 1024;
+/// How often `logs --follow` asks for more.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(clap::Args, Debug)]
+pub struct SpawnArgs {
+    /// The agent's name: 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[arg(long)]
+    pub name: String,
+    /// An installed model bundle the agent carries (`agentos model ls`).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub vcpus: Option<u8>,
+    /// Guest memory in MiB (default 256; 512 with --model).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// CPU time the agent may use, in CPUs.
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<f64>,
+    /// The host CPUs the agent may run on, e.g. `1` or `0-1`.
+    #[arg(long, value_name = "LIST")]
+    pub cpuset: Option<String>,
+    /// CPU weight against other agents, 1..=10000.
+    #[arg(long, conflicts_with = "class")]
+    pub weight: Option<u32>,
+    /// Priority class: interactive (10000), batch (100), idle (1).
+    #[arg(long, value_enum)]
+    pub class: Option<PriorityClass>,
+    /// When its VM ends: never boot it again, on-failure (crash or hang), or always.
+    #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
+    pub restart: RestartPolicy,
+    /// Seconds the guest agent has to come up.
+    #[arg(long, value_name = "SECS")]
+    pub boot_timeout: Option<u64>,
+    /// Return at once instead of waiting until the agent is up.
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the agent as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PsArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// The agent.
+    pub name: String,
+    /// Send this command's standard input to the program (up to 512 KiB).
+    #[arg(long)]
+    pub stdin: bool,
+    /// Kill the program after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Environment variable for the program, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = crate::run::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the program in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Print the result (exit code, output, time) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InferArgs {
+    /// The agent (spawned with --model).
+    pub name: String,
+    /// embed, classify, token-classify, summarize or translate.
+    #[arg(long)]
+    pub task: Task,
+    /// Text to run the model on (repeat for a batch).
+    #[arg(long, value_name = "TEXT")]
+    pub input: Vec<String>,
+    /// File whose whole text is one input (`-`: standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "input")]
+    pub input_file: Option<PathBuf>,
+    /// summarize: how many sentences to keep.
+    #[arg(long)]
+    pub sentences: Option<u32>,
+    /// classify: how many labels to print, best first.
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    /// The agent.
+    pub name: String,
+    /// Keep printing what the agent writes, until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StopArgs {
+    /// The agent.
+    pub name: String,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    /// The agent.
+    pub name: String,
+    /// Stop it first if it runs.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MetricsArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+fn client(socket: &SocketArg) -> anyhow::Result<Client> {
+    Ok(Client::connect(&socket.path())?)
+}
+
+pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
+    let request = Request::Spawn(SpawnRequest {
+        name: args.name.clone(),
+        model: args.model.clone(),
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        cpuset: args.cpuset.clone(),
+        weight: args.weight,
+        class: args.class,
+        restart: args.restart,
+        boot_timeout_s: args.boot_timeout,
+        wait: !args.detach,
+    });
+    let info: AgentInfo = client(&args.socket)?.call(&request)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else if let Some(ms) = info.boot_ms {
+        println!(
+            "{}: {} (booted in {:.1} s)",
+            info.name,
+            info.state.as_str(),
+            ms as f64 / 1e3
+        );
+    } else {
+        println!("{}: {}", info.name, info.state.as_str());
+    }
+    Ok(0)
+}
+
+pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
+    let reply: PsReply = client(&args.socket)?.call(&Request::Ps)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply)?);
+        return Ok(0);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{:<20} {:<11} {:>8} {:>5} {:>7} {:>8} {:>8}  {:<12} WHY",
+        "NAME", "STATE", "FOR", "VCPU", "MEM", "RESTARTS", "PID", "MODEL"
+    )?;
+    for a in &reply.agents {
+        writeln!(
+            out,
+            "{:<20} {:<11} {:>7}s {:>5} {:>6}M {:>8} {:>8}  {:<12} {}",
+            a.name,
+            a.state.as_str(),
+            a.for_s,
+            a.vcpus,
+            a.memory_mib,
+            a.restarts,
+            a.vmm_pid.map_or("-".to_owned(), |p| p.to_string()),
+            a.model.as_deref().unwrap_or("-"),
+            a.last_error.as_deref().unwrap_or(""),
+        )?;
+    }
+    Ok(0)
+}
+
+pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
+    let (program, rest) = args
+        .command
+        .split_first()
+        .context("give the program to run after `--`")?;
+    let stdin = if args.stdin {
+        let mut bytes = Vec::new();
+        io::stdin()
+            .take(MAX_STDIN_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+        if bytes.len() as u64 > MAX_STDIN_BYTES {
+            anyhow::bail!(
+                "standard input is longer than {MAX_STDIN_BYTES} bytes; copy large inputs in another way"
+            );
+        }
+        Some(String::from_utf8(bytes).context("standard input is not UTF-8 text")?)
+    } else {
+        None
+    };
+    let request = Request::Exec(ExecCall {
+        name: args.name.clone(),
+        program: program.clone(),
+        args: rest.to_vec(),
+        env: args.env.iter().cloned().collect(),
+        cwd: args.cwd.clone(),
+        stdin,
+        timeout_s: args.timeout,
+    });
+    let reply: ExecReply = client(&args.socket)?.call(&request)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    } else {
+        io::stdout().write_all(reply.stdout.as_bytes())?;
+        io::stderr().write_all(reply.stderr.as_bytes())?;
+        if reply.truncated {
+            eprintln!("agentos: the output was cut at 256 KiB per stream");
+        }
+        if reply.timed_out {
+            eprintln!("agentos: the program ran past its timeout and was killed");
+        }
+    }
+    Ok(match (reply.code, reply.signal) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    })
+}
+
+pub fn infer(args: &InferArgs) -> anyhow::Result<i32> {
+    let inputs = crate::infer_run::read_inputs(&args.input, args.input_file.as_deref())?;
+    let request = Request::Infer(InferCall {
+        name: args.name.clone(),
+        model: None,
+        task: args.task,
+        inputs,
+        options: InferOptions {
+            sentences: args.sentences,
+            top_k: args.top_k,
+        },
+    });
+    let reply: InferReply = client(&args.socket)?.call(&request)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    } else {
+        crate::infer_run::print_reply(&mut io::stdout().lock(), &reply)?;
+    }
+    Ok(0)
+}
+
+pub fn logs(args: &LogsArgs) -> anyhow::Result<i32> {
+    let mut client = client(&args.socket)?;
+    let mut offset = 0;
+    let mut out = io::stdout().lock();
+    loop {
+        let chunk: LogsReply = client.call(&Request::Logs(LogsRequest {
+            name: args.name.clone(),
+            offset,
+        }))?;
+        out.write_all(chunk.text.as_bytes())?;
+        out.flush()?;
+        let more = chunk.next_offset > offset && !chunk.text.is_empty();
+        offset = chunk.next_offset;
+        if more {
+            continue;
+        }
+        if !args.follow {
+            return Ok(0);
+        }
+        if signals::interrupted() {
+            return Ok(signals::exit_code());
+        }
+        std::thread::sleep(FOLLOW_INTERVAL);
+    }
+}
+
+pub fn stop(args: &StopArgs) -> anyhow::Result<i32> {
+    let info: AgentInfo = client(&args.socket)?.call(&Request::Stop(NameRequest {
+        name: args.name.clone(),
+    }))?;
+    println!("{}: {}", info.name, info.state.as_str());
+    Ok(0)
+}
+
+pub fn rm(args: &RmArgs) -> anyhow::Result<i32> {
+    let _: serde_json::Value = client(&args.socket)?.call(&Request::Rm(RmRequest {
+        name: args.name.clone(),
+        force: args.force,
+    }))?;
+    println!("{}: removed", args.name);
+    Ok(0)
+}
+
+pub fn metrics(args: &MetricsArgs) -> anyhow::Result<i32> {
+    let reply: MetricsReply = client(&args.socket)?.call(&Request::Metrics)?;
+    print!("{}", reply.text);
+    Ok(0)
+}

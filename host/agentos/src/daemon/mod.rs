@@ -1,0 +1,643 @@
+//! `agentos daemon`: owns long-lived agents and serves the API (see [`api`]) on a Unix socket
+//! only its user can open. Each agent is a thread of this process that owns one VMM child (see
+//! [`agent`]); the event loop (tokio) only reads requests, hands them over and writes replies.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentos_protocol::InferRequest;
+use agentos_protocol::peer::valid_peer_name;
+use anyhow::Context;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, oneshot};
+
+use self::agent::{Agent, AgentConfig, Job};
+use self::api::{
+    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MAX_REQUEST_BYTES,
+    MetricsReply, PsReply, Reply, Request, RmRequest, SpawnRequest, VersionReply,
+};
+use crate::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
+use crate::image::{self, AGENT_IMAGE};
+use crate::infer_run::MODEL_MEMORY_MIB;
+use crate::model::{ModelStore, vm_archives};
+use crate::run::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::rundir::{self, RunDir};
+use crate::{carrier, cgroup, signals};
+
+/// Clients served at once; more wait for a turn.
+const MAX_CLIENTS: usize = 64;
+/// Agents one daemon keeps (running or not).
+pub const MAX_AGENTS: usize = 64;
+/// How often the event loop looks for a stop signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(200);
+/// How often `spawn` with `wait` looks whether the agent is up.
+const SPAWN_POLL: Duration = Duration::from_millis(100);
+/// The longest request line a metrics client may send.
+const MAX_METRICS_REQUEST: usize = 8 * 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Also serve the agents' figures as Prometheus text (HTTP) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub metrics: Option<PathBuf>,
+    /// Seconds a guest agent may leave a ping unanswered before its VM counts as hung.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub hang_timeout: u64,
+}
+
+/// Where the daemon's API socket is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SocketArg {
+    /// The daemon's API socket (default: `daemon.sock` in the run directory,
+    /// `$XDG_RUNTIME_DIR/agentos` or `/tmp/agentos-UID`).
+    #[arg(long, env = "AGENTOS_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    pub fn path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| rundir::runtime_base().join("daemon.sock"))
+    }
+}
+
+/// Requests and errors since the daemon started.
+#[derive(Default)]
+struct Counters {
+    requests: Mutex<BTreeMap<&'static str, u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    clients: AtomicU64,
+}
+
+struct Daemon {
+    agents: Mutex<BTreeMap<String, Agent>>,
+    /// Agents' logs; removed with the daemon.
+    state: RunDir,
+    hang_timeout: Duration,
+    counters: Counters,
+    stopping: AtomicBool,
+}
+
+pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
+    if carrier::should_use(carrier::CarrierChoice::Auto)? {
+        anyhow::bail!(
+            "this host's KVM cannot boot Linux, so agents cannot run next to this daemon; run it in a carrier: `agentos carrier --models -- agentos daemon` (and the clients in the same carrier)"
+        );
+    }
+    crate::run::check_kvm_access()?;
+    let path = args.socket.path();
+    let listener = bind_private(&path)?;
+    let metrics = args.metrics.as_deref().map(bind_private).transpose()?;
+    let removed = rundir::remove_stale();
+    cgroup::remove_stale(&cgroup::Layout::discover());
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed the run directories of agents of a dead process"
+        );
+    }
+    let daemon = Arc::new(Daemon {
+        agents: Mutex::new(BTreeMap::new()),
+        state: RunDir::create("daemon").context("cannot create the daemon's run directory")?,
+        hang_timeout: Duration::from_secs(args.hang_timeout),
+        counters: Counters::default(),
+        stopping: AtomicBool::new(false),
+    });
+    eprintln!(
+        "agentos daemon: listening on {} (pid {})",
+        path.display(),
+        std::process::id()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the daemon's event loop")?;
+    runtime.block_on(serve(daemon.clone(), listener, metrics))?;
+    let _ = std::fs::remove_file(&path);
+    if let Some(metrics) = &args.metrics {
+        let _ = std::fs::remove_file(metrics);
+    }
+    eprintln!("agentos daemon: every agent stopped; exiting");
+    Ok(0)
+}
+
+/// Binds a Unix socket only its owner can connect to. A socket left by a dead daemon is replaced;
+/// one a live daemon serves is not.
+fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "a daemon already serves {}; stop it first, or pass --socket PATH",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Created with no permission for others at all, so there is no moment when they could connect.
+    // SAFETY: umask only changes this process's file creation mask; no thread creates files now.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+async fn serve(
+    daemon: Arc<Daemon>,
+    listener: std::os::unix::net::UnixListener,
+    metrics: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
+    if let Some(metrics) = metrics {
+        let metrics = UnixListener::from_std(metrics)?;
+        tokio::spawn(serve_metrics(daemon.clone(), metrics));
+    }
+    let turns = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut tick = tokio::time::interval(SIGNAL_POLL);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let daemon = daemon.clone();
+                    let turns = turns.clone();
+                    tokio::spawn(async move {
+                        let Ok(_turn) = turns.acquire_owned().await else { return };
+                        daemon.counters.clients.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = client_session(&daemon, stream).await {
+                            tracing::debug!(error = %e, "client connection ended");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            _ = tick.tick() => {
+                if signals::interrupted() {
+                    break;
+                }
+            }
+        }
+    }
+    daemon.stopping.store(true, Ordering::SeqCst);
+    let agents: Vec<Agent> = std::mem::take(&mut *daemon.lock_agents())
+        .into_values()
+        .collect();
+    eprintln!("agentos daemon: stopping {} agent(s)", agents.len());
+    for agent in &agents {
+        agent.request_stop();
+    }
+    tokio::task::spawn_blocking(move || drop(agents)).await?;
+    Ok(())
+}
+
+/// Reads requests and writes replies until the client goes.
+async fn client_session(daemon: &Daemon, mut stream: UnixStream) -> io::Result<()> {
+    loop {
+        let mut len = [0u8; 4];
+        match stream.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_REQUEST_BYTES {
+            daemon.count_error(ErrorKind::TooLarge);
+            let error = ApiError::new(
+                ErrorKind::TooLarge,
+                format!("a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES} bytes"),
+            );
+            write_reply(&mut stream, &Reply::Error(error)).await?;
+            return Ok(());
+        }
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        let reply = match serde_json::from_slice::<Request>(&body) {
+            Ok(request) => daemon.handle(request).await,
+            Err(e) => Err(ApiError::new(
+                ErrorKind::BadRequest,
+                format!("not a request: {e} (see docs/api.md)"),
+            )),
+        };
+        let reply = match reply {
+            Ok(value) => Reply::Ok(value),
+            Err(error) => {
+                daemon.count_error(error.kind);
+                Reply::Error(error)
+            }
+        };
+        write_reply(&mut stream, &reply).await?;
+    }
+}
+
+async fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    let frame = agentos_protocol::encode_frame(reply).unwrap_or_else(|e| {
+        let error = ApiError::new(ErrorKind::Failed, format!("the reply cannot be sent: {e}"));
+        agentos_protocol::encode_frame(&Reply::Error(error)).unwrap_or_default()
+    });
+    stream.write_all(&frame).await
+}
+
+fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))
+}
+
+fn unknown_agent(name: &str, agents: &BTreeMap<String, Agent>) -> ApiError {
+    let known: Vec<&str> = agents.keys().map(String::as_str).collect();
+    ApiError::new(
+        ErrorKind::UnknownAgent,
+        if known.is_empty() {
+            format!("no agent named `{name}`: there are no agents (start one with `agentos spawn`)")
+        } else {
+            format!("no agent named `{name}` (agents: {})", known.join(", "))
+        },
+    )
+}
+
+impl Daemon {
+    fn lock_agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Agent>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_error(&self, kind: ErrorKind) {
+        *lock(&self.counters.errors)
+            .entry(kind.as_str())
+            .or_default() += 1;
+    }
+
+    async fn handle(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+        *lock(&self.counters.requests)
+            .entry(request.op())
+            .or_default() += 1;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorKind::ShuttingDown,
+                "the daemon is stopping",
+            ));
+        }
+        match request {
+            Request::Version => to_value(&VersionReply {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+            }),
+            Request::Spawn(spawn) => self.spawn(spawn).await,
+            Request::Ps => to_value(&PsReply {
+                agents: self.lock_agents().values().map(Agent::info).collect(),
+            }),
+            Request::Exec(call) => self.exec(call).await,
+            Request::Infer(call) => self.infer(call).await,
+            Request::Logs(LogsRequest { name, offset }) => {
+                let log = self.with_agent(&name, |a| a.config().log.clone())?;
+                let read = tokio::task::spawn_blocking(move || agent::read_log(&log, offset))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+                to_value(&read.map_err(|e| {
+                    ApiError::new(ErrorKind::Failed, format!("cannot read the log: {e}"))
+                })?)
+            }
+            Request::Stop(stop) => self.stop(&stop.name).await,
+            Request::Rm(rm) => self.rm(rm).await,
+            Request::Metrics => to_value(&MetricsReply {
+                text: self.metrics_text(),
+            }),
+        }
+    }
+
+    fn with_agent<T>(&self, name: &str, f: impl FnOnce(&Agent) -> T) -> Result<T, ApiError> {
+        let agents = self.lock_agents();
+        match agents.get(name) {
+            Some(agent) => Ok(f(agent)),
+            None => Err(unknown_agent(name, &agents)),
+        }
+    }
+
+    async fn spawn(&self, request: SpawnRequest) -> Result<serde_json::Value, ApiError> {
+        let name = request.name.clone();
+        check_name(&name)?;
+        {
+            let agents = self.lock_agents();
+            if agents.contains_key(&name) {
+                return Err(ApiError::new(
+                    ErrorKind::DuplicateName,
+                    format!(
+                        "an agent named `{name}` exists already; pick another name, or `agentos rm {name}` first"
+                    ),
+                ));
+            }
+            if agents.len() >= MAX_AGENTS {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!("this daemon keeps at most {MAX_AGENTS} agents; `agentos rm` some"),
+                ));
+            }
+        }
+        let wait = request.wait;
+        let log = self.state.join(&format!("{name}.log"));
+        let hang_timeout = self.hang_timeout;
+        let config = tokio::task::spawn_blocking(move || agent_config(request, log, hang_timeout))
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))??;
+        {
+            let mut agents = self.lock_agents();
+            // Checked again: another client may have taken the name meanwhile.
+            if agents.contains_key(&name) {
+                return Err(ApiError::new(
+                    ErrorKind::DuplicateName,
+                    format!("an agent named `{name}` exists already; pick another name"),
+                ));
+            }
+            let _ = std::fs::remove_file(&config.log);
+            let agent = Agent::spawn(config).map_err(|e| {
+                ApiError::new(ErrorKind::Failed, format!("cannot start the agent: {e}"))
+            })?;
+            agents.insert(name.clone(), agent);
+        }
+        tracing::info!(agent = name, "spawned");
+        if wait {
+            loop {
+                let (state, refused) = self.with_agent(&name, |a| (a.state(), a.was_refused()))?;
+                if refused {
+                    let agent = self.lock_agents().remove(&name);
+                    let info = agent.as_ref().map(Agent::info);
+                    tokio::task::spawn_blocking(move || drop(agent)).await.ok();
+                    return Err(ApiError::new(
+                        ErrorKind::NoRoom,
+                        info.and_then(|i| i.last_error)
+                            .unwrap_or_else(|| "no room on this host".to_owned()),
+                    ));
+                }
+                if state != AgentState::Booting {
+                    break;
+                }
+                tokio::time::sleep(SPAWN_POLL).await;
+            }
+        }
+        let info = self.with_agent(&name, Agent::info)?;
+        if wait && info.state != AgentState::Running {
+            return Err(ApiError::new(
+                ErrorKind::Failed,
+                format!(
+                    "agent `{name}` did not come up: {}; see `agentos logs {name}`",
+                    info.last_error.as_deref().unwrap_or(info.state.as_str())
+                ),
+            ));
+        }
+        to_value(&info)
+    }
+
+    async fn exec(&self, call: ExecCall) -> Result<serde_json::Value, ApiError> {
+        if call.program.is_empty() {
+            return Err(ApiError::new(ErrorKind::Invalid, "exec needs a program"));
+        }
+        let (reply, answer) = oneshot::channel();
+        let name = call.name.clone();
+        self.with_agent(&name, |a| a.submit(Job::Exec(call, reply)))??;
+        let result = answer.await.map_err(|_| {
+            ApiError::new(
+                ErrorKind::Failed,
+                format!("agent `{name}` ended before answering"),
+            )
+        })?;
+        to_value(&result?)
+    }
+
+    async fn infer(&self, call: InferCall) -> Result<serde_json::Value, ApiError> {
+        let name = call.name.clone();
+        let model = self.with_agent(&name, |a| a.config().model.clone())?;
+        let model = match (call.model, model) {
+            (Some(asked), Some(own)) if asked != own => {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!("agent `{name}` carries model `{own}`, not `{asked}`"),
+                ));
+            }
+            (_, Some(own)) => own,
+            (_, None) => {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "agent `{name}` carries no model; spawn one with `agentos spawn --name N --model M`"
+                    ),
+                ));
+            }
+        };
+        if call.inputs.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                "infer needs at least one input",
+            ));
+        }
+        let request = InferRequest {
+            id: 0,
+            model,
+            task: call.task,
+            inputs: call.inputs,
+            options: call.options,
+        };
+        let (reply, answer) = oneshot::channel();
+        self.with_agent(&name, |a| a.submit(Job::Infer(request, reply)))??;
+        let result = answer.await.map_err(|_| {
+            ApiError::new(
+                ErrorKind::Failed,
+                format!("agent `{name}` ended before answering"),
+            )
+        })?;
+        to_value(&result?)
+    }
+
+    /// Stops the agent's VM and waits until it is gone; the agent stays listed until `rm`.
+    async fn stop(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        let waiter = self.with_agent(name, |a| {
+            a.request_stop();
+            a.waiter()
+        })?;
+        tokio::task::spawn_blocking(waiter)
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+        to_value(&self.with_agent(name, Agent::info)?)
+    }
+
+    async fn rm(&self, request: RmRequest) -> Result<serde_json::Value, ApiError> {
+        let name = request.name;
+        let state = self.with_agent(&name, Agent::state)?;
+        if state.is_live() && !request.force {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "agent `{name}` is {}; `agentos stop {name}` first, or `agentos rm --force {name}`",
+                    state.as_str()
+                ),
+            ));
+        }
+        let Some(agent) = self.lock_agents().remove(&name) else {
+            return Err(unknown_agent(&name, &self.lock_agents()));
+        };
+        let log = agent.config().log.clone();
+        tokio::task::spawn_blocking(move || drop(agent))
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+        let _ = std::fs::remove_file(log);
+        tracing::info!(agent = name, "removed");
+        to_value(&serde_json::json!({ "removed": name }))
+    }
+
+    fn metrics_text(&self) -> String {
+        let agents = self.lock_agents();
+        let rows: Vec<metrics::AgentRow> = agents
+            .values()
+            .map(|a| metrics::AgentRow {
+                info: a.info(),
+                stats: a.stats(),
+            })
+            .collect();
+        metrics::render(
+            &rows,
+            &lock(&self.counters.requests),
+            &lock(&self.counters.errors),
+        )
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if valid_peer_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Invalid,
+            format!(
+                "`{}` is not an agent name: use 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`",
+                agentos_protocol::clip(name, 80)
+            ),
+        ))
+    }
+}
+
+/// Checks what a spawn asks for and turns it into the agent's boot options.
+fn agent_config(
+    request: SpawnRequest,
+    log: PathBuf,
+    hang_timeout: Duration,
+) -> Result<AgentConfig, ApiError> {
+    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
+    let vcpus = request.vcpus.unwrap_or(1);
+    if !(1..=64).contains(&vcpus) {
+        return Err(invalid(format!("vcpus {vcpus}: use 1 to 64")));
+    }
+    let default_memory = if request.model.is_some() {
+        MODEL_MEMORY_MIB
+    } else {
+        DEFAULT_MEMORY_MIB
+    };
+    let memory_mib = request.memory_mib.unwrap_or(default_memory);
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(invalid(format!(
+            "memory {memory_mib} MiB: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
+        )));
+    }
+    let weight = match (request.weight, request.class) {
+        (Some(_), Some(_)) => return Err(invalid("give a weight or a class, not both".into())),
+        (weight, class) => weight.or(class.map(|c| c.weight())),
+    };
+    let cpu = CpuSlice {
+        cpus: request.cpus,
+        weight,
+        cpuset: request.cpuset.clone(),
+        pin: false,
+    };
+    cgroup::Slice {
+        cpus: cpu.cpus,
+        weight: cpu.weight,
+        cpuset: cpu.cpuset.clone(),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| invalid(e.to_string()))?;
+    let cache = image::default_cache_dir();
+    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Failed,
+            format!("{e}; run `scripts/setup` (or `agentos image build`) on the daemon's host"),
+        )
+    })?;
+    let mut opts = BootOptions {
+        vcpus,
+        memory_mib,
+        boot_timeout: request
+            .boot_timeout_s
+            .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs),
+        cpu,
+        console_log: Some(log.clone()),
+        ..BootOptions::of_image(&img)
+    };
+    if let Some(model) = &request.model {
+        let store = ModelStore::new(&cache);
+        let bundle = store
+            .find(model)
+            .map_err(|e| invalid(format!("{e} (see `agentos model ls`)")))?;
+        opts.extra_initrds = vm_archives(&store, &bundle, &img.manifest.libraries)
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+    }
+    Ok(AgentConfig {
+        name: request.name,
+        model: request.model,
+        restart: request.restart,
+        opts,
+        log,
+        hang_timeout,
+    })
+}
+
+async fn serve_metrics(daemon: Arc<Daemon>, listener: UnixListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            // Whatever the request, the answer is the metrics; read its head so that the client
+            // sees a well-behaved HTTP server.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while head.len() < MAX_METRICS_REQUEST && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = daemon.metrics_text();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

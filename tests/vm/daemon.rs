@@ -1,0 +1,295 @@
+//! `agentos daemon` and its clients: long-lived agents in their own microVMs, watched (a crash
+//! and a hang are both noticed and healed by a restart), and an API that answers bad requests
+//! with clear errors and carries on.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{Scratch, describe, take_machine, text, vm_available};
+
+const HANG_TIMEOUT_S: &str = "10";
+
+struct Daemon<'a> {
+    t: &'a Scratch,
+    socket: PathBuf,
+    child: Child,
+    log: PathBuf,
+}
+
+impl<'a> Daemon<'a> {
+    fn start(t: &'a Scratch) -> Self {
+        let socket = t.dir.join("daemon.sock");
+        let log = t.dir.join("daemon.log");
+        let child = t
+            .agentos()
+            .args(["daemon", "--hang-timeout", HANG_TIMEOUT_S])
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start the daemon");
+        let mut daemon = Self {
+            t,
+            socket,
+            child,
+            log,
+        };
+        daemon.wait_until(Duration::from_secs(30), "the daemon to listen", |d| {
+            UnixStream::connect(&d.socket).is_ok()
+        });
+        daemon
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd: Command = self.t.agentos();
+        cmd.args(args)
+            .env("AGENTOS_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("cannot start agentos");
+        self.t.finish(child, crate::common::command_limit())
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "agentos {args:?}: {}\n--- daemon ---\n{}",
+            describe(&out),
+            self.log_text()
+        );
+        text(&out.stdout)
+    }
+
+    /// A command that must fail with one line on stderr containing `why`.
+    fn refused(&self, args: &[&str], why: &str) {
+        let out = self.cli(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "agentos {args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{}", describe(&out));
+        assert!(stderr.contains(why), "{}", describe(&out));
+    }
+
+    fn agent(&self, name: &str) -> serde_json::Value {
+        let ps: serde_json::Value = serde_json::from_str(&self.ok(&["ps", "--json"])).unwrap();
+        ps["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no agent {name} in {ps}"))
+    }
+
+    fn wait_until(&mut self, limit: Duration, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the daemon ended ({status}) waiting for {what}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {} s for {what}:\n{}",
+                limit.as_secs(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits for the daemon to exit.
+    fn signal_and_wait(mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One raw request frame (`body` as is) and the reply, if the daemon sent one.
+fn raw_call(socket: &Path, len: u32, body: &[u8]) -> Option<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(&len.to_be_bytes()).unwrap();
+    let _ = stream.write_all(body);
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut reply).unwrap();
+    Some(serde_json::from_slice(&reply).unwrap())
+}
+
+fn json_call(socket: &Path, request: &str) -> serde_json::Value {
+    raw_call(socket, request.len() as u32, request.as_bytes()).expect("no reply")
+}
+
+fn alive(pid: u64) -> bool {
+    // Zombies are gone as far as a VM goes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_requests() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon");
+    let mut d = Daemon::start(&t);
+    let mode = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Bad requests get an error each, and the daemon carries on.
+    let bad = json_call(&d.socket, "{not json");
+    assert_eq!(bad["error"]["kind"], "bad_request", "{bad}");
+    let unknown_op = json_call(&d.socket, r#"{"op":"launch"}"#);
+    assert_eq!(unknown_op["error"]["kind"], "bad_request", "{unknown_op}");
+    let too_large = raw_call(&d.socket, 64 << 20, b"{}").expect("no reply to a large frame");
+    assert_eq!(too_large["error"]["kind"], "too_large", "{too_large}");
+    let nobody = json_call(
+        &d.socket,
+        r#"{"op":"exec","name":"nobody","program":"/bin/true"}"#,
+    );
+    assert_eq!(nobody["error"]["kind"], "unknown_agent", "{nobody}");
+    let traversal = json_call(&d.socket, r#"{"op":"spawn","name":"../../etc"}"#);
+    assert_eq!(traversal["error"]["kind"], "invalid", "{traversal}");
+    d.refused(&["logs", "nobody"], "no agent named `nobody`");
+
+    // An agent with a model: exec and infer through the daemon.
+    let up = d.ok(&["spawn", "--name", "w", "--model", "sentiment", "--json"]);
+    let up: serde_json::Value = serde_json::from_str(&up).unwrap();
+    assert_eq!(up["state"], "running", "{up}");
+    d.refused(
+        &["spawn", "--name", "w"],
+        "an agent named `w` exists already",
+    );
+    let out = d.cli(&[
+        "exec",
+        "w",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(text(&out.stderr), "oops\n");
+    let sentiment = d.ok(&[
+        "infer",
+        "w",
+        "--task",
+        "classify",
+        "--input",
+        "I love this, it works perfectly",
+    ]);
+    assert!(sentiment.starts_with("positive\t0."), "{sentiment}");
+
+    // A crash (the VMM killed) is seen and healed.
+    let first = d.agent("w")["vmm_pid"].as_u64().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    d.wait_until(Duration::from_secs(300), "a restart after the crash", |d| {
+        let a = d.agent("w");
+        a["restarts"] == 1 && a["state"] == "running"
+    });
+    let second = d.agent("w")["vmm_pid"].as_u64().unwrap();
+    assert_ne!(first, second);
+
+    // A hang (the VMM stopped: no answer to pings) is seen, its VM killed, and healed.
+    // SAFETY: as above.
+    unsafe { libc::kill(second as i32, libc::SIGSTOP) };
+    d.wait_until(Duration::from_secs(300), "a restart after the hang", |d| {
+        let a = d.agent("w");
+        a["restarts"] == 2 && a["state"] == "running"
+    });
+    assert!(!alive(second), "the hung VMM {second} was left running");
+    let logs = d.ok(&["logs", "w"]);
+    assert!(
+        logs.contains("] ended: crashed") || logs.contains("] ended: "),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("hung: the guest agent did not answer a ping"),
+        "{logs}"
+    );
+    assert_eq!(logs.matches("] up, booted in").count(), 3, "{logs}");
+    let metrics = d.ok(&["metrics"]);
+    for line in [
+        "agentos_agent_restarts_total{agent=\"w\"} 2",
+        "agentos_agent_state{agent=\"w\",state=\"running\"} 1",
+        "agentos_api_errors_total{kind=\"unknown_agent\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("agentos_agent_cpu_seconds_total{agent=\"w\"} "),
+        "{metrics}"
+    );
+
+    // Stop and remove.
+    d.refused(&["rm", "w"], "`agentos stop w` first");
+    assert_eq!(d.ok(&["stop", "w"]), "w: stopped\n");
+    d.refused(&["exec", "w", "--", "/bin/true"], "agent `w` is stopped");
+    d.ok(&["rm", "w"]);
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+
+    // A daemon killed outright takes its VMs with it; the next one cleans up after it.
+    d.ok(&["spawn", "--name", "x", "--restart", "never"]);
+    let orphan = d.agent("x")["vmm_pid"].as_u64().unwrap();
+    d.signal_and_wait(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(orphan) {
+        assert!(
+            Instant::now() < deadline,
+            "VMM {orphan} outlived its daemon"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let d = Daemon::start(&t);
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+
+    // Stopping the daemon stops its agents and leaves nothing behind.
+    d.ok(&["spawn", "--name", "y"]);
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "the daemon exited with {status}");
+    assert!(!t.dir.join("daemon.sock").exists(), "the socket was left");
+    t.assert_nothing_left();
+}
