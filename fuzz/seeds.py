@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpora in fuzz/corpus/<target>/: small inputs that each mean something (a valid
 frame, a valid group file, a packet in one descriptor or split over several, a loop, an indirect
-table, a buffer outside guest memory), so that fuzzing starts from the interesting shapes.
+table, a buffer outside guest memory, a request of each API op), so that fuzzing starts from the
+interesting shapes.
 
 Run from anywhere: python3 fuzz/seeds.py. The layouts below mirror fuzz/src/lib.rs and the
 targets' doc comments; the files it writes are committed, the script is how they were made.
@@ -423,8 +424,107 @@ def virtio_queue():
         write("virtio_queue", name, seed)
 
 
+# ---- api_request: the daemon's frames, a 4-byte big-endian length then one JSON request ----
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def api_request():
+    seeds = {
+        "version": [{"op": "version"}],
+        "spawn": [
+            {
+                "op": "spawn",
+                "name": "summarizer",
+                "model": "minilm",
+                "vcpus": 2,
+                "memory_mib": 512,
+                "cpus": 1.5,
+                "cpuset": "0-1",
+                "weight": 200,
+                "class": "interactive",
+                "restart": "always",
+                "boot_timeout_s": 120,
+                "wait": True,
+            }
+        ],
+        "spawn_defaults": [{"op": "spawn", "name": "w", "class": None, "restart": "never"}],
+        "ps": [{"op": "ps"}],
+        "exec": [
+            {
+                "op": "exec",
+                "name": "w",
+                "program": "/bin/sh",
+                "args": ["-c", "cat; echo $K"],
+                "env": {"K": "V", "LANG": "C.UTF-8"},
+                "cwd": "/tmp",
+                "stdin": "line one\nline \u00e9\n",
+                "timeout_s": 30,
+            }
+        ],
+        "infer": [
+            {
+                "op": "infer",
+                "name": "w",
+                "model": "sentiment",
+                "task": "classify",
+                "inputs": ["I love this", "meh"],
+                "options": {"top_k": 2, "sentences": 3},
+            }
+        ],
+        "infer_summarize": [
+            {"op": "infer", "name": "w", "task": "summarize", "inputs": ["A cat. A mat."]}
+        ],
+        "logs": [{"op": "logs", "name": "w", "offset": 5120}],
+        "stop": [{"op": "stop", "name": "w"}],
+        "rm": [{"op": "rm", "name": "w", "force": True}],
+        "metrics": [{"op": "metrics"}],
+        "group_up": [
+            {
+                "op": "group_up",
+                "file": "digest.toml",
+                "text": (FUZZ.parent / "examples" / "digest.toml").read_text(),
+                "wait": True,
+            }
+        ],
+        "group_down": [{"op": "group_down", "group": "digest"}],
+        "group_input": [
+            {
+                "op": "group_input",
+                "group": "digest",
+                "text": "The cat is on the mat.",
+                "timeout_s": 60,
+            }
+        ],
+        # Two requests back to back on one connection.
+        "two_frames": [{"op": "logs", "name": "w"}, {"op": "logs", "name": "w", "offset": 17}],
+        "not_json": ["not json"],
+        "empty_body": [""],
+        "unknown_op": [{"op": "launch", "name": "w"}],
+        "no_op": [{"name": "w"}],
+        "unknown_field": [{"op": "spawn", "name": "w", "memroy_mib": 256}],
+        "missing_field": [{"op": "exec", "name": "w"}],
+        "wrong_types": [
+            {"op": "spawn", "name": 7, "vcpus": "two"},
+            {"op": "spawn", "name": "w", "vcpus": 256, "cpus": "half"},
+            {"op": "logs", "name": "w", "offset": -1},
+            {"op": "rm", "name": "w", "force": "yes"},
+            {"op": "infer", "name": "w", "task": "sumarize", "inputs": "text"},
+        ],
+        # An op with an escaped line break, which the error message quotes decoded.
+        "escaped_newline": ['{"op":"sp\\nawn","name":"w"}'],
+    }
+    for name, requests in seeds.items():
+        write("api_request", name, b"".join(frame(r) for r in requests))
+    # A length one over the limit (the daemon answers too_large and closes), and a frame cut short
+    # inside its body after a good one.
+    write("api_request", "over_limit", struct.pack(">I", MAX_REQUEST_BYTES + 1) + b'{"op":"ps"}')
+    write("api_request", "truncated", frame({"op": "ps"}) + struct.pack(">I", 100) + b'{"op":"ve')
+
+
 if __name__ == "__main__":
     protocol_frames()
     group_file()
     vsock_packet()
     virtio_queue()
+    api_request()

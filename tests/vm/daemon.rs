@@ -293,3 +293,156 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     assert!(!t.dir.join("daemon.sock").exists(), "the socket was left");
     t.assert_nothing_left();
 }
+
+/// Two replicas of `w` behind the group's input; each says which it is.
+const POOL: &str = r#"name = "pool"
+channels = ["input -> w", "w -> output"]
+
+[[agent]]
+name = "w"
+count = 2
+exec = ["/bin/sh", "-c", 'echo "handled: $(cat)"']
+"#;
+
+#[test]
+fn a_group_runs_under_the_daemon_with_replicas_that_share_the_work() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon-group");
+    let mut d = Daemon::start(&t);
+    let file = t.dir.join("pool.toml");
+    std::fs::write(&file, POOL).unwrap();
+    let file = file.to_str().unwrap();
+    let input = t.dir.join("input.txt");
+    std::fs::write(&input, "job\n").unwrap();
+    let input = input.to_str().unwrap();
+
+    let up = d.ok(&["group", "up", file]);
+    assert!(up.starts_with("group pool: 2 agents"), "{up}");
+    for member in ["pool/w-1", "pool/w-2"] {
+        assert_eq!(d.agent(member)["state"], "running");
+    }
+    d.refused(&["group", "up", file], "group `pool` is up already");
+    d.refused(&["stop", "pool/w-1"], "belongs to group `pool`");
+
+    // Two inputs: the idle replicas take one each.
+    let mut froms = Vec::new();
+    for _ in 0..2 {
+        let out = d.ok(&["group", "run", file, "--input", input]);
+        assert!(out.contains("\nhandled: job\n"), "{out}");
+        let from = out
+            .lines()
+            .find_map(|l| l.strip_prefix("== text (from "))
+            .unwrap_or_else(|| panic!("no result in {out}"));
+        froms.push(from.trim_end_matches(')').to_owned());
+    }
+    froms.sort();
+    assert_eq!(froms, ["w-1", "w-2"]);
+
+    // A replica that crashes is booted again and joins the group again.
+    let pid = d.agent("pool/w-1")["vmm_pid"].as_u64().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    d.wait_until(Duration::from_secs(300), "the replica's restart", |d| {
+        let a = d.agent("pool/w-1");
+        a["restarts"] == 1 && a["state"] == "running"
+    });
+    for _ in 0..2 {
+        let out = d.ok(&["group", "run", file, "--input", input, "--json"]);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["results"][0]["body"], "handled: job", "{report}");
+        let events = report["trace"].as_array().unwrap();
+        assert!(
+            events.iter().any(|e| e["event"] == "result"),
+            "no result in this input's trace: {report}"
+        );
+    }
+
+    let down = d.ok(&["group", "down", "pool"]);
+    assert_eq!(down, "group pool: 2 agents stopped\n");
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+    d.refused(&["group", "down", "pool"], "no group `pool` is up");
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "the daemon exited with {status}");
+    t.assert_nothing_left();
+}
+
+#[test]
+fn batch_agents_pause_while_an_interactive_agent_works() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon-classes");
+    let mut d = Daemon::start(&t);
+    d.ok(&["spawn", "--name", "bg", "--class", "batch"]);
+    d.ok(&["spawn", "--name", "fg", "--class", "interactive"]);
+    // Admission: more memory than the host has room for is refused, and the name stays free.
+    d.refused(
+        &["spawn", "--name", "big", "--memory", "65536"],
+        "not enough memory for this agent",
+    );
+    assert_eq!(
+        json_call(&d.socket, r#"{"op":"logs","name":"big"}"#)["error"]["kind"],
+        "unknown_agent"
+    );
+    let with_socket = |args: &[&str]| {
+        let mut cmd = t.agentos();
+        cmd.args(args)
+            .env("AGENTOS_SOCKET", &d.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    // The batch agent burns CPU until it is stopped.
+    let burner = with_socket(&["exec", "bg", "--", "/bin/sh", "-c", "while :; do :; done"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        d.agent("bg")["paused"],
+        false,
+        "paused with nothing interactive running"
+    );
+
+    // While the interactive agent works, the batch one is frozen; then it runs again.
+    let work = with_socket(&[
+        "exec",
+        "fg",
+        "--",
+        "/bin/sh",
+        "-c",
+        "end=$(( $(date +%s) + 8 )); while [ $(date +%s) -lt $end ]; do :; done; echo done",
+    ]);
+    d.wait_until(Duration::from_secs(120), "the batch agent's pause", |d| {
+        d.agent("bg")["paused"] == true
+    });
+    let out = t.finish(work, Duration::from_secs(300));
+    assert_eq!(text(&out.stdout), "done\n", "{}", describe(&out));
+    d.wait_until(Duration::from_secs(60), "the batch agent's resume", |d| {
+        d.agent("bg")["paused"] == false
+    });
+    let logs = d.ok(&["logs", "bg"]);
+    assert!(
+        logs.contains("] paused: interactive agent `fg` is using"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("] resumed: no interactive agent needs the CPU"),
+        "{logs}"
+    );
+    assert_eq!(
+        d.agent("bg")["restarts"],
+        0,
+        "the pause was taken for a hang"
+    );
+
+    // A stop does not wait for a program that never ends.
+    assert_eq!(d.ok(&["stop", "bg"]), "bg: stopped\n");
+    let burned = t.finish(burner, Duration::from_secs(60));
+    assert!(!burned.status.success(), "{}", describe(&burned));
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "the daemon exited with {status}");
+    t.assert_nothing_left();
+}

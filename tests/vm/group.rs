@@ -280,3 +280,65 @@ fn top_and_stats_show_a_running_group_by_agent_name() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
     t.assert_nothing_left();
 }
+
+/// `flooder` tells `calm` to go, then sends `sink` message after message as fast as the router
+/// takes them; `sink` is slow. `calm` sends one message to `sink`, which reports how many flood
+/// messages it had handled before.
+const FLOOD: &str = r#"name = "flood"
+channels = ["input -> flooder", "flooder -> calm", "flooder -> sink", "calm -> sink", "sink -> output"]
+
+[[agent]]
+name = "flooder"
+exec = ["/bin/sh", "-c", '''
+echo go | /init send calm > /dev/null
+i=0
+while [ $i -lt 60 ]; do echo "flood $i" | /init send sink > /dev/null; i=$((i+1)); done
+''']
+
+[[agent]]
+name = "calm"
+exec = ["/bin/sh", "-c", "sleep 2; echo 'from calm' | /init send sink > /dev/null"]
+
+[[agent]]
+name = "sink"
+exec = ["/bin/sh", "-c", '''
+if [ "$AGENTOS_FROM" = calm ]; then
+  echo "calm after $(cat /tmp/flood 2>/dev/null || echo 0) flood messages"
+else
+  echo $(( $(cat /tmp/flood 2>/dev/null || echo 0) + 1 )) > /tmp/flood
+  sleep 1
+fi
+''']
+"#;
+
+#[test]
+fn a_flood_is_held_back_and_does_not_starve_another_channel() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("group-flood");
+    let child = start_group(&t, FLOOD, &["--json", "--timeout", "400"]);
+    let report = report_of(&t.finish(child, command_limit()));
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{report}");
+    let body = results[0]["body"].as_str().unwrap();
+    let before: u32 = body
+        .strip_prefix("calm after ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected result {body:?}"));
+    // Channels into an agent are served in turn: calm's message waits for the flood messages
+    // handled before it was sent and those already delivered (the window of 4), not for the
+    // flood's queue of 16.
+    assert!(
+        before <= 10,
+        "calm's message waited for {before} flood messages: {report}"
+    );
+    // The flood was held back by the bounded queue (the sender was told to retry), not stored.
+    assert!(
+        report["counters"]["refused_queue_full"].as_u64().unwrap() > 0,
+        "the flood never filled its queue: {report}"
+    );
+    t.assert_nothing_left();
+}

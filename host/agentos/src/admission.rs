@@ -169,6 +169,86 @@ impl AdmissionLock {
     }
 }
 
+/// A pinned agent that may be moved to another CPU: where it is and the load it brings there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pinned {
+    pub cpu: u32,
+    /// Its quota in CPUs (1 without one), as [`HostModel::pinned_load`] counts it.
+    pub load: f64,
+}
+
+/// Moves that even out the pinned load after agents left: each takes one of `movable` from the
+/// most loaded CPU to the least loaded one, as long as that lowers the higher of the two (the
+/// agent's load is less than their difference). Returns `(index in movable, new CPU)`, at most
+/// one per agent.
+pub fn plan_rebalance(loads: &BTreeMap<u32, f64>, movable: &[Pinned]) -> Vec<(usize, u32)> {
+    let mut loads = loads.clone();
+    let mut at: Vec<u32> = movable.iter().map(|m| m.cpu).collect();
+    let mut moved = vec![false; movable.len()];
+    loop {
+        let most = loads
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)));
+        let least = loads
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)));
+        let (Some((&from, &high)), Some((&to, &low))) = (most, least) else {
+            break;
+        };
+        // The largest agent on the busiest CPU that still makes things better.
+        let candidate = (0..movable.len())
+            .filter(|&i| !moved[i] && at[i] == from && movable[i].load < high - low - 1e-9)
+            .max_by(|&a, &b| movable[a].load.total_cmp(&movable[b].load).then(b.cmp(&a)));
+        let Some(i) = candidate else {
+            break;
+        };
+        let load = movable[i].load;
+        *loads.entry(from).or_default() -= load;
+        *loads.entry(to).or_default() += load;
+        at[i] = to;
+        moved[i] = true;
+    }
+    (0..movable.len())
+        .filter(|&i| moved[i] && at[i] != movable[i].cpu)
+        .map(|i| (i, at[i]))
+        .collect()
+}
+
+/// Evens out the pinned load by moving the agents of `cgroups` that are pinned to one CPU (the
+/// daemon's `--pin` agents), under the admission lock; returns the moves made.
+pub fn rebalance(layout: &Layout, cgroups: &[&AgentCgroup]) -> Vec<(usize, u32)> {
+    let _lock = AdmissionLock::take().ok();
+    let model = HostModel::read(layout);
+    let mut index = Vec::new();
+    let mut movable = Vec::new();
+    for (i, cgroup) in cgroups.iter().enumerate() {
+        let held = cgroup.held();
+        let Some(cpus) = held.cpuset.as_deref().and_then(parse_cpu_list) else {
+            continue;
+        };
+        if let [cpu] = cpus[..] {
+            index.push(i);
+            movable.push(Pinned {
+                cpu,
+                load: held.cpus.filter(|c| *c > 0.0).unwrap_or(1.0),
+            });
+        }
+    }
+    plan_rebalance(&model.pinned_load, &movable)
+        .into_iter()
+        .filter_map(|(m, cpu)| {
+            let i = index[m];
+            match cgroups[i].set_cpuset(&cpu.to_string()) {
+                Ok(()) => Some((i, cpu)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot move a pinned agent");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 fn lock_path() -> PathBuf {
     std::env::temp_dir().join("agentos-admission.lock")
 }
@@ -184,6 +264,75 @@ fn mem_total(meminfo: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rebalancing_moves_pinned_agents_off_the_busiest_cpu_while_it_helps() {
+        let pinned = |cpu, load| Pinned { cpu, load };
+        // Two agents left CPU 1: of the three on CPU 0, one moves.
+        let loads: BTreeMap<u32, f64> = [(0, 3.0), (1, 0.0)].into();
+        let movable = [pinned(0, 1.0), pinned(0, 1.0), pinned(0, 1.0)];
+        assert_eq!(plan_rebalance(&loads, &movable), [(0, 1)]);
+        // Balanced already, or a move would only swap the imbalance: nothing.
+        let loads: BTreeMap<u32, f64> = [(0, 1.0), (1, 1.0)].into();
+        assert!(plan_rebalance(&loads, &[pinned(0, 1.0), pinned(1, 1.0)]).is_empty());
+        let loads: BTreeMap<u32, f64> = [(0, 1.0), (1, 0.0)].into();
+        assert!(plan_rebalance(&loads, &[pinned(0, 1.0)]).is_empty());
+        // Load from agents that may not move counts; the smaller quota moves when the larger
+        // would overshoot.
+        let loads: BTreeMap<u32, f64> = [(0, 2.5), (1, 0.5), (2, 1.0)].into();
+        let movable = [pinned(0, 2.0), pinned(0, 0.5)];
+        assert_eq!(plan_rebalance(&loads, &movable), [(1, 1)]);
+        // Four CPUs, four agents on one: they spread.
+        let loads: BTreeMap<u32, f64> = [(0, 4.0), (1, 0.0), (2, 0.0), (3, 0.0)].into();
+        let movable = [
+            pinned(0, 1.0),
+            pinned(0, 1.0),
+            pinned(0, 1.0),
+            pinned(0, 1.0),
+        ];
+        let mut to: Vec<u32> = plan_rebalance(&loads, &movable)
+            .into_iter()
+            .map(|(_, cpu)| cpu)
+            .collect();
+        to.sort();
+        assert_eq!(to, [1, 2, 3]);
+    }
+
+    /// Real cgroups (root, a cpuset controller and two CPUs needed): two agents pinned to one
+    /// CPU are spread over two.
+    #[test]
+    fn rebalance_moves_a_real_cgroup() {
+        let layout = Layout::discover();
+        let online = parse_cpu_list(&online_cpu_list()).unwrap_or_default();
+        if layout
+            .hierarchy(crate::cgroup::Controller::Cpuset)
+            .is_none()
+            || online.len() < 2
+        {
+            eprintln!("skipping: no cpuset controller or one CPU");
+            return;
+        }
+        let slice = Slice {
+            cpuset: Some(online[0].to_string()),
+            ..Slice::default()
+        };
+        let pid = std::process::id();
+        let create = |n| AgentCgroup::create(&layout, &format!("test-{pid}-{n}"), &slice);
+        let (a, b) = match (create(20), create(21)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("skipping: cannot create cgroups here: {e}");
+                return;
+            }
+        };
+        let moves = rebalance(&layout, &[&a, &b]);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        let (moved, cpu) = moves[0];
+        assert_ne!(cpu, online[0]);
+        let cpus = [&a, &b].map(|c| c.held().cpuset.unwrap());
+        assert_eq!(cpus[moved], cpu.to_string());
+        assert_eq!(cpus[1 - moved], online[0].to_string());
+    }
 
     fn host() -> HostModel {
         HostModel {

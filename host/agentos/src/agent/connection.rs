@@ -68,6 +68,8 @@ pub struct AgentConnection {
     last_heard: Instant,
     /// Whether a ping to a quiet agent is still unanswered.
     ping_outstanding: bool,
+    /// Says when the far end is paused on purpose (its VM frozen): silence then is no stall.
+    paused: Option<Box<dyn Fn() -> bool + Send>>,
 }
 
 impl AgentConnection {
@@ -101,6 +103,7 @@ impl AgentConnection {
             keepalive: None,
             last_heard: Instant::now(),
             ping_outstanding: false,
+            paused: None,
         })
     }
 
@@ -126,6 +129,12 @@ impl AgentConnection {
         self.ping_outstanding = false;
     }
 
+    /// Tells the keepalive how to know that the agent is paused on purpose: its silence while
+    /// paused is not counted.
+    pub fn set_pause_check(&mut self, paused: Option<Box<dyn Fn() -> bool + Send>>) {
+        self.paused = paused;
+    }
+
     /// With a keepalive, waits until a frame starts to arrive, pinging a quiet agent.
     fn await_frame(&mut self) -> Result<(), ConnectionError> {
         let Some(keepalive) = self.keepalive else {
@@ -142,6 +151,11 @@ impl AgentConnection {
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(ConnectionError::TimedOut);
+            }
+            if self.paused.as_ref().is_some_and(|paused| paused()) {
+                self.last_heard = Instant::now();
+                self.ping_outstanding = false;
+                continue;
             }
             let quiet = self.last_heard.elapsed();
             if quiet >= keepalive.limit {

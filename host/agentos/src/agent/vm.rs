@@ -377,7 +377,7 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
     slice.pids = slice
         .pids
         .filter(|_| has(&layout, cgroup::Controller::Pids));
-    let _lock = admit(&layout, &mut slice, opts.cpu.pin, opts.wait_for_room)?;
+    let _lock = admit(&layout, &mut slice, opts)?;
     match AgentCgroup::create(&layout, &name, &slice) {
         Ok(cgroup) => Ok(Some(cgroup)),
         Err(e)
@@ -397,9 +397,9 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
 fn admit(
     layout: &Layout,
     slice: &mut Slice,
-    pin: bool,
-    wait: bool,
+    opts: &BootOptions,
 ) -> Result<Option<AdmissionLock>, VmError> {
+    let (pin, wait) = (opts.cpu.pin, opts.wait_for_room);
     let mut announced = false;
     loop {
         let lock = match AdmissionLock::take() {
@@ -428,7 +428,12 @@ fn admit(
             eprintln!("agentos: waiting for room: {refusal}");
             announced = true;
         }
-        if signals::interrupted() {
+        if signals::interrupted()
+            || opts
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::SeqCst))
+        {
             return Err(VmError::Interrupted);
         }
         std::thread::sleep(ADMISSION_RETRY);

@@ -213,6 +213,12 @@ impl AgentCgroup {
         Ok(())
     }
 
+    /// Moves the running agent to the CPUs of `cpus` (a list such as `1` or `0-1`).
+    pub fn set_cpuset(&self, cpus: &str) -> Result<(), CgroupError> {
+        let (_, dir) = self.place(Controller::Cpuset)?;
+        write_file(&dir.join("cpuset.cpus"), cpus)
+    }
+
     /// Stops every task of the cgroup, and returns once all are stopped.
     pub fn freeze(&self) -> Result<(), CgroupError> {
         self.set_frozen(true)

@@ -21,6 +21,7 @@ use super::api::{
 };
 use crate::agent::connection::{ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
+use crate::cgroup::slice::PriorityClass;
 use crate::cgroup::{AgentCgroup, CgroupStats};
 
 /// How often an idle agent's thread looks at its VM.
@@ -36,11 +37,17 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE_RUN: Duration = Duration::from_secs(60);
 /// A log longer than this is emptied before the next boot (the VMM bounds what one VM writes).
 const MAX_LOG_BYTES: u64 = 32 << 20;
+/// How long a stop waits for a request under way before it kills the agent's VMM.
+const BUSY_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long past its own timeout the host waits for a program's end.
 const EXEC_GRACE: Duration = Duration::from_secs(10);
 
+/// Run on each VM of the agent once it is up, before it counts as running (a group member
+/// joins its group there); an error ends the VM as a failure.
+pub type BootHook = Arc<dyn Fn(&mut AgentVm) -> Result<(), String> + Send + Sync>;
+
 /// What the daemon decided about an agent when it was spawned.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub name: String,
     pub model: Option<String>,
@@ -50,6 +57,11 @@ pub struct AgentConfig {
     pub log: PathBuf,
     /// A guest agent that does not answer a ping within this is hung.
     pub hang_timeout: Duration,
+    /// The group the agent is a member of, which starts and stops it.
+    pub group: Option<String>,
+    /// Its priority class, when it was given one (see [`super::arbiter`]).
+    pub class: Option<PriorityClass>,
+    pub on_boot: Option<BootHook>,
 }
 
 /// A request for the agent's thread, with where its answer goes.
@@ -68,6 +80,8 @@ struct Status {
     last_error: Option<String>,
     /// Whether the admission control refused the agent's slice (it never booted).
     refused: bool,
+    /// Whether a request is running in the VM.
+    busy: bool,
     cgroup: Option<Arc<AgentCgroup>>,
 }
 
@@ -102,6 +116,7 @@ impl Agent {
             boot_ms: None,
             last_error: None,
             refused: false,
+            busy: false,
             cgroup: None,
         }));
         let (jobs, queue) = mpsc::sync_channel(JOB_QUEUE);
@@ -153,6 +168,7 @@ impl Agent {
             boot_ms: status.boot_ms,
             for_s: status.since.elapsed().as_secs(),
             last_error: status.last_error.clone(),
+            paused: status.cgroup.as_ref().is_some_and(|c| c.is_frozen()),
         }
     }
 
@@ -160,6 +176,16 @@ impl Agent {
     pub fn stats(&self) -> Option<CgroupStats> {
         let cgroup = lock(&self.status).cgroup.clone()?;
         Some(cgroup.stats())
+    }
+
+    /// Its running VM's cgroup.
+    pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {
+        lock(&self.status).cgroup.clone()
+    }
+
+    /// Appends a line of the daemon's own to the agent's log.
+    pub fn note(&self, text: &str) {
+        append_note(&self.config, text);
     }
 
     /// Hands a request to the agent's thread.
@@ -188,14 +214,36 @@ impl Agent {
 
     /// What waits until the agent's thread has ended (its VM stopped, its run directory and
     /// cgroup removed). Blocking: the daemon runs it off its event loop.
+    /// A request still running when the agent is stopped (a program that never ends) would
+    /// keep the thread waiting: after [`BUSY_STOP_GRACE`] its VMM is killed, which ends it.
     pub fn waiter(&self) -> impl FnOnce() + Send + use<> {
         let thread = self.thread.clone();
+        let status = self.status.clone();
         let name = self.config.name.clone();
         move || {
             let taken = thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(thread) = taken
-                && thread.join().is_err()
-            {
+            let Some(thread) = taken else {
+                return;
+            };
+            let waited = Instant::now();
+            let mut killed = false;
+            while !thread.is_finished() {
+                let (busy, pid) = {
+                    let status = lock(&status);
+                    (status.busy, status.vmm_pid)
+                };
+                if busy && !killed && waited.elapsed() >= BUSY_STOP_GRACE {
+                    if let Some(pid) = pid {
+                        tracing::info!(agent = name, pid, "killing the VMM of a busy agent");
+                        // SAFETY: kill has no memory-safety preconditions; the pid is that of
+                        // the agent's VMM, a child of this process not reaped while it runs.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                    killed = true;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            if thread.join().is_err() {
                 tracing::error!(agent = name, "the agent's thread failed");
             }
         }
@@ -242,20 +290,24 @@ impl Shared {
         self.stop.load(Ordering::SeqCst) || crate::signals::interrupted()
     }
 
-    /// Appends a line of the daemon's own to the agent's log.
     fn note(&self, text: &str) {
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let line = format!("[agentos {stamp}] {text}\n");
-        if let Err(e) = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.config.log)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-        {
-            tracing::warn!(agent = self.config.name, error = %e, "cannot write the agent's log");
-        }
+        append_note(&self.config, text);
+    }
+}
+
+/// Appends a line of the daemon's own to an agent's log.
+fn append_note(config: &AgentConfig, text: &str) {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let line = format!("[agentos {stamp}] {text}\n");
+    if let Err(e) = File::options()
+        .create(true)
+        .append(true)
+        .open(&config.log)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+    {
+        tracing::warn!(agent = config.name, error = %e, "cannot write the agent's log");
     }
 }
 
@@ -276,8 +328,20 @@ fn live(shared: &Shared, jobs: &Receiver<Job>) {
         shared.set_state(AgentState::Booting, None);
         shared.note("booting");
         let booted_at = Instant::now();
-        let ending = match AgentVm::boot(&config.opts) {
-            Ok(vm) => {
+        let booted = AgentVm::boot(&config.opts).map(|mut vm| {
+            let _ = vm.set_label(&config.name);
+            let hooked = config.on_boot.as_ref().map_or(Ok(()), |hook| hook(&mut vm));
+            (vm, hooked)
+        });
+        let ending = match booted {
+            Ok((vm, Err(why))) => {
+                drop(vm);
+                Ending::Ended {
+                    why: format!("did not join its group: {why}"),
+                    failure: true,
+                }
+            }
+            Ok((vm, Ok(()))) => {
                 let boot = vm.boot_time();
                 {
                     let mut status = lock(&shared.status);
@@ -377,6 +441,10 @@ fn refuse(job: Job, error: ApiError) {
 /// Serves requests and watches the VM until it ends, hangs or the agent is stopped.
 fn serve(shared: &Shared, jobs: &Receiver<Job>, mut vm: AgentVm) -> Ending {
     let hang = shared.config.hang_timeout;
+    if let Some(cgroup) = vm.cgroup() {
+        vm.conn()
+            .set_pause_check(Some(Box::new(move || cgroup.is_frozen())));
+    }
     let mut last_ping = Instant::now();
     loop {
         match jobs.recv_timeout(WATCH_TICK) {
@@ -385,7 +453,9 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>, mut vm: AgentVm) -> Ending {
                     interval: PING_INTERVAL,
                     limit: hang,
                 }));
+                lock(&shared.status).busy = true;
                 let stalled = run_job(shared, &mut vm, job);
+                lock(&shared.status).busy = false;
                 vm.conn().set_keepalive(None);
                 vm.conn().set_deadline(None);
                 last_ping = Instant::now();

@@ -38,6 +38,12 @@ pub enum Request {
     Rm(RmRequest),
     /// The agents' CPU and memory figures as Prometheus text.
     Metrics,
+    /// Start the agents of a group file and the router between them.
+    GroupUp(GroupUpRequest),
+    /// Stop a group's agents and forget them.
+    GroupDown(GroupRequest),
+    /// Give a running group an input and wait for its results.
+    GroupInput(GroupInputRequest),
 }
 
 impl Request {
@@ -53,8 +59,21 @@ impl Request {
             Self::Stop(_) => "stop",
             Self::Rm(_) => "rm",
             Self::Metrics => "metrics",
+            Self::GroupUp(_) => "group_up",
+            Self::GroupDown(_) => "group_down",
+            Self::GroupInput(_) => "group_input",
         }
     }
+}
+
+/// Reads one request frame's body; anything else is a `bad_request` error that says why.
+pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("not a request: {e} (see docs/api.md)"),
+        )
+    })
 }
 
 /// When the daemon boots an agent again after its VM ended.
@@ -85,6 +104,9 @@ pub struct SpawnRequest {
     pub cpus: Option<f64>,
     #[serde(default)]
     pub cpuset: Option<String>,
+    /// Pin to the CPU pinned agents load least; moved when others leave.
+    #[serde(default)]
+    pub pin: bool,
     #[serde(default)]
     pub weight: Option<u32>,
     #[serde(default)]
@@ -97,6 +119,10 @@ pub struct SpawnRequest {
     /// Reply once the agent is up (or failed), instead of at once.
     #[serde(default)]
     pub wait: bool,
+    /// When its slice does not fit beside the running agents, boot it once it does (instead
+    /// of refusing it with `no_room`).
+    #[serde(default)]
+    pub queue: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +179,40 @@ pub struct RmRequest {
     pub force: bool,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupUpRequest {
+    /// Where the file came from, for error messages.
+    pub file: String,
+    /// The group file's text (TOML).
+    pub text: String,
+    /// Reply once every agent is up (or one failed, and the group was stopped again).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRequest {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupInputRequest {
+    pub group: String,
+    pub text: String,
+    /// How long to wait for the results (default 600 s).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupUpReply {
+    pub group: String,
+    pub members: Vec<AgentInfo>,
+}
+
 /// Every reply: `{"ok": ...}` or `{"error": {"kind": ..., "message": ...}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,6 +237,8 @@ pub enum ErrorKind {
     TooLarge,
     /// No agent has that name.
     UnknownAgent,
+    /// No group of that name is up.
+    UnknownGroup,
     /// An agent already has that name.
     DuplicateName,
     /// A name, model, size or slice that cannot be used.
@@ -192,10 +254,11 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         Self::BadRequest,
         Self::TooLarge,
         Self::UnknownAgent,
+        Self::UnknownGroup,
         Self::DuplicateName,
         Self::Invalid,
         Self::NotRunning,
@@ -209,6 +272,7 @@ impl ErrorKind {
             Self::BadRequest => "bad_request",
             Self::TooLarge => "too_large",
             Self::UnknownAgent => "unknown_agent",
+            Self::UnknownGroup => "unknown_group",
             Self::DuplicateName => "duplicate_name",
             Self::Invalid => "invalid",
             Self::NotRunning => "not_running",
@@ -219,11 +283,20 @@ impl ErrorKind {
     }
 }
 
+/// The longest error message the daemon sends: messages quote names and values a client sent.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
 impl ApiError {
+    /// An error whose message is one line of at most [`MAX_ERROR_BYTES`], whatever it quotes.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let message: String = message
+            .into()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         Self {
             kind,
-            message: message.into(),
+            message: agentos_protocol::clip(&message, MAX_ERROR_BYTES),
         }
     }
 }
@@ -284,6 +357,10 @@ pub struct AgentInfo {
     /// Why it last ended or failed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Whether its VM is frozen (`agentos pause`, or a batch agent while an interactive one
+    /// works).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -365,6 +442,10 @@ mod tests {
         );
         let ok = Reply::Ok(serde_json::json!({"pid": 1}));
         assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"ok":{"pid":1}}"#);
+        let long = ApiError::new(ErrorKind::BadRequest, format!("a\nb\r{}", "é".repeat(4000)));
+        assert!(!long.message.contains(['\n', '\r']), "{}", long.message);
+        assert!(long.message.starts_with("a b "));
+        assert!(long.message.len() <= MAX_ERROR_BYTES + 4);
         for kind in ErrorKind::ALL {
             assert_eq!(
                 serde_json::to_value(kind).unwrap(),

@@ -9,11 +9,13 @@ use anyhow::Context;
 
 use super::SocketArg;
 use super::api::{
-    AgentInfo, ExecCall, ExecReply, InferCall, LogsReply, LogsRequest, MetricsReply, NameRequest,
-    PsReply, Request, RestartPolicy, RmRequest, SpawnRequest,
+    AgentInfo, ErrorKind, ExecCall, ExecReply, GroupInputRequest, GroupRequest, GroupUpReply,
+    GroupUpRequest, InferCall, LogsReply, LogsRequest, MetricsReply, NameRequest, PsReply, Request,
+    RestartPolicy, RmRequest, SpawnRequest,
 };
-use super::client::Client;
+use super::client::{Client, ClientError};
 use crate::cgroup::slice::PriorityClass;
+use crate::group::run::GroupReport;
 use crate::signals;
 
 /// The most standard input `exec --stdin` sends.
@@ -38,8 +40,11 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "CPUS")]
     pub cpus: Option<f64>,
     /// The host CPUs the agent may run on, e.g. `1` or `0-1`.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
     pub cpuset: Option<String>,
+    /// Pin the agent to the CPU pinned agents load least (the daemon moves it when others leave).
+    #[arg(long)]
+    pub pin: bool,
     /// CPU weight against other agents, 1..=10000.
     #[arg(long, conflicts_with = "class")]
     pub weight: Option<u32>,
@@ -52,6 +57,10 @@ pub struct SpawnArgs {
     /// Seconds the guest agent has to come up.
     #[arg(long, value_name = "SECS")]
     pub boot_timeout: Option<u64>,
+    /// When the agent's memory or CPU slice does not fit beside the running agents, wait for
+    /// room (booting) instead of failing.
+    #[arg(long)]
+    pub wait: bool,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
     pub detach: bool,
@@ -169,11 +178,13 @@ pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
         memory_mib: args.memory,
         cpus: args.cpus,
         cpuset: args.cpuset.clone(),
+        pin: args.pin,
         weight: args.weight,
         class: args.class,
         restart: args.restart,
         boot_timeout_s: args.boot_timeout,
         wait: !args.detach,
+        queue: args.wait,
     });
     let info: AgentInfo = client(&args.socket)?.call(&request)?;
     if args.json {
@@ -208,7 +219,7 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
             out,
             "{:<20} {:<11} {:>7}s {:>5} {:>6}M {:>8} {:>8}  {:<12} {}",
             a.name,
-            a.state.as_str(),
+            if a.paused { "paused" } else { a.state.as_str() },
             a.for_s,
             a.vcpus,
             a.memory_mib,
@@ -338,4 +349,98 @@ pub fn metrics(args: &MetricsArgs) -> anyhow::Result<i32> {
     let reply: MetricsReply = client(&args.socket)?.call(&Request::Metrics)?;
     print!("{}", reply.text);
     Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GroupUpArgs {
+    /// The group file (TOML).
+    pub file: PathBuf,
+    /// Return at once instead of waiting until every agent is up.
+    #[arg(long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GroupDownArgs {
+    /// The group's name (from its file).
+    pub name: String,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+pub fn group_up(args: &GroupUpArgs) -> anyhow::Result<i32> {
+    let mut text = String::new();
+    std::fs::File::open(&args.file)
+        .and_then(|f| {
+            f.take(crate::group::file::MAX_FILE_BYTES)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("cannot read group file {}", args.file.display()))?;
+    let reply: GroupUpReply = client(&args.socket)?.call(&Request::GroupUp(GroupUpRequest {
+        file: args.file.display().to_string(),
+        text,
+        wait: !args.detach,
+    }))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply)?);
+        return Ok(0);
+    }
+    println!("group {}: {} agents", reply.group, reply.members.len());
+    for m in &reply.members {
+        match m.boot_ms {
+            Some(ms) => println!(
+                "  {:<24} {} (booted in {:.1} s)",
+                m.name,
+                m.state.as_str(),
+                ms as f64 / 1e3
+            ),
+            None => println!("  {:<24} {}", m.name, m.state.as_str()),
+        }
+    }
+    Ok(0)
+}
+
+pub fn group_down(args: &GroupDownArgs) -> anyhow::Result<i32> {
+    let reply: serde_json::Value =
+        client(&args.socket)?.call(&Request::GroupDown(GroupRequest {
+            group: args.name.clone(),
+        }))?;
+    println!(
+        "group {}: {} agents stopped",
+        args.name,
+        reply["stopped"].as_u64().unwrap_or(0)
+    );
+    Ok(0)
+}
+
+/// Gives group `group` the input when a daemon runs it; `None` when no daemon answers at
+/// `socket` or it does not run that group.
+pub fn group_input(
+    socket: &SocketArg,
+    group: &str,
+    text: &str,
+    timeout_s: u64,
+) -> anyhow::Result<Option<GroupReport>> {
+    let mut client = match Client::connect(&socket.path()) {
+        Ok(client) => client,
+        Err(ClientError::Connect { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let request = Request::GroupInput(GroupInputRequest {
+        group: group.to_owned(),
+        text: text.to_owned(),
+        timeout_s: Some(timeout_s),
+    });
+    match client.call::<GroupReport>(&request) {
+        Ok(report) => {
+            eprintln!("agentos: group `{group}` runs under the daemon; the input went there");
+            Ok(Some(report))
+        }
+        Err(ClientError::Api(e)) if e.kind == ErrorKind::UnknownGroup => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -152,6 +152,7 @@ mod tests {
             boot_ms: Some(100),
             for_s: 3,
             last_error: None,
+            paused: false,
         };
         let stats = CgroupStats {
             cpu_usage_us: 1_500_000,

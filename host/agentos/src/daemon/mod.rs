@@ -4,8 +4,10 @@
 
 pub mod agent;
 pub mod api;
+mod arbiter;
 pub mod cli;
 pub mod client;
+mod groups;
 mod metrics;
 
 use std::collections::BTreeMap;
@@ -87,6 +89,7 @@ struct Counters {
 
 struct Daemon {
     agents: Mutex<BTreeMap<String, Agent>>,
+    groups: Mutex<BTreeMap<String, groups::GroupEntry>>,
     /// Agents' logs; removed with the daemon.
     state: RunDir,
     hang_timeout: Duration,
@@ -114,6 +117,7 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
     }
     let daemon = Arc::new(Daemon {
         agents: Mutex::new(BTreeMap::new()),
+        groups: Mutex::new(BTreeMap::new()),
         state: RunDir::create("daemon").context("cannot create the daemon's run directory")?,
         hang_timeout: Duration::from_secs(args.hang_timeout),
         counters: Counters::default(),
@@ -180,6 +184,8 @@ async fn serve(
     }
     let turns = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut tick = tokio::time::interval(SIGNAL_POLL);
+    let mut arbiter = arbiter::Arbiter::default();
+    let mut arbiter_tick = tokio::time::interval(arbiter::TICK);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -201,6 +207,7 @@ async fn serve(
                     break;
                 }
             }
+            _ = arbiter_tick.tick() => daemon.arbitrate(&mut arbiter),
         }
     }
     daemon.stopping.store(true, Ordering::SeqCst);
@@ -211,7 +218,12 @@ async fn serve(
     for agent in &agents {
         agent.request_stop();
     }
-    tokio::task::spawn_blocking(move || drop(agents)).await?;
+    let groups = std::mem::take(&mut *daemon.groups.lock().unwrap_or_else(|e| e.into_inner()));
+    tokio::task::spawn_blocking(move || {
+        drop(agents);
+        drop(groups);
+    })
+    .await?;
     Ok(())
 }
 
@@ -236,12 +248,9 @@ async fn client_session(daemon: &Daemon, mut stream: UnixStream) -> io::Result<(
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
-        let reply = match serde_json::from_slice::<Request>(&body) {
+        let reply = match api::parse_request(&body) {
             Ok(request) => daemon.handle(request).await,
-            Err(e) => Err(ApiError::new(
-                ErrorKind::BadRequest,
-                format!("not a request: {e} (see docs/api.md)"),
-            )),
+            Err(e) => Err(e),
         };
         let reply = match reply {
             Ok(value) => Reply::Ok(value),
@@ -319,8 +328,17 @@ impl Daemon {
                     ApiError::new(ErrorKind::Failed, format!("cannot read the log: {e}"))
                 })?)
             }
-            Request::Stop(stop) => self.stop(&stop.name).await,
-            Request::Rm(rm) => self.rm(rm).await,
+            Request::Stop(stop) => {
+                self.check_not_member(&stop.name, "stop")?;
+                self.stop(&stop.name).await
+            }
+            Request::Rm(rm) => {
+                self.check_not_member(&rm.name, "remove")?;
+                self.rm(rm).await
+            }
+            Request::GroupUp(up) => self.group_up(up).await,
+            Request::GroupDown(down) => self.group_down(&down.group).await,
+            Request::GroupInput(input) => self.group_input(input).await,
             Request::Metrics => to_value(&MetricsReply {
                 text: self.metrics_text(),
             }),
@@ -505,6 +523,59 @@ impl Daemon {
         to_value(&serde_json::json!({ "removed": name }))
     }
 
+    /// Freezes and thaws batch agents as the arbiter says, and evens out the CPUs of pinned
+    /// agents (one may have left).
+    fn arbitrate(&self, arbiter: &mut arbiter::Arbiter) {
+        let agents = self.lock_agents();
+        let pinned: Vec<(&Agent, Arc<cgroup::AgentCgroup>)> = agents
+            .values()
+            .filter(|a| a.config().opts.cpu.pin)
+            .filter_map(|a| a.cgroup().map(|c| (a, c)))
+            .collect();
+        if !pinned.is_empty() {
+            let cgroups: Vec<&cgroup::AgentCgroup> = pinned.iter().map(|(_, c)| &**c).collect();
+            for (i, cpu) in crate::admission::rebalance(&cgroup::Layout::discover(), &cgroups) {
+                pinned[i].0.note(&format!(
+                    "moved to CPU {cpu}: pinned agents are spread evenly"
+                ));
+            }
+        }
+        let seen: Vec<arbiter::Seen> = agents
+            .values()
+            .map(|a| {
+                let cgroup = a.cgroup();
+                arbiter::Seen {
+                    name: a.name().to_owned(),
+                    class: a.config().class,
+                    cpu_usage_us: cgroup.as_ref().map(|c| c.stats().cpu_usage_us),
+                    frozen: cgroup.as_ref().is_some_and(|c| c.is_frozen()),
+                }
+            })
+            .collect();
+        for action in arbiter.tick(&seen, std::time::Instant::now()) {
+            let (name, freeze, why) = match &action {
+                arbiter::Action::Freeze { name, because } => (name, true, because.as_str()),
+                arbiter::Action::Thaw { name } => (name, false, ""),
+            };
+            let Some(agent) = agents.get(name) else {
+                continue;
+            };
+            let Some(cgroup) = agent.cgroup() else {
+                continue;
+            };
+            let done = if freeze {
+                cgroup.freeze()
+            } else {
+                cgroup.thaw()
+            };
+            match done {
+                Ok(()) if freeze => agent.note(&format!("paused: {why}")),
+                Ok(()) => agent.note("resumed: no interactive agent needs the CPU"),
+                Err(e) => tracing::warn!(agent = name, error = %e, "cannot pause or resume"),
+            }
+        }
+    }
+
     fn metrics_text(&self) -> String {
         let agents = self.lock_agents();
         let rows: Vec<metrics::AgentRow> = agents
@@ -566,11 +637,14 @@ fn agent_config(
         (Some(_), Some(_)) => return Err(invalid("give a weight or a class, not both".into())),
         (weight, class) => weight.or(class.map(|c| c.weight())),
     };
+    if request.pin && request.cpuset.is_some() {
+        return Err(invalid("give a cpuset or pin, not both".into()));
+    }
     let cpu = CpuSlice {
         cpus: request.cpus,
         weight,
         cpuset: request.cpuset.clone(),
-        pin: false,
+        pin: request.pin,
     };
     cgroup::Slice {
         cpus: cpu.cpus,
@@ -594,6 +668,7 @@ fn agent_config(
             .boot_timeout_s
             .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs),
         cpu,
+        wait_for_room: request.queue,
         console_log: Some(log.clone()),
         ..BootOptions::of_image(&img)
     };
@@ -612,6 +687,9 @@ fn agent_config(
         opts,
         log,
         hang_timeout,
+        group: None,
+        class: request.class,
+        on_boot: None,
     })
 }
 

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use agentos_protocol::peer::{Handler, valid_peer_name};
+use agentos_protocol::peer::{Handler, MAX_PEER_NAME_BYTES, valid_peer_name};
 use agentos_protocol::{InferOptions, Task};
 use serde::Deserialize;
 use toml::Spanned;
@@ -32,7 +32,7 @@ pub const OUTPUT: &str = "output";
 /// Agents one group may declare.
 pub const MAX_AGENTS: usize = 16;
 /// Largest group file read.
-const MAX_FILE_BYTES: u64 = 1 << 20;
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupFileError {
@@ -69,7 +69,12 @@ pub struct AgentSpec {
     pub memory_mib: Option<u64>,
     pub cpus: Option<f64>,
     pub weight: Option<u32>,
+    /// The priority class the weight came from, if any.
+    pub class: Option<PriorityClass>,
     pub restart: Restart,
+    /// Replicas of this agent, each its own VM: `NAME-1` ... `NAME-N` when more than one. A
+    /// message to `NAME` goes to the replica with the fewest messages waiting.
+    pub count: u32,
 }
 
 /// What happens when an agent's VM ends while its group runs (the host never stops an agent
@@ -105,6 +110,37 @@ impl GroupSpec {
             .collect()
     }
 
+    /// Every VM of the group: its name and the agent it is a replica of.
+    pub fn members(&self) -> Vec<(String, &AgentSpec)> {
+        let mut members = Vec::new();
+        for agent in &self.agents {
+            if agent.count <= 1 {
+                members.push((agent.name.clone(), agent));
+            } else {
+                for i in 1..=agent.count {
+                    members.push((format!("{}-{i}", agent.name), agent));
+                }
+            }
+        }
+        members
+    }
+
+    /// Every VM's name with the agent it is a replica of, as the router takes them.
+    pub fn member_roles(&self) -> Vec<(String, String)> {
+        self.members()
+            .into_iter()
+            .map(|(member, agent)| (member, agent.name.clone()))
+            .collect()
+    }
+
+    /// The agent `member` is (a replica of).
+    pub fn agent_of(&self, member: &str) -> Option<&AgentSpec> {
+        self.members()
+            .into_iter()
+            .find(|(m, _)| m == member)
+            .map(|(_, agent)| agent)
+    }
+
     /// How many results one input makes: one per channel into `output`.
     pub fn results_per_input(&self) -> usize {
         self.channels.iter().filter(|(_, to)| to == OUTPUT).count()
@@ -137,6 +173,7 @@ struct RawAgent {
     class: Option<PriorityClass>,
     #[serde(default)]
     restart: Restart,
+    count: Option<u32>,
 }
 
 /// Reads and checks the group file at `path`.
@@ -203,6 +240,31 @@ pub fn parse(text: &str) -> Result<GroupSpec, (usize, String)> {
             ));
         }
         agents.push(agent);
+    }
+    let replicas: u32 = agents.iter().map(|a| a.count).sum();
+    if replicas as usize > MAX_AGENTS {
+        return Err(at(
+            raw.agent[0].span(),
+            format!(
+                "the group's agents have {replicas} replicas in all; a group has at most {MAX_AGENTS} VMs"
+            ),
+        ));
+    }
+    for (raw_agent, agent) in raw.agent.iter().zip(&agents) {
+        if agent.count > 1 {
+            let taken = (1..=agent.count)
+                .map(|i| format!("{}-{i}", agent.name))
+                .find(|replica| names.contains(replica));
+            if let Some(replica) = taken {
+                return Err(at(
+                    raw_agent.get_ref().name.span(),
+                    format!(
+                        "agent `{}`'s replica `{replica}` has the name of another agent",
+                        agent.name
+                    ),
+                ));
+            }
+        }
     }
 
     let mut channels = Vec::new();
@@ -335,6 +397,17 @@ fn agent_spec(
     if raw.vcpus == Some(0) {
         return Err(here(format!("agent `{name}`: vcpus must be at least 1")));
     }
+    let count = raw.count.unwrap_or(1);
+    if !(1..=MAX_AGENTS as u32).contains(&count) {
+        return Err(here(format!(
+            "agent `{name}`: count = {count}; give 1 to {MAX_AGENTS} replicas"
+        )));
+    }
+    if count > 1 && name.len() + 3 > MAX_PEER_NAME_BYTES {
+        return Err(here(format!(
+            "agent `{name}`: a replicated agent's name must leave room for `-N`"
+        )));
+    }
     Ok(AgentSpec {
         name: name.clone(),
         handler,
@@ -343,7 +416,9 @@ fn agent_spec(
         memory_mib: raw.memory,
         cpus: raw.cpus,
         weight: raw.weight.or(raw.class.map(PriorityClass::weight)),
+        class: raw.class,
         restart: raw.restart,
+        count,
     })
 }
 
@@ -479,11 +554,47 @@ class = "interactive"
                 DIGEST.replace("memory = 256", "weight = 5"),
                 "both `weight` and `class`",
             ),
+            (
+                DIGEST.replace("memory = 256", "count = 0"),
+                "give 1 to 16 replicas",
+            ),
+            (
+                DIGEST.replace("memory = 256", "count = 16"),
+                "17 replicas in all",
+            ),
+            (
+                DIGEST
+                    .replace("memory = 256", "count = 2")
+                    .replace("name = \"summarizer\"", "name = \"translator-2\"")
+                    .replace("input -> summarizer", "input -> translator-2")
+                    .replace("summarizer ->", "translator-2 ->"),
+                "replica `translator-2` has the name of another agent",
+            ),
         ];
         for (text, expected) in cases {
             let (_, problem) = error(&text);
             assert!(problem.contains(expected), "{expected}: {problem}");
         }
+    }
+
+    #[test]
+    fn replicas_are_members_named_after_their_agent() {
+        let spec = parse(&DIGEST.replace("memory = 256", "count = 3")).unwrap();
+        assert_eq!(spec.agents[1].count, 3);
+        let members: Vec<(String, &str)> = spec
+            .members()
+            .into_iter()
+            .map(|(member, agent)| (member, agent.name.as_str()))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                ("summarizer".to_owned(), "summarizer"),
+                ("translator-1".to_owned(), "translator"),
+                ("translator-2".to_owned(), "translator"),
+                ("translator-3".to_owned(), "translator"),
+            ]
+        );
     }
 
     #[test]

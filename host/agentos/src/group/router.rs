@@ -105,6 +105,11 @@ struct State {
     result_bytes: usize,
     traced_refusals: u32,
     counters: Counters,
+    /// The agent each member is a replica of, and the replicas of each agent.
+    role_of: HashMap<String, String>,
+    replicas: HashMap<String, Vec<String>>,
+    /// Turns among equally loaded replicas.
+    next_pick: usize,
 }
 
 #[derive(Default)]
@@ -142,14 +147,32 @@ struct Pending {
 impl Router {
     /// A router for `agents` with `channels`, writing its trace to `trace`.
     pub fn new(agents: &[String], channels: &[(String, String)], trace: TraceLog) -> Self {
+        let members: Vec<(String, String)> =
+            agents.iter().map(|a| (a.clone(), a.clone())).collect();
+        Self::with_members(&members, channels, trace)
+    }
+
+    /// A router for `members`, each `(name, agent)`: replicas of one agent share its channels,
+    /// and a message to the agent goes to the replica with the fewest messages waiting.
+    pub fn with_members(
+        members: &[(String, String)],
+        channels: &[(String, String)],
+        trace: TraceLog,
+    ) -> Self {
         let mut state = State {
             channels: channels.iter().cloned().collect(),
             next_message: 1,
             next_trace: 1,
             ..Default::default()
         };
-        for agent in agents {
-            state.mailboxes.insert(agent.clone(), Mailbox::default());
+        for (member, role) in members {
+            state.mailboxes.insert(member.clone(), Mailbox::default());
+            state.role_of.insert(member.clone(), role.clone());
+            state
+                .replicas
+                .entry(role.clone())
+                .or_default()
+                .push(member.clone());
         }
         Self {
             shared: Arc::new(Shared {
@@ -476,7 +499,9 @@ impl Shared {
                 &send,
             );
         }
-        if from != INPUT && !state.channels.contains(&(from.to_owned(), send.to.clone())) {
+        let from_role = state.role(from).to_owned();
+        let to_role = state.role(&send.to).to_owned();
+        if from != INPUT && !state.channels.contains(&(from_role, to_role)) {
             state.counters.refused_no_channel += 1;
             let reason = format!("no channel from `{from}` to `{}`", send.to);
             return refuse(state, reason, false, &send);
@@ -540,15 +565,15 @@ impl Shared {
                 message,
             };
         }
-        let Some(mailbox) = state.mailboxes.get_mut(&send.to) else {
+        let receiver = state.pick(&send.to);
+        let Some(mailbox) = state.mailboxes.get_mut(&receiver) else {
             state.counters.refused_invalid += 1;
             let reason = format!("no agent `{}` in this group", send.to);
             return refuse(state, reason, false, &send);
         };
         if mailbox.queued_bytes + bytes > MAX_QUEUED_BYTES {
             let reason = format!(
-                "`{}` has {} KiB of messages waiting; send again later",
-                send.to,
+                "`{receiver}` has {} KiB of messages waiting; send again later",
                 mailbox.queued_bytes >> 10
             );
             return refuse(state, reason, true, &send);
@@ -556,8 +581,7 @@ impl Shared {
         let queue = mailbox.queues.entry(from.to_owned()).or_default();
         if queue.len() >= CHANNEL_QUEUE {
             let reason = format!(
-                "`{}` has {CHANNEL_QUEUE} messages from `{from}` waiting; send again later",
-                send.to
+                "`{receiver}` has {CHANNEL_QUEUE} messages from `{from}` waiting; send again later"
             );
             return refuse(state, reason, true, &send);
         }
@@ -586,13 +610,13 @@ impl Shared {
                 event: EventKind::Input,
                 message: Some(message),
                 from: INPUT.to_owned(),
-                to: send.to.clone(),
+                to: receiver.clone(),
                 kind: send.kind.clone(),
                 bytes,
                 ..TraceEvent::default()
             });
         }
-        self.pump(state, &send.to);
+        self.pump(state, &receiver);
         RouterMessage::Accepted {
             seq: send.seq,
             message,
@@ -685,6 +709,39 @@ impl Shared {
             });
         }
         self.pump(state, name);
+    }
+}
+
+impl State {
+    /// The agent `name` is a replica of (itself for an agent, `input` and `output`).
+    fn role<'a>(&'a self, name: &'a str) -> &'a str {
+        self.role_of.get(name).map_or(name, String::as_str)
+    }
+
+    /// The member a message to `to` goes to: `to` itself when it is a member, else the replica
+    /// of agent `to` with the fewest messages waiting (in turn among equals).
+    fn pick(&mut self, to: &str) -> String {
+        let Some(replicas) = self
+            .replicas
+            .get(to)
+            .filter(|_| !self.mailboxes.contains_key(to))
+        else {
+            return to.to_owned();
+        };
+        let load = |name: &String| {
+            self.mailboxes.get(name).map_or(usize::MAX, |mb| {
+                mb.queues.values().map(VecDeque::len).sum::<usize>() + mb.in_flight.len()
+            })
+        };
+        let n = replicas.len();
+        let start = self.next_pick % n.max(1);
+        let chosen = (0..n)
+            .map(|i| &replicas[(start + i) % n])
+            .min_by_key(|name| load(name))
+            .cloned()
+            .unwrap_or_else(|| to.to_owned());
+        self.next_pick = self.next_pick.wrapping_add(1);
+        chosen
     }
 }
 

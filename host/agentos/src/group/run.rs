@@ -58,6 +58,9 @@ pub struct GroupRunArgs {
     /// Print the report as one JSON line for the caller (used inside a carrier).
     #[arg(long, hide = true)]
     pub report: bool,
+    /// The daemon to look for the group in (it runs there when it is up, see `group up`).
+    #[command(flatten)]
+    pub socket: crate::daemon::SocketArg,
 }
 
 /// Everything a group run produced.
@@ -92,53 +95,27 @@ pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
     let spec = file::load(&args.file)?;
     let input = read_input(&args.input)?;
     let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
-        )
-    })?;
-    let store = ModelStore::new(&cache);
-    let mut archives: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    let mut carrier_files = Vec::new();
-    for agent in &spec.agents {
-        let Some(Handler::Infer { model, task, .. }) = &agent.handler else {
-            continue;
+    // A group that is up under the daemon takes the input there; otherwise it boots here.
+    let (report, in_daemon) =
+        match crate::daemon::cli::group_input(&args.socket, &spec.name, &input, args.timeout)? {
+            Some(report) => (report, true),
+            None => match boot_and_run(args, &spec, input, &cache, started)? {
+                Some(report) => (report, false),
+                None => return Ok(signals::exit_code()),
+            },
         };
-        let bundle = store
-            .find(model)
-            .with_context(|| format!("agent `{}`", agent.name))?;
-        if !bundle.manifest.tasks.contains(task) {
-            bail!(
-                "agent `{}`: model `{model}` does not do {task} (see `agentos model ls`)",
-                agent.name
-            );
-        }
-        let parts = vm_archives(&store, &bundle, &img.manifest.libraries)?;
-        carrier_files.extend(carrier_copies(&parts, &bundle));
-        archives.insert(agent.name.clone(), parts);
-    }
-
-    let report = if carrier::should_use(args.carrier)? {
-        run_in_carrier(args, &spec, &input, carrier_files)?
-    } else {
-        crate::run::check_kvm_access()?;
-        let base = BootOptions {
-            console: args.console,
-            boot_timeout: Duration::from_secs(args.boot_timeout),
-            ..BootOptions::of_image(&img)
-        };
-        match run_here(&spec, input, &base, &archives, args, started)? {
-            Some(report) => report,
-            None => return Ok(signals::exit_code()),
-        }
-    };
 
     if args.report {
         serde_json::to_writer(io::stdout().lock(), &report)?;
         println!();
         return Ok(0);
     }
-    let saved = save_trace(&cache, &report);
+    // The daemon writes the trace of a group it runs as it goes.
+    let saved = if in_daemon {
+        Ok(trace_path(&cache, &report.group))
+    } else {
+        save_trace(&cache, &report)
+    };
     let mut out = io::stdout().lock();
     if args.json {
         serde_json::to_writer(&mut out, &report)?;
@@ -166,6 +143,58 @@ pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Boots the group here (or in a carrier), runs `input` through it and stops it. `None`:
+/// interrupted.
+fn boot_and_run(
+    args: &GroupRunArgs,
+    spec: &GroupSpec,
+    input: String,
+    cache: &Path,
+    started: Instant,
+) -> anyhow::Result<Option<GroupReport>> {
+    let img = image::find_image(cache, AGENT_IMAGE).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
+        )
+    })?;
+    let store = ModelStore::new(cache);
+    let mut archives: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut carrier_files = Vec::new();
+    for agent in &spec.agents {
+        let Some(Handler::Infer { model, task, .. }) = &agent.handler else {
+            continue;
+        };
+        let bundle = store
+            .find(model)
+            .with_context(|| format!("agent `{}`", agent.name))?;
+        if !bundle.manifest.tasks.contains(task) {
+            bail!(
+                "agent `{}`: model `{model}` does not do {task} (see `agentos model ls`)",
+                agent.name
+            );
+        }
+        let parts = vm_archives(&store, &bundle, &img.manifest.libraries)?;
+        carrier_files.extend(carrier_copies(&parts, &bundle));
+        archives.insert(agent.name.clone(), parts);
+    }
+
+    let report = if carrier::should_use(args.carrier)? {
+        run_in_carrier(args, spec, &input, carrier_files)?
+    } else {
+        crate::run::check_kvm_access()?;
+        let base = BootOptions {
+            console: args.console,
+            boot_timeout: Duration::from_secs(args.boot_timeout),
+            ..BootOptions::of_image(&img)
+        };
+        match run_here(spec, input, &base, &archives, args, started)? {
+            Some(report) => report,
+            None => return Ok(None),
+        }
+    };
+    Ok(Some(report))
 }
 
 fn read_input(path: &Path) -> anyhow::Result<String> {
@@ -224,9 +253,9 @@ fn run_in_carrier(
         argv.push("--console".into());
     }
     let vm_memory: u64 = spec
-        .agents
+        .members()
         .iter()
-        .map(|a| memory_of(a) + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
+        .map(|(_, a)| memory_of(a) + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
         .sum();
     let spec = CarrierRun {
         argv,
@@ -273,14 +302,17 @@ fn run_here(
 ) -> anyhow::Result<Option<GroupReport>> {
     let trace_dir = RunDir::create("trace").context("cannot create a run directory")?;
     let trace_path = trace_dir.join("trace.jsonl");
-    let names: Vec<String> = spec.agents.iter().map(|a| a.name.clone()).collect();
-    let router = Router::new(&names, &spec.channels, TraceLog::create(&trace_path)?);
+    let members = spec.members();
+    let router = Router::with_members(
+        &spec.member_roles(),
+        &spec.channels,
+        TraceLog::create(&trace_path)?,
+    );
 
     // Every agent boots at once; each VM is its own process.
-    let opts: Vec<BootOptions> = spec
-        .agents
+    let opts: Vec<BootOptions> = members
         .iter()
-        .map(|agent| {
+        .map(|(_, agent)| {
             let mut opts = base.clone();
             opts.vcpus = agent.vcpus;
             opts.memory_mib = memory_of(agent);
@@ -295,13 +327,13 @@ fn run_here(
         .collect();
     let mut vms: Vec<(String, AgentVm)> = Vec::new();
     let mut failure = None;
-    for (agent, booted) in spec.agents.iter().zip(AgentVm::boot_all(&opts)) {
+    for ((member, _), booted) in members.iter().zip(AgentVm::boot_all(&opts)) {
         match booted {
-            Ok(vm) => vms.push((agent.name.clone(), vm)),
+            Ok(vm) => vms.push((member.clone(), vm)),
             Err(VmError::Interrupted) => failure = failure.or(Some(None)),
             Err(e) => {
                 failure = failure.or(Some(Some(
-                    anyhow::Error::new(e).context(format!("agent `{}` did not boot", agent.name)),
+                    anyhow::Error::new(e).context(format!("agent `{member}` did not boot")),
                 )));
             }
         }
@@ -351,17 +383,13 @@ fn run_here(
     }
     let report = GroupReport {
         group: spec.name.clone(),
-        agents: spec
-            .agents
+        agents: members
             .iter()
-            .map(|a| AgentReport {
-                name: a.name.clone(),
-                model: a.model.clone(),
-                boot_ms: boot_ms.get(&a.name).copied().unwrap_or(0),
-                restarts: members
-                    .iter()
-                    .find(|m| m.name == a.name)
-                    .map_or(0, |m| m.restarts),
+            .map(|m| AgentReport {
+                name: m.name.clone(),
+                model: spec.agent_of(&m.name).and_then(|a| a.model.clone()),
+                boot_ms: boot_ms.get(&m.name).copied().unwrap_or(0),
+                restarts: m.restarts,
             })
             .collect(),
         results,
@@ -435,9 +463,7 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     tracing::warn!(agent = member.name, "the agent's VM ended: {why}");
     router.note(&member.name, EventKind::Crashed, why);
     let policy = spec
-        .agents
-        .iter()
-        .find(|a| a.name == member.name)
+        .agent_of(&member.name)
         .map_or(Restart::Never, |a| a.restart);
     if policy == Restart::Never || member.restarts >= MAX_RESTARTS {
         router.note(
@@ -453,7 +479,7 @@ fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> b
     let restarted = AgentVm::boot(&member.opts)
         .map_err(anyhow::Error::new)
         .and_then(|mut vm| {
-            join(spec, router, &member.name, &mut vm)?;
+            join_member(spec, router, &member.name, &mut vm)?;
             Ok(vm)
         });
     match restarted {
@@ -488,29 +514,30 @@ fn join_all(
     vms: &mut [(String, AgentVm)],
 ) -> anyhow::Result<()> {
     for (name, vm) in vms.iter_mut() {
-        join(spec, router, name, vm)?;
+        join_member(spec, router, name, vm)?;
     }
     Ok(())
 }
 
-/// Labels agent `name`'s VM, attaches it to the router, then tells it to join.
-fn join(spec: &GroupSpec, router: &Router, name: &str, vm: &mut AgentVm) -> anyhow::Result<()> {
+/// Labels member `name`'s VM, attaches it to the router, then tells it to join.
+pub fn join_member(
+    spec: &GroupSpec,
+    router: &Router,
+    name: &str,
+    vm: &mut AgentVm,
+) -> anyhow::Result<()> {
     let _ = vm.set_label(&format!("{}/{name}", spec.name));
     router
         .attach(name, &vm.host_socket(PEER_PORT))
         .with_context(|| format!("cannot listen for agent `{name}`"))?;
-    let agent = spec
-        .agents
-        .iter()
-        .find(|a| a.name == name)
-        .context("an agent left the group")?;
+    let agent = spec.agent_of(name).context("an agent left the group")?;
     vm.conn()
         .join(JoinRequest {
             id: 0,
             group: spec.name.clone(),
             name: name.to_owned(),
             handler: agent.handler.clone(),
-            outputs: spec.outputs_of(name),
+            outputs: spec.outputs_of(&agent.name),
         })
         .with_context(|| format!("agent `{name}` did not join the group"))?;
     Ok(())

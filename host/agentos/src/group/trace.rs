@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -80,11 +80,12 @@ pub struct TraceLog {
 impl TraceLog {
     /// Starts a new trace at `path` (an existing one is replaced).
     pub fn create(path: &Path) -> Result<Self, TraceError> {
+        // Appending: every event lands at the end even if someone else truncated the file.
         let file = OpenOptions::new()
             .create(true)
-            .write(true)
-            .truncate(true)
+            .append(true)
             .open(path)
+            .and_then(|f| f.set_len(0).map(|()| f))
             .map_err(|source| TraceError::Open {
                 path: path.to_owned(),
                 source,
@@ -108,22 +109,26 @@ impl TraceLog {
     }
 }
 
-/// Reads every event of the trace at `path`.
+/// Reads every event of the trace at `path`. A last line without its newline is an event still
+/// being written (the group is running) and is left out.
 pub fn read(path: &Path) -> Result<Vec<TraceEvent>, TraceError> {
-    let file = File::open(path).map_err(|source| TraceError::Open {
+    let open_error = |source| TraceError::Open {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(open_error)?;
     let mut events = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| TraceError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let Some(line) = line.strip_suffix('\n') else {
+            break;
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let event = serde_json::from_str(&line).map_err(|e| TraceError::Malformed {
+        let event = serde_json::from_str(line).map_err(|e| TraceError::Malformed {
             path: path.to_owned(),
             line: n + 1,
             problem: e.to_string(),
@@ -270,6 +275,13 @@ mod tests {
         log.append(&first);
         log.append(&same_run);
         log.append(&forged);
+        // An event still being written is not read yet.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"t_ms\":3")
+            .unwrap();
         let events = read(&path).unwrap();
         assert_eq!(events, [first, same_run, forged]);
         let mut text = Vec::new();

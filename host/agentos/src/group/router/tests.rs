@@ -276,3 +276,74 @@ fn an_agent_holds_at_most_its_byte_budget() {
         "back-pressure is not traced"
     );
 }
+
+#[test]
+fn replicas_share_their_agents_channels_and_take_messages_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(String, String)> = [("a", "a"), ("w-1", "w"), ("w-2", "w")]
+        .map(|(m, r)| (m.to_owned(), r.to_owned()))
+        .to_vec();
+    let channels = vec![
+        ("a".to_owned(), "w".to_owned()),
+        ("w".to_owned(), "output".to_owned()),
+    ];
+    let log = TraceLog::create(&dir.path().join("trace.jsonl")).unwrap();
+    let router = Router::with_members(&members, &channels, log);
+    for (member, _) in &members {
+        router.attach(member, &socket(&dir, member)).unwrap();
+    }
+    let f = Fixture { router, dir };
+    let mut w1 = Peer::connect(&f, "w-1");
+    w1.request(&PeerRequest::Listen);
+    let mut w2 = Peer::connect(&f, "w-2");
+    w2.request(&PeerRequest::Listen);
+    let mut a = Peer::connect(&f, "a");
+    // Equally loaded replicas take turns; a busy one is passed over.
+    assert!(matches!(
+        a.send(1, "w", "one", None),
+        RouterMessage::Accepted { .. }
+    ));
+    assert!(matches!(
+        a.send(2, "w", "two", None),
+        RouterMessage::Accepted { .. }
+    ));
+    let (one, two) = (w1.delivery(), w2.delivery());
+    assert_eq!((one.body.as_str(), two.body.as_str()), ("one", "two"));
+    w2.request(&PeerRequest::Ack {
+        message: two.message,
+    });
+    wait_for("the ack", || f.router.counters().acknowledged == 1);
+    assert!(matches!(
+        a.send(3, "w", "three", None),
+        RouterMessage::Accepted { .. }
+    ));
+    assert_eq!(w2.delivery().body, "three");
+    // A replica sends on its agent's channels, as itself.
+    let trace = f.router.inject("a", "x".into()).unwrap();
+    w1.request(&PeerRequest::Send(PeerSend {
+        seq: 9,
+        to: "output".into(),
+        kind: "text".into(),
+        body: "done".into(),
+        trace: Some(trace),
+        model: None,
+        infer_us: None,
+        from: None,
+    }));
+    assert!(matches!(w1.next(), RouterMessage::Accepted { seq: 9, .. }));
+    let results = f
+        .router
+        .wait_results(trace, 1, Instant::now() + Duration::from_secs(5), &|| false);
+    assert_eq!(results[0].from, "w-1");
+    // A replica can be named directly, and has no channel of its own beyond its agent's.
+    assert!(matches!(
+        a.send(4, "w-1", "direct", None),
+        RouterMessage::Accepted { .. }
+    ));
+    assert_eq!(w1.delivery().body, "direct");
+    let mut w1_send = Peer::connect(&f, "w-1");
+    assert!(matches!(
+        w1_send.send(5, "a", "back", None),
+        RouterMessage::Refused { retry: false, .. }
+    ));
+}

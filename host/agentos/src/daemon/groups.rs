@@ -1,0 +1,372 @@
+//! Groups under the daemon: `group up` starts a group file's agents (each replica its own VM,
+//! named `GROUP/MEMBER`) and the router between them, and keeps them running, restarted by their
+//! policy, each member joining the group again after a restart; `group input` gives the group's
+//! entry agent a text and waits for the results; `group down` stops them all.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::agent::{Agent, AgentConfig, BootHook};
+use super::api::{
+    AgentState, ApiError, ErrorKind, GroupInputRequest, GroupUpReply, GroupUpRequest,
+    RestartPolicy, SpawnRequest,
+};
+use super::{Daemon, SPAWN_POLL, agent_config, to_value, unknown_agent};
+use crate::group::file::{self, GroupSpec, Restart};
+use crate::group::router::Router;
+use crate::group::run::{AgentReport, GroupReport, join_member, trace_path};
+use crate::group::trace::{self, TraceLog};
+use crate::image;
+
+/// How long `group input` waits for the results unless told otherwise.
+const DEFAULT_INPUT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A group the daemon runs.
+pub struct GroupEntry {
+    spec: Arc<GroupSpec>,
+    router: Arc<Router>,
+    /// The daemon's names of its members (`GROUP/MEMBER`), in the file's order.
+    members: Vec<String>,
+    trace: PathBuf,
+}
+
+/// The daemon's name of a group member.
+pub fn member_name(group: &str, member: &str) -> String {
+    format!("{group}/{member}")
+}
+
+fn unknown_group(group: &str, groups: &BTreeMap<String, GroupEntry>) -> ApiError {
+    let up: Vec<&str> = groups.keys().map(String::as_str).collect();
+    ApiError::new(
+        ErrorKind::UnknownGroup,
+        if up.is_empty() {
+            format!("no group `{group}` is up: none is (start one with `agentos group up FILE`)")
+        } else {
+            format!("no group `{group}` is up (groups: {})", up.join(", "))
+        },
+    )
+}
+
+impl Daemon {
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, GroupEntry>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) async fn group_up(
+        &self,
+        request: GroupUpRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        let spec = file::parse(&request.text).map_err(|(line, problem)| {
+            ApiError::new(
+                ErrorKind::Invalid,
+                format!("{}:{line}: {problem}", request.file),
+            )
+        })?;
+        let group = spec.name.clone();
+        if self.lock_groups().contains_key(&group) {
+            return Err(ApiError::new(
+                ErrorKind::DuplicateName,
+                format!("group `{group}` is up already; `agentos group down {group}` first"),
+            ));
+        }
+        let trace = trace_path(&image::default_cache_dir(), &group);
+        if let Some(dir) = trace.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Failed,
+                    format!("cannot create {}: {e}", dir.display()),
+                )
+            })?;
+        }
+        let log = TraceLog::create(&trace)
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+        let spec = Arc::new(spec);
+        let router = Arc::new(Router::with_members(
+            &spec.member_roles(),
+            &spec.channels,
+            log,
+        ));
+        let configs = {
+            let spec = spec.clone();
+            let router = router.clone();
+            let state = self.state.path().to_path_buf();
+            let hang_timeout = self.hang_timeout;
+            tokio::task::spawn_blocking(move || {
+                member_configs(&spec, &router, &state, hang_timeout)
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))??
+        };
+        let members: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+        {
+            let mut groups = self.lock_groups();
+            let mut agents = self.lock_agents();
+            if groups.contains_key(&group) {
+                return Err(ApiError::new(
+                    ErrorKind::DuplicateName,
+                    format!("group `{group}` is up already"),
+                ));
+            }
+            if let Some(taken) = members.iter().find(|m| agents.contains_key(*m)) {
+                return Err(ApiError::new(
+                    ErrorKind::DuplicateName,
+                    format!("an agent named `{taken}` exists already"),
+                ));
+            }
+            if agents.len() + members.len() > super::MAX_AGENTS {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "this daemon keeps at most {} agents; `agentos rm` some",
+                        super::MAX_AGENTS
+                    ),
+                ));
+            }
+            for config in configs {
+                let name = config.name.clone();
+                let _ = std::fs::remove_file(&config.log);
+                let agent = Agent::spawn(config).map_err(|e| {
+                    ApiError::new(ErrorKind::Failed, format!("cannot start an agent: {e}"))
+                })?;
+                agents.insert(name, agent);
+            }
+            groups.insert(
+                group.clone(),
+                GroupEntry {
+                    spec,
+                    router,
+                    members: members.clone(),
+                    trace,
+                },
+            );
+        }
+        tracing::info!(group, members = members.len(), "group up");
+        if request.wait {
+            loop {
+                let states: Vec<AgentState> = {
+                    let agents = self.lock_agents();
+                    members
+                        .iter()
+                        .filter_map(|m| agents.get(m).map(Agent::state))
+                        .collect()
+                };
+                if states.iter().all(|s| *s != AgentState::Booting) {
+                    break;
+                }
+                tokio::time::sleep(SPAWN_POLL).await;
+            }
+            let failed: Vec<String> = {
+                let agents = self.lock_agents();
+                members
+                    .iter()
+                    .filter_map(|m| agents.get(m))
+                    .map(Agent::info)
+                    .filter(|i| i.state != AgentState::Running)
+                    .map(|i| {
+                        format!(
+                            "`{}` {}",
+                            i.name,
+                            i.last_error.unwrap_or_else(|| i.state.as_str().to_owned())
+                        )
+                    })
+                    .collect()
+            };
+            if !failed.is_empty() {
+                self.take_down(&group).await;
+                return Err(ApiError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "group `{group}` did not come up, and was stopped: {}",
+                        failed.join("; ")
+                    ),
+                ));
+            }
+        }
+        let agents = self.lock_agents();
+        to_value(&GroupUpReply {
+            group,
+            members: members
+                .iter()
+                .filter_map(|m| agents.get(m).map(Agent::info))
+                .collect(),
+        })
+    }
+
+    pub(super) async fn group_down(&self, group: &str) -> Result<serde_json::Value, ApiError> {
+        if !self.lock_groups().contains_key(group) {
+            return Err(unknown_group(group, &self.lock_groups()));
+        }
+        let stopped = self.take_down(group).await;
+        to_value(&serde_json::json!({ "group": group, "stopped": stopped }))
+    }
+
+    /// Stops a group's agents and forgets them and it; returns how many agents it had.
+    async fn take_down(&self, group: &str) -> usize {
+        let Some(entry) = self.lock_groups().remove(group) else {
+            return 0;
+        };
+        let agents: Vec<Agent> = {
+            let mut all = self.lock_agents();
+            entry.members.iter().filter_map(|m| all.remove(m)).collect()
+        };
+        for agent in &agents {
+            agent.request_stop();
+        }
+        let count = agents.len();
+        let logs: Vec<PathBuf> = agents.iter().map(|a| a.config().log.clone()).collect();
+        let router = entry.router;
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(agents);
+            drop(router);
+            for log in logs {
+                let _ = std::fs::remove_file(log);
+            }
+        })
+        .await;
+        tracing::info!(group, "group down");
+        count
+    }
+
+    pub(super) async fn group_input(
+        &self,
+        request: GroupInputRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        let started = Instant::now();
+        let (spec, router, members, trace_file) = {
+            let groups = self.lock_groups();
+            let Some(entry) = groups.get(&request.group) else {
+                return Err(unknown_group(&request.group, &groups));
+            };
+            (
+                entry.spec.clone(),
+                entry.router.clone(),
+                entry.members.clone(),
+                entry.trace.clone(),
+            )
+        };
+        if request.text.trim().is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                "the input is empty; give the group some text",
+            ));
+        }
+        if request.text.len() > agentos_protocol::peer::MAX_PEER_BODY_BYTES {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "the input is larger than {} bytes; give a shorter text",
+                    agentos_protocol::peer::MAX_PEER_BODY_BYTES
+                ),
+            ));
+        }
+        let id = router.inject(spec.entry(), request.text).map_err(|why| {
+            ApiError::new(ErrorKind::Failed, format!("the input was not taken: {why}"))
+        })?;
+        let timeout = request
+            .timeout_s
+            .map_or(DEFAULT_INPUT_TIMEOUT, Duration::from_secs);
+        let expected = spec.results_per_input();
+        let results = {
+            let router = router.clone();
+            tokio::task::spawn_blocking(move || {
+                router.wait_results(id, expected, Instant::now() + timeout, &|| {
+                    crate::signals::interrupted()
+                })
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
+        };
+        let events = trace::read(&trace_file)
+            .map(|events| events.into_iter().filter(|e| e.trace == id).collect())
+            .unwrap_or_default();
+        let agents: Vec<AgentReport> = {
+            let all = self.lock_agents();
+            members
+                .iter()
+                .filter_map(|m| all.get(m).map(Agent::info))
+                .map(|info| AgentReport {
+                    name: info
+                        .name
+                        .strip_prefix(&format!("{}/", spec.name))
+                        .unwrap_or(&info.name)
+                        .to_owned(),
+                    model: info.model,
+                    boot_ms: info.boot_ms.unwrap_or(0),
+                    restarts: info.restarts,
+                })
+                .collect()
+        };
+        to_value(&GroupReport {
+            group: spec.name.clone(),
+            agents,
+            results,
+            expected_results: expected,
+            counters: router.counters(),
+            trace: events,
+            unacknowledged: router.unacknowledged(),
+            ready_ms: 0,
+            total_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Refuses to stop or remove one member of a group by itself.
+    pub(super) fn check_not_member(&self, name: &str, verb: &str) -> Result<(), ApiError> {
+        let group = {
+            let agents = self.lock_agents();
+            match agents.get(name) {
+                Some(agent) => agent.config().group.clone(),
+                None => return Err(unknown_agent(name, &agents)),
+            }
+        };
+        match group {
+            Some(group) => Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "agent `{name}` belongs to group `{group}`, which {verb}s it; `agentos group down {group}` instead"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The boot options of each member, and how it joins the group after each boot.
+fn member_configs(
+    spec: &Arc<GroupSpec>,
+    router: &Arc<Router>,
+    state: &std::path::Path,
+    hang_timeout: Duration,
+) -> Result<Vec<AgentConfig>, ApiError> {
+    let mut configs = Vec::new();
+    for (member, agent) in spec.members() {
+        let name = member_name(&spec.name, &member);
+        let request = SpawnRequest {
+            name: name.clone(),
+            model: agent.model.clone(),
+            vcpus: Some(agent.vcpus),
+            memory_mib: agent.memory_mib,
+            cpus: agent.cpus,
+            weight: agent.weight,
+            restart: match agent.restart {
+                Restart::Never => RestartPolicy::Never,
+                Restart::OnFailure => RestartPolicy::OnFailure,
+            },
+            ..SpawnRequest::default()
+        };
+        // `+` is in no name: the log of `a/b` cannot be that of another member.
+        let log = state.join(format!("{}+{member}.log", spec.name));
+        let mut config = agent_config(request, log, hang_timeout)
+            .map_err(|e| ApiError::new(e.kind, format!("agent `{member}`: {}", e.message)))?;
+        config.group = Some(spec.name.clone());
+        config.class = agent.class;
+        let (spec, router) = (spec.clone(), router.clone());
+        let hook: BootHook = Arc::new(move |vm| {
+            join_member(&spec, &router, &member, vm).map_err(|e| format!("{e:#}"))
+        });
+        config.on_boot = Some(hook);
+        configs.push(config);
+    }
+    Ok(configs)
+}
