@@ -22,16 +22,7 @@ fn read(path: &Path) -> String {
 
 /// The threads of the one process whose command line mentions `marker` and runs `vmm`.
 fn vmm_threads(marker: &str) -> (u32, Vec<String>) {
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains(marker) && cmdline.split('\0').nth(1) == Some("vmm")
-        })
-        .expect("no VMM process");
+    let pid = crate::common::vmm_process(marker).expect("no VMM process");
     let tids = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(Result::ok)

@@ -232,6 +232,13 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Ve
     })
 }
 
+/// The `agentos vmm` process whose command line mentions `marker`, if one runs.
+pub fn vmm_process(marker: &str) -> Option<u32> {
+    processes_mentioning(marker)
+        .into_iter()
+        .find(|pid| cmdline(*pid).split(' ').nth(1) == Some("vmm"))
+}
+
 /// Processes whose command line contains `marker`.
 fn processes_mentioning(marker: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")

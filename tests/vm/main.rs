@@ -6,5 +6,6 @@ mod common;
 mod daemon;
 mod group;
 mod infer;
+mod jail;
 mod run;
 mod vsock;

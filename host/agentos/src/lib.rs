@@ -15,6 +15,7 @@ pub mod group;
 pub mod image;
 pub mod image_cmd;
 pub mod infer_run;
+pub mod jail;
 pub mod model;
 pub mod model_cmd;
 pub mod qemu;

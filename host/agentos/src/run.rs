@@ -71,6 +71,11 @@ pub struct VmArgs {
     /// `agentos doctor`'s probe whether this host's KVM boots Linux).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
     pub carrier: CarrierChoice,
+    /// Run the VMM without its jail (namespaces, private root, no capabilities, limits). UNSAFE:
+    /// a guest that breaks out of KVM then reaches this host with the VMM's privileges. For
+    /// debugging only.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -135,6 +140,11 @@ struct GuestBoot {
 impl VmArgs {
     /// Checks what a user can get wrong, before anything is started.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.no_jail {
+            eprintln!(
+                "agentos: WARNING: --no-jail runs the VMM unconfined (no namespaces, private root or capability drop); a guest that breaks out of KVM reaches this host with the VMM's privileges. Use it for debugging only."
+            );
+        }
         let memory = self.memory.unwrap_or(DEFAULT_MEMORY_MIB);
         if memory < MIN_MEMORY_MIB {
             bail!(
@@ -199,6 +209,7 @@ impl VmArgs {
             wait_for_room: self.wait,
             console_log: None,
             abort: None,
+            no_jail: self.no_jail,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! guest crashed (kernel panic, agent failure, unexpected reset), 1 when the VMM failed. With
 //! `--report`, a JSON report of the run is written on exit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +13,8 @@ use agentos_vmm::config::{ConsoleConfig, VmConfig, VsockConfig};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
 use anyhow::Context;
+
+use crate::jail::{self, JailPlan, Jailed};
 use serde::{Deserialize, Serialize};
 
 /// Exit statuses of `agentos vmm`.
@@ -51,6 +53,9 @@ pub struct VmmArgs {
     /// Write a JSON report of the run here when the VM ends.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Run without the jail (namespaces, private root, no capabilities): UNSAFE, for debugging.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 /// What `--report` contains.
@@ -126,6 +131,20 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     // The VMM must not outlive whoever started it.
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; no memory is involved.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    let args = &absolute(args)?;
+    if args.no_jail {
+        tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
+    } else {
+        // Still one thread here, as entering the jail needs.
+        match jail::enter(&jail_plan(args)?)
+            .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?
+        {
+            Jailed::Fully => tracing::info!("jailed"),
+            Jailed::Unprivileged => tracing::warn!(
+                "not root: running without namespaces or a private root, with limits and no_new_privs only"
+            ),
+        }
+    }
     let vmm = build_vm(&args.vm_config()).context("cannot build the VM")?;
     spawn_signal_thread(vmm.exit_signal())?;
     let report = vmm.run(Some(started)).context("the VM failed")?;
@@ -139,6 +158,69 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         Outcome::Shutdown | Outcome::Stopped => {}
     }
     Ok(code)
+}
+
+/// The arguments with every path made absolute and resolved, as the jail binds them; the
+/// console log is created so that it can be bound.
+fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
+    let resolve = |path: &Path| {
+        std::fs::canonicalize(path).with_context(|| format!("cannot find {}", path.display()))
+    };
+    let in_dir = |path: &Path| -> anyhow::Result<PathBuf> {
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} names no file", path.display()))?;
+        let dir = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(dir) => resolve(dir)?,
+            None => resolve(Path::new("."))?,
+        };
+        Ok(dir.join(name))
+    };
+    let mut out = args.clone();
+    out.kernel = resolve(&args.kernel)?;
+    out.initrd = args
+        .initrd
+        .iter()
+        .map(|p| resolve(p))
+        .collect::<Result<_, _>>()?;
+    if let Some(log) = &args.console_log {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        out.console_log = Some(resolve(log)?);
+    }
+    out.vsock_uds = args.vsock_uds.as_deref().map(in_dir).transpose()?;
+    out.report = args.report.as_deref().map(in_dir).transpose()?;
+    Ok(out)
+}
+
+/// What the VMM sees in its jail: the kernel and initrds (read-only), the console log and
+/// `/dev/kvm`, and the directory of its sockets and report (its run directory), where the jail's
+/// root is built too.
+fn jail_plan(args: &VmmArgs) -> anyhow::Result<JailPlan> {
+    let mut dirs: Vec<PathBuf> = [&args.vsock_uds, &args.report]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.dedup();
+    let base = dirs
+        .first()
+        .cloned()
+        .or_else(|| args.kernel.parent().map(Path::to_path_buf))
+        .context("no directory to build the jail in")?;
+    let mut read_only = vec![args.kernel.clone()];
+    read_only.extend(args.initrd.iter().cloned());
+    let mut read_write = vec![PathBuf::from("/dev/kvm")];
+    read_write.extend(args.console_log.iter().cloned());
+    Ok(JailPlan {
+        read_only,
+        read_write,
+        dirs,
+        root: base.join(format!("jail-{}", std::process::id())),
+    })
 }
 
 fn exit_code(outcome: &Outcome) -> i32 {

@@ -65,6 +65,8 @@ pub struct BootOptions {
     pub console_log: Option<PathBuf>,
     /// Set from another thread to give up a boot under way.
     pub abort: Option<Arc<AtomicBool>>,
+    /// Run the VMM without its jail (see [`crate::jail`]): unsafe, for debugging.
+    pub no_jail: bool,
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
@@ -94,6 +96,7 @@ impl BootOptions {
             wait_for_room: false,
             console_log: None,
             abort: None,
+            no_jail: false,
         }
     }
 
@@ -481,6 +484,7 @@ fn spawn_vmm(
         )
         .arg("--report")
         .arg(run_dir.join("report.json"))
+        .args(opts.no_jail.then_some("--no-jail"))
         .stdin(Stdio::null())
         .stderr(vmm_log);
     if opts.console {

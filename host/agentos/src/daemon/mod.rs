@@ -434,13 +434,7 @@ impl Daemon {
         let (reply, answer) = oneshot::channel();
         let name = call.name.clone();
         self.with_agent(&name, |a| a.submit(Job::Exec(call, reply)))??;
-        let result = answer.await.map_err(|_| {
-            ApiError::new(
-                ErrorKind::Failed,
-                format!("agent `{name}` ended before answering"),
-            )
-        })?;
-        to_value(&result?)
+        answer_of(&name, answer).await
     }
 
     async fn infer(&self, call: InferCall) -> Result<serde_json::Value, ApiError> {
@@ -478,13 +472,7 @@ impl Daemon {
         };
         let (reply, answer) = oneshot::channel();
         self.with_agent(&name, |a| a.submit(Job::Infer(request, reply)))??;
-        let result = answer.await.map_err(|_| {
-            ApiError::new(
-                ErrorKind::Failed,
-                format!("agent `{name}` ended before answering"),
-            )
-        })?;
-        to_value(&result?)
+        answer_of(&name, answer).await
     }
 
     /// Stops the agent's VM and waits until it is gone; the agent stays listed until `rm`.
@@ -591,6 +579,20 @@ impl Daemon {
             &lock(&self.counters.errors),
         )
     }
+}
+
+/// What agent `name`'s thread answered to a request.
+async fn answer_of<T: Serialize>(
+    name: &str,
+    answer: oneshot::Receiver<Result<T, ApiError>>,
+) -> Result<serde_json::Value, ApiError> {
+    let result = answer.await.map_err(|_| {
+        ApiError::new(
+            ErrorKind::Failed,
+            format!("agent `{name}` ended before answering"),
+        )
+    })?;
+    to_value(&result?)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,0 +1,142 @@
+//! The VMM's jail: its own namespaces, a root holding only what the VM needs, no capabilities,
+//! `no_new_privs`, no core dumps; and `--no-jail`, which says loudly what it gives up.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentos::image::{self, AGENT_IMAGE};
+
+use crate::common::{Scratch, describe, share_machine, text, vm_available};
+
+/// The process that runs `vmm` with `marker` on its command line, once it exists.
+fn vmm_pid(marker: &str, deadline: Instant) -> u32 {
+    loop {
+        if let Some(pid) = crate::common::vmm_process(marker) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no VMM process appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// Every file (not directory) under `dir`, as a path relative to it.
+fn files_under(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir.join(rel)) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let rel = rel.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            files_under(dir, &rel, out);
+        } else {
+            out.push(rel);
+        }
+    }
+}
+
+#[test]
+fn the_vmm_runs_jailed_without_capabilities_and_sees_only_what_its_vm_needs() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("jail");
+    let run_dir = t.run_dir();
+    let child = t.spawn(&["run", "--", "/bin/sh", "-c", "sleep 5; echo inside"]);
+    let pid = vmm_pid(
+        &run_dir.display().to_string(),
+        Instant::now() + Duration::from_secs(60),
+    );
+    // The jail is entered before the VM is built; give the VMM a moment to get there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_field(pid, "NoNewPrivs") != "1" {
+        assert!(Instant::now() < deadline, "the VMM never set no_new_privs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "the VMM shares our {ns} namespace");
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+
+    // What the VMM can see: its run directory, /dev/kvm, and the image's kernel and initrd.
+    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+        .expect("no agent image: run scripts/setup");
+    let image_files: Vec<PathBuf> = [&img.vmlinuz, &img.initrd]
+        .into_iter()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .unwrap()
+                .strip_prefix("/")
+                .unwrap()
+                .to_path_buf()
+        })
+        .collect();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut files = Vec::new();
+    files_under(&root, Path::new(""), &mut files);
+    let run_rel = run_dir.strip_prefix("/").unwrap();
+    let strays: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| {
+            !f.starts_with(run_rel) && *f != Path::new("dev/kvm") && !image_files.contains(f)
+        })
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "the jail shows {strays:?} (all: {files:?})"
+    );
+    assert!(files.iter().any(|f| f == Path::new("dev/kvm")), "{files:?}");
+    for file in &image_files {
+        assert!(
+            files.contains(file),
+            "no {} in the jail: {files:?}",
+            file.display()
+        );
+    }
+    for absent in ["etc/passwd", "usr", "proc/1", "sbin"] {
+        assert!(!root.join(absent).exists(), "the jail has /{absent}");
+    }
+
+    let out = t.finish(child, crate::common::command_limit());
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "inside\n");
+    t.assert_nothing_left();
+}
+
+#[test]
+fn no_jail_runs_and_says_it_is_unsafe() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("no-jail");
+    let out = t.output(&["run", "--no-jail", "--", "/bin/echo", "unconfined"], b"");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "unconfined\n");
+    assert!(
+        text(&out.stderr).contains("WARNING: --no-jail runs the VMM unconfined"),
+        "{}",
+        describe(&out)
+    );
+    t.assert_nothing_left();
+}
