@@ -42,9 +42,12 @@ pub struct JailPlan {
     pub read_write: Vec<PathBuf>,
     /// Directories visible read-write (the run directory: vsock sockets, report).
     pub dirs: Vec<PathBuf>,
-    /// Where the new root is built (an empty directory is made there).
-    pub root: PathBuf,
 }
+
+/// Where the new root is mounted before the pivot: a directory every Linux host has, that holds
+/// nothing the jail binds, and that the VMM's own mount namespace may cover (the host's `/proc`
+/// is untouched). Using it, the jail leaves no directory behind on the host.
+const ROOT_MOUNT_POINT: &str = "/proc";
 
 /// How far the jail went.
 #[derive(Debug, PartialEq, Eq)]
@@ -111,8 +114,16 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
         None,
     )
     .map_err(step("make the mounts private"))?;
-    let root = &plan.root;
-    std::fs::create_dir_all(root).map_err(step(format!("create {}", root.display())))?;
+    let root = Path::new(ROOT_MOUNT_POINT);
+    if let Some(bad) = plan
+        .dirs
+        .iter()
+        .chain(&plan.read_only)
+        .chain(&plan.read_write)
+        .find(|p| p.starts_with(root))
+    {
+        return Err(JailError::BadPath(bad.clone()));
+    }
     mount(
         Some("tmpfs"),
         root,

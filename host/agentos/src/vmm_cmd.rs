@@ -136,7 +136,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
     } else {
         // Still one thread here, as entering the jail needs.
-        match jail::enter(&jail_plan(args)?)
+        match jail::enter(&jail_plan(args))
             .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?
         {
             Jailed::Fully => tracing::info!("jailed"),
@@ -197,30 +197,23 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
 }
 
 /// What the VMM sees in its jail: the kernel and initrds (read-only), the console log and
-/// `/dev/kvm`, and the directory of its sockets and report (its run directory), where the jail's
-/// root is built too.
-fn jail_plan(args: &VmmArgs) -> anyhow::Result<JailPlan> {
+/// `/dev/kvm`, and the directory of its sockets and report (its run directory).
+fn jail_plan(args: &VmmArgs) -> JailPlan {
     let mut dirs: Vec<PathBuf> = [&args.vsock_uds, &args.report]
         .into_iter()
         .flatten()
         .filter_map(|p| p.parent().map(Path::to_path_buf))
         .collect();
     dirs.dedup();
-    let base = dirs
-        .first()
-        .cloned()
-        .or_else(|| args.kernel.parent().map(Path::to_path_buf))
-        .context("no directory to build the jail in")?;
     let mut read_only = vec![args.kernel.clone()];
     read_only.extend(args.initrd.iter().cloned());
     let mut read_write = vec![PathBuf::from("/dev/kvm")];
     read_write.extend(args.console_log.iter().cloned());
-    Ok(JailPlan {
+    JailPlan {
         read_only,
         read_write,
         dirs,
-        root: base.join(format!("jail-{}", std::process::id())),
-    })
+    }
 }
 
 fn exit_code(outcome: &Outcome) -> i32 {
