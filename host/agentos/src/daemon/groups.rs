@@ -348,6 +348,7 @@ fn member_configs(
             vcpus: Some(agent.vcpus),
             memory_mib: agent.memory_mib,
             cpus: agent.cpus,
+            cpuset: agent.cpuset.clone(),
             weight: agent.weight,
             restart: match agent.restart {
                 Restart::Never => RestartPolicy::Never,

@@ -68,6 +68,8 @@ pub struct AgentSpec {
     /// Guest memory; `None` picks the default for an agent with or without a model.
     pub memory_mib: Option<u64>,
     pub cpus: Option<f64>,
+    /// Host CPUs the agent may run on (`1`, `0-1`).
+    pub cpuset: Option<String>,
     pub weight: Option<u32>,
     /// The priority class the weight came from, if any.
     pub class: Option<PriorityClass>,
@@ -169,6 +171,7 @@ struct RawAgent {
     vcpus: Option<u8>,
     memory: Option<u64>,
     cpus: Option<f64>,
+    cpuset: Option<String>,
     weight: Option<u32>,
     class: Option<PriorityClass>,
     #[serde(default)]
@@ -389,6 +392,13 @@ fn agent_spec(
             "agent `{name}`: cpus = {cpus} must be above 0"
         )));
     }
+    if let Some(cpuset) = &raw.cpuset
+        && crate::cgroup::slice::parse_cpu_list(cpuset).is_none()
+    {
+        return Err(here(format!(
+            "agent `{name}`: cpuset = \"{cpuset}\" is not a CPU list such as \"1\" or \"0-1\""
+        )));
+    }
     if raw.weight.is_some() && raw.class.is_some() {
         return Err(here(format!(
             "agent `{name}` has both `weight` and `class`; a class is a weight, give one"
@@ -415,6 +425,7 @@ fn agent_spec(
         vcpus: raw.vcpus.unwrap_or(1),
         memory_mib: raw.memory,
         cpus: raw.cpus,
+        cpuset: raw.cpuset.clone(),
         weight: raw.weight.or(raw.class.map(PriorityClass::weight)),
         class: raw.class,
         restart: raw.restart,
@@ -555,6 +566,10 @@ class = "interactive"
                 "both `weight` and `class`",
             ),
             (
+                DIGEST.replace("memory = 256", "cpuset = \"one\""),
+                "is not a CPU list",
+            ),
+            (
                 DIGEST.replace("memory = 256", "count = 0"),
                 "give 1 to 16 replicas",
             ),
@@ -579,8 +594,9 @@ class = "interactive"
 
     #[test]
     fn replicas_are_members_named_after_their_agent() {
-        let spec = parse(&DIGEST.replace("memory = 256", "count = 3")).unwrap();
+        let spec = parse(&DIGEST.replace("memory = 256", "count = 3\ncpuset = \"0\"")).unwrap();
         assert_eq!(spec.agents[1].count, 3);
+        assert_eq!(spec.agents[1].cpuset.as_deref(), Some("0"));
         let members: Vec<(String, &str)> = spec
             .members()
             .into_iter()

@@ -320,7 +320,8 @@ fn run_here(
             opts.cpu = CpuSlice {
                 cpus: agent.cpus,
                 weight: agent.weight,
-                ..CpuSlice::default()
+                cpuset: agent.cpuset.clone(),
+                pin: false,
             };
             opts
         })
