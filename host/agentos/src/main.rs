@@ -56,10 +56,11 @@ enum Command {
     Rm(daemon::cli::RmArgs),
     /// The daemon's figures (agents' CPU, memory, restarts; API requests) as Prometheus text.
     Metrics(daemon::cli::MetricsArgs),
-    /// Groups of agents that work together: run one on an input, check a group file.
+    /// Groups of agents that work together: run one on an input, keep one up under the daemon,
+    /// check a group file.
     #[command(subcommand)]
     Group(group::GroupCommand),
-    /// Show how a group's last input went through its agents, and where the time went.
+    /// Show how a group's inputs went through its agents, and where the time went.
     Trace(group::run::TraceArgs),
     /// The model bundles agents run: list, add, verify, remove.
     #[command(subcommand)]
