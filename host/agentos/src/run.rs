@@ -25,6 +25,44 @@ const EXIT_CANNOT_RUN: i32 = 127;
 /// How much longer than `--timeout` the host waits for the guest to report the program's end.
 const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
+/// The CPU slice and admission flags of an agent, as `run` and `spawn` take them.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SliceArgs {
+    /// CPU time the VM may use, in CPUs (0.5 = half of one CPU), enforced by its cgroup.
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<f64>,
+    /// The host CPUs the VM may run on, e.g. `1` or `0-1,3`.
+    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
+    pub cpuset: Option<String>,
+    /// Pin the VM to the one host CPU that pinned agents load least (the daemon moves its
+    /// pinned agents when others leave).
+    #[arg(long)]
+    pub pin: bool,
+    /// CPU weight against other agents, 1..=10000 (default 100).
+    #[arg(long, conflicts_with = "class")]
+    pub weight: Option<u32>,
+    /// Priority class, a CPU weight: interactive (10000), batch (100, the default), idle (1);
+    /// under the daemon, batch agents also pause while an interactive one works.
+    #[arg(long, value_enum)]
+    pub class: Option<PriorityClass>,
+    /// When the VM's memory or CPU slice does not fit beside the running agents, wait for room
+    /// instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl SliceArgs {
+    /// The CPU part of the slice these flags ask for.
+    pub fn cpu(&self) -> CpuSlice {
+        CpuSlice {
+            cpus: self.cpus,
+            weight: self.weight.or(self.class.map(PriorityClass::weight)),
+            cpuset: self.cpuset.clone(),
+            pin: self.pin,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
     /// Number of vCPUs.
@@ -48,25 +86,8 @@ pub struct VmArgs {
     /// Seconds the guest agent has to come up.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
-    /// CPU time the VM may use, in CPUs (0.5 = half of one CPU), enforced by its cgroup.
-    #[arg(long, value_name = "CPUS")]
-    pub cpus: Option<f64>,
-    /// The host CPUs the VM may run on, e.g. `1` or `0-1,3`.
-    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
-    pub cpuset: Option<String>,
-    /// Pin the VM to the one host CPU that pinned agents load least.
-    #[arg(long)]
-    pub pin: bool,
-    /// CPU weight against other agents, 1..=10000 (default 100).
-    #[arg(long, conflicts_with = "class")]
-    pub weight: Option<u32>,
-    /// Priority class, a CPU weight: interactive (10000), batch (100, the default), idle (1).
-    #[arg(long, value_enum)]
-    pub class: Option<PriorityClass>,
-    /// When the VM's memory or CPU slice does not fit beside the running agents, wait for room
-    /// instead of failing.
-    #[arg(long)]
-    pub wait: bool,
+    #[command(flatten)]
+    pub slice: SliceArgs,
     /// Where the VM runs: directly on this host's KVM, or in a QEMU carrier VM (`auto` asks
     /// `agentos doctor`'s probe whether this host's KVM boots Linux).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
@@ -154,10 +175,11 @@ impl VmArgs {
         if memory > MAX_MEMORY_MIB {
             bail!("--memory {memory} MiB is more than the {MAX_MEMORY_MIB} MiB limit");
         }
+        let cpu = self.slice.cpu();
         crate::cgroup::Slice {
-            cpus: self.cpus,
-            weight: self.weight.or(self.class.map(PriorityClass::weight)),
-            cpuset: self.cpuset.clone(),
+            cpus: cpu.cpus,
+            weight: cpu.weight,
+            cpuset: cpu.cpuset,
             ..Default::default()
         }
         .validate()?;
@@ -200,13 +222,8 @@ impl VmArgs {
             extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
-            cpu: CpuSlice {
-                cpus: self.cpus,
-                weight: self.weight.or(self.class.map(PriorityClass::weight)),
-                cpuset: self.cpuset.clone(),
-                pin: self.pin,
-            },
-            wait_for_room: self.wait,
+            cpu: self.slice.cpu(),
+            wait_for_room: self.slice.wait,
             console_log: None,
             abort: None,
             no_jail: self.no_jail,

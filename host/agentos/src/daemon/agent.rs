@@ -21,8 +21,8 @@ use super::api::{
 };
 use crate::agent::connection::{ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
+use crate::cgroup::AgentCgroup;
 use crate::cgroup::slice::PriorityClass;
-use crate::cgroup::{AgentCgroup, CgroupStats};
 
 /// How often an idle agent's thread looks at its VM.
 const WATCH_TICK: Duration = Duration::from_millis(250);
@@ -172,20 +172,13 @@ impl Agent {
         }
     }
 
-    /// CPU and memory figures of its running VM.
-    pub fn stats(&self) -> Option<CgroupStats> {
-        let cgroup = lock(&self.status).cgroup.clone()?;
-        Some(cgroup.stats())
-    }
-
     /// Its running VM's cgroup.
     pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {
         lock(&self.status).cgroup.clone()
     }
 
-    /// Appends a line of the daemon's own to the agent's log.
-    pub fn note(&self, text: &str) {
-        append_note(&self.config, text);
+    pub fn shared_config(&self) -> Arc<AgentConfig> {
+        self.config.clone()
     }
 
     /// Hands a request to the agent's thread.
@@ -291,12 +284,12 @@ impl Shared {
     }
 
     fn note(&self, text: &str) {
-        append_note(&self.config, text);
+        note(&self.config, text);
     }
 }
 
 /// Appends a line of the daemon's own to an agent's log.
-fn append_note(config: &AgentConfig, text: &str) {
+pub fn note(config: &AgentConfig, text: &str) {
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

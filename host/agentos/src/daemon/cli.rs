@@ -14,7 +14,6 @@ use super::api::{
     RestartPolicy, RmRequest, SpawnRequest,
 };
 use super::client::{Client, ClientError};
-use crate::cgroup::slice::PriorityClass;
 use crate::group::run::GroupReport;
 use crate::signals;
 
@@ -36,31 +35,14 @@ pub struct SpawnArgs {
     /// Guest memory in MiB (default 256; 512 with --model).
     #[arg(long)]
     pub memory: Option<u64>,
-    /// CPU time the agent may use, in CPUs.
-    #[arg(long, value_name = "CPUS")]
-    pub cpus: Option<f64>,
-    /// The host CPUs the agent may run on, e.g. `1` or `0-1`.
-    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
-    pub cpuset: Option<String>,
-    /// Pin the agent to the CPU pinned agents load least (the daemon moves it when others leave).
-    #[arg(long)]
-    pub pin: bool,
-    /// CPU weight against other agents, 1..=10000.
-    #[arg(long, conflicts_with = "class")]
-    pub weight: Option<u32>,
-    /// Priority class: interactive (10000), batch (100), idle (1).
-    #[arg(long, value_enum)]
-    pub class: Option<PriorityClass>,
+    #[command(flatten)]
+    pub slice: crate::run::SliceArgs,
     /// When its VM ends: never boot it again, on-failure (crash or hang), or always.
     #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
     pub restart: RestartPolicy,
     /// Seconds the guest agent has to come up.
     #[arg(long, value_name = "SECS")]
     pub boot_timeout: Option<u64>,
-    /// When the agent's memory or CPU slice does not fit beside the running agents, wait for
-    /// room (booting) instead of failing.
-    #[arg(long)]
-    pub wait: bool,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
     pub detach: bool,
@@ -176,15 +158,15 @@ pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
         model: args.model.clone(),
         vcpus: args.vcpus,
         memory_mib: args.memory,
-        cpus: args.cpus,
-        cpuset: args.cpuset.clone(),
-        pin: args.pin,
-        weight: args.weight,
-        class: args.class,
+        cpus: args.slice.cpus,
+        cpuset: args.slice.cpuset.clone(),
+        pin: args.slice.pin,
+        weight: args.slice.weight,
+        class: args.slice.class,
         restart: args.restart,
         boot_timeout_s: args.boot_timeout,
         wait: !args.detach,
-        queue: args.wait,
+        queue: args.slice.wait,
     });
     let info: AgentInfo = client(&args.socket)?.call(&request)?;
     if args.json {
@@ -373,13 +355,8 @@ pub struct GroupDownArgs {
 }
 
 pub fn group_up(args: &GroupUpArgs) -> anyhow::Result<i32> {
-    let mut text = String::new();
-    std::fs::File::open(&args.file)
-        .and_then(|f| {
-            f.take(crate::group::file::MAX_FILE_BYTES)
-                .read_to_string(&mut text)
-        })
-        .with_context(|| format!("cannot read group file {}", args.file.display()))?;
+    // Checked here first, so that a bad file is named by its path on this host.
+    let (_, text) = crate::group::file::load_with_text(&args.file)?;
     let reply: GroupUpReply = client(&args.socket)?.call(&Request::GroupUp(GroupUpRequest {
         file: args.file.display().to_string(),
         text,

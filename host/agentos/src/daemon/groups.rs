@@ -13,7 +13,7 @@ use super::api::{
     AgentState, ApiError, ErrorKind, GroupInputRequest, GroupUpReply, GroupUpRequest,
     RestartPolicy, SpawnRequest,
 };
-use super::{Daemon, SPAWN_POLL, agent_config, to_value, unknown_agent};
+use super::{Daemon, agent_config, to_value, unknown_agent};
 use crate::group::file::{self, GroupSpec, Restart};
 use crate::group::router::Router;
 use crate::group::run::{AgentReport, GroupReport, join_member, trace_path};
@@ -144,19 +144,7 @@ impl Daemon {
         }
         tracing::info!(group, members = members.len(), "group up");
         if request.wait {
-            loop {
-                let states: Vec<AgentState> = {
-                    let agents = self.lock_agents();
-                    members
-                        .iter()
-                        .filter_map(|m| agents.get(m).map(Agent::state))
-                        .collect()
-                };
-                if states.iter().all(|s| *s != AgentState::Booting) {
-                    break;
-                }
-                tokio::time::sleep(SPAWN_POLL).await;
-            }
+            self.wait_until_booted(&members).await;
             let failed: Vec<String> = {
                 let agents = self.lock_agents();
                 members
@@ -278,9 +266,7 @@ impl Daemon {
             .await
             .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
         };
-        let events = trace::read(&trace_file)
-            .map(|events| events.into_iter().filter(|e| e.trace == id).collect())
-            .unwrap_or_default();
+        let events = trace::read_where(&trace_file, |e| e.trace == id).unwrap_or_default();
         let agents: Vec<AgentReport> = {
             let all = self.lock_agents();
             members

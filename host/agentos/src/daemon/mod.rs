@@ -27,6 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, oneshot};
 
 use self::agent::{Agent, AgentConfig, Job};
+use self::api::AgentInfo;
 use self::api::{
     AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MAX_REQUEST_BYTES,
     MetricsReply, PsReply, Reply, Request, RmRequest, SpawnRequest, VersionReply,
@@ -184,8 +185,18 @@ async fn serve(
     }
     let turns = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut tick = tokio::time::interval(SIGNAL_POLL);
-    let mut arbiter = arbiter::Arbiter::default();
-    let mut arbiter_tick = tokio::time::interval(arbiter::TICK);
+    let arbiter = {
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("arbiter".into())
+            .spawn(move || {
+                let mut arbiter = arbiter::Arbiter::default();
+                while !daemon.stopping.load(Ordering::SeqCst) && !signals::interrupted() {
+                    std::thread::sleep(arbiter::TICK);
+                    daemon.arbitrate(&mut arbiter);
+                }
+            })?
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -207,10 +218,10 @@ async fn serve(
                     break;
                 }
             }
-            _ = arbiter_tick.tick() => daemon.arbitrate(&mut arbiter),
         }
     }
     daemon.stopping.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || arbiter.join()).await;
     let agents: Vec<Agent> = std::mem::take(&mut *daemon.lock_agents())
         .into_values()
         .collect();
@@ -396,22 +407,16 @@ impl Daemon {
         }
         tracing::info!(agent = name, "spawned");
         if wait {
-            loop {
-                let (state, refused) = self.with_agent(&name, |a| (a.state(), a.was_refused()))?;
-                if refused {
-                    let agent = self.lock_agents().remove(&name);
-                    let info = agent.as_ref().map(Agent::info);
-                    tokio::task::spawn_blocking(move || drop(agent)).await.ok();
-                    return Err(ApiError::new(
-                        ErrorKind::NoRoom,
-                        info.and_then(|i| i.last_error)
-                            .unwrap_or_else(|| "no room on this host".to_owned()),
-                    ));
-                }
-                if state != AgentState::Booting {
-                    break;
-                }
-                tokio::time::sleep(SPAWN_POLL).await;
+            self.wait_until_booted(std::slice::from_ref(&name)).await;
+            if self.with_agent(&name, Agent::was_refused)? {
+                let agent = self.lock_agents().remove(&name);
+                let info = agent.as_ref().map(Agent::info);
+                tokio::task::spawn_blocking(move || drop(agent)).await.ok();
+                return Err(ApiError::new(
+                    ErrorKind::NoRoom,
+                    info.and_then(|i| i.last_error)
+                        .unwrap_or_else(|| "no room on this host".to_owned()),
+                ));
             }
         }
         let info = self.with_agent(&name, Agent::info)?;
@@ -425,6 +430,24 @@ impl Daemon {
             ));
         }
         to_value(&info)
+    }
+
+    /// Waits until none of the agents `names` is booting any more (up, failed or gone).
+    async fn wait_until_booted(&self, names: &[String]) {
+        loop {
+            let booting = {
+                let agents = self.lock_agents();
+                names.iter().any(|n| {
+                    agents
+                        .get(n)
+                        .is_some_and(|a| a.state() == AgentState::Booting)
+                })
+            };
+            if !booting {
+                return;
+            }
+            tokio::time::sleep(SPAWN_POLL).await;
+        }
     }
 
     async fn exec(&self, call: ExecCall) -> Result<serde_json::Value, ApiError> {
@@ -511,44 +534,56 @@ impl Daemon {
         to_value(&serde_json::json!({ "removed": name }))
     }
 
-    /// Freezes and thaws batch agents as the arbiter says, and evens out the CPUs of pinned
-    /// agents (one may have left).
-    fn arbitrate(&self, arbiter: &mut arbiter::Arbiter) {
-        let agents = self.lock_agents();
-        let pinned: Vec<(&Agent, Arc<cgroup::AgentCgroup>)> = agents
+    /// What the arbiter and the metrics read of each agent, taken under the lock; the cgroup
+    /// files are read after it is released.
+    fn snapshot(
+        &self,
+    ) -> Vec<(
+        Arc<AgentConfig>,
+        AgentInfo,
+        Option<Arc<cgroup::AgentCgroup>>,
+    )> {
+        self.lock_agents()
             .values()
-            .filter(|a| a.config().opts.cpu.pin)
-            .filter_map(|a| a.cgroup().map(|c| (a, c)))
+            .map(|a| (a.shared_config(), a.info(), a.cgroup()))
+            .collect()
+    }
+
+    /// Freezes and thaws batch agents as the arbiter says, and evens out the CPUs of pinned
+    /// agents (one may have left). Runs on the arbiter's thread: it reads and writes cgroup
+    /// files and takes the admission lock.
+    fn arbitrate(&self, arbiter: &mut arbiter::Arbiter) {
+        let agents = self.snapshot();
+        let pinned: Vec<(&AgentConfig, &cgroup::AgentCgroup)> = agents
+            .iter()
+            .filter(|(config, _, _)| config.opts.cpu.pin)
+            .filter_map(|(config, _, cgroup)| Some((&**config, &**cgroup.as_ref()?)))
             .collect();
         if !pinned.is_empty() {
-            let cgroups: Vec<&cgroup::AgentCgroup> = pinned.iter().map(|(_, c)| &**c).collect();
+            let cgroups: Vec<&cgroup::AgentCgroup> = pinned.iter().map(|(_, c)| *c).collect();
             for (i, cpu) in crate::admission::rebalance(&cgroup::Layout::discover(), &cgroups) {
-                pinned[i].0.note(&format!(
-                    "moved to CPU {cpu}: pinned agents are spread evenly"
-                ));
+                agent::note(
+                    pinned[i].0,
+                    &format!("moved to CPU {cpu}: pinned agents are spread evenly"),
+                );
             }
         }
         let seen: Vec<arbiter::Seen> = agents
-            .values()
-            .map(|a| {
-                let cgroup = a.cgroup();
-                arbiter::Seen {
-                    name: a.name().to_owned(),
-                    class: a.config().class,
-                    cpu_usage_us: cgroup.as_ref().map(|c| c.stats().cpu_usage_us),
-                    frozen: cgroup.as_ref().is_some_and(|c| c.is_frozen()),
-                }
+            .iter()
+            .map(|(config, _, cgroup)| arbiter::Seen {
+                name: config.name.clone(),
+                class: config.class,
+                cpu_usage_us: cgroup.as_ref().map(|c| c.stats().cpu_usage_us),
+                frozen: cgroup.as_ref().is_some_and(|c| c.is_frozen()),
             })
             .collect();
         for action in arbiter.tick(&seen, std::time::Instant::now()) {
-            let (name, freeze, why) = match &action {
-                arbiter::Action::Freeze { name, because } => (name, true, because.as_str()),
-                arbiter::Action::Thaw { name } => (name, false, ""),
+            let (name, freeze) = match &action {
+                arbiter::Action::Freeze { name, .. } => (name, true),
+                arbiter::Action::Thaw { name } => (name, false),
             };
-            let Some(agent) = agents.get(name) else {
-                continue;
-            };
-            let Some(cgroup) = agent.cgroup() else {
+            let Some((config, _, Some(cgroup))) = agents.iter().find(|(c, _, _)| &c.name == name)
+            else {
                 continue;
             };
             let done = if freeze {
@@ -556,21 +591,25 @@ impl Daemon {
             } else {
                 cgroup.thaw()
             };
-            match done {
-                Ok(()) if freeze => agent.note(&format!("paused: {why}")),
-                Ok(()) => agent.note("resumed: no interactive agent needs the CPU"),
-                Err(e) => tracing::warn!(agent = name, error = %e, "cannot pause or resume"),
+            match (done, &action) {
+                (Ok(()), arbiter::Action::Freeze { because, .. }) => {
+                    agent::note(config, &format!("paused: {because}"));
+                }
+                (Ok(()), arbiter::Action::Thaw { .. }) => {
+                    agent::note(config, "resumed: no interactive agent needs the CPU");
+                }
+                (Err(e), _) => tracing::warn!(agent = name, error = %e, "cannot pause or resume"),
             }
         }
     }
 
     fn metrics_text(&self) -> String {
-        let agents = self.lock_agents();
-        let rows: Vec<metrics::AgentRow> = agents
-            .values()
-            .map(|a| metrics::AgentRow {
-                info: a.info(),
-                stats: a.stats(),
+        let rows: Vec<metrics::AgentRow> = self
+            .snapshot()
+            .into_iter()
+            .map(|(_, info, cgroup)| metrics::AgentRow {
+                info,
+                stats: cgroup.map(|c| c.stats()),
             })
             .collect();
         metrics::render(

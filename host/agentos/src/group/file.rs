@@ -32,7 +32,7 @@ pub const OUTPUT: &str = "output";
 /// Agents one group may declare.
 pub const MAX_AGENTS: usize = 16;
 /// Largest group file read.
-pub const MAX_FILE_BYTES: u64 = 1 << 20;
+const MAX_FILE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupFileError {
@@ -179,8 +179,8 @@ struct RawAgent {
     count: Option<u32>,
 }
 
-/// Reads and checks the group file at `path`.
-pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
+/// Reads and checks the group file at `path`; returns it with its text.
+pub fn load_with_text(path: &Path) -> Result<(GroupSpec, String), GroupFileError> {
     use std::io::Read;
     let read_err = |source| GroupFileError::Read {
         path: path.to_owned(),
@@ -192,11 +192,17 @@ pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
         .take(MAX_FILE_BYTES)
         .read_to_string(&mut text)
         .map_err(read_err)?;
-    parse(&text).map_err(|(line, problem)| GroupFileError::Invalid {
+    let spec = parse(&text).map_err(|(line, problem)| GroupFileError::Invalid {
         path: path.to_owned(),
         line,
         problem,
-    })
+    })?;
+    Ok((spec, text))
+}
+
+/// Reads and checks the group file at `path`.
+pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
+    load_with_text(path).map(|(spec, _)| spec)
 }
 
 /// Parses a group file; an error is the line it is on and what is wrong.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -112,28 +112,41 @@ impl TraceLog {
 /// Reads every event of the trace at `path`. A last line without its newline is an event still
 /// being written (the group is running) and is left out.
 pub fn read(path: &Path) -> Result<Vec<TraceEvent>, TraceError> {
+    read_where(path, |_| true)
+}
+
+/// Reads the events of the trace at `path` that `keep` wants, a line at a time: a long-lived
+/// group's trace is read for one input without holding the others.
+pub fn read_where(
+    path: &Path,
+    keep: impl Fn(&TraceEvent) -> bool,
+) -> Result<Vec<TraceEvent>, TraceError> {
     let open_error = |source| TraceError::Open {
         path: path.to_owned(),
         source,
     };
-    let mut text = String::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(open_error)?;
+    let mut lines = BufReader::new(File::open(path).map_err(open_error)?);
+    let mut line = String::new();
     let mut events = Vec::new();
-    for (n, line) in text.split_inclusive('\n').enumerate() {
-        let Some(line) = line.strip_suffix('\n') else {
+    for n in 1.. {
+        line.clear();
+        if lines.read_line(&mut line).map_err(open_error)? == 0 {
+            break;
+        }
+        let Some(text) = line.strip_suffix('\n') else {
             break;
         };
-        if line.trim().is_empty() {
+        if text.trim().is_empty() {
             continue;
         }
-        let event = serde_json::from_str(line).map_err(|e| TraceError::Malformed {
+        let event: TraceEvent = serde_json::from_str(text).map_err(|e| TraceError::Malformed {
             path: path.to_owned(),
-            line: n + 1,
+            line: n,
             problem: e.to_string(),
         })?;
-        events.push(event);
+        if keep(&event) {
+            events.push(event);
+        }
     }
     Ok(events)
 }
