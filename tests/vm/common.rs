@@ -232,11 +232,45 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Ve
     })
 }
 
-/// The `agentos vmm` process whose command line mentions `marker`, if one runs.
+/// The `agentos vmm` process whose command line mentions `marker` and that runs the guest, if
+/// one runs. A jailed VMM is two processes with the same command line: a supervisor and its
+/// child, PID 1 of its own PID namespace, which runs the guest; while the child does not exist
+/// yet, the supervisor is returned.
 pub fn vmm_process(marker: &str) -> Option<u32> {
-    processes_mentioning(marker)
+    let vmms: Vec<u32> = processes_mentioning(marker)
         .into_iter()
-        .find(|pid| cmdline(*pid).split(' ').nth(1) == Some("vmm"))
+        .filter(|pid| is_vmm(*pid))
+        .collect();
+    vmms.iter()
+        .copied()
+        .find(|pid| parent_of(*pid).is_some_and(|p| vmms.contains(&p)))
+        .or_else(|| vmms.first().copied())
+}
+
+/// The process that runs the guest of the VMM started as `pid` (what the daemon reports as
+/// `vmm_pid`): its jailed child, or `pid` itself when it has none (`--no-jail`, not root).
+pub fn guest_runner(pid: u32) -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|child| parent_of(*child) == Some(pid) && is_vmm(*child))
+        .unwrap_or(pid)
+}
+
+fn is_vmm(pid: u32) -> bool {
+    cmdline(pid).split(' ').nth(1) == Some("vmm")
+}
+
+/// The parent of `pid`, from the field after the parenthesised command name in its `stat`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Processes whose command line contains `marker`.

@@ -148,6 +148,13 @@ fn json_call(socket: &Path, request: &str) -> serde_json::Value {
     raw_call(socket, request.len() as u32, request.as_bytes()).expect("no reply")
 }
 
+/// The process that runs agent `name`'s guest: the child of the VMM the daemon started, when
+/// the VMM is jailed in its own PID namespace.
+fn vmm_of(d: &Daemon<'_>, name: &str) -> u64 {
+    let pid = d.agent(name)["vmm_pid"].as_u64().unwrap();
+    u64::from(crate::common::guest_runner(pid as u32))
+}
+
 fn alive(pid: u64) -> bool {
     // Zombies are gone as far as a VM goes.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -219,18 +226,19 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     ]);
     assert!(sentiment.starts_with("positive\t0."), "{sentiment}");
 
-    // A crash (the VMM killed) is seen and healed.
-    let first = d.agent("w")["vmm_pid"].as_u64().unwrap();
+    // A crash (the process running the guest killed) is seen and healed.
+    let first = vmm_of(&d, "w");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(first as i32, libc::SIGKILL) };
     d.wait_until(Duration::from_secs(300), "a restart after the crash", |d| {
         let a = d.agent("w");
         a["restarts"] == 1 && a["state"] == "running"
     });
-    let second = d.agent("w")["vmm_pid"].as_u64().unwrap();
+    let second = vmm_of(&d, "w");
     assert_ne!(first, second);
 
-    // A hang (the VMM stopped: no answer to pings) is seen, its VM killed, and healed.
+    // A hang (the process running the guest stopped: no answer to pings) is seen, its VM killed,
+    // and healed.
     // SAFETY: as above.
     unsafe { libc::kill(second as i32, libc::SIGSTOP) };
     d.wait_until(Duration::from_secs(300), "a restart after the hang", |d| {
@@ -342,7 +350,7 @@ fn a_group_runs_under_the_daemon_with_replicas_that_share_the_work() {
     assert_eq!(froms, ["w-1", "w-2"]);
 
     // A replica that crashes is booted again and joins the group again.
-    let pid = d.agent("pool/w-1")["vmm_pid"].as_u64().unwrap();
+    let pid = vmm_of(&d, "pool/w-1");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     d.wait_until(Duration::from_secs(300), "the replica's restart", |d| {

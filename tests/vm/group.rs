@@ -222,7 +222,8 @@ fn results_in_trace(run_dir: &Path) -> usize {
         .count()
 }
 
-/// The pid of the VMM under `run_dir` whose command line contains `marker`.
+/// The pid of the process running the guest of the VMM under `run_dir` whose command line
+/// contains `marker`.
 fn vmm_with(run_dir: &Path, marker: &str) -> Option<i32> {
     let run_dir = run_dir.display().to_string();
     std::fs::read_dir("/proc")
@@ -235,6 +236,7 @@ fn vmm_with(run_dir: &Path, marker: &str) -> Option<i32> {
                 .unwrap_or_default();
             cmdline.contains(" vmm ") && cmdline.contains(&run_dir) && cmdline.contains(marker)
         })
+        .map(|pid| crate::common::guest_runner(pid as u32) as i32)
 }
 
 /// A group whose worker takes its time, so that it can be watched.

@@ -1,5 +1,6 @@
-//! The VMM's jail: its own namespaces, a root holding only what the VM needs, no capabilities,
-//! `no_new_privs`, no core dumps; and `--no-jail`, which says loudly what it gives up.
+//! The VMM's jail: its own namespaces (PID included), a root holding only what the VM needs, an
+//! unprivileged user, no capabilities, `no_new_privs`, no core dumps; and `--no-jail`, which says
+//! loudly what it gives up.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,25 +9,30 @@ use agentos::image::{self, AGENT_IMAGE};
 
 use crate::common::{Scratch, describe, share_machine, text, vm_available};
 
-/// The process that runs `vmm` with `marker` on its command line, once it exists.
-fn vmm_pid(marker: &str, deadline: Instant) -> u32 {
+/// The process that runs the guest of the `vmm` with `marker` on its command line, once it has
+/// entered its jail (set `no_new_privs`, the jail's last step but one).
+fn jailed_vmm_pid(marker: &str, deadline: Instant) -> u32 {
     loop {
-        if let Some(pid) = crate::common::vmm_process(marker) {
+        if let Some(pid) = crate::common::vmm_process(marker)
+            && try_status_field(pid, "NoNewPrivs").as_deref() == Some("1")
+        {
             return pid;
         }
-        assert!(Instant::now() < deadline, "no VMM process appeared");
+        assert!(Instant::now() < deadline, "no jailed VMM process appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+fn try_status_field(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_owned()
+        .map(|v| v.trim().to_owned())
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    try_status_field(pid, field).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Every file (not directory) under `dir`, as a path relative to it.
@@ -53,20 +59,32 @@ fn the_vmm_runs_jailed_without_capabilities_and_sees_only_what_its_vm_needs() {
     let t = Scratch::new("jail");
     let run_dir = t.run_dir();
     let child = t.spawn(&["run", "--", "/bin/sh", "-c", "sleep 5; echo inside"]);
-    let pid = vmm_pid(
-        &run_dir.display().to_string(),
-        Instant::now() + Duration::from_secs(60),
-    );
     // The jail is entered before the VM is built; give the VMM a moment to get there.
+    let pid = jailed_vmm_pid(
+        &run_dir.display().to_string(),
+        Instant::now() + Duration::from_secs(120),
+    );
+    // Capabilities go last; wait for the effective set to empty.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status_field(pid, "NoNewPrivs") != "1" {
-        assert!(Instant::now() < deadline, "the VMM never set no_new_privs");
+    while status_field(pid, "CapEff") != "0000000000000000" {
+        assert!(Instant::now() < deadline, "the VMM kept its capabilities");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
     assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    // An unprivileged user and group (the default 65534), real, effective, saved and fs ids.
+    let unprivileged = ["65534"; 4].join("\t");
+    assert_eq!(status_field(pid, "Uid"), unprivileged);
+    assert_eq!(status_field(pid, "Gid"), unprivileged);
+    assert_eq!(status_field(pid, "Groups"), "");
+    // PID 1 of a PID namespace of its own: NSpid lists its pid in each namespace, ours first.
+    let nspid = status_field(pid, "NSpid");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "NSpid {nspid}"
+    );
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "the VMM shares our {ns} namespace");

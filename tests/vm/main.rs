@@ -4,6 +4,7 @@
 mod cgroup;
 mod common;
 mod daemon;
+mod eval;
 mod group;
 mod infer;
 mod jail;

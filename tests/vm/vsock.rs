@@ -71,7 +71,9 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     let t = Scratch::new("vsock");
     let run = t.run_dir();
     std::fs::create_dir_all(&run).unwrap();
-    let control = UnixListener::bind(run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+    // As the daemon does: a socket the jailed VMM (another uid) may connect to.
+    let control =
+        agentos::rundir::listen(&run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
     let report_path = run.join("report.json");
     let mut vmm = t
         .agentos()

@@ -217,6 +217,8 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
     let mut files = vec![exe];
     files.extend(spec.files.iter().cloned());
+    // So that `agentos eval` runs in any carrier, the test suite's included.
+    files.extend(crate::eval::carrier_files());
     let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
 
     let run_dir = RunDir::create("carrier").context("cannot create the carrier's run directory")?;

@@ -1,25 +1,44 @@
 //! The VMM's jail, entered by `agentos vmm` before it opens anything of the guest's or starts a
-//! thread: its own mount, network, IPC and UTS namespaces; a private root (a small tmpfs, then
-//! `pivot_root`) in which only the kernel and initrds (read-only), the console log, `/dev/kvm`
-//! and the VM's run directory exist, at the paths they had; no core dumps, bounded open files and
-//! file sizes; `no_new_privs`; and every capability dropped. A guest that takes over its VMM then
-//! holds a process that sees one run directory, has no network, cannot gain privileges and holds
-//! no capability.
+//! thread, the way Firecracker's jailer confines Firecracker:
 //!
-//! Namespaces and mounts need root (CAP_SYS_ADMIN). Without it the VMM says so and runs with
-//! the parts that need no privilege (limits, `no_new_privs`).
+//! - its own PID namespace: the process forks; the child is PID 1 of a new namespace and runs
+//!   the VMM; the parent stays behind as a supervisor that only forwards stop signals, waits, and
+//!   exits with the child's status (so whoever started `agentos vmm` sees the same statuses);
+//! - its own mount, network, IPC and UTS namespaces, and a private root (a small tmpfs, then
+//!   `pivot_root`) in which only the kernel and initrds (read-only), the console log, a private
+//!   `/dev/kvm` node and the VM's run directory exist, at the paths they had;
+//! - no core dumps, bounded open files and file sizes; `no_new_privs`;
+//! - an unprivileged uid and gid, and every capability dropped.
+//!
+//! A guest that takes over its VMM then holds a process that sees one run directory and no other
+//! process, has no network, runs as a user that owns nothing on the host but its run directory,
+//! cannot gain privileges and holds no capability.
+//!
+//! Namespaces, mounts and changing ids need root. Without it the VMM says so and runs with the
+//! parts that need no privilege (limits, `no_new_privs`), in one process as before.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Open files the VMM may hold: its devices, guest connections and logs.
 const MAX_OPEN_FILES: u64 = 4096;
 /// The largest file the VMM may write (its console log is bounded below this).
 const MAX_FILE_BYTES: u64 = 64 << 20;
-/// Size of the tmpfs that becomes the root: directories and empty mount points only.
+/// Size of the tmpfs that becomes the root: directories, device nodes and empty mount points.
 const ROOT_TMPFS: &str = "size=1m,mode=0755";
+/// The uid and gid the VMM runs as unless told otherwise: `nobody`/`nogroup` on every common
+/// distribution, which own no files (see docs/security.md for why a shared id is acceptable).
+pub const DEFAULT_ID: u32 = 65534;
+/// A device node in the jail is for the VMM's user alone.
+const DEVICE_MODE: libc::mode_t = 0o600;
+/// Signals the supervisor passes on to the VMM (those that stop it cleanly).
+const FORWARDED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// The supervisor's status when the VMM ended some way `waitpid` does not describe.
+const EXIT_LOST: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -31,28 +50,56 @@ pub enum JailError {
     },
     #[error("{0} is not a path the jail can hold")]
     BadPath(PathBuf),
+    #[error("{0} is not a character device")]
+    NotADevice(PathBuf),
 }
 
-/// What the VMM needs to see inside its jail.
+/// The user and group the VMM runs as inside its jail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self {
+            uid: DEFAULT_ID,
+            gid: DEFAULT_ID,
+        }
+    }
+}
+
+/// What the VMM needs to see inside its jail, and as whom.
 #[derive(Clone, Debug, Default)]
 pub struct JailPlan {
     /// Files visible read-only (kernel, initrds).
     pub read_only: Vec<PathBuf>,
-    /// Files visible read-write (console log, `/dev/kvm`).
+    /// Files visible read-write (the console log); given to the jail's user.
     pub read_write: Vec<PathBuf>,
-    /// Directories visible read-write (the run directory: vsock sockets, report).
+    /// Directories visible read-write (the run directory: vsock sockets, report); given to the
+    /// jail's user.
     pub dirs: Vec<PathBuf>,
+    /// Character devices (`/dev/kvm`): recreated in the jail as nodes of the jail's user, mode
+    /// 0600; the host's nodes are never touched.
+    pub devices: Vec<PathBuf>,
+    /// Who the VMM becomes.
+    pub ids: Ids,
+    /// Where the jail's root is built: `<base>/<supervisor pid>`, removed when the VMM ends.
+    /// Without one, over `/proc` in the VMM's own mount namespace, which leaves nothing behind.
+    pub chroot_base: Option<PathBuf>,
 }
 
-/// Where the new root is mounted before the pivot: a directory every Linux host has, that holds
-/// nothing the jail binds, and that the VMM's own mount namespace may cover (the host's `/proc`
-/// is untouched). Using it, the jail leaves no directory behind on the host.
+/// Where the new root is mounted before the pivot when no chroot base is given: a directory
+/// every Linux host has, that holds nothing the jail binds, and that the VMM's own mount
+/// namespace may cover (the host's `/proc` is untouched). Using it, the jail leaves no
+/// directory behind on the host.
 const ROOT_MOUNT_POINT: &str = "/proc";
 
 /// How far the jail went.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Jailed {
-    /// Namespaces, private root, limits, no capabilities.
+    /// PID and other namespaces, private root, limits, unprivileged ids, no capabilities.
     Fully,
     /// Limits and `no_new_privs` only: the process may not create namespaces (not root).
     Unprivileged,
@@ -75,36 +122,218 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Enters the jail. Call while the process has one thread: mount namespace and root are per
-/// process only then.
+/// Enters the jail. Call while the process has one thread: forking, the mount namespace and the
+/// root are safe and per process only then.
+///
+/// Returns in the process that runs the VMM. With the full jail that is a new child; the
+/// calling process becomes its supervisor and never returns from here.
 pub fn enter(plan: &JailPlan) -> Result<Jailed, JailError> {
+    // SAFETY: unshare takes flags only.
+    match check(unsafe { libc::unshare(libc::CLONE_NEWPID) }) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            limit()?;
+            set_no_new_privs()?;
+            return Ok(Jailed::Unprivileged);
+        }
+        Err(e) => return Err(step("create the jail's PID namespace")(e)),
+    }
+    let root = match &plan.chroot_base {
+        Some(base) => chroot_dir(base)?,
+        None => PathBuf::from(ROOT_MOUNT_POINT),
+    };
+    // Mounting the root over or under something the jail binds would hide it.
+    if let Some(bad) = plan
+        .dirs
+        .iter()
+        .chain(&plan.read_only)
+        .chain(&plan.read_write)
+        .chain(&plan.devices)
+        .find(|p| p.starts_with(&root) || root.starts_with(p))
+    {
+        return Err(JailError::BadPath(bad.clone()));
+    }
+    if let Some(base) = &plan.chroot_base {
+        std::fs::create_dir_all(base).map_err(step(format!("create {}", base.display())))?;
+        std::fs::create_dir(&root).map_err(step(format!("create {}", root.display())))?;
+    }
+    let remove_root = || {
+        if plan.chroot_base.is_some() {
+            // Empty: whatever was mounted on it lived in the VMM's mount namespace only.
+            if let Err(e) = std::fs::remove_dir(&root) {
+                eprintln!(
+                    "agentos vmm: cannot remove the jail's root {}: {e}",
+                    root.display()
+                );
+            }
+        }
+    };
+    let forwarded = signal_set(&FORWARDED_SIGNALS);
+    let (alive_read, alive_write) = match prepare_fork(&forwarded) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            remove_root();
+            return Err(e);
+        }
+    };
+    // SAFETY: the process has one thread (the caller's contract), so the child gets a
+    // consistent copy of memory and locks.
+    match unsafe { libc::fork() } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            remove_root();
+            Err(step("fork the VMM into its PID namespace")(e))
+        }
+        0 => {
+            // SAFETY: closes a descriptor this process owns and no one else uses.
+            unsafe { libc::close(alive_write) };
+            jail_child(plan, &root)?;
+            // Armed after the change of ids, which clears a parent-death signal set before.
+            die_with_supervisor(alive_read)?;
+            Ok(Jailed::Fully)
+        }
+        child => {
+            // SAFETY: as above; the write end stays open until the supervisor exits, so that
+            // the child can tell whether it still lives.
+            unsafe { libc::close(alive_read) };
+            let code = supervise(child, &forwarded);
+            remove_root();
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Blocks the stop signals and returns the two ends of a pipe by which the child sees its
+/// supervisor die. The signals wait, blocked, until someone can take them: the supervisor once
+/// it forwards them, the VMM once its signal thread runs (as PID 1 it would drop them otherwise).
+fn prepare_fork(forwarded: &libc::sigset_t) -> Result<(libc::c_int, libc::c_int), JailError> {
+    // SAFETY: `forwarded` is a valid signal set; the old mask is not wanted.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, forwarded, std::ptr::null_mut()) })
+        .map_err(step("block stop signals"))?;
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for the two descriptors.
+    check(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) })
+        .map_err(step("create the supervisor's pipe"))?;
+    Ok((pipe[0], pipe[1]))
+}
+
+/// Where the jail's root goes under `base`: a directory named after this process.
+fn chroot_dir(base: &Path) -> Result<PathBuf, JailError> {
+    if !base.is_absolute() {
+        return Err(JailError::BadPath(base.to_owned()));
+    }
+    Ok(base.join(std::process::id().to_string()))
+}
+
+/// In the child: the VMM must not outlive its supervisor. The death signal is armed first;
+/// then the pipe says whether the supervisor already died before it was.
+fn die_with_supervisor(alive_read: libc::c_int) -> Result<(), JailError> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
+        .map_err(step("tie the VMM to its supervisor"))?;
+    let mut poll = libc::pollfd {
+        fd: alive_read,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    // SAFETY: closes a descriptor this process owns.
+    unsafe { libc::close(alive_read) };
+    if ready != 0 {
+        // The write end is closed: the supervisor is gone and no one would wait for this VM.
+        // SAFETY: _exit ends the process without running anything else.
+        unsafe { libc::_exit(EXIT_LOST) };
+    }
+    Ok(())
+}
+
+/// In the child, PID 1 of the new namespace: the rest of the jail.
+fn jail_child(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
     let namespaces =
         libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     // SAFETY: unshare takes flags only.
-    let jailed = match check(unsafe { libc::unshare(namespaces) }) {
-        Ok(()) => {
-            private_root(plan)?;
-            let name = b"agentos-vmm";
-            // SAFETY: the pointer and length describe `name`.
-            check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
-                .map_err(step("set the jail's host name"))?;
-            Jailed::Fully
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Jailed::Unprivileged,
-        Err(e) => return Err(step("create the jail's namespaces")(e)),
-    };
+    check(unsafe { libc::unshare(namespaces) }).map_err(step("create the jail's namespaces"))?;
+    private_root(plan, root)?;
+    let name = b"agentos-vmm";
+    // SAFETY: the pointer and length describe `name`.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+        .map_err(step("set the jail's host name"))?;
     limit()?;
-    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integers only.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
-        .map_err(step("set no_new_privs"))?;
-    if jailed == Jailed::Fully {
-        drop_capabilities()?;
-    }
-    Ok(jailed)
+    // Dropping the bounding set needs CAP_SETPCAP, which the change of ids below takes away.
+    drop_bounding_and_ambient();
+    switch_ids(plan.ids)?;
+    set_no_new_privs()?;
+    clear_capabilities()
 }
 
-/// Builds the new root on a tmpfs, bind-mounts what the plan names at its own path, and pivots.
-fn private_root(plan: &JailPlan) -> Result<(), JailError> {
+/// The supervisor: passes stop signals on to the VMM, waits for it, and returns the status to
+/// exit with: the VMM's own, or 128 + the signal that killed it.
+fn supervise(child: libc::pid_t, forwarded: &libc::sigset_t) -> i32 {
+    CHILD.store(child, Ordering::SeqCst);
+    for signal in FORWARDED_SIGNALS {
+        // SAFETY: sigaction is plain data, zeroed then filled; `forward` is async-signal-safe
+        // (it only reads an atomic and calls kill).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: `forwarded` is a valid signal set; signals that came meanwhile are delivered now.
+    unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, forwarded, std::ptr::null_mut()) };
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer.
+        let rc = unsafe { libc::waitpid(child, &mut status, 0) };
+        if rc == child {
+            return exit_status(status);
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return EXIT_LOST;
+        }
+    }
+}
+
+/// The VMM's pid, for the supervisor's signal handler.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(signal: libc::c_int) {
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe and takes integers only.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+/// What a shell would report for a `waitpid` status.
+fn exit_status(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        EXIT_LOST
+    }
+}
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signal in signals {
+        // SAFETY: `set` is valid and `signal` a real signal number.
+        unsafe { libc::sigaddset(&mut set, signal) };
+    }
+    set
+}
+
+/// Builds the new root on a tmpfs at `root`, puts what the plan names at its own path in it,
+/// gives the writable parts to the jail's user, and pivots.
+fn private_root(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
     // Nothing mounted from here on propagates back to the host.
     mount(
         None,
@@ -114,16 +343,6 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
         None,
     )
     .map_err(step("make the mounts private"))?;
-    let root = Path::new(ROOT_MOUNT_POINT);
-    if let Some(bad) = plan
-        .dirs
-        .iter()
-        .chain(&plan.read_only)
-        .chain(&plan.read_write)
-        .find(|p| p.starts_with(root))
-    {
-        return Err(JailError::BadPath(bad.clone()));
-    }
     mount(
         Some("tmpfs"),
         root,
@@ -132,10 +351,17 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
         Some(ROOT_TMPFS),
     )
     .map_err(step("mount the jail's root"))?;
+    let Ids { uid, gid } = plan.ids;
     for dir in &plan.dirs {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .map_err(step(format!("give {} to the jail's user", dir.display())))?;
         let inside = inside(root, dir)?;
         std::fs::create_dir_all(&inside).map_err(step(format!("create {}", inside.display())))?;
         bind(dir, &inside, false)?;
+    }
+    for file in &plan.read_write {
+        std::os::unix::fs::chown(file, Some(uid), Some(gid))
+            .map_err(step(format!("give {} to the jail's user", file.display())))?;
     }
     for (files, read_only) in [(&plan.read_only, true), (&plan.read_write, false)] {
         // A file in a bound directory is there already (and is the real file: never touched).
@@ -144,10 +370,7 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
             .filter(|f| !plan.dirs.iter().any(|d| f.starts_with(d)))
         {
             let inside = inside(root, file)?;
-            if let Some(parent) = inside.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(step(format!("create {}", parent.display())))?;
-            }
+            create_parent(&inside)?;
             // A new, empty mount point on the tmpfs; anything already there is a mistake.
             std::fs::File::options()
                 .write(true)
@@ -157,6 +380,48 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
             bind(file, &inside, read_only)?;
         }
     }
+    for device in &plan.devices {
+        make_device(device, &inside(root, device)?, plan.ids)?;
+    }
+    enter_root(root)?;
+    // The root itself read-only: nothing new can be created outside the bind mounts.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+        Some(ROOT_TMPFS),
+    )
+    .map_err(step("make the jail's root read-only"))?;
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> Result<(), JailError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(step(format!("create {}", parent.display())))?;
+    }
+    Ok(())
+}
+
+/// A node at `inside` for the host's character device `host`, owned by the jail's user alone:
+/// the jail's user gets the device without the host's node changing.
+fn make_device(host: &Path, inside: &Path, ids: Ids) -> Result<(), JailError> {
+    let meta = std::fs::metadata(host).map_err(step(format!("find {}", host.display())))?;
+    if !meta.file_type().is_char_device() {
+        return Err(JailError::NotADevice(host.to_owned()));
+    }
+    create_parent(inside)?;
+    let path = cstring(inside)?;
+    // SAFETY: a NUL-terminated path, a mode and a device number.
+    check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | DEVICE_MODE, meta.rdev()) })
+        .map_err(step(format!("create {} in the jail", host.display())))?;
+    std::os::unix::fs::chown(inside, Some(ids.uid), Some(ids.gid))
+        .map_err(step(format!("give {} to the jail's user", host.display())))
+}
+
+/// Makes `root` the process's root: `pivot_root` and detach the host's root; or, on an initial
+/// ramfs, move `root` over `/` and chroot.
+fn enter_root(root: &Path) -> Result<(), JailError> {
     let old = root.join(".old-root");
     std::fs::create_dir(&old).map_err(step("create the old root's mount point"))?;
     let (new_c, old_c) = (cstring(root)?, cstring(&old)?);
@@ -187,15 +452,6 @@ fn private_root(plan: &JailPlan) -> Result<(), JailError> {
         }
         Err(e) => return Err(step("pivot_root into the jail")(e)),
     }
-    // The root itself read-only: nothing new can be created outside the bind mounts.
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
-        Some(ROOT_TMPFS),
-    )
-    .map_err(step("make the jail's root read-only"))?;
     Ok(())
 }
 
@@ -288,8 +544,28 @@ fn limit() -> Result<(), JailError> {
     Ok(())
 }
 
-/// Empties the bounding, ambient, effective, permitted and inheritable capability sets.
-fn drop_capabilities() -> Result<(), JailError> {
+fn set_no_new_privs() -> Result<(), JailError> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integers only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+        .map_err(step("set no_new_privs"))
+}
+
+/// Becomes `ids`, with no supplementary groups. Leaving uid 0 also empties the effective and
+/// permitted capability sets.
+fn switch_ids(ids: Ids) -> Result<(), JailError> {
+    // SAFETY: an empty list: no pointer is read.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })
+        .map_err(step("drop the supplementary groups"))?;
+    // SAFETY: setresgid and setresuid take integers only.
+    check(unsafe { libc::setresgid(ids.gid, ids.gid, ids.gid) })
+        .map_err(step(format!("become group {}", ids.gid)))?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(ids.uid, ids.uid, ids.uid) })
+        .map_err(step(format!("become user {}", ids.uid)))
+}
+
+/// Empties the bounding and ambient capability sets.
+fn drop_bounding_and_ambient() {
     // The kernel refuses numbers past its last capability; stop there.
     for cap in 0..64 {
         // SAFETY: prctl with integers only.
@@ -307,6 +583,10 @@ fn drop_capabilities() -> Result<(), JailError> {
             0,
         )
     };
+}
+
+/// Empties the effective, permitted and inheritable capability sets.
+fn clear_capabilities() -> Result<(), JailError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -344,5 +624,22 @@ mod tests {
         for bad in ["relative", "/", "/a/../etc"] {
             assert!(inside(root, Path::new(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_supervisor_exits_as_a_shell_reports_its_vmm() {
+        // Wait statuses as the kernel encodes them: exit code in the second byte, or the signal.
+        assert_eq!(exit_status(0), 0);
+        assert_eq!(exit_status(2 << 8), 2);
+        assert_eq!(exit_status(libc::SIGKILL), 128 + libc::SIGKILL);
+        assert_eq!(exit_status(libc::SIGSEGV | 0x80), 128 + libc::SIGSEGV);
+    }
+
+    #[test]
+    fn a_relative_chroot_base_is_refused() {
+        assert!(matches!(
+            chroot_dir(Path::new("jails")),
+            Err(JailError::BadPath(_))
+        ));
     }
 }

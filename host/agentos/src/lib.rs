@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod control;
 pub mod daemon;
 pub mod doctor;
+pub mod eval;
 pub mod group;
 pub mod image;
 pub mod image_cmd;

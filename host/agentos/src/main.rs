@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use agentos::{
-    bench, carrier, control, daemon, doctor, group, image_cmd, model_cmd, run, signals, vmm_cmd,
+    bench, carrier, control, daemon, doctor, eval, group, image_cmd, model_cmd, run, signals,
+    vmm_cmd,
 };
 use clap::{Parser, Subcommand};
 
@@ -78,6 +79,19 @@ enum Command {
         after_help = "Exit status: the command's; 75 when the carrier stopped responding and was stopped (run the command again).\nAGENTOS_CARRIER_MONITOR=PATH opens QEMU's monitor on a Unix socket, to look into a carrier that seems stuck."
     )]
     Carrier(carrier::CarrierArgs),
+    /// Attack agentos and check that the boundary held: adversarial workloads in real microVMs
+    /// (fork bombs, exhaustion, host files, network, vsock, malformed frames, virtio abuse,
+    /// panics) and bad requests to its interfaces; prints each case and `N passed, M failed`.
+    #[command(
+        after_help = "The cases are data: eval/cases/SUITE.toml in the agentos source tree (one file per suite), with the
+guest scripts (eval/guest/) and group files (eval/groups/) they name; --cases DIR runs your own.
+Guest scripts find a raw-vsock probe at /eval/probe. Exit status: 0 when every case passed
+(the last, host-unchanged, checks that nothing was left behind), 1 otherwise.
+Examples:
+  agentos eval
+  agentos eval --suite guest --json"
+    )]
+    Eval(eval::EvalArgs),
     /// Tell what this host offers: KVM, cgroups, vsock, images, QEMU.
     Doctor(doctor::DoctorArgs),
     /// Measure agentos: boot times beside QEMU's microvm machine, and how CPU slices hold.
@@ -124,6 +138,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Resume(args) => control::resume(args),
         Command::Carrier(args) => carrier::run_command(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Image(cmd) => image_cmd::run(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Group(cmd) => group::run_command(cmd),

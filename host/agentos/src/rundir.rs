@@ -2,7 +2,8 @@
 //! removed when the VM is done.
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -55,6 +56,19 @@ pub fn remove_stale() -> usize {
     }
     removed
 }
+
+/// Listens on a Unix socket in a run directory for a VMM's connections. The jailed VMM runs as
+/// another user (see [`crate::jail`]), and connecting needs write permission on the socket: it is
+/// made 0666, which opens it to no one else, as the run directory (mode 0700, given to the VMM's
+/// user) and its base (mode 0700) let only root and that VMM through.
+pub fn listen(path: &Path) -> io::Result<UnixListener> {
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(VMM_SOCKET_MODE))?;
+    Ok(listener)
+}
+
+/// Mode of the sockets a VMM connects to (see [`listen`]).
+const VMM_SOCKET_MODE: u32 = 0o666;
 
 pub struct RunDir {
     path: PathBuf,

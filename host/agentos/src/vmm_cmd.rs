@@ -1,9 +1,13 @@
 //! `agentos vmm`: one VMM process running one microVM until it ends.
 //!
 //! Exit status: 0 when the guest shut down (or the VMM was stopped by SIGINT/SIGTERM), 2 when the
-//! guest crashed (kernel panic, agent failure, unexpected reset), 1 when the VMM failed. With
-//! `--report`, a JSON report of the run is written on exit.
+//! guest crashed (kernel panic, agent failure, unexpected reset), 1 when the VMM failed, 128 + N
+//! when the jailed VMM was killed by signal N (its supervisor, this process, reports it as a shell
+//! would), 159 (128 + SIGSYS) when a VMM thread made a system call outside its seccomp filter
+//! (the VMM's last line on stderr names the call and the thread). With `--report`, a JSON report
+//! of the run is written on exit.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +15,7 @@ use std::time::Instant;
 use agentos_vmm::builder::build_vm;
 use agentos_vmm::config::{ConsoleConfig, VmConfig, VsockConfig};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
+use agentos_vmm::seccomp::{Role, SeccompFilters};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
 use anyhow::Context;
 
@@ -20,6 +25,9 @@ use serde::{Deserialize, Serialize};
 /// Exit statuses of `agentos vmm`.
 pub const EXIT_CRASHED: i32 = 2;
 pub const EXIT_FAILED: i32 = 1;
+
+/// The device the VMM opens to create its VM.
+const KVM_DEVICE: &str = "/dev/kvm";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmmArgs {
@@ -53,9 +61,25 @@ pub struct VmmArgs {
     /// Write a JSON report of the run here when the VM ends.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Run without the jail (namespaces, private root, no capabilities): UNSAFE, for debugging.
+    /// Run without the jail (PID and other namespaces, private root, unprivileged user, no
+    /// capabilities): UNSAFE, for debugging.
     #[arg(long)]
     pub no_jail: bool,
+    /// The user the jailed VMM runs as (65534: `nobody`). It is given its run directory and
+    /// console log, and a /dev/kvm node of its own inside the jail.
+    #[arg(long, default_value_t = jail::DEFAULT_ID)]
+    pub uid: u32,
+    /// The group the jailed VMM runs as (65534: `nogroup`), with no supplementary groups.
+    #[arg(long, default_value_t = jail::DEFAULT_ID)]
+    pub gid: u32,
+    /// Build the jail's root in DIR/<pid> (removed when the VMM ends) instead of over /proc in
+    /// the VMM's own mount namespace (the default, which leaves nothing on the host).
+    #[arg(long, value_name = "DIR")]
+    pub chroot_base: Option<PathBuf>,
+    /// Run without the seccomp filters (each VMM thread limited to the system calls it needs):
+    /// UNSAFE, for debugging.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// What `--report` contains.
@@ -109,7 +133,10 @@ fn stop_signal_set() -> libc::sigset_t {
     set
 }
 
-fn spawn_signal_thread(exit: Arc<ExitSignal>) -> anyhow::Result<()> {
+fn spawn_signal_thread(
+    exit: Arc<ExitSignal>,
+    filters: Option<Arc<SeccompFilters>>,
+) -> anyhow::Result<()> {
     let set = stop_signal_set();
     // SAFETY: blocks the stop signals in this thread; threads spawned later inherit the mask.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -117,6 +144,13 @@ fn spawn_signal_thread(exit: Arc<ExitSignal>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Some(filters) = filters
+                && let Err(e) = filters.install(Role::Signals)
+            {
+                tracing::error!("{e}");
+                exit.request(ExitReason::Stopped);
+                return;
+            }
             let mut signal = 0;
             // SAFETY: `set` is a valid signal set and `signal` a valid out pointer.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
@@ -135,22 +169,43 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
     } else {
-        // Still one thread here, as entering the jail needs.
+        // Still one thread here, as entering the jail needs. With the full jail, this process
+        // stays outside as the VMM's supervisor and only the VMM, its child, returns.
         match jail::enter(&jail_plan(args))
             .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?
         {
             Jailed::Fully => tracing::info!("jailed"),
             Jailed::Unprivileged => tracing::warn!(
-                "not root: running without namespaces or a private root, with limits and no_new_privs only"
+                "not root: running without namespaces, a private root or another uid, with limits and no_new_privs only"
             ),
         }
     }
+    let filters = if args.no_seccomp {
+        tracing::warn!(
+            "running without seccomp filters (--no-seccomp): unsafe, for debugging only"
+        );
+        None
+    } else {
+        Some(Arc::new(SeccompFilters::new()?))
+    };
     let vmm = build_vm(&args.vm_config()).context("cannot build the VM")?;
-    spawn_signal_thread(vmm.exit_signal())?;
+    // Opened now: under its filter the VMM thread opens no file.
+    let report_file = args
+        .report
+        .as_deref()
+        .map(|path| {
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))
+        })
+        .transpose()?;
+    spawn_signal_thread(vmm.exit_signal(), filters.clone())?;
+    let vmm = match filters {
+        Some(filters) => vmm.with_seccomp(filters),
+        None => vmm,
+    };
     let report = vmm.run(Some(started)).context("the VM failed")?;
     let code = exit_code(&report.outcome);
-    if let Some(path) = &args.report {
-        write_report(path, &report)?;
+    if let Some(file) = report_file {
+        write_report(file, &report)?;
     }
     match &report.outcome {
         Outcome::Crashed(why) => eprintln!("agentos vmm: guest crashed: {why}"),
@@ -191,13 +246,19 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
             .with_context(|| format!("cannot open {}", log.display()))?;
         out.console_log = Some(resolve(log)?);
     }
+    if let Some(base) = &args.chroot_base {
+        std::fs::create_dir_all(base)
+            .with_context(|| format!("cannot create {}", base.display()))?;
+        out.chroot_base = Some(resolve(base)?);
+    }
     out.vsock_uds = args.vsock_uds.as_deref().map(in_dir).transpose()?;
     out.report = args.report.as_deref().map(in_dir).transpose()?;
     Ok(out)
 }
 
-/// What the VMM sees in its jail: the kernel and initrds (read-only), the console log and
-/// `/dev/kvm`, and the directory of its sockets and report (its run directory).
+/// What the VMM sees in its jail: the kernel and initrds (read-only), the console log, its own
+/// `/dev/kvm` node, and the directory of its sockets and report (its run directory); and as
+/// whom, and where the jail's root is built.
 fn jail_plan(args: &VmmArgs) -> JailPlan {
     let mut dirs: Vec<PathBuf> = [&args.vsock_uds, &args.report]
         .into_iter()
@@ -207,12 +268,16 @@ fn jail_plan(args: &VmmArgs) -> JailPlan {
     dirs.dedup();
     let mut read_only = vec![args.kernel.clone()];
     read_only.extend(args.initrd.iter().cloned());
-    let mut read_write = vec![PathBuf::from("/dev/kvm")];
-    read_write.extend(args.console_log.iter().cloned());
     JailPlan {
         read_only,
-        read_write,
+        read_write: args.console_log.iter().cloned().collect(),
         dirs,
+        devices: vec![PathBuf::from(KVM_DEVICE)],
+        ids: jail::Ids {
+            uid: args.uid,
+            gid: args.gid,
+        },
+        chroot_base: args.chroot_base.clone(),
     }
 }
 
@@ -224,7 +289,7 @@ fn exit_code(outcome: &Outcome) -> i32 {
     }
 }
 
-fn write_report(path: &std::path::Path, report: &RunReport) -> anyhow::Result<()> {
+fn write_report(mut file: std::fs::File, report: &RunReport) -> anyhow::Result<()> {
     let (outcome, error) = match &report.outcome {
         Outcome::Shutdown => ("shutdown", None),
         Outcome::Stopped => ("stopped", None),
@@ -240,9 +305,8 @@ fn write_report(path: &std::path::Path, report: &RunReport) -> anyhow::Result<()
         console_tail: report.console_tail.clone(),
         metrics: serde_json::to_value(metrics)?,
     };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&out)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    // Readers look at the report once the VMM has exited; one that finds it empty or cut short
+    // (the VMM died writing it) treats it as missing.
+    file.write_all(&serde_json::to_vec_pretty(&out)?)
+        .context("cannot write the report")
 }

@@ -15,8 +15,9 @@ use crate::devices::virtio::mmio::MmioMetrics;
 use crate::devices::virtio::vsock::metrics::{VsockMetrics, VsockMetricsSnapshot};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{Role, SeccompError, SeccompFilters};
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuMetrics};
+use crate::vstate::vcpu::{StartGate, Vcpu, VcpuContext, VcpuError, VcpuHandle, VcpuMetrics};
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error("the device event loop failed")]
     EventLoop(#[from] EventLoopError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// How the guest ended.
@@ -106,6 +109,7 @@ impl VmmMetrics {
 pub struct Vmm {
     parts: VmmParts,
     created: Instant,
+    seccomp: Option<Arc<SeccompFilters>>,
 }
 
 impl Vmm {
@@ -113,7 +117,15 @@ impl Vmm {
         Self {
             parts,
             created: Instant::now(),
+            seccomp: None,
         }
+    }
+
+    /// Runs every vCPU thread and the calling thread under their seccomp filters: each installs
+    /// its own before the guest runs.
+    pub fn with_seccomp(mut self, filters: Arc<SeccompFilters>) -> Self {
+        self.seccomp = Some(filters);
+        self
     }
 
     /// A handle that stops the VM from another thread (or a signal-waiting thread).
@@ -133,22 +145,36 @@ impl Vmm {
     /// boot timings are measured from (e.g. the start of the VMM process).
     pub fn run(mut self, started: Option<Instant>) -> Result<RunReport, VmmError> {
         let started = started.unwrap_or(self.created);
+        let start = Arc::new(StartGate::default());
         let ctx = VcpuContext {
             io_bus: self.parts.io_bus.clone(),
             mmio_bus: self.parts.mmio_bus.clone(),
             exit: self.parts.exit.clone(),
             metrics: self.parts.metrics.vcpu.clone(),
+            seccomp: self.seccomp.clone(),
+            start: start.clone(),
         };
         let mut handles = Vec::with_capacity(self.parts.vcpus.len());
+        let stop_all = |handles: Vec<VcpuHandle>| {
+            start.open();
+            handles.into_iter().for_each(|h| h.stop());
+        };
         for vcpu in std::mem::take(&mut self.parts.vcpus) {
             match vcpu.start(ctx.clone()) {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    handles.into_iter().for_each(|h| h.stop());
+                    stop_all(handles);
                     return Err(e.into());
                 }
             }
         }
+        if let Some(filters) = &self.seccomp
+            && let Err(e) = filters.install(Role::Vmm)
+        {
+            stop_all(handles);
+            return Err(e.into());
+        }
+        start.open();
         let reason = self.parts.event_loop.run(&self.parts.exit);
         handles.into_iter().for_each(|h| h.stop());
         let reason = reason?;

@@ -151,17 +151,30 @@ pub enum VmError {
     Refused(Refusal),
 }
 
-/// How a VM ended: the VMM's report, when it wrote one.
-#[derive(Debug)]
+/// How a VM ended: the VMM's report, when it wrote one; otherwise how the VMM process ended and
+/// its last line on stderr (e.g. the system call its seccomp filter refused).
+#[derive(Debug, Default)]
 pub struct VmEnd {
     pub report: Option<VmmReport>,
+    pub status: Option<std::process::ExitStatus>,
+    pub last_words: Option<String>,
 }
 
 impl VmEnd {
     /// The VMM's account of the end, in a line.
     pub fn describe(&self) -> String {
         match &self.report {
-            None => "the VMM ended without a report".to_owned(),
+            None => {
+                let mut why = "the VMM ended without a report".to_owned();
+                if let Some(status) = self.status {
+                    why.push_str(&format!(" ({status})"));
+                }
+                if let Some(words) = &self.last_words {
+                    why.push_str(": ");
+                    why.push_str(words);
+                }
+                why
+            }
             Some(r) => match &r.error {
                 Some(error) => format!("{}: {error}", r.outcome),
                 None => r.outcome.clone(),
@@ -201,9 +214,10 @@ impl Starting {
     fn spawn(opts: &BootOptions) -> Result<Self, VmError> {
         let started = Instant::now();
         let run_dir = RunDir::create("vm").map_err(VmError::RunDir)?;
-        let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(VmError::RunDir)?;
+        let control =
+            crate::rundir::listen(&run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .map_err(VmError::RunDir)?;
         let cgroup = create_cgroup(opts, &run_dir)?.map(Arc::new);
         let child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
         signals::watch_child(child.id());
@@ -333,7 +347,7 @@ impl AgentVm {
     /// Waits for the VMM until `deadline`, then kills it.
     fn reap(&mut self, deadline: Instant) -> VmEnd {
         let Some(mut child) = self.child.take() else {
-            return VmEnd { report: None };
+            return VmEnd::default();
         };
         let status = loop {
             match child.try_wait() {
@@ -348,7 +362,15 @@ impl AgentVm {
         signals::forget_child(child.id());
         let report = read_report(&self.run_dir);
         tracing::info!(?status, report = report.is_some(), "VMM ended");
-        VmEnd { report }
+        let last_words = match report {
+            None => last_line(&self.run_dir.join("vmm.log")),
+            Some(_) => None,
+        };
+        VmEnd {
+            report,
+            status,
+            last_words,
+        }
     }
 }
 
@@ -632,4 +654,29 @@ fn console_excerpt(run_dir: &RunDir, report: Option<&VmmReport>) -> String {
         "\n--- last lines of the guest console ---\n{}",
         lines[start..].join("\n")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_vmm_killed_by_its_seccomp_filter_is_described_with_its_last_words() {
+        let end = VmEnd {
+            report: None,
+            status: Some(std::process::ExitStatus::from_raw(159 << 8)),
+            last_words: Some(
+                "agentos vmm: killed by its seccomp filter: system call 41 (socket) on the vcpu thread"
+                    .into(),
+            ),
+        };
+        assert_eq!(
+            end.describe(),
+            "the VMM ended without a report (exit status: 159): agentos vmm: killed by its \
+             seccomp filter: system call 41 (socket) on the vcpu thread"
+        );
+        assert!(!end.is_clean());
+    }
 }

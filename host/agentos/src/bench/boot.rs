@@ -12,7 +12,6 @@
 //! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -301,7 +300,8 @@ fn watch_console(
 
 fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<LinuxBoot> {
     let run_dir = RunDir::create("bench")?;
-    let control = UnixListener::bind(run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))?;
+    let control =
+        crate::rundir::listen(&run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))?;
     control.set_nonblocking(true)?;
     let start = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)

@@ -1,7 +1,7 @@
 //! vCPUs: creation, boot state, and the thread that runs each one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use crate::arch::x86_64::msr::{MsrError, set_boot_msrs};
 use crate::arch::x86_64::regs::{BootEntry, RegsError, setup_boot_registers};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{Role, SeccompFilters};
 
 /// Local APIC register offsets and delivery modes for the LINT pins.
 const APIC_LVT0: usize = 0x350;
@@ -122,6 +123,16 @@ impl Vcpu {
 
     fn run(mut self, ctx: &VcpuContext, stop: &AtomicBool) {
         let index = self.index;
+        if let Some(filters) = &ctx.seccomp
+            && let Err(e) = filters.install(Role::Vcpu)
+        {
+            ctx.exit.request(ExitReason::VcpuFailed {
+                vcpu: index,
+                error: e.to_string(),
+            });
+            return;
+        }
+        ctx.start.wait();
         while !stop.load(Ordering::Acquire) {
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
@@ -211,6 +222,32 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
     pub metrics: Arc<VcpuMetrics>,
+    /// Installed by each vCPU thread on itself before it enters the guest.
+    pub seccomp: Option<Arc<SeccompFilters>>,
+    /// Opened once the VMM thread is ready (its own filter installed): no vCPU enters the guest
+    /// before.
+    pub start: Arc<StartGate>,
+}
+
+/// Holds vCPU threads back until it is opened.
+#[derive(Default)]
+pub struct StartGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 pub struct VcpuHandle {

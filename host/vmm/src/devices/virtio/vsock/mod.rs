@@ -350,9 +350,9 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
             queue.set_event_idx(event_idx);
         }
         self.active = Some(Active { mem, queues });
-        // The guest may have queued packets before its notification was seen.
-        self.process_tx();
-        self.process_rx();
+        // The guest may have queued packets before its notification was seen: have the event
+        // loop look at the queues (this runs on a vCPU thread, which leaves device work to it).
+        let _ = self.queue_events[TX_QUEUE].write(1);
         Ok(())
     }
 

@@ -1,0 +1,2 @@
+# Crash the guest kernel.
+echo c > /proc/sysrq-trigger

@@ -1,0 +1,432 @@
+//! The case files of `agentos eval`: one TOML file per suite (`eval/cases/SUITE.toml`), each
+//! `[[case]]` naming what it tries, what it expects, and how to check it. Problems are reported
+//! as `FILE:LINE: what is wrong`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A case file larger than this is refused (it is data, not a program).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {problem}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+    #[error("no case files (*.toml) in {0}")]
+    Empty(PathBuf),
+    #[error("no suite named `{name}` (suites: {known})")]
+    UnknownSuite { name: String, known: String },
+}
+
+/// The VM a case (or a suite's shared VM) runs in.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Guest memory in MiB (default 128).
+    pub memory: Option<u64>,
+    /// CPU quota in CPUs, enforced by the VMM's cgroup.
+    pub cpus: Option<f64>,
+    /// Appended to the guest kernel's command line.
+    pub kernel_args: Option<String>,
+}
+
+/// How the case attacks.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A script run by the guest's /bin/sh, in the suite's VM or its own.
+    #[default]
+    Guest,
+    /// A group file run with `agentos group run`: agents attacking the router and each other.
+    Group,
+    /// Requests to a daemon's API, with an agent running under it.
+    Api,
+}
+
+/// One request an `api` case sends, and the reply it expects.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRequest {
+    /// The frame's body, sent as is.
+    pub body: String,
+    /// The declared length, when it should lie about the body's (default: the body's length).
+    pub length: Option<u32>,
+    /// The error kind expected back, or `ok`.
+    pub reply: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    name: Spanned<String>,
+    tries: String,
+    expects: String,
+    #[serde(default)]
+    kind: Kind,
+    script: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    input: Option<String>,
+    /// Seconds the guest agent gives the script (its whole process group is killed after).
+    timeout: Option<u64>,
+    exit_code: Option<i32>,
+    timed_out: Option<bool>,
+    #[serde(default)]
+    stdout_has: Vec<String>,
+    #[serde(default)]
+    stdout_lacks: Vec<String>,
+    /// Whether the guest agent must still answer afterwards (default true).
+    agent_alive: Option<bool>,
+    /// The VMM's outcome when the case's own VM ended (`crashed`, `shutdown`, `stopped`).
+    vm_end: Option<String>,
+    /// Seconds to wait after the script before looking at the VM.
+    settle: Option<u64>,
+    vm: Option<VmSpec>,
+    #[serde(default)]
+    metrics_min: BTreeMap<String, u64>,
+    #[serde(default)]
+    metrics_max: BTreeMap<String, u64>,
+    /// The VMM's cgroup must have been throttled, holding it to its quota.
+    #[serde(default)]
+    throttled: bool,
+    #[serde(default)]
+    counters_min: BTreeMap<String, u64>,
+    results_min: Option<usize>,
+    #[serde(default)]
+    requests: Vec<ApiRequest>,
+    /// Clients that race to spawn the same agent name: exactly one must win.
+    race_spawn: Option<usize>,
+    /// A host vsock port the harness listens on during the script, reading every connection
+    /// with the host's protocol decoder; each must be refused.
+    listen: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSuite {
+    vm: Option<VmSpec>,
+    #[serde(default)]
+    case: Vec<RawCase>,
+}
+
+/// One case, ready to run.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub suite: String,
+    pub name: String,
+    pub tries: String,
+    pub expects: String,
+    pub kind: Kind,
+    /// `file:line` of the case, for the report.
+    pub source: String,
+    /// The guest script's text (`guest` cases), or the group file (`group` cases).
+    pub script: Option<String>,
+    pub group_file: Option<PathBuf>,
+    pub input: String,
+    pub timeout_s: u64,
+    pub exit_code: Option<i32>,
+    pub timed_out: Option<bool>,
+    pub stdout_has: Vec<String>,
+    pub stdout_lacks: Vec<String>,
+    pub agent_alive: bool,
+    pub vm_end: Option<String>,
+    pub settle_s: u64,
+    /// A VM of its own; `None` runs in the suite's shared VM.
+    pub own_vm: Option<VmSpec>,
+    pub metrics_min: BTreeMap<String, u64>,
+    pub metrics_max: BTreeMap<String, u64>,
+    pub throttled: bool,
+    pub counters_min: BTreeMap<String, u64>,
+    pub results_min: usize,
+    pub requests: Vec<ApiRequest>,
+    pub race_spawn: usize,
+    pub listen: Option<u32>,
+}
+
+/// The cases of one file, in file order.
+#[derive(Clone, Debug)]
+pub struct Suite {
+    pub name: String,
+    pub path: PathBuf,
+    /// The VM the suite's `guest` cases without a VM of their own share.
+    pub vm: VmSpec,
+    pub cases: Vec<Case>,
+    /// The files the cases read (scripts, group files), for copying into a carrier.
+    pub files: Vec<PathBuf>,
+}
+
+/// Seconds a guest script gets unless its case says otherwise.
+const DEFAULT_TIMEOUT_S: u64 = 60;
+const VM_OUTCOMES: [&str; 3] = ["crashed", "shutdown", "stopped"];
+
+/// Loads every `*.toml` in `dir` (sorted by name), keeping only the suite `only` if given.
+pub fn load_dir(dir: &Path, only: Option<&str>) -> Result<Vec<Suite>, CaseError> {
+    let read_err = |source| CaseError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(CaseError::Empty(dir.to_owned()));
+    }
+    let suites = paths
+        .iter()
+        .map(|p| load_file(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    match only {
+        None => Ok(suites),
+        Some(name) => {
+            let known: Vec<String> = suites.iter().map(|s| s.name.clone()).collect();
+            let chosen: Vec<Suite> = suites.into_iter().filter(|s| s.name == name).collect();
+            if chosen.is_empty() {
+                return Err(CaseError::UnknownSuite {
+                    name: name.to_owned(),
+                    known: known.join(", "),
+                });
+            }
+            Ok(chosen)
+        }
+    }
+}
+
+/// Reads one suite file; its name is the file's stem.
+pub fn load_file(path: &Path) -> Result<Suite, CaseError> {
+    use std::io::Read;
+    let read_err = |source| CaseError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, &name, base)
+        .map_err(|(line, problem)| CaseError::Invalid {
+            path: path.to_owned(),
+            line,
+            problem,
+        })
+        .map(|mut suite| {
+            suite.path = path.to_owned();
+            for case in &mut suite.cases {
+                case.source = format!("{}:{}", path.display(), case.source);
+            }
+            suite
+        })
+}
+
+/// Parses a suite's text; files it names are read relative to `base`. An error is the line it
+/// is on and what is wrong.
+pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, String)> {
+    let line_of = |span: Range<usize>| {
+        let before = &text.as_bytes()[..span.start.min(text.len())];
+        before.iter().filter(|b| **b == b'\n').count() + 1
+    };
+    let raw: RawSuite = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, line_of);
+        (line, e.message().trim_end().replace('\n', " "))
+    })?;
+    if raw.case.is_empty() {
+        return Err((1, "the file has no cases; add a [[case]] table".to_owned()));
+    }
+    let mut cases = Vec::new();
+    let mut files = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for rc in raw.case {
+        let line = line_of(rc.name.span());
+        let at = |problem: String| (line, problem);
+        let name = rc.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(at(format!(
+                "case name `{name}` must be letters, digits, `-` or `_`"
+            )));
+        }
+        if !names.insert(name.clone()) {
+            return Err(at(format!(
+                "a case named `{name}` comes earlier in the file"
+            )));
+        }
+        let read = |field: &Spanned<String>| -> Result<(PathBuf, String), (usize, String)> {
+            let path = base.join(field.get_ref());
+            // Resolved, so that the path can be copied into a carrier as it is.
+            std::fs::canonicalize(&path)
+                .and_then(|p| std::fs::read_to_string(&p).map(|t| (p, t)))
+                .map_err(|e| {
+                    (
+                        line_of(field.span()),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })
+        };
+        let (script, group_file) = match rc.kind {
+            Kind::Guest => {
+                let Some(field) = &rc.script else {
+                    return Err(at("a guest case needs `script = \"FILE\"`".to_owned()));
+                };
+                let (path, text) = read(field)?;
+                files.push(path);
+                (Some(text), None)
+            }
+            Kind::Group => {
+                let Some(field) = &rc.group else {
+                    return Err(at("a group case needs `group = \"FILE.toml\"`".to_owned()));
+                };
+                let (path, _) = read(field)?;
+                files.push(path.clone());
+                (None, Some(path))
+            }
+            Kind::Api => {
+                if rc.requests.is_empty() && rc.race_spawn.is_none() {
+                    return Err(at("an api case needs `requests` or `race_spawn`".to_owned()));
+                }
+                (None, None)
+            }
+        };
+        if let Some(end) = &rc.vm_end {
+            if !VM_OUTCOMES.contains(&end.as_str()) {
+                return Err(at(format!(
+                    "vm_end `{end}` must be one of {}",
+                    VM_OUTCOMES.join(", ")
+                )));
+            }
+            if rc.vm.is_none() {
+                return Err(at(
+                    "vm_end needs a VM of the case's own: add a [case.vm] table".to_owned(),
+                ));
+            }
+        }
+        let needs_own = !rc.metrics_min.is_empty() || !rc.metrics_max.is_empty() || rc.throttled;
+        if needs_own && rc.vm.is_none() {
+            return Err(at(
+                "metrics and throttling are checked on a VM of the case's own: add a [case.vm] table"
+                    .to_owned(),
+            ));
+        }
+        if rc.throttled && rc.vm.as_ref().is_none_or(|v| v.cpus.is_none()) {
+            return Err(at(
+                "`throttled` needs a CPU quota: set cpus in [case.vm]".to_owned()
+            ));
+        }
+        cases.push(Case {
+            suite: suite.to_owned(),
+            name,
+            tries: rc.tries,
+            expects: rc.expects,
+            kind: rc.kind,
+            source: line.to_string(),
+            script,
+            group_file,
+            input: rc.input.unwrap_or_else(|| "hello\n".to_owned()),
+            timeout_s: rc.timeout.unwrap_or(DEFAULT_TIMEOUT_S),
+            exit_code: rc.exit_code,
+            timed_out: rc.timed_out,
+            stdout_has: rc.stdout_has,
+            stdout_lacks: rc.stdout_lacks,
+            agent_alive: rc.agent_alive.unwrap_or(rc.vm_end.is_none()),
+            vm_end: rc.vm_end,
+            settle_s: rc.settle.unwrap_or(0),
+            own_vm: rc.vm,
+            metrics_min: rc.metrics_min,
+            metrics_max: rc.metrics_max,
+            throttled: rc.throttled,
+            counters_min: rc.counters_min,
+            results_min: rc.results_min.unwrap_or(0),
+            requests: rc.requests,
+            race_spawn: rc.race_spawn.unwrap_or(0),
+            listen: rc.listen,
+        });
+    }
+    Ok(Suite {
+        name: suite.to_owned(),
+        path: PathBuf::new(),
+        vm: raw.vm.unwrap_or_default(),
+        cases,
+        files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.sh"), "echo hi\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_guest_case_reads_its_script() {
+        let dir = scratch();
+        let text = "[vm]\nmemory = 160\n\n[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\nstdout_has = [\"hi\"]\n";
+        let suite = parse(text, "guest", dir.path()).unwrap();
+        assert_eq!(suite.vm.memory, Some(160));
+        let case = &suite.cases[0];
+        assert_eq!(case.script.as_deref(), Some("echo hi\n"));
+        assert_eq!(case.source, "5");
+        assert!(case.agent_alive);
+        assert_eq!(case.timeout_s, DEFAULT_TIMEOUT_S);
+    }
+
+    #[test]
+    fn problems_name_their_line() {
+        let dir = scratch();
+        let missing =
+            "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"nope.sh\"\n";
+        let (line, problem) = parse(missing, "g", dir.path()).unwrap_err();
+        assert_eq!(line, 5, "{problem}");
+        assert!(problem.contains("cannot read"), "{problem}");
+        let unknown = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\nbogus = 1\n";
+        let (line, problem) = parse(unknown, "g", dir.path()).unwrap_err();
+        assert_eq!(line, 6, "{problem}");
+        let twice = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\n[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\n";
+        let (line, problem) = parse(twice, "g", dir.path()).unwrap_err();
+        assert_eq!((line, problem.contains("earlier")), (7, true));
+    }
+
+    #[test]
+    fn metrics_need_a_vm_of_the_case_own() {
+        let dir = scratch();
+        let text = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\nmetrics_min = { unhandled_io = 1 }\n";
+        let (line, problem) = parse(text, "g", dir.path()).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(problem.contains("[case.vm]"), "{problem}");
+    }
+
+    #[test]
+    fn the_shipped_cases_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../eval/cases");
+        let suites = load_dir(&dir, None).unwrap();
+        assert!(suites.iter().map(|s| s.cases.len()).sum::<usize>() >= 10);
+    }
+}

@@ -1,0 +1,756 @@
+//! Runs the cases of a suite: guest scripts in a shared VM or one of their own, group files
+//! through `agentos group run`, requests against a daemon. Every case ends with checks and the
+//! evidence they looked at.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentos_protocol::ExecRequest;
+use serde_json::{Value, json};
+
+use super::case::{Case, Kind, Suite, VmSpec};
+use super::checks;
+use super::report::{CaseReport, excerpt};
+use crate::agent::connection::{AgentConnection, ExecIo};
+use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
+use crate::image::{self, AGENT_IMAGE};
+
+/// Guest memory of an eval VM unless its case or suite says otherwise.
+const DEFAULT_MEMORY_MIB: u64 = 128;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest agent has to answer the ping that proves it survived a case.
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest agent that need not have survived gets to answer that ping.
+const GONE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Beyond a script's own timeout, how long the host waits for its end.
+const EXEC_GRACE: Duration = Duration::from_secs(30);
+/// How long a connection to a host port the harness listens on gets to say hello.
+const LISTEN_HANDSHAKE: Duration = Duration::from_secs(5);
+/// How long a VM whose guest no longer answers gets to end by itself.
+const END_WAIT: Duration = Duration::from_secs(20);
+/// How long `group run` and the daemon's requests may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(600);
+
+/// What the cases share.
+pub struct Env {
+    /// A cpio archive carrying the probe, loaded into every eval VM.
+    pub probe_initrd: PathBuf,
+    /// The harness's private directory.
+    pub scratch: PathBuf,
+}
+
+pub fn run_suite(suite: &Suite, env: &Env) -> Vec<CaseReport> {
+    let mut shared: Option<AgentVm> = None;
+    let mut reports = Vec::new();
+    for case in &suite.cases {
+        if crate::signals::interrupted() {
+            break;
+        }
+        let started = Instant::now();
+        let mut report = CaseReport::new(
+            &case.suite,
+            &case.name,
+            &case.source,
+            &case.tries,
+            &case.expects,
+        );
+        match case.kind {
+            Kind::Guest => match &case.own_vm {
+                Some(spec) => own_vm_case(case, spec, env, &mut report),
+                None => shared_vm_case(case, &suite.vm, env, &mut shared, &mut report),
+            },
+            Kind::Group => group_case(case, env, &mut report),
+            Kind::Api => api_case(case, env, &mut report),
+        }
+        report.ms = started.elapsed().as_millis() as u64;
+        eprintln!(
+            "agentos eval: {}/{}: {:?} ({:.1} s)",
+            case.suite,
+            case.name,
+            report.outcome,
+            report.ms as f64 / 1000.0
+        );
+        reports.push(report);
+    }
+    if let Some(vm) = shared {
+        vm.shutdown();
+    }
+    reports
+}
+
+fn boot_options(spec: &VmSpec, env: &Env) -> Result<BootOptions, String> {
+    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
+        .map_err(|e| format!("{e}; run `scripts/setup` to build the guest image"))?;
+    let mut opts = BootOptions::of_image(&img);
+    opts.memory_mib = spec.memory.unwrap_or(DEFAULT_MEMORY_MIB);
+    opts.extra_initrds = vec![env.probe_initrd.clone()];
+    opts.extra_cmdline = spec.kernel_args.clone();
+    opts.boot_timeout = BOOT_TIMEOUT;
+    opts.cpu = CpuSlice {
+        cpus: spec.cpus,
+        ..Default::default()
+    };
+    Ok(opts)
+}
+
+fn boot(spec: &VmSpec, env: &Env, report: &mut CaseReport) -> Option<AgentVm> {
+    let booted = boot_options(spec, env)
+        .and_then(|opts| AgentVm::boot(&opts).map_err(|e| agentos_protocol::error_chain(&e)));
+    match booted {
+        Ok(vm) => {
+            report.evidence("boot_ms", vm.boot_time().as_millis() as u64);
+            Some(vm)
+        }
+        Err(why) => {
+            report.check("the VM boots", false, why);
+            None
+        }
+    }
+}
+
+fn shared_vm_case(
+    case: &Case,
+    spec: &VmSpec,
+    env: &Env,
+    shared: &mut Option<AgentVm>,
+    report: &mut CaseReport,
+) {
+    if shared.is_none() {
+        *shared = boot(spec, env, report);
+    }
+    let Some(vm) = shared.as_mut() else {
+        return;
+    };
+    let alive = guest_script(case, vm, report);
+    if !alive {
+        // A guest that no longer answers is no use to the next case: a fresh VM serves it.
+        if let Some(vm) = shared.take() {
+            end_vm(vm, report);
+        }
+    }
+}
+
+fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut CaseReport) {
+    let Some(mut vm) = boot(spec, env, report) else {
+        return;
+    };
+    let cgroup = vm.cgroup();
+    let before = cgroup.as_ref().map(|c| (c.stats(), Instant::now()));
+    let alive = guest_script(case, &mut vm, report);
+    if case.throttled {
+        check_throttled(spec, cgroup.as_deref(), before, report);
+    }
+    let end = if alive {
+        vm.shutdown()
+    } else {
+        end_vm(vm, report)
+    };
+    let Some(vmm) = &end.report else {
+        report.check("the VMM writes its report", false, "no report");
+        return;
+    };
+    report.evidence("vm_outcome", vmm.outcome.clone());
+    if let Some(error) = &vmm.error {
+        report.evidence("vm_error", error.clone());
+    }
+    report.evidence("vmm_metrics", vmm.metrics.clone());
+    report.check(
+        "the VMM did not fail (its own error, not the guest's)",
+        vmm.outcome != "failed",
+        end.describe(),
+    );
+    if let Some(expected) = &case.vm_end {
+        report.check(
+            format!("the VM ended as `{expected}`"),
+            &vmm.outcome == expected,
+            end.describe(),
+        );
+    }
+    for (path, min) in &case.metrics_min {
+        let found = checks::metric(&vmm.metrics, path);
+        report.check(
+            format!("VMM metric {path} >= {min}"),
+            found.is_some_and(|v| v >= *min),
+            format!("{found:?}"),
+        );
+    }
+    for (path, max) in &case.metrics_max {
+        let found = checks::metric(&vmm.metrics, path);
+        report.check(
+            format!("VMM metric {path} <= {max}"),
+            found.is_some_and(|v| v <= *max),
+            format!("{found:?}"),
+        );
+    }
+}
+
+/// A VM whose guest may no longer answer: waits for it to end by itself, else stops its VMM
+/// (SIGTERM, so that it writes its report), and reaps it.
+fn end_vm(mut vm: AgentVm, report: &mut CaseReport) -> VmEnd {
+    let deadline = Instant::now() + END_WAIT;
+    while !vm.ended() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !vm.ended() {
+        report.evidence("vm_stopped_by_harness", true);
+        if let Some(pid) = vm.vmm_pid() {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    vm.shutdown()
+}
+
+/// Runs the case's script in `vm` and checks what came back; returns whether the guest agent
+/// still answers.
+fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool {
+    let listener = case
+        .listen
+        .map(|port| HostListener::start(&vm.host_socket(port)));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let request = ExecRequest {
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), case.script.clone().unwrap_or_default()],
+        timeout_ms: Some(case.timeout_s * 1000),
+        ..Default::default()
+    };
+    let conn = vm.conn();
+    conn.set_deadline(Some(
+        Instant::now() + Duration::from_secs(case.timeout_s) + EXEC_GRACE,
+    ));
+    let status = conn.exec(
+        request,
+        ExecIo {
+            stdin: None,
+            stdout: &mut out,
+            stderr: &mut err,
+        },
+    );
+    let stdout = String::from_utf8_lossy(&out).into_owned();
+    report.evidence("stdout", excerpt(&stdout));
+    report.evidence("stderr", excerpt(&String::from_utf8_lossy(&err)));
+    match &status {
+        Ok(status) => {
+            report.evidence("exit_code", status.shell_code());
+            report.evidence("timed_out", status.timed_out);
+        }
+        Err(e) => report.evidence("exec_error", agentos_protocol::error_chain(e)),
+    }
+    if let Some(code) = case.exit_code {
+        let found = status.as_ref().map(|s| s.shell_code());
+        report.check(
+            format!("the script exits {code}"),
+            found.as_ref().is_ok_and(|c| *c == code),
+            format!("{found:?}"),
+        );
+    }
+    if let Some(timed_out) = case.timed_out {
+        let found = status.as_ref().map(|s| s.timed_out);
+        report.check(
+            format!("timed_out is {timed_out}"),
+            found.as_ref().is_ok_and(|t| *t == timed_out),
+            format!("{found:?}"),
+        );
+    }
+    for text in &case.stdout_has {
+        report.check(
+            format!("output has `{text}`"),
+            stdout.contains(text.as_str()),
+            "",
+        );
+    }
+    for text in &case.stdout_lacks {
+        let found = stdout
+            .lines()
+            .find(|l| l.contains(text.as_str()))
+            .unwrap_or_default();
+        report.check(
+            format!("output lacks `{text}`"),
+            !stdout.contains(text.as_str()),
+            found,
+        );
+    }
+    if case.settle_s > 0 {
+        std::thread::sleep(Duration::from_secs(case.settle_s));
+    }
+    if let Some(listener) = listener {
+        listener.check(report);
+    }
+    // A guest expected to be gone gets a short look only.
+    let patience = if case.agent_alive {
+        ALIVE_TIMEOUT
+    } else {
+        GONE_TIMEOUT
+    };
+    let conn = vm.conn();
+    conn.set_deadline(Some(Instant::now() + patience));
+    let alive = !vm.ended() && vm.conn().ping().is_ok();
+    report.evidence("agent_alive_after", alive);
+    if case.agent_alive {
+        report.check(
+            "the guest agent still answers",
+            alive,
+            "no answer to a ping",
+        );
+    }
+    alive
+}
+
+/// The CPU the VMM's cgroup used while the script ran, against its quota.
+fn check_throttled(
+    spec: &VmSpec,
+    cgroup: Option<&crate::cgroup::AgentCgroup>,
+    before: Option<(crate::cgroup::CgroupStats, Instant)>,
+    report: &mut CaseReport,
+) {
+    let (Some(cgroup), Some((before, since))) = (cgroup, before) else {
+        report.check("the VMM has a cgroup", false, "no cgroup on this host");
+        return;
+    };
+    let after = cgroup.stats();
+    let wall_us = since.elapsed().as_micros() as f64;
+    let used_us = after.cpu_usage_us.saturating_sub(before.cpu_usage_us) as f64;
+    let quota = spec.cpus.unwrap_or(1.0);
+    let share = used_us / wall_us.max(1.0);
+    report.evidence("cpu_share", (share * 1000.0).round() / 1000.0);
+    report.evidence("cpu_quota", quota);
+    report.evidence(
+        "throttled_periods",
+        after.nr_throttled.saturating_sub(before.nr_throttled),
+    );
+    report.check(
+        "the cgroup throttled the VMM",
+        after.nr_throttled > before.nr_throttled,
+        format!("{} periods", after.nr_throttled - before.nr_throttled),
+    );
+    // A tenth of a CPU of slack: the quota is enforced per 100 ms period, plus the VMM's own
+    // threads between periods.
+    report.check(
+        format!("CPU use within the quota of {quota}"),
+        share <= quota + 0.1,
+        format!("{share:.3} CPUs"),
+    );
+}
+
+/// A host-side listener on one of a VM's vsock ports that reads each connection with the
+/// host's own protocol decoder (the code that reads the guest agent's control connection).
+struct HostListener {
+    path: PathBuf,
+    outcomes: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostListener {
+    fn start(path: &Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let listener = UnixListener::bind(path).and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        });
+        let (o, s) = (outcomes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let Ok(listener) = listener else {
+                push(&o, "cannot listen".to_owned());
+                return;
+            };
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let outcome = match AgentConnection::handshake(stream, LISTEN_HANDSHAKE) {
+                            Ok(_) => "accepted as a guest agent".to_owned(),
+                            Err(e) => format!("refused: {}", agentos_protocol::error_chain(&e)),
+                        };
+                        push(&o, outcome);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            path: path.to_owned(),
+            outcomes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn check(mut self, report: &mut CaseReport) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let outcomes = self.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
+        report.evidence("host_decoder", outcomes.clone());
+        report.check(
+            "the host's decoder refused every connection",
+            !outcomes.is_empty() && outcomes.iter().all(|o| o.starts_with("refused")),
+            outcomes.join("; "),
+        );
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn push(outcomes: &Mutex<Vec<String>>, what: String) {
+    if let Ok(mut o) = outcomes.lock() {
+        o.push(what);
+    }
+}
+
+/// `agentos ARGS` with our binary, VMs run directly (we are where they can boot).
+fn agentos() -> Command {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("agentos"));
+    let mut cmd = Command::new(exe);
+    cmd.env(crate::carrier::IN_CARRIER_ENV, "1");
+    cmd
+}
+
+/// Waits for `child` to end within `limit` (killing it past that) and returns its output.
+fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = stdout.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = stderr.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    (
+        code,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
+}
+
+fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
+    let Some(file) = &case.group_file else {
+        return;
+    };
+    let name = crate::group::file::load(file).map(|g| g.name);
+    let state = name
+        .as_ref()
+        .ok()
+        .map(|n| image::default_cache_dir().join("groups").join(n));
+    let state_existed = state.as_ref().is_some_and(|s| s.exists());
+    let input = env.scratch.join(format!("{}.input", case.name));
+    if let Err(e) = std::fs::write(&input, &case.input) {
+        report.check("the input is written", false, e.to_string());
+        return;
+    }
+    let child = agentos()
+        .args(["group", "run", "--json", "--carrier", "never", "--timeout"])
+        .arg(case.timeout_s.to_string())
+        .arg("--input")
+        .arg(&input)
+        .arg("--socket")
+        .arg(env.scratch.join("no-daemon.sock"))
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let (code, stdout, stderr) = match child {
+        Ok(child) => finish(child, COMMAND_LIMIT),
+        Err(e) => {
+            report.check("`agentos group run` starts", false, e.to_string());
+            return;
+        }
+    };
+    if let (Some(state), false) = (&state, state_existed) {
+        let _ = std::fs::remove_dir_all(state);
+    }
+    report.evidence("exit_code", code);
+    report.evidence("stderr", excerpt(&stderr));
+    let Ok(run) = serde_json::from_str::<Value>(&stdout) else {
+        report.check("`group run` prints its report", false, excerpt(&stdout));
+        return;
+    };
+    let counters = run["counters"].clone();
+    let results: Vec<Value> = run["results"].as_array().cloned().unwrap_or_default();
+    report.evidence("router_counters", counters.clone());
+    report.evidence(
+        "results",
+        results
+            .iter()
+            .map(|r| json!({"from": r["from"], "body": excerpt(r["body"].as_str().unwrap_or(""))}))
+            .collect::<Vec<_>>(),
+    );
+    let refusals: Vec<Value> = run["trace"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter(|e| e["event"] == "refused" || e.get("claimed_from").is_some())
+                .take(10)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    report.evidence("trace_refusals_and_claims", refusals);
+    for (counter, min) in &case.counters_min {
+        let found = checks::metric(&counters, counter);
+        report.check(
+            format!("router counter {counter} >= {min}"),
+            found.is_some_and(|v| v >= *min),
+            format!("{found:?}"),
+        );
+    }
+    report.check(
+        format!("at least {} result(s) reach the output", case.results_min),
+        results.len() >= case.results_min,
+        format!("{}", results.len()),
+    );
+    let bodies: String = results
+        .iter()
+        .filter_map(|r| r["body"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for text in &case.stdout_has {
+        report.check(
+            format!("a result has `{text}`"),
+            bodies.contains(text.as_str()),
+            "",
+        );
+    }
+    for text in &case.stdout_lacks {
+        report.check(
+            format!("no result has `{text}`"),
+            !bodies.contains(text.as_str()),
+            "",
+        );
+    }
+}
+
+/// One request frame (`body`, declared `length`) and the reply, if one came.
+fn api_call(socket: &Path, length: u32, body: &[u8]) -> Result<Value, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(COMMAND_LIMIT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(&length.to_be_bytes())
+        .map_err(|e| e.to_string())?;
+    let _ = stream.write_all(body);
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .map_err(|e| format!("no reply: {e}"))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > agentos_protocol::MAX_FRAME_BYTES {
+        return Err(format!("a reply of {len} bytes"));
+    }
+    let mut reply = vec![0u8; len];
+    stream.read_exact(&mut reply).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&reply).map_err(|e| format!("a reply that is not JSON: {e}"))
+}
+
+fn request(socket: &Path, body: &str) -> Result<Value, String> {
+    api_call(socket, body.len() as u32, body.as_bytes())
+}
+
+/// `ok`, or the error kind of a reply.
+fn reply_kind(reply: &Result<Value, String>) -> String {
+    match reply {
+        Ok(v) if v.get("ok").is_some() => "ok".to_owned(),
+        Ok(v) => v["error"]["kind"].as_str().unwrap_or("?").to_owned(),
+        Err(e) => format!("({e})"),
+    }
+}
+
+/// A daemon of the harness's own, on a socket in its scratch directory, stopped when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(env: &Env) -> Result<Self, String> {
+        let socket = env.scratch.join("daemon.sock");
+        let log =
+            std::fs::File::create(env.scratch.join("daemon.log")).map_err(|e| e.to_string())?;
+        let child = agentos()
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut daemon = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while request(&daemon.socket, r#"{"op":"version"}"#).is_err() {
+            if Instant::now() >= deadline || matches!(daemon.child.try_wait(), Ok(Some(_))) {
+                return Err("the daemon did not come up".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(daemon)
+    }
+
+    /// SIGTERM, and the daemon's exit status.
+    fn stop(mut self) -> Option<i32> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Name of the agent an `api` case keeps running while it sends its requests.
+const API_AGENT: &str = "eval-target";
+
+fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
+    let daemon = match Daemon::start(env) {
+        Ok(d) => d,
+        Err(why) => {
+            report.check("the daemon starts", false, why);
+            return;
+        }
+    };
+    let socket = daemon.socket.clone();
+    let spawn = format!(
+        r#"{{"op":"spawn","name":"{API_AGENT}","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":true}}"#
+    );
+    let up = request(&socket, &spawn);
+    report.check(
+        "an agent runs under the daemon",
+        reply_kind(&up) == "ok",
+        format!("{up:?}"),
+    );
+    let mut replies = Vec::new();
+    for req in &case.requests {
+        let length = req.length.unwrap_or(req.body.len() as u32);
+        let reply = api_call(&socket, length, req.body.as_bytes());
+        let kind = reply_kind(&reply);
+        let message = reply
+            .as_ref()
+            .ok()
+            .and_then(|r| r["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        report.check(
+            format!("`{}` is answered `{}`", excerpt_line(&req.body), req.reply),
+            kind == req.reply,
+            format!("{kind}: {message}"),
+        );
+        replies
+            .push(json!({"request": excerpt_line(&req.body), "reply": kind, "message": message}));
+    }
+    report.evidence("replies", replies);
+    if case.race_spawn > 0 {
+        race_spawn(&socket, case.race_spawn, report);
+    }
+    let exec = request(
+        &socket,
+        &format!(
+            r#"{{"op":"exec","name":"{API_AGENT}","program":"/bin/echo","args":["still here"]}}"#
+        ),
+    );
+    report.check(
+        "the agent still runs programs afterwards",
+        exec.as_ref()
+            .is_ok_and(|r| r["ok"]["stdout"] == "still here\n"),
+        format!("{exec:?}"),
+    );
+    let code = daemon.stop();
+    report.evidence("daemon_exit", code);
+    report.check(
+        "the daemon stops cleanly",
+        code == Some(0),
+        format!("{code:?}"),
+    );
+}
+
+/// `clients` connections spawn the same name at once: one wins, the others are told the name
+/// is taken; the winner is then removed.
+fn race_spawn(socket: &Path, clients: usize, report: &mut CaseReport) {
+    let body = format!(
+        r#"{{"op":"spawn","name":"eval-race","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":false}}"#
+    );
+    let barrier = Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (socket, body, barrier) = (socket.to_owned(), body.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                reply_kind(&request(&socket, &body))
+            })
+        })
+        .collect();
+    let kinds: Vec<String> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|_| "(thread failed)".to_owned()))
+        .collect();
+    report.evidence("race_replies", kinds.clone());
+    let won = kinds.iter().filter(|k| *k == "ok").count();
+    let lost = kinds.iter().filter(|k| *k == "duplicate_name").count();
+    report.check(
+        format!("of {clients} racing spawns one wins, the others get duplicate_name"),
+        won == 1 && lost == clients - 1,
+        kinds.join(", "),
+    );
+    let rm = request(socket, r#"{"op":"rm","name":"eval-race","force":true}"#);
+    report.check(
+        "the winner is removed",
+        reply_kind(&rm) == "ok",
+        format!("{rm:?}"),
+    );
+}
+
+fn excerpt_line(text: &str) -> String {
+    let line: String = text.chars().take(80).collect();
+    line.replace('\n', " ")
+}
