@@ -3,7 +3,7 @@
 //! evidence they looked at.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -350,7 +350,8 @@ impl HostListener {
         let _ = std::fs::remove_file(path);
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let listener = UnixListener::bind(path).and_then(|l| {
+        // Made as the daemon makes its sockets: the jailed VMM (another uid) may connect.
+        let listener = crate::rundir::listen(path).and_then(|l| {
             l.set_nonblocking(true)?;
             Ok(l)
         });
