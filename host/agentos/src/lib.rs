@@ -23,4 +23,5 @@ pub mod qemu;
 pub mod run;
 pub mod rundir;
 pub mod signals;
+pub mod toml_file;
 pub mod vmm_cmd;

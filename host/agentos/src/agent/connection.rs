@@ -56,6 +56,37 @@ pub struct ExecIo<'a> {
     pub stderr: &'a mut dyn Write,
 }
 
+/// A program's output kept up to a limit, the rest dropped and noted as cut: a guest program
+/// may write without end.
+pub struct CappedOutput {
+    pub bytes: Vec<u8>,
+    pub cut: bool,
+    limit: usize,
+}
+
+impl CappedOutput {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            cut: false,
+            limit,
+        }
+    }
+}
+
+impl Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
+        self.cut |= buf.len() > room;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct AgentConnection {
     reader: FrameReader<UnixStream>,
     writer: Arc<Mutex<UnixStream>>,

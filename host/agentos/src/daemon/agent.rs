@@ -19,7 +19,7 @@ use super::api::{
     AgentInfo, AgentState, ApiError, ErrorKind, ExecCall, ExecReply, LogsReply,
     MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, RestartPolicy,
 };
-use crate::agent::connection::{ConnectionError, ExecIo, Keepalive};
+use crate::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
 use crate::cgroup::AgentCgroup;
 use crate::cgroup::slice::PriorityClass;
@@ -562,8 +562,8 @@ fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> 
         vm.conn()
             .set_deadline(Some(started + Duration::from_secs(secs) + EXEC_GRACE));
     }
-    let mut stdout = Capped::default();
-    let mut stderr = Capped::default();
+    let mut stdout = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
+    let mut stderr = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
     let stdin = call
         .stdin
         .map(|text| Box::new(Cursor::new(text.into_bytes())) as Box<dyn Read + Send>);
@@ -584,26 +584,6 @@ fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> 
         stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
         ms: started.elapsed().as_millis() as u64,
     })
-}
-
-/// Output kept up to [`MAX_EXEC_OUTPUT_BYTES`]; the rest is counted as cut.
-#[derive(Default)]
-struct Capped {
-    bytes: Vec<u8>,
-    cut: bool,
-}
-
-impl Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = MAX_EXEC_OUTPUT_BYTES.saturating_sub(self.bytes.len());
-        self.bytes.extend_from_slice(&buf[..buf.len().min(room)]);
-        self.cut |= buf.len() > room;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// An error with its causes, in a line.
@@ -655,7 +635,7 @@ mod tests {
 
     #[test]
     fn output_is_capped_and_says_so() {
-        let mut out = Capped::default();
+        let mut out = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
         out.write_all(&vec![b'x'; MAX_EXEC_OUTPUT_BYTES - 1])
             .unwrap();
         assert!(!out.cut);

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-/// A case file larger than this is refused (it is data, not a program).
-const MAX_FILE_BYTES: u64 = 1 << 20;
+use crate::toml_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaseError {
@@ -210,17 +209,10 @@ pub fn load_dir(dir: &Path, only: Option<&str>) -> Result<Vec<Suite>, CaseError>
 
 /// Reads one suite file; its name is the file's stem.
 pub fn load_file(path: &Path) -> Result<Suite, CaseError> {
-    use std::io::Read;
-    let read_err = |source| CaseError::Read {
+    let text = toml_file::read(path).map_err(|source| CaseError::Read {
         path: path.to_owned(),
         source,
-    };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(read_err)?
-        .take(MAX_FILE_BYTES)
-        .read_to_string(&mut text)
-        .map_err(read_err)?;
+    })?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -244,14 +236,8 @@ pub fn load_file(path: &Path) -> Result<Suite, CaseError> {
 /// Parses a suite's text; files it names are read relative to `base`. An error is the line it
 /// is on and what is wrong.
 pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, String)> {
-    let line_of = |span: Range<usize>| {
-        let before = &text.as_bytes()[..span.start.min(text.len())];
-        before.iter().filter(|b| **b == b'\n').count() + 1
-    };
-    let raw: RawSuite = toml::from_str(text).map_err(|e| {
-        let line = e.span().map_or(1, line_of);
-        (line, e.message().trim_end().replace('\n', " "))
-    })?;
+    let line_of = |span: Range<usize>| toml_file::line_of(text, span);
+    let raw: RawSuite = toml_file::parse(text)?;
     if raw.case.is_empty() {
         return Err((1, "the file has no cases; add a [[case]] table".to_owned()));
     }
@@ -280,7 +266,7 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
             let path = base.join(field.get_ref());
             // Resolved, so that the path can be copied into a carrier as it is.
             std::fs::canonicalize(&path)
-                .and_then(|p| std::fs::read_to_string(&p).map(|t| (p, t)))
+                .and_then(|p| toml_file::read(&p).map(|t| (p, t)))
                 .map_err(|e| {
                     (
                         line_of(field.span()),

@@ -9,16 +9,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::ExecRequest;
+use agentos_protocol::{ExecRequest, FrameReader};
 use serde_json::{Value, json};
 
 use super::case::{Case, Kind, Suite, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
-use crate::agent::connection::{AgentConnection, ExecIo};
+use crate::agent::connection::{AgentConnection, CappedOutput, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
 use crate::image::{self, AGENT_IMAGE};
 
+/// What the harness keeps of a guest script's stdout and of its stderr (the guest is the
+/// attacker; the rest is dropped).
+const MAX_SCRIPT_OUTPUT_BYTES: usize = 1 << 20;
 /// Guest memory of an eval VM unless its case or suite says otherwise.
 const DEFAULT_MEMORY_MIB: u64 = 128;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -211,7 +214,8 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
     let listener = case
         .listen
         .map(|port| HostListener::start(&vm.host_socket(port)));
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut out = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
+    let mut err = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
     let request = ExecRequest {
         program: "/bin/sh".into(),
         args: vec!["-c".into(), case.script.clone().unwrap_or_default()],
@@ -230,9 +234,9 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
             stderr: &mut err,
         },
     );
-    let stdout = String::from_utf8_lossy(&out).into_owned();
+    let stdout = String::from_utf8_lossy(&out.bytes).into_owned();
     report.evidence("stdout", excerpt(&stdout));
-    report.evidence("stderr", excerpt(&String::from_utf8_lossy(&err)));
+    report.evidence("stderr", excerpt(&String::from_utf8_lossy(&err.bytes)));
     match &status {
         Ok(status) => {
             report.evidence("exit_code", status.shell_code());
@@ -564,17 +568,11 @@ fn api_call(socket: &Path, length: u32, body: &[u8]) -> Result<Value, String> {
         .write_all(&length.to_be_bytes())
         .map_err(|e| e.to_string())?;
     let _ = stream.write_all(body);
-    let mut len = [0u8; 4];
-    stream
-        .read_exact(&mut len)
-        .map_err(|e| format!("no reply: {e}"))?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > agentos_protocol::MAX_FRAME_BYTES {
-        return Err(format!("a reply of {len} bytes"));
+    match FrameReader::new(stream).read::<Value>() {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err("no reply: the connection was closed".to_owned()),
+        Err(e) => Err(format!("no usable reply: {e}")),
     }
-    let mut reply = vec![0u8; len];
-    stream.read_exact(&mut reply).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&reply).map_err(|e| format!("a reply that is not JSON: {e}"))
 }
 
 fn request(socket: &Path, body: &str) -> Result<Value, String> {

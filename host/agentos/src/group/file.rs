@@ -24,6 +24,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::cgroup::PriorityClass;
+use crate::toml_file;
 
 /// The sender of the group's input, and the receiver of its results.
 pub const INPUT: &str = "input";
@@ -31,8 +32,6 @@ pub const OUTPUT: &str = "output";
 
 /// Agents one group may declare.
 pub const MAX_AGENTS: usize = 16;
-/// Largest group file read.
-const MAX_FILE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupFileError {
@@ -181,17 +180,10 @@ struct RawAgent {
 
 /// Reads and checks the group file at `path`; returns it with its text.
 pub fn load_with_text(path: &Path) -> Result<(GroupSpec, String), GroupFileError> {
-    use std::io::Read;
-    let read_err = |source| GroupFileError::Read {
+    let text = toml_file::read(path).map_err(|source| GroupFileError::Read {
         path: path.to_owned(),
         source,
-    };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(read_err)?
-        .take(MAX_FILE_BYTES)
-        .read_to_string(&mut text)
-        .map_err(read_err)?;
+    })?;
     let spec = parse(&text).map_err(|(line, problem)| GroupFileError::Invalid {
         path: path.to_owned(),
         line,
@@ -207,16 +199,9 @@ pub fn load(path: &Path) -> Result<GroupSpec, GroupFileError> {
 
 /// Parses a group file; an error is the line it is on and what is wrong.
 pub fn parse(text: &str) -> Result<GroupSpec, (usize, String)> {
-    // Counted in bytes: a span is never trusted to fall on a character boundary.
-    let line_of = |span: Range<usize>| {
-        let before = &text.as_bytes()[..span.start.min(text.len())];
-        before.iter().filter(|b| **b == b'\n').count() + 1
-    };
+    let line_of = |span: Range<usize>| toml_file::line_of(text, span);
     let at = |span: Range<usize>, problem: String| (line_of(span), problem);
-    let raw: RawGroup = toml::from_str(text).map_err(|e| {
-        let line = e.span().map_or(1, line_of);
-        (line, e.message().trim_end().replace('\n', " "))
-    })?;
+    let raw: RawGroup = toml_file::parse(text)?;
 
     let name = raw.name.get_ref();
     if !valid_peer_name(name) {
