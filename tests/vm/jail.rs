@@ -1,6 +1,6 @@
 //! The VMM's jail: its own namespaces (PID included), a root holding only what the VM needs, an
-//! unprivileged user, no capabilities, `no_new_privs`, no core dumps; and `--no-jail`, which says
-//! loudly what it gives up.
+//! unprivileged user, no capabilities, `no_new_privs`, no core dumps; a supervisor holding only
+//! `CAP_KILL`; and `--no-jail`, which says loudly what it gives up.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -84,6 +84,20 @@ fn the_vmm_runs_jailed_without_capabilities_and_sees_only_what_its_vm_needs() {
         [pid.to_string().as_str(), "1"],
         "NSpid {nspid}"
     );
+    // Its supervisor, outside the namespaces, keeps only CAP_KILL (to pass stop signals on to
+    // a process of another user) and cannot regain the rest.
+    let supervisor = crate::common::parent_of(pid).expect("the VMM has no supervisor");
+    while status_field(supervisor, "CapEff") != "0000000000000020" {
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor kept capabilities: {}",
+            status_field(supervisor, "CapEff")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status_field(supervisor, "CapPrm"), "0000000000000020");
+    assert_eq!(status_field(supervisor, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(supervisor, "NoNewPrivs"), "1");
     for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();

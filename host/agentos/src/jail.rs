@@ -3,7 +3,8 @@
 //!
 //! - its own PID namespace: the process forks; the child is PID 1 of a new namespace and runs
 //!   the VMM; the parent stays behind as a supervisor that only forwards stop signals, waits, and
-//!   exits with the child's status (so whoever started `agentos vmm` sees the same statuses);
+//!   exits with the child's status (so whoever started `agentos vmm` sees the same statuses),
+//!   holding no capability but `CAP_KILL`, under `no_new_privs`;
 //! - its own mount, network, IPC and UTS namespaces, and a private root (a small tmpfs, then
 //!   `pivot_root`) in which only the kernel and initrds (read-only), the console log, a private
 //!   `/dev/kvm` node and the VM's run directory exist, at the paths they had;
@@ -37,6 +38,8 @@ pub const DEFAULT_ID: u32 = 65534;
 const DEVICE_MODE: libc::mode_t = 0o600;
 /// Signals the supervisor passes on to the VMM (those that stop it cleanly).
 const FORWARDED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// The capability to signal processes of other users (linux/capability.h).
+const CAP_KILL: u32 = 5;
 /// The supervisor's status when the VMM ended some way `waitpid` does not describe.
 const EXIT_LOST: i32 = 1;
 
@@ -196,6 +199,14 @@ pub fn enter(plan: &JailPlan) -> Result<Jailed, JailError> {
             // SAFETY: as above; the write end stays open until the supervisor exits, so that
             // the child can tell whether it still lives.
             unsafe { libc::close(alive_read) };
+            if let Err(e) = confine_supervisor() {
+                eprintln!("agentos vmm: {}", agentos_protocol::error_chain(&e));
+                // SAFETY: kill takes integers only; the child is ours and not yet reaped.
+                unsafe { libc::kill(child, libc::SIGKILL) };
+                supervise(child, &forwarded);
+                remove_root();
+                std::process::exit(EXIT_LOST)
+            }
             let code = supervise(child, &forwarded);
             remove_root();
             std::process::exit(code)
@@ -265,6 +276,15 @@ fn jail_child(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
     switch_ids(plan.ids)?;
     set_no_new_privs()?;
     clear_capabilities()
+}
+
+/// The supervisor keeps root's uid (it owns the jail's root directory, which it removes at the
+/// end) but of the capabilities only `CAP_KILL`, which passing signals to the VMM, running as
+/// another user, needs; with `no_new_privs` it cannot regain any.
+fn confine_supervisor() -> Result<(), JailError> {
+    drop_bounding_and_ambient();
+    set_no_new_privs()?;
+    set_capabilities(1 << CAP_KILL)
 }
 
 /// The supervisor: passes stop signals on to the VMM, waits for it, and returns the status to
@@ -587,6 +607,12 @@ fn drop_bounding_and_ambient() {
 
 /// Empties the effective, permitted and inheritable capability sets.
 fn clear_capabilities() -> Result<(), JailError> {
+    set_capabilities(0)
+}
+
+/// Sets the effective and permitted capability sets to `kept` (capabilities 0 to 31) and
+/// empties the inheritable set.
+fn set_capabilities(kept: u32) -> Result<(), JailError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -604,7 +630,9 @@ fn clear_capabilities() -> Result<(), JailError> {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data::default(); 2];
+    let mut data = [Data::default(); 2];
+    data[0].effective = kept;
+    data[0].permitted = kept;
     // SAFETY: capset reads a v3 header and two data structs, which these are.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
     check(rc as libc::c_int).map_err(step("drop the capabilities"))

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,6 +197,7 @@ pub struct AgentVm {
     boot_time: Duration,
     /// Removed (dropped) after the VMM is gone.
     cgroup: Option<Arc<AgentCgroup>>,
+    console_log: PathBuf,
 }
 
 /// A VMM that has been started and whose guest agent has not said hello yet.
@@ -208,6 +209,7 @@ struct Starting {
     cgroup: Option<Arc<AgentCgroup>>,
     boot_timeout: Duration,
     abort: Option<Arc<AtomicBool>>,
+    console_log: PathBuf,
 }
 
 impl Starting {
@@ -221,6 +223,7 @@ impl Starting {
         let cgroup = create_cgroup(opts, &run_dir)?.map(Arc::new);
         let child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
         signals::watch_child(child.id());
+        let console_log = console_log_path(opts, &run_dir);
         Ok(Self {
             started,
             child,
@@ -229,6 +232,7 @@ impl Starting {
             cgroup,
             boot_timeout: opts.boot_timeout,
             abort: opts.abort.clone(),
+            console_log,
         })
     }
 
@@ -241,6 +245,7 @@ impl Starting {
             cgroup,
             boot_timeout,
             abort,
+            console_log,
         } = self;
         let deadline = started + boot_timeout;
         let stream = match wait_for_connection(&control, &mut child, deadline, abort.as_deref()) {
@@ -268,6 +273,7 @@ impl Starting {
             conn,
             boot_time: started.elapsed(),
             cgroup,
+            console_log,
         })
     }
 }
@@ -314,6 +320,11 @@ impl AgentVm {
     /// listens there serves that port for this VM alone.
     pub fn host_socket(&self, port: u32) -> PathBuf {
         self.run_dir.join(&format!("vsock.sock_{port}"))
+    }
+
+    /// Where the guest's serial console is appended.
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
     }
 
     pub fn cgroup(&self) -> Option<Arc<AgentCgroup>> {
@@ -469,6 +480,14 @@ fn has(layout: &Layout, controller: cgroup::Controller) -> bool {
     layout.hierarchy(controller).is_some()
 }
 
+/// The file the VMM appends the guest's console to: the one asked for, or `console.log` in the
+/// run directory.
+fn console_log_path(opts: &BootOptions, run_dir: &RunDir) -> PathBuf {
+    opts.console_log
+        .clone()
+        .unwrap_or_else(|| run_dir.join("console.log"))
+}
+
 fn spawn_vmm(
     opts: &BootOptions,
     run_dir: &RunDir,
@@ -499,11 +518,7 @@ fn spawn_vmm(
         .arg("--vsock-uds")
         .arg(run_dir.join("vsock.sock"))
         .arg("--console-log")
-        .arg(
-            opts.console_log
-                .clone()
-                .unwrap_or_else(|| run_dir.join("console.log")),
-        )
+        .arg(console_log_path(opts, run_dir))
         .arg("--report")
         .arg(run_dir.join("report.json"))
         .args(opts.no_jail.then_some("--no-jail"))

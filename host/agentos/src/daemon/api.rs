@@ -68,12 +68,23 @@ impl Request {
 
 /// Reads one request frame's body; anything else is a `bad_request` error that says why.
 pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            ErrorKind::BadRequest,
-            format!("not a request: {e} (see docs/api.md)"),
-        )
-    })
+    let bad =
+        |why: String| ApiError::new(ErrorKind::BadRequest, format!("{why} (see docs/api.md)"));
+    let request: Request =
+        serde_json::from_slice(body).map_err(|e| bad(format!("not a request: {e}")))?;
+    // serde lets a tagged enum's variants without fields ignore extra keys: refuse them here,
+    // as every other request refuses a field it does not know.
+    if matches!(request, Request::Version | Request::Ps | Request::Metrics) {
+        let fields: BTreeMap<String, serde::de::IgnoredAny> =
+            serde_json::from_slice(body).map_err(|e| bad(format!("not a request: {e}")))?;
+        if let Some(extra) = fields.keys().find(|k| *k != "op") {
+            return Err(bad(format!(
+                "`{}` takes no fields, found `{extra}`",
+                request.op()
+            )));
+        }
+    }
+    Ok(request)
 }
 
 /// When the daemon boots an agent again after its VM ended.
@@ -430,6 +441,27 @@ mod tests {
             r#"{"op":"exec","name":"a"}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_without_fields_refuse_extra_ones() {
+        assert_eq!(
+            parse_request(br#"{"op":"version"}"#).unwrap(),
+            Request::Version
+        );
+        for (body, field) in [
+            (r#"{"op":"version","extra":true}"#, "extra"),
+            (r#"{"force":1,"op":"ps"}"#, "force"),
+            (r#"{"op":"metrics","name":"a"}"#, "name"),
+        ] {
+            let e = parse_request(body.as_bytes()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(
+                e.message.contains(&format!("found `{field}`")),
+                "{}",
+                e.message
+            );
         }
     }
 

@@ -87,6 +87,10 @@ struct RawCase {
     stdout_has: Vec<String>,
     #[serde(default)]
     stdout_lacks: Vec<String>,
+    /// Lines the guest's serial console must show, waited for up to `settle` seconds (for
+    /// programs that outlive the script and the guest's vsock).
+    #[serde(default)]
+    console_has: Vec<String>,
     /// Whether the guest agent must still answer afterwards (default true).
     agent_alive: Option<bool>,
     /// The VMM's outcome when the case's own VM ended (`crashed`, `shutdown`, `stopped`).
@@ -140,6 +144,7 @@ pub struct Case {
     pub timed_out: Option<bool>,
     pub stdout_has: Vec<String>,
     pub stdout_lacks: Vec<String>,
+    pub console_has: Vec<String>,
     pub agent_alive: bool,
     pub vm_end: Option<String>,
     pub settle_s: u64,
@@ -311,10 +316,13 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
                 ));
             }
         }
-        let needs_own = !rc.metrics_min.is_empty() || !rc.metrics_max.is_empty() || rc.throttled;
+        let needs_own = !rc.metrics_min.is_empty()
+            || !rc.metrics_max.is_empty()
+            || rc.throttled
+            || !rc.console_has.is_empty();
         if needs_own && rc.vm.is_none() {
             return Err(at(
-                "metrics and throttling are checked on a VM of the case's own: add a [case.vm] table"
+                "metrics, throttling and the console are checked on a VM of the case's own: add a [case.vm] table"
                     .to_owned(),
             ));
         }
@@ -338,6 +346,7 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
             timed_out: rc.timed_out,
             stdout_has: rc.stdout_has,
             stdout_lacks: rc.stdout_lacks,
+            console_has: rc.console_has,
             agent_alive: rc.agent_alive.unwrap_or(rc.vm_end.is_none()),
             vm_end: rc.vm_end,
             settle_s: rc.settle.unwrap_or(0),
@@ -407,6 +416,12 @@ mod tests {
         let (line, problem) = parse(text, "g", dir.path()).unwrap_err();
         assert_eq!(line, 2);
         assert!(problem.contains("[case.vm]"), "{problem}");
+        let console = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\nconsole_has = [\"done\"]\n";
+        let (_, problem) = parse(console, "g", dir.path()).unwrap_err();
+        assert!(problem.contains("[case.vm]"), "{problem}");
+        let own = format!("{console}[case.vm]\n");
+        let suite = parse(&own, "g", dir.path()).unwrap();
+        assert_eq!(suite.cases[0].console_has, ["done"]);
     }
 
     #[test]

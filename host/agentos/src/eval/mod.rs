@@ -5,7 +5,7 @@
 //!
 //! The cases are data: `eval/cases/SUITE.toml` (see [`case`]), with the guest scripts and group
 //! files they name; `--cases DIR` runs a directory of one's own. Guest scripts find the
-//! `agentos-eval-probe` program at `/eval/probe` (raw vsock, see `guest_probe.rs`).
+//! `agentos-eval-probe` program at `/eval/probe` (raw vsock and raw virtio queues, see `probe/main.rs`).
 
 pub mod case;
 pub mod checks;

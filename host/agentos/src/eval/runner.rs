@@ -33,6 +33,10 @@ const GONE_TIMEOUT: Duration = Duration::from_secs(10);
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 /// How long a connection to a host port the harness listens on gets to say hello.
 const LISTEN_HANDSHAKE: Duration = Duration::from_secs(5);
+/// How often a case waiting for console lines looks again, and how many lines of the console
+/// its report keeps.
+const CONSOLE_POLL: Duration = Duration::from_millis(500);
+const CONSOLE_EVIDENCE_LINES: usize = 40;
 /// How long a VM whose guest no longer answers gets to end by itself.
 const END_WAIT: Duration = Duration::from_secs(20);
 /// How long `group run` and the daemon's requests may take.
@@ -278,8 +282,11 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
             found,
         );
     }
-    if case.settle_s > 0 {
-        std::thread::sleep(Duration::from_secs(case.settle_s));
+    let settle = Duration::from_secs(case.settle_s);
+    if case.console_has.is_empty() {
+        std::thread::sleep(settle);
+    } else {
+        check_console(case, vm.console_log(), Instant::now() + settle, report);
     }
     if let Some(listener) = listener {
         listener.check(report);
@@ -302,6 +309,39 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
         );
     }
     alive
+}
+
+/// Waits until the guest's console shows every line the case names, or `until`; checks each.
+fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseReport) {
+    let console = loop {
+        let mut bytes = Vec::new();
+        if let Ok(file) = std::fs::File::open(log) {
+            let _ = file
+                .take(MAX_SCRIPT_OUTPUT_BYTES as u64)
+                .read_to_end(&mut bytes);
+        }
+        let console = String::from_utf8_lossy(&bytes).into_owned();
+        let all = case
+            .console_has
+            .iter()
+            .all(|t| console.contains(t.as_str()));
+        if all || Instant::now() >= until {
+            break console;
+        }
+        std::thread::sleep(CONSOLE_POLL);
+    };
+    let tail: String = {
+        let lines: Vec<&str> = console.lines().collect();
+        lines[lines.len().saturating_sub(CONSOLE_EVIDENCE_LINES)..].join("\n")
+    };
+    report.evidence("console", tail);
+    for text in &case.console_has {
+        report.check(
+            format!("the console has `{text}`"),
+            console.contains(text.as_str()),
+            "",
+        );
+    }
 }
 
 /// The CPU the VMM's cgroup used while the script ran, against its quota.

@@ -7,6 +7,7 @@
 //! probe connect CID PORT...      try to open each port; prints `cid C port P: connected|refused (...)`
 //! probe frames PORT              malformed and oversized frames, one connection each
 //! probe flood PORT SECONDS       open connections and write as fast as possible
+//! probe descriptors BASE         malformed descriptor chains to the virtio-mmio device at BASE
 //! ```
 
 use std::io::{self, Read, Write};
@@ -24,13 +25,19 @@ const FLOOD_CHUNK_BYTES: usize = 64 * 1024;
 /// Declared length of the oversized frame: twice the protocol's 1 MiB limit.
 const OVERSIZED_FRAME_BYTES: u32 = 2 << 20;
 
+mod virtq;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("connect") => connect_command(&args[1..]),
         Some("frames") => frames_command(&args[1..]),
         Some("flood") => flood_command(&args[1..]),
-        _ => Err("usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS".into()),
+        Some("descriptors") => virtq::descriptors_command(&args[1..]),
+        _ => Err(
+            "usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS | descriptors BASE"
+                .into(),
+        ),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
