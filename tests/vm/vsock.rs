@@ -1,6 +1,7 @@
 //! The VMM's vsock device in both directions, driven at the level of `agentos vmm`: the guest
 //! agent dials the host (`vsock.sock_1024`), a host client dials the guest (`CONNECT 52`), both
-//! carry the agentos protocol, and a shutdown ends the VMM cleanly.
+//! carry the agentos protocol, and a shutdown ends the VMM cleanly; its jail's root is built
+//! under `--chroot-base` and removed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -75,6 +76,9 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     let control =
         agentos::rundir::listen(&run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
     let report_path = run.join("report.json");
+    // The jail's root goes under a base of our choosing, in a directory named after the VMM's
+    // supervisor, which removes it at the end.
+    let jails = t.dir.join("jails");
     let mut vmm = t
         .agentos()
         .arg("vmm")
@@ -87,9 +91,12 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
         .arg(run.join("vsock.sock"))
         .arg("--report")
         .arg(&report_path)
+        .arg("--chroot-base")
+        .arg(&jails)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    let jail_root = jails.join(vmm.id().to_string());
     let deadline = Instant::now() + BOOT_TIMEOUT;
 
     // Guest to host: the agent dials port 1024.
@@ -97,6 +104,11 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     let mut dialled = AgentConnection::handshake(stream, BOOT_TIMEOUT).unwrap();
     dialled.set_deadline(Some(Instant::now() + ANSWER_TIMEOUT));
     assert_eq!(exec_echo(&mut dialled, "one"), "one\n");
+    assert!(
+        jail_root.is_dir(),
+        "no jail root at {}",
+        jail_root.display()
+    );
 
     // Host to guest: CONNECT to the agent's listening port, through the VMM's socket.
     let mut stream = UnixStream::connect(run.join("vsock.sock")).unwrap();
@@ -143,6 +155,12 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0));
+    assert!(
+        !jail_root.exists(),
+        "the jail root {} was left behind",
+        jail_root.display()
+    );
+    std::fs::remove_dir(&jails).unwrap();
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     assert_eq!(report["outcome"], "shutdown", "{report}");
