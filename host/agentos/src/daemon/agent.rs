@@ -356,7 +356,7 @@ fn live(shared: &Shared, jobs: &Receiver<Job>) {
                 return;
             }
             Err(e) => Ending::Ended {
-                why: format!("did not boot: {}", chain(&e)),
+                why: format!("did not boot: {}", agentos_protocol::error_chain(&e)),
                 failure: true,
             },
         };
@@ -542,7 +542,10 @@ fn job_error(name: &str, e: ConnectionError) -> ApiError {
         ),
         other => ApiError::new(
             ErrorKind::Failed,
-            format!("agent `{name}` failed the request: {}", chain(&other)),
+            format!(
+                "agent `{name}` failed the request: {}",
+                agentos_protocol::error_chain(&other)
+            ),
         ),
     }
 }
@@ -584,18 +587,6 @@ fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> 
         stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
         ms: started.elapsed().as_millis() as u64,
     })
-}
-
-/// An error with its causes, in a line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Empties a log that grew past [`MAX_LOG_BYTES`] (readers then start again from 0).
