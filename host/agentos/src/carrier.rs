@@ -408,17 +408,14 @@ fn prune_combined(dir: &Path, keep: &Path) {
 }
 
 fn console_tail(path: &Path) -> String {
-    let Ok(text) = fs::read_to_string(path) else {
-        return String::new();
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(15);
+    let text = crate::log_tail::read_tail(path, 64 * 1024).unwrap_or_default();
+    let lines = crate::log_tail::last_lines(&text, 15);
     if lines.is_empty() {
         return String::new();
     }
     format!(
         "\n--- last lines of the carrier console ---\n{}",
-        lines[start..].join("\n")
+        lines.join("\n")
     )
 }
 

@@ -17,6 +17,7 @@ pub mod image;
 pub mod image_cmd;
 pub mod infer_run;
 pub mod jail;
+pub mod log_tail;
 pub mod model;
 pub mod model_cmd;
 pub mod qemu;

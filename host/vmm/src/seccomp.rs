@@ -49,6 +49,13 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role stored by [`Role`] `as u8` (for the SIGSYS handler, which reads a thread-local).
+    fn from_u8(value: u8) -> Option<Self> {
+        [Role::Vmm, Role::Vcpu, Role::Signals]
+            .into_iter()
+            .find(|r| *r as u8 == value)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Vmm => "vmm",
@@ -92,8 +99,9 @@ impl SeccompFilters {
 
 /// Calls every thread makes: memory for its heap (glibc grows a thread's arena with `mprotect`),
 /// locks, the time when the vDSO cannot give it, returning from signal handlers (the vCPU kick,
-/// SIGSYS) and resuming a timed wait a freeze (`agentos pause`) interrupted, the alternate signal stack Rust sets up and removes per thread, lines logged on
-/// stderr, and the end of the thread or process.
+/// SIGSYS) and resuming a timed wait a freeze (`agentos pause`) interrupted, the alternate
+/// signal stack Rust sets up and removes per thread, lines logged on stderr, and the end of the
+/// thread or process.
 const EVERY_THREAD: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_mmap,
@@ -318,12 +326,11 @@ extern "C" fn on_bad_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         line.push(b"agentos vmm: killed by a SIGSYS sent to it");
     }
     line.push(b" on the ");
-    line.push(match role {
-        1 => b"vmm",
-        2 => b"vcpu",
-        3 => b"signals",
-        _ => b"unfiltered",
-    });
+    line.push(
+        Role::from_u8(role)
+            .map_or("unfiltered", Role::name)
+            .as_bytes(),
+    );
     line.push(b" thread\n");
     // SAFETY: write(2) and _exit(2) are async-signal-safe; `line.buf` holds `line.len` bytes.
     unsafe {

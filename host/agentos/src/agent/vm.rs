@@ -644,8 +644,13 @@ fn read_report(run_dir: &RunDir) -> Option<VmmReport> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// How much of the end of the VMM's stderr is read for its last line, and of the guest console
+/// for an error message.
+const LAST_LINE_BYTES: u64 = 4096;
+const CONSOLE_EXCERPT_BYTES: u64 = 64 * 1024;
+
 fn last_line(path: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = crate::log_tail::read_tail(path, LAST_LINE_BYTES).ok()?;
     text.lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -655,19 +660,18 @@ fn last_line(path: &std::path::Path) -> Option<String> {
 /// The end of the guest console, for error messages.
 fn console_excerpt(run_dir: &RunDir, report: Option<&VmmReport>) -> String {
     const LINES: usize = 12;
-    let lines: Vec<String> = match report {
-        Some(r) if !r.console_tail.is_empty() => r.console_tail.clone(),
-        _ => std::fs::read_to_string(run_dir.join("console.log"))
-            .map(|t| t.lines().map(str::to_string).collect())
+    let text = match report {
+        Some(r) if !r.console_tail.is_empty() => r.console_tail.join("\n"),
+        _ => crate::log_tail::read_tail(&run_dir.join("console.log"), CONSOLE_EXCERPT_BYTES)
             .unwrap_or_default(),
     };
+    let lines = crate::log_tail::last_lines(&text, LINES);
     if lines.is_empty() {
         return String::new();
     }
-    let start = lines.len().saturating_sub(LINES);
     format!(
         "\n--- last lines of the guest console ---\n{}",
-        lines[start..].join("\n")
+        lines.join("\n")
     )
 }
 

@@ -314,13 +314,8 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
 /// Waits until the guest's console shows every line the case names, or `until`; checks each.
 fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseReport) {
     let console = loop {
-        let mut bytes = Vec::new();
-        if let Ok(file) = std::fs::File::open(log) {
-            let _ = file
-                .take(MAX_SCRIPT_OUTPUT_BYTES as u64)
-                .read_to_end(&mut bytes);
-        }
-        let console = String::from_utf8_lossy(&bytes).into_owned();
+        let console =
+            crate::log_tail::read_tail(log, MAX_SCRIPT_OUTPUT_BYTES as u64).unwrap_or_default();
         let all = case
             .console_has
             .iter()
@@ -330,11 +325,10 @@ fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseRepor
         }
         std::thread::sleep(CONSOLE_POLL);
     };
-    let tail: String = {
-        let lines: Vec<&str> = console.lines().collect();
-        lines[lines.len().saturating_sub(CONSOLE_EVIDENCE_LINES)..].join("\n")
-    };
-    report.evidence("console", tail);
+    report.evidence(
+        "console",
+        crate::log_tail::last_lines(&console, CONSOLE_EVIDENCE_LINES).join("\n"),
+    );
     for text in &case.console_has {
         report.check(
             format!("the console has `{text}`"),
