@@ -378,36 +378,68 @@ fn check_throttled(
 /// host's own protocol decoder (the code that reads the guest agent's control connection).
 struct HostListener {
     path: PathBuf,
-    outcomes: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Connections>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the listener saw: counts of every connection, the first few outcomes in words (a guest
+/// may connect without end).
+#[derive(Default)]
+struct Connections {
+    refused: u64,
+    accepted: u64,
+    outcomes: Vec<String>,
+}
+
+/// Outcomes a listener keeps in words.
+const LISTEN_OUTCOMES_KEPT: usize = 32;
+
+impl Connections {
+    fn note(&mut self, refused: bool, what: String) {
+        if refused {
+            self.refused += 1;
+        } else {
+            self.accepted += 1;
+        }
+        if self.outcomes.len() < LISTEN_OUTCOMES_KEPT {
+            self.outcomes.push(what);
+        }
+    }
 }
 
 impl HostListener {
     fn start(path: &Path) -> Self {
         let _ = std::fs::remove_file(path);
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Connections::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Made as the daemon makes its sockets: the jailed VMM (another uid) may connect.
         let listener = crate::rundir::listen(path).and_then(|l| {
             l.set_nonblocking(true)?;
             Ok(l)
         });
-        let (o, s) = (outcomes.clone(), stop.clone());
+        let (seen_by_thread, s) = (seen.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
+            let note = |refused, what| {
+                if let Ok(mut seen) = seen_by_thread.lock() {
+                    seen.note(refused, what);
+                }
+            };
             let Ok(listener) = listener else {
-                push(&o, "cannot listen".to_owned());
+                note(false, "cannot listen".to_owned());
                 return;
             };
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
-                        let outcome = match AgentConnection::handshake(stream, LISTEN_HANDSHAKE) {
-                            Ok(_) => "accepted as a guest agent".to_owned(),
-                            Err(e) => format!("refused: {}", agentos_protocol::error_chain(&e)),
-                        };
-                        push(&o, outcome);
+                        match AgentConnection::handshake(stream, LISTEN_HANDSHAKE) {
+                            Ok(_) => note(false, "accepted as a guest agent".to_owned()),
+                            Err(e) => note(
+                                true,
+                                format!("refused: {}", agentos_protocol::error_chain(&e)),
+                            ),
+                        }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -415,7 +447,7 @@ impl HostListener {
         });
         Self {
             path: path.to_owned(),
-            outcomes,
+            seen,
             stop,
             thread: Some(thread),
         }
@@ -426,12 +458,20 @@ impl HostListener {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let outcomes = self.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
-        report.evidence("host_decoder", outcomes.clone());
+        let Ok(seen) = self.seen.lock() else {
+            return;
+        };
+        report.evidence("host_decoder", seen.outcomes.clone());
+        report.evidence("host_decoder_refused", seen.refused);
         report.check(
             "the host's decoder refused every connection",
-            !outcomes.is_empty() && outcomes.iter().all(|o| o.starts_with("refused")),
-            outcomes.join("; "),
+            seen.refused > 0 && seen.accepted == 0,
+            format!(
+                "{} refused, {} not: {}",
+                seen.refused,
+                seen.accepted,
+                seen.outcomes.join("; ")
+            ),
         );
     }
 }
@@ -440,12 +480,6 @@ impl Drop for HostListener {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn push(outcomes: &Mutex<Vec<String>>, what: String) {
-    if let Ok(mut o) = outcomes.lock() {
-        o.push(what);
     }
 }
 
@@ -461,20 +495,16 @@ fn agentos() -> Command {
 fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = stdout.as_mut() {
-            let _ = p.read_to_string(&mut s);
+    // Kept up to a bound: a group's results carry what its guests wrote.
+    let capped = |pipe: Option<&mut dyn Read>| {
+        let mut kept = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
+        if let Some(pipe) = pipe {
+            let _ = std::io::copy(pipe, &mut kept);
         }
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = stderr.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
+        String::from_utf8_lossy(&kept.bytes).into_owned()
+    };
+    let out = std::thread::spawn(move || capped(stdout.as_mut().map(|p| p as &mut dyn Read)));
+    let err = std::thread::spawn(move || capped(stderr.as_mut().map(|p| p as &mut dyn Read)));
     let deadline = Instant::now() + limit;
     let code = loop {
         match child.try_wait() {
