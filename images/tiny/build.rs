@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} ({e}): install binutils"));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?} ({e}): install binutils (scripts/setup does)")
+    });
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 

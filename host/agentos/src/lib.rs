@@ -20,6 +20,7 @@ pub mod jail;
 pub mod log_tail;
 pub mod model;
 pub mod model_cmd;
+pub mod programs;
 pub mod qemu;
 pub mod run;
 pub mod rundir;

@@ -881,7 +881,8 @@ mod tests {
         assert!(!again.rebuilt);
         assert!(warm < Duration::from_secs(1));
 
-        let listing = Command::new("cpio")
+        let cpio = crate::programs::find("cpio").unwrap_or_else(|e| panic!("{e}"));
+        let listing = Command::new(cpio)
             .args(["-t", "-F"])
             .arg(&image.initrd)
             .output()

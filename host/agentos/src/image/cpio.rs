@@ -464,7 +464,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.cpio");
         std::fs::write(&archive, &bytes).unwrap();
-        let output = std::process::Command::new("cpio")
+        let cpio = crate::programs::find("cpio").unwrap_or_else(|e| panic!("{e}"));
+        let output = std::process::Command::new(cpio)
             .args(["-t", "-F"])
             .arg(&archive)
             .output()
