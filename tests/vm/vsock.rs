@@ -4,6 +4,7 @@
 //! under `--chroot-base` and removed.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -72,9 +73,14 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     let t = Scratch::new("vsock");
     let run = t.run_dir();
     std::fs::create_dir_all(&run).unwrap();
+    // The VMM's own directory, as agentos makes one: its user's (the default, 65534), 0700.
+    let own = run.join("vmm");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
     // As the daemon does: a socket the jailed VMM (another uid) may connect to.
     let control =
-        agentos::rundir::listen(&run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+        agentos::rundir::listen(&own.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
     let report_path = run.join("report.json");
     // The jail's root goes under a base of our choosing, in a directory named after the VMM's
     // supervisor, which removes it at the end.
@@ -88,7 +94,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
         .arg(&img.initrd)
         .args(["--memory", "256", "--cmdline", AGENT_CMDLINE])
         .arg("--vsock-uds")
-        .arg(run.join("vsock.sock"))
+        .arg(own.join("vsock.sock"))
         .arg("--report")
         .arg(&report_path)
         .arg("--chroot-base")
@@ -111,7 +117,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     );
 
     // Host to guest: CONNECT to the agent's listening port, through the VMM's socket.
-    let mut stream = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    let mut stream = UnixStream::connect(own.join("vsock.sock")).unwrap();
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
     writeln!(stream, "CONNECT {AGENT_LISTEN_PORT}").unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -130,7 +136,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     assert!(opened.ping().unwrap() < Duration::from_secs(10));
 
     // A port nobody listens on in the guest is refused: the client sees the socket close.
-    let mut refused = UnixStream::connect(run.join("vsock.sock")).unwrap();
+    let mut refused = UnixStream::connect(own.join("vsock.sock")).unwrap();
     refused.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
     writeln!(refused, "CONNECT 4000").unwrap();
     let mut answer = String::new();
@@ -172,8 +178,8 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
         "{report}"
     );
     drop(control);
-    std::fs::remove_file(run.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+    std::fs::remove_file(own.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+    std::fs::remove_dir(&own).unwrap();
     std::fs::remove_file(&report_path).unwrap();
-    let _ = std::fs::remove_file(run.join("report.tmp"));
     t.assert_nothing_left();
 }

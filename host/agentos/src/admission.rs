@@ -3,18 +3,17 @@
 //! The host model is read from the machine itself: online CPUs and memory from /proc and /sys,
 //! and what each running agent holds from its cgroup under `agentos/` (the cgroups are the
 //! record, so every agentos process on the host sees the same agents). Checks and cgroup
-//! creation happen under one host-wide lock, so two agents starting at once cannot both take the
-//! last slice. Placement (`--pin`) uses the same model: the agent goes to the online CPU that
+//! creation happen under one lock (in the run-directory base: one per user, and only root can
+//! create cgroups), so two agents starting at once cannot both take the last slice. Placement (`--pin`) uses the same model: the agent goes to the online CPU that
 //! pinned agents load least.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cgroup::slice::{online_cpu_list, parse_cpu_list};
 use crate::cgroup::{AgentCgroup, Layout, Slice};
+use crate::rundir;
 
 /// Memory kept for the host itself: the larger of this and a tenth of its RAM.
 const HOST_RESERVE_BYTES: u64 = 512 << 20;
@@ -145,27 +144,41 @@ impl HostModel {
     }
 }
 
-/// A host-wide lock held while an agent is admitted and its cgroup created.
+/// A lock held while an agent is admitted and its cgroup created, in this user's run-directory
+/// base (a file no one else may touch: see [`crate::rundir`]), taken with a timeout.
 pub struct AdmissionLock {
-    _file: File,
+    _lock: rundir::FileLock,
+}
+
+/// The lock file, in the run-directory base.
+const LOCK_FILE: &str = "admission.lock";
+/// How long an agent waits for another agentos process to finish admitting its own.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(transparent)]
+    RunDir(#[from] rundir::RunDirError),
+    #[error("cannot lock {}", .0.display())]
+    Lock(PathBuf, #[source] std::io::Error),
+    #[error(
+        "another agentos process held {} for {} s while admitting an agent; if none runs, remove that file",
+        .0.display(),
+        LOCK_TIMEOUT.as_secs()
+    )]
+    TimedOut(PathBuf),
 }
 
 impl AdmissionLock {
-    pub fn take() -> std::io::Result<Self> {
-        let path = lock_path();
-        // Shared by every user's agents: readable by all, and a read-only descriptor is enough.
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .open(&path)
-            .or_else(|_| File::open(&path))?;
-        // SAFETY: flock on a descriptor we own; the lock goes with the descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
+    pub fn take() -> Result<Self, LockError> {
+        let base = rundir::base()?;
+        let path = base.path().join(LOCK_FILE);
+        let file = base.open_file(LOCK_FILE)?;
+        match rundir::lock_with_timeout(file, LOCK_TIMEOUT) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(rundir::LockError::TimedOut) => Err(LockError::TimedOut(path)),
+            Err(rundir::LockError::Io(e)) => Err(LockError::Lock(path, e)),
         }
-        Ok(Self { _file: file })
     }
 }
 
@@ -217,7 +230,14 @@ pub fn plan_rebalance(loads: &BTreeMap<u32, f64>, movable: &[Pinned]) -> Vec<(us
 /// Evens out the pinned load by moving the agents of `cgroups` that are pinned to one CPU (the
 /// daemon's `--pin` agents), under the admission lock; returns the moves made.
 pub fn rebalance(layout: &Layout, cgroups: &[&AgentCgroup]) -> Vec<(usize, u32)> {
-    let _lock = AdmissionLock::take().ok();
+    // Moves are made under the lock, or not this time.
+    let _lock = match AdmissionLock::take() {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::warn!(error = %e, "not moving pinned agents now");
+            return Vec::new();
+        }
+    };
     let model = HostModel::read(layout);
     let mut index = Vec::new();
     let mut movable = Vec::new();
@@ -247,10 +267,6 @@ pub fn rebalance(layout: &Layout, cgroups: &[&AgentCgroup]) -> Vec<(usize, u32)>
             }
         })
         .collect()
-}
-
-fn lock_path() -> PathBuf {
-    std::env::temp_dir().join("agentos-admission.lock")
 }
 
 fn mem_total(meminfo: &str) -> u64 {
@@ -309,7 +325,7 @@ mod tests {
             .is_none()
             || online.len() < 2
         {
-            eprintln!("skipping: no cpuset controller or one CPU");
+            crate::testing::skip("no cpuset controller or one CPU");
             return;
         }
         let slice = Slice {
@@ -321,7 +337,7 @@ mod tests {
         let (a, b) = match (create(20), create(21)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("skipping: cannot create cgroups here: {e}");
+                crate::testing::skip(&format!("cannot create cgroups here: {e}"));
                 return;
             }
         };

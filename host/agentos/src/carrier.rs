@@ -57,6 +57,16 @@ const KEEP_COMBINED: usize = 4;
 /// halted for good, interrupts enabled and a timer interrupt pending in its local APIC, not woken
 /// even by an NMI. Spinning costs one host core while the carrier runs.
 const CARRIER_CMDLINE: &str = "console=ttyS0 panic=-1 quiet idle=poll";
+/// QEMU's own seccomp filter: no obsolete system calls, no new processes, no changes to CPU
+/// affinity or scheduling. Started by root, QEMU then becomes [`CARRIER_ID`] (`-run-with`), so
+/// it may change ids once; started by anyone else it may not at all.
+const CARRIER_SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
+const CARRIER_SANDBOX_UNPRIVILEGED: &str =
+    "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=deny";
+/// The user and group QEMU runs as once it has opened its files, when root starts it: `nobody`,
+/// which owns nothing (the change of ids leaves the process not dumpable, so other processes of
+/// that user cannot trace it).
+const CARRIER_ID: u32 = 65534;
 /// Everything QEMU can emulate (SVM with nested paging included) but the virtual GIF, so that the
 /// carrier's KVM gates interrupts with plain CLGI/STGI. This alone did not prevent the halt
 /// above; the combination with `idle=poll` is what the VM test suite runs on.
@@ -213,7 +223,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
             "{e}; run `scripts/setup` (or `agentos image build`) to build the carrier image"
         )
     })?;
-    which_qemu()?;
+    let qemu_major = which_qemu()?;
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
     let mut files = vec![exe];
     files.extend(spec.files.iter().cloned());
@@ -227,6 +237,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
         .context("cannot listen for the carrier")?;
     let mut qemu = Qemu::spawn(&QemuConfig {
+        qemu_major,
         kernel: &carrier.vmlinuz,
         initrd: &initrd,
         memory_mib: spec.memory_mib,
@@ -318,9 +329,10 @@ fn carrier_env(cache: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<Strin
     env
 }
 
-fn which_qemu() -> anyhow::Result<()> {
+/// QEMU's major version (0 when its banner says none), or what to install.
+fn which_qemu() -> anyhow::Result<u32> {
     match qemu::version() {
-        Some(_) => Ok(()),
+        Some(line) => Ok(qemu::major_version(&line).unwrap_or(0)),
         None => bail!("{} does not run: {}", qemu::QEMU, qemu::INSTALL_HINT),
     }
 }
@@ -420,6 +432,8 @@ fn console_tail(path: &Path) -> String {
 }
 
 struct QemuConfig<'a> {
+    /// QEMU's major version: its options for dropping privileges changed.
+    qemu_major: u32,
     kernel: &'a Path,
     initrd: &'a Path,
     memory_mib: u64,
@@ -458,6 +472,7 @@ impl Qemu {
         .arg("-initrd")
         .arg(cfg.initrd)
         .args(["-append", CARRIER_CMDLINE])
+        .args(confinement(euid(), cfg.qemu_major))
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("socket,id=ctl,path={}", cfg.control.display()))
@@ -480,6 +495,35 @@ impl Qemu {
     }
 }
 
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// QEMU's own confinement (its seccomp filter, and for root a user without privileges) as
+/// arguments for QEMU `major`; see docs/security.md for what the carrier boundary is.
+fn confinement(euid: u32, major: u32) -> Vec<String> {
+    match euid {
+        0 if major >= RUN_WITH_USER_QEMU => vec![
+            "-sandbox".into(),
+            CARRIER_SANDBOX.into(),
+            "-run-with".into(),
+            format!("user={CARRIER_ID}:{CARRIER_ID}"),
+        ],
+        // Older QEMUs take a user name; `nobody` is 65534 everywhere.
+        0 => vec![
+            "-sandbox".into(),
+            CARRIER_SANDBOX.into(),
+            "-runas".into(),
+            "nobody".into(),
+        ],
+        _ => vec!["-sandbox".into(), CARRIER_SANDBOX_UNPRIVILEGED.into()],
+    }
+}
+
+/// The first QEMU with `-run-with user=` (which replaced `-runas`).
+const RUN_WITH_USER_QEMU: u32 = 10;
+
 /// QEMU's human monitor: none, or on the Unix socket `AGENTOS_CARRIER_MONITOR` names, to look
 /// into a stuck carrier (`info registers`, `info lapic`).
 fn monitor() -> String {
@@ -494,5 +538,23 @@ impl Drop for Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
         signals::forget_child(self.child.id());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_is_confined_by_its_filter_and_leaves_root() {
+        let root = confinement(0, 10).join(" ");
+        assert_eq!(
+            root,
+            "-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny -run-with user=65534:65534"
+        );
+        assert!(confinement(0, 8).join(" ").ends_with("-runas nobody"));
+        let user = confinement(1000, 10).join(" ");
+        assert!(user.contains("elevateprivileges=deny"), "{user}");
+        assert!(!user.contains("-run-with"), "{user}");
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::vm::{AgentVm, BootOptions};
 use crate::cgroup::{Controller, Layout};
 use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
+use crate::jail::JailLevel;
 use crate::qemu;
 
 /// A Linux guest that is not up by then is taken as not booting.
@@ -233,6 +234,88 @@ fn vsock_finding() -> Finding {
     )
 }
 
+/// Where run directories go, and whether agentos may use it.
+fn run_dir_finding() -> Finding {
+    match crate::rundir::base() {
+        Ok(base) => finding(
+            "run_dir",
+            true,
+            format!("{} (yours, mode 0700)", base.path().display()),
+            None,
+        ),
+        Err(e) => finding("run_dir", false, e.to_string(), None),
+    }
+}
+
+/// The jail a VMM started by this user gets: full as root, rootless (user namespaces) for
+/// others; a VMM whose jail cannot be built does not start.
+fn jail_finding() -> Finding {
+    if JailLevel::for_this_process(false) == JailLevel::Full {
+        return match crate::rundir::vmm_ids() {
+            Ok((first, last)) => finding(
+                "jail",
+                true,
+                format!(
+                    "full: each VMM in its own namespaces and private root, as a user of its own (ids {first}-{last}, {})",
+                    crate::rundir::VMM_IDS_ENV
+                ),
+                None,
+            ),
+            Err(e) => finding("jail", false, e.to_string(), None),
+        };
+    }
+    match user_namespaces() {
+        Ok(()) => finding(
+            "jail",
+            true,
+            "rootless: each VMM in a user namespace of its own, with its own namespaces and private root".into(),
+            None,
+        ),
+        Err(e) => finding(
+            "jail",
+            false,
+            format!("user namespaces are not available to this user ({e}): VMs will not start"),
+            Some(
+                "run agentos as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces); --no-jail runs VMMs unconfined",
+            ),
+        ),
+    }
+}
+
+/// Whether this user may create a user namespace with mount and PID namespaces in it, as the
+/// rootless jail does: tried in a child process, which this one cannot be turned into.
+fn user_namespaces() -> std::io::Result<()> {
+    // SAFETY: the child calls only unshare and _exit, which are async-signal-safe, so forking a
+    // process that may have threads is sound.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+        // SAFETY: unshare takes flags; __errno_location returns this thread's errno; _exit ends
+        // the child at once.
+        unsafe {
+            let code = if libc::unshare(flags) == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(code.clamp(0, 255));
+        }
+    }
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child with a valid out pointer.
+    if unsafe { libc::waitpid(child, &mut status, 0) } != child {
+        return Err(std::io::Error::last_os_error());
+    }
+    match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+        Some(0) => Ok(()),
+        Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+        None => Err(std::io::Error::other("the probe process was killed")),
+    }
+}
+
 fn image_finding(cache: &Path, name: &'static str, what: &'static str) -> Finding {
     match image::find_image(cache, name) {
         Ok(img) => finding(
@@ -294,6 +377,8 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
     let (linux, _) = linux_finding(&cache, args.probe);
     let mut findings = vec![kvm_finding(), linux];
     findings.extend(cgroup_findings());
+    findings.push(run_dir_finding());
+    findings.push(jail_finding());
     findings.push(vsock_finding());
     findings.push(image_finding(&cache, AGENT_IMAGE, "agent_image"));
     findings.push(image_finding(&cache, CARRIER_IMAGE, "carrier_image"));

@@ -4,19 +4,27 @@
 //! - its own PID namespace: the process forks; the child is PID 1 of a new namespace and runs
 //!   the VMM; the parent stays behind as a supervisor that only forwards stop signals, waits, and
 //!   exits with the child's status (so whoever started `agentos vmm` sees the same statuses),
-//!   holding no capability but `CAP_KILL`, under `no_new_privs`;
+//!   under `no_new_privs` and with no capability but `CAP_KILL` (none when rootless);
 //! - its own mount, network, IPC and UTS namespaces, and a private root (a small tmpfs, then
-//!   `pivot_root`) in which only the kernel and initrds (read-only), the console log, a private
-//!   `/dev/kvm` node and the VM's run directory exist, at the paths they had;
+//!   `pivot_root`) in which only the kernel and initrds (read-only), `/dev/kvm` and the VMM's own
+//!   directory (its sockets) exist, at the paths they had;
 //! - no core dumps, bounded open files and file sizes; `no_new_privs`;
-//! - an unprivileged uid and gid, and every capability dropped.
+//! - a user of its own and every capability dropped.
 //!
-//! A guest that takes over its VMM then holds a process that sees one run directory and no other
-//! process, has no network, runs as a user that owns nothing on the host but its run directory,
+//! Two levels, picked by who runs it, and nothing in between: as root, the **full** jail (the
+//! VMM becomes the unprivileged user and group given, one per VM, and gets a `/dev/kvm` node of
+//! its own); as anyone else, the **rootless** jail (first a user namespace mapping only the
+//! caller's own ids, the way bubblewrap works, then the same namespaces and root, with the
+//! host's `/dev/kvm` bound in). Any layer that cannot be applied is an error and the VMM does
+//! not run: the jail fails closed. Running without it takes `--no-jail`, which says so loudly.
+//!
+//! A guest that takes over its VMM then holds a process that sees one directory and no other
+//! process, has no network, runs as a user that owns nothing on the host but that directory,
 //! cannot gain privileges and holds no capability.
 //!
-//! Namespaces, mounts and changing ids need root. Without it the VMM says so and runs with the
-//! parts that need no privilege (limits, `no_new_privs`), in one process as before.
+//! Files the VMM writes outside its directory (the console log, the report) are opened by
+//! `agentos vmm` before it enters the jail, as whoever started it: nothing is given away to the
+//! VMM's user but its own directory, which must already be that user's.
 
 use std::ffi::CString;
 use std::io;
@@ -31,8 +39,9 @@ const MAX_OPEN_FILES: u64 = 4096;
 const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Size of the tmpfs that becomes the root: directories, device nodes and empty mount points.
 const ROOT_TMPFS: &str = "size=1m,mode=0755";
-/// The uid and gid the VMM runs as unless told otherwise: `nobody`/`nogroup` on every common
-/// distribution, which own no files (see docs/security.md for why a shared id is acceptable).
+/// The uid and gid `agentos vmm` runs its VMM as unless told otherwise: `nobody`/`nogroup` on
+/// every common distribution, which own no files. `agentos run` and the daemon give each VM a
+/// user of its own instead (see [`crate::rundir::vmm_ids`]).
 pub const DEFAULT_ID: u32 = 65534;
 /// A device node in the jail is for the VMM's user alone.
 const DEVICE_MODE: libc::mode_t = 0o600;
@@ -55,6 +64,23 @@ pub enum JailError {
     BadPath(PathBuf),
     #[error("{0} is not a character device")]
     NotADevice(PathBuf),
+    #[error(
+        "{} belongs to user {owner}, not to the VMM's user {user}: the VMM's directory must be its own (agentos run and the daemon make one; or pass --no-jail)",
+        path.display()
+    )]
+    NotTheVmmsDir {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+    #[error("{} is not a directory (a symlink or a file); the VMM's sockets need a directory of its own", .0.display())]
+    NotADir(PathBuf),
+    #[error("the VMM must not run as root; give it an unprivileged --uid and --gid")]
+    RootIds,
+    #[error(
+        "user namespaces are not available to this user ({0}), so the rootless jail cannot be built: run agentos as root, allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces), or pass --no-jail to run the VMM unconfined"
+    )]
+    NoUserNamespace(#[source] io::Error),
 }
 
 /// The user and group the VMM runs as inside its jail.
@@ -78,15 +104,13 @@ impl Default for Ids {
 pub struct JailPlan {
     /// Files visible read-only (kernel, initrds).
     pub read_only: Vec<PathBuf>,
-    /// Files visible read-write (the console log); given to the jail's user.
-    pub read_write: Vec<PathBuf>,
-    /// Directories visible read-write (the run directory: vsock sockets, report); given to the
-    /// jail's user.
+    /// Directories visible read-write: the VMM's own (its sockets), which must belong to the
+    /// user it becomes.
     pub dirs: Vec<PathBuf>,
-    /// Character devices (`/dev/kvm`): recreated in the jail as nodes of the jail's user, mode
-    /// 0600; the host's nodes are never touched.
+    /// Character devices (`/dev/kvm`): in the full jail recreated as nodes of the jail's user,
+    /// mode 0600 (the host's nodes are never touched); in the rootless one bound in.
     pub devices: Vec<PathBuf>,
-    /// Who the VMM becomes.
+    /// Who the VMM becomes in the full jail (the rootless jail keeps the caller's ids).
     pub ids: Ids,
     /// Where the jail's root is built: `<base>/<supervisor pid>`, removed when the VMM ends.
     /// Without one, over `/proc` in the VMM's own mount namespace, which leaves nothing behind.
@@ -99,13 +123,48 @@ pub struct JailPlan {
 /// directory behind on the host.
 const ROOT_MOUNT_POINT: &str = "/proc";
 
-/// How far the jail went.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Jailed {
-    /// PID and other namespaces, private root, limits, unprivileged ids, no capabilities.
-    Fully,
-    /// Limits and `no_new_privs` only: the process may not create namespaces (not root).
-    Unprivileged,
+/// Which jail the VMM runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JailLevel {
+    /// Started by root: namespaces, private root, limits, a user of its own, no capabilities.
+    Full,
+    /// Started by another user: a user namespace mapping only that user, then the same.
+    Rootless,
+    /// `--no-jail`: limits only, not even that for the guest's sake.
+    None,
+}
+
+impl JailLevel {
+    /// The jail a VMM started by this process gets (it fails rather than get less).
+    pub fn for_this_process(no_jail: bool) -> Self {
+        if no_jail {
+            Self::None
+        } else if euid() == 0 {
+            Self::Full
+        } else {
+            Self::Rootless
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Rootless => "rootless",
+            Self::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for JailLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 fn step(step: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
@@ -128,19 +187,27 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 /// Enters the jail. Call while the process has one thread: forking, the mount namespace and the
 /// root are safe and per process only then.
 ///
-/// Returns in the process that runs the VMM. With the full jail that is a new child; the
-/// calling process becomes its supervisor and never returns from here.
-pub fn enter(plan: &JailPlan) -> Result<Jailed, JailError> {
-    // SAFETY: unshare takes flags only.
-    match check(unsafe { libc::unshare(libc::CLONE_NEWPID) }) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            limit()?;
-            set_no_new_privs()?;
-            return Ok(Jailed::Unprivileged);
+/// Returns in the process that runs the VMM, a new child; the calling process becomes its
+/// supervisor and never returns from here. Every failure is an error: the caller must not run
+/// the VMM then.
+pub fn enter(plan: &JailPlan) -> Result<JailLevel, JailError> {
+    let level = JailLevel::for_this_process(false);
+    let user = match level {
+        JailLevel::Full if plan.ids.uid == 0 || plan.ids.gid == 0 => {
+            return Err(JailError::RootIds);
         }
-        Err(e) => return Err(step("create the jail's PID namespace")(e)),
+        JailLevel::Full => plan.ids.uid,
+        _ => euid(),
+    };
+    for dir in &plan.dirs {
+        check_own_dir(dir, user)?;
     }
+    if level == JailLevel::Rootless {
+        enter_user_namespace()?;
+    }
+    // SAFETY: unshare takes flags only.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
+        .map_err(step("create the jail's PID namespace"))?;
     let root = match &plan.chroot_base {
         Some(base) => chroot_dir(base)?,
         None => PathBuf::from(ROOT_MOUNT_POINT),
@@ -150,7 +217,6 @@ pub fn enter(plan: &JailPlan) -> Result<Jailed, JailError> {
         .dirs
         .iter()
         .chain(&plan.read_only)
-        .chain(&plan.read_write)
         .chain(&plan.devices)
         .find(|p| p.starts_with(&root) || root.starts_with(p))
     {
@@ -190,16 +256,16 @@ pub fn enter(plan: &JailPlan) -> Result<Jailed, JailError> {
         0 => {
             // SAFETY: closes a descriptor this process owns and no one else uses.
             unsafe { libc::close(alive_write) };
-            jail_child(plan, &root)?;
+            jail_child(plan, &root, level)?;
             // Armed after the change of ids, which clears a parent-death signal set before.
             die_with_supervisor(alive_read)?;
-            Ok(Jailed::Fully)
+            Ok(level)
         }
         child => {
             // SAFETY: as above; the write end stays open until the supervisor exits, so that
             // the child can tell whether it still lives.
             unsafe { libc::close(alive_read) };
-            if let Err(e) = confine_supervisor() {
+            if let Err(e) = confine_supervisor(level) {
                 eprintln!("agentos vmm: {}", agentos_protocol::error_chain(&e));
                 // SAFETY: kill takes integers only; the child is ours and not yet reaped.
                 unsafe { libc::kill(child, libc::SIGKILL) };
@@ -260,12 +326,12 @@ fn die_with_supervisor(alive_read: libc::c_int) -> Result<(), JailError> {
 }
 
 /// In the child, PID 1 of the new namespace: the rest of the jail.
-fn jail_child(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
+fn jail_child(plan: &JailPlan, root: &Path, level: JailLevel) -> Result<(), JailError> {
     let namespaces =
         libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     // SAFETY: unshare takes flags only.
     check(unsafe { libc::unshare(namespaces) }).map_err(step("create the jail's namespaces"))?;
-    private_root(plan, root)?;
+    private_root(plan, root, level)?;
     let name = b"agentos-vmm";
     // SAFETY: the pointer and length describe `name`.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
@@ -273,18 +339,59 @@ fn jail_child(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
     limit()?;
     // Dropping the bounding set needs CAP_SETPCAP, which the change of ids below takes away.
     drop_bounding_and_ambient();
-    switch_ids(plan.ids)?;
+    if level == JailLevel::Full {
+        switch_ids(plan.ids)?;
+    }
     set_no_new_privs()?;
     clear_capabilities()
 }
 
-/// The supervisor keeps root's uid (it owns the jail's root directory, which it removes at the
-/// end) but of the capabilities only `CAP_KILL`, which passing signals to the VMM, running as
-/// another user, needs; with `no_new_privs` it cannot regain any.
-fn confine_supervisor() -> Result<(), JailError> {
+/// The full jail's supervisor keeps root's uid (it owns the jail's root directory, which it
+/// removes at the end) but of the capabilities only `CAP_KILL`, which passing signals to the
+/// VMM, running as another user, needs; the rootless one, whose VMM is its own user, keeps
+/// none. With `no_new_privs` neither can regain any.
+fn confine_supervisor(level: JailLevel) -> Result<(), JailError> {
     drop_bounding_and_ambient();
     set_no_new_privs()?;
-    set_capabilities(1 << CAP_KILL)
+    match level {
+        JailLevel::Full => set_capabilities(1 << CAP_KILL),
+        _ => set_capabilities(0),
+    }
+}
+
+/// Refuses a directory for the VMM that is not a directory of `user`'s own: a symlink, a file,
+/// another user's. The jail gives nothing away; whoever made the directory gave it.
+fn check_own_dir(dir: &Path, user: u32) -> Result<(), JailError> {
+    let meta = std::fs::symlink_metadata(dir).map_err(step(format!("find {}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(JailError::NotADir(dir.to_owned()));
+    }
+    if meta.uid() != user {
+        return Err(JailError::NotTheVmmsDir {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            user,
+        });
+    }
+    Ok(())
+}
+
+/// Enters a new user namespace in which the caller's own user and group are mapped to
+/// themselves and nothing else (no supplementary groups): the rootless jail's first step, which
+/// gives the process the capabilities to build the rest inside it and no power outside it.
+fn enter_user_namespace() -> Result<(), JailError> {
+    // SAFETY: getuid and getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare takes flags only.
+    check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }).map_err(JailError::NoUserNamespace)?;
+    let write = |file: &str, text: String| {
+        std::fs::write(format!("/proc/self/{file}"), text)
+            .map_err(step(format!("write /proc/self/{file}")))
+    };
+    // Without this, an unprivileged process may not map groups.
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("{uid} {uid} 1"))?;
+    write("gid_map", format!("{gid} {gid} 1"))
 }
 
 /// The supervisor: passes stop signals on to the VMM, waits for it, and returns the status to
@@ -352,8 +459,8 @@ fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
 }
 
 /// Builds the new root on a tmpfs at `root`, puts what the plan names at its own path in it,
-/// gives the writable parts to the jail's user, and pivots.
-fn private_root(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
+/// and pivots.
+fn private_root(plan: &JailPlan, root: &Path, level: JailLevel) -> Result<(), JailError> {
     // Nothing mounted from here on propagates back to the host.
     mount(
         None,
@@ -371,37 +478,32 @@ fn private_root(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
         Some(ROOT_TMPFS),
     )
     .map_err(step("mount the jail's root"))?;
-    let Ids { uid, gid } = plan.ids;
     for dir in &plan.dirs {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-            .map_err(step(format!("give {} to the jail's user", dir.display())))?;
         let inside = inside(root, dir)?;
         std::fs::create_dir_all(&inside).map_err(step(format!("create {}", inside.display())))?;
         bind(dir, &inside, false)?;
     }
-    for file in &plan.read_write {
-        std::os::unix::fs::chown(file, Some(uid), Some(gid))
-            .map_err(step(format!("give {} to the jail's user", file.display())))?;
-    }
-    for (files, read_only) in [(&plan.read_only, true), (&plan.read_write, false)] {
-        // A file in a bound directory is there already (and is the real file: never touched).
-        for file in files
-            .iter()
-            .filter(|f| !plan.dirs.iter().any(|d| f.starts_with(d)))
-        {
-            let inside = inside(root, file)?;
-            create_parent(&inside)?;
-            // A new, empty mount point on the tmpfs; anything already there is a mistake.
-            std::fs::File::options()
-                .write(true)
-                .create_new(true)
-                .open(&inside)
-                .map_err(step(format!("create the mount point {}", inside.display())))?;
-            bind(file, &inside, read_only)?;
-        }
+    // A file in a bound directory is there already (and is the real file: never touched).
+    for file in plan
+        .read_only
+        .iter()
+        .filter(|f| !plan.dirs.iter().any(|d| f.starts_with(d)))
+    {
+        let inside = inside(root, file)?;
+        mount_point(&inside)?;
+        bind(file, &inside, true)?;
     }
     for device in &plan.devices {
-        make_device(device, &inside(root, device)?, plan.ids)?;
+        let inside = inside(root, device)?;
+        match level {
+            JailLevel::Full => make_device(device, &inside, plan.ids)?,
+            // No mknod in a user namespace: the host's node is bound in, unchanged.
+            _ => {
+                check_device(device)?;
+                mount_point(&inside)?;
+                bind(device, &inside, false)?;
+            }
+        }
     }
     enter_root(root)?;
     // The root itself read-only: nothing new can be created outside the bind mounts.
@@ -416,6 +518,26 @@ fn private_root(plan: &JailPlan, root: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
+/// A new, empty file at `path` on the jail's tmpfs to bind something over; anything already
+/// there is a mistake.
+fn mount_point(path: &Path) -> Result<(), JailError> {
+    create_parent(path)?;
+    std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(step(format!("create the mount point {}", path.display())))?;
+    Ok(())
+}
+
+fn check_device(host: &Path) -> Result<std::fs::Metadata, JailError> {
+    let meta = std::fs::metadata(host).map_err(step(format!("find {}", host.display())))?;
+    if !meta.file_type().is_char_device() {
+        return Err(JailError::NotADevice(host.to_owned()));
+    }
+    Ok(meta)
+}
+
 fn create_parent(path: &Path) -> Result<(), JailError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(step(format!("create {}", parent.display())))?;
@@ -426,10 +548,7 @@ fn create_parent(path: &Path) -> Result<(), JailError> {
 /// A node at `inside` for the host's character device `host`, owned by the jail's user alone:
 /// the jail's user gets the device without the host's node changing.
 fn make_device(host: &Path, inside: &Path, ids: Ids) -> Result<(), JailError> {
-    let meta = std::fs::metadata(host).map_err(step(format!("find {}", host.display())))?;
-    if !meta.file_type().is_char_device() {
-        return Err(JailError::NotADevice(host.to_owned()));
-    }
+    let meta = check_device(host)?;
     create_parent(inside)?;
     let path = cstring(inside)?;
     // SAFETY: a NUL-terminated path, a mode and a device number.
@@ -494,14 +613,38 @@ fn bind(from: &Path, to: &Path, read_only: bool) -> Result<(), JailError> {
     mount_from(from, to, libc::MS_BIND)
         .map_err(step(format!("bind {} into the jail", from.display())))?;
     if read_only {
+        // A remount must keep the flags the source's mount has (in a user namespace they are
+        // locked, and dropping one is refused); read-only and nosuid are added.
+        let kept = mount_flags(from).map_err(step(format!("look at {}", from.display())))?;
         mount_from(
             from,
             to,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+            kept | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
         )
         .map_err(step(format!("make {} read-only", from.display())))?;
     }
     Ok(())
+}
+
+/// The `nodev`, `noexec` and access-time flags of the mount that holds `path`.
+fn mount_flags(path: &Path) -> io::Result<libc::c_ulong> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain data, filled in by the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut stat) })?;
+    let pairs = [
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(pairs
+        .iter()
+        .filter(|(st, _)| stat.f_flag & st != 0)
+        .fold(0, |flags, (_, ms)| flags | ms))
 }
 
 fn mount_from(from: &Path, to: &Path, flags: libc::c_ulong) -> io::Result<()> {

@@ -83,8 +83,8 @@ pub struct VmArgs {
     /// Copy the guest's serial console to stderr.
     #[arg(long)]
     pub console: bool,
-    /// Seconds the guest agent has to come up.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds the guest agent has to come up (at most an hour).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
     pub boot_timeout: u64,
     #[command(flatten)]
     pub slice: SliceArgs,
@@ -106,8 +106,8 @@ pub struct RunArgs {
     /// Print a JSON result (exit code, output, timings) instead of passing the output through.
     #[arg(long)]
     pub json: bool,
-    /// Kill the program after this many seconds.
-    #[arg(long)]
+    /// Kill the program after this many seconds (at most a week).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
@@ -135,6 +135,11 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The longest `--timeout` a program may be given: a week.
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// The longest a guest agent may be given to come up: an hour.
+pub const MAX_BOOT_TIMEOUT_S: u64 = 3600;
+
 #[derive(Serialize)]
 struct JsonResult {
     exit_code: i32,
@@ -147,6 +152,8 @@ struct JsonResult {
     boot_ms: u64,
     /// From process start to the end of the command.
     total_ms: u64,
+    /// The jail the VMM ran in: `full`, `rootless` or `none`.
+    jail: crate::jail::JailLevel,
     /// What the guest reported about its own boot (milliseconds of guest uptime).
     guest: GuestBoot,
 }
@@ -266,6 +273,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         Err(e) => return Err(e).context("the agent VM did not boot"),
     };
     let boot_ms = started.elapsed().as_millis() as u64;
+    let jail = vm.jail();
     let hello = vm.conn().hello().clone();
     let request = ExecRequest {
         program: args.command[0].clone(),
@@ -294,9 +302,9 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     };
     // The guest enforces the timeout; the host gives it a little longer before it gives up on a
     // guest that no longer answers.
-    let deadline = args
-        .timeout
-        .map(|secs| Instant::now() + Duration::from_secs(secs) + HOST_TIMEOUT_GRACE);
+    let deadline = args.timeout.and_then(|secs| {
+        Instant::now().checked_add(Duration::from_secs(secs).saturating_add(HOST_TIMEOUT_GRACE))
+    });
     vm.conn().set_deadline(deadline);
     let status = vm.conn().exec(request, io);
     drop((out_lock, err_lock));
@@ -327,6 +335,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             stderr: String::from_utf8_lossy(&err_buf).into_owned(),
             boot_ms,
             total_ms: started.elapsed().as_millis() as u64,
+            jail,
             guest: GuestBoot {
                 kernel: hello.kernel,
                 init_ms: hello.boot.init_ms,

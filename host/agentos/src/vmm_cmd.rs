@@ -6,6 +6,10 @@
 //! would), 159 (128 + SIGSYS) when a VMM thread made a system call outside its seccomp filter
 //! (the VMM's last line on stderr names the call and the thread). With `--report`, a JSON report
 //! of the run is written on exit.
+//!
+//! The files the VMM writes outside its own directory, the console log and the report, are
+//! opened here before the jail, as whoever started `agentos vmm`, and never through a symlink;
+//! the jail then holds only the directory of `--vsock-uds`, which must be the VMM's user's own.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +23,7 @@ use agentos_vmm::seccomp::{Role, SeccompFilters};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
 use anyhow::Context;
 
-use crate::jail::{self, JailPlan, Jailed};
+use crate::jail::{self, JailLevel, JailPlan};
 use serde::{Deserialize, Serialize};
 
 /// Exit statuses of `agentos vmm`.
@@ -46,30 +50,36 @@ pub struct VmmArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Append the serial console to this file.
+    /// Append the serial console to this file (opened before the jail, never through a symlink).
     #[arg(long)]
     pub console_log: Option<PathBuf>,
     /// Copy the serial console to stdout.
     #[arg(long)]
     pub console: bool,
-    /// Give the guest a vsock device whose host side is Unix sockets at this path.
+    /// Give the guest a vsock device whose host side is Unix sockets at this path. Its directory
+    /// is the one the jail keeps: it must belong to the VMM's user (--uid), or to you when not
+    /// root.
     #[arg(long)]
     pub vsock_uds: Option<PathBuf>,
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     pub cid: u64,
-    /// Write a JSON report of the run here when the VM ends.
+    /// Write a JSON report of the run here when the VM ends (the file is opened before the jail,
+    /// never through a symlink).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Run without the jail (PID and other namespaces, private root, unprivileged user, no
-    /// capabilities): UNSAFE, for debugging.
+    /// capabilities): UNSAFE, for debugging. Without it, a jail that cannot be built stops the
+    /// VMM.
     #[arg(long)]
     pub no_jail: bool,
-    /// The user the jailed VMM runs as (65534: `nobody`). It is given its run directory and
-    /// console log, and a /dev/kvm node of its own inside the jail.
+    /// The user the VMM runs as in the full jail (root only; 65534: `nobody`). It owns the
+    /// directory of --vsock-uds and gets a /dev/kvm node of its own inside the jail. `agentos
+    /// run` and the daemon give each VM a user of its own.
     #[arg(long, default_value_t = jail::DEFAULT_ID)]
     pub uid: u32,
-    /// The group the jailed VMM runs as (65534: `nogroup`), with no supplementary groups.
+    /// The group the VMM runs as in the full jail (65534: `nogroup`), with no supplementary
+    /// groups.
     #[arg(long, default_value_t = jail::DEFAULT_ID)]
     pub gid: u32,
     /// Build the jail's root in DIR/<pid> (removed when the VMM ends) instead of over /proc in
@@ -95,10 +105,13 @@ pub struct VmmReport {
     pub console_tail: Vec<String>,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// The jail the VMM ran in (absent in reports of older VMMs).
+    #[serde(default)]
+    pub jail: Option<JailLevel>,
 }
 
 impl VmmArgs {
-    fn vm_config(&self) -> VmConfig {
+    fn vm_config(&self, console_log: Option<std::fs::File>) -> VmConfig {
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory,
@@ -106,7 +119,7 @@ impl VmmArgs {
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             console: ConsoleConfig {
-                log: self.console_log.clone(),
+                log: console_log,
                 stdout: self.console,
             },
             vsock: self.vsock_uds.clone().map(|uds_path| VsockConfig {
@@ -166,20 +179,30 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; no memory is involved.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
     let args = &absolute(args)?;
-    if args.no_jail {
+    // Opened before the jail, as whoever started us: the VMM's user is given nothing but its
+    // own directory.
+    let console_log = args
+        .console_log
+        .as_deref()
+        .map(|path| open_nofollow(path, libc::O_APPEND))
+        .transpose()?;
+    let report_file = args
+        .report
+        .as_deref()
+        .map(|path| open_nofollow(path, libc::O_TRUNC))
+        .transpose()?;
+    let jail = if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
+        JailLevel::None
     } else {
-        // Still one thread here, as entering the jail needs. With the full jail, this process
-        // stays outside as the VMM's supervisor and only the VMM, its child, returns.
-        match jail::enter(&jail_plan(args))
-            .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?
-        {
-            Jailed::Fully => tracing::info!("jailed"),
-            Jailed::Unprivileged => tracing::warn!(
-                "not root: running without namespaces, a private root or another uid, with limits and no_new_privs only"
-            ),
-        }
-    }
+        // Still one thread here, as entering the jail needs. This process stays outside as the
+        // VMM's supervisor and only the VMM, its child, returns; any layer that cannot be
+        // applied is an error, and the VMM does not run.
+        let level = jail::enter(&jail_plan(args))
+            .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?;
+        tracing::info!(%level, "jailed");
+        level
+    };
     let filters = if args.no_seccomp {
         tracing::warn!(
             "running without seccomp filters (--no-seccomp): unsafe, for debugging only"
@@ -188,15 +211,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     } else {
         Some(Arc::new(SeccompFilters::new()?))
     };
-    let vmm = build_vm(&args.vm_config()).context("cannot build the VM")?;
-    // Opened now: under its filter the VMM thread opens no file.
-    let report_file = args
-        .report
-        .as_deref()
-        .map(|path| {
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))
-        })
-        .transpose()?;
+    let vmm = build_vm(&args.vm_config(console_log)).context("cannot build the VM")?;
     spawn_signal_thread(vmm.exit_signal(), filters.clone())?;
     let vmm = match filters {
         Some(filters) => vmm.with_seccomp(filters),
@@ -205,7 +220,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     let report = vmm.run(Some(started)).context("the VM failed")?;
     let code = exit_code(&report.outcome);
     if let Some(file) = report_file {
-        write_report(file, &report)?;
+        write_report(file, &report, jail)?;
     }
     match &report.outcome {
         Outcome::Crashed(why) => eprintln!("agentos vmm: guest crashed: {why}"),
@@ -215,8 +230,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// The arguments with every path made absolute and resolved, as the jail binds them; the
-/// console log is created so that it can be bound.
+/// The arguments with every path the jail binds made absolute and resolved.
 fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
     let resolve = |path: &Path| {
         std::fs::canonicalize(path).with_context(|| format!("cannot find {}", path.display()))
@@ -238,40 +252,48 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
         .iter()
         .map(|p| resolve(p))
         .collect::<Result<_, _>>()?;
-    if let Some(log) = &args.console_log {
-        std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("cannot open {}", log.display()))?;
-        out.console_log = Some(resolve(log)?);
-    }
     if let Some(base) = &args.chroot_base {
         std::fs::create_dir_all(base)
             .with_context(|| format!("cannot create {}", base.display()))?;
         out.chroot_base = Some(resolve(base)?);
     }
     out.vsock_uds = args.vsock_uds.as_deref().map(in_dir).transpose()?;
-    out.report = args.report.as_deref().map(in_dir).transpose()?;
     Ok(out)
 }
 
-/// What the VMM sees in its jail: the kernel and initrds (read-only), the console log, its own
-/// `/dev/kvm` node, and the directory of its sockets and report (its run directory); and as
-/// whom, and where the jail's root is built.
+/// Opens `path` for writing (made with mode 0600 if missing), never through a symlink, with
+/// `extra` flags (append, or truncate).
+fn open_nofollow(path: &Path, extra: libc::c_int) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::File::options();
+    options
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | extra);
+    if extra & libc::O_APPEND != 0 {
+        options.append(true);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("cannot open {} (a symlink is refused)", path.display()))
+}
+
+/// What the VMM sees in its jail: the kernel and initrds (read-only), its own `/dev/kvm`, and
+/// its own directory (that of `--vsock-uds`: its sockets); and as whom, and where the jail's
+/// root is built.
 fn jail_plan(args: &VmmArgs) -> JailPlan {
-    let mut dirs: Vec<PathBuf> = [&args.vsock_uds, &args.report]
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.parent().map(Path::to_path_buf))
-        .collect();
-    dirs.dedup();
     let mut read_only = vec![args.kernel.clone()];
     read_only.extend(args.initrd.iter().cloned());
     JailPlan {
         read_only,
-        read_write: args.console_log.iter().cloned().collect(),
-        dirs,
+        dirs: args
+            .vsock_uds
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect(),
         devices: vec![PathBuf::from(KVM_DEVICE)],
         ids: jail::Ids {
             uid: args.uid,
@@ -289,7 +311,11 @@ fn exit_code(outcome: &Outcome) -> i32 {
     }
 }
 
-fn write_report(mut file: std::fs::File, report: &RunReport) -> anyhow::Result<()> {
+fn write_report(
+    mut file: std::fs::File,
+    report: &RunReport,
+    jail: JailLevel,
+) -> anyhow::Result<()> {
     let (outcome, error) = match &report.outcome {
         Outcome::Shutdown => ("shutdown", None),
         Outcome::Stopped => ("stopped", None),
@@ -304,6 +330,7 @@ fn write_report(mut file: std::fs::File, report: &RunReport) -> anyhow::Result<(
         ready_ms: report.ready_ms,
         console_tail: report.console_tail.clone(),
         metrics: serde_json::to_value(metrics)?,
+        jail: Some(jail),
     };
     // Readers look at the report once the VMM has exited; one that finds it empty or cut short
     // (the VMM died writing it) treats it as missing.

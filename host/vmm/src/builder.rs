@@ -95,16 +95,10 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
 
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
     let console_log = match &config.console.log {
-        Some(path) => Some(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::Open {
-                    path: path.display().to_string(),
-                    source,
-                })?,
-        ),
+        Some(file) => Some(file.try_clone().map_err(|source| BuildError::Open {
+            path: "the console log".into(),
+            source,
+        })?),
         None => None,
     };
     let console = Console::new(console_log, config.console.stdout);

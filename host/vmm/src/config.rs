@@ -1,11 +1,12 @@
 //! What a VM is made of, as the caller describes it.
 
+use std::fs::File;
 use std::path::PathBuf;
 
 /// Largest VM the VMM builds; the MADT and the topology leaves number vCPUs in a byte.
 pub const MAX_VCPUS: u8 = 64;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
@@ -19,10 +20,11 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct ConsoleConfig {
-    /// File the serial console is appended to.
-    pub log: Option<PathBuf>,
+    /// An open file the serial console is appended to. The caller opens it (for appending), so
+    /// that a VMM confined to a jail writes where its jail cannot reach.
+    pub log: Option<File>,
     /// Also copy the console to the VMM's stdout.
     pub stdout: bool,
 }

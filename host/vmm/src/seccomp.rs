@@ -97,18 +97,16 @@ impl SeccompFilters {
     }
 }
 
-/// Calls every thread makes: memory for its heap (glibc grows a thread's arena with `mprotect`),
-/// locks, the time when the vDSO cannot give it, returning from signal handlers (the vCPU kick,
+/// Calls every thread makes: memory for its heap (glibc grows a thread's arena with `mprotect`;
+/// `mmap` and `mprotect` are allowed only without `PROT_EXEC`, see [`no_exec`]), locks, the time when the vDSO cannot give it, returning from signal handlers (the vCPU kick,
 /// SIGSYS) and resuming a timed wait a freeze (`agentos pause`) interrupted, the alternate
 /// signal stack Rust sets up and removes per thread, lines logged on stderr, and the end of the
 /// thread or process.
 const EVERY_THREAD: &[i64] = &[
     libc::SYS_brk,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
     libc::SYS_madvise,
-    libc::SYS_mprotect,
     libc::SYS_futex,
     libc::SYS_clock_gettime,
     libc::SYS_rt_sigreturn,
@@ -169,6 +167,9 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
         Role::Signals => SIGNALS,
     };
     rules.extend(unconditional.iter().map(|&nr| (nr, Vec::new())));
+    for call in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(call, vec![no_exec()?]);
+    }
     // Rust's standard library, built with debug assertions, checks that a descriptor it closes
     // is open (`fcntl(F_GETFD)`); the vCPU and VMM threads close descriptors.
     if role != Role::Signals {
@@ -222,6 +223,17 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
         Role::Signals => {}
     }
     Ok(rules)
+}
+
+/// Memory protection without `PROT_EXEC` (the third argument of `mmap` and `mprotect`): once
+/// the guest runs, no thread maps new code, so code injected into a data page can never run.
+fn no_exec() -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )?])
 }
 
 fn compile(role: Role) -> Result<BpfProgram, SeccompError> {
@@ -399,6 +411,8 @@ fn syscall_name(nr: i64) -> Option<&'static str> {
         libc::SYS_nanosleep => "nanosleep",
         libc::SYS_clock_nanosleep => "clock_nanosleep",
         libc::SYS_close => "close",
+        libc::SYS_mmap => "mmap",
+        libc::SYS_mprotect => "mprotect",
         _ => return None,
     })
 }

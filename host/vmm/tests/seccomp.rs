@@ -62,6 +62,35 @@ fn a_call_outside_a_threads_filter_ends_the_vmm_and_names_the_call_and_thread() 
             unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut size) };
             std::process::exit(0);
         }
+        Some("vcpu-mmap-exec") => {
+            filtered(Role::Vcpu);
+            // SAFETY: an anonymous mapping; the filter refuses it for PROT_EXEC before it runs.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            std::process::exit(0);
+        }
+        Some("vmm-mprotect-exec") => {
+            let page = vec![0u8; 8192];
+            let aligned = (page.as_ptr() as usize).next_multiple_of(4096);
+            filtered(Role::Vmm);
+            // SAFETY: a page inside a buffer we own; the filter refuses the call before it runs.
+            unsafe {
+                libc::mprotect(
+                    aligned as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                )
+            };
+            std::process::exit(0);
+        }
         Some(other) => panic!("unknown case {other}"),
         None => {}
     }
@@ -76,6 +105,11 @@ fn a_call_outside_a_threads_filter_ends_the_vmm_and_names_the_call_and_thread() 
         (
             "signals-ioctl",
             "system call 16 (ioctl) on the signals thread",
+        ),
+        ("vcpu-mmap-exec", "system call 9 (mmap) on the vcpu thread"),
+        (
+            "vmm-mprotect-exec",
+            "system call 10 (mprotect) on the vmm thread",
         ),
     ] {
         let (code, stderr) = in_child(test, case);
@@ -131,7 +165,7 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
             initrd: Vec::new(),
             cmdline: String::new(),
             console: ConsoleConfig {
-                log: Some(dir.join("console.log")),
+                log: Some(append(&dir.join("console.log"))),
                 stdout: false,
             },
             vsock: Some(VsockConfig {
@@ -149,8 +183,8 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
     }
     if !std::path::Path::new("/dev/kvm").exists() {
         assert!(
-            std::env::var_os("AGENTOS_REQUIRE_KVM").is_none(),
-            "AGENTOS_REQUIRE_KVM is set but /dev/kvm does not exist"
+            std::env::var_os("AGENTOS_TEST_NO_SKIP").is_none(),
+            "AGENTOS_TEST_NO_SKIP is set but /dev/kvm does not exist"
         );
         eprintln!("skipping: no /dev/kvm");
         return;
@@ -175,4 +209,13 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
     assert!(console.starts_with(BANNER), "{console}");
     assert!(console.contains(VIRTIO_FOUND), "{console}");
     assert!(!socket_left, "the VMM left its vsock socket behind");
+}
+
+/// A console log, opened for appending as the VMM's callers open it.
+fn append(path: &std::path::Path) -> std::fs::File {
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
 }

@@ -1,7 +1,6 @@
 //! An agent microVM seen from the host: a child `agentos vmm` process, its run directory and the
 //! control connection its guest agent dials when it is ready.
 
-use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -18,7 +17,8 @@ use agentos_protocol::AGENT_CONTROL_PORT;
 use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
-use crate::rundir::RunDir;
+use crate::jail::JailLevel;
+use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
 use crate::vmm_cmd::VmmReport;
 
@@ -41,6 +41,11 @@ pub const VMM_MEMORY_ALLOWANCE_MIB: u64 = 64;
 const ADMISSION_RETRY: Duration = Duration::from_secs(1);
 /// Threads of a VMM beyond its vCPUs: main, event loop, and room for the runtime's own.
 const VMM_EXTRA_THREADS: u64 = 16;
+/// The VMM's report and its stderr, in the run directory.
+const REPORT_FILE: &str = "report.json";
+const VMM_LOG: &str = "vmm.log";
+/// The most of a report that is read: its console tail and counters take a few KiB.
+const MAX_REPORT_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -125,6 +130,8 @@ impl BootOptions {
 pub enum VmError {
     #[error("cannot prepare the VM's run directory")]
     RunDir(#[source] io::Error),
+    #[error(transparent)]
+    RunDirBase(#[from] RunDirError),
     #[error("cannot start the VMM ({path})")]
     Spawn {
         path: String,
@@ -149,6 +156,8 @@ pub enum VmError {
     Slice(SliceError),
     #[error(transparent)]
     Refused(Refusal),
+    #[error("cannot admit the agent")]
+    AdmissionLock(#[from] crate::admission::LockError),
 }
 
 /// How a VM ended: the VMM's report, when it wrote one; otherwise how the VMM process ended and
@@ -192,7 +201,10 @@ impl VmEnd {
 
 pub struct AgentVm {
     child: Option<Child>,
+    /// Dropped before the run directory it lives in.
+    vmm_dir: VmmDir,
     run_dir: RunDir,
+    jail: JailLevel,
     conn: AgentConnection,
     boot_time: Duration,
     /// Removed (dropped) after the VMM is gone.
@@ -204,7 +216,9 @@ pub struct AgentVm {
 struct Starting {
     started: Instant,
     child: Child,
+    vmm_dir: VmmDir,
     run_dir: RunDir,
+    jail: JailLevel,
     control: UnixListener,
     cgroup: Option<Arc<AgentCgroup>>,
     boot_timeout: Duration,
@@ -215,19 +229,24 @@ struct Starting {
 impl Starting {
     fn spawn(opts: &BootOptions) -> Result<Self, VmError> {
         let started = Instant::now();
-        let run_dir = RunDir::create("vm").map_err(VmError::RunDir)?;
-        let control =
-            crate::rundir::listen(&run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .map_err(VmError::RunDir)?;
+        let run_dir = RunDir::create("vm")?;
+        let jail = JailLevel::for_this_process(opts.no_jail);
+        // A jailed VMM started by root runs as a user of its own, which owns this directory.
+        let vmm_dir = run_dir.vmm_dir(jail == JailLevel::Full)?;
+        let control = vmm_dir
+            .listen(&format!("vsock.sock_{AGENT_CONTROL_PORT}"))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(VmError::RunDir)?;
         let cgroup = create_cgroup(opts, &run_dir)?.map(Arc::new);
-        let child = spawn_vmm(opts, &run_dir, cgroup.as_deref())?;
+        let child = spawn_vmm(opts, &run_dir, &vmm_dir, cgroup.as_deref())?;
         signals::watch_child(child.id());
         let console_log = console_log_path(opts, &run_dir);
         Ok(Self {
             started,
             child,
+            vmm_dir,
             run_dir,
+            jail,
             control,
             cgroup,
             boot_timeout: opts.boot_timeout,
@@ -240,14 +259,16 @@ impl Starting {
         let Self {
             started,
             mut child,
+            vmm_dir,
             run_dir,
+            jail,
             control,
             cgroup,
             boot_timeout,
             abort,
             console_log,
         } = self;
-        let deadline = started + boot_timeout;
+        let deadline = crate::deadline::after(started, boot_timeout);
         let stream = match wait_for_connection(&control, &mut child, deadline, abort.as_deref()) {
             Ok(stream) => stream,
             Err(why) => {
@@ -257,7 +278,7 @@ impl Starting {
             }
         };
         drop(control);
-        let remaining = (started + boot_timeout).saturating_duration_since(Instant::now());
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let conn = match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
             Ok(conn) => conn,
             Err(e) => {
@@ -269,7 +290,9 @@ impl Starting {
         };
         Ok(AgentVm {
             child: Some(child),
+            vmm_dir,
             run_dir,
+            jail,
             conn,
             boot_time: started.elapsed(),
             cgroup,
@@ -319,7 +342,18 @@ impl AgentVm {
     /// The Unix socket the VMM connects to when the guest dials the host on `port`; whoever
     /// listens there serves that port for this VM alone.
     pub fn host_socket(&self, port: u32) -> PathBuf {
-        self.run_dir.join(&format!("vsock.sock_{port}"))
+        self.vmm_dir.join(&format!("vsock.sock_{port}"))
+    }
+
+    /// Listens on the socket the VMM connects to when the guest dials the host on `port` (see
+    /// [`VmmDir::listen`]).
+    pub fn listen_for_guest(&self, port: u32) -> io::Result<UnixListener> {
+        self.vmm_dir.listen(&format!("vsock.sock_{port}"))
+    }
+
+    /// The jail its VMM runs in.
+    pub fn jail(&self) -> JailLevel {
+        self.jail
     }
 
     /// Where the guest's serial console is appended.
@@ -374,7 +408,7 @@ impl AgentVm {
         let report = read_report(&self.run_dir);
         tracing::info!(?status, report = report.is_some(), "VMM ended");
         let last_words = match report {
-            None => last_line(&self.run_dir.join("vmm.log")),
+            None => last_line(&self.run_dir.join(VMM_LOG)),
             Some(_) => None,
         };
         VmEnd {
@@ -430,21 +464,11 @@ fn create_cgroup(opts: &BootOptions, run_dir: &RunDir) -> Result<Option<AgentCgr
 /// Waits until `slice` fits beside the running agents (or fails at once without `wait`), places
 /// it on the least loaded CPU with `pin`, and returns the admission lock, to be held until the
 /// VM's cgroup exists.
-fn admit(
-    layout: &Layout,
-    slice: &mut Slice,
-    opts: &BootOptions,
-) -> Result<Option<AdmissionLock>, VmError> {
+fn admit(layout: &Layout, slice: &mut Slice, opts: &BootOptions) -> Result<AdmissionLock, VmError> {
     let (pin, wait) = (opts.cpu.pin, opts.wait_for_room);
     let mut announced = false;
     loop {
-        let lock = match AdmissionLock::take() {
-            Ok(lock) => Some(lock),
-            Err(e) => {
-                tracing::warn!(error = %e, "admission without the host-wide lock");
-                None
-            }
-        };
+        let lock = AdmissionLock::take()?;
         cgroup::remove_stale(layout);
         let model = HostModel::read(layout);
         let refusal = match model.admit(slice) {
@@ -491,6 +515,7 @@ fn console_log_path(opts: &BootOptions, run_dir: &RunDir) -> PathBuf {
 fn spawn_vmm(
     opts: &BootOptions,
     run_dir: &RunDir,
+    vmm_dir: &VmmDir,
     cgroup: Option<&AgentCgroup>,
 ) -> Result<Child, VmError> {
     let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
@@ -502,7 +527,7 @@ fn spawn_vmm(
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
-    let vmm_log = File::create(run_dir.join("vmm.log")).map_err(VmError::RunDir)?;
+    let vmm_log = run_dir.create_file(VMM_LOG).map_err(VmError::RunDir)?;
     let mut cmd = Command::new(&exe);
     cmd.arg("vmm")
         .arg("--kernel")
@@ -516,14 +541,16 @@ fn spawn_vmm(
         .args(["--memory", &opts.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
         .arg("--vsock-uds")
-        .arg(run_dir.join("vsock.sock"))
+        .arg(vmm_dir.join("vsock.sock"))
         .arg("--console-log")
         .arg(console_log_path(opts, run_dir))
         .arg("--report")
-        .arg(run_dir.join("report.json"))
-        .args(opts.no_jail.then_some("--no-jail"))
-        .stdin(Stdio::null())
-        .stderr(vmm_log);
+        .arg(run_dir.join(REPORT_FILE))
+        .args(opts.no_jail.then_some("--no-jail"));
+    if let Some(id) = vmm_dir.id() {
+        cmd.args(["--uid", &id.to_string(), "--gid", &id.to_string()]);
+    }
+    cmd.stdin(Stdio::null()).stderr(vmm_log);
     if opts.console {
         cmd.arg("--console").stdout(Stdio::from(io::stderr()));
     } else {
@@ -617,7 +644,7 @@ fn boot_failure(why: ChildWait, run_dir: &RunDir, timeout: Duration) -> VmError 
             let why = report
                 .as_ref()
                 .and_then(|r| r.error.clone())
-                .or_else(|| last_line(&run_dir.join("vmm.log")))
+                .or_else(|| last_line(&run_dir.join(VMM_LOG)))
                 .unwrap_or_else(|| format!("the VMM exited with status {code:?}"));
             VmError::BootFailed { why, console }
         }
@@ -639,8 +666,10 @@ fn stop_vmm(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The VMM's report, as it wrote it: it ran the guest, so the report is read as any input from
+/// it, bounded and never through a symlink.
 fn read_report(run_dir: &RunDir) -> Option<VmmReport> {
-    let bytes = std::fs::read(run_dir.join("report.json")).ok()?;
+    let bytes = run_dir.read_file(REPORT_FILE, MAX_REPORT_BYTES).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -26,6 +26,7 @@ use crate::agent::connection::AgentConnection;
 use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
+use crate::jail::JailLevel;
 use crate::qemu;
 use crate::rundir::RunDir;
 
@@ -300,12 +301,27 @@ fn watch_console(
 
 fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<LinuxBoot> {
     let run_dir = RunDir::create("bench")?;
-    let control =
-        crate::rundir::listen(&run_dir.join(&format!("vsock.sock_{AGENT_CONTROL_PORT}")))?;
+    // As `agentos run` boots an agent: the VMM's own directory, for a user of its own.
+    let vmm_dir = run_dir.vmm_dir(JailLevel::for_this_process(false) == JailLevel::Full)?;
+    let control = vmm_dir.listen(&format!("vsock.sock_{AGENT_CONTROL_PORT}"))?;
     control.set_nonblocking(true)?;
+    let ids: Vec<String> = vmm_dir
+        .id()
+        .map(|id| {
+            [
+                "--uid".into(),
+                id.to_string(),
+                "--gid".into(),
+                id.to_string(),
+            ]
+        })
+        .into_iter()
+        .flatten()
+        .collect();
     let start = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
         .arg("vmm")
+        .args(&ids)
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
@@ -318,7 +334,7 @@ fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::
             "--console",
         ])
         .arg("--vsock-uds")
-        .arg(run_dir.join("vsock.sock"))
+        .arg(vmm_dir.join("vsock.sock"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

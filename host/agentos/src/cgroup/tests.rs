@@ -16,7 +16,7 @@ fn writable_layout() -> Option<Layout> {
         create_dir(&probe).is_ok()
     });
     if layout.hierarchies().is_empty() || !writable {
-        eprintln!("skipping: no cgroup hierarchy this process may write to");
+        crate::testing::skip("no cgroup hierarchy this process may write to");
         return None;
     }
     Some(layout)
@@ -145,7 +145,7 @@ fn a_frozen_cgroup_uses_no_cpu_until_thawed() {
     if layout.hierarchy(Controller::Freezer).is_none()
         || layout.hierarchy(Controller::Cpuacct).is_none()
     {
-        eprintln!("skipping: no freezer or CPU accounting here");
+        crate::testing::skip("no freezer or CPU accounting here");
         return;
     }
     let name = format!("test-{}-2", std::process::id());

@@ -83,6 +83,8 @@ struct Status {
     /// Whether a request is running in the VM.
     busy: bool,
     cgroup: Option<Arc<AgentCgroup>>,
+    /// The jail of its running VM's VMM.
+    jail: Option<crate::jail::JailLevel>,
 }
 
 /// The daemon's handle on an agent.
@@ -118,6 +120,7 @@ impl Agent {
             refused: false,
             busy: false,
             cgroup: None,
+            jail: None,
         }));
         let (jobs, queue) = mpsc::sync_channel(JOB_QUEUE);
         let shared = Shared {
@@ -169,6 +172,7 @@ impl Agent {
             for_s: status.since.elapsed().as_secs(),
             last_error: status.last_error.clone(),
             paused: status.cgroup.as_ref().is_some_and(|c| c.is_frozen()),
+            jail: status.jail,
         }
     }
 
@@ -275,6 +279,7 @@ impl Shared {
         if !matches!(state, AgentState::Running) {
             status.vmm_pid = None;
             status.cgroup = None;
+            status.jail = None;
         }
     }
 
@@ -341,6 +346,7 @@ fn live(shared: &Shared, jobs: &Receiver<Job>) {
                     status.vmm_pid = vm.vmm_pid();
                     status.boot_ms = Some(boot.as_millis() as u64);
                     status.cgroup = vm.cgroup();
+                    status.jail = Some(vm.jail());
                 }
                 shared.set_state(AgentState::Running, None);
                 shared.note(&format!("up, booted in {:.1} s", boot.as_secs_f64()));

@@ -372,6 +372,9 @@ pub struct AgentInfo {
     /// works).
     #[serde(default)]
     pub paused: bool,
+    /// The jail its current VM's VMM runs in (`full`, `rootless`, `none`).
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailLevel>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -193,13 +193,13 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{:<20} {:<11} {:>8} {:>5} {:>7} {:>8} {:>8}  {:<12} WHY",
-        "NAME", "STATE", "FOR", "VCPU", "MEM", "RESTARTS", "PID", "MODEL"
+        "{:<20} {:<11} {:>8} {:>5} {:>7} {:>8} {:>8} {:<8}  {:<12} WHY",
+        "NAME", "STATE", "FOR", "VCPU", "MEM", "RESTARTS", "PID", "JAIL", "MODEL"
     )?;
     for a in &reply.agents {
         writeln!(
             out,
-            "{:<20} {:<11} {:>7}s {:>5} {:>6}M {:>8} {:>8}  {:<12} {}",
+            "{:<20} {:<11} {:>7}s {:>5} {:>6}M {:>8} {:>8} {:<8}  {:<12} {}",
             a.name,
             if a.paused { "paused" } else { a.state.as_str() },
             a.for_s,
@@ -207,6 +207,7 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
             a.memory_mib,
             a.restarts,
             a.vmm_pid.map_or("-".to_owned(), |p| p.to_string()),
+            a.jail.map_or("-", |j| j.as_str()),
             a.model.as_deref().unwrap_or("-"),
             a.last_error.as_deref().unwrap_or(""),
         )?;

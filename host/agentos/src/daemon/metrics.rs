@@ -153,6 +153,7 @@ mod tests {
             for_s: 3,
             last_error: None,
             paused: false,
+            jail: None,
         };
         let stats = CgroupStats {
             cpu_usage_us: 1_500_000,

@@ -12,7 +12,7 @@ mod metrics;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,8 +66,8 @@ pub struct DaemonArgs {
 /// Where the daemon's API socket is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SocketArg {
-    /// The daemon's API socket (default: `daemon.sock` in the run directory,
-    /// `$XDG_RUNTIME_DIR/agentos` or `/tmp/agentos-UID`).
+    /// The daemon's API socket (default: `daemon.sock` in the run-directory base:
+    /// `/run/agentos` for root, else `$XDG_RUNTIME_DIR/agentos` or `/tmp/agentos-UID`).
     #[arg(long, env = "AGENTOS_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -76,7 +76,7 @@ impl SocketArg {
     pub fn path(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(|| rundir::runtime_base().join("daemon.sock"))
+            .unwrap_or_else(|| rundir::base_path().join("daemon.sock"))
     }
 }
 
@@ -143,8 +143,24 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
 }
 
 /// Binds a Unix socket only its owner can connect to. A socket left by a dead daemon is replaced;
-/// one a live daemon serves is not.
+/// one a live daemon serves is not. The default place is the run-directory base, made and
+/// checked first (see [`rundir::base`]); a directory given with `--socket` is made with mode
+/// 0700 when missing.
 fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    let base = rundir::base_path();
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if dir == base => {
+            rundir::base()?;
+        }
+        Some(dir) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        None => {}
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -155,20 +171,9 @@ fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener>
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    // Created with no permission for others at all, so there is no moment when they could connect.
-    // SAFETY: umask only changes this process's file creation mask; no thread creates files now.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring the mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Made with no permission for others at all, so there is no moment when they could connect.
+    let listener = rundir::listen_private(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

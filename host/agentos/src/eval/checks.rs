@@ -11,9 +11,6 @@ use crate::cgroup::{AgentCgroup, Layout};
 use crate::image;
 use crate::rundir;
 
-/// The host-wide admission lock file in the temporary directory (see `crate::admission`).
-const ADMISSION_LOCK: &str = "agentos-admission.lock";
-
 /// What agentos could leave on the host, one line per item.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostSnapshot {
@@ -33,19 +30,22 @@ impl HostSnapshot {
         for name in AgentCgroup::list(&Layout::discover()) {
             items.insert(format!("cgroup agentos/{name}"));
         }
-        list_dir(&rundir::runtime_base(), "run directory entry", &mut items);
+        // The base's lock files are its own, made once and kept by design.
+        let mut run_dirs = BTreeSet::new();
+        list_dir(&rundir::base_path(), "run directory entry", &mut run_dirs);
+        items.extend(run_dirs.into_iter().filter(|i| !i.ends_with(".lock")));
         list_dir(
             &image::default_cache_dir().join("groups"),
             "group state",
             &mut items,
         );
-        // The run directories' base (its entries are listed above) and the host-wide admission
-        // lock are agentos's own, created once and kept by design.
-        let base = rundir::runtime_base();
+        // The run directories' base (its entries are listed above) is agentos's own, created
+        // once and kept by design.
+        let base = rundir::base_path();
         if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("agentos") && entry.path() != base && name != ADMISSION_LOCK {
+                if name.starts_with("agentos") && entry.path() != base {
                     items.insert(format!("temporary file {}", entry.path().display()));
                 }
             }

@@ -227,9 +227,9 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
         ..Default::default()
     };
     let conn = vm.conn();
-    conn.set_deadline(Some(
-        Instant::now() + Duration::from_secs(case.timeout_s) + EXEC_GRACE,
-    ));
+    conn.set_deadline(Some(crate::deadline::from_now(
+        Duration::from_secs(case.timeout_s).saturating_add(EXEC_GRACE),
+    )));
     let status = conn.exec(
         request,
         ExecIo {

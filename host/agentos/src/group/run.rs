@@ -43,11 +43,11 @@ pub struct GroupRunArgs {
     /// Print the whole report (results, counters, trace) as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Seconds to wait for the group's results once the input is given.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds to wait for the group's results once the input is given (at most a week).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=crate::run::MAX_TIMEOUT_S))]
     pub timeout: u64,
-    /// Seconds each agent has to boot.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds each agent has to boot (at most an hour).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=crate::run::MAX_BOOT_TIMEOUT_S))]
     pub boot_timeout: u64,
     /// Where the VMs run (see `agentos run --help`).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
@@ -421,7 +421,7 @@ fn supervise(
     trace: u64,
     args: &GroupRunArgs,
 ) -> Vec<GroupResult> {
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = crate::deadline::from_now(Duration::from_secs(args.timeout));
     let expected = spec.results_per_input();
     // Once every result is in, messages still on their way (to agents that do not answer
     // `output`) get a moment to arrive, so that the run ends with the group quiet.
