@@ -14,6 +14,7 @@ use crate::agent::connection::{ConnectionError, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::cgroup::PriorityClass;
+use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
 
@@ -84,7 +85,7 @@ pub struct VmArgs {
     #[arg(long)]
     pub console: bool,
     /// Seconds the guest agent has to come up.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
     pub boot_timeout: u64,
     #[command(flatten)]
     pub slice: SliceArgs,
@@ -107,7 +108,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Kill the program after this many seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]

@@ -247,7 +247,10 @@ impl Starting {
             abort,
             console_log,
         } = self;
-        let deadline = started + boot_timeout;
+        // Commands and the daemon bound the timeout; one the clock cannot add gets the default.
+        let deadline = started
+            .checked_add(boot_timeout)
+            .unwrap_or(started + DEFAULT_BOOT_TIMEOUT);
         let stream = match wait_for_connection(&control, &mut child, deadline, abort.as_deref()) {
             Ok(stream) => stream,
             Err(why) => {
@@ -257,7 +260,7 @@ impl Starting {
             }
         };
         drop(control);
-        let remaining = (started + boot_timeout).saturating_duration_since(Instant::now());
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let conn = match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
             Ok(conn) => conn,
             Err(e) => {
