@@ -7,8 +7,9 @@
 //!
 //! A body it refuses must get a `bad_request` error (or `invalid`, for a duration out of its
 //! range) whose message is one line of at most `MAX_ERROR_BYTES` (and a bit for the ellipsis),
-//! whatever the body quoted, so that the reply always encodes. A body it accepts must be one of the documented ops, encode under that `op`
-//! as the client encodes it, and parse back to the same request.
+//! whatever the body quoted, so that the reply always encodes. A body it accepts must be one of
+//! the documented ops, encode under that `op` as the client encodes it, and parse back to the
+//! same request.
 
 #![no_main]
 

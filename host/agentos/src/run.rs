@@ -85,7 +85,11 @@ pub struct VmArgs {
     #[arg(long)]
     pub console: bool,
     /// Seconds the guest agent has to come up.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: u64,
     #[command(flatten)]
     pub slice: SliceArgs,
@@ -396,5 +400,32 @@ mod tests {
         assert_eq!(cli.run.command, ["/bin/sh", "-c", "exit 7"]);
         assert_eq!(cli.run.vm.vcpus, 2);
         assert!(Cli::try_parse_from(["t", "--vcpus", "0", "--", "x"]).is_err());
+    }
+
+    #[test]
+    fn timeouts_past_what_an_instant_holds_are_refused() {
+        for (flag, value) in [
+            ("--timeout", "18446744073709551615"),
+            ("--timeout", "0"),
+            ("--timeout", "86401"),
+            ("--boot-timeout", "18446744073709551615"),
+            ("--boot-timeout", "3601"),
+        ] {
+            let parsed = Cli::try_parse_from(["t", flag, value, "--", "x"]);
+            assert!(parsed.is_err(), "{flag} {value}");
+        }
+        let cli = Cli::parse_from([
+            "t",
+            "--timeout",
+            "86400",
+            "--boot-timeout",
+            "3600",
+            "--",
+            "x",
+        ]);
+        assert_eq!(
+            (cli.run.timeout, cli.run.vm.boot_timeout),
+            (Some(86400), 3600)
+        );
     }
 }

@@ -41,7 +41,11 @@ pub struct SpawnArgs {
     #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
     pub restart: RestartPolicy,
     /// Seconds the guest agent has to come up.
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: Option<u64>,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
@@ -69,7 +73,11 @@ pub struct ExecArgs {
     #[arg(long)]
     pub stdin: bool,
     /// Kill the program after this many seconds (default: an hour).
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S),
+    )]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = crate::run::parse_env)]

@@ -45,10 +45,18 @@ pub struct GroupRunArgs {
     #[arg(long)]
     pub json: bool,
     /// Seconds to wait for the group's results once the input is given.
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
+    #[arg(
+        long,
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S),
+    )]
     pub timeout: u64,
     /// Seconds each agent has to boot.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: u64,
     /// Where the VMs run (see `agentos run --help`).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
