@@ -14,6 +14,7 @@ use crate::agent::connection::{ConnectionError, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::cgroup::PriorityClass;
+use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
 use crate::image::{self, AGENT_IMAGE};
 use crate::signals;
 
@@ -84,7 +85,11 @@ pub struct VmArgs {
     #[arg(long)]
     pub console: bool,
     /// Seconds the guest agent has to come up (at most an hour).
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: u64,
     #[command(flatten)]
     pub slice: SliceArgs,
@@ -106,7 +111,7 @@ pub struct RunArgs {
     /// Print a JSON result (exit code, output, timings) instead of passing the output through.
     #[arg(long)]
     pub json: bool,
-    /// Kill the program after this many seconds (at most a week).
+    /// Kill the program after this many seconds (at most a day).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
@@ -134,11 +139,6 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("`{s}` is not NAME=VALUE")),
     }
 }
-
-/// The longest `--timeout` a program may be given: a week.
-pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
-/// The longest a guest agent may be given to come up: an hour.
-pub const MAX_BOOT_TIMEOUT_S: u64 = 3600;
 
 #[derive(Serialize)]
 struct JsonResult {
@@ -404,5 +404,32 @@ mod tests {
         assert_eq!(cli.run.command, ["/bin/sh", "-c", "exit 7"]);
         assert_eq!(cli.run.vm.vcpus, 2);
         assert!(Cli::try_parse_from(["t", "--vcpus", "0", "--", "x"]).is_err());
+    }
+
+    #[test]
+    fn timeouts_past_what_an_instant_holds_are_refused() {
+        for (flag, value) in [
+            ("--timeout", "18446744073709551615"),
+            ("--timeout", "0"),
+            ("--timeout", "86401"),
+            ("--boot-timeout", "18446744073709551615"),
+            ("--boot-timeout", "3601"),
+        ] {
+            let parsed = Cli::try_parse_from(["t", flag, value, "--", "x"]);
+            assert!(parsed.is_err(), "{flag} {value}");
+        }
+        let cli = Cli::parse_from([
+            "t",
+            "--timeout",
+            "86400",
+            "--boot-timeout",
+            "3600",
+            "--",
+            "x",
+        ]);
+        assert_eq!(
+            (cli.run.timeout, cli.run.vm.boot_timeout),
+            (Some(86400), 3600)
+        );
     }
 }

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use agentos_protocol::{ExecRequest, InferReply, InferRequest};
+use agentos_protocol::{ExecRequest, ExitStatus, InferReply, InferRequest};
 use tokio::sync::oneshot;
 
 use super::api::{
     AgentInfo, AgentState, ApiError, ErrorKind, ExecCall, ExecReply, LogsReply,
-    MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, RestartPolicy,
+    MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, MAX_TEXT_JSON_BYTES, RestartPolicy, fit_text,
 };
 use crate::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
@@ -39,8 +39,9 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 const MAX_LOG_BYTES: u64 = 32 << 20;
 /// How long a stop waits for a request under way before it kills the agent's VMM.
 const BUSY_STOP_GRACE: Duration = Duration::from_secs(2);
-/// How long past its own timeout the host waits for a program's end.
-const EXEC_GRACE: Duration = Duration::from_secs(10);
+/// How long before an `exec`'s deadline the guest kills the program: the time its end (and
+/// output) has to reach the host.
+pub const EXEC_GRACE: Duration = Duration::from_secs(10);
 
 /// Run on each VM of the agent once it is up, before it counts as running (a group member
 /// joins its group there); an error ends the VM as a failure.
@@ -64,10 +65,26 @@ pub struct AgentConfig {
     pub on_boot: Option<BootHook>,
 }
 
-/// A request for the agent's thread, with where its answer goes.
-pub enum Job {
+/// A request for the agent's thread: what to do, when its client stops waiting, and where the
+/// answer goes.
+pub struct Job {
+    pub deadline: Instant,
+    pub work: Work,
+}
+
+pub enum Work {
     Exec(ExecCall, oneshot::Sender<Result<ExecReply, ApiError>>),
     Infer(InferRequest, oneshot::Sender<Result<InferReply, ApiError>>),
+}
+
+impl Work {
+    /// Whether nobody waits for the answer any more (the request passed its deadline).
+    fn abandoned(&self) -> bool {
+        match self {
+            Self::Exec(_, reply) => reply.is_closed(),
+            Self::Infer(_, reply) => reply.is_closed(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -328,7 +345,12 @@ fn live(shared: &Shared, jobs: &Receiver<Job>) {
         let booted_at = Instant::now();
         let booted = AgentVm::boot(&config.opts).map(|mut vm| {
             let _ = vm.set_label(&config.name);
+            // A guest that never answers the hook (a group's join) must not hold this thread,
+            // and so a stop, for ever.
+            vm.conn()
+                .set_deadline(Instant::now().checked_add(config.hang_timeout));
             let hooked = config.on_boot.as_ref().map_or(Ok(()), |hook| hook(&mut vm));
+            vm.conn().set_deadline(None);
             (vm, hooked)
         });
         let ending = match booted {
@@ -418,7 +440,7 @@ fn pause_unless_stopped(shared: &Shared, jobs: &Receiver<Job>, pause: Duration) 
         }
         if let Ok(job) = jobs.recv_timeout(WATCH_TICK) {
             refuse(
-                job,
+                job.work,
                 not_running(&shared.config.name, AgentState::Restarting),
             );
         }
@@ -426,12 +448,12 @@ fn pause_unless_stopped(shared: &Shared, jobs: &Receiver<Job>, pause: Duration) 
     !shared.stopping()
 }
 
-fn refuse(job: Job, error: ApiError) {
-    match job {
-        Job::Exec(_, reply) => {
+fn refuse(work: Work, error: ApiError) {
+    match work {
+        Work::Exec(_, reply) => {
             let _ = reply.send(Err(error));
         }
-        Job::Infer(_, reply) => {
+        Work::Infer(_, reply) => {
             let _ = reply.send(Err(error));
         }
     }
@@ -514,16 +536,23 @@ fn hung(vm: AgentVm, quiet: Duration) -> Ending {
     }
 }
 
-/// Runs one request; returns how long the agent was quiet when it stopped answering.
+/// Runs one request until its deadline at most; returns how long the agent was quiet when it
+/// stopped answering. A request whose client went (it waited for its turn past its deadline) is
+/// dropped unseen.
 fn run_job(shared: &Shared, vm: &mut AgentVm, job: Job) -> Option<Duration> {
-    match job {
-        Job::Exec(call, reply) => {
-            let result = exec(vm, call);
+    let Job { deadline, work } = job;
+    if work.abandoned() {
+        return None;
+    }
+    vm.conn().set_deadline(Some(deadline));
+    match work {
+        Work::Exec(call, reply) => {
+            let result = exec(vm, call, deadline);
             let stalled = stalled_for(&result);
             let _ = reply.send(result.map_err(|e| job_error(&shared.config.name, e)));
             stalled
         }
-        Job::Infer(request, reply) => {
+        Work::Infer(request, reply) => {
             let result = vm.conn().infer(request);
             let stalled = stalled_for(&result);
             let _ = reply.send(result.map_err(|e| job_error(&shared.config.name, e)));
@@ -543,8 +572,10 @@ fn job_error(name: &str, e: ConnectionError) -> ApiError {
     match e {
         ConnectionError::Refused(why) => ApiError::new(ErrorKind::Failed, why),
         ConnectionError::TimedOut => ApiError::new(
-            ErrorKind::Failed,
-            format!("agent `{name}` did not finish the request in time"),
+            ErrorKind::TimedOut,
+            format!(
+                "agent `{name}` did not finish the request by its deadline (waiting for its turn included); see docs/api.md"
+            ),
         ),
         other => ApiError::new(
             ErrorKind::Failed,
@@ -556,21 +587,26 @@ fn job_error(name: &str, e: ConnectionError) -> ApiError {
     }
 }
 
-fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> {
+/// Runs a program, which the guest kills [`EXEC_GRACE`] before `deadline` (the connection's
+/// deadline, set by the caller): its timeout counts from the request's arrival.
+fn exec(vm: &mut AgentVm, call: ExecCall, deadline: Instant) -> Result<ExecReply, ConnectionError> {
     let started = Instant::now();
+    let Some(limit) = deadline
+        .saturating_duration_since(started)
+        .checked_sub(EXEC_GRACE)
+        .filter(|limit| !limit.is_zero())
+    else {
+        return Err(ConnectionError::TimedOut);
+    };
     let request = ExecRequest {
         id: 0,
         program: call.program,
         args: call.args,
         env: call.env,
         cwd: call.cwd,
-        timeout_ms: call.timeout_s.map(|s| s.saturating_mul(1000)),
+        timeout_ms: Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
         stdin: false,
     };
-    if let Some(secs) = call.timeout_s {
-        vm.conn()
-            .set_deadline(Some(started + Duration::from_secs(secs) + EXEC_GRACE));
-    }
     let mut stdout = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
     let mut stderr = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
     let stdin = call
@@ -584,15 +620,30 @@ fn exec(vm: &mut AgentVm, call: ExecCall) -> Result<ExecReply, ConnectionError> 
             stderr: &mut stderr,
         },
     )?;
-    Ok(ExecReply {
+    Ok(exec_reply(&status, &stdout, &stderr, started.elapsed()))
+}
+
+/// The reply to an `exec`: each stream as text cut to fit its share of the reply's frame.
+fn exec_reply(
+    status: &ExitStatus,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+    took: Duration,
+) -> ExecReply {
+    let out = fit_text(&stdout.bytes, MAX_TEXT_JSON_BYTES, false);
+    let err = fit_text(&stderr.bytes, MAX_TEXT_JSON_BYTES, false);
+    ExecReply {
         code: status.code,
         signal: status.signal,
         timed_out: status.timed_out,
-        truncated: stdout.cut || stderr.cut,
-        stdout: String::from_utf8_lossy(&stdout.bytes).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr.bytes).into_owned(),
-        ms: started.elapsed().as_millis() as u64,
-    })
+        truncated: stdout.cut
+            || stderr.cut
+            || out.used < stdout.bytes.len()
+            || err.used < stderr.bytes.len(),
+        stdout: out.text,
+        stderr: err.text,
+        ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+    }
 }
 
 /// Empties a log that grew past [`MAX_LOG_BYTES`] (readers then start again from 0).
@@ -603,7 +654,8 @@ fn trim_log(path: &Path) {
 }
 
 /// Up to [`MAX_LOG_CHUNK_BYTES`] of the log at `path`, from `offset` (from the start when the
-/// log is shorter than that: it was emptied).
+/// log is shorter than that: it was emptied), as much as fits a reply: `next_offset` moves past
+/// what the text stands for, at least a byte while there is more.
 pub fn read_log(path: &Path, offset: u64) -> io::Result<LogsReply> {
     let mut file = match File::open(path) {
         Ok(file) => file,
@@ -620,9 +672,11 @@ pub fn read_log(path: &Path, offset: u64) -> io::Result<LogsReply> {
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.take(MAX_LOG_CHUNK_BYTES).read_to_end(&mut bytes)?;
+    // The guest may be writing a character whose end is not in the file yet.
+    let fitted = fit_text(&bytes, MAX_TEXT_JSON_BYTES, true);
     Ok(LogsReply {
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-        next_offset: start + bytes.len() as u64,
+        text: fitted.text,
+        next_offset: start + fitted.used as u64,
     })
 }
 
@@ -656,5 +710,66 @@ mod tests {
         assert_eq!(read_log(&path, 12).unwrap().text, "");
         std::fs::write(&path, "new\n").unwrap();
         assert_eq!(read_log(&path, 12).unwrap().text, "new\n");
+    }
+
+    #[test]
+    fn exec_replies_fit_a_frame_whatever_the_output() {
+        let status = ExitStatus {
+            code: Some(3),
+            ..ExitStatus::default()
+        };
+        for (out, err) in [(0x01, b'"'), (b'\\', 0x01), (0xff, b'\\')] {
+            let stream = |byte: u8| {
+                let mut capped = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
+                capped
+                    .write_all(&vec![byte; MAX_EXEC_OUTPUT_BYTES])
+                    .unwrap();
+                capped
+            };
+            let reply = exec_reply(&status, &stream(out), &stream(err), Duration::ZERO);
+            assert!(reply.truncated);
+            let value = serde_json::to_value(&reply).unwrap();
+            let frame = agentos_protocol::encode_frame(&super::super::api::Reply::Ok(value))
+                .expect("the reply fits a frame");
+            let back: serde_json::Value = serde_json::from_slice(&frame[4..]).unwrap();
+            assert_eq!(back["ok"]["code"], 3);
+            assert_eq!(back["ok"]["truncated"], true);
+        }
+        let plain = exec_reply(
+            &status,
+            &CappedOutput::new(MAX_EXEC_OUTPUT_BYTES),
+            &CappedOutput::new(MAX_EXEC_OUTPUT_BYTES),
+            Duration::ZERO,
+        );
+        assert!(!plain.truncated);
+    }
+
+    #[test]
+    fn logs_of_control_bytes_and_quotes_move_forward_in_chunks_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let mut junk = vec![0x01u8; 600 * 1024];
+        junk.extend(vec![b'"'; 300 * 1024]);
+        junk.extend("é".repeat(100 * 1024).as_bytes());
+        junk.extend([0xff, 0xfe, b'\n']);
+        std::fs::write(&path, &junk).unwrap();
+        let mut offset = 0;
+        let mut text = String::new();
+        let mut chunks = 0;
+        while offset < junk.len() as u64 {
+            let chunk = read_log(&path, offset).unwrap();
+            let value = serde_json::to_value(&chunk).unwrap();
+            agentos_protocol::encode_frame(&super::super::api::Reply::Ok(value))
+                .expect("the chunk fits a frame");
+            assert!(chunk.next_offset > offset, "stuck at {offset}");
+            offset = chunk.next_offset;
+            text.push_str(&chunk.text);
+            chunks += 1;
+        }
+        assert_eq!(offset, junk.len() as u64);
+        assert!(read_log(&path, offset).unwrap().text.is_empty());
+        // Nothing lost nor split: the chunks add up to the whole log.
+        assert_eq!(text, String::from_utf8_lossy(&junk));
+        assert!(chunks > 4, "{chunks}");
     }
 }

@@ -3,8 +3,9 @@
 //! connection carries any number of requests, one after the other. `docs/api.md` describes them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use agentos_protocol::{InferOptions, Task};
+use agentos_protocol::{InferOptions, MAX_FRAME_BYTES, Task};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::slice::PriorityClass;
@@ -14,8 +15,29 @@ use crate::cgroup::slice::PriorityClass;
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// What `exec` keeps of each output stream; more is cut and the reply says so.
 pub const MAX_EXEC_OUTPUT_BYTES: usize = 256 * 1024;
-/// The most `logs` returns at once; a client reads on from `next_offset`.
+/// The most `logs` reads of the log at once; a client reads on from `next_offset`.
 pub const MAX_LOG_CHUNK_BYTES: u64 = 256 * 1024;
+/// The most one text of a reply (`exec`'s `stdout` and `stderr`, `logs`' `text`) takes once
+/// written as a JSON string: a control byte takes 6 bytes there and a quote 2, so the 256 KiB
+/// kept of a stream could take 1.5 MiB, more than a frame holds. Text is cut to fit (see
+/// [`fit_text`]).
+pub const MAX_TEXT_JSON_BYTES: usize = 448 * 1024;
+/// What a reply needs beside its texts (field names, numbers, the `{"ok":...}` around it).
+const REPLY_FIELDS_BYTES: usize = 4 * 1024;
+const _: () = assert!(2 * MAX_TEXT_JSON_BYTES + REPLY_FIELDS_BYTES <= MAX_FRAME_BYTES);
+
+/// The longest `timeout_s` of `exec` and of `group_input`: a day. Durations are range-checked
+/// as requests are read: an instant plus one far past this would overflow, and a panic in the
+/// daemon ends every VM it runs.
+pub const MAX_TIMEOUT_S: u64 = 86_400;
+/// The longest `boot_timeout_s` of `spawn`: an hour.
+pub const MAX_BOOT_TIMEOUT_S: u64 = 3_600;
+/// What an `exec` without `timeout_s` gets: the program is killed after an hour.
+pub const DEFAULT_EXEC_TIMEOUT_S: u64 = 3_600;
+/// How long `group_input` waits for the results unless told otherwise.
+pub const DEFAULT_INPUT_TIMEOUT_S: u64 = 600;
+/// How long an `infer` may take.
+pub const INFER_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -66,7 +88,8 @@ impl Request {
     }
 }
 
-/// Reads one request frame's body; anything else is a `bad_request` error that says why.
+/// Reads one request frame's body; anything else is a `bad_request` error that says why, and a
+/// duration out of its range an `invalid` one.
 pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
     let bad =
         |why: String| ApiError::new(ErrorKind::BadRequest, format!("{why} (see docs/api.md)"));
@@ -84,7 +107,35 @@ pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
             )));
         }
     }
+    check_durations(&request)?;
     Ok(request)
+}
+
+/// Refuses a duration out of its range.
+fn check_durations(request: &Request) -> Result<(), ApiError> {
+    let (field, secs, max) = match request {
+        Request::Exec(ExecCall {
+            timeout_s: Some(secs),
+            ..
+        }) => ("exec `timeout_s`", *secs, MAX_TIMEOUT_S),
+        Request::GroupInput(GroupInputRequest {
+            timeout_s: Some(secs),
+            ..
+        }) => ("group_input `timeout_s`", *secs, MAX_TIMEOUT_S),
+        Request::Spawn(SpawnRequest {
+            boot_timeout_s: Some(secs),
+            ..
+        }) => ("spawn `boot_timeout_s`", *secs, MAX_BOOT_TIMEOUT_S),
+        _ => return Ok(()),
+    };
+    if (1..=max).contains(&secs) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Invalid,
+            format!("{field} is {secs}: use 1 to {max} seconds"),
+        ))
+    }
 }
 
 /// When the daemon boots an agent again after its VM ended.
@@ -124,7 +175,7 @@ pub struct SpawnRequest {
     pub class: Option<PriorityClass>,
     #[serde(default)]
     pub restart: RestartPolicy,
-    /// Seconds the guest agent has to come up (default 300).
+    /// Seconds the guest agent has to come up (default 300; 1 to [`MAX_BOOT_TIMEOUT_S`]).
     #[serde(default)]
     pub boot_timeout_s: Option<u64>,
     /// Reply once the agent is up (or failed), instead of at once.
@@ -150,7 +201,8 @@ pub struct ExecCall {
     /// Standard input of the program (none: empty).
     #[serde(default)]
     pub stdin: Option<String>,
-    /// The agent kills the program after this many seconds.
+    /// The agent kills the program after this many seconds (default
+    /// [`DEFAULT_EXEC_TIMEOUT_S`]; 1 to [`MAX_TIMEOUT_S`]).
     #[serde(default)]
     pub timeout_s: Option<u64>,
 }
@@ -213,7 +265,8 @@ pub struct GroupRequest {
 pub struct GroupInputRequest {
     pub group: String,
     pub text: String,
-    /// How long to wait for the results (default 600 s).
+    /// How long to wait for the results (default [`DEFAULT_INPUT_TIMEOUT_S`]; 1 to
+    /// [`MAX_TIMEOUT_S`]).
     #[serde(default)]
     pub timeout_s: Option<u64>,
 }
@@ -262,10 +315,14 @@ pub enum ErrorKind {
     Failed,
     /// The daemon is stopping.
     ShuttingDown,
+    /// The request passed its deadline (see docs/api.md); what it started may go on.
+    TimedOut,
+    /// The daemon serves as many requests of this kind as it takes; try again later.
+    Busy,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 12] = [
         Self::BadRequest,
         Self::TooLarge,
         Self::UnknownAgent,
@@ -276,6 +333,8 @@ impl ErrorKind {
         Self::NoRoom,
         Self::Failed,
         Self::ShuttingDown,
+        Self::TimedOut,
+        Self::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -290,6 +349,8 @@ impl ErrorKind {
             Self::NoRoom => "no_room",
             Self::Failed => "failed",
             Self::ShuttingDown => "shutting_down",
+            Self::TimedOut => "timed_out",
+            Self::Busy => "busy",
         }
     }
 }
@@ -390,7 +451,7 @@ pub struct ExecReply {
     pub signal: Option<i32>,
     pub timed_out: bool,
     /// The program's output, as UTF-8 (invalid bytes replaced), cut at
-    /// [`MAX_EXEC_OUTPUT_BYTES`].
+    /// [`MAX_EXEC_OUTPUT_BYTES`] and where its JSON form reaches [`MAX_TEXT_JSON_BYTES`].
     pub stdout: String,
     pub stderr: String,
     /// Whether either stream was cut.
@@ -400,9 +461,67 @@ pub struct ExecReply {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogsReply {
+    /// At most [`MAX_LOG_CHUNK_BYTES`] of the log, as UTF-8 (invalid bytes replaced), cut where
+    /// its JSON form reaches [`MAX_TEXT_JSON_BYTES`].
     pub text: String,
-    /// Where the next read starts; equal to the log's length when everything was read.
+    /// Where the next read starts: past the bytes `text` stands for; equal to the log's length
+    /// when everything was read.
     pub next_offset: u64,
+}
+
+/// Text made of bytes for a reply, and how many of the bytes it stands for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FittedText {
+    pub text: String,
+    pub used: usize,
+}
+
+/// The longest start of `bytes` whose text fits `budget` bytes as a JSON string (quotes aside):
+/// the bytes read as UTF-8, each invalid sequence replaced by U+FFFD as
+/// `String::from_utf8_lossy` does, cut between characters. Cutting after escaping is what keeps a
+/// reply within a frame whatever the bytes. With `more_may_follow`, a character whose end is not
+/// in `bytes` yet is left for the next read, unless it is all there is: a reader always moves on.
+pub fn fit_text(bytes: &[u8], budget: usize, more_may_follow: bool) -> FittedText {
+    let mut fitted = FittedText {
+        text: String::new(),
+        used: 0,
+    };
+    let mut size = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            size += json_len(c);
+            if size > budget {
+                return fitted;
+            }
+            fitted.text.push(c);
+            fitted.used += c.len_utf8();
+        }
+        let invalid = chunk.invalid();
+        if invalid.is_empty() {
+            continue;
+        }
+        let unfinished = fitted.used + invalid.len() == bytes.len()
+            && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+        if unfinished && more_may_follow && fitted.used > 0 {
+            return fitted;
+        }
+        size += json_len(char::REPLACEMENT_CHARACTER);
+        if size > budget {
+            return fitted;
+        }
+        fitted.text.push(char::REPLACEMENT_CHARACTER);
+        fitted.used += invalid.len();
+    }
+    fitted
+}
+
+/// The bytes `c` takes in a JSON string as serde_json writes it.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\t' | '\n' | '\u{c}' | '\r' => 2,
+        '\0'..='\u{1f}' => 6,
+        c => c.len_utf8(),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,5 +606,106 @@ mod tests {
                 serde_json::Value::String(kind.as_str().into())
             );
         }
+    }
+
+    #[test]
+    fn durations_out_of_their_range_are_invalid_and_named() {
+        let max = u64::MAX;
+        for (body, field) in [
+            (
+                format!(r#"{{"op":"exec","name":"a","program":"p","timeout_s":{max}}}"#),
+                "exec `timeout_s`",
+            ),
+            (
+                r#"{"op":"exec","name":"a","program":"p","timeout_s":86401}"#.to_owned(),
+                "exec `timeout_s`",
+            ),
+            (
+                r#"{"op":"exec","name":"a","program":"p","timeout_s":0}"#.to_owned(),
+                "exec `timeout_s`",
+            ),
+            (
+                format!(r#"{{"op":"group_input","group":"g","text":"t","timeout_s":{max}}}"#),
+                "group_input `timeout_s`",
+            ),
+            (
+                format!(r#"{{"op":"spawn","name":"a","boot_timeout_s":{max}}}"#),
+                "spawn `boot_timeout_s`",
+            ),
+            (
+                r#"{"op":"spawn","name":"a","boot_timeout_s":3601}"#.to_owned(),
+                "spawn `boot_timeout_s`",
+            ),
+        ] {
+            let e = parse_request(body.as_bytes()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Invalid, "{body}");
+            assert!(e.message.starts_with(field), "{}", e.message);
+            assert!(e.message.contains("use 1 to"), "{}", e.message);
+        }
+        for body in [
+            r#"{"op":"exec","name":"a","program":"p","timeout_s":86400}"#,
+            r#"{"op":"exec","name":"a","program":"p","timeout_s":1}"#,
+            r#"{"op":"group_input","group":"g","text":"t","timeout_s":86400}"#,
+            r#"{"op":"spawn","name":"a","boot_timeout_s":3600}"#,
+        ] {
+            assert!(parse_request(body.as_bytes()).is_ok(), "{body}");
+        }
+    }
+
+    #[test]
+    fn json_sizes_are_those_serde_json_writes() {
+        let chars = (0..0x800u32)
+            .chain([0xfffd, 0x10000, 0x10ffff])
+            .filter_map(char::from_u32);
+        for c in chars {
+            let written = serde_json::to_string(&c.to_string()).unwrap().len() - 2;
+            assert_eq!(json_len(c), written, "{c:?}");
+        }
+    }
+
+    /// The bytes of `text` as a JSON string, quotes aside.
+    fn json_size(text: &str) -> usize {
+        serde_json::to_string(text).unwrap().len() - 2
+    }
+
+    #[test]
+    fn text_is_cut_after_escaping_to_fit_its_budget() {
+        let budget = 1000;
+        for byte in [0x01, b'"', b'\\', b'\n', 0xff, b'x'] {
+            let bytes = vec![byte; 4 * budget];
+            let fitted = fit_text(&bytes, budget, false);
+            let size = json_size(&fitted.text);
+            assert!(size <= budget, "{byte:#x}: {size}");
+            // Cut where the next character would not fit.
+            assert!(size + 6 > budget, "{byte:#x}: {size}");
+            assert!(fitted.used < bytes.len());
+            assert_eq!(
+                fitted.text,
+                String::from_utf8_lossy(&bytes[..fitted.used]),
+                "{byte:#x}"
+            );
+        }
+        let short = fit_text("é\"x".as_bytes(), budget, false);
+        assert_eq!((short.text.as_str(), short.used), ("é\"x", 4));
+        // Between characters, never inside one.
+        let accents = "é".repeat(budget);
+        let fitted = fit_text(accents.as_bytes(), budget + 1, false);
+        assert_eq!((fitted.used, fitted.text.len()), (budget, budget));
+    }
+
+    #[test]
+    fn an_unfinished_character_is_left_for_the_next_read_unless_alone() {
+        let bytes = "aé".as_bytes();
+        let cut = &bytes[..2];
+        let later = fit_text(cut, 100, true);
+        assert_eq!((later.text.as_str(), later.used), ("a", 1));
+        let now = fit_text(cut, 100, false);
+        assert_eq!((now.text.as_str(), now.used), ("a\u{fffd}", 2));
+        // Alone, it is read (replaced): a reader always moves on.
+        let alone = fit_text(&bytes[1..2], 100, true);
+        assert_eq!((alone.text.as_str(), alone.used), ("\u{fffd}", 1));
+        // An invalid byte that no later byte can complete is replaced at once.
+        let invalid = fit_text(&[b'a', 0xff], 100, true);
+        assert_eq!((invalid.text.as_str(), invalid.used), ("a\u{fffd}", 2));
     }
 }

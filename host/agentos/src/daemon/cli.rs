@@ -10,8 +10,8 @@ use anyhow::Context;
 use super::SocketArg;
 use super::api::{
     AgentInfo, ErrorKind, ExecCall, ExecReply, GroupInputRequest, GroupRequest, GroupUpReply,
-    GroupUpRequest, InferCall, LogsReply, LogsRequest, MetricsReply, NameRequest, PsReply, Request,
-    RestartPolicy, RmRequest, SpawnRequest,
+    GroupUpRequest, InferCall, LogsReply, LogsRequest, MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S,
+    MetricsReply, NameRequest, PsReply, Request, RestartPolicy, RmRequest, SpawnRequest,
 };
 use super::client::{Client, ClientError};
 use crate::group::run::GroupReport;
@@ -41,7 +41,11 @@ pub struct SpawnArgs {
     #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
     pub restart: RestartPolicy,
     /// Seconds the guest agent has to come up.
-    #[arg(long, value_name = "SECS")]
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: Option<u64>,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
@@ -68,8 +72,12 @@ pub struct ExecArgs {
     /// Send this command's standard input to the program (up to 512 KiB).
     #[arg(long)]
     pub stdin: bool,
-    /// Kill the program after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    /// Kill the program after this many seconds (default: an hour).
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S),
+    )]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = crate::run::parse_env)]
@@ -251,7 +259,9 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
         io::stdout().write_all(reply.stdout.as_bytes())?;
         io::stderr().write_all(reply.stderr.as_bytes())?;
         if reply.truncated {
-            eprintln!("agentos: the output was cut at 256 KiB per stream");
+            eprintln!(
+                "agentos: the output was cut (at 256 KiB per stream, less when much of it is control characters or quotes)"
+            );
         }
         if reply.timed_out {
             eprintln!("agentos: the program ran past its timeout and was killed");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::agent::{Agent, AgentConfig, BootHook};
 use super::api::{
-    AgentState, ApiError, ErrorKind, GroupInputRequest, GroupUpReply, GroupUpRequest,
-    RestartPolicy, SpawnRequest,
+    AgentState, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, GroupInputRequest, GroupUpReply,
+    GroupUpRequest, RestartPolicy, SpawnRequest,
 };
 use super::{Daemon, agent_config, to_value, unknown_agent};
 use crate::group::file::{self, GroupSpec, Restart};
@@ -19,9 +19,6 @@ use crate::group::router::Router;
 use crate::group::run::{AgentReport, GroupReport, join_member, trace_path};
 use crate::group::trace::{self, TraceLog};
 use crate::image;
-
-/// How long `group input` waits for the results unless told otherwise.
-const DEFAULT_INPUT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A group the daemon runs.
 pub struct GroupEntry {
@@ -57,6 +54,7 @@ impl Daemon {
     pub(super) async fn group_up(
         &self,
         request: GroupUpRequest,
+        deadline: Instant,
     ) -> Result<serde_json::Value, ApiError> {
         let spec = file::parse(&request.text).map_err(|(line, problem)| {
             ApiError::new(
@@ -144,7 +142,8 @@ impl Daemon {
         }
         tracing::info!(group, members = members.len(), "group up");
         if request.wait {
-            self.wait_until_booted(&members).await;
+            // A member still booting at the deadline counts as one that did not come up.
+            self.wait_until_booted(&members, deadline).await;
             let failed: Vec<String> = {
                 let agents = self.lock_agents();
                 members
@@ -220,6 +219,7 @@ impl Daemon {
     pub(super) async fn group_input(
         &self,
         request: GroupInputRequest,
+        deadline: Instant,
     ) -> Result<serde_json::Value, ApiError> {
         let started = Instant::now();
         let (spec, router, members, trace_file) = {
@@ -252,16 +252,16 @@ impl Daemon {
         let id = router.inject(spec.entry(), request.text).map_err(|why| {
             ApiError::new(ErrorKind::Failed, format!("the input was not taken: {why}"))
         })?;
-        let timeout = request
-            .timeout_s
-            .map_or(DEFAULT_INPUT_TIMEOUT, Duration::from_secs);
+        let timeout = Duration::from_secs(request.timeout_s.unwrap_or(DEFAULT_INPUT_TIMEOUT_S));
+        // parse_request bounds the timeout; the request's deadline bounds the wait anyway.
+        let until = started
+            .checked_add(timeout)
+            .map_or(deadline, |until| until.min(deadline));
         let expected = spec.results_per_input();
         let results = {
             let router = router.clone();
             tokio::task::spawn_blocking(move || {
-                router.wait_results(id, expected, Instant::now() + timeout, &|| {
-                    crate::signals::interrupted()
-                })
+                router.wait_results(id, expected, until, &|| crate::signals::interrupted())
             })
             .await
             .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
@@ -356,4 +356,56 @@ fn member_configs(
         configs.push(config);
     }
     Ok(configs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rundir::RunDir;
+
+    const ECHO: &str = r#"name = "echo"
+channels = ["input -> echo", "echo -> output"]
+
+[[agent]]
+name = "echo"
+exec = ["/bin/cat"]
+"#;
+
+    #[tokio::test]
+    async fn an_input_timeout_past_what_the_clock_holds_waits_until_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::new(
+            RunDir::create("daemon-test").unwrap(),
+            Duration::from_secs(60),
+        );
+        let spec = Arc::new(file::parse(ECHO).unwrap());
+        let trace = dir.path().join("trace.jsonl");
+        let router = Router::with_members(
+            &spec.member_roles(),
+            &spec.channels,
+            TraceLog::create(&trace).unwrap(),
+        );
+        daemon.lock_groups().insert(
+            "echo".into(),
+            GroupEntry {
+                spec,
+                router: Arc::new(router),
+                members: Vec::new(),
+                trace,
+            },
+        );
+        // Past parse_request's check, as a bug might let through.
+        let request = GroupInputRequest {
+            group: "echo".into(),
+            text: "hi".into(),
+            timeout_s: Some(u64::MAX),
+        };
+        let asked = Instant::now();
+        let report = daemon
+            .group_input(request, asked + Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(report["results"], serde_json::json!([]), "{report}");
+        assert!(asked.elapsed() < Duration::from_secs(5));
+    }
 }

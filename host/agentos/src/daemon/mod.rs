@@ -9,28 +9,28 @@ pub mod cli;
 pub mod client;
 mod groups;
 mod metrics;
+mod server;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentos_protocol::InferRequest;
 use agentos_protocol::peer::valid_peer_name;
 use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, oneshot};
 
-use self::agent::{Agent, AgentConfig, Job};
+use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
 use self::api::{
-    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MAX_REQUEST_BYTES,
-    MetricsReply, PsReply, Reply, Request, RmRequest, SpawnRequest, VersionReply,
+    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MetricsReply, PsReply,
+    Request, RmRequest, SpawnRequest, VersionReply,
 };
 use crate::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
 use crate::image::{self, AGENT_IMAGE};
@@ -40,16 +40,18 @@ use crate::run::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::rundir::{self, RunDir};
 use crate::{carrier, cgroup, signals};
 
-/// Clients served at once; more wait for a turn.
-const MAX_CLIENTS: usize = 64;
 /// Agents one daemon keeps (running or not).
 pub const MAX_AGENTS: usize = 64;
 /// How often the event loop looks for a stop signal.
 const SIGNAL_POLL: Duration = Duration::from_millis(200);
 /// How often `spawn` with `wait` looks whether the agent is up.
 const SPAWN_POLL: Duration = Duration::from_millis(100);
-/// The longest request line a metrics client may send.
+/// The longest request head a metrics client may send.
 const MAX_METRICS_REQUEST: usize = 8 * 1024;
+/// Metrics clients served at once; more wait in the kernel's backlog.
+const METRICS_CONNECTIONS: usize = 8;
+/// How long a metrics client has to send its request head and take the answer.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
@@ -116,14 +118,10 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
             "removed the run directories of agents of a dead process"
         );
     }
-    let daemon = Arc::new(Daemon {
-        agents: Mutex::new(BTreeMap::new()),
-        groups: Mutex::new(BTreeMap::new()),
-        state: RunDir::create("daemon").context("cannot create the daemon's run directory")?,
-        hang_timeout: Duration::from_secs(args.hang_timeout),
-        counters: Counters::default(),
-        stopping: AtomicBool::new(false),
-    });
+    let daemon = Arc::new(Daemon::new(
+        RunDir::create("daemon").context("cannot create the daemon's run directory")?,
+        Duration::from_secs(args.hang_timeout),
+    ));
     eprintln!(
         "agentos daemon: listening on {} (pid {})",
         path.display(),
@@ -186,10 +184,8 @@ async fn serve(
     let listener = UnixListener::from_std(listener)?;
     if let Some(metrics) = metrics {
         let metrics = UnixListener::from_std(metrics)?;
-        tokio::spawn(serve_metrics(daemon.clone(), metrics));
+        tokio::spawn(serve_metrics(daemon.clone(), metrics, METRICS_TIMEOUT));
     }
-    let turns = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let mut tick = tokio::time::interval(SIGNAL_POLL);
     let arbiter = {
         let daemon = daemon.clone();
         std::thread::Builder::new()
@@ -202,29 +198,13 @@ async fn serve(
                 }
             })?
     };
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let daemon = daemon.clone();
-                    let turns = turns.clone();
-                    tokio::spawn(async move {
-                        let Ok(_turn) = turns.acquire_owned().await else { return };
-                        daemon.counters.clients.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = client_session(&daemon, stream).await {
-                            tracing::debug!(error = %e, "client connection ended");
-                        }
-                    });
-                }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
-            _ = tick.tick() => {
-                if signals::interrupted() {
-                    break;
-                }
-            }
-        }
-    }
+    server::serve(
+        listener,
+        daemon.clone(),
+        server::Limits::DAEMON,
+        interrupted(),
+    )
+    .await;
     daemon.stopping.store(true, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || arbiter.join()).await;
     let agents: Vec<Agent> = std::mem::take(&mut *daemon.lock_agents())
@@ -243,48 +223,12 @@ async fn serve(
     Ok(())
 }
 
-/// Reads requests and writes replies until the client goes.
-async fn client_session(daemon: &Daemon, mut stream: UnixStream) -> io::Result<()> {
-    loop {
-        let mut len = [0u8; 4];
-        match stream.read_exact(&mut len).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_REQUEST_BYTES {
-            daemon.count_error(ErrorKind::TooLarge);
-            let error = ApiError::new(
-                ErrorKind::TooLarge,
-                format!("a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES} bytes"),
-            );
-            write_reply(&mut stream, &Reply::Error(error)).await?;
-            return Ok(());
-        }
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await?;
-        let reply = match api::parse_request(&body) {
-            Ok(request) => daemon.handle(request).await,
-            Err(e) => Err(e),
-        };
-        let reply = match reply {
-            Ok(value) => Reply::Ok(value),
-            Err(error) => {
-                daemon.count_error(error.kind);
-                Reply::Error(error)
-            }
-        };
-        write_reply(&mut stream, &reply).await?;
+/// Completes once the daemon is told to stop (SIGINT, SIGTERM, SIGHUP).
+async fn interrupted() {
+    let mut tick = tokio::time::interval(SIGNAL_POLL);
+    while !signals::interrupted() {
+        tick.tick().await;
     }
-}
-
-async fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
-    let frame = agentos_protocol::encode_frame(reply).unwrap_or_else(|e| {
-        let error = ApiError::new(ErrorKind::Failed, format!("the reply cannot be sent: {e}"));
-        agentos_protocol::encode_frame(&Reply::Error(error)).unwrap_or_default()
-    });
-    stream.write_all(&frame).await
 }
 
 fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, ApiError> {
@@ -303,9 +247,13 @@ fn unknown_agent(name: &str, agents: &BTreeMap<String, Agent>) -> ApiError {
     )
 }
 
-impl Daemon {
-    fn lock_agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Agent>> {
-        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+impl server::Handler for Daemon {
+    fn handle(
+        &self,
+        request: Request,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
+        self.answer(request, deadline)
     }
 
     fn count_error(&self, kind: ErrorKind) {
@@ -314,7 +262,33 @@ impl Daemon {
             .or_default() += 1;
     }
 
-    async fn handle(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+    fn count_client(&self) {
+        self.counters.clients.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Daemon {
+    fn new(state: RunDir, hang_timeout: Duration) -> Self {
+        Self {
+            agents: Mutex::new(BTreeMap::new()),
+            groups: Mutex::new(BTreeMap::new()),
+            state,
+            hang_timeout,
+            counters: Counters::default(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn lock_agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Agent>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers a request that must be done by `deadline` (see docs/api.md).
+    async fn answer(
+        &self,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ApiError> {
         *lock(&self.counters.requests)
             .entry(request.op())
             .or_default() += 1;
@@ -329,12 +303,12 @@ impl Daemon {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pid: std::process::id(),
             }),
-            Request::Spawn(spawn) => self.spawn(spawn).await,
+            Request::Spawn(spawn) => self.spawn(spawn, deadline).await,
             Request::Ps => to_value(&PsReply {
                 agents: self.lock_agents().values().map(Agent::info).collect(),
             }),
-            Request::Exec(call) => self.exec(call).await,
-            Request::Infer(call) => self.infer(call).await,
+            Request::Exec(call) => self.exec(call, deadline).await,
+            Request::Infer(call) => self.infer(call, deadline).await,
             Request::Logs(LogsRequest { name, offset }) => {
                 let log = self.with_agent(&name, |a| a.config().log.clone())?;
                 let read = tokio::task::spawn_blocking(move || agent::read_log(&log, offset))
@@ -352,9 +326,9 @@ impl Daemon {
                 self.check_not_member(&rm.name, "remove")?;
                 self.rm(rm).await
             }
-            Request::GroupUp(up) => self.group_up(up).await,
+            Request::GroupUp(up) => self.group_up(up, deadline).await,
             Request::GroupDown(down) => self.group_down(&down.group).await,
-            Request::GroupInput(input) => self.group_input(input).await,
+            Request::GroupInput(input) => self.group_input(input, deadline).await,
             Request::Metrics => to_value(&MetricsReply {
                 text: self.metrics_text(),
             }),
@@ -369,7 +343,11 @@ impl Daemon {
         }
     }
 
-    async fn spawn(&self, request: SpawnRequest) -> Result<serde_json::Value, ApiError> {
+    async fn spawn(
+        &self,
+        request: SpawnRequest,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ApiError> {
         let name = request.name.clone();
         check_name(&name)?;
         {
@@ -412,7 +390,17 @@ impl Daemon {
         }
         tracing::info!(agent = name, "spawned");
         if wait {
-            self.wait_until_booted(std::slice::from_ref(&name)).await;
+            if !self
+                .wait_until_booted(std::slice::from_ref(&name), deadline)
+                .await
+            {
+                return Err(ApiError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "agent `{name}` is still booting at the request's deadline; it goes on (see `agentos ps {name}`)"
+                    ),
+                ));
+            }
             if self.with_agent(&name, Agent::was_refused)? {
                 let agent = self.lock_agents().remove(&name);
                 let info = agent.as_ref().map(Agent::info);
@@ -437,8 +425,9 @@ impl Daemon {
         to_value(&info)
     }
 
-    /// Waits until none of the agents `names` is booting any more (up, failed or gone).
-    async fn wait_until_booted(&self, names: &[String]) {
+    /// Waits until none of the agents `names` is booting any more (up, failed or gone), or
+    /// `until`; returns whether none is.
+    async fn wait_until_booted(&self, names: &[String], until: Instant) -> bool {
         loop {
             let booting = {
                 let agents = self.lock_agents();
@@ -449,23 +438,34 @@ impl Daemon {
                 })
             };
             if !booting {
-                return;
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
             }
             tokio::time::sleep(SPAWN_POLL).await;
         }
     }
 
-    async fn exec(&self, call: ExecCall) -> Result<serde_json::Value, ApiError> {
+    async fn exec(&self, call: ExecCall, deadline: Instant) -> Result<serde_json::Value, ApiError> {
         if call.program.is_empty() {
             return Err(ApiError::new(ErrorKind::Invalid, "exec needs a program"));
         }
         let (reply, answer) = oneshot::channel();
         let name = call.name.clone();
-        self.with_agent(&name, |a| a.submit(Job::Exec(call, reply)))??;
+        let job = Job {
+            deadline,
+            work: Work::Exec(call, reply),
+        };
+        self.with_agent(&name, |a| a.submit(job))??;
         answer_of(&name, answer).await
     }
 
-    async fn infer(&self, call: InferCall) -> Result<serde_json::Value, ApiError> {
+    async fn infer(
+        &self,
+        call: InferCall,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ApiError> {
         let name = call.name.clone();
         let model = self.with_agent(&name, |a| a.config().model.clone())?;
         let model = match (call.model, model) {
@@ -499,7 +499,11 @@ impl Daemon {
             options: call.options,
         };
         let (reply, answer) = oneshot::channel();
-        self.with_agent(&name, |a| a.submit(Job::Infer(request, reply)))??;
+        let job = Job {
+            deadline,
+            work: Work::Infer(request, reply),
+        };
+        self.with_agent(&name, |a| a.submit(job))??;
         answer_of(&name, answer).await
     }
 
@@ -710,6 +714,7 @@ fn agent_config(
     let mut opts = BootOptions {
         vcpus,
         memory_mib,
+        // In range: parse_request checked it.
         boot_timeout: request
             .boot_timeout_s
             .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs),
@@ -739,29 +744,145 @@ fn agent_config(
     })
 }
 
-async fn serve_metrics(daemon: Arc<Daemon>, listener: UnixListener) {
+/// Serves the metrics as HTTP: a bounded number of clients at once, each with `timeout` to send
+/// its request head and take the answer.
+async fn serve_metrics(daemon: Arc<Daemon>, listener: UnixListener, timeout: Duration) {
+    let turns = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        // The turn comes first: past the bound, clients wait in the kernel's backlog.
+        let Ok(turn) = turns.clone().acquire_owned().await else {
+            return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(server::ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            // Whatever the request, the answer is the metrics; read its head so that the client
-            // sees a well-behaved HTTP server.
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while head.len() < MAX_METRICS_REQUEST && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
+            let _turn = turn;
+            let answered = tokio::time::timeout(timeout, async {
+                // Whatever the request, the answer is the metrics; read its head so that the
+                // client sees a well-behaved HTTP server.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while head.len() < MAX_METRICS_REQUEST
+                    && !head.windows(4).any(|w| w == b"\r\n\r\n")
+                {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
                 }
+                let body = daemon.metrics_text();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(response.as_bytes()).await
+            })
+            .await;
+            if answered.is_err() {
+                tracing::debug!("a metrics client was too slow; dropped");
             }
-            let body = daemon.metrics_text();
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::server::tests::{Running, call, connect, kind};
+    use super::*;
+
+    fn daemon() -> Arc<Daemon> {
+        Arc::new(Daemon::new(
+            RunDir::create("daemon-test").unwrap(),
+            Duration::from_secs(60),
+        ))
+    }
+
+    #[test]
+    fn durations_past_their_range_are_invalid_and_the_daemon_answers_on() {
+        let server = Running::start(daemon(), server::Limits::DAEMON);
+        let mut client = connect(&server.socket);
+        let max = u64::MAX;
+        for (body, field) in [
+            (
+                format!(r#"{{"op":"exec","name":"a","program":"/bin/true","timeout_s":{max}}}"#),
+                "exec `timeout_s`",
+            ),
+            (
+                r#"{"op":"exec","name":"a","program":"/bin/true","timeout_s":0}"#.to_owned(),
+                "exec `timeout_s`",
+            ),
+            (
+                format!(r#"{{"op":"group_input","group":"g","text":"hi","timeout_s":{max}}}"#),
+                "group_input `timeout_s`",
+            ),
+            (
+                format!(r#"{{"op":"spawn","name":"a","boot_timeout_s":{max},"wait":true}}"#),
+                "spawn `boot_timeout_s`",
+            ),
+            (
+                r#"{"op":"spawn","name":"a","boot_timeout_s":3601}"#.to_owned(),
+                "spawn `boot_timeout_s`",
+            ),
+        ] {
+            let reply = call(&mut client, &body);
+            assert_eq!(kind(&reply), "invalid", "{body}: {reply}");
+            let message = reply["error"]["message"].as_str().unwrap();
+            assert!(message.contains(field), "{message}");
+            assert!(message.contains("use 1 to"), "{message}");
+        }
+        assert_eq!(kind(&call(&mut client, r#"{"op":"version"}"#)), "ok");
+        assert_eq!(kind(&call(&mut client, r#"{"op":"ps"}"#)), "ok");
+    }
+
+    #[test]
+    fn a_silent_metrics_client_is_dropped_and_the_next_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("metrics.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let timeout = Duration::from_millis(300);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = UnixListener::from_std(listener).unwrap();
+                tokio::select! {
+                    () = serve_metrics(daemon(), listener, timeout) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        // Every turn taken by a client that says nothing.
+        let started = std::time::Instant::now();
+        let mut silent: Vec<std::os::unix::net::UnixStream> =
+            (0..METRICS_CONNECTIONS).map(|_| connect(&socket)).collect();
+        let mut asking = connect(&socket);
+        asking
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: agentos\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        asking.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("agentos_api_requests_total"), "{answer}");
+        // It was answered once a silent one was dropped.
+        assert!(started.elapsed() >= timeout);
+        for stream in &mut silent {
+            let mut sink = Vec::new();
+            assert!(stream.read_to_end(&mut sink).is_ok(), "not dropped");
+        }
+        let _ = stop.send(());
+        thread.join().unwrap();
     }
 }

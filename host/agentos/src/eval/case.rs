@@ -66,6 +66,27 @@ pub struct ApiRequest {
     pub length: Option<u32>,
     /// The error kind expected back, or `ok`.
     pub reply: String,
+    /// Text the error's message must have.
+    pub message_has: Option<String>,
+    /// Fields an `ok` reply must have, with these values (e.g. `{ code = 3, truncated = true }`).
+    #[serde(default)]
+    pub ok_fields: BTreeMap<String, serde_json::Value>,
+    /// Seconds within which the reply must arrive.
+    pub within: Option<u64>,
+}
+
+/// Clients an `api` case sets on agents of its own (`eval-flood-0`, `eval-flood-1`, ...), each
+/// running a program, before it sends its requests (which may stop those agents); each client
+/// must be answered.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Flood {
+    pub agents: usize,
+    /// Spread over the agents in turn.
+    pub clients: usize,
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -112,6 +133,13 @@ struct RawCase {
     requests: Vec<ApiRequest>,
     /// Clients that race to spawn the same agent name: exactly one must win.
     race_spawn: Option<usize>,
+    /// Seconds within which the daemon must drop clients that stall (one silent, two inside a
+    /// frame), while the case's requests are answered.
+    slow_clients: Option<u64>,
+    flood: Option<Flood>,
+    /// Read the agent's log to its end after the requests: every chunk must arrive and move on.
+    #[serde(default)]
+    read_logs: bool,
     /// A host vsock port the harness listens on during the script, reading every connection
     /// with the host's protocol decoder; each must be refused.
     listen: Option<u32>,
@@ -157,6 +185,9 @@ pub struct Case {
     pub results_min: usize,
     pub requests: Vec<ApiRequest>,
     pub race_spawn: usize,
+    pub slow_clients_s: Option<u64>,
+    pub flood: Option<Flood>,
+    pub read_logs: bool,
     pub listen: Option<u32>,
 }
 
@@ -172,8 +203,15 @@ pub struct Suite {
     pub files: Vec<PathBuf>,
 }
 
-/// Seconds a guest script gets unless its case says otherwise.
+/// Seconds a guest script gets unless its case says otherwise, and the most it may get.
 const DEFAULT_TIMEOUT_S: u64 = 60;
+const MAX_TIMEOUT_S: u64 = 86_400;
+/// The most seconds an api case may give a reply or the daemon to drop a client (the harness
+/// waits that long).
+const MAX_API_WAIT_S: u64 = 600;
+/// The most clients a flood may have (fewer than the daemon's 256 connections), and agents.
+const MAX_FLOOD_CLIENTS: usize = 200;
+const MAX_FLOOD_AGENTS: usize = 8;
 const VM_OUTCOMES: [&str; 3] = ["crashed", "shutdown", "stopped"];
 
 /// Loads every `*.toml` in `dir` (sorted by name), keeping only the suite `only` if given.
@@ -297,12 +335,35 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
                 (None, Some(path))
             }
             Kind::Api => {
-                if rc.requests.is_empty() && rc.race_spawn.is_none() {
-                    return Err(at("an api case needs `requests` or `race_spawn`".to_owned()));
+                if rc.requests.is_empty()
+                    && rc.race_spawn.is_none()
+                    && rc.slow_clients.is_none()
+                    && rc.flood.is_none()
+                    && !rc.read_logs
+                {
+                    return Err(at(
+                        "an api case needs `requests`, `race_spawn`, `slow_clients`, `flood` or `read_logs`"
+                            .to_owned(),
+                    ));
                 }
+                check_api_fields(&rc).map_err(at)?;
                 (None, None)
             }
         };
+        if rc.kind != Kind::Api && (rc.slow_clients.is_some() || rc.flood.is_some() || rc.read_logs)
+        {
+            return Err(at(
+                "`slow_clients`, `flood` and `read_logs` are for api cases: add kind = \"api\""
+                    .to_owned(),
+            ));
+        }
+        if let Some(timeout) = rc.timeout
+            && !(1..=MAX_TIMEOUT_S).contains(&timeout)
+        {
+            return Err(at(format!(
+                "timeout {timeout}: use 1 to {MAX_TIMEOUT_S} seconds"
+            )));
+        }
         if let Some(end) = &rc.vm_end {
             if !VM_OUTCOMES.contains(&end.as_str()) {
                 return Err(at(format!(
@@ -358,6 +419,9 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
             results_min: rc.results_min.unwrap_or(0),
             requests: rc.requests,
             race_spawn: rc.race_spawn.unwrap_or(0),
+            slow_clients_s: rc.slow_clients,
+            flood: rc.flood,
+            read_logs: rc.read_logs,
             listen: rc.listen,
         });
     }
@@ -368,6 +432,54 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
         cases,
         files,
     })
+}
+
+/// What an api case's own fields must say; the problem in a line.
+fn check_api_fields(rc: &RawCase) -> Result<(), String> {
+    let wait = |what: &str, secs: u64| {
+        if (1..=MAX_API_WAIT_S).contains(&secs) {
+            Ok(())
+        } else {
+            Err(format!("{what} {secs}: use 1 to {MAX_API_WAIT_S} seconds"))
+        }
+    };
+    if let Some(secs) = rc.slow_clients {
+        wait("slow_clients", secs)?;
+    }
+    if let Some(flood) = &rc.flood {
+        if !(1..=MAX_FLOOD_CLIENTS).contains(&flood.clients) {
+            return Err(format!(
+                "flood clients {}: use 1 to {MAX_FLOOD_CLIENTS}",
+                flood.clients
+            ));
+        }
+        if !(1..=MAX_FLOOD_AGENTS).contains(&flood.agents) {
+            return Err(format!(
+                "flood agents {}: use 1 to {MAX_FLOOD_AGENTS}",
+                flood.agents
+            ));
+        }
+    }
+    for req in &rc.requests {
+        let what = excerpt(&req.body);
+        if let Some(secs) = req.within {
+            wait(&format!("`{what}`: within"), secs)?;
+        }
+        if req.reply == "ok" && req.message_has.is_some() {
+            return Err(format!(
+                "`{what}`: message_has needs an error reply, not `ok`"
+            ));
+        }
+        if req.reply != "ok" && !req.ok_fields.is_empty() {
+            return Err(format!("`{what}`: ok_fields needs reply = \"ok\""));
+        }
+    }
+    Ok(())
+}
+
+/// The start of a request's body, to name it in a problem.
+fn excerpt(body: &str) -> String {
+    body.chars().take(40).collect()
 }
 
 #[cfg(test)]
@@ -422,6 +534,71 @@ mod tests {
         let own = format!("{console}[case.vm]\n");
         let suite = parse(&own, "g", dir.path()).unwrap();
         assert_eq!(suite.cases[0].console_has, ["done"]);
+    }
+
+    const API_CASE: &str =
+        "[[case]]\nname = \"a\"\nkind = \"api\"\ntries = \"t\"\nexpects = \"e\"\n";
+
+    #[test]
+    fn api_cases_read_their_clients_and_reply_checks() {
+        let dir = scratch();
+        let text = format!(
+            "{API_CASE}slow_clients = 45\nread_logs = true\nflood = {{ agents = 3, clients = 100, program = \"/bin/sleep\", args = [\"600\"] }}\nrequests = [\n  {{ body = '{{\"op\":\"ps\"}}', reply = \"ok\", within = 10, ok_fields = {{ truncated = true, code = 3 }} }},\n  {{ body = '{{}}', reply = \"invalid\", message_has = \"timeout_s\" }},\n]\n"
+        );
+        let suite = parse(&text, "api", dir.path()).unwrap();
+        let case = &suite.cases[0];
+        assert_eq!(case.slow_clients_s, Some(45));
+        assert!(case.read_logs);
+        let flood = case.flood.as_ref().unwrap();
+        assert_eq!(
+            (flood.agents, flood.clients, flood.args.as_slice()),
+            (3, 100, &["600".to_owned()][..])
+        );
+        let ps = &case.requests[0];
+        assert_eq!(ps.within, Some(10));
+        assert_eq!(ps.ok_fields["truncated"], serde_json::json!(true));
+        assert_eq!(ps.ok_fields["code"], serde_json::json!(3));
+        assert_eq!(case.requests[1].message_has.as_deref(), Some("timeout_s"));
+    }
+
+    #[test]
+    fn api_fields_out_of_place_or_range_are_refused_on_the_case_line() {
+        let dir = scratch();
+        for (extra, problem) in [
+            ("slow_clients = 0\n", "slow_clients 0: use 1 to 600 seconds"),
+            (
+                "flood = { agents = 1, clients = 1000, program = \"/bin/true\" }\n",
+                "flood clients 1000",
+            ),
+            (
+                "requests = [{ body = 'x', reply = \"ok\", within = 100000 }]\n",
+                "within 100000",
+            ),
+            (
+                "requests = [{ body = 'x', reply = \"ok\", message_has = \"y\" }]\n",
+                "message_has needs an error reply",
+            ),
+            (
+                "requests = [{ body = 'x', reply = \"invalid\", ok_fields = { code = 1 } }]\n",
+                "ok_fields needs reply",
+            ),
+            ("read_logs = false\n", "an api case needs"),
+        ] {
+            let (line, found) =
+                parse(&format!("{API_CASE}{extra}"), "api", dir.path()).unwrap_err();
+            assert_eq!(line, 2, "{found}");
+            assert!(found.contains(problem), "{found}");
+        }
+        let guest = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\n";
+        let (_, found) = parse(&format!("{guest}read_logs = true\n"), "g", dir.path()).unwrap_err();
+        assert!(found.contains("for api cases"), "{found}");
+        let (_, found) = parse(
+            &format!("{guest}timeout = 18446744073709551615\n"),
+            "g",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(found.contains("use 1 to 86400 seconds"), "{found}");
     }
 
     #[test]

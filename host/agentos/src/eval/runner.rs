@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agentos_protocol::{ExecRequest, FrameReader};
 use serde_json::{Value, json};
 
-use super::case::{Case, Kind, Suite, VmSpec};
+use super::case::{ApiRequest, Case, Flood, Kind, Suite, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
 use crate::agent::connection::{AgentConnection, CappedOutput, ExecIo};
@@ -624,9 +624,19 @@ fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
 
 /// One request frame (`body`, declared `length`) and the reply, if one came.
 fn api_call(socket: &Path, length: u32, body: &[u8]) -> Result<Value, String> {
+    api_call_within(socket, length, body, COMMAND_LIMIT)
+}
+
+/// [`api_call`], waiting for the reply up to `limit`.
+fn api_call_within(
+    socket: &Path,
+    length: u32,
+    body: &[u8],
+    limit: Duration,
+) -> Result<Value, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(COMMAND_LIMIT))
+        .set_read_timeout(Some(limit))
         .map_err(|e| e.to_string())?;
     stream
         .write_all(&length.to_be_bytes())
@@ -734,27 +744,32 @@ fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
         reply_kind(&up) == "ok",
         format!("{up:?}"),
     );
-    let mut replies = Vec::new();
-    for req in &case.requests {
-        let length = req.length.unwrap_or(req.body.len() as u32);
-        let reply = api_call(&socket, length, req.body.as_bytes());
-        let kind = reply_kind(&reply);
-        let message = reply
-            .as_ref()
-            .ok()
-            .and_then(|r| r["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_default();
-        report.check(
-            format!("`{}` is answered `{}`", excerpt_line(&req.body), req.reply),
-            kind == req.reply,
-            format!("{kind}: {message}"),
-        );
-        replies
-            .push(json!({"request": excerpt_line(&req.body), "reply": kind, "message": message}));
-    }
+    let slow = case
+        .slow_clients_s
+        .map(|secs| SlowClients::start(&socket, Duration::from_secs(secs)));
+    let flood = case
+        .flood
+        .as_ref()
+        .and_then(|flood| FloodClients::start(&socket, flood, report));
+    let replies: Vec<Value> = case
+        .requests
+        .iter()
+        .map(|req| api_request(&socket, req, report))
+        .collect();
     report.evidence("replies", replies);
+    if let Some(flood) = flood {
+        flood.check(&socket, report);
+    }
+    match slow {
+        Some(Ok(slow)) => slow.check(report),
+        Some(Err(why)) => report.check("the stalling clients connect", false, why),
+        None => {}
+    }
     if case.race_spawn > 0 {
         race_spawn(&socket, case.race_spawn, report);
+    }
+    if case.read_logs {
+        read_logs_to_end(&socket, API_AGENT, report);
     }
     let exec = request(
         &socket,
@@ -774,6 +789,259 @@ fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
         "the daemon stops cleanly",
         code == Some(0),
         format!("{code:?}"),
+    );
+}
+
+/// Sends one of a case's requests and checks its reply; returns it as evidence.
+fn api_request(socket: &Path, req: &ApiRequest, report: &mut CaseReport) -> Value {
+    let length = req.length.unwrap_or(req.body.len() as u32);
+    let limit = req.within.map_or(COMMAND_LIMIT, Duration::from_secs);
+    let asked = Instant::now();
+    let reply = api_call_within(socket, length, req.body.as_bytes(), limit);
+    let took = asked.elapsed();
+    let kind = reply_kind(&reply);
+    let message = reply
+        .as_ref()
+        .ok()
+        .and_then(|r| r["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let request = excerpt_line(&req.body);
+    report.check(
+        format!("`{request}` is answered `{}`", req.reply),
+        kind == req.reply,
+        format!("{kind}: {message}"),
+    );
+    if let Some(secs) = req.within {
+        report.check(
+            format!("`{request}` is answered within {secs} s"),
+            reply.is_ok() && took <= Duration::from_secs(secs),
+            format!("{:.1} s", took.as_secs_f64()),
+        );
+    }
+    if let Some(text) = &req.message_has {
+        report.check(
+            format!("the message to `{request}` has `{text}`"),
+            message.contains(text.as_str()),
+            message.clone(),
+        );
+    }
+    for (field, expected) in &req.ok_fields {
+        let found = reply.as_ref().ok().map(|r| &r["ok"][field.as_str()]);
+        report.check(
+            format!("`{request}` answers {field} = {expected}"),
+            found == Some(expected),
+            format!("{found:?}"),
+        );
+    }
+    json!({
+        "request": request,
+        "reply": kind,
+        "message": message,
+        "ms": took.as_millis() as u64,
+    })
+}
+
+/// Clients that stall: one says nothing, one sends half a frame's length, one a length and
+/// part of its body. The daemon must drop each within `limit` of their start.
+struct SlowClients {
+    started: Instant,
+    limit: Duration,
+    clients: Vec<(&'static str, UnixStream)>,
+}
+
+impl SlowClients {
+    fn start(socket: &Path, limit: Duration) -> Result<Self, String> {
+        let started = Instant::now();
+        let stalls: [(&'static str, &[u8]); 3] = [
+            ("a client that says nothing", b""),
+            ("a client that stops inside a frame's length", &[0, 0]),
+            (
+                "a client that stops inside a frame's body",
+                b"\0\0\0\x40{\"op\":",
+            ),
+        ];
+        let clients = stalls
+            .into_iter()
+            .map(|(what, sent)| {
+                let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+                stream.write_all(sent).map_err(|e| e.to_string())?;
+                Ok((what, stream))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            started,
+            limit,
+            clients,
+        })
+    }
+
+    fn check(self, report: &mut CaseReport) {
+        let mut seen = Vec::new();
+        for (what, mut stream) in self.clients {
+            let left = self
+                .limit
+                .saturating_sub(self.started.elapsed())
+                .max(Duration::from_millis(1));
+            let mut sink = Vec::new();
+            let closed = stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| stream.read_to_end(&mut sink))
+                .is_ok();
+            let after = self.started.elapsed().as_secs_f64();
+            seen.push(json!({"client": what, "closed": closed, "after_s": after}));
+            report.check(
+                format!("the daemon drops {what} within {} s", self.limit.as_secs()),
+                closed,
+                format!("{after:.1} s: {}", excerpt(&String::from_utf8_lossy(&sink))),
+            );
+        }
+        report.evidence("slow_clients", seen);
+    }
+}
+
+/// The agents a flood's clients run programs in are named this, then a number from 0.
+const FLOOD_AGENT: &str = "eval-flood";
+/// How long the flood's clients get to reach the daemon before the case's requests.
+const FLOOD_SETTLE: Duration = Duration::from_secs(2);
+/// How long each flooding client waits for its reply.
+const FLOOD_REPLY_LIMIT: Duration = Duration::from_secs(180);
+
+/// Clients that each run a program in one of the flood's agents at once: each agent runs one
+/// and queues 31 (the rest are refused), and each of those holds a connection.
+struct FloodClients {
+    agents: Vec<String>,
+    clients: Vec<std::thread::JoinHandle<String>>,
+}
+
+impl FloodClients {
+    fn start(socket: &Path, flood: &Flood, report: &mut CaseReport) -> Option<Self> {
+        let agents: Vec<String> = (0..flood.agents)
+            .map(|i| format!("{FLOOD_AGENT}-{i}"))
+            .collect();
+        for agent in &agents {
+            let spawn = format!(
+                r#"{{"op":"spawn","name":"{agent}","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":true}}"#
+            );
+            let up = request(socket, &spawn);
+            report.check(
+                format!("agent `{agent}` runs, for the flood"),
+                reply_kind(&up) == "ok",
+                format!("{up:?}"),
+            );
+            if reply_kind(&up) != "ok" {
+                return None;
+            }
+        }
+        let clients = (0..flood.clients)
+            .map(|i| {
+                let body = json!({
+                    "op": "exec",
+                    "name": agents[i % agents.len()],
+                    "program": flood.program,
+                    "args": flood.args,
+                })
+                .to_string();
+                let socket = socket.to_owned();
+                std::thread::spawn(move || {
+                    let length = body.len() as u32;
+                    reply_kind(&api_call_within(
+                        &socket,
+                        length,
+                        body.as_bytes(),
+                        FLOOD_REPLY_LIMIT,
+                    ))
+                })
+            })
+            .collect();
+        std::thread::sleep(FLOOD_SETTLE);
+        Some(Self { agents, clients })
+    }
+
+    /// Removes the flood's agents (which ends the programs of those still running); every
+    /// flooding client must have been answered.
+    fn check(self, socket: &Path, report: &mut CaseReport) {
+        for agent in &self.agents {
+            let rm = request(
+                socket,
+                &format!(r#"{{"op":"rm","name":"{agent}","force":true}}"#),
+            );
+            report.check(
+                format!("the flood's agent `{agent}` is removed"),
+                reply_kind(&rm) == "ok",
+                format!("{rm:?}"),
+            );
+        }
+        let kinds: Vec<String> = self
+            .clients
+            .into_iter()
+            .map(|c| c.join().unwrap_or_else(|_| "(thread failed)".to_owned()))
+            .collect();
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for kind in &kinds {
+            *counts.entry(kind.as_str()).or_default() += 1;
+        }
+        report.evidence("flood_replies", json!(counts));
+        // A kind in parentheses is the harness's own failure: no usable reply came.
+        let unanswered = kinds.iter().filter(|k| k.starts_with('(')).count();
+        report.check(
+            format!(
+                "every one of the {} flooding clients is answered",
+                kinds.len()
+            ),
+            unanswered == 0,
+            format!("{counts:?}"),
+        );
+    }
+}
+
+/// The most `logs` reads a log can need (32 MiB of control bytes at 75 KiB a reply is 440).
+const MAX_LOG_READS: usize = 10_000;
+
+/// Reads `agent`'s log to its end as `agentos logs` does: every reply must arrive and move
+/// `next_offset` on.
+fn read_logs_to_end(socket: &Path, agent: &str, report: &mut CaseReport) {
+    let mut offset = 0;
+    let mut chunks = 0;
+    let failure = loop {
+        if chunks >= MAX_LOG_READS {
+            break Some(format!("{MAX_LOG_READS} reads did not reach the end"));
+        }
+        let body = json!({"op": "logs", "name": agent, "offset": offset}).to_string();
+        let reply = request(socket, &body);
+        let chunk = match &reply {
+            Ok(r) if r.get("ok").is_some() => &r["ok"],
+            _ => {
+                break Some(format!(
+                    "at offset {offset}: {} {}",
+                    reply_kind(&reply),
+                    reply
+                        .as_ref()
+                        .map(|r| r["error"]["message"].to_string())
+                        .unwrap_or_default()
+                ));
+            }
+        };
+        let next = chunk["next_offset"].as_u64().unwrap_or(0);
+        if chunk["text"].as_str().is_none_or(str::is_empty) {
+            break None;
+        }
+        if next <= offset {
+            break Some(format!("next_offset {next} did not move past {offset}"));
+        }
+        offset = next;
+        chunks += 1;
+    };
+    report.evidence("log_chunks", chunks);
+    report.evidence("log_bytes", offset);
+    report.check(
+        "the log reads to its end, every reply moving forward",
+        failure.is_none(),
+        failure.unwrap_or_default(),
+    );
+    report.check(
+        "the log took more than one reply",
+        chunks > 1,
+        format!("{chunks} replies"),
     );
 }
 

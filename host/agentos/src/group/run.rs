@@ -17,6 +17,7 @@ use super::router::{Counters, GroupResult, Router};
 use super::trace::{self, EventKind, TraceEvent, TraceLog};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
+use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
 use crate::image::{self, AGENT_IMAGE};
 use crate::infer_run::MODEL_MEMORY_MIB;
 use crate::model::{ModelStore, carrier_copies, vm_archives};
@@ -43,11 +44,19 @@ pub struct GroupRunArgs {
     /// Print the whole report (results, counters, trace) as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Seconds to wait for the group's results once the input is given (at most a week).
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=crate::run::MAX_TIMEOUT_S))]
+    /// Seconds to wait for the group's results once the input is given (at most a day).
+    #[arg(
+        long,
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S),
+    )]
     pub timeout: u64,
     /// Seconds each agent has to boot (at most an hour).
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=crate::run::MAX_BOOT_TIMEOUT_S))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
+    )]
     pub boot_timeout: u64,
     /// Where the VMs run (see `agentos run --help`).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
