@@ -16,7 +16,7 @@ use std::time::Instant;
 use agentos_protocol::bundle::BundleManifest;
 use agentos_protocol::{InferRequest, InferResult, InferTimings};
 
-use crate::models::{InferError, Results, micros};
+use crate::backend::{Backend, InferError, Results, micros};
 
 const DEFORMAT: &str = "apertium-destxt";
 const REFORMAT: &str = "apertium-retxt";
@@ -62,31 +62,6 @@ impl Translator {
             dir: dir.to_owned(),
             stages,
         })
-    }
-
-    pub fn manifest(&self) -> &BundleManifest {
-        &self.manifest
-    }
-
-    /// Runs `req`, whose task the bundle does (the caller checked).
-    pub fn run(
-        &mut self,
-        req: &InferRequest,
-        timings: &mut InferTimings,
-    ) -> Result<Results, InferError> {
-        let started = Instant::now();
-        let mut results = Vec::with_capacity(req.inputs.len());
-        for text in &req.inputs {
-            let translated = self
-                .translate(text)
-                .map_err(|detail| InferError::Translate {
-                    model: self.manifest.name.clone(),
-                    detail,
-                })?;
-            results.push(InferResult::Translation { text: translated });
-        }
-        timings.run_us += micros(started);
-        Ok(results)
     }
 
     fn translate(&self, text: &str) -> Result<String, String> {
@@ -163,6 +138,32 @@ impl Translator {
         read?;
         let output = String::from_utf8_lossy(&output);
         Ok(output.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+}
+
+impl Backend for Translator {
+    fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    fn run(
+        &mut self,
+        req: &InferRequest,
+        timings: &mut InferTimings,
+    ) -> Result<Results, InferError> {
+        let started = Instant::now();
+        let mut results = Vec::with_capacity(req.inputs.len());
+        for text in &req.inputs {
+            let translated = self
+                .translate(text)
+                .map_err(|detail| InferError::Translate {
+                    model: self.manifest.name.clone(),
+                    detail,
+                })?;
+            results.push(InferResult::Translation { text: translated });
+        }
+        timings.run_us += micros(started);
+        Ok(results)
     }
 }
 

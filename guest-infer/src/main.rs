@@ -11,6 +11,7 @@
 //! request, in order: the reply, or `{"id": N, "error": "..."}`.
 
 mod apertium;
+mod backend;
 mod decode;
 mod models;
 mod onnx;

@@ -9,88 +9,21 @@ use std::time::Instant;
 
 use agentos_protocol::bundle::{BundleManifest, MANIFEST_FILE, Runtime, check_name};
 use agentos_protocol::{
-    InferReply, InferRequest, InferResult, InferTimings, MAX_INFER_INPUT_BYTES, MAX_INFER_INPUTS,
-    Task,
+    InferReply, InferRequest, InferTimings, MAX_INFER_INPUT_BYTES, MAX_INFER_INPUTS,
 };
 
+use crate::backend::{Backend, InferError, micros, unsupported};
 use crate::{apertium, onnx, seq2seq};
 
-#[derive(Debug, thiserror::Error)]
-pub enum InferError {
-    #[error("request has no inputs")]
-    NoInputs,
-    #[error("input {0} is empty")]
-    EmptyInput(usize),
-    #[error("{count} inputs is too many; send at most {MAX_INFER_INPUTS} per request")]
-    TooManyInputs { count: usize },
-    #[error("inputs total {bytes} bytes; send at most {MAX_INFER_INPUT_BYTES} per request")]
-    TooMuchText { bytes: usize },
-    #[error("{0}")]
-    BadName(#[from] agentos_protocol::bundle::BundleError),
-    #[error("model `{name}` is not in this VM (looked in {dir}); start the agent with it")]
-    NoModel { name: String, dir: PathBuf },
-    #[error("model `{name}`: cannot read {path}: {source}")]
-    Read {
-        name: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("model `{name}`: {detail}")]
-    Manifest { name: String, detail: String },
-    #[error("model `{name}` does not do {task}; it does {tasks}")]
-    Unsupported {
-        name: String,
-        task: Task,
-        tasks: String,
-    },
-    #[error("ONNX Runtime is missing ({0}); start the agent with an ONNX model")]
-    NoRuntime(PathBuf),
-    #[error("cannot load ONNX Runtime: {0}")]
-    Runtime(String),
-    #[error("model `{name}`: cannot load {file}: {detail}")]
-    Load {
-        name: String,
-        file: String,
-        detail: String,
-    },
-    #[error(
-        "input {input} is {tokens} tokens long; model `{model}` takes at most {max}: split the text, or summarize it first"
-    )]
-    TooLong {
-        input: usize,
-        tokens: usize,
-        max: u32,
-        model: String,
-    },
-    #[error(
-        "sentence {sentence} of input {input} is {tokens} tokens long; model `{model}` takes at most {max}"
-    )]
-    SentenceTooLong {
-        input: usize,
-        sentence: usize,
-        tokens: usize,
-        max: u32,
-        model: String,
-    },
-    #[error("model `{model}`: {detail}")]
-    Model { model: String, detail: String },
-    #[error("translator `{model}`: {detail}")]
-    Translate { model: String, detail: String },
-}
-
-/// A bundle, loaded.
-enum Loaded {
-    Onnx(Box<onnx::Model>),
-    Apertium(Box<apertium::Translator>),
-    Seq2Seq(Box<seq2seq::Translator>),
-}
+/// A bundle's place: empty until its first request loads it; one request at a time holds it.
+type Slot = Arc<Mutex<Option<Box<dyn Backend>>>>;
 
 /// The bundles of this VM, each loaded once.
 pub struct Models {
     dir: PathBuf,
     runtime: PathBuf,
     threads: usize,
-    loaded: Mutex<HashMap<String, Arc<Mutex<Option<Loaded>>>>>,
+    loaded: Mutex<HashMap<String, Slot>>,
 }
 
 impl Models {
@@ -119,19 +52,11 @@ impl Models {
                 loaded
             }
         };
-        let manifest = match loaded {
-            Loaded::Onnx(model) => model.manifest(),
-            Loaded::Apertium(translator) => translator.manifest(),
-            Loaded::Seq2Seq(translator) => translator.manifest(),
-        };
+        let manifest = loaded.manifest();
         if !manifest.tasks.contains(&req.task) {
             return Err(unsupported(manifest, req.task));
         }
-        let results = match loaded {
-            Loaded::Onnx(model) => model.run(req, &mut timings)?,
-            Loaded::Apertium(translator) => translator.run(req, &mut timings)?,
-            Loaded::Seq2Seq(translator) => translator.run(req, &mut timings)?,
-        };
+        let results = loaded.run(req, &mut timings)?;
         Ok(InferReply {
             id: req.id,
             model: req.model.clone(),
@@ -141,7 +66,7 @@ impl Models {
         })
     }
 
-    fn load(&self, name: &str) -> Result<Loaded, InferError> {
+    fn load(&self, name: &str) -> Result<Box<dyn Backend>, InferError> {
         let dir = self.dir.join(name);
         let manifest_path = dir.join(MANIFEST_FILE);
         if !manifest_path.is_file() {
@@ -165,19 +90,24 @@ impl Models {
                 detail: format!("its manifest names it `{}`", manifest.name),
             });
         }
-        match manifest.runtime {
+        Ok(match manifest.runtime {
             Runtime::Onnx => match manifest.seq2seq.clone() {
-                Some(config) => {
-                    seq2seq::Translator::load(&dir, manifest, config, &self.runtime, self.threads)
-                        .map(|t| Loaded::Seq2Seq(Box::new(t)))
-                }
-                None => onnx::Model::load(&dir, manifest, &self.runtime, self.threads)
-                    .map(|m| Loaded::Onnx(Box::new(m))),
+                Some(config) => Box::new(seq2seq::Translator::load(
+                    &dir,
+                    manifest,
+                    config,
+                    &self.runtime,
+                    self.threads,
+                )?),
+                None => Box::new(onnx::Model::load(
+                    &dir,
+                    manifest,
+                    &self.runtime,
+                    self.threads,
+                )?),
             },
-            Runtime::Apertium => {
-                apertium::Translator::load(&dir, manifest).map(|t| Loaded::Apertium(Box::new(t)))
-            }
-        }
+            Runtime::Apertium => Box::new(apertium::Translator::load(&dir, manifest)?),
+        })
     }
 }
 
@@ -200,28 +130,8 @@ fn check_inputs(inputs: &[String]) -> Result<(), InferError> {
     Ok(())
 }
 
-pub fn unsupported(manifest: &BundleManifest, task: Task) -> InferError {
-    InferError::Unsupported {
-        name: manifest.name.clone(),
-        task,
-        tasks: manifest
-            .tasks
-            .iter()
-            .map(|t| t.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-pub fn micros(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-/// The result type every task produces per input.
-pub type Results = Vec<InferResult>;

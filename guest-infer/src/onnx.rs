@@ -12,8 +12,8 @@ use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
+use crate::backend::{Backend, InferError, Results, micros, unsupported};
 use crate::decode::{self, TokenScores};
-use crate::models::{InferError, Results, micros, unsupported};
 
 /// ONNX Runtime, loaded from the image once; a failure is kept, so every request reports it.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -144,32 +144,6 @@ impl Model {
             feeds,
             output,
         })
-    }
-
-    pub fn manifest(&self) -> &BundleManifest {
-        &self.manifest
-    }
-
-    /// Runs `req`, whose task the bundle does (the caller checked).
-    pub fn run(
-        &mut self,
-        req: &InferRequest,
-        timings: &mut InferTimings,
-    ) -> Result<Results, InferError> {
-        match req.task {
-            Task::Embed => {
-                let batch = self.encode_inputs(req, timings)?;
-                let vectors = self.vectors(&batch, timings)?;
-                Ok(vectors
-                    .into_iter()
-                    .map(|vector| InferResult::Embedding { vector })
-                    .collect())
-            }
-            Task::Classify => self.classify(req, timings),
-            Task::TokenClassify => self.token_classify(req, timings),
-            Task::Summarize => self.summarize(req, timings),
-            Task::Translate => Err(unsupported(&self.manifest, req.task)),
-        }
     }
 
     fn model_error(&self, detail: impl Into<String>) -> InferError {
@@ -437,5 +411,32 @@ impl Model {
             });
         }
         Ok(results)
+    }
+}
+
+impl Backend for Model {
+    fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    fn run(
+        &mut self,
+        req: &InferRequest,
+        timings: &mut InferTimings,
+    ) -> Result<Results, InferError> {
+        match req.task {
+            Task::Embed => {
+                let batch = self.encode_inputs(req, timings)?;
+                let vectors = self.vectors(&batch, timings)?;
+                Ok(vectors
+                    .into_iter()
+                    .map(|vector| InferResult::Embedding { vector })
+                    .collect())
+            }
+            Task::Classify => self.classify(req, timings),
+            Task::TokenClassify => self.token_classify(req, timings),
+            Task::Summarize => self.summarize(req, timings),
+            Task::Translate => Err(unsupported(&self.manifest, req.task)),
+        }
     }
 }

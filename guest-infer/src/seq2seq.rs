@@ -14,7 +14,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::models::{InferError, Results, micros};
+use crate::backend::{Backend, InferError, Results, micros};
 use crate::onnx::{dims_of, environment, load_session, load_tokenizer};
 
 pub struct Translator {
@@ -85,50 +85,6 @@ impl Translator {
             decoder,
             tokenizer,
         })
-    }
-
-    pub fn manifest(&self) -> &BundleManifest {
-        &self.manifest
-    }
-
-    /// Runs `req`, whose task the bundle does (the caller checked).
-    pub fn run(
-        &mut self,
-        req: &InferRequest,
-        timings: &mut InferTimings,
-    ) -> Result<Results, InferError> {
-        let mut results = Vec::with_capacity(req.inputs.len());
-        for (i, text) in req.inputs.iter().enumerate() {
-            let started = Instant::now();
-            let enc = self
-                .tokenizer
-                .encode(text.as_str(), true)
-                .map_err(|e| self.error(format!("cannot tokenize input {}: {e}", i + 1)))?;
-            if enc.len() > self.manifest.max_tokens as usize {
-                return Err(InferError::TooLong {
-                    input: i + 1,
-                    tokens: enc.len(),
-                    max: self.manifest.max_tokens,
-                    model: self.manifest.name.clone(),
-                });
-            }
-            let ids: Vec<i64> = enc.get_ids().iter().map(|&id| i64::from(id)).collect();
-            timings.tokenize_us += micros(started);
-            timings.tokens += ids.len() as u64;
-
-            let started = Instant::now();
-            let output = self.decode(&ids)?;
-            timings.run_us += micros(started);
-
-            let started = Instant::now();
-            let text = self
-                .tokenizer
-                .decode(&output, true)
-                .map_err(|e| self.error(format!("cannot detokenize the output: {e}")))?;
-            timings.decode_us += micros(started);
-            results.push(InferResult::Translation { text });
-        }
-        Ok(results)
     }
 
     fn error(&self, detail: String) -> InferError {
@@ -223,5 +179,50 @@ impl Translator {
             tokens.push(next);
         }
         Ok(tokens[1..].iter().map(|&t| t as u32).collect())
+    }
+}
+
+impl Backend for Translator {
+    fn manifest(&self) -> &BundleManifest {
+        &self.manifest
+    }
+
+    fn run(
+        &mut self,
+        req: &InferRequest,
+        timings: &mut InferTimings,
+    ) -> Result<Results, InferError> {
+        let mut results = Vec::with_capacity(req.inputs.len());
+        for (i, text) in req.inputs.iter().enumerate() {
+            let started = Instant::now();
+            let enc = self
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| self.error(format!("cannot tokenize input {}: {e}", i + 1)))?;
+            if enc.len() > self.manifest.max_tokens as usize {
+                return Err(InferError::TooLong {
+                    input: i + 1,
+                    tokens: enc.len(),
+                    max: self.manifest.max_tokens,
+                    model: self.manifest.name.clone(),
+                });
+            }
+            let ids: Vec<i64> = enc.get_ids().iter().map(|&id| i64::from(id)).collect();
+            timings.tokenize_us += micros(started);
+            timings.tokens += ids.len() as u64;
+
+            let started = Instant::now();
+            let output = self.decode(&ids)?;
+            timings.run_us += micros(started);
+
+            let started = Instant::now();
+            let text = self
+                .tokenizer
+                .decode(&output, true)
+                .map_err(|e| self.error(format!("cannot detokenize the output: {e}")))?;
+            timings.decode_us += micros(started);
+            results.push(InferResult::Translation { text });
+        }
+        Ok(results)
     }
 }
