@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
-use super::router::{Counters, GroupResult, Router};
+use super::router::{Counters, GroupResult, PendingInput, Router};
 use super::trace::{self, EventKind, TraceEvent, TraceLog};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
@@ -370,7 +370,7 @@ fn run_here(
     let outcome = router
         .inject(spec.entry(), input)
         .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))
-        .map(|trace| supervise(spec, &router, &mut members, trace, args));
+        .map(|input| supervise(spec, &router, &mut members, &input, args));
     let interrupted = signals::interrupted();
     stop_all(
         members
@@ -412,13 +412,13 @@ struct Member {
     restarts: u32,
 }
 
-/// Waits for the results of input `trace`, then for the group to go quiet, restarting agents
-/// whose VM ended meanwhile as their policy says. Returns the results.
+/// Waits for the results of `input`, then for the group to go quiet, restarting agents whose
+/// VM ended meanwhile as their policy says. Returns the results.
 fn supervise(
     spec: &GroupSpec,
     router: &Router,
     members: &mut [Member],
-    trace: u64,
+    input: &PendingInput,
     args: &GroupRunArgs,
 ) -> Vec<GroupResult> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
@@ -426,13 +426,14 @@ fn supervise(
     // Once every result is in, messages still on their way (to agents that do not answer
     // `output`) get a moment to arrive, so that the run ends with the group quiet.
     let mut quiet_from: Option<Instant> = None;
+    let mut results = Vec::new();
     loop {
-        let results = router.wait_results(
-            trace,
-            expected,
+        // Once all came, one more is waited for: a result past the expected ones is printed too.
+        results.extend(input.take(
+            expected.saturating_sub(results.len()).max(1),
             (Instant::now() + SUPERVISE_INTERVAL).min(deadline),
             &signals::interrupted,
-        );
+        ));
         let now = Instant::now();
         if signals::interrupted() || now >= deadline {
             return results;
@@ -608,7 +609,7 @@ fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
     let c = &report.counters;
     writeln!(
         out,
-        "router: {} accepted, {} delivered, {} acknowledged, {} redelivered; refused: {} without a channel, {} queue full, {} invalid; {} forged sender claims",
+        "router: {} accepted, {} delivered, {} acknowledged, {} redelivered; refused: {} without a channel, {} queue full, {} invalid, {} forged trace ids; {} forged sender claims; connections refused: {} over the limit, {} over the rate",
         c.accepted,
         c.delivered,
         c.acknowledged,
@@ -616,7 +617,10 @@ fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
         c.refused_no_channel,
         c.refused_queue_full,
         c.refused_invalid,
-        c.forged_sender
+        c.forged_trace,
+        c.forged_sender,
+        c.connections_refused,
+        c.connections_rate_limited
     )?;
     writeln!(
         out,
