@@ -58,6 +58,10 @@ pub struct GroupRunArgs {
     /// Print the report as one JSON line for the caller (used inside a carrier).
     #[arg(long, hide = true)]
     pub report: bool,
+    /// An initramfs archive loaded into every agent's VM besides its own (`agentos eval` gives
+    /// its agents its probe this way); may be given more than once.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub extra_initrd: Vec<PathBuf>,
     /// The daemon to look for the group in (it runs there when it is up, see `group up`).
     #[command(flatten)]
     pub socket: crate::daemon::SocketArg,
@@ -252,6 +256,12 @@ fn run_in_carrier(
     if args.console {
         argv.push("--console".into());
     }
+    for initrd in &args.extra_initrd {
+        let initrd = std::path::absolute(initrd).context("cannot resolve an extra initrd")?;
+        argv.push("--extra-initrd".into());
+        argv.push(initrd.display().to_string());
+        files.push(initrd);
+    }
     let vm_memory: u64 = spec
         .members()
         .iter()
@@ -317,6 +327,7 @@ fn run_here(
             opts.vcpus = agent.vcpus;
             opts.memory_mib = memory_of(agent);
             opts.extra_initrds = archives.get(&agent.name).cloned().unwrap_or_default();
+            opts.extra_initrds.extend(args.extra_initrd.iter().cloned());
             opts.cpu = CpuSlice {
                 cpus: agent.cpus,
                 weight: agent.weight,
