@@ -40,7 +40,7 @@ pub const MAX_QUEUED_RESETS: usize = 256;
 /// `CONNECT 4294967295\n` is 19 bytes; anything longer without a newline is garbage.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections are numbered from here.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// How often connections waiting for the guest are checked, while there are any.
