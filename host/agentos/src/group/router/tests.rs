@@ -592,3 +592,25 @@ fn a_connect_and_close_storm_is_held_to_the_rate_and_the_agent_still_sends() {
         RouterMessage::Accepted { .. }
     ));
 }
+
+#[test]
+fn an_input_has_at_most_its_results() {
+    let f = fixture(&[("a", "output")]);
+    let mut a = Peer::connect(&f, "a");
+    a.request(&PeerRequest::Listen);
+    let input = f.router.inject("a", "x".into()).unwrap();
+    let trace = a.delivery().trace;
+    for seq in 0..MAX_RESULTS_PER_INPUT as u64 {
+        assert!(matches!(
+            a.send_traced(seq, "output", "r", trace),
+            RouterMessage::Accepted { .. }
+        ));
+    }
+    let RouterMessage::Refused { retry, reason, .. } = a.send_traced(99, "output", "r", trace)
+    else {
+        panic!("a result past the input's bound was taken")
+    };
+    assert!(!retry && reason.contains("results already"), "{reason}");
+    let results = input.take(usize::MAX, Instant::now(), &|| false);
+    assert_eq!(results.len(), MAX_RESULTS_PER_INPUT);
+}
