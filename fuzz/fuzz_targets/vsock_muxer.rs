@@ -60,8 +60,9 @@ const SERVICE_PORTS: [u32; 2] = [1024, 1025];
 const GUEST_PORTS: [u32; 4] = [5000, 5001, 5002, u32::MAX];
 const GUEST_CID: u64 = 3;
 const HOST_CID: u64 = 2;
-/// Host-side streams kept (services' and clients' each): a client's connect blocks once the
-/// muxer's backlog is full, so they stay well under it.
+/// Host-side streams kept (services' each), and host clients dialled in one run: a client's
+/// connect blocks once the muxer's backlog is full (clients it has not accepted yet stay there
+/// even when closed), so they stay well under it.
 const MAX_STREAMS: usize = 32;
 
 /// A directory of its own for each run, removed at its end.
@@ -90,6 +91,7 @@ struct Host {
     services: Vec<UnixListener>,
     accepted: Vec<UnixStream>,
     clients: Vec<UnixStream>,
+    dialled: usize,
 }
 
 fn pick<T: Copy>(items: &[T], byte: u8) -> T {
@@ -120,6 +122,7 @@ fuzz_target!(|data: &[u8]| {
             .collect(),
         accepted: Vec::new(),
         clients: Vec::new(),
+        dialled: 0,
     };
     let mut buf = vec![0u8; MAX_PAYLOAD];
 
@@ -190,9 +193,10 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 let kind = input.u8() % 4;
                 let port = pick(&GUEST_PORTS, input.u8());
-                if host.clients.len() < MAX_STREAMS
+                if host.dialled < MAX_STREAMS
                     && let Ok(mut client) = UnixStream::connect(&uds)
                 {
+                    host.dialled += 1;
                     let line = match kind {
                         0 => format!("CONNECT {port}\n"),
                         1 => "HELLO\n".to_owned(),
