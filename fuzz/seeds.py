@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpora in fuzz/corpus/<target>/: small inputs that each mean something (a valid
 frame, a valid group file, a packet in one descriptor or split over several, a loop, an indirect
-table, a buffer outside guest memory, a request of each API op), so that fuzzing starts from the
-interesting shapes.
+table (which the device refuses), a buffer outside guest memory, a muxer's connection from open to
+close, a request of each API op), so that fuzzing starts from the interesting shapes.
 
 Run from anywhere: python3 fuzz/seeds.py. The layouts below mirror fuzz/src/lib.rs and the
 targets' doc comments; the files it writes are committed, the script is how they were made.
@@ -22,6 +22,8 @@ NEXT, WRITE, INDIRECT = 1, 2, 4
 HOST_CID, GUEST_CID = 2, 3
 TYPE_STREAM = 1
 OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW = 1, 2, 3, 4, 5
+OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = 6, 7
+SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
 HEADER_SIZE = 44
 
 
@@ -424,6 +426,119 @@ def virtio_queue():
         write("virtio_queue", name, seed)
 
 
+# ---- vsock_muxer: operations on one muxer, as fuzz_targets/vsock_muxer.rs reads them ----
+
+# Indices into the target's port tables.
+SERVICE, SERVICE_2, NO_SERVICE, FIRST_LOCAL = 0, 1, 2, 3
+GUEST_PORT, GUEST_PORT_2 = 0, 1
+
+
+def mux_packet(op, guest=GUEST_PORT, host=SERVICE, flags=0, buf_alloc=64 * 1024, fwd_cnt=0,
+               length=0, fill=0):
+    return struct.pack("<BBBBBIIHB", 0, op, guest, host, flags, buf_alloc, fwd_cnt, length, fill)
+
+
+def mux_take(size=4096):
+    return struct.pack("<BH", 1, size)
+
+
+MUX_READY, MUX_ACCEPT, MUX_RESET = bytes([2]), bytes([3]), bytes([9])
+
+
+def mux_service_write(index, length, fill=0x41):
+    return struct.pack("<BBHB", 4, index, length, fill)
+
+
+def mux_service_close(index):
+    return struct.pack("<BB", 5, index)
+
+
+def mux_client(kind=0, guest=GUEST_PORT):
+    return struct.pack("<BBB", 6, kind, guest)
+
+
+def mux_client_write(index, length, fill=0x42):
+    return struct.pack("<BBHB", 7, index, length, fill)
+
+
+def mux_client_close(index):
+    return struct.pack("<BB", 8, index)
+
+
+def vsock_muxer():
+    timeout = bytes([0])
+    seeds = {
+        # The guest connects to a service, both sides write, the service closes, the guest
+        # shuts down and resets.
+        "guest_connection": [
+            mux_packet(OP_REQUEST),
+            MUX_ACCEPT,
+            mux_take(),
+            mux_packet(OP_RW, length=100, fill=0x61),
+            mux_service_write(0, 200),
+            MUX_READY,
+            mux_take(64),
+            mux_take(),
+            mux_packet(OP_CREDIT_UPDATE, fwd_cnt=200),
+            mux_packet(OP_CREDIT_REQUEST),
+            mux_take(),
+            mux_service_close(0),
+            MUX_READY,
+            mux_take(),
+            mux_packet(OP_SHUTDOWN, flags=SHUTDOWN_RCV | SHUTDOWN_SEND),
+            mux_take(),
+            mux_packet(OP_RST),
+        ],
+        # A host client dials the guest, which accepts; data both ways; the client leaves.
+        "host_connection": [
+            mux_client(0, GUEST_PORT),
+            MUX_READY,
+            mux_take(),
+            mux_packet(OP_RESPONSE, host=FIRST_LOCAL),
+            mux_client_write(0, 300),
+            MUX_READY,
+            mux_take(),
+            mux_packet(OP_RW, host=FIRST_LOCAL, length=50, fill=0x62),
+            mux_client_close(0),
+            MUX_READY,
+            mux_take(),
+            mux_take(),
+        ],
+        # Bad CONNECT lines, a line cut short, an over-long one.
+        "bad_clients": [mux_client(k) for k in (1, 2, 3)] + [MUX_READY, mux_take()],
+        # Requests and resets in a loop, the guest never taking a packet.
+        "request_reset_loop": [
+            mux_packet(OP_REQUEST) + MUX_ACCEPT + mux_packet(OP_RST) for _ in range(100)
+        ] + [mux_packet(OP_REQUEST), mux_packet(OP_REQUEST)],
+        # A request to a port nobody serves, packets for connections that do not exist, unknown
+        # operations.
+        "refused": [
+            mux_packet(OP_REQUEST, host=NO_SERVICE),
+            mux_packet(OP_RW, guest=GUEST_PORT_2, length=10),
+            mux_packet(0),
+            mux_packet(8),
+            mux_take(),
+            mux_take(0),
+        ],
+        # More guest data than the credit granted: the connection is reset.
+        "credit_violation": [mux_packet(OP_REQUEST), MUX_ACCEPT]
+        + [mux_packet(OP_RW, length=0xFFFF, fill=0x63) for _ in range(6)]
+        + [mux_take()],
+        # The driver resets the device with connections of both kinds open.
+        "reset": [
+            mux_packet(OP_REQUEST),
+            mux_client(0),
+            MUX_READY,
+            mux_packet(OP_RW, length=10),
+            MUX_RESET,
+            mux_packet(OP_REQUEST),
+            mux_take(),
+        ],
+    }
+    for name, ops in seeds.items():
+        write("vsock_muxer", name, timeout + b"".join(ops))
+
+
 # ---- api_request: the daemon's frames, a 4-byte big-endian length then one JSON request ----
 
 MAX_REQUEST_BYTES = 1 << 20
@@ -527,4 +642,5 @@ if __name__ == "__main__":
     group_file()
     vsock_packet()
     virtio_queue()
+    vsock_muxer()
     api_request()

@@ -116,6 +116,11 @@ impl<'a> Input<'a> {
         u32::from_le_bytes(self.array())
     }
 
+    /// Whether every byte has been read.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
     /// Everything not read yet.
     pub fn rest(self) -> &'a [u8] {
         self.bytes

@@ -249,23 +249,25 @@ impl Daemon {
                 ),
             ));
         }
-        let id = router.inject(spec.entry(), request.text).map_err(|why| {
+        let input = router.inject(spec.entry(), request.text).map_err(|why| {
             ApiError::new(ErrorKind::Failed, format!("the input was not taken: {why}"))
         })?;
+        let id = input.trace();
         let timeout = Duration::from_secs(request.timeout_s.unwrap_or(DEFAULT_INPUT_TIMEOUT_S));
         // parse_request bounds the timeout; the request's deadline bounds the wait anyway.
         let until = started
             .checked_add(timeout)
             .map_or(deadline, |until| until.min(deadline));
         let expected = spec.results_per_input();
-        let results = {
-            let router = router.clone();
-            tokio::task::spawn_blocking(move || {
-                router.wait_results(id, expected, until, &|| crate::signals::interrupted())
+        // The input is dropped with the wait: its results leave the router, and later ones for
+        // it are not kept.
+        let results = tokio::task::spawn_blocking(move || {
+            input.take(expected, until, &|| {
+                crate::signals::interrupted()
             })
-            .await
-            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
-        };
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
         let events = trace::read_where(&trace_file, |e| e.trace == id).unwrap_or_default();
         let agents: Vec<AgentReport> = {
             let all = self.lock_agents();

@@ -143,6 +143,26 @@ struct RawCase {
     /// A host vsock port the harness listens on during the script, reading every connection
     /// with the host's protocol decoder; each must be refused.
     listen: Option<u32>,
+    /// Group cases: the most milliseconds messages on a channel (`"FROM -> TO"`) may wait in
+    /// the router (their trace's `queued_ms`).
+    #[serde(default)]
+    queued_ms_max: BTreeMap<String, u64>,
+}
+
+/// A bound on how long a channel's messages wait in the router.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueBound {
+    pub from: String,
+    pub to: String,
+    pub max_ms: u64,
+}
+
+/// `"FROM -> TO"` with two valid names, as a group file writes a channel.
+fn channel_of(text: &str) -> Option<(String, String)> {
+    let (from, to) = text.split_once("->")?;
+    let (from, to) = (from.trim(), to.trim());
+    let valid = agentos_protocol::peer::valid_peer_name;
+    (valid(from) && valid(to)).then(|| (from.to_owned(), to.to_owned()))
 }
 
 #[derive(Deserialize)]
@@ -189,6 +209,7 @@ pub struct Case {
     pub flood: Option<Flood>,
     pub read_logs: bool,
     pub listen: Option<u32>,
+    pub queued_ms_max: Vec<QueueBound>,
 }
 
 /// The cases of one file, in file order.
@@ -387,6 +408,24 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
                     .to_owned(),
             ));
         }
+        if !rc.queued_ms_max.is_empty() && rc.kind != Kind::Group {
+            return Err(at(
+                "queued_ms_max bounds a group's channels: it needs kind = \"group\"".to_owned(),
+            ));
+        }
+        let mut queued_ms_max = Vec::new();
+        for (channel, max_ms) in &rc.queued_ms_max {
+            let Some((from, to)) = channel_of(channel) else {
+                return Err(at(format!(
+                    "queued_ms_max: `{channel}` is not a channel (\"FROM -> TO\")"
+                )));
+            };
+            queued_ms_max.push(QueueBound {
+                from,
+                to,
+                max_ms: *max_ms,
+            });
+        }
         if rc.throttled && rc.vm.as_ref().is_none_or(|v| v.cpus.is_none()) {
             return Err(at(
                 "`throttled` needs a CPU quota: set cpus in [case.vm]".to_owned()
@@ -423,6 +462,7 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
             flood: rc.flood,
             read_logs: rc.read_logs,
             listen: rc.listen,
+            queued_ms_max,
         });
     }
     Ok(Suite {
@@ -599,6 +639,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(found.contains("use 1 to 86400 seconds"), "{found}");
+    }
+
+    #[test]
+    fn queue_bounds_name_a_channel_of_a_group_case() {
+        let dir = scratch();
+        std::fs::write(dir.path().join("g.toml"), "name = \"g\"\n").unwrap();
+        let case = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nkind = \"group\"\ngroup = \"g.toml\"\n";
+        let good = format!("{case}queued_ms_max = {{ \"calm -> sink\" = 10000 }}\n");
+        let suite = parse(&good, "g", dir.path()).unwrap();
+        assert_eq!(
+            suite.cases[0].queued_ms_max,
+            [QueueBound {
+                from: "calm".into(),
+                to: "sink".into(),
+                max_ms: 10000
+            }]
+        );
+        for bad in ["calm sink", "calm -> ", "../x -> sink", "a -> b -> c"] {
+            let text = format!("{case}queued_ms_max = {{ \"{bad}\" = 1 }}\n");
+            let (line, problem) = parse(&text, "g", dir.path()).unwrap_err();
+            assert_eq!(line, 2, "{problem}");
+            assert!(problem.contains("is not a channel"), "{bad}: {problem}");
+        }
+        let guest = "[[case]]\nname = \"a\"\ntries = \"t\"\nexpects = \"e\"\nscript = \"s.sh\"\nqueued_ms_max = { \"a -> b\" = 1 }\n";
+        let (_, problem) = parse(guest, "g", dir.path()).unwrap_err();
+        assert!(problem.contains("kind = \"group\""), "{problem}");
     }
 
     #[test]

@@ -546,6 +546,8 @@ fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
         .arg(&input)
         .arg("--socket")
         .arg(env.scratch.join("no-daemon.sock"))
+        .arg("--extra-initrd")
+        .arg(&env.probe_initrd)
         .arg(file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -601,6 +603,7 @@ fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
         results.len() >= case.results_min,
         format!("{}", results.len()),
     );
+    check_queued(case, &run["trace"], report);
     let bodies: String = results
         .iter()
         .filter_map(|r| r["body"].as_str())
@@ -618,6 +621,36 @@ fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
             format!("no result has `{text}`"),
             !bodies.contains(text.as_str()),
             "",
+        );
+    }
+}
+
+/// Checks that the messages on each channel the case bounds waited at most their bound in the
+/// router (the `queued_ms` of their `message` events in the trace); a channel whose messages
+/// were never traced fails.
+fn check_queued(case: &Case, trace: &Value, report: &mut CaseReport) {
+    let events = trace.as_array().map(Vec::as_slice).unwrap_or_default();
+    for bound in &case.queued_ms_max {
+        let waits: Vec<f64> = events
+            .iter()
+            .filter(|e| e["event"] == "message" && e["from"] == bound.from && e["to"] == bound.to)
+            .filter_map(|e| e["queued_ms"].as_f64())
+            .collect();
+        let longest = waits.iter().copied().reduce(f64::max);
+        report.evidence(
+            &format!("queued_ms {} -> {}", bound.from, bound.to),
+            waits.clone(),
+        );
+        report.check(
+            format!(
+                "messages {} -> {} waited at most {} ms in the router",
+                bound.from, bound.to, bound.max_ms
+            ),
+            longest.is_some_and(|ms| ms <= bound.max_ms as f64),
+            match longest {
+                Some(ms) => format!("{ms:.0} ms at most, of {} messages", waits.len()),
+                None => "no message traced on that channel".to_owned(),
+            },
         );
     }
 }

@@ -10,6 +10,11 @@
 //! (the agent restarted) what it had not acknowledged is delivered again. Every message, refusal
 //! and result is written to the trace.
 //!
+//! What the guest writes is believed no further than the socket allows: a trace id continues an
+//! input only if the router gave that input to this agent, results are held only for a caller
+//! that waits for them (and only within each sender's share), and an agent opens connections at
+//! a bounded rate, each costing the router two threads.
+//!
 //! [`PEER_PORT`]: agentos_protocol::peer::PEER_PORT
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -40,11 +45,26 @@ const DELIVERY_WINDOW: usize = 4;
 const CONNECTION_QUEUE: usize = 64;
 /// Connections one agent may hold open to the router.
 const MAX_CONNECTIONS: usize = 8;
+/// New connections one agent may open at once, and how many more it may open per second: each
+/// one costs the router a reader and a writer thread, so a connect-and-close loop is held to
+/// this rate (the guest's `send` opens one connection per message).
+const CONNECT_BURST: f64 = 32.0;
+const CONNECTS_PER_SECOND: f64 = 16.0;
 /// Messages one input may cause, all agents together: a loop between agents ends here.
 const MAX_MESSAGES_PER_INPUT: u32 = 1024;
-/// Results kept for the caller, and their bytes.
+/// Inputs whose message counts are kept (the oldest are forgotten first): a group that stays up
+/// takes inputs without end.
+const MAX_COUNTED_INPUTS: usize = 4096;
+/// Results held for the callers waiting for them, and their bytes, all senders together; each
+/// sender may hold its share (these divided by the group's members), so that one member cannot
+/// fill them for everybody.
 const MAX_RESULTS: usize = 1024;
 const MAX_RESULT_BYTES: usize = 16 << 20;
+/// Results one input may have: past this its waiter gets no more.
+const MAX_RESULTS_PER_INPUT: usize = 64;
+/// Inputs remembered per agent as given to it (the oldest are forgotten first): the trace ids
+/// it may send under.
+const MAX_GIVEN_TRACES: usize = 1024;
 /// Bytes of messages held for one agent (queued or unacknowledged); with the per-channel bound
 /// this caps the router's memory at agents x 8 MiB.
 const MAX_QUEUED_BYTES: usize = 8 << 20;
@@ -54,6 +74,7 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
 /// What the router counted, for reports and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Counters {
     pub accepted: u64,
     pub delivered: u64,
@@ -65,7 +86,16 @@ pub struct Counters {
     pub refused_invalid: u64,
     /// Sends that claimed a sender other than the one the router knows.
     pub forged_sender: u64,
+    /// Sends under the trace id of an input the router did not give the sender (refused).
+    pub forged_trace: u64,
+    /// Results of inputs nobody waits for any more (written to the trace, not kept).
+    pub results_unclaimed: u64,
+    /// Connections served, each by a reader and a writer thread.
+    pub connections_served: u64,
+    /// Connections refused because the agent held its most at once.
     pub connections_refused: u64,
+    /// Connections refused because the agent opened them faster than its rate.
+    pub connections_rate_limited: u64,
 }
 
 /// A message that reached `output`.
@@ -85,6 +115,15 @@ pub struct Router {
     shared: Arc<Shared>,
 }
 
+/// An input given to the group, and the wait for its results. The router holds the input's
+/// results only while this lives and until [`PendingInput::take`] takes them: once it is
+/// dropped (its caller has what it wanted, gave up or timed out) results that come for the
+/// input are written to the trace and not kept.
+pub struct PendingInput {
+    shared: Arc<Shared>,
+    trace: u64,
+}
+
 struct Shared {
     state: Mutex<State>,
     results_changed: Condvar,
@@ -100,9 +139,12 @@ struct State {
     next_message: u64,
     next_trace: u64,
     next_connection: u64,
-    per_input: HashMap<u64, u32>,
-    results: Vec<GroupResult>,
-    result_bytes: usize,
+    /// Messages each input caused, for the most recent inputs.
+    per_input: BTreeMap<u64, u32>,
+    /// Inputs someone waits for, with the results not taken yet.
+    awaited: HashMap<u64, Awaited>,
+    /// Results held for waiters, per sender: what counts against its share.
+    held: HashMap<String, Held>,
     traced_refusals: u32,
     counters: Counters,
     /// The agent each member is a replica of, and the replicas of each agent.
@@ -110,6 +152,36 @@ struct State {
     replicas: HashMap<String, Vec<String>>,
     /// Turns among equally loaded replicas.
     next_pick: usize,
+}
+
+#[derive(Default)]
+struct Awaited {
+    results: Vec<GroupResult>,
+    /// Results that came for this input, taken or not.
+    received: usize,
+}
+
+/// Results held for waiters from one sender, and their body bytes.
+#[derive(Clone, Copy, Default)]
+struct Held {
+    results: usize,
+    bytes: usize,
+}
+
+/// The inputs an agent was given (a delivery of theirs reached it), the most recent
+/// [`MAX_GIVEN_TRACES`] of them.
+#[derive(Default)]
+struct GivenTraces {
+    /// Trace id → when it was last given (a running count), and the reverse, oldest first.
+    stamp_of: HashMap<u64, u64>,
+    by_stamp: BTreeMap<u64, u64>,
+    next_stamp: u64,
+}
+
+/// A token bucket for an agent's new connections.
+struct ConnectBudget {
+    tokens: f64,
+    refilled: Instant,
 }
 
 #[derive(Default)]
@@ -126,6 +198,8 @@ struct Mailbox {
     queued_bytes: usize,
     /// Counts attachments: an accept loop whose socket was replaced ends.
     socket_generation: u64,
+    given: GivenTraces,
+    connects: ConnectBudget,
 }
 
 #[derive(Clone)]
@@ -218,11 +292,13 @@ impl Router {
         });
     }
 
-    /// Gives `body` to the group's entry agent as a new input; returns the input's trace id.
-    pub fn inject(&self, entry: &str, body: String) -> Result<u64, String> {
+    /// Gives `body` to the group's entry agent as a new input; its results are held for the
+    /// [`PendingInput`] returned, until it is dropped.
+    pub fn inject(&self, entry: &str, body: String) -> Result<PendingInput, String> {
         let mut state = self.shared.lock();
         let trace = state.next_trace;
         state.next_trace += 1;
+        state.awaited.insert(trace, Awaited::default());
         let send = PeerSend {
             seq: 0,
             to: entry.to_owned(),
@@ -233,42 +309,19 @@ impl Router {
             infer_us: None,
             from: None,
         };
-        match self.shared.accept(&mut state, INPUT, send) {
-            RouterMessage::Accepted { .. } => Ok(trace),
-            RouterMessage::Refused { reason, .. } => Err(reason),
-            RouterMessage::Deliver(_) => Err("unexpected delivery".to_owned()),
+        let refused = match self.shared.accept(&mut state, INPUT, send) {
+            RouterMessage::Accepted { .. } => None,
+            RouterMessage::Refused { reason, .. } => Some(reason),
+            RouterMessage::Deliver(_) => Some("unexpected delivery".to_owned()),
+        };
+        if let Some(reason) = refused {
+            state.awaited.remove(&trace);
+            return Err(reason);
         }
-    }
-
-    /// Waits until input `trace` produced `count` results or `deadline` passed (or `give_up`
-    /// says so); returns the results so far.
-    pub fn wait_results(
-        &self,
-        trace: u64,
-        count: usize,
-        deadline: Instant,
-        give_up: &dyn Fn() -> bool,
-    ) -> Vec<GroupResult> {
-        let mut state = self.shared.lock();
-        loop {
-            let got: Vec<GroupResult> = state
-                .results
-                .iter()
-                .filter(|r| r.trace == trace)
-                .cloned()
-                .collect();
-            let now = Instant::now();
-            if got.len() >= count || now >= deadline || give_up() {
-                return got;
-            }
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            state = self
-                .shared
-                .results_changed
-                .wait_timeout(state, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        Ok(PendingInput {
+            shared: Arc::clone(&self.shared),
+            trace,
+        })
     }
 
     pub fn counters(&self) -> Counters {
@@ -291,6 +344,48 @@ impl Router {
 
     fn elapsed_ms(&self) -> f64 {
         self.shared.started.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+impl PendingInput {
+    /// The input's trace id.
+    pub fn trace(&self) -> u64 {
+        self.trace
+    }
+
+    /// Waits until `count` results came since the last call, or `deadline` passed, or
+    /// `give_up` says so; returns those results, which the router no longer holds.
+    pub fn take(
+        &self,
+        count: usize,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> Vec<GroupResult> {
+        let mut got = Vec::new();
+        let mut state = self.shared.lock();
+        loop {
+            got.extend(state.take_results(self.trace));
+            let now = Instant::now();
+            if got.len() >= count || now >= deadline || give_up() {
+                return got;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            state = self
+                .shared
+                .results_changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for PendingInput {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        let left = state.take_results(self.trace).len() as u64;
+        state.counters.results_unclaimed += left;
+        state.awaited.remove(&self.trace);
     }
 }
 
@@ -344,11 +439,17 @@ impl Shared {
             let Some(mailbox) = state.mailboxes.get_mut(name) else {
                 return Ok(());
             };
+            // Refused before any thread is started: the guest sees its connection close.
+            if !mailbox.connects.take(Instant::now()) {
+                state.counters.connections_rate_limited += 1;
+                return Ok(());
+            }
             if mailbox.connections >= MAX_CONNECTIONS {
                 state.counters.connections_refused += 1;
                 return Ok(());
             }
             mailbox.connections += 1;
+            state.counters.connections_served += 1;
             state.next_connection += 1;
             state.next_connection
         };
@@ -450,6 +551,14 @@ impl Shared {
         let mut send = send;
         send.model = send.model.as_deref().map(clip);
         send.from = send.from.as_deref().map(clip);
+        // The input this message continues: none, one the router gave `from`, or a forgery.
+        let trace = match send.trace {
+            None | Some(0) => Ok(0),
+            Some(t) if from == INPUT || state.was_given(from, t) => Ok(t),
+            Some(t) => Err(t),
+        };
+        // Refusals are traced under a trace id the sender may use, never under a forged one.
+        let traced_as = trace.unwrap_or(0);
         let refuse = |state: &mut State, reason: String, retry: bool, send: &PeerSend| {
             // Back-pressure is counted, not traced (a flood would fill the trace), and so are
             // refusals past a bound: a guest cannot grow the trace without end.
@@ -459,7 +568,7 @@ impl Shared {
                 state.traced_refusals += 1;
                 self.trace.append(&TraceEvent {
                     t_ms: self.ms(now),
-                    trace: send.trace.unwrap_or(0),
+                    trace: traced_as,
                     event: EventKind::Refused,
                     from: from.to_owned(),
                     to: clip(&send.to),
@@ -506,14 +615,18 @@ impl Shared {
             let reason = format!("no channel from `{from}` to `{}`", send.to);
             return refuse(state, reason, false, &send);
         }
-        // A trace id the router never handed out is the guest's invention: the message starts
-        // no known input's path, so it is counted against a trace of its own.
-        let trace = send
-            .trace
-            .filter(|t| *t > 0 && *t < state.next_trace)
-            .unwrap_or(0);
-        let caused = state.per_input.entry(trace).or_default();
-        if *caused >= MAX_MESSAGES_PER_INPUT {
+        // A trace id the router did not give this agent (another caller's input, or one never
+        // handed out) would attach the message to a path it is not on.
+        let trace = match trace {
+            Ok(trace) => trace,
+            Err(forged) => {
+                state.counters.forged_trace += 1;
+                let reason = format!("trace {forged} is not an input `{from}` was given");
+                return refuse(state, reason, false, &send);
+            }
+        };
+        let caused = state.per_input.get(&trace).copied().unwrap_or(0);
+        if caused >= MAX_MESSAGES_PER_INPUT {
             state.counters.refused_invalid += 1;
             let reason = format!(
                 "input {trace} already caused {MAX_MESSAGES_PER_INPUT} messages (a loop between agents?)"
@@ -522,15 +635,16 @@ impl Shared {
         }
         let message = state.next_message;
         if send.to == OUTPUT {
-            if state.results.len() >= MAX_RESULTS || state.result_bytes + bytes > MAX_RESULT_BYTES {
-                return refuse(
-                    state,
-                    "the group's results are full".to_owned(),
-                    true,
-                    &send,
-                );
-            }
-            *state.per_input.entry(trace).or_default() += 1;
+            let kept = match state.result_room(from, trace, bytes) {
+                Ok(kept) => kept,
+                Err((reason, retry)) => {
+                    if !retry {
+                        state.counters.refused_invalid += 1;
+                    }
+                    return refuse(state, reason, retry, &send);
+                }
+            };
+            state.count_message(trace);
             state.next_message += 1;
             state.counters.accepted += 1;
             let result = GroupResult {
@@ -557,9 +671,12 @@ impl Shared {
                 claimed_from: send.from.clone().filter(|c| c != from),
                 ..TraceEvent::default()
             });
-            state.result_bytes += bytes;
-            state.results.push(result);
-            self.results_changed.notify_all();
+            if kept {
+                state.hold(result);
+                self.results_changed.notify_all();
+            } else {
+                state.counters.results_unclaimed += 1;
+            }
             return RouterMessage::Accepted {
                 seq: send.seq,
                 message,
@@ -600,7 +717,7 @@ impl Shared {
             accepted_at: now,
             delivered_at: None,
         });
-        *state.per_input.entry(trace).or_default() += 1;
+        state.count_message(trace);
         state.next_message += 1;
         state.counters.accepted += 1;
         if from == INPUT {
@@ -648,6 +765,7 @@ impl Shared {
             {
                 Ok(()) => {
                     pending.delivered_at = Some(Instant::now());
+                    mailbox.given.insert(pending.delivery.trace);
                     mailbox.last_served = Some(from);
                     mailbox.in_flight.insert(pending.delivery.message, pending);
                     delivered += 1;
@@ -713,6 +831,80 @@ impl Shared {
 }
 
 impl State {
+    /// Whether the router gave agent `name` a message of input `trace`.
+    fn was_given(&self, name: &str, trace: u64) -> bool {
+        self.mailboxes
+            .get(name)
+            .is_some_and(|m| m.given.contains(trace))
+    }
+
+    /// Counts a message against input `trace`, forgetting the oldest input's count past
+    /// [`MAX_COUNTED_INPUTS`] (the untraced count, 0, stays).
+    fn count_message(&mut self, trace: u64) {
+        *self.per_input.entry(trace).or_default() += 1;
+        if self.per_input.len() > MAX_COUNTED_INPUTS
+            && let Some(&oldest) = self.per_input.range(1..).next().map(|(t, _)| t)
+        {
+            self.per_input.remove(&oldest);
+        }
+    }
+
+    /// Whether a result of `bytes` from `from` for input `trace` is kept for its waiter
+    /// (`false`: nobody waits), or why it is refused and whether sending it again can work.
+    fn result_room(&self, from: &str, trace: u64, bytes: usize) -> Result<bool, (String, bool)> {
+        let Some(awaited) = self.awaited.get(&trace) else {
+            return Ok(false);
+        };
+        if awaited.received >= MAX_RESULTS_PER_INPUT {
+            return Err((
+                format!("input {trace} has its {MAX_RESULTS_PER_INPUT} results already"),
+                false,
+            ));
+        }
+        let members = self.mailboxes.len().max(1);
+        let held = self.held.get(from).copied().unwrap_or_default();
+        if held.results >= MAX_RESULTS / members || held.bytes + bytes > MAX_RESULT_BYTES / members
+        {
+            return Err((
+                format!(
+                    "`{from}` has {} results ({} KiB) its callers have not taken yet; send again later",
+                    held.results,
+                    held.bytes >> 10
+                ),
+                true,
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Keeps `result` for the waiter of its input, against its sender's share.
+    fn hold(&mut self, result: GroupResult) {
+        let Some(awaited) = self.awaited.get_mut(&result.trace) else {
+            return;
+        };
+        let held = self.held.entry(result.from.clone()).or_default();
+        held.results += 1;
+        held.bytes += result.body.len();
+        awaited.received += 1;
+        awaited.results.push(result);
+    }
+
+    /// Hands over the results held for input `trace`; they no longer count against their
+    /// senders.
+    fn take_results(&mut self, trace: u64) -> Vec<GroupResult> {
+        let Some(awaited) = self.awaited.get_mut(&trace) else {
+            return Vec::new();
+        };
+        let taken = std::mem::take(&mut awaited.results);
+        for result in &taken {
+            if let Some(held) = self.held.get_mut(&result.from) {
+                held.results = held.results.saturating_sub(1);
+                held.bytes = held.bytes.saturating_sub(result.body.len());
+            }
+        }
+        taken
+    }
+
     /// The agent `name` is a replica of (itself for an agent, `input` and `output`).
     fn role<'a>(&'a self, name: &'a str) -> &'a str {
         self.role_of.get(name).map_or(name, String::as_str)
@@ -742,6 +934,55 @@ impl State {
             .unwrap_or_else(|| to.to_owned());
         self.next_pick = self.next_pick.wrapping_add(1);
         chosen
+    }
+}
+
+impl GivenTraces {
+    /// Records that input `trace` was given (again), forgetting the least recently given past
+    /// [`MAX_GIVEN_TRACES`].
+    fn insert(&mut self, trace: u64) {
+        if trace == 0 {
+            return;
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        if let Some(old) = self.stamp_of.insert(trace, stamp) {
+            self.by_stamp.remove(&old);
+        }
+        self.by_stamp.insert(stamp, trace);
+        if self.by_stamp.len() > MAX_GIVEN_TRACES
+            && let Some((_, oldest)) = self.by_stamp.pop_first()
+        {
+            self.stamp_of.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, trace: u64) -> bool {
+        self.stamp_of.contains_key(&trace)
+    }
+}
+
+impl Default for ConnectBudget {
+    fn default() -> Self {
+        Self {
+            tokens: CONNECT_BURST,
+            refilled: Instant::now(),
+        }
+    }
+}
+
+impl ConnectBudget {
+    /// Takes one connection's token at `now`, if the bucket has one.
+    fn take(&mut self, now: Instant) -> bool {
+        let earned =
+            now.saturating_duration_since(self.refilled).as_secs_f64() * CONNECTS_PER_SECOND;
+        self.tokens = (self.tokens + earned).min(CONNECT_BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
-use super::router::{Counters, GroupResult, Router};
+use super::router::{Counters, GroupResult, PendingInput, Router};
 use super::trace::{self, EventKind, TraceEvent, TraceLog};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
@@ -67,6 +67,10 @@ pub struct GroupRunArgs {
     /// Print the report as one JSON line for the caller (used inside a carrier).
     #[arg(long, hide = true)]
     pub report: bool,
+    /// An initramfs archive loaded into every agent's VM besides its own (`agentos eval` gives
+    /// its agents its probe this way); may be given more than once.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub extra_initrd: Vec<PathBuf>,
     /// The daemon to look for the group in (it runs there when it is up, see `group up`).
     #[command(flatten)]
     pub socket: crate::daemon::SocketArg,
@@ -261,6 +265,12 @@ fn run_in_carrier(
     if args.console {
         argv.push("--console".into());
     }
+    for initrd in &args.extra_initrd {
+        let initrd = std::path::absolute(initrd).context("cannot resolve an extra initrd")?;
+        argv.push("--extra-initrd".into());
+        argv.push(initrd.display().to_string());
+        files.push(initrd);
+    }
     let vm_memory: u64 = spec
         .members()
         .iter()
@@ -326,6 +336,7 @@ fn run_here(
             opts.vcpus = agent.vcpus;
             opts.memory_mib = memory_of(agent);
             opts.extra_initrds = archives.get(&agent.name).cloned().unwrap_or_default();
+            opts.extra_initrds.extend(args.extra_initrd.iter().cloned());
             opts.cpu = CpuSlice {
                 cpus: agent.cpus,
                 weight: agent.weight,
@@ -379,7 +390,7 @@ fn run_here(
     let outcome = router
         .inject(spec.entry(), input)
         .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))
-        .map(|trace| supervise(spec, &router, &mut members, trace, args));
+        .map(|input| supervise(spec, &router, &mut members, &input, args));
     let interrupted = signals::interrupted();
     stop_all(
         members
@@ -421,13 +432,13 @@ struct Member {
     restarts: u32,
 }
 
-/// Waits for the results of input `trace`, then for the group to go quiet, restarting agents
-/// whose VM ended meanwhile as their policy says. Returns the results.
+/// Waits for the results of `input`, then for the group to go quiet, restarting agents whose
+/// VM ended meanwhile as their policy says. Returns the results.
 fn supervise(
     spec: &GroupSpec,
     router: &Router,
     members: &mut [Member],
-    trace: u64,
+    input: &PendingInput,
     args: &GroupRunArgs,
 ) -> Vec<GroupResult> {
     let deadline = crate::deadline::from_now(Duration::from_secs(args.timeout));
@@ -435,13 +446,14 @@ fn supervise(
     // Once every result is in, messages still on their way (to agents that do not answer
     // `output`) get a moment to arrive, so that the run ends with the group quiet.
     let mut quiet_from: Option<Instant> = None;
+    let mut results = Vec::new();
     loop {
-        let results = router.wait_results(
-            trace,
-            expected,
+        // Once all came, one more is waited for: a result past the expected ones is printed too.
+        results.extend(input.take(
+            expected.saturating_sub(results.len()).max(1),
             (Instant::now() + SUPERVISE_INTERVAL).min(deadline),
             &signals::interrupted,
-        );
+        ));
         let now = Instant::now();
         if signals::interrupted() || now >= deadline {
             return results;
@@ -617,7 +629,7 @@ fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
     let c = &report.counters;
     writeln!(
         out,
-        "router: {} accepted, {} delivered, {} acknowledged, {} redelivered; refused: {} without a channel, {} queue full, {} invalid; {} forged sender claims",
+        "router: {} accepted, {} delivered, {} acknowledged, {} redelivered; refused: {} without a channel, {} queue full, {} invalid, {} forged trace ids; {} forged sender claims; connections refused: {} over the limit, {} over the rate",
         c.accepted,
         c.delivered,
         c.acknowledged,
@@ -625,7 +637,10 @@ fn print_report(out: &mut dyn Write, report: &GroupReport) -> io::Result<()> {
         c.refused_no_channel,
         c.refused_queue_full,
         c.refused_invalid,
-        c.forged_sender
+        c.forged_trace,
+        c.forged_sender,
+        c.connections_refused,
+        c.connections_rate_limited
     )?;
     writeln!(
         out,

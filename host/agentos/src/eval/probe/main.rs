@@ -7,7 +7,11 @@
 //! probe connect CID PORT...      try to open each port; prints `cid C port P: connected|refused (...)`
 //! probe frames PORT              malformed and oversized frames, one connection each
 //! probe flood PORT SECONDS       open connections and write as fast as possible
+//! probe churn PORT SECONDS       open and close connections as fast as possible, writing nothing
 //! probe descriptors BASE         malformed descriptor chains to the virtio-mmio device at BASE
+//! probe rst-storm BASE PORT SECONDS
+//!                                connection requests and resets to PORT through the device at
+//!                                BASE, with no receive buffers
 //! ```
 
 use std::io::{self, Read, Write};
@@ -33,9 +37,11 @@ fn main() -> ExitCode {
         Some("connect") => connect_command(&args[1..]),
         Some("frames") => frames_command(&args[1..]),
         Some("flood") => flood_command(&args[1..]),
+        Some("churn") => churn_command(&args[1..]),
         Some("descriptors") => virtq::descriptors_command(&args[1..]),
+        Some("rst-storm") => virtq::rst_storm_command(&args[1..]),
         _ => Err(
-            "usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS | descriptors BASE"
+            "usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS | churn PORT SECONDS | descriptors BASE | rst-storm BASE PORT SECONDS"
                 .into(),
         ),
     };
@@ -176,5 +182,25 @@ fn flood_command(args: &[String]) -> Result<(), String> {
         }
     }
     println!("flood port {port}: {opened} connections, {refused} refused, {bytes} bytes written");
+    Ok(())
+}
+
+/// Opens and closes connections to host `PORT` as fast as possible for `SECONDS`, writing
+/// nothing: each one costs the host whatever it spends on a connection.
+fn churn_command(args: &[String]) -> Result<(), String> {
+    let port = number(args.first(), "PORT")?;
+    let secs = number(args.get(1), "SECONDS")?;
+    let end = Instant::now() + Duration::from_secs(u64::from(secs));
+    let (mut opened, mut refused) = (0u64, 0u64);
+    while Instant::now() < end {
+        match connect(HOST_CID, port) {
+            Ok(stream) => {
+                opened += 1;
+                drop(stream);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    println!("churn port {port}: {opened} connections, {refused} refused in {secs} s");
     Ok(())
 }

@@ -32,6 +32,7 @@ const STORM: Duration = Duration::from_secs(3);
 const CLOSED_PORT: u32 = 9;
 const HOST_CID: u64 = 2;
 const HEADER_BYTES: u32 = 44;
+const OP_RST: u16 = 3;
 
 mod reg {
     pub const MAGIC: usize = 0x000;
@@ -255,6 +256,23 @@ impl Device {
         self.reg(reg::QUEUE_NOTIFY, q as u32);
     }
 
+    /// Offers `heads` in queue `q`'s available ring after the `first` entries offered so far;
+    /// returns the new available index.
+    fn offer_after(&self, q: usize, first: u16, heads: &[u16]) -> u16 {
+        let avail = Self::layout(q).1;
+        let mut idx = first;
+        for head in heads {
+            let slot = usize::from(idx % QUEUE_SIZE);
+            self.mem.write(avail + 4 + 2 * slot, *head);
+            idx = idx.wrapping_add(1);
+        }
+        fence(Ordering::SeqCst);
+        self.mem.write(avail + 2, idx);
+        fence(Ordering::SeqCst);
+        self.reg(reg::QUEUE_NOTIFY, q as u32);
+        idx
+    }
+
     fn used_idx(&self, q: usize) -> u16 {
         self.mem.read(Self::layout(q).2 + 2)
     }
@@ -406,6 +424,11 @@ fn attacks(dev: &Device) -> Vec<Attack> {
             vec![d(data + 1024, 32, F_INDIRECT, 0)],
         ),
         one(
+            "tx-indirect-after-a-good-descriptor",
+            TX,
+            vec![d(data, 20, F_NEXT, 1), d(data + 1024, 16, F_INDIRECT, 0)],
+        ),
+        one(
             "tx-chain-reads-its-own-table",
             TX,
             vec![d(tx_desc_table, 256, 0, 0)],
@@ -442,6 +465,11 @@ fn attacks(dev: &Device) -> Vec<Attack> {
             "rx-buffer-over-the-used-ring",
             RX,
             vec![d(rx_used_ring, 256, F_WRITE, 0)],
+        ),
+        one(
+            "rx-indirect-not-negotiated",
+            RX,
+            vec![d(data + 1536, 16, F_INDIRECT | F_WRITE, 0)],
         ),
         one(
             "rx-descriptor-loop",
@@ -507,6 +535,12 @@ fn write_packets(dev: &Device) {
     dev.mem.write(table + 24, 32u32);
     dev.mem.write(table + 28, F_INDIRECT);
     dev.mem.write(table + 30, 0u16);
+    // An indirect table holding one good receive buffer.
+    let rx_table = DATA_PAGE * PAGE + 1536;
+    dev.mem.write(rx_table, dev.data(2048));
+    dev.mem.write(rx_table + 8, 256u32);
+    dev.mem.write(rx_table + 12, F_WRITE);
+    dev.mem.write(rx_table + 14, 0u16);
 }
 
 /// Makes the host send to the guest: a connection request to a closed port, which is answered
@@ -585,5 +619,96 @@ pub fn descriptors_command(args: &[String]) -> Result<(), String> {
     let op: u16 = dev.mem.read(DATA_PAGE * PAGE + 2048 + 30);
     println!("after-the-attacks: request {tx}; answer {rx}, op {op}");
     println!("descriptors: done, {} attacks", attacks.len());
+    Ok(())
+}
+
+/// `probe rst-storm BASE PORT SECONDS`: takes the device over as `descriptors` does and, for
+/// SECONDS, asks it to connect to host PORT and resets the connection at once, again and again,
+/// without ever giving it a receive buffer: what the host owes the guest for each connection
+/// (its answer) piles up unless the device's tables are bounded. Then a request to a closed port
+/// must still be answered, with a reset, in a receive buffer given at last.
+pub fn rst_storm_command(args: &[String]) -> Result<(), String> {
+    let base = args
+        .first()
+        .map(|a| a.trim_start_matches("0x"))
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .ok_or("BASE must be a hex address")?;
+    let port = super::number(args.get(1), "PORT")?;
+    let secs = super::number(args.get(2), "SECONDS")?;
+    let dev = Device::open(base)?;
+    dev.reset_and_setup()?;
+    let request = Header {
+        dst_port: port,
+        ..dev.request()
+    };
+    let reset = Header {
+        op: OP_RST,
+        ..request
+    };
+    dev.header(0, &request);
+    dev.header(64, &reset);
+    for (index, offset) in [(0u16, 0), (1, 64)] {
+        dev.write_desc(
+            TX,
+            index,
+            Desc {
+                addr: dev.data(offset),
+                len: HEADER_BYTES,
+                flags: 0,
+                next: 0,
+            },
+        );
+    }
+    // Each cycle offers the request and the reset, then waits for both to come back before
+    // using the two descriptors again.
+    let end = Instant::now() + Duration::from_secs(u64::from(secs));
+    let (mut idx, mut cycles, mut stalled) = (0u16, 0u64, false);
+    while Instant::now() < end && !stalled {
+        idx = dev.offer_after(TX, idx, &[0, 1]);
+        let offered = Instant::now();
+        while dev.used_idx(TX) != idx {
+            if offered.elapsed() > USED_WAIT {
+                stalled = true;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        cycles += u64::from(!stalled);
+    }
+    let stall = if stalled {
+        ", then the device stopped returning them"
+    } else {
+        ""
+    };
+    println!("rst-storm: {cycles} request/reset cycles to port {port} in {secs} s{stall}");
+
+    // A receive buffer at last, and a request to a closed port: the reset must come back in it.
+    dev.write_desc(
+        RX,
+        0,
+        Desc {
+            addr: dev.data(2048),
+            len: 256,
+            flags: F_WRITE,
+            next: 0,
+        },
+    );
+    dev.offer(RX, &[0], 1);
+    dev.header(512, &dev.request());
+    dev.write_desc(
+        TX,
+        2,
+        Desc {
+            addr: dev.data(512),
+            len: HEADER_BYTES,
+            flags: 0,
+            next: 0,
+        },
+    );
+    dev.offer_after(TX, idx, &[2]);
+    let rx = dev.wait_used(RX, 1);
+    let op: u16 = dev.mem.read(DATA_PAGE * PAGE + 2048 + 30);
+    println!("rst-storm: a receive buffer afterwards: {rx}, op {op}");
+    println!("rst-storm: done");
     Ok(())
 }

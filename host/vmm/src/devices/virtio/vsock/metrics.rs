@@ -58,6 +58,15 @@ vsock_metrics! {
     resets_sent,
     /// Resets dropped because the reset queue was full (a guest flooding bad packets).
     resets_dropped,
+    /// The most connections waiting at once to send the guest something (a high-water mark,
+    /// bounded by the connection limit).
+    rx_work_peak,
+    /// Chains that use an indirect descriptor, which the device does not offer; each is also
+    /// counted in `tx_bad_chains` or `rx_bad_buffers`.
+    indirect_chains,
+    /// Times the transmit queue had more chains than one wake of the event loop serves, so the
+    /// device came back to it after the loop's other work.
+    tx_budget_spent,
 }
 
 impl VsockMetrics {
@@ -67,5 +76,10 @@ impl VsockMetrics {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises a high-water mark to `value`.
+    pub fn peak(counter: &AtomicU64, value: u64) {
+        counter.fetch_max(value, Ordering::Relaxed);
     }
 }

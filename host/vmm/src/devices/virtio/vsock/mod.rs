@@ -14,16 +14,19 @@ pub mod packet;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use agentos_protocol::HOST_CID;
 use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use self::metrics::VsockMetrics;
 use self::packet::{
     Header, MAX_PAYLOAD, PacketError, RxBuffer, TYPE_STREAM, TxPacket, read_tx_packet,
+    refuse_indirect,
 };
 use super::mmio::QueueNotifier;
 use super::{
@@ -39,6 +42,9 @@ const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 const BACKEND_TOKEN: u64 = 3;
 const MAX_EVENTS: usize = 8;
+/// Transmit chains served per wake of the event loop: a full ring. A guest that keeps adding
+/// buffers would otherwise keep the loop, and every other device and socket, in one call.
+pub const TX_CHAINS_PER_WAKE: usize = QUEUE_SIZE as usize;
 
 /// The host side of the device.
 pub trait VsockBackend: Send {
@@ -173,15 +179,20 @@ impl<B: VsockBackend> Vsock<B> {
         self.process_rx();
     }
 
-    /// Moves every packet the guest queued for transmission to the backend.
+    /// Moves the packets the guest queued for transmission to the backend, up to
+    /// [`TX_CHAINS_PER_WAKE`]; past that the device wakes itself again, so that the event loop
+    /// serves everything else first.
     fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
         let queue = &mut active.queues[TX_QUEUE];
+        let desc_table = GuestAddress(queue.desc_table());
+        let size = queue.size();
         let mut used = false;
-        loop {
+        let mut served = 0;
+        'drain: loop {
             if avail_ring_corrupt(queue, mem) {
                 count(&self.metrics.tx_bad_chains, AVAIL_RING_CORRUPT);
                 break;
@@ -191,7 +202,9 @@ impl<B: VsockBackend> Vsock<B> {
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                match read_tx_packet(mem, chain) {
+                let packet = refuse_indirect(mem, desc_table, size, head)
+                    .and_then(|()| read_tx_packet(mem, chain));
+                match packet {
                     Ok(pkt) if pkt.hdr.type_ != TYPE_STREAM => {
                         count(&self.metrics.bad_packets, "non-stream packet");
                     }
@@ -205,7 +218,7 @@ impl<B: VsockBackend> Vsock<B> {
                         VsockMetrics::inc(&self.metrics.tx_packets);
                         self.backend.send(pkt);
                     }
-                    Err(e) => bad_tx_chain(&self.metrics, &e),
+                    Err(e) => refused_chain(&self.metrics, &self.metrics.tx_bad_chains, &e),
                 }
                 // A used entry with length 0: transmit buffers are only read.
                 if queue.add_used(mem, head, 0).is_err() {
@@ -215,6 +228,10 @@ impl<B: VsockBackend> Vsock<B> {
                     );
                 }
                 used = true;
+                served += 1;
+                if served == TX_CHAINS_PER_WAKE {
+                    break 'drain;
+                }
             }
             if !queue.enable_notification(mem).unwrap_or(false) {
                 break;
@@ -222,6 +239,12 @@ impl<B: VsockBackend> Vsock<B> {
         }
         if used && queue.needs_notification(mem).unwrap_or(true) {
             self.interrupt.signal_used_ring();
+        }
+        if served == TX_CHAINS_PER_WAKE {
+            VsockMetrics::inc(&self.metrics.tx_budget_spent);
+            // The eventfd keeps the device's epoll set readable: the event loop comes back here
+            // after the other events it has.
+            let _ = self.queue_events[TX_QUEUE].write(1);
         }
     }
 
@@ -232,6 +255,8 @@ impl<B: VsockBackend> Vsock<B> {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[RX_QUEUE];
+        let desc_table = GuestAddress(queue.desc_table());
+        let size = queue.size();
         let mut used = false;
         'refill: loop {
             if self.backend.has_rx() && avail_ring_corrupt(queue, mem) {
@@ -246,10 +271,12 @@ impl<B: VsockBackend> Vsock<B> {
                     break;
                 };
                 let head = chain.head_index();
-                let buffer = match RxBuffer::new(mem, chain) {
+                let buffer = refuse_indirect(mem, desc_table, size, head)
+                    .and_then(|()| RxBuffer::new(mem, chain));
+                let buffer = match buffer {
                     Ok(buffer) => buffer,
                     Err(e) => {
-                        count(&self.metrics.rx_bad_buffers, &e.to_string());
+                        refused_chain(&self.metrics, &self.metrics.rx_bad_buffers, &e);
                         let _ = queue.add_used(mem, head, 0);
                         used = true;
                         continue;
@@ -297,7 +324,7 @@ fn avail_ring_corrupt(queue: &Queue, mem: &GuestMemory) -> bool {
         .is_ok_and(|idx| (idx - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
-fn count(counter: &std::sync::atomic::AtomicU64, what: &str) {
+fn count(counter: &AtomicU64, what: &str) {
     if VsockMetrics::inc(counter) == 0 {
         warn!("vsock: {what}");
     } else {
@@ -305,8 +332,12 @@ fn count(counter: &std::sync::atomic::AtomicU64, what: &str) {
     }
 }
 
-fn bad_tx_chain(metrics: &VsockMetrics, error: &PacketError) {
-    count(&metrics.tx_bad_chains, &error.to_string());
+/// Counts a chain refused for `error` in `counter`, and an indirect one also as such.
+fn refused_chain(metrics: &VsockMetrics, counter: &AtomicU64, error: &PacketError) {
+    if *error == PacketError::Indirect {
+        VsockMetrics::inc(&metrics.indirect_chains);
+    }
+    count(counter, &error.to_string());
 }
 
 impl<B: VsockBackend> VirtioDevice for Vsock<B> {

@@ -34,13 +34,13 @@ use super::packet::{
 /// Connections per VM, either direction.
 pub const MAX_CONNECTIONS: usize = 256;
 /// Host clients that have connected but not yet sent their `CONNECT` line.
-const MAX_PENDING_CONNECTS: usize = 32;
+pub const MAX_PENDING_CONNECTS: usize = 32;
 /// Resets waiting for receive buffers; more are dropped (and counted).
-const MAX_QUEUED_RESETS: usize = 256;
+pub const MAX_QUEUED_RESETS: usize = 256;
 /// `CONNECT 4294967295\n` is 19 bytes; anything longer without a newline is garbage.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections are numbered from here.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// How often connections waiting for the guest are checked, while there are any.
@@ -61,6 +61,35 @@ pub enum MuxerError {
 
 struct PendingConnect {
     stream: UnixStream,
+}
+
+/// How full the muxer's tables are, for tests and fuzzers to hold against the bounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MuxerTables {
+    pub connections: usize,
+    /// Sockets known by descriptor: one per connection.
+    pub sockets: usize,
+    pub pending_connects: usize,
+    /// Entries of the receive work list, and the connections marked as being on it: each such
+    /// connection is on it exactly once, and nothing else is.
+    pub rx_work: usize,
+    pub queued_connections: usize,
+    /// Entries whose connection is gone or not marked.
+    pub stale_rx_work: usize,
+    pub resets: usize,
+}
+
+impl MuxerTables {
+    /// Whether every table is within its bound and the work list holds no stale or repeated key.
+    pub fn within_bounds(&self) -> bool {
+        self.connections <= MAX_CONNECTIONS
+            && self.sockets == self.connections
+            && self.pending_connects <= MAX_PENDING_CONNECTS
+            && self.rx_work == self.queued_connections
+            && self.stale_rx_work == 0
+            && self.rx_work <= self.connections
+            && self.resets <= MAX_QUEUED_RESETS
+    }
 }
 
 pub struct UnixMuxer {
@@ -155,6 +184,20 @@ impl UnixMuxer {
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
+    /// How full every table is now.
+    pub fn tables(&self) -> MuxerTables {
+        let live = |key: &ConnKey| self.conns.get(key).is_some_and(|c| c.queued);
+        MuxerTables {
+            connections: self.conns.len(),
+            sockets: self.by_fd.len(),
+            pending_connects: self.pending.len(),
+            rx_work: self.rx_work.len(),
+            queued_connections: self.conns.values().filter(|c| c.queued).count(),
+            stale_rx_work: self.rx_work.iter().filter(|k| !live(k)).count(),
+            resets: self.resets.len(),
+        }
+    }
+
     fn queue_rx(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.get_mut(&key)
             && !conn.queued
@@ -162,6 +205,7 @@ impl UnixMuxer {
         {
             conn.queued = true;
             self.rx_work.push_back(key);
+            VsockMetrics::peak(&self.metrics.rx_work_peak, self.rx_work.len() as u64);
         }
     }
 
@@ -176,6 +220,12 @@ impl UnixMuxer {
     /// Drops a connection and, unless the guest already knows, tells it with a reset.
     fn close(&mut self, key: ConnKey, reset_guest: bool) {
         if let Some(conn) = self.conns.remove(&key) {
+            // Its key leaves the work list with it: a new connection under the same key (a
+            // guest looping on REQUEST and RST) would be listed again, and a guest that gives
+            // no receive buffers never drains the list.
+            if conn.queued {
+                self.rx_work.retain(|k| *k != key);
+            }
             let fd = conn.stream.as_raw_fd();
             self.unwatch(fd);
             self.by_fd.remove(&fd);

@@ -3,11 +3,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -495,6 +497,60 @@ fn descriptor_loop_does_not_hang_and_is_returned() {
     });
 }
 
+/// Writes a table of `descs` at `table` in guest memory, as a driver lays out an indirect one.
+fn write_table(mem: &GuestMemory, table: u64, descs: &[SplitDescriptor]) {
+    for (i, desc) in descs.iter().enumerate() {
+        let addr = GuestAddress(table + 16 * i as u64);
+        mem.write_obj(RawDescriptor::from(*desc), addr).unwrap();
+    }
+}
+
+#[test]
+fn indirect_transmit_chains_are_refused_as_the_feature_is_not_offered() {
+    let mut h = Harness::new();
+    h.write_header(slot(0), tx_header(OP_RW, 2));
+    h.mem
+        .write_slice(b"hi", GuestAddress(slot(0) + HEADER_SIZE as u64))
+        .unwrap();
+    // A table holding a good packet, reached from the head...
+    let table = slot(1);
+    let len = HEADER_SIZE as u32 + 2;
+    write_table(&h.mem, table, &[SplitDescriptor::new(slot(0), len, 0, 0)]);
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    h.txq
+        .write_desc(&h.mem, 0, SplitDescriptor::new(table, 16, indirect, 0));
+    h.txq.offer(&h.mem, 0);
+    // ...and from the middle of a chain, after a descriptor of nothing.
+    let next = VRING_DESC_F_NEXT as u16;
+    h.txq
+        .write_desc(&h.mem, 1, SplitDescriptor::new(slot(2), 0, next, 2));
+    h.txq
+        .write_desc(&h.mem, 2, SplitDescriptor::new(table, 16, indirect, 0));
+    h.txq.offer(&h.mem, 1);
+    h.kick_tx();
+    assert!(h.sent().is_empty());
+    assert_eq!(load(&h.metrics.indirect_chains), 2);
+    assert_eq!(load(&h.metrics.tx_bad_chains), 2);
+    assert_eq!(h.txq.used_idx(&h.mem), 2);
+    // The same packet in a direct chain goes through.
+    h.offer_tx(slot(3), tx_header(OP_RW, 2), b"hi");
+    h.kick_tx();
+    assert_eq!(h.sent().len(), 1);
+}
+
+#[test]
+fn an_indirect_flag_past_the_end_of_a_chain_is_not_part_of_it() {
+    let mut h = Harness::new();
+    h.offer_tx(slot(0), tx_header(OP_RW, 1), b"x");
+    // Descriptor 1, which the chain does not reach, is indirect.
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    h.txq
+        .write_desc(&h.mem, 1, SplitDescriptor::new(slot(1), 16, indirect, 0));
+    h.kick_tx();
+    assert_eq!(h.sent().len(), 1);
+    assert_eq!(load(&h.metrics.indirect_chains), 0);
+}
+
 #[test]
 fn chain_head_beyond_the_queue_is_counted_and_skipped() {
     within_deadline(|| {
@@ -631,6 +687,81 @@ fn a_million_notifications_of_every_queue_number_cost_one_pass_per_wake() {
     });
 }
 
+/// A guest that adds a transmit buffer for every packet the device takes, so that its transmit
+/// queue is never empty.
+struct RefillingBackend {
+    mem: GuestMemory,
+    txq: GuestQueue,
+    sent: Arc<AtomicUsize>,
+    ready: EventFd,
+}
+
+impl VsockBackend for RefillingBackend {
+    fn send(&mut self, _pkt: TxPacket) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.txq
+            .add_chain(&self.mem, &[(slot(0), HEADER_SIZE as u32, false)]);
+    }
+
+    fn has_rx(&self) -> bool {
+        false
+    }
+
+    fn next_rx(&mut self, _buf: &mut [u8]) -> Option<(Header, usize)> {
+        None
+    }
+
+    fn fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+
+    fn on_host_ready(&mut self) {}
+
+    fn reset(&mut self) {}
+}
+
+#[test]
+fn a_guest_that_keeps_adding_transmit_buffers_gets_one_budget_per_wake() {
+    within_deadline(|| {
+        let mem = guest_memory();
+        mem.write_obj(
+            VsockHeader::from(tx_header(OP_RW, 0)),
+            GuestAddress(slot(0)),
+        )
+        .unwrap();
+        let mut txq = GuestQueue::new(QUEUE_BASES[TX_QUEUE]);
+        txq.add_chain(&mem, &[(slot(0), HEADER_SIZE as u32, false)]);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let backend = RefillingBackend {
+            mem: mem.clone(),
+            txq,
+            sent: sent.clone(),
+            ready: EventFd::new(EFD_NONBLOCK).unwrap(),
+        };
+        let metrics = Arc::new(VsockMetrics::default());
+        let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut device = Vsock::new(GUEST_CID, backend, interrupt, metrics.clone()).unwrap();
+        let queues = QUEUE_BASES
+            .iter()
+            .map(|&base| GuestQueue::new(base).queue())
+            .collect();
+        device
+            .activate(Activation {
+                mem,
+                queues,
+                acked_features: 1 << VIRTIO_F_VERSION_1,
+            })
+            .unwrap();
+        // Activation wakes the device once; it serves one budget and wakes itself again.
+        device.process();
+        assert_eq!(sent.load(Ordering::Relaxed), TX_CHAINS_PER_WAKE);
+        assert_eq!(load(&metrics.tx_budget_spent), 1);
+        device.process();
+        assert_eq!(sent.load(Ordering::Relaxed), 2 * TX_CHAINS_PER_WAKE);
+        assert_eq!(load(&metrics.tx_budget_spent), 2);
+    });
+}
+
 #[test]
 fn tx_before_activation_is_ignored_then_processed_on_activation() {
     let mut h = Harness::inactive();
@@ -753,6 +884,28 @@ fn read_only_rx_buffer_is_counted_and_returned_empty() {
 #[test]
 fn rx_buffer_outside_guest_memory_is_counted_and_returned_empty() {
     assert_bad_rx_buffer(&[(MEM_SIZE as u64 - 8, 4096, true)]);
+}
+
+#[test]
+fn indirect_receive_buffer_is_counted_and_returned_empty() {
+    let mut h = Harness::new();
+    let table = slot(1);
+    let writable = VRING_DESC_F_WRITE as u16;
+    write_table(
+        &h.mem,
+        table,
+        &[SplitDescriptor::new(slot(0), 4096, writable, 0)],
+    );
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    h.rxq
+        .write_desc(&h.mem, 0, SplitDescriptor::new(table, 16, indirect, 0));
+    h.rxq.offer(&h.mem, 0);
+    h.queue_rx(rx_header(OP_RW), b"data");
+    h.kick_rx();
+    assert_eq!(load(&h.metrics.indirect_chains), 1);
+    assert_eq!(load(&h.metrics.rx_bad_buffers), 1);
+    assert_eq!(h.rxq.used_elem(&h.mem, 0), (0, 0));
+    assert_eq!(h.pending_rx(), 1);
 }
 
 #[test]

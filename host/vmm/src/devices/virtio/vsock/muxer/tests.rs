@@ -758,6 +758,39 @@ fn reset_queue_is_bounded_when_the_guest_takes_nothing() {
 }
 
 #[test]
+fn a_million_request_reset_cycles_without_receive_buffers_keep_every_table_bounded() {
+    // A guest that opens and resets connections and never gives a receive buffer: nothing
+    // drains what the muxer owes it, so only the tables' own bounds hold it.
+    const CYCLES: u32 = 1_000_000;
+    let mut h = Host::new();
+    let listener = h.listen(HOST_PORT);
+    for cycle in 0..CYCLES {
+        let port = GUEST_PORT + cycle % 8;
+        h.send(guest(OP_REQUEST, port, HOST_PORT), b"");
+        // The service takes every connection, so that each request connects.
+        while listener.accept().is_ok() {}
+        if cycle % 3 == 0 {
+            // A second request for the same key resets it (and owes the guest a reset).
+            h.send(guest(OP_REQUEST, port, HOST_PORT), b"");
+        }
+        h.send(guest(OP_RST, port, HOST_PORT), b"");
+        let tables = h.muxer.tables();
+        assert!(tables.within_bounds(), "after {cycle} cycles: {tables:?}");
+    }
+    let stats = h.stats();
+    assert_eq!(stats.connections_opened, u64::from(CYCLES));
+    assert!(
+        stats.rx_work_peak <= MAX_CONNECTIONS as u64,
+        "{}",
+        stats.rx_work_peak
+    );
+    assert_eq!(h.muxer.resets.len(), MAX_QUEUED_RESETS);
+    // What is left for the guest is the bounded reset queue and nothing else.
+    assert_eq!(h.drain().len(), MAX_QUEUED_RESETS);
+    assert!(!h.muxer.has_rx());
+}
+
+#[test]
 fn reset_closes_every_connection_and_pending_client() {
     let mut h = Host::new();
     let listener = h.listen(HOST_PORT);
