@@ -62,6 +62,10 @@ impl<R: Read> FrameReader<R> {
         &self.inner
     }
 
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// Reads the next frame. Returns `Ok(None)` when the stream ends cleanly between frames.
     pub fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let mut len_bytes = [0u8; LEN_BYTES];

@@ -727,6 +727,21 @@ fn switch_ids(ids: Ids) -> Result<(), JailError> {
         .map_err(step(format!("become user {}", ids.uid)))
 }
 
+/// Makes `cmd` run as a container that dropped every capability runs its processes: its
+/// bounding set emptied before it execs, so even as root it holds no capability. `agentos eval`
+/// and the tests start agentos that way to see the jail fail closed.
+pub fn without_capabilities(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes only prctl calls, which are
+    // async-signal-safe and touch no memory of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            drop_bounding_and_ambient();
+            Ok(())
+        })
+    };
+}
+
 /// Empties the bounding and ambient capability sets.
 fn drop_bounding_and_ambient() {
     // The kernel refuses numbers past its last capability; stop there.

@@ -6,7 +6,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use agentos::programs;
 use agentos::testing::{is_root, skip};
 use agentos_tiny_guest::{BANNER, TINY_GUEST_ELF, VIRTIO_FOUND};
 
@@ -76,16 +75,10 @@ fn the_jail_fails_closed_when_a_layer_cannot_be_applied() {
     let Some(guest) = Guest::new() else {
         return;
     };
-    let setpriv = programs::find("setpriv").unwrap_or_else(|e| panic!("{e}"));
     let without_capabilities = |extra: &[&str]| {
-        let vmm = guest.vmm(extra, guest.dir.path());
-        Command::new(&setpriv)
-            .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
-            .arg(vmm.get_program())
-            .args(vmm.get_args())
-            .current_dir(guest.dir.path())
-            .output()
-            .unwrap()
+        let mut vmm = guest.vmm(extra, guest.dir.path());
+        agentos::jail::without_capabilities(&mut vmm);
+        vmm.output().unwrap()
     };
     let out = without_capabilities(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -33,8 +33,6 @@ pub enum ConnectionError {
     Version { guest: u32 },
     #[error("the guest agent refused the request: {0}")]
     Refused(String),
-    #[error("cannot set a timeout on the agent connection")]
-    Timeout(#[source] io::Error),
     #[error("the guest agent did not answer in time")]
     TimedOut,
     #[error("the guest agent stopped answering: no reply to a ping for {} s", .0.as_secs())]
@@ -47,6 +45,22 @@ pub enum ConnectionError {
 pub struct Keepalive {
     pub interval: Duration,
     pub limit: Duration,
+}
+
+/// A read that ran into its deadline is [`ConnectionError::TimedOut`]; anything else a frame
+/// error.
+fn timed_out_or(e: FrameError) -> ConnectionError {
+    match e {
+        FrameError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            ConnectionError::TimedOut
+        }
+        e => e.into(),
+    }
 }
 
 /// Where the output of a program goes, and where its input comes from.
@@ -87,8 +101,32 @@ impl Write for CappedOutput {
     }
 }
 
+/// The agent's stream as the frame reader reads it: every read ends by the deadline, however
+/// slowly the far end sends a frame. A timeout per read would let a guest that trickles a frame
+/// one byte at a time hold the host past any deadline.
+struct DeadlineStream {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = match self.deadline {
+            Some(deadline) => Some(
+                deadline
+                    .checked_duration_since(Instant::now())
+                    .filter(|d| !d.is_zero())
+                    .ok_or(io::ErrorKind::TimedOut)?,
+            ),
+            None => None,
+        };
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.read(buf)
+    }
+}
+
 pub struct AgentConnection {
-    reader: FrameReader<UnixStream>,
+    reader: FrameReader<DeadlineStream>,
     writer: Arc<Mutex<UnixStream>>,
     hello: Hello,
     next_id: u64,
@@ -107,24 +145,22 @@ impl AgentConnection {
     /// Reads the agent's hello (within `timeout`) and checks its protocol version.
     pub fn handshake(stream: UnixStream, timeout: Duration) -> Result<Self, ConnectionError> {
         let writer = stream.try_clone().map_err(FrameError::Io)?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(ConnectionError::Timeout)?;
-        let mut reader = FrameReader::new(stream);
-        let hello = match reader.read::<GuestMessage>()? {
-            Some(GuestMessage::Hello(hello)) => hello,
-            Some(other) => return Err(ConnectionError::NoHello(format!("{other:?}"))),
-            None => return Err(ConnectionError::Closed),
+        let mut reader = FrameReader::new(DeadlineStream {
+            stream,
+            deadline: Some(crate::deadline::from_now(timeout)),
+        });
+        let hello = match reader.read::<GuestMessage>() {
+            Ok(Some(GuestMessage::Hello(hello))) => hello,
+            Ok(Some(other)) => return Err(ConnectionError::NoHello(format!("{other:?}"))),
+            Ok(None) => return Err(ConnectionError::Closed),
+            Err(e) => return Err(timed_out_or(e)),
         };
         if hello.protocol != PROTOCOL_VERSION {
             return Err(ConnectionError::Version {
                 guest: hello.protocol,
             });
         }
-        reader
-            .get_ref()
-            .set_read_timeout(None)
-            .map_err(ConnectionError::Timeout)?;
+        reader.get_mut().deadline = None;
         Ok(Self {
             reader,
             writer: Arc::new(Mutex::new(writer)),
@@ -171,7 +207,7 @@ impl AgentConnection {
         let Some(keepalive) = self.keepalive else {
             return Ok(());
         };
-        let fd = self.reader.get_ref().as_raw_fd();
+        let fd = self.reader.get_ref().stream.as_raw_fd();
         loop {
             let mut wait = keepalive.interval;
             if let Some(deadline) = self.deadline {
@@ -202,19 +238,7 @@ impl AgentConnection {
 
     fn recv(&mut self) -> Result<GuestMessage, ConnectionError> {
         self.await_frame()?;
-        let timeout = match self.deadline {
-            Some(deadline) => Some(
-                deadline
-                    .checked_duration_since(Instant::now())
-                    .filter(|d| !d.is_zero())
-                    .ok_or(ConnectionError::TimedOut)?,
-            ),
-            None => None,
-        };
-        self.reader
-            .get_ref()
-            .set_read_timeout(timeout)
-            .map_err(ConnectionError::Timeout)?;
+        self.reader.get_mut().deadline = self.deadline;
         match self.reader.read() {
             Ok(Some(msg)) => {
                 self.last_heard = Instant::now();
@@ -222,15 +246,7 @@ impl AgentConnection {
                 Ok(msg)
             }
             Ok(None) => Err(ConnectionError::Closed),
-            Err(FrameError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(ConnectionError::TimedOut)
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(timed_out_or(e)),
         }
     }
 
@@ -553,6 +569,61 @@ mod tests {
             "{status:?}"
         );
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A guest that trickles a frame a byte at a time cannot hold the host past its deadline
+    /// (each byte arrives well within any per-read timeout).
+    #[test]
+    fn a_frame_trickled_byte_by_byte_ends_at_the_deadline() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        write_frame(&mut guest, &hello(PROTOCOL_VERSION)).unwrap();
+        let mut conn = AgentConnection::handshake(host, Duration::from_secs(5)).unwrap();
+        let trickle = thread::spawn(move || {
+            let frame = agentos_protocol::encode_frame(&GuestMessage::Pong { id: 1 }).unwrap();
+            let mut padded = frame[..4].to_vec();
+            padded[..4].copy_from_slice(&(64u32 * 1024).to_be_bytes());
+            padded.extend(std::iter::repeat_n(b' ', 64 * 1024));
+            for byte in padded {
+                if guest.write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        conn.set_deadline(Some(Instant::now() + Duration::from_millis(500)));
+        let started = Instant::now();
+        let err = conn.ping().unwrap_err();
+        assert!(matches!(err, ConnectionError::TimedOut), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(conn);
+        trickle.join().unwrap();
+    }
+
+    /// The same for the hello: a connection that trickles it is dropped at the handshake's
+    /// timeout.
+    #[test]
+    fn a_hello_trickled_byte_by_byte_ends_at_the_handshake_timeout() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let trickle = thread::spawn(move || {
+            let frame = agentos_protocol::encode_frame(&hello(PROTOCOL_VERSION)).unwrap();
+            for byte in frame {
+                if guest.write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let started = Instant::now();
+        let err = AgentConnection::handshake(host, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectionError::TimedOut), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        trickle.join().unwrap();
     }
 
     #[test]

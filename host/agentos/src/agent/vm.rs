@@ -46,6 +46,10 @@ const REPORT_FILE: &str = "report.json";
 const VMM_LOG: &str = "vmm.log";
 /// The most of a report that is read: its console tail and counters take a few KiB.
 const MAX_REPORT_BYTES: u64 = 1 << 20;
+/// The VMM's own socket in its directory, and what a `METRICS` answer may take.
+const VMM_SOCKET: &str = "vsock.sock";
+const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_METRICS_BYTES: u64 = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -356,6 +360,18 @@ impl AgentVm {
         self.jail
     }
 
+    /// The vsock device's counters and its host side's tables, as the running VMM reports them
+    /// (`METRICS` on its socket; see `agentos_vmm`'s muxer).
+    pub fn vsock_metrics(&self) -> io::Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(self.vmm_dir.join(VMM_SOCKET))?;
+        stream.set_read_timeout(Some(METRICS_TIMEOUT))?;
+        stream.write_all(b"METRICS\n")?;
+        let mut text = String::new();
+        stream.take(MAX_METRICS_BYTES).read_to_string(&mut text)?;
+        serde_json::from_str(text.trim_end()).map_err(io::Error::other)
+    }
+
     /// Where the guest's serial console is appended.
     pub fn console_log(&self) -> &Path {
         &self.console_log
@@ -541,7 +557,7 @@ fn spawn_vmm(
         .args(["--memory", &opts.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
         .arg("--vsock-uds")
-        .arg(vmm_dir.join("vsock.sock"))
+        .arg(vmm_dir.join(VMM_SOCKET))
         .arg("--console-log")
         .arg(console_log_path(opts, run_dir))
         .arg("--report")

@@ -157,7 +157,7 @@ pub struct MetricsArgs {
 }
 
 fn client(socket: &SocketArg) -> anyhow::Result<Client> {
-    Ok(Client::connect(&socket.path())?)
+    Ok(Client::connect(&socket.client_path()?)?)
 }
 
 pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
@@ -413,7 +413,7 @@ pub fn group_input(
     text: &str,
     timeout_s: u64,
 ) -> anyhow::Result<Option<GroupReport>> {
-    let mut client = match Client::connect(&socket.path()) {
+    let mut client = match Client::connect(&socket.client_path()?) {
         Ok(client) => client,
         Err(ClientError::Connect { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),

@@ -262,9 +262,7 @@ impl Daemon {
         // The input is dropped with the wait: its results leave the router, and later ones for
         // it are not kept.
         let results = tokio::task::spawn_blocking(move || {
-            input.take(expected, until, &|| {
-                crate::signals::interrupted()
-            })
+            input.take(expected, until, &|| crate::signals::interrupted())
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;

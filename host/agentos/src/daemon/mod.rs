@@ -12,6 +12,7 @@ mod metrics;
 mod server;
 
 use std::collections::BTreeMap;
+use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,6 +80,22 @@ impl SocketArg {
         self.socket
             .clone()
             .unwrap_or_else(|| rundir::base_path().join("daemon.sock"))
+    }
+
+    /// The socket a client connects to. The default one lies in the run-directory base, which
+    /// must be the user's own (see [`rundir::Base`]): in a base someone else made, the socket
+    /// could be theirs, and would receive what the client asks of its agents.
+    pub fn client_path(&self) -> Result<PathBuf, rundir::RunDirError> {
+        if self.socket.is_none() {
+            match rundir::Base::open(&rundir::base_path(), false) {
+                Ok(_) => {}
+                // No base yet: no daemon either, which connecting will say.
+                Err(rundir::RunDirError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.path())
     }
 }
 

@@ -54,6 +54,28 @@ pub enum Kind {
     Group,
     /// Requests to a daemon's API, with an agent running under it.
     Api,
+    /// An attack on the host side itself, built into the harness and named by `attack` (see
+    /// [`HOST_ATTACKS`]): what a local user or a taken-over VMM would try.
+    Host,
+}
+
+/// The host attacks the harness knows (see `eval::host_attacks`).
+pub const HOST_ATTACKS: [&str; 5] = [
+    "run-dir-taken-first",
+    "symlinks-in-the-vmms-directory",
+    "vmm-report-through-a-symlink",
+    "planted-admission-lock",
+    "jail-without-capabilities",
+];
+
+/// What a harness listening on a guest's port does with a connection that says a proper hello.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenRequest {
+    /// Runs a program through it, as `agentos run` and the daemon do.
+    Exec,
+    /// Runs an inference through it.
+    Infer,
 }
 
 /// One request an `api` case sends, and the reply it expects.
@@ -147,6 +169,11 @@ struct RawCase {
     /// the router (their trace's `queued_ms`).
     #[serde(default)]
     queued_ms_max: BTreeMap<String, u64>,
+    /// What the listener asks of a connection that passes the handshake (default: nothing,
+    /// such a connection is taken as accepted): its answers must be refused too.
+    listen_request: Option<ListenRequest>,
+    /// The host attack a `host` case runs.
+    attack: Option<Spanned<String>>,
 }
 
 /// A bound on how long a channel's messages wait in the router.
@@ -210,6 +237,8 @@ pub struct Case {
     pub read_logs: bool,
     pub listen: Option<u32>,
     pub queued_ms_max: Vec<QueueBound>,
+    pub listen_request: Option<ListenRequest>,
+    pub attack: Option<String>,
 }
 
 /// The cases of one file, in file order.
@@ -370,6 +399,7 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
                 check_api_fields(&rc).map_err(at)?;
                 (None, None)
             }
+            Kind::Host => (None, None),
         };
         if rc.kind != Kind::Api && (rc.slow_clients.is_some() || rc.flood.is_some() || rc.read_logs)
         {
@@ -397,6 +427,31 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
                     "vm_end needs a VM of the case's own: add a [case.vm] table".to_owned(),
                 ));
             }
+        }
+        if rc.listen_request.is_some() && rc.listen.is_none() {
+            return Err(at("`listen_request` needs a `listen` port".to_owned()));
+        }
+        match (&rc.kind, &rc.attack) {
+            (Kind::Host, None) => {
+                return Err(at(format!(
+                    "a host case names its `attack`: one of {}",
+                    HOST_ATTACKS.join(", ")
+                )));
+            }
+            (Kind::Host, Some(attack)) if !HOST_ATTACKS.contains(&attack.get_ref().as_str()) => {
+                return Err((
+                    line_of(attack.span()),
+                    format!(
+                        "no host attack `{}`: use one of {}",
+                        attack.get_ref(),
+                        HOST_ATTACKS.join(", ")
+                    ),
+                ));
+            }
+            (kind, Some(_)) if *kind != Kind::Host => {
+                return Err(at("`attack` is for host cases (kind = \"host\")".to_owned()));
+            }
+            _ => {}
         }
         let needs_own = !rc.metrics_min.is_empty()
             || !rc.metrics_max.is_empty()
@@ -463,6 +518,8 @@ pub fn parse(text: &str, suite: &str, base: &Path) -> Result<Suite, (usize, Stri
             read_logs: rc.read_logs,
             listen: rc.listen,
             queued_ms_max,
+            listen_request: rc.listen_request,
+            attack: rc.attack.map(Spanned::into_inner),
         });
     }
     Ok(Suite {
@@ -641,6 +698,8 @@ mod tests {
         assert!(found.contains("use 1 to 86400 seconds"), "{found}");
     }
 
+    /// Every shipped case file parses, and together they hold at least 30 cases (a full run
+    /// adds `host-unchanged`).
     #[test]
     fn queue_bounds_name_a_channel_of_a_group_case() {
         let dir = scratch();
@@ -668,9 +727,39 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_cases_parse() {
+    fn the_shipped_cases_parse_and_number_at_least_thirty() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../eval/cases");
         let suites = load_dir(&dir, None).unwrap();
-        assert!(suites.iter().map(|s| s.cases.len()).sum::<usize>() >= 10);
+        let count: usize = suites.iter().map(|s| s.cases.len()).sum();
+        assert!(count >= 30, "{count} cases");
+        let host: Vec<&str> = suites
+            .iter()
+            .flat_map(|s| &s.cases)
+            .filter_map(|c| c.attack.as_deref())
+            .collect();
+        assert_eq!(host, HOST_ATTACKS, "every host attack has a case");
+    }
+
+    #[test]
+    fn a_host_case_names_a_known_attack() {
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, problem) in [
+            (
+                "[[case]]\nname = \"h\"\nkind = \"host\"\ntries = \"t\"\nexpects = \"e\"\n",
+                "a host case names its `attack`",
+            ),
+            (
+                "[[case]]\nname = \"h\"\nkind = \"host\"\nattack = \"nope\"\ntries = \"t\"\nexpects = \"e\"\n",
+                "no host attack `nope`",
+            ),
+            (
+                "[[case]]\nname = \"g\"\nscript = \"s.sh\"\nlisten_request = \"exec\"\ntries = \"t\"\nexpects = \"e\"\n",
+                "`listen_request` needs a `listen` port",
+            ),
+        ] {
+            std::fs::write(dir.path().join("s.sh"), "true").unwrap();
+            let (_, found) = parse(toml, "s", dir.path()).unwrap_err();
+            assert!(found.contains(problem), "{found}");
+        }
     }
 }

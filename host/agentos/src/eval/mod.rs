@@ -9,6 +9,7 @@
 
 pub mod case;
 pub mod checks;
+mod host_attacks;
 pub mod report;
 mod runner;
 

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{ExecRequest, FrameReader};
+use agentos_protocol::{ExecRequest, FrameReader, InferRequest, Task};
 use serde_json::{Value, json};
 
-use super::case::{ApiRequest, Case, Flood, Kind, Suite, VmSpec};
+use super::case::{ApiRequest, Case, Flood, Kind, ListenRequest, Suite, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
 use crate::agent::connection::{AgentConnection, CappedOutput, ExecIo};
@@ -72,6 +72,11 @@ pub fn run_suite(suite: &Suite, env: &Env) -> Vec<CaseReport> {
             },
             Kind::Group => group_case(case, env, &mut report),
             Kind::Api => api_case(case, env, &mut report),
+            Kind::Host => super::host_attacks::run(
+                case.attack.as_deref().unwrap_or_default(),
+                env,
+                &mut report,
+            ),
         }
         report.ms = started.elapsed().as_millis() as u64;
         eprintln!(
@@ -104,6 +109,11 @@ fn boot_options(spec: &VmSpec, env: &Env) -> Result<BootOptions, String> {
     Ok(opts)
 }
 
+/// A VM as the suites' shared VMs are by default.
+pub(super) fn boot_default(env: &Env, report: &mut CaseReport) -> Option<AgentVm> {
+    boot(&VmSpec::default(), env, report)
+}
+
 fn boot(spec: &VmSpec, env: &Env, report: &mut CaseReport) -> Option<AgentVm> {
     let booted = boot_options(spec, env)
         .and_then(|opts| AgentVm::boot(&opts).map_err(|e| agentos_protocol::error_chain(&e)));
@@ -133,12 +143,96 @@ fn shared_vm_case(
         return;
     };
     let alive = guest_script(case, vm, report);
+    check_vmm_bounds(vm, spec, report);
     if !alive {
         // A guest that no longer answers is no use to the next case: a fresh VM serves it.
         if let Some(vm) = shared.take() {
             end_vm(vm, report);
         }
     }
+}
+
+/// Descriptors a VMM holds with its guest agent's connection open and nothing else: KVM, the
+/// VM and its vCPU, eventfds, epoll sets, a timer and a few sockets, with room to spare. A
+/// connection a case opened and the host closed must not stay behind.
+const MAX_VMM_FDS: usize = 64;
+
+/// Host-side vsock connections a shared VM may hold between cases: the guest agent's control
+/// connection, and one the case's listener has not seen closed yet.
+const MAX_IDLE_VSOCK_CONNECTIONS: u64 = 2;
+/// How long the connections a case ended get to close.
+const VSOCK_SETTLE: Duration = Duration::from_secs(15);
+
+/// The VMM of a shared VM after a case: its open descriptors and resident memory within bounds,
+/// and its vsock tables within theirs with no connection left behind (a case that leaked
+/// connections or grew the VMM's tables would show here).
+fn check_vmm_bounds(vm: &AgentVm, spec: &VmSpec, report: &mut CaseReport) {
+    // Connections the case ended close as their resets go through the guest: give them a moment.
+    let deadline = Instant::now() + VSOCK_SETTLE;
+    let metrics = loop {
+        let metrics = vm.vsock_metrics();
+        let settled = metrics.as_ref().is_ok_and(|m| {
+            m["tables"]["connections"]
+                .as_u64()
+                .is_some_and(|n| n <= MAX_IDLE_VSOCK_CONNECTIONS)
+        });
+        if settled || Instant::now() >= deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    match metrics {
+        Ok(metrics) => {
+            let open = metrics["tables"]["connections"].as_u64();
+            report.evidence("vmm_vsock", metrics.clone());
+            report.check(
+                "the VMM's vsock tables are within their bounds",
+                metrics["within_bounds"] == true,
+                metrics["tables"].to_string(),
+            );
+            report.check(
+                format!("at most {MAX_IDLE_VSOCK_CONNECTIONS} vsock connections stay open"),
+                open.is_some_and(|n| n <= MAX_IDLE_VSOCK_CONNECTIONS),
+                format!("{open:?}"),
+            );
+        }
+        Err(e) => report.check("the VMM reports its vsock counters", false, e.to_string()),
+    }
+    let Some(pid) = vm.vmm_pid().map(guest_runner) else {
+        return;
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count());
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        });
+    let memory_mib = spec.memory.unwrap_or(DEFAULT_MEMORY_MIB);
+    let rss_limit_kib = (memory_mib + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB) << 10;
+    report.evidence("vmm_open_fds", fds.as_ref().ok().copied());
+    report.evidence("vmm_rss_kib", rss_kib);
+    report.check(
+        format!("the VMM holds at most {MAX_VMM_FDS} descriptors"),
+        fds.as_ref().is_ok_and(|n| *n <= MAX_VMM_FDS),
+        format!("{fds:?}"),
+    );
+    report.check(
+        format!("the VMM's resident memory is within guest RAM + the VMM allowance ({rss_limit_kib} KiB)"),
+        rss_kib.is_some_and(|kib| kib <= rss_limit_kib),
+        format!("{rss_kib:?} KiB"),
+    );
+}
+
+/// The process that runs the guest of the VMM started as `pid`: its jailed child, or `pid`
+/// itself when it has none.
+fn guest_runner(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
 }
 
 fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut CaseReport) {
@@ -217,7 +311,7 @@ fn end_vm(mut vm: AgentVm, report: &mut CaseReport) -> VmEnd {
 fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool {
     let listener = case
         .listen
-        .map(|port| HostListener::start(&vm.host_socket(port)));
+        .map(|port| HostListener::start(&vm.host_socket(port), case.listen_request));
     let mut out = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
     let mut err = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
     let request = ExecRequest {
@@ -408,8 +502,69 @@ impl Connections {
     }
 }
 
+/// How long the harness waits for the answer to what it asks a connection that passed the
+/// handshake, what it keeps of the output, and how much later than that its wait may end.
+const LISTEN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
+const LISTEN_OUTPUT_BYTES: usize = 64 * 1024;
+const LISTEN_DEADLINE_SLACK: Duration = Duration::from_secs(2);
+
+/// Asks `request` of a connection that passed the handshake, as the daemon would (a deadline,
+/// output kept up to a bound); whether the host refused what came back, and how it went.
+fn ask(mut conn: AgentConnection, request: ListenRequest) -> (bool, String) {
+    let started = Instant::now();
+    conn.set_deadline(Some(crate::deadline::from_now(LISTEN_REQUEST_LIMIT)));
+    let answer = match request {
+        ListenRequest::Exec => {
+            let mut out = CappedOutput::new(LISTEN_OUTPUT_BYTES);
+            let mut err = CappedOutput::new(LISTEN_OUTPUT_BYTES);
+            let status = conn.exec(
+                ExecRequest {
+                    program: "/bin/true".into(),
+                    ..Default::default()
+                },
+                ExecIo {
+                    stdin: None,
+                    stdout: &mut out,
+                    stderr: &mut err,
+                },
+            );
+            status.map(|s| format!("exited {s:?}, {} bytes kept", out.bytes.len()))
+        }
+        ListenRequest::Infer => conn
+            .infer(InferRequest {
+                id: 0,
+                model: "eval".into(),
+                task: Task::Classify,
+                inputs: vec!["text".into()],
+                options: Default::default(),
+            })
+            .map(|reply| excerpt(&format!("{reply:?}"))),
+    };
+    let took = started.elapsed();
+    match answer {
+        Ok(what) => (false, format!("answered as a guest agent: {what}")),
+        // Ending later than the deadline means a guest could hold the host.
+        Err(e) if took > LISTEN_REQUEST_LIMIT + LISTEN_DEADLINE_SLACK => (
+            false,
+            format!(
+                "held the host {:.1} s, past its deadline: {}",
+                took.as_secs_f64(),
+                agentos_protocol::error_chain(&e)
+            ),
+        ),
+        Err(e) => (
+            true,
+            format!(
+                "refused after the hello in {:.1} s: {}",
+                took.as_secs_f64(),
+                agentos_protocol::error_chain(&e)
+            ),
+        ),
+    }
+}
+
 impl HostListener {
-    fn start(path: &Path) -> Self {
+    fn start(path: &Path, request: Option<ListenRequest>) -> Self {
         let _ = std::fs::remove_file(path);
         let seen = Arc::new(Mutex::new(Connections::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -434,7 +589,13 @@ impl HostListener {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         match AgentConnection::handshake(stream, LISTEN_HANDSHAKE) {
-                            Ok(_) => note(false, "accepted as a guest agent".to_owned()),
+                            Ok(conn) => match request {
+                                Some(request) => {
+                                    let (refused, what) = ask(conn, request);
+                                    note(refused, what);
+                                }
+                                None => note(false, "accepted as a guest agent".to_owned()),
+                            },
                             Err(e) => note(
                                 true,
                                 format!("refused: {}", agentos_protocol::error_chain(&e)),
@@ -484,7 +645,7 @@ impl Drop for HostListener {
 }
 
 /// `agentos ARGS` with our binary, VMs run directly (we are where they can boot).
-fn agentos() -> Command {
+pub(super) fn agentos() -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("agentos"));
     let mut cmd = Command::new(exe);
     cmd.env(crate::carrier::IN_CARRIER_ENV, "1");
@@ -492,7 +653,7 @@ fn agentos() -> Command {
 }
 
 /// Waits for `child` to end within `limit` (killing it past that) and returns its output.
-fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
+pub(super) fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     // Kept up to a bound: a group's results carry what its guests wrote.

@@ -12,6 +12,10 @@
 //! probe rst-storm BASE PORT SECONDS
 //!                                connection requests and resets to PORT through the device at
 //!                                BASE, with no receive buffers
+//! probe agent PORT malformed     a lying guest agent: a proper hello, then malformed answers
+//! probe agent PORT flood SECONDS a lying guest agent that answers with output without end
+//! probe range CID FIRST LAST STEP  every STEP-th port from FIRST to LAST; a summary line
+//! probe sockets                  raw and packet sockets: every interface, every frame seen
 //! ```
 
 use std::io::{self, Read, Write};
@@ -29,6 +33,8 @@ const FLOOD_CHUNK_BYTES: usize = 64 * 1024;
 /// Declared length of the oversized frame: twice the protocol's 1 MiB limit.
 const OVERSIZED_FRAME_BYTES: u32 = 2 << 20;
 
+mod agent;
+mod escape;
 mod virtq;
 
 fn main() -> ExitCode {
@@ -40,8 +46,11 @@ fn main() -> ExitCode {
         Some("churn") => churn_command(&args[1..]),
         Some("descriptors") => virtq::descriptors_command(&args[1..]),
         Some("rst-storm") => virtq::rst_storm_command(&args[1..]),
+        Some("agent") => agent::agent_command(&args[1..]),
+        Some("range") => escape::range_command(&args[1..]),
+        Some("sockets") => escape::sockets_command(),
         _ => Err(
-            "usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS | churn PORT SECONDS | descriptors BASE | rst-storm BASE PORT SECONDS"
+            "usage: probe connect CID PORT... | frames PORT | flood PORT SECONDS | churn PORT SECONDS | descriptors BASE | rst-storm BASE PORT SECONDS | agent PORT MODE | range CID FIRST LAST STEP | sockets"
                 .into(),
         ),
     };

@@ -2,6 +2,8 @@
 //!
 //! - Host → guest: a client connects to the listener at `uds_path` and writes `CONNECT <port>\n`;
 //!   once the guest accepts, it reads `OK <hostport>\n` and then talks to the guest's port.
+//! - Host, asking: a client that writes `METRICS\n` instead reads one JSON line with the
+//!   device's counters and the muxer's tables, and is closed (the socket is the host's alone).
 //! - Guest → host: a guest connection to host port `P` is connected to `<uds_path>_<P>`, where
 //!   whoever serves that port listens. The path is fixed but for the number, so the guest can reach
 //!   nothing else on the host.
@@ -64,7 +66,7 @@ struct PendingConnect {
 }
 
 /// How full the muxer's tables are, for tests and fuzzers to hold against the bounds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MuxerTables {
     pub connections: usize,
     /// Sockets known by descriptor: one per connection.
@@ -328,14 +330,21 @@ impl UnixMuxer {
             }
             return;
         };
-        let port = parse_connect_line(&peek[..newline]);
+        let asked = parse_host_line(&peek[..newline]);
         let Some(PendingConnect { mut stream }) = self.remove_pending(fd) else {
             return;
         };
         let mut line = vec![0u8; newline + 1];
-        let (Some(port), Ok(())) = (port, stream.read_exact(&mut line)) else {
+        let (Some(asked), Ok(())) = (asked, stream.read_exact(&mut line)) else {
             VsockMetrics::inc(&self.metrics.bad_host_connects);
             return;
+        };
+        let port = match asked {
+            HostLine::Connect(port) => port,
+            HostLine::Metrics => {
+                self.answer_metrics(stream);
+                return;
+            }
         };
         if self.conns.len() >= MAX_CONNECTIONS {
             VsockMetrics::inc(&self.metrics.bad_host_connects);
@@ -349,6 +358,22 @@ impl UnixMuxer {
         // Bytes may already wait behind the line; the edge that announced them is spent.
         conn.rx_ready = true;
         self.insert(conn);
+    }
+
+    /// Writes the counters and tables as one JSON line and closes the client. The line is a
+    /// few hundred bytes, which a fresh socket takes at once; a client that cannot take them
+    /// gets nothing.
+    fn answer_metrics(&self, mut stream: UnixStream) {
+        let tables = self.tables();
+        let report = MetricsLine {
+            vsock: self.metrics.snapshot(),
+            tables,
+            within_bounds: tables.within_bounds(),
+        };
+        if let Ok(mut line) = serde_json::to_vec(&report) {
+            line.push(b'\n');
+            let _ = stream.write_all(&line);
+        }
     }
 
     fn remove_pending(&mut self, fd: RawFd) -> Option<PendingConnect> {
@@ -634,14 +659,33 @@ impl Drop for UnixMuxer {
     }
 }
 
-/// `CONNECT <port>` → port.
-fn parse_connect_line(line: &[u8]) -> Option<u32> {
+/// What a host client's first line asks.
+#[derive(Debug, PartialEq, Eq)]
+enum HostLine {
+    /// `CONNECT <port>`: a connection to the guest's port.
+    Connect(u32),
+    /// `METRICS`: the counters, once.
+    Metrics,
+}
+
+/// The answer to `METRICS`.
+#[derive(serde::Serialize)]
+struct MetricsLine {
+    vsock: super::metrics::VsockMetricsSnapshot,
+    tables: MuxerTables,
+    within_bounds: bool,
+}
+
+fn parse_host_line(line: &[u8]) -> Option<HostLine> {
     let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    if line == "METRICS" {
+        return Some(HostLine::Metrics);
+    }
     let port = line.strip_prefix("CONNECT ")?;
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    port.parse().ok()
+    port.parse().ok().map(HostLine::Connect)
 }
 
 fn peek_bytes(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {

@@ -503,6 +503,35 @@ fn bad_connect_lines_close_the_client_and_are_counted() {
 }
 
 #[test]
+fn a_metrics_line_is_answered_with_the_counters_and_the_client_closed() {
+    let mut h = Host::new();
+    let mut bad = h.client(b"CONNECT x\n");
+    wait_until("the bad line to be counted", || {
+        h.muxer.on_host_ready();
+        h.stats().bad_host_connects == 1
+    });
+    assert!(sees_eof(&mut bad));
+    let mut client = h.client(b"METRICS\n");
+    let mut answer = String::new();
+    wait_until("the metrics line", || {
+        h.muxer.on_host_ready();
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = client.read(&mut buf) {
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        answer.ends_with('\n')
+    });
+    let report: serde_json::Value = serde_json::from_str(answer.trim_end()).unwrap();
+    assert_eq!(report["vsock"]["bad_host_connects"], 1, "{report}");
+    assert_eq!(report["tables"]["connections"], 0, "{report}");
+    assert_eq!(report["within_bounds"], true, "{report}");
+    assert!(sees_eof(&mut client));
+    // It opened no connection to the guest.
+    assert_eq!(h.poll(), None);
+    assert!(h.muxer.conns.is_empty());
+}
+
+#[test]
 fn client_leaving_before_its_connect_line_is_forgotten() {
     let mut h = Host::new();
     drop(h.client(b"CONN"));
