@@ -236,6 +236,9 @@ fn planted_admission_lock(scratch: &Path, report: &mut CaseReport) {
     let existed = lock.exists();
     let holder = hold_lock_as(OTHER_USER, &lock);
     let Some(mut holder) = holder else {
+        if !existed {
+            let _ = std::fs::remove_file(&lock);
+        }
         report.check(
             "another user holds the lock",
             false,
@@ -271,7 +274,8 @@ fn planted_admission_lock(scratch: &Path, report: &mut CaseReport) {
 }
 
 /// A process of `user` that holds an exclusive lock on `path` until killed: the file made as
-/// that user's, then locked by a child process that became that user.
+/// that user's, locked by a child that became that user and then runs `sleep`, keeping the
+/// locked descriptor across the exec.
 fn hold_lock_as(user: u32, path: &Path) -> Option<std::process::Child> {
     use std::os::unix::process::CommandExt;
     if !path.exists() {
@@ -279,34 +283,30 @@ fn hold_lock_as(user: u32, path: &Path) -> Option<std::process::Child> {
         std::os::unix::fs::chown(path, Some(user), Some(user)).ok()?;
     }
     let file = std::fs::File::open(path).ok()?;
-    let exe = std::env::current_exe().ok()?;
-    // Any long-lived program does; the lock travels as an inherited descriptor, taken after
-    // the change of user.
-    let mut cmd = Command::new(exe);
-    cmd.args(["carrier", "--help"])
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     // SAFETY: the closure runs between fork and exec and makes only setgroups, setresgid,
-    // setresuid, flock and nanosleep calls, all async-signal-safe, on a descriptor the parent
-    // keeps open until the child is spawned. It never returns: the child holds the lock until
-    // it is killed.
+    // setresuid, flock and fcntl calls, all async-signal-safe, on a descriptor the parent keeps
+    // open until the child is spawned; the child's copy of it loses close-on-exec, so `sleep`
+    // holds the lock.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setresgid(user, user, user) != 0
                 || libc::setresuid(user, user, user) != 0
                 || libc::flock(fd, libc::LOCK_EX) != 0
+                || libc::fcntl(fd, libc::F_SETFD, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
-            loop {
-                libc::sleep(600);
-            }
+            Ok(())
         })
     };
-    let child = cmd.spawn().ok()?;
+    let mut child = cmd.spawn().ok()?;
     drop(file);
     // The lock is held once the child's flock returned: probe it from here.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -324,7 +324,6 @@ fn hold_lock_as(user: u32, path: &Path) -> Option<std::process::Child> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut child = child;
     let _ = child.kill();
     let _ = child.wait();
     None

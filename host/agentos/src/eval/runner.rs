@@ -652,20 +652,26 @@ pub(super) fn agentos() -> Command {
     cmd
 }
 
-/// Waits for `child` to end within `limit` (killing it past that) and returns its output.
+/// Waits for `child` to end within `limit` (killing it past that) and returns its output. A
+/// pipe that a descendant of the child still holds open is read for [`PIPE_GRACE`] more, then
+/// left: the case goes on with what arrived.
 pub(super) fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
     // Kept up to a bound: a group's results carry what its guests wrote.
-    let capped = |pipe: Option<&mut dyn Read>| {
-        let mut kept = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
-        if let Some(pipe) = pipe {
-            let _ = std::io::copy(pipe, &mut kept);
-        }
-        String::from_utf8_lossy(&kept.bytes).into_owned()
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut kept = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
+            if let Some(mut pipe) = pipe {
+                let _ = std::io::copy(&mut pipe, &mut kept);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&kept.bytes).into_owned());
+        });
+        rx
     };
-    let out = std::thread::spawn(move || capped(stdout.as_mut().map(|p| p as &mut dyn Read)));
-    let err = std::thread::spawn(move || capped(stderr.as_mut().map(|p| p as &mut dyn Read)));
+    let out = read(stdout.map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = read(stderr.map(|p| Box::new(p) as Box<dyn Read + Send>));
     let deadline = Instant::now() + limit;
     let code = loop {
         match child.try_wait() {
@@ -678,12 +684,15 @@ pub(super) fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String,
             }
         }
     };
-    (
-        code,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    )
+    let collect = |rx: std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(PIPE_GRACE)
+            .unwrap_or_else(|_| "(output still held open by a process the command left)".into())
+    };
+    (code, collect(out), collect(err))
 }
+
+/// How long a command's pipes are read after it ended.
+const PIPE_GRACE: Duration = Duration::from_secs(10);
 
 fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
     let Some(file) = &case.group_file else {
