@@ -637,10 +637,68 @@ def api_request():
     write("api_request", "truncated", frame({"op": "ps"}) + struct.pack(">I", 100) + b'{"op":"ve')
 
 
+# virtio_block: the layout of vsock_packet; a request header at DATA, its buffers after it.
+T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+
+
+def block_header(type_, sector):
+    return struct.pack("<IIQ", type_, 0, sector)
+
+
+def virtio_block():
+    data, status = DATA + 0x100, DATA + 0x1000
+
+    def request(type_, sector, data_len, extra=b""):
+        descs = [desc(DATA, 16, NEXT, 1)]
+        if data_len:
+            descs.append(desc(data, data_len, NEXT | WRITE, 2))
+        descs.append(desc(status, 1, WRITE))
+        return vsock_packet_seed(4, 0, descs, block_header(type_, sector) + extra)
+
+    seeds = {
+        "read": request(T_IN, 1, 1024),
+        "read_last_sector": request(T_IN, 127, 512),
+        "read_past_the_end": request(T_IN, 127, 1024),
+        "read_partial_sector": request(T_IN, 0, 100),
+        "read_huge_sector": request(T_IN, 2**64 - 1, 512),
+        "get_id": request(T_GET_ID, 0, 20),
+        "flush": request(T_FLUSH, 0, 0),
+        "write": vsock_packet_seed(
+            4,
+            0,
+            [desc(DATA, 16, NEXT, 1), desc(data, 512, NEXT, 2), desc(status, 1, WRITE)],
+            block_header(T_OUT, 0),
+        ),
+        "discard": request(11, 0, 16),
+        # No writable byte for the status; a header split over two descriptors.
+        "no_status": vsock_packet_seed(4, 0, [desc(DATA, 16)], block_header(T_IN, 0)),
+        "split_header": vsock_packet_seed(
+            4,
+            0,
+            [desc(DATA, 6, NEXT, 1), desc(DATA + 6, 10, NEXT, 2), desc(status, 1, WRITE)],
+            block_header(T_FLUSH, 0),
+        ),
+        # A data buffer outside memory, a loop, an indirect table.
+        "outside_memory": vsock_packet_seed(
+            4,
+            0,
+            [desc(DATA, 16, NEXT, 1), desc(2**64 - 10, 512, NEXT | WRITE, 2), desc(status, 1, WRITE)],
+            block_header(T_IN, 0),
+        ),
+        "loop": vsock_packet_seed(
+            4, 0, [desc(DATA, 16, NEXT, 1), desc(DATA, 16, NEXT, 0)], block_header(T_IN, 0)
+        ),
+        "indirect": vsock_packet_seed(4, 0, [desc(DATA + 0x200, 48, INDIRECT)], block_header(T_IN, 0)),
+    }
+    for name, data_bytes in seeds.items():
+        write("virtio_block", name, data_bytes)
+
+
 if __name__ == "__main__":
     protocol_frames()
     group_file()
     vsock_packet()
     virtio_queue()
+    virtio_block()
     vsock_muxer()
     api_request()

@@ -312,6 +312,11 @@ fn each_vm_runs_as_a_user_of_its_own_that_cannot_reach_another_vms_sockets() {
         .filter(|d| d.is_dir())
         .collect();
     assert_eq!(dirs.len(), 2, "{dirs:?}");
+    // A VMM is jailed before it builds its VM and binds its socket: wait for both sockets.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dirs.iter().all(|d| d.join("vsock.sock").exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for dir in &dirs {
         use std::os::unix::fs::MetadataExt;
         let owner = std::fs::metadata(dir).unwrap().uid();

@@ -1,4 +1,5 @@
-//! `agentos run`: boot, exec, exit statuses, standard I/O, crashes, concurrency, Ctrl-C.
+//! `agentos run`: boot, exec, exit statuses, standard I/O, read-only disks, crashes,
+//! concurrency, Ctrl-C.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -126,6 +127,62 @@ fn four_mib_of_stdout_arrive_whole_and_in_order() {
         assert_eq!(line, expected.to_string(), "line {expected}");
     }
     assert_eq!(stdout.lines().count(), 620_000);
+    t.assert_nothing_left();
+}
+
+/// A disk file whose every sector says which it is: `sector N`, padded to 512 bytes.
+fn sector_disk(path: &std::path::Path, sectors: usize, tag: &str) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..sectors)
+        .flat_map(|n| format!("{:<511}\n", format!("{tag} sector {n}")).into_bytes())
+        .collect();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn read_only_disks_read_back_every_byte_and_refuse_writes() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("disk");
+    let (first, second) = (t.dir.join("first.img"), t.dir.join("second.img"));
+    let first_bytes = sector_disk(&first, 8192, "a");
+    let second_bytes = sector_disk(&second, 16, "b");
+    // The whole first disk on stdout; what the guest knows of both, and a write, on stderr.
+    let script = "cat /dev/vda; { cat /sys/block/vda/ro; echo $(cat /sys/block/vda/serial); \
+        echo $(cat /sys/block/vdb/serial); cat /sys/block/vdb/size; head -c 14 /dev/vdb; echo; \
+        dd if=/dev/zero of=/dev/vda count=1 2>/dev/null; echo write=$?; } >&2";
+    let out = t.output(
+        &[
+            "run",
+            "--disk",
+            first.to_str().unwrap(),
+            "--disk",
+            second.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(out.stdout.len(), first_bytes.len(), "{}", text(&out.stderr));
+    assert!(out.stdout == first_bytes, "the disk read back differs");
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        ["1", "disk0", "disk1", "16", "b sector 0    ", "write=1"],
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        std::fs::read(&first).unwrap() == first_bytes,
+        "the disk file changed"
+    );
+    assert!(std::fs::read(&second).unwrap() == second_bytes);
     t.assert_nothing_left();
 }
 

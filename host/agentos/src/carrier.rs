@@ -144,6 +144,7 @@ pub fn rerun_self_inside(vm: &VmArgs) -> anyhow::Result<i32> {
         [&vm.kernel, &vm.initrd]
             .into_iter()
             .flatten()
+            .chain(&vm.disk)
             .cloned()
             .collect(),
     )

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
+use agentos_vmm::config::MAX_DISKS;
+use agentos_vmm::devices::virtio::block::disk_size;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
@@ -78,6 +80,11 @@ pub struct VmArgs {
     /// Guest initramfs (default: the agent image's).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Give the guest a read-only disk over this file (a whole number of 512-byte sectors):
+    /// /dev/vda, then /dev/vdb... in the order given (at most 8). In a carrier, the file is
+    /// copied in: give it outside /tmp.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Vec<PathBuf>,
     /// Extra kernel command line arguments, appended to agentos's own.
     #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
@@ -195,6 +202,17 @@ impl VmArgs {
                 bail!("{} does not exist or is not a file", path.display());
             }
         }
+        if self.disk.len() > MAX_DISKS {
+            bail!(
+                "{} disks given; a VM has at most {MAX_DISKS}",
+                self.disk.len()
+            );
+        }
+        for path in &self.disk {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open the disk {}", path.display()))?;
+            disk_size(&file).with_context(|| format!("{} cannot be a disk", path.display()))?;
+        }
         Ok(())
     }
 
@@ -226,6 +244,7 @@ impl VmArgs {
             kernel,
             initrd,
             extra_initrds: Vec::new(),
+            disks: self.disk.clone(),
             extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
@@ -373,6 +392,47 @@ mod tests {
         let cli = Cli::parse_from(["t", "--memory", "64", "--", "true"]);
         let err = cli.run.vm.validate().unwrap_err().to_string();
         assert!(err.contains("at least 128 MiB"), "{err}");
+    }
+
+    #[test]
+    fn disks_that_cannot_be_disks_are_refused_before_boot() {
+        let dir = std::env::temp_dir().join(format!("agentos-run-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let odd = dir.join("odd.img");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        let empty = dir.join("empty.img");
+        std::fs::write(&empty, []).unwrap();
+        let good = dir.join("good.img");
+        std::fs::write(&good, [0u8; 1024]).unwrap();
+        let refusal = |disk: &std::path::Path| {
+            let cli = Cli::parse_from(["t", "--disk", disk.to_str().unwrap(), "--", "true"]);
+            format!("{:#}", cli.run.vm.validate().unwrap_err())
+        };
+        let err = refusal(&odd);
+        assert!(err.contains("odd.img cannot be a disk"), "{err}");
+        assert!(
+            err.contains("1000 bytes, is not a whole number of 512-byte sectors"),
+            "{err}"
+        );
+        assert!(refusal(&empty).contains("the disk file is empty"));
+        assert!(refusal(&dir.join("missing.img")).contains("cannot open the disk"));
+        assert!(refusal(&dir).contains("not a regular file"));
+        let good = good.to_str().unwrap();
+        let nine: Vec<&str> = ["t"]
+            .into_iter()
+            .chain(std::iter::repeat_n(["--disk", good], 9).flatten())
+            .chain(["--", "true"])
+            .collect();
+        let err = Cli::parse_from(nine)
+            .run
+            .vm
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "9 disks given; a VM has at most 8");
+        let cli = Cli::parse_from(["t", "--disk", good, "--", "true"]);
+        cli.run.vm.validate().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentos_vmm::builder::build_vm;
-use agentos_vmm::config::{ConsoleConfig, VmConfig, VsockConfig};
+use agentos_vmm::config::{ConsoleConfig, DiskConfig, MAX_DISKS, VmConfig, VsockConfig};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::{Role, SeccompFilters};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
@@ -64,6 +64,11 @@ pub struct VmmArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     pub cid: u64,
+    /// Give the guest a read-only disk over this file (a whole number of 512-byte sectors,
+    /// opened before the jail): the first is the guest's /dev/vda with serial `disk0`, the
+    /// next /dev/vdb with `disk1`, and so on. Repeat for more, at most 8.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Vec<PathBuf>,
     /// Write a JSON report of the run here when the VM ends (the file is opened before the jail,
     /// never through a symlink).
     #[arg(long)]
@@ -111,7 +116,7 @@ pub struct VmmReport {
 }
 
 impl VmmArgs {
-    fn vm_config(&self, console_log: Option<std::fs::File>) -> VmConfig {
+    fn vm_config(&self, console_log: Option<std::fs::File>, disks: Vec<DiskConfig>) -> VmConfig {
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory,
@@ -126,6 +131,7 @@ impl VmmArgs {
                 guest_cid: self.cid,
                 uds_path,
             }),
+            disks,
         }
     }
 }
@@ -191,6 +197,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         .as_deref()
         .map(|path| open_nofollow(path, libc::O_TRUNC))
         .transpose()?;
+    let disks = open_disks(&args.disk)?;
     let jail = if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
         JailLevel::None
@@ -211,7 +218,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     } else {
         Some(Arc::new(SeccompFilters::new()?))
     };
-    let vmm = build_vm(&args.vm_config(console_log)).context("cannot build the VM")?;
+    let vmm = build_vm(&args.vm_config(console_log, disks)).context("cannot build the VM")?;
     spawn_signal_thread(vmm.exit_signal(), filters.clone())?;
     let vmm = match filters {
         Some(filters) => vmm.with_seccomp(filters),
@@ -228,6 +235,27 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         Outcome::Shutdown | Outcome::Stopped => {}
     }
     Ok(code)
+}
+
+/// Opens the disks read-only, as whoever started us, each named for the guest by its place.
+fn open_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<DiskConfig>> {
+    anyhow::ensure!(
+        paths.len() <= MAX_DISKS,
+        "a VM has at most {MAX_DISKS} disks, not {}",
+        paths.len()
+    );
+    paths
+        .iter()
+        .enumerate()
+        .map(|(index, path)| {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open the disk {}", path.display()))?;
+            Ok(DiskConfig {
+                file,
+                id: format!("disk{index}"),
+            })
+        })
+        .collect()
 }
 
 /// The arguments with every path the jail binds made absolute and resolved.

@@ -26,6 +26,9 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::status::{GuestStatus, StatusPort};
 use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::block::event_handler::BlockEvents;
+use crate::devices::virtio::block::metrics::BlockMetrics;
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioMetrics, MmioTransport, queue_notify_address};
 use crate::devices::virtio::vsock::event_handler::VsockEvents;
 use crate::devices::virtio::vsock::metrics::VsockMetrics;
@@ -77,6 +80,13 @@ pub enum BuildError {
     VsockHost(#[from] MuxerError),
     #[error("cannot set up the event loop")]
     EventLoop(#[from] EventLoopError),
+    #[error("cannot set up disk {index} ({id})")]
+    Disk {
+        index: usize,
+        id: String,
+        #[source]
+        source: BlockError,
+    },
 }
 
 fn open(path: &std::path::Path) -> Result<File, BuildError> {
@@ -171,6 +181,49 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         });
         vsock_metrics = Some(metrics);
     }
+    // Disks take the slots after the vsock device's, in order: the guest names them vda, vdb...
+    let mut disk_metrics = Vec::with_capacity(config.disks.len());
+    for (index, disk) in config.disks.iter().enumerate() {
+        let slot = 1 + index as u64;
+        let base = MMIO_DEVICES_START + slot * MMIO_DEVICE_SIZE;
+        let gsi = FIRST_VIRTIO_IRQ + slot as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irq, gsi)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irq));
+        let metrics = Arc::new(BlockMetrics::default());
+        let disk_error = |source| BuildError::Disk {
+            index,
+            id: disk.id.clone(),
+            source,
+        };
+        let file = disk
+            .file
+            .try_clone()
+            .map_err(|e| disk_error(BlockError::Stat(e)))?;
+        let device =
+            Block::new(file, &disk.id, interrupt.clone(), metrics.clone()).map_err(disk_error)?;
+        vm.register_ioevent(
+            device.queue_event(),
+            queue_notify_address(GuestAddress(base)),
+            0,
+        )?;
+        let notifier = device.notifier().map_err(disk_error)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            interrupt,
+            notifier,
+            mmio_metrics.clone(),
+        )));
+        mmio_bus.insert(base, MMIO_DEVICE_SIZE, transport.clone())?;
+        event_loop.add(Box::new(BlockEvents::new(transport)))?;
+        acpi_devices.push(AcpiDevice::VirtioMmio {
+            base,
+            size: MMIO_DEVICE_SIZE,
+            gsi,
+        });
+        disk_metrics.push(metrics);
+    }
 
     info!("devices ready");
     let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
@@ -226,6 +279,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             vcpu: Arc::new(VcpuMetrics::default()),
             mmio: mmio_metrics,
             vsock: vsock_metrics,
+            disks: disk_metrics,
         },
     }))
 }

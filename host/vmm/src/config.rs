@@ -6,6 +6,8 @@ use std::path::PathBuf;
 /// Largest VM the VMM builds; the MADT and the topology leaves number vCPUs in a byte.
 pub const MAX_VCPUS: u8 = 64;
 
+pub use crate::devices::virtio::block::MAX_DISKS;
+
 #[derive(Debug)]
 pub struct VmConfig {
     pub vcpus: u8,
@@ -18,6 +20,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub console: ConsoleConfig,
     pub vsock: Option<VsockConfig>,
+    /// Read-only virtio-blk disks, `/dev/vda` onwards in the guest.
+    pub disks: Vec<DiskConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -37,12 +41,24 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A read-only virtio-blk disk over a host file (see `devices::virtio::block`).
+#[derive(Debug)]
+pub struct DiskConfig {
+    /// The file, opened by the caller (read-only), so that a VMM confined to a jail reads what
+    /// its jail cannot reach and nothing else.
+    pub file: File,
+    /// What the guest reads as the disk's serial number (at most 20 bytes).
+    pub id: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
     Vcpus(u8),
     #[error("guest CID {0} is reserved; use 3 or more")]
     ReservedCid(u64),
+    #[error("a VM has at most {MAX_DISKS} disks, not {0}")]
+    Disks(usize),
 }
 
 impl VmConfig {
@@ -54,6 +70,9 @@ impl VmConfig {
             && vsock.guest_cid < 3
         {
             return Err(ConfigError::ReservedCid(vsock.guest_cid));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disks(self.disks.len()));
         }
         Ok(())
     }

@@ -123,8 +123,9 @@ const EVERY_THREAD: &[i64] = &[
 /// reset, which closes the device's host connections (`close`, `epoll_ctl` delete, `timerfd`).
 const VCPU: &[i64] = &[libc::SYS_close, libc::SYS_timerfd_settime];
 
-/// The VMM thread: the event loop and the vsock device's host side. It waits (`epoll_wait`),
-/// reads eventfds, timers and host sockets (`read`, `recvfrom`; writes with `write`, `sendto`),
+/// The VMM thread: the event loop, the block devices and the vsock device's host side. It waits
+/// (`epoll_wait`), reads eventfds, timers and host sockets (`read`, `recvfrom`; writes with
+/// `write`, `sendto`), reads disk files at an offset (`pread64`),
 /// accepts host clients (`accept4`, then `FIONBIO`),
 /// connects guest-initiated connections to `<uds>_<port>` sockets (`socket` of `AF_UNIX` streams
 /// only, `connect`), half-closes and closes them, watches them (`epoll_ctl`), arms the sweep
@@ -137,6 +138,8 @@ const VMM: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_ctl,
     libc::SYS_read,
+    // The block devices read their host files at the guest's sector offsets.
+    libc::SYS_pread64,
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_shutdown,

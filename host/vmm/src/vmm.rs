@@ -11,6 +11,7 @@ use tracing::info;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::console::Console;
 use crate::devices::legacy::status::GuestStatus;
+use crate::devices::virtio::block::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::devices::virtio::mmio::MmioMetrics;
 use crate::devices::virtio::vsock::metrics::{VsockMetrics, VsockMetricsSnapshot};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -73,6 +74,7 @@ pub struct VmmMetrics {
     pub vcpu: Arc<VcpuMetrics>,
     pub mmio: Arc<MmioMetrics>,
     pub vsock: Option<Arc<VsockMetrics>>,
+    pub disks: Vec<Arc<BlockMetrics>>,
 }
 
 /// A copy of the counters at one moment, for reports.
@@ -87,6 +89,9 @@ pub struct MetricsSnapshot {
     pub virtio_activations: u64,
     pub virtio_resets: u64,
     pub vsock: Option<VsockMetricsSnapshot>,
+    /// One per disk, in order; absent without disks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<BlockMetricsSnapshot>,
 }
 
 impl VmmMetrics {
@@ -102,6 +107,7 @@ impl VmmMetrics {
             virtio_activations: load(&self.mmio.activations),
             virtio_resets: load(&self.mmio.resets),
             vsock: self.vsock.as_ref().map(|m| m.snapshot()),
+            disks: self.disks.iter().map(|m| m.snapshot()).collect(),
         }
     }
 }

@@ -172,6 +172,7 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
                 guest_cid: 3,
                 uds_path: dir.join("vsock.sock"),
             }),
+            disks: Vec::new(),
         };
         let vmm = build_vm(&config).unwrap();
         let report = vmm

@@ -51,6 +51,7 @@ fn tiny_config(scratch: &Scratch, vcpus: u8) -> VmConfig {
             stdout: false,
         },
         vsock: None,
+        disks: Vec::new(),
     }
 }
 

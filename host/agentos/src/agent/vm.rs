@@ -59,6 +59,8 @@ pub struct BootOptions {
     pub initrd: PathBuf,
     /// cpio archives loaded after `initrd` (model bundles, ONNX Runtime).
     pub extra_initrds: Vec<PathBuf>,
+    /// Read-only disks: the guest's /dev/vda onwards.
+    pub disks: Vec<PathBuf>,
     /// Appended to [`AGENT_CMDLINE`].
     pub extra_cmdline: Option<String>,
     /// Copy the guest console to our stdout.
@@ -98,6 +100,7 @@ impl BootOptions {
             kernel: img.vmlinuz.clone(),
             initrd: img.initrd.clone(),
             extra_initrds: Vec::new(),
+            disks: Vec::new(),
             extra_cmdline: None,
             console: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
@@ -560,6 +563,9 @@ fn spawn_vmm(
         .arg(&opts.initrd);
     for extra in &opts.extra_initrds {
         cmd.arg("--initrd").arg(extra);
+    }
+    for disk in &opts.disks {
+        cmd.arg("--disk").arg(disk);
     }
     cmd.args(["--vcpus", &opts.vcpus.to_string()])
         .args(["--memory", &opts.memory_mib.to_string()])

@@ -1,11 +1,20 @@
 //! virtio devices over the virtio-mmio transport.
 
+pub mod block;
+mod metrics;
 pub mod mmio;
+#[cfg(test)]
+mod test_queue;
 pub mod vsock;
 
+pub(crate) use metrics::device_metrics;
+
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -80,4 +89,53 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns to the state before activation, dropping queues and in-flight work.
     fn reset(&mut self);
+}
+
+/// Bytes of one descriptor in a split queue's table.
+const DESCRIPTOR_BYTES: u64 = std::mem::size_of::<Descriptor>() as u64;
+
+/// Whether the chain at `head` of a queue of `queue_size` whose table is at `desc_table` has
+/// an indirect descriptor.
+///
+/// No device here offers `VIRTIO_RING_F_INDIRECT_DESC`, yet virtio-queue's chains follow an
+/// indirect descriptor by themselves, into a table of up to 65,535 more. So the chain is walked
+/// here first, as virtio-queue will walk it: from its head along `NEXT`, at most `queue_size`
+/// descriptors, ending where it would end (an index past the queue, a descriptor outside guest
+/// memory). A guest that rewrites a descriptor between this walk and the parse can still have
+/// one chain followed through one table; virtio-queue bounds that walk (65,535 descriptors, no
+/// table inside a table).
+pub fn uses_indirect(
+    mem: &GuestMemory,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> bool {
+    let mut index = head;
+    for _ in 0..queue_size {
+        if index >= queue_size {
+            return false;
+        }
+        let Some(addr) = desc_table.checked_add(u64::from(index) * DESCRIPTOR_BYTES) else {
+            return false;
+        };
+        let Ok(desc) = mem.read_obj::<Descriptor>(addr) else {
+            return false;
+        };
+        if desc.refers_to_indirect_table() {
+            return true;
+        }
+        if !desc.has_next() {
+            return false;
+        }
+        index = desc.next();
+    }
+    false
+}
+
+/// Whether the driver claims more new buffers than the queue holds. Such a queue yields no
+/// chains yet keeps reporting new ones, so draining it would never end.
+pub fn avail_ring_corrupt(queue: &Queue, mem: &GuestMemory) -> bool {
+    !queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| (idx - Wrapping(queue.next_avail())).0 <= queue.size())
 }

@@ -2,32 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use crate::devices::virtio::device_metrics;
 
-macro_rules! vsock_metrics {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        #[derive(Default)]
-        pub struct VsockMetrics {
-            $($(#[$doc])* pub $name: AtomicU64,)*
-        }
-
-        /// A copy of the counters at one moment.
-        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-        pub struct VsockMetricsSnapshot {
-            $(pub $name: u64,)*
-        }
-
-        impl VsockMetrics {
-            pub fn snapshot(&self) -> VsockMetricsSnapshot {
-                VsockMetricsSnapshot {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
-                }
-            }
-        }
-    };
-}
-
-vsock_metrics! {
+device_metrics! {
+    VsockMetrics, VsockMetricsSnapshot;
     /// Packets the guest sent and we accepted.
     tx_packets,
     /// Payload bytes from the guest delivered to host sockets.

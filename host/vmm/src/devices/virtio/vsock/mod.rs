@@ -11,7 +11,6 @@ pub mod metrics;
 pub mod muxer;
 pub mod packet;
 
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -31,7 +30,7 @@ use self::packet::{
 use super::mmio::QueueNotifier;
 use super::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    VirtioInterrupt,
+    VirtioInterrupt, avail_ring_corrupt,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -315,14 +314,6 @@ impl<B: VsockBackend> Vsock<B> {
 }
 
 const AVAIL_RING_CORRUPT: &str = "available ring index beyond the queue size";
-
-/// Whether the driver claims more new buffers than the queue holds. Such a queue yields no
-/// chains yet keeps reporting new ones, so draining it would never end.
-fn avail_ring_corrupt(queue: &Queue, mem: &GuestMemory) -> bool {
-    !queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| (idx - Wrapping(queue.next_avail())).0 <= queue.size())
-}
 
 fn count(counter: &AtomicU64, what: &str) {
     if VsockMetrics::inc(counter) == 0 {

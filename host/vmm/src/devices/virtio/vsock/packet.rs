@@ -3,9 +3,9 @@
 
 use std::io::{Read, Write};
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, Le16, Le32, Le64};
+use vm_memory::{ByteValued, GuestAddress, Le16, Le32, Le64};
 
+use crate::devices::virtio::uses_indirect;
 use crate::vstate::memory::GuestMemory;
 
 /// A descriptor chain popped from one of the device's queues.
@@ -114,43 +114,16 @@ pub enum PacketError {
     Indirect,
 }
 
-/// Bytes of one descriptor in a split queue's table.
-const DESCRIPTOR_BYTES: u64 = std::mem::size_of::<Descriptor>() as u64;
-
 /// Refuses the chain at `head` of a queue of `queue_size` whose table is at `desc_table` when
-/// any of its descriptors is indirect.
-///
-/// The device does not offer `VIRTIO_RING_F_INDIRECT_DESC`, yet virtio-queue's chains follow an
-/// indirect descriptor by themselves, into a table of up to 65,535 more. So the chain is walked
-/// here first, as virtio-queue will walk it: from its head along `NEXT`, at most `queue_size`
-/// descriptors, ending where it would end (an index past the queue, a descriptor outside guest
-/// memory). A guest that rewrites a descriptor between this walk and the parse can still have
-/// one chain followed through one table; virtio-queue bounds that walk (65,535 descriptors, no
-/// table inside a table), as it did before this check.
+/// any of its descriptors is indirect (see [`uses_indirect`]).
 pub fn refuse_indirect(
     mem: &GuestMemory,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
 ) -> Result<(), PacketError> {
-    let mut index = head;
-    for _ in 0..queue_size {
-        if index >= queue_size {
-            return Ok(());
-        }
-        let Some(addr) = desc_table.checked_add(u64::from(index) * DESCRIPTOR_BYTES) else {
-            return Ok(());
-        };
-        let Ok(desc) = mem.read_obj::<Descriptor>(addr) else {
-            return Ok(());
-        };
-        if desc.refers_to_indirect_table() {
-            return Err(PacketError::Indirect);
-        }
-        if !desc.has_next() {
-            return Ok(());
-        }
-        index = desc.next();
+    if uses_indirect(mem, desc_table, queue_size, head) {
+        return Err(PacketError::Indirect);
     }
     Ok(())
 }
