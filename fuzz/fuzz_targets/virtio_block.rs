@@ -1,7 +1,8 @@
 //! The read-only virtio-blk device as a guest drives it. The fuzz bytes lay out a descriptor
 //! table (any address, length, flags and next index) and the bytes its buffers hold (a request
 //! header where the chain starts, for a well-formed one); one chain is offered and the device
-//! serves it over a 64 KiB disk file. It must not panic, must return the chain, must write no
+//! serves it over a 64 KiB disk file. It must not panic, must return the chain (unless its head
+//! is past the queue: then it counts it), must write no
 //! more than the data it may read plus the status byte, and must never change the disk.
 //!
 //! Input, little-endian: queue size (1 byte, 2^(b % 9)), chain head (2), descriptor count (1),
@@ -75,7 +76,13 @@ fuzz_target!(|data: &[u8]| {
         .expect("the queue is valid");
     device.process();
 
-    // The chain came back, with at most a read's worth of data and the status.
+    // The chain came back, with at most a read's worth of data and the status; a head past
+    // the queue cannot be returned (it is counted instead). The device keeps its own used
+    // index (from 0), whatever the table wrote over the ring.
+    if head >= layout.size {
+        assert!(metrics.bad_chains.load(Ordering::Relaxed) >= 1);
+        return;
+    }
     let used_idx: u16 = mem
         .read_obj(GuestAddress(layout.used_ring + 2))
         .expect("the used ring is in low RAM");

@@ -442,6 +442,16 @@ fn a_run_by_another_user_is_jailed_rootless() {
         .spawn()
         .unwrap();
     let pid = jailed_vmm_pid(&marker, Instant::now() + Duration::from_secs(180));
+    // The VMM enters its namespaces one after another: wait until it is in all of them.
+    let namespaces = ["user", "mnt", "net", "ipc", "uts", "pid"];
+    let shared = |ns: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok()
+            == std::fs::read_link(format!("/proc/self/ns/{ns}")).ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while namespaces.iter().any(|ns| shared(ns)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     let id = user.to_string();
     assert_eq!(
@@ -450,7 +460,7 @@ fn a_run_by_another_user_is_jailed_rootless() {
             .collect::<Vec<_>>(),
         [id.as_str(); 4]
     );
-    for ns in ["user", "mnt", "net", "ipc", "uts", "pid"] {
+    for ns in namespaces {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "the rootless VMM shares our {ns} namespace");
