@@ -14,17 +14,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use agentos_fuzz::{Input, LOW_RAM_BYTES, QueueLayout, guest_memory, queue_size};
+use agentos_fuzz::OfferedChain;
 use agentos_vmm::devices::virtio::block::metrics::BlockMetrics;
 use agentos_vmm::devices::virtio::block::{Block, MAX_REQUEST_BYTES};
 use agentos_vmm::devices::virtio::{Activation, VirtioDevice, VirtioInterrupt};
-use agentos_vmm::vstate::memory::GuestMemory;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-const DESC_BYTES: usize = 16;
-const QUEUE_BASE: u64 = 0;
 const DATA: u64 = 0x2000;
 const DISK_BYTES: usize = 64 << 10;
 
@@ -45,20 +42,9 @@ fn disk() -> std::fs::File {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut input = Input::new(data);
-    let layout = QueueLayout::packed_at(QUEUE_BASE, queue_size(input.u8()));
-    let head = input.u16();
-    let count = usize::from(input.u8());
-    let table = input.take(count * DESC_BYTES);
-    let bytes = input.rest();
-
-    let mem = guest_memory();
-    mem.write_slice(table, GuestAddress(layout.desc_table))
-        .expect("the descriptor table fits in low RAM");
-    let room = LOW_RAM_BYTES - DATA as usize;
-    mem.write_slice(&bytes[..bytes.len().min(room)], GuestAddress(DATA))
-        .expect("the data fits in low RAM");
-    offer(&mem, &layout, head);
+    let OfferedChain {
+        mem, layout, head, ..
+    } = OfferedChain::new(data, DATA);
 
     let file = disk();
     let metrics = Arc::new(BlockMetrics::default());
@@ -103,11 +89,3 @@ fuzz_target!(|data: &[u8]| {
         "the disk changed"
     );
 });
-
-/// Puts `head` in the available ring as its only entry.
-fn offer(mem: &GuestMemory, layout: &QueueLayout, head: u16) {
-    let avail = GuestAddress(layout.avail_ring);
-    let ring = [0u16, 1, head].map(u16::to_le_bytes).concat();
-    mem.write_slice(&ring, avail)
-        .expect("the available ring is in low RAM");
-}

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use agentos_fuzz::{Input, LOW_RAM_BYTES, MAX_QUEUE_SIZE, QueueLayout, guest_memory, queue_size};
 use agentos_protocol::HOST_CID;
+use agentos_vmm::devices::virtio::events::Polled;
 use agentos_vmm::devices::virtio::vsock::metrics::VsockMetrics;
 use agentos_vmm::devices::virtio::vsock::packet::{Header, MAX_PAYLOAD, TYPE_STREAM, TxPacket};
 use agentos_vmm::devices::virtio::vsock::{Vsock, VsockBackend};

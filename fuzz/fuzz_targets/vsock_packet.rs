@@ -11,38 +11,21 @@
 
 #![no_main]
 
-use agentos_fuzz::{Input, LOW_RAM_BYTES, QueueLayout, guest_memory, queue_size};
+use agentos_fuzz::OfferedChain;
 use agentos_vmm::devices::virtio::vsock::packet::{
     HEADER_SIZE, Header, MAX_PAYLOAD, OP_RW, RxBuffer, TYPE_STREAM, read_tx_packet, refuse_indirect,
 };
-use agentos_vmm::vstate::memory::GuestMemory;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
-/// Size of one descriptor in the table.
-const DESC_BYTES: usize = 16;
-/// The descriptor table is at 0 and the rings right after its `size` entries: descriptors given
-/// past the queue size land under the rings, where only an indirect table can reach them.
-const QUEUE_BASE: u64 = 0;
-/// Where the buffer bytes go; descriptors that point elsewhere read whatever is there (zeros).
+/// Where the buffer bytes go.
 const DATA: u64 = 0x2000;
 
 fuzz_target!(|data: &[u8]| {
-    let mut input = Input::new(data);
-    let layout = QueueLayout::packed_at(QUEUE_BASE, queue_size(input.u8()));
-    let head = input.u16();
-    let count = usize::from(input.u8());
-    let table = input.take(count * DESC_BYTES);
-    let bytes = input.rest();
-
-    let mem = guest_memory();
-    mem.write_slice(table, GuestAddress(layout.desc_table))
-        .expect("the descriptor table fits in low RAM");
-    let room = LOW_RAM_BYTES - DATA as usize;
-    mem.write_slice(&bytes[..bytes.len().min(room)], GuestAddress(DATA))
-        .expect("the data fits in low RAM");
-    offer(&mem, &layout, head);
+    let OfferedChain {
+        mem, layout, bytes, ..
+    } = OfferedChain::new(data, DATA);
 
     let mut queue = layout.queue();
     let chain = queue
@@ -81,11 +64,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-/// Puts `head` in the available ring as its only entry.
-fn offer(mem: &GuestMemory, layout: &QueueLayout, head: u16) {
-    let avail = GuestAddress(layout.avail_ring);
-    let ring = [0u16, 1, head].map(u16::to_le_bytes).concat();
-    mem.write_slice(&ring, avail)
-        .expect("the available ring is in low RAM");
-}

@@ -3,7 +3,7 @@
 
 use agentos_vmm::vstate::memory::GuestMemory;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Low RAM, where the targets put descriptor tables, rings and buffers.
 pub const LOW_RAM_BYTES: usize = 0x1_0000;
@@ -124,5 +124,48 @@ impl<'a> Input<'a> {
     /// Everything not read yet.
     pub fn rest(self) -> &'a [u8] {
         self.bytes
+    }
+}
+
+/// Size of one descriptor in a split queue's table.
+const DESC_BYTES: usize = 16;
+
+/// One chain offered in a queue at 0, laid out from fuzz input: queue size (1 byte, 2^(b % 9)),
+/// chain head (2), descriptor count (1), that many 16-byte descriptors (addr u64, len u32,
+/// flags u16, next u16), then the bytes placed at `data_at`. Descriptors past the queue size
+/// land under the rings, where only an indirect table can reach them; descriptors that point
+/// elsewhere than `data_at` read whatever is there (zeros).
+pub struct OfferedChain<'a> {
+    pub mem: GuestMemory,
+    pub layout: QueueLayout,
+    pub head: u16,
+    /// The bytes after the descriptors (also placed at `data_at`, as far as low RAM goes).
+    pub bytes: &'a [u8],
+}
+
+impl<'a> OfferedChain<'a> {
+    pub fn new(data: &'a [u8], data_at: u64) -> Self {
+        let mut input = Input::new(data);
+        let layout = QueueLayout::packed_at(0, queue_size(input.u8()));
+        let head = input.u16();
+        let count = usize::from(input.u8());
+        let table = input.take(count * DESC_BYTES);
+        let bytes = input.rest();
+        let mem = guest_memory();
+        mem.write_slice(table, GuestAddress(layout.desc_table))
+            .expect("the descriptor table fits in low RAM");
+        let room = LOW_RAM_BYTES - data_at as usize;
+        mem.write_slice(&bytes[..bytes.len().min(room)], GuestAddress(data_at))
+            .expect("the data fits in low RAM");
+        // `head` as the available ring's only entry.
+        let ring = [0u16, 1, head].map(u16::to_le_bytes).concat();
+        mem.write_slice(&ring, GuestAddress(layout.avail_ring))
+            .expect("the available ring is in low RAM");
+        Self {
+            mem,
+            layout,
+            head,
+            bytes,
+        }
     }
 }

@@ -72,6 +72,16 @@ pub enum RunDirError {
         source: io::Error,
     },
     #[error(
+        "cannot jail the VMM: cannot give {} to its user {id} (`--no-jail` runs it unconfined, unsafely)",
+        path.display()
+    )]
+    GiveAway {
+        path: PathBuf,
+        id: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "every VMM user id in {first}-{last} is taken by a running VM; set {VMM_IDS_ENV}=FIRST-LAST to a larger range"
     )]
     NoFreeId { first: u32, last: u32 },
@@ -363,7 +373,11 @@ impl RunDir {
             .map_err(io_error("open", &path))?;
         // SAFETY: fchown on a descriptor we own, of a directory we just made.
         if unsafe { libc::fchown(fd.as_raw_fd(), id, id) } != 0 {
-            return Err(io_error("give away", &path)(io::Error::last_os_error()));
+            return Err(RunDirError::GiveAway {
+                path,
+                id,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(VmmDir {
             path,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentos_vmm::builder::build_vm;
-use agentos_vmm::config::{ConsoleConfig, DiskConfig, MAX_DISKS, VmConfig, VsockConfig};
+use agentos_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::{Role, SeccompFilters};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
@@ -237,13 +237,9 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// Opens the disks read-only, as whoever started us, each named for the guest by its place.
+/// Opens the disks read-only, as whoever started us, each named for the guest by its place (the
+/// VM's configuration bounds how many).
 fn open_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<DiskConfig>> {
-    anyhow::ensure!(
-        paths.len() <= MAX_DISKS,
-        "a VM has at most {MAX_DISKS} disks, not {}",
-        paths.len()
-    );
     paths
         .iter()
         .enumerate()

@@ -13,8 +13,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::acpi::{AcpiConfig, AcpiDevice, AcpiError, write_acpi_tables};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::layout::{
-    CMDLINE_MAX_SIZE, FIRST_VIRTIO_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, MMIO_DEVICE_SIZE,
-    MMIO_DEVICES_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+    CMDLINE_MAX_SIZE, FIRST_VIRTIO_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, MAX_MMIO_DEVICES,
+    MMIO_DEVICE_SIZE, MMIO_DEVICES_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
 use crate::arch::x86_64::regs::{RegsError, write_boot_tables};
@@ -26,18 +26,17 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::status::{GuestStatus, StatusPort};
 use crate::devices::virtio::VirtioInterrupt;
-use crate::devices::virtio::block::event_handler::BlockEvents;
 use crate::devices::virtio::block::metrics::BlockMetrics;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::events::{DeviceEvents, Polled};
 use crate::devices::virtio::mmio::{MmioMetrics, MmioTransport, queue_notify_address};
-use crate::devices::virtio::vsock::event_handler::VsockEvents;
 use crate::devices::virtio::vsock::metrics::VsockMetrics;
 use crate::devices::virtio::vsock::muxer::{MuxerError, UnixMuxer};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitSignal;
 use crate::vmm::{Vmm, VmmMetrics};
-use crate::vstate::memory::{MemoryError, create_guest_memory};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuMetrics};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -80,6 +79,8 @@ pub enum BuildError {
     VsockHost(#[from] MuxerError),
     #[error("cannot set up the event loop")]
     EventLoop(#[from] EventLoopError),
+    #[error("virtio-mmio slot {0} is past the last one")]
+    Slots(u64),
     #[error("cannot set up disk {index} ({id})")]
     Disk {
         index: usize,
@@ -147,49 +148,31 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         len: SERIAL_PORT_LEN,
         gsi: SERIAL_IRQ,
     }];
+    let mut virtio = VirtioDevices {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut mmio_bus,
+        event_loop: &mut event_loop,
+        acpi: &mut acpi_devices,
+        metrics: &mmio_metrics,
+    };
     if let Some(vsock) = &config.vsock {
-        let slot = 0;
-        let base = MMIO_DEVICES_START + slot * MMIO_DEVICE_SIZE;
-        let gsi = FIRST_VIRTIO_IRQ + slot as u32;
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&irq, gsi)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq));
+        let slot = virtio.slot(0)?;
         let metrics = Arc::new(VsockMetrics::default());
         let backend = UnixMuxer::new(&vsock.uds_path, metrics.clone())?;
-        let device = Vsock::new(vsock.guest_cid, backend, interrupt.clone(), metrics.clone())?;
-        for (queue, event) in device.queue_events().iter().enumerate() {
-            vm.register_ioevent(
-                event,
-                queue_notify_address(GuestAddress(base)),
-                queue as u32,
-            )?;
-        }
-        let notifier = device.notifier()?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            mem.clone(),
-            interrupt,
-            notifier,
-            mmio_metrics.clone(),
-        )));
-        mmio_bus.insert(base, MMIO_DEVICE_SIZE, transport.clone())?;
-        event_loop.add(Box::new(VsockEvents::new(transport)))?;
-        acpi_devices.push(AcpiDevice::VirtioMmio {
-            base,
-            size: MMIO_DEVICE_SIZE,
-            gsi,
-        });
+        let device = Vsock::new(
+            vsock.guest_cid,
+            backend,
+            slot.interrupt.clone(),
+            metrics.clone(),
+        )?;
+        virtio.attach(slot, device)?;
         vsock_metrics = Some(metrics);
     }
     // Disks take the slots after the vsock device's, in order: the guest names them vda, vdb...
     let mut disk_metrics = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
-        let slot = 1 + index as u64;
-        let base = MMIO_DEVICES_START + slot * MMIO_DEVICE_SIZE;
-        let gsi = FIRST_VIRTIO_IRQ + slot as u32;
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&irq, gsi)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq));
+        let slot = virtio.slot(1 + index as u64)?;
         let metrics = Arc::new(BlockMetrics::default());
         let disk_error = |source| BuildError::Disk {
             index,
@@ -199,29 +182,10 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         let file = disk
             .file
             .try_clone()
-            .map_err(|e| disk_error(BlockError::Stat(e)))?;
-        let device =
-            Block::new(file, &disk.id, interrupt.clone(), metrics.clone()).map_err(disk_error)?;
-        vm.register_ioevent(
-            device.queue_event(),
-            queue_notify_address(GuestAddress(base)),
-            0,
-        )?;
-        let notifier = device.notifier().map_err(disk_error)?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            mem.clone(),
-            interrupt,
-            notifier,
-            mmio_metrics.clone(),
-        )));
-        mmio_bus.insert(base, MMIO_DEVICE_SIZE, transport.clone())?;
-        event_loop.add(Box::new(BlockEvents::new(transport)))?;
-        acpi_devices.push(AcpiDevice::VirtioMmio {
-            base,
-            size: MMIO_DEVICE_SIZE,
-            gsi,
-        });
+            .map_err(|e| disk_error(BlockError::File(e)))?;
+        let device = Block::new(file, &disk.id, slot.interrupt.clone(), metrics.clone())
+            .map_err(disk_error)?;
+        virtio.attach(slot, device)?;
         disk_metrics.push(metrics);
     }
 
@@ -282,4 +246,70 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             disks: disk_metrics,
         },
     }))
+}
+
+/// Where virtio-mmio devices go as they are built: the VM, its memory, the MMIO bus, the event
+/// loop and the ACPI tables.
+struct VirtioDevices<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemory,
+    bus: &'a mut Bus,
+    event_loop: &'a mut EventLoop,
+    acpi: &'a mut Vec<AcpiDevice>,
+    metrics: &'a Arc<MmioMetrics>,
+}
+
+/// One virtio-mmio slot: its registers' address and its interrupt line, wired to KVM.
+struct MmioSlot {
+    base: u64,
+    gsi: u32,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl VirtioDevices<'_> {
+    /// Slot `index` (at most [`MAX_MMIO_DEVICES`] - 1, the layout's limit), its interrupt
+    /// registered with KVM.
+    fn slot(&self, index: u64) -> Result<MmioSlot, BuildError> {
+        if index >= MAX_MMIO_DEVICES {
+            return Err(BuildError::Slots(index));
+        }
+        let gsi = FIRST_VIRTIO_IRQ + index as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        self.vm.register_irqfd(&irq, gsi)?;
+        Ok(MmioSlot {
+            base: MMIO_DEVICES_START + index * MMIO_DEVICE_SIZE,
+            gsi,
+            interrupt: Arc::new(VirtioInterrupt::new(irq)),
+        })
+    }
+
+    /// Puts `device` in `slot`: its queue notifications as ioeventfds, its transport on the
+    /// bus, its work in the event loop and its description in the ACPI tables.
+    fn attach<D: Polled + 'static>(&mut self, slot: MmioSlot, device: D) -> Result<(), BuildError> {
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            self.vm.register_ioevent(
+                event,
+                queue_notify_address(GuestAddress(slot.base)),
+                queue as u32,
+            )?;
+        }
+        let notifier = device.notifier().map_err(BuildError::EventFd)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            self.mem.clone(),
+            slot.interrupt,
+            notifier,
+            self.metrics.clone(),
+        )));
+        self.bus
+            .insert(slot.base, MMIO_DEVICE_SIZE, transport.clone())?;
+        self.event_loop
+            .add(Box::new(DeviceEvents::new(transport)))?;
+        self.acpi.push(AcpiDevice::VirtioMmio {
+            base: slot.base,
+            size: MMIO_DEVICE_SIZE,
+            gsi: slot.gsi,
+        });
+        Ok(())
+    }
 }

@@ -139,8 +139,6 @@ pub enum VmError {
     RunDir(#[source] io::Error),
     #[error(transparent)]
     RunDirBase(#[from] RunDirError),
-    #[error("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")]
-    Jail(#[source] RunDirError),
     #[error("cannot start the VMM ({path})")]
     Spawn {
         path: String,
@@ -241,13 +239,7 @@ impl Starting {
         let run_dir = RunDir::create("vm")?;
         let jail = JailLevel::for_this_process(opts.no_jail);
         // A jailed VMM started by root runs as a user of its own, which owns this directory.
-        // Without its own user (e.g. root without CAP_CHOWN) the VMM is not jailed: refuse.
-        let vmm_dir = run_dir
-            .vmm_dir(jail == JailLevel::Full)
-            .map_err(|e| match jail {
-                JailLevel::Full => VmError::Jail(e),
-                _ => VmError::RunDirBase(e),
-            })?;
+        let vmm_dir = run_dir.vmm_dir(jail == JailLevel::Full)?;
         let control = vmm_dir
             .listen(&format!("vsock.sock_{AGENT_CONTROL_PORT}"))
             .and_then(|l| l.set_nonblocking(true).map(|_| l))

@@ -1,13 +1,14 @@
 //! virtio devices over the virtio-mmio transport.
 
 pub mod block;
+pub mod events;
 mod metrics;
 pub mod mmio;
 #[cfg(test)]
 mod test_queue;
 pub mod vsock;
 
-pub(crate) use metrics::device_metrics;
+pub(crate) use metrics::{count_refusal, device_metrics};
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,4 +139,74 @@ pub fn avail_ring_corrupt(queue: &Queue, mem: &GuestMemory) -> bool {
     !queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .is_ok_and(|idx| (idx - Wrapping(queue.next_avail())).0 <= queue.size())
+}
+
+/// Reads bytes of a configuration space laid out in `config`, from `offset`: bytes past its end
+/// (or at offsets that overflow) read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// A descriptor chain popped from a device's queue.
+pub type Chain<'m> = virtio_queue::DescriptorChain<&'m GuestMemory>;
+
+/// What one [`drain_queue`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// The available index claimed more chains than the queue holds; nothing more was taken.
+    pub ring_corrupt: bool,
+    /// Chains that could not be put in the used ring (a head past the queue).
+    pub unreturned: usize,
+    /// `budget` chains were served: more may be waiting.
+    pub budget_spent: bool,
+}
+
+/// Serves the chains the driver made available, at most `budget` of them: each goes to `serve`,
+/// which returns how many bytes it wrote into the chain, then back to the driver in the used
+/// ring; the driver is interrupted once at the end, if it asked to be. Notifications are off
+/// while the queue is drained and back on, then checked once more, when it is empty.
+pub fn drain_queue<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+    interrupt: &VirtioInterrupt,
+    budget: usize,
+    mut serve: impl FnMut(Chain<'m>) -> u32,
+) -> Drained {
+    let mut drained = Drained::default();
+    let mut served = 0;
+    'drain: loop {
+        if avail_ring_corrupt(queue, mem) {
+            drained.ring_corrupt = true;
+            break;
+        }
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = serve(chain);
+            if queue.add_used(mem, head, written).is_err() {
+                drained.unreturned += 1;
+            }
+            served += 1;
+            if served == budget {
+                drained.budget_spent = true;
+                break 'drain;
+            }
+        }
+        if !queue.enable_notification(mem).unwrap_or(false) {
+            break;
+        }
+    }
+    if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_ring();
+    }
+    drained
 }

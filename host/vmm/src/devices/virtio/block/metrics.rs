@@ -1,7 +1,5 @@
 //! Counters of the block device; every error a guest can cause has one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::devices::virtio::device_metrics;
 
 device_metrics! {
@@ -30,14 +28,4 @@ device_metrics! {
     /// Times the queue had more requests than one wake of the event loop serves, so the device
     /// came back to it after the loop's other work.
     budget_spent,
-}
-
-impl BlockMetrics {
-    pub fn inc(counter: &AtomicU64) -> u64 {
-        counter.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
 }

@@ -5,17 +5,16 @@
 //! on the VMM's event loop thread, a queue's worth per wake; the guest's header, buffers and
 //! sector ranges are checked first, and every refusal is counted.
 
-pub mod event_handler;
 pub mod metrics;
 pub mod request;
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -25,10 +24,10 @@ use self::request::{
     ID_BYTES, Request, RequestError, S_IOERR, S_OK, S_UNSUPP, SECTOR_SIZE, T_FLUSH, T_GET_ID, T_IN,
     T_OUT, read_offset,
 };
-use super::mmio::QueueNotifier;
+use super::events::Polled;
 use super::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    VirtioInterrupt, avail_ring_corrupt, uses_indirect,
+    VirtioInterrupt, count_refusal, drain_queue, read_config_bytes, uses_indirect,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -53,8 +52,8 @@ pub const MAX_DISKS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot read the size of the disk file")]
-    Stat(#[source] std::io::Error),
+    #[error("cannot use the disk file")]
+    File(#[source] std::io::Error),
     #[error("the disk file is not a regular file")]
     NotAFile,
     #[error("the disk file is empty")]
@@ -72,16 +71,22 @@ struct Active {
     queue: Queue,
 }
 
-pub struct Block {
+/// The disk behind the device, and what serving a request needs.
+struct Disk {
     file: File,
     /// The disk's size in bytes, a whole number of sectors.
     capacity: u64,
     id: [u8; ID_BYTES],
+    /// The bounce buffer reads go through.
+    chunk: Vec<u8>,
+}
+
+pub struct Block {
+    disk: Disk,
     queue_event: EventFd,
     interrupt: Arc<VirtioInterrupt>,
     metrics: Arc<BlockMetrics>,
     active: Option<Active>,
-    chunk: Vec<u8>,
 }
 
 impl Block {
@@ -100,27 +105,17 @@ impl Block {
         let mut id_bytes = [0; ID_BYTES];
         id_bytes[..id.len()].copy_from_slice(id.as_bytes());
         Ok(Self {
-            file,
-            capacity,
-            id: id_bytes,
+            disk: Disk {
+                file,
+                capacity,
+                id: id_bytes,
+                chunk: vec![0; CHUNK_BYTES],
+            },
             queue_event: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             interrupt,
             metrics,
             active: None,
-            chunk: vec![0; CHUNK_BYTES],
         })
-    }
-
-    /// The eventfd the guest's queue notifications should signal (register it as an
-    /// ioeventfd).
-    pub fn queue_event(&self) -> &EventFd {
-        &self.queue_event
-    }
-
-    /// A notifier for notifications that reach the transport as MMIO writes.
-    pub fn notifier(&self) -> Result<Box<dyn QueueNotifier>, BlockError> {
-        let event = self.queue_event.try_clone().map_err(BlockError::EventFd)?;
-        Ok(Box::new(EventNotifier(event)))
     }
 
     /// Serves the requests the guest queued, up to [`REQUESTS_PER_WAKE`]; past that the device
@@ -135,64 +130,37 @@ impl Block {
         let queue = &mut active.queue;
         let desc_table = GuestAddress(queue.desc_table());
         let size = queue.size();
-        let mut used = false;
-        let mut served = 0;
-        'drain: loop {
-            if avail_ring_corrupt(queue, mem) {
+        let (disk, metrics) = (&mut self.disk, &self.metrics);
+        let drained = drain_queue(queue, mem, &self.interrupt, REQUESTS_PER_WAKE, |chain| {
+            if uses_indirect(mem, desc_table, size, chain.head_index()) {
+                BlockMetrics::inc(&metrics.indirect_chains);
                 count(
-                    &self.metrics.bad_chains,
-                    "available ring index beyond the queue size",
+                    &metrics.bad_chains,
+                    "descriptor chain uses an indirect table, which the device does not offer",
                 );
-                break;
+                return 0;
             }
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let written = if uses_indirect(mem, desc_table, size, head) {
-                    BlockMetrics::inc(&self.metrics.indirect_chains);
-                    count(
-                        &self.metrics.bad_chains,
-                        "descriptor chain uses an indirect table, which the device does not offer",
-                    );
+            match Request::parse(mem, chain) {
+                Ok(request) => disk.serve(metrics, request),
+                Err(e) => {
+                    count(&metrics.bad_chains, &e.to_string());
                     0
-                } else {
-                    match Request::parse(mem, chain) {
-                        Ok(request) => serve(
-                            &self.file,
-                            self.capacity,
-                            &self.id,
-                            &mut self.chunk,
-                            &self.metrics,
-                            request,
-                        ),
-                        Err(e) => {
-                            count(&self.metrics.bad_chains, &e.to_string());
-                            0
-                        }
-                    }
-                };
-                if queue.add_used(mem, head, written).is_err() {
-                    count(
-                        &self.metrics.bad_chains,
-                        "cannot return a request's buffers",
-                    );
-                }
-                used = true;
-                served += 1;
-                if served == REQUESTS_PER_WAKE {
-                    break 'drain;
                 }
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                break;
-            }
+        });
+        if drained.ring_corrupt {
+            count(
+                &self.metrics.bad_chains,
+                "available ring index beyond the queue size",
+            );
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_used_ring();
+        for _ in 0..drained.unreturned {
+            count(
+                &self.metrics.bad_chains,
+                "cannot return a request's buffers",
+            );
         }
-        if served == REQUESTS_PER_WAKE {
+        if drained.budget_spent {
             BlockMetrics::inc(&self.metrics.budget_spent);
             // The eventfd stays readable: the event loop comes back after its other events.
             let _ = self.queue_event.write(1);
@@ -203,7 +171,7 @@ impl Block {
 /// The size in bytes of the disk `file` holds: a regular file, not empty, a whole number of
 /// sectors.
 pub fn disk_size(file: &File) -> Result<u64, BlockError> {
-    let meta = file.metadata().map_err(BlockError::Stat)?;
+    let meta = file.metadata().map_err(BlockError::File)?;
     if !meta.is_file() {
         return Err(BlockError::NotAFile);
     }
@@ -217,114 +185,101 @@ pub fn disk_size(file: &File) -> Result<u64, BlockError> {
     Ok(size)
 }
 
-/// Serves one parsed request and writes its status; returns the bytes written into the
-/// guest's buffers (the used length).
-fn serve(
-    file: &File,
-    capacity: u64,
-    id: &[u8; ID_BYTES],
-    chunk: &mut [u8],
-    metrics: &BlockMetrics,
-    mut request: Request<'_>,
-) -> u32 {
-    let (status, data_written) = match request.type_ {
-        T_IN => match read(file, capacity, chunk, &mut request) {
-            Ok(n) => {
-                BlockMetrics::inc(&metrics.reads);
-                BlockMetrics::add(&metrics.read_bytes, n as u64);
-                (S_OK, n)
-            }
-            Err(ReadError::Range(e)) => {
-                count(&metrics.bad_ranges, &e.to_string());
-                (S_IOERR, 0)
-            }
-            Err(ReadError::File(e)) => {
-                count(
-                    &metrics.io_errors,
-                    &format!("cannot read the disk file: {e}"),
-                );
-                (S_IOERR, 0)
-            }
-            Err(ReadError::Guest) => {
-                count(&metrics.bad_chains, &RequestError::BadChain.to_string());
-                (S_IOERR, 0)
-            }
-        },
-        T_GET_ID => {
-            let n = request.data.available_bytes().min(ID_BYTES);
-            match request.data.write_all(&id[..n]) {
-                Ok(()) => {
-                    BlockMetrics::inc(&metrics.get_ids);
-                    (S_OK, n)
-                }
-                Err(_) => {
-                    count(&metrics.bad_chains, &RequestError::BadChain.to_string());
-                    (S_IOERR, 0)
-                }
-            }
-        }
-        // Nothing is ever written, so there is nothing to flush.
-        T_FLUSH => {
-            BlockMetrics::inc(&metrics.flushes);
-            (S_OK, 0)
-        }
-        T_OUT => {
-            count(&metrics.writes_refused, "write to a read-only disk");
-            (S_IOERR, 0)
-        }
-        other => {
-            count(
-                &metrics.unsupported,
-                &format!("request type {other} is not served"),
-            );
-            (S_UNSUPP, 0)
-        }
-    };
-    if request.status.write_all(&[status]).is_err() {
-        count(&metrics.bad_chains, &RequestError::NoStatus.to_string());
-        return data_written as u32;
-    }
-    // Both are bounded: data by MAX_REQUEST_BYTES or ID_BYTES, the status by one byte.
-    (data_written + 1) as u32
-}
-
 enum ReadError {
     Range(request::RangeError),
     File(std::io::Error),
     Guest,
 }
 
-/// Copies the sectors the request asks for from the file into its buffers, a chunk at a time.
-fn read(
-    file: &File,
-    capacity: u64,
-    chunk: &mut [u8],
-    request: &mut Request<'_>,
-) -> Result<usize, ReadError> {
-    let len = request.data.available_bytes();
-    let mut offset =
-        read_offset(request.sector, len, capacity, MAX_REQUEST_BYTES).map_err(ReadError::Range)?;
-    let mut left = len;
-    while left > 0 {
-        let step = left.min(chunk.len());
-        file.read_exact_at(&mut chunk[..step], offset)
-            .map_err(ReadError::File)?;
-        request
-            .data
-            .write_all(&chunk[..step])
-            .map_err(|_| ReadError::Guest)?;
-        left -= step;
-        offset += step as u64;
+impl Disk {
+    /// Serves one parsed request and writes its status; returns the bytes written into the
+    /// guest's buffers (the used length).
+    fn serve(&mut self, metrics: &BlockMetrics, mut request: Request<'_>) -> u32 {
+        let (status, data_written) = match request.type_ {
+            T_IN => match self.read(&mut request) {
+                Ok(n) => {
+                    BlockMetrics::inc(&metrics.reads);
+                    BlockMetrics::add(&metrics.read_bytes, n as u64);
+                    (S_OK, n)
+                }
+                Err(ReadError::Range(e)) => {
+                    count(&metrics.bad_ranges, &e.to_string());
+                    (S_IOERR, 0)
+                }
+                Err(ReadError::File(e)) => {
+                    count(
+                        &metrics.io_errors,
+                        &format!("cannot read the disk file: {e}"),
+                    );
+                    (S_IOERR, 0)
+                }
+                Err(ReadError::Guest) => {
+                    count(&metrics.bad_chains, &RequestError::BadChain.to_string());
+                    (S_IOERR, 0)
+                }
+            },
+            T_GET_ID => {
+                let n = request.data.available_bytes().min(ID_BYTES);
+                match request.data.write_all(&self.id[..n]) {
+                    Ok(()) => {
+                        BlockMetrics::inc(&metrics.get_ids);
+                        (S_OK, n)
+                    }
+                    Err(_) => {
+                        count(&metrics.bad_chains, &RequestError::BadChain.to_string());
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            // Nothing is ever written, so there is nothing to flush.
+            T_FLUSH => {
+                BlockMetrics::inc(&metrics.flushes);
+                (S_OK, 0)
+            }
+            T_OUT => {
+                count(&metrics.writes_refused, "write to a read-only disk");
+                (S_IOERR, 0)
+            }
+            other => {
+                count(
+                    &metrics.unsupported,
+                    &format!("request type {other} is not served"),
+                );
+                (S_UNSUPP, 0)
+            }
+        };
+        if request.status.write_all(&[status]).is_err() {
+            count(&metrics.bad_chains, &RequestError::NoStatus.to_string());
+            return data_written as u32;
+        }
+        // Both are bounded: data by MAX_REQUEST_BYTES or ID_BYTES, the status by one byte.
+        (data_written + 1) as u32
     }
-    Ok(len)
+
+    /// Copies the sectors the request asks for from the file into its buffers, a chunk at a time.
+    fn read(&mut self, request: &mut Request<'_>) -> Result<usize, ReadError> {
+        let len = request.data.available_bytes();
+        let mut offset = read_offset(request.sector, len, self.capacity, MAX_REQUEST_BYTES)
+            .map_err(ReadError::Range)?;
+        let mut left = len;
+        while left > 0 {
+            let step = left.min(self.chunk.len());
+            self.file
+                .read_exact_at(&mut self.chunk[..step], offset)
+                .map_err(ReadError::File)?;
+            request
+                .data
+                .write_all(&self.chunk[..step])
+                .map_err(|_| ReadError::Guest)?;
+            left -= step;
+            offset += step as u64;
+        }
+        Ok(len)
+    }
 }
 
 fn count(counter: &AtomicU64, what: &str) {
-    if BlockMetrics::inc(counter) == 0 {
-        warn!("block: {what}");
-    } else {
-        debug!("block: {what}");
-    }
+    count_refusal("block", counter, what);
 }
 
 impl VirtioDevice for Block {
@@ -347,16 +302,9 @@ impl VirtioDevice for Block {
     /// `seg_max` at 12; the rest reads as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 16];
-        config[..8].copy_from_slice(&(self.capacity / SECTOR_SIZE).to_le_bytes());
+        config[..8].copy_from_slice(&(self.disk.capacity / SECTOR_SIZE).to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -383,14 +331,17 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Signals the queue eventfd for notifications that arrive as MMIO writes.
-struct EventNotifier(EventFd);
+impl Polled for Block {
+    fn queue_events(&self) -> &[EventFd] {
+        std::slice::from_ref(&self.queue_event)
+    }
 
-impl QueueNotifier for EventNotifier {
-    fn notify(&self, index: u32) {
-        if index == 0 {
-            let _ = self.0.write(1);
-        }
+    fn poll_fd(&self) -> RawFd {
+        self.queue_event.as_raw_fd()
+    }
+
+    fn on_ready(&mut self) {
+        self.process();
     }
 }
 

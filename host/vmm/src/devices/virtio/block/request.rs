@@ -5,10 +5,8 @@
 use virtio_queue::{Reader, Writer};
 use vm_memory::{ByteValued, Le32, Le64};
 
+use crate::devices::virtio::Chain;
 use crate::vstate::memory::GuestMemory;
-
-/// A descriptor chain popped from the device's queue.
-pub type Chain<'m> = virtio_queue::DescriptorChain<&'m GuestMemory>;
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of a disk identity (`VIRTIO_BLK_T_GET_ID`): a serial number, NUL-padded.

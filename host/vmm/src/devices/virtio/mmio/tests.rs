@@ -46,14 +46,7 @@ impl VirtioDevice for DummyDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| CONFIG.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_bytes(&CONFIG, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

@@ -48,14 +48,6 @@ device_metrics! {
 }
 
 impl VsockMetrics {
-    pub fn inc(counter: &AtomicU64) -> u64 {
-        counter.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
     /// Raises a high-water mark to `value`.
     pub fn peak(counter: &AtomicU64, value: u64) {
         counter.fetch_max(value, Ordering::Relaxed);

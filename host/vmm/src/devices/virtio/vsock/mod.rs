@@ -6,7 +6,6 @@
 //! VMM's event loop watches.
 
 pub mod connection;
-pub mod event_handler;
 pub mod metrics;
 pub mod muxer;
 pub mod packet;
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use agentos_protocol::HOST_CID;
-use tracing::{debug, warn};
+use tracing::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -27,10 +26,10 @@ use self::packet::{
     Header, MAX_PAYLOAD, PacketError, RxBuffer, TYPE_STREAM, TxPacket, read_tx_packet,
     refuse_indirect,
 };
-use super::mmio::QueueNotifier;
+use super::events::Polled;
 use super::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    VirtioInterrupt, avail_ring_corrupt,
+    VirtioInterrupt, avail_ring_corrupt, count_refusal, drain_queue, read_config_bytes,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -124,22 +123,6 @@ impl<B: VsockBackend> Vsock<B> {
         })
     }
 
-    /// The eventfds the guest's queue notifications should signal (register them as ioeventfds).
-    pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    /// A notifier for notifications that reach the transport as MMIO writes.
-    pub fn notifier(&self) -> Result<Box<dyn QueueNotifier>, VsockError> {
-        let events = self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::Setup)?;
-        Ok(Box::new(EventNotifier(events)))
-    }
-
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -189,57 +172,39 @@ impl<B: VsockBackend> Vsock<B> {
         let queue = &mut active.queues[TX_QUEUE];
         let desc_table = GuestAddress(queue.desc_table());
         let size = queue.size();
-        let mut used = false;
-        let mut served = 0;
-        'drain: loop {
-            if avail_ring_corrupt(queue, mem) {
-                count(&self.metrics.tx_bad_chains, AVAIL_RING_CORRUPT);
-                break;
-            }
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let packet = refuse_indirect(mem, desc_table, size, head)
-                    .and_then(|()| read_tx_packet(mem, chain));
-                match packet {
-                    Ok(pkt) if pkt.hdr.type_ != TYPE_STREAM => {
-                        count(&self.metrics.bad_packets, "non-stream packet");
-                    }
-                    Ok(pkt) if !(pkt.hdr.src_cid == self.cid && pkt.hdr.dst_cid == HOST_CID) => {
-                        count(
-                            &self.metrics.bad_addressing,
-                            "packet with a forged or foreign CID",
-                        );
-                    }
-                    Ok(pkt) => {
-                        VsockMetrics::inc(&self.metrics.tx_packets);
-                        self.backend.send(pkt);
-                    }
-                    Err(e) => refused_chain(&self.metrics, &self.metrics.tx_bad_chains, &e),
+        let (cid, metrics, backend) = (self.cid, &self.metrics, &mut self.backend);
+        let drained = drain_queue(queue, mem, &self.interrupt, TX_CHAINS_PER_WAKE, |chain| {
+            let packet = refuse_indirect(mem, desc_table, size, chain.head_index())
+                .and_then(|()| read_tx_packet(mem, chain));
+            match packet {
+                Ok(pkt) if pkt.hdr.type_ != TYPE_STREAM => {
+                    count(&metrics.bad_packets, "non-stream packet");
                 }
-                // A used entry with length 0: transmit buffers are only read.
-                if queue.add_used(mem, head, 0).is_err() {
+                Ok(pkt) if !(pkt.hdr.src_cid == cid && pkt.hdr.dst_cid == HOST_CID) => {
                     count(
-                        &self.metrics.tx_bad_chains,
-                        "cannot return a transmit buffer",
+                        &metrics.bad_addressing,
+                        "packet with a forged or foreign CID",
                     );
                 }
-                used = true;
-                served += 1;
-                if served == TX_CHAINS_PER_WAKE {
-                    break 'drain;
+                Ok(pkt) => {
+                    VsockMetrics::inc(&metrics.tx_packets);
+                    backend.send(pkt);
                 }
+                Err(e) => refused_chain(metrics, &metrics.tx_bad_chains, &e),
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                break;
-            }
+            // A used entry with length 0: transmit buffers are only read.
+            0
+        });
+        if drained.ring_corrupt {
+            count(&self.metrics.tx_bad_chains, AVAIL_RING_CORRUPT);
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_used_ring();
+        for _ in 0..drained.unreturned {
+            count(
+                &self.metrics.tx_bad_chains,
+                "cannot return a transmit buffer",
+            );
         }
-        if served == TX_CHAINS_PER_WAKE {
+        if drained.budget_spent {
             VsockMetrics::inc(&self.metrics.tx_budget_spent);
             // The eventfd keeps the device's epoll set readable: the event loop comes back here
             // after the other events it has.
@@ -316,11 +281,7 @@ impl<B: VsockBackend> Vsock<B> {
 const AVAIL_RING_CORRUPT: &str = "available ring index beyond the queue size";
 
 fn count(counter: &AtomicU64, what: &str) {
-    if VsockMetrics::inc(counter) == 0 {
-        warn!("vsock: {what}");
-    } else {
-        debug!("vsock: {what}");
-    }
+    count_refusal("vsock", counter, what);
 }
 
 /// Counts a chain refused for `error` in `counter`, and an indirect one also as such.
@@ -345,15 +306,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -384,14 +337,17 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 }
 
-/// Signals queue eventfds for notifications that arrive as MMIO writes.
-struct EventNotifier(Vec<EventFd>);
+impl<B: VsockBackend> Polled for Vsock<B> {
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
 
-impl QueueNotifier for EventNotifier {
-    fn notify(&self, index: u32) {
-        if let Some(evt) = self.0.get(index as usize) {
-            let _ = evt.write(1);
-        }
+    fn poll_fd(&self) -> RawFd {
+        self.epoll_fd()
+    }
+
+    fn on_ready(&mut self) {
+        self.process();
     }
 }
 

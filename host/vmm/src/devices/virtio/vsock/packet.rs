@@ -8,8 +8,7 @@ use vm_memory::{ByteValued, GuestAddress, Le16, Le32, Le64};
 use crate::devices::virtio::uses_indirect;
 use crate::vstate::memory::GuestMemory;
 
-/// A descriptor chain popped from one of the device's queues.
-pub type Chain<'m> = virtio_queue::DescriptorChain<&'m GuestMemory>;
+pub use crate::devices::virtio::Chain;
 
 pub const HEADER_SIZE: usize = std::mem::size_of::<VsockHeader>();
 /// Largest payload of one packet, in either direction (the Linux driver's own limit).
