@@ -15,7 +15,10 @@ fn runs_a_command_with_the_requested_vcpus_and_memory() {
     }
     let _machine = share_machine();
     let t = Scratch::new("basic");
-    let script = "echo hi; nproc; grep MemTotal /proc/meminfo";
+    // Also what the guest kernel found in the machine the VMM gave it: MTRRs on (so it sets up
+    // PAT, with write-combining) and a TSC-deadline local APIC timer.
+    let script = "echo hi; nproc; grep MemTotal /proc/meminfo; \
+                  grep -c tsc_deadline_timer /proc/cpuinfo; dmesg | grep -e MTRR -e x86/PAT";
     let out = t.output(
         &[
             "run", "--vcpus", "2", "--memory", "256", "--", "/bin/sh", "-c", script,
@@ -35,6 +38,22 @@ fn runs_a_command_with_the_requested_vcpus_and_memory() {
     assert!(
         (200 * 1024..=256 * 1024).contains(&mem_kib),
         "MemTotal {mem_kib} kB"
+    );
+    assert_eq!(
+        lines.get(3),
+        Some(&"2"),
+        "TSC deadline timer on both vCPUs: {stdout}"
+    );
+    let pat = &lines[4..];
+    assert!(
+        pat.iter()
+            .any(|l| l.contains("x86/PAT: Configuration") && l.contains(" WC ")),
+        "PAT set up with write-combining: {stdout}"
+    );
+    assert!(
+        !pat.iter()
+            .any(|l| l.contains("MTRRs disabled") || l.contains("all blank")),
+        "MTRRs left off: {stdout}"
     );
     t.assert_nothing_left();
 }

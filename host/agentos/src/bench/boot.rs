@@ -8,7 +8,12 @@
 //! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
 //!   its first serial byte, with the peak resident memory of the VMM process.
 //!
-//! Runs of the two VMMs alternate, and results are medians with their min and max, because these
+//! - **Firecracker** (with `--firecracker PATH`): the same kernel and initramfs, booted by that
+//!   binary and, to compare like with like, by agentos too. Firecracker boots only ELF kernels on
+//!   x86_64, so both boot the `vmlinux` unpacked from the image's bzImage (through its PVH entry),
+//!   which also skips the guest's own decompression.
+//!
+//! Runs of the VMMs alternate, and results are medians with their min and max, because these
 //! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
 
 use std::io::{BufRead, BufReader, Read};
@@ -25,7 +30,7 @@ use super::{Stats, ratio};
 use crate::agent::connection::AgentConnection;
 use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
-use crate::image::{self, AGENT_IMAGE};
+use crate::image::{self, AGENT_IMAGE, vmlinux};
 use crate::jail::JailLevel;
 use crate::qemu;
 use crate::rundir::RunDir;
@@ -56,6 +61,10 @@ pub struct BootBenchArgs {
     /// Where the Linux boots run (see `agentos run --help`).
     #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
     pub carrier: CarrierChoice,
+    /// A Firecracker binary to boot the same kernel and initramfs beside agentos and QEMU (copied
+    /// into the carrier where the Linux boots run there).
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
     /// Only the Linux part, as JSON (what runs inside a carrier).
     #[arg(long, hide = true)]
     pub linux_only: bool,
@@ -68,9 +77,23 @@ pub struct LinuxResults {
     pub kernel: String,
     pub memory_mib: u64,
     pub agentos: LinuxAgentos,
-    pub qemu_microvm: LinuxQemu,
+    pub qemu_microvm: FirstLine,
     /// agentos / QEMU, medians of the time to the guest agent's first line.
     pub ratio: f64,
+    /// With `--firecracker`: both VMMs booting the ELF kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elf: Option<LinuxElf>,
+}
+
+/// agentos and Firecracker booting the ELF kernel unpacked from the bzImage.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinuxElf {
+    pub agentos: LinuxAgentos,
+    pub firecracker: FirstLine,
+    /// agentos (ELF) / Firecracker, medians of the time to the guest agent's first line.
+    pub ratio: f64,
+    /// agentos (bzImage, as agents boot) / Firecracker (ELF).
+    pub bzimage_ratio: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,8 +103,9 @@ pub struct LinuxAgentos {
     pub to_exit_ms: Stats,
 }
 
+/// A VMM timed to the guest agent's first console line only.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct LinuxQemu {
+pub struct FirstLine {
     pub to_init_ms: Stats,
 }
 
@@ -110,8 +134,18 @@ struct BootResults {
 }
 
 pub fn run(args: &BootBenchArgs) -> anyhow::Result<i32> {
+    let firecracker = args
+        .firecracker
+        .as_deref()
+        .map(|path| {
+            path.canonicalize()
+                .ok()
+                .filter(|p| p.is_file())
+                .with_context(|| format!("--firecracker {}: no such file", path.display()))
+        })
+        .transpose()?;
     if args.linux_only {
-        let linux = linux_bench(args.runs, args.memory, "direct")?;
+        let linux = linux_bench(args.runs, args.memory, "direct", firecracker.as_deref())?;
         println!("{}", serde_json::to_string(&linux)?);
         return Ok(0);
     }
@@ -122,9 +156,9 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<i32> {
         None
     };
     let linux = if carrier::should_use(args.carrier)? {
-        linux_bench_in_carrier(args)?
+        linux_bench_in_carrier(args, firecracker.as_deref())?
     } else {
-        linux_bench(args.runs, args.memory, "direct")?
+        linux_bench(args.runs, args.memory, "direct", firecracker.as_deref())?
     };
     let results = BootResults {
         runs: args.runs,
@@ -169,6 +203,24 @@ fn print_table(r: &BootResults) {
         "ms",
     );
     println!("  ratio agentos/QEMU: {}", l.ratio);
+    if let Some(e) = &l.elf {
+        println!("The ELF kernel unpacked from the bzImage:");
+        row(
+            "agentos: spawn to agent's first line",
+            &e.agentos.to_init_ms,
+            "ms",
+        );
+        row("agentos: spawn to VMM exit", &e.agentos.to_exit_ms, "ms");
+        row(
+            "Firecracker: spawn to first line",
+            &e.firecracker.to_init_ms,
+            "ms",
+        );
+        println!(
+            "  ratios: agentos (ELF)/Firecracker {}, agentos (bzImage)/Firecracker {}",
+            e.ratio, e.bzimage_ratio
+        );
+    }
     if let Some(t) = &r.tiny {
         println!("Tiny guest, directly on this host's KVM:");
         row(
@@ -191,23 +243,31 @@ fn print_table(r: &BootResults) {
 }
 
 /// Runs the Linux part inside a carrier, with QEMU and its firmware copied in too.
-fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> {
+fn linux_bench_in_carrier(
+    args: &BootBenchArgs,
+    firecracker: Option<&Path>,
+) -> anyhow::Result<LinuxResults> {
     let qemu_bin = qemu::which(qemu::QEMU)
         .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
     let mut files = vec![qemu_bin];
     files.extend(QEMU_DATA.iter().map(PathBuf::from).filter(|p| p.is_file()));
     files.extend(carrier::agent_image_files());
+    let mut argv = vec![
+        std::env::current_exe()?.display().to_string(),
+        "bench".into(),
+        "boot".into(),
+        "--linux-only".into(),
+        "--runs".into(),
+        args.runs.to_string(),
+        "--memory".into(),
+        args.memory.to_string(),
+    ];
+    if let Some(fc) = firecracker {
+        files.push(fc.to_path_buf());
+        argv.extend(["--firecracker".into(), fc.display().to_string()]);
+    }
     let spec = CarrierRun {
-        argv: vec![
-            std::env::current_exe()?.display().to_string(),
-            "bench".into(),
-            "boot".into(),
-            "--linux-only".into(),
-            "--runs".into(),
-            args.runs.to_string(),
-            "--memory".into(),
-            args.memory.to_string(),
-        ],
+        argv,
         env: Default::default(),
         files,
         memory_mib: 4096,
@@ -228,13 +288,24 @@ fn linux_bench_in_carrier(args: &BootBenchArgs) -> anyhow::Result<LinuxResults> 
     Ok(linux)
 }
 
-fn linux_bench(runs: u32, memory_mib: u64, placement: &str) -> anyhow::Result<LinuxResults> {
+fn linux_bench(
+    runs: u32,
+    memory_mib: u64,
+    placement: &str,
+    firecracker: Option<&Path>,
+) -> anyhow::Result<LinuxResults> {
     let cache = image::default_cache_dir();
     let img = image::find_image(&cache, AGENT_IMAGE)
         .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
     qemu::which(qemu::QEMU)
         .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
+    let elf_dir = RunDir::create("bench-elf")?;
+    let vmlinux = elf_dir.join("vmlinux");
+    if firecracker.is_some() {
+        vmlinux::unpack_file(&img.vmlinuz, &vmlinux)?;
+    }
     let (mut init, mut hello, mut exit, mut qemu) = (vec![], vec![], vec![], vec![]);
+    let (mut e_init, mut e_hello, mut e_exit, mut fc) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let a = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
             .with_context(|| format!("agentos boot {}", i + 1))?;
@@ -251,15 +322,48 @@ fn linux_bench(runs: u32, memory_mib: u64, placement: &str) -> anyhow::Result<Li
             a.to_init_ms,
             qemu[i as usize]
         );
+        if let Some(firecracker) = firecracker {
+            let a = agentos_linux_boot(&vmlinux, &img.initrd, memory_mib)
+                .with_context(|| format!("agentos ELF boot {}", i + 1))?;
+            e_init.push(a.to_init_ms);
+            e_hello.push(a.to_hello_ms);
+            e_exit.push(a.to_exit_ms);
+            let f =
+                firecracker_linux_boot(firecracker, &elf_dir, &vmlinux, &img.initrd, memory_mib)
+                    .with_context(|| format!("Firecracker boot {}", i + 1))?;
+            fc.push(f);
+            eprintln!(
+                "agentos bench: run {}/{runs}: ELF kernel: agentos {:.0} ms, Firecracker {f:.0} ms",
+                i + 1,
+                a.to_init_ms
+            );
+        }
     }
     let agentos = LinuxAgentos {
         to_init_ms: Stats::of(&init),
         to_hello_ms: Stats::of(&hello),
         to_exit_ms: Stats::of(&exit),
     };
-    let qemu = LinuxQemu {
+    let init_median = agentos.to_init_ms.median;
+    let qemu = FirstLine {
         to_init_ms: Stats::of(&qemu),
     };
+    let elf = firecracker.map(|_| {
+        let agentos = LinuxAgentos {
+            to_init_ms: Stats::of(&e_init),
+            to_hello_ms: Stats::of(&e_hello),
+            to_exit_ms: Stats::of(&e_exit),
+        };
+        let firecracker = FirstLine {
+            to_init_ms: Stats::of(&fc),
+        };
+        LinuxElf {
+            ratio: ratio(agentos.to_init_ms.median, firecracker.to_init_ms.median),
+            bzimage_ratio: ratio(init_median, firecracker.to_init_ms.median),
+            agentos,
+            firecracker,
+        }
+    });
     Ok(LinuxResults {
         placement: placement.into(),
         kernel: img.manifest.kernel.release.clone(),
@@ -267,6 +371,7 @@ fn linux_bench(runs: u32, memory_mib: u64, placement: &str) -> anyhow::Result<Li
         ratio: ratio(agentos.to_init_ms.median, qemu.to_init_ms.median),
         agentos,
         qemu_microvm: qemu,
+        elf,
     })
 }
 
@@ -408,6 +513,47 @@ fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Res
     let at = marker
         .recv_timeout(LINUX_TIMEOUT)
         .context("QEMU's guest never printed the agent's first line")?;
+    Ok(ms(at.duration_since(start)))
+}
+
+/// Boots `kernel` (an ELF) under Firecracker, configured from a file (no API socket), and
+/// returns the time from spawn to the guest agent's first line. The agent then waits for a host
+/// that is not there, so Firecracker is killed.
+fn firecracker_linux_boot(
+    firecracker: &Path,
+    dir: &RunDir,
+    kernel: &Path,
+    initrd: &Path,
+    memory_mib: u64,
+) -> anyhow::Result<f64> {
+    let config = dir.join("firecracker.json");
+    let json = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": AGENT_CMDLINE,
+        },
+        "drives": [],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
+    });
+    std::fs::write(&config, serde_json::to_vec(&json)?)?;
+    let start = Instant::now();
+    let mut child = Command::new(firecracker)
+        .args(["--no-api", "--level", "Error", "--config-file"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", firecracker.display()))?;
+    let guard = KillOnDrop(&mut child);
+    let marker = watch_console(
+        guard.0.stdout.take().context("no console pipe")?,
+        BOOT_MARKER,
+    );
+    let at = marker
+        .recv_timeout(LINUX_TIMEOUT)
+        .context("Firecracker's guest never printed the agent's first line")?;
     Ok(ms(at.duration_since(start)))
 }
 

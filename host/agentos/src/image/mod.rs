@@ -21,6 +21,7 @@ mod libs;
 pub use libs::needed_libraries;
 pub mod manifest;
 mod spec;
+pub mod vmlinux;
 
 use std::ffi::OsString;
 use std::fs;

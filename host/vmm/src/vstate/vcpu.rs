@@ -79,7 +79,7 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         let index = self.index;
         let mut cpuid = vm.supported_cpuid().clone();
-        adjust_cpuid(&mut cpuid, index, count);
+        adjust_cpuid(&mut cpuid, index, count, vm.host_caps());
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| VcpuError::Cpuid(index, e))?;

@@ -9,6 +9,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestMemory;
+use crate::arch::x86_64::cpuid::HostCaps;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 /// KVM capabilities the VMM cannot do without.
@@ -45,6 +46,7 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     supported_cpuid: CpuId,
+    host_caps: HostCaps,
 }
 
 impl Vm {
@@ -63,6 +65,9 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Setup("CPUID list", e))?;
+        let host_caps = HostCaps {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Setup("TSS address", e))?;
@@ -79,6 +84,7 @@ impl Vm {
             kvm,
             fd,
             supported_cpuid,
+            host_caps,
         })
     }
 
@@ -92,6 +98,10 @@ impl Vm {
 
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    pub fn host_caps(&self) -> HostCaps {
+        self.host_caps
     }
 
     /// Gives every region of `mem` to KVM as a memory slot.

@@ -1,5 +1,6 @@
 //! The CPUID a vCPU reports: what KVM supports on this host, with the topology made to match the
-//! VM (one socket, one thread per core, `vcpus` cores) and the hypervisor bit set.
+//! VM (one socket, one thread per core, `vcpus` cores), the hypervisor bit set, no performance
+//! monitoring, and the TSC-deadline timer where KVM offers it.
 
 use kvm_bindings::CpuId;
 
@@ -14,6 +15,8 @@ const LEAF_XSAVE: u32 = 0xd;
 /// x87 and SSE state live in the legacy XSAVE area and have no sub-leaf of their own.
 const XSAVE_LEGACY_COMPONENTS: u64 = 0b11;
 
+const ECX_PDCM: u32 = 1 << 15;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 /// Level types in leaf 0xb/0x1f ECX[15:8].
@@ -60,8 +63,16 @@ fn sanitize_xsave(cpuid: &mut CpuId) {
     }
 }
 
+/// What the host's KVM can give a vCPU beyond what `KVM_GET_SUPPORTED_CPUID` lists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCaps {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the local APIC timer can be armed with a TSC deadline,
+    /// which spares the guest kernel calibrating its APIC timer against a tick at boot.
+    pub tsc_deadline: bool,
+}
+
 /// Rewrites `cpuid` (as returned by `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
-pub fn adjust_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+pub fn adjust_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: HostCaps) {
     sanitize_xsave(cpuid);
     let apic_id = u32::from(index);
     let count32 = u32::from(count.max(1));
@@ -71,6 +82,11 @@ pub fn adjust_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
             LEAF_FEATURES => {
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | (count32 << 16);
                 entry.ecx |= ECX_HYPERVISOR;
+                // No IA32_PERF_CAPABILITIES: there is no virtual PMU (leaf 0xa below).
+                entry.ecx &= !ECX_PDCM;
+                if host.tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -145,7 +161,7 @@ mod tests {
             entry(LEAF_EXT_TOPOLOGY, 2),
         ])
         .unwrap();
-        adjust_cpuid(&mut cpuid, 2, 3);
+        adjust_cpuid(&mut cpuid, 2, 3, HostCaps::default());
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 2);
         assert_eq!((e[0].ebx >> 16) & 0xff, 3);
@@ -157,11 +173,23 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_follows_the_host_and_pdcm_is_cleared() {
+        let mut features = entry(LEAF_FEATURES, 0);
+        features.ecx = ECX_PDCM;
+        let mut cpuid = CpuId::from_entries(&[features]).unwrap();
+        adjust_cpuid(&mut cpuid, 0, 1, HostCaps::default());
+        assert_eq!(cpuid.as_slice()[0].ecx & (ECX_PDCM | ECX_TSC_DEADLINE), 0);
+        let host = HostCaps { tsc_deadline: true };
+        adjust_cpuid(&mut cpuid, 0, 1, host);
+        assert_ne!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn one_vcpu_clears_htt() {
         let mut features = entry(LEAF_FEATURES, 0);
         features.edx = EDX_HTT;
         let mut cpuid = CpuId::from_entries(&[features]).unwrap();
-        adjust_cpuid(&mut cpuid, 0, 1);
+        adjust_cpuid(&mut cpuid, 0, 1, HostCaps::default());
         assert_eq!(cpuid.as_slice()[0].edx & EDX_HTT, 0);
     }
 
@@ -176,7 +204,7 @@ mod tests {
         let mut leaf1 = entry(LEAF_XSAVE, 1);
         leaf1.ecx = 0x100;
         let mut cpuid = CpuId::from_entries(&[leaf0, leaf1, avx, entry(LEAF_XSAVE, 3)]).unwrap();
-        adjust_cpuid(&mut cpuid, 0, 1);
+        adjust_cpuid(&mut cpuid, 0, 1, HostCaps::default());
         let e = cpuid.as_slice();
         assert_eq!(e[0].eax, 0b0111);
         assert_eq!(e[1].ecx, 0);

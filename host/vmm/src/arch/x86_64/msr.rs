@@ -31,6 +31,11 @@ pub enum MsrError {
     Partial { set: usize, wanted: usize },
 }
 
+/// MSRs KVM emulates for every guest without listing them in `KVM_GET_MSR_INDEX_LIST`. Left at
+/// zero, the MTRRs are off: the guest kernel then finds "all blank" MTRRs, skips PAT set-up, and
+/// architecturally all of its memory is uncached.
+const EMULATED: &[(u32, u64)] = &[(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK)];
+
 /// The MSRs and values a vCPU boots with, among those KVM supports here.
 pub fn boot_msrs(kvm: &Kvm) -> Result<Msrs, MsrError> {
     let supported = kvm.get_msr_index_list().map_err(MsrError::List)?;
@@ -45,11 +50,11 @@ pub fn boot_msrs(kvm: &Kvm) -> Result<Msrs, MsrError> {
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ];
     let entries: Vec<kvm_msr_entry> = wanted
         .iter()
         .filter(|(index, _)| supported.as_slice().contains(index))
+        .chain(EMULATED)
         .map(|&(index, data)| kvm_msr_entry {
             index,
             data,
