@@ -132,7 +132,7 @@ fn the_vmm_runs_jailed_without_capabilities_and_sees_only_what_its_vm_needs() {
     // kernel and initrd.
     let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
         .expect("no agent image: run scripts/setup");
-    let image_files: Vec<PathBuf> = [&img.vmlinuz, &img.initrd]
+    let image_files: Vec<PathBuf> = [img.boot_kernel(), &img.initrd]
         .into_iter()
         .map(|p| {
             std::fs::canonicalize(p)
@@ -413,7 +413,12 @@ fn a_run_by_another_user_is_jailed_rootless() {
         .expect("no agent image: run scripts/setup");
     let images = home.join("images").join(AGENT_IMAGE);
     std::fs::create_dir_all(&images).unwrap();
-    for file in [&img.vmlinuz, &img.initrd, &img.dir.join("manifest.json")] {
+    let files = [Some(&img.vmlinuz), img.vmlinux.as_ref(), Some(&img.initrd)];
+    for file in files
+        .into_iter()
+        .flatten()
+        .chain([&img.dir.join("manifest.json")])
+    {
         std::fs::copy(file, images.join(file.file_name().unwrap())).unwrap();
     }
     // A directory of that user's for its run directories.

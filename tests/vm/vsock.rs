@@ -89,7 +89,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
         .agentos()
         .arg("vmm")
         .arg("--kernel")
-        .arg(&img.vmlinuz)
+        .arg(img.boot_kernel())
         .arg("--initrd")
         .arg(&img.initrd)
         .args(["--memory", "256", "--cmdline", AGENT_CMDLINE])

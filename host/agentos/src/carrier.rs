@@ -170,7 +170,11 @@ pub fn rerun_inside(mut files: Vec<PathBuf>) -> anyhow::Result<i32> {
 pub fn agent_image_files() -> Vec<PathBuf> {
     let cache = image::default_cache_dir();
     match image::find_image(&cache, image::AGENT_IMAGE) {
-        Ok(img) => vec![img.vmlinuz, img.initrd, img.dir.join("manifest.json")],
+        Ok(img) => [Some(img.vmlinuz), img.vmlinux, Some(img.initrd)]
+            .into_iter()
+            .flatten()
+            .chain([img.dir.join("manifest.json")])
+            .collect(),
         Err(_) => Vec::new(),
     }
 }

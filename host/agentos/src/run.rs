@@ -74,7 +74,8 @@ pub struct VmArgs {
     /// Guest memory in MiB, at least 128 (default 256; 512 with --model).
     #[arg(long)]
     pub memory: Option<u64>,
-    /// Guest kernel (default: the agent image's).
+    /// Guest kernel, a bzImage or an ELF with a PVH entry (default: the agent image's unpacked ELF,
+    /// else its bzImage).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Guest initramfs (default: the agent image's).
@@ -228,7 +229,9 @@ impl VmArgs {
                     )
                 })?;
                 (
-                    kernel.clone().unwrap_or(img.vmlinuz),
+                    kernel
+                        .clone()
+                        .unwrap_or_else(|| img.boot_kernel().to_owned()),
                     initrd.clone().unwrap_or(img.initrd),
                 )
             }

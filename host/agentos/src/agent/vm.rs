@@ -97,7 +97,7 @@ impl BootOptions {
         Self {
             vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,
-            kernel: img.vmlinuz.clone(),
+            kernel: img.boot_kernel().to_owned(),
             initrd: img.initrd.clone(),
             extra_initrds: Vec::new(),
             disks: Vec::new(),

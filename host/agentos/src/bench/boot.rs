@@ -1,17 +1,16 @@
 //! `agentos bench boot`: boot times, side by side with QEMU's microvm machine in the same run.
 //!
 //! - **Linux**: the agent image's kernel and initramfs, booted by agentos and by
-//!   `qemu-system-x86_64 -M microvm` with the same command line, timed from spawning the VMM to
-//!   the guest agent's first console line ([`BOOT_MARKER`]); for agentos also to the agent's
-//!   `hello` over vsock and to the VMM's exit after a shutdown. Runs where Linux guests run here:
-//!   directly, or inside the QEMU carrier (both VMMs then run in the same carrier).
+//!   `qemu-system-x86_64 -M microvm` (its bzImage) with the same command line, timed from spawning
+//!   the VMM to the guest agent's first console line ([`BOOT_MARKER`]); for agentos also to the
+//!   agent's `hello` over vsock and to the VMM's exit after a shutdown. agentos boots the kernel
+//!   agents boot: the image's ELF `vmlinux` (through its PVH entry) where the image has one, and
+//!   then the bzImage too, to show what the guest's own decompression costs. Runs where Linux
+//!   guests run here: directly, or inside the QEMU carrier (all VMMs then run in the same carrier).
+//! - **Firecracker** (with `--firecracker PATH`): the same initramfs and the ELF kernel (the only
+//!   kind Firecracker boots on x86_64; unpacked from the bzImage if the image has none).
 //! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
 //!   its first serial byte, with the peak resident memory of the VMM process.
-//!
-//! - **Firecracker** (with `--firecracker PATH`): the same kernel and initramfs, booted by that
-//!   binary and, to compare like with like, by agentos too. Firecracker boots only ELF kernels on
-//!   x86_64, so both boot the `vmlinux` unpacked from the image's bzImage (through its PVH entry),
-//!   which also skips the guest's own decompression.
 //!
 //! Runs of the VMMs alternate, and results are medians with their min and max, because these
 //! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
@@ -76,24 +75,25 @@ pub struct LinuxResults {
     pub placement: String,
     pub kernel: String,
     pub memory_mib: u64,
+    /// What agents boot: `elf` (the image's unpacked kernel) or `bzimage`.
+    pub agentos_kernel: String,
     pub agentos: LinuxAgentos,
+    /// The same agent booting the bzImage, where agents boot the ELF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agentos_bzimage: Option<LinuxAgentos>,
+    /// QEMU's microvm machine booting the bzImage.
     pub qemu_microvm: FirstLine,
+    /// With `--firecracker`: Firecracker booting the ELF kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firecracker: Option<FirstLine>,
     /// agentos / QEMU, medians of the time to the guest agent's first line.
     pub ratio: f64,
-    /// With `--firecracker`: both VMMs booting the ELF kernel.
+    /// agentos / Firecracker, the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elf: Option<LinuxElf>,
-}
-
-/// agentos and Firecracker booting the ELF kernel unpacked from the bzImage.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LinuxElf {
-    pub agentos: LinuxAgentos,
-    pub firecracker: FirstLine,
-    /// agentos (ELF) / Firecracker, medians of the time to the guest agent's first line.
-    pub ratio: f64,
-    /// agentos (bzImage, as agents boot) / Firecracker (ELF).
-    pub bzimage_ratio: f64,
+    pub firecracker_ratio: Option<f64>,
+    /// agentos (as agents boot) / agentos booting the bzImage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bzimage_ratio: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,6 +101,17 @@ pub struct LinuxAgentos {
     pub to_init_ms: Stats,
     pub to_hello_ms: Stats,
     pub to_exit_ms: Stats,
+}
+
+impl LinuxAgentos {
+    fn of(boots: &[LinuxBoot]) -> Self {
+        let stats = |f: fn(&LinuxBoot) -> f64| Stats::of(&boots.iter().map(f).collect::<Vec<_>>());
+        Self {
+            to_init_ms: stats(|b| b.to_init_ms),
+            to_hello_ms: stats(|b| b.to_hello_ms),
+            to_exit_ms: stats(|b| b.to_exit_ms),
+        }
+    }
 }
 
 /// A VMM timed to the guest agent's first console line only.
@@ -186,40 +197,25 @@ fn print_table(r: &BootResults) {
         "Linux guest ({}, {} MiB, kernel {}), {} runs each:",
         l.placement, l.memory_mib, l.kernel, r.runs
     );
-    row(
-        "agentos: spawn to agent's first line",
-        &l.agentos.to_init_ms,
-        "ms",
-    );
-    row(
-        "agentos: spawn to agent's hello",
-        &l.agentos.to_hello_ms,
-        "ms",
-    );
-    row("agentos: spawn to VMM exit", &l.agentos.to_exit_ms, "ms");
-    row(
-        "QEMU microvm: spawn to first line",
-        &l.qemu_microvm.to_init_ms,
-        "ms",
-    );
+    let a = &l.agentos;
+    row("agentos: spawn to agent's first line", &a.to_init_ms, "ms");
+    row("agentos: spawn to agent's hello", &a.to_hello_ms, "ms");
+    row("agentos: spawn to VMM exit", &a.to_exit_ms, "ms");
+    println!("  (agentos booted the {} kernel)", l.agentos_kernel);
+    if let Some(b) = &l.agentos_bzimage {
+        row("agentos, bzImage: to first line", &b.to_init_ms, "ms");
+    }
+    let q = &l.qemu_microvm.to_init_ms;
+    row("QEMU microvm, bzImage: to first line", q, "ms");
+    if let Some(f) = &l.firecracker {
+        row("Firecracker, ELF: to first line", &f.to_init_ms, "ms");
+    }
     println!("  ratio agentos/QEMU: {}", l.ratio);
-    if let Some(e) = &l.elf {
-        println!("The ELF kernel unpacked from the bzImage:");
-        row(
-            "agentos: spawn to agent's first line",
-            &e.agentos.to_init_ms,
-            "ms",
-        );
-        row("agentos: spawn to VMM exit", &e.agentos.to_exit_ms, "ms");
-        row(
-            "Firecracker: spawn to first line",
-            &e.firecracker.to_init_ms,
-            "ms",
-        );
-        println!(
-            "  ratios: agentos (ELF)/Firecracker {}, agentos (bzImage)/Firecracker {}",
-            e.ratio, e.bzimage_ratio
-        );
+    if let Some(r) = l.firecracker_ratio {
+        println!("  ratio agentos/Firecracker: {r}");
+    }
+    if let Some(r) = l.bzimage_ratio {
+        println!("  ratio agentos ELF/bzImage: {r}");
     }
     if let Some(t) = &r.tiny {
         println!("Tiny guest, directly on this host's KVM:");
@@ -299,79 +295,66 @@ fn linux_bench(
         .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
     qemu::which(qemu::QEMU)
         .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
-    let elf_dir = RunDir::create("bench-elf")?;
-    let vmlinux = elf_dir.join("vmlinux");
-    if firecracker.is_some() {
-        vmlinux::unpack_file(&img.vmlinuz, &vmlinux)?;
-    }
-    let (mut init, mut hello, mut exit, mut qemu) = (vec![], vec![], vec![], vec![]);
-    let (mut e_init, mut e_hello, mut e_exit, mut fc) = (vec![], vec![], vec![], vec![]);
-    for i in 0..runs {
-        let a = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
-            .with_context(|| format!("agentos boot {}", i + 1))?;
-        init.push(a.to_init_ms);
-        hello.push(a.to_hello_ms);
-        exit.push(a.to_exit_ms);
-        qemu.push(
-            qemu_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
-                .with_context(|| format!("QEMU boot {}", i + 1))?,
-        );
-        eprintln!(
-            "agentos bench: run {}/{runs}: agentos {:.0} ms, QEMU {:.0} ms to the agent's first line",
-            i + 1,
-            a.to_init_ms,
-            qemu[i as usize]
-        );
-        if let Some(firecracker) = firecracker {
-            let a = agentos_linux_boot(&vmlinux, &img.initrd, memory_mib)
-                .with_context(|| format!("agentos ELF boot {}", i + 1))?;
-            e_init.push(a.to_init_ms);
-            e_hello.push(a.to_hello_ms);
-            e_exit.push(a.to_exit_ms);
-            let f =
-                firecracker_linux_boot(firecracker, &elf_dir, &vmlinux, &img.initrd, memory_mib)
-                    .with_context(|| format!("Firecracker boot {}", i + 1))?;
-            fc.push(f);
-            eprintln!(
-                "agentos bench: run {}/{runs}: ELF kernel: agentos {:.0} ms, Firecracker {f:.0} ms",
-                i + 1,
-                a.to_init_ms
-            );
+    let dir = RunDir::create("bench-linux")?;
+    let kernel = img.boot_kernel();
+    let elf = kernel != img.vmlinuz;
+    let vmlinux = match (&img.vmlinux, firecracker) {
+        (Some(path), _) => path.clone(),
+        (None, Some(_)) => {
+            let path = dir.join("vmlinux");
+            vmlinux::unpack_file(&img.vmlinuz, &path)?;
+            path
         }
-    }
-    let agentos = LinuxAgentos {
-        to_init_ms: Stats::of(&init),
-        to_hello_ms: Stats::of(&hello),
-        to_exit_ms: Stats::of(&exit),
+        (None, None) => PathBuf::new(),
     };
-    let init_median = agentos.to_init_ms.median;
+    let (mut agentos, mut bzimage, mut qemu, mut fc) = (vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let run = i + 1;
+        let a = agentos_linux_boot(kernel, &img.initrd, memory_mib)
+            .with_context(|| format!("agentos boot {run}"))?;
+        let mut line = format!("agentos {:.0} ms", a.to_init_ms);
+        agentos.push(a);
+        if elf {
+            let b = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+                .with_context(|| format!("agentos bzImage boot {run}"))?;
+            line += &format!(", agentos (bzImage) {:.0} ms", b.to_init_ms);
+            bzimage.push(b);
+        }
+        let q = qemu_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+            .with_context(|| format!("QEMU boot {run}"))?;
+        line += &format!(", QEMU {q:.0} ms");
+        qemu.push(q);
+        if let Some(firecracker) = firecracker {
+            let f = firecracker_linux_boot(firecracker, &dir, &vmlinux, &img.initrd, memory_mib)
+                .with_context(|| format!("Firecracker boot {run}"))?;
+            line += &format!(", Firecracker {f:.0} ms");
+            fc.push(f);
+        }
+        eprintln!("agentos bench: run {run}/{runs}: {line} to the agent's first line");
+    }
+    let agentos = LinuxAgentos::of(&agentos);
+    let bzimage = elf.then(|| LinuxAgentos::of(&bzimage));
     let qemu = FirstLine {
         to_init_ms: Stats::of(&qemu),
     };
-    let elf = firecracker.map(|_| {
-        let agentos = LinuxAgentos {
-            to_init_ms: Stats::of(&e_init),
-            to_hello_ms: Stats::of(&e_hello),
-            to_exit_ms: Stats::of(&e_exit),
-        };
-        let firecracker = FirstLine {
-            to_init_ms: Stats::of(&fc),
-        };
-        LinuxElf {
-            ratio: ratio(agentos.to_init_ms.median, firecracker.to_init_ms.median),
-            bzimage_ratio: ratio(init_median, firecracker.to_init_ms.median),
-            agentos,
-            firecracker,
-        }
+    let firecracker = firecracker.map(|_| FirstLine {
+        to_init_ms: Stats::of(&fc),
     });
+    let median = agentos.to_init_ms.median;
     Ok(LinuxResults {
         placement: placement.into(),
         kernel: img.manifest.kernel.release.clone(),
         memory_mib,
-        ratio: ratio(agentos.to_init_ms.median, qemu.to_init_ms.median),
+        agentos_kernel: if elf { "elf" } else { "bzimage" }.into(),
+        ratio: ratio(median, qemu.to_init_ms.median),
+        firecracker_ratio: firecracker
+            .as_ref()
+            .map(|f| ratio(median, f.to_init_ms.median)),
+        bzimage_ratio: bzimage.as_ref().map(|b| ratio(median, b.to_init_ms.median)),
         agentos,
+        agentos_bzimage: bzimage,
         qemu_microvm: qemu,
-        elf,
+        firecracker,
     })
 }
 

@@ -208,7 +208,7 @@ fn vmm_report_through_a_symlink(scratch: &Path, report: &mut CaseReport) {
         let child = agentos()
             .arg("vmm")
             .arg("--kernel")
-            .arg(&img.vmlinuz)
+            .arg(img.boot_kernel())
             .arg(flag)
             .arg(&link)
             .stdin(Stdio::null())

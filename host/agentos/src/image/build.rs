@@ -25,9 +25,12 @@ use super::manifest::{
     inputs_key,
 };
 use super::spec::{INIT_CONFIG_PATH, ImageSpec, MODULES_DIR};
+use super::vmlinux;
 use super::{hex, remove_stale_temporaries, temporary_path};
 
 pub const VMLINUZ_FILE: &str = "vmlinuz";
+/// The ELF kernel unpacked from `vmlinuz`, in images whose spec asks for it.
+pub const VMLINUX_FILE: &str = "vmlinux";
 pub const INITRD_FILE: &str = "initrd.cpio";
 const IMAGES_DIR: &str = "images";
 
@@ -116,6 +119,8 @@ pub struct BuildOptions {
 pub struct BuiltImage {
     pub dir: PathBuf,
     pub vmlinuz: PathBuf,
+    /// The unpacked ELF kernel, when the image has one.
+    pub vmlinux: Option<PathBuf>,
     pub initrd: PathBuf,
     pub manifest: Manifest,
     /// False when the image was already up to date and nothing was written.
@@ -310,6 +315,13 @@ pub fn build_image(
         io::copy(&mut source, &mut out).map_err(copy_error)?;
         Ok(out)
     })?;
+    let vmlinux = spec
+        .unpack_kernel
+        .then(|| Staged::new(&dir.join(VMLINUX_FILE)));
+    let vmlinux_digest = match &vmlinux {
+        Some(staged) => unpack_kernel(&kernel.vmlinuz, staged)?,
+        None => None,
+    };
 
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -330,6 +342,7 @@ pub fn build_image(
         modules: modules.iter().map(|m| m.name.clone()).collect(),
         libraries: libraries.iter().map(|l| l.display().to_string()).collect(),
         vmlinuz: vmlinuz_digest,
+        vmlinux: vmlinux_digest,
         initrd: initrd_digest,
     };
     let manifest_path = dir.join(MANIFEST_FILE);
@@ -339,6 +352,10 @@ pub fn build_image(
         Err(source) => return Err(write_error(&manifest_path, source)),
     }
     vmlinuz.commit()?;
+    match (vmlinux, &manifest.vmlinux) {
+        (Some(staged), Some(_)) => staged.commit()?,
+        _ => remove_if_present(&dir.join(VMLINUX_FILE))?,
+    }
     initrd.commit()?;
     manifest.store(&manifest_path)?;
 
@@ -350,11 +367,50 @@ pub fn build_image(
     });
     Ok(BuiltImage {
         vmlinuz: dir.join(VMLINUZ_FILE),
+        vmlinux: manifest.vmlinux.as_ref().map(|_| dir.join(VMLINUX_FILE)),
         initrd: initrd_path,
         dir,
         manifest,
         rebuilt: true,
     })
+}
+
+impl BuiltImage {
+    /// The kernel agents boot: the unpacked ELF where there is one (the guest then skips
+    /// decompressing itself, seconds under emulation), else the bzImage.
+    pub fn boot_kernel(&self) -> &Path {
+        self.vmlinux.as_deref().unwrap_or(&self.vmlinuz)
+    }
+}
+
+/// Writes the ELF kernel inside `bzimage` into `staged`; `None` (the image then boots the
+/// bzImage) when its compression cannot be unpacked here.
+fn unpack_kernel(bzimage: &Path, staged: &Staged) -> Result<Option<FileDigest>, ImageError> {
+    let bytes = fs::read(bzimage).map_err(|source| ImageError::CopyKernel {
+        from: bzimage.to_owned(),
+        source,
+    })?;
+    let elf = match vmlinux::unpack(&bytes) {
+        Ok(elf) => elf,
+        Err(why) => {
+            tracing::warn!("agents will boot the compressed kernel: {why}");
+            return Ok(None);
+        }
+    };
+    let digest = staged.fill(|mut out| {
+        out.write_all(&elf)
+            .map_err(|e| write_error(&staged.temporary, e))?;
+        Ok(out)
+    })?;
+    Ok(Some(digest))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), ImageError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(write_error(path, source)),
+    }
 }
 
 /// The image in `dir` if it is intact and was built from inputs with this key.
@@ -375,10 +431,12 @@ pub fn load_image(dir: &Path, name: &str) -> Result<BuiltImage, ImageError> {
         });
     }
     let manifest = Manifest::load(&manifest_path)?;
-    for (file, digest) in [
-        (VMLINUZ_FILE, &manifest.vmlinuz),
-        (INITRD_FILE, &manifest.initrd),
-    ] {
+    let files = [
+        (VMLINUZ_FILE, Some(&manifest.vmlinuz)),
+        (VMLINUX_FILE, manifest.vmlinux.as_ref()),
+        (INITRD_FILE, Some(&manifest.initrd)),
+    ];
+    for (file, digest) in files.into_iter().filter_map(|(f, d)| Some((f, d?))) {
         let size = fs::metadata(dir.join(file)).map(|m| m.len()).ok();
         if size != Some(digest.size) {
             return Err(ImageError::Incomplete {
@@ -390,6 +448,7 @@ pub fn load_image(dir: &Path, name: &str) -> Result<BuiltImage, ImageError> {
     }
     Ok(BuiltImage {
         vmlinuz: dir.join(VMLINUZ_FILE),
+        vmlinux: manifest.vmlinux.as_ref().map(|_| dir.join(VMLINUX_FILE)),
         initrd: dir.join(INITRD_FILE),
         dir: dir.to_owned(),
         manifest,
@@ -602,7 +661,9 @@ mod tests {
     use std::time::Instant;
 
     use super::super::manifest::FileDigest;
+    use super::super::vmlinux;
 
+    const ELF_KERNEL: &[u8] = b"\x7fELF, as far as the image builder looks";
     const KERNEL_DEB: &str = "linux-image-6.1.0-99-cloud-amd64_6.1.999-1_amd64.deb";
     const BUSYBOX_DEB: &str = "busybox-static_1%3a1.35.0-4_amd64.deb";
     const RELEASE: &str = "6.1.0-99-cloud-amd64";
@@ -629,7 +690,7 @@ mod tests {
         fs::create_dir_all(kernel.join("boot")).unwrap();
         fs::write(
             kernel.join("boot").join(format!("vmlinuz-{RELEASE}")),
-            b"bzImage",
+            vmlinux::test_bzimage(ELF_KERNEL),
         )
         .unwrap();
         let modules = kernel.join("lib/modules").join(RELEASE).join("kernel");
@@ -713,8 +774,14 @@ mod tests {
             manifest.modules.first().map(String::as_str),
             Some("virtio_ring")
         );
-        assert_eq!(fs::read(&image.vmlinuz).unwrap(), b"bzImage");
-        assert_eq!(manifest.vmlinuz, FileDigest::of(b"bzImage"));
+        let bzimage = vmlinux::test_bzimage(ELF_KERNEL);
+        assert_eq!(fs::read(&image.vmlinuz).unwrap(), bzimage);
+        assert_eq!(manifest.vmlinuz, FileDigest::of(&bzimage));
+        // Agents boot the kernel unpacked from it.
+        let elf = image.vmlinux.as_deref().expect("no unpacked kernel");
+        assert_eq!(fs::read(elf).unwrap(), ELF_KERNEL);
+        assert_eq!(manifest.vmlinux, Some(FileDigest::of(ELF_KERNEL)));
+        assert_eq!(image.boot_kernel(), elf);
         let initrd = fs::read(&image.initrd).unwrap();
         assert_eq!(manifest.initrd, FileDigest::of(&initrd));
         assert_eq!(find_image_in(&cache), image.manifest);
@@ -751,7 +818,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(names.len(), 4, "{names:?}");
     }
 
     fn find_image_in(cache: &tempfile::TempDir) -> Manifest {
@@ -763,6 +830,8 @@ mod tests {
         let cache = prepared_cache();
         let spec = ImageSpec::named(CARRIER_IMAGE).unwrap();
         let image: BuiltImage = build_image(&spec, cache.path(), &options(), &mut |_| {}).unwrap();
+        assert_eq!(image.vmlinux, None, "QEMU boots the carrier's bzImage");
+        assert_eq!(image.boot_kernel(), image.vmlinuz);
         assert_eq!(
             image.manifest.modules,
             [

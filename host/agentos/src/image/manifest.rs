@@ -20,7 +20,7 @@ pub const MANIFEST_FORMAT: u32 = 1;
 
 /// Version of what the builder makes from given inputs; bump it whenever the same inputs should
 /// give a different image (layout, modes, a new file), so existing images are rebuilt.
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -64,6 +64,10 @@ pub struct Manifest {
     /// Shared libraries of the guest agent, at their paths in the initramfs.
     pub libraries: Vec<String>,
     pub vmlinuz: FileDigest,
+    /// The ELF kernel unpacked from `vmlinuz`, where the spec asks for it and its compression
+    /// can be unpacked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmlinux: Option<FileDigest>,
     pub initrd: FileDigest,
 }
 
@@ -178,6 +182,7 @@ pub mod testing {
             modules: vec!["virtio_ring".to_owned(), "virtio".to_owned()],
             libraries: vec!["/lib/x86_64-linux-gnu/libc.so.6".to_owned()],
             vmlinuz: FileDigest::of(b"kernel"),
+            vmlinux: None,
             initrd: FileDigest::of(b"initrd"),
         }
     }

@@ -74,6 +74,9 @@ pub struct ImageSpec {
     pub env: BTreeMap<String, String>,
     /// Empty directories and their modes.
     pub dirs: Vec<(String, u32)>,
+    /// Also keep the ELF kernel unpacked from the bzImage, which agentos boots without the guest
+    /// decompressing itself. The carrier, which QEMU boots, does without.
+    pub unpack_kernel: bool,
 }
 
 /// How the guest agent reaches the host. Serialised as `{"vsock": {"port": 1024}}` or
@@ -100,14 +103,17 @@ pub struct InitConfig {
 
 impl ImageSpec {
     pub fn agent() -> Self {
-        Self::base(
-            AGENT_IMAGE,
-            AGENT_MODULES,
-            Transport::Vsock {
-                port: AGENT_CONTROL_PORT,
-            },
-            Some(AGENT_LISTEN_PORT),
-        )
+        Self {
+            unpack_kernel: true,
+            ..Self::base(
+                AGENT_IMAGE,
+                AGENT_MODULES,
+                Transport::Vsock {
+                    port: AGENT_CONTROL_PORT,
+                },
+                Some(AGENT_LISTEN_PORT),
+            )
+        }
     }
 
     pub fn carrier() -> Self {
@@ -144,6 +150,7 @@ impl ImageSpec {
                 .iter()
                 .map(|(path, mode)| ((*path).to_owned(), *mode))
                 .collect(),
+            unpack_kernel: false,
         }
     }
 

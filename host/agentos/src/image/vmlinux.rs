@@ -143,12 +143,18 @@ fn lz4_legacy(mut rest: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     Ok(out)
 }
 
+/// A bzImage holding `elf` as Debian packs it, for tests.
+#[cfg(test)]
+pub fn test_bzimage(elf: &[u8]) -> Vec<u8> {
+    tests::bzimage(&tests::lz4_payload(&[elf], elf.len() as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A bzImage-shaped file: one setup sector plus the boot sector, then `payload`.
-    fn bzimage(payload: &[u8]) -> Vec<u8> {
+    pub fn bzimage(payload: &[u8]) -> Vec<u8> {
         let mut b = vec![0u8; 2 * SECTOR];
         b[SETUP_SECTS] = 1;
         b[HEADER_MAGIC_AT..HEADER_MAGIC_AT + 4].copy_from_slice(HEADER_MAGIC);
@@ -161,7 +167,7 @@ mod tests {
         b
     }
 
-    fn lz4_payload(blocks: &[&[u8]], trailer: u32) -> Vec<u8> {
+    pub fn lz4_payload(blocks: &[&[u8]], trailer: u32) -> Vec<u8> {
         let mut p = LZ4_LEGACY_MAGIC.to_vec();
         for block in blocks {
             let c = lz4_flex::block::compress(block);
