@@ -421,18 +421,32 @@ fn a_run_by_another_user_is_jailed_rootless() {
     {
         std::fs::copy(file, images.join(file.file_name().unwrap())).unwrap();
     }
+    // The home is the user's, so that its first command can cache its KVM probe there.
+    std::os::unix::fs::chown(&home, Some(user), Some(user)).unwrap();
     // A directory of that user's for its run directories.
     let runs = t.dir.join("user");
     std::fs::create_dir(&runs).unwrap();
     std::os::unix::fs::chown(&runs, Some(user), Some(user)).unwrap();
     let marker = runs.display().to_string();
     use std::os::unix::process::CommandExt;
-    let child = std::process::Command::new(agentos_bin())
-        .uid(user)
-        .gid(user)
-        .env("AGENTOS_HOME", &home)
-        .env("AGENTOS_RUN_DIR", runs.join("run"))
-        .env("HOME", &runs)
+    let as_user = || {
+        let mut cmd = std::process::Command::new(agentos_bin());
+        cmd.uid(user)
+            .gid(user)
+            .env("AGENTOS_HOME", &home)
+            .env("AGENTOS_RUN_DIR", runs.join("run"))
+            .env("HOME", &runs);
+        cmd
+    };
+    // The first command of a new home probes whether this KVM boots Linux, with a VMM of its
+    // own that ends at once; doctor does it now, so the only VMM below is the run's.
+    let doctor = as_user().arg("doctor").output().unwrap();
+    assert!(
+        home.join("kvm-probe.json").is_file(),
+        "doctor left no KVM probe: {}",
+        describe(&doctor)
+    );
+    let child = as_user()
         .args([
             "run",
             "--json",

@@ -39,6 +39,8 @@ const DEFAULT_MEMORY_MIB: u64 = 4096;
 /// triple-faulted twice; with one, 41 boots under the same load went through without a fault.
 /// A single boot is as fast either way; only VMs booting side by side share the one CPU.
 pub const DEFAULT_CPUS: u8 = 1;
+/// At most this many carrier vCPUs (QEMU's, emulated one thread each).
+const MAX_CPUS: i64 = 64;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// The carrier's guest agent answers pings from a thread of its own, even when the command it runs
 /// is busy or silent; no answer for this long means the carrier itself stopped.
@@ -93,7 +95,7 @@ pub struct CarrierArgs {
     pub memory: u64,
     /// Carrier vCPUs. More than one makes QEMU emulate them on several threads, which was seen to
     /// crash the carrier's kernel now and then with many VMs running.
-    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u8).range(1..=64))]
+    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS))]
     pub cpus: u8,
     /// Copy the carrier's console to stderr.
     #[arg(long)]

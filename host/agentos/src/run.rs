@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
-use agentos_vmm::config::MAX_DISKS;
+use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
 use agentos_vmm::devices::virtio::block::disk_size;
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -69,7 +69,7 @@ impl SliceArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: u8,
     /// Guest memory in MiB, at least 128 (default 256; 512 with --model).
     #[arg(long)]

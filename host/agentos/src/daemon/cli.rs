@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentos_protocol::{InferOptions, InferReply, Task};
+use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 
 use super::SocketArg;
@@ -30,7 +31,7 @@ pub struct SpawnArgs {
     /// An installed model bundle the agent carries (`agentos model ls`).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: Option<u8>,
     /// Guest memory in MiB (default 256; 512 with --model).
     #[arg(long)]

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::InferRequest;
 use agentos_protocol::peer::valid_peer_name;
+use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -686,8 +687,8 @@ fn agent_config(
 ) -> Result<AgentConfig, ApiError> {
     let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
     let vcpus = request.vcpus.unwrap_or(1);
-    if !(1..=64).contains(&vcpus) {
-        return Err(invalid(format!("vcpus {vcpus}: use 1 to 64")));
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(invalid(format!("vcpus {vcpus}: use 1 to {MAX_VCPUS}")));
     }
     let default_memory = if request.model.is_some() {
         MODEL_MEMORY_MIB
