@@ -41,6 +41,8 @@ const DEFAULT_MEMORY_MIB: u64 = 4096;
 pub const DEFAULT_CPUS: u8 = 1;
 /// At most this many carrier vCPUs (QEMU's, emulated one thread each).
 const MAX_CPUS: i64 = 64;
+/// Where the carrier's guest agent mounts a tmpfs of its own.
+const CARRIER_TMP: &str = "/tmp";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// The carrier's guest agent answers pings from a thread of its own, even when the command it runs
 /// is busy or silent; no answer for this long means the carrier itself stopped.
@@ -236,6 +238,12 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     files.extend(spec.files.iter().cloned());
     // So that `agentos eval` runs in any carrier, the test suite's included.
     files.extend(crate::eval::carrier_files());
+    if let Some(hidden) = files.iter().find(|f| f.starts_with(CARRIER_TMP)) {
+        anyhow::bail!(
+            "cannot copy {} into the carrier: it mounts a fresh tmpfs on {CARRIER_TMP}, which would hide it; move it elsewhere",
+            hidden.display()
+        );
+    }
     let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
 
     let run_dir = RunDir::create("carrier").context("cannot create the carrier's run directory")?;

@@ -297,15 +297,11 @@ fn linux_bench(
         .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
     let dir = RunDir::create("bench-linux")?;
     let kernel = img.boot_kernel();
-    let elf = kernel != img.vmlinuz;
-    let vmlinux = match (&img.vmlinux, firecracker) {
-        (Some(path), _) => path.clone(),
-        (None, Some(_)) => {
-            let path = dir.join("vmlinux");
-            vmlinux::unpack_file(&img.vmlinuz, &path)?;
-            path
-        }
-        (None, None) => PathBuf::new(),
+    let elf = img.vmlinux.is_some();
+    // Firecracker's kernel: the image's ELF, else one unpacked here.
+    let firecracker = match firecracker {
+        Some(binary) => Some((binary, elf_kernel(&img, &dir)?)),
+        None => None,
     };
     let (mut agentos, mut bzimage, mut qemu, mut fc) = (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
@@ -324,8 +320,8 @@ fn linux_bench(
             .with_context(|| format!("QEMU boot {run}"))?;
         line += &format!(", QEMU {q:.0} ms");
         qemu.push(q);
-        if let Some(firecracker) = firecracker {
-            let f = firecracker_linux_boot(firecracker, &dir, &vmlinux, &img.initrd, memory_mib)
+        if let Some((binary, vmlinux)) = &firecracker {
+            let f = firecracker_linux_boot(binary, &dir, vmlinux, &img.initrd, memory_mib)
                 .with_context(|| format!("Firecracker boot {run}"))?;
             line += &format!(", Firecracker {f:.0} ms");
             fc.push(f);
@@ -356,6 +352,16 @@ fn linux_bench(
         qemu_microvm: qemu,
         firecracker,
     })
+}
+
+/// The image's ELF kernel, or one unpacked from its bzImage into `dir`.
+fn elf_kernel(img: &image::BuiltImage, dir: &RunDir) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &img.vmlinux {
+        return Ok(path.clone());
+    }
+    let path = dir.join("vmlinux");
+    vmlinux::unpack_file(&img.vmlinuz, &path)?;
+    Ok(path)
 }
 
 struct LinuxBoot {
@@ -473,21 +479,28 @@ fn microvm_firmware() -> Vec<String> {
 }
 
 fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut child = qemu::command()
-        .args(["-machine", "microvm", "-accel", "kvm", "-cpu", "host"])
+    let mut cmd = qemu::command();
+    cmd.args(["-machine", "microvm", "-accel", "kvm", "-cpu", "host"])
         .args(microvm_firmware())
         .args(["-m", &memory_mib.to_string(), "-smp", "1"])
         .args(["-serial", "stdio", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", AGENT_CMDLINE])
+        .args(["-append", AGENT_CMDLINE]);
+    time_to_first_line(cmd, "QEMU")
+}
+
+/// Spawns a VMM whose console is its stdout and returns the time to the guest agent's first
+/// line; the VMM is killed then (or when the line never comes).
+fn time_to_first_line(mut cmd: Command, vmm: &str) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {}", qemu::QEMU))?;
+        .with_context(|| format!("cannot start {vmm} ({:?})", cmd.get_program()))?;
     let guard = KillOnDrop(&mut child);
     let marker = watch_console(
         guard.0.stdout.take().context("no console pipe")?,
@@ -495,7 +508,7 @@ fn qemu_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::Res
     );
     let at = marker
         .recv_timeout(LINUX_TIMEOUT)
-        .context("QEMU's guest never printed the agent's first line")?;
+        .with_context(|| format!("{vmm}'s guest never printed the agent's first line"))?;
     Ok(ms(at.duration_since(start)))
 }
 
@@ -520,24 +533,10 @@ fn firecracker_linux_boot(
         "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
     });
     std::fs::write(&config, serde_json::to_vec(&json)?)?;
-    let start = Instant::now();
-    let mut child = Command::new(firecracker)
-        .args(["--no-api", "--level", "Error", "--config-file"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", firecracker.display()))?;
-    let guard = KillOnDrop(&mut child);
-    let marker = watch_console(
-        guard.0.stdout.take().context("no console pipe")?,
-        BOOT_MARKER,
-    );
-    let at = marker
-        .recv_timeout(LINUX_TIMEOUT)
-        .context("Firecracker's guest never printed the agent's first line")?;
-    Ok(ms(at.duration_since(start)))
+    let mut cmd = Command::new(firecracker);
+    cmd.args(["--no-api", "--level", "Error", "--config-file"])
+        .arg(&config);
+    time_to_first_line(cmd, "Firecracker")
 }
 
 /// Kills a child that is still running when the measurement is abandoned or done.

@@ -346,11 +346,7 @@ pub fn build_image(
         initrd: initrd_digest,
     };
     let manifest_path = dir.join(MANIFEST_FILE);
-    match fs::remove_file(&manifest_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(write_error(&manifest_path, source)),
-    }
+    remove_if_present(&manifest_path)?;
     vmlinuz.commit()?;
     match (vmlinux, &manifest.vmlinux) {
         (Some(staged), Some(_)) => staged.commit()?,

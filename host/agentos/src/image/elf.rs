@@ -4,7 +4,7 @@
 //! The bytes come from files we did not write (a distribution's packages, the host's libraries),
 //! so every offset and size is checked: a malformed file gives an error, never a panic.
 
-const MAGIC: &[u8; 4] = b"\x7fELF";
+pub(super) const MAGIC: &[u8; 4] = b"\x7fELF";
 const CLASS_64: u8 = 2;
 const DATA_LITTLE_ENDIAN: u8 = 1;
 
@@ -241,13 +241,13 @@ fn c_string<'a>(data: &'a [u8], offset: u64, what: &'static str) -> Result<&'a s
     std::str::from_utf8(&rest[..end]).map_err(|_| ElfError::BadString(what))
 }
 
-fn read_u16(data: &[u8], at: usize) -> Option<u16> {
+pub(super) fn read_u16(data: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(
         data.get(at..at.checked_add(2)?)?.try_into().ok()?,
     ))
 }
 
-fn read_u32(data: &[u8], at: usize) -> Option<u32> {
+pub(super) fn read_u32(data: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(
         data.get(at..at.checked_add(4)?)?.try_into().ok()?,
     ))

@@ -4,11 +4,15 @@
 //! A bzImage is the real-mode setup sectors followed by the protected-mode part, which holds the
 //! compressed kernel at `payload_offset` for `payload_length` bytes (boot protocol 2.08+). Debian's
 //! kernels compress it with LZ4 in its legacy framing: a magic number, then blocks of at most
-//! 8 MiB, each preceded by its compressed length; the kernel's build appends the uncompressed size
-//! as a last 32-bit word. Other compressions are named in the error.
+//! 8 MiB, each preceded by its compressed length (the magic may recur between blocks); the
+//! kernel's build appends the uncompressed size as a last 32-bit word, which is checked, so a
+//! truncated payload is an error rather than a short kernel. Other compressions are named in the
+//! error.
 
 use std::fs;
 use std::path::Path;
+
+use super::elf::{MAGIC as ELF_MAGIC, read_u16, read_u32};
 
 /// Offsets in the setup header (Documentation/arch/x86/boot.rst).
 const SETUP_SECTS: usize = 0x1f1;
@@ -22,10 +26,10 @@ const MIN_VERSION: u16 = 0x0208;
 const SECTOR: usize = 512;
 
 const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+const LZ4_LEGACY_MAGIC_WORD: u32 = u32::from_le_bytes(LZ4_LEGACY_MAGIC);
 const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 /// No kernel comes near this; it bounds what a corrupt file can make us allocate.
 const MAX_VMLINUX: usize = 1 << 30;
-const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmlinuxError {
@@ -84,20 +88,12 @@ pub fn unpack(bzimage: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     Ok(elf)
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// The compressed kernel within the bzImage.
 fn payload(b: &[u8]) -> Result<&[u8], VmlinuxError> {
     if b.get(HEADER_MAGIC_AT..HEADER_MAGIC_AT + 4) != Some(HEADER_MAGIC) {
         return Err(VmlinuxError::NotBzImage("no HdrS setup header"));
     }
-    let version = u16_at(b, VERSION_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
+    let version = read_u16(b, VERSION_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
     if version < MIN_VERSION {
         return Err(VmlinuxError::NotBzImage("boot protocol too old"));
     }
@@ -107,8 +103,8 @@ fn payload(b: &[u8]) -> Result<&[u8], VmlinuxError> {
         Some(&n) => usize::from(n),
         None => return Err(VmlinuxError::NotBzImage("short header")),
     };
-    let offset = u32_at(b, PAYLOAD_OFFSET_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
-    let length = u32_at(b, PAYLOAD_LENGTH_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
+    let offset = read_u32(b, PAYLOAD_OFFSET_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
+    let length = read_u32(b, PAYLOAD_LENGTH_AT).ok_or(VmlinuxError::NotBzImage("short header"))?;
     let start = (setup_sects + 1) * SECTOR + offset as usize;
     start
         .checked_add(length as usize)
@@ -116,34 +112,39 @@ fn payload(b: &[u8]) -> Result<&[u8], VmlinuxError> {
         .ok_or(VmlinuxError::NotBzImage("payload outside the file"))
 }
 
-/// Decodes LZ4 legacy blocks until the bytes left cannot hold another block: the kernel's
-/// trailing size word, or nothing.
+/// Decodes LZ4 legacy blocks up to the kernel's trailing size word, which must be all that is
+/// left and must match what was decoded.
 fn lz4_legacy(mut rest: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     let mut out = Vec::new();
     let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
-    while let Some(len) = u32_at(rest, 0) {
-        let len = len as usize;
-        let Some(compressed) = rest.get(4..4 + len) else {
-            break;
-        };
-        if compressed.is_empty() {
-            return Err(VmlinuxError::Corrupt("an empty block"));
+    loop {
+        let word = read_u32(rest, 0).ok_or(VmlinuxError::Corrupt("it has no size trailer"))?;
+        if rest.len() == 4 {
+            if word as usize != out.len() || out.is_empty() {
+                return Err(VmlinuxError::Corrupt("it is truncated"));
+            }
+            return Ok(out);
         }
+        if word == LZ4_LEGACY_MAGIC_WORD {
+            rest = &rest[4..];
+            continue;
+        }
+        let compressed = rest
+            .get(4..4 + word as usize)
+            .filter(|c| !c.is_empty())
+            .ok_or(VmlinuxError::Corrupt(
+                "a block is empty or runs past its end",
+            ))?;
         let n = lz4_flex::block::decompress_into(compressed, &mut block)
             .map_err(|_| VmlinuxError::Corrupt("a block does not decode"))?;
         if out.len() + n > MAX_VMLINUX {
             return Err(VmlinuxError::Corrupt("it unpacks to more than 1 GiB"));
         }
         out.extend_from_slice(&block[..n]);
-        rest = &rest[4 + len..];
+        rest = &rest[4 + compressed.len()..];
     }
-    if out.is_empty() {
-        return Err(VmlinuxError::Corrupt("no block"));
-    }
-    Ok(out)
 }
 
-/// A bzImage holding `elf` as Debian packs it, for tests.
 #[cfg(test)]
 pub fn test_bzimage(elf: &[u8]) -> Vec<u8> {
     tests::bzimage(&tests::lz4_payload(&[elf], elf.len() as u32))
@@ -179,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn unpacks_lz4_legacy_blocks_and_ignores_the_size_trailer() {
+    fn unpacks_lz4_legacy_blocks_up_to_a_matching_size_trailer() {
         let first: Vec<u8> = ELF_MAGIC
             .iter()
             .copied()
@@ -189,7 +190,15 @@ mod tests {
         let total = (first.len() + second.len()) as u32;
         let image = bzimage(&lz4_payload(&[&first, &second], total));
         let elf = unpack(&image).unwrap();
-        assert_eq!(elf, [first, second].concat());
+        assert_eq!(elf, [first.clone(), second.clone()].concat());
+        // The magic may recur between blocks, as when streams are concatenated.
+        let mut payload = lz4_payload(&[&first], 0);
+        payload.truncate(payload.len() - 4);
+        payload.extend_from_slice(&lz4_payload(&[&second], total));
+        assert_eq!(
+            unpack(&bzimage(&payload)).unwrap(),
+            [first, second].concat()
+        );
     }
 
     #[test]
