@@ -9,4 +9,5 @@ mod group;
 mod infer;
 mod jail;
 mod run;
+mod snapshot;
 mod vsock;

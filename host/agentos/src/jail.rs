@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// Open files the VMM may hold: its devices, guest connections and logs.
 const MAX_OPEN_FILES: u64 = 4096;
 /// The largest file the VMM may write (its console log is bounded below this).
-const MAX_FILE_BYTES: u64 = 64 << 20;
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Size of the tmpfs that becomes the root: directories, device nodes and empty mount points.
 const ROOT_TMPFS: &str = "size=1m,mode=0755";
 /// The uid and gid `agentos vmm` runs its VMM as unless told otherwise: `nobody`/`nogroup` on
@@ -46,7 +46,8 @@ pub const DEFAULT_ID: u32 = 65534;
 /// A device node in the jail is for the VMM's user alone.
 const DEVICE_MODE: libc::mode_t = 0o600;
 /// Signals the supervisor passes on to the VMM (those that stop it cleanly).
-const FORWARDED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+const FORWARDED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 /// The capability to signal processes of other users (linux/capability.h).
 const CAP_KILL: u32 = 5;
 /// The supervisor's status when the VMM ended some way `waitpid` does not describe.
@@ -115,6 +116,9 @@ pub struct JailPlan {
     /// Where the jail's root is built: `<base>/<supervisor pid>`, removed when the VMM ends.
     /// Without one, over `/proc` in the VMM's own mount namespace, which leaves nothing behind.
     pub chroot_base: Option<PathBuf>,
+    /// The largest file the VMM may write: its guest memory when it may save a snapshot, else
+    /// [`MAX_FILE_BYTES`] (its logs stay far below).
+    pub max_file_bytes: u64,
 }
 
 /// Where the new root is mounted before the pivot when no chroot base is given: a directory
@@ -336,7 +340,7 @@ fn jail_child(plan: &JailPlan, root: &Path, level: JailLevel) -> Result<(), Jail
     // SAFETY: the pointer and length describe `name`.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
         .map_err(step("set the jail's host name"))?;
-    limit()?;
+    limit(plan.max_file_bytes)?;
     // Dropping the bounding set needs CAP_SETPCAP, which the change of ids below takes away.
     drop_bounding_and_ambient();
     if level == JailLevel::Full {
@@ -688,11 +692,11 @@ fn mount_raw(
 
 /// No core dumps (they would hold guest memory), bounded open files and file sizes; a write past
 /// the size bound fails instead of killing the VMM.
-fn limit() -> Result<(), JailError> {
+fn limit(max_file_bytes: u64) -> Result<(), JailError> {
     for (resource, value, what) in [
         (libc::RLIMIT_CORE, 0, "core dumps"),
         (libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "open files"),
-        (libc::RLIMIT_FSIZE, MAX_FILE_BYTES, "file sizes"),
+        (libc::RLIMIT_FSIZE, max_file_bytes, "file sizes"),
     ] {
         let limit = libc::rlimit {
             rlim_cur: value,

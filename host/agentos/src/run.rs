@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
 use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
 use agentos_vmm::devices::virtio::block::disk_size;
+use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VmSnapshot};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
@@ -130,6 +131,15 @@ pub struct RunArgs {
     pub cwd: Option<String>,
     #[command(flatten)]
     pub infer: crate::infer_run::InferArgs,
+    /// Restore the agent saved in this snapshot directory (see --snapshot-to) instead of
+    /// booting one: the program runs in the agent as it was saved, programs it had running
+    /// and files it had written included. vCPUs and memory are the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "memory", "vcpus", "kernel_args", "model"])]
+    pub from: Option<PathBuf>,
+    /// Once the program has ended, save the agent to this directory (it must exist; its
+    /// `memory` and `vm.state` are replaced) instead of shutting it down.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub snapshot_to: Option<PathBuf>,
     /// The program and its arguments.
     #[arg(
         last = true,
@@ -256,8 +266,64 @@ impl VmArgs {
             console_log: None,
             abort: None,
             no_jail: self.no_jail,
+            from: None,
+            snapshot_to: None,
         }
     }
+}
+
+/// The vCPUs and memory of the agent saved in `dir`, whose state is read and checked whole (a
+/// snapshot that cannot be restored is refused before anything starts).
+pub fn snapshot_shape(dir: &Path) -> anyhow::Result<(u8, u64)> {
+    let state = dir.join(STATE_FILE);
+    let file = std::fs::File::open(&state).with_context(|| {
+        format!(
+            "{} is not a snapshot: cannot open {}",
+            dir.display(),
+            state.display()
+        )
+    })?;
+    let snapshot = VmSnapshot::read_from(&file)
+        .with_context(|| format!("{} cannot be restored", dir.display()))?;
+    let memory = dir.join(MEMORY_FILE);
+    let expected = snapshot.memory_mib << 20;
+    match std::fs::metadata(&memory) {
+        Ok(m) if m.len() == expected => {}
+        Ok(m) => bail!(
+            "{} cannot be restored: its memory file holds {} bytes, not {expected}",
+            dir.display(),
+            m.len()
+        ),
+        Err(e) => bail!(
+            "{} cannot be restored: its memory file {} is missing ({e})",
+            dir.display(),
+            memory.display()
+        ),
+    }
+    let vcpus = u8::try_from(snapshot.vcpus.len())
+        .ok()
+        .filter(|n| (1..=MAX_VCPUS).contains(n))
+        .with_context(|| format!("{} has no vCPUs this VMM can run", dir.display()))?;
+    Ok((vcpus, snapshot.memory_mib))
+}
+
+/// A directory a snapshot may be written to: it exists, and is not the one restored from.
+pub fn check_snapshot_target(dir: &Path, from: Option<&Path>) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        bail!(
+            "--snapshot-to {}: no such directory (create it first)",
+            dir.display()
+        );
+    }
+    if let Some(from) = from
+        && std::fs::canonicalize(from).ok() == std::fs::canonicalize(dir).ok()
+    {
+        bail!(
+            "--snapshot-to {} is the snapshot restored from: give another directory",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Checks that /dev/kvm can be opened, with an explanation a user can act on.
@@ -284,11 +350,35 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     if args.infer.model.is_some() {
         return crate::infer_run::run(args, started);
     }
+    let from = args.from.as_deref().map(snapshot_shape).transpose()?;
+    if let Some(dir) = &args.snapshot_to {
+        check_snapshot_target(dir, args.from.as_deref())?;
+    }
     if carrier::should_use(args.vm.carrier)? {
-        return carrier::rerun_self_inside(&args.vm);
+        if args.snapshot_to.is_some() {
+            bail!(
+                "--snapshot-to needs a host whose KVM boots Linux; here agents run in a carrier, whose files are gone when it ends: run `agentos carrier -- agentos run --snapshot-to ...` to save and restore inside one"
+            );
+        }
+        let mut files: Vec<PathBuf> = [&args.vm.kernel, &args.vm.initrd]
+            .into_iter()
+            .flatten()
+            .chain(&args.vm.disk)
+            .cloned()
+            .collect();
+        if let Some(dir) = &args.from {
+            files.extend([STATE_FILE, MEMORY_FILE].map(|name| dir.join(name)));
+        }
+        return carrier::rerun_inside(files);
     }
     check_kvm_access()?;
-    let opts = args.vm.boot_options()?;
+    let mut opts = args.vm.boot_options()?;
+    if let (Some(dir), Some((vcpus, memory_mib))) = (&args.from, from) {
+        opts.from = Some(dir.clone());
+        opts.vcpus = vcpus;
+        opts.memory_mib = memory_mib;
+    }
+    opts.snapshot_to = args.snapshot_to.clone();
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),
@@ -346,7 +436,16 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             return Err(e).context("the program did not complete");
         }
     };
-    vm.shutdown();
+    match &args.snapshot_to {
+        Some(dir) => {
+            vm.snapshot()
+                .context("the program ended but the agent could not be saved")?;
+            eprintln!("agentos: saved the agent to {}", dir.display());
+        }
+        None => {
+            vm.shutdown();
+        }
+    }
     let code = status.shell_code();
     if args.json {
         let result = JsonResult {

@@ -10,16 +10,24 @@
 //! The files the VMM writes outside its own directory, the console log and the report, are
 //! opened here before the jail, as whoever started `agentos vmm`, and never through a symlink;
 //! the jail then holds only the directory of `--vsock-uds`, which must be the VMM's user's own.
+//!
+//! Snapshots: with `--snapshot-to DIR`, SIGUSR1 makes the VMM pause the guest, write it to
+//! `DIR/memory` and `DIR/vm.state` (both opened here, before the jail), and end with the outcome
+//! `snapshotted` (exit status 0). `--from DIR` runs a VM from such a snapshot instead of booting
+//! a kernel.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentos_vmm::builder::build_vm;
-use agentos_vmm::config::{ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
+use agentos_vmm::builder::{build_vm, restore_vm};
+use agentos_vmm::config::{
+    ConsoleConfig, DiskConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
+};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::{Role, SeccompFilters};
+use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
 use anyhow::Context;
 
@@ -36,8 +44,17 @@ const KVM_DEVICE: &str = "/dev/kvm";
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmmArgs {
     /// Guest kernel: a bzImage, or an ELF with a PVH entry note.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "from")]
+    pub kernel: Option<PathBuf>,
+    /// Run the VM saved in this snapshot directory (see --snapshot-to) instead of booting a
+    /// kernel: its vCPUs, memory and devices come from the snapshot; give it the same --disk
+    /// files and a --vsock-uds if it had a vsock device.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory"])]
+    pub from: Option<PathBuf>,
+    /// On SIGUSR1, save the VM to DIR (`memory` and `vm.state`, created here before the jail,
+    /// never through a symlink) and end. DIR must exist; the files are empty until then.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_to: Option<PathBuf>,
     /// Initial ramdisk; repeat to append more cpio archives (loaded end to end).
     #[arg(long)]
     pub initrd: Vec<PathBuf>,
@@ -100,7 +117,7 @@ pub struct VmmArgs {
 /// What `--report` contains.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmmReport {
-    /// `shutdown`, `crashed`, `failed` or `stopped`.
+    /// `shutdown`, `crashed`, `failed`, `stopped` or `snapshotted`.
     pub outcome: String,
     /// Why the guest crashed or the VMM failed.
     pub error: Option<String>,
@@ -115,37 +132,77 @@ pub struct VmmReport {
     pub jail: Option<JailLevel>,
 }
 
+/// What the VMM runs: a kernel to boot, or a snapshot to restore; with the files opened before
+/// the jail.
+enum Start {
+    Boot(VmConfig),
+    Restore(RestoreConfig),
+}
+
 impl VmmArgs {
-    fn vm_config(&self, console_log: Option<std::fs::File>, disks: Vec<DiskConfig>) -> VmConfig {
-        VmConfig {
+    fn start(
+        &self,
+        console_log: Option<std::fs::File>,
+        disks: Vec<DiskConfig>,
+        snapshot_to: Option<SnapshotFiles>,
+    ) -> anyhow::Result<Start> {
+        let console = ConsoleConfig {
+            log: console_log,
+            stdout: self.console,
+        };
+        if let Some(dir) = &self.from {
+            let open = |name: &str| {
+                let path = dir.join(name);
+                std::fs::File::open(&path).with_context(|| {
+                    format!(
+                        "cannot open {} (is {} a snapshot directory?)",
+                        path.display(),
+                        dir.display()
+                    )
+                })
+            };
+            return Ok(Start::Restore(RestoreConfig {
+                state: open(STATE_FILE)?,
+                memory: open(MEMORY_FILE)?,
+                console,
+                vsock_uds: self.vsock_uds.clone(),
+                disks,
+                snapshot_to,
+            }));
+        }
+        let kernel = self
+            .kernel
+            .clone()
+            .context("give --kernel, or --from a snapshot")?;
+        Ok(Start::Boot(VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory,
-            kernel: self.kernel.clone(),
+            kernel,
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
-            console: ConsoleConfig {
-                log: console_log,
-                stdout: self.console,
-            },
+            console,
             vsock: self.vsock_uds.clone().map(|uds_path| VsockConfig {
                 guest_cid: self.cid,
                 uds_path,
             }),
             disks,
-        }
+            snapshot_to,
+        }))
     }
 }
 
 /// Signals that stop the VM cleanly. They are blocked in every thread and taken by one thread
 /// with `sigwait`, so a vCPU thread is never interrupted by them.
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// The signal that saves the VM to its `--snapshot-to` directory and ends it.
+pub const SNAPSHOT_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 fn stop_signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for signal in STOP_SIGNALS {
+    for signal in STOP_SIGNALS.into_iter().chain([SNAPSHOT_SIGNAL]) {
         // SAFETY: `set` is valid and `signal` a real signal number.
         unsafe { libc::sigaddset(&mut set, signal) };
     }
@@ -154,6 +211,7 @@ fn stop_signal_set() -> libc::sigset_t {
 
 fn spawn_signal_thread(
     exit: Arc<ExitSignal>,
+    can_snapshot: bool,
     filters: Option<Arc<SeccompFilters>>,
 ) -> anyhow::Result<()> {
     let set = stop_signal_set();
@@ -170,10 +228,19 @@ fn spawn_signal_thread(
                 exit.request(ExitReason::Stopped);
                 return;
             }
-            let mut signal = 0;
-            // SAFETY: `set` is a valid signal set and `signal` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                exit.request(ExitReason::Stopped);
+            loop {
+                let mut signal = 0;
+                // SAFETY: `set` is a valid signal set and `signal` a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                    return;
+                }
+                match signal {
+                    SNAPSHOT_SIGNAL if can_snapshot => exit.request(ExitReason::Snapshot),
+                    SNAPSHOT_SIGNAL => {
+                        tracing::warn!("asked for a snapshot, but no --snapshot-to was given")
+                    }
+                    _ => return exit.request(ExitReason::Stopped),
+                }
             }
         })
         .context("cannot start the signal thread")?;
@@ -198,6 +265,20 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         .map(|path| open_nofollow(path, libc::O_TRUNC))
         .transpose()?;
     let disks = open_disks(&args.disk)?;
+    if let (Some(from), Some(to)) = (&args.from, &args.snapshot_to)
+        && std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok()
+    {
+        anyhow::bail!(
+            "--snapshot-to {} is the snapshot the VM is restored from: give another directory",
+            to.display()
+        );
+    }
+    let snapshot_to = args
+        .snapshot_to
+        .as_deref()
+        .map(open_snapshot_files)
+        .transpose()?;
+    let start = args.start(console_log, disks, snapshot_to)?;
     let jail = if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
         JailLevel::None
@@ -218,8 +299,12 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     } else {
         Some(Arc::new(SeccompFilters::new()?))
     };
-    let vmm = build_vm(&args.vm_config(console_log, disks)).context("cannot build the VM")?;
-    spawn_signal_thread(vmm.exit_signal(), filters.clone())?;
+    let vmm = match &start {
+        Start::Boot(config) => build_vm(config).context("cannot build the VM")?,
+        Start::Restore(config) => restore_vm(config).context("cannot restore the snapshot")?,
+    };
+    drop(start);
+    spawn_signal_thread(vmm.exit_signal(), vmm.can_snapshot(), filters.clone())?;
     let vmm = match filters {
         Some(filters) => vmm.with_seccomp(filters),
         None => vmm,
@@ -232,9 +317,22 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     match &report.outcome {
         Outcome::Crashed(why) => eprintln!("agentos vmm: guest crashed: {why}"),
         Outcome::Failed(why) => eprintln!("agentos vmm: VM failed: {why}"),
-        Outcome::Shutdown | Outcome::Stopped => {}
+        Outcome::Shutdown | Outcome::Stopped | Outcome::Snapshotted => {}
     }
     Ok(code)
+}
+
+/// Creates (or empties) the snapshot files in `dir`, never through a symlink.
+fn open_snapshot_files(dir: &Path) -> anyhow::Result<SnapshotFiles> {
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--snapshot-to {}: no such directory",
+        dir.display()
+    );
+    Ok(SnapshotFiles {
+        state: open_nofollow(&dir.join(STATE_FILE), libc::O_TRUNC)?,
+        memory: open_nofollow(&dir.join(MEMORY_FILE), libc::O_TRUNC)?,
+    })
 }
 
 /// Opens the disks read-only, as whoever started us, each named for the guest by its place (the
@@ -270,7 +368,7 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
         Ok(dir.join(name))
     };
     let mut out = args.clone();
-    out.kernel = resolve(&args.kernel)?;
+    out.kernel = args.kernel.as_deref().map(resolve).transpose()?;
     out.initrd = args
         .initrd
         .iter()
@@ -307,7 +405,7 @@ fn open_nofollow(path: &Path, extra: libc::c_int) -> anyhow::Result<std::fs::Fil
 /// its own directory (that of `--vsock-uds`: its sockets); and as whom, and where the jail's
 /// root is built.
 fn jail_plan(args: &VmmArgs) -> JailPlan {
-    let mut read_only = vec![args.kernel.clone()];
+    let mut read_only: Vec<PathBuf> = args.kernel.iter().cloned().collect();
     read_only.extend(args.initrd.iter().cloned());
     JailPlan {
         read_only,
@@ -324,12 +422,26 @@ fn jail_plan(args: &VmmArgs) -> JailPlan {
             gid: args.gid,
         },
         chroot_base: args.chroot_base.clone(),
+        max_file_bytes: max_file_bytes(args),
     }
+}
+
+/// What the VMM may write: a snapshot's memory file is the size of guest RAM (that of the
+/// snapshot it was restored from, or --memory).
+fn max_file_bytes(args: &VmmArgs) -> u64 {
+    if args.snapshot_to.is_none() {
+        return jail::MAX_FILE_BYTES;
+    }
+    let memory = match &args.from {
+        Some(dir) => std::fs::metadata(dir.join(MEMORY_FILE)).map_or(0, |m| m.len()),
+        None => args.memory.saturating_mul(1 << 20),
+    };
+    memory.max(jail::MAX_FILE_BYTES)
 }
 
 fn exit_code(outcome: &Outcome) -> i32 {
     match outcome {
-        Outcome::Shutdown | Outcome::Stopped => 0,
+        Outcome::Shutdown | Outcome::Stopped | Outcome::Snapshotted => 0,
         Outcome::Crashed(_) => EXIT_CRASHED,
         Outcome::Failed(_) => EXIT_FAILED,
     }
@@ -343,6 +455,7 @@ fn write_report(
     let (outcome, error) = match &report.outcome {
         Outcome::Shutdown => ("shutdown", None),
         Outcome::Stopped => ("stopped", None),
+        Outcome::Snapshotted => ("snapshotted", None),
         Outcome::Crashed(why) => ("crashed", Some(why.clone())),
         Outcome::Failed(why) => ("failed", Some(why.clone())),
     };

@@ -12,31 +12,35 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::acpi::{AcpiConfig, AcpiDevice, AcpiError, write_acpi_tables};
 use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::cpuid::missing_features;
 use crate::arch::x86_64::layout::{
     CMDLINE_MAX_SIZE, FIRST_VIRTIO_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, MAX_MMIO_DEVICES,
     MMIO_DEVICE_SIZE, MMIO_DEVICES_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
 use crate::arch::x86_64::regs::{RegsError, write_boot_tables};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, DiskConfig, RestoreConfig, VmConfig, VsockConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::IrqLine;
 use crate::devices::legacy::console::Console;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::serial::{SavedSerial, SerialDevice, SerialStateError};
 use crate::devices::legacy::status::{GuestStatus, StatusPort};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::block::metrics::BlockMetrics;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::events::{DeviceEvents, Polled};
-use crate::devices::virtio::mmio::{MmioMetrics, MmioTransport, queue_notify_address};
+use crate::devices::virtio::mmio::{
+    MmioMetrics, MmioTransport, SavedSlot, TransportRestoreError, queue_notify_address,
+};
 use crate::devices::virtio::vsock::metrics::VsockMetrics;
 use crate::devices::virtio::vsock::muxer::{MuxerError, UnixMuxer};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitSignal;
-use crate::vmm::{Vmm, VmmMetrics};
-use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
+use crate::snapshot::{SavedDisk, SnapshotError, VmSnapshot};
+use crate::vmm::{Machine, SnapshotTarget, Vmm, VmmMetrics};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory, map_guest_memory};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuMetrics};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -88,6 +92,20 @@ pub enum BuildError {
         #[source]
         source: BlockError,
     },
+    #[error("cannot read the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    #[error("the snapshot needs CPU features this host's KVM lacks ({0})")]
+    CpuFeatures(String),
+    #[error("the snapshot has {saved} vCPUs and this VMM runs at most {max}")]
+    SnapshotVcpus { saved: usize, max: u8 },
+    #[error("the snapshot {0}; restore it with the same devices")]
+    Devices(String),
+    #[error("cannot restore a device of the snapshot")]
+    Transport(#[from] TransportRestoreError),
+    #[error("cannot restore the serial port")]
+    Serial(#[from] SerialStateError),
+    #[error("the snapshot would be written over the memory file the VM is restored from")]
+    SnapshotOverSource,
 }
 
 fn open(path: &std::path::Path) -> Result<File, BuildError> {
@@ -101,94 +119,38 @@ fn open(path: &std::path::Path) -> Result<File, BuildError> {
 pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     config.validate()?;
     let mem = create_guest_memory(config.memory_mib)?;
-    let vm = Vm::new(config.vcpus)?;
-    vm.register_memory(&mem)?;
-
-    let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
-    let console_log = match &config.console.log {
-        Some(file) => Some(file.try_clone().map_err(|source| BuildError::Open {
-            path: "the console log".into(),
-            source,
-        })?),
-        None => None,
+    let disks = config
+        .disks
+        .iter()
+        .map(disk_shape)
+        .collect::<Result<Vec<_>, _>>()?;
+    let machine = Machine {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        vsock_cid: config.vsock.as_ref().map(|v| v.guest_cid),
+        disks,
     };
-    let console = Console::new(console_log, config.console.stdout);
-    let status = GuestStatus::default();
-
-    let mut io_bus = Bus::default();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    io_bus.insert(
-        u64::from(SERIAL_PORT_BASE),
-        u64::from(SERIAL_PORT_LEN),
-        Arc::new(Mutex::new(SerialDevice::new(
-            IrqLine(serial_irq),
-            console.clone(),
-        ))),
+    let Assembled {
+        vm,
+        io_bus,
+        mmio_bus,
+        event_loop,
+        exit,
+        console,
+        status,
+        metrics,
+        acpi_devices,
+        serial,
+        vsock_slot,
+        disk_slots,
+    } = assemble(
+        &machine,
+        &mem,
+        &config.console,
+        config.vsock.as_ref(),
+        &config.disks,
+        None,
     )?;
-    io_bus.insert(
-        u64::from(I8042_PORT_BASE),
-        u64::from(I8042_PORT_LEN),
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-    )?;
-    io_bus.insert(
-        u64::from(status::PORT),
-        STATUS_PORT_LEN,
-        Arc::new(Mutex::new(StatusPort(status.clone()))),
-    )?;
-
-    let mut mmio_bus = Bus::default();
-    let mut event_loop = EventLoop::new()?;
-    let mmio_metrics = Arc::new(MmioMetrics::default());
-    let mut vsock_metrics = None;
-    // The i8042 is left out of the tables on purpose: the guest's driver would probe it for
-    // nothing (it only exists for its reset line, which `reboot=k` pulses without a driver).
-    let mut acpi_devices = vec![AcpiDevice::Serial {
-        port: SERIAL_PORT_BASE,
-        len: SERIAL_PORT_LEN,
-        gsi: SERIAL_IRQ,
-    }];
-    let mut virtio = VirtioDevices {
-        vm: &vm,
-        mem: &mem,
-        bus: &mut mmio_bus,
-        event_loop: &mut event_loop,
-        acpi: &mut acpi_devices,
-        metrics: &mmio_metrics,
-    };
-    if let Some(vsock) = &config.vsock {
-        let slot = virtio.slot(0)?;
-        let metrics = Arc::new(VsockMetrics::default());
-        let backend = UnixMuxer::new(&vsock.uds_path, metrics.clone())?;
-        let device = Vsock::new(
-            vsock.guest_cid,
-            backend,
-            slot.interrupt.clone(),
-            metrics.clone(),
-        )?;
-        virtio.attach(slot, device)?;
-        vsock_metrics = Some(metrics);
-    }
-    // Disks take the slots after the vsock device's, in order: the guest names them vda, vdb...
-    let mut disk_metrics = Vec::with_capacity(config.disks.len());
-    for (index, disk) in config.disks.iter().enumerate() {
-        let slot = virtio.slot(1 + index as u64)?;
-        let metrics = Arc::new(BlockMetrics::default());
-        let disk_error = |source| BuildError::Disk {
-            index,
-            id: disk.id.clone(),
-            source,
-        };
-        let file = disk
-            .file
-            .try_clone()
-            .map_err(|e| disk_error(BlockError::File(e)))?;
-        let device = Block::new(file, &disk.id, slot.interrupt.clone(), metrics.clone())
-            .map_err(disk_error)?;
-        virtio.attach(slot, device)?;
-        disk_metrics.push(metrics);
-    }
-
     info!("devices ready");
     let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
     info!(end = kernel.end.0, "kernel loaded");
@@ -239,13 +201,319 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         exit,
         console,
         status,
+        metrics,
+        machine,
+        serial,
+        vsock_slot,
+        disk_slots,
+        snapshot_to: open_target(config.snapshot_to.as_ref(), None)?,
+    }))
+}
+
+/// Builds a VM from a snapshot: its memory mapped from the snapshot's memory file, KVM's state
+/// and every device's put back as they were. The caller gives the same kind of devices: a vsock
+/// device if the snapshot had one (its CID comes from the snapshot), and the same disks.
+pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
+    let snapshot = VmSnapshot::read_from(&config.state)?;
+    let count = snapshot.vcpus.len();
+    let vcpus = u8::try_from(count)
+        .ok()
+        .filter(|n| (1..=crate::config::MAX_VCPUS).contains(n))
+        .ok_or(BuildError::SnapshotVcpus {
+            saved: count,
+            max: crate::config::MAX_VCPUS,
+        })?;
+    let disks = config
+        .disks
+        .iter()
+        .map(disk_shape)
+        .collect::<Result<Vec<_>, _>>()?;
+    let saved_disks: Vec<SavedDisk> = snapshot.disks.iter().map(|(d, _)| d.clone()).collect();
+    if disks != saved_disks {
+        return Err(BuildError::Devices(format!(
+            "had {} disk(s) ({}), and {} are given",
+            saved_disks.len(),
+            describe_disks(&saved_disks),
+            disks.len()
+        )));
+    }
+    let vsock = match (&snapshot.vsock, &config.vsock_uds) {
+        (Some((cid, _)), Some(uds_path)) => Some(VsockConfig {
+            guest_cid: *cid,
+            uds_path: uds_path.clone(),
+        }),
+        (None, None) => None,
+        (Some(_), None) => return Err(BuildError::Devices("had a vsock device".into())),
+        (None, Some(_)) => return Err(BuildError::Devices("had no vsock device".into())),
+    };
+    let mem = map_guest_memory(snapshot.memory_mib, &config.memory)?;
+    let machine = Machine {
+        vcpus,
+        memory_mib: snapshot.memory_mib,
+        vsock_cid: vsock.as_ref().map(|v| v.guest_cid),
+        disks,
+    };
+    let Assembled {
+        vm,
+        io_bus,
+        mmio_bus,
+        event_loop,
+        exit,
+        console,
+        status,
+        metrics,
+        acpi_devices: _,
+        serial,
+        vsock_slot,
+        disk_slots,
+    } = assemble(
+        &machine,
+        &mem,
+        &config.console,
+        vsock.as_ref(),
+        &config.disks,
+        Some(&snapshot.serial),
+    )?;
+    for state in &snapshot.vcpus {
+        if let Some(missing) = missing_features(&state.cpuid, vm.supported_cpuid(), vm.host_caps())
+        {
+            return Err(BuildError::CpuFeatures(missing));
+        }
+    }
+    vm.restore_state(&snapshot.vm)?;
+    let vcpus = snapshot
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(index, state)| {
+            let vcpu = Vcpu::new(&vm, index as u8)?;
+            vcpu.restore_state(state)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+    status.restore_last(snapshot.status);
+    if let (Some(slot), Some((_, state))) = (&vsock_slot, &snapshot.vsock) {
+        lock(slot).restore(state)?;
+    }
+    for (slot, (_, state)) in disk_slots.iter().zip(&snapshot.disks) {
+        lock(slot).restore(state)?;
+    }
+    info!(
+        vcpus = count,
+        memory_mib = snapshot.memory_mib,
+        "VM restored"
+    );
+    let snapshot_to = open_target(config.snapshot_to.as_ref(), Some(&config.memory))?;
+    Ok(Vmm::new(crate::vmm::VmmParts {
+        vm,
+        mem,
+        vcpus,
+        io_bus: Arc::new(io_bus),
+        mmio_bus: Arc::new(mmio_bus),
+        event_loop,
+        exit,
+        console,
+        status,
+        metrics,
+        machine,
+        serial,
+        vsock_slot,
+        disk_slots,
+        snapshot_to,
+    }))
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn describe_disks(disks: &[SavedDisk]) -> String {
+    disks
+        .iter()
+        .map(|d| format!("{} of {} bytes", d.id, d.bytes))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn disk_shape(disk: &DiskConfig) -> Result<SavedDisk, BuildError> {
+    let bytes = disk
+        .file
+        .metadata()
+        .map_err(|source| BuildError::Open {
+            path: format!("disk {}", disk.id),
+            source,
+        })?
+        .len();
+    Ok(SavedDisk {
+        id: disk.id.clone(),
+        bytes,
+    })
+}
+
+/// The snapshot files a VM may be saved to, refused when they are the memory file it runs
+/// from (saving would read pages from the file it overwrites).
+fn open_target(
+    target: Option<&crate::config::SnapshotFiles>,
+    source_memory: Option<&File>,
+) -> Result<Option<SnapshotTarget>, BuildError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(target) = target else {
+        return Ok(None);
+    };
+    let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+    if let Some(source) = source_memory
+        && id(source).is_some()
+        && id(source) == id(&target.memory)
+    {
+        return Err(BuildError::SnapshotOverSource);
+    }
+    let clone = |f: &File| {
+        f.try_clone().map_err(|source| BuildError::Open {
+            path: "a snapshot file".into(),
+            source,
+        })
+    };
+    Ok(Some(SnapshotTarget {
+        state: clone(&target.state)?,
+        memory: clone(&target.memory)?,
+    }))
+}
+
+/// What [`assemble`] builds: the KVM VM with its devices wired, before any guest state.
+struct Assembled {
+    vm: Vm,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    event_loop: EventLoop,
+    exit: Arc<ExitSignal>,
+    console: Console,
+    status: GuestStatus,
+    metrics: VmmMetrics,
+    acpi_devices: Vec<AcpiDevice>,
+    serial: Arc<Mutex<SerialDevice>>,
+    vsock_slot: Option<Arc<Mutex<dyn SavedSlot>>>,
+    disk_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
+}
+
+/// Creates the KVM VM over `mem` and its devices: the legacy ports (the serial port in
+/// `serial`'s state when restoring) and the virtio-mmio slots.
+fn assemble(
+    machine: &Machine,
+    mem: &GuestMemory,
+    console: &ConsoleConfig,
+    vsock: Option<&VsockConfig>,
+    disks: &[DiskConfig],
+    serial: Option<&SavedSerial>,
+) -> Result<Assembled, BuildError> {
+    let vm = Vm::new(machine.vcpus)?;
+    vm.register_memory(mem)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
+    let console_log = match &console.log {
+        Some(file) => Some(file.try_clone().map_err(|source| BuildError::Open {
+            path: "the console log".into(),
+            source,
+        })?),
+        None => None,
+    };
+    let console = Console::new(console_log, console.stdout);
+    let status = GuestStatus::default();
+
+    let mut io_bus = Bus::default();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(match serial {
+        Some(saved) => SerialDevice::restored(saved, IrqLine(serial_irq), console.clone())?,
+        None => SerialDevice::new(IrqLine(serial_irq), console.clone()),
+    }));
+    io_bus.insert(
+        u64::from(SERIAL_PORT_BASE),
+        u64::from(SERIAL_PORT_LEN),
+        serial.clone(),
+    )?;
+    io_bus.insert(
+        u64::from(I8042_PORT_BASE),
+        u64::from(I8042_PORT_LEN),
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    io_bus.insert(
+        u64::from(status::PORT),
+        STATUS_PORT_LEN,
+        Arc::new(Mutex::new(StatusPort(status.clone()))),
+    )?;
+
+    let mut mmio_bus = Bus::default();
+    let mut event_loop = EventLoop::new()?;
+    let mmio_metrics = Arc::new(MmioMetrics::default());
+    let mut vsock_metrics = None;
+    // The i8042 is left out of the tables on purpose: the guest's driver would probe it for
+    // nothing (it only exists for its reset line, which `reboot=k` pulses without a driver).
+    let mut acpi_devices = vec![AcpiDevice::Serial {
+        port: SERIAL_PORT_BASE,
+        len: SERIAL_PORT_LEN,
+        gsi: SERIAL_IRQ,
+    }];
+    let mut virtio = VirtioDevices {
+        vm: &vm,
+        mem,
+        bus: &mut mmio_bus,
+        event_loop: &mut event_loop,
+        acpi: &mut acpi_devices,
+        metrics: &mmio_metrics,
+    };
+    let mut vsock_slot = None;
+    if let Some(vsock) = vsock {
+        let slot = virtio.slot(0)?;
+        let metrics = Arc::new(VsockMetrics::default());
+        let backend = UnixMuxer::new(&vsock.uds_path, metrics.clone())?;
+        let device = Vsock::new(
+            vsock.guest_cid,
+            backend,
+            slot.interrupt.clone(),
+            metrics.clone(),
+        )?;
+        vsock_slot = Some(virtio.attach(slot, device)?);
+        vsock_metrics = Some(metrics);
+    }
+    // Disks take the slots after the vsock device's, in order: the guest names them vda, vdb...
+    let mut disk_metrics = Vec::with_capacity(disks.len());
+    let mut disk_slots = Vec::with_capacity(disks.len());
+    for (index, disk) in disks.iter().enumerate() {
+        let slot = virtio.slot(1 + index as u64)?;
+        let metrics = Arc::new(BlockMetrics::default());
+        let disk_error = |source| BuildError::Disk {
+            index,
+            id: disk.id.clone(),
+            source,
+        };
+        let file = disk
+            .file
+            .try_clone()
+            .map_err(|e| disk_error(BlockError::File(e)))?;
+        let device = Block::new(file, &disk.id, slot.interrupt.clone(), metrics.clone())
+            .map_err(disk_error)?;
+        disk_slots.push(virtio.attach(slot, device)?);
+        disk_metrics.push(metrics);
+    }
+    Ok(Assembled {
+        vm,
+        io_bus,
+        mmio_bus,
+        event_loop,
+        exit,
+        console,
+        status,
         metrics: VmmMetrics {
             vcpu: Arc::new(VcpuMetrics::default()),
             mmio: mmio_metrics,
             vsock: vsock_metrics,
             disks: disk_metrics,
         },
-    }))
+        acpi_devices,
+        serial,
+        vsock_slot,
+        disk_slots,
+    })
 }
 
 /// Where virtio-mmio devices go as they are built: the VM, its memory, the MMIO bus, the event
@@ -284,8 +552,13 @@ impl VirtioDevices<'_> {
     }
 
     /// Puts `device` in `slot`: its queue notifications as ioeventfds, its transport on the
-    /// bus, its work in the event loop and its description in the ACPI tables.
-    fn attach<D: Polled + 'static>(&mut self, slot: MmioSlot, device: D) -> Result<(), BuildError> {
+    /// bus, its work in the event loop and its description in the ACPI tables. Returns the
+    /// transport, for snapshots.
+    fn attach<D: Polled + 'static>(
+        &mut self,
+        slot: MmioSlot,
+        device: D,
+    ) -> Result<Arc<Mutex<dyn SavedSlot>>, BuildError> {
         for (queue, event) in device.queue_events().iter().enumerate() {
             self.vm.register_ioevent(
                 event,
@@ -304,12 +577,12 @@ impl VirtioDevices<'_> {
         self.bus
             .insert(slot.base, MMIO_DEVICE_SIZE, transport.clone())?;
         self.event_loop
-            .add(Box::new(DeviceEvents::new(transport)))?;
+            .add(Box::new(DeviceEvents::new(transport.clone())))?;
         self.acpi.push(AcpiDevice::VirtioMmio {
             base: slot.base,
             size: MMIO_DEVICE_SIZE,
             gsi: slot.gsi,
         });
-        Ok(())
+        Ok(transport)
     }
 }

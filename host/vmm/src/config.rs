@@ -22,6 +22,32 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Read-only virtio-blk disks, `/dev/vda` onwards in the guest.
     pub disks: Vec<DiskConfig>,
+    /// Where the VM is saved when it is asked to ([`crate::exit::ExitReason::Snapshot`]).
+    pub snapshot_to: Option<SnapshotFiles>,
+}
+
+/// A VM to build from a snapshot (see [`crate::snapshot`]).
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// The snapshot's state file, open for reading.
+    pub state: File,
+    /// Its memory file, open for reading: guest RAM is mapped from it, private to this VM.
+    pub memory: File,
+    pub console: ConsoleConfig,
+    /// The vsock device's host side, when the snapshot has one (its CID is the snapshot's).
+    pub vsock_uds: Option<PathBuf>,
+    /// The disks the snapshot had, in order, of the same sizes.
+    pub disks: Vec<DiskConfig>,
+    /// Where this VM is saved in turn when it is asked to.
+    pub snapshot_to: Option<SnapshotFiles>,
+}
+
+/// The two files a snapshot is written to, opened (for writing) by the caller, so that a VMM
+/// confined to a jail writes where its jail cannot reach.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    pub state: File,
+    pub memory: File,
 }
 
 #[derive(Debug, Default)]

@@ -17,6 +17,8 @@ pub enum ExitReason {
     VcpuFailed { vcpu: u8, error: String },
     /// The VMM was asked to stop (signal or caller).
     Stopped,
+    /// The VMM was asked to save the VM to its snapshot files and stop.
+    Snapshot,
 }
 
 pub struct ExitSignal {

@@ -12,12 +12,15 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
 /// How a VMM killed by its filter exits: 128 + SIGSYS, as a shell reports a death by `SIGSYS`.
 pub const EXIT_BAD_SYSCALL: i32 = 128 + libc::SIGSYS;
@@ -26,6 +29,18 @@ const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+// What a snapshot reads of the stopped vCPUs and of the VM.
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -131,8 +146,13 @@ const VCPU: &[i64] = &[libc::SYS_close, libc::SYS_timerfd_settime];
 /// only, `connect`), half-closes and closes them, watches them (`epoll_ctl`), arms the sweep
 /// timer; at the end it stops the vCPU threads (a signal to each, `tgkill` of this process with
 /// the kick signal only, after glibc's `getpid`; waiting a little between kicks), removes its
-/// listening socket and writes the report to a file opened before the filter.
+/// listening socket and writes the report to a file opened before the filter. Asked for a
+/// snapshot, it reads the stopped vCPUs' and the VM's state (`KVM_GET_*` ioctls, read-only) and
+/// writes the snapshot files opened before the filter (`pwrite64`, `ftruncate`, `fdatasync`).
 const VMM: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
+    libc::SYS_fdatasync,
     libc::SYS_getpid,
     libc::SYS_clock_nanosleep,
     libc::SYS_epoll_wait,
@@ -194,7 +214,26 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
             );
         }
         Role::Vmm => {
-            rules.insert(libc::SYS_ioctl, vec![only(1, libc::FIONBIO)?]);
+            let snapshot_reads = [
+                KVM_GET_REGS(),
+                KVM_GET_SREGS(),
+                KVM_GET_MP_STATE(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_CPUID2(),
+                KVM_GET_MSRS(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_GET_IRQCHIP(),
+                KVM_GET_PIT2(),
+                KVM_GET_CLOCK(),
+            ];
+            let mut ioctls = vec![only(1, libc::FIONBIO)?];
+            for request in snapshot_reads {
+                ioctls.push(only(1, u64::from(request as u32))?);
+            }
+            rules.insert(libc::SYS_ioctl, ioctls);
             let unix_stream = SeccompRule::new(vec![
                 SeccompCondition::new(
                     0,

@@ -10,16 +10,18 @@ use tracing::info;
 
 use crate::devices::bus::Bus;
 use crate::devices::legacy::console::Console;
+use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::status::GuestStatus;
 use crate::devices::virtio::block::metrics::{BlockMetrics, BlockMetricsSnapshot};
-use crate::devices::virtio::mmio::MmioMetrics;
+use crate::devices::virtio::mmio::{MmioMetrics, SavedSlot};
 use crate::devices::virtio::vsock::metrics::{VsockMetrics, VsockMetricsSnapshot};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{Role, SeccompError, SeccompFilters};
-use crate::vstate::memory::GuestMemory;
+use crate::snapshot::{SavedDisk, SnapshotError, VmSnapshot};
+use crate::vstate::memory::{GuestMemory, MemoryError, save_memory};
 use crate::vstate::vcpu::{StartGate, Vcpu, VcpuContext, VcpuError, VcpuHandle, VcpuMetrics};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -29,6 +31,21 @@ pub enum VmmError {
     EventLoop(#[from] EventLoopError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+}
+
+/// Why a snapshot could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("a vCPU thread did not stop")]
+    VcpuStuck,
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    State(#[from] SnapshotError),
 }
 
 /// How the guest ended.
@@ -42,6 +59,8 @@ pub enum Outcome {
     Failed(String),
     /// The VMM was told to stop.
     Stopped,
+    /// The VM was saved to its snapshot files, and stopped.
+    Snapshotted,
 }
 
 pub struct RunReport {
@@ -66,6 +85,26 @@ pub struct VmmParts {
     pub console: Console,
     pub status: GuestStatus,
     pub metrics: VmmMetrics,
+    pub machine: Machine,
+    pub serial: Arc<std::sync::Mutex<SerialDevice>>,
+    pub vsock_slot: Option<Arc<std::sync::Mutex<dyn SavedSlot>>>,
+    pub disk_slots: Vec<Arc<std::sync::Mutex<dyn SavedSlot>>>,
+    pub snapshot_to: Option<SnapshotTarget>,
+}
+
+/// The VM's shape, which a snapshot records and a restore must match.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub vsock_cid: Option<u64>,
+    pub disks: Vec<SavedDisk>,
+}
+
+/// Where the VM is saved when asked to.
+pub struct SnapshotTarget {
+    pub state: std::fs::File,
+    pub memory: std::fs::File,
 }
 
 /// The VMM's counters, shared with the devices that update them.
@@ -139,6 +178,11 @@ impl Vmm {
         self.parts.exit.clone()
     }
 
+    /// Whether the VM can be saved ([`ExitReason::Snapshot`]): it was given snapshot files.
+    pub fn can_snapshot(&self) -> bool {
+        self.parts.snapshot_to.is_some()
+    }
+
     pub fn console(&self) -> &Console {
         &self.parts.console
     }
@@ -163,7 +207,9 @@ impl Vmm {
         let mut handles = Vec::with_capacity(self.parts.vcpus.len());
         let stop_all = |handles: Vec<VcpuHandle>| {
             start.open();
-            handles.into_iter().for_each(|h| h.stop());
+            handles.into_iter().for_each(|h| {
+                h.stop();
+            });
         };
         for vcpu in std::mem::take(&mut self.parts.vcpus) {
             match vcpu.start(ctx.clone()) {
@@ -182,12 +228,21 @@ impl Vmm {
         }
         start.open();
         let reason = self.parts.event_loop.run(&self.parts.exit);
-        handles.into_iter().for_each(|h| h.stop());
+        let vcpus: Vec<Option<Vcpu>> = handles.into_iter().map(VcpuHandle::stop).collect();
         let reason = reason?;
         self.parts.console.flush_line();
 
         let console_tail = self.parts.console.tail();
-        let outcome = classify(&reason, self.parts.status.last(), &console_tail);
+        let outcome = match reason {
+            ExitReason::Snapshot => match self.save(vcpus) {
+                Ok(()) => Outcome::Snapshotted,
+                Err(e) => Outcome::Failed(format!(
+                    "cannot save the snapshot: {}",
+                    agentos_protocol::error_chain(&e)
+                )),
+            },
+            _ => classify(&reason, self.parts.status.last(), &console_tail),
+        };
         info!(?reason, ?outcome, "VM ended");
         let since_start = |value| {
             self.parts
@@ -205,11 +260,66 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Writes the stopped VM to its snapshot files: memory first, the state last, so that a
+    /// state file is only ever there for a whole snapshot.
+    fn save(&self, vcpus: Vec<Option<Vcpu>>) -> Result<(), SaveError> {
+        let started = Instant::now();
+        let Some(target) = &self.parts.snapshot_to else {
+            return Err(SaveError::State(SnapshotError::Empty));
+        };
+        let vcpus = vcpus
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or(SaveError::VcpuStuck)?;
+        let vm = &self.parts.vm;
+        let vcpu_states = vcpus
+            .iter()
+            .map(|v| v.save_state(vm.msr_indices()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm_state = vm.save_state()?;
+        let lock = |m: &Arc<std::sync::Mutex<dyn SavedSlot>>| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).save()
+        };
+        let machine = &self.parts.machine;
+        let snapshot = VmSnapshot {
+            memory_mib: machine.memory_mib,
+            vm: vm_state,
+            vcpus: vcpu_states,
+            serial: self
+                .parts
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save(),
+            status: self.parts.status.last(),
+            vsock: machine
+                .vsock_cid
+                .zip(self.parts.vsock_slot.as_ref().map(lock)),
+            disks: machine
+                .disks
+                .iter()
+                .cloned()
+                .zip(self.parts.disk_slots.iter().map(lock))
+                .collect(),
+        };
+        target.state.set_len(0).map_err(SnapshotError::Write)?;
+        let bytes = save_memory(&self.parts.mem, &target.memory)?;
+        snapshot.write_to(&target.state)?;
+        info!(
+            memory_bytes = bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "VM saved"
+        );
+        Ok(())
+    }
+}
+
 /// Tells a clean shutdown from a crash, with the best explanation the console offers.
 fn classify(reason: &ExitReason, last_status: Option<u8>, console_tail: &[String]) -> Outcome {
     let find = |needle: &str| console_tail.iter().find(|l| l.contains(needle)).cloned();
     match reason {
-        ExitReason::Stopped => Outcome::Stopped,
+        ExitReason::Stopped | ExitReason::Snapshot => Outcome::Stopped,
         ExitReason::VcpuFailed { vcpu, error } => Outcome::Failed(format!("vCPU {vcpu}: {error}")),
         ExitReason::GuestReset | ExitReason::SystemEvent(_)
             if last_status == Some(status::SHUTDOWN) =>

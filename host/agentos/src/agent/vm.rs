@@ -28,6 +28,8 @@ use crate::vmm_cmd::VmmReport;
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 /// How long a VMM gets to exit after the guest agent acknowledged a shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a VMM gets to write a snapshot (guest memory included) and exit.
+const SNAPSHOT_GRACE: Duration = Duration::from_secs(300);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a VMM told to stop gets to write its report before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -78,6 +80,11 @@ pub struct BootOptions {
     pub abort: Option<Arc<AtomicBool>>,
     /// Run the VMM without its jail (see [`crate::jail`]): unsafe, for debugging.
     pub no_jail: bool,
+    /// Restore the agent saved in this snapshot directory instead of booting `kernel`: vCPUs
+    /// and memory are the snapshot's (and must be given here as they were saved).
+    pub from: Option<PathBuf>,
+    /// Let [`AgentVm::snapshot`] save the agent to this directory (which must exist).
+    pub snapshot_to: Option<PathBuf>,
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
@@ -109,6 +116,8 @@ impl BootOptions {
             console_log: None,
             abort: None,
             no_jail: false,
+            from: None,
+            snapshot_to: None,
         }
     }
 
@@ -165,6 +174,10 @@ pub enum VmError {
     Refused(Refusal),
     #[error("cannot admit the agent")]
     AdmissionLock(#[from] crate::admission::LockError),
+    #[error("the agent was started without a snapshot directory")]
+    NoSnapshotTarget,
+    #[error("the agent was not saved: {0}")]
+    SnapshotFailed(String),
 }
 
 /// How a VM ended: the VMM's report, when it wrote one; otherwise how the VMM process ended and
@@ -208,6 +221,7 @@ impl VmEnd {
 
 pub struct AgentVm {
     child: Option<Child>,
+    snapshot_to: Option<PathBuf>,
     /// Dropped before the run directory it lives in.
     vmm_dir: VmmDir,
     run_dir: RunDir,
@@ -222,6 +236,7 @@ pub struct AgentVm {
 /// A VMM that has been started and whose guest agent has not said hello yet.
 struct Starting {
     started: Instant,
+    snapshot_to: Option<PathBuf>,
     child: Child,
     vmm_dir: VmmDir,
     run_dir: RunDir,
@@ -250,6 +265,7 @@ impl Starting {
         let console_log = console_log_path(opts, &run_dir);
         Ok(Self {
             started,
+            snapshot_to: opts.snapshot_to.clone(),
             child,
             vmm_dir,
             run_dir,
@@ -265,6 +281,7 @@ impl Starting {
     fn wait(self) -> Result<AgentVm, VmError> {
         let Self {
             started,
+            snapshot_to,
             mut child,
             vmm_dir,
             run_dir,
@@ -297,6 +314,7 @@ impl Starting {
         };
         Ok(AgentVm {
             child: Some(child),
+            snapshot_to,
             vmm_dir,
             run_dir,
             jail,
@@ -406,6 +424,28 @@ impl AgentVm {
     pub fn shutdown(mut self) -> VmEnd {
         let _ = self.conn.shutdown();
         self.reap(Instant::now() + SHUTDOWN_GRACE)
+    }
+
+    /// Saves the agent to the snapshot directory it was started with and ends its VM: the VMM
+    /// pauses the guest, writes its memory and state, and exits. The guest agent's connection
+    /// ends with it; an agent restored from the snapshot dials the host again.
+    pub fn snapshot(mut self) -> Result<VmEnd, VmError> {
+        let Some(dir) = self.snapshot_to.clone() else {
+            return Err(VmError::NoSnapshotTarget);
+        };
+        if let Some(child) = &self.child {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped
+            // child (the VMM's supervisor, which passes the signal on).
+            unsafe { libc::kill(child.id() as libc::pid_t, crate::vmm_cmd::SNAPSHOT_SIGNAL) };
+        }
+        let end = self.reap(Instant::now() + SNAPSHOT_GRACE);
+        match &end.report {
+            Some(r) if r.outcome == "snapshotted" => {
+                tracing::info!(dir = %dir.display(), "agent saved");
+                Ok(end)
+            }
+            _ => Err(VmError::SnapshotFailed(end.describe())),
+        }
     }
 
     /// Waits for the VMM until `deadline`, then kills it.
@@ -548,21 +588,31 @@ fn spawn_vmm(
     }
     let vmm_log = run_dir.create_file(VMM_LOG).map_err(VmError::RunDir)?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("vmm")
-        .arg("--kernel")
-        .arg(&opts.kernel)
-        .arg("--initrd")
-        .arg(&opts.initrd);
-    for extra in &opts.extra_initrds {
-        cmd.arg("--initrd").arg(extra);
+    cmd.arg("vmm");
+    match &opts.from {
+        Some(dir) => {
+            cmd.arg("--from").arg(dir);
+        }
+        None => {
+            cmd.arg("--kernel")
+                .arg(&opts.kernel)
+                .arg("--initrd")
+                .arg(&opts.initrd);
+            for extra in &opts.extra_initrds {
+                cmd.arg("--initrd").arg(extra);
+            }
+            cmd.args(["--vcpus", &opts.vcpus.to_string()])
+                .args(["--memory", &opts.memory_mib.to_string()])
+                .args(["--cmdline", &cmdline]);
+        }
     }
     for disk in &opts.disks {
         cmd.arg("--disk").arg(disk);
     }
-    cmd.args(["--vcpus", &opts.vcpus.to_string()])
-        .args(["--memory", &opts.memory_mib.to_string()])
-        .args(["--cmdline", &cmdline])
-        .arg("--vsock-uds")
+    if let Some(dir) = &opts.snapshot_to {
+        cmd.arg("--snapshot-to").arg(dir);
+    }
+    cmd.arg("--vsock-uds")
         .arg(vmm_dir.join(VMM_SOCKET))
         .arg("--console-log")
         .arg(console_log_path(opts, run_dir))

@@ -1,6 +1,13 @@
 //! Guest RAM: anonymous host mappings, split around the 32-bit MMIO gap.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_START, RAM_64BIT_START};
 
@@ -15,7 +22,18 @@ pub enum MemoryError {
     BadSize(u64),
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot map guest memory from its file")]
+    MapFile(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("cannot map guest memory from its file")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot write guest memory to its file")]
+    Write(#[source] std::io::Error),
+    #[error("the memory file holds {found} bytes, not the {expected} of the snapshot's guest")]
+    FileSize { found: u64, expected: u64 },
 }
+
+/// Pages compared with zero when memory is saved: an all-zero page is left as a hole.
+const SAVE_PAGE: usize = 4096;
 
 /// The guest-physical RAM ranges for `size_mib` of memory: one below the MMIO gap and, for large
 /// guests, the remainder above 4 GiB.
@@ -37,10 +55,72 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemory::from_ranges(&ram_ranges(size_mib)?).map_err(MemoryError::Map)
 }
 
+/// Writes every region of `mem`, end to end, to `file`, leaving holes where pages are zero (a
+/// guest uses a fraction of its RAM), and sizes the file to the whole of it. The guest must not
+/// be running.
+pub fn save_memory(mem: &GuestMemory, file: &File) -> Result<u64, MemoryError> {
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::Write(std::io::Error::from_raw_os_error(libc::EFAULT)))?;
+        // SAFETY: `host` is the start of a live mapping of `len` bytes owned by `mem`, which
+        // outlives this borrow; no vCPU runs and no device works while the VM is saved, so
+        // nothing writes it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        let mut page_start = 0;
+        while page_start < len {
+            // Runs of non-zero pages are written in one call.
+            let is_zero = |p: usize| bytes[p..(p + SAVE_PAGE).min(len)].iter().all(|&b| b == 0);
+            if is_zero(page_start) {
+                page_start += SAVE_PAGE;
+                continue;
+            }
+            let mut end = page_start + SAVE_PAGE;
+            while end < len && !is_zero(end) {
+                end += SAVE_PAGE;
+            }
+            let end = end.min(len);
+            file.write_all_at(&bytes[page_start..end], offset + page_start as u64)
+                .map_err(MemoryError::Write)?;
+            page_start = end;
+        }
+        offset += len as u64;
+    }
+    file.set_len(offset).map_err(MemoryError::Write)?;
+    file.sync_data().map_err(MemoryError::Write)?;
+    Ok(offset)
+}
+
+/// Maps `size_mib` of guest RAM from `file` (written by [`save_memory`]), private to this VM:
+/// pages are read from the file (the host's page cache, shared by every VM restored from it)
+/// and copied only when the guest writes them.
+pub fn map_guest_memory(size_mib: u64, file: &File) -> Result<GuestMemory, MemoryError> {
+    let ranges = ram_ranges(size_mib)?;
+    let expected = size_mib * MIB;
+    let found = file.metadata().map_err(MemoryError::Write)?.len();
+    if found != expected {
+        return Err(MemoryError::FileSize { found, expected });
+    }
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        let file = file.try_clone().map_err(MemoryError::Write)?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::MapFile)?;
+        regions.push(GuestRegionMmap::new(mapping, start).ok_or(MemoryError::BadSize(size_mib))?);
+        offset += len as u64;
+    }
+    GuestMemory::from_regions(regions).map_err(MemoryError::Regions)
+}
+
 #[cfg(test)]
 mod tests {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-
     use super::*;
 
     #[test]
@@ -60,6 +140,43 @@ mod tests {
     fn rejects_zero_and_absurd_sizes() {
         assert!(ram_ranges(0).is_err());
         assert!(ram_ranges(u64::MAX / MIB).is_err());
+    }
+
+    #[test]
+    fn saved_memory_maps_back_privately_with_holes_for_zero_pages() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(4).unwrap();
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(b"last page", GuestAddress((4 << 20) - 16))
+            .unwrap();
+        let path = std::env::temp_dir().join(format!("agentos-mem-test-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(save_memory(&mem, &file).unwrap(), 4 << 20);
+        {
+            use std::os::unix::fs::MetadataExt;
+            // Two pages hold data; the rest are holes.
+            assert!(file.metadata().unwrap().blocks() * 512 <= 64 * 1024);
+        }
+        let restored = map_guest_memory(4, &file).unwrap();
+        let mut buf = [0u8; 10];
+        restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page");
+        // A write to the restored guest stays out of the file.
+        restored
+            .write_slice(b"changed!!!", GuestAddress(0))
+            .unwrap();
+        let mut on_disk = [0u8; 10];
+        file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(&on_disk, b"first page");
+        let wrong = map_guest_memory(8, &file).unwrap_err();
+        assert!(matches!(wrong, MemoryError::FileSize { .. }), "{wrong}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

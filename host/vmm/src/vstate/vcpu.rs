@@ -5,8 +5,12 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::Msrs;
+use kvm_bindings::{
+    CpuId, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -43,7 +47,48 @@ pub enum VcpuError {
     Spawn(u8, #[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot {action} the {what} of vCPU {index}")]
+    State {
+        index: u8,
+        action: &'static str,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM took {set} of the {wanted} saved MSRs of vCPU {index}")]
+    PartialMsrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+    #[error("the saved state of vCPU {0} does not fit KVM's structures")]
+    Malformed(u8),
 }
+
+/// Everything KVM holds of one vCPU, as a snapshot keeps it.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    /// Every MSR KVM could read, the TSC among them.
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+}
+
+/// System-segment types of a 64-bit TSS.
+const TSS_AVAILABLE_64: u8 = 9;
+const TSS_BUSY_64: u8 = 11;
+
+/// Most CPUID entries a saved vCPU may carry (KVM's own limit).
+const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+/// MSRs read or written per ioctl (KVM's own limit is 4096 per call).
+const MSR_CHUNK: usize = 256;
 
 /// Counters of guest behaviour seen by the vCPUs.
 #[derive(Default)]
@@ -58,6 +103,8 @@ pub struct VcpuMetrics {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The host CPU is AMD's (KVM runs guests with SVM).
+    amd: bool,
 }
 
 impl Vcpu {
@@ -66,7 +113,11 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            amd: vm.host_caps().amd,
+        })
     }
 
     /// Sets CPUID, MSRs, registers and the local APIC's LINT pins (as a PC wires them).
@@ -97,6 +148,136 @@ impl Vcpu {
             .map_err(|e| VcpuError::Lapic(index, e))
     }
 
+    /// Reads the vCPU's whole state; the vCPU must not be running. `msr_indices` are the MSRs
+    /// to try (those KVM lists, and those it emulates without listing): any it cannot read are
+    /// left out.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let get = |what: &'static str| {
+            move |source| VcpuError::State {
+                index,
+                action: "read",
+                what,
+                source,
+            }
+        };
+        // KVM_GET_MP_STATE may accept pending APIC events, changing what the others read: first.
+        let mp_state = self.fd.get_mp_state().map_err(get("MP state"))?;
+        let regs = self.fd.get_regs().map_err(get("registers"))?;
+        let sregs = self.fd.get_sregs().map_err(get("special registers"))?;
+        let xsave = self.fd.get_xsave().map_err(get("XSAVE area"))?;
+        let xcrs = self.fd.get_xcrs().map_err(get("XCRs"))?;
+        let debug_regs = self.fd.get_debug_regs().map_err(get("debug registers"))?;
+        let lapic = self.fd.get_lapic().map_err(get("local APIC"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(MAX_CPUID_ENTRIES)
+            .map_err(get("CPUID"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.read_msrs(msr_indices)?;
+        let events = self.fd.get_vcpu_events().map_err(get("pending events"))?;
+        Ok(VcpuState {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+
+    /// Reads every MSR of `indices` that KVM will give: KVM stops a batch at the first MSR it
+    /// cannot read, which is then skipped.
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let index = self.index;
+        let mut out = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MSR_CHUNK)];
+            let entries: Vec<kvm_msr_entry> = batch
+                .iter()
+                .map(|&i| kvm_msr_entry {
+                    index: i,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Malformed(index))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|source| VcpuError::State {
+                    index,
+                    action: "read",
+                    what: "MSRs",
+                    source,
+                })?;
+            out.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
+            // The one KVM stopped at is skipped.
+            rest = &rest[(read + 1).min(rest.len())..];
+        }
+        Ok(out)
+    }
+
+    /// Puts a saved state back, in the order KVM needs: CPUID before the rest, the local APIC
+    /// before the MSRs and the pending events that depend on it.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let set = |what: &'static str| {
+            move |source| VcpuError::State {
+                index,
+                action: "restore",
+                what,
+                source,
+            }
+        };
+        if state.cpuid.len() > MAX_CPUID_ENTRIES {
+            return Err(VcpuError::Malformed(index));
+        }
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Malformed(index))?;
+        self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(set("MP state"))?;
+        self.fd.set_regs(&state.regs).map_err(set("registers"))?;
+        let mut sregs = state.sregs;
+        if self.amd && sregs.tr.type_ == TSS_BUSY_64 {
+            // KVM reports an SVM guest's TR as busy, which SVM itself never checks; an emulated
+            // AMD CPU (QEMU's, in a carrier) checks I/O permissions only against an available
+            // TSS and would refuse every port the guest's programs were allowed.
+            sregs.tr.type_ = TSS_AVAILABLE_64;
+        }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(set("special registers"))?;
+        // SAFETY: `state.xsave` is a whole legacy-sized XSAVE area, which KVM_SET_XSAVE reads;
+        // the VM was never given a larger one (no KVM_CAP_XSAVE2 state is saved).
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(set("XSAVE area"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(set("XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debug_regs)
+            .map_err(set("debug registers"))?;
+        self.fd.set_lapic(&state.lapic).map_err(set("local APIC"))?;
+        for batch in state.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(batch).map_err(|_| VcpuError::Malformed(index))?;
+            let written = self.fd.set_msrs(&msrs).map_err(set("MSRs"))?;
+            if written != batch.len() {
+                return Err(VcpuError::PartialMsrs {
+                    index,
+                    set: written,
+                    wanted: batch.len(),
+                });
+            }
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(set("pending events"))
+    }
+
     /// Runs the vCPU on its own thread until the VM exits or [`VcpuHandle::stop`] is called.
     pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
@@ -121,7 +302,23 @@ impl Vcpu {
         }
     }
 
-    fn run(mut self, ctx: &VcpuContext, stop: &AtomicBool) {
+    /// Runs the guest; returns the vCPU when stopped or when the guest ends, with any exit it
+    /// was handling completed in KVM, so that its state can be saved.
+    fn run(mut self, ctx: &VcpuContext, stop: &AtomicBool) -> Self {
+        self.run_until_exit(ctx, stop);
+        self.complete_pending_exit();
+        self
+    }
+
+    /// KVM finishes an I/O or MMIO read only on the next `KVM_RUN`; an immediate exit does that
+    /// without entering the guest.
+    fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn run_until_exit(&mut self, ctx: &VcpuContext, stop: &AtomicBool) {
         let index = self.index;
         if let Some(filters) = &ctx.seccomp
             && let Err(e) = filters.install(Role::Vcpu)
@@ -251,14 +448,15 @@ impl StartGate {
 }
 
 pub struct VcpuHandle {
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Vcpu>,
     stop: Arc<AtomicBool>,
 }
 
 impl VcpuHandle {
     /// Stops the vCPU thread and waits for it. A thread blocked in `KVM_RUN` is kicked out with a
     /// signal, repeatedly, since a kick that lands just before it re-enters the guest is lost.
-    pub fn stop(self) {
+    /// Returns the vCPU, out of the guest, unless its thread would not stop.
+    pub fn stop(self) -> Option<Vcpu> {
         self.stop.store(true, Ordering::Release);
         for _ in 0..STOP_KICK_ATTEMPTS {
             if self.thread.is_finished() {
@@ -268,9 +466,10 @@ impl VcpuHandle {
             std::thread::sleep(STOP_KICK_INTERVAL);
         }
         if self.thread.is_finished() {
-            let _ = self.thread.join();
+            self.thread.join().ok()
         } else {
             warn!("a vCPU thread did not stop; leaving it to process exit");
+            None
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The KVM VM: its file descriptor, guest memory slots and in-kernel interrupt controllers.
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_irqchip, kvm_pit_config,
+    kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +42,23 @@ pub enum VmError {
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("this host supports at most {max} vCPUs per VM")]
     TooManyVcpus { max: usize },
+    #[error("cannot {action} the VM's {what}")]
+    State {
+        action: &'static str,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// What KVM holds of the VM beyond its vCPUs: the interrupt controllers, the PIT and the clock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 pub struct Vm {
@@ -47,6 +66,7 @@ pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
     host_caps: HostCaps,
+    msr_indices: Vec<u32>,
 }
 
 impl Vm {
@@ -67,7 +87,10 @@ impl Vm {
             .map_err(|e| VmError::Setup("CPUID list", e))?;
         let host_caps = HostCaps {
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            amd: crate::arch::x86_64::cpuid::is_amd(&supported_cpuid),
         };
+        let msr_indices = crate::arch::x86_64::msr::saved_msr_indices(&kvm)
+            .map_err(|e| VmError::Setup("MSR list", e))?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Setup("TSS address", e))?;
@@ -85,7 +108,68 @@ impl Vm {
             fd,
             supported_cpuid,
             host_caps,
+            msr_indices,
         })
+    }
+
+    /// The MSRs a snapshot saves: those KVM lists, and those it emulates without listing.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// Reads the interrupt controllers, the PIT and the clock; the vCPUs must not be running.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let get = |what| {
+            move |source| VmError::State {
+                action: "read",
+                what,
+                source,
+            }
+        };
+        let chip = |id, what| {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut chip).map_err(get(what))?;
+            Ok::<_, VmError>(chip)
+        };
+        let mut clock = self.fd.get_clock().map_err(get("clock"))?;
+        // KVM_SET_CLOCK takes no flags but KVM_CLOCK_REALTIME, which is not used here.
+        clock.flags = 0;
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "master PIC")?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "slave PIC")?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC, "IOAPIC")?,
+            pit: self.fd.get_pit2().map_err(get("PIT"))?,
+            clock,
+        })
+    }
+
+    /// Puts saved interrupt controllers, PIT and clock back, before any vCPU runs.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let set = |what| {
+            move |source| VmError::State {
+                action: "restore",
+                what,
+                source,
+            }
+        };
+        let mut clock = state.clock;
+        clock.flags = 0;
+        self.fd.set_pit2(&state.pit).map_err(set("PIT"))?;
+        self.fd.set_clock(&clock).map_err(set("clock"))?;
+        for (chip, what, id) in [
+            (&state.pic_master, "master PIC", KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, "slave PIC", KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, "IOAPIC", KVM_IRQCHIP_IOAPIC),
+        ] {
+            // A saved chip is put back only where it was taken from.
+            let mut chip = *chip;
+            chip.chip_id = id;
+            self.fd.set_irqchip(&chip).map_err(set(what))?;
+        }
+        Ok(())
     }
 
     pub fn kvm(&self) -> &Kvm {

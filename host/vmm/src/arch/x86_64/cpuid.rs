@@ -2,7 +2,7 @@
 //! VM (one socket, one thread per core, `vcpus` cores), the hypervisor bit set, no performance
 //! monitoring, and the TSC-deadline timer where KVM offers it.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -22,6 +22,75 @@ const EDX_HTT: u32 = 1 << 28;
 /// Level types in leaf 0xb/0x1f ECX[15:8].
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Feature leaves (function, index, register) a snapshot's vCPUs may only use where this host's
+/// KVM offers them too.
+const FEATURE_REGISTERS: [(u32, u32, &str); 7] = [
+    (LEAF_FEATURES, 0, "ecx"),
+    (LEAF_FEATURES, 0, "edx"),
+    (0x7, 0, "ebx"),
+    (0x7, 0, "ecx"),
+    (0x7, 0, "edx"),
+    (LEAF_XSAVE, 1, "eax"),
+    (0x8000_0001, 0, "ecx"),
+];
+
+fn register(entry: &kvm_cpuid_entry2, name: &str) -> u32 {
+    match name {
+        "eax" => entry.eax,
+        "ebx" => entry.ebx,
+        "ecx" => entry.ecx,
+        _ => entry.edx,
+    }
+}
+
+/// Bits that mirror the guest's control registers (CR4.OSXSAVE, CR4.PKE), which KVM sets in a
+/// running vCPU's CPUID and no host offers.
+const ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+
+/// The first CPU feature a saved vCPU used that this host's KVM does not offer, as `leaf 0x7
+/// ebx bits 0x...`; none when the host has every one. Bits the VMM sets itself (the
+/// hypervisor bit, multi-core, the TSC-deadline timer where KVM has it) are not KVM's to offer,
+/// nor are those that mirror the guest's own control registers.
+pub fn missing_features(
+    saved: &[kvm_cpuid_entry2],
+    host: &CpuId,
+    caps: HostCaps,
+) -> Option<String> {
+    let find = |entries: &[kvm_cpuid_entry2], function, index| {
+        entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .copied()
+    };
+    for (function, index, name) in FEATURE_REGISTERS {
+        let Some(saved_entry) = find(saved, function, index) else {
+            continue;
+        };
+        let offered = find(host.as_slice(), function, index).map_or(0, |e| register(&e, name));
+        let mut own = 0;
+        if function == 0x7 && name == "ecx" {
+            own |= LEAF7_ECX_OSPKE;
+        }
+        if function == LEAF_FEATURES && name == "ecx" {
+            own |= ECX_HYPERVISOR | ECX_OSXSAVE;
+            if caps.tsc_deadline {
+                own |= ECX_TSC_DEADLINE;
+            }
+        }
+        if function == LEAF_FEATURES && name == "edx" {
+            own |= EDX_HTT;
+        }
+        let missing = register(&saved_entry, name) & !(offered | own);
+        if missing != 0 {
+            return Some(format!(
+                "leaf {function:#x}.{index} {name} bits {missing:#x}"
+            ));
+        }
+    }
+    None
+}
 
 /// Bits needed to number `count` cores (the APIC-id shift of the core level).
 fn core_id_bits(count: u8) -> u32 {
@@ -69,6 +138,24 @@ pub struct HostCaps {
     /// `KVM_CAP_TSC_DEADLINE_TIMER`: the local APIC timer can be armed with a TSC deadline,
     /// which spares the guest kernel calibrating its APIC timer against a tick at boot.
     pub tsc_deadline: bool,
+    /// The CPU is AMD's (vendor `AuthenticAMD`, or Hygon's `HygonGenuine`): KVM runs guests
+    /// with SVM.
+    pub amd: bool,
+}
+
+/// Whether `cpuid`'s vendor (leaf 0: EBX, EDX, ECX) is AMD's or Hygon's.
+pub fn is_amd(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0)
+        .is_some_and(|e| {
+            let mut vendor = [0u8; 12];
+            vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+            vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+            vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+            &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine"
+        })
 }
 
 /// Rewrites `cpuid` (as returned by `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
@@ -179,7 +266,10 @@ mod tests {
         let mut cpuid = CpuId::from_entries(&[features]).unwrap();
         adjust_cpuid(&mut cpuid, 0, 1, HostCaps::default());
         assert_eq!(cpuid.as_slice()[0].ecx & (ECX_PDCM | ECX_TSC_DEADLINE), 0);
-        let host = HostCaps { tsc_deadline: true };
+        let host = HostCaps {
+            tsc_deadline: true,
+            amd: false,
+        };
         adjust_cpuid(&mut cpuid, 0, 1, host);
         assert_ne!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
     }

@@ -36,6 +36,22 @@ pub enum MsrError {
 /// architecturally all of its memory is uncached.
 const EMULATED: &[(u32, u64)] = &[(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK)];
 
+/// The MSRs a snapshot saves and restores: every one KVM lists, and those it emulates without
+/// listing.
+pub fn saved_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, kvm_ioctls::Error> {
+    let mut indices = kvm.get_msr_index_list()?.as_slice().to_vec();
+    for &(index, _) in EMULATED {
+        if !indices.contains(&index) {
+            indices.push(index);
+        }
+    }
+    // In ascending order the TSC (0x10) is restored before the TSC deadline (0x6e0), which KVM
+    // reads relative to it.
+    indices.sort_unstable();
+    indices.dedup();
+    Ok(indices)
+}
+
 /// The MSRs and values a vCPU boots with, among those KVM supports here.
 pub fn boot_msrs(kvm: &Kvm) -> Result<Msrs, MsrError> {
     let supported = kvm.get_msr_index_list().map_err(MsrError::List)?;

@@ -39,6 +39,11 @@ impl GuestStatus {
         self.log().last
     }
 
+    /// The status a restored guest had written last, before this VMM ran it.
+    pub fn restore_last(&self, value: Option<u8>) {
+        self.log().last = value;
+    }
+
     /// When the guest first wrote `value`.
     pub fn first_seen(&self, value: u8) -> Option<Instant> {
         self.log()

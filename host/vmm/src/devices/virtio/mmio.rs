@@ -7,8 +7,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 
 use super::{Activation, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
@@ -64,6 +65,89 @@ pub struct MmioMetrics {
     pub bad_queue: AtomicU64,
     pub activations: AtomicU64,
     pub resets: AtomicU64,
+}
+
+/// One queue as a snapshot keeps it (virtio-queue's `QueueState`, field for field).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<&SavedQueue> for QueueState {
+    fn from(q: &SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub features_select: u32,
+    pub acked_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub queues: Vec<SavedQueue>,
+    pub bad_sizes: Vec<bool>,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+}
+
+/// Why a saved transport cannot be put back: a snapshot is host input and checked as a guest's
+/// register writes are.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("the snapshot has a device of type {saved} where this VM has one of type {here}")]
+    DeviceType { saved: u32, here: u32 },
+    #[error("the snapshot's device of type {0} has a different number of queues")]
+    QueueCount(u32),
+    #[error("the snapshot's device of type {0} acked features it does not offer")]
+    Features(u32),
+    #[error("queue {queue} of the snapshot's device of type {device} is invalid")]
+    Queue { device: u32, queue: usize },
+    #[error("the snapshot's device of type {0} was running but cannot start again")]
+    Activate(u32),
+}
+
+/// A virtio-mmio slot as the snapshot code sees it, whatever its device.
+pub trait SavedSlot: Send {
+    fn save(&self) -> TransportState;
+    fn restore(&mut self, state: &TransportState) -> Result<(), TransportRestoreError>;
 }
 
 /// Notifies the device that queue `index` has new buffers (used when the guest's notify write
@@ -406,6 +490,77 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+impl<D: VirtioDevice> SavedSlot for MmioTransport<D> {
+    fn save(&self) -> TransportState {
+        let queues = self.device.active_queues().unwrap_or(&self.queues);
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            features_select: self.features_select,
+            acked_features_select: self.acked_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            queues: queues.iter().map(|q| q.state().into()).collect(),
+            bad_sizes: self.bad_sizes.clone(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Puts the registers and queues back and, if the driver had started the device, starts it
+    /// again with those queues; then the device learns it was restored.
+    fn restore(&mut self, state: &TransportState) -> Result<(), TransportRestoreError> {
+        let here = self.device.device_type();
+        if state.device_type != here {
+            return Err(TransportRestoreError::DeviceType {
+                saved: state.device_type,
+                here,
+            });
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() || state.bad_sizes.len() != max_sizes.len() {
+            return Err(TransportRestoreError::QueueCount(here));
+        }
+        if state.acked_features & !self.device.avail_features() != 0 {
+            return Err(TransportRestoreError::Features(here));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(max_sizes)
+            .enumerate()
+            .map(|(queue, (saved, &max))| {
+                let bad = || TransportRestoreError::Queue {
+                    device: here,
+                    queue,
+                };
+                if saved.max_size != max {
+                    return Err(bad());
+                }
+                Queue::try_from(QueueState::from(saved)).map_err(|_| bad())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.features_select = state.features_select;
+        self.acked_features_select = state.acked_features_select;
+        self.acked_features = state.acked_features;
+        self.queue_select = state.queue_select;
+        self.queues = queues;
+        self.bad_sizes = state.bad_sizes.clone();
+        self.config_generation = state.config_generation;
+        self.interrupt.clear();
+        self.interrupt.set_status(state.interrupt_status);
+        if state.status & status::DRIVER_OK != 0 && state.status & status::NEEDS_RESET == 0 {
+            self.activate();
+            if self.device.active_queues().is_none() {
+                return Err(TransportRestoreError::Activate(here));
+            }
+            self.device.restored();
+        }
+        Ok(())
     }
 }
 

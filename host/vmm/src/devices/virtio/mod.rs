@@ -60,6 +60,12 @@ impl VirtioInterrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Adds status bits a restored device had pending (the interrupt itself is in the saved
+    /// interrupt controller).
+    pub fn set_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device receives when the driver sets DRIVER_OK.
@@ -90,6 +96,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns to the state before activation, dropping queues and in-flight work.
     fn reset(&mut self);
+    /// The queues of an activated device, for a snapshot.
+    fn active_queues(&self) -> Option<&[Queue]>;
+    /// Called once a device restored from a snapshot is active again: the host side it had
+    /// (connections, open requests) is gone, and the device tells the guest if it must.
+    fn restored(&mut self) {}
 }
 
 /// Bytes of one descriptor in a split queue's table.

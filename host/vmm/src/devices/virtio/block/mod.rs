@@ -326,6 +326,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| std::slice::from_ref(&a.queue))
+    }
+
     fn reset(&mut self) {
         self.active = None;
     }

@@ -30,6 +30,8 @@ struct Calls {
 struct DummyDevice {
     calls: Arc<Mutex<Calls>>,
     fail_activation: bool,
+    queues: Option<Vec<Queue>>,
+    restored: bool,
 }
 
 impl VirtioDevice for DummyDevice {
@@ -61,11 +63,21 @@ impl VirtioDevice for DummyDevice {
             .unwrap()
             .activations
             .push((activation.acked_features, sizes));
+        self.queues = Some(activation.queues);
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.queues = None;
         self.calls.lock().unwrap().resets += 1;
+    }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.queues.as_deref()
+    }
+
+    fn restored(&mut self) {
+        self.restored = true;
     }
 }
 
@@ -96,6 +108,8 @@ fn harness_with(fail_activation: bool) -> Harness {
     let device = DummyDevice {
         calls: calls.clone(),
         fail_activation,
+        queues: None,
+        restored: false,
     };
     let transport = MmioTransport::new(
         device,
@@ -610,4 +624,56 @@ fn interrupt_ack_clears_only_the_acknowledged_bits() {
 #[test]
 fn notify_address_is_the_queue_notify_register() {
     assert_eq!(queue_notify_address(GuestAddress(0xd000_0000)), 0xd000_0050);
+}
+
+#[test]
+fn a_saved_running_transport_restores_running_with_its_queues() {
+    let mut h = harness();
+    h.negotiate(OFFERED);
+    h.setup_queue(0, 4);
+    h.setup_queue(1, 8);
+    h.add_status(status::DRIVER_OK);
+    h.interrupt.signal_used_ring();
+    let saved = h.transport.save();
+    assert_eq!(saved.queues[0].size, 4);
+    assert_eq!(saved.queues[0].desc_table, 0x1000);
+
+    let mut fresh = harness();
+    fresh.transport.restore(&saved).unwrap();
+    assert_eq!(fresh.status(), SETUP_DONE | status::DRIVER_OK);
+    assert_eq!(fresh.activations(), vec![(OFFERED, vec![4, 8])]);
+    assert!(fresh.transport.device().restored);
+    assert_eq!(fresh.read(reg::INTERRUPT_STATUS), INTERRUPT_USED_RING);
+    let again = fresh.transport.save();
+    assert_eq!(again.queues[1].used_ring, saved.queues[1].used_ring);
+    assert_eq!(again.acked_features, OFFERED);
+}
+
+#[test]
+fn a_saved_transport_that_does_not_fit_the_device_is_refused() {
+    let mut h = harness();
+    h.init(OFFERED);
+    let saved = h.transport.save();
+
+    let mut other_type = saved.clone();
+    other_type.device_type = 7;
+    let mut unoffered = saved.clone();
+    unoffered.acked_features |= 1 << 40;
+    let mut fewer_queues = saved.clone();
+    fewer_queues.queues.pop();
+    let mut bad_queue = saved.clone();
+    bad_queue.queues[0].size = 3;
+    let mut outside_memory = saved.clone();
+    outside_memory.queues[1].used_ring = MEM_SIZE as u64 * 2;
+    for (what, state) in [
+        ("device type", other_type),
+        ("features", unoffered),
+        ("queue count", fewer_queues),
+        ("queue size", bad_queue),
+        ("ring outside memory", outside_memory),
+    ] {
+        let mut fresh = harness();
+        assert!(fresh.transport.restore(&state).is_err(), "{what}");
+        assert!(fresh.transport.device().active_queues().is_none(), "{what}");
+    }
 }

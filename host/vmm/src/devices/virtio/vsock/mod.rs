@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use agentos_protocol::HOST_CID;
 use tracing::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -36,6 +36,9 @@ use crate::vstate::memory::GuestMemory;
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+/// `virtio_vsock_event.id` telling the driver every connection is gone (virtio 1.2, 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 const BACKEND_TOKEN: u64 = 3;
@@ -334,6 +337,43 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) {
         self.active = None;
         self.backend.reset();
+    }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
+    /// The connections the guest had ended with the VMM that saved it: a transport-reset event
+    /// makes the driver drop them (its sockets see a reset) and read the CID again.
+    fn restored(&mut self) {
+        self.backend.reset();
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let desc_table = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            warn!("the guest left no event buffer for the vsock transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = refuse_indirect(mem, desc_table, size, head)
+            .ok()
+            .and_then(|()| {
+                chain
+                    .writable()
+                    .find(|d| d.len() as usize >= event.len())
+                    .and_then(|d| mem.write_slice(&event, d.addr()).ok())
+            })
+            .map_or(0, |()| event.len() as u32);
+        if written == 0 {
+            count(&self.metrics.rx_bad_buffers, "unusable vsock event buffer");
+        }
+        let _ = queue.add_used(mem, head, written);
+        self.interrupt.signal_used_ring();
     }
 }
 
