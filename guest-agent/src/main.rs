@@ -19,6 +19,7 @@ mod init;
 mod outbox;
 mod peer;
 mod reaper;
+mod restore;
 mod server;
 mod system;
 mod transport;

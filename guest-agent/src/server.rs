@@ -194,6 +194,14 @@ impl Session<'_> {
                     Err(message) => self.error(id, message)?,
                 }
             }
+            HostMessage::Restored {
+                id,
+                entropy,
+                unix_time_ns,
+            } => match crate::restore::refresh(&entropy.0, unix_time_ns) {
+                Ok(()) => self.outbox.send(GuestMessage::Restored { id })?,
+                Err(e) => self.error(id, format!("cannot refresh the restored guest: {e}"))?,
+            },
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.
                 let _ = self

@@ -57,7 +57,19 @@ pub enum HostMessage {
     /// Become a member of a group; answered with `joined` once the agent listens for its
     /// messages, or `error`.
     Join(JoinRequest),
+    /// The agent runs from a snapshot: mix `entropy` into the kernel's random pool and reseed
+    /// it, so that no two clones of one snapshot share random state, and set the wall clock to
+    /// `unix_time_ns`, which stood still while the agent was saved. Answered with `restored`,
+    /// or `error`.
+    Restored {
+        id: u64,
+        entropy: StreamData,
+        unix_time_ns: u64,
+    },
 }
+
+/// Most entropy bytes a `restored` message may carry.
+pub const MAX_RESTORE_ENTROPY: usize = 512;
 
 impl HostMessage {
     pub fn id(&self) -> u64 {
@@ -66,6 +78,7 @@ impl HostMessage {
             Self::Infer(req) => req.id,
             Self::Join(req) => req.id,
             Self::Ping { id }
+            | Self::Restored { id, .. }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
             | Self::Signal { id, .. }
@@ -184,6 +197,10 @@ pub enum GuestMessage {
     Joined {
         id: u64,
     },
+    /// Answer to `restored`: the random pool is reseeded and the clock set.
+    Restored {
+        id: u64,
+    },
 }
 
 #[cfg(test)]
@@ -241,6 +258,25 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&hello).unwrap(),
             r#"{"type":"hello","protocol":1,"agent":"agentos-guest 0.1.0","kernel":"6.1.0","vcpus":2,"memory_kib":1024,"boot":{"init_ms":10,"ready_ms":20}}"#
+        );
+    }
+
+    #[test]
+    fn restored_carries_entropy_and_time() {
+        let msg = HostMessage::Restored {
+            id: 4,
+            entropy: StreamData(vec![1, 2, 3]),
+            unix_time_ns: 5,
+        };
+        let text = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"restored","id":4,"entropy":"AQID","unix_time_ns":5}"#
+        );
+        assert_eq!(serde_json::from_str::<HostMessage>(&text).unwrap(), msg);
+        assert_eq!(
+            serde_json::to_string(&GuestMessage::Restored { id: 4 }).unwrap(),
+            r#"{"type":"restored","id":4}"#
         );
     }
 

@@ -454,3 +454,99 @@ fn batch_agents_pause_while_an_interactive_agent_works() {
     assert!(status.success(), "the daemon exited with {status}");
     t.assert_nothing_left();
 }
+
+#[test]
+fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon-snapshot");
+    let mut d = Daemon::start(&t);
+    d.ok(&["spawn", "--name", "first", "--model", "sentiment"]);
+    let infer = |d: &Daemon<'_>, name: &str| -> serde_json::Value {
+        let out = d.ok(&[
+            "infer",
+            name,
+            "--task",
+            "classify",
+            "--input",
+            "I love this, it works perfectly",
+            "--json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let first = infer(&d, "first");
+    assert!(first["timings"]["load_us"].as_u64().unwrap() > 0, "{first}");
+    d.ok(&["exec", "first", "--", "/bin/sh", "-c", "echo kept > /tmp/k"]);
+    let saved = t.dir.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    let saved_arg = saved.to_str().unwrap();
+    let out = d.ok(&["snapshot", "first", "--to", saved_arg]);
+    assert!(out.contains("saved to"), "{out}");
+    assert!(saved.join("memory").is_file() && saved.join("vm.state").is_file());
+    assert_eq!(d.agent("first")["state"], "stopped");
+    d.refused(
+        &["snapshot", "first", "--to", saved_arg],
+        "agent `first` is stopped",
+    );
+
+    d.ok(&["spawn", "--name", "second", "--from", saved_arg]);
+    assert_eq!(
+        d.ok(&["exec", "second", "--", "/bin/cat", "/tmp/k"]),
+        "kept\n"
+    );
+    let empty = t.dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    d.refused(
+        &[
+            "spawn",
+            "--name",
+            "third",
+            "--from",
+            empty.to_str().unwrap(),
+        ],
+        "is not a snapshot",
+    );
+    let sized = json_call(
+        &d.socket,
+        &format!(r#"{{"op":"spawn","name":"third","from":"{saved_arg}","memory_mib":512}}"#),
+    );
+    assert_eq!(sized["error"]["kind"], "invalid", "{sized}");
+    // A warm pool of that snapshot: an agent taken from it is up at once, and the pool refills.
+    d.ok(&["pool", "create", "warm", "--from", saved_arg, "--size", "1"]);
+    let ready = |d: &Daemon<'_>| -> u64 {
+        let ps: serde_json::Value = serde_json::from_str(&d.ok(&["ps", "--json"])).unwrap();
+        ps["pools"][0]["ready"].as_u64().unwrap_or(0)
+    };
+    d.wait_until(Duration::from_secs(300), "the pool to fill", |d| {
+        ready(d) == 1
+    });
+    let taken = d.ok(&["spawn", "--name", "pooled", "--pool", "warm", "--json"]);
+    let taken: serde_json::Value = serde_json::from_str(&taken).unwrap();
+    assert_eq!(taken["state"], "running", "{taken}");
+    assert_eq!(
+        d.ok(&["exec", "pooled", "--", "/bin/cat", "/tmp/k"]),
+        "kept\n"
+    );
+    assert_eq!(infer(&d, "pooled")["timings"]["load_us"], 0);
+    d.wait_until(Duration::from_secs(300), "the pool to refill", |d| {
+        ready(d) == 1
+    });
+    let metrics = d.ok(&["metrics"]);
+    assert!(
+        metrics.contains("agentos_pool_claims_total{pool=\"warm\"} 1"),
+        "{metrics}"
+    );
+    d.refused(
+        &["spawn", "--name", "x", "--pool", "cold"],
+        "no pool named `cold`",
+    );
+    d.ok(&["pool", "rm", "warm"]);
+    d.ok(&["rm", "--force", "pooled"]);
+    d.ok(&["rm", "--force", "second"]);
+    d.ok(&["rm", "first"]);
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    t.assert_nothing_left();
+}

@@ -12,10 +12,12 @@ use agentos::image::{self, AGENT_IMAGE};
 use crate::common::{Scratch, agentos_bin, describe, share_machine, text, vm_available};
 
 /// The process that runs the guest of the `vmm` with `marker` on its command line, once it has
-/// entered its jail (set `no_new_privs`, the jail's last step but one).
+/// entered its jail: it is in a PID namespace of its own (its `NSpid` has two entries; its
+/// supervisor's, one) and has set `no_new_privs`, the jail's last step but one.
 fn jailed_vmm_pid(marker: &str, deadline: Instant) -> u32 {
     loop {
         if let Some(pid) = crate::common::vmm_process(marker)
+            && try_status_field(pid, "NSpid").is_some_and(|n| n.split_whitespace().count() == 2)
             && try_status_field(pid, "NoNewPrivs").as_deref() == Some("1")
         {
             return pid;
@@ -378,7 +380,7 @@ fn a_run_by_root_neither_uses_nor_writes_into_a_tmp_directory_another_user_made(
         listing(&theirs),
         std::fs::metadata(&theirs).unwrap().mtime(),
     );
-    let passwd = std::fs::read(&"/etc/passwd").ok();
+    let passwd = std::fs::read("/etc/passwd").ok();
     let out = std::process::Command::new(agentos_bin())
         .env_remove("AGENTOS_RUN_DIR")
         .env_remove("XDG_RUNTIME_DIR")
@@ -393,7 +395,7 @@ fn a_run_by_root_neither_uses_nor_writes_into_a_tmp_directory_another_user_made(
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "root's run\n");
     assert_eq!(before, after, "agentos touched {}", theirs.display());
-    assert_eq!(std::fs::read(&"/etc/passwd").ok(), passwd);
+    assert_eq!(std::fs::read("/etc/passwd").ok(), passwd);
 }
 
 /// A VMM started by another user than root runs in the rootless jail: a user namespace that

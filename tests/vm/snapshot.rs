@@ -11,9 +11,17 @@ use crate::common::{Scratch, command_limit, describe, share_machine, text, vm_av
 const START_COUNTER: &str = "echo before > /tmp/x; \
     setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' \
     </dev/null >/dev/null 2>&1 & sleep 1; echo started";
-/// Reads the counter twice, a second apart, and a file written before the snapshot.
+/// Reads the counter twice, a second apart, a file written before the snapshot, random bytes
+/// and the wall clock.
 const READ_BACK: &str = "cat /tmp/x; a=$(cat /tmp/counter); sleep 1; b=$(cat /tmp/counter); \
-    echo $a $b";
+    echo $a $b; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; date +%s";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
 
 fn copy_snapshot(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -53,7 +61,9 @@ fn a_saved_agent_restores_with_its_files_and_programs_as_many_clones() {
     let memory = std::fs::metadata(saved.join("memory")).unwrap();
     assert_eq!(memory.len(), 256 << 20, "the memory file is guest RAM");
 
-    // Two clones of the one saved agent at once, each with the file and the running program.
+    // Two clones of the one saved agent at once, each with the file and the running program,
+    // random bytes of its own and the wall clock of now, not of the save.
+    std::thread::sleep(std::time::Duration::from_secs(5));
     let clones: Vec<_> = (0..2)
         .map(|_| {
             t.agentos()
@@ -65,6 +75,7 @@ fn a_saved_agent_restores_with_its_files_and_programs_as_many_clones() {
                 .expect("cannot start agentos")
         })
         .collect();
+    let mut random = Vec::new();
     for clone in clones {
         let out = t.finish(clone, command_limit());
         assert!(out.status.success(), "{}", describe(&out));
@@ -84,7 +95,23 @@ fn a_saved_agent_restores_with_its_files_and_programs_as_many_clones() {
             "the counter started before the snapshot still runs: {}",
             describe(&out)
         );
+        let bytes = lines.get(2).copied().unwrap_or_default().to_owned();
+        assert_eq!(bytes.len(), 32, "{}", describe(&out));
+        random.push(bytes);
+        let guest_time: i64 = lines
+            .get(3)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no date: {}", describe(&out)));
+        assert!(
+            (guest_time - unix_now()).abs() <= 3,
+            "the restored guest's clock is {guest_time}, the host's {}",
+            unix_now()
+        );
     }
+    assert_ne!(
+        random[0], random[1],
+        "two clones read the same random bytes"
+    );
 
     // A restored agent can be saved again, and that snapshot restores too.
     let again = t.dir.join("again");

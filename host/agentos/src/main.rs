@@ -53,6 +53,12 @@ enum Command {
     Logs(daemon::cli::LogsArgs),
     /// Stop a daemon agent's VM (it stays listed until `agentos rm`).
     Stop(daemon::cli::StopArgs),
+    /// Save a daemon agent to a directory and stop it; `spawn --from DIR` runs it again
+    /// (see docs/snapshots.md).
+    Snapshot(daemon::cli::SnapshotArgs),
+    /// Warm pools of daemon agents restored from a snapshot ahead of need (`spawn --pool`).
+    #[command(subcommand)]
+    Pool(daemon::cli::PoolCommand),
     /// Remove a stopped agent from the daemon.
     Rm(daemon::cli::RmArgs),
     /// The daemon's figures (agents' CPU, memory, restarts; API requests) as Prometheus text.
@@ -132,6 +138,8 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Infer(args) => daemon::cli::infer(args),
         Command::Logs(args) => daemon::cli::logs(args),
         Command::Stop(args) => daemon::cli::stop(args),
+        Command::Snapshot(args) => daemon::cli::snapshot(args),
+        Command::Pool(cmd) => daemon::cli::pool(cmd),
         Command::Rm(args) => daemon::cli::rm(args),
         Command::Metrics(args) => daemon::cli::metrics(args),
         Command::Pause(args) => control::pause(args),

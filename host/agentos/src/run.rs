@@ -3,17 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
 use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
 use agentos_vmm::devices::virtio::block::disk_size;
-use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VmSnapshot};
+use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::agent::connection::{ConnectionError, ExecIo};
+use crate::agent::snapshot::{check_snapshot_target, snapshot_shape};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::cgroup::PriorityClass;
@@ -270,60 +271,6 @@ impl VmArgs {
             snapshot_to: None,
         }
     }
-}
-
-/// The vCPUs and memory of the agent saved in `dir`, whose state is read and checked whole (a
-/// snapshot that cannot be restored is refused before anything starts).
-pub fn snapshot_shape(dir: &Path) -> anyhow::Result<(u8, u64)> {
-    let state = dir.join(STATE_FILE);
-    let file = std::fs::File::open(&state).with_context(|| {
-        format!(
-            "{} is not a snapshot: cannot open {}",
-            dir.display(),
-            state.display()
-        )
-    })?;
-    let snapshot = VmSnapshot::read_from(&file)
-        .with_context(|| format!("{} cannot be restored", dir.display()))?;
-    let memory = dir.join(MEMORY_FILE);
-    let expected = snapshot.memory_mib << 20;
-    match std::fs::metadata(&memory) {
-        Ok(m) if m.len() == expected => {}
-        Ok(m) => bail!(
-            "{} cannot be restored: its memory file holds {} bytes, not {expected}",
-            dir.display(),
-            m.len()
-        ),
-        Err(e) => bail!(
-            "{} cannot be restored: its memory file {} is missing ({e})",
-            dir.display(),
-            memory.display()
-        ),
-    }
-    let vcpus = u8::try_from(snapshot.vcpus.len())
-        .ok()
-        .filter(|n| (1..=MAX_VCPUS).contains(n))
-        .with_context(|| format!("{} has no vCPUs this VMM can run", dir.display()))?;
-    Ok((vcpus, snapshot.memory_mib))
-}
-
-/// A directory a snapshot may be written to: it exists, and is not the one restored from.
-pub fn check_snapshot_target(dir: &Path, from: Option<&Path>) -> anyhow::Result<()> {
-    if !dir.is_dir() {
-        bail!(
-            "--snapshot-to {}: no such directory (create it first)",
-            dir.display()
-        );
-    }
-    if let Some(from) = from
-        && std::fs::canonicalize(from).ok() == std::fs::canonicalize(dir).ok()
-    {
-        bail!(
-            "--snapshot-to {} is the snapshot restored from: give another directory",
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// Checks that /dev/kvm can be opened, with an explanation a user can act on.

@@ -322,16 +322,27 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// Creates (or empties) the snapshot files in `dir`, never through a symlink.
+/// Creates the snapshot files in `dir` anew, never through a symlink.
 fn open_snapshot_files(dir: &Path) -> anyhow::Result<SnapshotFiles> {
     anyhow::ensure!(
         dir.is_dir(),
         "--snapshot-to {}: no such directory",
         dir.display()
     );
+    // Unlinked and made anew, never truncated: VMs restored from an earlier snapshot here map
+    // its memory file, and truncating it would fault their guests' memory away.
+    let fresh = |name: &str| {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+        }
+        open_nofollow(&path, libc::O_EXCL)
+    };
     Ok(SnapshotFiles {
-        state: open_nofollow(&dir.join(STATE_FILE), libc::O_TRUNC)?,
-        memory: open_nofollow(&dir.join(MEMORY_FILE), libc::O_TRUNC)?,
+        state: fresh(STATE_FILE)?,
+        memory: fresh(MEMORY_FILE)?,
     })
 }
 

@@ -18,6 +18,8 @@ use agentos_protocol::{
 const STDIN_CHUNK: usize = 32 * 1024;
 /// How long an agent gets to acknowledge a shutdown.
 const SHUTDOWN_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entropy a restored agent gets for its random pool: 256 bits.
+const RESTORE_ENTROPY_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -266,6 +268,34 @@ impl AgentConnection {
                 && got == id
             {
                 return Ok(start.elapsed());
+            }
+        }
+    }
+
+    /// Tells an agent restored from a snapshot that it was: it gets fresh entropy for its
+    /// kernel's random pool (every clone of a snapshot starts from the same pool) and the wall
+    /// clock, which stood still while it was saved. Waits for it to have done both.
+    pub fn restored(&mut self) -> Result<(), ConnectionError> {
+        let mut entropy = vec![0u8; RESTORE_ENTROPY_BYTES];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(FrameError::Io)?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let id = self.new_id();
+        self.send(&HostMessage::Restored {
+            id,
+            entropy: StreamData(entropy),
+            unix_time_ns,
+        })?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Restored { id: got } if got == id => return Ok(()),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
             }
         }
     }

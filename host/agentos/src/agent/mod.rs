@@ -1,4 +1,6 @@
 //! The host side of agent VMs: starting one, and talking to its guest agent.
 
 pub mod connection;
+pub mod pool;
+pub mod snapshot;
 pub mod vm;

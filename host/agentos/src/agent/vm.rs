@@ -237,6 +237,8 @@ pub struct AgentVm {
 struct Starting {
     started: Instant,
     snapshot_to: Option<PathBuf>,
+    /// The VM runs from a snapshot: its agent is told so once it says hello.
+    restored: bool,
     child: Child,
     vmm_dir: VmmDir,
     run_dir: RunDir,
@@ -266,6 +268,7 @@ impl Starting {
         Ok(Self {
             started,
             snapshot_to: opts.snapshot_to.clone(),
+            restored: opts.from.is_some(),
             child,
             vmm_dir,
             run_dir,
@@ -282,6 +285,7 @@ impl Starting {
         let Self {
             started,
             snapshot_to,
+            restored,
             mut child,
             vmm_dir,
             run_dir,
@@ -303,7 +307,17 @@ impl Starting {
         };
         drop(control);
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let conn = match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
+        let handshake = AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)).and_then(
+            |mut conn| {
+                if restored {
+                    conn.set_deadline(Some(deadline));
+                    conn.restored()?;
+                    conn.set_deadline(None);
+                }
+                Ok(conn)
+            },
+        );
+        let conn = match handshake {
             Ok(conn) => conn,
             Err(e) => {
                 let _ = child.kill();
@@ -424,6 +438,11 @@ impl AgentVm {
     pub fn shutdown(mut self) -> VmEnd {
         let _ = self.conn.shutdown();
         self.reap(Instant::now() + SHUTDOWN_GRACE)
+    }
+
+    /// The directory its VMM saves it to when asked ([`AgentVm::snapshot`]), if it was given one.
+    pub fn snapshot_dir(&self) -> Option<&Path> {
+        self.snapshot_to.as_deref()
     }
 
     /// Saves the agent to the snapshot directory it was started with and ends its VM: the VMM

@@ -6,6 +6,7 @@ pub mod infer;
 pub mod ipc;
 pub mod isolation;
 pub mod sched;
+pub mod start;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     /// Messages between two agents through the router, beside the same exchange over a host
     /// Unix socket pair: round trip latency, messages/s, MB/s.
     Ipc(ipc::IpcBenchArgs),
+    /// Agents started cold and restored from a snapshot, one at a time and many at once: time
+    /// to the first exec reply and host memory per idle agent, with ratios.
+    Start(start::StartBenchArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
@@ -28,6 +32,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Infer(args) => infer::run(args),
         BenchCommand::Ipc(args) => ipc::run(args),
+        BenchCommand::Start(args) => start::run(args),
     }
 }
 

@@ -17,7 +17,8 @@ use tokio::sync::oneshot;
 
 use super::api::{
     AgentInfo, AgentState, ApiError, ErrorKind, ExecCall, ExecReply, LogsReply,
-    MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, MAX_TEXT_JSON_BYTES, RestartPolicy, fit_text,
+    MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, MAX_TEXT_JSON_BYTES, RestartPolicy, SnapshotReply,
+    fit_text,
 };
 use crate::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
@@ -75,6 +76,8 @@ pub struct Job {
 pub enum Work {
     Exec(ExecCall, oneshot::Sender<Result<ExecReply, ApiError>>),
     Infer(InferRequest, oneshot::Sender<Result<InferReply, ApiError>>),
+    /// Save the agent to the directory and stop it.
+    Snapshot(PathBuf, oneshot::Sender<Result<SnapshotReply, ApiError>>),
 }
 
 impl Work {
@@ -83,6 +86,7 @@ impl Work {
         match self {
             Self::Exec(_, reply) => reply.is_closed(),
             Self::Infer(_, reply) => reply.is_closed(),
+            Self::Snapshot(_, reply) => reply.is_closed(),
         }
     }
 }
@@ -123,7 +127,17 @@ struct Shared {
 
 impl Agent {
     /// Starts the agent's thread, which boots its first VM.
-    pub fn spawn(mut config: AgentConfig) -> io::Result<Self> {
+    pub fn spawn(config: AgentConfig) -> io::Result<Self> {
+        Self::start(config, None)
+    }
+
+    /// Starts the agent's thread with a VM that is up already (taken from a warm pool); the
+    /// agent boots its later VMs itself, if its policy restarts it.
+    pub fn spawn_with(config: AgentConfig, vm: AgentVm) -> io::Result<Self> {
+        Self::start(config, Some(vm))
+    }
+
+    fn start(mut config: AgentConfig, first: Option<AgentVm>) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         config.opts.abort = Some(stop.clone());
         let config = Arc::new(config);
@@ -147,7 +161,7 @@ impl Agent {
         };
         let thread = thread::Builder::new()
             .name(format!("agent-{}", config.name))
-            .spawn(move || live(&shared, &queue))?;
+            .spawn(move || live(&shared, &queue, first))?;
         Ok(Self {
             config,
             status,
@@ -330,20 +344,32 @@ pub fn note(config: &AgentConfig, text: &str) {
 enum Ending {
     /// Asked to stop.
     Stopped,
+    /// Saved to a snapshot directory, which ended its VM.
+    Saved(PathBuf),
     /// The VM ended or hung: why, and whether that was a failure.
     Ended { why: String, failure: bool },
 }
 
-/// The agent's whole life: boot, serve, and boot again while its policy says so.
-fn live(shared: &Shared, jobs: &Receiver<Job>) {
+/// The agent's whole life: boot (or take `first`, up already), serve, and boot again while its
+/// policy says so.
+fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
     let config = &shared.config;
     let mut failures_in_row: u32 = 0;
     loop {
         trim_log(&config.log);
-        shared.set_state(AgentState::Booting, None);
-        shared.note("booting");
         let booted_at = Instant::now();
-        let booted = AgentVm::boot(&config.opts).map(|mut vm| {
+        let booted = match first.take() {
+            Some(vm) => {
+                shared.note("taken from a warm pool");
+                Ok(vm)
+            }
+            None => {
+                shared.set_state(AgentState::Booting, None);
+                shared.note("booting");
+                AgentVm::boot(&config.opts)
+            }
+        };
+        let booted = booted.map(|mut vm| {
             let _ = vm.set_label(&config.name);
             // A guest that never answers the hook (a group's join) must not hold this thread,
             // and so a stop, for ever.
@@ -391,6 +417,11 @@ fn live(shared: &Shared, jobs: &Receiver<Job>) {
         let (why, failure) = match ending {
             Ending::Stopped => {
                 shared.note("stopped");
+                shared.set_state(AgentState::Stopped, None);
+                return;
+            }
+            Ending::Saved(to) => {
+                shared.note(&format!("saved to {}; stopped", to.display()));
                 shared.set_state(AgentState::Stopped, None);
                 return;
             }
@@ -456,6 +487,9 @@ fn refuse(work: Work, error: ApiError) {
         Work::Infer(_, reply) => {
             let _ = reply.send(Err(error));
         }
+        Work::Snapshot(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
     }
 }
 
@@ -469,6 +503,19 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>, mut vm: AgentVm) -> Ending {
     let mut last_ping = Instant::now();
     loop {
         match jobs.recv_timeout(WATCH_TICK) {
+            Ok(Job {
+                work: Work::Snapshot(to, reply),
+                ..
+            }) => match vm.snapshot_dir().map(Path::to_path_buf) {
+                Some(own) => return save(shared, vm, &own, to, reply),
+                None => {
+                    let why = format!(
+                        "agent `{}` runs a VM started without a snapshot directory (a group's member, or one taken from a warm pool before its first restart); it cannot be saved",
+                        shared.config.name
+                    );
+                    let _ = reply.send(Err(ApiError::new(ErrorKind::Invalid, why)));
+                }
+            },
             Ok(job) => {
                 vm.conn().set_keepalive(Some(Keepalive {
                     interval: PING_INTERVAL,
@@ -524,6 +571,46 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>, mut vm: AgentVm) -> Ending {
     }
 }
 
+/// Saves the agent into `to` and ends its VM: the VMM writes the snapshot into the agent's own
+/// snapshot directory, which is then moved into place.
+fn save(
+    shared: &Shared,
+    vm: AgentVm,
+    own: &Path,
+    to: PathBuf,
+    reply: oneshot::Sender<Result<SnapshotReply, ApiError>>,
+) -> Ending {
+    let name = &shared.config.name;
+    let failed = |why: String| ApiError::new(ErrorKind::Failed, why);
+    match vm.snapshot() {
+        Ok(_) => match crate::agent::snapshot::move_snapshot(own, &to).and_then(|bytes| {
+            let agent = crate::agent::snapshot::SavedAgent {
+                model: shared.config.model.clone(),
+            };
+            agent.write(&to).map(|()| bytes)
+        }) {
+            Ok(memory_bytes) => {
+                let _ = reply.send(Ok(SnapshotReply {
+                    name: name.clone(),
+                    to: to.display().to_string(),
+                    memory_bytes,
+                }));
+                Ending::Saved(to)
+            }
+            Err(e) => {
+                let why = format!("saved, but not moved into {}: {e}", to.display());
+                let _ = reply.send(Err(failed(why.clone())));
+                Ending::Ended { why, failure: true }
+            }
+        },
+        Err(e) => {
+            let why = agentos_protocol::error_chain(&e);
+            let _ = reply.send(Err(failed(why.clone())));
+            Ending::Ended { why, failure: true }
+        }
+    }
+}
+
 /// Kills a VM whose guest agent stopped answering.
 fn hung(vm: AgentVm, quiet: Duration) -> Ending {
     drop(vm);
@@ -557,6 +644,12 @@ fn run_job(shared: &Shared, vm: &mut AgentVm, job: Job) -> Option<Duration> {
             let stalled = stalled_for(&result);
             let _ = reply.send(result.map_err(|e| job_error(&shared.config.name, e)));
             stalled
+        }
+        // `serve` saves an agent itself, since that ends its VM.
+        work @ Work::Snapshot(..) => {
+            let why = "an agent is saved between requests, not during one";
+            refuse(work, ApiError::new(ErrorKind::Failed, why.to_owned()));
+            None
         }
     }
 }

@@ -66,6 +66,13 @@ pub enum Request {
     GroupDown(GroupRequest),
     /// Give a running group an input and wait for its results.
     GroupInput(GroupInputRequest),
+    /// Save a running agent to a directory of the daemon's host, and stop it (`spawn --from`
+    /// runs it again).
+    Snapshot(SnapshotRequest),
+    /// Keep a pool of agents restored from a snapshot, ready for `spawn` with `pool`.
+    PoolCreate(PoolCreateRequest),
+    /// Remove a pool and its ready agents.
+    PoolRm(PoolRequest),
 }
 
 impl Request {
@@ -84,6 +91,9 @@ impl Request {
             Self::GroupUp(_) => "group_up",
             Self::GroupDown(_) => "group_down",
             Self::GroupInput(_) => "group_input",
+            Self::Snapshot(_) => "snapshot",
+            Self::PoolCreate(_) => "pool_create",
+            Self::PoolRm(_) => "pool_rm",
         }
     }
 }
@@ -185,6 +195,48 @@ pub struct SpawnRequest {
     /// of refusing it with `no_room`).
     #[serde(default)]
     pub queue: bool,
+    /// Restore the agent saved in this directory of the daemon's host (absolute) instead of
+    /// booting one; vCPUs and memory are the snapshot's, and the agent restarts from it too.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Take an agent from this warm pool (`pool_create`): one restored ahead of need, up at
+    /// once; its snapshot decides what `from` would.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreateRequest {
+    pub name: String,
+    /// The snapshot directory its agents are restored from (absolute, on the daemon's host).
+    pub from: String,
+    /// Agents kept ready (1 to 64).
+    pub size: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRequest {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: String,
+    /// An existing directory of the daemon's host, as an absolute path: its `memory` and
+    /// `vm.state` are replaced.
+    pub to: String,
+}
+
+/// Answer to `snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    pub name: String,
+    pub to: String,
+    /// What the memory file takes on disk (zero pages are holes).
+    pub memory_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +493,9 @@ pub struct AgentInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PsReply {
     pub agents: Vec<AgentInfo>,
+    /// The warm pools, and how many agents each has ready.
+    #[serde(default)]
+    pub pools: Vec<crate::agent::pool::PoolInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! The commands that talk to a running daemon: spawn, ps, exec, infer, logs, stop, rm, metrics.
+//! The commands that talk to a running daemon: spawn, ps, exec, infer, logs, stop, rm, metrics,
+//! snapshot, pool.
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentos_protocol::{InferOptions, InferReply, Task};
@@ -12,7 +13,8 @@ use super::SocketArg;
 use super::api::{
     AgentInfo, ErrorKind, ExecCall, ExecReply, GroupInputRequest, GroupRequest, GroupUpReply,
     GroupUpRequest, InferCall, LogsReply, LogsRequest, MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S,
-    MetricsReply, NameRequest, PsReply, Request, RestartPolicy, RmRequest, SpawnRequest,
+    MetricsReply, NameRequest, PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy,
+    RmRequest, SnapshotReply, SnapshotRequest, SpawnRequest,
 };
 use super::client::{Client, ClientError};
 use crate::group::run::GroupReport;
@@ -48,6 +50,14 @@ pub struct SpawnArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
     )]
     pub boot_timeout: Option<u64>,
+    /// Restore the agent saved in this directory (`agentos snapshot`, or `agentos run
+    /// --snapshot-to`) instead of booting one; vCPUs and memory are the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "vcpus", "memory"])]
+    pub from: Option<PathBuf>,
+    /// Take an agent from this warm pool (`agentos pool create`): up at once when the pool has
+    /// one ready, restored from the pool's snapshot otherwise.
+    #[arg(long, value_name = "POOL", conflicts_with_all = ["from", "model", "vcpus", "memory"])]
+    pub pool: Option<String>,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
     pub detach: bool,
@@ -151,6 +161,66 @@ pub struct RmArgs {
     pub socket: SocketArg,
 }
 
+/// `agentos pool ...`: warm pools of agents restored from a snapshot ahead of need.
+#[derive(clap::Subcommand, Debug)]
+pub enum PoolCommand {
+    /// Keep SIZE agents restored from the snapshot in DIR ready for `spawn --pool NAME`.
+    Create {
+        /// The pool's name.
+        name: String,
+        /// The snapshot directory (`agentos snapshot`, or `agentos run --snapshot-to`).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Agents kept ready (1 to 64).
+        #[arg(long, default_value_t = 2)]
+        size: u32,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Remove a pool and shut its ready agents down (agents taken from it stay).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+pub fn pool(cmd: &PoolCommand) -> anyhow::Result<i32> {
+    match cmd {
+        PoolCommand::Create {
+            name,
+            from,
+            size,
+            socket,
+        } => {
+            let _: serde_json::Value =
+                client(socket)?.call(&Request::PoolCreate(PoolCreateRequest {
+                    name: name.clone(),
+                    from: absolute(from)?,
+                    size: *size,
+                }))?;
+            println!("pool {name}: filling to {size} (see `agentos ps`)");
+        }
+        PoolCommand::Rm { name, socket } => {
+            let _: serde_json::Value =
+                client(socket)?.call(&Request::PoolRm(PoolRequest { name: name.clone() }))?;
+            println!("pool {name}: removed");
+        }
+    }
+    Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    /// The agent.
+    pub name: String,
+    /// The directory to save it to (it must exist; its `memory` and `vm.state` are replaced).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct MetricsArgs {
     #[command(flatten)]
@@ -176,6 +246,8 @@ pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
         boot_timeout_s: args.boot_timeout,
         wait: !args.detach,
         queue: args.slice.wait,
+        from: args.from.as_deref().map(absolute).transpose()?,
+        pool: args.pool.clone(),
     });
     let info: AgentInfo = client(&args.socket)?.call(&request)?;
     if args.json {
@@ -205,6 +277,22 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
         "{:<20} {:<11} {:>8} {:>5} {:>7} {:>8} {:>8} {:<8}  {:<12} WHY",
         "NAME", "STATE", "FOR", "VCPU", "MEM", "RESTARTS", "PID", "JAIL", "MODEL"
     )?;
+    for p in &reply.pools {
+        writeln!(
+            out,
+            "pool {:<15} {}/{} ready, {} taken, {} failed to start, from {}{}",
+            p.name,
+            p.ready,
+            p.size,
+            p.claims,
+            p.failures,
+            p.from,
+            p.last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )?;
+    }
     for a in &reply.agents {
         writeln!(
             out,
@@ -336,6 +424,27 @@ pub fn rm(args: &RmArgs) -> anyhow::Result<i32> {
         force: args.force,
     }))?;
     println!("{}: removed", args.name);
+    Ok(0)
+}
+
+/// `path` made absolute (the daemon resolves paths on its own host, from its own directory).
+fn absolute(path: &Path) -> anyhow::Result<String> {
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("{}: no such directory", path.display()))?;
+    Ok(path.display().to_string())
+}
+
+pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<i32> {
+    let reply: SnapshotReply = client(&args.socket)?.call(&Request::Snapshot(SnapshotRequest {
+        name: args.name.clone(),
+        to: absolute(&args.to)?,
+    }))?;
+    println!(
+        "{}: saved to {} ({:.1} MB of memory), stopped",
+        reply.name,
+        reply.to,
+        reply.memory_bytes as f64 / 1e6
+    );
     Ok(0)
 }
 

@@ -377,7 +377,8 @@ exec = ["/bin/cat"]
         let daemon = Daemon::new(
             RunDir::create("daemon-test").unwrap(),
             Duration::from_secs(60),
-        );
+        )
+        .unwrap();
         let spec = Arc::new(file::parse(ECHO).unwrap());
         let trace = dir.path().join("trace.jsonl");
         let router = Router::with_members(

@@ -3,6 +3,8 @@
 //! errors.
 
 use std::collections::BTreeMap;
+
+use crate::agent::pool::PoolInfo;
 use std::fmt::Write;
 
 use super::api::{AgentInfo, AgentState};
@@ -31,8 +33,17 @@ const STATES: [AgentState; 6] = [
     AgentState::Stopped,
 ];
 
+/// A metric of every pool: name, type, help and its value for one pool.
+type PoolFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PoolInfo) -> u64,
+);
+
 pub fn render(
     agents: &[AgentRow],
+    pools: &[PoolInfo],
     requests: &BTreeMap<&'static str, u64>,
     errors: &BTreeMap<&'static str, u64>,
 ) -> String {
@@ -107,6 +118,38 @@ pub fn render(
             }
         }
     }
+    let pool_families: [PoolFamily; 4] = [
+        (
+            "agentos_pool_size",
+            "gauge",
+            "Agents a warm pool keeps ready.",
+            |p| u64::from(p.size),
+        ),
+        (
+            "agentos_pool_ready",
+            "gauge",
+            "Agents of a warm pool ready now.",
+            |p| u64::from(p.ready),
+        ),
+        (
+            "agentos_pool_claims_total",
+            "counter",
+            "Agents taken from a warm pool.",
+            |p| p.claims,
+        ),
+        (
+            "agentos_pool_failures_total",
+            "counter",
+            "Agents of a warm pool that did not start.",
+            |p| p.failures,
+        ),
+    ];
+    for (name, kind, help, value) in pool_families {
+        family(&mut out, name, kind, help);
+        for pool in pools {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", pool.name, value(pool));
+        }
+    }
     family(
         &mut out,
         "agentos_api_requests_total",
@@ -166,7 +209,24 @@ mod tests {
         }];
         let requests = BTreeMap::from([("ps", 4)]);
         let errors = BTreeMap::from([("unknown_agent", 1)]);
-        let text = render(&rows, &requests, &errors);
+        let pools = [PoolInfo {
+            name: "warm".into(),
+            from: "/var/snap".into(),
+            size: 3,
+            ready: 2,
+            claims: 5,
+            failures: 0,
+            last_error: None,
+        }];
+        let text = render(&rows, &pools, &requests, &errors);
+        assert!(
+            text.contains("agentos_pool_ready{pool=\"warm\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentos_pool_claims_total{pool=\"warm\"} 5"),
+            "{text}"
+        );
         for line in [
             "agentos_agent_state{agent=\"a\",state=\"running\"} 1",
             "agentos_agent_state{agent=\"a\",state=\"booting\"} 0",

@@ -31,9 +31,11 @@ use tokio::sync::{Semaphore, oneshot};
 use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
 use self::api::{
-    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MetricsReply, PsReply,
-    Request, RmRequest, SpawnRequest, VersionReply,
+    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MetricsReply,
+    PoolCreateRequest, PoolRequest, PsReply, Request, RmRequest, SnapshotRequest, SpawnRequest,
+    VersionReply,
 };
+use crate::agent::pool::Spawner;
 use crate::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
 use crate::image::{self, AGENT_IMAGE};
 use crate::infer_run::MODEL_MEMORY_MIB;
@@ -116,6 +118,8 @@ struct Daemon {
     hang_timeout: Duration,
     counters: Counters,
     stopping: AtomicBool,
+    /// Warm pools of agents restored ahead of need.
+    pools: Arc<Spawner>,
 }
 
 pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
@@ -136,10 +140,13 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
             "removed the run directories of agents of a dead process"
         );
     }
-    let daemon = Arc::new(Daemon::new(
-        RunDir::create("daemon").context("cannot create the daemon's run directory")?,
-        Duration::from_secs(args.hang_timeout),
-    ));
+    let daemon = Arc::new(
+        Daemon::new(
+            RunDir::create("daemon").context("cannot create the daemon's run directory")?,
+            Duration::from_secs(args.hang_timeout),
+        )
+        .context("cannot start the daemon's pool thread")?,
+    );
     eprintln!(
         "agentos daemon: listening on {} (pid {})",
         path.display(),
@@ -233,9 +240,12 @@ async fn serve(
         agent.request_stop();
     }
     let groups = std::mem::take(&mut *daemon.groups.lock().unwrap_or_else(|e| e.into_inner()));
+    let pools = daemon.clone();
     tokio::task::spawn_blocking(move || {
         drop(agents);
         drop(groups);
+        // Last: the pools' thread started the VMs of agents taken from pools.
+        pools.pools.stop();
     })
     .await?;
     Ok(())
@@ -286,15 +296,16 @@ impl server::Handler for Daemon {
 }
 
 impl Daemon {
-    fn new(state: RunDir, hang_timeout: Duration) -> Self {
-        Self {
+    fn new(state: RunDir, hang_timeout: Duration) -> io::Result<Self> {
+        Ok(Self {
             agents: Mutex::new(BTreeMap::new()),
             groups: Mutex::new(BTreeMap::new()),
             state,
             hang_timeout,
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
-        }
+            pools: Arc::new(Spawner::start()?),
+        })
     }
 
     fn lock_agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Agent>> {
@@ -324,6 +335,7 @@ impl Daemon {
             Request::Spawn(spawn) => self.spawn(spawn, deadline).await,
             Request::Ps => to_value(&PsReply {
                 agents: self.lock_agents().values().map(Agent::info).collect(),
+                pools: self.pools.info(),
             }),
             Request::Exec(call) => self.exec(call, deadline).await,
             Request::Infer(call) => self.infer(call, deadline).await,
@@ -347,6 +359,19 @@ impl Daemon {
             Request::GroupUp(up) => self.group_up(up, deadline).await,
             Request::GroupDown(down) => self.group_down(&down.group).await,
             Request::GroupInput(input) => self.group_input(input, deadline).await,
+            Request::Snapshot(request) => {
+                self.check_not_member(&request.name, "save")?;
+                self.save(request, deadline).await
+            }
+            Request::PoolCreate(request) => self.pool_create(request).await,
+            Request::PoolRm(PoolRequest { name }) => {
+                let pools = self.pools.clone();
+                tokio::task::spawn_blocking(move || pools.remove(&name).map(|()| name))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
+                    .map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))
+                    .and_then(|name| to_value(&serde_json::json!({ "removed": name })))
+            }
             Request::Metrics => to_value(&MetricsReply {
                 text: self.metrics_text(),
             }),
@@ -363,11 +388,35 @@ impl Daemon {
 
     async fn spawn(
         &self,
-        request: SpawnRequest,
+        mut request: SpawnRequest,
         deadline: Instant,
     ) -> Result<serde_json::Value, ApiError> {
         let name = request.name.clone();
         check_name(&name)?;
+        let pool = request.pool.clone();
+        if let Some(pool) = &pool {
+            let others = request.from.is_some()
+                || request.model.is_some()
+                || request.vcpus.is_some()
+                || request.memory_mib.is_some()
+                || request.cpus.is_some()
+                || request.cpuset.is_some()
+                || request.pin
+                || request.weight.is_some()
+                || request.class.is_some()
+                || request.queue;
+            if others {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    "a pool's agents are alike: give no from, model, vcpus, memory or slice with pool".to_owned(),
+                ));
+            }
+            let opts = self
+                .pools
+                .options(pool)
+                .map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;
+            request.from = opts.from.map(|p| p.display().to_string());
+        }
         {
             let agents = self.lock_agents();
             if agents.contains_key(&name) {
@@ -401,7 +450,19 @@ impl Daemon {
                 ));
             }
             let _ = std::fs::remove_file(&config.log);
-            let agent = Agent::spawn(config).map_err(|e| {
+            // A pool with none ready is a restore from its snapshot, by the agent's thread.
+            let claimed = match &pool {
+                Some(pool) => self
+                    .pools
+                    .claim(pool)
+                    .map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?,
+                None => None,
+            };
+            let agent = match claimed {
+                Some(vm) => Agent::spawn_with(config, vm),
+                None => Agent::spawn(config),
+            }
+            .map_err(|e| {
                 ApiError::new(ErrorKind::Failed, format!("cannot start the agent: {e}"))
             })?;
             agents.insert(name.clone(), agent);
@@ -525,6 +586,47 @@ impl Daemon {
         answer_of(&name, answer).await
     }
 
+    /// Adds a warm pool: its agents are restored from the snapshot by the pools' thread.
+    async fn pool_create(&self, request: PoolCreateRequest) -> Result<serde_json::Value, ApiError> {
+        check_name(&request.name)?;
+        let from = request.from.clone();
+        let opts = tokio::task::spawn_blocking(move || pool_options(&from))
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))??;
+        self.pools
+            .create(&request.name, opts, request.size)
+            .map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;
+        tracing::info!(pool = request.name, size = request.size, "pool created");
+        let info = self.pools.info();
+        to_value(&info.iter().find(|p| p.name == request.name))
+    }
+
+    /// Saves a running agent into a directory of this host and stops it.
+    async fn save(
+        &self,
+        request: SnapshotRequest,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ApiError> {
+        let to = PathBuf::from(&request.to);
+        let is_dir = std::fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir());
+        if !to.is_absolute() || !is_dir {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "snapshot to {}: give an existing directory of the daemon's host, as an absolute path (not a symlink)",
+                    request.to
+                ),
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            deadline,
+            work: Work::Snapshot(to, reply),
+        };
+        self.with_agent(&request.name, |a| a.submit(job))??;
+        answer_of(&request.name, answer).await
+    }
+
     /// Stops the agent's VM and waits until it is gone; the agent stays listed until `rm`.
     async fn stop(&self, name: &str) -> Result<serde_json::Value, ApiError> {
         let waiter = self.with_agent(name, |a| {
@@ -556,6 +658,7 @@ impl Daemon {
         tokio::task::spawn_blocking(move || drop(agent))
             .await
             .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+        let _ = std::fs::remove_dir_all(snapshot_dir(&log));
         let _ = std::fs::remove_file(log);
         tracing::info!(agent = name, "removed");
         to_value(&serde_json::json!({ "removed": name }))
@@ -641,6 +744,7 @@ impl Daemon {
             .collect();
         metrics::render(
             &rows,
+            &self.pools.info(),
             &lock(&self.counters.requests),
             &lock(&self.counters.errors),
         )
@@ -749,9 +853,51 @@ fn agent_config(
         opts.extra_initrds = vm_archives(&store, &bundle, &img.manifest.libraries)
             .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
     }
+    let mut model = request.model.clone();
+    if let Some(from) = &request.from {
+        if request.vcpus.is_some() || request.memory_mib.is_some() || request.model.is_some() {
+            return Err(invalid(
+                "an agent restored from a snapshot has the snapshot's vCPUs, memory and model; give none".into(),
+            ));
+        }
+        let from = PathBuf::from(from);
+        if !from.is_absolute() {
+            return Err(invalid(format!(
+                "from {}: give the snapshot directory as an absolute path",
+                from.display()
+            )));
+        }
+        let (vcpus, memory_mib) =
+            crate::agent::snapshot::snapshot_shape(&from).map_err(|e| invalid(format!("{e:#}")))?;
+        let saved = crate::agent::snapshot::SavedAgent::read(&from)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        if let Some(model) = &saved.model {
+            // The model is in the restored guest's memory already; it must still be one this
+            // host knows, for `infer` to name it.
+            ModelStore::new(&cache)
+                .find(model)
+                .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
+        }
+        model = saved.model;
+        opts.vcpus = vcpus;
+        opts.memory_mib = memory_mib;
+        opts.from = Some(from);
+    }
+    let own = snapshot_dir(&log);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&own)
+        .map_err(|e| {
+            ApiError::new(
+                ErrorKind::Failed,
+                format!("cannot create {}: {e}", own.display()),
+            )
+        })?;
+    opts.snapshot_to = Some(own);
     Ok(AgentConfig {
         name: request.name,
-        model: request.model,
+        model,
         restart: request.restart,
         opts,
         log,
@@ -760,6 +906,42 @@ fn agent_config(
         class: request.class,
         on_boot: None,
     })
+}
+
+/// The options a pool's agents are restored with: the snapshot's shape, the agent image, no
+/// slice beyond memory; no snapshot directory (one taken from the pool is saved only once it
+/// restarted).
+fn pool_options(from: &str) -> Result<BootOptions, ApiError> {
+    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
+    let from = PathBuf::from(from);
+    if !from.is_absolute() {
+        return Err(invalid(format!(
+            "from {}: give the snapshot directory as an absolute path",
+            from.display()
+        )));
+    }
+    let (vcpus, memory_mib) =
+        crate::agent::snapshot::snapshot_shape(&from).map_err(|e| invalid(format!("{e:#}")))?;
+    crate::agent::snapshot::SavedAgent::read(&from).map_err(|e| invalid(format!("{e:#}")))?;
+    let cache = image::default_cache_dir();
+    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Failed,
+            format!("{e}; run `scripts/setup` (or `agentos image build`) on the daemon's host"),
+        )
+    })?;
+    Ok(BootOptions {
+        vcpus,
+        memory_mib,
+        from: Some(from),
+        ..BootOptions::of_image(&img)
+    })
+}
+
+/// Where an agent's VMM writes a snapshot before it is moved where it was asked for: beside the
+/// agent's log, in the daemon's state directory.
+fn snapshot_dir(log: &Path) -> PathBuf {
+    log.with_extension("snapshot")
 }
 
 /// Serves the metrics as HTTP: a bounded number of clients at once, each with `timeout` to send
@@ -818,10 +1000,13 @@ mod tests {
     use super::*;
 
     fn daemon() -> Arc<Daemon> {
-        Arc::new(Daemon::new(
-            RunDir::create("daemon-test").unwrap(),
-            Duration::from_secs(60),
-        ))
+        Arc::new(
+            Daemon::new(
+                RunDir::create("daemon-test").unwrap(),
+                Duration::from_secs(60),
+            )
+            .unwrap(),
+        )
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const CONTROL_TIME: Duration = Duration::from_secs(60);
 /// The deadline of a `spawn` or `group_up` that does not wait for the boot.
 const SETUP_TIME: Duration = Duration::from_secs(60);
+/// How long saving an agent may take: its guest memory is written, then moved.
+const SNAPSHOT_TIME: Duration = Duration::from_secs(600);
 /// Beyond a boot's own timeout: finding the image and the model, the slice, the cgroup.
 const BOOT_SLACK: Duration = Duration::from_secs(60);
 /// Beyond a `group_input`'s own timeout: collecting its report.
@@ -127,12 +129,15 @@ fn lane(request: &Request) -> Lane {
         | Request::Stop(_)
         | Request::Rm(_)
         | Request::Metrics
-        | Request::GroupDown(_) => Lane::Control,
+        | Request::GroupDown(_)
+        | Request::PoolCreate(_)
+        | Request::PoolRm(_) => Lane::Control,
         Request::Spawn(_)
         | Request::Exec(_)
         | Request::Infer(_)
         | Request::GroupUp(_)
-        | Request::GroupInput(_) => Lane::Work,
+        | Request::GroupInput(_)
+        | Request::Snapshot(_) => Lane::Work,
     }
 }
 
@@ -154,13 +159,16 @@ fn time_limit(request: &Request) -> Duration {
         Request::GroupInput(input) => {
             secs(input.timeout_s.unwrap_or(DEFAULT_INPUT_TIMEOUT_S)).saturating_add(INPUT_SLACK)
         }
+        Request::Snapshot(_) => SNAPSHOT_TIME,
         Request::Version
         | Request::Ps
         | Request::Logs(_)
         | Request::Stop(_)
         | Request::Rm(_)
         | Request::Metrics
-        | Request::GroupDown(_) => CONTROL_TIME,
+        | Request::GroupDown(_)
+        | Request::PoolCreate(_)
+        | Request::PoolRm(_) => CONTROL_TIME,
     };
     limit.min(MAX_REQUEST_TIME)
 }
