@@ -277,7 +277,7 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     assert_eq!(d.ok(&["stop", "w"]), "w: stopped\n");
     d.refused(&["exec", "w", "--", "/bin/true"], "agent `w` is stopped");
     d.ok(&["rm", "w"]);
-    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[],\"pools\":[]}\n");
 
     // A daemon killed outright takes its VMs with it; the next one cleans up after it.
     d.ok(&["spawn", "--name", "x", "--restart", "never"]);
@@ -292,7 +292,7 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
         std::thread::sleep(Duration::from_millis(100));
     }
     let d = Daemon::start(&t);
-    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[],\"pools\":[]}\n");
 
     // Stopping the daemon stops its agents and leaves nothing behind.
     d.ok(&["spawn", "--name", "y"]);
@@ -370,7 +370,7 @@ fn a_group_runs_under_the_daemon_with_replicas_that_share_the_work() {
 
     let down = d.ok(&["group", "down", "pool"]);
     assert_eq!(down, "group pool: 2 agents stopped\n");
-    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[]}\n");
+    assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[],\"pools\":[]}\n");
     d.refused(&["group", "down", "pool"], "no group `pool` is up");
     let status = d.signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "the daemon exited with {status}");

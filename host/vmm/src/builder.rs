@@ -130,20 +130,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         vsock_cid: config.vsock.as_ref().map(|v| v.guest_cid),
         disks,
     };
-    let Assembled {
-        vm,
-        io_bus,
-        mmio_bus,
-        event_loop,
-        exit,
-        console,
-        status,
-        metrics,
-        acpi_devices,
-        serial,
-        vsock_slot,
-        disk_slots,
-    } = assemble(
+    let assembled = assemble(
         &machine,
         &mem,
         &config.console,
@@ -175,39 +162,24 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         &mem,
         &AcpiConfig {
             vcpus: config.vcpus,
-            devices: acpi_devices,
+            devices: assembled.acpi_devices.clone(),
         },
     )?;
     boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp)?;
     write_boot_tables(&mem, kernel.entry)?;
 
+    let vm = &assembled.vm;
     let msrs = boot_msrs(vm.kvm())?;
     let vcpus = (0..config.vcpus)
         .map(|index| {
-            let vcpu = Vcpu::new(&vm, index)?;
-            vcpu.configure(&vm, config.vcpus, &msrs, kernel.entry)?;
+            let vcpu = Vcpu::new(vm, index)?;
+            vcpu.configure(vm, config.vcpus, &msrs, kernel.entry)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
     info!(vcpus = config.vcpus, "VM built");
-
-    Ok(Vmm::new(crate::vmm::VmmParts {
-        vm,
-        mem,
-        vcpus,
-        io_bus: Arc::new(io_bus),
-        mmio_bus: Arc::new(mmio_bus),
-        event_loop,
-        exit,
-        console,
-        status,
-        metrics,
-        machine,
-        serial,
-        vsock_slot,
-        disk_slots,
-        snapshot_to: open_target(config.snapshot_to.as_ref(), None)?,
-    }))
+    let snapshot_to = open_target(config.snapshot_to.as_ref(), None)?;
+    Ok(assembled.into_vmm(mem, vcpus, machine, snapshot_to))
 }
 
 /// Builds a VM from a snapshot: its memory mapped from the snapshot's memory file, KVM's state
@@ -253,20 +225,7 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         vsock_cid: vsock.as_ref().map(|v| v.guest_cid),
         disks,
     };
-    let Assembled {
-        vm,
-        io_bus,
-        mmio_bus,
-        event_loop,
-        exit,
-        console,
-        status,
-        metrics,
-        acpi_devices: _,
-        serial,
-        vsock_slot,
-        disk_slots,
-    } = assemble(
+    let assembled = assemble(
         &machine,
         &mem,
         &config.console,
@@ -274,6 +233,7 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         &config.disks,
         Some(&snapshot.serial),
     )?;
+    let vm = &assembled.vm;
     for state in &snapshot.vcpus {
         if let Some(missing) = missing_features(&state.cpuid, vm.supported_cpuid(), vm.host_caps())
         {
@@ -286,16 +246,16 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         .iter()
         .enumerate()
         .map(|(index, state)| {
-            let vcpu = Vcpu::new(&vm, index as u8)?;
+            let vcpu = Vcpu::new(vm, index as u8)?;
             vcpu.restore_state(state)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
-    status.restore_last(snapshot.status);
-    if let (Some(slot), Some((_, state))) = (&vsock_slot, &snapshot.vsock) {
+    assembled.status.restore_last(snapshot.status);
+    if let (Some(slot), Some((_, state))) = (&assembled.vsock_slot, &snapshot.vsock) {
         lock(slot).restore(state)?;
     }
-    for (slot, (_, state)) in disk_slots.iter().zip(&snapshot.disks) {
+    for (slot, (_, state)) in assembled.disk_slots.iter().zip(&snapshot.disks) {
         lock(slot).restore(state)?;
     }
     info!(
@@ -304,23 +264,7 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         "VM restored"
     );
     let snapshot_to = open_target(config.snapshot_to.as_ref(), Some(&config.memory))?;
-    Ok(Vmm::new(crate::vmm::VmmParts {
-        vm,
-        mem,
-        vcpus,
-        io_bus: Arc::new(io_bus),
-        mmio_bus: Arc::new(mmio_bus),
-        event_loop,
-        exit,
-        console,
-        status,
-        metrics,
-        machine,
-        serial,
-        vsock_slot,
-        disk_slots,
-        snapshot_to,
-    }))
+    Ok(assembled.into_vmm(mem, vcpus, machine, snapshot_to))
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -393,6 +337,35 @@ struct Assembled {
     serial: Arc<Mutex<SerialDevice>>,
     vsock_slot: Option<Arc<Mutex<dyn SavedSlot>>>,
     disk_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
+}
+
+impl Assembled {
+    /// The VMM of these devices, `mem` and `vcpus`, ready to run.
+    fn into_vmm(
+        self,
+        mem: GuestMemory,
+        vcpus: Vec<Vcpu>,
+        machine: Machine,
+        snapshot_to: Option<SnapshotTarget>,
+    ) -> Vmm {
+        Vmm::new(crate::vmm::VmmParts {
+            vm: self.vm,
+            mem,
+            vcpus,
+            io_bus: Arc::new(self.io_bus),
+            mmio_bus: Arc::new(self.mmio_bus),
+            event_loop: self.event_loop,
+            exit: self.exit,
+            console: self.console,
+            status: self.status,
+            metrics: self.metrics,
+            machine,
+            serial: self.serial,
+            vsock_slot: self.vsock_slot,
+            disk_slots: self.disk_slots,
+            snapshot_to,
+        })
+    }
 }
 
 /// Creates the KVM VM over `mem` and its devices: the legacy ports (the serial port in

@@ -219,8 +219,9 @@ fn next_to_fill(pools: &Pools, now: Instant) -> Option<(String, BootOptions)> {
         .map(|(name, p)| (name.clone(), p.opts.clone()))
 }
 
-/// Starts agents for the pools, one at a time, until told to stop.
-fn fill(shared: &(Mutex<Pools>, Condvar), stopping: &AtomicBool) {
+/// Starts agents for the pools, one at a time, until told to stop (which also gives up a start
+/// under way).
+fn fill(shared: &(Mutex<Pools>, Condvar), stopping: &Arc<AtomicBool>) {
     let (pools, wake) = shared;
     loop {
         let next = {
@@ -239,7 +240,7 @@ fn fill(shared: &(Mutex<Pools>, Condvar), stopping: &AtomicBool) {
             }
         };
         let (name, mut opts) = next;
-        opts.abort = Some(Arc::new(AtomicBool::new(false)));
+        opts.abort = Some(stopping.clone());
         let started = AgentVm::boot(&opts);
         if stopping.load(Ordering::SeqCst) {
             if let Ok(vm) = started {
@@ -267,5 +268,46 @@ fn fill(shared: &(Mutex<Pools>, Condvar), stopping: &AtomicBool) {
             }
             (None, Err(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_are_named_sized_and_known() {
+        let pools = Spawner::start().unwrap();
+        let img_less = BootOptions {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+            extra_initrds: Vec::new(),
+            disks: Vec::new(),
+            extra_cmdline: None,
+            console: false,
+            boot_timeout: Duration::from_secs(1),
+            cpu: Default::default(),
+            wait_for_room: false,
+            console_log: None,
+            abort: None,
+            no_jail: false,
+            from: Some("/nonexistent".into()),
+            snapshot_to: None,
+        };
+        assert!(matches!(
+            pools.create("p", img_less.clone(), 0),
+            Err(PoolError::Size(0))
+        ));
+        assert!(matches!(
+            pools.create("p", img_less, MAX_POOL_SIZE + 1),
+            Err(PoolError::Size(_))
+        ));
+        assert!(pools.info().is_empty());
+        assert!(matches!(pools.claim("p"), Err(PoolError::Unknown(_))));
+        assert!(matches!(pools.options("p"), Err(PoolError::Unknown(_))));
+        assert!(matches!(pools.remove("p"), Err(PoolError::Unknown(_))));
+        pools.stop();
     }
 }

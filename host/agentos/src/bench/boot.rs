@@ -270,16 +270,7 @@ fn linux_bench_in_carrier(
         cpus: carrier::DEFAULT_CPUS,
         console: false,
     };
-    let mut out = Vec::new();
-    let status = carrier::run(&spec, &mut out)?;
-    if status.shell_code() != 0 {
-        bail!(
-            "the benchmark in the carrier failed (status {})",
-            status.shell_code()
-        );
-    }
-    let mut linux: LinuxResults =
-        serde_json::from_slice(&out).context("the carrier's benchmark printed no results")?;
+    let mut linux: LinuxResults = super::results_from_carrier(&spec)?;
     linux.placement = "carrier".into();
     Ok(linux)
 }

@@ -36,6 +36,22 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// Runs a benchmark inside a carrier (`spec`) and reads the JSON results it prints.
+pub fn results_from_carrier<T: serde::de::DeserializeOwned>(
+    spec: &crate::carrier::CarrierRun,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let mut out = Vec::new();
+    let status = crate::carrier::run(spec, &mut out)?;
+    if status.shell_code() != 0 {
+        anyhow::bail!(
+            "the benchmark in the carrier failed (status {})",
+            status.shell_code()
+        );
+    }
+    serde_json::from_slice(&out).context("the carrier's benchmark printed no results")
+}
+
 /// Median, min and max of a set of measurements.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {

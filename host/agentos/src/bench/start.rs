@@ -153,16 +153,7 @@ fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
         cpus: carrier::DEFAULT_CPUS,
         console: false,
     };
-    let mut out = Vec::new();
-    let status = carrier::run(&spec, &mut out)?;
-    if status.shell_code() != 0 {
-        bail!(
-            "the benchmark in the carrier failed (status {})",
-            status.shell_code()
-        );
-    }
-    let mut results: StartResults =
-        serde_json::from_slice(&out).context("the carrier's benchmark printed no results")?;
+    let mut results: StartResults = super::results_from_carrier(&spec)?;
     results.placement = "carrier".into();
     Ok(results)
 }
