@@ -70,7 +70,12 @@ pub fn snapshot_shape(dir: &Path) -> anyhow::Result<(u8, u64)> {
     let snapshot = VmSnapshot::read_from(&file)
         .with_context(|| format!("{} cannot be restored", dir.display()))?;
     let memory = dir.join(MEMORY_FILE);
-    let expected = snapshot.memory_mib << 20;
+    let expected = snapshot.memory_mib.checked_mul(1 << 20).with_context(|| {
+        format!(
+            "{} cannot be restored: its memory size is absurd",
+            dir.display()
+        )
+    })?;
     match std::fs::metadata(&memory) {
         Ok(m) if m.len() == expected => {}
         Ok(m) => bail!(

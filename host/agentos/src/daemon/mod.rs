@@ -860,28 +860,11 @@ fn agent_config(
                 "an agent restored from a snapshot has the snapshot's vCPUs, memory and model; give none".into(),
             ));
         }
-        let from = PathBuf::from(from);
-        if !from.is_absolute() {
-            return Err(invalid(format!(
-                "from {}: give the snapshot directory as an absolute path",
-                from.display()
-            )));
-        }
-        let (vcpus, memory_mib) =
-            crate::agent::snapshot::snapshot_shape(&from).map_err(|e| invalid(format!("{e:#}")))?;
-        let saved = crate::agent::snapshot::SavedAgent::read(&from)
-            .map_err(|e| invalid(format!("{e:#}")))?;
-        if let Some(model) = &saved.model {
-            // The model is in the restored guest's memory already; it must still be one this
-            // host knows, for `infer` to name it.
-            ModelStore::new(&cache)
-                .find(model)
-                .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
-        }
-        model = saved.model;
-        opts.vcpus = vcpus;
-        opts.memory_mib = memory_mib;
-        opts.from = Some(from);
+        let source = restore_source(from, &cache)?;
+        model = source.model;
+        opts.vcpus = source.vcpus;
+        opts.memory_mib = source.memory_mib;
+        opts.from = Some(source.dir);
     }
     let own = snapshot_dir(&log);
     std::fs::DirBuilder::new()
@@ -912,17 +895,8 @@ fn agent_config(
 /// slice beyond memory; no snapshot directory (one taken from the pool is saved only once it
 /// restarted).
 fn pool_options(from: &str) -> Result<BootOptions, ApiError> {
-    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
-    let from = PathBuf::from(from);
-    if !from.is_absolute() {
-        return Err(invalid(format!(
-            "from {}: give the snapshot directory as an absolute path",
-            from.display()
-        )));
-    }
-    let (vcpus, memory_mib) =
-        crate::agent::snapshot::snapshot_shape(&from).map_err(|e| invalid(format!("{e:#}")))?;
-    crate::agent::snapshot::SavedAgent::read(&from).map_err(|e| invalid(format!("{e:#}")))?;
+    let cache = image::default_cache_dir();
+    let source = restore_source(from, &cache)?;
     let cache = image::default_cache_dir();
     let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
         ApiError::new(
@@ -931,10 +905,48 @@ fn pool_options(from: &str) -> Result<BootOptions, ApiError> {
         )
     })?;
     Ok(BootOptions {
+        vcpus: source.vcpus,
+        memory_mib: source.memory_mib,
+        from: Some(source.dir),
+        ..BootOptions::of_image(&img)
+    })
+}
+
+/// A snapshot directory a client named, checked before anything is restored from it.
+struct RestoreSource {
+    dir: PathBuf,
+    vcpus: u8,
+    memory_mib: u64,
+    model: Option<String>,
+}
+
+/// Checks `from` (absolute, a snapshot that can be restored, a model this host still knows)
+/// and reads its shape and model.
+fn restore_source(from: &str, cache: &Path) -> Result<RestoreSource, ApiError> {
+    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
+    let dir = PathBuf::from(from);
+    if !dir.is_absolute() {
+        return Err(invalid(format!(
+            "from {}: give the snapshot directory as an absolute path",
+            dir.display()
+        )));
+    }
+    let (vcpus, memory_mib) =
+        crate::agent::snapshot::snapshot_shape(&dir).map_err(|e| invalid(format!("{e:#}")))?;
+    let saved =
+        crate::agent::snapshot::SavedAgent::read(&dir).map_err(|e| invalid(format!("{e:#}")))?;
+    if let Some(model) = &saved.model {
+        // The model is in the restored guest's memory already; it must still be one this host
+        // knows, for `infer` to name it.
+        ModelStore::new(cache)
+            .find(model)
+            .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
+    }
+    Ok(RestoreSource {
+        dir,
         vcpus,
         memory_mib,
-        from: Some(from),
-        ..BootOptions::of_image(&img)
+        model: saved.model,
     })
 }
 
