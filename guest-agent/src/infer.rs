@@ -14,7 +14,9 @@ use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use agentos_protocol::bundle::{GUEST_INFER_WORKER, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME};
+use agentos_protocol::bundle::{
+    GUEST_INFER_WORKER, GUEST_LIBRARY_DIR, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, MODEL_LIBRARY_DIR,
+};
 use agentos_protocol::{GuestMessage, InferReply, InferRequest, MAX_FRAME_BYTES, encode_frame};
 
 use crate::lock;
@@ -104,6 +106,7 @@ impl Inference {
         command
             .args(["--models", GUEST_MODELS_DIR, "--runtime", GUEST_ONNXRUNTIME])
             .args(["--threads", &self.threads.to_string()])
+            .env("LD_LIBRARY_PATH", library_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let (mut child, pid) = self
@@ -200,4 +203,21 @@ fn read_answers(stdout: ChildStdout, shared: &Mutex<Shared>) {
         };
         let _ = outbox.send(message);
     }
+}
+
+/// Where the worker and the programs it starts find the libraries the model disks carry: the
+/// runtime disk's, then each bundle's own.
+fn library_path() -> String {
+    let mut dirs = vec![GUEST_LIBRARY_DIR.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(GUEST_MODELS_DIR) {
+        let mut own: Vec<String> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path().join(MODEL_LIBRARY_DIR))
+            .filter(|dir| dir.is_dir())
+            .filter_map(|dir| dir.to_str().map(str::to_owned))
+            .collect();
+        own.sort();
+        dirs.extend(own);
+    }
+    dirs.join(":")
 }

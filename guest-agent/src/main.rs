@@ -16,6 +16,7 @@ mod config;
 mod exec;
 mod infer;
 mod init;
+mod model_disks;
 mod outbox;
 mod peer;
 mod reaper;
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentos_protocol::{BOOT_MARKER, error_chain as describe, status};
 
@@ -41,8 +42,8 @@ use crate::reaper::Reaper;
 use crate::server::{Context, Ended, Role, ServeError};
 use crate::transport::{Connection, TransportError, VsockListener};
 
-/// Pause between the end of a control session and the next, so that a host that keeps closing the
-/// connection cannot spin the agent.
+/// Pause between the end of a control session that lasted less than this and the next, so that a
+/// host that keeps closing the connection cannot spin the agent.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Pause after a failed `accept`, e.g. when descriptors run out.
@@ -60,6 +61,8 @@ enum Fatal {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Init(#[from] InitError),
+    #[error(transparent)]
+    ModelDisks(#[from] model_disks::ModelDisksError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("cannot start a thread")]
@@ -139,6 +142,7 @@ fn run(pid1: bool) -> Result<(), Fatal> {
     let config = Config::load()?;
     if pid1 {
         init::configure(&config)?;
+        model_disks::mount_given()?;
     }
     let reaper = if pid1 {
         Reaper::all_children().map_err(Fatal::Thread)?
@@ -191,11 +195,16 @@ fn serve_vsock(
                 .map_err(Fatal::Thread)?;
             listening = true;
         }
+        let session = Instant::now();
         if shutdown_requested(server::serve(conn, ctx, Role::Control)) {
             return Ok(());
         }
         console!("the control connection ended; dialling the host again");
-        thread::sleep(RECONNECT_PAUSE);
+        // A session that lasted is not a host closing on us: dial again at once. A restored VM's
+        // session ends that way (its transport was reset), and the host waits for the next.
+        if session.elapsed() < RECONNECT_PAUSE {
+            thread::sleep(RECONNECT_PAUSE);
+        }
     }
 }
 

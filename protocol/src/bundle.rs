@@ -27,6 +27,21 @@ pub const GUEST_MODELS_DIR: &str = "/opt/agentos/models";
 pub const GUEST_INFER_WORKER: &str = "/opt/agentos/bin/agentos-infer";
 /// Where ONNX Runtime is in the guest.
 pub const GUEST_ONNXRUNTIME: &str = "/opt/agentos/onnxruntime/libonnxruntime.so";
+/// Where the runtime disk is mounted in the guest: the worker and ONNX Runtime at the paths
+/// above, in `lib/` the shared libraries they need beyond the agent image's, and `models/`,
+/// where each bundle's own disk is mounted.
+pub const GUEST_RUNTIME_DIR: &str = "/opt/agentos";
+/// The runtime disk's libraries; the worker looks there first.
+pub const GUEST_LIBRARY_DIR: &str = "/opt/agentos/lib";
+/// Inside a bundle's disk: the libraries the bundle's programs (`bin/`) need beyond the agent
+/// image's.
+pub const MODEL_LIBRARY_DIR: &str = ".libs";
+/// The kernel command-line parameter naming the runtime disk's device (`agentos.runtime=vdb`).
+pub const RUNTIME_DISK_PARAM: &str = "agentos.runtime";
+/// The parameter naming a bundle's disk and the bundle (`agentos.model=vdc:sentiment`).
+pub const MODEL_DISK_PARAM: &str = "agentos.model";
+/// The file system of the runtime and bundle disks.
+pub const MODEL_DISK_FSTYPE: &str = "erofs";
 /// The model file of an `onnx` bundle.
 pub const MODEL_FILE: &str = "model.onnx";
 /// The tokenizer of an `onnx` bundle, in the Hugging Face `tokenizers` format.

@@ -225,6 +225,28 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
         "I love this, it works perfectly",
     ]);
     assert!(sentiment.starts_with("positive\t0."), "{sentiment}");
+    // The model came on two read-only disks, the runtime's and the bundle's.
+    let mounts = d.ok(&["exec", "w", "--", "/bin/cat", "/proc/mounts"]);
+    for expected in [
+        "/dev/vda /opt/agentos erofs ro,",
+        "/dev/vdb /opt/agentos/models/sentiment erofs ro,",
+    ] {
+        assert!(mounts.contains(expected), "no `{expected}` in:\n{mounts}");
+    }
+    let write = d.cli(&[
+        "exec",
+        "w",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo x > /opt/agentos/models/sentiment/model.onnx",
+    ]);
+    assert_ne!(write.status.code(), Some(0), "{}", describe(&write));
+    assert!(
+        text(&write.stderr).contains("Read-only file system"),
+        "{}",
+        describe(&write)
+    );
 
     // A crash (the process running the guest killed) is seen and healed.
     let first = vmm_of(&d, "w");
@@ -485,6 +507,8 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     let out = d.ok(&["snapshot", "first", "--to", saved_arg]);
     assert!(out.contains("saved to"), "{out}");
     assert!(saved.join("memory").is_file() && saved.join("vm.state").is_file());
+    // With the disks the agent booted with (linked, or copied from another file system).
+    assert!(saved.join("runtime.img").is_file() && saved.join("model.img").is_file());
     assert_eq!(d.agent("first")["state"], "stopped");
     d.refused(
         &["snapshot", "first", "--to", saved_arg],

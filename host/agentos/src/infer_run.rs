@@ -13,13 +13,9 @@ use serde::Serialize;
 use crate::agent::vm::{AgentVm, VmError};
 use crate::carrier;
 use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelStore, carrier_copies, vm_archives};
+use crate::model::{ModelStore, carrier_copies, model_disks};
 use crate::run::{RunArgs, check_kvm_access};
 use crate::signals;
-
-/// Guest memory with a model, unless `--memory` says otherwise: the initramfs holds the model
-/// and ONNX Runtime twice while it unpacks, and the runtime needs room to run.
-pub const MODEL_MEMORY_MIB: u64 = 512;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct InferArgs {
@@ -101,10 +97,10 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
         )
     })?;
-    let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
+    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
 
     if carrier::should_use(args.vm.carrier)? {
-        let mut files = carrier_copies(&archives, &bundle);
+        let mut files = carrier_copies(&store, &disks, &bundle);
         files.extend(
             infer
                 .input_file
@@ -123,10 +119,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     check_kvm_access()?;
 
     let mut opts = args.vm.boot_options()?;
-    opts.extra_initrds = archives;
-    if args.vm.memory.is_none() {
-        opts.memory_mib = MODEL_MEMORY_MIB;
-    }
+    opts.model_disks = Some(disks);
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),

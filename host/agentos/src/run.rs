@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::agent::connection::{ConnectionError, ExecIo};
-use crate::agent::snapshot::{check_snapshot_target, snapshot_shape};
+use crate::agent::snapshot::{AGENT_FILE, check_snapshot_target, model_disks_of, snapshot_shape};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
 use crate::cgroup::PriorityClass;
@@ -73,7 +73,7 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: u8,
-    /// Guest memory in MiB, at least 128 (default 256; 512 with --model).
+    /// Guest memory in MiB, at least 128 (default 256).
     #[arg(long)]
     pub memory: Option<u64>,
     /// Guest kernel, a bzImage or an ELF with a PVH entry (default: the agent image's unpacked ELF,
@@ -259,6 +259,7 @@ impl VmArgs {
             initrd,
             extra_initrds: Vec::new(),
             disks: self.disk.clone(),
+            model_disks: None,
             extra_cmdline: self.kernel_args.clone(),
             console: self.console,
             boot_timeout: Duration::from_secs(self.boot_timeout),
@@ -315,6 +316,9 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             .collect();
         if let Some(dir) = &args.from {
             files.extend([STATE_FILE, MEMORY_FILE].map(|name| dir.join(name)));
+            if let Some(disks) = model_disks_of(dir)? {
+                files.extend([disks.runtime, disks.bundle, dir.join(AGENT_FILE)]);
+            }
         }
         return carrier::rerun_inside(files);
     }
@@ -322,6 +326,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     let mut opts = args.vm.boot_options()?;
     if let (Some(dir), Some((vcpus, memory_mib))) = (&args.from, from) {
         opts.from = Some(dir.clone());
+        opts.model_disks = model_disks_of(dir)?;
         opts.vcpus = vcpus;
         opts.memory_mib = memory_mib;
     }

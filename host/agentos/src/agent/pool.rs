@@ -285,6 +285,7 @@ mod tests {
             initrd: "/nonexistent/initrd".into(),
             extra_initrds: Vec::new(),
             disks: Vec::new(),
+            model_disks: None,
             extra_cmdline: None,
             console: false,
             boot_timeout: Duration::from_secs(1),

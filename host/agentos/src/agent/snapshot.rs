@@ -10,8 +10,15 @@ use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VmSnapshot};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::model::ModelDisks;
+
 /// What the host knows of a saved agent beyond its VM, beside the VM's files.
 pub const AGENT_FILE: &str = "agent.json";
+/// The disks a saved agent with a model had mounted: links to the images it booted with (whose
+/// blocks its guest's page cache and file systems hold), so that the snapshot restores with
+/// those images whatever the store holds later.
+pub const RUNTIME_DISK_FILE: &str = "runtime.img";
+pub const MODEL_DISK_FILE: &str = "model.img";
 /// The most of an agent file that is read.
 const MAX_AGENT_FILE_BYTES: u64 = 64 * 1024;
 
@@ -115,12 +122,46 @@ pub fn check_snapshot_target(dir: &Path, from: Option<&Path>) -> anyhow::Result<
     Ok(())
 }
 
+/// The model disks of the snapshot in `dir`, when it was saved with a model (its `agent.json`
+/// names the bundle).
+pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
+    let Some(name) = SavedAgent::read(dir)?.model else {
+        return Ok(None);
+    };
+    let file = |name: &str| {
+        let path = dir.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                crate::model::check_filesystem(&path)
+                    .with_context(|| format!("{} cannot be restored", dir.display()))?;
+                Ok(path)
+            }
+            _ => bail!(
+                "{} cannot be restored: it was saved with a model, but {} is missing",
+                dir.display(),
+                path.display()
+            ),
+        }
+    };
+    Ok(Some(ModelDisks {
+        runtime: file(RUNTIME_DISK_FILE)?,
+        bundle: file(MODEL_DISK_FILE)?,
+        name,
+    }))
+}
+
 /// Moves the snapshot in `from` into the directory `to` (replacing what is there, never through
-/// a symlink, never rewriting a file in place): the memory file first and the state last, so
-/// that `to` holds a whole snapshot or none. Returns what the memory file takes on disk.
-pub fn move_snapshot(from: &Path, to: &Path) -> io::Result<u64> {
+/// a symlink, never rewriting a file in place): the memory file first, then links to the
+/// agent's model disks (or copies, on another file system), and the state last, so that `to`
+/// holds a whole snapshot or none. Returns what the memory file takes on disk.
+pub fn move_snapshot(from: &Path, to: &Path, disks: Option<&ModelDisks>) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    for name in [MEMORY_FILE, STATE_FILE] {
+    for name in [MEMORY_FILE, RUNTIME_DISK_FILE, STATE_FILE] {
+        if name == RUNTIME_DISK_FILE {
+            place_disk(disks.map(|d| d.runtime.as_path()), to, RUNTIME_DISK_FILE)?;
+            place_disk(disks.map(|d| d.bundle.as_path()), to, MODEL_DISK_FILE)?;
+            continue;
+        }
         let (src, dst) = (from.join(name), to.join(name));
         if let Ok(meta) = std::fs::symlink_metadata(&dst)
             && !meta.is_file()
@@ -151,6 +192,43 @@ pub fn move_snapshot(from: &Path, to: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(to.join(MEMORY_FILE))?.blocks() * 512)
 }
 
+/// `to/<name>`: a hard link to `disk` (images are never rewritten, so the link is the same
+/// bytes), or a copy renamed in when `to` is on another file system; none without a disk.
+fn place_disk(disk: Option<&Path>, to: &Path, name: &str) -> io::Result<()> {
+    let dst = to.join(name);
+    if let Some(disk) = disk
+        && std::fs::canonicalize(disk).ok() == std::fs::canonicalize(&dst).ok()
+    {
+        // Saved again where it was restored from: the link is there already.
+        return Ok(());
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(&dst) {
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is not a regular file", dst.display()),
+            ));
+        }
+        std::fs::remove_file(&dst)?;
+    }
+    let Some(disk) = disk else {
+        return Ok(());
+    };
+    match std::fs::hard_link(disk, &dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let part = to.join(format!("{name}.part"));
+            let _ = std::fs::remove_file(&part);
+            std::fs::copy(disk, &part)?;
+            std::fs::rename(&part, &dst)
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot link the disk {}: {e}", disk.display()),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +248,7 @@ mod tests {
         std::fs::write(from.join(STATE_FILE), b"new state").unwrap();
         std::fs::write(to.join(MEMORY_FILE), b"old memory").unwrap();
         std::fs::write(to.join(STATE_FILE), b"old state").unwrap();
-        move_snapshot(&from, &to).unwrap();
+        move_snapshot(&from, &to, None).unwrap();
         assert_eq!(std::fs::read(to.join(MEMORY_FILE)).unwrap(), b"new memory");
         assert_eq!(std::fs::read(to.join(STATE_FILE)).unwrap(), b"new state");
         assert!(!from.join(MEMORY_FILE).exists());
@@ -180,8 +258,71 @@ mod tests {
         std::fs::write(from.join(STATE_FILE), b"s").unwrap();
         std::fs::remove_file(to.join(MEMORY_FILE)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", to.join(MEMORY_FILE)).unwrap();
-        assert!(move_snapshot(&from, &to).is_err());
+        assert!(move_snapshot(&from, &to, None).is_err());
         assert!(from.join(MEMORY_FILE).exists());
+        for dir in [from, to] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_snapshot_with_a_model_links_its_disks_and_finds_them_again() {
+        use std::os::unix::fs::MetadataExt;
+        let (from, to, images) = (
+            scratch("disks-from"),
+            scratch("disks-to"),
+            scratch("images"),
+        );
+        let disks = ModelDisks {
+            runtime: images.join("runtime-1.img"),
+            bundle: images.join("model-m-1.img"),
+            name: "m".into(),
+        };
+        // The least an erofs image is: two blocks, the magic in the superblock.
+        let image = |tag: &[u8]| {
+            let mut bytes = vec![0u8; 8192];
+            bytes[1024..1028].copy_from_slice(&0xe0f5_e1e2u32.to_le_bytes());
+            bytes[4096..4096 + tag.len()].copy_from_slice(tag);
+            bytes
+        };
+        let tag = |path: &Path| std::fs::read(path).unwrap()[4096..4102].to_vec();
+        std::fs::write(&disks.runtime, image(b"runtim")).unwrap();
+        std::fs::write(&disks.bundle, image(b"bundle")).unwrap();
+        let save = |disks: Option<&ModelDisks>| {
+            std::fs::write(from.join(MEMORY_FILE), b"memory").unwrap();
+            std::fs::write(from.join(STATE_FILE), b"state").unwrap();
+            move_snapshot(&from, &to, disks).unwrap();
+        };
+        save(Some(&disks));
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&to.join(RUNTIME_DISK_FILE)), ino(&disks.runtime));
+        assert_eq!(ino(&to.join(MODEL_DISK_FILE)), ino(&disks.bundle));
+        // Without the bundle's name in agent.json the disks are not the snapshot's.
+        assert_eq!(model_disks_of(&to).unwrap(), None);
+        SavedAgent {
+            model: Some("m".into()),
+        }
+        .write(&to)
+        .unwrap();
+        let found = model_disks_of(&to).unwrap().unwrap();
+        assert_eq!(found.runtime, to.join(RUNTIME_DISK_FILE));
+        assert_eq!(found.name, "m");
+        // The store may drop its images: the snapshot keeps its own links.
+        std::fs::remove_dir_all(&images).unwrap();
+        assert_eq!(tag(&found.bundle), b"bundle");
+        // Saved again where it was restored from: the links stay as they are.
+        save(Some(&found));
+        assert_eq!(tag(&to.join(MODEL_DISK_FILE)), b"bundle");
+        // A disk that is no file system is refused before anything starts.
+        std::fs::write(to.join("other.img"), vec![0u8; 8192]).unwrap();
+        std::fs::rename(to.join("other.img"), to.join(MODEL_DISK_FILE)).unwrap();
+        let err = format!("{:#}", model_disks_of(&to).unwrap_err());
+        assert!(err.contains("holds no erofs file system"), "{err}");
+        // A later snapshot without a model leaves no disks behind.
+        save(None);
+        assert!(!to.join(RUNTIME_DISK_FILE).exists() && !to.join(MODEL_DISK_FILE).exists());
+        let err = format!("{:#}", model_disks_of(&to).unwrap_err());
+        assert!(err.contains("runtime.img is missing"), "{err}");
         for dir in [from, to] {
             std::fs::remove_dir_all(dir).unwrap();
         }

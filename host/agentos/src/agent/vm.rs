@@ -13,11 +13,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::AGENT_CONTROL_PORT;
+use agentos_protocol::bundle::{MODEL_DISK_PARAM, RUNTIME_DISK_PARAM};
+use agentos_vmm::config::MAX_DISKS;
 
 use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
 use crate::jail::JailLevel;
+use crate::model::ModelDisks;
 use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
 use crate::vmm_cmd::VmmReport;
@@ -63,6 +66,10 @@ pub struct BootOptions {
     pub extra_initrds: Vec<PathBuf>,
     /// Read-only disks: the guest's /dev/vda onwards.
     pub disks: Vec<PathBuf>,
+    /// The runtime and bundle disks of an agent with a model (see [`crate::model::model_disks`]):
+    /// given after `disks`, and named to a booting guest on its command line, so that it mounts
+    /// them.
+    pub model_disks: Option<ModelDisks>,
     /// Appended to [`AGENT_CMDLINE`].
     pub extra_cmdline: Option<String>,
     /// Copy the guest console to our stdout.
@@ -108,6 +115,7 @@ impl BootOptions {
             initrd: img.initrd.clone(),
             extra_initrds: Vec::new(),
             disks: Vec::new(),
+            model_disks: None,
             extra_cmdline: None,
             console: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
@@ -174,6 +182,8 @@ pub enum VmError {
     Refused(Refusal),
     #[error("cannot admit the agent")]
     AdmissionLock(#[from] crate::admission::LockError),
+    #[error("a VM has at most {MAX_DISKS} disks, the models disk included")]
+    TooManyDisks,
     #[error("the agent was started without a snapshot directory")]
     NoSnapshotTarget,
     #[error("the agent was not saved: {0}")]
@@ -222,6 +232,9 @@ impl VmEnd {
 pub struct AgentVm {
     child: Option<Child>,
     snapshot_to: Option<PathBuf>,
+    /// The VMM's memory limit while it writes a snapshot: the pages of the memory file it
+    /// writes are charged to its cgroup, and on a tmpfs they cannot be reclaimed.
+    snapshot_memory_max: Option<u64>,
     /// Dropped before the run directory it lives in.
     vmm_dir: VmmDir,
     run_dir: RunDir,
@@ -237,6 +250,8 @@ pub struct AgentVm {
 struct Starting {
     started: Instant,
     snapshot_to: Option<PathBuf>,
+    /// The VMM's memory limit while it writes a snapshot (see [`AgentVm::snapshot`]).
+    snapshot_memory_max: Option<u64>,
     /// The VM runs from a snapshot: its agent is told so once it says hello.
     restored: bool,
     child: Child,
@@ -268,6 +283,10 @@ impl Starting {
         Ok(Self {
             started,
             snapshot_to: opts.snapshot_to.clone(),
+            snapshot_memory_max: opts.snapshot_to.as_ref().and_then(|_| {
+                let slice = opts.slice().memory_bytes?;
+                slice.checked_add(opts.memory_mib.checked_mul(1 << 20)?)
+            }),
             restored: opts.from.is_some(),
             child,
             vmm_dir,
@@ -285,6 +304,7 @@ impl Starting {
         let Self {
             started,
             snapshot_to,
+            snapshot_memory_max,
             restored,
             mut child,
             vmm_dir,
@@ -329,6 +349,7 @@ impl Starting {
         Ok(AgentVm {
             child: Some(child),
             snapshot_to,
+            snapshot_memory_max,
             vmm_dir,
             run_dir,
             jail,
@@ -452,6 +473,11 @@ impl AgentVm {
         let Some(dir) = self.snapshot_to.clone() else {
             return Err(VmError::NoSnapshotTarget);
         };
+        if let (Some(cgroup), Some(max)) = (&self.cgroup, self.snapshot_memory_max)
+            && let Err(e) = cgroup.set_memory_max(max)
+        {
+            tracing::warn!(error = %e, "cannot make room for the snapshot's memory file");
+        }
         if let Some(child) = &self.child {
             // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped
             // child (the VMM's supervisor, which passes the signal on).
@@ -605,6 +631,15 @@ fn spawn_vmm(
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
+    if let Some(model) = &opts.model_disks {
+        let device = |index| disk_device(index).ok_or(VmError::TooManyDisks);
+        let runtime = device(opts.disks.len())?;
+        let bundle = device(opts.disks.len() + 1)?;
+        cmdline.push_str(&format!(
+            " {RUNTIME_DISK_PARAM}={runtime} {MODEL_DISK_PARAM}={bundle}:{}",
+            model.name
+        ));
+    }
     let vmm_log = run_dir.create_file(VMM_LOG).map_err(VmError::RunDir)?;
     let mut cmd = Command::new(&exe);
     cmd.arg("vmm");
@@ -625,7 +660,11 @@ fn spawn_vmm(
                 .args(["--cmdline", &cmdline]);
         }
     }
-    for disk in &opts.disks {
+    let model_disks = opts
+        .model_disks
+        .iter()
+        .flat_map(|m| [&m.runtime, &m.bundle]);
+    for disk in opts.disks.iter().chain(model_disks) {
         cmd.arg("--disk").arg(disk);
     }
     if let Some(dir) = &opts.snapshot_to {
@@ -660,6 +699,14 @@ fn spawn_vmm(
         path: exe.display().to_string(),
         source,
     })
+}
+
+/// The guest's name of its disk number `index` (`vda` for 0), within the VM's limit.
+fn disk_device(index: usize) -> Option<String> {
+    let letter = u8::try_from(index)
+        .ok()
+        .filter(|&i| usize::from(i) < MAX_DISKS)?;
+    Some(format!("vd{}", char::from(b'a' + letter)))
 }
 
 /// Waits for a connection on `control` (non-blocking) from what `child` runs, while watching that

@@ -11,7 +11,7 @@
 //! pay its emulation alike.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,7 @@ use super::{percentile, round};
 use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice};
 use crate::image::{self, AGENT_IMAGE};
-use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{ModelStore, carrier_files, vm_archives};
+use crate::model::{ModelDisks, ModelStore, carrier_files, model_disks};
 
 /// Target of the VM/native ratio of latencies.
 const TARGET_RATIO: f64 = 1.10;
@@ -77,7 +76,7 @@ struct InferBench {
     requests: u32,
     threads: u32,
     target_ratio: f64,
-    /// An agent booted without any model, for what the packed archives cost.
+    /// An agent booted without any model, for what a model costs the boot.
     no_model: Baseline,
     tasks: Vec<TaskResult>,
 }
@@ -129,7 +128,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         bail!("{} is missing: run `scripts/setup`", worker.display());
     }
     if carrier::should_use(args.carrier)? {
-        // Both sides run in the carrier: the packed archives for the VMs, the bundles and ONNX
+        // Both sides run in the carrier: the models disk for the VMs, the bundles and ONNX
         // Runtime themselves for the native side.
         let mut files = carrier_files(&store, &img.manifest.libraries)?;
         files.push(worker.clone());
@@ -160,8 +159,8 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         eprintln!("agentos bench infer: {name} {task}: native");
         let native = measure_native(&worker, &store, name, task, args.requests)?;
         eprintln!("agentos bench infer: {name} {task}: VM");
-        let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
-        let vm = measure_vm(&img, archives, name, task, args.requests)?;
+        let disk = model_disks(&store, &bundle, &img.manifest.libraries)?;
+        let vm = measure_vm(&img, Some(disk), name, task, args.requests)?;
         let ratio_p50 = ratio(vm.p50_ms, native.p50_ms);
         let ratio_p99 = ratio(vm.p99_ms, native.p99_ms);
         tasks.push(TaskResult {
@@ -259,17 +258,16 @@ fn round2(x: f64) -> f64 {
     round(x, 2)
 }
 
-fn boot_options(img: &image::BuiltImage, archives: Vec<PathBuf>) -> BootOptions {
+fn boot_options(img: &image::BuiltImage, model_disks: Option<ModelDisks>) -> BootOptions {
     BootOptions {
-        memory_mib: MODEL_MEMORY_MIB,
-        extra_initrds: archives,
+        model_disks,
         boot_timeout: BOOT_TIMEOUT,
         ..BootOptions::of_image(img)
     }
 }
 
 fn measure_baseline(img: &image::BuiltImage) -> anyhow::Result<Baseline> {
-    let vm = AgentVm::boot(&boot_options(img, Vec::new())).context("the agent VM did not boot")?;
+    let vm = AgentVm::boot(&boot_options(img, None)).context("the agent VM did not boot")?;
     let boot_ms = vm.boot_time().as_secs_f64() * 1000.0;
     let rss = vm.vmm_pid().map_or(0.0, rss_mib);
     vm.shutdown();
@@ -281,13 +279,13 @@ fn measure_baseline(img: &image::BuiltImage) -> anyhow::Result<Baseline> {
 
 fn measure_vm(
     img: &image::BuiltImage,
-    archives: Vec<PathBuf>,
+    model_disks: Option<ModelDisks>,
     model: &str,
     task: Task,
     requests: u32,
 ) -> anyhow::Result<Side> {
     let mut vm =
-        AgentVm::boot(&boot_options(img, archives)).context("the agent VM did not boot")?;
+        AgentVm::boot(&boot_options(img, model_disks)).context("the agent VM did not boot")?;
     let boot_ms = vm.boot_time().as_secs_f64() * 1000.0;
     let measured = measure(model, task, requests, |req| {
         vm.conn().infer(req).context("the agent did not answer")

@@ -14,8 +14,7 @@ use super::{percentile, ratio, round};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::cgroup::PriorityClass;
 use crate::image::{self, AGENT_IMAGE, BuiltImage};
-use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{Bundle, ModelStore, carrier_copies, vm_archives};
+use crate::model::{Bundle, ModelDisks, ModelStore, carrier_copies, model_disks};
 
 /// The interactive agent's model and task.
 pub const MODEL: &str = "sentiment";
@@ -54,27 +53,26 @@ impl Latency {
     }
 }
 
-/// The agent image, the model bundle and the archives a VM running it boots with.
-fn model_parts() -> anyhow::Result<(BuiltImage, Bundle, Vec<PathBuf>)> {
+/// The agent image, the model store and bundle, and the disks a VM running it gets.
+fn model_parts() -> anyhow::Result<(BuiltImage, ModelStore, Bundle, ModelDisks)> {
     let cache = image::default_cache_dir();
     let store = ModelStore::new(&cache);
     let img = image::find_image(&cache, AGENT_IMAGE).context("the agent image is missing")?;
     let bundle = store.find(MODEL)?;
-    let archives = vm_archives(&store, &bundle, &img.manifest.libraries)?;
-    Ok((img, bundle, archives))
+    let disk = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    Ok((img, store, bundle, disk))
 }
 
 /// Files a carrier needs for this measurement.
 pub fn carrier_files() -> anyhow::Result<Vec<PathBuf>> {
-    let (_, bundle, archives) = model_parts()?;
-    Ok(carrier_copies(&archives, &bundle))
+    let (_, store, bundle, disk) = model_parts()?;
+    Ok(carrier_copies(&store, &disk, &bundle))
 }
 
 pub fn measure(requests: u32) -> anyhow::Result<IsolationResult> {
-    let (img, _, archives) = model_parts()?;
+    let (img, _, _, disk) = model_parts()?;
     let opts = BootOptions {
-        memory_mib: MODEL_MEMORY_MIB,
-        extra_initrds: archives,
+        model_disks: Some(disk),
         cpu: class_slice(PriorityClass::Interactive),
         ..BootOptions::of_image(&img)
     };

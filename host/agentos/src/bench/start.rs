@@ -2,7 +2,10 @@
 //! started three ways side by side in one run: a cold boot, a restore from a snapshot, and a
 //! claim from a warm pool (an agent restored ahead of need); cold boots and restores also many
 //! at once (`--at-once N`); and how much host memory each idle agent holds (PSS, so that pages
-//! clones share with one another and with the snapshot count once).
+//! clones share with one another and with the snapshot count once). Agents with a model (its
+//! runtime and bundle disks) are timed beside agents without one, and their memory, with the
+//! model loaded, beside that of plain agents: cold, and restored from a snapshot taken after
+//! the model was loaded.
 //!
 //! Runs where Linux guests run here: directly, or inside the QEMU carrier. The top-level `ratio`
 //! is restore / cold boot, medians.
@@ -11,7 +14,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::ExecRequest;
+use agentos_protocol::{ExecRequest, InferOptions, InferRequest};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +24,7 @@ use crate::agent::pool::Spawner;
 use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
+use crate::model::{ModelStore, carrier_copies, model_disks};
 
 #[derive(clap::Args, Debug)]
 pub struct StartBenchArgs {
@@ -33,6 +37,9 @@ pub struct StartBenchArgs {
     /// Guest memory of each agent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u64,
+    /// The model of the agents with a model (see `agentos model ls`).
+    #[arg(long, default_value = "sentiment")]
+    pub model: String,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -86,6 +93,37 @@ pub struct StartResults {
     pub ratio_at_once: f64,
     /// restore / cold, median PSS per agent.
     pub pss_ratio: f64,
+    pub model: ModelResults,
+}
+
+/// Agents with a model beside agents without one.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelResults {
+    pub name: String,
+    /// The runtime and bundle disks, bytes: what the host holds once for every agent.
+    pub disk_bytes: u64,
+    /// A cold boot of an agent with the model's disks, to its first exec reply.
+    pub cold: StartTimes,
+    /// Its first request, which loads the model.
+    pub first_infer_ms: Stats,
+    /// A restore of an agent saved with the model loaded, to its first inference reply.
+    pub restore_infer: StartTimes,
+    /// PSS of each idle agent, `at_once` up together, after one request: cold booted, and
+    /// restored from the snapshot with the model loaded.
+    pub cold_pss_kib: Stats,
+    pub restore_pss_kib: Stats,
+    /// What one agent's model takes beyond a plain agent: median cold model PSS - median cold
+    /// plain PSS.
+    pub model_copy_kib: f64,
+    /// Model agent boot / plain agent boot, medians (goal <= 1.1).
+    pub boot_ratio: f64,
+    /// `at_once` idle model agents / (`at_once` plain agents + one model copy), summed PSS: cold
+    /// boots and restored clones (goal <= 1.2).
+    pub memory_ratio_cold: f64,
+    pub memory_ratio_restored: f64,
+    /// 16 GiB / median PSS of an idle restored agent with the model loaded: how many fit in a
+    /// 16 GiB host by what they use (admission counts each agent's declared memory instead).
+    pub agents_per_16gib: u64,
 }
 
 pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
@@ -126,6 +164,29 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
             "  ratios restore/cold: {} (one at a time), {} (at once), PSS {}; pool claim/cold: {}",
             results.ratio, results.ratio_at_once, results.pss_ratio, results.pool_ratio
         );
+        let model = &results.model;
+        println!(
+            "Agents with model `{}` (disks {:.1} MB, shared):",
+            model.name,
+            model.disk_bytes as f64 / 1e6
+        );
+        row("cold boot", &model.cold);
+        row("restore, to the first inference", &model.restore_infer);
+        println!(
+            "  first inference after a cold boot: median {:.1} ms",
+            model.first_infer_ms.median
+        );
+        println!(
+            "  PSS per idle agent, model loaded: cold {:.0} KiB, restored {:.0} KiB (model copy {:.0} KiB)",
+            model.cold_pss_kib.median, model.restore_pss_kib.median, model.model_copy_kib
+        );
+        println!(
+            "  ratios: boot model/plain {}; memory model agents/(plain agents + one copy): cold {}, restored {}; {} restored agents per 16 GiB",
+            model.boot_ratio,
+            model.memory_ratio_cold,
+            model.memory_ratio_restored,
+            model.agents_per_16gib
+        );
     }
     Ok(0)
 }
@@ -145,10 +206,21 @@ fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
     ];
     // Room for the snapshot, the agents and their clones.
     let memory_mib = (4096 + 2 * u64::from(args.at_once) * (args.memory + 64)).min(16384);
+    let cache = image::default_cache_dir();
+    let img = image::find_image(&cache, AGENT_IMAGE)
+        .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
+    let store = ModelStore::new(&cache);
+    let bundle = store.find(&args.model)?;
+    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    let mut files = carrier::agent_image_files();
+    files.extend(carrier_copies(&store, &disks, &bundle));
     let spec = CarrierRun {
-        argv,
+        argv: argv
+            .into_iter()
+            .chain(["--model".into(), args.model.clone()])
+            .collect(),
         env: Default::default(),
-        files: carrier::agent_image_files(),
+        files,
         memory_mib,
         cpus: carrier::DEFAULT_CPUS,
         console: false,
@@ -194,8 +266,9 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
     }
     let pool_ms = claims(&restore, args.runs)?;
     let n = args.at_once as usize;
-    let (cold_at_once, cold_pss) = start_many(&vec![cold; n])?;
-    let (restore_at_once, restore_pss) = start_many(&vec![restore; n])?;
+    let (cold_at_once, cold_pss) = start_many(&vec![cold.clone(); n], None)?;
+    let (restore_at_once, restore_pss) = start_many(&vec![restore; n], None)?;
+    let model = measure_model(args, &img, &cold, &cold_ms, (&cold_pss, &restore_pss))?;
     let cold = StartTimes::of(&cold_ms);
     let restore = StartTimes::of(&restore_ms);
     let pool = StartTimes::of(&pool_ms);
@@ -220,6 +293,107 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
         restore_at_once,
         cold_pss_kib,
         restore_pss_kib,
+        model,
+    })
+}
+
+/// Agents with `args.model` started the ways plain agents were (`plain`, whose cold boots took
+/// `plain_ms` and whose idle PSS was `plain_pss`, cold and restored).
+fn measure_model(
+    args: &StartBenchArgs,
+    img: &image::BuiltImage,
+    plain: &BootOptions,
+    plain_ms: &[f64],
+    plain_pss: (&[f64], &[f64]),
+) -> anyhow::Result<ModelResults> {
+    let store = ModelStore::new(&image::default_cache_dir());
+    let bundle = store.find(&args.model)?;
+    let task = *bundle
+        .manifest
+        .tasks
+        .first()
+        .context("the model's manifest names no task")?;
+    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    let disk_bytes = [&disks.runtime, &disks.bundle]
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let request = InferRequest {
+        id: 0,
+        model: args.model.clone(),
+        task,
+        inputs: vec!["The first light of the morning.".into()],
+        options: InferOptions::default(),
+    };
+    let infer = |vm: &mut AgentVm| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        vm.conn()
+            .infer(request.clone())
+            .context("the model agent did not answer")?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    };
+    let mut cold = plain.clone();
+    cold.model_disks = Some(disks);
+
+    let (mut cold_ms, mut first_infer_ms) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        let started = Instant::now();
+        let mut vm = AgentVm::boot(&cold).context("a model agent did not start")?;
+        exec_true(&mut vm)?;
+        cold_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        first_infer_ms.push(infer(&mut vm)?);
+        vm.shutdown();
+    }
+
+    // The template: booted, the model loaded by a request, then saved.
+    let cache = image::default_cache_dir();
+    let dir = SnapshotDir(cache.join(format!("bench-start-model-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)
+        .with_context(|| format!("cannot create {}", dir.0.display()))?;
+    let mut template = cold.clone();
+    template.snapshot_to = Some(dir.0.clone());
+    let mut vm = AgentVm::boot(&template).context("the model template did not boot")?;
+    infer(&mut vm)?;
+    vm.snapshot().context("the model template was not saved")?;
+    let mut restore = cold.clone();
+    restore.from = Some(dir.0.clone());
+
+    let mut restore_infer_ms = Vec::new();
+    for _ in 0..args.runs {
+        let started = Instant::now();
+        let mut vm = AgentVm::boot(&restore).context("a model agent did not restore")?;
+        infer(&mut vm)?;
+        restore_infer_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        vm.shutdown();
+    }
+    let n = args.at_once as usize;
+    let loaded = |vm: &mut AgentVm| infer(vm).map(drop);
+    let (_, cold_pss) = start_many(&vec![cold; n], Some(&loaded))?;
+    let (_, restore_pss) = start_many(&vec![restore; n], Some(&loaded))?;
+
+    let cold_pss_kib = Stats::of(&cold_pss);
+    let restore_pss_kib = Stats::of(&restore_pss);
+    let model_copy_kib = (cold_pss_kib.median - Stats::of(plain_pss.0).median).max(0.0);
+    let sum = |v: &[f64]| v.iter().sum::<f64>();
+    let memory_ratio =
+        |model: &[f64], plain: &[f64]| ratio(sum(model), sum(plain) + model_copy_kib);
+    Ok(ModelResults {
+        name: args.model.clone(),
+        disk_bytes,
+        boot_ratio: ratio(Stats::of(&cold_ms).median, Stats::of(plain_ms).median),
+        memory_ratio_cold: memory_ratio(&cold_pss, plain_pss.0),
+        memory_ratio_restored: memory_ratio(&restore_pss, plain_pss.1),
+        agents_per_16gib: if restore_pss_kib.median > 0.0 {
+            (16.0 * 1024.0 * 1024.0 / restore_pss_kib.median) as u64
+        } else {
+            0
+        },
+        cold: StartTimes::of(&cold_ms),
+        first_infer_ms: Stats::of(&first_infer_ms),
+        restore_infer: StartTimes::of(&restore_infer_ms),
+        cold_pss_kib,
+        restore_pss_kib,
+        model_copy_kib: round(model_copy_kib, 0),
     })
 }
 
@@ -289,9 +463,15 @@ fn claims(restore: &BootOptions, runs: u32) -> anyhow::Result<Vec<f64>> {
 /// How long a warm pool may take to restore its agent.
 const POOL_FILL_LIMIT: Duration = Duration::from_secs(120);
 
+/// What is done to each agent once it answered, before its memory is read.
+type Prepare<'a> = &'a dyn Fn(&mut AgentVm) -> anyhow::Result<()>;
+
 /// Starts one agent per entry of `opts` at once: the milliseconds from the common start to each
-/// one's first exec reply, and each idle VMM's PSS once all are up.
-fn start_many(opts: &[BootOptions]) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// one's first exec reply, and each idle VMM's PSS once all are up (and `prepare`d).
+fn start_many(
+    opts: &[BootOptions],
+    prepare: Option<Prepare>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let started = Instant::now();
     let booted = AgentVm::boot_all(opts);
     let mut vms = Vec::with_capacity(booted.len());
@@ -301,6 +481,11 @@ fn start_many(opts: &[BootOptions]) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         exec_true(&mut vm)?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         vms.push(vm);
+    }
+    if let Some(prepare) = prepare {
+        for vm in &mut vms {
+            prepare(vm)?;
+        }
     }
     // Idle a moment, so that what the boot touched and let go is gone.
     std::thread::sleep(Duration::from_secs(1));

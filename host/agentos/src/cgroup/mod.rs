@@ -213,6 +213,19 @@ impl AgentCgroup {
         Ok(())
     }
 
+    /// Changes the memory limit of the running agent.
+    pub fn set_memory_max(&self, bytes: u64) -> Result<(), CgroupError> {
+        let (version, dir) = self.place(Controller::Memory)?;
+        let slice = Slice {
+            memory_bytes: Some(bytes),
+            ..Slice::default()
+        };
+        for (file, value) in slice.files(Controller::Memory, version) {
+            write_file(&dir.join(file), &value)?;
+        }
+        Ok(())
+    }
+
     /// Moves the running agent to the CPUs of `cpus` (a list such as `1` or `0-1`).
     pub fn set_cpuset(&self, cpus: &str) -> Result<(), CgroupError> {
         let (_, dir) = self.place(Controller::Cpuset)?;

@@ -583,7 +583,12 @@ fn save(
     let name = &shared.config.name;
     let failed = |why: String| ApiError::new(ErrorKind::Failed, why);
     match vm.snapshot() {
-        Ok(_) => match crate::agent::snapshot::move_snapshot(own, &to).and_then(|bytes| {
+        Ok(_) => match crate::agent::snapshot::move_snapshot(
+            own,
+            &to,
+            shared.config.opts.model_disks.as_ref(),
+        )
+        .and_then(|bytes| {
             let agent = crate::agent::snapshot::SavedAgent {
                 model: shared.config.model.clone(),
             };

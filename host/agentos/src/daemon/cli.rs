@@ -35,7 +35,7 @@ pub struct SpawnArgs {
     pub model: Option<String>,
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: Option<u8>,
-    /// Guest memory in MiB (default 256; 512 with --model).
+    /// Guest memory in MiB (default 256).
     #[arg(long)]
     pub memory: Option<u64>,
     #[command(flatten)]

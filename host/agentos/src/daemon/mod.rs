@@ -38,8 +38,7 @@ use self::api::{
 use crate::agent::pool::Spawner;
 use crate::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
 use crate::image::{self, AGENT_IMAGE};
-use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{ModelStore, vm_archives};
+use crate::model::{ModelDisks, ModelStore, model_disks};
 use crate::run::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::rundir::{self, RunDir};
 use crate::{carrier, cgroup, signals};
@@ -794,12 +793,7 @@ fn agent_config(
     if !(1..=MAX_VCPUS).contains(&vcpus) {
         return Err(invalid(format!("vcpus {vcpus}: use 1 to {MAX_VCPUS}")));
     }
-    let default_memory = if request.model.is_some() {
-        MODEL_MEMORY_MIB
-    } else {
-        DEFAULT_MEMORY_MIB
-    };
-    let memory_mib = request.memory_mib.unwrap_or(default_memory);
+    let memory_mib = request.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
         return Err(invalid(format!(
             "memory {memory_mib} MiB: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
@@ -850,7 +844,8 @@ fn agent_config(
         let bundle = store
             .find(model)
             .map_err(|e| invalid(format!("{e} (see `agentos model ls`)")))?;
-        opts.extra_initrds = vm_archives(&store, &bundle, &img.manifest.libraries)
+        opts.model_disks = model_disks(&store, &bundle, &img.manifest.libraries)
+            .map(Some)
             .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
     }
     let mut model = request.model.clone();
@@ -862,6 +857,7 @@ fn agent_config(
         }
         let source = restore_source(from, &cache)?;
         model = source.model;
+        opts.model_disks = source.model_disks;
         opts.vcpus = source.vcpus;
         opts.memory_mib = source.memory_mib;
         opts.from = Some(source.dir);
@@ -907,6 +903,7 @@ fn pool_options(from: &str) -> Result<BootOptions, ApiError> {
     Ok(BootOptions {
         vcpus: source.vcpus,
         memory_mib: source.memory_mib,
+        model_disks: source.model_disks,
         from: Some(source.dir),
         ..BootOptions::of_image(&img)
     })
@@ -918,6 +915,8 @@ struct RestoreSource {
     vcpus: u8,
     memory_mib: u64,
     model: Option<String>,
+    /// The model disks the agent was saved with.
+    model_disks: Option<ModelDisks>,
 }
 
 /// Checks `from` (absolute, a snapshot that can be restored, a model this host still knows)
@@ -943,6 +942,8 @@ fn restore_source(from: &str, cache: &Path) -> Result<RestoreSource, ApiError> {
             .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
     }
     Ok(RestoreSource {
+        model_disks: crate::agent::snapshot::model_disks_of(&dir)
+            .map_err(|e| invalid(format!("{e:#}")))?,
         dir,
         vcpus,
         memory_mib,

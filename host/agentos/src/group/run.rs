@@ -19,8 +19,7 @@ use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmErr
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
 use crate::image::{self, AGENT_IMAGE};
-use crate::infer_run::MODEL_MEMORY_MIB;
-use crate::model::{ModelStore, carrier_copies, vm_archives};
+use crate::model::{ModelDisks, ModelStore, carrier_copies, model_disks};
 use crate::rundir::RunDir;
 use crate::signals;
 
@@ -173,7 +172,7 @@ fn boot_and_run(
         )
     })?;
     let store = ModelStore::new(cache);
-    let mut archives: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut disks: BTreeMap<String, ModelDisks> = BTreeMap::new();
     let mut carrier_files = Vec::new();
     for agent in &spec.agents {
         let Some(Handler::Infer { model, task, .. }) = &agent.handler else {
@@ -188,12 +187,14 @@ fn boot_and_run(
                 agent.name
             );
         }
-        let parts = vm_archives(&store, &bundle, &img.manifest.libraries)?;
-        carrier_files.extend(carrier_copies(&parts, &bundle));
-        archives.insert(agent.name.clone(), parts);
+        let disk = model_disks(&store, &bundle, &img.manifest.libraries)?;
+        carrier_files.extend(carrier_copies(&store, &disk, &bundle));
+        disks.insert(agent.name.clone(), disk);
     }
 
     let report = if carrier::should_use(args.carrier)? {
+        carrier_files.sort();
+        carrier_files.dedup();
         run_in_carrier(args, spec, &input, carrier_files)?
     } else {
         crate::run::check_kvm_access()?;
@@ -202,7 +203,7 @@ fn boot_and_run(
             boot_timeout: Duration::from_secs(args.boot_timeout),
             ..BootOptions::of_image(&img)
         };
-        match run_here(spec, input, &base, &archives, args, started)? {
+        match run_here(spec, input, &base, &disks, args, started)? {
             Some(report) => report,
             None => return Ok(None),
         }
@@ -303,11 +304,7 @@ fn run_in_carrier(
 }
 
 fn memory_of(agent: &file::AgentSpec) -> u64 {
-    agent.memory_mib.unwrap_or(if agent.model.is_some() {
-        MODEL_MEMORY_MIB
-    } else {
-        DEFAULT_MEMORY_MIB
-    })
+    agent.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
 }
 
 /// Boots the agents here, runs the input through them and stops them. `None`: interrupted.
@@ -315,7 +312,7 @@ fn run_here(
     spec: &GroupSpec,
     input: String,
     base: &BootOptions,
-    archives: &BTreeMap<String, Vec<PathBuf>>,
+    disks: &BTreeMap<String, ModelDisks>,
     args: &GroupRunArgs,
     started: Instant,
 ) -> anyhow::Result<Option<GroupReport>> {
@@ -335,7 +332,7 @@ fn run_here(
             let mut opts = base.clone();
             opts.vcpus = agent.vcpus;
             opts.memory_mib = memory_of(agent);
-            opts.extra_initrds = archives.get(&agent.name).cloned().unwrap_or_default();
+            opts.model_disks = disks.get(&agent.name).cloned();
             opts.extra_initrds.extend(args.extra_initrd.iter().cloned());
             opts.cpu = CpuSlice {
                 cpus: agent.cpus,

@@ -714,6 +714,7 @@ mod tests {
                 "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
             ),
             ("virtio_blk", "virtio,virtio_ring"),
+            ("erofs", ""),
         ];
         fs::create_dir_all(&modules).unwrap();
         for (name, depends) in fake_modules {
@@ -793,7 +794,7 @@ mod tests {
         assert!(entry("lib/modules/vmw_vsock_virtio_transport.ko").is_some());
         let config: serde_json::Value =
             serde_json::from_slice(&entry("etc/agentos/init.json").unwrap().data).unwrap();
-        assert_eq!(config["modules"].as_array().unwrap().len(), 7);
+        assert_eq!(config["modules"].as_array().unwrap().len(), 8);
         assert_eq!(config["modules"][0], "/lib/modules/virtio_ring.ko");
         assert_eq!(config["transport"]["vsock"]["port"], 1024);
 
@@ -979,6 +980,7 @@ mod tests {
                 "vmw_vsock_virtio_transport_common",
                 "vmw_vsock_virtio_transport",
                 "virtio_blk",
+                "erofs",
             ]
         );
     }

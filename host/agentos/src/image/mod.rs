@@ -75,7 +75,7 @@ fn temporary_path(path: &Path) -> PathBuf {
 
 /// Replaces `path` with `bytes` in one step: readers see the old contents or the new, never a
 /// part.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let temporary = temporary_path(path);
     let result = (|| {
         let mut file = fs::File::create(&temporary)?;
@@ -91,7 +91,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Removes entries of `dir` named `<prefix>...-<pid>` whose process is gone: what a killed build
 /// left. Best effort; an entry that cannot be removed is only wasted space.
-fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+pub(crate) fn remove_stale_temporaries(dir: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

@@ -18,8 +18,9 @@ pub const MODULES_DIR: &str = "/lib/modules";
 const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
 
-/// The virtio-mmio vsock stack, in the order that was verified to bring up `/dev/vsock`, and
-/// the virtio-blk driver for the disks an agent is given (`/dev/vda` onwards).
+/// The virtio-mmio vsock stack, in the order that was verified to bring up `/dev/vsock`, the
+/// virtio-blk driver for the disks an agent is given (`/dev/vda` onwards), and erofs, the file
+/// system of the models disk.
 const AGENT_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -28,6 +29,7 @@ const AGENT_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "virtio_blk",
+    "erofs",
 ];
 
 /// KVM for the nested guests, and virtio-pci with a console for the control port. The carrier's

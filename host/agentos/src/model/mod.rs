@@ -1,19 +1,16 @@
 //! Model bundles on the host: the store under the cache, checking a bundle against its manifest,
-//! and packing bundles (and ONNX Runtime) into cpio archives that a VM's initramfs gets appended.
+//! and the disks that give agents the bundles, ONNX Runtime and the inference worker.
 //!
 //! ```text
 //! <cache>/models/<name>/             bundles: agentos-model.toml and the files it lists
 //! <cache>/runtime/onnxruntime/       libonnxruntime.so (scripts/setup)
-//! <cache>/packed/model-<name>.cpio   a bundle at /opt/agentos/models/<name>/ in the guest
-//! <cache>/packed/onnxruntime.cpio    ONNX Runtime and the libraries it needs
-//! <cache>/packed/infer-worker.cpio   the inference worker (`agentos-infer`)
+//! <cache>/packed/                    the disks agents with a model get (see `disk`)
 //! ```
 //!
-//! A packed archive carries a key (the SHA-256 of its bundle's manifest, which lists the SHA-256
-//! of every file) in a `.key` file beside it and is rebuilt when the key changes. Every file is
-//! hashed while it is packed, so a bundle changed behind its manifest's back is refused.
+//! Every file of a bundle is hashed when it is added and again when its disk is built,
+//! so a bundle changed behind its manifest's back is refused.
 
-mod pack;
+mod disk;
 
 use std::fs;
 use std::io::{self, Read};
@@ -24,7 +21,9 @@ use sha2::{Digest, Sha256};
 
 use crate::image::hex;
 
-pub use pack::{carrier_copies, packed_model, packed_runtime, packed_worker, vm_archives};
+pub use disk::{
+    ModelDisks, carrier_copies, carrier_files, check_filesystem, model_disks, remove_bundle_disks,
+};
 
 const MODELS_DIR: &str = "models";
 const PACKED_DIR: &str = "packed";
@@ -75,7 +74,9 @@ pub enum ModelError {
         "the inference worker is missing ({path}); build it with `cargo build --release` (scripts/setup does)"
     )]
     NoWorker { path: PathBuf },
-    #[error("cannot pack {what}")]
+    #[error("the disk image {path} is damaged: {why}; remove it (agentos builds it again)")]
+    BadDisk { path: PathBuf, why: String },
+    #[error("cannot build {what}")]
     Pack {
         what: String,
         #[source]
@@ -90,7 +91,7 @@ pub struct Bundle {
     pub manifest: BundleManifest,
 }
 
-/// The bundles and packed archives under one cache directory.
+/// The bundles and their disks under one cache directory.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     cache: PathBuf,
@@ -139,7 +140,7 @@ impl ModelStore {
     }
 
     /// The bundle called `name`, its manifest read and checked (the files are checked when
-    /// the bundle is packed).
+    /// its disk is built).
     pub fn find(&self, name: &str) -> Result<Bundle, ModelError> {
         let not_found = || ModelError::NotFound {
             name: name.to_owned(),
@@ -201,7 +202,7 @@ impl ModelStore {
         })
     }
 
-    /// Removes bundle `name` and its packed archive.
+    /// Removes bundle `name` and its disks.
     pub fn remove(&self, name: &str) -> Result<(), ModelError> {
         let bundle = self.find(name)?;
         let trash = self
@@ -212,41 +213,9 @@ impl ModelStore {
             source,
         })?;
         let _ = fs::remove_dir_all(&trash);
-        for ext in ["cpio", "key"] {
-            let _ = fs::remove_file(self.packed_dir().join(format!("model-{name}.{ext}")));
-        }
+        remove_bundle_disks(self, name);
         Ok(())
     }
-}
-
-/// What a carrier needs so that `agentos run --model` works inside it for every installed
-/// bundle: the packed archives (built here if stale), their keys, and the manifests.
-pub fn carrier_files(
-    store: &ModelStore,
-    base_libraries: &[String],
-) -> Result<Vec<PathBuf>, ModelError> {
-    let (bundles, _) = store.list();
-    let mut files = Vec::new();
-    let mut onnx = false;
-    for bundle in &bundles {
-        onnx |= bundle.manifest.runtime == agentos_protocol::bundle::Runtime::Onnx;
-        let archive = packed_model(store, bundle, base_libraries)?;
-        files.push(archive.with_extension("key"));
-        files.push(archive);
-        files.push(bundle.dir.join(MANIFEST_FILE));
-    }
-    let mut programs = Vec::new();
-    if !bundles.is_empty() {
-        programs.push(packed_worker(store, base_libraries)?);
-    }
-    if onnx {
-        programs.push(packed_runtime(store, base_libraries)?);
-    }
-    for archive in programs {
-        files.push(archive.with_extension("key"));
-        files.push(archive);
-    }
-    Ok(files)
 }
 
 fn read_manifest(dir: &Path) -> Result<BundleManifest, ModelError> {

@@ -4,7 +4,6 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::image::cpio::testing::read_newc;
 
 fn sha(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -58,48 +57,4 @@ fn a_file_that_does_not_match_its_checksum_is_refused() {
     let err = store.add(&src).unwrap_err().to_string();
     assert!(err.contains("`model.onnx` is listed"), "{err}");
     assert!(store.list().0.is_empty(), "nothing half-added");
-}
-
-#[test]
-fn a_packed_bundle_sits_under_the_guest_models_dir_and_is_reused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = ModelStore::new(&tmp.path().join("cache"));
-    let bundle = store.add(&bundle_dir(tmp.path(), "enc")).unwrap();
-    let archive = packed_model(&store, &bundle, &[]).unwrap();
-    let entries = read_newc(&fs::read(&archive).unwrap());
-    let model = entries
-        .iter()
-        .find(|e| e.name == "opt/agentos/models/enc/model.onnx")
-        .unwrap_or_else(|| {
-            panic!(
-                "no model in {:?}",
-                entries.iter().map(|e| &e.name).collect::<Vec<_>>()
-            )
-        });
-    assert_eq!(model.data, b"model bytes");
-    assert!(
-        entries
-            .iter()
-            .any(|e| e.name == "opt/agentos/models/enc/agentos-model.toml")
-    );
-    let modified = fs::metadata(&archive).unwrap().modified().unwrap();
-    packed_model(&store, &bundle, &[]).unwrap();
-    assert_eq!(
-        fs::metadata(&archive).unwrap().modified().unwrap(),
-        modified
-    );
-    // A file changed behind the manifest's back is caught when the archive is rebuilt.
-    fs::write(bundle.dir.join("model.onnx"), b"tampered").unwrap();
-    let err = packed_model(&store, &bundle, &["/lib/x".into()])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("has SHA-256"), "{err}");
-}
-
-#[test]
-fn a_missing_runtime_says_how_to_get_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = ModelStore::new(tmp.path());
-    let err = packed_runtime(&store, &[]).unwrap_err().to_string();
-    assert!(err.contains("run `scripts/setup`"), "{err}");
 }
