@@ -102,8 +102,8 @@ pub struct CarrierArgs {
     /// Copy the carrier's console to stderr.
     #[arg(long)]
     pub console: bool,
-    /// Also copy in every installed model bundle, packed, so that `agentos run --model` works
-    /// inside.
+    /// Also copy in the disks of every installed model bundle (and the program that builds
+    /// them), so that `agentos run --model` works inside.
     #[arg(long)]
     pub models: bool,
     /// Environment variable for the command, NAME=VALUE (repeatable).

@@ -101,7 +101,7 @@ struct TaskResult {
 
 #[derive(Debug, Serialize)]
 struct Side {
-    /// VM side: from start to the agent's hello, with the model's archives in the initramfs.
+    /// VM side: from start to the agent's hello, with the model's disks.
     #[serde(skip_serializing_if = "Option::is_none")]
     boot_ms: Option<f64>,
     load_ms: f64,

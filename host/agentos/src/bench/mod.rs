@@ -21,8 +21,9 @@ pub enum BenchCommand {
     /// Messages between two agents through the router, beside the same exchange over a host
     /// Unix socket pair: round trip latency, messages/s, MB/s.
     Ipc(ipc::IpcBenchArgs),
-    /// Agents started cold and restored from a snapshot, one at a time and many at once: time
-    /// to the first exec reply and host memory per idle agent, with ratios.
+    /// Agents started cold, restored from a snapshot and claimed from a warm pool, one at a time
+    /// and many at once, with and without a model: time to the first exec reply (or inference)
+    /// and host memory per idle agent, with ratios.
     Start(start::StartBenchArgs),
 }
 

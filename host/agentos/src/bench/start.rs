@@ -1,8 +1,9 @@
 //! `agentos bench start`: how long an agent takes from the request to its first exec reply,
 //! started three ways side by side in one run: a cold boot, a restore from a snapshot, and a
 //! claim from a warm pool (an agent restored ahead of need); cold boots and restores also many
-//! at once (`--at-once N`); and how much host memory each idle agent holds (PSS, so that pages
-//! clones share with one another and with the snapshot count once). Agents with a model (its
+//! at once (`--at-once 1,10`: a run per number, agents the host has no room for refused and
+//! counted); and how much host memory each idle agent holds (PSS, `--pss-agents` up together,
+//! so that pages clones share with one another and with the snapshot count once). Agents with a model (its
 //! runtime and bundle disks) are timed beside agents without one, and their memory, with the
 //! model loaded, beside that of plain agents: cold, and restored from a snapshot taken after
 //! the model was loaded.
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{Stats, percentile, ratio, round};
 use crate::agent::connection::ExecIo;
 use crate::agent::pool::Spawner;
-use crate::agent::vm::{AgentVm, BootOptions};
+use crate::agent::vm::{AgentVm, BootOptions, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
 use crate::model::{ModelStore, carrier_copies, model_disks};
@@ -31,9 +32,13 @@ pub struct StartBenchArgs {
     /// Starts of each kind, one at a time.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
-    /// Agents started at once, each way, for the concurrent runs and the memory figures.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub at_once: u32,
+    /// How many agents start at once, each way, for the concurrent runs: one run per number
+    /// (comma-separated). Agents the host has no room for are refused and counted, not waited for.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10], value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub at_once: Vec<u32>,
+    /// Agents up together, each way, for the memory figures.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub pss_agents: u32,
     /// Guest memory of each agent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u64,
@@ -73,27 +78,39 @@ pub struct StartResults {
     pub placement: String,
     pub memory_mib: u64,
     pub runs: u32,
-    pub at_once: u32,
     /// What saving the template agent wrote: guest memory (holes for zero pages excluded).
     pub snapshot_memory_bytes: u64,
     pub cold: StartTimes,
     pub restore: StartTimes,
     /// Taking a ready agent from a warm pool of the snapshot (the pool refilled between runs).
     pub pool: StartTimes,
-    /// `at_once` agents started together, each timed from the common start.
-    pub cold_at_once: StartTimes,
-    pub restore_at_once: StartTimes,
-    /// Proportional set size of each idle agent's VMM, KiB, `at_once` agents up together.
+    /// Agents started together, each timed from the common start, one entry per number asked.
+    pub at_once: Vec<AtOnce>,
+    /// Agents up together for the memory figures.
+    pub pss_agents: u32,
+    /// Proportional set size of each idle agent's VMM, KiB, `pss_agents` up together.
     pub cold_pss_kib: Stats,
     pub restore_pss_kib: Stats,
     /// restore / cold, medians (one at a time).
     pub ratio: f64,
     /// pool claim / cold, medians.
     pub pool_ratio: f64,
-    pub ratio_at_once: f64,
     /// restore / cold, median PSS per agent.
     pub pss_ratio: f64,
     pub model: ModelResults,
+}
+
+/// `agents` started together each way.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AtOnce {
+    pub agents: u32,
+    /// Of those, how many the host refused for want of room (not timed).
+    pub cold_refused: u32,
+    pub restore_refused: u32,
+    pub cold: StartTimes,
+    pub restore: StartTimes,
+    /// restore / cold, medians.
+    pub ratio: f64,
 }
 
 /// Agents with a model beside agents without one.
@@ -108,7 +125,7 @@ pub struct ModelResults {
     pub first_infer_ms: Stats,
     /// A restore of an agent saved with the model loaded, to its first inference reply.
     pub restore_infer: StartTimes,
-    /// PSS of each idle agent, `at_once` up together, after one request: cold booted, and
+    /// PSS of each idle agent, `pss_agents` up together, after one request: cold booted, and
     /// restored from the snapshot with the model loaded.
     pub cold_pss_kib: Stats,
     pub restore_pss_kib: Stats,
@@ -117,7 +134,7 @@ pub struct ModelResults {
     pub model_copy_kib: f64,
     /// Model agent boot / plain agent boot, medians (goal <= 1.1).
     pub boot_ratio: f64,
-    /// `at_once` idle model agents / (`at_once` plain agents + one model copy), summed PSS: cold
+    /// `pss_agents` idle model agents / (as many plain agents + one model copy), summed PSS: cold
     /// boots and restored clones (goal <= 1.2).
     pub memory_ratio_cold: f64,
     pub memory_ratio_restored: f64,
@@ -148,21 +165,34 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
         row("cold boot", &results.cold);
         row("restore", &results.restore);
         row("warm pool claim", &results.pool);
-        row(
-            &format!("cold boot, {} at once", results.at_once),
-            &results.cold_at_once,
-        );
-        row(
-            &format!("restore, {} at once", results.at_once),
-            &results.restore_at_once,
-        );
+        for level in &results.at_once {
+            row(&format!("cold boot, {} at once", level.agents), &level.cold);
+            row(
+                &format!("restore, {} at once", level.agents),
+                &level.restore,
+            );
+            if level.cold_refused + level.restore_refused > 0 {
+                println!(
+                    "  refused for want of room: {} cold, {} restored",
+                    level.cold_refused, level.restore_refused
+                );
+            }
+        }
         println!(
-            "  PSS per idle agent: cold {:.0} KiB, restored {:.0} KiB",
-            results.cold_pss_kib.median, results.restore_pss_kib.median
+            "  PSS per idle agent, {} up: cold {:.0} KiB, restored {:.0} KiB",
+            results.pss_agents, results.cold_pss_kib.median, results.restore_pss_kib.median
         );
         println!(
             "  ratios restore/cold: {} (one at a time), {} (at once), PSS {}; pool claim/cold: {}",
-            results.ratio, results.ratio_at_once, results.pss_ratio, results.pool_ratio
+            results.ratio,
+            results
+                .at_once
+                .iter()
+                .map(|l| format!("{} ({} at once)", l.ratio, l.agents))
+                .collect::<Vec<_>>()
+                .join(", "),
+            results.pss_ratio,
+            results.pool_ratio
         );
         let model = &results.model;
         println!(
@@ -200,12 +230,19 @@ fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
         "--runs".into(),
         args.runs.to_string(),
         "--at-once".into(),
-        args.at_once.to_string(),
+        args.at_once
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        "--pss-agents".into(),
+        args.pss_agents.to_string(),
         "--memory".into(),
         args.memory.to_string(),
     ];
     // Room for the snapshot, the agents and their clones.
-    let memory_mib = (4096 + 2 * u64::from(args.at_once) * (args.memory + 64)).min(16384);
+    let most = args.at_once.iter().copied().chain([args.pss_agents]).max();
+    let memory_mib = (4096 + 2 * u64::from(most.unwrap_or(1)) * (args.memory + 64)).min(16384);
     let cache = image::default_cache_dir();
     let img = image::find_image(&cache, AGENT_IMAGE)
         .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
@@ -265,32 +302,46 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
         restore_ms.push(start_one(&restore)?);
     }
     let pool_ms = claims(&restore, args.runs)?;
-    let n = args.at_once as usize;
-    let (cold_at_once, cold_pss) = start_many(&vec![cold.clone(); n], None)?;
-    let (restore_at_once, restore_pss) = start_many(&vec![restore; n], None)?;
+    let mut at_once = Vec::new();
+    for &agents in &args.at_once {
+        let n = agents as usize;
+        let cold_started = start_many(&vec![cold.clone(); n], None)?;
+        let restore_started = start_many(&vec![restore.clone(); n], None)?;
+        let (cold, restore) = (
+            StartTimes::of(&cold_started.ms),
+            StartTimes::of(&restore_started.ms),
+        );
+        at_once.push(AtOnce {
+            agents,
+            cold_refused: cold_started.refused,
+            restore_refused: restore_started.refused,
+            ratio: ratio(restore.ms.median, cold.ms.median),
+            cold,
+            restore,
+        });
+    }
+    let n = args.pss_agents as usize;
+    let cold_pss = start_many(&vec![cold.clone(); n], None)?.pss_kib;
+    let restore_pss = start_many(&vec![restore; n], None)?.pss_kib;
     let model = measure_model(args, &img, &cold, &cold_ms, (&cold_pss, &restore_pss))?;
     let cold = StartTimes::of(&cold_ms);
     let restore = StartTimes::of(&restore_ms);
     let pool = StartTimes::of(&pool_ms);
-    let cold_at_once = StartTimes::of(&cold_at_once);
-    let restore_at_once = StartTimes::of(&restore_at_once);
     let cold_pss_kib = Stats::of(&cold_pss);
     let restore_pss_kib = Stats::of(&restore_pss);
     Ok(StartResults {
         placement: placement.into(),
         memory_mib: args.memory,
         runs: args.runs,
-        at_once: args.at_once,
         snapshot_memory_bytes,
         ratio: ratio(restore.ms.median, cold.ms.median),
         pool_ratio: ratio(pool.ms.median, cold.ms.median),
-        ratio_at_once: ratio(restore_at_once.ms.median, cold_at_once.ms.median),
         pss_ratio: ratio(restore_pss_kib.median, cold_pss_kib.median),
         cold,
         restore,
         pool,
-        cold_at_once,
-        restore_at_once,
+        at_once,
+        pss_agents: args.pss_agents,
         cold_pss_kib,
         restore_pss_kib,
         model,
@@ -366,10 +417,10 @@ fn measure_model(
         restore_infer_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         vm.shutdown();
     }
-    let n = args.at_once as usize;
+    let n = args.pss_agents as usize;
     let loaded = |vm: &mut AgentVm| infer(vm).map(drop);
-    let (_, cold_pss) = start_many(&vec![cold; n], Some(&loaded))?;
-    let (_, restore_pss) = start_many(&vec![restore; n], Some(&loaded))?;
+    let cold_pss = start_many(&vec![cold; n], Some(&loaded))?.pss_kib;
+    let restore_pss = start_many(&vec![restore; n], Some(&loaded))?.pss_kib;
 
     let cold_pss_kib = Stats::of(&cold_pss);
     let restore_pss_kib = Stats::of(&restore_pss);
@@ -466,18 +517,32 @@ const POOL_FILL_LIMIT: Duration = Duration::from_secs(120);
 /// What is done to each agent once it answered, before its memory is read.
 type Prepare<'a> = &'a dyn Fn(&mut AgentVm) -> anyhow::Result<()>;
 
-/// Starts one agent per entry of `opts` at once: the milliseconds from the common start to each
-/// one's first exec reply, and each idle VMM's PSS once all are up (and `prepare`d).
-fn start_many(
-    opts: &[BootOptions],
-    prepare: Option<Prepare>,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// Agents started together.
+struct Started {
+    /// Milliseconds from the common start to each one's first exec reply.
+    ms: Vec<f64>,
+    /// Each idle VMM's PSS, KiB, once all were up.
+    pss_kib: Vec<f64>,
+    /// How many the host refused for want of room.
+    refused: u32,
+}
+
+/// Starts one agent per entry of `opts` at once (those the host has no room for are refused
+/// and counted), times each to its first exec reply, `prepare`s each, and reads their memory.
+fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<Started> {
     let started = Instant::now();
     let booted = AgentVm::boot_all(opts);
     let mut vms = Vec::with_capacity(booted.len());
     let mut times = Vec::with_capacity(booted.len());
+    let mut refused = 0;
     for vm in booted {
-        let mut vm = vm.context("an agent did not start")?;
+        let mut vm = match vm {
+            Err(VmError::Refused(_)) => {
+                refused += 1;
+                continue;
+            }
+            vm => vm.context("an agent did not start")?,
+        };
         exec_true(&mut vm)?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         vms.push(vm);
@@ -497,7 +562,11 @@ fn start_many(
     for vm in vms {
         vm.shutdown();
     }
-    Ok((times, pss))
+    Ok(Started {
+        ms: times,
+        pss_kib: pss,
+        refused,
+    })
 }
 
 /// The PSS of the VMM under the supervisor `pid` (the jailed VMM is its child), or of `pid`.
