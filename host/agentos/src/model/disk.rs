@@ -224,6 +224,7 @@ fn runtime_disk(
         .with_context(|| format!("cannot write {}", index_path.display()))
         .map_err(failed)?;
     remove_replaced(&packed, RUNTIME_PREFIX, &image);
+    remove_archives(&packed);
     Ok(packed.join(image))
 }
 
@@ -612,6 +613,24 @@ fn check_image(image: &Path) -> Result<(), ModelError> {
         let _ = now.write(image);
     }
     Ok(())
+}
+
+/// Removes the cpio archives (and their `.key` files) that agents with a model booted with before
+/// they had disks.
+fn remove_archives(packed: &Path) {
+    let Ok(entries) = fs::read_dir(packed) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let archive = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("cpio" | "key")
+        );
+        if archive && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(path);
+        }
+    }
 }
 
 /// Removes the images named `<prefix>...img` other than `current`.

@@ -159,11 +159,17 @@ fn disks_are_reused_until_their_inputs_change_and_replaced_ones_are_removed() {
     extract(&second.bundle, &files);
     assert_eq!(fs::read(files.join("model.onnx")).unwrap(), b"other model");
 
-    // A new worker builds a new runtime disk and removes the old one.
+    // A new worker builds a new runtime disk and removes the old one, and the archives agents
+    // booted with before there were disks.
+    let archive = store.packed_dir().join("onnxruntime.cpio");
+    fs::write(&archive, b"070701").unwrap();
+    fs::write(archive.with_extension("key"), b"k").unwrap();
     fs::write(&worker, fs::read("/bin/true").unwrap()).unwrap();
     let third = disks_with_worker(&store, &bundle, &[], &worker).unwrap();
     assert_ne!(third.runtime, first.runtime);
     assert!(!first.runtime.exists());
+    assert!(!archive.exists() && !archive.with_extension("key").exists());
+    assert!(third.runtime.is_file() && third.bundle.is_file());
 
     // Removing a bundle removes its disks only.
     store.remove("enc").unwrap();
