@@ -131,18 +131,30 @@ fn mount(fs: &Mount) -> Result<(), InitError> {
         source,
     };
     fs::create_dir_all(target).map_err(error)?;
-    // SAFETY: every pointer is a NUL-terminated static string; mount(2) only reads them.
+    mount_at(fs.fstype, fs.target, fs.fstype, fs.flags, Some(fs.data)).map_err(error)
+}
+
+/// mount(2): `source` of type `fstype` on the existing directory `target`.
+pub fn mount_at(
+    source: &CStr,
+    target: &CStr,
+    fstype: &CStr,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call (or null for no
+    // options); mount(2) only reads them.
     let rc = unsafe {
         libc::mount(
-            fs.fstype.as_ptr(),
-            fs.target.as_ptr(),
-            fs.fstype.as_ptr(),
-            fs.flags,
-            fs.data.as_ptr().cast(),
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
         )
     };
     if rc != 0 {
-        return Err(error(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -177,21 +177,7 @@ fn mount(
     fs::create_dir_all(target)?;
     let target = CString::new(target.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call (or null for no
-    // options); mount(2) only reads them.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::init::mount_at(source, &target, fstype, flags, data)
 }
 
 #[cfg(test)]

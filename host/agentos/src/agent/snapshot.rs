@@ -196,8 +196,13 @@ pub fn move_snapshot(from: &Path, to: &Path, disks: Option<&ModelDisks>) -> io::
 /// bytes), or a copy renamed in when `to` is on another file system; none without a disk.
 fn place_disk(disk: Option<&Path>, to: &Path, name: &str) -> io::Result<()> {
     let dst = to.join(name);
-    if let Some(disk) = disk
-        && std::fs::canonicalize(disk).ok() == std::fs::canonicalize(&dst).ok()
+    let same_file = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    };
+    // `dst` itself, never what a symlink there points to.
+    if let (Some(disk), Ok(there)) = (disk, std::fs::symlink_metadata(&dst))
+        && std::fs::metadata(disk).is_ok_and(|d| same_file(&d, &there))
     {
         // Saved again where it was restored from: the link is there already.
         return Ok(());

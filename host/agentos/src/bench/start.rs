@@ -282,19 +282,8 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
         .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
     let mut cold = BootOptions::of_image(&img);
     cold.memory_mib = args.memory;
-    // The snapshot lives beside the image cache: on disk, where restores read it through the
-    // page cache (a tmpfs would hold it in RAM twice).
-    let dir = SnapshotDir(cache.join(format!("bench-start-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)
-        .with_context(|| format!("cannot create {}", dir.0.display()))?;
-    let mut template = cold.clone();
-    template.snapshot_to = Some(dir.0.clone());
-    let mut vm = AgentVm::boot(&template).context("the template agent did not boot")?;
-    exec_true(&mut vm)?;
-    vm.snapshot().context("the template agent was not saved")?;
+    let (dir, restore) = save_template(&cold, "bench-start", &exec_true)?;
     let snapshot_memory_bytes = allocated_bytes(&dir.0.join(agentos_vmm::snapshot::MEMORY_FILE));
-    let mut restore = cold.clone();
-    restore.from = Some(dir.0.clone());
 
     let (mut cold_ms, mut restore_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {
@@ -397,17 +386,7 @@ fn measure_model(
     }
 
     // The template: booted, the model loaded by a request, then saved.
-    let cache = image::default_cache_dir();
-    let dir = SnapshotDir(cache.join(format!("bench-start-model-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)
-        .with_context(|| format!("cannot create {}", dir.0.display()))?;
-    let mut template = cold.clone();
-    template.snapshot_to = Some(dir.0.clone());
-    let mut vm = AgentVm::boot(&template).context("the model template did not boot")?;
-    infer(&mut vm)?;
-    vm.snapshot().context("the model template was not saved")?;
-    let mut restore = cold.clone();
-    restore.from = Some(dir.0.clone());
+    let (_dir, restore) = save_template(&cold, "bench-start-model", &|vm| infer(vm).map(drop))?;
 
     let mut restore_infer_ms = Vec::new();
     for _ in 0..args.runs {
@@ -446,6 +425,29 @@ fn measure_model(
         restore_pss_kib,
         model_copy_kib: round(model_copy_kib, 0),
     })
+}
+
+/// Boots an agent of `opts`, `prepare`s it and saves it into `<cache>/<name>-<pid>`: that
+/// directory (removed when dropped) and the options that restore from it. The snapshot lives
+/// beside the image cache, on disk, where restores read it through the page cache (a tmpfs
+/// would hold it in RAM twice).
+fn save_template(
+    opts: &BootOptions,
+    name: &str,
+    prepare: Prepare,
+) -> anyhow::Result<(SnapshotDir, BootOptions)> {
+    let cache = image::default_cache_dir();
+    let dir = SnapshotDir(cache.join(format!("{name}-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)
+        .with_context(|| format!("cannot create {}", dir.0.display()))?;
+    let mut template = opts.clone();
+    template.snapshot_to = Some(dir.0.clone());
+    let mut vm = AgentVm::boot(&template).context("the template agent did not boot")?;
+    prepare(&mut vm)?;
+    vm.snapshot().context("the template agent was not saved")?;
+    let mut restore = opts.clone();
+    restore.from = Some(dir.0.clone());
+    Ok((dir, restore))
 }
 
 /// Runs `true` in the agent: its first exec reply.

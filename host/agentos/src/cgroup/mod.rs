@@ -202,25 +202,30 @@ impl AgentCgroup {
 
     /// Changes the CPU weight of the running agent (its priority class).
     pub fn set_weight(&self, weight: u32) -> Result<(), CgroupError> {
-        let (version, dir) = self.place(Controller::Cpu)?;
-        let slice = Slice {
-            weight: Some(weight),
-            ..Slice::default()
-        };
-        for (file, value) in slice.files(Controller::Cpu, version) {
-            write_file(&dir.join(file), &value)?;
-        }
-        Ok(())
+        self.apply(
+            Controller::Cpu,
+            &Slice {
+                weight: Some(weight),
+                ..Slice::default()
+            },
+        )
     }
 
     /// Changes the memory limit of the running agent.
     pub fn set_memory_max(&self, bytes: u64) -> Result<(), CgroupError> {
-        let (version, dir) = self.place(Controller::Memory)?;
-        let slice = Slice {
-            memory_bytes: Some(bytes),
-            ..Slice::default()
-        };
-        for (file, value) in slice.files(Controller::Memory, version) {
+        self.apply(
+            Controller::Memory,
+            &Slice {
+                memory_bytes: Some(bytes),
+                ..Slice::default()
+            },
+        )
+    }
+
+    /// Writes what `slice` sets for `controller` into the running agent's cgroup.
+    fn apply(&self, controller: Controller, slice: &Slice) -> Result<(), CgroupError> {
+        let (version, dir) = self.place(controller)?;
+        for (file, value) in slice.files(controller, version) {
             write_file(&dir.join(file), &value)?;
         }
         Ok(())

@@ -42,7 +42,7 @@ const DISK_FORMAT: &str = "model-disks-1";
 const RUNTIME_INDEX: &str = "runtime.json";
 const RUNTIME_PREFIX: &str = "runtime-";
 const IMAGE_SUFFIX: &str = ".img";
-/// The most of an index that is read: it is a few lines.
+/// The most of an index or a stamp that is read: they are a few lines.
 const MAX_INDEX_BYTES: u64 = 64 * 1024;
 const DATA_MODE: u32 = 0o644;
 const EXEC_MODE: u32 = 0o755;
@@ -175,11 +175,7 @@ fn runtime_disk(
         key.update(program.as_os_str().as_encoded_bytes());
         let meta = fs::metadata(program).ok();
         key.update(meta.as_ref().map_or(0, fs::Metadata::len).to_le_bytes());
-        let mtime = meta
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        key.update(mtime.to_le_bytes());
+        key.update(meta.as_ref().map_or(0, mtime_ns).to_le_bytes());
     }
     let key = hex(&key.finalize());
     let current = |index: Option<RuntimeIndex>| {
@@ -307,15 +303,20 @@ fn key_start(base_libraries: &[String]) -> Sha256 {
     key
 }
 
-fn read_index(packed: &Path) -> Option<RuntimeIndex> {
+/// The JSON file at `path` (at most [`MAX_INDEX_BYTES`] read), if it reads as a `T`.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     use std::io::Read;
     let mut text = Vec::new();
-    fs::File::open(packed.join(RUNTIME_INDEX))
+    fs::File::open(path)
         .ok()?
         .take(MAX_INDEX_BYTES)
         .read_to_end(&mut text)
         .ok()?;
-    let index: RuntimeIndex = serde_json::from_slice(&text).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn read_index(packed: &Path) -> Option<RuntimeIndex> {
+    let index: RuntimeIndex = read_json(&packed.join(RUNTIME_INDEX))?;
     // The image is a file beside the index, nothing else.
     let plain = index.image.starts_with(RUNTIME_PREFIX)
         && index.image.ends_with(IMAGE_SUFFIX)
@@ -517,14 +518,7 @@ impl Stamp {
     }
 
     fn read(image: &Path) -> Option<Self> {
-        use std::io::Read;
-        let mut text = Vec::new();
-        fs::File::open(Self::path(image))
-            .ok()?
-            .take(MAX_INDEX_BYTES)
-            .read_to_end(&mut text)
-            .ok()?;
-        serde_json::from_slice(&text).ok()
+        read_json(&Self::path(image))
     }
 
     fn write(&self, image: &Path) -> io::Result<()> {
