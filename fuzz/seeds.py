@@ -694,11 +694,38 @@ def virtio_block():
         write("virtio_block", name, data_bytes)
 
 
+# virtio_pmem: the layout of vsock_packet; a request word at DATA, the answer after it.
+def virtio_pmem():
+    answer = DATA + 0x100
+
+    def request(type_, answer_len):
+        descs = [desc(DATA, 4, NEXT, 1), desc(answer, answer_len, WRITE)]
+        return vsock_packet_seed(4, 0, descs, struct.pack("<I", type_))
+
+    seeds = {
+        "flush": request(0, 4),
+        "unknown_type": request(9, 4),
+        "short_answer": request(0, 2),
+        "no_answer": vsock_packet_seed(4, 0, [desc(DATA, 4)], struct.pack("<I", 0)),
+        "short_request": vsock_packet_seed(
+            4, 0, [desc(DATA, 2, NEXT, 1), desc(answer, 4, WRITE)], struct.pack("<I", 0)
+        ),
+        "answer_outside_memory": vsock_packet_seed(
+            4, 0, [desc(DATA, 4, NEXT, 1), desc(2**64 - 2, 4, WRITE)], struct.pack("<I", 0)
+        ),
+        "loop": vsock_packet_seed(4, 0, [desc(DATA, 4, NEXT, 1), desc(DATA, 4, NEXT, 0)], b""),
+        "indirect": vsock_packet_seed(4, 0, [desc(DATA + 0x200, 48, INDIRECT)], b""),
+    }
+    for name, data_bytes in seeds.items():
+        write("virtio_pmem", name, data_bytes)
+
+
 if __name__ == "__main__":
     protocol_frames()
     group_file()
     vsock_packet()
     virtio_queue()
     virtio_block()
+    virtio_pmem()
     vsock_muxer()
     api_request()

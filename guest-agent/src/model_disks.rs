@@ -1,8 +1,10 @@
 //! The disks an agent with a model gets: the runtime disk (the inference worker, ONNX Runtime
-//! and their libraries) and one disk per bundle, read-only erofs images the host names on the
-//! kernel command line (`agentos.runtime=vdb agentos.model=vdc:sentiment`). PID 1 mounts them
-//! before anything runs: the runtime at `/opt/agentos`, a tmpfs on its `models/`, and each
-//! bundle at `/opt/agentos/models/<name>`.
+//! and their libraries) and one disk per bundle, read-only erofs images on virtio-pmem regions
+//! (or the first partitions of virtio disks) that the host names on the kernel command line
+//! (`agentos.runtime=pmem0 agentos.model=pmem1:sentiment`). PID 1 mounts them before anything
+//! runs, pmem with `dax` (the guest maps the host's pages instead of copying them into its page
+//! cache): the runtime at `/opt/agentos`, a tmpfs on its `models/`, and each bundle at
+//! `/opt/agentos/models/<name>`.
 
 use std::ffi::CString;
 use std::fs;
@@ -15,6 +17,9 @@ use agentos_protocol::bundle::{
     GUEST_MODELS_DIR, GUEST_RUNTIME_DIR, MODEL_DISK_FSTYPE, MODEL_DISK_PARAM, RUNTIME_DISK_PARAM,
     check_name,
 };
+
+/// Mount options of a pmem device: the guest reads the region's pages in place.
+const PMEM_OPTIONS: &std::ffi::CStr = c"dax=always";
 
 /// The kernel's command line is at most a few KiB; more is not a command line.
 const MAX_CMDLINE_BYTES: u64 = 64 * 1024;
@@ -107,7 +112,10 @@ fn parse(cmdline: &str) -> Result<Asked, ModelDisksError> {
         };
         if key == RUNTIME_DISK_PARAM {
             if !is_disk(value) {
-                return Err(bad(RUNTIME_DISK_PARAM, "not a virtio disk (vda to vdz)"));
+                return Err(bad(
+                    RUNTIME_DISK_PARAM,
+                    "not a pmem device (pmem0 to pmem9) or a disk's first partition (vda1 to vdz1)",
+                ));
             }
             asked.runtime = Some(value.to_owned());
         } else if key == MODEL_DISK_PARAM {
@@ -115,7 +123,10 @@ fn parse(cmdline: &str) -> Result<Asked, ModelDisksError> {
                 return Err(bad(MODEL_DISK_PARAM, "give DISK:NAME"));
             };
             if !is_disk(device) {
-                return Err(bad(MODEL_DISK_PARAM, "not a virtio disk (vda to vdz)"));
+                return Err(bad(
+                    MODEL_DISK_PARAM,
+                    "not a pmem device (pmem0 to pmem9) or a disk's first partition (vda1 to vdz1)",
+                ));
             }
             if check_name(name).is_err() {
                 return Err(bad(MODEL_DISK_PARAM, "not a bundle name"));
@@ -135,11 +146,19 @@ fn parse(cmdline: &str) -> Result<Asked, ModelDisksError> {
     Ok(asked)
 }
 
+/// A pmem device (`pmem0` to `pmem9`), or the first partition of a virtio disk (`vda1` to
+/// `vdz1`).
 fn is_disk(name: &str) -> bool {
-    matches!(name.as_bytes(), [b'v', b'd', letter] if letter.is_ascii_lowercase())
+    is_pmem(name)
+        || matches!(name.as_bytes(), [b'v', b'd', letter, b'1'] if letter.is_ascii_lowercase())
 }
 
-/// Mounts `/dev/<device>` read-only on `target`, once its node is there.
+fn is_pmem(name: &str) -> bool {
+    matches!(name.as_bytes(), [b'p', b'm', b'e', b'm', digit] if digit.is_ascii_digit())
+}
+
+/// Mounts `/dev/<device>` read-only on `target` (a pmem device with its pages mapped from the
+/// host), once its node is there.
 fn mount_disk(device: &str, target: &Path) -> Result<(), ModelDisksError> {
     let node = PathBuf::from(format!("/dev/{device}"));
     let deadline = Instant::now() + DEVICE_WAIT;
@@ -162,7 +181,7 @@ fn mount_disk(device: &str, target: &Path) -> Result<(), ModelDisksError> {
         target,
         &fstype,
         libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-        None,
+        is_pmem(device).then_some(PMEM_OPTIONS),
     )
     .map_err(error)
 }
@@ -188,32 +207,42 @@ mod tests {
     fn the_command_line_names_disks_and_bundles() {
         assert_eq!(parse("console=ttyS0 quiet").unwrap(), Asked::default());
         assert_eq!(
-            parse("quiet agentos.runtime=vdb agentos.model=vdc:sentiment panic=-1").unwrap(),
+            parse("quiet agentos.runtime=pmem0 agentos.model=pmem1:sentiment panic=-1").unwrap(),
             Asked {
-                runtime: Some("vdb".into()),
-                models: vec![("vdc".into(), "sentiment".into())],
+                runtime: Some("pmem0".into()),
+                models: vec![("pmem1".into(), "sentiment".into())],
             }
         );
         assert_eq!(
-            parse("agentos.runtime=vdb").unwrap().runtime.as_deref(),
-            Some("vdb")
+            parse("agentos.runtime=pmem3").unwrap().runtime.as_deref(),
+            Some("pmem3")
         );
-        assert_eq!(parse("agentos.runtimex=vdb").unwrap(), Asked::default());
+        assert_eq!(parse("agentos.runtimex=pmem0").unwrap(), Asked::default());
+        assert_eq!(
+            parse("agentos.runtime=vdb1 agentos.model=vdc1:m").unwrap(),
+            Asked {
+                runtime: Some("vdb1".into()),
+                models: vec![("vdc1".into(), "m".into())],
+            }
+        );
     }
 
     #[test]
     fn bad_values_are_refused() {
         for bad in [
-            "agentos.runtime=sda",
-            "agentos.runtime=vd",
-            "agentos.runtime=vdB",
-            "agentos.runtime=../vda",
-            "agentos.runtime=vdb agentos.model=vdc",
-            "agentos.runtime=vdb agentos.model=vd1:m",
-            "agentos.runtime=vdb agentos.model=vdc:../etc",
-            "agentos.runtime=vdb agentos.model=vdc:",
-            "agentos.runtime=vdb agentos.model=vdc:m agentos.model=vdd:m",
-            "agentos.model=vdc:m",
+            "agentos.runtime=vda",
+            "agentos.runtime=vda2",
+            "agentos.runtime=vdA1",
+            "agentos.runtime=pmem",
+            "agentos.runtime=pmem10",
+            "agentos.runtime=pmemx",
+            "agentos.runtime=../pmem0",
+            "agentos.runtime=pmem0 agentos.model=pmem1",
+            "agentos.runtime=pmem0 agentos.model=vdc:m",
+            "agentos.runtime=pmem0 agentos.model=pmem1:../etc",
+            "agentos.runtime=pmem0 agentos.model=pmem1:",
+            "agentos.runtime=pmem0 agentos.model=pmem1:m agentos.model=pmem2:m",
+            "agentos.model=pmem1:m",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was taken");
         }

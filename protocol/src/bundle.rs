@@ -36,9 +36,9 @@ pub const GUEST_LIBRARY_DIR: &str = "/opt/agentos/lib";
 /// Inside a bundle's disk: the libraries the bundle's programs (`bin/`) need beyond the agent
 /// image's.
 pub const MODEL_LIBRARY_DIR: &str = ".libs";
-/// The kernel command-line parameter naming the runtime disk's device (`agentos.runtime=vdb`).
+/// The kernel command-line parameter naming the runtime disk's device (`agentos.runtime=pmem0`).
 pub const RUNTIME_DISK_PARAM: &str = "agentos.runtime";
-/// The parameter naming a bundle's disk and the bundle (`agentos.model=vdc:sentiment`).
+/// The parameter naming a bundle's disk and the bundle (`agentos.model=pmem1:sentiment`).
 pub const MODEL_DISK_PARAM: &str = "agentos.model";
 /// The file system of the runtime and bundle disks.
 pub const MODEL_DISK_FSTYPE: &str = "erofs";

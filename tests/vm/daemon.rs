@@ -225,14 +225,27 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
         "I love this, it works perfectly",
     ]);
     assert!(sentiment.starts_with("positive\t0."), "{sentiment}");
-    // The model came on two read-only disks, the runtime's and the bundle's.
+    // The model came on two read-only pmem regions, the runtime's and the bundle's, whose
+    // pages the guest maps in place.
     let mounts = d.ok(&["exec", "w", "--", "/bin/cat", "/proc/mounts"]);
-    for expected in [
-        "/dev/vda /opt/agentos erofs ro,",
-        "/dev/vdb /opt/agentos/models/sentiment erofs ro,",
+    for (expected, device) in [
+        ("/dev/pmem0 /opt/agentos erofs ro,", "pmem0"),
+        (
+            "/dev/pmem1 /opt/agentos/models/sentiment erofs ro,",
+            "pmem1",
+        ),
     ] {
-        assert!(mounts.contains(expected), "no `{expected}` in:\n{mounts}");
+        let line = mounts
+            .lines()
+            .find(|l| l.starts_with(expected))
+            .unwrap_or_else(|| panic!("no `{expected}` in:\n{mounts}"));
+        assert!(
+            line.contains(",dax=always"),
+            "{device} is not mapped in place: {line}"
+        );
     }
+    let kernel = d.ok(&["exec", "w", "--", "/bin/dmesg"]);
+    assert!(kernel.contains("erofs: DAX enabled"), "{kernel}");
     let write = d.cli(&[
         "exec",
         "w",
@@ -247,6 +260,19 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
         "{}",
         describe(&write)
     );
+    // Under the file system, the guest writes its region's first page and reads it back once its
+    // caches are dropped: the region is the host's page cache, mapped read-only, so the write
+    // went nowhere.
+    let page = "dd if=/dev/pmem1 bs=4096 count=1 2>/dev/null | sha256sum";
+    let overwrite = format!(
+        "{page}; dd if=/dev/zero of=/dev/pmem1 bs=4096 count=1 2>/dev/null; sync; \
+         echo 3 > /proc/sys/vm/drop_caches; {page}"
+    );
+    let sums = d.ok(&["exec", "w", "--", "/bin/sh", "-c", &overwrite]);
+    let sums: Vec<&str> = sums.lines().collect();
+    assert_eq!(sums.len(), 2, "{sums:?}");
+    assert_eq!(sums[0], sums[1], "the guest changed its model region");
+    assert!(!sums[0].starts_with(ZERO_PAGE_SHA256), "{sums:?}");
 
     // A crash (the process running the guest killed) is seen and healed.
     let first = vmm_of(&d, "w");
@@ -574,3 +600,6 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     assert!(status.success(), "{status}");
     t.assert_nothing_left();
 }
+
+/// SHA-256 of a page of zeros.
+const ZERO_PAGE_SHA256: &str = "ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7";

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use agentos_vmm::builder::{build_vm, restore_vm};
 use agentos_vmm::config::{
-    ConsoleConfig, DiskConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
+    ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
 };
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::{Role, SeccompFilters};
@@ -48,7 +48,7 @@ pub struct VmmArgs {
     pub kernel: Option<PathBuf>,
     /// Run the VM saved in this snapshot directory (see --snapshot-to) instead of booting a
     /// kernel: its vCPUs, memory and devices come from the snapshot; give it the same --disk
-    /// files and a --vsock-uds if it had a vsock device.
+    /// files, the same --pmem files and a --vsock-uds if it had a vsock device.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory"])]
     pub from: Option<PathBuf>,
     /// On SIGUSR1, save the VM to DIR (`memory` and `vm.state`, created here before the jail,
@@ -86,6 +86,11 @@ pub struct VmmArgs {
     /// next /dev/vdb with `disk1`, and so on. Repeat for more, at most 8.
     #[arg(long, value_name = "PATH")]
     pub disk: Vec<PathBuf>,
+    /// Give the guest a read-only virtio-pmem region over this file (a non-zero multiple of
+    /// 2 MiB, opened before the jail), mapped from the host's page cache: the first is the
+    /// guest's /dev/pmem0, the next /dev/pmem1, and so on. Repeat for more, at most 4.
+    #[arg(long, value_name = "PATH")]
+    pub pmem: Vec<PathBuf>,
     /// Write a JSON report of the run here when the VM ends (the file is opened before the jail,
     /// never through a symlink).
     #[arg(long)]
@@ -143,9 +148,10 @@ impl VmmArgs {
     fn start(
         &self,
         console_log: Option<std::fs::File>,
-        disks: Vec<DiskConfig>,
+        devices: Devices,
         snapshot_to: Option<SnapshotFiles>,
     ) -> anyhow::Result<Start> {
+        let Devices { disks, pmem } = devices;
         let console = ConsoleConfig {
             log: console_log,
             stdout: self.console,
@@ -167,6 +173,7 @@ impl VmmArgs {
                 console,
                 vsock_uds: self.vsock_uds.clone(),
                 disks,
+                pmem,
                 snapshot_to,
             }));
         }
@@ -186,6 +193,7 @@ impl VmmArgs {
                 uds_path,
             }),
             disks,
+            pmem,
             snapshot_to,
         }))
     }
@@ -264,7 +272,10 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         .as_deref()
         .map(|path| open_nofollow(path, libc::O_TRUNC))
         .transpose()?;
-    let disks = open_disks(&args.disk)?;
+    let devices = Devices {
+        disks: open_disks(&args.disk)?,
+        pmem: open_pmem(&args.pmem)?,
+    };
     if let (Some(from), Some(to)) = (&args.from, &args.snapshot_to)
         && std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok()
     {
@@ -278,7 +289,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         .as_deref()
         .map(open_snapshot_files)
         .transpose()?;
-    let start = args.start(console_log, disks, snapshot_to)?;
+    let start = args.start(console_log, devices, snapshot_to)?;
     let jail = if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
         JailLevel::None
@@ -361,6 +372,24 @@ fn open_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<DiskConfig>> {
             })
         })
         .collect()
+}
+
+/// Opens the pmem files read-only, as whoever started us.
+fn open_pmem(paths: &[PathBuf]) -> anyhow::Result<Vec<PmemConfig>> {
+    paths
+        .iter()
+        .map(|path| {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open the pmem file {}", path.display()))?;
+            Ok(PmemConfig { file })
+        })
+        .collect()
+}
+
+/// The disks and pmem regions, their files open.
+struct Devices {
+    disks: Vec<DiskConfig>,
+    pmem: Vec<PmemConfig>,
 }
 
 /// The arguments with every path the jail binds made absolute and resolved.

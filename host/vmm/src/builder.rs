@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use agentos_protocol::status;
 use linux_loader::cmdline::Cmdline;
 use tracing::info;
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::acpi::{AcpiConfig, AcpiDevice, AcpiError, write_acpi_tables};
@@ -19,7 +19,9 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
 use crate::arch::x86_64::regs::{RegsError, write_boot_tables};
-use crate::config::{ConfigError, ConsoleConfig, DiskConfig, RestoreConfig, VmConfig, VsockConfig};
+use crate::config::{
+    ConfigError, ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, VmConfig, VsockConfig,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::IrqLine;
 use crate::devices::legacy::console::Console;
@@ -33,14 +35,18 @@ use crate::devices::virtio::events::{DeviceEvents, Polled};
 use crate::devices::virtio::mmio::{
     MmioMetrics, MmioTransport, SavedSlot, TransportRestoreError, queue_notify_address,
 };
+use crate::devices::virtio::pmem::metrics::PmemMetrics;
+use crate::devices::virtio::pmem::{Pmem, PmemError, map_region, region_size};
 use crate::devices::virtio::vsock::metrics::VsockMetrics;
 use crate::devices::virtio::vsock::muxer::{MuxerError, UnixMuxer};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitSignal;
-use crate::snapshot::{SavedDisk, SnapshotError, VmSnapshot};
+use crate::snapshot::{SavedDisk, SavedPmem, SnapshotError, VmSnapshot};
 use crate::vmm::{Machine, SnapshotTarget, Vmm, VmmMetrics};
-use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory, map_guest_memory};
+use crate::vstate::memory::{
+    GuestMemory, MemoryError, create_guest_memory, map_guest_memory, pmem_addresses,
+};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuMetrics};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -92,6 +98,12 @@ pub enum BuildError {
         #[source]
         source: BlockError,
     },
+    #[error("cannot set up pmem region {index}")]
+    Pmem {
+        index: usize,
+        #[source]
+        source: PmemError,
+    },
     #[error("cannot read the snapshot")]
     Snapshot(#[from] SnapshotError),
     #[error("the snapshot needs CPU features this host's KVM lacks ({0})")]
@@ -124,18 +136,23 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         .iter()
         .map(disk_shape)
         .collect::<Result<Vec<_>, _>>()?;
+    let pmem = pmem_shapes(config.memory_mib, &config.pmem)?;
     let machine = Machine {
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
         vsock_cid: config.vsock.as_ref().map(|v| v.guest_cid),
         disks,
+        pmem,
     };
     let assembled = assemble(
         &machine,
         &mem,
         &config.console,
         config.vsock.as_ref(),
-        &config.disks,
+        &Files {
+            disks: &config.disks,
+            pmem: &config.pmem,
+        },
         None,
     )?;
     info!("devices ready");
@@ -218,19 +235,33 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         (Some(_), None) => return Err(BuildError::Devices("had a vsock device".into())),
         (None, Some(_)) => return Err(BuildError::Devices("had no vsock device".into())),
     };
+    let pmem = pmem_shapes(snapshot.memory_mib, &config.pmem)?;
+    let saved_pmem: Vec<SavedPmem> = snapshot.pmem.iter().map(|(p, _)| p.clone()).collect();
+    if pmem != saved_pmem {
+        return Err(BuildError::Devices(format!(
+            "had {} pmem region(s) ({}), and {} are given",
+            saved_pmem.len(),
+            describe_pmem(&saved_pmem),
+            pmem.len()
+        )));
+    }
     let mem = map_guest_memory(snapshot.memory_mib, &config.memory)?;
     let machine = Machine {
         vcpus,
         memory_mib: snapshot.memory_mib,
         vsock_cid: vsock.as_ref().map(|v| v.guest_cid),
         disks,
+        pmem,
     };
     let assembled = assemble(
         &machine,
         &mem,
         &config.console,
         vsock.as_ref(),
-        &config.disks,
+        &Files {
+            disks: &config.disks,
+            pmem: &config.pmem,
+        },
         Some(&snapshot.serial),
     )?;
     let vm = &assembled.vm;
@@ -258,6 +289,9 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
     for (slot, (_, state)) in assembled.disk_slots.iter().zip(&snapshot.disks) {
         lock(slot).restore(state)?;
     }
+    for (slot, (_, state)) in assembled.pmem_slots.iter().zip(&snapshot.pmem) {
+        lock(slot).restore(state)?;
+    }
     info!(
         vcpus = count,
         memory_mib = snapshot.memory_mib,
@@ -277,6 +311,32 @@ fn describe_disks(disks: &[SavedDisk]) -> String {
         .map(|d| format!("{} of {} bytes", d.id, d.bytes))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn describe_pmem(regions: &[SavedPmem]) -> String {
+    regions
+        .iter()
+        .map(|p| format!("{} bytes at {:#x}", p.bytes, p.start))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The pmem regions' sizes (checked) and where they go in a guest of `memory_mib`.
+fn pmem_shapes(memory_mib: u64, pmem: &[PmemConfig]) -> Result<Vec<SavedPmem>, BuildError> {
+    let sizes = pmem
+        .iter()
+        .enumerate()
+        .map(|(index, p)| region_size(&p.file).map_err(|source| BuildError::Pmem { index, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let starts = pmem_addresses(memory_mib, &sizes)?;
+    Ok(starts
+        .into_iter()
+        .zip(sizes)
+        .map(|(start, bytes)| SavedPmem {
+            start: start.0,
+            bytes,
+        })
+        .collect())
 }
 
 fn disk_shape(disk: &DiskConfig) -> Result<SavedDisk, BuildError> {
@@ -337,6 +397,14 @@ struct Assembled {
     serial: Arc<Mutex<SerialDevice>>,
     vsock_slot: Option<Arc<Mutex<dyn SavedSlot>>>,
     disk_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
+    pmem_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
+    pmem_regions: Vec<vm_memory::mmap::MmapRegion>,
+}
+
+/// The host files behind a VM's disks and pmem regions.
+struct Files<'a> {
+    disks: &'a [DiskConfig],
+    pmem: &'a [PmemConfig],
 }
 
 impl Assembled {
@@ -363,6 +431,8 @@ impl Assembled {
             serial: self.serial,
             vsock_slot: self.vsock_slot,
             disk_slots: self.disk_slots,
+            pmem_slots: self.pmem_slots,
+            pmem_regions: self.pmem_regions,
             snapshot_to,
         })
     }
@@ -375,9 +445,10 @@ fn assemble(
     mem: &GuestMemory,
     console: &ConsoleConfig,
     vsock: Option<&VsockConfig>,
-    disks: &[DiskConfig],
+    files: &Files<'_>,
     serial: Option<&SavedSerial>,
 ) -> Result<Assembled, BuildError> {
+    let disks = files.disks;
     let vm = Vm::new(machine.vcpus)?;
     vm.register_memory(mem)?;
 
@@ -468,6 +539,24 @@ fn assemble(
         disk_slots.push(virtio.attach(slot, device)?);
         disk_metrics.push(metrics);
     }
+    // pmem regions take the slots after the disks', in order (the guest's pmem0, pmem1...), and
+    // the memory slots after the RAM's.
+    let mut pmem_metrics = Vec::with_capacity(files.pmem.len());
+    let mut pmem_slots = Vec::with_capacity(files.pmem.len());
+    let mut pmem_regions = Vec::with_capacity(files.pmem.len());
+    for (index, (config, shape)) in files.pmem.iter().zip(&machine.pmem).enumerate() {
+        let pmem_error = |source| BuildError::Pmem { index, source };
+        let region = map_region(&config.file, shape.bytes).map_err(pmem_error)?;
+        let start = GuestAddress(shape.start);
+        vm.register_readonly_region((mem.num_regions() + index) as u32, start, &region)?;
+        pmem_regions.push(region);
+        let slot = virtio.slot(1 + (disks.len() + index) as u64)?;
+        let metrics = Arc::new(PmemMetrics::default());
+        let device = Pmem::new(start, shape.bytes, slot.interrupt.clone(), metrics.clone())
+            .map_err(pmem_error)?;
+        pmem_slots.push(virtio.attach(slot, device)?);
+        pmem_metrics.push(metrics);
+    }
     Ok(Assembled {
         vm,
         io_bus,
@@ -481,11 +570,14 @@ fn assemble(
             mmio: mmio_metrics,
             vsock: vsock_metrics,
             disks: disk_metrics,
+            pmem: pmem_metrics,
         },
         acpi_devices,
         serial,
         vsock_slot,
         disk_slots,
+        pmem_slots,
+        pmem_regions,
     })
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 pub const MAX_VCPUS: u8 = 64;
 
 pub use crate::devices::virtio::block::MAX_DISKS;
+pub use crate::devices::virtio::pmem::MAX_PMEM;
 
 #[derive(Debug)]
 pub struct VmConfig {
@@ -22,6 +23,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Read-only virtio-blk disks, `/dev/vda` onwards in the guest.
     pub disks: Vec<DiskConfig>,
+    /// Read-only virtio-pmem regions, `/dev/pmem0` onwards in the guest.
+    pub pmem: Vec<PmemConfig>,
     /// Where the VM is saved when it is asked to ([`crate::exit::ExitReason::Snapshot`]).
     pub snapshot_to: Option<SnapshotFiles>,
 }
@@ -38,6 +41,8 @@ pub struct RestoreConfig {
     pub vsock_uds: Option<PathBuf>,
     /// The disks the snapshot had, in order, of the same sizes.
     pub disks: Vec<DiskConfig>,
+    /// The pmem regions the snapshot had, in order, of the same sizes.
+    pub pmem: Vec<PmemConfig>,
     /// Where this VM is saved in turn when it is asked to.
     pub snapshot_to: Option<SnapshotFiles>,
 }
@@ -77,6 +82,14 @@ pub struct DiskConfig {
     pub id: String,
 }
 
+/// A read-only virtio-pmem region over a host file (see `devices::virtio::pmem`): the guest
+/// reads the file's pages, the host's page cache, as memory.
+#[derive(Debug)]
+pub struct PmemConfig {
+    /// The file, opened by the caller (read-only); its size is a non-zero multiple of 2 MiB.
+    pub file: File,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
@@ -85,6 +98,8 @@ pub enum ConfigError {
     ReservedCid(u64),
     #[error("a VM has at most {MAX_DISKS} disks, not {0}")]
     Disks(usize),
+    #[error("a VM has at most {MAX_PMEM} pmem regions, not {0}")]
+    Pmem(usize),
 }
 
 impl VmConfig {
@@ -99,6 +114,9 @@ impl VmConfig {
         }
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::Disks(self.disks.len()));
+        }
+        if self.pmem.len() > MAX_PMEM {
+            return Err(ConfigError::Pmem(self.pmem.len()));
         }
         Ok(())
     }

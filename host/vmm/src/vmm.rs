@@ -14,11 +14,12 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::status::GuestStatus;
 use crate::devices::virtio::block::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::devices::virtio::mmio::{MmioMetrics, SavedSlot};
+use crate::devices::virtio::pmem::metrics::{PmemMetrics, PmemMetricsSnapshot};
 use crate::devices::virtio::vsock::metrics::{VsockMetrics, VsockMetricsSnapshot};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{Role, SeccompError, SeccompFilters};
-use crate::snapshot::{SavedDisk, SnapshotError, VmSnapshot};
+use crate::snapshot::{SavedDisk, SavedPmem, SnapshotError, VmSnapshot};
 use crate::vstate::memory::{GuestMemory, MemoryError, save_memory};
 use crate::vstate::vcpu::{StartGate, Vcpu, VcpuContext, VcpuError, VcpuHandle, VcpuMetrics};
 use crate::vstate::vm::{Vm, VmError};
@@ -89,6 +90,9 @@ pub struct VmmParts {
     pub serial: Arc<std::sync::Mutex<SerialDevice>>,
     pub vsock_slot: Option<Arc<std::sync::Mutex<dyn SavedSlot>>>,
     pub disk_slots: Vec<Arc<std::sync::Mutex<dyn SavedSlot>>>,
+    pub pmem_slots: Vec<Arc<std::sync::Mutex<dyn SavedSlot>>>,
+    /// The pmem files' mappings, which KVM reads through: dropped after `vm`.
+    pub pmem_regions: Vec<vm_memory::mmap::MmapRegion>,
     pub snapshot_to: Option<SnapshotTarget>,
 }
 
@@ -99,6 +103,7 @@ pub struct Machine {
     pub memory_mib: u64,
     pub vsock_cid: Option<u64>,
     pub disks: Vec<SavedDisk>,
+    pub pmem: Vec<SavedPmem>,
 }
 
 /// Where the VM is saved when asked to.
@@ -114,6 +119,7 @@ pub struct VmmMetrics {
     pub mmio: Arc<MmioMetrics>,
     pub vsock: Option<Arc<VsockMetrics>>,
     pub disks: Vec<Arc<BlockMetrics>>,
+    pub pmem: Vec<Arc<PmemMetrics>>,
 }
 
 /// A copy of the counters at one moment, for reports.
@@ -131,6 +137,9 @@ pub struct MetricsSnapshot {
     /// One per disk, in order; absent without disks.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<BlockMetricsSnapshot>,
+    /// One per pmem region, in order; absent without them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<PmemMetricsSnapshot>,
 }
 
 impl VmmMetrics {
@@ -147,6 +156,7 @@ impl VmmMetrics {
             virtio_resets: load(&self.mmio.resets),
             vsock: self.vsock.as_ref().map(|m| m.snapshot()),
             disks: self.disks.iter().map(|m| m.snapshot()).collect(),
+            pmem: self.pmem.iter().map(|m| m.snapshot()).collect(),
         }
     }
 }
@@ -301,6 +311,12 @@ impl Vmm {
                 .iter()
                 .cloned()
                 .zip(self.parts.disk_slots.iter().map(lock))
+                .collect(),
+            pmem: machine
+                .pmem
+                .iter()
+                .cloned()
+                .zip(self.parts.pmem_slots.iter().map(lock))
                 .collect(),
         };
         target.state.set_len(0).map_err(SnapshotError::Write)?;

@@ -173,6 +173,7 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
                 uds_path: dir.join("vsock.sock"),
             }),
             disks: Vec::new(),
+            pmem: Vec::new(),
             snapshot_to: None,
         };
         let vmm = build_vm(&config).unwrap();

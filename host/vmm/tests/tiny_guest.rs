@@ -52,6 +52,7 @@ fn tiny_config(scratch: &Scratch, vcpus: u8) -> VmConfig {
         },
         vsock: None,
         disks: Vec::new(),
+        pmem: Vec::new(),
         snapshot_to: None,
     }
 }

@@ -147,6 +147,7 @@ pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
         runtime: file(RUNTIME_DISK_FILE)?,
         bundle: file(MODEL_DISK_FILE)?,
         name,
+        device: crate::model::DiskDevice::Pmem,
     }))
 }
 
@@ -282,15 +283,19 @@ mod tests {
             runtime: images.join("runtime-1.img"),
             bundle: images.join("model-m-1.img"),
             name: "m".into(),
+            device: crate::model::DiskDevice::Pmem,
         };
-        // The least an erofs image is: two blocks, the magic in the superblock.
+        // The least a model disk is, told apart by its last bytes.
         let image = |tag: &[u8]| {
-            let mut bytes = vec![0u8; 8192];
-            bytes[1024..1028].copy_from_slice(&0xe0f5_e1e2u32.to_le_bytes());
-            bytes[4096..4096 + tag.len()].copy_from_slice(tag);
+            let mut bytes = crate::model::least_image();
+            let end = bytes.len();
+            bytes[end - tag.len()..].copy_from_slice(tag);
             bytes
         };
-        let tag = |path: &Path| std::fs::read(path).unwrap()[4096..4102].to_vec();
+        let tag = |path: &Path| {
+            let bytes = std::fs::read(path).unwrap();
+            bytes[bytes.len() - 6..].to_vec()
+        };
         std::fs::write(&disks.runtime, image(b"runtim")).unwrap();
         std::fs::write(&disks.bundle, image(b"bundle")).unwrap();
         let save = |disks: Option<&ModelDisks>| {
@@ -319,10 +324,10 @@ mod tests {
         save(Some(&found));
         assert_eq!(tag(&to.join(MODEL_DISK_FILE)), b"bundle");
         // A disk that is no file system is refused before anything starts.
-        std::fs::write(to.join("other.img"), vec![0u8; 8192]).unwrap();
+        std::fs::write(to.join("other.img"), vec![0u8; 4 << 20]).unwrap();
         std::fs::rename(to.join("other.img"), to.join(MODEL_DISK_FILE)).unwrap();
         let err = format!("{:#}", model_disks_of(&to).unwrap_err());
-        assert!(err.contains("holds no erofs file system"), "{err}");
+        assert!(err.contains("has no valid pmem info block"), "{err}");
         // A later snapshot without a model leaves no disks behind.
         save(None);
         assert!(!to.join(RUNTIME_DISK_FILE).exists() && !to.join(MODEL_DISK_FILE).exists());

@@ -20,7 +20,7 @@ use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
 use crate::jail::JailLevel;
-use crate::model::ModelDisks;
+use crate::model::{DiskDevice, ModelDisks};
 use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
 use crate::vmm_cmd::VmmReport;
@@ -182,7 +182,7 @@ pub enum VmError {
     Refused(Refusal),
     #[error("cannot admit the agent")]
     AdmissionLock(#[from] crate::admission::LockError),
-    #[error("a VM has at most {MAX_DISKS} disks, the models disk included")]
+    #[error("a VM has at most {MAX_DISKS} disks, the model disks included")]
     TooManyDisks,
     #[error("the agent was started without a snapshot directory")]
     NoSnapshotTarget,
@@ -632,9 +632,18 @@ fn spawn_vmm(
         cmdline.push_str(extra);
     }
     if let Some(model) = &opts.model_disks {
-        let device = |index| disk_device(index).ok_or(VmError::TooManyDisks);
-        let runtime = device(opts.disks.len())?;
-        let bundle = device(opts.disks.len() + 1)?;
+        // The devices in the order given below: the VMM's pmem regions, or its disks after the
+        // agent's own (the file system is each disk's first partition).
+        let (runtime, bundle) = match model.device {
+            DiskDevice::Pmem => ("pmem0".to_owned(), "pmem1".to_owned()),
+            DiskDevice::Block => {
+                let device = |index| disk_device(index).ok_or(VmError::TooManyDisks);
+                (
+                    format!("{}1", device(opts.disks.len())?),
+                    format!("{}1", device(opts.disks.len() + 1)?),
+                )
+            }
+        };
         cmdline.push_str(&format!(
             " {RUNTIME_DISK_PARAM}={runtime} {MODEL_DISK_PARAM}={bundle}:{}",
             model.name
@@ -660,12 +669,17 @@ fn spawn_vmm(
                 .args(["--cmdline", &cmdline]);
         }
     }
-    let model_disks = opts
-        .model_disks
-        .iter()
-        .flat_map(|m| [&m.runtime, &m.bundle]);
-    for disk in opts.disks.iter().chain(model_disks) {
+    for disk in &opts.disks {
         cmd.arg("--disk").arg(disk);
+    }
+    if let Some(model) = &opts.model_disks {
+        let flag = match model.device {
+            DiskDevice::Pmem => "--pmem",
+            DiskDevice::Block => "--disk",
+        };
+        for image in [&model.runtime, &model.bundle] {
+            cmd.arg(flag).arg(image);
+        }
     }
     if let Some(dir) = &opts.snapshot_to {
         cmd.arg("--snapshot-to").arg(dir);

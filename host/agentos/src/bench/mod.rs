@@ -22,8 +22,9 @@ pub enum BenchCommand {
     /// Unix socket pair: round trip latency, messages/s, MB/s.
     Ipc(ipc::IpcBenchArgs),
     /// Agents started cold, restored from a snapshot and claimed from a warm pool, one at a time
-    /// and many at once, with and without a model: time to the first exec reply (or inference)
-    /// and host memory per idle agent, with ratios.
+    /// and many at once, with and without a model (its disks as pmem regions and as virtio-blk
+    /// disks): time to the first exec reply (or inference) and host memory per idle agent, with
+    /// ratios.
     Start(start::StartBenchArgs),
 }
 

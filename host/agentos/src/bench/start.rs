@@ -6,7 +6,8 @@
 //! so that pages clones share with one another and with the snapshot count once). Agents with a model (its
 //! runtime and bundle disks) are timed beside agents without one, and their memory, with the
 //! model loaded, beside that of plain agents: cold, and restored from a snapshot taken after
-//! the model was loaded.
+//! the model was loaded; all of that twice, the model disks as pmem regions (what agents get)
+//! and as virtio-blk disks, with the pmem / block ratios.
 //!
 //! Runs where Linux guests run here: directly, or inside the QEMU carrier. The top-level `ratio`
 //! is restore / cold boot, medians.
@@ -25,7 +26,7 @@ use crate::agent::pool::Spawner;
 use crate::agent::vm::{AgentVm, BootOptions, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelStore, carrier_copies, model_disks};
+use crate::model::{DiskDevice, ModelDisks, ModelStore, carrier_copies, model_disks};
 
 #[derive(clap::Args, Debug)]
 pub struct StartBenchArgs {
@@ -97,7 +98,33 @@ pub struct StartResults {
     pub pool_ratio: f64,
     /// restore / cold, median PSS per agent.
     pub pss_ratio: f64,
+    /// Agents with the model on pmem regions (what agents get), then on virtio-blk disks, and
+    /// pmem / block.
     pub model: ModelResults,
+    pub model_block: ModelResults,
+    pub pmem_vs_block: DeviceRatios,
+}
+
+/// pmem / block, medians: the model disks mapped in place against read into the guest.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceRatios {
+    pub cold: f64,
+    pub first_infer: f64,
+    pub restore_infer: f64,
+    pub cold_pss: f64,
+    pub restore_pss: f64,
+}
+
+impl DeviceRatios {
+    fn of(pmem: &ModelResults, block: &ModelResults) -> Self {
+        Self {
+            cold: ratio(pmem.cold.ms.median, block.cold.ms.median),
+            first_infer: ratio(pmem.first_infer_ms.median, block.first_infer_ms.median),
+            restore_infer: ratio(pmem.restore_infer.ms.median, block.restore_infer.ms.median),
+            cold_pss: ratio(pmem.cold_pss_kib.median, block.cold_pss_kib.median),
+            restore_pss: ratio(pmem.restore_pss_kib.median, block.restore_pss_kib.median),
+        }
+    }
 }
 
 /// `agents` started together each way.
@@ -117,6 +144,8 @@ pub struct AtOnce {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ModelResults {
     pub name: String,
+    /// How the agents got the model disks.
+    pub device: DiskDevice,
     /// The runtime and bundle disks, bytes: what the host holds once for every agent.
     pub disk_bytes: u64,
     /// A cold boot of an agent with the model's disks, to its first exec reply.
@@ -152,12 +181,6 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
     if args.json || args.here {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        let row = |name: &str, t: &StartTimes| {
-            println!(
-                "  {name:<30} median {:>8.1} ms  (min {:.1}, max {:.1}, p99 {:.1})",
-                t.ms.median, t.ms.min, t.ms.max, t.p99_ms
-            );
-        };
         println!(
             "Agents of {} MiB ({}), request to first exec reply:",
             results.memory_mib, results.placement
@@ -194,31 +217,49 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
             results.pss_ratio,
             results.pool_ratio
         );
-        let model = &results.model;
+        for model in [&results.model, &results.model_block] {
+            print_model(model);
+        }
+        let r = &results.pmem_vs_block;
         println!(
-            "Agents with model `{}` (disks {:.1} MB, shared):",
-            model.name,
-            model.disk_bytes as f64 / 1e6
-        );
-        row("cold boot", &model.cold);
-        row("restore, to the first inference", &model.restore_infer);
-        println!(
-            "  first inference after a cold boot: median {:.1} ms",
-            model.first_infer_ms.median
-        );
-        println!(
-            "  PSS per idle agent, model loaded: cold {:.0} KiB, restored {:.0} KiB (model copy {:.0} KiB)",
-            model.cold_pss_kib.median, model.restore_pss_kib.median, model.model_copy_kib
-        );
-        println!(
-            "  ratios: boot model/plain {}; memory model agents/(plain agents + one copy): cold {}, restored {}; {} restored agents per 16 GiB",
-            model.boot_ratio,
-            model.memory_ratio_cold,
-            model.memory_ratio_restored,
-            model.agents_per_16gib
+            "  pmem/block: cold boot {}, first inference {}, restore to inference {}, PSS cold {}, restored {}",
+            r.cold, r.first_infer, r.restore_infer, r.cold_pss, r.restore_pss
         );
     }
     Ok(0)
+}
+
+fn row(name: &str, t: &StartTimes) {
+    println!(
+        "  {name:<30} median {:>8.1} ms  (min {:.1}, max {:.1}, p99 {:.1})",
+        t.ms.median, t.ms.min, t.ms.max, t.p99_ms
+    );
+}
+
+fn print_model(model: &ModelResults) {
+    println!(
+        "Agents with model `{}` on {:?} (disks {:.1} MB, shared):",
+        model.name,
+        model.device,
+        model.disk_bytes as f64 / 1e6
+    );
+    row("cold boot", &model.cold);
+    row("restore, to the first inference", &model.restore_infer);
+    println!(
+        "  first inference after a cold boot: median {:.1} ms",
+        model.first_infer_ms.median
+    );
+    println!(
+        "  PSS per idle agent, model loaded: cold {:.0} KiB, restored {:.0} KiB (model copy {:.0} KiB)",
+        model.cold_pss_kib.median, model.restore_pss_kib.median, model.model_copy_kib
+    );
+    println!(
+        "  ratios: boot model/plain {}; memory model agents/(plain agents + one copy): cold {}, restored {}; {} restored agents per 16 GiB",
+        model.boot_ratio,
+        model.memory_ratio_cold,
+        model.memory_ratio_restored,
+        model.agents_per_16gib
+    );
 }
 
 fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
@@ -312,7 +353,13 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
     let n = args.pss_agents as usize;
     let cold_pss = start_many(&vec![cold.clone(); n], None)?.pss_kib;
     let restore_pss = start_many(&vec![restore; n], None)?.pss_kib;
-    let model = measure_model(args, &img, &cold, &cold_ms, (&cold_pss, &restore_pss))?;
+    let plain = Plain {
+        opts: &cold,
+        ms: &cold_ms,
+        pss: (&cold_pss, &restore_pss),
+    };
+    let model = measure_model(args, &img, &plain, DiskDevice::Pmem)?;
+    let model_block = measure_model(args, &img, &plain, DiskDevice::Block)?;
     let cold = StartTimes::of(&cold_ms);
     let restore = StartTimes::of(&restore_ms);
     let pool = StartTimes::of(&pool_ms);
@@ -333,19 +380,28 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
         pss_agents: args.pss_agents,
         cold_pss_kib,
         restore_pss_kib,
+        pmem_vs_block: DeviceRatios::of(&model, &model_block),
         model,
+        model_block,
     })
 }
 
-/// Agents with `args.model` started the ways plain agents were (`plain`, whose cold boots took
-/// `plain_ms` and whose idle PSS was `plain_pss`, cold and restored).
+/// Plain agents as they were measured: their options, cold boot times and idle PSS (cold,
+/// restored).
+struct Plain<'a> {
+    opts: &'a BootOptions,
+    ms: &'a [f64],
+    pss: (&'a [f64], &'a [f64]),
+}
+
+/// Agents with `args.model` on `device`, started the ways `plain` agents were.
 fn measure_model(
     args: &StartBenchArgs,
     img: &image::BuiltImage,
-    plain: &BootOptions,
-    plain_ms: &[f64],
-    plain_pss: (&[f64], &[f64]),
+    plain: &Plain<'_>,
+    device: DiskDevice,
 ) -> anyhow::Result<ModelResults> {
+    let (plain_ms, plain_pss) = (plain.ms, plain.pss);
     let store = ModelStore::new(&image::default_cache_dir());
     let bundle = store.find(&args.model)?;
     let task = *bundle
@@ -372,8 +428,8 @@ fn measure_model(
             .context("the model agent did not answer")?;
         Ok(started.elapsed().as_secs_f64() * 1000.0)
     };
-    let mut cold = plain.clone();
-    cold.model_disks = Some(disks);
+    let mut cold = plain.opts.clone();
+    cold.model_disks = Some(ModelDisks { device, ..disks });
 
     let (mut cold_ms, mut first_infer_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {
@@ -386,7 +442,9 @@ fn measure_model(
     }
 
     // The template: booted, the model loaded by a request, then saved.
-    let (_dir, restore) = save_template(&cold, "bench-start-model", &|vm| infer(vm).map(drop))?;
+    let (_dir, restore) = save_template(&cold, &format!("bench-start-model-{device:?}"), &|vm| {
+        infer(vm).map(drop)
+    })?;
 
     let mut restore_infer_ms = Vec::new();
     for _ in 0..args.runs {
@@ -409,6 +467,7 @@ fn measure_model(
         |model: &[f64], plain: &[f64]| ratio(sum(model), sum(plain) + model_copy_kib);
     Ok(ModelResults {
         name: args.model.clone(),
+        device,
         disk_bytes,
         boot_ratio: ratio(Stats::of(&cold_ms).median, Stats::of(plain_ms).median),
         memory_ratio_cold: memory_ratio(&cold_pss, plain_pss.0),

@@ -714,6 +714,11 @@ mod tests {
                 "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
             ),
             ("virtio_blk", "virtio,virtio_ring"),
+            ("libnvdimm", ""),
+            ("nd_btt", "libnvdimm"),
+            ("nd_pmem", "libnvdimm,nd_btt"),
+            ("nd_virtio", "virtio,libnvdimm"),
+            ("virtio_pmem", "virtio,libnvdimm,nd_virtio"),
             ("erofs", ""),
         ];
         fs::create_dir_all(&modules).unwrap();
@@ -794,7 +799,7 @@ mod tests {
         assert!(entry("lib/modules/vmw_vsock_virtio_transport.ko").is_some());
         let config: serde_json::Value =
             serde_json::from_slice(&entry("etc/agentos/init.json").unwrap().data).unwrap();
-        assert_eq!(config["modules"].as_array().unwrap().len(), 8);
+        assert_eq!(config["modules"].as_array().unwrap().len(), 13);
         assert_eq!(config["modules"][0], "/lib/modules/virtio_ring.ko");
         assert_eq!(config["transport"]["vsock"]["port"], 1024);
 

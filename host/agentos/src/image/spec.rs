@@ -19,8 +19,9 @@ const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
 
 /// The virtio-mmio vsock stack, in the order that was verified to bring up `/dev/vsock`, the
-/// virtio-blk driver for the disks an agent is given (`/dev/vda` onwards), and erofs, the file
-/// system of the models disk.
+/// virtio-blk driver for the disks an agent is given (`/dev/vda` onwards), the pmem stack for
+/// the model disks (`/dev/pmem0` onwards: the namespace driver before the device's, so that a
+/// region is claimed as it appears), and erofs, their file system.
 const AGENT_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -29,6 +30,8 @@ const AGENT_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "virtio_blk",
+    "nd_pmem",
+    "virtio_pmem",
     "erofs",
 ];
 

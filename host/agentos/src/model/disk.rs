@@ -1,6 +1,6 @@
-//! Model disks: read-only erofs images an agent with a model gets as virtio-blk disks, read by
-//! its VMM through the host's page cache, so that the host holds one copy of each however many
-//! agents use it.
+//! Model disks: read-only erofs images an agent with a model gets as virtio-pmem regions, which
+//! its guest maps from the host's page cache (`dax`), so that the host holds one copy of each
+//! however many agents use it and the guests hold none (see [`pfn`] for the layout).
 //!
 //! - The runtime disk holds the inference worker, ONNX Runtime and the shared libraries they
 //!   need beyond the agent image's; the guest mounts it at `/opt/agentos`. One for all agents.
@@ -35,10 +35,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Bundle, ModelError, ModelStore, hex, verify};
+
+mod pfn;
 use crate::image::needed_libraries;
 
 /// Bumped when the images' layout changes, so old ones are rebuilt.
-const DISK_FORMAT: &str = "model-disks-1";
+const DISK_FORMAT: &str = "model-disks-2";
 const RUNTIME_INDEX: &str = "runtime.json";
 const RUNTIME_PREFIX: &str = "runtime-";
 const IMAGE_SUFFIX: &str = ".img";
@@ -56,6 +58,22 @@ pub struct ModelDisks {
     pub bundle: PathBuf,
     /// The bundle's name: where the guest mounts its disk.
     pub name: String,
+    /// How the VM gets them.
+    pub device: DiskDevice,
+}
+
+/// How a VM gets the model disks. The same images serve both (see [`pfn`]): a pmem region's
+/// device starts at the file system, and a disk's first partition is it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDevice {
+    /// virtio-pmem regions the guest maps from the host's page cache (`dax`): no copy in the
+    /// guest. What agents get.
+    #[default]
+    Pmem,
+    /// virtio-blk disks the guest reads into its own page cache: what `agentos bench start`
+    /// compares pmem with.
+    Block,
 }
 
 /// Which runtime disk is current.
@@ -89,6 +107,7 @@ fn disks_with_worker(
         runtime: runtime_disk(store, onnx, base_libraries, worker)?,
         bundle: bundle_disk(store, bundle, base_libraries)?,
         name: bundle.manifest.name.clone(),
+        device: DiskDevice::Pmem,
     };
     check_image(&disks.runtime)?;
     check_image(&disks.bundle)?;
@@ -463,12 +482,45 @@ fn place(source: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the mode of {}", to.display()))
 }
 
-/// Writes `dir` as an uncompressed erofs image at `image`: files owned by root, every time
-/// stamp zero, no extended attributes, so the same inputs give the same image.
+/// Writes `dir` as a pmem region at `image` holding an uncompressed erofs image: files owned by
+/// root, every time stamp zero, no extended attributes, so the same inputs give the same image.
 fn write_image(dir: &Path, image: &Path) -> anyhow::Result<()> {
+    let mut fs_image = image.as_os_str().to_owned();
+    fs_image.push(".fs");
+    let fs_image = PathBuf::from(fs_image);
+    let written = write_filesystem(dir, &fs_image).and_then(|()| {
+        write_region(&fs_image, image)
+            .with_context(|| format!("cannot write the disk image {}", image.display()))
+    });
+    let _ = fs::remove_file(&fs_image);
+    written
+}
+
+/// Lays the erofs image `fs_image` out as a pmem region at `image`: the partition table, the
+/// info block, the file system at its data offset, zeros to a whole number of subsections. The region is named by the
+/// file system's SHA-256.
+fn write_region(fs_image: &Path, image: &Path) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let fs_bytes = io::copy(&mut fs::File::open(fs_image)?, &mut hasher)?;
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&hasher.finalize()[..16]);
+    let region = pfn::region_bytes(fs_bytes);
+    let mut out = fs::File::create(image)?;
+    out.write_all_at(&pfn::partition_table(region), 0)?;
+    out.write_all_at(&pfn::info_block(region, uuid), pfn::INFO_OFFSET)?;
+    out.seek(SeekFrom::Start(pfn::DATA_OFFSET))?;
+    io::copy(&mut fs::File::open(fs_image)?, &mut out)?;
+    out.set_len(region)?;
+    out.sync_all()
+}
+
+/// Writes `dir` as an erofs image at `fs_image` with `mkfs.erofs`.
+fn write_filesystem(dir: &Path, fs_image: &Path) -> anyhow::Result<()> {
     let output = Command::new(MKFS)
         .args(["--quiet", "--all-root", "-T0", "-x-1"])
-        .arg(image)
+        .arg(fs_image)
         .arg(dir)
         .output()
         .map_err(|e| {
@@ -544,8 +596,8 @@ const EROFS_MAGIC: u32 = 0xe0f5_e1e2;
 const EROFS_SUPERBLOCK_OFFSET: u64 = 1024;
 const EROFS_BLOCK: u64 = 4096;
 
-/// Checks a disk image before a VM gets it: a whole number of blocks holding an erofs file
-/// system.
+/// Checks a disk image before a VM gets it: a pmem region (a whole number of 2 MiB
+/// subsections, a valid info block) holding an erofs file system at its data offset.
 pub fn check_filesystem(image: &Path) -> Result<(), ModelError> {
     use std::os::unix::fs::FileExt;
     let bad = |why: String| ModelError::BadDisk {
@@ -557,18 +609,37 @@ pub fn check_filesystem(image: &Path) -> Result<(), ModelError> {
         source,
     })?;
     let size = file.metadata().map_or(0, |m| m.len());
-    if size < EROFS_BLOCK || size % EROFS_BLOCK != 0 {
+    if size < pfn::DATA_OFFSET + EROFS_BLOCK || !size.is_multiple_of(pfn::REGION_ALIGN) {
         return Err(bad(format!(
-            "{size} bytes is not a whole number of {EROFS_BLOCK}-byte blocks holding a file system"
+            "{size} bytes is not a whole number of 2 MiB subsections holding a file system"
         )));
     }
+    let mut info = [0u8; pfn::INFO_BYTES];
+    file.read_exact_at(&mut info, pfn::INFO_OFFSET)
+        .map_err(|e| bad(e.to_string()))?;
+    if !pfn::is_valid(&info) {
+        return Err(bad("it has no valid pmem info block".to_owned()));
+    }
     let mut magic = [0u8; 4];
-    file.read_exact_at(&mut magic, EROFS_SUPERBLOCK_OFFSET)
+    file.read_exact_at(&mut magic, pfn::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET)
         .map_err(|e| bad(e.to_string()))?;
     if u32::from_le_bytes(magic) != EROFS_MAGIC {
         return Err(bad("it holds no erofs file system".to_owned()));
     }
     Ok(())
+}
+
+/// The least a model disk is, for tests elsewhere: one page of file system past the data offset,
+/// with the info block and the erofs magic.
+#[cfg(test)]
+pub fn least_image() -> Vec<u8> {
+    let size = pfn::region_bytes(EROFS_BLOCK);
+    let mut bytes = vec![0u8; size as usize];
+    bytes[pfn::INFO_OFFSET as usize..][..pfn::INFO_BYTES]
+        .copy_from_slice(&pfn::info_block(size, [1; 16]));
+    let magic = (pfn::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET) as usize;
+    bytes[magic..magic + 4].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
+    bytes
 }
 
 /// Checks a disk image of the store against the stamp written when it was built: its size, its

@@ -21,8 +21,11 @@ use sha2::{Digest, Sha256};
 
 use crate::image::hex;
 
+#[cfg(test)]
+pub use disk::least_image;
 pub use disk::{
-    ModelDisks, carrier_copies, carrier_files, check_filesystem, model_disks, remove_bundle_disks,
+    DiskDevice, ModelDisks, carrier_copies, carrier_files, check_filesystem, model_disks,
+    remove_bundle_disks,
 };
 
 const MODELS_DIR: &str = "models";

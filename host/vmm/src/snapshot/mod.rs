@@ -25,7 +25,7 @@ pub const MEMORY_FILE: &str = "memory";
 
 const MAGIC: &str = "agentos-vm-snapshot";
 /// Bumped whenever the body changes shape.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The VMM that wrote a snapshot is the only one that restores it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The most a state file may hold: 64 vCPUs of about 40 KiB of JSON each, and devices.
@@ -72,6 +72,14 @@ pub struct SavedDisk {
     pub bytes: u64,
 }
 
+/// A pmem region as the snapshot remembers it: the restored VM must be given a file of the
+/// same size, which goes at the same guest address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SavedPmem {
+    pub start: u64,
+    pub bytes: u64,
+}
+
 /// Everything of a VM but its memory.
 #[derive(Serialize, Deserialize)]
 pub struct VmSnapshot {
@@ -84,6 +92,7 @@ pub struct VmSnapshot {
     /// The vsock device's CID and transport, when the VM had one.
     pub vsock: Option<(u64, TransportState)>,
     pub disks: Vec<(SavedDisk, TransportState)>,
+    pub pmem: Vec<(SavedPmem, TransportState)>,
 }
 
 impl VmSnapshot {

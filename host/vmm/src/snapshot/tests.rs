@@ -72,6 +72,7 @@ fn sample() -> VmSnapshot {
         status: Some(2),
         vsock: Some((3, transport)),
         disks: vec![],
+        pmem: vec![],
     }
 }
 

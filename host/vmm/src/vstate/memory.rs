@@ -9,7 +9,9 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::arch::x86_64::layout::{MMIO_GAP_START, RAM_64BIT_START};
+use crate::arch::x86_64::layout::{
+    MMIO_GAP_START, PMEM_REGION_ALIGN, PMEM_START_ALIGN, RAM_64BIT_START,
+};
 
 /// Guest memory as the VMM uses it everywhere.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -28,6 +30,8 @@ pub enum MemoryError {
     Regions(#[source] vm_memory::GuestRegionCollectionError),
     #[error("cannot write guest memory to its file")]
     Write(#[source] std::io::Error),
+    #[error("pmem regions of {0} bytes in all do not fit in the guest's address space")]
+    PmemPlacement(u64),
     #[error("the memory file holds {found} bytes, not the {expected} of the snapshot's guest")]
     FileSize { found: u64, expected: u64 },
 }
@@ -48,6 +52,38 @@ pub fn ram_ranges(size_mib: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryErr
         ranges.push((GuestAddress(RAM_64BIT_START), (size - low) as usize));
     }
     Ok(ranges)
+}
+
+/// The highest guest-physical address a pmem region may reach (46 bits, within what any x86-64
+/// host with KVM translates).
+const PMEM_LIMIT: u64 = 1 << 46;
+
+/// Where pmem regions of `sizes` bytes go in a guest of `size_mib` of RAM: above RAM and 4 GiB,
+/// from a GiB boundary, each at a memory-section boundary, in order.
+pub fn pmem_addresses(size_mib: u64, sizes: &[u64]) -> Result<Vec<GuestAddress>, MemoryError> {
+    let ram_end = ram_ranges(size_mib)?
+        .iter()
+        .map(|(start, len)| start.0 + *len as u64)
+        .max()
+        .unwrap_or(0);
+    let total = sizes.iter().fold(0u64, |a, b| a.saturating_add(*b));
+    let placement = || MemoryError::PmemPlacement(total);
+    let mut cursor = ram_end
+        .max(RAM_64BIT_START)
+        .checked_next_multiple_of(PMEM_START_ALIGN)
+        .ok_or_else(placement)?;
+    let mut addresses = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let start = cursor
+            .checked_next_multiple_of(PMEM_REGION_ALIGN)
+            .ok_or_else(placement)?;
+        cursor = start.checked_add(size).ok_or_else(placement)?;
+        if cursor > PMEM_LIMIT {
+            return Err(placement());
+        }
+        addresses.push(GuestAddress(start));
+    }
+    Ok(addresses)
 }
 
 /// Maps `size_mib` of guest RAM (anonymous, private, not reserved up front).
@@ -177,6 +213,23 @@ mod tests {
         let wrong = map_guest_memory(8, &file).unwrap_err();
         assert!(matches!(wrong, MemoryError::FileSize { .. }), "{wrong}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn pmem_regions_go_above_ram_at_section_boundaries() {
+        let two = 2 << 20;
+        assert_eq!(
+            pmem_addresses(256, &[two, 3 * two]).unwrap(),
+            vec![GuestAddress(1 << 32), GuestAddress((1 << 32) + (128 << 20))]
+        );
+        // 8 GiB of RAM ends at 9 GiB (3 GiB below the gap, 5 above 4 GiB).
+        assert_eq!(
+            pmem_addresses(8192, &[two]).unwrap(),
+            vec![GuestAddress(9 << 30)]
+        );
+        assert!(pmem_addresses(256, &[u64::MAX]).is_err());
+        assert!(pmem_addresses(256, &[1 << 46]).is_err());
+        assert!(pmem_addresses(256, &[]).unwrap().is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestMemory;
@@ -211,6 +211,27 @@ impl Vm {
                 .map_err(|source| VmError::MemorySlot { slot, source })?;
         }
         Ok(())
+    }
+
+    /// Gives the guest `region` read-only at `start`, in memory slot `slot` (past the RAM's):
+    /// its writes there exit to the VMM as MMIO.
+    pub fn register_readonly_region(
+        &self,
+        slot: u32,
+        start: GuestAddress,
+        region: &vm_memory::mmap::MmapRegion,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: start.0,
+            memory_size: region.size() as u64,
+            userspace_addr: region.as_ptr() as u64,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+        };
+        // SAFETY: the region is a live mapping that the `Vmm` keeps until after the VM file
+        // descriptor is closed; KVM only reads through it (the slot is read-only).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|source| VmError::MemorySlot { slot, source })
     }
 
     /// Routes writes of `event` to interrupt line `gsi`.

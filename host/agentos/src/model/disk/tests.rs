@@ -41,11 +41,18 @@ fn store_with_bundle(root: &Path) -> (ModelStore, Bundle, PathBuf) {
     (store, bundle, worker)
 }
 
-/// The image's files, extracted by erofs-utils' own checker.
+/// The image's files, extracted by erofs-utils' own checker from the file system past the pmem
+/// region's data offset.
 fn extract(image: &Path, into: &Path) {
+    let bytes = fs::read(image).unwrap();
+    let mut info = [0u8; pfn::INFO_BYTES];
+    info.copy_from_slice(&bytes[pfn::INFO_OFFSET as usize..][..pfn::INFO_BYTES]);
+    assert!(pfn::is_valid(&info));
+    let fs_image = into.with_extension("erofs");
+    fs::write(&fs_image, &bytes[pfn::DATA_OFFSET as usize..]).unwrap();
     let out = Command::new("fsck.erofs")
         .arg(format!("--extract={}", into.display()))
-        .arg(image)
+        .arg(&fs_image)
         .output()
         .unwrap();
     assert!(
@@ -251,8 +258,16 @@ fn a_damaged_disk_is_refused_before_any_vm_gets_it() {
     assert!(err.contains("when it was built"), "{err}");
     restore();
 
-    // Not a file system at all (of the size it had).
+    // Not a pmem region at all (of the size it had).
     fs::write(&image, vec![0u8; pristine.len()]).unwrap();
+    let err = refusal();
+    assert!(err.contains("has no valid pmem info block"), "{err}");
+    restore();
+
+    // A region whose file system is gone.
+    let mut no_fs = pristine.clone();
+    no_fs[pfn::DATA_OFFSET as usize..].fill(0);
+    fs::write(&image, &no_fs).unwrap();
     let err = refusal();
     assert!(err.contains("holds no erofs file system"), "{err}");
     restore();

@@ -38,6 +38,11 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const RAM_64BIT_START: u64 = MMIO_GAP_END;
 
+/// pmem regions start at the first GiB boundary above RAM and 4 GiB, each at a 128 MiB
+/// boundary (a memory section, the unit in which Linux adds device memory).
+pub const PMEM_START_ALIGN: u64 = 1 << 30;
+pub const PMEM_REGION_ALIGN: u64 = 128 << 20;
+
 /// virtio-mmio device slots.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;

@@ -4,6 +4,7 @@ pub mod block;
 pub mod events;
 mod metrics;
 pub mod mmio;
+pub mod pmem;
 #[cfg(test)]
 mod test_queue;
 pub mod vsock;
