@@ -168,4 +168,20 @@ impl<'a> OfferedChain<'a> {
             bytes,
         }
     }
+
+    /// The length the device wrote into the offered chain, after checking that it came back
+    /// (the used ring holds exactly one entry; the device keeps its own used index from 0,
+    /// whatever the table wrote over the ring).
+    pub fn returned_len(&self) -> u32 {
+        let used_idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(self.layout.used_ring + 2))
+            .expect("the used ring is in low RAM");
+        assert_eq!(u16::from_le(used_idx), 1, "the chain was not returned");
+        let used_len: u32 = self
+            .mem
+            .read_obj(GuestAddress(self.layout.used_ring + 8))
+            .expect("the used ring is in low RAM");
+        u32::from_le(used_len)
+    }
 }

@@ -217,15 +217,9 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         .iter()
         .map(disk_shape)
         .collect::<Result<Vec<_>, _>>()?;
-    let saved_disks: Vec<SavedDisk> = snapshot.disks.iter().map(|(d, _)| d.clone()).collect();
-    if disks != saved_disks {
-        return Err(BuildError::Devices(format!(
-            "had {} disk(s) ({}), and {} are given",
-            saved_disks.len(),
-            describe_disks(&saved_disks),
-            disks.len()
-        )));
-    }
+    same_devices("disk", &snapshot.disks, &disks, |d| {
+        format!("{} of {} bytes", d.id, d.bytes)
+    })?;
     let vsock = match (&snapshot.vsock, &config.vsock_uds) {
         (Some((cid, _)), Some(uds_path)) => Some(VsockConfig {
             guest_cid: *cid,
@@ -236,15 +230,9 @@ pub fn restore_vm(config: &RestoreConfig) -> Result<Vmm, BuildError> {
         (None, Some(_)) => return Err(BuildError::Devices("had no vsock device".into())),
     };
     let pmem = pmem_shapes(snapshot.memory_mib, &config.pmem)?;
-    let saved_pmem: Vec<SavedPmem> = snapshot.pmem.iter().map(|(p, _)| p.clone()).collect();
-    if pmem != saved_pmem {
-        return Err(BuildError::Devices(format!(
-            "had {} pmem region(s) ({}), and {} are given",
-            saved_pmem.len(),
-            describe_pmem(&saved_pmem),
-            pmem.len()
-        )));
-    }
+    same_devices("pmem region", &snapshot.pmem, &pmem, |p| {
+        format!("{} bytes at {:#x}", p.bytes, p.start)
+    })?;
     let mem = map_guest_memory(snapshot.memory_mib, &config.memory)?;
     let machine = Machine {
         vcpus,
@@ -305,20 +293,24 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn describe_disks(disks: &[SavedDisk]) -> String {
-    disks
-        .iter()
-        .map(|d| format!("{} of {} bytes", d.id, d.bytes))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn describe_pmem(regions: &[SavedPmem]) -> String {
-    regions
-        .iter()
-        .map(|p| format!("{} bytes at {:#x}", p.bytes, p.start))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Refuses a restore given other devices of `kind` than the snapshot had (`saved`, each with
+/// its transport's state), naming what it had.
+fn same_devices<T: PartialEq, S>(
+    kind: &str,
+    saved: &[(T, S)],
+    given: &[T],
+    describe: impl Fn(&T) -> String,
+) -> Result<(), BuildError> {
+    if saved.len() == given.len() && saved.iter().zip(given).all(|((s, _), g)| s == g) {
+        return Ok(());
+    }
+    let had: Vec<String> = saved.iter().map(|(d, _)| describe(d)).collect();
+    Err(BuildError::Devices(format!(
+        "had {} {kind}(s) ({}), and {} are given",
+        saved.len(),
+        had.join(", "),
+        given.len()
+    )))
 }
 
 /// The pmem regions' sizes (checked) and where they go in a guest of `memory_mib`.

@@ -1,6 +1,6 @@
 //! Model disks: read-only erofs images an agent with a model gets as virtio-pmem regions, which
 //! its guest maps from the host's page cache (`dax`), so that the host holds one copy of each
-//! however many agents use it and the guests hold none (see [`pfn`] for the layout).
+//! however many agents use it and the guests hold none (see [`layout`]).
 //!
 //! - The runtime disk holds the inference worker, ONNX Runtime and the shared libraries they
 //!   need beyond the agent image's; the guest mounts it at `/opt/agentos`. One for all agents.
@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Bundle, ModelError, ModelStore, hex, verify};
 
-mod pfn;
+mod layout;
 use crate::image::needed_libraries;
 
 /// Bumped when the images' layout changes, so old ones are rebuilt.
@@ -62,7 +62,7 @@ pub struct ModelDisks {
     pub device: DiskDevice,
 }
 
-/// How a VM gets the model disks. The same images serve both (see [`pfn`]): a pmem region's
+/// How a VM gets the model disks. The same images serve both (see [`layout`]): a pmem region's
 /// device starts at the file system, and a disk's first partition is it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -497,21 +497,34 @@ fn write_image(dir: &Path, image: &Path) -> anyhow::Result<()> {
 }
 
 /// Lays the erofs image `fs_image` out as a pmem region at `image`: the partition table, the
-/// info block, the file system at its data offset, zeros to a whole number of subsections. The region is named by the
-/// file system's SHA-256.
+/// info block, the file system at its data offset, zeros to a whole number of subsections. The
+/// region is named by the file system's SHA-256, taken as it is copied.
 fn write_region(fs_image: &Path, image: &Path) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom};
+    use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::FileExt;
-    let mut hasher = Sha256::new();
-    let fs_bytes = io::copy(&mut fs::File::open(fs_image)?, &mut hasher)?;
-    let mut uuid = [0u8; 16];
-    uuid.copy_from_slice(&hasher.finalize()[..16]);
-    let region = pfn::region_bytes(fs_bytes);
+
+    /// Writes to the image and hashes what it writes.
+    struct Hashed<'a>(&'a mut fs::File, Sha256);
+    impl Write for Hashed<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1.update(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
     let mut out = fs::File::create(image)?;
-    out.write_all_at(&pfn::partition_table(region), 0)?;
-    out.write_all_at(&pfn::info_block(region, uuid), pfn::INFO_OFFSET)?;
-    out.seek(SeekFrom::Start(pfn::DATA_OFFSET))?;
-    io::copy(&mut fs::File::open(fs_image)?, &mut out)?;
+    out.seek(SeekFrom::Start(layout::DATA_OFFSET))?;
+    let mut hashed = Hashed(&mut out, Sha256::new());
+    let fs_bytes = io::copy(&mut fs::File::open(fs_image)?, &mut hashed)?;
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&hashed.1.finalize()[..16]);
+    let region = layout::region_bytes(fs_bytes);
+    out.write_all_at(&layout::partition_table(region), 0)?;
+    out.write_all_at(&layout::info_block(region, uuid), layout::INFO_OFFSET)?;
     out.set_len(region)?;
     out.sync_all()
 }
@@ -609,19 +622,19 @@ pub fn check_filesystem(image: &Path) -> Result<(), ModelError> {
         source,
     })?;
     let size = file.metadata().map_or(0, |m| m.len());
-    if size < pfn::DATA_OFFSET + EROFS_BLOCK || !size.is_multiple_of(pfn::REGION_ALIGN) {
+    if size < layout::DATA_OFFSET + EROFS_BLOCK || !size.is_multiple_of(layout::REGION_ALIGN) {
         return Err(bad(format!(
             "{size} bytes is not a whole number of 2 MiB subsections holding a file system"
         )));
     }
-    let mut info = [0u8; pfn::INFO_BYTES];
-    file.read_exact_at(&mut info, pfn::INFO_OFFSET)
+    let mut info = [0u8; layout::INFO_BYTES];
+    file.read_exact_at(&mut info, layout::INFO_OFFSET)
         .map_err(|e| bad(e.to_string()))?;
-    if !pfn::is_valid(&info) {
+    if !layout::is_valid(&info) {
         return Err(bad("it has no valid pmem info block".to_owned()));
     }
     let mut magic = [0u8; 4];
-    file.read_exact_at(&mut magic, pfn::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET)
+    file.read_exact_at(&mut magic, layout::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET)
         .map_err(|e| bad(e.to_string()))?;
     if u32::from_le_bytes(magic) != EROFS_MAGIC {
         return Err(bad("it holds no erofs file system".to_owned()));
@@ -633,11 +646,11 @@ pub fn check_filesystem(image: &Path) -> Result<(), ModelError> {
 /// with the info block and the erofs magic.
 #[cfg(test)]
 pub fn least_image() -> Vec<u8> {
-    let size = pfn::region_bytes(EROFS_BLOCK);
+    let size = layout::region_bytes(EROFS_BLOCK);
     let mut bytes = vec![0u8; size as usize];
-    bytes[pfn::INFO_OFFSET as usize..][..pfn::INFO_BYTES]
-        .copy_from_slice(&pfn::info_block(size, [1; 16]));
-    let magic = (pfn::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET) as usize;
+    bytes[layout::INFO_OFFSET as usize..][..layout::INFO_BYTES]
+        .copy_from_slice(&layout::info_block(size, [1; 16]));
+    let magic = (layout::DATA_OFFSET + EROFS_SUPERBLOCK_OFFSET) as usize;
     bytes[magic..magic + 4].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
     bytes
 }

@@ -45,11 +45,11 @@ fn store_with_bundle(root: &Path) -> (ModelStore, Bundle, PathBuf) {
 /// region's data offset.
 fn extract(image: &Path, into: &Path) {
     let bytes = fs::read(image).unwrap();
-    let mut info = [0u8; pfn::INFO_BYTES];
-    info.copy_from_slice(&bytes[pfn::INFO_OFFSET as usize..][..pfn::INFO_BYTES]);
-    assert!(pfn::is_valid(&info));
+    let mut info = [0u8; layout::INFO_BYTES];
+    info.copy_from_slice(&bytes[layout::INFO_OFFSET as usize..][..layout::INFO_BYTES]);
+    assert!(layout::is_valid(&info));
     let fs_image = into.with_extension("erofs");
-    fs::write(&fs_image, &bytes[pfn::DATA_OFFSET as usize..]).unwrap();
+    fs::write(&fs_image, &bytes[layout::DATA_OFFSET as usize..]).unwrap();
     let out = Command::new("fsck.erofs")
         .arg(format!("--extract={}", into.display()))
         .arg(&fs_image)
@@ -266,7 +266,7 @@ fn a_damaged_disk_is_refused_before_any_vm_gets_it() {
 
     // A region whose file system is gone.
     let mut no_fs = pristine.clone();
-    no_fs[pfn::DATA_OFFSET as usize..].fill(0);
+    no_fs[layout::DATA_OFFSET as usize..].fill(0);
     fs::write(&image, &no_fs).unwrap();
     let err = refusal();
     assert!(err.contains("holds no erofs file system"), "{err}");

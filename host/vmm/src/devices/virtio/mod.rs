@@ -5,6 +5,7 @@ pub mod events;
 mod metrics;
 pub mod mmio;
 pub mod pmem;
+mod single_queue;
 #[cfg(test)]
 mod test_queue;
 pub mod vsock;

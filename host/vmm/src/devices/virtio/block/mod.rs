@@ -10,14 +10,13 @@ pub mod request;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 use self::metrics::BlockMetrics;
 use self::request::{
@@ -25,11 +24,11 @@ use self::request::{
     T_OUT, read_offset,
 };
 use super::events::Polled;
+use super::single_queue::{Refusals, SingleQueue};
 use super::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    VirtioInterrupt, count_refusal, drain_queue, read_config_bytes, uses_indirect,
+    VirtioInterrupt, count_refusal, read_config_bytes,
 };
-use crate::vstate::memory::GuestMemory;
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Feature bits: the driver may put at most `seg_max` data buffers in one request; the disk
@@ -66,11 +65,6 @@ pub enum BlockError {
     EventFd(#[source] std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-}
-
 /// The disk behind the device, and what serving a request needs.
 struct Disk {
     file: File,
@@ -83,10 +77,9 @@ struct Disk {
 
 pub struct Block {
     disk: Disk,
-    queue_event: EventFd,
+    queue: SingleQueue,
     interrupt: Arc<VirtioInterrupt>,
     metrics: Arc<BlockMetrics>,
-    active: Option<Active>,
 }
 
 impl Block {
@@ -111,59 +104,35 @@ impl Block {
                 id: id_bytes,
                 chunk: vec![0; CHUNK_BYTES],
             },
-            queue_event: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            queue: SingleQueue::new().map_err(BlockError::EventFd)?,
             interrupt,
             metrics,
-            active: None,
         })
     }
 
     /// Serves the requests the guest queued, up to [`REQUESTS_PER_WAKE`]; past that the device
     /// wakes itself again, so that the event loop serves everything else first.
     pub fn process(&mut self) {
-        // Reading resets the counter; a spurious wake-up reads EAGAIN.
-        let _ = self.queue_event.read();
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queue;
-        let desc_table = GuestAddress(queue.desc_table());
-        let size = queue.size();
         let (disk, metrics) = (&mut self.disk, &self.metrics);
-        let drained = drain_queue(queue, mem, &self.interrupt, REQUESTS_PER_WAKE, |chain| {
-            if uses_indirect(mem, desc_table, size, chain.head_index()) {
-                BlockMetrics::inc(&metrics.indirect_chains);
-                count(
-                    &metrics.bad_chains,
-                    "descriptor chain uses an indirect table, which the device does not offer",
-                );
-                return 0;
-            }
-            match Request::parse(mem, chain) {
+        let refusals = Refusals {
+            device: "block",
+            bad_chains: &metrics.bad_chains,
+            indirect_chains: Some(&metrics.indirect_chains),
+        };
+        let budget_spent = self.queue.serve(
+            &self.interrupt,
+            REQUESTS_PER_WAKE,
+            &refusals,
+            |mem, chain| match Request::parse(mem, chain) {
                 Ok(request) => disk.serve(metrics, request),
                 Err(e) => {
                     count(&metrics.bad_chains, &e.to_string());
                     0
                 }
-            }
-        });
-        if drained.ring_corrupt {
-            count(
-                &self.metrics.bad_chains,
-                "available ring index beyond the queue size",
-            );
-        }
-        for _ in 0..drained.unreturned {
-            count(
-                &self.metrics.bad_chains,
-                "cannot return a request's buffers",
-            );
-        }
-        if drained.budget_spent {
+            },
+        );
+        if budget_spent {
             BlockMetrics::inc(&self.metrics.budget_spent);
-            // The eventfd stays readable: the event loop comes back after its other events.
-            let _ = self.queue_event.write(1);
         }
     }
 }
@@ -310,38 +279,25 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            queues,
-            acked_features,
-        } = activation;
-        let Ok([mut queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::BadQueue(QUEUE_SIZES.len()));
-        };
-        queue.set_event_idx(acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        self.active = Some(Active { mem, queue });
-        // The guest may have queued requests before its notification was seen: have the event
-        // loop look at the queue (this runs on a vCPU thread, which leaves device work to it).
-        let _ = self.queue_event.write(1);
-        Ok(())
+        self.queue.activate(activation)
     }
 
     fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| std::slice::from_ref(&a.queue))
+        self.queue.queues()
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.queue.reset();
     }
 }
 
 impl Polled for Block {
     fn queue_events(&self) -> &[EventFd] {
-        std::slice::from_ref(&self.queue_event)
+        self.queue.events()
     }
 
     fn poll_fd(&self) -> RawFd {
-        self.queue_event.as_raw_fd()
+        self.queue.poll_fd()
     }
 
     fn on_ready(&mut self) {

@@ -11,6 +11,8 @@ use super::request::{HEADER_SIZE, RequestHeader, S_IOERR, S_OK, S_UNSUPP};
 use super::*;
 use crate::devices::virtio::INTERRUPT_USED_RING;
 use crate::devices::virtio::test_queue::GuestQueue;
+use crate::vstate::memory::GuestMemory;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const MEM_SIZE: usize = 0x80_0000;
 const HEADER: u64 = 0x10_0000;

@@ -10,19 +10,20 @@
 pub mod metrics;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::{ByteValued, GuestAddress, Le32};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::metrics::PmemMetrics;
 use super::events::Polled;
+use super::single_queue::{Refusals, SingleQueue};
 use super::{
     ActivateError, Activation, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, count_refusal,
-    drain_queue, read_config_bytes, uses_indirect,
+    read_config_bytes,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -91,19 +92,13 @@ pub fn map_region(file: &File, size: u64) -> Result<vm_memory::mmap::MmapRegion,
         .map_err(PmemError::Map)
 }
 
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-}
-
 pub struct Pmem {
     /// Where the guest finds the region, and its size (the configuration space).
     start: GuestAddress,
     size: u64,
-    queue_event: EventFd,
+    queue: SingleQueue,
     interrupt: Arc<VirtioInterrupt>,
     metrics: Arc<PmemMetrics>,
-    active: Option<Active>,
 }
 
 impl Pmem {
@@ -117,50 +112,26 @@ impl Pmem {
         Ok(Self {
             start,
             size,
-            queue_event: EventFd::new(EFD_NONBLOCK).map_err(PmemError::EventFd)?,
+            queue: SingleQueue::new().map_err(PmemError::EventFd)?,
             interrupt,
             metrics,
-            active: None,
         })
     }
 
     /// Answers the requests the guest queued, up to a ring's worth per wake.
     pub fn process(&mut self) {
-        // Reading resets the counter; a spurious wake-up reads EAGAIN.
-        let _ = self.queue_event.read();
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queue;
-        let desc_table = GuestAddress(queue.desc_table());
-        let size = queue.size();
         let metrics = &self.metrics;
-        let drained = drain_queue(queue, mem, &self.interrupt, REQUESTS_PER_WAKE, |chain| {
-            if uses_indirect(mem, desc_table, size, chain.head_index()) {
-                count(
-                    &metrics.bad_chains,
-                    "descriptor chain uses an indirect table, which the device does not offer",
-                );
-                return 0;
-            }
-            serve(mem, chain, metrics)
-        });
-        if drained.ring_corrupt {
-            count(
-                &self.metrics.bad_chains,
-                "available ring index beyond the queue size",
-            );
-        }
-        for _ in 0..drained.unreturned {
-            count(
-                &self.metrics.bad_chains,
-                "cannot return a request's buffers",
-            );
-        }
-        if drained.budget_spent {
-            let _ = self.queue_event.write(1);
-        }
+        let refusals = Refusals {
+            device: "pmem",
+            bad_chains: &metrics.bad_chains,
+            indirect_chains: None,
+        };
+        self.queue.serve(
+            &self.interrupt,
+            REQUESTS_PER_WAKE,
+            &refusals,
+            |mem, chain| serve(mem, chain, metrics),
+        );
     }
 }
 
@@ -229,34 +200,25 @@ impl VirtioDevice for Pmem {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Ok([queue]) = <[Queue; 1]>::try_from(activation.queues) else {
-            return Err(ActivateError::BadQueue(QUEUE_SIZES.len()));
-        };
-        self.active = Some(Active {
-            mem: activation.mem,
-            queue,
-        });
-        // Requests queued before the notification was seen are looked at by the event loop.
-        let _ = self.queue_event.write(1);
-        Ok(())
+        self.queue.activate(activation)
     }
 
     fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| std::slice::from_ref(&a.queue))
+        self.queue.queues()
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.queue.reset();
     }
 }
 
 impl Polled for Pmem {
     fn queue_events(&self) -> &[EventFd] {
-        std::slice::from_ref(&self.queue_event)
+        self.queue.events()
     }
 
     fn poll_fd(&self) -> RawFd {
-        self.queue_event.as_raw_fd()
+        self.queue.poll_fd()
     }
 
     fn on_ready(&mut self) {

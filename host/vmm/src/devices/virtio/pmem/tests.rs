@@ -4,6 +4,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::test_queue::GuestQueue;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const MEM_SIZE: usize = 0x40_0000;
 const REQUEST: u64 = 0x10_0000;
