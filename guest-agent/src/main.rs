@@ -199,10 +199,11 @@ fn serve_vsock(
         if shutdown_requested(server::serve(conn, ctx, Role::Control)) {
             return Ok(());
         }
-        console!("the control connection ended; dialling the host again");
-        // A session that lasted is not a host closing on us: dial again at once. A restored VM's
-        // session ends that way (its transport was reset), and the host waits for the next.
+        // A session that lasted is not a host closing on us: dial again at once, and quietly. A
+        // restored VM's session ends that way (its transport was reset), and the host waits for
+        // the next.
         if session.elapsed() < RECONNECT_PAUSE {
+            console!("the control connection ended at once; dialling the host again");
             thread::sleep(RECONNECT_PAUSE);
         }
     }

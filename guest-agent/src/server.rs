@@ -134,7 +134,14 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
     };
     let mut frames = FrameReader::new(conn);
     let ended = session.run(&mut frames);
-    if let Ended::Broken(err) = &ended {
+    // What a restored VM sees first: its vsock transport was reset, every connection with it.
+    let reset = matches!(
+        &ended,
+        Ended::Broken(FrameError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset
+    );
+    if let Ended::Broken(err) = &ended
+        && !reset
+    {
         console!("dropping a connection: {}", describe(err));
     }
     session.kill_all();
@@ -142,7 +149,13 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         // Unblocks a writer stuck on a host that stopped reading.
         frames.get_ref().shutdown();
     }
-    writer.finish(DRAIN_PATIENCE);
+    // Nothing queued can reach a peer that reset the connection: the writer is told to stop and
+    // not waited for.
+    writer.finish(if reset {
+        Duration::ZERO
+    } else {
+        DRAIN_PATIENCE
+    });
     Ok(ended)
 }
 

@@ -7,6 +7,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use agentos::agent::vm::VMM_BINARY;
+
 /// How long one `agentos` command in a test may take before the test stops it and fails with
 /// what its VMs were doing: `AGENTOS_TEST_COMMAND_LIMIT` seconds, by default 600 (generous: VMs
 /// boot slowly under emulation and when many share a CPU).
@@ -63,6 +65,13 @@ impl Scratch {
     }
 
     /// `agentos ARGS...` with this test's run directory.
+    /// `agentos-vmm`, beside the agentos binary under test, with the test's run directory.
+    pub fn vmm(&self) -> Command {
+        let mut cmd = Command::new(agentos_bin().with_file_name(VMM_BINARY));
+        cmd.env("AGENTOS_RUN_DIR", self.run_dir());
+        cmd
+    }
+
     pub fn agentos(&self) -> Command {
         let mut cmd = Command::new(agentos_bin());
         cmd.env("AGENTOS_RUN_DIR", self.run_dir());
@@ -226,7 +235,7 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Ve
     })
 }
 
-/// The `agentos vmm` process whose command line mentions `marker` and that runs the guest, if
+/// The `agentos-vmm` process whose command line mentions `marker` and that runs the guest, if
 /// one runs. A jailed VMM is two processes with the same command line: a supervisor and its
 /// child, PID 1 of its own PID namespace, which runs the guest; while the child does not exist
 /// yet, the supervisor is returned.
@@ -241,7 +250,7 @@ pub fn vmm_process(marker: &str) -> Option<u32> {
         .or_else(|| vmms.first().copied())
 }
 
-/// Every `agentos vmm` process under `marker` that runs a guest: the jailed children (or
+/// Every `agentos-vmm` process under `marker` that runs a guest: the jailed children (or
 /// unjailed VMMs).
 pub fn vmm_processes(marker: &str) -> Vec<u32> {
     let vmms: Vec<u32> = processes_mentioning(marker)
@@ -266,7 +275,10 @@ pub fn guest_runner(pid: u32) -> u32 {
 }
 
 fn is_vmm(pid: u32) -> bool {
-    cmdline(pid).split(' ').nth(1) == Some("vmm")
+    cmdline(pid)
+        .split(' ')
+        .next()
+        .is_some_and(|program| Path::new(program).file_name() == Some(VMM_BINARY.as_ref()))
 }
 
 /// The parent of `pid`, from the field after the parenthesised command name in its `stat`.

@@ -1,4 +1,4 @@
-//! The VMM's vsock device in both directions, driven at the level of `agentos vmm`: the guest
+//! The VMM's vsock device in both directions, driven at the level of `agentos-vmm`: the guest
 //! agent dials the host (`vsock.sock_1024`), a host client dials the guest (`CONNECT 52`), both
 //! carry the agentos protocol, and a shutdown ends the VMM cleanly; its jail's root is built
 //! under `--chroot-base` and removed.
@@ -86,8 +86,7 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     // supervisor, which removes it at the end.
     let jails = t.dir.join("jails");
     let mut vmm = t
-        .agentos()
-        .arg("vmm")
+        .vmm()
         .arg("--kernel")
         .arg(img.boot_kernel())
         .arg("--initrd")

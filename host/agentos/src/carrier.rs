@@ -215,7 +215,7 @@ pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
 pub struct CarrierRun {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Host files to copy in (the agentos binary always comes along).
+    /// Host files to copy in (the agentos and agentos-vmm binaries always come along).
     pub files: Vec<PathBuf>,
     pub memory_mib: u64,
     pub cpus: u8,
@@ -234,7 +234,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     })?;
     let qemu_major = which_qemu()?;
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
-    let mut files = vec![exe];
+    let mut files = vec![exe, crate::agent::vm::vmm_binary()?];
     files.extend(spec.files.iter().cloned());
     // So that `agentos eval` runs in any carrier, the test suite's included.
     files.extend(crate::eval::carrier_files());

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::agent::vm::{AgentVm, BootOptions};
 use crate::cgroup::{Controller, Layout};
 use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
-use crate::jail::JailLevel;
 use crate::qemu;
+use agentos_jail::JailLevel;
 
 /// A Linux guest that is not up by then is taken as not booting.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);

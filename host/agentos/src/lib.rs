@@ -1,6 +1,7 @@
 //! agentos: every AI agent in its own KVM microVM.
 //!
-//! The `agentos` binary is the command line, and also the VMM (`agentos vmm`, one process per VM).
+//! The `agentos` binary is the command line; each VM runs in an `agentos-vmm` process (see
+//! `agentos_vmm_process`).
 //! This library holds what the commands are made of, so that tests drive the same code.
 
 pub mod admission;
@@ -17,7 +18,6 @@ pub mod group;
 pub mod image;
 pub mod image_cmd;
 pub mod infer_run;
-pub mod jail;
 pub mod log_tail;
 pub mod model;
 pub mod model_cmd;
@@ -28,4 +28,3 @@ pub mod rundir;
 pub mod signals;
 pub mod testing;
 pub mod toml_file;
-pub mod vmm_cmd;

@@ -1,11 +1,11 @@
-//! `agentos`: the command line, and the VMM (`agentos vmm`), in one binary.
+//! `agentos`: the command line. Each VM runs in an `agentos-vmm` process (`agentos vmm` runs the
+//! same code in this binary).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use agentos::{
     bench, carrier, control, daemon, doctor, eval, group, image_cmd, model_cmd, run, signals,
-    vmm_cmd,
 };
 use clap::{Parser, Subcommand};
 
@@ -106,8 +106,9 @@ Examples:
     /// Build the guest images.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
-    /// Run one microVM in this process (what the other commands start, one per VM).
-    Vmm(vmm_cmd::VmmArgs),
+    /// Run one microVM in this process, as `agentos-vmm` does (what the other commands start,
+    /// one per VM).
+    Vmm(agentos_vmm_process::VmmArgs),
 }
 
 fn init_tracing() {
@@ -152,7 +153,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Group(cmd) => group::run_command(cmd),
         Command::Trace(args) => group::run::show_trace(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Vmm(args) => vmm_cmd::run(args, started),
+        Command::Vmm(args) => agentos_vmm_process::run(args, started),
     }
 }
 

@@ -172,7 +172,7 @@ struct JsonResult {
     /// From process start to the end of the command.
     total_ms: u64,
     /// The jail the VMM ran in: `full`, `rootless` or `none`.
-    jail: crate::jail::JailLevel,
+    jail: agentos_jail::JailLevel,
     /// What the guest reported about its own boot (milliseconds of guest uptime).
     guest: GuestBoot,
 }

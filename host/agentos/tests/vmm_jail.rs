@@ -1,4 +1,4 @@
-//! `agentos vmm` and its jail, with the tiny guest on this host's KVM: a jail that cannot be
+//! `agentos-vmm` and its jail, with the tiny guest on this host's KVM: a jail that cannot be
 //! built stops the VMM; the VMM's directory must be its user's own; the files it writes outside
 //! it are opened as the caller, never through a symlink, and nothing changes owner.
 
@@ -46,11 +46,10 @@ impl Guest {
         dir
     }
 
-    /// `agentos vmm` for the tiny guest, with `args` added, from `cwd`.
+    /// `agentos-vmm` for the tiny guest, with `args` added, from `cwd`.
     fn vmm(&self, args: &[&str], cwd: &Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentos"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentos-vmm"));
         cmd.current_dir(cwd)
-            .arg("vmm")
             .arg("--kernel")
             .arg(self.path("tiny.elf"))
             .args(["--memory", "16", "--console"])
@@ -77,7 +76,7 @@ fn the_jail_fails_closed_when_a_layer_cannot_be_applied() {
     };
     let without_capabilities = |extra: &[&str]| {
         let mut vmm = guest.vmm(extra, guest.dir.path());
-        agentos::jail::without_capabilities(&mut vmm);
+        agentos_jail::without_capabilities(&mut vmm);
         vmm.output().unwrap()
     };
     let out = without_capabilities(&[]);
@@ -180,6 +179,9 @@ fn the_report_and_console_log_are_opened_as_the_caller_and_nothing_changes_owner
         serde_json::from_slice(&std::fs::read(home.join("r.json")).unwrap()).unwrap();
     assert_eq!(report["outcome"], "shutdown", "{report}");
     assert_eq!(report["jail"], "full", "{report}");
+    // The jailed VMM reads its own peak memory under its seccomp filter: a few MiB.
+    let peak = report["peak_rss_kib"].as_u64().unwrap_or(0);
+    assert!((512..32 * 1024).contains(&peak), "{report}");
     assert!(
         std::fs::read_to_string(home.join("c.log"))
             .unwrap()

@@ -146,7 +146,8 @@ const VCPU: &[i64] = &[libc::SYS_close, libc::SYS_timerfd_settime];
 /// only, `connect`), half-closes and closes them, watches them (`epoll_ctl`), arms the sweep
 /// timer; at the end it stops the vCPU threads (a signal to each, `tgkill` of this process with
 /// the kick signal only, after glibc's `getpid`; waiting a little between kicks), removes its
-/// listening socket and writes the report to a file opened before the filter. Asked for a
+/// listening socket, reads its own peak memory (`getrusage` of itself) and writes the report to
+/// a file opened before the filter. Asked for a
 /// snapshot, it reads the stopped vCPUs' and the VM's state (`KVM_GET_*` ioctls, read-only) and
 /// writes the snapshot files opened before the filter (`pwrite64`, `ftruncate`, `fdatasync`).
 const VMM: &[i64] = &[
@@ -261,6 +262,11 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
                 )?,
             ])?;
             rules.insert(libc::SYS_tgkill, vec![kick_own_thread]);
+            // The report gives the process's peak memory (its own usage only).
+            rules.insert(
+                libc::SYS_getrusage,
+                vec![only(0, libc::RUSAGE_SELF as u64)?],
+            );
         }
         Role::Signals => {}
     }
@@ -369,7 +375,7 @@ extern "C" fn on_bad_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         len: 0,
     };
     if info.code == SYS_SECCOMP {
-        line.push(b"agentos vmm: killed by its seccomp filter: system call ");
+        line.push(b"agentos-vmm: killed by its seccomp filter: system call ");
         line.push_number(info.syscall as u32);
         if let Some(name) = syscall_name(i64::from(info.syscall)) {
             line.push(b" (");
@@ -377,7 +383,7 @@ extern "C" fn on_bad_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
             line.push(b")");
         }
     } else {
-        line.push(b"agentos vmm: killed by a SIGSYS sent to it");
+        line.push(b"agentos-vmm: killed by a SIGSYS sent to it");
     }
     line.push(b" on the ");
     line.push(

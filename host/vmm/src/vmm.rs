@@ -72,6 +72,10 @@ pub struct RunReport {
     pub init_started_ms: Option<u64>,
     pub ready_ms: Option<u64>,
     pub metrics: MetricsSnapshot,
+    /// The most memory this process held at once, in KiB (`getrusage`). In the jail the VMM is
+    /// a child that never ran `exec`, so this is its own; without the jail it also covers the
+    /// memory of the process that ran `exec` to start it.
+    pub peak_rss_kib: Option<u64>,
 }
 
 /// Everything the builder hands over.
@@ -266,8 +270,17 @@ impl Vmm {
             ready_ms: since_start(status::READY),
             console_tail,
             metrics: self.parts.metrics.snapshot(),
+            peak_rss_kib: peak_rss_kib(),
         })
     }
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    // SAFETY: rusage is plain data, valid zeroed; getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid out pointer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    (rc == 0).then(|| u64::try_from(usage.ru_maxrss).unwrap_or(0))
 }
 
 impl Vmm {

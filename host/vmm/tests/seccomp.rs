@@ -115,7 +115,7 @@ fn a_call_outside_a_threads_filter_ends_the_vmm_and_names_the_call_and_thread() 
         let (code, stderr) = in_child(test, case);
         assert_eq!(code, Some(EXIT_BAD_SYSCALL), "{case}: {stderr}");
         assert!(
-            stderr.contains("agentos vmm: killed by its seccomp filter: ") && stderr.contains(line),
+            stderr.contains("agentos-vmm: killed by its seccomp filter: ") && stderr.contains(line),
             "{case}: {stderr}"
         );
     }

@@ -1,4 +1,4 @@
-//! An agent microVM seen from the host: a child `agentos vmm` process, its run directory and the
+//! An agent microVM seen from the host: a child `agentos-vmm` process, its run directory and the
 //! control connection its guest agent dials when it is ready.
 
 use std::io;
@@ -19,11 +19,11 @@ use agentos_vmm::config::MAX_DISKS;
 use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
-use crate::jail::JailLevel;
 use crate::model::{DiskDevice, ModelDisks};
 use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
-use crate::vmm_cmd::VmmReport;
+use agentos_jail::JailLevel;
+use agentos_vmm_process::{ReportOutcome, VmmReport};
 
 /// Kernel command line of agent VMs. `reboot=k` makes a guest reboot reset through the i8042,
 /// which ends the VMM; `panic=-1` turns a panic into an immediate reset; `quiet` matters because
@@ -53,6 +53,8 @@ const VMM_LOG: &str = "vmm.log";
 const MAX_REPORT_BYTES: u64 = 1 << 20;
 /// The VMM's own socket in its directory, and what a `METRICS` answer may take.
 const VMM_SOCKET: &str = "vsock.sock";
+/// The VMM's binary, beside `agentos`.
+pub const VMM_BINARY: &str = "agentos-vmm";
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_METRICS_BYTES: u64 = 64 * 1024;
 
@@ -85,7 +87,7 @@ pub struct BootOptions {
     pub console_log: Option<PathBuf>,
     /// Set from another thread to give up a boot under way.
     pub abort: Option<Arc<AtomicBool>>,
-    /// Run the VMM without its jail (see [`crate::jail`]): unsafe, for debugging.
+    /// Run the VMM without its jail (see [`agentos_jail`]): unsafe, for debugging.
     pub no_jail: bool,
     /// Restore the agent saved in this snapshot directory instead of booting `kernel`: vCPUs
     /// and memory are the snapshot's (and must be given here as they were saved).
@@ -156,6 +158,8 @@ pub enum VmError {
     RunDir(#[source] io::Error),
     #[error(transparent)]
     RunDirBase(#[from] RunDirError),
+    #[error("{} is missing: the VMM binary sits beside agentos (`cargo build --release` builds both)", .0.display())]
+    NoVmmBinary(PathBuf),
     #[error("cannot start the VMM ({path})")]
     Spawn {
         path: String,
@@ -215,8 +219,8 @@ impl VmEnd {
                 why
             }
             Some(r) => match &r.error {
-                Some(error) => format!("{}: {error}", r.outcome),
-                None => r.outcome.clone(),
+                Some(error) => format!("{}: {error}", r.outcome.as_str()),
+                None => r.outcome.as_str().to_owned(),
             },
         }
     }
@@ -225,7 +229,7 @@ impl VmEnd {
     pub fn is_clean(&self) -> bool {
         self.report
             .as_ref()
-            .is_some_and(|r| r.outcome == "shutdown" && r.error.is_none())
+            .is_some_and(|r| r.outcome == ReportOutcome::Shutdown && r.error.is_none())
     }
 }
 
@@ -481,11 +485,16 @@ impl AgentVm {
         if let Some(child) = &self.child {
             // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped
             // child (the VMM's supervisor, which passes the signal on).
-            unsafe { libc::kill(child.id() as libc::pid_t, crate::vmm_cmd::SNAPSHOT_SIGNAL) };
+            unsafe {
+                libc::kill(
+                    child.id() as libc::pid_t,
+                    agentos_vmm_process::SNAPSHOT_SIGNAL,
+                )
+            };
         }
         let end = self.reap(Instant::now() + SNAPSHOT_GRACE);
         match &end.report {
-            Some(r) if r.outcome == "snapshotted" => {
+            Some(r) if r.outcome == ReportOutcome::Snapshotted => {
                 tracing::info!(dir = %dir.display(), "agent saved");
                 Ok(end)
             }
@@ -622,10 +631,7 @@ fn spawn_vmm(
     vmm_dir: &VmmDir,
     cgroup: Option<&AgentCgroup>,
 ) -> Result<Child, VmError> {
-    let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
-        path: "agentos".into(),
-        source,
-    })?;
+    let exe = vmm_binary()?;
     let mut cmdline = AGENT_CMDLINE.to_string();
     if let Some(extra) = &opts.extra_cmdline {
         cmdline.push(' ');
@@ -651,7 +657,6 @@ fn spawn_vmm(
     }
     let vmm_log = run_dir.create_file(VMM_LOG).map_err(VmError::RunDir)?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("vmm");
     match &opts.from {
         Some(dir) => {
             cmd.arg("--from").arg(dir);
@@ -713,6 +718,21 @@ fn spawn_vmm(
         path: exe.display().to_string(),
         source,
     })
+}
+
+/// The program each VM runs in: `agentos-vmm`, the VMM alone (jail and seccomp included), beside
+/// this program's binary.
+pub fn vmm_binary() -> Result<PathBuf, VmError> {
+    let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
+        path: VMM_BINARY.into(),
+        source,
+    })?;
+    let vmm = exe.with_file_name(VMM_BINARY);
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(VmError::NoVmmBinary(vmm))
+    }
 }
 
 /// The guest's name of its disk number `index` (`vda` for 0), within the VM's limit.
@@ -868,13 +888,13 @@ mod tests {
             report: None,
             status: Some(std::process::ExitStatus::from_raw(159 << 8)),
             last_words: Some(
-                "agentos vmm: killed by its seccomp filter: system call 41 (socket) on the vcpu thread"
+                "agentos-vmm: killed by its seccomp filter: system call 41 (socket) on the vcpu thread"
                     .into(),
             ),
         };
         assert_eq!(
             end.describe(),
-            "the VMM ended without a report (exit status: 159): agentos vmm: killed by its \
+            "the VMM ended without a report (exit status: 159): agentos-vmm: killed by its \
              seccomp filter: system call 41 (socket) on the vcpu thread"
         );
         assert!(!end.is_clean());

@@ -30,9 +30,9 @@ use crate::agent::connection::AgentConnection;
 use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::image::{self, AGENT_IMAGE, vmlinux};
-use crate::jail::JailLevel;
 use crate::qemu;
 use crate::rundir::RunDir;
+use agentos_jail::JailLevel;
 
 /// Files QEMU's microvm machine loads besides its binary (its firmware), wherever this QEMU's
 /// packaging keeps them: QEMU searches both directories.
@@ -404,8 +404,7 @@ fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::
         .flatten()
         .collect();
     let start = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("vmm")
+    let mut child = Command::new(crate::agent::vm::vmm_binary()?)
         .args(&ids)
         .arg("--kernel")
         .arg(kernel)
@@ -544,18 +543,28 @@ fn tiny_bench(runs: u32) -> anyhow::Result<TinyResults> {
     let run_dir = RunDir::create("bench-tiny")?;
     let elf = run_dir.join("tiny.elf");
     std::fs::write(&elf, agentos_tiny_guest::TINY_GUEST_ELF)?;
-    let agentos = std::env::current_exe()?;
+    let vmm = crate::agent::vm::vmm_binary()?;
+    let report = run_dir.join("report.json");
     let (mut a_byte, mut a_rss, mut q_byte, mut q_rss) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let mut cmd = Command::new(&agentos);
-        cmd.arg("vmm").arg("--kernel").arg(&elf).args([
-            "--memory",
-            &TINY_MEMORY_MIB.to_string(),
-            "--console",
-        ]);
-        let (byte, rss) = first_byte(cmd, false)?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--kernel")
+            .arg(&elf)
+            .args(["--memory", &TINY_MEMORY_MIB.to_string(), "--console"])
+            .arg("--report")
+            .arg(&report);
+        let (byte, _) = first_byte(cmd, false)?;
         a_byte.push(byte);
-        a_rss.push(rss);
+        // What the VMM process itself held: the peak `wait4` reports for a child also counts
+        // the memory of this process, which its `exec` replaced.
+        let text = std::fs::read_to_string(&report).context("the VMM wrote no report")?;
+        let written: agentos_vmm_process::VmmReport =
+            serde_json::from_str(&text).context("the VMM's report is not JSON")?;
+        a_rss.push(
+            written
+                .peak_rss_kib
+                .context("the VMM's report has no peak memory")? as f64,
+        );
         let mut cmd = qemu::command();
         cmd.args(["-machine", "microvm", "-accel", "kvm"])
             .args(microvm_firmware())
@@ -591,7 +600,8 @@ fn tiny_bench(runs: u32) -> anyhow::Result<TinyResults> {
 
 /// Spawns a VMM with the tiny guest, times its first console byte, lets it print the banner,
 /// then ends it (`kill`: QEMU's microvm machine has no i8042 to reset through) and returns the
-/// time and its peak resident memory.
+/// time and its peak resident memory: read just before the kill, or else as `wait4` reports it
+/// (which also counts this process's memory, that the child's `exec` replaced).
 fn first_byte(mut cmd: Command, kill: bool) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
     let mut child = cmd
@@ -621,10 +631,26 @@ fn first_byte(mut cmd: Command, kill: bool) -> anyhow::Result<(f64, f64)> {
     if kill {
         // Let it finish the banner before it is measured and stopped.
         std::thread::sleep(Duration::from_millis(20));
+        let peak = peak_of(child.id());
         let _ = child.kill();
+        wait_rusage(&mut child)?;
+        return Ok((
+            ms(at.duration_since(start)),
+            peak.context("cannot read the VMM's peak memory")?,
+        ));
     }
     let rss = wait_rusage(&mut child)?;
     Ok((ms(at.duration_since(start)), rss))
+}
+
+/// The peak resident set of the live process `pid` in KiB (`VmHWM`: its own memory since its
+/// `exec`, unlike `wait4`'s, which also counts the memory the process had before).
+fn peak_of(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Reaps `child` and returns its peak resident set in KiB.

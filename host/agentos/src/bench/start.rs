@@ -34,7 +34,8 @@ pub struct StartBenchArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
     /// How many agents start at once, each way, for the concurrent runs: one run per number
-    /// (comma-separated). Agents the host has no room for are refused and counted, not waited for.
+    /// (comma-separated). Agents the host has no room for are refused and counted, not waited
+    /// for; those it cannot boot within the boot timeout (5 min) are counted too.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 10], value_parser = clap::value_parser!(u32).range(1..=64))]
     pub at_once: Vec<u32>,
     /// Agents up together, each way, for the memory figures.
@@ -134,6 +135,11 @@ pub struct AtOnce {
     /// Of those, how many the host refused for want of room (not timed).
     pub cold_refused: u32,
     pub restore_refused: u32,
+    /// Of those, how many did not come up within the boot timeout (not timed).
+    #[serde(default)]
+    pub cold_timed_out: u32,
+    #[serde(default)]
+    pub restore_timed_out: u32,
     pub cold: StartTimes,
     pub restore: StartTimes,
     /// restore / cold, medians.
@@ -198,6 +204,12 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
                 println!(
                     "  refused for want of room: {} cold, {} restored",
                     level.cold_refused, level.restore_refused
+                );
+            }
+            if level.cold_timed_out + level.restore_timed_out > 0 {
+                println!(
+                    "  not up within the boot timeout: {} cold, {} restored",
+                    level.cold_timed_out, level.restore_timed_out
                 );
             }
         }
@@ -345,6 +357,8 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
             agents,
             cold_refused: cold_started.refused,
             restore_refused: restore_started.refused,
+            cold_timed_out: cold_started.timed_out,
+            restore_timed_out: restore_started.timed_out,
             ratio: ratio(restore.ms.median, cold.ms.median),
             cold,
             restore,
@@ -586,20 +600,28 @@ struct Started {
     pss_kib: Vec<f64>,
     /// How many the host refused for want of room.
     refused: u32,
+    /// How many did not come up within their boot timeout.
+    timed_out: u32,
 }
 
-/// Starts one agent per entry of `opts` at once (those the host has no room for are refused
-/// and counted), times each to its first exec reply, `prepare`s each, and reads their memory.
+/// Starts one agent per entry of `opts` at once (those the host has no room for are refused,
+/// those it cannot boot within the boot timeout time out; both are counted), times each to its first exec reply, `prepare`s each, and reads their memory.
 fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<Started> {
     let started = Instant::now();
     let booted = AgentVm::boot_all(opts);
     let mut vms = Vec::with_capacity(booted.len());
     let mut times = Vec::with_capacity(booted.len());
-    let mut refused = 0;
+    let (mut refused, mut timed_out) = (0, 0);
     for vm in booted {
         let mut vm = match vm {
             Err(VmError::Refused(_)) => {
                 refused += 1;
+                continue;
+            }
+            // The host's CPUs could not boot this many in the boot timeout: counted, as what
+            // the host held is what is measured.
+            Err(VmError::BootTimeout { .. }) => {
+                timed_out += 1;
                 continue;
             }
             vm => vm.context("an agent did not start")?,
@@ -627,6 +649,7 @@ fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<
         ms: times,
         pss_kib: pss,
         refused,
+        timed_out,
     })
 }
 

@@ -105,7 +105,7 @@ struct Status {
     busy: bool,
     cgroup: Option<Arc<AgentCgroup>>,
     /// The jail of its running VM's VMM.
-    jail: Option<crate::jail::JailLevel>,
+    jail: Option<agentos_jail::JailLevel>,
 }
 
 /// The daemon's handle on an agent.

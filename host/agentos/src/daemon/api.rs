@@ -487,7 +487,7 @@ pub struct AgentInfo {
     pub paused: bool,
     /// The jail its current VM's VMM runs in (`full`, `rootless`, `none`).
     #[serde(default)]
-    pub jail: Option<crate::jail::JailLevel>,
+    pub jail: Option<agentos_jail::JailLevel>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -191,7 +191,7 @@ fn symlinks_in_the_vmms_directory(scratch: &Path, env: &Env, report: &mut CaseRe
     vm.shutdown();
 }
 
-/// `agentos vmm --report` and `--console-log` pointing at a symlink (to a file of root's):
+/// `agentos-vmm --report` and `--console-log` pointing at a symlink (to a file of root's):
 /// refused, the file untouched.
 fn vmm_report_through_a_symlink(scratch: &Path, report: &mut CaseReport) {
     let canary = canary(scratch);
@@ -205,8 +205,11 @@ fn vmm_report_through_a_symlink(scratch: &Path, report: &mut CaseReport) {
             report.check("the symlink is planted", false, "");
             return;
         }
-        let child = agentos()
-            .arg("vmm")
+        let Ok(vmm) = crate::agent::vm::vmm_binary() else {
+            report.check("the VMM binary exists", false, "");
+            return;
+        };
+        let child = Command::new(vmm)
             .arg("--kernel")
             .arg(img.boot_kernel())
             .arg(flag)
@@ -216,12 +219,12 @@ fn vmm_report_through_a_symlink(scratch: &Path, report: &mut CaseReport) {
             .stderr(Stdio::piped())
             .spawn();
         let Ok(child) = child else {
-            report.check("agentos vmm starts", false, "");
+            report.check("agentos-vmm starts", false, "");
             return;
         };
         let (code, _, stderr) = finish(child, COMMAND_LIMIT);
         report.check(
-            format!("`agentos vmm {flag} SYMLINK` is refused"),
+            format!("`agentos-vmm {flag} SYMLINK` is refused"),
             code == Some(1) && stderr.contains("a symlink is refused"),
             format!("{code:?}: {}", excerpt(&stderr)),
         );
@@ -337,7 +340,7 @@ fn jail_without_capabilities(report: &mut CaseReport) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    crate::jail::without_capabilities(&mut cmd);
+    agentos_jail::without_capabilities(&mut cmd);
     let Ok(child) = cmd.spawn() else {
         report.check("agentos starts", false, "");
         return;

@@ -18,6 +18,7 @@ use super::report::{CaseReport, excerpt};
 use crate::agent::connection::{AgentConnection, CappedOutput, ExecIo};
 use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
 use crate::image::{self, AGENT_IMAGE};
+use agentos_vmm_process::ReportOutcome;
 
 /// What the harness keeps of a guest script's stdout and of its stderr (the guest is the
 /// attacker; the rest is dropped).
@@ -254,20 +255,20 @@ fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut CaseReport) {
         report.check("the VMM writes its report", false, "no report");
         return;
     };
-    report.evidence("vm_outcome", vmm.outcome.clone());
+    report.evidence("vm_outcome", vmm.outcome.as_str());
     if let Some(error) = &vmm.error {
         report.evidence("vm_error", error.clone());
     }
     report.evidence("vmm_metrics", vmm.metrics.clone());
     report.check(
         "the VMM did not fail (its own error, not the guest's)",
-        vmm.outcome != "failed",
+        vmm.outcome != ReportOutcome::Failed,
         end.describe(),
     );
     if let Some(expected) = &case.vm_end {
         report.check(
             format!("the VM ended as `{expected}`"),
-            &vmm.outcome == expected,
+            vmm.outcome.as_str() == expected,
             end.describe(),
         );
     }

@@ -1,4 +1,6 @@
-//! `agentos vmm`: one VMM process running one microVM until it ends.
+//! `agentos-vmm`: one VMM process running one microVM until it ends. The binary holds the VMM,
+//! its jail and its seccomp filters and nothing else (no daemon, image builder or benchmarks):
+//! it is the process a guest that broke out of KVM would hold. `agentos vmm` runs the same code.
 //!
 //! Exit status: 0 when the guest shut down (or the VMM was stopped by SIGINT/SIGTERM), 2 when the
 //! guest crashed (kernel panic, agent failure, unexpected reset), 1 when the VMM failed, 128 + N
@@ -8,7 +10,7 @@
 //! of the run is written on exit.
 //!
 //! The files the VMM writes outside its own directory, the console log and the report, are
-//! opened here before the jail, as whoever started `agentos vmm`, and never through a symlink;
+//! opened here before the jail, as whoever started the VMM, and never through a symlink;
 //! the jail then holds only the directory of `--vsock-uds`, which must be the VMM's user's own.
 //!
 //! Snapshots: with `--snapshot-to DIR`, SIGUSR1 makes the VMM pause the guest, write it to
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use agentos_jail::{self as jail, JailLevel, JailPlan};
 use agentos_vmm::builder::{build_vm, restore_vm};
 use agentos_vmm::config::{
     ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
@@ -31,10 +34,9 @@ use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
 use anyhow::Context;
 
-use crate::jail::{self, JailLevel, JailPlan};
 use serde::{Deserialize, Serialize};
 
-/// Exit statuses of `agentos vmm`.
+/// Exit statuses of `agentos-vmm`.
 pub const EXIT_CRASHED: i32 = 2;
 pub const EXIT_FAILED: i32 = 1;
 
@@ -119,11 +121,38 @@ pub struct VmmArgs {
     pub no_seccomp: bool,
 }
 
+/// How a VM ended, as a report says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportOutcome {
+    /// The guest powered off.
+    Shutdown,
+    /// The guest crashed: kernel panic, agent failure, unexpected reset.
+    Crashed,
+    /// The VMM failed.
+    Failed,
+    /// SIGINT, SIGTERM or SIGHUP stopped the VM.
+    Stopped,
+    /// The VM was saved to its `--snapshot-to` directory.
+    Snapshotted,
+}
+
+impl ReportOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Crashed => "crashed",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+            Self::Snapshotted => "snapshotted",
+        }
+    }
+}
+
 /// What `--report` contains.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmmReport {
-    /// `shutdown`, `crashed`, `failed`, `stopped` or `snapshotted`.
-    pub outcome: String,
+    pub outcome: ReportOutcome,
     /// Why the guest crashed or the VMM failed.
     pub error: Option<String>,
     /// Milliseconds from VMM start to the guest agent's milestones.
@@ -132,6 +161,9 @@ pub struct VmmReport {
     pub console_tail: Vec<String>,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// The most memory the VMM process held at once, in KiB (see `RunReport::peak_rss_kib`).
+    #[serde(default)]
+    pub peak_rss_kib: Option<u64>,
     /// The jail the VMM ran in (absent in reports of older VMMs).
     #[serde(default)]
     pub jail: Option<JailLevel>,
@@ -326,8 +358,8 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         write_report(file, &report, jail)?;
     }
     match &report.outcome {
-        Outcome::Crashed(why) => eprintln!("agentos vmm: guest crashed: {why}"),
-        Outcome::Failed(why) => eprintln!("agentos vmm: VM failed: {why}"),
+        Outcome::Crashed(why) => eprintln!("agentos-vmm: guest crashed: {why}"),
+        Outcome::Failed(why) => eprintln!("agentos-vmm: VM failed: {why}"),
         Outcome::Shutdown | Outcome::Stopped | Outcome::Snapshotted => {}
     }
     Ok(code)
@@ -493,20 +525,21 @@ fn write_report(
     jail: JailLevel,
 ) -> anyhow::Result<()> {
     let (outcome, error) = match &report.outcome {
-        Outcome::Shutdown => ("shutdown", None),
-        Outcome::Stopped => ("stopped", None),
-        Outcome::Snapshotted => ("snapshotted", None),
-        Outcome::Crashed(why) => ("crashed", Some(why.clone())),
-        Outcome::Failed(why) => ("failed", Some(why.clone())),
+        Outcome::Shutdown => (ReportOutcome::Shutdown, None),
+        Outcome::Stopped => (ReportOutcome::Stopped, None),
+        Outcome::Snapshotted => (ReportOutcome::Snapshotted, None),
+        Outcome::Crashed(why) => (ReportOutcome::Crashed, Some(why.clone())),
+        Outcome::Failed(why) => (ReportOutcome::Failed, Some(why.clone())),
     };
     let metrics: &MetricsSnapshot = &report.metrics;
     let out = VmmReport {
-        outcome: outcome.into(),
+        outcome,
         error,
         init_started_ms: report.init_started_ms,
         ready_ms: report.ready_ms,
         console_tail: report.console_tail.clone(),
         metrics: serde_json::to_value(metrics)?,
+        peak_rss_kib: report.peak_rss_kib,
         jail: Some(jail),
     };
     // Readers look at the report once the VMM has exited; one that finds it empty or cut short

@@ -1,9 +1,9 @@
-//! The VMM's jail, entered by `agentos vmm` before it opens anything of the guest's or starts a
+//! The VMM's jail, entered by `agentos-vmm` before it opens anything of the guest's or starts a
 //! thread, the way Firecracker's jailer confines Firecracker:
 //!
 //! - its own PID namespace: the process forks; the child is PID 1 of a new namespace and runs
 //!   the VMM; the parent stays behind as a supervisor that only forwards stop signals, waits, and
-//!   exits with the child's status (so whoever started `agentos vmm` sees the same statuses),
+//!   exits with the child's status (so whoever started `agentos-vmm` sees the same statuses),
 //!   under `no_new_privs` and with no capability but `CAP_KILL` (none when rootless);
 //! - its own mount, network, IPC and UTS namespaces, and a private root (a small tmpfs, then
 //!   `pivot_root`) in which only the kernel and initrds (read-only), `/dev/kvm` and the VMM's own
@@ -23,7 +23,7 @@
 //! cannot gain privileges and holds no capability.
 //!
 //! Files the VMM writes outside its directory (the console log, the report) are opened by
-//! `agentos vmm` before it enters the jail, as whoever started it: nothing is given away to the
+//! `agentos-vmm` before it enters the jail, as whoever started it: nothing is given away to the
 //! VMM's user but its own directory, which must already be that user's.
 
 use std::ffi::CString;
@@ -39,9 +39,9 @@ const MAX_OPEN_FILES: u64 = 4096;
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Size of the tmpfs that becomes the root: directories, device nodes and empty mount points.
 const ROOT_TMPFS: &str = "size=1m,mode=0755";
-/// The uid and gid `agentos vmm` runs its VMM as unless told otherwise: `nobody`/`nogroup` on
+/// The uid and gid `agentos-vmm` runs its VMM as unless told otherwise: `nobody`/`nogroup` on
 /// every common distribution, which own no files. `agentos run` and the daemon give each VM a
-/// user of its own instead (see [`crate::rundir::vmm_ids`]).
+/// user of its own instead.
 pub const DEFAULT_ID: u32 = 65534;
 /// A device node in the jail is for the VMM's user alone.
 const DEVICE_MODE: libc::mode_t = 0o600;
@@ -235,7 +235,7 @@ pub fn enter(plan: &JailPlan) -> Result<JailLevel, JailError> {
             // Empty: whatever was mounted on it lived in the VMM's mount namespace only.
             if let Err(e) = std::fs::remove_dir(&root) {
                 eprintln!(
-                    "agentos vmm: cannot remove the jail's root {}: {e}",
+                    "agentos-vmm: cannot remove the jail's root {}: {e}",
                     root.display()
                 );
             }
@@ -270,7 +270,7 @@ pub fn enter(plan: &JailPlan) -> Result<JailLevel, JailError> {
             // the child can tell whether it still lives.
             unsafe { libc::close(alive_read) };
             if let Err(e) = confine_supervisor(level) {
-                eprintln!("agentos vmm: {}", agentos_protocol::error_chain(&e));
+                eprintln!("agentos-vmm: {}", agentos_protocol::error_chain(&e));
                 // SAFETY: kill takes integers only; the child is ours and not yet reaped.
                 unsafe { libc::kill(child, libc::SIGKILL) };
                 supervise(child, &forwarded);
