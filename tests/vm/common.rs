@@ -274,7 +274,8 @@ pub fn guest_runner(pid: u32) -> u32 {
         .unwrap_or(pid)
 }
 
-fn is_vmm(pid: u32) -> bool {
+/// Whether `pid` runs the `agentos-vmm` binary.
+pub fn is_vmm(pid: u32) -> bool {
     cmdline(pid)
         .split(' ')
         .next()

@@ -234,7 +234,9 @@ fn vmm_with(run_dir: &Path, marker: &str) -> Option<i32> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
                 .unwrap_or_default();
-            cmdline.contains(" vmm ") && cmdline.contains(&run_dir) && cmdline.contains(marker)
+            crate::common::is_vmm(*pid as u32)
+                && cmdline.contains(&run_dir)
+                && cmdline.contains(marker)
         })
         .map(|pid| crate::common::guest_runner(pid as u32) as i32)
 }
