@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use super::{Bundle, ModelError, ModelStore, hex, verify};
 
 mod layout;
-use crate::image::needed_libraries;
+use crate::needed_libraries;
 
 /// Bumped when the images' layout changes, so old ones are rebuilt.
 const DISK_FORMAT: &str = "model-disks-2";
@@ -235,7 +235,7 @@ fn runtime_disk(
     };
     let text = serde_json::to_vec_pretty(&index).map_err(|e| failed(e.into()))?;
     let index_path = packed.join(RUNTIME_INDEX);
-    crate::image::write_atomic(&index_path, &text)
+    crate::write_atomic(&index_path, &text)
         .with_context(|| format!("cannot write {}", index_path.display()))
         .map_err(failed)?;
     remove_replaced(&packed, RUNTIME_PREFIX, &image);
@@ -403,8 +403,8 @@ fn build(
     image: &str,
     lay_out: impl FnOnce(&Path) -> Result<(), DiskError>,
 ) -> Result<(), DiskError> {
-    crate::image::remove_stale_temporaries(packed, ".stage-");
-    crate::image::remove_stale_temporaries(packed, &format!(".{image}.tmp-"));
+    crate::remove_stale_temporaries(packed, ".stage-");
+    crate::remove_stale_temporaries(packed, &format!(".{image}.tmp-"));
     let pid = std::process::id();
     let staging = packed.join(format!(".stage-{pid}"));
     let partial = packed.join(format!(".{image}.tmp-{pid}"));
@@ -588,7 +588,7 @@ impl Stamp {
 
     fn write(&self, image: &Path) -> io::Result<()> {
         let text = serde_json::to_vec(self).map_err(io::Error::other)?;
-        crate::image::write_atomic(&Self::path(image), &text)
+        crate::write_atomic(&Self::path(image), &text)
     }
 }
 
@@ -642,9 +642,8 @@ pub fn check_filesystem(image: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// The least a model disk is, for tests elsewhere: one page of file system past the data offset,
-/// with the info block and the erofs magic.
-#[cfg(test)]
+/// The least a model disk is (for tests of what holds one): one page of file system past the
+/// data offset, with the info block and the erofs magic.
 pub fn least_image() -> Vec<u8> {
     let size = layout::region_bytes(EROFS_BLOCK);
     let mut bytes = vec![0u8; size as usize];

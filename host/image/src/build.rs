@@ -646,8 +646,8 @@ mod tests {
     use super::super::cpio::testing::read_newc;
     use super::super::elf::testing::elf_with_sections;
     use super::{INITRD_FILE, MANIFEST_FILE, load_image, up_to_date};
-    use crate::image::manifest::Manifest;
-    use crate::image::{
+    use crate::manifest::Manifest;
+    use crate::{
         AGENT_IMAGE, BuildOptions, BuiltImage, CARRIER_IMAGE, ImageError, ImageSpec, Step,
         build_image, find_image,
     };

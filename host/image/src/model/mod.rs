@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use agentos_protocol::bundle::{BundleError, BundleManifest, MANIFEST_FILE, check_name};
 use sha2::{Digest, Sha256};
 
-use crate::image::hex;
+use crate::hex;
 
-#[cfg(test)]
 pub use disk::least_image;
 pub use disk::{
     DiskDevice, ModelDisks, carrier_copies, carrier_files, check_filesystem, model_disks,

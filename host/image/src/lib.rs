@@ -1,4 +1,6 @@
-//! Guest images: Debian's stock cloud kernel plus an initramfs whose `/init` is the guest agent.
+//! Guest images: Debian's stock cloud kernel plus an initramfs whose `/init` is the guest agent;
+//! the model store and the read-only disks agents with a model map ([`model`]); the host
+//! programs agentos starts ([`programs`]).
 //!
 //! An image is built from Debian packages fetched with apt (never installed), into a cache
 //! directory:
@@ -20,6 +22,8 @@ mod kmod;
 mod libs;
 pub use libs::needed_libraries;
 pub mod manifest;
+pub mod model;
+pub mod programs;
 mod spec;
 pub mod vmlinux;
 
