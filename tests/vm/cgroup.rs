@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentos::cgroup::slice::{online_cpu_list, parse_cpu_list};
-use agentos::cgroup::{Controller, Layout, PARENT, Version};
+use agentos_core::cgroup::slice::{online_cpu_list, parse_cpu_list};
+use agentos_core::cgroup::{Controller, Layout, PARENT, Version};
 
 use crate::common::{
     Scratch, command_limit, describe, share_machine, take_machine, text, vm_available,
@@ -280,7 +280,7 @@ fn pinned_agents_are_placed_on_the_least_loaded_cpus() {
     }
     let layout = Layout::discover();
     let Some(cpuset) = layout.hierarchy(Controller::Cpuset).cloned() else {
-        agentos::testing::skip("no cpuset controller here");
+        agentos_core::testing::skip("no cpuset controller here");
         return;
     };
     let _machine = take_machine();

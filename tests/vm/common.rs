@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use agentos::agent::vm::VMM_BINARY;
+use agentos_core::agent::vm::VMM_BINARY;
 
 /// How long one `agentos` command in a test may take before the test stops it and fails with
 /// what its VMs were doing: `AGENTOS_TEST_COMMAND_LIMIT` seconds, by default 600 (generous: VMs
@@ -43,7 +43,7 @@ pub fn agentos_bin() -> PathBuf {
 /// VM tests need /dev/kvm. Without it they are skipped, unless every test must run
 /// (`AGENTOS_TEST_NO_SKIP`, as `scripts/test` sets): then a missing KVM is a failure.
 pub fn vm_available() -> bool {
-    Path::new("/dev/kvm").exists() || agentos::testing::skip("no /dev/kvm")
+    Path::new("/dev/kvm").exists() || agentos_core::testing::skip("no /dev/kvm")
 }
 
 /// One test's scratch space: VMs it starts keep their run directories here, so that the test

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agentos::image::{self, AGENT_IMAGE};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 use crate::common::{Scratch, agentos_bin, describe, share_machine, text, vm_available};
 
@@ -46,7 +46,7 @@ fn vmm_id(pid: u32) -> u32 {
         .next()
         .and_then(|u| u.parse().ok())
         .unwrap();
-    let (first, last) = agentos::rundir::vmm_ids().unwrap();
+    let (first, last) = agentos_core::rundir::vmm_ids().unwrap();
     assert!(
         (first..=last).contains(&uid),
         "uid {uid} not in {first}-{last}"
@@ -357,7 +357,7 @@ fn a_run_by_root_neither_uses_nor_writes_into_a_tmp_directory_another_user_made(
     let _machine = share_machine();
     let theirs = std::env::temp_dir().join("agentos-0");
     if theirs.exists() {
-        agentos::testing::skip(&format!("{} exists already", theirs.display()));
+        agentos_core::testing::skip(&format!("{} exists already", theirs.display()));
         return;
     }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

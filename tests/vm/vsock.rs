@@ -9,9 +9,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agentos::agent::connection::{AgentConnection, ExecIo};
-use agentos::agent::vm::AGENT_CMDLINE;
-use agentos::image::{self, AGENT_IMAGE};
+use agentos_core::agent::connection::{AgentConnection, ExecIo};
+use agentos_core::agent::vm::AGENT_CMDLINE;
+use agentos_image::{self as image, AGENT_IMAGE};
 use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest};
 
 use crate::common::{Scratch, share_machine, vm_available};
@@ -80,7 +80,8 @@ fn both_vsock_directions_carry_the_protocol_and_shutdown_is_clean() {
     std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
     // As the daemon does: a socket the jailed VMM (another uid) may connect to.
     let control =
-        agentos::rundir::listen(&own.join(format!("vsock.sock_{AGENT_CONTROL_PORT}"))).unwrap();
+        agentos_core::rundir::listen(&own.join(format!("vsock.sock_{AGENT_CONTROL_PORT}")))
+            .unwrap();
     let report_path = run.join("report.json");
     // The jail's root goes under a base of our choosing, in a directory named after the VMM's
     // supervisor, which removes it at the end.

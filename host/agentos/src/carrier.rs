@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
 use anyhow::{Context, bail};
 
-use crate::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
-use crate::agent::vm::{ChildWait, wait_for_connection};
 use crate::doctor::{self, LinuxKvm};
-use crate::image::{self, CARRIER_IMAGE, cpio::CpioTree};
 use crate::qemu;
 use crate::run::{VmArgs, parse_env};
-use crate::rundir::RunDir;
-use crate::signals;
+use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
+use agentos_core::agent::vm::{ChildWait, wait_for_connection};
+use agentos_core::rundir::RunDir;
+use agentos_core::signals;
+use agentos_image::{self as image, CARRIER_IMAGE, cpio::CpioTree};
 
 /// Set in the environment of commands run inside a carrier: they run VMs directly.
 pub const IN_CARRIER_ENV: &str = "AGENTOS_IN_CARRIER";
@@ -191,8 +191,8 @@ pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
         let cache = image::default_cache_dir();
         let img = image::find_image(&cache, image::AGENT_IMAGE)
             .context("--models needs the agent image; run `scripts/setup`")?;
-        files.extend(crate::model::carrier_files(
-            &crate::model::ModelStore::new(&cache),
+        files.extend(agentos_image::model::carrier_files(
+            &agentos_image::model::ModelStore::new(&cache),
             &img.manifest.libraries,
         )?);
     }
@@ -234,7 +234,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     })?;
     let qemu_major = which_qemu()?;
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
-    let mut files = vec![exe, crate::agent::vm::vmm_binary()?];
+    let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];
     files.extend(spec.files.iter().cloned());
     // So that `agentos eval` runs in any carrier, the test suite's included.
     files.extend(crate::eval::carrier_files());
@@ -435,8 +435,8 @@ fn prune_combined(dir: &Path, keep: &Path) {
 }
 
 fn console_tail(path: &Path) -> String {
-    let text = crate::log_tail::read_tail(path, 64 * 1024).unwrap_or_default();
-    let lines = crate::log_tail::last_lines(&text, 15);
+    let text = agentos_core::log_tail::read_tail(path, 64 * 1024).unwrap_or_default();
+    let lines = agentos_core::log_tail::last_lines(&text, 15);
     if lines.is_empty() {
         return String::new();
     }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::cgroup::{AgentCgroup, CgroupStats, Layout};
-use crate::{rundir, signals};
+use agentos_core::cgroup::{AgentCgroup, CgroupStats, Layout};
+use agentos_core::{rundir, signals};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::vm::{AgentVm, BootOptions};
-use crate::cgroup::{Controller, Layout};
-use crate::image::{self, AGENT_IMAGE, CARRIER_IMAGE};
 use crate::qemu;
+use agentos_core::agent::vm::{AgentVm, BootOptions};
+use agentos_core::cgroup::{Controller, Layout};
+use agentos_image::{self as image, AGENT_IMAGE, CARRIER_IMAGE};
 use agentos_jail::JailLevel;
 
 /// A Linux guest that is not up by then is taken as not booting.
@@ -236,7 +236,7 @@ fn vsock_finding() -> Finding {
 
 /// Where run directories go, and whether agentos may use it.
 fn run_dir_finding() -> Finding {
-    match crate::rundir::base() {
+    match agentos_core::rundir::base() {
         Ok(base) => finding(
             "run_dir",
             true,
@@ -251,13 +251,13 @@ fn run_dir_finding() -> Finding {
 /// others; a VMM whose jail cannot be built does not start.
 fn jail_finding() -> Finding {
     if JailLevel::for_this_process(false) == JailLevel::Full {
-        return match crate::rundir::vmm_ids() {
+        return match agentos_core::rundir::vmm_ids() {
             Ok((first, last)) => finding(
                 "jail",
                 true,
                 format!(
                     "full: each VMM in its own namespaces and private root, as a user of its own (ids {first}-{last}, {})",
-                    crate::rundir::VMM_IDS_ENV
+                    agentos_core::rundir::VMM_IDS_ENV
                 ),
                 None,
             ),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::image::{self, BuildOptions, ImageSpec};
+use agentos_image::{self as image, BuildOptions, ImageSpec};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {

@@ -10,12 +10,12 @@ use agentos_protocol::{InferOptions, InferReply, InferRequest, InferResult, Task
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::agent::vm::{AgentVm, VmError};
 use crate::carrier;
-use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelStore, carrier_copies, model_disks};
 use crate::run::{RunArgs, check_kvm_access};
-use crate::signals;
+use agentos_core::agent::vm::{AgentVm, VmError};
+use agentos_core::signals;
+use agentos_image::model::{ModelStore, carrier_copies, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct InferArgs {
@@ -141,7 +141,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     let reply = match answer {
         Ok(reply) => reply,
         Err(_) if signals::interrupted() => return Ok(signals::exit_code()),
-        Err(crate::agent::connection::ConnectionError::Refused(why)) => bail!("{why}"),
+        Err(agentos_core::agent::connection::ConnectionError::Refused(why)) => bail!("{why}"),
         Err(e) => {
             if let Some(crash) = end.report.and_then(|r| r.error) {
                 bail!("the VM crashed while running the model: {crash}");

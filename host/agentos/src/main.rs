@@ -4,9 +4,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{
-    bench, carrier, control, daemon, doctor, eval, group, image_cmd, model_cmd, run, signals,
-};
+use agentos::{bench, carrier, control, daemon, doctor, eval, group, image_cmd, model_cmd, run};
+use agentos_core::signals;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::image;
-use crate::model::{ModelStore, verify};
+use agentos_image as image;
+use agentos_image::model::{ModelStore, verify};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ModelCommand {

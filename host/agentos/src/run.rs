@@ -13,14 +13,16 @@ use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::agent::connection::{ConnectionError, ExecIo};
-use crate::agent::snapshot::{AGENT_FILE, check_snapshot_target, model_disks_of, snapshot_shape};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice};
-use crate::cgroup::PriorityClass;
 use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
-use crate::image::{self, AGENT_IMAGE};
-use crate::signals;
+use agentos_core::agent::connection::{ConnectionError, ExecIo};
+use agentos_core::agent::snapshot::{
+    AGENT_FILE, check_snapshot_target, model_disks_of, snapshot_shape,
+};
+use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
+use agentos_core::cgroup::PriorityClass;
+use agentos_core::signals;
+use agentos_image::{self as image, AGENT_IMAGE};
 
 /// Below this the stock kernel and the initramfs do not fit comfortably.
 pub const MIN_MEMORY_MIB: u64 = 128;
@@ -202,7 +204,7 @@ impl VmArgs {
             bail!("--memory {memory} MiB is more than the {MAX_MEMORY_MIB} MiB limit");
         }
         let cpu = self.slice.cpu();
-        crate::cgroup::Slice {
+        agentos_core::cgroup::Slice {
             cpus: cpu.cpus,
             weight: cpu.weight,
             cpuset: cpu.cpuset,

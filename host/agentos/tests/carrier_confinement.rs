@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentos::image::{self, CARRIER_IMAGE};
+use agentos_image::{self as image, CARRIER_IMAGE};
 
 /// How long the carrier's QEMU gets to appear and confine itself.
 const START_LIMIT: Duration = Duration::from_secs(120);

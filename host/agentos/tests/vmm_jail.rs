@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use agentos::testing::{is_root, skip};
+use agentos_core::testing::{is_root, skip};
 use agentos_tiny_guest::{BANNER, TINY_GUEST_ELF, VIRTIO_FOUND};
 
 /// The user the VMM runs as unless told otherwise.

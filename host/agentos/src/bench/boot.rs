@@ -26,12 +26,12 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, ratio};
-use crate::agent::connection::AgentConnection;
-use crate::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
-use crate::image::{self, AGENT_IMAGE, vmlinux};
 use crate::qemu;
-use crate::rundir::RunDir;
+use agentos_core::agent::connection::AgentConnection;
+use agentos_core::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
+use agentos_core::rundir::RunDir;
+use agentos_image::{self as image, AGENT_IMAGE, vmlinux};
 use agentos_jail::JailLevel;
 
 /// Files QEMU's microvm machine loads besides its binary (its firmware), wherever this QEMU's
@@ -404,7 +404,7 @@ fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::
         .flatten()
         .collect();
     let start = Instant::now();
-    let mut child = Command::new(crate::agent::vm::vmm_binary()?)
+    let mut child = Command::new(agentos_core::agent::vm::vmm_binary()?)
         .args(&ids)
         .arg("--kernel")
         .arg(kernel)
@@ -543,7 +543,7 @@ fn tiny_bench(runs: u32) -> anyhow::Result<TinyResults> {
     let run_dir = RunDir::create("bench-tiny")?;
     let elf = run_dir.join("tiny.elf");
     std::fs::write(&elf, agentos_tiny_guest::TINY_GUEST_ELF)?;
-    let vmm = crate::agent::vm::vmm_binary()?;
+    let vmm = agentos_core::agent::vm::vmm_binary()?;
     let report = run_dir.join("report.json");
     let (mut a_byte, mut a_rss, mut q_byte, mut q_rss) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {

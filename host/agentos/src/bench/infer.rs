@@ -22,10 +22,10 @@ use serde::Serialize;
 
 use super::ratio;
 use super::{percentile, round};
-use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice};
-use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelDisks, ModelStore, carrier_files, model_disks};
+use agentos_core::agent::vm::{AgentVm, BootOptions};
+use agentos_image::model::{ModelDisks, ModelStore, carrier_files, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 /// Target of the VM/native ratio of latencies.
 const TARGET_RATIO: f64 = 1.10;

@@ -19,13 +19,13 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{percentile, ratio, round};
-use crate::agent::connection::ExecIo;
-use crate::agent::vm::{AgentVm, BootOptions};
 use crate::carrier::{self, CarrierChoice};
 use crate::group::router::Router;
 use crate::group::trace::TraceLog;
-use crate::image::{self, AGENT_IMAGE};
-use crate::rundir::RunDir;
+use agentos_core::agent::connection::ExecIo;
+use agentos_core::agent::vm::{AgentVm, BootOptions};
+use agentos_core::rundir::RunDir;
+use agentos_image::{self as image, AGENT_IMAGE};
 
 const SMALL_BYTES: usize = 64;
 const LARGE_BYTES: usize = 64 * 1024;

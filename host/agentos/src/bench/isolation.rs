@@ -11,10 +11,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{percentile, ratio, round};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
-use crate::cgroup::PriorityClass;
-use crate::image::{self, AGENT_IMAGE, BuiltImage};
-use crate::model::{Bundle, ModelDisks, ModelStore, carrier_copies, model_disks};
+use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use agentos_core::cgroup::PriorityClass;
+use agentos_image::model::{Bundle, ModelDisks, ModelStore, carrier_copies, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE, BuiltImage};
 
 /// The interactive agent's model and task.
 pub const MODEL: &str = "sentiment";

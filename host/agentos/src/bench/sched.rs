@@ -21,11 +21,11 @@ use serde::Serialize;
 
 use super::isolation::{self, IsolationResult};
 use super::{Stats, round};
-use crate::agent::connection::ExecIo;
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use crate::carrier::{self, CarrierChoice};
-use crate::cgroup::{AgentCgroup, CgroupStats};
-use crate::image::{self, AGENT_IMAGE};
+use agentos_core::agent::connection::ExecIo;
+use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use agentos_core::cgroup::{AgentCgroup, CgroupStats};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 const QUOTAS: [f64; 3] = [0.25, 0.5, 1.0];
 const WEIGHTS: [u32; 2] = [100, 300];
@@ -365,7 +365,7 @@ fn measure_pause(cycles: u32) -> anyhow::Result<PauseResult> {
         cgroup.thaw()?;
         resume.push(t.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(50));
-        Ok::<_, crate::cgroup::CgroupError>(())
+        Ok::<_, agentos_core::cgroup::CgroupError>(())
     });
     // Whatever happened, the agent must not stay frozen: its burner ends and shuts it down.
     let _ = cgroup.thaw();

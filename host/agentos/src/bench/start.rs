@@ -21,12 +21,12 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, percentile, ratio, round};
-use crate::agent::connection::ExecIo;
-use crate::agent::pool::Spawner;
-use crate::agent::vm::{AgentVm, BootOptions, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
-use crate::image::{self, AGENT_IMAGE};
-use crate::model::{DiskDevice, ModelDisks, ModelStore, carrier_copies, model_disks};
+use agentos_core::agent::connection::ExecIo;
+use agentos_core::agent::pool::Spawner;
+use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
+use agentos_image::model::{DiskDevice, ModelDisks, ModelStore, carrier_copies, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 #[derive(clap::Args, Debug)]
 pub struct StartBenchArgs {

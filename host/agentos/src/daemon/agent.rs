@@ -20,10 +20,10 @@ use super::api::{
     MAX_EXEC_OUTPUT_BYTES, MAX_LOG_CHUNK_BYTES, MAX_TEXT_JSON_BYTES, RestartPolicy, SnapshotReply,
     fit_text,
 };
-use crate::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
-use crate::agent::vm::{AgentVm, BootOptions, VmError};
-use crate::cgroup::AgentCgroup;
-use crate::cgroup::slice::PriorityClass;
+use agentos_core::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
+use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
+use agentos_core::cgroup::AgentCgroup;
+use agentos_core::cgroup::slice::PriorityClass;
 
 /// How often an idle agent's thread looks at its VM.
 const WATCH_TICK: Duration = Duration::from_millis(250);
@@ -316,7 +316,7 @@ impl Shared {
 
     /// Told to stop, or the daemon was (its VMMs are being killed: no restarts then).
     fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst) || crate::signals::interrupted()
+        self.stop.load(Ordering::SeqCst) || agentos_core::signals::interrupted()
     }
 
     fn note(&self, text: &str) {
@@ -583,13 +583,13 @@ fn save(
     let name = &shared.config.name;
     let failed = |why: String| ApiError::new(ErrorKind::Failed, why);
     match vm.snapshot() {
-        Ok(_) => match crate::agent::snapshot::move_snapshot(
+        Ok(_) => match agentos_core::agent::snapshot::move_snapshot(
             own,
             &to,
             shared.config.opts.model_disks.as_ref(),
         )
         .and_then(|bytes| {
-            let agent = crate::agent::snapshot::SavedAgent {
+            let agent = agentos_core::agent::snapshot::SavedAgent {
                 model: shared.config.model.clone(),
             };
             agent.write(&to).map(|()| bytes)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agentos_protocol::{InferOptions, MAX_FRAME_BYTES, Task};
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::slice::PriorityClass;
+use agentos_core::cgroup::slice::PriorityClass;
 
 /// The largest request frame the daemon reads. A longer one gets a `too_large` error and the
 /// connection is closed (its body is never read).
@@ -495,7 +495,7 @@ pub struct PsReply {
     pub agents: Vec<AgentInfo>,
     /// The warm pools, and how many agents each has ready.
     #[serde(default)]
-    pub pools: Vec<crate::agent::pool::PoolInfo>,
+    pub pools: Vec<agentos_core::agent::pool::PoolInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::slice::PriorityClass;
+use agentos_core::cgroup::slice::PriorityClass;
 
 /// How often the arbiter looks.
 pub const TICK: Duration = Duration::from_millis(500);

@@ -18,7 +18,7 @@ use super::api::{
 };
 use super::client::{Client, ClientError};
 use crate::group::run::GroupReport;
-use crate::signals;
+use agentos_core::signals;
 
 /// The most standard input `exec --stdin` sends.
 const MAX_STDIN_BYTES: u64 = 512 * 1024;

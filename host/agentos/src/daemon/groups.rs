@@ -18,7 +18,7 @@ use crate::group::file::{self, GroupSpec, Restart};
 use crate::group::router::Router;
 use crate::group::run::{AgentReport, GroupReport, join_member, trace_path};
 use crate::group::trace::{self, TraceLog};
-use crate::image;
+use agentos_image as image;
 
 /// A group the daemon runs.
 pub struct GroupEntry {
@@ -262,7 +262,7 @@ impl Daemon {
         // The input is dropped with the wait: its results leave the router, and later ones for
         // it are not kept.
         let results = tokio::task::spawn_blocking(move || {
-            input.take(expected, until, &|| crate::signals::interrupted())
+            input.take(expected, until, &|| agentos_core::signals::interrupted())
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
@@ -361,7 +361,7 @@ fn member_configs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rundir::RunDir;
+    use agentos_core::rundir::RunDir;
 
     const ECHO: &str = r#"name = "echo"
 channels = ["input -> echo", "echo -> output"]

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::agent::pool::PoolInfo;
+use agentos_core::agent::pool::PoolInfo;
 use std::fmt::Write;
 
 use super::api::{AgentInfo, AgentState};
-use crate::cgroup::CgroupStats;
+use agentos_core::cgroup::CgroupStats;
 
 pub struct AgentRow {
     pub info: AgentInfo,

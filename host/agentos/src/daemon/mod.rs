@@ -35,13 +35,14 @@ use self::api::{
     PoolCreateRequest, PoolRequest, PsReply, Request, RmRequest, SnapshotRequest, SpawnRequest,
     VersionReply,
 };
-use crate::agent::pool::Spawner;
-use crate::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
-use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelDisks, ModelStore, model_disks};
+use crate::carrier;
 use crate::run::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
-use crate::rundir::{self, RunDir};
-use crate::{carrier, cgroup, signals};
+use agentos_core::agent::pool::Spawner;
+use agentos_core::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
+use agentos_core::rundir::{self, RunDir};
+use agentos_core::{cgroup, signals};
+use agentos_image::model::{ModelDisks, ModelStore, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 /// Agents one daemon keeps (running or not).
 pub const MAX_AGENTS: usize = 64;
@@ -690,7 +691,9 @@ impl Daemon {
             .collect();
         if !pinned.is_empty() {
             let cgroups: Vec<&cgroup::AgentCgroup> = pinned.iter().map(|(_, c)| *c).collect();
-            for (i, cpu) in crate::admission::rebalance(&cgroup::Layout::discover(), &cgroups) {
+            for (i, cpu) in
+                agentos_core::admission::rebalance(&cgroup::Layout::discover(), &cgroups)
+            {
                 agent::note(
                     pinned[i].0,
                     &format!("moved to CPU {cpu}: pinned agents are spread evenly"),
@@ -930,10 +933,10 @@ fn restore_source(from: &str, cache: &Path) -> Result<RestoreSource, ApiError> {
             dir.display()
         )));
     }
-    let (vcpus, memory_mib) =
-        crate::agent::snapshot::snapshot_shape(&dir).map_err(|e| invalid(format!("{e:#}")))?;
-    let saved =
-        crate::agent::snapshot::SavedAgent::read(&dir).map_err(|e| invalid(format!("{e:#}")))?;
+    let (vcpus, memory_mib) = agentos_core::agent::snapshot::snapshot_shape(&dir)
+        .map_err(|e| invalid(format!("{e:#}")))?;
+    let saved = agentos_core::agent::snapshot::SavedAgent::read(&dir)
+        .map_err(|e| invalid(format!("{e:#}")))?;
     if let Some(model) = &saved.model {
         // The model is in the restored guest's memory already; it must still be one this host
         // knows, for `infer` to name it.
@@ -942,7 +945,7 @@ fn restore_source(from: &str, cache: &Path) -> Result<RestoreSource, ApiError> {
             .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
     }
     Ok(RestoreSource {
-        model_disks: crate::agent::snapshot::model_disks_of(&dir)
+        model_disks: agentos_core::agent::snapshot::model_disks_of(&dir)
             .map_err(|e| invalid(format!("{e:#}")))?,
         dir,
         vcpus,

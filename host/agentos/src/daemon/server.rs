@@ -27,7 +27,7 @@ use super::api::{
     self, ApiError, DEFAULT_EXEC_TIMEOUT_S, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, INFER_TIMEOUT,
     MAX_REQUEST_BYTES, Reply, Request,
 };
-use crate::agent::vm::DEFAULT_BOOT_TIMEOUT;
+use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 256;

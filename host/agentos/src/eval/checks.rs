@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::cgroup::{AgentCgroup, Layout};
-use crate::image;
-use crate::rundir;
+use agentos_core::cgroup::{AgentCgroup, Layout};
+use agentos_core::rundir;
+use agentos_image as image;
 
 /// What agentos could leave on the host, one line per item.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

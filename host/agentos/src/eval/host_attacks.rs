@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::report::{CaseReport, excerpt};
 use super::runner::{Env, agentos, boot_default, finish};
-use crate::image::{self, AGENT_IMAGE};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 /// Another user on the host: `nobody`, which owns nothing.
 const OTHER_USER: u32 = 65534;
@@ -116,7 +116,7 @@ fn run_dir_taken_first(scratch: &Path, report: &mut CaseReport) {
         &["ps"][..],
     ] {
         let child = agentos()
-            .env(crate::rundir::RUN_DIR_ENV, &taken)
+            .env(agentos_core::rundir::RUN_DIR_ENV, &taken)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -205,7 +205,7 @@ fn vmm_report_through_a_symlink(scratch: &Path, report: &mut CaseReport) {
             report.check("the symlink is planted", false, "");
             return;
         }
-        let Ok(vmm) = crate::agent::vm::vmm_binary() else {
+        let Ok(vmm) = agentos_core::agent::vm::vmm_binary() else {
             report.check("the VMM binary exists", false, "");
             return;
         };
@@ -251,7 +251,7 @@ fn planted_admission_lock(scratch: &Path, report: &mut CaseReport) {
     };
     let started = Instant::now();
     let child = agentos()
-        .env(crate::rundir::RUN_DIR_ENV, scratch.join("run"))
+        .env(agentos_core::rundir::RUN_DIR_ENV, scratch.join("run"))
         .args(["run", "--", "/bin/echo", "started"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

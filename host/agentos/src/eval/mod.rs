@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::carrier::{self, CarrierChoice};
-use crate::image::cpio::CpioTree;
-use crate::signals;
+use agentos_core::signals;
+use agentos_image::cpio::CpioTree;
 use checks::HostSnapshot;
 use report::{CaseReport, Report};
 
@@ -58,7 +58,7 @@ pub enum EvalError {
     )]
     NoProbe(PathBuf),
     #[error("cannot build the initramfs that carries the probe")]
-    ProbeInitrd(#[source] crate::image::cpio::CpioError),
+    ProbeInitrd(#[source] agentos_image::cpio::CpioError),
     #[error("cannot prepare the harness's scratch directory")]
     Scratch(#[source] io::Error),
 }
@@ -207,7 +207,7 @@ fn probe_initrd(probe: &Path, out: &Path) -> Result<(), EvalError> {
         .map_err(EvalError::ProbeInitrd)?;
     let file = std::fs::File::create(out).map_err(EvalError::Scratch)?;
     tree.write(io::BufWriter::new(file))
-        .and_then(|mut w| io::Write::flush(&mut w).map_err(crate::image::cpio::CpioError::Write))
+        .and_then(|mut w| io::Write::flush(&mut w).map_err(agentos_image::cpio::CpioError::Write))
         .map_err(EvalError::ProbeInitrd)
 }
 

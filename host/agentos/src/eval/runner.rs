@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use super::case::{ApiRequest, Case, Flood, Kind, ListenRequest, Suite, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
-use crate::agent::connection::{AgentConnection, CappedOutput, ExecIo};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
-use crate::image::{self, AGENT_IMAGE};
+use agentos_core::agent::connection::{AgentConnection, CappedOutput, ExecIo};
+use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
+use agentos_image::{self as image, AGENT_IMAGE};
 use agentos_vmm_process::ReportOutcome;
 
 /// What the harness keeps of a guest script's stdout and of its stderr (the guest is the
@@ -55,7 +55,7 @@ pub fn run_suite(suite: &Suite, env: &Env) -> Vec<CaseReport> {
     let mut shared: Option<AgentVm> = None;
     let mut reports = Vec::new();
     for case in &suite.cases {
-        if crate::signals::interrupted() {
+        if agentos_core::signals::interrupted() {
             break;
         }
         let started = Instant::now();
@@ -212,7 +212,7 @@ fn check_vmm_bounds(vm: &AgentVm, spec: &VmSpec, report: &mut CaseReport) {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         });
     let memory_mib = spec.memory.unwrap_or(DEFAULT_MEMORY_MIB);
-    let rss_limit_kib = (memory_mib + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB) << 10;
+    let rss_limit_kib = (memory_mib + agentos_core::agent::vm::VMM_MEMORY_ALLOWANCE_MIB) << 10;
     report.evidence("vmm_open_fds", fds.as_ref().ok().copied());
     report.evidence("vmm_rss_kib", rss_kib);
     report.check(
@@ -322,7 +322,7 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
         ..Default::default()
     };
     let conn = vm.conn();
-    conn.set_deadline(Some(crate::deadline::from_now(
+    conn.set_deadline(Some(agentos_core::deadline::from_now(
         Duration::from_secs(case.timeout_s).saturating_add(EXEC_GRACE),
     )));
     let status = conn.exec(
@@ -409,8 +409,8 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
 /// Waits until the guest's console shows every line the case names, or `until`; checks each.
 fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseReport) {
     let console = loop {
-        let console =
-            crate::log_tail::read_tail(log, MAX_SCRIPT_OUTPUT_BYTES as u64).unwrap_or_default();
+        let console = agentos_core::log_tail::read_tail(log, MAX_SCRIPT_OUTPUT_BYTES as u64)
+            .unwrap_or_default();
         let all = case
             .console_has
             .iter()
@@ -422,7 +422,7 @@ fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseRepor
     };
     report.evidence(
         "console",
-        crate::log_tail::last_lines(&console, CONSOLE_EVIDENCE_LINES).join("\n"),
+        agentos_core::log_tail::last_lines(&console, CONSOLE_EVIDENCE_LINES).join("\n"),
     );
     for text in &case.console_has {
         report.check(
@@ -436,8 +436,8 @@ fn check_console(case: &Case, log: &Path, until: Instant, report: &mut CaseRepor
 /// The CPU the VMM's cgroup used while the script ran, against its quota.
 fn check_throttled(
     spec: &VmSpec,
-    cgroup: Option<&crate::cgroup::AgentCgroup>,
-    before: Option<(crate::cgroup::CgroupStats, Instant)>,
+    cgroup: Option<&agentos_core::cgroup::AgentCgroup>,
+    before: Option<(agentos_core::cgroup::CgroupStats, Instant)>,
     report: &mut CaseReport,
 ) {
     let (Some(cgroup), Some((before, since))) = (cgroup, before) else {
@@ -513,7 +513,7 @@ const LISTEN_DEADLINE_SLACK: Duration = Duration::from_secs(2);
 /// output kept up to a bound); whether the host refused what came back, and how it went.
 fn ask(mut conn: AgentConnection, request: ListenRequest) -> (bool, String) {
     let started = Instant::now();
-    conn.set_deadline(Some(crate::deadline::from_now(LISTEN_REQUEST_LIMIT)));
+    conn.set_deadline(Some(agentos_core::deadline::from_now(LISTEN_REQUEST_LIMIT)));
     let answer = match request {
         ListenRequest::Exec => {
             let mut out = CappedOutput::new(LISTEN_OUTPUT_BYTES);
@@ -570,7 +570,7 @@ impl HostListener {
         let seen = Arc::new(Mutex::new(Connections::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Made as the daemon makes its sockets: the jailed VMM (another uid) may connect.
-        let listener = crate::rundir::listen(path).and_then(|l| {
+        let listener = agentos_core::rundir::listen(path).and_then(|l| {
             l.set_nonblocking(true)?;
             Ok(l)
         });

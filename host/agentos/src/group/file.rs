@@ -23,8 +23,8 @@ use agentos_protocol::{InferOptions, Task};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cgroup::PriorityClass;
 use crate::toml_file;
+use agentos_core::cgroup::PriorityClass;
 
 /// The sender of the group's input, and the receiver of its results.
 pub const INPUT: &str = "input";
@@ -384,7 +384,7 @@ fn agent_spec(
         )));
     }
     if let Some(cpuset) = &raw.cpuset
-        && crate::cgroup::slice::parse_cpu_list(cpuset).is_none()
+        && agentos_core::cgroup::slice::parse_cpu_list(cpuset).is_none()
     {
         return Err(here(format!(
             "agent `{name}`: cpuset = \"{cpuset}\" is not a CPU list such as \"1\" or \"0-1\""

@@ -262,7 +262,7 @@ impl Router {
     /// Listens on `socket` for the connections of agent `name` (instead of the socket it had,
     /// when the agent was restarted).
     pub fn attach(&self, name: &str, socket: &Path) -> io::Result<()> {
-        let listener = crate::rundir::listen(socket)?;
+        let listener = agentos_core::rundir::listen(socket)?;
         listener.set_nonblocking(true)?;
         let generation = {
             let mut state = self.shared.lock();

@@ -15,13 +15,13 @@ use serde::{Deserialize, Serialize};
 use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
 use super::router::{Counters, GroupResult, PendingInput, Router};
 use super::trace::{self, EventKind, TraceEvent, TraceLog};
-use crate::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use crate::carrier::{self, CarrierChoice, CarrierRun};
 use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
-use crate::image::{self, AGENT_IMAGE};
-use crate::model::{ModelDisks, ModelStore, carrier_copies, model_disks};
-use crate::rundir::RunDir;
-use crate::signals;
+use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
+use agentos_core::rundir::RunDir;
+use agentos_core::signals;
+use agentos_image::model::{ModelDisks, ModelStore, carrier_copies, model_disks};
+use agentos_image::{self as image, AGENT_IMAGE};
 
 /// The carrier's memory beyond its agents' VMs: its own system, and the images it holds.
 const CARRIER_BASE_MIB: u64 = 2048;
@@ -275,7 +275,7 @@ fn run_in_carrier(
     let vm_memory: u64 = spec
         .members()
         .iter()
-        .map(|(_, a)| memory_of(a) + crate::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
+        .map(|(_, a)| memory_of(a) + agentos_core::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
         .sum();
     let spec = CarrierRun {
         argv,
@@ -438,7 +438,7 @@ fn supervise(
     input: &PendingInput,
     args: &GroupRunArgs,
 ) -> Vec<GroupResult> {
-    let deadline = crate::deadline::from_now(Duration::from_secs(args.timeout));
+    let deadline = agentos_core::deadline::from_now(Duration::from_secs(args.timeout));
     let expected = spec.results_per_input();
     // Once every result is in, messages still on their way (to agents that do not answer
     // `output`) get a moment to arrive, so that the run ends with the group quiet.

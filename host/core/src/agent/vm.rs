@@ -19,9 +19,9 @@ use agentos_vmm::config::MAX_DISKS;
 use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
 use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
-use crate::model::{DiskDevice, ModelDisks};
 use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
+use agentos_image::model::{DiskDevice, ModelDisks};
 use agentos_jail::JailLevel;
 use agentos_vmm_process::{ReportOutcome, VmmReport};
 
@@ -68,7 +68,7 @@ pub struct BootOptions {
     pub extra_initrds: Vec<PathBuf>,
     /// Read-only disks: the guest's /dev/vda onwards.
     pub disks: Vec<PathBuf>,
-    /// The runtime and bundle disks of an agent with a model (see [`crate::model::model_disks`]):
+    /// The runtime and bundle disks of an agent with a model (see [`agentos_image::model::model_disks`]):
     /// given after `disks`, and named to a booting guest on its command line, so that it mounts
     /// them.
     pub model_disks: Option<ModelDisks>,
@@ -109,7 +109,7 @@ pub struct CpuSlice {
 impl BootOptions {
     /// An agent of `img` as the commands boot one by default: one vCPU, 256 MiB, no model, no
     /// slice beyond its memory, five minutes to come up.
-    pub fn of_image(img: &crate::image::BuiltImage) -> Self {
+    pub fn of_image(img: &agentos_image::BuiltImage) -> Self {
         Self {
             vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,

@@ -10,7 +10,7 @@ use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VmSnapshot};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelDisks;
+use agentos_image::model::ModelDisks;
 
 /// What the host knows of a saved agent beyond its VM, beside the VM's files.
 pub const AGENT_FILE: &str = "agent.json";
@@ -132,7 +132,7 @@ pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
         let path = dir.join(name);
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() => {
-                crate::model::check_filesystem(&path)
+                agentos_image::model::check_filesystem(&path)
                     .with_context(|| format!("{} cannot be restored", dir.display()))?;
                 Ok(path)
             }
@@ -147,7 +147,7 @@ pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
         runtime: file(RUNTIME_DISK_FILE)?,
         bundle: file(MODEL_DISK_FILE)?,
         name,
-        device: crate::model::DiskDevice::Pmem,
+        device: agentos_image::model::DiskDevice::Pmem,
     }))
 }
 
@@ -283,11 +283,11 @@ mod tests {
             runtime: images.join("runtime-1.img"),
             bundle: images.join("model-m-1.img"),
             name: "m".into(),
-            device: crate::model::DiskDevice::Pmem,
+            device: agentos_image::model::DiskDevice::Pmem,
         };
         // The least a model disk is, told apart by its last bytes.
         let image = |tag: &[u8]| {
-            let mut bytes = crate::model::least_image();
+            let mut bytes = agentos_image::model::least_image();
             let end = bytes.len();
             bytes[end - tag.len()..].copy_from_slice(tag);
             bytes
