@@ -14,15 +14,12 @@ use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
 use anyhow::{Context, bail};
 
-use crate::doctor::{self, LinuxKvm};
 use crate::qemu;
-use crate::run::{VmArgs, parse_env};
 use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
 use agentos_core::agent::vm::{ChildWait, wait_for_connection};
 use agentos_core::rundir::RunDir;
@@ -33,14 +30,13 @@ use agentos_image::{self as image, CARRIER_IMAGE, cpio::CpioTree};
 pub const IN_CARRIER_ENV: &str = "AGENTOS_IN_CARRIER";
 /// Where to put the carrier's QEMU monitor socket (debugging aid; off by default).
 const MONITOR_ENV: &str = "AGENTOS_CARRIER_MONITOR";
-const DEFAULT_MEMORY_MIB: u64 = 4096;
+/// A carrier's memory unless a command asks for more.
+pub const DEFAULT_MEMORY_MIB: u64 = 4096;
 /// One vCPU, emulated on one host thread. With two (QEMU's multi-threaded TCG), the carrier's
 /// kernel crashed twice in about 70 nested boots (eight VMs at a time), and booting guests
 /// triple-faulted twice; with one, 41 boots under the same load went through without a fault.
 /// A single boot is as fast either way; only VMs booting side by side share the one CPU.
 pub const DEFAULT_CPUS: u8 = 1;
-/// At most this many carrier vCPUs (QEMU's, emulated one thread each).
-const MAX_CPUS: i64 = 64;
 /// Where the carrier's guest agent mounts a tmpfs of its own.
 const CARRIER_TMP: &str = "/tmp";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -76,84 +72,6 @@ const CARRIER_ID: u32 = 65534;
 /// above; the combination with `idle=poll` is what the VM test suite runs on.
 const CARRIER_CPU: &str = "max,vgif=off";
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CarrierChoice {
-    /// Use the carrier when this host's KVM cannot boot Linux.
-    Auto,
-    /// Always run VMs directly on this host's KVM.
-    Never,
-    /// Always run VMs in a carrier.
-    Always,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct CarrierArgs {
-    /// Host file to copy into the carrier at the same path, with its shared libraries
-    /// (repeatable).
-    #[arg(long = "file", value_name = "PATH")]
-    pub files: Vec<PathBuf>,
-    /// Carrier memory in MiB.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
-    pub memory: u64,
-    /// Carrier vCPUs. More than one makes QEMU emulate them on several threads, which was seen to
-    /// crash the carrier's kernel now and then with many VMs running.
-    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS))]
-    pub cpus: u8,
-    /// Copy the carrier's console to stderr.
-    #[arg(long)]
-    pub console: bool,
-    /// Also copy in the disks of every installed model bundle (and the program that builds
-    /// them), so that `agentos run --model` works inside.
-    #[arg(long)]
-    pub models: bool,
-    /// Environment variable for the command, NAME=VALUE (repeatable).
-    #[arg(long = "env", short = 'e', value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
-    /// The command to run in the carrier, and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
-}
-
-/// Whether VM commands should go through a carrier, saying so once when `auto` picks it.
-pub fn should_use(choice: CarrierChoice) -> anyhow::Result<bool> {
-    static ANNOUNCED: AtomicBool = AtomicBool::new(false);
-    if std::env::var_os(IN_CARRIER_ENV).is_some() {
-        return Ok(false);
-    }
-    match choice {
-        CarrierChoice::Never => Ok(false),
-        CarrierChoice::Always => Ok(true),
-        CarrierChoice::Auto => match doctor::linux_kvm(&image::default_cache_dir(), false) {
-            LinuxKvm::Usable { .. } => Ok(false),
-            LinuxKvm::Unusable { reason } => {
-                if !ANNOUNCED.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "agentos: this host's KVM cannot boot Linux ({reason}); running VMs in a QEMU carrier (see `agentos doctor`)"
-                    );
-                }
-                Ok(true)
-            }
-            LinuxKvm::Unknown { reason } => {
-                bail!(
-                    "cannot tell whether this host's KVM boots Linux: {reason}; pass --carrier never or --carrier always"
-                )
-            }
-        },
-    }
-}
-
-/// Runs this very command line again inside a carrier, and returns its exit status.
-pub fn rerun_self_inside(vm: &VmArgs) -> anyhow::Result<i32> {
-    rerun_inside(
-        [&vm.kernel, &vm.initrd]
-            .into_iter()
-            .flatten()
-            .chain(&vm.disk)
-            .cloned()
-            .collect(),
-    )
-}
-
 /// Runs this very command line again inside a carrier, with the agent image and `files` copied
 /// in, and returns its exit status.
 pub fn rerun_inside(mut files: Vec<PathBuf>) -> anyhow::Result<i32> {
@@ -183,34 +101,6 @@ pub fn agent_image_files() -> Vec<PathBuf> {
     }
 }
 
-/// `agentos carrier -- COMMAND...`
-pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
-    let mut files = args.files.clone();
-    files.extend(agent_image_files());
-    if args.models {
-        let cache = image::default_cache_dir();
-        let img = image::find_image(&cache, image::AGENT_IMAGE)
-            .context("--models needs the agent image; run `scripts/setup`")?;
-        files.extend(agentos_image::model::carrier_files(
-            &agentos_image::model::ModelStore::new(&cache),
-            &img.manifest.libraries,
-        )?);
-    }
-    let program = Path::new(&args.command[0]);
-    if program.is_absolute() && program.is_file() {
-        files.push(program.to_path_buf());
-    }
-    let spec = CarrierRun {
-        argv: args.command.clone(),
-        env: args.env.iter().cloned().collect(),
-        files,
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        console: args.console,
-    };
-    Ok(run(&spec, &mut io::stdout().lock())?.shell_code())
-}
-
 /// A command to run in a fresh carrier.
 pub struct CarrierRun {
     pub argv: Vec<String>,
@@ -236,8 +126,6 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
     let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];
     files.extend(spec.files.iter().cloned());
-    // So that `agentos eval` runs in any carrier, the test suite's included.
-    files.extend(crate::eval::carrier_files());
     if let Some(hidden) = files.iter().find(|f| f.starts_with(CARRIER_TMP)) {
         anyhow::bail!(
             "cannot copy {} into the carrier: it mounts a fresh tmpfs on {CARRIER_TMP}, which would hide it; move it elsewhere",

@@ -1,19 +1,16 @@
 //! agentos: every AI agent in its own KVM microVM.
 //!
-//! The `agentos` binary is the command line; each VM runs in an `agentos-vmm` process (see
-//! `agentos_vmm_process`).
-//! This library holds what the commands are made of, so that tests drive the same code.
+//! What the `agentos` command line (crate `agentos-cli`) drives beyond the agent core
+//! (`agentos_core`): the daemon and its API, process groups with their router and trace, the
+//! QEMU carrier and the decision to use it, the security evaluation and the benchmarks. Each VM
+//! runs in an `agentos-vmm` process (see `agentos_vmm_process`).
 
 pub mod bench;
 pub mod carrier;
-pub mod control;
 pub mod daemon;
 pub mod doctor;
 pub mod eval;
 pub mod group;
-pub mod image_cmd;
-pub mod infer_run;
-pub mod model_cmd;
+pub mod placement;
 pub mod qemu;
-pub mod run;
 pub mod toml_file;

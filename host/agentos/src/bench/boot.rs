@@ -26,7 +26,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, ratio};
-use crate::carrier::{self, CarrierChoice, CarrierRun};
+use crate::carrier::{self, CarrierRun};
+use crate::placement::{self, CarrierChoice, Placement};
 use crate::qemu;
 use agentos_core::agent::connection::AgentConnection;
 use agentos_core::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
@@ -166,7 +167,7 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<i32> {
         eprintln!("agentos bench: no /dev/kvm here; skipping the tiny-guest comparison");
         None
     };
-    let linux = if carrier::should_use(args.carrier)? {
+    let linux = if placement::decide(args.carrier)? == Placement::Carrier {
         linux_bench_in_carrier(args, firecracker.as_deref())?
     } else {
         linux_bench(args.runs, args.memory, "direct", firecracker.as_deref())?

@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use super::ratio;
 use super::{percentile, round};
-use crate::carrier::{self, CarrierChoice};
+use crate::carrier;
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::vm::{AgentVm, BootOptions};
 use agentos_image::model::{ModelDisks, ModelStore, carrier_files, model_disks};
 use agentos_image::{self as image, AGENT_IMAGE};
@@ -127,7 +128,8 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
     if !worker.is_file() {
         bail!("{} is missing: run `scripts/setup`", worker.display());
     }
-    if carrier::should_use(args.carrier)? {
+    let placement = placement::decide(args.carrier)?;
+    if placement == Placement::Carrier {
         // Both sides run in the carrier: the models disk for the VMs, the bundles and ONNX
         // Runtime themselves for the native side.
         let mut files = carrier_files(&store, &img.manifest.libraries)?;
@@ -142,12 +144,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         files.dedup();
         return carrier::rerun_inside(files);
     }
-    crate::run::check_kvm_access()?;
-    let placement = if std::env::var_os(carrier::IN_CARRIER_ENV).is_some() {
-        "carrier"
-    } else {
-        "direct"
-    };
+    let placement = placement.label();
     eprintln!("agentos bench infer: an agent without a model");
     let no_model = measure_baseline(&img)?;
     let mut tasks = Vec::new();

@@ -19,9 +19,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{percentile, ratio, round};
-use crate::carrier::{self, CarrierChoice};
+use crate::carrier;
 use crate::group::router::Router;
 use crate::group::trace::TraceLog;
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::vm::{AgentVm, BootOptions};
 use agentos_core::rundir::RunDir;
@@ -92,15 +93,11 @@ pub fn run(args: &IpcBenchArgs) -> anyhow::Result<i32> {
     let cache = image::default_cache_dir();
     let img = image::find_image(&cache, AGENT_IMAGE)
         .context("the agent image is missing: run `scripts/setup`")?;
-    if carrier::should_use(args.carrier)? {
+    let placement = placement::decide(args.carrier)?;
+    if placement == Placement::Carrier {
         return carrier::rerun_inside(Vec::new());
     }
-    crate::run::check_kvm_access()?;
-    let placement = if std::env::var_os(carrier::IN_CARRIER_ENV).is_some() {
-        "carrier"
-    } else {
-        "direct"
-    };
+    let placement = placement.label();
 
     let base = BootOptions::of_image(&img);
     eprintln!("agentos bench ipc: booting two agents");

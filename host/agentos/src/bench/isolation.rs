@@ -155,7 +155,7 @@ fn beside_hogs(img: &BuiltImage, agent: &mut AgentVm, requests: u32) -> anyhow::
         .map(|mut vm| {
             std::thread::spawn(move || {
                 // Ended from outside: the VMM is told to stop once the measurement is done.
-                let _ = super::sched::burn(&mut vm, 3600);
+                let _ = super::burner::burn(&mut vm, 3600);
                 vm.shutdown();
             })
         })

@@ -2,6 +2,7 @@
 //! machines are shared and noisy.
 
 pub mod boot;
+mod burner;
 pub mod infer;
 pub mod ipc;
 pub mod isolation;

@@ -15,14 +15,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::ExecRequest;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
+use super::burner;
 use super::isolation::{self, IsolationResult};
 use super::{Stats, round};
-use crate::carrier::{self, CarrierChoice};
-use agentos_core::agent::connection::ExecIo;
+use crate::carrier;
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use agentos_core::cgroup::{AgentCgroup, CgroupStats};
 use agentos_image::{self as image, AGENT_IMAGE};
@@ -99,16 +99,12 @@ struct PauseResult {
 }
 
 pub fn run(args: &SchedBenchArgs) -> anyhow::Result<i32> {
-    if carrier::should_use(args.carrier)? {
+    let placement = placement::decide(args.carrier)?;
+    if placement == Placement::Carrier {
         return carrier::rerun_inside(isolation::carrier_files()?);
     }
-    crate::run::check_kvm_access()?;
     let window = Duration::from_secs(args.window);
-    let placement = if std::env::var_os(carrier::IN_CARRIER_ENV).is_some() {
-        "carrier"
-    } else {
-        "direct"
-    };
+    let placement = placement.label();
 
     let mut quota = Vec::new();
     for cpus in QUOTAS {
@@ -211,34 +207,6 @@ fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
     Ok(vm)
 }
 
-/// Keeps the guest's CPU busy for `secs` seconds.
-pub fn burn(vm: &mut AgentVm, secs: u64) -> anyhow::Result<()> {
-    let request = ExecRequest {
-        program: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            format!("timeout {secs} sh -c 'while :; do :; done'; true"),
-        ],
-        ..Default::default()
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = vm.conn().exec(
-        request,
-        ExecIo {
-            stdin: None,
-            stdout: &mut out,
-            stderr: &mut err,
-        },
-    )?;
-    if status.shell_code() != 0 {
-        bail!(
-            "the CPU burner failed: {}",
-            String::from_utf8_lossy(&err).trim()
-        );
-    }
-    Ok(())
-}
-
 /// The CPU share each cgroup gets over `window`, while the burners run.
 fn shares(cgroups: &[Arc<AgentCgroup>], window: Duration) -> (Vec<f64>, Vec<CgroupStats>) {
     std::thread::sleep(WARM_UP);
@@ -274,7 +242,7 @@ fn burn_and_measure(
         .into_iter()
         .map(|mut vm| {
             std::thread::spawn(move || {
-                let result = burn(&mut vm, secs);
+                let result = burner::burn(&mut vm, secs);
                 vm.shutdown();
                 result
             })
@@ -347,7 +315,7 @@ fn measure_pause(cycles: u32) -> anyhow::Result<PauseResult> {
     let secs = u64::from(cycles) / 5 + 10;
     let burner = std::thread::spawn(move || {
         let mut vm = vm;
-        let result = burn(&mut vm, secs);
+        let result = burner::burn(&mut vm, secs);
         vm.shutdown();
         result
     });

@@ -21,7 +21,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, percentile, ratio, round};
-use crate::carrier::{self, CarrierChoice, CarrierRun};
+use crate::carrier::{self, CarrierRun};
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
@@ -179,7 +180,7 @@ pub struct ModelResults {
 }
 
 pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
-    let results = if !args.here && carrier::should_use(args.carrier)? {
+    let results = if !args.here && placement::decide(args.carrier)? == Placement::Carrier {
         in_carrier(args)?
     } else {
         measure(args, "direct")?

@@ -15,8 +15,8 @@ use super::api::{
 };
 use super::{Daemon, agent_config, to_value, unknown_agent};
 use crate::group::file::{self, GroupSpec, Restart};
+use crate::group::report::{AgentReport, GroupReport, join_member, trace_path};
 use crate::group::router::Router;
-use crate::group::run::{AgentReport, GroupReport, join_member, trace_path};
 use crate::group::trace::{self, TraceLog};
 use agentos_image as image;
 

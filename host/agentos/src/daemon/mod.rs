@@ -5,7 +5,6 @@
 pub mod agent;
 pub mod api;
 mod arbiter;
-pub mod cli;
 pub mod client;
 mod groups;
 mod metrics;
@@ -35,10 +34,10 @@ use self::api::{
     PoolCreateRequest, PoolRequest, PsReply, Request, RmRequest, SnapshotRequest, SpawnRequest,
     VersionReply,
 };
-use crate::carrier;
-use crate::run::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
+use agentos_core::agent::vm::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use agentos_core::rundir::{self, RunDir};
 use agentos_core::{cgroup, signals};
 use agentos_image::model::{ModelDisks, ModelStore, model_disks};
@@ -123,12 +122,11 @@ struct Daemon {
 }
 
 pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
-    if carrier::should_use(carrier::CarrierChoice::Auto)? {
+    if placement::decide(CarrierChoice::Auto)? == Placement::Carrier {
         anyhow::bail!(
             "this host's KVM cannot boot Linux, so agents cannot run next to this daemon; run it in a carrier: `agentos carrier --models -- agentos daemon` (and the clients in the same carrier)"
         );
     }
-    crate::run::check_kvm_access()?;
     let path = args.socket.path();
     let listener = bind_private(&path)?;
     let metrics = args.metrics.as_deref().map(bind_private).transpose()?;

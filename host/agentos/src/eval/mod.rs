@@ -17,7 +17,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::carrier::{self, CarrierChoice};
+use crate::carrier;
+use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::signals;
 use agentos_image::cpio::CpioTree;
 use checks::HostSnapshot;
@@ -129,15 +130,17 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<i32> {
     let dir = cases_dir(args)?;
     let suites = case::load_dir(&dir, args.suite.as_deref())?;
     let probe = probe_path()?;
-    if carrier::should_use(args.carrier)? {
-        let mut files = vec![probe];
+    if placement::decide(args.carrier)? == Placement::Carrier {
+        let mut files = carrier_files();
+        files.push(probe);
         for suite in &suites {
             files.push(suite.path.clone());
             files.extend(suite.files.iter().cloned());
         }
+        files.sort();
+        files.dedup();
         return carrier::rerun_inside(files);
     }
-    crate::run::check_kvm_access()?;
     let started = Instant::now();
     let before = HostSnapshot::take();
     let scratch = Scratch::create()?;
@@ -150,7 +153,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<i32> {
     let mut cases = Vec::new();
     for suite in &suites {
         tracing::info!(suite = suite.name, cases = suite.cases.len(), "suite");
-        cases.extend(runner::run_suite(suite, &env));
+        cases.extend(run_suite(suite, &env));
         if signals::interrupted() {
             break;
         }
@@ -229,4 +232,47 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Runs the cases of `suite` in order, guest cases without a VM of their own sharing one.
+fn run_suite(suite: &case::Suite, env: &runner::Env) -> Vec<report::CaseReport> {
+    let mut shared: Option<agentos_core::agent::vm::AgentVm> = None;
+    let mut reports = Vec::new();
+    for case in &suite.cases {
+        if agentos_core::signals::interrupted() {
+            break;
+        }
+        let started = Instant::now();
+        let mut report = CaseReport::new(
+            &case.suite,
+            &case.name,
+            &case.source,
+            &case.tries,
+            &case.expects,
+        );
+        match case.kind {
+            case::Kind::Guest => match &case.own_vm {
+                Some(spec) => runner::own_vm_case(case, spec, env, &mut report),
+                None => runner::shared_vm_case(case, &suite.vm, env, &mut shared, &mut report),
+            },
+            case::Kind::Group => runner::group_case(case, env, &mut report),
+            case::Kind::Api => runner::api_case(case, env, &mut report),
+            case::Kind::Host => {
+                host_attacks::run(case.attack.as_deref().unwrap_or_default(), env, &mut report)
+            }
+        }
+        report.ms = started.elapsed().as_millis() as u64;
+        eprintln!(
+            "agentos eval: {}/{}: {:?} ({:.1} s)",
+            case.suite,
+            case.name,
+            report.outcome,
+            report.ms as f64 / 1000.0
+        );
+        reports.push(report);
+    }
+    if let Some(vm) = shared {
+        vm.shutdown();
+    }
+    reports
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agentos_protocol::{ExecRequest, FrameReader, InferRequest, Task};
 use serde_json::{Value, json};
 
-use super::case::{ApiRequest, Case, Flood, Kind, ListenRequest, Suite, VmSpec};
+use super::case::{ApiRequest, Case, Flood, ListenRequest, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
 use agentos_core::agent::connection::{AgentConnection, CappedOutput, ExecIo};
@@ -51,50 +51,6 @@ pub struct Env {
     pub scratch: PathBuf,
 }
 
-pub fn run_suite(suite: &Suite, env: &Env) -> Vec<CaseReport> {
-    let mut shared: Option<AgentVm> = None;
-    let mut reports = Vec::new();
-    for case in &suite.cases {
-        if agentos_core::signals::interrupted() {
-            break;
-        }
-        let started = Instant::now();
-        let mut report = CaseReport::new(
-            &case.suite,
-            &case.name,
-            &case.source,
-            &case.tries,
-            &case.expects,
-        );
-        match case.kind {
-            Kind::Guest => match &case.own_vm {
-                Some(spec) => own_vm_case(case, spec, env, &mut report),
-                None => shared_vm_case(case, &suite.vm, env, &mut shared, &mut report),
-            },
-            Kind::Group => group_case(case, env, &mut report),
-            Kind::Api => api_case(case, env, &mut report),
-            Kind::Host => super::host_attacks::run(
-                case.attack.as_deref().unwrap_or_default(),
-                env,
-                &mut report,
-            ),
-        }
-        report.ms = started.elapsed().as_millis() as u64;
-        eprintln!(
-            "agentos eval: {}/{}: {:?} ({:.1} s)",
-            case.suite,
-            case.name,
-            report.outcome,
-            report.ms as f64 / 1000.0
-        );
-        reports.push(report);
-    }
-    if let Some(vm) = shared {
-        vm.shutdown();
-    }
-    reports
-}
-
 fn boot_options(spec: &VmSpec, env: &Env) -> Result<BootOptions, String> {
     let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
         .map_err(|e| format!("{e}; run `scripts/setup` to build the guest image"))?;
@@ -130,7 +86,7 @@ fn boot(spec: &VmSpec, env: &Env, report: &mut CaseReport) -> Option<AgentVm> {
     }
 }
 
-fn shared_vm_case(
+pub(super) fn shared_vm_case(
     case: &Case,
     spec: &VmSpec,
     env: &Env,
@@ -236,7 +192,7 @@ fn guest_runner(pid: u32) -> u32 {
         .unwrap_or(pid)
 }
 
-fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut CaseReport) {
+pub(super) fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut CaseReport) {
     let Some(mut vm) = boot(spec, env, report) else {
         return;
     };
@@ -695,7 +651,7 @@ pub(super) fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String,
 /// How long a command's pipes are read after it ended.
 const PIPE_GRACE: Duration = Duration::from_secs(10);
 
-fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
+pub(super) fn group_case(case: &Case, env: &Env, report: &mut CaseReport) {
     let Some(file) = &case.group_file else {
         return;
     };
@@ -930,7 +886,7 @@ impl Drop for Daemon {
 /// Name of the agent an `api` case keeps running while it sends its requests.
 const API_AGENT: &str = "eval-target";
 
-fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
+pub(super) fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
     let daemon = match Daemon::start(env) {
         Ok(d) => d,
         Err(why) => {

@@ -37,6 +37,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a VMM told to stop gets to write its report before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Guest memory of an agent unless asked otherwise.
+/// Below this the stock kernel and the initramfs do not fit comfortably.
+pub const MIN_MEMORY_MIB: u64 = 128;
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// How long an agent has to say hello unless asked otherwise.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -10,8 +10,9 @@ use agentos_protocol::{InferOptions, InferReply, InferRequest, InferResult, Task
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::carrier;
-use crate::run::{RunArgs, check_kvm_access};
+use crate::flags::VmArgs;
+use agentos::carrier;
+use agentos::placement::{self, Placement};
 use agentos_core::agent::vm::{AgentVm, VmError};
 use agentos_core::signals;
 use agentos_image::model::{ModelStore, carrier_copies, model_disks};
@@ -76,8 +77,8 @@ struct JsonInference<'a> {
     total_ms: u64,
 }
 
-pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
-    let infer = &args.infer;
+/// `agentos run --model NAME`: `vm` and `infer` are the flags of `run`; `json` its `--json`.
+pub fn run(vm: &VmArgs, infer: &InferArgs, json: bool, started: Instant) -> anyhow::Result<i32> {
     let name = infer.model.as_deref().context("no --model given")?;
     let cache = image::default_cache_dir();
     let store = ModelStore::new(&cache);
@@ -99,7 +100,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     })?;
     let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
 
-    if carrier::should_use(args.vm.carrier)? {
+    if placement::decide(vm.carrier)? == Placement::Carrier {
         let mut files = carrier_copies(&store, &disks, &bundle);
         files.extend(
             infer
@@ -108,17 +109,10 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
                 .filter(|f| f.as_os_str() != "-")
                 .cloned(),
         );
-        files.extend(
-            [&args.vm.kernel, &args.vm.initrd]
-                .into_iter()
-                .flatten()
-                .cloned(),
-        );
+        files.extend([&vm.kernel, &vm.initrd].into_iter().flatten().cloned());
         return carrier::rerun_inside(files);
     }
-    check_kvm_access()?;
-
-    let mut opts = args.vm.boot_options()?;
+    let mut opts = vm.boot_options()?;
     opts.model_disks = Some(disks);
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
@@ -150,7 +144,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         }
     };
     let mut out = io::stdout().lock();
-    if args.json {
+    if json {
         let json = JsonInference {
             model: &reply.model,
             task: reply.task,

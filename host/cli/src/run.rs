@@ -7,114 +7,25 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
-use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
-use agentos_vmm::devices::virtio::block::disk_size;
 use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::carrier::{self, CarrierChoice};
-use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
+use crate::flags::{VmArgs, parse_env};
+use agentos::carrier;
+use agentos::daemon::api::MAX_TIMEOUT_S;
+use agentos::placement::{self, Placement};
 use agentos_core::agent::connection::{ConnectionError, ExecIo};
 use agentos_core::agent::snapshot::{
     AGENT_FILE, check_snapshot_target, model_disks_of, snapshot_shape,
 };
-use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
-use agentos_core::cgroup::PriorityClass;
+use agentos_core::agent::vm::{AgentVm, VmError};
 use agentos_core::signals;
-use agentos_image::{self as image, AGENT_IMAGE};
 
-/// Below this the stock kernel and the initramfs do not fit comfortably.
-pub const MIN_MEMORY_MIB: u64 = 128;
-pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 /// What a shell returns when it cannot run a command.
 const EXIT_CANNOT_RUN: i32 = 127;
 /// How much longer than `--timeout` the host waits for the guest to report the program's end.
 const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(10);
-
-/// The CPU slice and admission flags of an agent, as `run` and `spawn` take them.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct SliceArgs {
-    /// CPU time the VM may use, in CPUs (0.5 = half of one CPU), enforced by its cgroup.
-    #[arg(long, value_name = "CPUS")]
-    pub cpus: Option<f64>,
-    /// The host CPUs the VM may run on, e.g. `1` or `0-1,3`.
-    #[arg(long, value_name = "LIST", conflicts_with = "pin")]
-    pub cpuset: Option<String>,
-    /// Pin the VM to the one host CPU that pinned agents load least (the daemon moves its
-    /// pinned agents when others leave).
-    #[arg(long)]
-    pub pin: bool,
-    /// CPU weight against other agents, 1..=10000 (default 100).
-    #[arg(long, conflicts_with = "class")]
-    pub weight: Option<u32>,
-    /// Priority class, a CPU weight: interactive (10000), batch (100, the default), idle (1);
-    /// under the daemon, batch agents also pause while an interactive one works.
-    #[arg(long, value_enum)]
-    pub class: Option<PriorityClass>,
-    /// When the VM's memory or CPU slice does not fit beside the running agents, wait for room
-    /// instead of failing.
-    #[arg(long)]
-    pub wait: bool,
-}
-
-impl SliceArgs {
-    /// The CPU part of the slice these flags ask for.
-    pub fn cpu(&self) -> CpuSlice {
-        CpuSlice {
-            cpus: self.cpus,
-            weight: self.weight.or(self.class.map(PriorityClass::weight)),
-            cpuset: self.cpuset.clone(),
-            pin: self.pin,
-        }
-    }
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct VmArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
-    pub vcpus: u8,
-    /// Guest memory in MiB, at least 128 (default 256).
-    #[arg(long)]
-    pub memory: Option<u64>,
-    /// Guest kernel, a bzImage or an ELF with a PVH entry (default: the agent image's unpacked ELF,
-    /// else its bzImage).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: the agent image's).
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
-    /// Give the guest a read-only disk over this file (a whole number of 512-byte sectors):
-    /// /dev/vda, then /dev/vdb... in the order given (at most 8). In a carrier, the file is
-    /// copied in: give it outside /tmp.
-    #[arg(long, value_name = "PATH")]
-    pub disk: Vec<PathBuf>,
-    /// Extra kernel command line arguments, appended to agentos's own.
-    #[arg(long, value_name = "ARGS")]
-    pub kernel_args: Option<String>,
-    /// Copy the guest's serial console to stderr.
-    #[arg(long)]
-    pub console: bool,
-    /// Seconds the guest agent has to come up (at most an hour).
-    #[arg(
-        long,
-        default_value_t = 300,
-        value_parser = clap::value_parser!(u64).range(1..=MAX_BOOT_TIMEOUT_S),
-    )]
-    pub boot_timeout: u64,
-    #[command(flatten)]
-    pub slice: SliceArgs,
-    /// Where the VM runs: directly on this host's KVM, or in a QEMU carrier VM (`auto` asks
-    /// `agentos doctor`'s probe whether this host's KVM boots Linux).
-    #[arg(long, value_enum, default_value_t = CarrierChoice::Auto)]
-    pub carrier: CarrierChoice,
-    /// Run the VMM without its jail (namespaces, private root, no capabilities, limits). UNSAFE:
-    /// a guest that breaks out of KVM then reaches this host with the VMM's privileges. For
-    /// debugging only.
-    #[arg(long)]
-    pub no_jail: bool,
-}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -133,7 +44,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub cwd: Option<String>,
     #[command(flatten)]
-    pub infer: crate::infer_run::InferArgs,
+    pub infer: crate::infer::InferArgs,
     /// Restore the agent saved in this snapshot directory (see --snapshot-to) instead of
     /// booting one: the program runs in the agent as it was saved, programs it had running
     /// and files it had written included. vCPUs and memory are the snapshot's.
@@ -151,14 +62,6 @@ pub struct RunArgs {
         value_name = "PROGRAM"
     )]
     pub command: Vec<String>,
-}
-
-/// `NAME=VALUE`, for `--env`.
-pub fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("`{s}` is not NAME=VALUE")),
-    }
 }
 
 #[derive(Serialize)]
@@ -186,125 +89,17 @@ struct GuestBoot {
     ready_ms: u64,
 }
 
-impl VmArgs {
-    /// Checks what a user can get wrong, before anything is started.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if self.no_jail {
-            eprintln!(
-                "agentos: WARNING: --no-jail runs the VMM unconfined (no namespaces, private root or capability drop); a guest that breaks out of KVM reaches this host with the VMM's privileges. Use it for debugging only."
-            );
-        }
-        let memory = self.memory.unwrap_or(DEFAULT_MEMORY_MIB);
-        if memory < MIN_MEMORY_MIB {
-            bail!(
-                "--memory {memory} MiB is too small: an agent VM needs at least {MIN_MEMORY_MIB} MiB"
-            );
-        }
-        if memory > MAX_MEMORY_MIB {
-            bail!("--memory {memory} MiB is more than the {MAX_MEMORY_MIB} MiB limit");
-        }
-        let cpu = self.slice.cpu();
-        agentos_core::cgroup::Slice {
-            cpus: cpu.cpus,
-            weight: cpu.weight,
-            cpuset: cpu.cpuset,
-            ..Default::default()
-        }
-        .validate()?;
-        for path in [&self.kernel, &self.initrd].into_iter().flatten() {
-            if !path.is_file() {
-                bail!("{} does not exist or is not a file", path.display());
-            }
-        }
-        if self.disk.len() > MAX_DISKS {
-            bail!(
-                "{} disks given; a VM has at most {MAX_DISKS}",
-                self.disk.len()
-            );
-        }
-        for path in &self.disk {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open the disk {}", path.display()))?;
-            disk_size(&file).with_context(|| format!("{} cannot be a disk", path.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Kernel and initrd: given, or the agent image's.
-    pub fn boot_options(&self) -> anyhow::Result<BootOptions> {
-        let (kernel, initrd) = match (&self.kernel, &self.initrd) {
-            (Some(k), Some(i)) => (k.clone(), i.clone()),
-            (kernel, initrd) => {
-                let cache = image::default_cache_dir();
-                let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
-                    )
-                })?;
-                (
-                    kernel
-                        .clone()
-                        .unwrap_or_else(|| img.boot_kernel().to_owned()),
-                    initrd.clone().unwrap_or(img.initrd),
-                )
-            }
-        };
-        Ok(self.boot_options_with(kernel, initrd))
-    }
-
-    /// The VM these flags ask for, booting `kernel` and `initrd`.
-    pub fn boot_options_with(&self, kernel: PathBuf, initrd: PathBuf) -> BootOptions {
-        BootOptions {
-            vcpus: self.vcpus,
-            memory_mib: self.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            kernel,
-            initrd,
-            extra_initrds: Vec::new(),
-            disks: self.disk.clone(),
-            model_disks: None,
-            extra_cmdline: self.kernel_args.clone(),
-            console: self.console,
-            boot_timeout: Duration::from_secs(self.boot_timeout),
-            cpu: self.slice.cpu(),
-            wait_for_room: self.slice.wait,
-            console_log: None,
-            abort: None,
-            no_jail: self.no_jail,
-            from: None,
-            snapshot_to: None,
-        }
-    }
-}
-
-/// Checks that /dev/kvm can be opened, with an explanation a user can act on.
-pub fn check_kvm_access() -> anyhow::Result<()> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
-            "/dev/kvm does not exist: this host has no KVM (enable virtualisation, load kvm_intel or kvm_amd, or run on a machine with KVM)"
-        ),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => bail!(
-            "no permission to open /dev/kvm: add your user to the group that owns it (usually `kvm`) and log in again"
-        ),
-        Err(e) => Err(e).context("cannot open /dev/kvm"),
-    }
-}
-
 pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     args.vm.validate()?;
     args.infer.validate()?;
     if args.infer.model.is_some() {
-        return crate::infer_run::run(args, started);
+        return crate::infer::run(&args.vm, &args.infer, args.json, started);
     }
     let from = args.from.as_deref().map(snapshot_shape).transpose()?;
     if let Some(dir) = &args.snapshot_to {
         check_snapshot_target(dir, args.from.as_deref())?;
     }
-    if carrier::should_use(args.vm.carrier)? {
+    if placement::decide(args.vm.carrier)? == Placement::Carrier {
         if args.snapshot_to.is_some() {
             bail!(
                 "--snapshot-to needs a host whose KVM boots Linux; here agents run in a carrier, whose files are gone when it ends: run `agentos carrier -- agentos run --snapshot-to ...` to save and restore inside one"
@@ -324,7 +119,6 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         }
         return carrier::rerun_inside(files);
     }
-    check_kvm_access()?;
     let mut opts = args.vm.boot_options()?;
     if let (Some(dir), Some((vcpus, memory_mib))) = (&args.from, from) {
         opts.from = Some(dir.clone());

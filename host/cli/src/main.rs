@@ -4,7 +4,18 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use agentos::{bench, carrier, control, daemon, doctor, eval, group, image_cmd, model_cmd, run};
+mod carrier;
+mod control;
+mod daemon;
+mod flags;
+mod group;
+mod group_run;
+mod image;
+mod infer;
+mod model;
+mod run;
+
+use agentos::{bench, doctor, eval};
 use agentos_core::signals;
 use clap::{Parser, Subcommand};
 
@@ -32,45 +43,45 @@ enum Command {
     #[command(
         after_help = "Stopping it (Ctrl-C, SIGTERM) stops every agent. On a host whose KVM cannot boot Linux, run it\nand its clients in a carrier: `agentos carrier --models -- sh -c 'agentos daemon & ...'`."
     )]
-    Daemon(daemon::DaemonArgs),
+    Daemon(agentos::daemon::DaemonArgs),
     /// Start a long-lived agent under the daemon.
     #[command(
         after_help = "Examples:\n  agentos spawn --name worker\n  agentos spawn --name sentiment --model sentiment --restart always"
     )]
-    Spawn(daemon::cli::SpawnArgs),
+    Spawn(daemon::SpawnArgs),
     /// List the daemon's agents and their states.
-    Ps(daemon::cli::PsArgs),
+    Ps(daemon::PsArgs),
     /// Run a program in a daemon's agent and exit with its status.
     #[command(after_help = "Example:\n  agentos exec worker -- /bin/uname -a")]
-    Exec(daemon::cli::ExecArgs),
+    Exec(daemon::ExecArgs),
     /// Run a daemon agent's model on texts.
     #[command(
         after_help = "Example:\n  agentos infer sentiment --task classify --input \"I love this\""
     )]
-    Infer(daemon::cli::InferArgs),
+    Infer(daemon::InferArgs),
     /// Print a daemon agent's serial console and the daemon's notes about it.
-    Logs(daemon::cli::LogsArgs),
+    Logs(daemon::LogsArgs),
     /// Stop a daemon agent's VM (it stays listed until `agentos rm`).
-    Stop(daemon::cli::StopArgs),
+    Stop(daemon::StopArgs),
     /// Save a daemon agent to a directory and stop it; `spawn --from DIR` runs it again
     /// (see docs/snapshots.md).
-    Snapshot(daemon::cli::SnapshotArgs),
+    Snapshot(daemon::SnapshotArgs),
     /// Warm pools of daemon agents restored from a snapshot ahead of need (`spawn --pool`).
     #[command(subcommand)]
-    Pool(daemon::cli::PoolCommand),
+    Pool(daemon::PoolCommand),
     /// Remove a stopped agent from the daemon.
-    Rm(daemon::cli::RmArgs),
+    Rm(daemon::RmArgs),
     /// The daemon's figures (agents' CPU, memory, restarts; API requests) as Prometheus text.
-    Metrics(daemon::cli::MetricsArgs),
+    Metrics(daemon::MetricsArgs),
     /// Groups of agents that work together: run one on an input, keep one up under the daemon,
     /// check a group file.
     #[command(subcommand)]
     Group(group::GroupCommand),
     /// Show how a group's inputs went through its agents, and where the time went.
-    Trace(group::run::TraceArgs),
+    Trace(group_run::TraceArgs),
     /// The model bundles agents run: list, add, verify, remove.
     #[command(subcommand)]
-    Model(model_cmd::ModelCommand),
+    Model(model::ModelCommand),
     /// Show the agents running on this host: CPU, throttling, memory (from their cgroups).
     Top(control::TopArgs),
     /// One agent's CPU and memory figures.
@@ -104,7 +115,7 @@ Examples:
     Bench(bench::BenchCommand),
     /// Build the guest images.
     #[command(subcommand)]
-    Image(image_cmd::ImageCommand),
+    Image(image::ImageCommand),
     /// Run one microVM in this process, as `agentos-vmm` does (what the other commands start,
     /// one per VM).
     Vmm(agentos_vmm_process::VmmArgs),
@@ -131,26 +142,26 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args, started),
         Command::Top(args) => control::top(args),
         Command::Stats(args) => control::stats(args),
-        Command::Daemon(args) => daemon::run(args),
-        Command::Spawn(args) => daemon::cli::spawn(args),
-        Command::Ps(args) => daemon::cli::ps(args),
-        Command::Exec(args) => daemon::cli::exec(args),
-        Command::Infer(args) => daemon::cli::infer(args),
-        Command::Logs(args) => daemon::cli::logs(args),
-        Command::Stop(args) => daemon::cli::stop(args),
-        Command::Snapshot(args) => daemon::cli::snapshot(args),
-        Command::Pool(cmd) => daemon::cli::pool(cmd),
-        Command::Rm(args) => daemon::cli::rm(args),
-        Command::Metrics(args) => daemon::cli::metrics(args),
+        Command::Daemon(args) => agentos::daemon::run(args),
+        Command::Spawn(args) => daemon::spawn(args),
+        Command::Ps(args) => daemon::ps(args),
+        Command::Exec(args) => daemon::exec(args),
+        Command::Infer(args) => daemon::infer(args),
+        Command::Logs(args) => daemon::logs(args),
+        Command::Stop(args) => daemon::stop(args),
+        Command::Snapshot(args) => daemon::snapshot(args),
+        Command::Pool(cmd) => daemon::pool(cmd),
+        Command::Rm(args) => daemon::rm(args),
+        Command::Metrics(args) => daemon::metrics(args),
         Command::Pause(args) => control::pause(args),
         Command::Resume(args) => control::resume(args),
         Command::Carrier(args) => carrier::run_command(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Image(cmd) => image_cmd::run(cmd),
-        Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Image(cmd) => image::run(cmd),
+        Command::Model(cmd) => model::run(cmd),
         Command::Group(cmd) => group::run_command(cmd),
-        Command::Trace(args) => group::run::show_trace(args),
+        Command::Trace(args) => group_run::show_trace(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Vmm(args) => agentos_vmm_process::run(args, started),
     }

@@ -9,15 +9,15 @@ use agentos_protocol::{InferOptions, InferReply, Task};
 use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 
-use super::SocketArg;
-use super::api::{
+use agentos::daemon::SocketArg;
+use agentos::daemon::api::{
     AgentInfo, ErrorKind, ExecCall, ExecReply, GroupInputRequest, GroupRequest, GroupUpReply,
     GroupUpRequest, InferCall, LogsReply, LogsRequest, MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S,
     MetricsReply, NameRequest, PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy,
     RmRequest, SnapshotReply, SnapshotRequest, SpawnRequest,
 };
-use super::client::{Client, ClientError};
-use crate::group::run::GroupReport;
+use agentos::daemon::client::{Client, ClientError};
+use agentos::group::report::GroupReport;
 use agentos_core::signals;
 
 /// The most standard input `exec --stdin` sends.
@@ -39,7 +39,7 @@ pub struct SpawnArgs {
     #[arg(long)]
     pub memory: Option<u64>,
     #[command(flatten)]
-    pub slice: crate::run::SliceArgs,
+    pub slice: crate::flags::SliceArgs,
     /// When its VM ends: never boot it again, on-failure (crash or hang), or always.
     #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
     pub restart: RestartPolicy,
@@ -91,7 +91,7 @@ pub struct ExecArgs {
     )]
     pub timeout: Option<u64>,
     /// Environment variable for the program, NAME=VALUE (repeatable).
-    #[arg(long = "env", short = 'e', value_parser = crate::run::parse_env)]
+    #[arg(long = "env", short = 'e', value_parser = crate::flags::parse_env)]
     pub env: Vec<(String, String)>,
     /// Working directory of the program in the guest.
     #[arg(long)]
@@ -364,7 +364,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
 }
 
 pub fn infer(args: &InferArgs) -> anyhow::Result<i32> {
-    let inputs = crate::infer_run::read_inputs(&args.input, args.input_file.as_deref())?;
+    let inputs = crate::infer::read_inputs(&args.input, args.input_file.as_deref())?;
     let request = Request::Infer(InferCall {
         name: args.name.clone(),
         model: None,
@@ -379,7 +379,7 @@ pub fn infer(args: &InferArgs) -> anyhow::Result<i32> {
     if args.json {
         println!("{}", serde_json::to_string(&reply)?);
     } else {
-        crate::infer_run::print_reply(&mut io::stdout().lock(), &reply)?;
+        crate::infer::print_reply(&mut io::stdout().lock(), &reply)?;
     }
     Ok(0)
 }
@@ -477,7 +477,7 @@ pub struct GroupDownArgs {
 
 pub fn group_up(args: &GroupUpArgs) -> anyhow::Result<i32> {
     // Checked here first, so that a bad file is named by its path on this host.
-    let (_, text) = crate::group::file::load_with_text(&args.file)?;
+    let (_, text) = agentos::group::file::load_with_text(&args.file)?;
     let reply: GroupUpReply = client(&args.socket)?.call(&Request::GroupUp(GroupUpRequest {
         file: args.file.display().to_string(),
         text,

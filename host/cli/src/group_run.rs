@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::peer::{Handler, JoinRequest, MAX_PEER_BODY_BYTES, PEER_PORT};
+use agentos_protocol::peer::{Handler, MAX_PEER_BODY_BYTES};
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
 
-use super::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
-use super::router::{Counters, GroupResult, PendingInput, Router};
-use super::trace::{self, EventKind, TraceEvent, TraceLog};
-use crate::carrier::{self, CarrierChoice, CarrierRun};
-use crate::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
+use agentos::carrier::{self, CarrierRun};
+use agentos::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
+use agentos::group::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
+use agentos::group::report::{AgentReport, GroupReport, groups_dir, join_member, trace_path};
+use agentos::group::router::{GroupResult, PendingInput, Router};
+use agentos::group::trace::{self, EventKind, TraceLog};
+use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
 use agentos_core::rundir::RunDir;
 use agentos_core::signals;
@@ -72,34 +73,7 @@ pub struct GroupRunArgs {
     pub extra_initrd: Vec<PathBuf>,
     /// The daemon to look for the group in (it runs there when it is up, see `group up`).
     #[command(flatten)]
-    pub socket: crate::daemon::SocketArg,
-}
-
-/// Everything a group run produced.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GroupReport {
-    pub group: String,
-    pub agents: Vec<AgentReport>,
-    /// What reached `output`, in the order it came.
-    pub results: Vec<GroupResult>,
-    /// How many results one input makes (one per channel into `output`).
-    pub expected_results: usize,
-    pub counters: Counters,
-    pub trace: Vec<TraceEvent>,
-    /// Messages accepted and never acknowledged, per receiver (empty when all went through).
-    pub unacknowledged: BTreeMap<String, usize>,
-    /// From the start to every agent listening.
-    pub ready_ms: u64,
-    pub total_ms: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AgentReport {
-    pub name: String,
-    pub model: Option<String>,
-    pub boot_ms: u64,
-    /// Times its VM ended and was booted again during the run.
-    pub restarts: u32,
+    pub socket: agentos::daemon::SocketArg,
 }
 
 pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
@@ -109,7 +83,7 @@ pub fn run(args: &GroupRunArgs) -> anyhow::Result<i32> {
     let cache = image::default_cache_dir();
     // A group that is up under the daemon takes the input there; otherwise it boots here.
     let (report, in_daemon) =
-        match crate::daemon::cli::group_input(&args.socket, &spec.name, &input, args.timeout)? {
+        match crate::daemon::group_input(&args.socket, &spec.name, &input, args.timeout)? {
             Some(report) => (report, true),
             None => match boot_and_run(args, &spec, input, &cache, started)? {
                 Some(report) => (report, false),
@@ -192,12 +166,11 @@ fn boot_and_run(
         disks.insert(agent.name.clone(), disk);
     }
 
-    let report = if carrier::should_use(args.carrier)? {
+    let report = if placement::decide(args.carrier)? == Placement::Carrier {
         carrier_files.sort();
         carrier_files.dedup();
         run_in_carrier(args, spec, &input, carrier_files)?
     } else {
-        crate::run::check_kvm_access()?;
         let base = BootOptions {
             console: args.console,
             boot_timeout: Duration::from_secs(args.boot_timeout),
@@ -538,30 +511,6 @@ fn join_all(
     Ok(())
 }
 
-/// Labels member `name`'s VM, attaches it to the router, then tells it to join.
-pub fn join_member(
-    spec: &GroupSpec,
-    router: &Router,
-    name: &str,
-    vm: &mut AgentVm,
-) -> anyhow::Result<()> {
-    let _ = vm.set_label(&format!("{}/{name}", spec.name));
-    router
-        .attach(name, &vm.host_socket(PEER_PORT))
-        .with_context(|| format!("cannot listen for agent `{name}`"))?;
-    let agent = spec.agent_of(name).context("an agent left the group")?;
-    vm.conn()
-        .join(JoinRequest {
-            id: 0,
-            group: spec.name.clone(),
-            name: name.to_owned(),
-            handler: agent.handler.clone(),
-            outputs: spec.outputs_of(&agent.name),
-        })
-        .with_context(|| format!("agent `{name}` did not join the group"))?;
-    Ok(())
-}
-
 fn stop_all(vms: Vec<(String, AgentVm)>) {
     let stops: Vec<_> = vms
         .into_iter()
@@ -570,15 +519,6 @@ fn stop_all(vms: Vec<(String, AgentVm)>) {
     for stop in stops {
         let _ = stop.join();
     }
-}
-
-fn groups_dir(cache: &Path) -> PathBuf {
-    cache.join("groups")
-}
-
-/// Where the last trace of group `name` is kept.
-pub fn trace_path(cache: &Path, name: &str) -> PathBuf {
-    groups_dir(cache).join(name).join("trace.jsonl")
 }
 
 fn save_trace(cache: &Path, report: &GroupReport) -> anyhow::Result<PathBuf> {
