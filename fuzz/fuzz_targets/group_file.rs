@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(
                     valid_peer_name(&agent.name) && agent.name != INPUT && agent.name != OUTPUT
                 );
-                assert!(agent.vcpus >= 1);
+                assert!(agent.vm.vcpus() >= 1);
                 spec.outputs_of(&agent.name);
             }
             spec.results_per_input();

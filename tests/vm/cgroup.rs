@@ -124,7 +124,7 @@ fn a_cpuset_outside_the_online_cpus_is_refused_in_one_line() {
     assert_refused_in_one_line(
         "cpuset",
         &["--cpuset", "4095"],
-        "--cpuset 4095: CPU 4095 is not online here",
+        "cpuset 4095: CPU 4095 is not online here",
     );
 }
 

@@ -117,11 +117,7 @@ pub struct CarrierRun {
 pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<ExitStatus> {
     let started = Instant::now();
     let cache = image::default_cache_dir();
-    let carrier = image::find_image(&cache, CARRIER_IMAGE).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; run `scripts/setup` (or `agentos image build`) to build the carrier image"
-        )
-    })?;
+    let carrier = image::find_image(&cache, CARRIER_IMAGE)?;
     let qemu_major = which_qemu()?;
     let exe = std::env::current_exe().context("cannot find the agentos binary")?;
     let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];

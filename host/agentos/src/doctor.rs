@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::qemu;
-use agentos_core::agent::vm::{AgentVm, BootOptions};
+use agentos_core::agent::spec::AgentSpec;
+use agentos_core::agent::vm::AgentVm;
 use agentos_core::cgroup::{Controller, Layout};
 use agentos_image::{self as image, AGENT_IMAGE, CARRIER_IMAGE};
 use agentos_jail::JailLevel;
@@ -101,18 +102,15 @@ pub fn linux_kvm(cache: &Path, force_probe: bool) -> LinuxKvm {
 
 /// Boots the agent image directly on this host's KVM and waits for its agent.
 fn probe_linux(cache: &Path) -> LinuxKvm {
-    let img = match image::find_image(cache, AGENT_IMAGE) {
-        Ok(img) => img,
+    let mut opts = match AgentSpec::default().boot_options(cache) {
+        Ok(opts) => opts,
         Err(_) => {
             return LinuxKvm::Unknown {
                 reason: "no agent image to probe with: run `scripts/setup`".into(),
             };
         }
     };
-    let opts = BootOptions {
-        boot_timeout: PROBE_TIMEOUT,
-        ..BootOptions::of_image(&img)
-    };
+    opts.boot_timeout = PROBE_TIMEOUT;
     match AgentVm::boot(&opts) {
         Ok(vm) => {
             let boot_ms = vm.boot_time().as_millis() as u64;

@@ -1,18 +1,14 @@
 //! Flags several commands share: an agent VM's shape and slice, and `--env`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentos::daemon::api::MAX_BOOT_TIMEOUT_S;
 use agentos::placement::CarrierChoice;
-use agentos_core::agent::vm::{
-    BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
-};
+use agentos_core::agent::spec::{AgentRequest, AgentSpec};
+use agentos_core::agent::vm::BootOptions;
 use agentos_core::cgroup::PriorityClass;
-use agentos_image::{self as image, AGENT_IMAGE};
-use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
-use agentos_vmm::devices::virtio::block::disk_size;
-use anyhow::{Context, bail};
+use agentos_vmm::config::MAX_VCPUS;
 
 /// The CPU slice and admission flags of an agent, as `run` and `spawn` take them.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -38,18 +34,6 @@ pub struct SliceArgs {
     /// instead of failing.
     #[arg(long)]
     pub wait: bool,
-}
-
-impl SliceArgs {
-    /// The CPU part of the slice these flags ask for.
-    pub fn cpu(&self) -> CpuSlice {
-        CpuSlice {
-            cpus: self.cpus,
-            weight: self.weight.or(self.class.map(PriorityClass::weight)),
-            cpuset: self.cpuset.clone(),
-            pin: self.pin,
-        }
-    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -107,91 +91,44 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 impl VmArgs {
-    /// Checks what a user can get wrong, before anything is started.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// The agent these flags ask for, restored `from` a snapshot when one is given (clap keeps
+    /// the flags that a snapshot decides from being given beside it).
+    pub fn request(&self, from: Option<&Path>) -> AgentRequest {
+        AgentRequest {
+            vcpus: Some(self.vcpus).filter(|_| from.is_none()),
+            memory_mib: self.memory,
+            cpus: self.slice.cpus,
+            weight: self.slice.weight,
+            class: self.slice.class,
+            cpuset: self.slice.cpuset.clone(),
+            pin: self.slice.pin,
+            model: None,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            disks: self.disk.clone(),
+            kernel_args: self.kernel_args.clone(),
+            from: from.map(Path::to_owned),
+        }
+    }
+
+    /// Checks what a user can get wrong, before anything is started; warns of `--no-jail`.
+    pub fn validate(&self, from: Option<&Path>) -> anyhow::Result<AgentSpec> {
         if self.no_jail {
             eprintln!(
                 "agentos: WARNING: --no-jail runs the VMM unconfined (no namespaces, private root or capability drop); a guest that breaks out of KVM reaches this host with the VMM's privileges. Use it for debugging only."
             );
         }
-        let memory = self.memory.unwrap_or(DEFAULT_MEMORY_MIB);
-        if memory < MIN_MEMORY_MIB {
-            bail!(
-                "--memory {memory} MiB is too small: an agent VM needs at least {MIN_MEMORY_MIB} MiB"
-            );
-        }
-        if memory > MAX_MEMORY_MIB {
-            bail!("--memory {memory} MiB is more than the {MAX_MEMORY_MIB} MiB limit");
-        }
-        let cpu = self.slice.cpu();
-        agentos_core::cgroup::Slice {
-            cpus: cpu.cpus,
-            weight: cpu.weight,
-            cpuset: cpu.cpuset,
-            ..Default::default()
-        }
-        .validate()?;
-        for path in [&self.kernel, &self.initrd].into_iter().flatten() {
-            if !path.is_file() {
-                bail!("{} does not exist or is not a file", path.display());
-            }
-        }
-        if self.disk.len() > MAX_DISKS {
-            bail!(
-                "{} disks given; a VM has at most {MAX_DISKS}",
-                self.disk.len()
-            );
-        }
-        for path in &self.disk {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open the disk {}", path.display()))?;
-            disk_size(&file).with_context(|| format!("{} cannot be a disk", path.display()))?;
-        }
-        Ok(())
+        Ok(self.request(from).validate()?)
     }
 
-    /// Kernel and initrd: given, or the agent image's.
-    pub fn boot_options(&self) -> anyhow::Result<BootOptions> {
-        let (kernel, initrd) = match (&self.kernel, &self.initrd) {
-            (Some(k), Some(i)) => (k.clone(), i.clone()),
-            (kernel, initrd) => {
-                let cache = image::default_cache_dir();
-                let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
-                    )
-                })?;
-                (
-                    kernel
-                        .clone()
-                        .unwrap_or_else(|| img.boot_kernel().to_owned()),
-                    initrd.clone().unwrap_or(img.initrd),
-                )
-            }
-        };
-        Ok(self.boot_options_with(kernel, initrd))
-    }
-
-    /// The VM these flags ask for, booting `kernel` and `initrd`.
-    pub fn boot_options_with(&self, kernel: PathBuf, initrd: PathBuf) -> BootOptions {
-        BootOptions {
-            vcpus: self.vcpus,
-            memory_mib: self.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            kernel,
-            initrd,
-            extra_initrds: Vec::new(),
-            disks: self.disk.clone(),
-            model_disks: None,
-            extra_cmdline: self.kernel_args.clone(),
-            console: self.console,
-            boot_timeout: Duration::from_secs(self.boot_timeout),
-            cpu: self.slice.cpu(),
-            wait_for_room: self.slice.wait,
-            console_log: None,
-            abort: None,
-            no_jail: self.no_jail,
-            from: None,
-            snapshot_to: None,
-        }
+    /// The VMM's options for `spec`, run as these flags say: console, boot timeout, jail, and
+    /// waiting for room.
+    pub fn boot_options(&self, spec: &AgentSpec) -> anyhow::Result<BootOptions> {
+        let mut opts = spec.boot_options(&agentos_image::default_cache_dir())?;
+        opts.console = self.console;
+        opts.boot_timeout = Duration::from_secs(self.boot_timeout);
+        opts.wait_for_room = self.slice.wait;
+        opts.no_jail = self.no_jail;
+        Ok(opts)
     }
 }

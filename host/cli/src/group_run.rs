@@ -18,11 +18,11 @@ use agentos::group::report::{AgentReport, GroupReport, groups_dir, join_member, 
 use agentos::group::router::{GroupResult, PendingInput, Router};
 use agentos::group::trace::{self, EventKind, TraceLog};
 use agentos::placement::{self, CarrierChoice, Placement};
-use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, VmError};
+use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
 use agentos_core::rundir::RunDir;
 use agentos_core::signals;
-use agentos_image::model::{ModelDisks, ModelStore, carrier_copies, model_disks};
-use agentos_image::{self as image, AGENT_IMAGE};
+use agentos_image::model::{ModelStore, carrier_copies};
+use agentos_image::{self as image};
 
 /// The carrier's memory beyond its agents' VMs: its own system, and the images it holds.
 const CARRIER_BASE_MIB: u64 = 2048;
@@ -140,30 +140,33 @@ fn boot_and_run(
     cache: &Path,
     started: Instant,
 ) -> anyhow::Result<Option<GroupReport>> {
-    let img = image::find_image(cache, AGENT_IMAGE).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
-        )
-    })?;
     let store = ModelStore::new(cache);
-    let mut disks: BTreeMap<String, ModelDisks> = BTreeMap::new();
+    // Each agent's options, its model's disks built here (also for a carrier's copies).
+    let mut opts_of: BTreeMap<String, BootOptions> = BTreeMap::new();
     let mut carrier_files = Vec::new();
     for agent in &spec.agents {
-        let Some(Handler::Infer { model, task, .. }) = &agent.handler else {
-            continue;
-        };
-        let bundle = store
-            .find(model)
-            .with_context(|| format!("agent `{}`", agent.name))?;
-        if !bundle.manifest.tasks.contains(task) {
-            bail!(
-                "agent `{}`: model `{model}` does not do {task} (see `agentos model ls`)",
-                agent.name
-            );
+        if let Some(Handler::Infer { model, task, .. }) = &agent.handler {
+            let bundle = store
+                .find(model)
+                .with_context(|| format!("agent `{}`", agent.name))?;
+            if !bundle.manifest.tasks.contains(task) {
+                bail!(
+                    "agent `{}`: model `{model}` does not do {task} (see `agentos model ls`)",
+                    agent.name
+                );
+            }
         }
-        let disk = model_disks(&store, &bundle, &img.manifest.libraries)?;
-        carrier_files.extend(carrier_copies(&store, &disk, &bundle));
-        disks.insert(agent.name.clone(), disk);
+        let mut opts = agent
+            .vm
+            .boot_options(cache)
+            .with_context(|| format!("agent `{}`", agent.name))?;
+        if let (Some(disks), Some(model)) = (&opts.model_disks, &agent.model) {
+            carrier_files.extend(carrier_copies(&store, disks, &store.find(model)?));
+        }
+        opts.console = args.console;
+        opts.boot_timeout = Duration::from_secs(args.boot_timeout);
+        opts.extra_initrds.extend(args.extra_initrd.iter().cloned());
+        opts_of.insert(agent.name.clone(), opts);
     }
 
     let report = if placement::decide(args.carrier)? == Placement::Carrier {
@@ -171,12 +174,7 @@ fn boot_and_run(
         carrier_files.dedup();
         run_in_carrier(args, spec, &input, carrier_files)?
     } else {
-        let base = BootOptions {
-            console: args.console,
-            boot_timeout: Duration::from_secs(args.boot_timeout),
-            ..BootOptions::of_image(&img)
-        };
-        match run_here(spec, input, &base, &disks, args, started)? {
+        match run_here(spec, input, &opts_of, started, args)? {
             Some(report) => report,
             None => return Ok(None),
         }
@@ -248,7 +246,7 @@ fn run_in_carrier(
     let vm_memory: u64 = spec
         .members()
         .iter()
-        .map(|(_, a)| memory_of(a) + agentos_core::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
+        .map(|(_, a)| a.vm.memory_mib() + agentos_core::agent::vm::VMM_MEMORY_ALLOWANCE_MIB)
         .sum();
     let spec = CarrierRun {
         argv,
@@ -276,18 +274,13 @@ fn run_in_carrier(
     serde_json::from_slice(line).context("the group run in the carrier printed a malformed report")
 }
 
-fn memory_of(agent: &file::AgentSpec) -> u64 {
-    agent.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
-}
-
 /// Boots the agents here, runs the input through them and stops them. `None`: interrupted.
 fn run_here(
     spec: &GroupSpec,
     input: String,
-    base: &BootOptions,
-    disks: &BTreeMap<String, ModelDisks>,
-    args: &GroupRunArgs,
+    opts_of: &BTreeMap<String, BootOptions>,
     started: Instant,
+    args: &GroupRunArgs,
 ) -> anyhow::Result<Option<GroupReport>> {
     let trace_dir = RunDir::create("trace").context("cannot create a run directory")?;
     let trace_path = trace_dir.join("trace.jsonl");
@@ -301,21 +294,9 @@ fn run_here(
     // Every agent boots at once; each VM is its own process.
     let opts: Vec<BootOptions> = members
         .iter()
-        .map(|(_, agent)| {
-            let mut opts = base.clone();
-            opts.vcpus = agent.vcpus;
-            opts.memory_mib = memory_of(agent);
-            opts.model_disks = disks.get(&agent.name).cloned();
-            opts.extra_initrds.extend(args.extra_initrd.iter().cloned());
-            opts.cpu = CpuSlice {
-                cpus: agent.cpus,
-                weight: agent.weight,
-                cpuset: agent.cpuset.clone(),
-                pin: false,
-            };
-            opts
-        })
-        .collect();
+        .map(|(_, agent)| opts_of.get(&agent.name).cloned())
+        .collect::<Option<_>>()
+        .context("a member of the group has no options")?;
     let mut vms: Vec<(String, AgentVm)> = Vec::new();
     let mut failure = None;
     for ((member, _), booted) in members.iter().zip(AgentVm::boot_all(&opts)) {

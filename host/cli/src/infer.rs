@@ -13,10 +13,11 @@ use serde::Serialize;
 use crate::flags::VmArgs;
 use agentos::carrier;
 use agentos::placement::{self, Placement};
+use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, VmError};
 use agentos_core::signals;
-use agentos_image::model::{ModelStore, carrier_copies, model_disks};
-use agentos_image::{self as image, AGENT_IMAGE};
+use agentos_image::model::{ModelStore, carrier_copies};
+use agentos_image::{self as image};
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct InferArgs {
@@ -78,7 +79,13 @@ struct JsonInference<'a> {
 }
 
 /// `agentos run --model NAME`: `vm` and `infer` are the flags of `run`; `json` its `--json`.
-pub fn run(vm: &VmArgs, infer: &InferArgs, json: bool, started: Instant) -> anyhow::Result<i32> {
+pub fn run(
+    vm_args: &VmArgs,
+    infer: &InferArgs,
+    json: bool,
+    started: Instant,
+) -> anyhow::Result<i32> {
+    let vm = vm_args;
     let name = infer.model.as_deref().context("no --model given")?;
     let cache = image::default_cache_dir();
     let store = ModelStore::new(&cache);
@@ -93,12 +100,17 @@ pub fn run(vm: &VmArgs, infer: &InferArgs, json: bool, started: Instant) -> anyh
     };
     let inputs = read_inputs(&infer.input, infer.input_file.as_deref())?;
 
-    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; run `scripts/setup` (or `agentos image build`) to build the guest image"
-        )
-    })?;
-    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    let spec = AgentRequest {
+        model: Some(name.to_owned()),
+        ..vm.request(None)
+    };
+    let spec = spec.validate()?;
+    // The model's disks are built here, on the host, also for a carrier that takes copies.
+    let opts = vm_args.boot_options(&spec)?;
+    let disks = opts
+        .model_disks
+        .clone()
+        .context("an agent with a model has its disks")?;
 
     if placement::decide(vm.carrier)? == Placement::Carrier {
         let mut files = carrier_copies(&store, &disks, &bundle);
@@ -112,8 +124,6 @@ pub fn run(vm: &VmArgs, infer: &InferArgs, json: bool, started: Instant) -> anyh
         files.extend([&vm.kernel, &vm.initrd].into_iter().flatten().cloned());
         return carrier::rerun_inside(files);
     }
-    let mut opts = vm.boot_options()?;
-    opts.model_disks = Some(disks);
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),

@@ -90,12 +90,15 @@ struct GuestBoot {
 }
 
 pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
-    args.vm.validate()?;
     args.infer.validate()?;
     if args.infer.model.is_some() {
         return crate::infer::run(&args.vm, &args.infer, args.json, started);
     }
-    let from = args.from.as_deref().map(snapshot_shape).transpose()?;
+    let spec = args.vm.validate(args.from.as_deref())?;
+    if let Some(dir) = &args.from {
+        // Refused here, before a carrier would be started for it.
+        snapshot_shape(dir)?;
+    }
     if let Some(dir) = &args.snapshot_to {
         check_snapshot_target(dir, args.from.as_deref())?;
     }
@@ -119,13 +122,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         }
         return carrier::rerun_inside(files);
     }
-    let mut opts = args.vm.boot_options()?;
-    if let (Some(dir), Some((vcpus, memory_mib))) = (&args.from, from) {
-        opts.from = Some(dir.clone());
-        opts.model_disks = model_disks_of(dir)?;
-        opts.vcpus = vcpus;
-        opts.memory_mib = memory_mib;
-    }
+    let mut opts = args.vm.boot_options(&spec)?;
     opts.snapshot_to = args.snapshot_to.clone();
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
@@ -240,49 +237,40 @@ mod tests {
     #[test]
     fn too_little_memory_is_refused_with_the_minimum() {
         let cli = Cli::parse_from(["t", "--memory", "64", "--", "true"]);
-        let err = cli.run.vm.validate().unwrap_err().to_string();
-        assert!(err.contains("at least 128 MiB"), "{err}");
+        let err = cli.run.vm.validate(None).unwrap_err().to_string();
+        assert!(err.starts_with("memory 64 MiB: use 128 to"), "{err}");
     }
 
     #[test]
-    fn disks_that_cannot_be_disks_are_refused_before_boot() {
-        let dir = std::env::temp_dir().join(format!("agentos-run-disk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let odd = dir.join("odd.img");
-        std::fs::write(&odd, [0u8; 1000]).unwrap();
-        let empty = dir.join("empty.img");
-        std::fs::write(&empty, []).unwrap();
-        let good = dir.join("good.img");
-        std::fs::write(&good, [0u8; 1024]).unwrap();
-        let refusal = |disk: &std::path::Path| {
-            let cli = Cli::parse_from(["t", "--disk", disk.to_str().unwrap(), "--", "true"]);
-            format!("{:#}", cli.run.vm.validate().unwrap_err())
-        };
-        let err = refusal(&odd);
-        assert!(err.contains("odd.img cannot be a disk"), "{err}");
-        assert!(
-            err.contains("1000 bytes, is not a whole number of 512-byte sectors"),
-            "{err}"
-        );
-        assert!(refusal(&empty).contains("the disk file is empty"));
-        assert!(refusal(&dir.join("missing.img")).contains("cannot open the disk"));
-        assert!(refusal(&dir).contains("not a regular file"));
-        let good = good.to_str().unwrap();
-        let nine: Vec<&str> = ["t"]
-            .into_iter()
-            .chain(std::iter::repeat_n(["--disk", good], 9).flatten())
-            .chain(["--", "true"])
-            .collect();
-        let err = Cli::parse_from(nine)
-            .run
-            .vm
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "9 disks given; a VM has at most 8");
-        let cli = Cli::parse_from(["t", "--disk", good, "--", "true"]);
-        cli.run.vm.validate().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn the_flags_make_the_agent_request() {
+        let cli = Cli::parse_from([
+            "t",
+            "--vcpus",
+            "2",
+            "--memory",
+            "512",
+            "--disk",
+            "/d.img",
+            "--kernel-args",
+            "quiet",
+            "--cpuset",
+            "0",
+            "--",
+            "true",
+        ]);
+        let request = cli.run.vm.request(None);
+        assert_eq!(request.vcpus, Some(2));
+        assert_eq!(request.memory_mib, Some(512));
+        assert_eq!(request.disks, [PathBuf::from("/d.img")]);
+        assert_eq!(request.kernel_args.as_deref(), Some("quiet"));
+        assert_eq!(request.cpuset.as_deref(), Some("0"));
+        // A restored agent's vCPUs are its snapshot's, whatever the default says.
+        let cli = Cli::parse_from(["t", "--from", "/s", "--", "true"]);
+        let request = cli.run.vm.request(cli.run.from.as_deref());
+        assert_eq!(request.vcpus, None);
+        assert_eq!(request.from, Some(PathBuf::from("/s")));
+        let err = cli.run.vm.validate(Some(std::path::Path::new("/s")));
+        assert!(err.is_ok(), "{err:?}");
     }
 
     #[test]
@@ -299,11 +287,11 @@ mod tests {
     #[test]
     fn a_class_is_a_weight_and_excludes_one() {
         let cli = Cli::parse_from(["t", "--class", "interactive", "--", "true"]);
-        let opts = cli.run.vm.boot_options_with(PathBuf::new(), PathBuf::new());
-        assert_eq!(opts.cpu.weight, Some(10_000));
+        let spec = cli.run.vm.validate(None).unwrap();
+        assert_eq!(spec.cpu().weight, Some(10_000));
         let cli = Cli::parse_from(["t", "--weight", "300", "--", "true"]);
-        let opts = cli.run.vm.boot_options_with(PathBuf::new(), PathBuf::new());
-        assert_eq!(opts.cpu.weight, Some(300));
+        let spec = cli.run.vm.validate(None).unwrap();
+        assert_eq!(spec.cpu().weight, Some(300));
         assert!(Cli::try_parse_from(["t", "--class", "idle", "--weight", "5", "--", "x"]).is_err());
         assert!(Cli::try_parse_from(["t", "--class", "urgent", "--", "x"]).is_err());
     }

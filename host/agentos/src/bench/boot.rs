@@ -283,8 +283,7 @@ fn linux_bench(
     firecracker: Option<&Path>,
 ) -> anyhow::Result<LinuxResults> {
     let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE)
-        .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
+    let img = image::find_image(&cache, AGENT_IMAGE)?;
     qemu::which(qemu::QEMU)
         .with_context(|| format!("{} is not installed: {}", qemu::QEMU, qemu::INSTALL_HINT))?;
     let dir = RunDir::create("bench-linux")?;

@@ -24,8 +24,9 @@ use super::ratio;
 use super::{percentile, round};
 use crate::carrier;
 use crate::placement::{self, CarrierChoice, Placement};
+use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions};
-use agentos_image::model::{ModelDisks, ModelStore, carrier_files, model_disks};
+use agentos_image::model::{ModelStore, carrier_files};
 use agentos_image::{self as image, AGENT_IMAGE};
 
 /// Target of the VM/native ratio of latencies.
@@ -120,8 +121,7 @@ struct Side {
 pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
     let cache = image::default_cache_dir();
     let store = ModelStore::new(&cache);
-    let img = image::find_image(&cache, AGENT_IMAGE)
-        .context("the agent image is missing: run `scripts/setup`")?;
+    let img = image::find_image(&cache, AGENT_IMAGE)?;
     let worker = std::env::current_exe()
         .context("cannot find the agentos binary")?
         .with_file_name("agentos-infer");
@@ -146,7 +146,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
     }
     let placement = placement.label();
     eprintln!("agentos bench infer: an agent without a model");
-    let no_model = measure_baseline(&img)?;
+    let no_model = measure_baseline()?;
     let mut tasks = Vec::new();
     for &(name, task) in CASES {
         let bundle = store.find(name)?;
@@ -156,8 +156,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         eprintln!("agentos bench infer: {name} {task}: native");
         let native = measure_native(&worker, &store, name, task, args.requests)?;
         eprintln!("agentos bench infer: {name} {task}: VM");
-        let disk = model_disks(&store, &bundle, &img.manifest.libraries)?;
-        let vm = measure_vm(&img, Some(disk), name, task, args.requests)?;
+        let vm = measure_vm(name, task, args.requests)?;
         let ratio_p50 = ratio(vm.p50_ms, native.p50_ms);
         let ratio_p99 = ratio(vm.p99_ms, native.p99_ms);
         tasks.push(TaskResult {
@@ -255,16 +254,18 @@ fn round2(x: f64) -> f64 {
     round(x, 2)
 }
 
-fn boot_options(img: &image::BuiltImage, model_disks: Option<ModelDisks>) -> BootOptions {
-    BootOptions {
-        model_disks,
-        boot_timeout: BOOT_TIMEOUT,
-        ..BootOptions::of_image(img)
-    }
+/// An agent with `model` (or none), up to [`BOOT_TIMEOUT`] to come up.
+fn boot_options(model: Option<&str>) -> anyhow::Result<BootOptions> {
+    let mut opts = super::agent_options(AgentRequest {
+        model: model.map(str::to_owned),
+        ..Default::default()
+    })?;
+    opts.boot_timeout = BOOT_TIMEOUT;
+    Ok(opts)
 }
 
-fn measure_baseline(img: &image::BuiltImage) -> anyhow::Result<Baseline> {
-    let vm = AgentVm::boot(&boot_options(img, None)).context("the agent VM did not boot")?;
+fn measure_baseline() -> anyhow::Result<Baseline> {
+    let vm = AgentVm::boot(&boot_options(None)?).context("the agent VM did not boot")?;
     let boot_ms = vm.boot_time().as_secs_f64() * 1000.0;
     let rss = vm.vmm_pid().map_or(0.0, rss_mib);
     vm.shutdown();
@@ -274,15 +275,8 @@ fn measure_baseline(img: &image::BuiltImage) -> anyhow::Result<Baseline> {
     })
 }
 
-fn measure_vm(
-    img: &image::BuiltImage,
-    model_disks: Option<ModelDisks>,
-    model: &str,
-    task: Task,
-    requests: u32,
-) -> anyhow::Result<Side> {
-    let mut vm =
-        AgentVm::boot(&boot_options(img, model_disks)).context("the agent VM did not boot")?;
+fn measure_vm(model: &str, task: Task, requests: u32) -> anyhow::Result<Side> {
+    let mut vm = AgentVm::boot(&boot_options(Some(model))?).context("the agent VM did not boot")?;
     let boot_ms = vm.boot_time().as_secs_f64() * 1000.0;
     let measured = measure(model, task, requests, |req| {
         vm.conn().infer(req).context("the agent did not answer")

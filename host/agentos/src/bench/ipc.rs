@@ -24,9 +24,9 @@ use crate::group::router::Router;
 use crate::group::trace::TraceLog;
 use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
-use agentos_core::agent::vm::{AgentVm, BootOptions};
+use agentos_core::agent::spec::AgentRequest;
+use agentos_core::agent::vm::AgentVm;
 use agentos_core::rundir::RunDir;
-use agentos_image::{self as image, AGENT_IMAGE};
 
 const SMALL_BYTES: usize = 64;
 const LARGE_BYTES: usize = 64 * 1024;
@@ -90,16 +90,13 @@ impl Side {
 }
 
 pub fn run(args: &IpcBenchArgs) -> anyhow::Result<i32> {
-    let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE)
-        .context("the agent image is missing: run `scripts/setup`")?;
     let placement = placement::decide(args.carrier)?;
     if placement == Placement::Carrier {
         return carrier::rerun_inside(Vec::new());
     }
     let placement = placement.label();
 
-    let base = BootOptions::of_image(&img);
+    let base = super::agent_options(AgentRequest::default())?;
     eprintln!("agentos bench ipc: booting two agents");
     let mut vms = Vec::new();
     for booted in AgentVm::boot_all(&[base.clone(), base]) {

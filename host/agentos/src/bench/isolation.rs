@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{percentile, ratio, round};
-use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
+use agentos_core::agent::spec::AgentRequest;
+use agentos_core::agent::vm::AgentVm;
 use agentos_core::cgroup::PriorityClass;
 use agentos_image::model::{Bundle, ModelDisks, ModelStore, carrier_copies, model_disks};
 use agentos_image::{self as image, AGENT_IMAGE, BuiltImage};
@@ -70,12 +71,11 @@ pub fn carrier_files() -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub fn measure(requests: u32) -> anyhow::Result<IsolationResult> {
-    let (img, _, _, disk) = model_parts()?;
-    let opts = BootOptions {
-        model_disks: Some(disk),
-        cpu: class_slice(PriorityClass::Interactive),
-        ..BootOptions::of_image(&img)
-    };
+    let opts = super::agent_options(AgentRequest {
+        model: Some(MODEL.to_owned()),
+        class: Some(PriorityClass::Interactive),
+        ..Default::default()
+    })?;
     let mut agent = AgentVm::boot(&opts).context("the interactive agent did not boot")?;
     let cgroup = agent
         .cgroup()
@@ -88,11 +88,11 @@ pub fn measure(requests: u32) -> anyhow::Result<IsolationResult> {
 
     eprintln!("agentos bench sched: isolation: {NEIGHBOURS} neighbours, same weight");
     cgroup.set_weight(PriorityClass::Batch.weight())?;
-    let same_weight = beside_hogs(&img, &mut agent, requests)?;
+    let same_weight = beside_hogs(&mut agent, requests)?;
 
     eprintln!("agentos bench sched: isolation: {NEIGHBOURS} batch neighbours");
     cgroup.set_weight(PriorityClass::Interactive.weight())?;
-    let batch = beside_hogs(&img, &mut agent, requests)?;
+    let batch = beside_hogs(&mut agent, requests)?;
     drop(cgroup);
     agent.shutdown();
 
@@ -114,13 +114,6 @@ pub fn measure(requests: u32) -> anyhow::Result<IsolationResult> {
     })
 }
 
-fn class_slice(class: PriorityClass) -> CpuSlice {
-    CpuSlice {
-        weight: Some(class.weight()),
-        ..CpuSlice::default()
-    }
-}
-
 /// `requests` inference latencies, in milliseconds, measured from the host.
 fn latencies(agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
     let mut ms = Vec::new();
@@ -139,12 +132,12 @@ fn latencies(agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
 }
 
 /// Latencies while `NEIGHBOURS` batch agents burn CPU; they are stopped afterwards.
-fn beside_hogs(img: &BuiltImage, agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
-    let opts = BootOptions {
-        memory_mib: HOG_MEMORY_MIB,
-        cpu: class_slice(PriorityClass::Batch),
-        ..BootOptions::of_image(img)
-    };
+fn beside_hogs(agent: &mut AgentVm, requests: u32) -> anyhow::Result<Vec<f64>> {
+    let opts = super::agent_options(AgentRequest {
+        memory_mib: Some(HOG_MEMORY_MIB),
+        class: Some(PriorityClass::Batch),
+        ..Default::default()
+    })?;
     let mut hogs = Vec::new();
     for booted in AgentVm::boot_all(&vec![opts; NEIGHBOURS]) {
         hogs.push(booted.context("a neighbour did not boot")?);

@@ -9,6 +9,8 @@ pub mod isolation;
 pub mod sched;
 pub mod start;
 
+use agentos_core::agent::spec::AgentRequest;
+use agentos_core::agent::vm::BootOptions;
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Subcommand, Debug)]
@@ -27,6 +29,14 @@ pub enum BenchCommand {
     /// disks): time to the first exec reply (or inference) and host memory per idle agent, with
     /// ratios.
     Start(start::StartBenchArgs),
+}
+
+/// The options of a benchmark's agent: `request` checked as every agent's is, with this host's
+/// guest image and models.
+fn agent_options(request: AgentRequest) -> anyhow::Result<BootOptions> {
+    Ok(request
+        .validate()?
+        .boot_options(&agentos_image::default_cache_dir())?)
 }
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {

@@ -23,9 +23,9 @@ use super::isolation::{self, IsolationResult};
 use super::{Stats, round};
 use crate::carrier;
 use crate::placement::{self, CarrierChoice, Placement};
+use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use agentos_core::cgroup::{AgentCgroup, CgroupStats};
-use agentos_image::{self as image, AGENT_IMAGE};
 
 const QUOTAS: [f64; 3] = [0.25, 0.5, 1.0];
 const WEIGHTS: [u32; 2] = [100, 300];
@@ -188,19 +188,21 @@ fn print_summary(r: &SchedResults) {
 }
 
 /// How the benchmark's agents boot: the agent image, one vCPU, `cpu` as their slice.
-fn boot_options(img: &image::BuiltImage, cpu: CpuSlice) -> BootOptions {
-    BootOptions {
-        memory_mib: MEMORY_MIB,
-        boot_timeout: BOOT_TIMEOUT,
-        cpu,
-        ..BootOptions::of_image(img)
-    }
+fn boot_options(cpu: CpuSlice) -> anyhow::Result<BootOptions> {
+    let mut opts = super::agent_options(AgentRequest {
+        memory_mib: Some(MEMORY_MIB),
+        cpus: cpu.cpus,
+        weight: cpu.weight,
+        cpuset: cpu.cpuset,
+        pin: cpu.pin,
+        ..Default::default()
+    })?;
+    opts.boot_timeout = BOOT_TIMEOUT;
+    Ok(opts)
 }
 
 fn boot(cpu: CpuSlice) -> anyhow::Result<AgentVm> {
-    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
-        .context("the agent image is missing: run `scripts/setup`")?;
-    let vm = AgentVm::boot(&boot_options(&img, cpu)).context("the agent VM did not boot")?;
+    let vm = AgentVm::boot(&boot_options(cpu)?).context("the agent VM did not boot")?;
     if vm.cgroup().is_none() {
         bail!("agents get no cgroup on this host (see `agentos doctor`)");
     }

@@ -25,9 +25,13 @@ use crate::carrier::{self, CarrierRun};
 use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::pool::Spawner;
+use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
-use agentos_image::model::{DiskDevice, ModelDisks, ModelStore, carrier_copies, model_disks};
-use agentos_image::{self as image, AGENT_IMAGE};
+use agentos_image::model::{DiskDevice, ModelStore, carrier_copies};
+use agentos_image::{self as image};
+
+/// At most this many agents started at once, or up together, in one measurement.
+const MAX_AGENTS_AT_ONCE: i64 = 64;
 
 #[derive(clap::Args, Debug)]
 pub struct StartBenchArgs {
@@ -37,10 +41,10 @@ pub struct StartBenchArgs {
     /// How many agents start at once, each way, for the concurrent runs: one run per number
     /// (comma-separated). Agents the host has no room for are refused and counted, not waited
     /// for; those it cannot boot within the boot timeout (5 min) are counted too.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 10], value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10], value_parser = clap::value_parser!(u32).range(1..=MAX_AGENTS_AT_ONCE))]
     pub at_once: Vec<u32>,
     /// Agents up together, each way, for the memory figures.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=MAX_AGENTS_AT_ONCE))]
     pub pss_agents: u32,
     /// Guest memory of each agent, in MiB.
     #[arg(long, default_value_t = 256)]
@@ -297,12 +301,15 @@ fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
     // Room for the snapshot, the agents and their clones.
     let most = args.at_once.iter().copied().chain([args.pss_agents]).max();
     let memory_mib = (4096 + 2 * u64::from(most.unwrap_or(1)) * (args.memory + 64)).min(16384);
-    let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE)
-        .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
-    let store = ModelStore::new(&cache);
+    let store = ModelStore::new(&image::default_cache_dir());
     let bundle = store.find(&args.model)?;
-    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    let model = super::agent_options(AgentRequest {
+        model: Some(args.model.clone()),
+        ..Default::default()
+    })?;
+    let disks = model
+        .model_disks
+        .context("an agent with a model has its disks")?;
     let mut files = carrier::agent_image_files();
     files.extend(carrier_copies(&store, &disks, &bundle));
     let spec = CarrierRun {
@@ -331,11 +338,10 @@ impl Drop for SnapshotDir {
 }
 
 fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResults> {
-    let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE)
-        .map_err(|e| anyhow::anyhow!("{e}; run `scripts/setup` to build the guest image"))?;
-    let mut cold = BootOptions::of_image(&img);
-    cold.memory_mib = args.memory;
+    let cold = super::agent_options(AgentRequest {
+        memory_mib: Some(args.memory),
+        ..Default::default()
+    })?;
     let (dir, restore) = save_template(&cold, "bench-start", &exec_true)?;
     let snapshot_memory_bytes = allocated_bytes(&dir.0.join(agentos_vmm::snapshot::MEMORY_FILE));
 
@@ -369,12 +375,11 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
     let cold_pss = start_many(&vec![cold.clone(); n], None)?.pss_kib;
     let restore_pss = start_many(&vec![restore; n], None)?.pss_kib;
     let plain = Plain {
-        opts: &cold,
         ms: &cold_ms,
         pss: (&cold_pss, &restore_pss),
     };
-    let model = measure_model(args, &img, &plain, DiskDevice::Pmem)?;
-    let model_block = measure_model(args, &img, &plain, DiskDevice::Block)?;
+    let model = measure_model(args, &plain, DiskDevice::Pmem)?;
+    let model_block = measure_model(args, &plain, DiskDevice::Block)?;
     let cold = StartTimes::of(&cold_ms);
     let restore = StartTimes::of(&restore_ms);
     let pool = StartTimes::of(&pool_ms);
@@ -401,10 +406,8 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
     })
 }
 
-/// Plain agents as they were measured: their options, cold boot times and idle PSS (cold,
-/// restored).
+/// Plain agents as they were measured: their cold boot times and idle PSS (cold, restored).
 struct Plain<'a> {
-    opts: &'a BootOptions,
     ms: &'a [f64],
     pss: (&'a [f64], &'a [f64]),
 }
@@ -412,7 +415,6 @@ struct Plain<'a> {
 /// Agents with `args.model` on `device`, started the ways `plain` agents were.
 fn measure_model(
     args: &StartBenchArgs,
-    img: &image::BuiltImage,
     plain: &Plain<'_>,
     device: DiskDevice,
 ) -> anyhow::Result<ModelResults> {
@@ -424,7 +426,16 @@ fn measure_model(
         .tasks
         .first()
         .context("the model's manifest names no task")?;
-    let disks = model_disks(&store, &bundle, &img.manifest.libraries)?;
+    let mut cold = super::agent_options(AgentRequest {
+        memory_mib: Some(args.memory),
+        model: Some(args.model.clone()),
+        ..Default::default()
+    })?;
+    let disks = cold
+        .model_disks
+        .as_mut()
+        .context("an agent with a model has its disks")?;
+    disks.device = device;
     let disk_bytes = [&disks.runtime, &disks.bundle]
         .iter()
         .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
@@ -443,8 +454,6 @@ fn measure_model(
             .context("the model agent did not answer")?;
         Ok(started.elapsed().as_secs_f64() * 1000.0)
     };
-    let mut cold = plain.opts.clone();
-    cold.model_disks = Some(ModelDisks { device, ..disks });
 
     let (mut cold_ms, mut first_infer_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {

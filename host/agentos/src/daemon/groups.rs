@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use super::agent::{Agent, AgentConfig, BootHook};
 use super::api::{
     AgentState, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, GroupInputRequest, GroupUpReply,
-    GroupUpRequest, RestartPolicy, SpawnRequest,
+    GroupUpRequest, RestartPolicy,
 };
-use super::{Daemon, agent_config, to_value, unknown_agent};
+use super::{Daemon, configure, to_value, unknown_agent};
 use crate::group::file::{self, GroupSpec, Restart};
 use crate::group::report::{AgentReport, GroupReport, join_member, trace_path};
 use crate::group::router::Router;
@@ -328,26 +328,15 @@ fn member_configs(
     let mut configs = Vec::new();
     for (member, agent) in spec.members() {
         let name = member_name(&spec.name, &member);
-        let request = SpawnRequest {
-            name: name.clone(),
-            model: agent.model.clone(),
-            vcpus: Some(agent.vcpus),
-            memory_mib: agent.memory_mib,
-            cpus: agent.cpus,
-            cpuset: agent.cpuset.clone(),
-            weight: agent.weight,
-            restart: match agent.restart {
-                Restart::Never => RestartPolicy::Never,
-                Restart::OnFailure => RestartPolicy::OnFailure,
-            },
-            ..SpawnRequest::default()
+        let restart = match agent.restart {
+            Restart::Never => RestartPolicy::Never,
+            Restart::OnFailure => RestartPolicy::OnFailure,
         };
         // `+` is in no name: the log of `a/b` cannot be that of another member.
         let log = state.join(format!("{}+{member}.log", spec.name));
-        let mut config = agent_config(request, log, hang_timeout)
+        let mut config = configure(name.clone(), &agent.vm, restart, log, hang_timeout)
             .map_err(|e| ApiError::new(e.kind, format!("agent `{member}`: {}", e.message)))?;
         config.group = Some(spec.name.clone());
-        config.class = agent.class;
         let (spec, router) = (spec.clone(), router.clone());
         let hook: BootHook = Arc::new(move |vm| {
             join_member(&spec, &router, &member, vm).map_err(|e| format!("{e:#}"))

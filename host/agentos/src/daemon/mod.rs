@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::InferRequest;
 use agentos_protocol::peer::valid_peer_name;
-use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,17 +30,16 @@ use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
 use self::api::{
     AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MetricsReply,
-    PoolCreateRequest, PoolRequest, PsReply, Request, RmRequest, SnapshotRequest, SpawnRequest,
-    VersionReply,
+    PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy, RmRequest, SnapshotRequest,
+    SpawnRequest, VersionReply,
 };
 use crate::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::pool::Spawner;
-use agentos_core::agent::vm::{BootOptions, CpuSlice, DEFAULT_BOOT_TIMEOUT, DEFAULT_MEMORY_MIB};
-use agentos_core::agent::vm::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use agentos_core::agent::spec::{AgentRequest, AgentSpec, SpecError};
+use agentos_core::agent::vm::{BootOptions, DEFAULT_BOOT_TIMEOUT};
 use agentos_core::rundir::{self, RunDir};
 use agentos_core::{cgroup, signals};
-use agentos_image::model::{ModelDisks, ModelStore, model_disks};
-use agentos_image::{self as image, AGENT_IMAGE};
+use agentos_image as image;
 
 /// Agents one daemon keeps (running or not).
 pub const MAX_AGENTS: usize = 64;
@@ -789,80 +787,43 @@ fn agent_config(
     log: PathBuf,
     hang_timeout: Duration,
 ) -> Result<AgentConfig, ApiError> {
-    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
-    let vcpus = request.vcpus.unwrap_or(1);
-    if !(1..=MAX_VCPUS).contains(&vcpus) {
-        return Err(invalid(format!("vcpus {vcpus}: use 1 to {MAX_VCPUS}")));
-    }
-    let memory_mib = request.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
-    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
-        return Err(invalid(format!(
-            "memory {memory_mib} MiB: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
-        )));
-    }
-    let weight = match (request.weight, request.class) {
-        (Some(_), Some(_)) => return Err(invalid("give a weight or a class, not both".into())),
-        (weight, class) => weight.or(class.map(|c| c.weight())),
-    };
-    if request.pin && request.cpuset.is_some() {
-        return Err(invalid("give a cpuset or pin, not both".into()));
-    }
-    let cpu = CpuSlice {
+    let from = request.from.as_deref().map(snapshot_source).transpose()?;
+    let spec = AgentRequest {
+        vcpus: request.vcpus,
+        memory_mib: request.memory_mib,
         cpus: request.cpus,
-        weight,
+        weight: request.weight,
+        class: request.class,
         cpuset: request.cpuset.clone(),
         pin: request.pin,
-    };
-    cgroup::Slice {
-        cpus: cpu.cpus,
-        weight: cpu.weight,
-        cpuset: cpu.cpuset.clone(),
+        model: request.model.clone(),
+        from,
         ..Default::default()
     }
     .validate()
-    .map_err(|e| invalid(e.to_string()))?;
-    let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-        ApiError::new(
-            ErrorKind::Failed,
-            format!("{e}; run `scripts/setup` (or `agentos image build`) on the daemon's host"),
-        )
-    })?;
-    let mut opts = BootOptions {
-        vcpus,
-        memory_mib,
-        // In range: parse_request checked it.
-        boot_timeout: request
-            .boot_timeout_s
-            .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs),
-        cpu,
-        wait_for_room: request.queue,
-        console_log: Some(log.clone()),
-        ..BootOptions::of_image(&img)
-    };
-    if let Some(model) = &request.model {
-        let store = ModelStore::new(&cache);
-        let bundle = store
-            .find(model)
-            .map_err(|e| invalid(format!("{e} (see `agentos model ls`)")))?;
-        opts.model_disks = model_disks(&store, &bundle, &img.manifest.libraries)
-            .map(Some)
-            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
-    }
-    let mut model = request.model.clone();
-    if let Some(from) = &request.from {
-        if request.vcpus.is_some() || request.memory_mib.is_some() || request.model.is_some() {
-            return Err(invalid(
-                "an agent restored from a snapshot has the snapshot's vCPUs, memory and model; give none".into(),
-            ));
-        }
-        let source = restore_source(from, &cache)?;
-        model = source.model;
-        opts.model_disks = source.model_disks;
-        opts.vcpus = source.vcpus;
-        opts.memory_mib = source.memory_mib;
-        opts.from = Some(source.dir);
-    }
+    .map_err(spec_error)?;
+    let mut config = configure(request.name, &spec, request.restart, log, hang_timeout)?;
+    // In range: parse_request checked it.
+    config.opts.boot_timeout = request
+        .boot_timeout_s
+        .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs);
+    config.opts.wait_for_room = request.queue;
+    Ok(config)
+}
+
+/// An agent of the daemon, as `spec` says, its console going to `log` and its snapshots beside
+/// it.
+fn configure(
+    name: String,
+    spec: &AgentSpec,
+    restart: RestartPolicy,
+    log: PathBuf,
+    hang_timeout: Duration,
+) -> Result<AgentConfig, ApiError> {
+    let mut opts = spec
+        .boot_options(&image::default_cache_dir())
+        .map_err(spec_error)?;
+    opts.console_log = Some(log.clone());
     let own = snapshot_dir(&log);
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -876,80 +837,57 @@ fn agent_config(
         })?;
     opts.snapshot_to = Some(own);
     Ok(AgentConfig {
-        name: request.name,
-        model,
-        restart: request.restart,
+        name,
+        // A restored agent's is its snapshot's.
+        model: opts.model_disks.as_ref().map(|disks| disks.name.clone()),
+        restart,
         opts,
         log,
         hang_timeout,
         group: None,
-        class: request.class,
+        class: spec.class(),
         on_boot: None,
     })
+}
+
+/// What a client gets when the agent it asked for cannot be: `invalid` when the request is at
+/// fault, `failed` when this host is (no guest image, a model's disks not built).
+fn spec_error(e: SpecError) -> ApiError {
+    let kind = if e.is_bad_request() {
+        ErrorKind::Invalid
+    } else {
+        ErrorKind::Failed
+    };
+    ApiError::new(kind, agentos_protocol::error_chain(&e))
 }
 
 /// The options a pool's agents are restored with: the snapshot's shape, the agent image, no
 /// slice beyond memory; no snapshot directory (one taken from the pool is saved only once it
 /// restarted).
 fn pool_options(from: &str) -> Result<BootOptions, ApiError> {
-    let cache = image::default_cache_dir();
-    let source = restore_source(from, &cache)?;
-    let cache = image::default_cache_dir();
-    let img = image::find_image(&cache, AGENT_IMAGE).map_err(|e| {
-        ApiError::new(
-            ErrorKind::Failed,
-            format!("{e}; run `scripts/setup` (or `agentos image build`) on the daemon's host"),
-        )
-    })?;
-    Ok(BootOptions {
-        vcpus: source.vcpus,
-        memory_mib: source.memory_mib,
-        model_disks: source.model_disks,
-        from: Some(source.dir),
-        ..BootOptions::of_image(&img)
-    })
+    AgentRequest {
+        from: Some(snapshot_source(from)?),
+        ..Default::default()
+    }
+    .validate()
+    .and_then(|spec| spec.boot_options(&image::default_cache_dir()))
+    .map_err(spec_error)
 }
 
-/// A snapshot directory a client named, checked before anything is restored from it.
-struct RestoreSource {
-    dir: PathBuf,
-    vcpus: u8,
-    memory_mib: u64,
-    model: Option<String>,
-    /// The model disks the agent was saved with.
-    model_disks: Option<ModelDisks>,
-}
-
-/// Checks `from` (absolute, a snapshot that can be restored, a model this host still knows)
-/// and reads its shape and model.
-fn restore_source(from: &str, cache: &Path) -> Result<RestoreSource, ApiError> {
-    let invalid = |message: String| ApiError::new(ErrorKind::Invalid, message);
+/// A snapshot directory a client named: an absolute path of the daemon's host (the rest is
+/// checked by `AgentSpec::boot_options`).
+fn snapshot_source(from: &str) -> Result<PathBuf, ApiError> {
     let dir = PathBuf::from(from);
     if !dir.is_absolute() {
-        return Err(invalid(format!(
-            "from {}: give the snapshot directory as an absolute path",
-            dir.display()
-        )));
+        return Err(ApiError::new(
+            ErrorKind::Invalid,
+            format!(
+                "from {}: give the snapshot directory as an absolute path",
+                dir.display()
+            ),
+        ));
     }
-    let (vcpus, memory_mib) = agentos_core::agent::snapshot::snapshot_shape(&dir)
-        .map_err(|e| invalid(format!("{e:#}")))?;
-    let saved = agentos_core::agent::snapshot::SavedAgent::read(&dir)
-        .map_err(|e| invalid(format!("{e:#}")))?;
-    if let Some(model) = &saved.model {
-        // The model is in the restored guest's memory already; it must still be one this host
-        // knows, for `infer` to name it.
-        ModelStore::new(cache)
-            .find(model)
-            .map_err(|e| invalid(format!("the snapshot's model: {e}")))?;
-    }
-    Ok(RestoreSource {
-        model_disks: agentos_core::agent::snapshot::model_disks_of(&dir)
-            .map_err(|e| invalid(format!("{e:#}")))?,
-        dir,
-        vcpus,
-        memory_mib,
-        model: saved.model,
-    })
+    Ok(dir)
 }
 
 /// Where an agent's VMM writes a snapshot before it is moved where it was asked for: beside the

@@ -16,8 +16,9 @@ use super::case::{ApiRequest, Case, Flood, ListenRequest, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
 use agentos_core::agent::connection::{AgentConnection, CappedOutput, ExecIo};
-use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice, VmEnd};
-use agentos_image::{self as image, AGENT_IMAGE};
+use agentos_core::agent::spec::AgentRequest;
+use agentos_core::agent::vm::{AgentVm, BootOptions, VmEnd};
+use agentos_image::{self as image};
 use agentos_vmm_process::ReportOutcome;
 
 /// What the harness keeps of a guest script's stdout and of its stderr (the guest is the
@@ -52,17 +53,17 @@ pub struct Env {
 }
 
 fn boot_options(spec: &VmSpec, env: &Env) -> Result<BootOptions, String> {
-    let img = image::find_image(&image::default_cache_dir(), AGENT_IMAGE)
-        .map_err(|e| format!("{e}; run `scripts/setup` to build the guest image"))?;
-    let mut opts = BootOptions::of_image(&img);
-    opts.memory_mib = spec.memory.unwrap_or(DEFAULT_MEMORY_MIB);
-    opts.extra_initrds = vec![env.probe_initrd.clone()];
-    opts.extra_cmdline = spec.kernel_args.clone();
-    opts.boot_timeout = BOOT_TIMEOUT;
-    opts.cpu = CpuSlice {
+    let mut opts = AgentRequest {
+        memory_mib: Some(spec.memory.unwrap_or(DEFAULT_MEMORY_MIB)),
         cpus: spec.cpus,
+        kernel_args: spec.kernel_args.clone(),
         ..Default::default()
-    };
+    }
+    .validate()
+    .and_then(|agent| agent.boot_options(&image::default_cache_dir()))
+    .map_err(|e| agentos_protocol::error_chain(&e))?;
+    opts.extra_initrds = vec![env.probe_initrd.clone()];
+    opts.boot_timeout = BOOT_TIMEOUT;
     Ok(opts)
 }
 

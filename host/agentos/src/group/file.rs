@@ -24,7 +24,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::toml_file;
+use agentos_core::agent::spec::{AgentRequest, AgentSpec};
 use agentos_core::cgroup::PriorityClass;
+use agentos_protocol::error_chain;
 
 /// The sender of the group's input, and the receiver of its results.
 pub const INPUT: &str = "input";
@@ -52,26 +54,19 @@ pub enum GroupFileError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupSpec {
     pub name: String,
-    pub agents: Vec<AgentSpec>,
+    pub agents: Vec<GroupAgent>,
     /// `(from, to)` pairs, `input` and `output` included.
     pub channels: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct AgentSpec {
+pub struct GroupAgent {
     pub name: String,
     pub handler: Option<Handler>,
     /// The model bundle the VM needs (that of an `infer` handler).
     pub model: Option<String>,
-    pub vcpus: u8,
-    /// Guest memory; `None` picks the default for an agent with or without a model.
-    pub memory_mib: Option<u64>,
-    pub cpus: Option<f64>,
-    /// Host CPUs the agent may run on (`1`, `0-1`).
-    pub cpuset: Option<String>,
-    pub weight: Option<u32>,
-    /// The priority class the weight came from, if any.
-    pub class: Option<PriorityClass>,
+    /// Its VM: vCPUs, memory, CPU slice, model (checked as every agent is).
+    pub vm: AgentSpec,
     pub restart: Restart,
     /// Replicas of this agent, each its own VM: `NAME-1` ... `NAME-N` when more than one. A
     /// message to `NAME` goes to the replica with the fewest messages waiting.
@@ -112,7 +107,7 @@ impl GroupSpec {
     }
 
     /// Every VM of the group: its name and the agent it is a replica of.
-    pub fn members(&self) -> Vec<(String, &AgentSpec)> {
+    pub fn members(&self) -> Vec<(String, &GroupAgent)> {
         let mut members = Vec::new();
         for agent in &self.agents {
             if agent.count <= 1 {
@@ -135,7 +130,7 @@ impl GroupSpec {
     }
 
     /// The agent `member` is (a replica of).
-    pub fn agent_of(&self, member: &str) -> Option<&AgentSpec> {
+    pub fn agent_of(&self, member: &str) -> Option<&GroupAgent> {
         self.members()
             .into_iter()
             .find(|(m, _)| m == member)
@@ -321,7 +316,7 @@ pub fn parse(text: &str) -> Result<GroupSpec, (usize, String)> {
 fn agent_spec(
     raw: &RawAgent,
     at: &dyn Fn(Range<usize>, String) -> (usize, String),
-) -> Result<AgentSpec, (usize, String)> {
+) -> Result<GroupAgent, (usize, String)> {
     let name = raw.name.get_ref();
     let here = |p: String| at(raw.name.span(), p);
     if !valid_peer_name(name) || name == INPUT || name == OUTPUT {
@@ -376,28 +371,18 @@ fn agent_spec(
         }
         (None, None, None) => None,
     };
-    if let Some(cpus) = raw.cpus
-        && !(cpus > 0.0 && cpus <= 256.0)
-    {
-        return Err(here(format!(
-            "agent `{name}`: cpus = {cpus} must be above 0"
-        )));
+    let vm = AgentRequest {
+        vcpus: raw.vcpus,
+        memory_mib: raw.memory,
+        cpus: raw.cpus,
+        weight: raw.weight,
+        class: raw.class,
+        cpuset: raw.cpuset.clone(),
+        model: raw.model.clone(),
+        ..Default::default()
     }
-    if let Some(cpuset) = &raw.cpuset
-        && agentos_core::cgroup::slice::parse_cpu_list(cpuset).is_none()
-    {
-        return Err(here(format!(
-            "agent `{name}`: cpuset = \"{cpuset}\" is not a CPU list such as \"1\" or \"0-1\""
-        )));
-    }
-    if raw.weight.is_some() && raw.class.is_some() {
-        return Err(here(format!(
-            "agent `{name}` has both `weight` and `class`; a class is a weight, give one"
-        )));
-    }
-    if raw.vcpus == Some(0) {
-        return Err(here(format!("agent `{name}`: vcpus must be at least 1")));
-    }
+    .validate()
+    .map_err(|e| here(format!("agent `{name}`: {}", error_chain(&e))))?;
     let count = raw.count.unwrap_or(1);
     if !(1..=MAX_AGENTS as u32).contains(&count) {
         return Err(here(format!(
@@ -409,16 +394,11 @@ fn agent_spec(
             "agent `{name}`: a replicated agent's name must leave room for `-N`"
         )));
     }
-    Ok(AgentSpec {
+    Ok(GroupAgent {
         name: name.clone(),
         handler,
         model: raw.model.clone(),
-        vcpus: raw.vcpus.unwrap_or(1),
-        memory_mib: raw.memory,
-        cpus: raw.cpus,
-        cpuset: raw.cpuset.clone(),
-        weight: raw.weight.or(raw.class.map(PriorityClass::weight)),
-        class: raw.class,
+        vm,
         restart: raw.restart,
         count,
     })
@@ -476,9 +456,9 @@ class = "interactive"
             Some(Handler::Infer { task: Task::Summarize, options, .. }) if options.sentences == Some(2)
         ));
         let translator = &spec.agents[1];
-        assert_eq!(translator.memory_mib, Some(256));
+        assert_eq!(translator.vm.memory_mib(), 256);
         assert_eq!(translator.restart, Restart::Never);
-        assert_eq!(translator.weight, Some(10_000));
+        assert_eq!(translator.vm.cpu().weight, Some(10_000));
         assert_eq!(summarizer.restart, Restart::OnFailure);
         assert!(matches!(
             &translator.handler,
@@ -554,11 +534,11 @@ class = "interactive"
             ("name = \"g\"\nchannels = []\n".to_owned(), "no agents"),
             (
                 DIGEST.replace("memory = 256", "weight = 5"),
-                "both `weight` and `class`",
+                "give a weight or a class, not both",
             ),
             (
                 DIGEST.replace("memory = 256", "cpuset = \"one\""),
-                "is not a CPU list",
+                "cpuset must list CPUs like `0-1,3`, not `one`",
             ),
             (
                 DIGEST.replace("memory = 256", "count = 0"),
@@ -587,7 +567,7 @@ class = "interactive"
     fn replicas_are_members_named_after_their_agent() {
         let spec = parse(&DIGEST.replace("memory = 256", "count = 3\ncpuset = \"0\"")).unwrap();
         assert_eq!(spec.agents[1].count, 3);
-        assert_eq!(spec.agents[1].cpuset.as_deref(), Some("0"));
+        assert_eq!(spec.agents[1].vm.cpu().cpuset.as_deref(), Some("0"));
         let members: Vec<(String, &str)> = spec
             .members()
             .into_iter()

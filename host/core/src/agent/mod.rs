@@ -3,4 +3,5 @@
 pub mod connection;
 pub mod pool;
 pub mod snapshot;
+pub mod spec;
 pub mod vm;

@@ -100,7 +100,7 @@ pub struct BootOptions {
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuSlice {
     pub cpus: Option<f64>,
     pub weight: Option<u32>,
@@ -110,14 +110,15 @@ pub struct CpuSlice {
 }
 
 impl BootOptions {
-    /// An agent of `img` as the commands boot one by default: one vCPU, 256 MiB, no model, no
-    /// slice beyond its memory, five minutes to come up.
-    pub fn of_image(img: &agentos_image::BuiltImage) -> Self {
+    /// Options without a kernel or an initrd yet: one vCPU, [`DEFAULT_MEMORY_MIB`], no model,
+    /// no slice beyond memory, five minutes to come up (see [`super::spec::AgentSpec`], which
+    /// fills them in).
+    pub(crate) fn blank() -> Self {
         Self {
             vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,
-            kernel: img.boot_kernel().to_owned(),
-            initrd: img.initrd.clone(),
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
             extra_initrds: Vec::new(),
             disks: Vec::new(),
             model_disks: None,

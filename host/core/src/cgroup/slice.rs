@@ -53,13 +53,13 @@ pub struct Slice {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SliceError {
-    #[error("--cpus must be a number of CPUs above 0.01 (e.g. 0.5), not {0}")]
+    #[error("cpus must be a number of CPUs above 0.01 (e.g. 0.5), not {0}")]
     Cpus(f64),
-    #[error("--weight must be between 1 and {MAX_WEIGHT}, not {0}")]
+    #[error("weight must be between 1 and {MAX_WEIGHT}, not {0}")]
     Weight(u32),
-    #[error("--cpuset must list CPUs like `0-1,3`, not `{0}`")]
+    #[error("cpuset must list CPUs like `0-1,3`, not `{0}`")]
     Cpuset(String),
-    #[error("--cpuset {asked}: CPU {cpu} is not online here (online: {online})")]
+    #[error("cpuset {asked}: CPU {cpu} is not online here (online: {online})")]
     CpuOffline {
         asked: String,
         cpu: u32,
@@ -300,14 +300,14 @@ mod tests {
                 cpus: Some(f64::NAN),
                 ..Default::default()
             })
-            .contains("--cpus")
+            .starts_with("cpus must be")
         );
         assert!(
             bad(Slice {
                 cpuset: Some("1-0".into()),
                 ..Default::default()
             })
-            .contains("--cpuset")
+            .starts_with("cpuset must list")
         );
         assert!(slice().validate().is_ok());
     }
@@ -329,7 +329,7 @@ mod tests {
         };
         assert!(s.check_online("0-3\n").is_ok());
         let err = s.check_online("0-1\n").unwrap_err().to_string();
-        assert_eq!(err, "--cpuset 1-2: CPU 2 is not online here (online: 0-1)");
+        assert_eq!(err, "cpuset 1-2: CPU 2 is not online here (online: 0-1)");
         assert!(Slice::default().check_online("0").is_ok());
     }
 

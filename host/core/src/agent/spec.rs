@@ -1,0 +1,443 @@
+//! What an agent is, whoever asks for it. Every front end (the command line's flags, the
+//! daemon's spawn requests, group files, eval cases, benchmarks, doctor) fills in an
+//! [`AgentRequest`]; [`AgentRequest::validate`] checks it once, with the same limits and the same
+//! words everywhere, into an [`AgentSpec`]; and only [`AgentSpec::boot_options`] turns a spec into
+//! the VMM's [`BootOptions`] (the guest image looked up, model disks built, a snapshot read).
+//! What a front end adds afterwards is how it runs the VM: console, timeouts, logs, jail.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use agentos_image::model::{ModelError, ModelStore, model_disks};
+use agentos_image::{AGENT_IMAGE, BuiltImage, ImageError};
+use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
+use agentos_vmm::devices::virtio::block::{BlockError, disk_size};
+
+use super::snapshot::{SavedAgent, model_disks_of, snapshot_shape};
+use super::vm::{BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::cgroup::{PriorityClass, Slice, SliceError};
+
+/// An agent as a front end asks for it: what is left out takes the default (one vCPU,
+/// [`DEFAULT_MEMORY_MIB`], no slice beyond memory, the agent image, no model).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentRequest {
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u64>,
+    /// CPU time in CPUs (0.5 = half of one).
+    pub cpus: Option<f64>,
+    pub weight: Option<u32>,
+    /// A priority class: a weight (give one or the other).
+    pub class: Option<PriorityClass>,
+    pub cpuset: Option<String>,
+    /// Pin to the CPU that pinned agents load least (instead of a cpuset).
+    pub pin: bool,
+    /// A model bundle of the store: its disks are given to the VM.
+    pub model: Option<String>,
+    /// A kernel and an initrd instead of the agent image's.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Read-only disks of the user's.
+    pub disks: Vec<PathBuf>,
+    /// Appended to the guest's command line.
+    pub kernel_args: Option<String>,
+    /// Restore the agent saved in this snapshot directory: vCPUs, memory and model are the
+    /// snapshot's.
+    pub from: Option<PathBuf>,
+}
+
+/// A checked [`AgentRequest`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSpec {
+    vcpus: u8,
+    memory_mib: u64,
+    cpu: CpuSlice,
+    class: Option<PriorityClass>,
+    model: Option<String>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    disks: Vec<PathBuf>,
+    kernel_args: Option<String>,
+    from: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("vcpus {0}: use 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    #[error("memory {0} MiB: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
+    Memory(u64),
+    #[error("give a weight or a class, not both (a class is a weight)")]
+    WeightAndClass,
+    #[error("give a cpuset or pin, not both")]
+    CpusetAndPin,
+    #[error(transparent)]
+    Slice(#[from] SliceError),
+    #[error("{0} does not exist or is not a file")]
+    NotAFile(PathBuf),
+    #[error("{0} disks given; a VM has at most {MAX_DISKS}")]
+    TooManyDisks(usize),
+    #[error("cannot open the disk {}", .path.display())]
+    DiskOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} cannot be a disk", .path.display())]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: BlockError,
+    },
+    #[error(
+        "an agent restored from a snapshot has the snapshot's vCPUs, memory, kernel and model; give none"
+    )]
+    RestoreShape,
+    #[error("{0}")]
+    Snapshot(String),
+    /// Its message says how to build the image.
+    #[error(transparent)]
+    NoImage(Box<ImageError>),
+    #[error(transparent)]
+    Model(Box<ModelError>),
+    #[error("the snapshot's model: {0}")]
+    SnapshotModel(Box<ModelError>),
+    #[error("cannot prepare the disks of model `{name}`")]
+    ModelDisks {
+        name: String,
+        #[source]
+        source: Box<ModelError>,
+    },
+}
+
+impl SpecError {
+    /// Whether the request itself is at fault (rather than this host: its image missing, a
+    /// model's disks not built).
+    pub fn is_bad_request(&self) -> bool {
+        !matches!(self, Self::NoImage(_) | Self::ModelDisks { .. })
+    }
+}
+
+impl AgentRequest {
+    /// Checks the request: counts and sizes within the VMM's limits, one of weight and class,
+    /// one of cpuset and pin, the slice's numbers, kernel, initrd and disks usable, nothing
+    /// beside a snapshot that the snapshot decides.
+    pub fn validate(&self) -> Result<AgentSpec, SpecError> {
+        if self.from.is_some()
+            && (self.vcpus.is_some()
+                || self.memory_mib.is_some()
+                || self.model.is_some()
+                || self.kernel.is_some()
+                || self.initrd.is_some()
+                || self.kernel_args.is_some())
+        {
+            return Err(SpecError::RestoreShape);
+        }
+        let vcpus = self.vcpus.unwrap_or(1);
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(SpecError::Vcpus(vcpus));
+        }
+        let memory_mib = self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(SpecError::Memory(memory_mib));
+        }
+        if self.weight.is_some() && self.class.is_some() {
+            return Err(SpecError::WeightAndClass);
+        }
+        if self.pin && self.cpuset.is_some() {
+            return Err(SpecError::CpusetAndPin);
+        }
+        let cpu = CpuSlice {
+            cpus: self.cpus,
+            weight: self.weight.or(self.class.map(PriorityClass::weight)),
+            cpuset: self.cpuset.clone(),
+            pin: self.pin,
+        };
+        Slice {
+            cpus: cpu.cpus,
+            weight: cpu.weight,
+            cpuset: cpu.cpuset.clone(),
+            ..Default::default()
+        }
+        .validate()?;
+        for path in [&self.kernel, &self.initrd].into_iter().flatten() {
+            if !path.is_file() {
+                return Err(SpecError::NotAFile(path.clone()));
+            }
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(SpecError::TooManyDisks(self.disks.len()));
+        }
+        for path in &self.disks {
+            let file = File::open(path).map_err(|source| SpecError::DiskOpen {
+                path: path.clone(),
+                source,
+            })?;
+            disk_size(&file).map_err(|source| SpecError::Disk {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(AgentSpec {
+            vcpus,
+            memory_mib,
+            cpu,
+            class: self.class,
+            model: self.model.clone(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            disks: self.disks.clone(),
+            kernel_args: self.kernel_args.clone(),
+            from: self.from.clone(),
+        })
+    }
+}
+
+impl Default for AgentSpec {
+    /// The agent the commands boot when asked for nothing: one vCPU, [`DEFAULT_MEMORY_MIB`],
+    /// the agent image, no model, no slice beyond memory.
+    fn default() -> Self {
+        AgentRequest::default()
+            .validate()
+            .unwrap_or_else(|e| unreachable!("the default agent is valid: {e}"))
+    }
+}
+
+impl AgentSpec {
+    /// vCPUs asked for (a restored agent has its snapshot's).
+    pub fn vcpus(&self) -> u8 {
+        self.vcpus
+    }
+
+    /// Guest memory asked for (a restored agent has its snapshot's).
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib
+    }
+
+    pub fn cpu(&self) -> &CpuSlice {
+        &self.cpu
+    }
+
+    pub fn class(&self) -> Option<PriorityClass> {
+        self.class
+    }
+
+    /// The model asked for (a restored agent's is its snapshot's, see [`BootOptions`]'s
+    /// `model_disks`).
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// The snapshot the agent is restored from.
+    pub fn from(&self) -> Option<&Path> {
+        self.from.as_deref()
+    }
+
+    /// The VMM's boot options for this agent, with images and models from `cache`: the agent
+    /// image (unless a kernel and an initrd were both given to an agent without a model), the
+    /// model's disks (built when missing or stale), or the snapshot's shape and model disks.
+    pub fn boot_options(&self, cache: &Path) -> Result<BootOptions, SpecError> {
+        let image = || {
+            agentos_image::find_image(cache, AGENT_IMAGE)
+                .map_err(|e| SpecError::NoImage(Box::new(e)))
+        };
+        if let Some(dir) = &self.from {
+            return restore_options(&image()?, dir, cache);
+        }
+        let img = match (&self.kernel, &self.initrd, &self.model) {
+            (Some(_), Some(_), None) => None,
+            _ => Some(image()?),
+        };
+        let (kernel, initrd) = match (&img, &self.kernel, &self.initrd) {
+            (_, Some(k), Some(i)) => (k.clone(), i.clone()),
+            (Some(img), kernel, initrd) => (
+                kernel
+                    .clone()
+                    .unwrap_or_else(|| img.boot_kernel().to_owned()),
+                initrd.clone().unwrap_or_else(|| img.initrd.clone()),
+            ),
+            (None, _, _) => unreachable!("the image is looked up unless both were given"),
+        };
+        let model_disks = match (&self.model, &img) {
+            (Some(name), Some(img)) => {
+                let store = ModelStore::new(cache);
+                let bundle = store
+                    .find(name)
+                    .map_err(|e| SpecError::Model(Box::new(e)))?;
+                let disks =
+                    model_disks(&store, &bundle, &img.manifest.libraries).map_err(|source| {
+                        SpecError::ModelDisks {
+                            name: name.clone(),
+                            source: Box::new(source),
+                        }
+                    })?;
+                Some(disks)
+            }
+            _ => None,
+        };
+        Ok(BootOptions {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel,
+            initrd,
+            disks: self.disks.clone(),
+            model_disks,
+            extra_cmdline: self.kernel_args.clone(),
+            cpu: self.cpu.clone(),
+            ..BootOptions::blank()
+        })
+    }
+}
+
+/// A restored agent's options: the snapshot's vCPUs, memory and model disks (its model still one
+/// this host knows, for requests to name it), the image's kernel for the record.
+fn restore_options(img: &BuiltImage, dir: &Path, cache: &Path) -> Result<BootOptions, SpecError> {
+    let snapshot = |e: anyhow::Error| SpecError::Snapshot(format!("{e:#}"));
+    let (vcpus, memory_mib) = snapshot_shape(dir).map_err(snapshot)?;
+    if let Some(model) = SavedAgent::read(dir).map_err(snapshot)?.model {
+        ModelStore::new(cache)
+            .find(&model)
+            .map_err(|e| SpecError::SnapshotModel(Box::new(e)))?;
+    }
+    Ok(BootOptions {
+        vcpus,
+        memory_mib,
+        kernel: img.boot_kernel().to_owned(),
+        initrd: img.initrd.clone(),
+        model_disks: model_disks_of(dir).map_err(snapshot)?,
+        from: Some(dir.to_owned()),
+        ..BootOptions::blank()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(request: AgentRequest) -> String {
+        format!("{:#}", anyhow::Error::new(request.validate().unwrap_err()))
+    }
+
+    #[test]
+    fn the_default_is_one_vcpu_of_the_default_memory_without_a_slice() {
+        let spec = AgentSpec::default();
+        assert_eq!((spec.vcpus(), spec.memory_mib()), (1, DEFAULT_MEMORY_MIB));
+        assert_eq!(spec.cpu(), &CpuSlice::default());
+        assert_eq!(spec.model(), None);
+    }
+
+    #[test]
+    fn counts_and_sizes_stay_within_the_vmm_limits() {
+        let vcpus = |n| AgentRequest {
+            vcpus: Some(n),
+            ..Default::default()
+        };
+        assert_eq!(refused(vcpus(0)), format!("vcpus 0: use 1 to {MAX_VCPUS}"));
+        assert!(refused(vcpus(MAX_VCPUS + 1)).starts_with("vcpus 65:"));
+        assert_eq!(vcpus(MAX_VCPUS).validate().unwrap().vcpus(), MAX_VCPUS);
+        let memory = |m| AgentRequest {
+            memory_mib: Some(m),
+            ..Default::default()
+        };
+        assert_eq!(refused(memory(64)), "memory 64 MiB: use 128 to 65536 MiB");
+        assert!(refused(memory(MAX_MEMORY_MIB + 1)).starts_with("memory 65537 MiB"));
+        memory(MIN_MEMORY_MIB).validate().unwrap();
+    }
+
+    #[test]
+    fn a_class_is_a_weight_and_excludes_one() {
+        let spec = AgentRequest {
+            class: Some(PriorityClass::Interactive),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(spec.cpu().weight, Some(10_000));
+        assert_eq!(spec.class(), Some(PriorityClass::Interactive));
+        let both = AgentRequest {
+            class: Some(PriorityClass::Idle),
+            weight: Some(5),
+            ..Default::default()
+        };
+        assert!(refused(both).starts_with("give a weight or a class, not both"));
+        let pinned = AgentRequest {
+            pin: true,
+            cpuset: Some("0".into()),
+            ..Default::default()
+        };
+        assert_eq!(refused(pinned), "give a cpuset or pin, not both");
+        let bad_cpuset = AgentRequest {
+            cpuset: Some("one".into()),
+            ..Default::default()
+        };
+        assert!(refused(bad_cpuset).contains("not `one`"));
+    }
+
+    #[test]
+    fn a_restore_takes_its_shape_from_the_snapshot() {
+        for request in [
+            AgentRequest {
+                vcpus: Some(2),
+                ..Default::default()
+            },
+            AgentRequest {
+                memory_mib: Some(512),
+                ..Default::default()
+            },
+            AgentRequest {
+                model: Some("sentiment".into()),
+                ..Default::default()
+            },
+        ] {
+            let request = AgentRequest {
+                from: Some("/snapshots/a".into()),
+                ..request
+            };
+            assert!(matches!(request.validate(), Err(SpecError::RestoreShape)));
+        }
+    }
+
+    #[test]
+    fn disks_that_cannot_be_disks_are_refused_before_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("odd.img");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, []).unwrap();
+        let good = dir.path().join("good.img");
+        std::fs::write(&good, [0u8; 1024]).unwrap();
+        let with_disks = |disks: Vec<PathBuf>| AgentRequest {
+            disks,
+            ..Default::default()
+        };
+        let err = refused(with_disks(vec![odd]));
+        assert!(err.contains("odd.img cannot be a disk"), "{err}");
+        assert!(
+            err.contains("1000 bytes, is not a whole number of 512-byte sectors"),
+            "{err}"
+        );
+        assert!(refused(with_disks(vec![empty])).contains("the disk file is empty"));
+        let missing = refused(with_disks(vec![dir.path().join("missing.img")]));
+        assert!(missing.contains("cannot open the disk"), "{missing}");
+        assert!(refused(with_disks(vec![dir.path().to_owned()])).contains("not a regular file"));
+        let nine = with_disks(vec![good.clone(); MAX_DISKS + 1]);
+        assert_eq!(refused(nine), "9 disks given; a VM has at most 8");
+        with_disks(vec![good]).validate().unwrap();
+        let kernel = AgentRequest {
+            kernel: Some(dir.path().join("vmlinuz")),
+            ..Default::default()
+        };
+        assert!(refused(kernel).ends_with("vmlinuz does not exist or is not a file"));
+    }
+
+    #[test]
+    fn a_missing_image_says_how_to_build_it_and_is_the_host_at_fault() {
+        let cache = tempfile::tempdir().unwrap();
+        let err = AgentSpec::default().boot_options(cache.path()).unwrap_err();
+        assert!(!err.is_bad_request());
+        assert!(
+            err.to_string()
+                .ends_with("run `scripts/setup` or `agentos image build agent`"),
+            "{err}"
+        );
+    }
+}
