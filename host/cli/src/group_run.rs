@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,13 +13,16 @@ use agentos_protocol::peer::{Handler, MAX_PEER_BODY_BYTES};
 use anyhow::{Context, bail};
 
 use agentos::carrier::{self, CarrierRun};
+use agentos::daemon::agent::{Agent, AgentConfig};
+use agentos::daemon::api::AgentState;
 use agentos::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
-use agentos::group::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT, Restart};
-use agentos::group::report::{AgentReport, GroupReport, groups_dir, join_member, trace_path};
+use agentos::group::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT};
+use agentos::group::member::{MemberHooks, member_name};
+use agentos::group::report::{AgentReport, GroupReport, groups_dir, trace_path};
 use agentos::group::router::{GroupResult, PendingInput, Router};
-use agentos::group::trace::{self, EventKind, TraceLog};
+use agentos::group::trace::{self, TraceLog};
 use agentos::placement::{self, CarrierChoice, Placement};
-use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
+use agentos_core::agent::vm::BootOptions;
 use agentos_core::rundir::RunDir;
 use agentos_core::signals;
 use agentos_image::model::{ModelStore, carrier_copies};
@@ -29,10 +33,10 @@ const CARRIER_BASE_MIB: u64 = 2048;
 const CARRIER_MIN_MIB: u64 = 4096;
 /// How long a run that has all its results waits for messages still in flight.
 const QUIET_GRACE: Duration = Duration::from_secs(30);
-/// How often a running group's VMs are looked at.
-const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
-/// Pause before the first restart of an agent; it doubles with each one.
-const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the agents of a running group are looked at.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// A guest agent that leaves a ping unanswered this long counts as hung (its VM as crashed).
+const HANG_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GroupRunArgs {
@@ -274,7 +278,9 @@ fn run_in_carrier(
     serde_json::from_slice(line).context("the group run in the carrier printed a malformed report")
 }
 
-/// Boots the agents here, runs the input through them and stops them. `None`: interrupted.
+/// Boots the agents here, each kept by its own supervisor (as the daemon keeps its agents:
+/// restarted by its policy, a hung guest counted as a crash, joining the group after each
+/// boot), runs the input through them and stops them. `None`: interrupted.
 fn run_here(
     spec: &GroupSpec,
     input: String,
@@ -284,86 +290,67 @@ fn run_here(
 ) -> anyhow::Result<Option<GroupReport>> {
     let trace_dir = RunDir::create("trace").context("cannot create a run directory")?;
     let trace_path = trace_dir.join("trace.jsonl");
-    let members = spec.members();
-    let router = Router::with_members(
+    let spec = Arc::new(spec.clone());
+    let router = Arc::new(Router::with_members(
         &spec.member_roles(),
         &spec.channels,
         TraceLog::create(&trace_path)?,
-    );
+    ));
 
-    // Every agent boots at once; each VM is its own process.
-    let opts: Vec<BootOptions> = members
-        .iter()
-        .map(|(_, agent)| opts_of.get(&agent.name).cloned())
-        .collect::<Option<_>>()
-        .context("a member of the group has no options")?;
-    let mut vms: Vec<(String, AgentVm)> = Vec::new();
-    let mut failure = None;
-    for ((member, _), booted) in members.iter().zip(AgentVm::boot_all(&opts)) {
-        match booted {
-            Ok(vm) => vms.push((member.clone(), vm)),
-            Err(VmError::Interrupted) => failure = failure.or(Some(None)),
-            Err(e) => {
-                failure = failure.or(Some(Some(
-                    anyhow::Error::new(e).context(format!("agent `{member}` did not boot")),
-                )));
-            }
-        }
-    }
-    if let Some(why) = failure {
-        stop_all(vms);
-        return match why {
-            Some(e) => Err(e),
-            None => Ok(None),
-        };
-    }
-    let boot_ms: BTreeMap<String, u64> = vms
-        .iter()
-        .map(|(name, vm)| (name.clone(), vm.boot_time().as_millis() as u64))
-        .collect();
-
-    let joined = join_all(spec, &router, &mut vms);
-    if let Err(e) = joined {
-        stop_all(vms);
-        return Err(e);
-    }
-    let ready_ms = started.elapsed().as_millis() as u64;
-    let mut members: Vec<Member> = vms
-        .into_iter()
-        .zip(opts)
-        .map(|((name, vm), opts)| Member {
-            name,
-            vm: Some(vm),
+    // Every agent boots at once, each on its supervisor's thread; each VM is its own process.
+    let mut agents = Vec::new();
+    for (member, agent) in spec.members() {
+        let opts = opts_of
+            .get(&agent.name)
+            .cloned()
+            .context("a member of the group has no options")?;
+        let config = AgentConfig {
+            name: member_name(&spec.name, &member),
+            model: agent.model.clone(),
+            restart: agent.restart,
             opts,
-            restarts: 0,
-        })
-        .collect();
-    let outcome = router
+            log: trace_dir.join(format!("{member}.log").as_str()),
+            hang_timeout: HANG_TIMEOUT,
+            group: Some(spec.name.clone()),
+            class: agent.vm.class(),
+            max_restarts: Some(MAX_RESTARTS),
+            hooks: Some(Arc::new(MemberHooks {
+                spec: spec.clone(),
+                router: router.clone(),
+                member: member.clone(),
+            })),
+        };
+        agents.push((
+            member,
+            Agent::spawn(config).context("cannot start an agent")?,
+        ));
+    }
+    let boot_ms = match all_up(&agents)? {
+        Some(boot_ms) => boot_ms,
+        None => return Ok(None),
+    };
+    let ready_ms = started.elapsed().as_millis() as u64;
+    let results = router
         .inject(spec.entry(), input)
         .map_err(|e| anyhow::anyhow!("the input was not taken: {e}"))
-        .map(|input| supervise(spec, &router, &mut members, &input, args));
+        .map(|input| collect(&spec, &router, &agents, &input, args))?;
     let interrupted = signals::interrupted();
-    stop_all(
-        members
-            .iter_mut()
-            .filter_map(|m| m.vm.take().map(|vm| (m.name.clone(), vm)))
-            .collect(),
-    );
-    let results = outcome?;
+    let reports: Vec<AgentReport> = agents
+        .iter()
+        .map(|(member, agent)| AgentReport {
+            name: member.clone(),
+            model: agent.config().model.clone(),
+            boot_ms: boot_ms.get(member).copied().unwrap_or(0),
+            restarts: agent.info().restarts,
+        })
+        .collect();
+    stop_all(agents);
     if interrupted {
         return Ok(None);
     }
-    let report = GroupReport {
+    Ok(Some(GroupReport {
         group: spec.name.clone(),
-        agents: members
-            .iter()
-            .map(|m| AgentReport {
-                name: m.name.clone(),
-                model: spec.agent_of(&m.name).and_then(|a| a.model.clone()),
-                boot_ms: boot_ms.get(&m.name).copied().unwrap_or(0),
-                restarts: m.restarts,
-            })
-            .collect(),
+        agents: reports,
         results,
         expected_results: spec.results_per_input(),
         counters: router.counters(),
@@ -371,24 +358,44 @@ fn run_here(
         trace: trace::read(&trace_path)?,
         ready_ms,
         total_ms: started.elapsed().as_millis() as u64,
-    };
-    Ok(Some(report))
+    }))
 }
 
-/// An agent of a running group: its VM (none once it is given up on) and how to boot it again.
-struct Member {
-    name: String,
-    vm: Option<AgentVm>,
-    opts: BootOptions,
-    restarts: u32,
+/// Waits for every agent's first VM to be up and in the group; returns their boot times.
+/// `None`: interrupted. An agent that failed before it was ever up fails the run.
+fn all_up(agents: &[(String, Agent)]) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
+    let mut boot_ms = BTreeMap::new();
+    while boot_ms.len() < agents.len() {
+        if signals::interrupted() {
+            return Ok(None);
+        }
+        for (member, agent) in agents {
+            if boot_ms.contains_key(member) {
+                continue;
+            }
+            let info = agent.info();
+            match info.state {
+                AgentState::Booting => {}
+                AgentState::Running => {
+                    boot_ms.insert(member.clone(), info.boot_ms.unwrap_or(0));
+                }
+                _ => bail!(
+                    "agent `{member}` did not boot: {}",
+                    info.last_error.as_deref().unwrap_or(info.state.as_str())
+                ),
+            }
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    Ok(Some(boot_ms))
 }
 
-/// Waits for the results of `input`, then for the group to go quiet, restarting agents whose
-/// VM ended meanwhile as their policy says. Returns the results.
-fn supervise(
+/// Waits for the results of `input`, then for the group to go quiet (an agent that is coming
+/// back after a crash is waited for). Returns the results.
+fn collect(
     spec: &GroupSpec,
     router: &Router,
-    members: &mut [Member],
+    agents: &[(String, Agent)],
     input: &PendingInput,
     args: &GroupRunArgs,
 ) -> Vec<GroupResult> {
@@ -402,12 +409,20 @@ fn supervise(
         // Once all came, one more is waited for: a result past the expected ones is printed too.
         results.extend(input.take(
             expected.saturating_sub(results.len()).max(1),
-            (Instant::now() + SUPERVISE_INTERVAL).min(deadline),
+            (Instant::now() + POLL_INTERVAL).min(deadline),
             &signals::interrupted,
         ));
         let now = Instant::now();
         if signals::interrupted() || now >= deadline {
             return results;
+        }
+        let coming_back = agents.iter().any(|(_, agent)| {
+            matches!(agent.state(), AgentState::Booting | AgentState::Restarting)
+        });
+        if coming_back {
+            // A restarted agent gets the grace again to catch up.
+            quiet_from = None;
+            continue;
         }
         if results.len() >= expected {
             let since = *quiet_from.get_or_insert(now);
@@ -415,87 +430,17 @@ fn supervise(
                 return results;
             }
         }
-        for member in members.iter_mut() {
-            if restart_if_ended(spec, router, member) {
-                // A restarted agent gets the grace again to catch up.
-                quiet_from = quiet_from.map(|_| Instant::now());
-            }
-        }
     }
 }
 
-/// Restarts `member` if its VM ended and its policy allows; tells whether it did.
-fn restart_if_ended(spec: &GroupSpec, router: &Router, member: &mut Member) -> bool {
-    if !member.vm.as_mut().is_some_and(AgentVm::ended) {
-        return false;
+/// Stops every agent at once and waits for them.
+fn stop_all(agents: Vec<(String, Agent)>) {
+    for (_, agent) in &agents {
+        agent.request_stop();
     }
-    let Some(vm) = member.vm.take() else {
-        return false;
-    };
-    let why = vm.shutdown().describe();
-    tracing::warn!(agent = member.name, "the agent's VM ended: {why}");
-    router.note(&member.name, EventKind::Crashed, why);
-    let policy = spec
-        .agent_of(&member.name)
-        .map_or(Restart::Never, |a| a.restart);
-    if policy == Restart::Never || member.restarts >= MAX_RESTARTS {
-        router.note(
-            &member.name,
-            EventKind::Crashed,
-            format!("not restarted ({} restarts so far)", member.restarts),
-        );
-        return false;
-    }
-    thread::sleep(RESTART_BACKOFF * (1 << member.restarts));
-    member.restarts += 1;
-    // Booted from this thread, which outlives the VM (a VMM ends with the thread that started it).
-    let restarted = AgentVm::boot(&member.opts)
-        .map_err(anyhow::Error::new)
-        .and_then(|mut vm| {
-            join_member(spec, router, &member.name, &mut vm)?;
-            Ok(vm)
-        });
-    match restarted {
-        Ok(vm) => {
-            router.note(
-                &member.name,
-                EventKind::Restarted,
-                format!(
-                    "restart {} of {MAX_RESTARTS}, booted in {:.1} s",
-                    member.restarts,
-                    vm.boot_time().as_secs_f64()
-                ),
-            );
-            member.vm = Some(vm);
-            true
-        }
-        Err(e) => {
-            router.note(
-                &member.name,
-                EventKind::Crashed,
-                format!("restart {} failed: {e:#}", member.restarts),
-            );
-            false
-        }
-    }
-}
-
-/// Attaches each agent to the router and tells it to join, in order.
-fn join_all(
-    spec: &GroupSpec,
-    router: &Router,
-    vms: &mut [(String, AgentVm)],
-) -> anyhow::Result<()> {
-    for (name, vm) in vms.iter_mut() {
-        join_member(spec, router, name, vm)?;
-    }
-    Ok(())
-}
-
-fn stop_all(vms: Vec<(String, AgentVm)>) {
-    let stops: Vec<_> = vms
+    let stops: Vec<_> = agents
         .into_iter()
-        .map(|(_, vm)| thread::spawn(move || vm.shutdown()))
+        .map(|(_, agent)| thread::spawn(move || drop(agent)))
         .collect();
     for stop in stops {
         let _ = stop.join();

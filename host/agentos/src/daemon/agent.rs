@@ -21,6 +21,7 @@ use super::api::{
     fit_text,
 };
 use agentos_core::agent::connection::{CappedOutput, ConnectionError, ExecIo, Keepalive};
+use agentos_core::agent::supervision::{AgentHooks, Backoff};
 use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
 use agentos_core::cgroup::AgentCgroup;
 use agentos_core::cgroup::slice::PriorityClass;
@@ -31,11 +32,6 @@ const WATCH_TICK: Duration = Duration::from_millis(250);
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Requests waiting for one agent; more are refused.
 const JOB_QUEUE: usize = 32;
-/// The first pause before a restart; it doubles with each failure in a row, up to the cap.
-const RESTART_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
-/// A VM that ran this long before it ended starts the back-off afresh.
-const STABLE_RUN: Duration = Duration::from_secs(60);
 /// A log longer than this is emptied before the next boot (the VMM bounds what one VM writes).
 const MAX_LOG_BYTES: u64 = 32 << 20;
 /// How long a stop waits for a request under way before it kills the agent's VMM.
@@ -43,10 +39,6 @@ const BUSY_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long before an `exec`'s deadline the guest kills the program: the time its end (and
 /// output) has to reach the host.
 pub const EXEC_GRACE: Duration = Duration::from_secs(10);
-
-/// Run on each VM of the agent once it is up, before it counts as running (a group member
-/// joins its group there); an error ends the VM as a failure.
-pub type BootHook = Arc<dyn Fn(&mut AgentVm) -> Result<(), String> + Send + Sync>;
 
 /// What the daemon decided about an agent when it was spawned.
 #[derive(Clone)]
@@ -63,7 +55,11 @@ pub struct AgentConfig {
     pub group: Option<String>,
     /// Its priority class, when it was given one (see [`super::arbiter`]).
     pub class: Option<PriorityClass>,
-    pub on_boot: Option<BootHook>,
+    /// At most this many restarts (none: no limit).
+    pub max_restarts: Option<u32>,
+    /// Told of each VM once it is up (before it counts as running: a group member joins its
+    /// group there) and when it ends.
+    pub hooks: Option<Arc<dyn AgentHooks>>,
 }
 
 /// A request for the agent's thread: what to do, when its client stops waiting, and where the
@@ -354,7 +350,7 @@ enum Ending {
 /// policy says so.
 fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
     let config = &shared.config;
-    let mut failures_in_row: u32 = 0;
+    let mut backoff = Backoff::default();
     loop {
         trim_log(&config.log);
         let booted_at = Instant::now();
@@ -375,7 +371,11 @@ fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
             // and so a stop, for ever.
             vm.conn()
                 .set_deadline(Instant::now().checked_add(config.hang_timeout));
-            let hooked = config.on_boot.as_ref().map_or(Ok(()), |hook| hook(&mut vm));
+            let restarts = lock(&shared.status).restarts;
+            let hooked = config
+                .hooks
+                .as_ref()
+                .map_or(Ok(()), |hooks| hooks.booted(&mut vm, restarts));
             vm.conn().set_deadline(None);
             (vm, hooked)
         });
@@ -429,12 +429,15 @@ fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
         };
         tracing::warn!(agent = config.name, "the agent's VM ended: {why}");
         shared.note(&format!("ended: {why}"));
-        let restart = match config.restart {
-            RestartPolicy::Never => false,
-            RestartPolicy::OnFailure => failure,
-            RestartPolicy::Always => true,
-        };
-        if !restart || shared.stopping() {
+        let restarts = lock(&shared.status).restarts;
+        let restart = config.restart.restarts(failure)
+            && config.max_restarts.is_none_or(|most| restarts < most)
+            && !shared.stopping();
+        let pause = restart.then(|| backoff.next(booted_at.elapsed()));
+        if let Some(hooks) = &config.hooks {
+            hooks.ended(&why, restarts, pause);
+        }
+        let Some(pause) = pause else {
             let state = if shared.stopping() {
                 AgentState::Stopped
             } else if failure {
@@ -444,13 +447,7 @@ fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
             };
             shared.set_state(state, Some(why));
             return;
-        }
-        if booted_at.elapsed() >= STABLE_RUN {
-            failures_in_row = 0;
-        }
-        let pause = (RESTART_BACKOFF * 2u32.saturating_pow(failures_in_row.min(8)))
-            .min(MAX_RESTART_BACKOFF);
-        failures_in_row = failures_in_row.saturating_add(1);
+        };
         shared.set_state(AgentState::Restarting, Some(why));
         shared.note(&format!("restarting in {} s", pause.as_secs()));
         if !pause_unless_stopped(shared, jobs, pause) {

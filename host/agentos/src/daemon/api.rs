@@ -148,18 +148,8 @@ fn check_durations(request: &Request) -> Result<(), ApiError> {
     }
 }
 
-/// When the daemon boots an agent again after its VM ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Leave it ended.
-    Never,
-    /// After a crash or a hang, not after the guest powered off by itself.
-    #[default]
-    OnFailure,
-    /// Whenever it ends, until `stop`.
-    Always,
-}
+/// When the daemon boots an agent again after its VM ended (the one rule every supervisor keeps).
+pub use agentos_core::agent::supervision::RestartPolicy;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

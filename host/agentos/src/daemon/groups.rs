@@ -8,14 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::agent::{Agent, AgentConfig, BootHook};
+use super::agent::{Agent, AgentConfig};
 use super::api::{
     AgentState, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, GroupInputRequest, GroupUpReply,
-    GroupUpRequest, RestartPolicy,
+    GroupUpRequest,
 };
 use super::{Daemon, configure, to_value, unknown_agent};
-use crate::group::file::{self, GroupSpec, Restart};
-use crate::group::report::{AgentReport, GroupReport, join_member, trace_path};
+use crate::group::file::{self, GroupSpec, MAX_RESTARTS};
+use crate::group::member::{MemberHooks, member_name};
+use crate::group::report::{AgentReport, GroupReport, trace_path};
 use crate::group::router::Router;
 use crate::group::trace::{self, TraceLog};
 use agentos_image as image;
@@ -27,11 +28,6 @@ pub struct GroupEntry {
     /// The daemon's names of its members (`GROUP/MEMBER`), in the file's order.
     members: Vec<String>,
     trace: PathBuf,
-}
-
-/// The daemon's name of a group member.
-pub fn member_name(group: &str, member: &str) -> String {
-    format!("{group}/{member}")
 }
 
 fn unknown_group(group: &str, groups: &BTreeMap<String, GroupEntry>) -> ApiError {
@@ -328,20 +324,17 @@ fn member_configs(
     let mut configs = Vec::new();
     for (member, agent) in spec.members() {
         let name = member_name(&spec.name, &member);
-        let restart = match agent.restart {
-            Restart::Never => RestartPolicy::Never,
-            Restart::OnFailure => RestartPolicy::OnFailure,
-        };
         // `+` is in no name: the log of `a/b` cannot be that of another member.
         let log = state.join(format!("{}+{member}.log", spec.name));
-        let mut config = configure(name.clone(), &agent.vm, restart, log, hang_timeout)
+        let mut config = configure(name.clone(), &agent.vm, agent.restart, log, hang_timeout)
             .map_err(|e| ApiError::new(e.kind, format!("agent `{member}`: {}", e.message)))?;
         config.group = Some(spec.name.clone());
-        let (spec, router) = (spec.clone(), router.clone());
-        let hook: BootHook = Arc::new(move |vm| {
-            join_member(&spec, &router, &member, vm).map_err(|e| format!("{e:#}"))
-        });
-        config.on_boot = Some(hook);
+        config.max_restarts = Some(MAX_RESTARTS);
+        config.hooks = Some(Arc::new(MemberHooks {
+            spec: spec.clone(),
+            router: router.clone(),
+            member,
+        }));
         configs.push(config);
     }
     Ok(configs)

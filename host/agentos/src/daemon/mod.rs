@@ -846,7 +846,8 @@ fn configure(
         hang_timeout,
         group: None,
         class: spec.class(),
-        on_boot: None,
+        max_restarts: None,
+        hooks: None,
     })
 }
 

@@ -25,6 +25,7 @@ use toml::Spanned;
 
 use crate::toml_file;
 use agentos_core::agent::spec::{AgentRequest, AgentSpec};
+use agentos_core::agent::supervision::RestartPolicy;
 use agentos_core::cgroup::PriorityClass;
 use agentos_protocol::error_chain;
 
@@ -67,24 +68,15 @@ pub struct GroupAgent {
     pub model: Option<String>,
     /// Its VM: vCPUs, memory, CPU slice, model (checked as every agent is).
     pub vm: AgentSpec,
-    pub restart: Restart,
+    /// When its VM ends while the group runs (the host never stops a member then, so any end
+    /// is a failure): booted again up to [`MAX_RESTARTS`] times, waiting 1, 2, 4 s before each.
+    pub restart: RestartPolicy,
     /// Replicas of this agent, each its own VM: `NAME-1` ... `NAME-N` when more than one. A
     /// message to `NAME` goes to the replica with the fewest messages waiting.
     pub count: u32,
 }
 
-/// What happens when an agent's VM ends while its group runs (the host never stops an agent
-/// then, so any end is a failure).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restart {
-    Never,
-    /// Boot it again, up to [`MAX_RESTARTS`] times, waiting 1, 2, 4 s before each.
-    #[default]
-    OnFailure,
-}
-
-/// Restarts of one agent in one run.
+/// Restarts of one agent while its group runs.
 pub const MAX_RESTARTS: u32 = 3;
 
 impl GroupSpec {
@@ -169,7 +161,7 @@ struct RawAgent {
     weight: Option<u32>,
     class: Option<PriorityClass>,
     #[serde(default)]
-    restart: Restart,
+    restart: RestartPolicy,
     count: Option<u32>,
 }
 
@@ -457,9 +449,9 @@ class = "interactive"
         ));
         let translator = &spec.agents[1];
         assert_eq!(translator.vm.memory_mib(), 256);
-        assert_eq!(translator.restart, Restart::Never);
+        assert_eq!(translator.restart, RestartPolicy::Never);
         assert_eq!(translator.vm.cpu().weight, Some(10_000));
-        assert_eq!(summarizer.restart, Restart::OnFailure);
+        assert_eq!(summarizer.restart, RestartPolicy::OnFailure);
         assert!(matches!(
             &translator.handler,
             Some(Handler::Exec { program, args }) if program == "/bin/sh" && args.len() == 2

@@ -3,6 +3,7 @@
 //! a trace of how each result was made.
 
 pub mod file;
+pub mod member;
 pub mod report;
 pub mod router;
 pub mod trace;

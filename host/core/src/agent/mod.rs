@@ -4,4 +4,5 @@ pub mod connection;
 pub mod pool;
 pub mod snapshot;
 pub mod spec;
+pub mod supervision;
 pub mod vm;
