@@ -20,7 +20,7 @@ pub mod cpio;
 mod elf;
 mod kmod;
 mod libs;
-pub use libs::needed_libraries;
+pub use libs::{LibsError, needed_libraries};
 pub mod manifest;
 pub mod model;
 pub mod programs;

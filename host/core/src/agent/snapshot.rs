@@ -3,14 +3,12 @@
 //! the VM's files (`agent.json`: the agent's model).
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use agentos_image::model::{ModelDisks, ModelError};
 use agentos_vmm::config::MAX_VCPUS;
-use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VmSnapshot};
-use anyhow::{Context, bail};
+use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE, SnapshotError, VmSnapshot};
 use serde::{Deserialize, Serialize};
-
-use agentos_image::model::ModelDisks;
 
 /// What the host knows of a saved agent beyond its VM, beside the VM's files.
 pub const AGENT_FILE: &str = "agent.json";
@@ -49,82 +47,121 @@ impl SavedAgent {
 
     /// The agent of the snapshot in `dir`: none written (a snapshot of `agentos run`) is an
     /// agent without a model.
-    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+    pub fn read(dir: &Path) -> Result<Self, SnapshotDirError> {
         use std::io::Read;
         let path = dir.join(AGENT_FILE);
+        let unreadable = |source| SnapshotDirError::AgentFile {
+            path: path.clone(),
+            source,
+        };
         let file = match std::fs::File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            Err(e) => return Err(unreadable(e)),
         };
         let mut text = Vec::new();
-        file.take(MAX_AGENT_FILE_BYTES).read_to_end(&mut text)?;
-        serde_json::from_slice(&text).with_context(|| format!("{} is not valid", path.display()))
+        file.take(MAX_AGENT_FILE_BYTES)
+            .read_to_end(&mut text)
+            .map_err(unreadable)?;
+        serde_json::from_slice(&text).map_err(|source| SnapshotDirError::AgentFileInvalid {
+            path: path.clone(),
+            source,
+        })
     }
+}
+
+/// Why a snapshot directory cannot be restored or written to.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDirError {
+    #[error("cannot read {}", .path.display())]
+    AgentFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not valid", .path.display())]
+    AgentFileInvalid {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} is not a snapshot: cannot open {}", .dir.display(), .state.display())]
+    NotASnapshot {
+        dir: PathBuf,
+        state: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} cannot be restored", .0.display())]
+    State(PathBuf, #[source] SnapshotError),
+    #[error("{} cannot be restored: {why}", .dir.display())]
+    Unrestorable { dir: PathBuf, why: String },
+    #[error("{} cannot be restored", .0.display())]
+    ModelDisk(PathBuf, #[source] Box<ModelError>),
+    #[error("--snapshot-to {}: no such directory (create it first)", .0.display())]
+    NoTarget(PathBuf),
+    #[error("--snapshot-to {} is the snapshot restored from: give another directory", .0.display())]
+    TargetIsSource(PathBuf),
 }
 
 /// The vCPUs and memory of the agent saved in `dir`, whose state is read and checked whole (a
 /// snapshot that cannot be restored is refused before anything starts).
-pub fn snapshot_shape(dir: &Path) -> anyhow::Result<(u8, u64)> {
+pub fn snapshot_shape(dir: &Path) -> Result<(u8, u64), SnapshotDirError> {
+    let unrestorable = |why: String| SnapshotDirError::Unrestorable {
+        dir: dir.to_owned(),
+        why,
+    };
     let state = dir.join(STATE_FILE);
-    let file = std::fs::File::open(&state).with_context(|| {
-        format!(
-            "{} is not a snapshot: cannot open {}",
-            dir.display(),
-            state.display()
-        )
+    let file = std::fs::File::open(&state).map_err(|source| SnapshotDirError::NotASnapshot {
+        dir: dir.to_owned(),
+        state: state.clone(),
+        source,
     })?;
-    let snapshot = VmSnapshot::read_from(&file)
-        .with_context(|| format!("{} cannot be restored", dir.display()))?;
+    let snapshot =
+        VmSnapshot::read_from(&file).map_err(|e| SnapshotDirError::State(dir.to_owned(), e))?;
     let memory = dir.join(MEMORY_FILE);
-    let expected = snapshot.memory_mib.checked_mul(1 << 20).with_context(|| {
-        format!(
-            "{} cannot be restored: its memory size is absurd",
-            dir.display()
-        )
-    })?;
+    let expected = snapshot
+        .memory_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| unrestorable("its memory size is absurd".into()))?;
     match std::fs::metadata(&memory) {
         Ok(m) if m.len() == expected => {}
-        Ok(m) => bail!(
-            "{} cannot be restored: its memory file holds {} bytes, not {expected}",
-            dir.display(),
-            m.len()
-        ),
-        Err(e) => bail!(
-            "{} cannot be restored: its memory file {} is missing ({e})",
-            dir.display(),
-            memory.display()
-        ),
+        Ok(m) => {
+            return Err(unrestorable(format!(
+                "its memory file holds {} bytes, not {expected}",
+                m.len()
+            )));
+        }
+        Err(e) => {
+            return Err(unrestorable(format!(
+                "its memory file {} is missing ({e})",
+                memory.display()
+            )));
+        }
     }
     let vcpus = u8::try_from(snapshot.vcpus.len())
         .ok()
         .filter(|n| (1..=MAX_VCPUS).contains(n))
-        .with_context(|| format!("{} has no vCPUs this VMM can run", dir.display()))?;
+        .ok_or_else(|| unrestorable("it has no vCPUs this VMM can run".into()))?;
     Ok((vcpus, snapshot.memory_mib))
 }
 
 /// A directory a snapshot may be written to: it exists, and is not the one restored from.
-pub fn check_snapshot_target(dir: &Path, from: Option<&Path>) -> anyhow::Result<()> {
+pub fn check_snapshot_target(dir: &Path, from: Option<&Path>) -> Result<(), SnapshotDirError> {
     if !dir.is_dir() {
-        bail!(
-            "--snapshot-to {}: no such directory (create it first)",
-            dir.display()
-        );
+        return Err(SnapshotDirError::NoTarget(dir.to_owned()));
     }
     if let Some(from) = from
         && std::fs::canonicalize(from).ok() == std::fs::canonicalize(dir).ok()
     {
-        bail!(
-            "--snapshot-to {} is the snapshot restored from: give another directory",
-            dir.display()
-        );
+        return Err(SnapshotDirError::TargetIsSource(dir.to_owned()));
     }
     Ok(())
 }
 
 /// The model disks of the snapshot in `dir`, when it was saved with a model (its `agent.json`
 /// names the bundle).
-pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
+pub fn model_disks_of(dir: &Path) -> Result<Option<ModelDisks>, SnapshotDirError> {
     let Some(name) = SavedAgent::read(dir)?.model else {
         return Ok(None);
     };
@@ -133,14 +170,16 @@ pub fn model_disks_of(dir: &Path) -> anyhow::Result<Option<ModelDisks>> {
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() => {
                 agentos_image::model::check_filesystem(&path)
-                    .with_context(|| format!("{} cannot be restored", dir.display()))?;
+                    .map_err(|e| SnapshotDirError::ModelDisk(dir.to_owned(), Box::new(e)))?;
                 Ok(path)
             }
-            _ => bail!(
-                "{} cannot be restored: it was saved with a model, but {} is missing",
-                dir.display(),
-                path.display()
-            ),
+            _ => Err(SnapshotDirError::Unrestorable {
+                dir: dir.to_owned(),
+                why: format!(
+                    "it was saved with a model, but {} is missing",
+                    path.display()
+                ),
+            }),
         }
     };
     Ok(Some(ModelDisks {
@@ -326,12 +365,12 @@ mod tests {
         // A disk that is no file system is refused before anything starts.
         std::fs::write(to.join("other.img"), vec![0u8; 4 << 20]).unwrap();
         std::fs::rename(to.join("other.img"), to.join(MODEL_DISK_FILE)).unwrap();
-        let err = format!("{:#}", model_disks_of(&to).unwrap_err());
+        let err = agentos_protocol::error_chain(&model_disks_of(&to).unwrap_err());
         assert!(err.contains("has no valid pmem info block"), "{err}");
         // A later snapshot without a model leaves no disks behind.
         save(None);
         assert!(!to.join(RUNTIME_DISK_FILE).exists() && !to.join(MODEL_DISK_FILE).exists());
-        let err = format!("{:#}", model_disks_of(&to).unwrap_err());
+        let err = agentos_protocol::error_chain(&model_disks_of(&to).unwrap_err());
         assert!(err.contains("runtime.img is missing"), "{err}");
         for dir in [from, to] {
             std::fs::remove_dir_all(dir).unwrap();
@@ -356,10 +395,10 @@ mod tests {
     #[test]
     fn what_is_not_a_snapshot_is_refused_with_why() {
         let dir = scratch("shape");
-        let err = format!("{:#}", snapshot_shape(&dir).unwrap_err());
+        let err = agentos_protocol::error_chain(&snapshot_shape(&dir).unwrap_err());
         assert!(err.contains("is not a snapshot"), "{err}");
         std::fs::write(dir.join(STATE_FILE), b"").unwrap();
-        let err = format!("{:#}", snapshot_shape(&dir).unwrap_err());
+        let err = agentos_protocol::error_chain(&snapshot_shape(&dir).unwrap_err());
         assert!(err.contains("before a snapshot was taken"), "{err}");
         assert!(check_snapshot_target(&dir.join("missing"), None).is_err());
         let err = check_snapshot_target(&dir, Some(&dir))

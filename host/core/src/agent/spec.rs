@@ -13,7 +13,7 @@ use agentos_image::{AGENT_IMAGE, BuiltImage, ImageError};
 use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
 use agentos_vmm::devices::virtio::block::{BlockError, disk_size};
 
-use super::snapshot::{SavedAgent, model_disks_of, snapshot_shape};
+use super::snapshot::{SavedAgent, SnapshotDirError, model_disks_of, snapshot_shape};
 use super::vm::{BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::cgroup::{PriorityClass, Slice, SliceError};
 
@@ -92,8 +92,8 @@ pub enum SpecError {
         "an agent restored from a snapshot has the snapshot's vCPUs, memory, kernel and model; give none"
     )]
     RestoreShape,
-    #[error("{0}")]
-    Snapshot(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotDirError),
     /// Its message says how to build the image.
     #[error(transparent)]
     NoImage(Box<ImageError>),
@@ -291,9 +291,8 @@ impl AgentSpec {
 /// A restored agent's options: the snapshot's vCPUs, memory and model disks (its model still one
 /// this host knows, for requests to name it), the image's kernel for the record.
 fn restore_options(img: &BuiltImage, dir: &Path, cache: &Path) -> Result<BootOptions, SpecError> {
-    let snapshot = |e: anyhow::Error| SpecError::Snapshot(format!("{e:#}"));
-    let (vcpus, memory_mib) = snapshot_shape(dir).map_err(snapshot)?;
-    if let Some(model) = SavedAgent::read(dir).map_err(snapshot)?.model {
+    let (vcpus, memory_mib) = snapshot_shape(dir)?;
+    if let Some(model) = SavedAgent::read(dir)?.model {
         ModelStore::new(cache)
             .find(&model)
             .map_err(|e| SpecError::SnapshotModel(Box::new(e)))?;
@@ -303,7 +302,7 @@ fn restore_options(img: &BuiltImage, dir: &Path, cache: &Path) -> Result<BootOpt
         memory_mib,
         kernel: img.boot_kernel().to_owned(),
         initrd: img.initrd.clone(),
-        model_disks: model_disks_of(dir).map_err(snapshot)?,
+        model_disks: model_disks_of(dir)?,
         from: Some(dir.to_owned()),
         ..BootOptions::blank()
     })
@@ -314,7 +313,7 @@ mod tests {
     use super::*;
 
     fn refused(request: AgentRequest) -> String {
-        format!("{:#}", anyhow::Error::new(request.validate().unwrap_err()))
+        agentos_protocol::error_chain(&request.validate().unwrap_err())
     }
 
     #[test]

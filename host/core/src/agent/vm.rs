@@ -111,8 +111,7 @@ pub struct CpuSlice {
 
 impl BootOptions {
     /// Options without a kernel or an initrd yet: one vCPU, [`DEFAULT_MEMORY_MIB`], no model,
-    /// no slice beyond memory, five minutes to come up (see [`super::spec::AgentSpec`], which
-    /// fills them in).
+    /// no slice beyond memory, five minutes to come up (an agent spec fills them in).
     pub(crate) fn blank() -> Self {
         Self {
             vcpus: 1,

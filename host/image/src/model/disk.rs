@@ -30,7 +30,6 @@ use agentos_protocol::bundle::{
     GUEST_INFER_WORKER, GUEST_LIBRARY_DIR, GUEST_MODELS_DIR, GUEST_ONNXRUNTIME, GUEST_RUNTIME_DIR,
     MANIFEST_FILE, MODEL_LIBRARY_DIR, Runtime,
 };
-use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -203,7 +202,7 @@ fn runtime_disk(
     if let Some(index) = current(read_index(&packed)) {
         return Ok(packed.join(index.image));
     }
-    let failed = |source: anyhow::Error| ModelError::Pack {
+    let failed = |source: PackError| ModelError::Pack {
         what: "the runtime disk".to_owned(),
         source,
     };
@@ -227,17 +226,20 @@ fn runtime_disk(
             &in_disk(staging, GUEST_LIBRARY_DIR)?,
         )
     })
-    .map_err(|e| failed(e.into_anyhow()))?;
+    .map_err(|e| match e {
+        DiskError::Bundle(e) => e,
+        DiskError::Pack(e) => failed(e),
+    })?;
     let index = RuntimeIndex {
         key,
         image: image.clone(),
         onnx: runtime.is_some(),
     };
-    let text = serde_json::to_vec_pretty(&index).map_err(|e| failed(e.into()))?;
+    let text = serde_json::to_vec_pretty(&index)
+        .map_err(|e| failed(PackError::Io(io::Error::other(e))))?;
     let index_path = packed.join(RUNTIME_INDEX);
     crate::write_atomic(&index_path, &text)
-        .with_context(|| format!("cannot write {}", index_path.display()))
-        .map_err(failed)?;
+        .map_err(|source| failed(PackError::path("write", &index_path, source)))?;
     remove_replaced(&packed, RUNTIME_PREFIX, &image);
     remove_archives(&packed);
     Ok(packed.join(image))
@@ -265,7 +267,7 @@ fn bundle_disk(
     if built(&packed.join(&image)) {
         return Ok(packed.join(image));
     }
-    let failed = |source: anyhow::Error| ModelError::Pack {
+    let failed = |source: PackError| ModelError::Pack {
         what: format!("the disk of model `{name}`"),
         source,
     };
@@ -298,7 +300,7 @@ fn bundle_disk(
     })
     .map_err(|e| match e {
         DiskError::Bundle(e) => e,
-        other => failed(other.into_anyhow()),
+        DiskError::Pack(e) => failed(e),
     })?;
     remove_replaced(&packed, &prefix, &image);
     Ok(packed.join(image))
@@ -349,50 +351,82 @@ struct BuildLock {
 }
 
 impl BuildLock {
-    fn take(packed: &Path) -> anyhow::Result<Self> {
+    fn take(packed: &Path) -> Result<Self, PackError> {
         use std::os::fd::AsRawFd;
-        fs::create_dir_all(packed)
-            .with_context(|| format!("cannot create {}", packed.display()))?;
+        fs::create_dir_all(packed).map_err(|e| PackError::path("create", packed, e))?;
         let path = packed.join(".disks.lock");
         let file = fs::File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .map_err(|e| PackError::path("open", &path, e))?;
         // SAFETY: flock only acts on the descriptor, which `file` keeps open.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot lock {}", path.display()));
+            return Err(PackError::path("lock", &path, io::Error::last_os_error()));
         }
         Ok(Self { _file: file })
+    }
+}
+
+/// Why a model disk could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("cannot {what} {}", .path.display())]
+    Path {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot copy {} to {}", .from.display(), .to.display())]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot find the libraries of {}", .0.display())]
+    Libraries(PathBuf, #[source] crate::LibsError),
+    #[error("{} names no file", .0.display())]
+    NoFileName(PathBuf),
+    #[error("two libraries are called {name}: {} and {}", .first.display(), .second.display())]
+    SameName {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("{0} is not under {GUEST_RUNTIME_DIR}")]
+    NotInRuntime(String),
+    #[error("{MKFS} is not installed; run `scripts/setup` (it installs erofs-utils)")]
+    NoMkfs,
+    #[error("cannot run {MKFS}")]
+    Mkfs(#[source] io::Error),
+    #[error("{MKFS} failed ({status}): {stderr}")]
+    MkfsFailed { status: String, stderr: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl PackError {
+    fn path(what: &'static str, path: &Path, source: io::Error) -> Self {
+        Self::Path {
+            what,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
 enum DiskError {
     /// A bundle that fails its check: the store's own error.
     Bundle(ModelError),
-    Other(anyhow::Error),
+    Pack(PackError),
 }
 
-impl DiskError {
-    fn into_anyhow(self) -> anyhow::Error {
-        match self {
-            Self::Bundle(e) => e.into(),
-            Self::Other(e) => e,
-        }
-    }
-}
-
-impl From<anyhow::Error> for DiskError {
-    fn from(e: anyhow::Error) -> Self {
-        Self::Other(e)
-    }
-}
-
-impl From<io::Error> for DiskError {
-    fn from(e: io::Error) -> Self {
-        Self::Other(e.into())
+impl<E: Into<PackError>> From<E> for DiskError {
+    fn from(e: E) -> Self {
+        Self::Pack(e.into())
     }
 }
 
@@ -434,8 +468,8 @@ fn place_libraries(
     let base: BTreeSet<&str> = base_libraries.iter().map(String::as_str).collect();
     let mut libraries = BTreeSet::new();
     for program in programs {
-        let needed = needed_libraries(program)
-            .with_context(|| format!("cannot find the libraries of {}", program.display()))?;
+        let needed =
+            needed_libraries(program).map_err(|e| PackError::Libraries(program.clone(), e))?;
         libraries.extend(
             needed
                 .into_iter()
@@ -447,14 +481,13 @@ fn place_libraries(
     for library in &libraries {
         let name = library
             .file_name()
-            .with_context(|| format!("{} names no file", library.display()))?;
+            .ok_or_else(|| PackError::NoFileName(library.clone()))?;
         if let Some(other) = names.insert(name.to_owned(), library) {
-            return Err(anyhow::anyhow!(
-                "two libraries are called {}: {} and {}",
-                name.to_string_lossy(),
-                other.display(),
-                library.display()
-            )
+            return Err(PackError::SameName {
+                name: name.to_string_lossy().into_owned(),
+                first: other.clone(),
+                second: library.clone(),
+            }
             .into());
         }
         place(library, &dir.join(name), DATA_MODE)?;
@@ -463,34 +496,36 @@ fn place_libraries(
 }
 
 /// Where the guest path `guest` (under `/opt/agentos`) is in `staging`.
-fn in_disk(staging: &Path, guest: &str) -> anyhow::Result<PathBuf> {
+fn in_disk(staging: &Path, guest: &str) -> Result<PathBuf, PackError> {
     let relative = Path::new(guest)
         .strip_prefix(GUEST_RUNTIME_DIR)
-        .with_context(|| format!("{guest} is not under {GUEST_RUNTIME_DIR}"))?;
+        .map_err(|_| PackError::NotInRuntime(guest.to_owned()))?;
     Ok(staging.join(relative))
 }
 
 /// Copies `source` (through symlinks) to `to` with `mode`.
-fn place(source: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
+fn place(source: &Path, to: &Path, mode: u32) -> Result<(), PackError> {
     if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        fs::create_dir_all(parent).map_err(|e| PackError::path("create", parent, e))?;
     }
-    fs::copy(source, to)
-        .with_context(|| format!("cannot copy {} to {}", source.display(), to.display()))?;
+    fs::copy(source, to).map_err(|e| PackError::Copy {
+        from: source.to_owned(),
+        to: to.to_owned(),
+        source: e,
+    })?;
     fs::set_permissions(to, fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the mode of {}", to.display()))
+        .map_err(|e| PackError::path("set the mode of", to, e))
 }
 
 /// Writes `dir` as a pmem region at `image` holding an uncompressed erofs image: files owned by
 /// root, every time stamp zero, no extended attributes, so the same inputs give the same image.
-fn write_image(dir: &Path, image: &Path) -> anyhow::Result<()> {
+fn write_image(dir: &Path, image: &Path) -> Result<(), PackError> {
     let mut fs_image = image.as_os_str().to_owned();
     fs_image.push(".fs");
     let fs_image = PathBuf::from(fs_image);
     let written = write_filesystem(dir, &fs_image).and_then(|()| {
         write_region(&fs_image, image)
-            .with_context(|| format!("cannot write the disk image {}", image.display()))
+            .map_err(|e| PackError::path("write the disk image", image, e))
     });
     let _ = fs::remove_file(&fs_image);
     written
@@ -530,7 +565,7 @@ fn write_region(fs_image: &Path, image: &Path) -> io::Result<()> {
 }
 
 /// Writes `dir` as an erofs image at `fs_image` with `mkfs.erofs`.
-fn write_filesystem(dir: &Path, fs_image: &Path) -> anyhow::Result<()> {
+fn write_filesystem(dir: &Path, fs_image: &Path) -> Result<(), PackError> {
     let output = Command::new(MKFS)
         .args(["--quiet", "--all-root", "-T0", "-x-1"])
         .arg(fs_image)
@@ -538,19 +573,16 @@ fn write_filesystem(dir: &Path, fs_image: &Path) -> anyhow::Result<()> {
         .output()
         .map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                anyhow::anyhow!(
-                    "{MKFS} is not installed; run `scripts/setup` (it installs erofs-utils)"
-                )
+                PackError::NoMkfs
             } else {
-                anyhow::Error::new(e).context(format!("cannot run {MKFS}"))
+                PackError::Mkfs(e)
             }
         })?;
     if !output.status.success() {
-        bail!(
-            "{MKFS} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        return Err(PackError::MkfsFailed {
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }

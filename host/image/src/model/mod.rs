@@ -23,8 +23,8 @@ use crate::hex;
 
 pub use disk::least_image;
 pub use disk::{
-    DiskDevice, ModelDisks, carrier_copies, carrier_files, check_filesystem, model_disks,
-    remove_bundle_disks,
+    DiskDevice, ModelDisks, PackError, carrier_copies, carrier_files, check_filesystem,
+    model_disks, remove_bundle_disks,
 };
 
 const MODELS_DIR: &str = "models";
@@ -82,7 +82,7 @@ pub enum ModelError {
     Pack {
         what: String,
         #[source]
-        source: anyhow::Error,
+        source: PackError,
     },
 }
 
