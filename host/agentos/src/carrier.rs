@@ -17,14 +17,14 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
-use anyhow::{Context, bail};
 
 use crate::qemu;
 use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
-use agentos_core::agent::vm::{ChildWait, wait_for_connection};
-use agentos_core::rundir::RunDir;
+use agentos_core::agent::vm::{ChildWait, VmError, wait_for_connection};
+use agentos_core::rundir::{RunDir, RunDirError};
 use agentos_core::signals;
-use agentos_image::{self as image, CARRIER_IMAGE, cpio::CpioTree};
+use agentos_image::cpio::{CpioError, CpioTree};
+use agentos_image::{self as image, CARRIER_IMAGE, ImageError};
 
 /// Set in the environment of commands run inside a carrier: they run VMs directly.
 pub const IN_CARRIER_ENV: &str = "AGENTOS_IN_CARRIER";
@@ -72,9 +72,53 @@ const CARRIER_ID: u32 = 65534;
 /// above; the combination with `idle=poll` is what the VM test suite runs on.
 const CARRIER_CPU: &str = "max,vgif=off";
 
+/// Why a carrier did not run a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CarrierError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{} does not run: {}", qemu::QEMU, qemu::INSTALL_HINT)]
+    NoQemu,
+    #[error("cannot find the agentos binary")]
+    NoExe(#[source] io::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(
+        "cannot copy {} into the carrier: it mounts a fresh tmpfs on {CARRIER_TMP}, which would hide it; move it elsewhere",
+        .0.display()
+    )]
+    UnderTmp(PathBuf),
+    #[error("cannot copy {} into the carrier: no such file", .0.display())]
+    NoFile(PathBuf),
+    #[error("cannot read {}", .0.display())]
+    Read(PathBuf, #[source] io::Error),
+    #[error("cannot create {}", .0.display())]
+    Create(PathBuf, #[source] io::Error),
+    #[error("cannot add {} to the carrier", .0.display())]
+    Add(PathBuf, #[source] CpioError),
+    #[error("cannot write the carrier's initramfs")]
+    Initramfs(#[source] io::Error),
+    #[error("cannot create the carrier's run directory")]
+    RunDir(#[from] RunDirError),
+    #[error("cannot listen for the carrier")]
+    Listen(#[source] io::Error),
+    #[error("cannot start {}", qemu::QEMU)]
+    Spawn(#[source] io::Error),
+    #[error("the carrier did not come up ({0})")]
+    NotUp(String),
+    #[error("the carrier's guest agent did not answer")]
+    Handshake(#[source] ConnectionError),
+    #[error("the command in the carrier did not complete{console}")]
+    Command {
+        console: String,
+        #[source]
+        source: ConnectionError,
+    },
+}
+
 /// Runs this very command line again inside a carrier, with the agent image and `files` copied
 /// in, and returns its exit status.
-pub fn rerun_inside(mut files: Vec<PathBuf>) -> anyhow::Result<i32> {
+pub fn rerun_inside(mut files: Vec<PathBuf>) -> Result<i32, CarrierError> {
     let argv: Vec<String> = std::env::args().collect();
     files.extend(agent_image_files());
     let spec = CarrierRun {
@@ -114,27 +158,24 @@ pub struct CarrierRun {
 
 /// Boots a carrier, runs `spec.argv` in it with our stdin and stderr and its stdout going to
 /// `stdout`, and tears it down.
-pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<ExitStatus> {
+pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, CarrierError> {
     let started = Instant::now();
     let cache = image::default_cache_dir();
     let carrier = image::find_image(&cache, CARRIER_IMAGE)?;
     let qemu_major = which_qemu()?;
-    let exe = std::env::current_exe().context("cannot find the agentos binary")?;
+    let exe = std::env::current_exe().map_err(CarrierError::NoExe)?;
     let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];
     files.extend(spec.files.iter().cloned());
     if let Some(hidden) = files.iter().find(|f| f.starts_with(CARRIER_TMP)) {
-        anyhow::bail!(
-            "cannot copy {} into the carrier: it mounts a fresh tmpfs on {CARRIER_TMP}, which would hide it; move it elsewhere",
-            hidden.display()
-        );
+        return Err(CarrierError::UnderTmp(hidden.clone()));
     }
     let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
 
-    let run_dir = RunDir::create("carrier").context("cannot create the carrier's run directory")?;
+    let run_dir = RunDir::create("carrier")?;
     let control_path = run_dir.join("ctl.sock");
     let control = UnixListener::bind(&control_path)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
-        .context("cannot listen for the carrier")?;
+        .map_err(CarrierError::Listen)?;
     let mut qemu = Qemu::spawn(&QemuConfig {
         qemu_major,
         kernel: &carrier.vmlinuz,
@@ -149,14 +190,16 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
     {
         Ok(stream) => stream,
         Err(ChildWait::Interrupted) => return Ok(interrupted_status()),
-        Err(why) => bail!(
-            "the carrier did not come up ({}){}",
-            why.describe(BOOT_TIMEOUT),
-            console_tail(&run_dir.join("console.log"))
-        ),
+        Err(why) => {
+            return Err(CarrierError::NotUp(format!(
+                "{}{}",
+                why.describe(BOOT_TIMEOUT),
+                console_tail(&run_dir.join("console.log"))
+            )));
+        }
     };
-    let mut conn = AgentConnection::handshake(stream, BOOT_TIMEOUT)
-        .context("the carrier's guest agent did not answer")?;
+    let mut conn =
+        AgentConnection::handshake(stream, BOOT_TIMEOUT).map_err(CarrierError::Handshake)?;
     conn.set_keepalive(Some(CARRIER_KEEPALIVE));
     tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
 
@@ -195,10 +238,10 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> anyhow::Result<Exit
                 ..Default::default()
             })
         }
-        Err(e) => Err(e).context(format!(
-            "the command in the carrier did not complete{}",
-            console_tail(&run_dir.join("console.log"))
-        )),
+        Err(source) => Err(CarrierError::Command {
+            console: console_tail(&run_dir.join("console.log")),
+            source,
+        }),
     }
 }
 
@@ -229,28 +272,23 @@ fn carrier_env(cache: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<Strin
 }
 
 /// QEMU's major version (0 when its banner says none), or what to install.
-fn which_qemu() -> anyhow::Result<u32> {
+fn which_qemu() -> Result<u32, CarrierError> {
     match qemu::version() {
         Some(line) => Ok(qemu::major_version(&line).unwrap_or(0)),
-        None => bail!("{} does not run: {}", qemu::QEMU, qemu::INSTALL_HINT),
+        None => Err(CarrierError::NoQemu),
     }
 }
 
 /// The carrier image's initramfs with `files` (and their shared libraries) appended, cached by
 /// the identity of its inputs so that repeated runs reuse it.
-fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Result<PathBuf> {
+fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> Result<PathBuf, CarrierError> {
     let mut all = Vec::new();
     for file in files {
         // The path as given, not resolved: a program looks for a symlink by its own name.
         let file = std::path::absolute(file)
             .ok()
             .filter(|f| f.is_file())
-            .with_context(|| {
-                format!(
-                    "cannot copy {} into the carrier: no such file",
-                    file.display()
-                )
-            })?;
+            .ok_or_else(|| CarrierError::NoFile(file.clone()))?;
         if let Ok(libs) = image::needed_libraries(&file) {
             all.extend(libs);
         }
@@ -261,13 +299,13 @@ fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Resu
 
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for path in std::iter::once(base).chain(all.iter().map(PathBuf::as_path)) {
-        let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = fs::metadata(path).map_err(|e| CarrierError::Read(path.to_owned(), e))?;
         path.hash(&mut hasher);
         meta.len().hash(&mut hasher);
         meta.modified().ok().hash(&mut hasher);
     }
     let dir = cache.join("carrier");
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::create_dir_all(&dir).map_err(|e| CarrierError::Create(dir.clone(), e))?;
     let combined = dir.join(format!("initrd-{:016x}.cpio", hasher.finish()));
     if combined.is_file() {
         return Ok(combined);
@@ -275,22 +313,22 @@ fn combined_initrd(cache: &Path, base: &Path, files: &[PathBuf]) -> anyhow::Resu
 
     let mut tree = CpioTree::new();
     for path in &all {
-        tree.parent_dirs(path)?;
-        tree.host_file_at_same_path(path)
-            .with_context(|| format!("cannot add {} to the carrier", path.display()))?;
+        tree.parent_dirs(path)
+            .and_then(|()| tree.host_file_at_same_path(path))
+            .map_err(|e| CarrierError::Add(path.clone(), e))?;
     }
     let tmp = dir.join(format!(".initrd-{}.tmp", std::process::id()));
-    let result = (|| -> anyhow::Result<()> {
+    let result = (|| -> io::Result<()> {
         let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
         io::copy(&mut fs::File::open(base)?, &mut out)?;
-        let mut out = tree.write(out)?;
+        let mut out = tree.write(out).map_err(io::Error::other)?;
         io::Write::flush(&mut out)?;
         fs::rename(&tmp, &combined)?;
         Ok(())
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(e).context("cannot write the carrier's initramfs");
+        return Err(CarrierError::Initramfs(e));
     }
     prune_combined(&dir, &combined);
     Ok(combined)
@@ -348,7 +386,7 @@ struct Qemu {
 }
 
 impl Qemu {
-    fn spawn(cfg: &QemuConfig<'_>) -> anyhow::Result<Self> {
+    fn spawn(cfg: &QemuConfig<'_>) -> Result<Self, CarrierError> {
         let serial = if cfg.console {
             "stdio".to_string()
         } else {
@@ -386,9 +424,7 @@ impl Qemu {
         } else {
             cmd.stdout(Stdio::null());
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", qemu::QEMU))?;
+        let child = cmd.spawn().map_err(CarrierError::Spawn)?;
         signals::watch_child(child.id());
         Ok(Self { child })
     }

@@ -361,7 +361,7 @@ fn qemu_finding() -> Finding {
     }
 }
 
-pub fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
+pub fn run(args: &DoctorArgs) -> serde_json::Result<i32> {
     let cache = image::default_cache_dir();
     if args.placement {
         let (word, code) = match linux_kvm(&cache, args.probe) {

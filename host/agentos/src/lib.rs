@@ -5,7 +5,6 @@
 //! QEMU carrier and the decision to use it, the security evaluation and the benchmarks. Each VM
 //! runs in an `agentos-vmm` process (see `agentos_vmm_process`).
 
-pub mod bench;
 pub mod carrier;
 pub mod daemon;
 pub mod doctor;

@@ -5,8 +5,6 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, bail};
-
 use crate::carrier::IN_CARRIER_ENV;
 use crate::doctor::{self, LinuxKvm};
 
@@ -42,9 +40,28 @@ impl Placement {
     }
 }
 
+/// Why VMs can go nowhere.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error(
+        "cannot tell whether this host's KVM boots Linux: {0}; pass --carrier never or --carrier always"
+    )]
+    Unknown(String),
+    #[error(
+        "/dev/kvm does not exist: this host has no KVM (enable virtualisation, load kvm_intel or kvm_amd, or run on a machine with KVM)"
+    )]
+    NoKvm,
+    #[error(
+        "no permission to open /dev/kvm: add your user to the group that owns it (usually `kvm`) and log in again"
+    )]
+    KvmPermission,
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] io::Error),
+}
+
 /// Decides where VMs go for `choice`, saying so once when `auto` picks the carrier; VMs that
 /// are to run here find /dev/kvm open to them or get an error a user can act on.
-pub fn decide(choice: CarrierChoice) -> anyhow::Result<Placement> {
+pub fn decide(choice: CarrierChoice) -> Result<Placement, PlacementError> {
     static ANNOUNCED: AtomicBool = AtomicBool::new(false);
     if std::env::var_os(IN_CARRIER_ENV).is_some() {
         check_kvm_access()?;
@@ -64,9 +81,7 @@ pub fn decide(choice: CarrierChoice) -> anyhow::Result<Placement> {
                     }
                     true
                 }
-                LinuxKvm::Unknown { reason } => bail!(
-                    "cannot tell whether this host's KVM boots Linux: {reason}; pass --carrier never or --carrier always"
-                ),
+                LinuxKvm::Unknown { reason } => return Err(PlacementError::Unknown(reason)),
             }
         }
     };
@@ -78,19 +93,15 @@ pub fn decide(choice: CarrierChoice) -> anyhow::Result<Placement> {
 }
 
 /// Checks that /dev/kvm can be opened, with an explanation a user can act on.
-pub fn check_kvm_access() -> anyhow::Result<()> {
+pub fn check_kvm_access() -> Result<(), PlacementError> {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
-            "/dev/kvm does not exist: this host has no KVM (enable virtualisation, load kvm_intel or kvm_amd, or run on a machine with KVM)"
-        ),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => bail!(
-            "no permission to open /dev/kvm: add your user to the group that owns it (usually `kvm`) and log in again"
-        ),
-        Err(e) => Err(e).context("cannot open /dev/kvm"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(PlacementError::NoKvm),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(PlacementError::KvmPermission),
+        Err(e) => Err(PlacementError::KvmOpen(e)),
     }
 }

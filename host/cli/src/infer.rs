@@ -122,7 +122,7 @@ pub fn run(
                 .cloned(),
         );
         files.extend([&vm.kernel, &vm.initrd].into_iter().flatten().cloned());
-        return carrier::rerun_inside(files);
+        return Ok(carrier::rerun_inside(files)?);
     }
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod bench;
 mod carrier;
 mod control;
 mod daemon;
@@ -15,7 +16,7 @@ mod infer;
 mod model;
 mod run;
 
-use agentos::{bench, doctor, eval};
+use agentos::{doctor, eval};
 use agentos_core::signals;
 use clap::{Parser, Subcommand};
 
@@ -142,7 +143,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Run(args) => run::run(args, started),
         Command::Top(args) => control::top(args),
         Command::Stats(args) => control::stats(args),
-        Command::Daemon(args) => agentos::daemon::run(args),
+        Command::Daemon(args) => Ok(agentos::daemon::run(args)?),
         Command::Spawn(args) => daemon::spawn(args),
         Command::Ps(args) => daemon::ps(args),
         Command::Exec(args) => daemon::exec(args),
@@ -156,14 +157,14 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Pause(args) => control::pause(args),
         Command::Resume(args) => control::resume(args),
         Command::Carrier(args) => carrier::run_command(args),
-        Command::Doctor(args) => doctor::run(args),
-        Command::Eval(args) => eval::run(args),
+        Command::Doctor(args) => Ok(doctor::run(args)?),
+        Command::Eval(args) => Ok(eval::run(args)?),
         Command::Image(cmd) => image::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Group(cmd) => group::run_command(cmd),
         Command::Trace(args) => group_run::show_trace(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Vmm(args) => agentos_vmm_process::run(args, started),
+        Command::Vmm(args) => Ok(agentos_vmm_process::run(args, started)?),
     }
 }
 

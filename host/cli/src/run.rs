@@ -120,7 +120,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
                 files.extend([disks.runtime, disks.bundle, dir.join(AGENT_FILE)]);
             }
         }
-        return carrier::rerun_inside(files);
+        return Ok(carrier::rerun_inside(files)?);
     }
     let mut opts = args.vm.boot_options(&spec)?;
     opts.snapshot_to = args.snapshot_to.clone();

@@ -18,23 +18,77 @@
 //! `snapshotted` (exit status 0). `--from DIR` runs a VM from such a snapshot instead of booting
 //! a kernel.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use agentos_jail::JailError;
 use agentos_jail::{self as jail, JailLevel, JailPlan};
+use agentos_vmm::builder::BuildError;
 use agentos_vmm::builder::{build_vm, restore_vm};
 use agentos_vmm::config::{
     ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
 };
 use agentos_vmm::exit::{ExitReason, ExitSignal};
+use agentos_vmm::seccomp::SeccompError;
 use agentos_vmm::seccomp::{Role, SeccompFilters};
 use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
+use agentos_vmm::vmm::VmmError;
 use agentos_vmm::vmm::{MetricsSnapshot, Outcome, RunReport};
-use anyhow::Context;
 
 use serde::{Deserialize, Serialize};
+
+/// Why the VMM process did not run its VM to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmProcessError {
+    #[error("cannot open {} (is {} a snapshot directory?)", .path.display(), .dir.display())]
+    SnapshotFile {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("give --kernel, or --from a snapshot")]
+    NoKernel,
+    #[error("cannot block stop signals")]
+    SignalMask,
+    #[error("cannot start the signal thread")]
+    SignalThread(#[source] io::Error),
+    #[error(
+        "--snapshot-to {} is the snapshot the VM is restored from: give another directory",
+        .0.display()
+    )]
+    SnapshotToSource(PathBuf),
+    #[error("--snapshot-to {}: no such directory", .0.display())]
+    NoSnapshotDir(PathBuf),
+    #[error("cannot replace {}", .0.display())]
+    Replace(PathBuf, #[source] io::Error),
+    #[error("cannot open the disk {}", .0.display())]
+    Disk(PathBuf, #[source] io::Error),
+    #[error("cannot open the pmem file {}", .0.display())]
+    Pmem(PathBuf, #[source] io::Error),
+    #[error("cannot find {}", .0.display())]
+    Find(PathBuf, #[source] io::Error),
+    #[error("{} names no file", .0.display())]
+    NoFileName(PathBuf),
+    #[error("cannot create {}", .0.display())]
+    Create(PathBuf, #[source] io::Error),
+    #[error("cannot open {} (a symlink is refused)", .0.display())]
+    Open(PathBuf, #[source] io::Error),
+    #[error("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")]
+    Jail(#[source] JailError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("cannot build the VM")]
+    Build(#[source] BuildError),
+    #[error("cannot restore the snapshot")]
+    Restore(#[source] BuildError),
+    #[error("the VM failed")]
+    Run(#[source] VmmError),
+    #[error("cannot write the report")]
+    Report(#[source] io::Error),
+}
 
 /// Exit statuses of `agentos-vmm`.
 pub const EXIT_CRASHED: i32 = 2;
@@ -182,7 +236,7 @@ impl VmmArgs {
         console_log: Option<std::fs::File>,
         devices: Devices,
         snapshot_to: Option<SnapshotFiles>,
-    ) -> anyhow::Result<Start> {
+    ) -> Result<Start, VmmProcessError> {
         let Devices { disks, pmem } = devices;
         let console = ConsoleConfig {
             log: console_log,
@@ -191,12 +245,10 @@ impl VmmArgs {
         if let Some(dir) = &self.from {
             let open = |name: &str| {
                 let path = dir.join(name);
-                std::fs::File::open(&path).with_context(|| {
-                    format!(
-                        "cannot open {} (is {} a snapshot directory?)",
-                        path.display(),
-                        dir.display()
-                    )
+                std::fs::File::open(&path).map_err(|source| VmmProcessError::SnapshotFile {
+                    path: path.clone(),
+                    dir: dir.clone(),
+                    source,
                 })
             };
             return Ok(Start::Restore(RestoreConfig {
@@ -209,10 +261,7 @@ impl VmmArgs {
                 snapshot_to,
             }));
         }
-        let kernel = self
-            .kernel
-            .clone()
-            .context("give --kernel, or --from a snapshot")?;
+        let kernel = self.kernel.clone().ok_or(VmmProcessError::NoKernel)?;
         Ok(Start::Boot(VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory,
@@ -253,11 +302,13 @@ fn spawn_signal_thread(
     exit: Arc<ExitSignal>,
     can_snapshot: bool,
     filters: Option<Arc<SeccompFilters>>,
-) -> anyhow::Result<()> {
+) -> Result<(), VmmProcessError> {
     let set = stop_signal_set();
     // SAFETY: blocks the stop signals in this thread; threads spawned later inherit the mask.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    anyhow::ensure!(rc == 0, "cannot block stop signals");
+    if rc != 0 {
+        return Err(VmmProcessError::SignalMask);
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -283,11 +334,11 @@ fn spawn_signal_thread(
                 }
             }
         })
-        .context("cannot start the signal thread")?;
+        .map_err(VmmProcessError::SignalThread)?;
     Ok(())
 }
 
-pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
+pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
     // The VMM must not outlive whoever started it.
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; no memory is involved.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
@@ -311,10 +362,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
     if let (Some(from), Some(to)) = (&args.from, &args.snapshot_to)
         && std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok()
     {
-        anyhow::bail!(
-            "--snapshot-to {} is the snapshot the VM is restored from: give another directory",
-            to.display()
-        );
+        return Err(VmmProcessError::SnapshotToSource(to.clone()));
     }
     let snapshot_to = args
         .snapshot_to
@@ -329,8 +377,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         // Still one thread here, as entering the jail needs. This process stays outside as the
         // VMM's supervisor and only the VMM, its child, returns; any layer that cannot be
         // applied is an error, and the VMM does not run.
-        let level = jail::enter(&jail_plan(args))
-            .context("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")?;
+        let level = jail::enter(&jail_plan(args)).map_err(VmmProcessError::Jail)?;
         tracing::info!(%level, "jailed");
         level
     };
@@ -343,8 +390,8 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         Some(Arc::new(SeccompFilters::new()?))
     };
     let vmm = match &start {
-        Start::Boot(config) => build_vm(config).context("cannot build the VM")?,
-        Start::Restore(config) => restore_vm(config).context("cannot restore the snapshot")?,
+        Start::Boot(config) => build_vm(config).map_err(VmmProcessError::Build)?,
+        Start::Restore(config) => restore_vm(config).map_err(VmmProcessError::Restore)?,
     };
     drop(start);
     spawn_signal_thread(vmm.exit_signal(), vmm.can_snapshot(), filters.clone())?;
@@ -352,7 +399,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
         Some(filters) => vmm.with_seccomp(filters),
         None => vmm,
     };
-    let report = vmm.run(Some(started)).context("the VM failed")?;
+    let report = vmm.run(Some(started)).map_err(VmmProcessError::Run)?;
     let code = exit_code(&report.outcome);
     if let Some(file) = report_file {
         write_report(file, &report, jail)?;
@@ -366,12 +413,10 @@ pub fn run(args: &VmmArgs, started: Instant) -> anyhow::Result<i32> {
 }
 
 /// Creates the snapshot files in `dir` anew, never through a symlink.
-fn open_snapshot_files(dir: &Path) -> anyhow::Result<SnapshotFiles> {
-    anyhow::ensure!(
-        dir.is_dir(),
-        "--snapshot-to {}: no such directory",
-        dir.display()
-    );
+fn open_snapshot_files(dir: &Path) -> Result<SnapshotFiles, VmmProcessError> {
+    if !dir.is_dir() {
+        return Err(VmmProcessError::NoSnapshotDir(dir.to_owned()));
+    }
     // Unlinked and made anew, never truncated: VMs restored from an earlier snapshot here map
     // its memory file, and truncating it would fault their guests' memory away.
     let fresh = |name: &str| {
@@ -379,7 +424,7 @@ fn open_snapshot_files(dir: &Path) -> anyhow::Result<SnapshotFiles> {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+            Err(e) => return Err(VmmProcessError::Replace(path, e)),
         }
         open_nofollow(&path, libc::O_EXCL)
     };
@@ -391,13 +436,13 @@ fn open_snapshot_files(dir: &Path) -> anyhow::Result<SnapshotFiles> {
 
 /// Opens the disks read-only, as whoever started us, each named for the guest by its place (the
 /// VM's configuration bounds how many).
-fn open_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<DiskConfig>> {
+fn open_disks(paths: &[PathBuf]) -> Result<Vec<DiskConfig>, VmmProcessError> {
     paths
         .iter()
         .enumerate()
         .map(|(index, path)| {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open the disk {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).map_err(|e| VmmProcessError::Disk(path.clone(), e))?;
             Ok(DiskConfig {
                 file,
                 id: format!("disk{index}"),
@@ -407,12 +452,12 @@ fn open_disks(paths: &[PathBuf]) -> anyhow::Result<Vec<DiskConfig>> {
 }
 
 /// Opens the pmem files read-only, as whoever started us.
-fn open_pmem(paths: &[PathBuf]) -> anyhow::Result<Vec<PmemConfig>> {
+fn open_pmem(paths: &[PathBuf]) -> Result<Vec<PmemConfig>, VmmProcessError> {
     paths
         .iter()
         .map(|path| {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open the pmem file {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).map_err(|e| VmmProcessError::Pmem(path.clone(), e))?;
             Ok(PmemConfig { file })
         })
         .collect()
@@ -425,14 +470,14 @@ struct Devices {
 }
 
 /// The arguments with every path the jail binds made absolute and resolved.
-fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
+fn absolute(args: &VmmArgs) -> Result<VmmArgs, VmmProcessError> {
     let resolve = |path: &Path| {
-        std::fs::canonicalize(path).with_context(|| format!("cannot find {}", path.display()))
+        std::fs::canonicalize(path).map_err(|e| VmmProcessError::Find(path.to_owned(), e))
     };
-    let in_dir = |path: &Path| -> anyhow::Result<PathBuf> {
+    let in_dir = |path: &Path| -> Result<PathBuf, VmmProcessError> {
         let name = path
             .file_name()
-            .with_context(|| format!("{} names no file", path.display()))?;
+            .ok_or_else(|| VmmProcessError::NoFileName(path.to_owned()))?;
         let dir = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
             Some(dir) => resolve(dir)?,
             None => resolve(Path::new("."))?,
@@ -447,8 +492,7 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
         .map(|p| resolve(p))
         .collect::<Result<_, _>>()?;
     if let Some(base) = &args.chroot_base {
-        std::fs::create_dir_all(base)
-            .with_context(|| format!("cannot create {}", base.display()))?;
+        std::fs::create_dir_all(base).map_err(|e| VmmProcessError::Create(base.clone(), e))?;
         out.chroot_base = Some(resolve(base)?);
     }
     out.vsock_uds = args.vsock_uds.as_deref().map(in_dir).transpose()?;
@@ -457,7 +501,7 @@ fn absolute(args: &VmmArgs) -> anyhow::Result<VmmArgs> {
 
 /// Opens `path` for writing (made with mode 0600 if missing), never through a symlink, with
 /// `extra` flags (append, or truncate).
-fn open_nofollow(path: &Path, extra: libc::c_int) -> anyhow::Result<std::fs::File> {
+fn open_nofollow(path: &Path, extra: libc::c_int) -> Result<std::fs::File, VmmProcessError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = std::fs::File::options();
     options
@@ -470,7 +514,7 @@ fn open_nofollow(path: &Path, extra: libc::c_int) -> anyhow::Result<std::fs::Fil
     }
     options
         .open(path)
-        .with_context(|| format!("cannot open {} (a symlink is refused)", path.display()))
+        .map_err(|e| VmmProcessError::Open(path.to_owned(), e))
 }
 
 /// What the VMM sees in its jail: the kernel and initrds (read-only), its own `/dev/kvm`, and
@@ -523,7 +567,7 @@ fn write_report(
     mut file: std::fs::File,
     report: &RunReport,
     jail: JailLevel,
-) -> anyhow::Result<()> {
+) -> Result<(), VmmProcessError> {
     let (outcome, error) = match &report.outcome {
         Outcome::Shutdown => (ReportOutcome::Shutdown, None),
         Outcome::Stopped => (ReportOutcome::Stopped, None),
@@ -538,12 +582,12 @@ fn write_report(
         init_started_ms: report.init_started_ms,
         ready_ms: report.ready_ms,
         console_tail: report.console_tail.clone(),
-        metrics: serde_json::to_value(metrics)?,
+        metrics: serde_json::to_value(metrics).map_err(|e| VmmProcessError::Report(e.into()))?,
         peak_rss_kib: report.peak_rss_kib,
         jail: Some(jail),
     };
     // Readers look at the report once the VMM has exited; one that finds it empty or cut short
     // (the VMM died writing it) treats it as missing.
-    file.write_all(&serde_json::to_vec_pretty(&out)?)
-        .context("cannot write the report")
+    let bytes = serde_json::to_vec_pretty(&out).map_err(|e| VmmProcessError::Report(e.into()))?;
+    file.write_all(&bytes).map_err(VmmProcessError::Report)
 }

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     match agentos_vmm_process::run(&cli.args, started) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("agentos-vmm: {e:#}");
+            eprintln!("agentos-vmm: {}", agentos_protocol::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::InferRequest;
 use agentos_protocol::peer::valid_peer_name;
-use anyhow::Context;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -33,11 +32,11 @@ use self::api::{
     PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy, RmRequest, SnapshotRequest,
     SpawnRequest, VersionReply,
 };
-use crate::placement::{self, CarrierChoice, Placement};
+use crate::placement::{self, CarrierChoice, Placement, PlacementError};
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::spec::{AgentRequest, AgentSpec, SpecError};
 use agentos_core::agent::vm::{BootOptions, DEFAULT_BOOT_TIMEOUT};
-use agentos_core::rundir::{self, RunDir};
+use agentos_core::rundir::{self, RunDir, RunDirError};
 use agentos_core::{cgroup, signals};
 use agentos_image as image;
 
@@ -119,11 +118,32 @@ struct Daemon {
     pools: Arc<Spawner>,
 }
 
-pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
+/// Why the daemon did not start (or stopped serving).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(
+        "this host's KVM cannot boot Linux, so agents cannot run next to this daemon; run it in a carrier: `agentos carrier --models -- agentos daemon` (and the clients in the same carrier)"
+    )]
+    NeedsCarrier,
+    #[error(transparent)]
+    RunDirBase(#[from] RunDirError),
+    #[error("cannot create {}", .0.display())]
+    SocketDir(PathBuf, #[source] io::Error),
+    #[error("a daemon already serves {}; stop it first, or pass --socket PATH", .0.display())]
+    InUse(PathBuf),
+    #[error("cannot remove the stale socket {}", .0.display())]
+    Stale(PathBuf, #[source] io::Error),
+    #[error("cannot listen on {}", .0.display())]
+    Listen(PathBuf, #[source] io::Error),
+    #[error("cannot start the daemon: {0}")]
+    Start(&'static str, #[source] io::Error),
+}
+
+pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
     if placement::decide(CarrierChoice::Auto)? == Placement::Carrier {
-        anyhow::bail!(
-            "this host's KVM cannot boot Linux, so agents cannot run next to this daemon; run it in a carrier: `agentos carrier --models -- agentos daemon` (and the clients in the same carrier)"
-        );
+        return Err(DaemonError::NeedsCarrier);
     }
     let path = args.socket.path();
     let listener = bind_private(&path)?;
@@ -138,10 +158,10 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
     }
     let daemon = Arc::new(
         Daemon::new(
-            RunDir::create("daemon").context("cannot create the daemon's run directory")?,
+            RunDir::create("daemon")?,
             Duration::from_secs(args.hang_timeout),
         )
-        .context("cannot start the daemon's pool thread")?,
+        .map_err(|e| DaemonError::Start("its pool thread", e))?,
     );
     eprintln!(
         "agentos daemon: listening on {} (pid {})",
@@ -151,8 +171,10 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the daemon's event loop")?;
-    runtime.block_on(serve(daemon.clone(), listener, metrics))?;
+        .map_err(|e| DaemonError::Start("its event loop", e))?;
+    runtime
+        .block_on(serve(daemon.clone(), listener, metrics))
+        .map_err(|e| DaemonError::Start("its listeners", e))?;
     let _ = std::fs::remove_file(&path);
     if let Some(metrics) = &args.metrics {
         let _ = std::fs::remove_file(metrics);
@@ -165,7 +187,7 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<i32> {
 /// one a live daemon serves is not. The default place is the run-directory base, made and
 /// checked first (see [`rundir::base`]); a directory given with `--socket` is made with mode
 /// 0700 when missing.
-fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
     let base = rundir::base_path();
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) if dir == base => {
@@ -176,24 +198,20 @@ fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener>
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+                .map_err(|e| DaemonError::SocketDir(dir.to_owned(), e))?;
         }
         None => {}
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "a daemon already serves {}; stop it first, or pass --socket PATH",
-                path.display()
-            );
+            return Err(DaemonError::InUse(path.to_owned()));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| DaemonError::Stale(path.to_owned(), e))?;
     }
     // Made with no permission for others at all, so there is no moment when they could connect.
     let listener = rundir::listen_private(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    listener.set_nonblocking(true)?;
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| DaemonError::Listen(path.to_owned(), e))?;
     Ok(listener)
 }
 
@@ -201,7 +219,7 @@ async fn serve(
     daemon: Arc<Daemon>,
     listener: std::os::unix::net::UnixListener,
     metrics: Option<std::os::unix::net::UnixListener>,
-) -> anyhow::Result<()> {
+) -> io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
     if let Some(metrics) = metrics {
         let metrics = UnixListener::from_std(metrics)?;

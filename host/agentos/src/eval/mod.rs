@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::carrier;
-use crate::placement::{self, CarrierChoice, Placement};
+use crate::carrier::CarrierError;
+use crate::placement::{self, CarrierChoice, Placement, PlacementError};
 use agentos_core::signals;
 use agentos_image::cpio::CpioTree;
 use checks::HostSnapshot;
@@ -62,6 +63,14 @@ pub enum EvalError {
     ProbeInitrd(#[source] agentos_image::cpio::CpioError),
     #[error("cannot prepare the harness's scratch directory")]
     Scratch(#[source] io::Error),
+    #[error(transparent)]
+    Cases(#[from] case::CaseError),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Carrier(#[from] CarrierError),
+    #[error("cannot write the report")]
+    Report(#[source] io::Error),
 }
 
 /// The case directory: given, from the environment, or `eval/cases` above the binary
@@ -126,7 +135,7 @@ fn probe_path() -> Result<PathBuf, EvalError> {
     }
 }
 
-pub fn run(args: &EvalArgs) -> anyhow::Result<i32> {
+pub fn run(args: &EvalArgs) -> Result<i32, EvalError> {
     let dir = cases_dir(args)?;
     let suites = case::load_dir(&dir, args.suite.as_deref())?;
     let probe = probe_path()?;
@@ -139,7 +148,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<i32> {
         }
         files.sort();
         files.dedup();
-        return carrier::rerun_inside(files);
+        return Ok(carrier::rerun_inside(files)?);
     }
     let started = Instant::now();
     let before = HostSnapshot::take();
@@ -163,10 +172,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<i32> {
     let report = Report::new(cases, started.elapsed().as_millis() as u64);
     let mut out = io::stdout().lock();
     if args.json {
-        report.write_json(&mut out)?;
+        report.write_json(&mut out)
     } else {
-        report.write_text(&mut out)?;
+        report.write_text(&mut out)
     }
+    .map_err(EvalError::Report)?;
     if signals::interrupted() {
         return Ok(signals::exit_code());
     }

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentos_core::agent::connection::ConnectionError;
 use agentos_core::agent::supervision::AgentHooks;
 use agentos_core::agent::vm::AgentVm;
 use agentos_protocol::peer::{JoinRequest, PEER_PORT};
-use anyhow::Context;
 
 use super::file::{GroupSpec, MAX_RESTARTS};
 use super::router::Router;
@@ -28,7 +28,8 @@ pub struct MemberHooks {
 
 impl AgentHooks for MemberHooks {
     fn booted(&self, vm: &mut AgentVm, restarts: u32) -> Result<(), String> {
-        join_member(&self.spec, &self.router, &self.member, vm).map_err(|e| format!("{e:#}"))?;
+        join_member(&self.spec, &self.router, &self.member, vm)
+            .map_err(|e| agentos_protocol::error_chain(&e))?;
         if restarts > 0 {
             self.router.note(
                 &self.member,
@@ -55,18 +56,31 @@ impl AgentHooks for MemberHooks {
     }
 }
 
+/// Why a member did not join its group.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("cannot listen for agent `{0}`")]
+    Listen(String, #[source] std::io::Error),
+    #[error("agent `{0}` left the group")]
+    Left(String),
+    #[error("agent `{0}` did not join the group")]
+    Join(String, #[source] ConnectionError),
+}
+
 /// Labels member `name`'s VM, attaches it to the router, then tells it to join.
 pub fn join_member(
     spec: &GroupSpec,
     router: &Router,
     name: &str,
     vm: &mut AgentVm,
-) -> anyhow::Result<()> {
-    let _ = vm.set_label(&format!("{}/{name}", spec.name));
+) -> Result<(), JoinError> {
+    let _ = vm.set_label(&member_name(&spec.name, name));
     router
         .attach(name, &vm.host_socket(PEER_PORT))
-        .with_context(|| format!("cannot listen for agent `{name}`"))?;
-    let agent = spec.agent_of(name).context("an agent left the group")?;
+        .map_err(|e| JoinError::Listen(name.to_owned(), e))?;
+    let agent = spec
+        .agent_of(name)
+        .ok_or_else(|| JoinError::Left(name.to_owned()))?;
     vm.conn()
         .join(JoinRequest {
             id: 0,
@@ -75,6 +89,6 @@ pub fn join_member(
             handler: agent.handler.clone(),
             outputs: spec.outputs_of(&agent.name),
         })
-        .with_context(|| format!("agent `{name}` did not join the group"))?;
+        .map_err(|e| JoinError::Join(name.to_owned(), e))?;
     Ok(())
 }

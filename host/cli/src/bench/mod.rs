@@ -51,11 +51,11 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
 
 /// Runs a benchmark inside a carrier (`spec`) and reads the JSON results it prints.
 pub fn results_from_carrier<T: serde::de::DeserializeOwned>(
-    spec: &crate::carrier::CarrierRun,
+    spec: &agentos::carrier::CarrierRun,
 ) -> anyhow::Result<T> {
     use anyhow::Context;
     let mut out = Vec::new();
-    let status = crate::carrier::run(spec, &mut out)?;
+    let status = agentos::carrier::run(spec, &mut out)?;
     if status.shell_code() != 0 {
         anyhow::bail!(
             "the benchmark in the carrier failed (status {})",

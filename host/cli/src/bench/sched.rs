@@ -21,8 +21,8 @@ use serde::Serialize;
 use super::burner;
 use super::isolation::{self, IsolationResult};
 use super::{Stats, round};
-use crate::carrier;
-use crate::placement::{self, CarrierChoice, Placement};
+use agentos::carrier;
+use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions, CpuSlice};
 use agentos_core::cgroup::{AgentCgroup, CgroupStats};
@@ -101,7 +101,7 @@ struct PauseResult {
 pub fn run(args: &SchedBenchArgs) -> anyhow::Result<i32> {
     let placement = placement::decide(args.carrier)?;
     if placement == Placement::Carrier {
-        return carrier::rerun_inside(isolation::carrier_files()?);
+        return Ok(carrier::rerun_inside(isolation::carrier_files()?)?);
     }
     let window = Duration::from_secs(args.window);
     let placement = placement.label();

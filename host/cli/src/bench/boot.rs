@@ -26,9 +26,9 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, ratio};
-use crate::carrier::{self, CarrierRun};
-use crate::placement::{self, CarrierChoice, Placement};
-use crate::qemu;
+use agentos::carrier::{self, CarrierRun};
+use agentos::placement::{self, CarrierChoice, Placement};
+use agentos::qemu;
 use agentos_core::agent::connection::AgentConnection;
 use agentos_core::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
 use agentos_core::rundir::RunDir;

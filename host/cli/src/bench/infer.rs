@@ -22,8 +22,8 @@ use serde::Serialize;
 
 use super::ratio;
 use super::{percentile, round};
-use crate::carrier;
-use crate::placement::{self, CarrierChoice, Placement};
+use agentos::carrier;
+use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions};
 use agentos_image::model::{ModelStore, carrier_files};
@@ -142,7 +142,7 @@ pub fn run(args: &InferBenchArgs) -> anyhow::Result<i32> {
         }
         files.sort();
         files.dedup();
-        return carrier::rerun_inside(files);
+        return Ok(carrier::rerun_inside(files)?);
     }
     let placement = placement.label();
     eprintln!("agentos bench infer: an agent without a model");

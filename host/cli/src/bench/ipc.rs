@@ -19,10 +19,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{percentile, ratio, round};
-use crate::carrier;
-use crate::group::router::Router;
-use crate::group::trace::TraceLog;
-use crate::placement::{self, CarrierChoice, Placement};
+use agentos::carrier;
+use agentos::group::router::Router;
+use agentos::group::trace::TraceLog;
+use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::AgentVm;
@@ -92,7 +92,7 @@ impl Side {
 pub fn run(args: &IpcBenchArgs) -> anyhow::Result<i32> {
     let placement = placement::decide(args.carrier)?;
     if placement == Placement::Carrier {
-        return carrier::rerun_inside(Vec::new());
+        return Ok(carrier::rerun_inside(Vec::new())?);
     }
     let placement = placement.label();
 

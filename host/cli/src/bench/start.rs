@@ -21,8 +21,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, percentile, ratio, round};
-use crate::carrier::{self, CarrierRun};
-use crate::placement::{self, CarrierChoice, Placement};
+use agentos::carrier::{self, CarrierRun};
+use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::spec::AgentRequest;
