@@ -50,11 +50,13 @@ def protocol_frames():
             {
                 "op": "exec",
                 "id": 3,
-                "program": "/bin/sh",
-                "args": ["-c", "echo hi"],
-                "env": {"A": "1"},
-                "cwd": "/tmp",
-                "timeout_ms": 500,
+                "run": {
+                    "program": "/bin/sh",
+                    "args": ["-c", "echo hi"],
+                    "env": {"A": "1"},
+                    "cwd": "/tmp",
+                    "timeout_ms": 500,
+                },
                 "stdin": True,
             },
             {"op": "stdin", "id": 3, "data": "aGkK"},
@@ -569,12 +571,14 @@ def api_request():
             {
                 "op": "exec",
                 "name": "w",
-                "program": "/bin/sh",
-                "args": ["-c", "cat; echo $K"],
-                "env": {"K": "V", "LANG": "C.UTF-8"},
-                "cwd": "/tmp",
+                "run": {
+                    "program": "/bin/sh",
+                    "args": ["-c", "cat; echo $K"],
+                    "env": {"K": "V", "LANG": "C.UTF-8"},
+                    "cwd": "/tmp",
+                    "timeout_ms": 30000,
+                },
                 "stdin": "line one\nline \u00e9\n",
-                "timeout_s": 30,
             }
         ],
         "infer": [

@@ -84,18 +84,19 @@ pub fn start(
     finish: Finish,
 ) -> Result<Running, StartError> {
     if let Some(key) = req
+        .run
         .env
         .keys()
         .find(|key| key.is_empty() || key.contains('='))
     {
         return Err(StartError::Environment(clip(key)));
     }
-    let mut command = Command::new(&req.program);
+    let mut command = Command::new(&req.run.program);
     command
-        .args(&req.args)
+        .args(&req.run.args)
         .env_clear()
         .envs(base_env)
-        .envs(&req.env)
+        .envs(&req.run.env)
         .stdin(if req.stdin {
             Stdio::piped()
         } else {
@@ -104,16 +105,17 @@ pub fn start(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(cwd) = &req.cwd {
+    if let Some(cwd) = &req.run.cwd {
         command.current_dir(cwd);
     }
     let (mut child, pid) = reaper
         .spawn(&mut command)
         .map_err(|source| StartError::Spawn {
-            program: clip(&req.program),
+            program: clip(&req.run.program),
             source,
         })?;
     let deadline = req
+        .run
         .timeout_ms
         .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     let pipes = [

@@ -21,7 +21,7 @@ pub use infer::{
 };
 pub use message::{
     BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, MAX_RESTORE_ENTROPY,
-    StreamData,
+    Program, StreamData,
 };
 
 /// `text` cut to at most `max` bytes (at a character boundary) with `...` appended when cut:
@@ -50,7 +50,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Version of the message set. A guest whose version differs from the host's is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The well-known CID of the host in vsock addressing.
 pub const HOST_CID: u64 = 2;

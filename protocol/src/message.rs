@@ -87,11 +87,11 @@ impl HostMessage {
     }
 }
 
-/// A program to run in the guest.
+/// A program for an agent to run: what a client of the daemon asks for and what the guest
+/// agent runs (one type, one unit of time).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    pub id: u64,
+pub struct Program {
     pub program: String,
     #[serde(default)]
     pub args: Vec<String>,
@@ -104,6 +104,32 @@ pub struct ExecRequest {
     /// The program is killed (whole process group) when it runs longer than this.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+}
+
+impl Program {
+    /// `program`, with no arguments and nothing else set.
+    pub fn new(program: impl Into<String>) -> Self {
+        Self {
+            program: program.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The same program with `args`.
+    pub fn with_args<A: Into<String>>(self, args: impl IntoIterator<Item = A>) -> Self {
+        Self {
+            args: args.into_iter().map(Into::into).collect(),
+            ..self
+        }
+    }
+}
+
+/// A program to run in the guest, on this connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub id: u64,
+    pub run: Program,
     /// When true the host sends `stdin` frames and a `close_stdin`; otherwise stdin is empty.
     #[serde(default)]
     pub stdin: bool,
@@ -213,16 +239,18 @@ mod tests {
     fn wire_format_is_stable() {
         let exec = HostMessage::Exec(ExecRequest {
             id: 3,
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), "echo hi".into()],
-            env: BTreeMap::from([("A".into(), "1".into())]),
-            cwd: Some("/tmp".into()),
-            timeout_ms: Some(500),
+            run: Program {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), "echo hi".into()],
+                env: BTreeMap::from([("A".into(), "1".into())]),
+                cwd: Some("/tmp".into()),
+                timeout_ms: Some(500),
+            },
             stdin: true,
         });
         assert_eq!(
             serde_json::to_string(&exec).unwrap(),
-            r#"{"op":"exec","id":3,"program":"/bin/sh","args":["-c","echo hi"],"env":{"A":"1"},"cwd":"/tmp","timeout_ms":500,"stdin":true}"#
+            r#"{"op":"exec","id":3,"run":{"program":"/bin/sh","args":["-c","echo hi"],"env":{"A":"1"},"cwd":"/tmp","timeout_ms":500},"stdin":true}"#
         );
         let out = GuestMessage::Stdout {
             id: 3,
@@ -283,12 +311,14 @@ mod tests {
     #[test]
     fn exec_defaults_optional_fields() {
         let msg: HostMessage =
-            serde_json::from_str(r#"{"op":"exec","id":1,"program":"true"}"#).unwrap();
+            serde_json::from_str(r#"{"op":"exec","id":1,"run":{"program":"true"}}"#).unwrap();
         let HostMessage::Exec(req) = msg else {
             panic!("not an exec: {msg:?}")
         };
-        assert!(req.args.is_empty() && req.env.is_empty() && !req.stdin);
-        assert_eq!(req.cwd, None);
+        assert!(req.run.args.is_empty() && req.run.env.is_empty() && !req.stdin);
+        assert_eq!((req.run.cwd, req.run.timeout_ms), (None, None));
+        let unknown = r#"{"op":"exec","id":1,"run":{"program":"true","timeout_s":5}}"#;
+        assert!(serde_json::from_str::<HostMessage>(unknown).is_err());
     }
 
     #[test]

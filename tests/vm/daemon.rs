@@ -190,7 +190,7 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     assert_eq!(too_large["error"]["kind"], "too_large", "{too_large}");
     let nobody = json_call(
         &d.socket,
-        r#"{"op":"exec","name":"nobody","program":"/bin/true"}"#,
+        r#"{"op":"exec","name":"nobody","run":{"program":"/bin/true"}}"#,
     );
     assert_eq!(nobody["error"]["kind"], "unknown_agent", "{nobody}");
     let traversal = json_call(&d.socket, r#"{"op":"spawn","name":"../../etc"}"#);

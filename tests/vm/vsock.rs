@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agentos_core::agent::connection::{AgentConnection, ExecIo};
 use agentos_core::agent::vm::AGENT_CMDLINE;
 use agentos_image::{self as image, AGENT_IMAGE};
-use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest};
+use agentos_protocol::{AGENT_CONTROL_PORT, AGENT_LISTEN_PORT, ExecRequest, Program};
 
 use crate::common::{Scratch, share_machine, vm_available};
 
@@ -44,8 +44,7 @@ fn exec_echo(conn: &mut AgentConnection, word: &str) -> String {
     let mut out = Vec::new();
     let mut err = Vec::new();
     let request = ExecRequest {
-        program: "/bin/echo".into(),
-        args: vec![word.into()],
+        run: Program::new("/bin/echo").with_args([word]),
         ..Default::default()
     };
     let status = conn

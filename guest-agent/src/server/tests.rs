@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::{
     ExecRequest, ExitStatus, FrameReader, GuestMessage, Hello, HostMessage, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION, StreamData, write_frame,
+    PROTOCOL_VERSION, Program, StreamData, write_frame,
 };
 
 use super::{Context, Ended, Role, serve};
@@ -123,11 +123,18 @@ struct Output {
 }
 
 fn sh(id: u64, script: &str) -> ExecRequest {
+    run(id, "/bin/sh", &["-c", script])
+}
+
+fn run(id: u64, program: &str, args: &[&str]) -> ExecRequest {
     ExecRequest {
         id,
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        ..ExecRequest::default()
+        run: Program {
+            program: program.into(),
+            args: args.iter().map(|a| (*a).into()).collect(),
+            ..Program::default()
+        },
+        stdin: false,
     }
 }
 
@@ -168,11 +175,10 @@ fn exec_streams_stdout_and_reports_the_exit_code() {
 #[test]
 fn exec_applies_environment_and_working_directory() {
     let mut host = Host::connect();
-    host.exec(ExecRequest {
-        env: BTreeMap::from([("GREETING".into(), "hello".into())]),
-        cwd: Some("/tmp".into()),
-        ..sh(1, r#"echo "$GREETING"; pwd; echo "$PATH""#)
-    });
+    let mut request = sh(1, r#"echo "$GREETING"; pwd; echo "$PATH""#);
+    request.run.env = BTreeMap::from([("GREETING".into(), "hello".into())]);
+    request.run.cwd = Some("/tmp".into());
+    host.exec(request);
     let output = host.run_to_exit(1);
     let expected = format!("hello\n/tmp\n{DEFAULT_PATH}\n");
     assert_eq!(String::from_utf8(output.stdout).unwrap(), expected);
@@ -191,12 +197,7 @@ fn stderr_is_kept_apart_from_stdout() {
 #[test]
 fn a_signal_from_the_host_ends_the_program_and_is_reported() {
     let mut host = Host::connect();
-    host.exec(ExecRequest {
-        id: 1,
-        program: "sleep".into(),
-        args: vec!["30".into()],
-        ..ExecRequest::default()
-    });
+    host.exec(run(1, "sleep", &["30"]));
     host.expect_started(1);
     host.send(HostMessage::Signal {
         id: 1,
@@ -214,10 +215,8 @@ fn a_signal_from_the_host_ends_the_program_and_is_reported() {
 fn stdin_passes_through_until_closed() {
     let mut host = Host::connect();
     host.exec(ExecRequest {
-        id: 1,
-        program: "cat".into(),
         stdin: true,
-        ..ExecRequest::default()
+        ..run(1, "cat", &[])
     });
     for part in [&b"first "[..], b"second\n"] {
         host.send(HostMessage::Stdin {
@@ -235,12 +234,7 @@ fn stdin_passes_through_until_closed() {
 fn large_output_arrives_whole_in_order_and_in_bounded_chunks() {
     let mut host = Host::connect();
     let lines = 700_000;
-    host.exec(ExecRequest {
-        id: 1,
-        program: "seq".into(),
-        args: vec!["1".into(), lines.to_string()],
-        ..ExecRequest::default()
-    });
+    host.exec(run(1, "seq", &["1", &lines.to_string()]));
     let output = host.run_to_exit(1);
     let expected: String = (1..=lines).map(|n| format!("{n}\n")).collect();
     assert!(expected.len() > 4 << 20);
@@ -254,10 +248,9 @@ fn timeout_kills_the_whole_group_and_says_so() {
     let mut host = Host::connect();
     let began = Instant::now();
     // The background sleep keeps stdout open: only a kill of the whole group ends the exec.
-    host.exec(ExecRequest {
-        timeout_ms: Some(200),
-        ..sh(1, "sleep 30 & sleep 30")
-    });
+    let mut request = sh(1, "sleep 30 & sleep 30");
+    request.run.timeout_ms = Some(200);
+    host.exec(request);
     let output = host.run_to_exit(1);
     assert_eq!(
         output.status,
@@ -274,10 +267,8 @@ fn timeout_kills_the_whole_group_and_says_so() {
 fn two_programs_run_at_once_on_one_connection() {
     let mut host = Host::connect();
     host.exec(ExecRequest {
-        id: 1,
-        program: "cat".into(),
         stdin: true,
-        ..ExecRequest::default()
+        ..run(1, "cat", &[])
     });
     host.expect_started(1);
     // The second program runs to its end while the first still waits for input.
@@ -308,11 +299,7 @@ fn two_programs_run_at_once_on_one_connection() {
 #[test]
 fn a_missing_program_is_an_error() {
     let mut host = Host::connect();
-    host.exec(ExecRequest {
-        id: 5,
-        program: "/nonexistent/program".into(),
-        ..ExecRequest::default()
-    });
+    host.exec(run(5, "/nonexistent/program", &[]));
     let message = host.expect_error(5);
     assert!(message.contains("/nonexistent/program"), "{message}");
     // The connection carries on.
@@ -333,12 +320,7 @@ fn requests_for_unknown_or_unsuitable_programs_are_errors() {
     host.send(HostMessage::Signal { id: 9, signal: 15 });
     host.expect_error(9);
 
-    host.exec(ExecRequest {
-        id: 1,
-        program: "sleep".into(),
-        args: vec!["30".into()],
-        ..ExecRequest::default()
-    });
+    host.exec(run(1, "sleep", &["30"]));
     host.expect_started(1);
     host.send(HostMessage::Stdin {
         id: 1,
@@ -349,10 +331,9 @@ fn requests_for_unknown_or_unsuitable_programs_are_errors() {
     host.expect_error(1);
     host.send(HostMessage::Signal { id: 1, signal: 0 });
     host.expect_error(1);
-    host.exec(ExecRequest {
-        env: BTreeMap::from([("A=B".into(), "1".into())]),
-        ..sh(2, "true")
-    });
+    let mut request = sh(2, "true");
+    request.run.env = BTreeMap::from([("A=B".into(), "1".into())]);
+    host.exec(request);
     host.expect_error(2);
 }
 

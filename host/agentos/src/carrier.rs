@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus};
+use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus, Program};
 
 use crate::qemu;
 use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
@@ -208,10 +208,11 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
         .filter(|d| files_cover(&files, d))
         .map(|d| d.display().to_string());
     let request = ExecRequest {
-        program: spec.argv[0].clone(),
-        args: spec.argv[1..].to_vec(),
-        env: carrier_env(&cache, &spec.env),
-        cwd,
+        run: Program {
+            env: carrier_env(&cache, &spec.env),
+            cwd,
+            ..Program::new(&spec.argv[0]).with_args(&spec.argv[1..])
+        },
         ..Default::default()
     };
     let stderr = io::stderr();

@@ -313,10 +313,9 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
 }
 
 pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
-    let (program, rest) = args
-        .command
-        .split_first()
-        .context("give the program to run after `--`")?;
+    if args.command.is_empty() {
+        anyhow::bail!("give the program to run after `--`");
+    }
     let stdin = if args.stdin {
         let mut bytes = Vec::new();
         io::stdin()
@@ -334,12 +333,8 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
     };
     let request = Request::Exec(ExecCall {
         name: args.name.clone(),
-        program: program.clone(),
-        args: rest.to_vec(),
-        env: args.env.iter().cloned().collect(),
-        cwd: args.cwd.clone(),
+        run: crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout),
         stdin,
-        timeout_s: args.timeout,
     });
     let reply: ExecReply = client(&args.socket)?.call(&request)?;
     if args.json {

@@ -8,6 +8,7 @@ use agentos::placement::CarrierChoice;
 use agentos_core::agent::spec::{AgentRequest, AgentSpec};
 use agentos_core::agent::vm::BootOptions;
 use agentos_core::cgroup::PriorityClass;
+use agentos_protocol::Program;
 use agentos_vmm::config::MAX_VCPUS;
 
 /// The CPU slice and admission flags of an agent, as `run` and `spawn` take them.
@@ -80,6 +81,25 @@ pub struct VmArgs {
     /// debugging only.
     #[arg(long)]
     pub no_jail: bool,
+}
+
+/// The program a command line names (`PROGRAM ARGS...`), with its `--env`, `--cwd` and
+/// `--timeout` (seconds).
+pub fn program(
+    command: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+    timeout_s: Option<u64>,
+) -> Program {
+    let (program, args) = command
+        .split_first()
+        .map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
+    Program {
+        env: env.iter().cloned().collect(),
+        cwd: cwd.map(str::to_owned),
+        timeout_ms: timeout_s.map(|s| s.saturating_mul(1000)),
+        ..Program::new(program).with_args(args)
+    }
 }
 
 /// `NAME=VALUE`, for `--env`.

@@ -1,7 +1,6 @@
 //! `agentos run`: boot an agent VM, run one program in it with the caller's standard I/O, shut the
 //! VM down, and exit with the program's status.
 
-use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -133,11 +132,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     let jail = vm.jail();
     let hello = vm.conn().hello().clone();
     let request = ExecRequest {
-        program: args.command[0].clone(),
-        args: args.command[1..].to_vec(),
-        env: args.env.iter().cloned().collect::<BTreeMap<_, _>>(),
-        cwd: args.cwd.clone(),
-        timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+        run: crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout),
         ..Default::default()
     };
 

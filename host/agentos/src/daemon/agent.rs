@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use agentos_protocol::{ExecRequest, ExitStatus, InferReply, InferRequest};
+use agentos_protocol::{ExecRequest, ExitStatus, InferReply, InferRequest, Program};
 use tokio::sync::oneshot;
 
 use super::api::{
@@ -695,11 +695,10 @@ fn exec(vm: &mut AgentVm, call: ExecCall, deadline: Instant) -> Result<ExecReply
     };
     let request = ExecRequest {
         id: 0,
-        program: call.program,
-        args: call.args,
-        env: call.env,
-        cwd: call.cwd,
-        timeout_ms: Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+        run: Program {
+            timeout_ms: Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+            ..call.run
+        },
         stdin: false,
     };
     let mut stdout = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);

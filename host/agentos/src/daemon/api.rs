@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agentos_protocol::{InferOptions, MAX_FRAME_BYTES, Task};
+use agentos_protocol::{InferOptions, MAX_FRAME_BYTES, Program, Task};
 use serde::{Deserialize, Serialize};
 
 use agentos_core::cgroup::slice::PriorityClass;
@@ -26,13 +26,13 @@ pub const MAX_TEXT_JSON_BYTES: usize = 448 * 1024;
 const REPLY_FIELDS_BYTES: usize = 4 * 1024;
 const _: () = assert!(2 * MAX_TEXT_JSON_BYTES + REPLY_FIELDS_BYTES <= MAX_FRAME_BYTES);
 
-/// The longest `timeout_s` of `exec` and of `group_input`: a day. Durations are range-checked
+/// The longest `exec` (its `run.timeout_ms`) and `group_input` (its `timeout_s`): a day. Durations are range-checked
 /// as requests are read: an instant plus one far past this would overflow, and a panic in the
 /// daemon ends every VM it runs.
 pub const MAX_TIMEOUT_S: u64 = 86_400;
 /// The longest `boot_timeout_s` of `spawn`: an hour.
 pub const MAX_BOOT_TIMEOUT_S: u64 = 3_600;
-/// What an `exec` without `timeout_s` gets: the program is killed after an hour.
+/// What an `exec` without `run.timeout_ms` gets: the program is killed after an hour.
 pub const DEFAULT_EXEC_TIMEOUT_S: u64 = 3_600;
 /// How long `group_input` waits for the results unless told otherwise.
 pub const DEFAULT_INPUT_TIMEOUT_S: u64 = 600;
@@ -123,11 +123,19 @@ pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
 
 /// Refuses a duration out of its range.
 fn check_durations(request: &Request) -> Result<(), ApiError> {
+    if let Request::Exec(call) = request
+        && let Some(ms) = call.run.timeout_ms
+        && !(1..=MAX_TIMEOUT_S * 1000).contains(&ms)
+    {
+        return Err(ApiError::new(
+            ErrorKind::Invalid,
+            format!(
+                "exec `run.timeout_ms` is {ms}: use 1 to {} ms",
+                MAX_TIMEOUT_S * 1000
+            ),
+        ));
+    }
     let (field, secs, max) = match request {
-        Request::Exec(ExecCall {
-            timeout_s: Some(secs),
-            ..
-        }) => ("exec `timeout_s`", *secs, MAX_TIMEOUT_S),
         Request::GroupInput(GroupInputRequest {
             timeout_s: Some(secs),
             ..
@@ -233,20 +241,23 @@ pub struct SnapshotReply {
 #[serde(deny_unknown_fields)]
 pub struct ExecCall {
     pub name: String,
-    pub program: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub cwd: Option<String>,
+    /// The program, as the guest agent runs it; its `timeout_ms` (default
+    /// [`DEFAULT_EXEC_TIMEOUT_S`] seconds; 1 ms to [`MAX_TIMEOUT_S`] seconds) is when the agent
+    /// kills it.
+    pub run: Program,
     /// Standard input of the program (none: empty).
     #[serde(default)]
     pub stdin: Option<String>,
-    /// The agent kills the program after this many seconds (default
-    /// [`DEFAULT_EXEC_TIMEOUT_S`]; 1 to [`MAX_TIMEOUT_S`]).
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
+}
+
+impl ExecCall {
+    /// How long the program may run.
+    pub fn timeout(&self) -> Duration {
+        self.run.timeout_ms.map_or(
+            Duration::from_secs(DEFAULT_EXEC_TIMEOUT_S),
+            Duration::from_millis,
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -658,16 +669,17 @@ mod tests {
         let max = u64::MAX;
         for (body, field) in [
             (
-                format!(r#"{{"op":"exec","name":"a","program":"p","timeout_s":{max}}}"#),
-                "exec `timeout_s`",
+                format!(r#"{{"op":"exec","name":"a","run":{{"program":"p","timeout_ms":{max}}}}}"#),
+                "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","program":"p","timeout_s":86401}"#.to_owned(),
-                "exec `timeout_s`",
+                r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":86401000}}"#
+                    .to_owned(),
+                "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","program":"p","timeout_s":0}"#.to_owned(),
-                "exec `timeout_s`",
+                r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":0}}"#.to_owned(),
+                "exec `run.timeout_ms`",
             ),
             (
                 format!(r#"{{"op":"group_input","group":"g","text":"t","timeout_s":{max}}}"#),
@@ -688,8 +700,8 @@ mod tests {
             assert!(e.message.contains("use 1 to"), "{}", e.message);
         }
         for body in [
-            r#"{"op":"exec","name":"a","program":"p","timeout_s":86400}"#,
-            r#"{"op":"exec","name":"a","program":"p","timeout_s":1}"#,
+            r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":86400000}}"#,
+            r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":1}}"#,
             r#"{"op":"group_input","group":"g","text":"t","timeout_s":86400}"#,
             r#"{"op":"spawn","name":"a","boot_timeout_s":3600}"#,
         ] {

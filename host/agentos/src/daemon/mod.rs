@@ -541,7 +541,7 @@ impl Daemon {
     }
 
     async fn exec(&self, call: ExecCall, deadline: Instant) -> Result<serde_json::Value, ApiError> {
-        if call.program.is_empty() {
+        if call.run.program.is_empty() {
             return Err(ApiError::new(ErrorKind::Invalid, "exec needs a program"));
         }
         let (reply, answer) = oneshot::channel();
@@ -987,12 +987,15 @@ mod tests {
         let max = u64::MAX;
         for (body, field) in [
             (
-                format!(r#"{{"op":"exec","name":"a","program":"/bin/true","timeout_s":{max}}}"#),
-                "exec `timeout_s`",
+                format!(
+                    r#"{{"op":"exec","name":"a","run":{{"program":"/bin/true","timeout_ms":{max}}}}}"#
+                ),
+                "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","program":"/bin/true","timeout_s":0}"#.to_owned(),
-                "exec `timeout_s`",
+                r#"{"op":"exec","name":"a","run":{"program":"/bin/true","timeout_ms":0}}"#
+                    .to_owned(),
+                "exec `run.timeout_ms`",
             ),
             (
                 format!(r#"{{"op":"group_input","group":"g","text":"hi","timeout_s":{max}}}"#),

@@ -24,8 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::agent::EXEC_GRACE;
 use super::api::{
-    self, ApiError, DEFAULT_EXEC_TIMEOUT_S, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, INFER_TIMEOUT,
-    MAX_REQUEST_BYTES, Reply, Request,
+    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, INFER_TIMEOUT, MAX_REQUEST_BYTES, Reply,
+    Request,
 };
 use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
@@ -145,9 +145,7 @@ fn lane(request: &Request) -> Lane {
 fn time_limit(request: &Request) -> Duration {
     let secs = Duration::from_secs;
     let limit = match request {
-        Request::Exec(call) => {
-            secs(call.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S)).saturating_add(EXEC_GRACE)
-        }
+        Request::Exec(call) => call.timeout().saturating_add(EXEC_GRACE),
         Request::Infer(_) => INFER_TIMEOUT,
         Request::Spawn(spawn) if spawn.wait => spawn
             .boot_timeout_s
@@ -582,7 +580,7 @@ pub(super) mod tests {
     fn with_the_work_lane_full_control_requests_get_through_and_excess_work_is_busy() {
         let stub = Arc::new(Stub::default());
         let server = Running::start(stub.clone(), TEST_LIMITS);
-        let exec = r#"{"op":"exec","name":"a","program":"/bin/sleep","args":["600"]}"#;
+        let exec = r#"{"op":"exec","name":"a","run":{"program":"/bin/sleep","args":["600"]}}"#;
         // Two run (the lane's size), one waits for a turn.
         let mut working: Vec<StdStream> = (0..3)
             .map(|_| {
@@ -621,7 +619,7 @@ pub(super) mod tests {
         };
         let server = Running::start(Arc::new(Stub::default()), limits);
         let mut client = connect(&server.socket);
-        let exec = r#"{"op":"exec","name":"a","program":"/bin/true"}"#;
+        let exec = r#"{"op":"exec","name":"a","run":{"program":"/bin/true"}}"#;
         for _ in 0..2 {
             let asked = std::time::Instant::now();
             let reply = call(&mut client, exec);
@@ -642,7 +640,10 @@ pub(super) mod tests {
         let huge = u64::MAX;
         let requests = [
             Request::Exec(ExecCall {
-                timeout_s: Some(huge),
+                run: agentos_protocol::Program {
+                    timeout_ms: Some(huge),
+                    ..Default::default()
+                },
                 ..ExecCall::default()
             }),
             Request::GroupInput(GroupInputRequest {
@@ -663,7 +664,7 @@ pub(super) mod tests {
         let default = time_limit(&Request::Exec(ExecCall::default()));
         assert_eq!(
             default,
-            Duration::from_secs(DEFAULT_EXEC_TIMEOUT_S) + EXEC_GRACE
+            Duration::from_secs(crate::daemon::api::DEFAULT_EXEC_TIMEOUT_S) + EXEC_GRACE
         );
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{ExecRequest, FrameReader, InferRequest, Task};
+use agentos_protocol::{ExecRequest, FrameReader, InferRequest, Program, Task};
 use serde_json::{Value, json};
 
 use super::case::{ApiRequest, Case, Flood, ListenRequest, VmSpec};
@@ -273,9 +273,10 @@ fn guest_script(case: &Case, vm: &mut AgentVm, report: &mut CaseReport) -> bool 
     let mut out = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
     let mut err = CappedOutput::new(MAX_SCRIPT_OUTPUT_BYTES);
     let request = ExecRequest {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), case.script.clone().unwrap_or_default()],
-        timeout_ms: Some(case.timeout_s * 1000),
+        run: Program {
+            timeout_ms: Some(case.timeout_s * 1000),
+            ..Program::new("/bin/sh").with_args(["-c", case.script.as_deref().unwrap_or_default()])
+        },
         ..Default::default()
     };
     let conn = vm.conn();
@@ -477,7 +478,7 @@ fn ask(mut conn: AgentConnection, request: ListenRequest) -> (bool, String) {
             let mut err = CappedOutput::new(LISTEN_OUTPUT_BYTES);
             let status = conn.exec(
                 ExecRequest {
-                    program: "/bin/true".into(),
+                    run: Program::new("/bin/true"),
                     ..Default::default()
                 },
                 ExecIo {
@@ -935,7 +936,7 @@ pub(super) fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
     let exec = request(
         &socket,
         &format!(
-            r#"{{"op":"exec","name":"{API_AGENT}","program":"/bin/echo","args":["still here"]}}"#
+            r#"{{"op":"exec","name":"{API_AGENT}","run":{{"program":"/bin/echo","args":["still here"]}}}}"#
         ),
     );
     report.check(

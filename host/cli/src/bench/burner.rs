@@ -2,17 +2,16 @@
 
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::vm::AgentVm;
-use agentos_protocol::ExecRequest;
+use agentos_protocol::{ExecRequest, Program};
 use anyhow::bail;
 
 /// Keeps the guest's CPU busy for `secs` seconds.
 pub fn burn(vm: &mut AgentVm, secs: u64) -> anyhow::Result<()> {
     let request = ExecRequest {
-        program: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
+        run: Program::new("/bin/sh").with_args([
+            "-c".to_owned(),
             format!("timeout {secs} sh -c 'while :; do :; done'; true"),
-        ],
+        ]),
         ..Default::default()
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());

@@ -14,7 +14,7 @@ use std::time::Instant;
 use agentos_protocol::peer::{
     Delivery, Handler, JoinRequest, PEER_PORT, PeerRequest, PeerSend, RouterMessage,
 };
-use agentos_protocol::{ExecRequest, FrameReader, write_frame};
+use agentos_protocol::{ExecRequest, FrameReader, Program, write_frame};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
@@ -185,17 +185,14 @@ fn ping_in_guest(a: &mut AgentVm, bytes: usize, round_trips: u32) -> anyhow::Res
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let status = a.conn().exec(
         ExecRequest {
-            program: "/init".into(),
-            args: [
+            run: Program::new("/init").with_args([
                 "ping",
                 "b",
                 "--count",
                 &round_trips.to_string(),
                 "--size",
                 &bytes.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
+            ]),
             ..Default::default()
         },
         ExecIo {

@@ -16,7 +16,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{ExecRequest, InferOptions, InferRequest};
+use agentos_protocol::{ExecRequest, InferOptions, InferRequest, Program};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
@@ -536,7 +536,7 @@ fn save_template(
 /// Runs `true` in the agent: its first exec reply.
 fn exec_true(vm: &mut AgentVm) -> anyhow::Result<()> {
     let request = ExecRequest {
-        program: "/bin/true".into(),
+        run: Program::new("/bin/true"),
         ..Default::default()
     };
     let status = vm.conn().exec(

@@ -483,7 +483,7 @@ mod tests {
         let mut out = Vec::new();
         let result = conn.exec(
             ExecRequest {
-                program: program.into(),
+                run: agentos_protocol::Program::new(program),
                 ..Default::default()
             },
             ExecIo {
