@@ -122,17 +122,6 @@ Examples:
     Vmm(agentos_vmm_process::VmmArgs),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTOS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::uptime())
-        .init();
-}
-
 fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
     // The VMM handles its own signals (they stop the VM cleanly); the other commands kill the VMs
     // they started when interrupted.
@@ -171,7 +160,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    init_tracing();
+    agentos_vmm_process::init_logging();
     let result = dispatch(&cli.command, started);
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -90,6 +90,19 @@ pub enum VmmProcessError {
     Report(#[source] io::Error),
 }
 
+/// Logs to stderr as `AGENTOS_LOG` says (default `warn`), each line with the process's uptime:
+/// how `agentos-vmm` and `agentos` log.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .init();
+}
+
 /// Exit statuses of `agentos-vmm`.
 pub const EXIT_CRASHED: i32 = 2;
 pub const EXIT_FAILED: i32 = 1;

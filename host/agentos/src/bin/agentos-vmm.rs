@@ -23,14 +23,7 @@ struct Cli {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTOS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::uptime())
-        .init();
+    agentos_vmm_process::init_logging();
     match agentos_vmm_process::run(&cli.args, started) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
