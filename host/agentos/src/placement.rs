@@ -105,3 +105,23 @@ pub fn check_kvm_access() -> Result<(), PlacementError> {
         Err(e) => Err(PlacementError::KvmOpen(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chosen_carrier_is_taken_and_running_here_needs_kvm() {
+        if std::env::var_os(IN_CARRIER_ENV).is_some() {
+            assert_eq!(decide(CarrierChoice::Always).unwrap(), Placement::InCarrier);
+            return;
+        }
+        assert_eq!(decide(CarrierChoice::Always).unwrap(), Placement::Carrier);
+        assert_eq!(Placement::Carrier.label(), "carrier");
+        match (decide(CarrierChoice::Never), check_kvm_access()) {
+            (Ok(placement), Ok(())) => assert_eq!(placement, Placement::Direct),
+            (Err(e), Err(_)) => assert!(e.to_string().contains("/dev/kvm"), "{e}"),
+            (placed, kvm) => panic!("placed {placed:?} while /dev/kvm gave {kvm:?}"),
+        }
+    }
+}
