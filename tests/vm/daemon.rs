@@ -246,6 +246,40 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     }
     let kernel = d.ok(&["exec", "w", "--", "/bin/dmesg"]);
     assert!(kernel.contains("erofs: DAX enabled"), "{kernel}");
+    // Every file on them is mapped in place, not only the mount: the worker that ran the model
+    // maps its weights file, and neither they (22 MB) nor ONNX Runtime (26 MB) went into the
+    // guest's page cache, which holds only the guest's RAM file systems (shared memory).
+    let maps = d.ok(&[
+        "exec",
+        "w",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat /proc/$(pidof agentos-infer)/maps",
+    ]);
+    assert!(
+        maps.contains("/opt/agentos/models/sentiment/model.onnx.data"),
+        "the worker does not map the model's weights:\n{maps}"
+    );
+    let meminfo = d.ok(&["exec", "w", "--", "/bin/cat", "/proc/meminfo"]);
+    let kib = |field: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in:\n{meminfo}"))
+    };
+    let file_cache_kib = kib("Cached:").saturating_sub(kib("Shmem:"));
+    assert!(
+        file_cache_kib < 8 * 1024,
+        "the guest copied {file_cache_kib} KiB of files into its page cache:\n{meminfo}"
+    );
     let write = d.cli(&[
         "exec",
         "w",
