@@ -15,6 +15,11 @@ const VSOCK_PATIENCE: Duration = Duration::from_secs(5);
 /// Likewise for the virtio-serial port and its device node.
 const SERIAL_PATIENCE: Duration = Duration::from_secs(5);
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+/// How long one dial waits for the host's VMM to answer. The kernel's default (2 s) is short for
+/// a host busy starting many VMs, and the VMM always answers: a connection or a refusal.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (linux/vm_sockets.h; a `timeval`, at level `AF_VSOCK`).
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
 /// How often a serial port is checked for the host end while it is closed.
 const HOST_POLL_INTERVAL: Duration = Duration::from_millis(50);
 const LISTEN_BACKLOG: libc::c_int = 16;
@@ -143,6 +148,23 @@ pub fn connect_vsock(port: u32) -> Result<Connection, TransportError> {
 
 fn connect_once(port: u32) -> io::Result<OwnedFd> {
     let fd = vsock_socket()?;
+    let timeout = libc::timeval {
+        tv_sec: CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: `timeout` is a live timeval and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
     let addr = vsock_addr(HOST_CID_32, port);
     // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) };

@@ -145,6 +145,13 @@ pub struct AtOnce {
     pub cold_timed_out: u32,
     #[serde(default)]
     pub restore_timed_out: u32,
+    /// Of those, how many failed otherwise (not timed), and the first such failure.
+    #[serde(default)]
+    pub cold_failed: u32,
+    #[serde(default)]
+    pub restore_failed: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failure: Option<String>,
     pub cold: StartTimes,
     pub restore: StartTimes,
     /// restore / cold, medians.
@@ -169,9 +176,12 @@ pub struct ModelResults {
     /// restored from the snapshot with the model loaded.
     pub cold_pss_kib: Stats,
     pub restore_pss_kib: Stats,
-    /// What one agent's model takes beyond a plain agent: median cold model PSS - median cold
-    /// plain PSS.
+    /// One copy of the model: its disks (`disk_bytes`), which the host holds once for every
+    /// agent.
     pub model_copy_kib: f64,
+    /// What an idle cold model agent holds beyond a plain one: median cold model PSS - median
+    /// cold plain PSS.
+    pub extra_pss_kib: f64,
     /// Model agent boot / plain agent boot, medians (goal <= 1.1).
     pub boot_ratio: f64,
     /// `pss_agents` idle model agents / (as many plain agents + one model copy), summed PSS: cold
@@ -215,6 +225,12 @@ pub fn run(args: &StartBenchArgs) -> anyhow::Result<i32> {
                 println!(
                     "  not up within the boot timeout: {} cold, {} restored",
                     level.cold_timed_out, level.restore_timed_out
+                );
+            }
+            if let Some(failure) = &level.first_failure {
+                println!(
+                    "  failed: {} cold, {} restored; the first: {failure}",
+                    level.cold_failed, level.restore_failed
                 );
             }
         }
@@ -267,8 +283,11 @@ fn print_model(model: &ModelResults) {
         model.first_infer_ms.median
     );
     println!(
-        "  PSS per idle agent, model loaded: cold {:.0} KiB, restored {:.0} KiB (model copy {:.0} KiB)",
-        model.cold_pss_kib.median, model.restore_pss_kib.median, model.model_copy_kib
+        "  PSS per idle agent, model loaded: cold {:.0} KiB ({:.0} KiB more than a plain agent), restored {:.0} KiB; one model copy {:.0} KiB",
+        model.cold_pss_kib.median,
+        model.extra_pss_kib,
+        model.restore_pss_kib.median,
+        model.model_copy_kib
     );
     println!(
         "  ratios: boot model/plain {}; memory model agents/(plain agents + one copy): cold {}, restored {}; {} restored agents per 16 GiB",
@@ -366,6 +385,9 @@ fn measure(args: &StartBenchArgs, placement: &str) -> anyhow::Result<StartResult
             restore_refused: restore_started.refused,
             cold_timed_out: cold_started.timed_out,
             restore_timed_out: restore_started.timed_out,
+            cold_failed: cold_started.failed,
+            restore_failed: restore_started.failed,
+            first_failure: cold_started.first_failure.or(restore_started.first_failure),
             ratio: ratio(restore.ms.median, cold.ms.median),
             cold,
             restore,
@@ -485,7 +507,8 @@ fn measure_model(
 
     let cold_pss_kib = Stats::of(&cold_pss);
     let restore_pss_kib = Stats::of(&restore_pss);
-    let model_copy_kib = (cold_pss_kib.median - Stats::of(plain_pss.0).median).max(0.0);
+    let extra_pss_kib = (cold_pss_kib.median - Stats::of(plain_pss.0).median).max(0.0);
+    let model_copy_kib = disk_bytes as f64 / 1024.0;
     let sum = |v: &[f64]| v.iter().sum::<f64>();
     let memory_ratio =
         |model: &[f64], plain: &[f64]| ratio(sum(model), sum(plain) + model_copy_kib);
@@ -507,6 +530,7 @@ fn measure_model(
         cold_pss_kib,
         restore_pss_kib,
         model_copy_kib: round(model_copy_kib, 0),
+        extra_pss_kib: round(extra_pss_kib, 0),
     })
 }
 
@@ -612,6 +636,9 @@ struct Started {
     refused: u32,
     /// How many did not come up within their boot timeout.
     timed_out: u32,
+    /// How many failed otherwise, and the first failure.
+    failed: u32,
+    first_failure: Option<String>,
 }
 
 /// Starts one agent per entry of `opts` at once (those the host has no room for are refused,
@@ -621,7 +648,8 @@ fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<
     let booted = AgentVm::boot_all(opts);
     let mut vms = Vec::with_capacity(booted.len());
     let mut times = Vec::with_capacity(booted.len());
-    let (mut refused, mut timed_out) = (0, 0);
+    let (mut refused, mut timed_out, mut failed) = (0, 0, 0);
+    let mut first_failure = None;
     for vm in booted {
         let mut vm = match vm {
             Err(VmError::Refused(_)) => {
@@ -634,9 +662,21 @@ fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<
                 timed_out += 1;
                 continue;
             }
-            vm => vm.context("an agent did not start")?,
+            // Whatever else went wrong with one agent of many is counted and shown, not fatal
+            // to the run.
+            Err(e) => {
+                failed += 1;
+                first_failure.get_or_insert_with(|| format!("{:#}", anyhow::Error::new(e)));
+                continue;
+            }
+            Ok(vm) => vm,
         };
-        exec_true(&mut vm)?;
+        if let Err(e) = exec_true(&mut vm) {
+            failed += 1;
+            first_failure.get_or_insert_with(|| format!("{e:#}"));
+            vm.shutdown();
+            continue;
+        }
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         vms.push(vm);
     }
@@ -660,6 +700,8 @@ fn start_many(opts: &[BootOptions], prepare: Option<Prepare>) -> anyhow::Result<
         pss_kib: pss,
         refused,
         timed_out,
+        failed,
+        first_failure,
     })
 }
 

@@ -324,8 +324,8 @@ impl Starting {
             console_log,
         } = self;
         let deadline = crate::deadline::after(started, boot_timeout);
-        let stream = match wait_for_connection(&control, &mut child, deadline, abort.as_deref()) {
-            Ok(stream) => stream,
+        let handshake = match first_hello(&control, &mut child, deadline, abort.as_deref()) {
+            Ok(handshake) => handshake,
             Err(why) => {
                 stop_vmm(&mut child);
                 signals::forget_child(child.id());
@@ -333,17 +333,14 @@ impl Starting {
             }
         };
         drop(control);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let handshake = AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)).and_then(
-            |mut conn| {
-                if restored {
-                    conn.set_deadline(Some(deadline));
-                    conn.restored()?;
-                    conn.set_deadline(None);
-                }
-                Ok(conn)
-            },
-        );
+        let handshake = handshake.and_then(|mut conn| {
+            if restored {
+                conn.set_deadline(Some(deadline));
+                conn.restored()?;
+                conn.set_deadline(None);
+            }
+            Ok(conn)
+        });
         let conn = match handshake {
             Ok(conn) => conn,
             Err(e) => {
@@ -776,6 +773,28 @@ pub fn wait_for_connection(
     }
 }
 
+/// Waits for the guest agent's connection on `control` and its hello. A connection that closes
+/// before the hello is not the end: a guest whose connect timed out while the host was slow to
+/// answer (the guest kernel's default patience is 2 s) closes it and dials again, so the next
+/// one is waited for, until `deadline`.
+pub fn first_hello(
+    control: &UnixListener,
+    child: &mut Child,
+    deadline: Instant,
+    abort: Option<&AtomicBool>,
+) -> Result<Result<AgentConnection, ConnectionError>, ChildWait> {
+    loop {
+        let stream = wait_for_connection(control, child, deadline, abort)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match AgentConnection::handshake(stream, remaining.max(POLL_INTERVAL)) {
+            Err(ConnectionError::Closed) if Instant::now() < deadline => {
+                tracing::debug!("the guest agent's connection closed before its hello");
+            }
+            handshake => return Ok(handshake),
+        }
+    }
+}
+
 /// Why no connection came.
 pub enum ChildWait {
     Exited(Option<i32>),
@@ -901,5 +920,43 @@ mod tests {
              seccomp filter: system call 41 (socket) on the vcpu thread"
         );
         assert!(!end.is_clean());
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_hello_is_followed_by_the_next() {
+        use agentos_protocol::{GuestMessage, Hello, PROTOCOL_VERSION, write_frame};
+
+        let dir = std::env::temp_dir().join(format!("agentos-first-hello-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let control = UnixListener::bind(&path).unwrap();
+        control.set_nonblocking(true).unwrap();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let guest = thread::spawn(move || {
+            // The first dial gives up at once, as a guest whose connect timed out does.
+            drop(std::os::unix::net::UnixStream::connect(&path).unwrap());
+            thread::sleep(Duration::from_millis(50));
+            let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                agent: "test".into(),
+                ..Default::default()
+            };
+            write_frame(&mut stream, &GuestMessage::Hello(hello)).unwrap();
+            stream
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let conn = first_hello(&control, &mut child, deadline, None);
+        let _stream = guest.join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let conn = match conn {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => panic!("no hello: {e}"),
+            Err(why) => panic!("no connection: {}", why.describe(Duration::from_secs(10))),
+        };
+        assert_eq!(conn.hello().agent, "test");
     }
 }
