@@ -243,19 +243,18 @@ impl AgentSpec {
         if let Some(dir) = &self.from {
             return restore_options(&image()?, dir, cache);
         }
-        let img = match (&self.kernel, &self.initrd, &self.model) {
-            (Some(_), Some(_), None) => None,
-            _ => Some(image()?),
-        };
-        let (kernel, initrd) = match (&img, &self.kernel, &self.initrd) {
-            (_, Some(k), Some(i)) => (k.clone(), i.clone()),
-            (Some(img), kernel, initrd) => (
-                kernel
-                    .clone()
-                    .unwrap_or_else(|| img.boot_kernel().to_owned()),
-                initrd.clone().unwrap_or_else(|| img.initrd.clone()),
-            ),
-            (None, _, _) => unreachable!("the image is looked up unless both were given"),
+        let (kernel, initrd, img) = match (&self.kernel, &self.initrd, &self.model) {
+            (Some(k), Some(i), None) => (k.clone(), i.clone(), None),
+            (kernel, initrd, _) => {
+                let img = image()?;
+                (
+                    kernel
+                        .clone()
+                        .unwrap_or_else(|| img.boot_kernel().to_owned()),
+                    initrd.clone().unwrap_or_else(|| img.initrd.clone()),
+                    Some(img),
+                )
+            }
         };
         let model_disks = match (&self.model, &img) {
             (Some(name), Some(img)) => {
