@@ -12,7 +12,7 @@
 //! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
 //!   its first serial byte, with the peak resident memory of the VMM process.
 //!
-//! Runs of the VMMs alternate, and results are medians with their min and max, because these
+//! Runs of the VMMs alternate, each run starting with the next VMM in turn, and results are medians with their min and max, because these
 //! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
 
 use std::io::{BufRead, BufReader, Read};
@@ -276,6 +276,15 @@ fn linux_bench_in_carrier(
     Ok(linux)
 }
 
+/// The boots each Linux run makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Agentos,
+    AgentosBzImage,
+    Qemu,
+    Firecracker,
+}
+
 fn linux_bench(
     runs: u32,
     memory_mib: u64,
@@ -295,29 +304,58 @@ fn linux_bench(
         None => None,
     };
     let (mut agentos, mut bzimage, mut qemu, mut fc) = (vec![], vec![], vec![], vec![]);
+    // The VMMs take turns going first: a boot that always followed another would inherit
+    // whatever that one left warm or busy in the carrier.
+    let mut kinds = vec![Kind::Agentos, Kind::Qemu];
+    if elf {
+        kinds.insert(1, Kind::AgentosBzImage);
+    }
+    if firecracker.is_some() {
+        kinds.push(Kind::Firecracker);
+    }
     for i in 0..runs {
         let run = i + 1;
-        let a = agentos_linux_boot(kernel, &img.initrd, memory_mib)
-            .with_context(|| format!("agentos boot {run}"))?;
-        let mut line = format!("agentos {:.0} ms", a.to_init_ms);
-        agentos.push(a);
-        if elf {
-            let b = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
-                .with_context(|| format!("agentos bzImage boot {run}"))?;
-            line += &format!(", agentos (bzImage) {:.0} ms", b.to_init_ms);
-            bzimage.push(b);
+        let mut line = Vec::new();
+        for kind in kinds
+            .iter()
+            .cycle()
+            .skip(i as usize % kinds.len())
+            .take(kinds.len())
+        {
+            match kind {
+                Kind::Agentos => {
+                    let a = agentos_linux_boot(kernel, &img.initrd, memory_mib)
+                        .with_context(|| format!("agentos boot {run}"))?;
+                    line.push(format!("agentos {:.0} ms", a.to_init_ms));
+                    agentos.push(a);
+                }
+                Kind::AgentosBzImage => {
+                    let b = agentos_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+                        .with_context(|| format!("agentos bzImage boot {run}"))?;
+                    line.push(format!("agentos (bzImage) {:.0} ms", b.to_init_ms));
+                    bzimage.push(b);
+                }
+                Kind::Qemu => {
+                    let q = qemu_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
+                        .with_context(|| format!("QEMU boot {run}"))?;
+                    line.push(format!("QEMU {q:.0} ms"));
+                    qemu.push(q);
+                }
+                Kind::Firecracker => {
+                    if let Some((binary, vmlinux)) = &firecracker {
+                        let f =
+                            firecracker_linux_boot(binary, &dir, vmlinux, &img.initrd, memory_mib)
+                                .with_context(|| format!("Firecracker boot {run}"))?;
+                        line.push(format!("Firecracker {f:.0} ms"));
+                        fc.push(f);
+                    }
+                }
+            }
         }
-        let q = qemu_linux_boot(&img.vmlinuz, &img.initrd, memory_mib)
-            .with_context(|| format!("QEMU boot {run}"))?;
-        line += &format!(", QEMU {q:.0} ms");
-        qemu.push(q);
-        if let Some((binary, vmlinux)) = &firecracker {
-            let f = firecracker_linux_boot(binary, &dir, vmlinux, &img.initrd, memory_mib)
-                .with_context(|| format!("Firecracker boot {run}"))?;
-            line += &format!(", Firecracker {f:.0} ms");
-            fc.push(f);
-        }
-        eprintln!("agentos bench: run {run}/{runs}: {line} to the agent's first line");
+        eprintln!(
+            "agentos bench: run {run}/{runs}: {} to the agent's first line",
+            line.join(", ")
+        );
     }
     let agentos = LinuxAgentos::of(&agentos);
     let bzimage = elf.then(|| LinuxAgentos::of(&bzimage));
