@@ -115,9 +115,9 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
 /// A private anonymous mapping of `len` bytes at a [`RAM_HOST_ALIGN`]-aligned address: one
 /// alignment more is mapped, and what lies before and after the aligned part is given back.
 fn map_aligned(len: usize) -> Result<*mut u8, MemoryError> {
-    let reserve = len
-        .checked_add(RAM_HOST_ALIGN)
-        .ok_or(MemoryError::Map(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+    let reserve = len.checked_add(RAM_HOST_ALIGN).ok_or(MemoryError::Map(
+        std::io::Error::from_raw_os_error(libc::ENOMEM),
+    ))?;
     // SAFETY: a new mapping at an address of the kernel's choosing; no pointer is passed in.
     let ptr = unsafe {
         libc::mmap(
