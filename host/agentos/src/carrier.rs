@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus, Program};
 
 use crate::qemu;
-use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
-use agentos_core::agent::vm::{ChildWait, VmError, wait_for_connection};
+use agentos_core::agent::connection::{ConnectionError, ExecIo, Keepalive};
+use agentos_core::agent::vm::{ChildWait, VmError, first_hello};
 use agentos_core::rundir::{RunDir, RunDirError};
 use agentos_core::signals;
 use agentos_image::cpio::{CpioError, CpioTree};
@@ -186,9 +186,8 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
         console_log: &run_dir.join("console.log"),
         console: spec.console,
     })?;
-    let stream = match wait_for_connection(&control, &mut qemu.child, started + BOOT_TIMEOUT, None)
-    {
-        Ok(stream) => stream,
+    let handshake = match first_hello(&control, &mut qemu.child, started + BOOT_TIMEOUT, None) {
+        Ok(handshake) => handshake,
         Err(ChildWait::Interrupted) => return Ok(interrupted_status()),
         Err(why) => {
             return Err(CarrierError::NotUp(format!(
@@ -198,8 +197,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
             )));
         }
     };
-    let mut conn =
-        AgentConnection::handshake(stream, BOOT_TIMEOUT).map_err(CarrierError::Handshake)?;
+    let mut conn = handshake.map_err(CarrierError::Handshake)?;
     conn.set_keepalive(Some(CARRIER_KEEPALIVE));
     tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
 

@@ -12,8 +12,9 @@
 //! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
 //!   its first serial byte, with the peak resident memory of the VMM process.
 //!
-//! Runs of the VMMs alternate, each run starting with the next VMM in turn, and results are medians with their min and max, because these
-//! machines are shared and noisy. The top-level `ratio` is agentos / QEMU for the Linux boot.
+//! Runs of the VMMs alternate, each run starting with the next VMM in turn, and results are
+//! medians with their min and max, because these machines are shared and noisy. The top-level
+//! `ratio` is agentos / QEMU for the Linux boot.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -29,8 +30,7 @@ use super::{Stats, ratio};
 use agentos::carrier::{self, CarrierRun};
 use agentos::placement::{self, CarrierChoice, Placement};
 use agentos::qemu;
-use agentos_core::agent::connection::AgentConnection;
-use agentos_core::agent::vm::{AGENT_CMDLINE, ChildWait, wait_for_connection};
+use agentos_core::agent::vm::{AGENT_CMDLINE, ChildWait, first_hello};
 use agentos_core::rundir::RunDir;
 use agentos_image::{self as image, AGENT_IMAGE, vmlinux};
 use agentos_jail::JailLevel;
@@ -466,11 +466,10 @@ fn agentos_linux_boot(kernel: &Path, initrd: &Path, memory_mib: u64) -> anyhow::
         guard.0.stdout.take().context("no console pipe")?,
         BOOT_MARKER,
     );
-    let stream = match wait_for_connection(&control, guard.0, start + LINUX_TIMEOUT, None) {
-        Ok(stream) => stream,
+    let mut conn = match first_hello(&control, guard.0, start + LINUX_TIMEOUT, None) {
+        Ok(handshake) => handshake?,
         Err(why) => bail!("the guest agent did not dial the host: {}", describe(&why)),
     };
-    let mut conn = AgentConnection::handshake(stream, LINUX_TIMEOUT)?;
     let to_hello = start.elapsed();
     let to_init = marker
         .recv_timeout(Duration::from_secs(5))

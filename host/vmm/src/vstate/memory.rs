@@ -26,6 +26,8 @@ pub enum MemoryError {
     #[error("cannot map guest memory")]
     Map(#[source] std::io::Error),
     #[error("cannot map guest memory")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("cannot map guest memory from its file")]
     MapFile(#[source] vm_memory::mmap::MmapRegionError),
     #[error("cannot lay out guest memory")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
@@ -106,7 +108,7 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
             .build()
-            .map_err(MemoryError::MapFile)?;
+            .map_err(MemoryError::Region)?;
         regions.push(GuestRegionMmap::new(mapping, start).ok_or(MemoryError::BadSize(size_mib))?);
     }
     GuestMemory::from_regions(regions).map_err(MemoryError::Regions)
