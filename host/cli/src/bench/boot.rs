@@ -7,13 +7,16 @@
 //!   agents boot: the image's ELF `vmlinux` (through its PVH entry) where the image has one, and
 //!   then the bzImage too, to show what the guest's own decompression costs. Runs where Linux
 //!   guests run here: directly, or inside the QEMU carrier (all VMMs then run in the same carrier).
-//! - **Firecracker** (with `--firecracker PATH`): the same initramfs and the ELF kernel (the only
-//!   kind Firecracker boots on x86_64; unpacked from the bzImage if the image has none).
+//! - **Firecracker** (with `--firecracker PATH`): the same initramfs, command line and devices (a
+//!   vsock device), and the ELF kernel (the only kind Firecracker boots on x86_64; unpacked from
+//!   the bzImage if the image has none).
 //! - **Tiny guest**: the bare-metal test guest, directly on this host's KVM, timed from spawn to
 //!   its first serial byte, with the peak resident memory of the VMM process.
 //!
-//! Runs of the VMMs alternate, each run starting with the next VMM in turn, and results are
-//! medians with their min and max, because these machines are shared and noisy. The top-level
+//! Runs of the VMMs alternate, each run in the next order of a balanced design (every VMM
+//! directly follows every other equally often: a boot inherits what the one before left in the
+//! carrier), and results are medians with their min and max, because these machines are shared
+//! and noisy. The top-level
 //! `ratio` is agentos / QEMU for the Linux boot.
 
 use std::io::{BufRead, BufReader, Read};
@@ -270,6 +273,7 @@ fn linux_bench_in_carrier(
         memory_mib: 4096,
         cpus: carrier::DEFAULT_CPUS,
         console: false,
+        pci_test_device: false,
     };
     let mut linux: LinuxResults = super::results_from_carrier(&spec)?;
     linux.placement = "carrier".into();
@@ -304,8 +308,6 @@ fn linux_bench(
         None => None,
     };
     let (mut agentos, mut bzimage, mut qemu, mut fc) = (vec![], vec![], vec![], vec![]);
-    // The VMMs take turns going first: a boot that always followed another would inherit
-    // whatever that one left warm or busy in the carrier.
     let mut kinds = vec![Kind::Agentos, Kind::Qemu];
     if elf {
         kinds.insert(1, Kind::AgentosBzImage);
@@ -313,15 +315,14 @@ fn linux_bench(
     if firecracker.is_some() {
         kinds.push(Kind::Firecracker);
     }
+    // A boot inherits what the one before it left in the carrier: a boot right after QEMU's was
+    // seen to be faster by a third, for any VMM. Each run therefore takes the next order of a
+    // balanced design, so that every VMM follows every other equally often.
+    let orders = balanced_orders(kinds.len());
     for i in 0..runs {
         let run = i + 1;
         let mut line = Vec::new();
-        for kind in kinds
-            .iter()
-            .cycle()
-            .skip(i as usize % kinds.len())
-            .take(kinds.len())
-        {
+        for kind in orders[i as usize % orders.len()].iter().map(|&k| &kinds[k]) {
             match kind {
                 Kind::Agentos => {
                     let a = agentos_linux_boot(kernel, &img.initrd, memory_mib)
@@ -381,6 +382,35 @@ fn linux_bench(
         qemu_microvm: qemu,
         firecracker,
     })
+}
+
+/// Orders of `n` things in which each one directly follows each other one equally often
+/// (Williams' design: a Latin square whose first row is 0, 1, n-1, 2, n-2, ..., each next row
+/// that one plus one, modulo n; for an odd n, the rows reversed as well).
+fn balanced_orders(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let first: Vec<usize> = (0..n)
+        .map(|j| {
+            if j % 2 == 1 {
+                j.div_ceil(2)
+            } else {
+                (n - j / 2) % n
+            }
+        })
+        .collect();
+    let mut orders: Vec<Vec<usize>> = (0..n)
+        .map(|row| first.iter().map(|&k| (k + row) % n).collect())
+        .collect();
+    if n % 2 == 1 {
+        let reversed: Vec<Vec<usize>> = orders
+            .iter()
+            .map(|o| o.iter().rev().copied().collect())
+            .collect();
+        orders.extend(reversed);
+    }
+    orders
 }
 
 /// The image's ELF kernel, or one unpacked from its bzImage into `dir`.
@@ -550,6 +580,12 @@ fn firecracker_linux_boot(
     memory_mib: u64,
 ) -> anyhow::Result<f64> {
     let config = dir.join("firecracker.json");
+    // The devices agentos gives the guest: a vsock device (whose probe is part of the boot).
+    let vsock = dir.join("firecracker-vsock.sock");
+    match std::fs::remove_file(&vsock) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     let json = serde_json::json!({
         "boot-source": {
             "kernel_image_path": kernel,
@@ -558,6 +594,7 @@ fn firecracker_linux_boot(
         },
         "drives": [],
         "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
+        "vsock": { "guest_cid": 3, "uds_path": vsock },
     });
     std::fs::write(&config, serde_json::to_vec(&json)?)?;
     let mut cmd = Command::new(firecracker);
@@ -719,6 +756,26 @@ fn wait_rusage(child: &mut Child) -> anyhow::Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vmm_follows_every_other_equally_often() {
+        for n in 1..=5 {
+            let orders = balanced_orders(n);
+            let mut follows = std::collections::HashMap::new();
+            for order in &orders {
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "{n}: {order:?}");
+                for pair in order.windows(2) {
+                    *follows.entry((pair[0], pair[1])).or_insert(0) += 1;
+                }
+            }
+            let counts: std::collections::HashSet<_> = follows.values().collect();
+            assert_eq!(follows.len(), n * (n - 1), "{n}: {orders:?}");
+            assert!(counts.len() <= 1, "{n}: {follows:?}");
+        }
+        assert_eq!(balanced_orders(4)[0], vec![0, 1, 3, 2]);
+    }
 
     #[test]
     fn stats_take_the_middle_of_sorted_values() {
