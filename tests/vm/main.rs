@@ -10,4 +10,5 @@ mod infer;
 mod jail;
 mod run;
 mod snapshot;
+mod vfio;
 mod vsock;

@@ -72,6 +72,23 @@ const CARRIER_ID: u32 = 65534;
 /// above; the combination with `idle=poll` is what the VM test suite runs on.
 const CARRIER_CPU: &str = "max,vgif=off";
 
+/// The carrier's PCI test device: Intel's IOMMU emulated with interrupt remapping (which the
+/// split irqchip allows) and `caching-mode`, which makes QEMU see every mapping its guest's
+/// VFIO sets up, and QEMU's `edu` device (1234:11e8: registers, a DMA engine, MSI) behind it, in
+/// an IOMMU group of its own. Enough to pass a device to an agent exactly as a GPU on a host with
+/// an IOMMU, and to test it.
+pub const PCI_TEST_DEVICE: &[&str] = &[
+    "-device",
+    "intel-iommu,intremap=on,caching-mode=on",
+    "-device",
+    "edu",
+];
+/// The carrier kernel's part: the IOMMU on, host devices (the carrier's own virtio ones) kept on
+/// identity mappings.
+const PCI_TEST_CMDLINE: &str = "intel_iommu=on iommu=pt";
+/// The test device's vendor and device ids.
+pub const PCI_TEST_DEVICE_IDS: (u16, u16) = (0x1234, 0x11e8);
+
 /// Why a carrier did not run a command.
 #[derive(Debug, thiserror::Error)]
 pub enum CarrierError {
@@ -128,6 +145,7 @@ pub fn rerun_inside(mut files: Vec<PathBuf>) -> Result<i32, CarrierError> {
         memory_mib: DEFAULT_MEMORY_MIB,
         cpus: DEFAULT_CPUS,
         console: false,
+        pci_test_device: false,
     };
     Ok(run(&spec, &mut io::stdout().lock())?.shell_code())
 }
@@ -154,6 +172,9 @@ pub struct CarrierRun {
     pub memory_mib: u64,
     pub cpus: u8,
     pub console: bool,
+    /// Give the carrier an emulated IOMMU and a PCI device to pass to its agents with VFIO
+    /// (see [`PCI_TEST_DEVICE`]).
+    pub pci_test_device: bool,
 }
 
 /// Boots a carrier, runs `spec.argv` in it with our stdin and stderr and its stdout going to
@@ -185,6 +206,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
         control: &control_path,
         console_log: &run_dir.join("console.log"),
         console: spec.console,
+        pci_test_device: spec.pci_test_device,
     })?;
     let handshake = match first_hello(&control, &mut qemu.child, started + BOOT_TIMEOUT, None) {
         Ok(handshake) => handshake,
@@ -377,6 +399,7 @@ struct QemuConfig<'a> {
     control: &'a Path,
     console_log: &'a Path,
     console: bool,
+    pci_test_device: bool,
 }
 
 /// A running QEMU, killed when dropped.
@@ -392,9 +415,17 @@ impl Qemu {
             format!("file:{}", cfg.console_log.display())
         };
         let mut cmd = qemu::command();
+        let (machine, cmdline) = if cfg.pci_test_device {
+            (
+                "q35,kernel-irqchip=split",
+                format!("{CARRIER_CMDLINE} {PCI_TEST_CMDLINE}"),
+            )
+        } else {
+            ("q35", CARRIER_CMDLINE.to_owned())
+        };
         cmd.args([
             "-machine",
-            "q35",
+            machine,
             "-accel",
             "tcg,thread=multi",
             "-cpu",
@@ -407,8 +438,13 @@ impl Qemu {
         .arg(cfg.kernel)
         .arg("-initrd")
         .arg(cfg.initrd)
-        .args(["-append", CARRIER_CMDLINE])
+        .args(["-append", &cmdline])
         .args(confinement(euid(), cfg.qemu_major))
+        .args(if cfg.pci_test_device {
+            PCI_TEST_DEVICE
+        } else {
+            &[]
+        })
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("socket,id=ctl,path={}", cfg.control.display()))

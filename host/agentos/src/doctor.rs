@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pci::{self, PciDevice};
 use crate::qemu;
 use agentos_core::agent::spec::AgentSpec;
 use agentos_core::agent::vm::AgentVm;
@@ -337,6 +338,113 @@ fn image_finding(cache: &Path, name: &'static str, what: &'static str) -> Findin
 }
 
 /// The oldest QEMU whose SVM emulation carried many VMs without crashing.
+/// A PCI device as `doctor` reports it: what passing it to an agent still needs.
+#[derive(Serialize)]
+struct PciReport {
+    #[serde(flatten)]
+    device: PciDevice,
+    ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+/// The IOMMU, VFIO, and every PCI device with what passing it to an agent needs. Optional: a host
+/// without an IOMMU runs agents on CPU slices, so these findings never fail.
+fn pci_findings() -> (Vec<Finding>, Vec<PciReport>) {
+    let devices = match pci::devices(Path::new(pci::SYSFS_PCI_DEVICES)) {
+        Ok(devices) => devices,
+        Err(e) => {
+            let f = finding(
+                "iommu",
+                true,
+                format!("cannot read {}: {e}", pci::SYSFS_PCI_DEVICES),
+                None,
+            );
+            return (vec![f], Vec::new());
+        }
+    };
+    let mut groups: Vec<u32> = devices.iter().filter_map(|d| d.iommu_group).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let iommu = if groups.is_empty() {
+        finding(
+            "iommu",
+            true,
+            "off or absent (no IOMMU groups): PCI devices cannot be passed to agents".into(),
+            Some(
+                "for PCI passthrough, enable VT-d or AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on) iommu=pt",
+            ),
+        )
+    } else {
+        finding(
+            "iommu",
+            true,
+            format!(
+                "on: {} IOMMU groups, {} PCI devices",
+                groups.len(),
+                devices.len()
+            ),
+            None,
+        )
+    };
+    let container = Path::new("/dev/vfio/vfio").exists();
+    let driver = Path::new("/sys/bus/pci/drivers")
+        .join(pci::VFIO_DRIVER)
+        .exists();
+    let reports: Vec<PciReport> = devices
+        .iter()
+        .map(|d| {
+            let problem = pci::readiness(d, &devices).err().map(|why| why.describe(d));
+            PciReport {
+                device: d.clone(),
+                ready: problem.is_none(),
+                problem,
+            }
+        })
+        .collect();
+    let bound: Vec<String> = reports
+        .iter()
+        .filter(|r| r.device.bound_to_vfio())
+        .map(|r| {
+            format!(
+                "{} ({})",
+                r.device.address,
+                if r.ready { "ready" } else { "not ready" }
+            )
+        })
+        .collect();
+    let vfio = if container && driver {
+        finding(
+            "vfio",
+            true,
+            format!(
+                "/dev/vfio/vfio and the vfio-pci driver present; bound to vfio-pci: {}",
+                if bound.is_empty() {
+                    "none".to_string()
+                } else {
+                    bound.join(", ")
+                }
+            ),
+            None,
+        )
+    } else {
+        finding(
+            "vfio",
+            true,
+            format!(
+                "{}: PCI devices cannot be passed to agents",
+                if container {
+                    "the vfio-pci driver is not loaded"
+                } else {
+                    "no /dev/vfio/vfio"
+                }
+            ),
+            Some("for PCI passthrough, modprobe vfio-pci (on a host with an IOMMU)"),
+        )
+    };
+    (vec![iommu, vfio], reports)
+}
+
 const MIN_CARRIER_QEMU: u32 = 8;
 
 fn qemu_finding() -> Finding {
@@ -381,8 +489,11 @@ pub fn run(args: &DoctorArgs) -> serde_json::Result<i32> {
     findings.push(image_finding(&cache, AGENT_IMAGE, "agent_image"));
     findings.push(image_finding(&cache, CARRIER_IMAGE, "carrier_image"));
     findings.push(qemu_finding());
+    let (pci, devices) = pci_findings();
+    findings.extend(pci);
     if args.json {
-        let doc = serde_json::json!({ "cache": cache, "findings": findings });
+        let doc =
+            serde_json::json!({ "cache": cache, "findings": findings, "pci_devices": devices });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         for f in &findings {
@@ -395,6 +506,26 @@ pub fn run(args: &DoctorArgs) -> serde_json::Result<i32> {
             if let Some(fix) = &f.fix {
                 println!("{:<14} {:<4} -> {}", "", "", fix);
             }
+        }
+        // The devices worth a line: those bound for passthrough and GPUs.
+        for r in devices
+            .iter()
+            .filter(|r| r.device.bound_to_vfio() || r.device.base_class() == pci::DISPLAY_CLASS)
+        {
+            let d = &r.device;
+            println!(
+                "{:<14} {:<4} {} {:04x}:{:04x} class {:06x} group {}: {}",
+                "pci_device",
+                if r.ready { "ok" } else { "--" },
+                d.address,
+                d.vendor,
+                d.device,
+                d.class,
+                d.iommu_group.map_or("-".into(), |g| g.to_string()),
+                r.problem
+                    .as_deref()
+                    .unwrap_or("ready to be passed to an agent")
+            );
         }
     }
     Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod eval;
 pub mod group;
+pub mod pci;
 pub mod placement;
 pub mod qemu;
 pub mod toml_file;

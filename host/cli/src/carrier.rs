@@ -32,6 +32,12 @@ pub struct CarrierArgs {
     /// them), so that `agentos run --model` works inside.
     #[arg(long)]
     pub models: bool,
+    /// Give the carrier an emulated Intel IOMMU and QEMU's `edu` PCI device (1234:11e8) in an
+    /// IOMMU group of its own, its kernel booted with `intel_iommu=on iommu=pt` and the VFIO
+    /// modules loaded: a device to pass to agents with VFIO. Bind it inside with
+    /// `echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id`; `agentos doctor` shows it.
+    #[arg(long)]
+    pub pci_test_device: bool,
     /// Environment variable for the command, NAME=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -66,6 +72,7 @@ pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
         memory_mib: args.memory,
         cpus: args.cpus,
         console: args.console,
+        pci_test_device: args.pci_test_device,
     };
     Ok(run(&spec, &mut io::stdout().lock())?.shell_code())
 }

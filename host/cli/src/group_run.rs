@@ -259,6 +259,7 @@ fn run_in_carrier(
         memory_mib: (vm_memory + CARRIER_BASE_MIB).max(CARRIER_MIN_MIB),
         cpus: carrier::DEFAULT_CPUS,
         console: false,
+        pci_test_device: false,
     };
     let mut out = Vec::new();
     let status = carrier::run(&spec, &mut out)?;

@@ -720,6 +720,11 @@ mod tests {
             ("nd_virtio", "virtio,libnvdimm"),
             ("virtio_pmem", "virtio,libnvdimm,nd_virtio"),
             ("erofs", ""),
+            ("vfio", ""),
+            ("vfio_iommu_type1", "vfio"),
+            ("vfio_virqfd", ""),
+            ("vfio-pci-core", "vfio,vfio_virqfd,irqbypass"),
+            ("vfio-pci", "vfio-pci-core,vfio"),
         ];
         fs::create_dir_all(&modules).unwrap();
         for (name, depends) in fake_modules {
@@ -846,6 +851,11 @@ mod tests {
                 "virtio_pci_legacy_dev",
                 "virtio_pci",
                 "virtio_console",
+                "vfio",
+                "vfio_iommu_type1",
+                "vfio_virqfd",
+                "vfio_pci_core",
+                "vfio_pci",
             ]
         );
         let entries = read_newc(&fs::read(&image.initrd).unwrap());

@@ -35,9 +35,11 @@ const AGENT_MODULES: &[&str] = &[
     "erofs",
 ];
 
-/// KVM for the nested guests, and virtio-pci with a console for the control port. The carrier's
-/// CPU is QEMU's software one, which emulates AMD's SVM and not Intel's VMX: `kvm-intel` would
-/// fail to load, and the guest agent stops at a module that fails.
+/// KVM for the nested guests, virtio-pci with a console for the control port, and VFIO for a
+/// carrier given a PCI device to pass to its agents (`agentos carrier --pci-test-device`; the
+/// modules load without an IOMMU too, and bind nothing by themselves). The carrier's CPU is
+/// QEMU's software one, which emulates AMD's SVM and not Intel's VMX: `kvm-intel` would fail to
+/// load, and the guest agent stops at a module that fails.
 const CARRIER_MODULES: &[&str] = &[
     "irqbypass",
     "kvm",
@@ -46,6 +48,9 @@ const CARRIER_MODULES: &[&str] = &[
     "virtio",
     "virtio_pci",
     "virtio_console",
+    "vfio",
+    "vfio_iommu_type1",
+    "vfio-pci",
 ];
 
 /// The directories a guest needs before anything is mounted on them.

@@ -341,6 +341,7 @@ fn in_carrier(args: &StartBenchArgs) -> anyhow::Result<StartResults> {
         memory_mib,
         cpus: carrier::DEFAULT_CPUS,
         console: false,
+        pci_test_device: false,
     };
     let mut results: StartResults = super::results_from_carrier(&spec)?;
     results.placement = "carrier".into();

@@ -1,0 +1,379 @@
+//! The host's PCI devices as sysfs shows them, for passing devices to agents with VFIO: each
+//! device's ids, class, driver and IOMMU group, and whether its group can be handed to a VM
+//! (the kernel's rule: every device in it bound to `vfio-pci` or `pci-stub`, unbound, or a
+//! bridge).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Where the kernel lists PCI devices.
+pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// The driver a device must be bound to before a VM can have it.
+pub const VFIO_DRIVER: &str = "vfio-pci";
+/// Drivers besides [`VFIO_DRIVER`] that the kernel accepts in a group handed to a VM.
+const HARMLESS_DRIVERS: &[&str] = &["pci-stub"];
+/// PCI class 0x03: display controllers (VGA, 3D, others), what `--gpu` looks for.
+pub const DISPLAY_CLASS: u8 = 0x03;
+/// At most this many devices are read: a sysfs with more is not a real machine's.
+const MAX_DEVICES: usize = 4096;
+
+/// One PCI function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PciDevice {
+    /// Domain:bus:device.function, `0000:00:03.0`.
+    pub address: String,
+    pub vendor: u16,
+    pub device: u16,
+    /// Base class, sub-class and programming interface, `0x030000` for VGA.
+    pub class: u32,
+    /// The driver bound to it, if any.
+    pub driver: Option<String>,
+    /// Its IOMMU group; none while the IOMMU is off.
+    pub iommu_group: Option<u32>,
+    /// A bridge (a header type other than 0): the kernel lets one stay with its driver.
+    pub bridge: bool,
+}
+
+impl PciDevice {
+    pub fn base_class(&self) -> u8 {
+        (self.class >> 16) as u8
+    }
+
+    pub fn bound_to_vfio(&self) -> bool {
+        self.driver.as_deref() == Some(VFIO_DRIVER)
+    }
+
+    /// Whether this device leaves its group usable by a VM.
+    fn harmless_in_group(&self) -> bool {
+        match self.driver.as_deref() {
+            None => true,
+            Some(driver) => {
+                driver == VFIO_DRIVER || HARMLESS_DRIVERS.contains(&driver) || self.bridge
+            }
+        }
+    }
+}
+
+/// Why a device cannot go to a VM as it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Unready {
+    /// The IOMMU is off (no groups): nothing can be passed.
+    NoIommu,
+    /// The device is not bound to `vfio-pci`.
+    NotBound { driver: Option<String> },
+    /// Another device of its group is bound to a driver that keeps the group from a VM.
+    GroupNotViable { sibling: String, driver: String },
+}
+
+impl Unready {
+    /// A one-line account with what to do.
+    pub fn describe(&self, dev: &PciDevice) -> String {
+        match self {
+            Unready::NoIommu => "the IOMMU is off: enable VT-d or AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on) iommu=pt".into(),
+            Unready::NotBound { driver } => format!(
+                "{} to vfio-pci: {}echo {:04x} {:04x} > /sys/bus/pci/drivers/vfio-pci/new_id (after modprobe vfio-pci)",
+                match driver {
+                    Some(d) => format!("bound to {d}, not"),
+                    None => "not bound".into(),
+                },
+                match driver {
+                    Some(_) => format!(
+                        "echo {0} > /sys/bus/pci/devices/{0}/driver/unbind; ",
+                        dev.address
+                    ),
+                    None => String::new(),
+                },
+                dev.vendor,
+                dev.device
+            ),
+            Unready::GroupNotViable { sibling, driver } => format!(
+                "its IOMMU group is not viable: {sibling} in the same group is bound to {driver}; unbind it or bind it to vfio-pci too"
+            ),
+        }
+    }
+}
+
+/// The PCI devices under `root` (normally [`SYSFS_PCI_DEVICES`]), sorted by address. A missing
+/// directory (no PCI bus) gives none.
+pub fn devices(root: &Path) -> io::Result<Vec<PciDevice>> {
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries.take(MAX_DEVICES) {
+        let entry = entry?;
+        let address = entry.file_name().to_string_lossy().into_owned();
+        if !is_address(&address) {
+            continue;
+        }
+        found.push(read_device(&entry.path(), address)?);
+    }
+    found.sort_by(|a, b| a.address.cmp(&b.address));
+    Ok(found)
+}
+
+/// Whether `text` is a PCI address as sysfs names devices: `0000:00:03.0`.
+pub fn is_address(text: &str) -> bool {
+    let b = text.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11])
+}
+
+fn read_device(dir: &Path, address: String) -> io::Result<PciDevice> {
+    let hex = |name: &str| -> io::Result<u32> {
+        let text = fs::read_to_string(dir.join(name))?;
+        let digits = text.trim().trim_start_matches("0x");
+        u32::from_str_radix(digits, 16).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: not a hexadecimal number: {text:?}",
+                    dir.join(name).display()
+                ),
+            )
+        })
+    };
+    let id16 = |name: &str| -> io::Result<u16> {
+        u16::try_from(hex(name)?).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: more than 16 bits", dir.join(name).display()),
+            )
+        })
+    };
+    // The header type is in the first 64 bytes of config space, which anyone may read.
+    let bridge = match fs::read(dir.join("config")) {
+        Ok(config) => config.get(0x0e).is_some_and(|h| h & 0x7f != 0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    Ok(PciDevice {
+        vendor: id16("vendor")?,
+        device: id16("device")?,
+        class: hex("class")? & 0xff_ffff,
+        driver: link_name(&dir.join("driver"))?,
+        iommu_group: link_name(&dir.join("iommu_group"))?.and_then(|g| g.parse().ok()),
+        bridge,
+        address,
+    })
+}
+
+/// The last component of the symbolic link at `path`, if there is one.
+fn link_name(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_link(path) {
+        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `dev` can be handed to a VM now, among `all` (the devices of the host).
+pub fn readiness(dev: &PciDevice, all: &[PciDevice]) -> Result<(), Unready> {
+    let Some(group) = dev.iommu_group else {
+        return Err(Unready::NoIommu);
+    };
+    if !dev.bound_to_vfio() {
+        return Err(Unready::NotBound {
+            driver: dev.driver.clone(),
+        });
+    }
+    match all
+        .iter()
+        .find(|other| other.iommu_group == Some(group) && !other.harmless_in_group())
+    {
+        Some(other) => Err(Unready::GroupNotViable {
+            sibling: other.address.clone(),
+            driver: other.driver.clone().unwrap_or_default(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The device node of an IOMMU group for VFIO.
+pub fn group_node(group: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/vfio/{group}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn fake(
+        root: &Path,
+        address: &str,
+        ids: (u16, u16, u32),
+        driver: Option<&str>,
+        group: Option<u32>,
+        header: u8,
+    ) {
+        let dir = root.join(address);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("vendor"), format!("0x{:04x}\n", ids.0)).unwrap();
+        fs::write(dir.join("device"), format!("0x{:04x}\n", ids.1)).unwrap();
+        fs::write(dir.join("class"), format!("0x{:06x}\n", ids.2)).unwrap();
+        let mut config = vec![0u8; 64];
+        config[0x0e] = header;
+        fs::write(dir.join("config"), config).unwrap();
+        if let Some(d) = driver {
+            symlink(format!("../../../bus/pci/drivers/{d}"), dir.join("driver")).unwrap();
+        }
+        if let Some(g) = group {
+            symlink(
+                format!("../../../kernel/iommu_groups/{g}"),
+                dir.join("iommu_group"),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn devices_are_read_with_ids_class_driver_and_group() {
+        let root = tempfile::tempdir().unwrap();
+        fake(
+            root.path(),
+            "0000:00:04.0",
+            (0x1234, 0x11e8, 0x00ff00),
+            None,
+            Some(3),
+            0,
+        );
+        fake(
+            root.path(),
+            "0000:00:00.0",
+            (0x8086, 0x29c0, 0x060000),
+            None,
+            Some(0),
+            0,
+        );
+        fs::create_dir(root.path().join("not-a-device")).unwrap();
+        let found = devices(root.path()).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[1].address, "0000:00:04.0");
+        assert_eq!((found[1].vendor, found[1].device), (0x1234, 0x11e8));
+        assert_eq!(found[1].class, 0x00ff00);
+        assert_eq!(found[1].iommu_group, Some(3));
+        assert_eq!(found[1].driver, None);
+        assert!(devices(&root.path().join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_group_is_viable_only_when_every_other_member_is_harmless() {
+        let root = tempfile::tempdir().unwrap();
+        let gpu = (0x10de, 0x2331, 0x030200);
+        fake(
+            root.path(),
+            "0000:01:00.0",
+            gpu,
+            Some("vfio-pci"),
+            Some(7),
+            0,
+        );
+        fake(
+            root.path(),
+            "0000:01:00.1",
+            (0x10de, 0x22a3, 0x040300),
+            Some("snd_hda_intel"),
+            Some(7),
+            0,
+        );
+        fake(
+            root.path(),
+            "0000:00:01.0",
+            (0x8086, 0x1901, 0x060400),
+            Some("pcieport"),
+            Some(7),
+            1,
+        );
+        fake(root.path(), "0000:02:00.0", gpu, Some("nvidia"), Some(8), 0);
+        fake(
+            root.path(),
+            "0000:03:00.0",
+            gpu,
+            Some("vfio-pci"),
+            Some(9),
+            0,
+        );
+        fake(
+            root.path(),
+            "0000:03:00.1",
+            (0x10de, 0x22a3, 0x040300),
+            None,
+            Some(9),
+            0,
+        );
+        let all = devices(root.path()).unwrap();
+        let by = |a: &str| all.iter().find(|d| d.address == a).unwrap();
+        assert_eq!(
+            readiness(by("0000:01:00.0"), &all),
+            Err(Unready::GroupNotViable {
+                sibling: "0000:01:00.1".into(),
+                driver: "snd_hda_intel".into()
+            })
+        );
+        assert_eq!(
+            readiness(by("0000:02:00.0"), &all),
+            Err(Unready::NotBound {
+                driver: Some("nvidia".into())
+            })
+        );
+        // An unbound sibling and a bridge with its driver leave a group usable.
+        assert_eq!(readiness(by("0000:03:00.0"), &all), Ok(()));
+        assert_eq!(by("0000:03:00.0").base_class(), DISPLAY_CLASS);
+        let line = Unready::NotBound {
+            driver: Some("nvidia".into()),
+        }
+        .describe(by("0000:02:00.0"));
+        assert!(
+            line.contains("echo 0000:02:00.0 > /sys/bus/pci/devices/0000:02:00.0/driver/unbind"),
+            "{line}"
+        );
+        assert!(
+            line.contains("echo 10de 2331 > /sys/bus/pci/drivers/vfio-pci/new_id"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn without_groups_the_iommu_is_off() {
+        let root = tempfile::tempdir().unwrap();
+        fake(
+            root.path(),
+            "0000:00:04.0",
+            (0x1234, 0x11e8, 0x00ff00),
+            Some("vfio-pci"),
+            None,
+            0,
+        );
+        let all = devices(root.path()).unwrap();
+        assert_eq!(readiness(&all[0], &all), Err(Unready::NoIommu));
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(is_address("0000:00:03.0"));
+        assert!(is_address("abcd:ff:1f.7"));
+        for bad in [
+            "0000:00:03.8",
+            "0000:00:03",
+            "../../etc",
+            "0000:0g:03.0",
+            "00000:00:03.0",
+        ] {
+            assert!(!is_address(bad), "{bad}");
+        }
+    }
+}
