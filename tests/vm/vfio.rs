@@ -95,3 +95,105 @@ fn doctor_shows_the_test_device_and_what_it_needs_until_bound_to_vfio() {
         describe(&text)
     );
 }
+
+/// The test device's address, bound to vfio-pci.
+fn bound_test_device(scratch: &Scratch) -> String {
+    let (_, devices) = doctor(scratch);
+    let edu = test_device(&devices);
+    if edu["driver"].is_null() {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/new_id", "1234 11e8")
+            .expect("binding edu to vfio-pci");
+    }
+    edu["address"].as_str().unwrap().to_owned()
+}
+
+/// Finds edu on the guest's PCI bus and uses its registers at BAR0: the id, the liveness
+/// register (which returns the complement of what was written) and the factorial unit.
+const EDU_IN_THE_GUEST: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "no edu among: $(ls /sys/bus/pci/devices)"; exit 3; }
+bar=$(head -n 1 $dev/resource | cut -d' ' -f1)
+echo "bar0=$bar"
+echo "id=$(busybox devmem $bar 32)"
+busybox devmem $((bar + 4)) 32 0x12345678
+echo "live=$(busybox devmem $((bar + 4)) 32)"
+busybox devmem $((bar + 8)) 32 10
+n=0
+while [ $(( $(busybox devmem $((bar + 0x20)) 32) & 1 )) -ne 0 ] && [ $n -lt 1000 ]; do n=$((n + 1)); done
+echo "fact=$(busybox devmem $((bar + 8)) 32)"
+"#;
+
+#[test]
+fn an_agent_uses_the_test_device_through_its_own_pci_bus() {
+    let scratch = Scratch::new("vfio-run");
+    let address = bound_test_device(&scratch);
+    let device = format!("vfio:{address}");
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &device,
+            "--",
+            "/bin/sh",
+            "-c",
+            EDU_IN_THE_GUEST,
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("id=0x010000ED"), "{text}");
+    assert!(stdout.contains("live=0xEDCBA987"), "{text}");
+    // 10! = 3628800
+    assert!(stdout.contains("fact=0x00375F00"), "{text}");
+    scratch.assert_nothing_left();
+}
+
+#[test]
+fn devices_an_agent_cannot_have_are_refused_in_one_line() {
+    let scratch = Scratch::new("vfio-refused");
+    let address = bound_test_device(&scratch);
+    let refused = |device: &str| {
+        let out = scratch.output(&["run", "--device", device, "--", "/bin/true"], b"");
+        assert!(!out.status.success(), "{device}: {}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(stderr.trim().lines().count(), 1, "{device}: {stderr}");
+        stderr
+    };
+    assert!(refused("vfio:0000:00:1f.7").contains("no such PCI device"));
+    // One VM at a time: a second asking for the device while the first has it is refused.
+    let mut first = scratch.spawn(&[
+        "run",
+        "--device",
+        &format!("vfio:{address}"),
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo up; sleep 600",
+    ]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(first.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "up\n");
+    let busy = refused(&format!("vfio:{address}"));
+    assert!(busy.contains("in use by another VM"), "{busy}");
+    // SAFETY: a signal to our own child, which has not been waited for.
+    unsafe { libc::kill(first.id() as libc::pid_t, libc::SIGTERM) };
+    first.wait().unwrap();
+    assert!(refused("0000:00:01.0").contains("give a device as vfio:ADDRESS"));
+    // Unbound from vfio-pci, the device is refused with what to do; bound again, it works.
+    std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &address).unwrap();
+    let unbound = refused(&format!("vfio:{address}"));
+    std::fs::write("/sys/bus/pci/drivers/vfio-pci/bind", &address).unwrap();
+    assert!(
+        unbound.contains("not bound to vfio-pci") && unbound.contains("new_id"),
+        "{unbound}"
+    );
+    scratch.assert_nothing_left();
+}

@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use agentos_vmm::devices::pci::PciAddress;
 use serde::Serialize;
 
 /// Where the kernel lists PCI devices.
@@ -120,16 +121,7 @@ pub fn devices(root: &Path) -> io::Result<Vec<PciDevice>> {
 
 /// Whether `text` is a PCI address as sysfs names devices: `0000:00:03.0`.
 pub fn is_address(text: &str) -> bool {
-    let b = text.as_bytes();
-    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
-    b.len() == 12
-        && hex(0..4)
-        && b[4] == b':'
-        && hex(5..7)
-        && b[7] == b':'
-        && hex(8..10)
-        && b[10] == b'.'
-        && (b'0'..=b'7').contains(&b[11])
+    text.parse::<PciAddress>().is_ok()
 }
 
 fn read_device(dir: &Path, address: String) -> io::Result<PciDevice> {
@@ -200,6 +192,40 @@ pub fn readiness(dev: &PciDevice, all: &[PciDevice]) -> Result<(), Unready> {
         }),
         None => Ok(()),
     }
+}
+
+/// Why a device given as `vfio:ADDRESS` cannot go to an agent, in one line with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error(
+        "{0:?}: give a device as vfio:ADDRESS, with the address as sysfs names it, like vfio:0000:01:00.0"
+    )]
+    Syntax(String),
+    #[error("{0}: no such PCI device on this host (`agentos doctor` lists them)")]
+    Absent(String),
+    #[error("{address}: {why}")]
+    Unready { address: String, why: String },
+    #[error("cannot read {}", SYSFS_PCI_DEVICES)]
+    Sysfs(#[source] io::Error),
+}
+
+/// The address of a device given as `vfio:ADDRESS`, checked against the devices under `root`:
+/// it exists, is bound to vfio-pci, and its IOMMU group is viable.
+pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<String, PassthroughError> {
+    let address = spec
+        .strip_prefix("vfio:")
+        .filter(|a| is_address(a))
+        .ok_or_else(|| PassthroughError::Syntax(spec.to_owned()))?;
+    let all = devices(root).map_err(PassthroughError::Sysfs)?;
+    let dev = all
+        .iter()
+        .find(|d| d.address == address)
+        .ok_or_else(|| PassthroughError::Absent(address.to_owned()))?;
+    readiness(dev, &all).map_err(|why| PassthroughError::Unready {
+        address: address.to_owned(),
+        why: why.describe(dev),
+    })?;
+    Ok(address.to_owned())
 }
 
 /// The device node of an IOMMU group for VFIO.
@@ -360,6 +386,40 @@ mod tests {
         );
         let all = devices(root.path()).unwrap();
         assert_eq!(readiness(&all[0], &all), Err(Unready::NoIommu));
+    }
+
+    #[test]
+    fn a_device_for_an_agent_must_exist_be_bound_and_have_a_viable_group() {
+        let root = tempfile::tempdir().unwrap();
+        fake(
+            root.path(),
+            "0000:00:04.0",
+            (0x1234, 0x11e8, 0x00ff00),
+            Some("vfio-pci"),
+            Some(3),
+            0,
+        );
+        fake(
+            root.path(),
+            "0000:00:05.0",
+            (0x1234, 0x11e8, 0x00ff00),
+            None,
+            Some(4),
+            0,
+        );
+        assert_eq!(
+            ready_for_passthrough("vfio:0000:00:04.0", root.path()).unwrap(),
+            "0000:00:04.0"
+        );
+        let refused = |spec: &str| {
+            ready_for_passthrough(spec, root.path())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused("0000:00:04.0").contains("give a device as vfio:ADDRESS"));
+        assert!(refused("vfio:../../../etc").contains("give a device as vfio:ADDRESS"));
+        assert!(refused("vfio:0000:00:06.0").contains("no such PCI device"));
+        assert!(refused("vfio:0000:00:05.0").contains("not bound to vfio-pci"));
     }
 
     #[test]

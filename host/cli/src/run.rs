@@ -2,7 +2,7 @@
 //! VM down, and exit with the program's status.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentos_protocol::ExecRequest;
@@ -53,6 +53,13 @@ pub struct RunArgs {
     /// `memory` and `vm.state` are replaced) instead of shutting it down.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub snapshot_to: Option<PathBuf>,
+    /// Pass a host PCI device to the agent with VFIO: vfio:ADDRESS, the address as sysfs names
+    /// it (vfio:0000:01:00.0), the device bound to vfio-pci and its IOMMU group viable (`agentos
+    /// doctor` says what is missing). Repeatable. Needs a host whose KVM boots Linux; elsewhere
+    /// run it inside a carrier that has the device (`agentos carrier --pci-test-device -- ...`
+    /// gives one a test device).
+    #[arg(long = "device", value_name = "vfio:ADDRESS", conflicts_with_all = ["from", "snapshot_to"])]
+    pub devices: Vec<String>,
     /// The program and its arguments.
     #[arg(
         last = true,
@@ -102,6 +109,11 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         check_snapshot_target(dir, args.from.as_deref())?;
     }
     if placement::decide(args.vm.carrier)? == Placement::Carrier {
+        if !args.devices.is_empty() {
+            bail!(
+                "--device needs a host whose KVM boots Linux; here agents run in a carrier, which has no PCI device to pass unless started with one: run `agentos carrier --pci-test-device -- agentos run --device ...`"
+            );
+        }
         if args.snapshot_to.is_some() {
             bail!(
                 "--snapshot-to needs a host whose KVM boots Linux; here agents run in a carrier, whose files are gone when it ends: run `agentos carrier -- agentos run --snapshot-to ...` to save and restore inside one"
@@ -123,6 +135,11 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     }
     let mut opts = args.vm.boot_options(&spec)?;
     opts.snapshot_to = args.snapshot_to.clone();
+    opts.pci_devices = args
+        .devices
+        .iter()
+        .map(|d| agentos::pci::ready_for_passthrough(d, Path::new(agentos::pci::SYSFS_PCI_DEVICES)))
+        .collect::<Result<_, _>>()?;
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),

@@ -119,6 +119,12 @@ pub struct JailPlan {
     /// The largest file the VMM may write: its guest memory when it may save a snapshot, else
     /// [`MAX_FILE_BYTES`] (its logs stay far below).
     pub max_file_bytes: u64,
+    /// Directories visible read-only at their own paths (a passed-through PCI function's sysfs
+    /// directory, where VFIO finds its IOMMU group).
+    pub read_only_dirs: Vec<PathBuf>,
+    /// Memory the VMM may lock (`RLIMIT_MEMLOCK`): the guest's RAM when a device's DMA pins
+    /// it, else none.
+    pub locked_memory_bytes: u64,
 }
 
 /// Where the new root is mounted before the pivot when no chroot base is given: a directory
@@ -221,6 +227,7 @@ pub fn enter(plan: &JailPlan) -> Result<JailLevel, JailError> {
         .dirs
         .iter()
         .chain(&plan.read_only)
+        .chain(&plan.read_only_dirs)
         .chain(&plan.devices)
         .find(|p| p.starts_with(&root) || root.starts_with(p))
     {
@@ -340,7 +347,7 @@ fn jail_child(plan: &JailPlan, root: &Path, level: JailLevel) -> Result<(), Jail
     // SAFETY: the pointer and length describe `name`.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
         .map_err(step("set the jail's host name"))?;
-    limit(plan.max_file_bytes)?;
+    limit(plan.max_file_bytes, plan.locked_memory_bytes)?;
     // Dropping the bounding set needs CAP_SETPCAP, which the change of ids below takes away.
     drop_bounding_and_ambient();
     if level == JailLevel::Full {
@@ -496,6 +503,11 @@ fn private_root(plan: &JailPlan, root: &Path, level: JailLevel) -> Result<(), Ja
         let inside = inside(root, file)?;
         mount_point(&inside)?;
         bind(file, &inside, true)?;
+    }
+    for dir in &plan.read_only_dirs {
+        let inside = inside(root, dir)?;
+        std::fs::create_dir_all(&inside).map_err(step(format!("create {}", inside.display())))?;
+        bind(dir, &inside, true)?;
     }
     for device in &plan.devices {
         let inside = inside(root, device)?;
@@ -692,11 +704,12 @@ fn mount_raw(
 
 /// No core dumps (they would hold guest memory), bounded open files and file sizes; a write past
 /// the size bound fails instead of killing the VMM.
-fn limit(max_file_bytes: u64) -> Result<(), JailError> {
+fn limit(max_file_bytes: u64, locked_memory_bytes: u64) -> Result<(), JailError> {
     for (resource, value, what) in [
         (libc::RLIMIT_CORE, 0, "core dumps"),
         (libc::RLIMIT_NOFILE, MAX_OPEN_FILES, "open files"),
         (libc::RLIMIT_FSIZE, max_file_bytes, "file sizes"),
+        (libc::RLIMIT_MEMLOCK, locked_memory_bytes, "locked memory"),
     ] {
         let limit = libc::rlimit {
             rlim_cur: value,

@@ -30,6 +30,8 @@ use agentos_vmm::builder::{build_vm, restore_vm};
 use agentos_vmm::config::{
     ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
 };
+use agentos_vmm::devices::pci::PciAddress;
+use agentos_vmm::devices::pci::passthrough::SYSFS_PCI_DEVICES;
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::SeccompError;
 use agentos_vmm::seccomp::{Role, SeccompFilters};
@@ -76,6 +78,14 @@ pub enum VmmProcessError {
     Create(PathBuf, #[source] io::Error),
     #[error("cannot open {} (a symlink is refused)", .0.display())]
     Open(PathBuf, #[source] io::Error),
+    #[error(
+        "{address}: no such PCI device here, or it has no IOMMU group (is the IOMMU on? see `agentos doctor`)"
+    )]
+    PciGroup {
+        address: PciAddress,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot jail the VMM (`--no-jail` runs it unconfined, unsafely)")]
     Jail(#[source] JailError),
     #[error(transparent)]
@@ -109,6 +119,8 @@ pub const EXIT_FAILED: i32 = 1;
 
 /// The device the VMM opens to create its VM.
 const KVM_DEVICE: &str = "/dev/kvm";
+/// The VFIO container a VM with passed-through devices opens.
+const VFIO_CONTAINER: &str = "/dev/vfio/vfio";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmmArgs {
@@ -160,6 +172,12 @@ pub struct VmmArgs {
     /// guest's /dev/pmem0, the next /dev/pmem1, and so on. Repeat for more, at most 4.
     #[arg(long, value_name = "PATH")]
     pub pmem: Vec<PathBuf>,
+    /// Pass the host PCI function at ADDRESS (as sysfs names it, `vfio:0000:01:00.0`) to the
+    /// guest, on its PCI bus: bound to vfio-pci, its IOMMU group viable (see `agentos doctor`).
+    /// Repeat for more. The jail holds /dev/vfio/vfio, the function's group node and its sysfs
+    /// directory (read-only), and may lock the guest's memory, which the device's DMA pins.
+    #[arg(long = "device", value_name = "vfio:ADDRESS", value_parser = parse_device, conflicts_with = "from")]
+    pub devices: Vec<PciAddress>,
     /// Write a JSON report of the run here when the VM ends (the file is opened before the jail,
     /// never through a symlink).
     #[arg(long)]
@@ -288,9 +306,39 @@ impl VmmArgs {
             }),
             disks,
             pmem,
+            pci_devices: self.devices.clone(),
             snapshot_to,
         }))
     }
+}
+
+/// `vfio:ADDRESS`, the one kind of device there is.
+fn parse_device(text: &str) -> Result<PciAddress, String> {
+    let address = text.strip_prefix("vfio:").ok_or_else(|| {
+        format!("{text:?}: give a device as vfio:ADDRESS, like vfio:0000:01:00.0")
+    })?;
+    address
+        .parse()
+        .map_err(|e: agentos_vmm::devices::pci::BadPciAddress| e.to_string())
+}
+
+/// The IOMMU group of each passed-through function (its node is `/dev/vfio/<group>`).
+fn iommu_groups(addresses: &[PciAddress]) -> Result<Vec<u32>, VmmProcessError> {
+    addresses
+        .iter()
+        .map(|&address| {
+            let link = Path::new(SYSFS_PCI_DEVICES)
+                .join(address.to_string())
+                .join("iommu_group");
+            let bad = |source| VmmProcessError::PciGroup { address, source };
+            let target = std::fs::read_link(&link).map_err(bad)?;
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| bad(io::Error::from(io::ErrorKind::InvalidData)))
+        })
+        .collect()
 }
 
 /// Signals that stop the VM cleanly. They are blocked in every thread and taken by one thread
@@ -382,6 +430,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
         .as_deref()
         .map(open_snapshot_files)
         .transpose()?;
+    let groups = iommu_groups(&args.devices)?;
     let start = args.start(console_log, devices, snapshot_to)?;
     let jail = if args.no_jail {
         tracing::warn!("running without the jail (--no-jail): unsafe, for debugging only");
@@ -390,7 +439,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
         // Still one thread here, as entering the jail needs. This process stays outside as the
         // VMM's supervisor and only the VMM, its child, returns; any layer that cannot be
         // applied is an error, and the VMM does not run.
-        let level = jail::enter(&jail_plan(args)).map_err(VmmProcessError::Jail)?;
+        let level = jail::enter(&jail_plan(args, &groups)).map_err(VmmProcessError::Jail)?;
         tracing::info!(%level, "jailed");
         level
     };
@@ -400,7 +449,7 @@ pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
         );
         None
     } else {
-        Some(Arc::new(SeccompFilters::new()?))
+        Some(Arc::new(SeccompFilters::for_vm(!args.devices.is_empty())?))
     };
     let vmm = match &start {
         Start::Boot(config) => build_vm(config).map_err(VmmProcessError::Build)?,
@@ -533,9 +582,18 @@ fn open_nofollow(path: &Path, extra: libc::c_int) -> Result<std::fs::File, VmmPr
 /// What the VMM sees in its jail: the kernel and initrds (read-only), its own `/dev/kvm`, and
 /// its own directory (that of `--vsock-uds`: its sockets); and as whom, and where the jail's
 /// root is built.
-fn jail_plan(args: &VmmArgs) -> JailPlan {
+fn jail_plan(args: &VmmArgs, iommu_groups: &[u32]) -> JailPlan {
     let mut read_only: Vec<PathBuf> = args.kernel.iter().cloned().collect();
     read_only.extend(args.initrd.iter().cloned());
+    let mut devices = vec![PathBuf::from(KVM_DEVICE)];
+    if !iommu_groups.is_empty() {
+        devices.push(PathBuf::from(VFIO_CONTAINER));
+        devices.extend(
+            iommu_groups
+                .iter()
+                .map(|g| PathBuf::from(format!("/dev/vfio/{g}"))),
+        );
+    }
     JailPlan {
         read_only,
         dirs: args
@@ -545,13 +603,24 @@ fn jail_plan(args: &VmmArgs) -> JailPlan {
             .map(Path::to_path_buf)
             .into_iter()
             .collect(),
-        devices: vec![PathBuf::from(KVM_DEVICE)],
+        devices,
         ids: jail::Ids {
             uid: args.uid,
             gid: args.gid,
         },
         chroot_base: args.chroot_base.clone(),
         max_file_bytes: max_file_bytes(args),
+        read_only_dirs: args
+            .devices
+            .iter()
+            .map(|a| Path::new(SYSFS_PCI_DEVICES).join(a.to_string()))
+            .collect(),
+        // VFIO pins every page of guest RAM for the devices' DMA.
+        locked_memory_bytes: if args.devices.is_empty() {
+            0
+        } else {
+            args.memory.saturating_mul(1 << 20)
+        },
     }
 }
 

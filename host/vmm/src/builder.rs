@@ -28,6 +28,7 @@ use crate::devices::legacy::console::Console;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SavedSerial, SerialDevice, SerialStateError};
 use crate::devices::legacy::status::{GuestStatus, StatusPort};
+use crate::devices::pci::passthrough::{self, PassthroughError};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::block::metrics::BlockMetrics;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -118,6 +119,8 @@ pub enum BuildError {
     Serial(#[from] SerialStateError),
     #[error("the snapshot would be written over the memory file the VM is restored from")]
     SnapshotOverSource,
+    #[error("cannot pass a PCI device to the guest")]
+    Passthrough(#[from] PassthroughError),
 }
 
 fn open(path: &std::path::Path) -> Result<File, BuildError> {
@@ -155,6 +158,20 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         },
         None,
     )?;
+    let mut assembled = assembled;
+    if !config.pci_devices.is_empty() {
+        let first_slot = (mem.num_regions() + config.pmem.len()) as u32;
+        let attached = passthrough::attach(
+            &assembled.vm,
+            &mem,
+            &mut assembled.io_bus,
+            &mut assembled.mmio_bus,
+            &config.pci_devices,
+            first_slot,
+        )?;
+        assembled.metrics.pci = Some(attached.metrics.clone());
+        assembled.passthrough = Some(attached);
+    }
     info!("devices ready");
     let kernel = boot::load_kernel(&mem, &mut open(&config.kernel)?)?;
     info!(end = kernel.end.0, "kernel loaded");
@@ -175,14 +192,17 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             .insert_str(&config.cmdline)
             .map_err(BuildError::Cmdline)?;
     }
+    let pci = assembled.passthrough.as_ref().map(|p| p.root);
     let rsdp = write_acpi_tables(
         &mem,
         &AcpiConfig {
             vcpus: config.vcpus,
             devices: assembled.acpi_devices.clone(),
+            pci,
         },
     )?;
-    boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp)?;
+    let reserved: Vec<(u64, u64)> = pci.iter().map(|r| (r.ecam, r.ecam_size)).collect();
+    boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp, &reserved)?;
     write_boot_tables(&mem, kernel.entry)?;
 
     let vm = &assembled.vm;
@@ -391,6 +411,7 @@ struct Assembled {
     disk_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
     pmem_slots: Vec<Arc<Mutex<dyn SavedSlot>>>,
     pmem_regions: Vec<vm_memory::mmap::MmapRegion>,
+    passthrough: Option<passthrough::Passthrough>,
 }
 
 /// The host files behind a VM's disks and pmem regions.
@@ -425,6 +446,7 @@ impl Assembled {
             disk_slots: self.disk_slots,
             pmem_slots: self.pmem_slots,
             pmem_regions: self.pmem_regions,
+            passthrough: self.passthrough,
             snapshot_to,
         })
     }
@@ -563,6 +585,7 @@ fn assemble(
             vsock: vsock_metrics,
             disks: disk_metrics,
             pmem: pmem_metrics,
+            pci: None,
         },
         acpi_devices,
         serial,
@@ -570,6 +593,7 @@ fn assemble(
         disk_slots,
         pmem_slots,
         pmem_regions,
+        passthrough: None,
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 /// Largest VM the VMM builds; the MADT and the topology leaves number vCPUs in a byte.
 pub const MAX_VCPUS: u8 = 64;
 
+pub use crate::devices::pci::PciAddress;
 pub use crate::devices::virtio::block::MAX_DISKS;
 pub use crate::devices::virtio::pmem::MAX_PMEM;
 
@@ -25,9 +26,14 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Read-only virtio-pmem regions, `/dev/pmem0` onwards in the guest.
     pub pmem: Vec<PmemConfig>,
+    /// Host PCI functions passed to the guest with VFIO, each bound to `vfio-pci`.
+    pub pci_devices: Vec<PciAddress>,
     /// Where the VM is saved when it is asked to ([`crate::exit::ExitReason::Snapshot`]).
     pub snapshot_to: Option<SnapshotFiles>,
 }
+
+/// At most this many PCI functions per VM (the root bus has 32 slots, one the host bridge's).
+pub const MAX_PCI_DEVICES: usize = crate::devices::pci::MAX_SLOTS - 1;
 
 /// A VM to build from a snapshot (see [`crate::snapshot`]).
 #[derive(Debug)]
@@ -100,6 +106,14 @@ pub enum ConfigError {
     Disks(usize),
     #[error("a VM has at most {MAX_PMEM} pmem regions, not {0}")]
     Pmem(usize),
+    #[error("a VM has at most {MAX_PCI_DEVICES} PCI devices, not {0}")]
+    PciDevices(usize),
+    #[error("{0} is given twice")]
+    PciDeviceTwice(PciAddress),
+    #[error(
+        "a VM with a passed-through PCI device cannot be snapshotted (the device's state is not the VMM's to save)"
+    )]
+    SnapshotWithPciDevices,
 }
 
 impl VmConfig {
@@ -117,6 +131,16 @@ impl VmConfig {
         }
         if self.pmem.len() > MAX_PMEM {
             return Err(ConfigError::Pmem(self.pmem.len()));
+        }
+        if self.pci_devices.len() > MAX_PCI_DEVICES {
+            return Err(ConfigError::PciDevices(self.pci_devices.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = self.pci_devices.iter().find(|a| !seen.insert(**a)) {
+            return Err(ConfigError::PciDeviceTwice(*twice));
+        }
+        if !self.pci_devices.is_empty() && self.snapshot_to.is_some() {
+            return Err(ConfigError::SnapshotWithPciDevices);
         }
         Ok(())
     }

@@ -91,10 +91,17 @@ impl SeccompFilters {
     /// Compiles the filters for this process (the VMM thread may signal only its own threads):
     /// call it in the process that runs the VM.
     pub fn new() -> Result<Self, SeccompError> {
+        Self::for_vm(false)
+    }
+
+    /// The filters for a VM with passed-through PCI devices (`passthrough`) or without: the
+    /// vCPU threads of the former also read and write the devices' configuration space and
+    /// trapped BARs through VFIO ([`VCPU_PASSTHROUGH`]).
+    pub fn for_vm(passthrough: bool) -> Result<Self, SeccompError> {
         Ok(Self {
-            vmm: compile(Role::Vmm)?,
-            vcpu: compile(Role::Vcpu)?,
-            signals: compile(Role::Signals)?,
+            vmm: compile(Role::Vmm, passthrough)?,
+            vcpu: compile(Role::Vcpu, passthrough)?,
+            signals: compile(Role::Signals, passthrough)?,
         })
     }
 
@@ -138,6 +145,11 @@ const EVERY_THREAD: &[i64] = &[
 /// reset, which closes the device's host connections (`close`, `epoll_ctl` delete, `timerfd`).
 const VCPU: &[i64] = &[libc::SYS_close, libc::SYS_timerfd_settime];
 
+/// vCPU threads of a VM with passed-through PCI devices: a guest access to a device's
+/// configuration space or to a BAR that is not mapped into the guest is a read or write at an
+/// offset of the device's VFIO file.
+const VCPU_PASSTHROUGH: &[i64] = &[libc::SYS_pread64, libc::SYS_pwrite64];
+
 /// The VMM thread: the event loop, the block devices and the vsock device's host side. It waits
 /// (`epoll_wait`), reads eventfds, timers and host sockets (`read`, `recvfrom`; writes with
 /// `write`, `sendto`), reads disk files at an offset (`pread64`),
@@ -174,7 +186,7 @@ const VMM: &[i64] = &[
 /// The signal thread: it only waits for a stop signal, then wakes the VMM thread.
 const SIGNALS: &[i64] = &[libc::SYS_rt_sigtimedwait];
 
-fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+fn rules(role: Role, passthrough: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let only = |index: u8, value: u64| -> Result<SeccompRule, BackendError> {
         SeccompRule::new(vec![SeccompCondition::new(
             index,
@@ -191,6 +203,9 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
         Role::Signals => SIGNALS,
     };
     rules.extend(unconditional.iter().map(|&nr| (nr, Vec::new())));
+    if passthrough && role == Role::Vcpu {
+        rules.extend(VCPU_PASSTHROUGH.iter().map(|&nr| (nr, Vec::new())));
+    }
     for call in [libc::SYS_mmap, libc::SYS_mprotect] {
         rules.insert(call, vec![no_exec()?]);
     }
@@ -284,10 +299,10 @@ fn no_exec() -> Result<SeccompRule, BackendError> {
     )?])
 }
 
-fn compile(role: Role) -> Result<BpfProgram, SeccompError> {
+fn compile(role: Role, passthrough: bool) -> Result<BpfProgram, SeccompError> {
     let compile = || -> Result<BpfProgram, BackendError> {
         SeccompFilter::new(
-            rules(role)?,
+            rules(role, passthrough)?,
             SeccompAction::Trap,
             SeccompAction::Allow,
             TargetArch::x86_64,

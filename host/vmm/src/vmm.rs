@@ -12,6 +12,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::console::Console;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::status::GuestStatus;
+use crate::devices::pci::{PciMetrics, PciMetricsSnapshot};
 use crate::devices::virtio::block::metrics::{BlockMetrics, BlockMetricsSnapshot};
 use crate::devices::virtio::mmio::{MmioMetrics, SavedSlot};
 use crate::devices::virtio::pmem::metrics::{PmemMetrics, PmemMetricsSnapshot};
@@ -97,6 +98,8 @@ pub struct VmmParts {
     pub pmem_slots: Vec<Arc<std::sync::Mutex<dyn SavedSlot>>>,
     /// The pmem files' mappings, which KVM reads through: dropped after `vm`.
     pub pmem_regions: Vec<vm_memory::mmap::MmapRegion>,
+    /// Passed-through PCI devices and their VFIO container, released when the VM is.
+    pub passthrough: Option<crate::devices::pci::passthrough::Passthrough>,
     pub snapshot_to: Option<SnapshotTarget>,
 }
 
@@ -124,6 +127,7 @@ pub struct VmmMetrics {
     pub vsock: Option<Arc<VsockMetrics>>,
     pub disks: Vec<Arc<BlockMetrics>>,
     pub pmem: Vec<Arc<PmemMetrics>>,
+    pub pci: Option<Arc<PciMetrics>>,
 }
 
 /// A copy of the counters at one moment, for reports.
@@ -144,6 +148,9 @@ pub struct MetricsSnapshot {
     /// One per pmem region, in order; absent without them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pmem: Vec<PmemMetricsSnapshot>,
+    /// The PCI bus's refusals; absent without PCI devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci: Option<PciMetricsSnapshot>,
 }
 
 impl VmmMetrics {
@@ -161,6 +168,7 @@ impl VmmMetrics {
             vsock: self.vsock.as_ref().map(|m| m.snapshot()),
             disks: self.disks.iter().map(|m| m.snapshot()).collect(),
             pmem: self.pmem.iter().map(|m| m.snapshot()).collect(),
+            pci: self.pci.as_ref().map(|m| m.snapshot()),
         }
     }
 }

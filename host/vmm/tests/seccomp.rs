@@ -174,6 +174,7 @@ fn the_tiny_guest_runs_with_every_thread_filtered() {
             }),
             disks: Vec::new(),
             pmem: Vec::new(),
+            pci_devices: Vec::new(),
             snapshot_to: None,
         };
         let vmm = build_vm(&config).unwrap();

@@ -53,6 +53,7 @@ fn tiny_config(scratch: &Scratch, vcpus: u8) -> VmConfig {
         vsock: None,
         disks: Vec::new(),
         pmem: Vec::new(),
+        pci_devices: Vec::new(),
         snapshot_to: None,
     }
 }

@@ -296,6 +296,7 @@ mod tests {
             no_jail: false,
             from: Some("/nonexistent".into()),
             snapshot_to: None,
+            pci_devices: Vec::new(),
         };
         assert!(matches!(
             pools.create("p", img_less.clone(), 0),

@@ -29,6 +29,8 @@ use agentos_vmm_process::{ReportOutcome, VmmReport};
 /// which ends the VMM; `panic=-1` turns a panic into an immediate reset; `quiet` matters because
 /// every console byte is a VM exit.
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+/// The command line of an agent given PCI devices: [`AGENT_CMDLINE`] with the PCI bus on.
+pub const AGENT_CMDLINE_WITH_PCI: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// How long a VMM gets to exit after the guest agent acknowledged a shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a VMM gets to write a snapshot (guest memory included) and exit.
@@ -97,6 +99,8 @@ pub struct BootOptions {
     pub from: Option<PathBuf>,
     /// Let [`AgentVm::snapshot`] save the agent to this directory (which must exist).
     pub snapshot_to: Option<PathBuf>,
+    /// Host PCI functions passed to the agent with VFIO (addresses as sysfs names them).
+    pub pci_devices: Vec<String>,
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).
@@ -131,6 +135,7 @@ impl BootOptions {
             no_jail: false,
             from: None,
             snapshot_to: None,
+            pci_devices: Vec::new(),
         }
     }
 
@@ -632,7 +637,12 @@ fn spawn_vmm(
     cgroup: Option<&AgentCgroup>,
 ) -> Result<Child, VmError> {
     let exe = vmm_binary()?;
-    let mut cmdline = AGENT_CMDLINE.to_string();
+    let mut cmdline = if opts.pci_devices.is_empty() {
+        AGENT_CMDLINE
+    } else {
+        AGENT_CMDLINE_WITH_PCI
+    }
+    .to_string();
     if let Some(extra) = &opts.extra_cmdline {
         cmdline.push(' ');
         cmdline.push_str(extra);
@@ -688,6 +698,9 @@ fn spawn_vmm(
     }
     if let Some(dir) = &opts.snapshot_to {
         cmd.arg("--snapshot-to").arg(dir);
+    }
+    for address in &opts.pci_devices {
+        cmd.arg("--device").arg(format!("vfio:{address}"));
     }
     cmd.arg("--vsock-uds")
         .arg(vmm_dir.join(VMM_SOCKET))

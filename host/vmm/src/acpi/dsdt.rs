@@ -2,11 +2,12 @@
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
-    self, Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope,
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt, Memory32Fixed,
+    Name, Path, ResourceTemplate, Scope,
 };
 use acpi_tables::sdt::Sdt;
 
-use super::{AcpiDevice, AcpiError, OEM_ID, OEM_REVISION};
+use super::{AcpiDevice, AcpiError, OEM_ID, OEM_REVISION, PciRoot};
 use crate::arch::x86_64::layout;
 
 /// From revision 2 on, AML integers are 64 bits wide.
@@ -16,6 +17,9 @@ const HEADER_LEN: u32 = 36;
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
 const SERIAL_HID: &str = "PNP0501";
 const I8042_HID: &str = "PNP0303";
+/// A PCI Express root bridge, and the plain PCI root it is compatible with.
+const PCIE_ROOT_HID: &str = "PNP0A08";
+const PCI_ROOT_CID: &str = "PNP0A03";
 
 const I8042_DATA_PORT: u16 = layout::I8042_PORT_BASE;
 const I8042_COMMAND_PORT: u16 = layout::I8042_PORT_BASE + 4;
@@ -23,8 +27,11 @@ const I8042_COMMAND_PORT: u16 = layout::I8042_PORT_BASE + 4;
 /// A `Memory32Fixed` window must end at or below this address.
 const FOUR_GIB: u64 = 1 << 32;
 
-pub(super) fn build(devices: &[AcpiDevice]) -> Result<Sdt, AcpiError> {
+pub(super) fn build(devices: &[AcpiDevice], pci: Option<&PciRoot>) -> Result<Sdt, AcpiError> {
     let mut body = Vec::new();
+    if let Some(root) = pci {
+        pci_root(root, &mut body)?;
+    }
     // Devices are numbered per kind: the number is their `_UID` and part of their AML name.
     let (mut virtio, mut serial, mut i8042) = (0u32, 0u32, 0u32);
     for device in devices {
@@ -81,6 +88,61 @@ fn virtio_mmio(
                 &ResourceTemplate::new(vec![
                     &Memory32Fixed::new(true, base32, size32),
                     &interrupt(gsi)?,
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+    Ok(())
+}
+
+/// The root bus: segment 0, bus 0, the legacy configuration ports (so that the guest does not
+/// hand them out), the ECAM window, the BAR window, and all I/O ports but the configuration
+/// ones for devices to decode.
+fn pci_root(root: &PciRoot, sink: &mut Vec<u8>) -> Result<(), AcpiError> {
+    let window = |start: u64, end: u64| -> Result<(u32, u32), AcpiError> {
+        let size = end.saturating_sub(start);
+        match (u32::try_from(start), end.checked_sub(1).map(u32::try_from)) {
+            (Ok(min), Some(Ok(max))) if size > 0 => Ok((min, max)),
+            _ => Err(AcpiError::MmioWindowAbove4G { base: start, size }),
+        }
+    };
+    let (ecam, _) = window(root.ecam, root.ecam + root.ecam_size)?;
+    let ecam_size = u32::try_from(root.ecam_size).map_err(|_| AcpiError::MmioWindowAbove4G {
+        base: root.ecam,
+        size: root.ecam_size,
+    })?;
+    let (bar_min, bar_max) = window(root.bars.0, root.bars.1)?;
+    Device::new(
+        Path::new("PC00"),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new(PCIE_ROOT_HID)),
+            &Name::new("_CID".into(), &EISAName::new(PCI_ROOT_CID)),
+            &Name::new("_ADR".into(), &aml::ZERO),
+            &Name::new("_SEG".into(), &aml::ZERO),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_BBN".into(), &aml::ZERO),
+            &Name::new("_CCA".into(), &aml::ONE),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![
+                    &AddressSpace::new_bus_number(0u16, 0u16),
+                    &IO::new(
+                        crate::devices::pci::CONFIG_IO_PORT,
+                        crate::devices::pci::CONFIG_IO_PORT,
+                        1,
+                        crate::devices::pci::CONFIG_IO_LEN as u8,
+                    ),
+                    &Memory32Fixed::new(true, ecam, ecam_size),
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        bar_min,
+                        bar_max,
+                        None,
+                    ),
+                    &AddressSpace::new_io(0u16, 0x0cf7u16, None),
+                    &AddressSpace::new_io(0x0d00u16, 0xffffu16, None),
                 ]),
             ),
         ],

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! RSDP (0xe0000) ─▶ XSDT ─┬▶ FADT (hardware-reduced) ─▶ DSDT (\_SB_ devices, AML)
-//!                         └▶ MADT (local APICs, IOAPIC)
+//!                         ├▶ MADT (local APICs, IOAPIC)
+//!                         └▶ MCFG (the PCI configuration window; only with PCI devices)
 //! ```
 //!
 //! The tables sit back to back from [`layout::RSDP_START`], each 8-byte aligned: the RSDP, then
@@ -20,6 +21,7 @@ mod tests;
 
 use acpi_tables::Aml;
 use acpi_tables::fadt::{FADT, FADTBuilder, Flags};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
@@ -50,6 +52,18 @@ pub struct AcpiConfig {
     /// Devices in the order the guest should find them: virtio devices are probed in this order,
     /// so the first block device here becomes `/dev/vda`.
     pub devices: Vec<AcpiDevice>,
+    /// The PCI root bus, when the VM has PCI devices.
+    pub pci: Option<PciRoot>,
+}
+
+/// Where the guest finds the PCI root bus's configuration space and its BARs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciRoot {
+    /// The ECAM window of bus 0, and its size.
+    pub ecam: u64,
+    pub ecam_size: u64,
+    /// The window BARs are placed in: start, end (exclusive), below 4 GiB.
+    pub bars: (u64, u64),
 }
 
 /// A device the guest should find in the DSDT.
@@ -96,10 +110,16 @@ pub fn write_acpi_tables<M: GuestMemory>(
     }
     // Each table goes in after the ones it points to, so every address is known when needed.
     let mut image = TableImage::new();
-    let dsdt_addr = image.append(&dsdt::build(&cfg.devices)?);
+    let dsdt_addr = image.append(&dsdt::build(&cfg.devices, cfg.pci.as_ref())?);
     let madt_addr = image.append(&madt::build(cfg.vcpus));
     let fadt_addr = image.append(&fadt(dsdt_addr));
-    let xsdt_addr = image.append(&xsdt(&[fadt_addr, madt_addr]));
+    let mut tables = vec![fadt_addr, madt_addr];
+    if let Some(root) = &cfg.pci {
+        let mut mcfg = MCFG::new(OEM_ID, *b"AGNTMCFG", OEM_REVISION);
+        mcfg.add_ecam(root.ecam, 0, 0, 0);
+        tables.push(image.append(&mcfg));
+    }
+    let xsdt_addr = image.append(&xsdt(&tables));
     image.set_rsdp(&Rsdp::new(OEM_ID, xsdt_addr));
 
     let available = layout::ACPI_TABLES_END - layout::RSDP_START;

@@ -2,7 +2,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{AcpiConfig, AcpiDevice, AcpiError, write_acpi_tables};
+use super::{AcpiConfig, AcpiDevice, AcpiError, PciRoot, write_acpi_tables};
 use crate::arch::x86_64::layout;
 
 const MEMORY_BYTES: usize = 4 << 20;
@@ -39,7 +39,11 @@ fn serial() -> AcpiDevice {
 fn typical_config(vcpus: u8, virtio_devices: u64) -> AcpiConfig {
     let mut devices = vec![serial(), AcpiDevice::I8042];
     devices.extend((0..virtio_devices).map(virtio));
-    AcpiConfig { vcpus, devices }
+    AcpiConfig {
+        vcpus,
+        devices,
+        pci: None,
+    }
 }
 
 fn u16_at(bytes: &[u8], offset: usize) -> u16 {
@@ -88,6 +92,7 @@ struct Tables {
     madt: Vec<u8>,
     dsdt: Vec<u8>,
     /// Guest address and length of each table, RSDP included.
+    mcfg: Option<Vec<u8>>,
     extents: Vec<(u64, usize)>,
 }
 
@@ -104,11 +109,13 @@ fn follow(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Tables {
 
     let xsdt_addr = u64_at(&rsdp, 24);
     let xsdt = sdt(mem, xsdt_addr, b"XSDT");
-    assert_eq!(
-        xsdt.len(),
-        SDT_HEADER_LEN + 2 * 8,
-        "XSDT holds FADT and MADT"
+    assert!(
+        [2, 3].map(|n| SDT_HEADER_LEN + n * 8).contains(&xsdt.len()),
+        "XSDT holds FADT and MADT, and MCFG with PCI"
     );
+    let mcfg_addr =
+        (xsdt.len() == SDT_HEADER_LEN + 3 * 8).then(|| u64_at(&xsdt, SDT_HEADER_LEN + 16));
+    let mcfg = mcfg_addr.map(|addr| sdt(mem, addr, b"MCFG"));
     let fadt_addr = u64_at(&xsdt, SDT_HEADER_LEN);
     let madt_addr = u64_at(&xsdt, SDT_HEADER_LEN + 8);
     let fadt = sdt(mem, fadt_addr, b"FACP");
@@ -116,19 +123,23 @@ fn follow(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Tables {
     let dsdt_addr = u64_at(&fadt, FADT_X_DSDT_OFFSET);
     let dsdt = sdt(mem, dsdt_addr, b"DSDT");
 
-    let extents = vec![
+    let mut extents = vec![
         (rsdp_addr, rsdp.len()),
         (xsdt_addr, xsdt.len()),
         (fadt_addr, fadt.len()),
         (madt_addr, madt.len()),
         (dsdt_addr, dsdt.len()),
     ];
+    if let (Some(addr), Some(table)) = (mcfg_addr, &mcfg) {
+        extents.push((addr, table.len()));
+    }
     Tables {
         rsdp,
         xsdt,
         fadt,
         madt,
         dsdt,
+        mcfg,
         extents,
     }
 }
@@ -145,6 +156,7 @@ fn tables_chain_from_the_rsdp_and_are_laid_out_back_to_back() {
     for cfg in [
         AcpiConfig {
             vcpus: 1,
+            pci: None,
             devices: Vec::new(),
         },
         typical_config(2, 1),
@@ -221,9 +233,47 @@ fn madt_has_one_enabled_local_apic_per_vcpu_and_one_ioapic() {
 }
 
 #[test]
+fn a_pci_root_gets_an_mcfg_entry_and_a_root_device() {
+    let root = PciRoot {
+        ecam: layout::PCI_ECAM_START,
+        ecam_size: 1 << 20,
+        bars: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_END),
+    };
+    let mut cfg = typical_config(1, 1);
+    let without = write_and_follow(&cfg);
+    assert!(without.mcfg.is_none());
+    cfg.pci = Some(root);
+    let tables = write_and_follow(&cfg);
+    let mcfg = tables.mcfg.expect("MCFG in the XSDT");
+    // After the header and 8 reserved bytes: base, segment, first and last bus.
+    assert_eq!(mcfg.len(), SDT_HEADER_LEN + 8 + 16);
+    assert_eq!(u64_at(&mcfg, SDT_HEADER_LEN + 8), layout::PCI_ECAM_START);
+    assert_eq!(u16_at(&mcfg, SDT_HEADER_LEN + 16), 0);
+    assert_eq!(&mcfg[SDT_HEADER_LEN + 18..SDT_HEADER_LEN + 20], [0, 0]);
+    let find = |needle: &[u8]| tables.dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(find(b"PC00"), "the root device");
+    // PNP0A08 as an EISA id, and the ECAM window as a fixed 32-bit memory range.
+    assert!(find(&[0x41, 0xd0, 0x0a, 0x08]));
+    let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
+    ecam.extend_from_slice(&(layout::PCI_ECAM_START as u32).to_le_bytes());
+    ecam.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    assert!(find(&ecam), "ECAM in _CRS");
+    // A window above 4 GiB cannot be described as 32-bit.
+    cfg.pci = Some(PciRoot {
+        bars: (0xffff_0000, 0x1_0001_0000),
+        ..root
+    });
+    assert!(matches!(
+        write_acpi_tables(&memory(), &cfg),
+        Err(AcpiError::MmioWindowAbove4G { .. })
+    ));
+}
+
+#[test]
 fn dsdt_has_one_device_per_configured_device_in_order() {
     let cfg = AcpiConfig {
         vcpus: 2,
+        pci: None,
         devices: vec![serial(), virtio(0), AcpiDevice::I8042, virtio(1)],
     };
     let devices = aml::devices(&write_and_follow(&cfg).dsdt);
@@ -273,6 +323,7 @@ fn virtio_crs_decodes_to_its_window_and_an_edge_triggered_exclusive_interrupt() 
 fn virtio_device_matches_hand_assembled_aml() {
     let cfg = AcpiConfig {
         vcpus: 1,
+        pci: None,
         devices: vec![AcpiDevice::VirtioMmio {
             base: 0xd000_0000,
             size: 0x1000,
@@ -332,6 +383,7 @@ fn tables_too_large_for_the_acpi_area_are_an_error_and_leave_memory_untouched() 
     // Each virtio device takes some 70 bytes of AML; 2000 of them pass the 128 KiB area.
     let cfg = AcpiConfig {
         vcpus: u8::MAX,
+        pci: None,
         devices: vec![virtio(0); 2000],
     };
     let mem = memory();
@@ -350,6 +402,7 @@ fn devices_the_guest_could_not_use_are_rejected() {
     let mem = memory();
     let with = |device| AcpiConfig {
         vcpus: 1,
+        pci: None,
         devices: vec![device],
     };
     let mmio = |base, size| AcpiDevice::VirtioMmio { base, size, gsi: 5 };
@@ -373,6 +426,7 @@ fn devices_the_guest_could_not_use_are_rejected() {
         (
             AcpiConfig {
                 vcpus: 0,
+                pci: None,
                 devices: Vec::new(),
             },
             "NoVcpus",
@@ -380,6 +434,7 @@ fn devices_the_guest_could_not_use_are_rejected() {
         (
             AcpiConfig {
                 vcpus: 1,
+                pci: None,
                 devices: vec![virtio(0); 0x1001],
             },
             "TooManyDevices",

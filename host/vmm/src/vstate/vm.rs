@@ -234,6 +234,32 @@ impl Vm {
             .map_err(|source| VmError::MemorySlot { slot, source })
     }
 
+    /// Gives the guest `size` bytes of a device's memory, mapped into this process at `host`,
+    /// at `start` in memory slot `slot` (past the RAM's and the pmem regions'): its accesses
+    /// there go to the device without leaving the guest.
+    ///
+    /// # Safety
+    /// `host` must be a live shared mapping of at least `size` bytes that stays mapped until
+    /// the VM file descriptor is closed.
+    pub unsafe fn register_device_region(
+        &self,
+        slot: u32,
+        start: GuestAddress,
+        size: u64,
+        host: *mut u8,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: start.0,
+            memory_size: size,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the caller keeps the mapping alive for as long as the VM exists.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|source| VmError::MemorySlot { slot, source })
+    }
+
     /// Routes writes of `event` to interrupt line `gsi`.
     pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd

@@ -17,6 +17,7 @@ use super::regs::BootEntry;
 use crate::vstate::memory::GuestMemory;
 
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 const PAGE_SIZE: u64 = 0x1000;
 /// Values the boot protocol asks a loader to write into the setup header.
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -170,22 +171,35 @@ fn ram_map(mem: &GuestMemory) -> Vec<(u64, u64)> {
 }
 
 /// Writes the command line and the boot protocol's structures, for the kernel loaded with
-/// [`load_kernel`].
+/// [`load_kernel`]. The memory map holds the guest's RAM and the `reserved` ranges (start,
+/// size): the PCI configuration window, which the guest uses only when the map reserves it.
 pub fn write_boot_params(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline: &Cmdline,
     initrd: Option<LoadedInitrd>,
     rsdp: GuestAddress,
+    reserved: &[(u64, u64)],
 ) -> Result<(), BootError> {
+    let map: Vec<(u64, u64, u32)> = ram_map(mem)
+        .into_iter()
+        .map(|(addr, size)| (addr, size, E820_RAM))
+        .chain(
+            reserved
+                .iter()
+                .map(|&(addr, size)| (addr, size, E820_RESERVED)),
+        )
+        .collect();
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
         .map(|c| c.as_bytes().len())
         .unwrap_or_default();
     match kernel.entry {
-        BootEntry::Linux64 { .. } => write_zero_page(mem, kernel, cmdline_len, initrd, rsdp),
-        BootEntry::Pvh32 { start_info, .. } => write_pvh_start_info(mem, start_info, initrd, rsdp),
+        BootEntry::Linux64 { .. } => write_zero_page(mem, kernel, cmdline_len, initrd, rsdp, &map),
+        BootEntry::Pvh32 { start_info, .. } => {
+            write_pvh_start_info(mem, start_info, initrd, rsdp, &map)
+        }
     }
 }
 
@@ -195,6 +209,7 @@ fn write_zero_page(
     cmdline_len: usize,
     initrd: Option<LoadedInitrd>,
     rsdp: GuestAddress,
+    map: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(header) = kernel.setup_header {
@@ -210,13 +225,8 @@ fn write_zero_page(
         params.hdr.ramdisk_size = initrd.size as u32;
     }
     params.acpi_rsdp_addr = rsdp.raw_value();
-    let map = ram_map(mem);
-    for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(map.iter()) {
-        *slot = boot_e820_entry {
-            addr,
-            size,
-            r#type: E820_RAM,
-        };
+    for (slot, &(addr, size, r#type)) in params.e820_table.iter_mut().zip(map.iter()) {
+        *slot = boot_e820_entry { addr, size, r#type };
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
@@ -228,13 +238,13 @@ fn write_pvh_start_info(
     start_info: GuestAddress,
     initrd: Option<LoadedInitrd>,
     rsdp: GuestAddress,
+    map: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
-    let map = ram_map(mem);
-    for (i, &(addr, size)) in map.iter().enumerate() {
+    for (i, &(addr, size, type_)) in map.iter().enumerate() {
         let entry = hvm_memmap_table_entry {
             addr,
             size,
-            type_: E820_RAM,
+            type_,
             reserved: 0,
         };
         let at = GuestAddress(PVH_MEMMAP + (i * std::mem::size_of_val(&entry)) as u64);

@@ -4,10 +4,12 @@
 //! 0x0000_0500  GDT                     0x000e_0000  RSDP, then the other ACPI tables
 //! 0x0000_0520  IDT (empty)             0x0010_0000  kernel (protected-mode part of the bzImage)
 //! 0x0000_7000  boot_params (zero page) ...          RAM up to min(size, 3 GiB)
-//! 0x0000_8ff0  boot stack top          0xd000_0000  virtio-mmio slots, 4 KiB each
-//! 0x0000_9000  PML4, PDPT, PD          0xfec0_0000  IOAPIC
-//! 0x0002_0000  kernel command line     0xfee0_0000  local APICs
-//! 0x0009_fc00  end of low RAM (EBDA)   0x1_0000_0000 RAM above 3 GiB continues here
+//! 0x0000_8ff0  boot stack top          0xc000_0000  PCI BARs of passed-through devices
+//! 0x0000_9000  PML4, PDPT, PD          0xd000_0000  virtio-mmio slots, 4 KiB each
+//! 0x0002_0000  kernel command line     0xe000_0000  PCI configuration space (ECAM, bus 0)
+//! 0x0009_fc00  end of low RAM (EBDA)   0xfec0_0000  IOAPIC
+//!                                      0xfee0_0000  local APICs
+//!                                      0x1_0000_0000 RAM above 3 GiB continues here
 //! ```
 
 /// Global descriptor table used to enter long mode.
@@ -42,6 +44,13 @@ pub const RAM_64BIT_START: u64 = MMIO_GAP_END;
 /// boundary (a memory section, the unit in which Linux adds device memory).
 pub const PMEM_START_ALIGN: u64 = 1 << 30;
 pub const PMEM_REGION_ALIGN: u64 = 128 << 20;
+
+/// PCI: the window the VMM places BARs of passed-through devices in (below the virtio-mmio
+/// slots), and the ECAM window of bus 0 (1 MiB; the MCFG table points at it, and the memory map
+/// marks it reserved, which the guest checks before it uses ECAM).
+pub const PCI_MMIO32_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO32_END: u64 = MMIO_DEVICES_START;
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
 
 /// virtio-mmio device slots.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;

@@ -1,0 +1,172 @@
+//! Host PCI functions given to the guest: each opened through VFIO, reset, its BARs placed and
+//! mapped, on the guest's root bus; the guest's RAM mapped for their DMA; the bus's
+//! configuration windows on the VM's buses.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioOps};
+use vm_memory::GuestAddress;
+
+use super::vfio::{BarAllocator, TrappedBar, VfioPci, VfioPciError, map_bar};
+use super::{
+    CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PciAddress, PciBus,
+    PciMetrics,
+};
+use crate::acpi::PciRoot;
+use crate::arch::x86_64::layout::{PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
+use crate::devices::bus::{Bus, BusError};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vm::{Vm, VmError};
+
+/// Where the kernel lists PCI functions; VFIO finds a function's IOMMU group there.
+pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error("cannot create KVM's VFIO device")]
+    KvmDevice(#[source] kvm_ioctls::Error),
+    #[error("cannot open the VFIO container (/dev/vfio/vfio)")]
+    Container(#[source] VfioError),
+    #[error("{address} is in use by another VM (a device goes to one VM at a time)")]
+    Busy { address: PciAddress },
+    #[error(
+        "cannot open {address} through VFIO (is it bound to vfio-pci, and is its IOMMU group viable? see `agentos doctor`)"
+    )]
+    Device {
+        address: PciAddress,
+        #[source]
+        source: VfioError,
+    },
+    #[error("{address}")]
+    Bars {
+        address: PciAddress,
+        #[source]
+        source: VfioPciError,
+    },
+    #[error("the guest's PCI bus is full")]
+    BusFull,
+    #[error("cannot map guest memory for the devices' DMA (RLIMIT_MEMLOCK too low?)")]
+    Dma(#[source] VfioError),
+    #[error("cannot give the guest a BAR")]
+    Slot(#[from] VmError),
+    #[error("cannot place the PCI configuration windows")]
+    Bus(#[from] BusError),
+}
+
+/// What a VM with passed-through devices keeps until it ends: dropping it releases the devices
+/// (after the VM, whose memory slots map their BARs).
+pub struct Passthrough {
+    pub devices: Vec<Arc<VfioDevice>>,
+    pub container: Arc<VfioContainer>,
+    pub metrics: Arc<PciMetrics>,
+    /// How the ACPI tables describe the bus.
+    pub root: PciRoot,
+}
+
+/// Opens `addresses` through VFIO and puts them on a new root bus reached through `io_bus` and
+/// `mmio_bus`; BARs that may be mapped become KVM memory slots from `first_slot` on.
+pub fn attach(
+    vm: &Vm,
+    mem: &GuestMemory,
+    io_bus: &mut Bus,
+    mmio_bus: &mut Bus,
+    addresses: &[PciAddress],
+    first_slot: u32,
+) -> Result<Passthrough, PassthroughError> {
+    let mut kvm_vfio = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let kvm_vfio = vm
+        .fd()
+        .create_device(&mut kvm_vfio)
+        .map_err(PassthroughError::KvmDevice)?;
+    let container = Arc::new(
+        VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_vfio))))
+            .map_err(PassthroughError::Container)?,
+    );
+    let metrics = Arc::new(PciMetrics::default());
+    let mut bus = PciBus::new(metrics.clone());
+    let mut bars = BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END);
+    let mut slot = first_slot;
+    let mut devices = Vec::with_capacity(addresses.len());
+    for &address in addresses {
+        let sysfs = Path::new(SYSFS_PCI_DEVICES).join(address.to_string());
+        let ops: Arc<dyn VfioOps> = container.clone();
+        let device = Arc::new(VfioDevice::new(&sysfs, ops, false).map_err(|source| {
+            if busy(&source) {
+                PassthroughError::Busy { address }
+            } else {
+                PassthroughError::Device { address, source }
+            }
+        })?);
+        // What the last user left in the device goes before this guest sees it.
+        device.reset();
+        let bars_error = |source| PassthroughError::Bars { address, source };
+        let function =
+            VfioPci::new(device.clone(), &mut bars, metrics.clone()).map_err(bars_error)?;
+        for bar in function.bars() {
+            if bar.mappable {
+                let host = map_bar(&device, &bar).map_err(bars_error)?;
+                // SAFETY: `host` maps the whole BAR, shared, and is never unmapped: the
+                // mapping lasts as long as this process, past the VM.
+                unsafe {
+                    vm.register_device_region(slot, GuestAddress(bar.guest_addr), bar.size, host)?
+                };
+                slot += 1;
+            } else {
+                let trapped = TrappedBar {
+                    device: device.clone(),
+                    bar,
+                };
+                mmio_bus.insert(bar.guest_addr, bar.size, Arc::new(Mutex::new(trapped)))?;
+            }
+            tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped = bar.mappable, "BAR placed");
+        }
+        bus.add(Arc::new(Mutex::new(function)))
+            .ok_or(PassthroughError::BusFull)?;
+        devices.push(device);
+    }
+    // The devices' DMA addresses are guest-physical: the guest's RAM is mapped at them.
+    // SAFETY: every region of `mem` stays mapped for as long as the VMM runs.
+    unsafe { container.vfio_map_guest_memory(mem) }.map_err(PassthroughError::Dma)?;
+    let bus = Arc::new(bus);
+    io_bus.insert(
+        u64::from(CONFIG_IO_PORT),
+        u64::from(CONFIG_IO_LEN),
+        Arc::new(Mutex::new(ConfigPorts::new(bus.clone()))),
+    )?;
+    mmio_bus.insert(
+        PCI_ECAM_START,
+        ECAM_BUS_SIZE,
+        Arc::new(Mutex::new(EcamWindow(bus))),
+    )?;
+    Ok(Passthrough {
+        devices,
+        container,
+        metrics,
+        root: PciRoot {
+            ecam: PCI_ECAM_START,
+            ecam_size: ECAM_BUS_SIZE,
+            bars: (PCI_MMIO32_START, PCI_MMIO32_END),
+        },
+    })
+}
+
+/// Whether VFIO refused because another process holds the device's group (`EBUSY`).
+fn busy(error: &VfioError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            == Some(libc::EBUSY)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}

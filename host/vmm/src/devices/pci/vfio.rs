@@ -1,0 +1,376 @@
+//! A host PCI function passed to the guest with VFIO.
+//!
+//! The VMM places the function's memory BARs in the guest's PCI window itself, as firmware
+//! would, and the guest keeps them there: BAR registers are emulated (the guest's sizing probes
+//! are answered, a write that would move a BAR is refused and counted), the expansion ROM is
+//! hidden, and every other register goes to the device's configuration space through VFIO,
+//! whose kernel driver guards what the guest may change there. A BAR the kernel lets us map is
+//! mapped into the guest as memory (accesses never leave the guest); the others are trapped and
+//! forwarded. I/O BARs are hidden. Guest RAM is mapped for the device's DMA at its guest
+//! physical addresses; interrupts are not wired yet (the guest is told it has no MSI).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_ioctls::VfioDevice;
+
+use super::{PciFunction, PciMetrics, merge};
+use crate::devices::bus::BusDevice;
+
+/// Six BARs, registers 4 to 9; the expansion ROM's at register 12.
+const BARS: usize = 6;
+const FIRST_BAR_REG: usize = 4;
+const ROM_REG: usize = 12;
+/// Register 3 holds the header type; bit 7 of it says "multi-function", which ours is not.
+const HEADER_REG: usize = 3;
+const MULTI_FUNCTION: u32 = 0x0080_0000;
+/// BAR low bits: I/O space, 64-bit memory, prefetchable.
+const BAR_IO: u32 = 0x1;
+const BAR_MEM64: u32 = 0x4;
+const BAR_PREFETCH: u32 = 0x8;
+const BAR_TYPE_MASK: u32 = 0x6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioPciError {
+    #[error("BAR {index} is {size:#x} bytes, not a power of two of at least 16")]
+    BarSize { index: usize, size: u64 },
+    #[error("no room for BAR {index} ({size:#x} bytes) in the guest's PCI window")]
+    NoRoom { index: usize, size: u64 },
+    #[error("cannot map BAR {index} of the device")]
+    Map {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One memory BAR as the guest sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Bar {
+    /// The VFIO region (the BAR's number).
+    pub index: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    /// The type bits the guest reads in the low register (64-bit, prefetchable).
+    flags: u32,
+    /// The region may be mapped (and holds no MSI-X table the kernel keeps to itself).
+    pub mappable: bool,
+}
+
+/// Hands out guest addresses for BARs, each naturally aligned, from a window.
+pub struct BarAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl BarAllocator {
+    pub fn new(start: u64, end: u64) -> Self {
+        Self { next: start, end }
+    }
+
+    fn take(&mut self, size: u64) -> Option<u64> {
+        let at = self.next.checked_next_multiple_of(size)?;
+        let end = at.checked_add(size).filter(|&e| e <= self.end)?;
+        self.next = end;
+        Some(at)
+    }
+}
+
+/// The function's configuration space as the guest sees it.
+pub struct VfioPci {
+    device: Arc<VfioDevice>,
+    bars: BarRegisters,
+}
+
+/// The six BAR registers as the guest sees them: the addresses the VMM gave, sizing probes
+/// answered, moves refused.
+struct BarRegisters {
+    /// By register: the BAR whose low (or, for a 64-bit BAR, high) half it holds.
+    bars: [Option<(Bar, bool)>; BARS],
+    /// Registers whose next read answers a sizing probe.
+    probing: [bool; BARS],
+    metrics: Arc<PciMetrics>,
+}
+
+impl VfioPci {
+    /// Reads the function's BARs and places its memory BARs with `alloc`.
+    pub fn new(
+        device: Arc<VfioDevice>,
+        alloc: &mut BarAllocator,
+        metrics: Arc<PciMetrics>,
+    ) -> Result<Self, VfioPciError> {
+        let mut bars = [None; BARS];
+        let mut index = 0;
+        while index < BARS {
+            let region = VFIO_PCI_BAR0_REGION_INDEX + index as u32;
+            let size = device.get_region_size(region);
+            let raw = config_dword(&device, FIRST_BAR_REG + index);
+            let is64 = raw & BAR_IO == 0 && raw & BAR_TYPE_MASK == BAR_MEM64;
+            if size == 0 || raw & BAR_IO != 0 {
+                if size != 0 {
+                    tracing::warn!(index, "I/O BAR hidden from the guest");
+                }
+                index += 1;
+                continue;
+            }
+            if !size.is_power_of_two() || size < 16 {
+                return Err(VfioPciError::BarSize { index, size });
+            }
+            let flags = device.get_region_flags(region);
+            let guest_addr = alloc
+                .take(size)
+                .ok_or(VfioPciError::NoRoom { index, size })?;
+            let bar = Bar {
+                index: region,
+                guest_addr,
+                size,
+                flags: raw & (BAR_MEM64 | BAR_PREFETCH),
+                mappable: flags & VFIO_REGION_INFO_FLAG_MMAP != 0
+                    && flags & VFIO_REGION_INFO_FLAG_CAPS == 0,
+            };
+            bars[index] = Some((bar, false));
+            if is64 && index + 1 < BARS {
+                bars[index + 1] = Some((bar, true));
+                index += 1;
+            }
+            index += 1;
+        }
+        Ok(Self {
+            device,
+            bars: BarRegisters {
+                bars,
+                probing: [false; BARS],
+                metrics,
+            },
+        })
+    }
+
+    /// The memory BARs, each once.
+    pub fn bars(&self) -> Vec<Bar> {
+        self.bars
+            .bars
+            .iter()
+            .flatten()
+            .filter(|(_, high)| !high)
+            .map(|(bar, _)| *bar)
+            .collect()
+    }
+}
+
+impl BarRegisters {
+    fn read(&self, slot: usize) -> u32 {
+        let Some((bar, high)) = self.bars[slot] else {
+            return 0;
+        };
+        let value = if self.probing[slot] {
+            // All the address bits a BAR of this size decodes.
+            !(bar.size - 1)
+        } else {
+            bar.guest_addr
+        };
+        if high {
+            (value >> 32) as u32
+        } else {
+            (value as u32 & !0xf) | bar.flags
+        }
+    }
+
+    fn write(&mut self, slot: usize, offset: usize, data: &[u8]) {
+        let Some((bar, high)) = self.bars[slot] else {
+            return;
+        };
+        let value = merge(self.read(slot), offset, data);
+        let address_bits = if high { u32::MAX } else { !0xf };
+        if value & address_bits == address_bits {
+            self.probing[slot] = true;
+            return;
+        }
+        self.probing[slot] = false;
+        // Anything but the address it has (or the half of it this register holds) would move
+        // the BAR. It stays, so that the mapping into the guest stays right.
+        let current = if high {
+            (bar.guest_addr >> 32) as u32
+        } else {
+            bar.guest_addr as u32 & !0xf
+        };
+        if value & address_bits != current {
+            PciMetrics::count(&self.metrics.bar_moves_refused);
+            tracing::warn!(bar = bar.index, "the guest tried to move a BAR; it stays");
+        }
+    }
+}
+
+impl PciFunction for VfioPci {
+    fn read_config(&mut self, reg: usize) -> u32 {
+        match reg {
+            r if (FIRST_BAR_REG..FIRST_BAR_REG + BARS).contains(&r) => {
+                self.bars.read(r - FIRST_BAR_REG)
+            }
+            ROM_REG => 0,
+            HEADER_REG => config_dword(&self.device, reg) & !MULTI_FUNCTION,
+            _ => config_dword(&self.device, reg),
+        }
+    }
+
+    fn write_config(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        match reg {
+            r if (FIRST_BAR_REG..FIRST_BAR_REG + BARS).contains(&r) => {
+                self.bars.write(r - FIRST_BAR_REG, offset, data)
+            }
+            ROM_REG => {}
+            _ => self.device.region_write(
+                VFIO_PCI_CONFIG_REGION_INDEX,
+                data,
+                (reg * 4 + offset) as u64,
+            ),
+        }
+    }
+}
+
+/// A dword of the device's configuration space (all ones when VFIO cannot read it).
+fn config_dword(device: &VfioDevice, reg: usize) -> u32 {
+    let mut bytes = [0xff; 4];
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut bytes, (reg * 4) as u64);
+    u32::from_le_bytes(bytes)
+}
+
+/// A BAR that cannot be mapped: every access is forwarded to the device.
+pub struct TrappedBar {
+    pub device: Arc<VfioDevice>,
+    pub bar: Bar,
+}
+
+impl BusDevice for TrappedBar {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.bar.size)
+        {
+            self.device.region_read(self.bar.index, data, offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.bar.size)
+        {
+            self.device.region_write(self.bar.index, data, offset);
+        }
+    }
+}
+
+/// Maps `bar` of `device` into this process, shared with the device: what the guest gets as
+/// memory at the BAR's address. The mapping lives as long as the VMM.
+pub fn map_bar(device: &VfioDevice, bar: &Bar) -> Result<*mut u8, VfioPciError> {
+    let flags = device.get_region_flags(bar.index);
+    let mut prot = 0;
+    if flags & VFIO_REGION_INFO_FLAG_READ != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if flags & VFIO_REGION_INFO_FLAG_WRITE != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    let len = usize::try_from(bar.size).map_err(|_| VfioPciError::Map {
+        index: bar.index as usize,
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let offset = libc::off_t::try_from(device.get_region_offset(bar.index)).map_err(|_| {
+        VfioPciError::Map {
+            index: bar.index as usize,
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        }
+    })?;
+    // SAFETY: a new shared mapping of the device's region, at an address the kernel picks;
+    // nothing else is touched. The result is checked before use.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            device.as_raw_fd(),
+            offset,
+        )
+    };
+    if host == libc::MAP_FAILED {
+        return Err(VfioPciError::Map {
+            index: bar.index as usize,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(host.cast())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn registers() -> BarRegisters {
+        let bar = |index, guest_addr, size, flags| Bar {
+            index,
+            guest_addr,
+            size,
+            flags,
+            mappable: true,
+        };
+        let small = bar(0, 0xc010_0000, 0x10_0000, 0);
+        let wide = bar(2, 0x80_0000_0000, 0x4_0000_0000, BAR_MEM64 | BAR_PREFETCH);
+        BarRegisters {
+            bars: [
+                Some((small, false)),
+                None,
+                Some((wide, false)),
+                Some((wide, true)),
+                None,
+                None,
+            ],
+            probing: [false; BARS],
+            metrics: Arc::new(PciMetrics::default()),
+        }
+    }
+
+    #[test]
+    fn bar_registers_answer_sizing_probes_and_keep_their_addresses() {
+        let mut regs = registers();
+        assert_eq!(regs.read(0), 0xc010_0000);
+        assert_eq!(regs.read(2), BAR_MEM64 | BAR_PREFETCH);
+        assert_eq!(regs.read(3), 0x80);
+        assert_eq!(regs.read(1), 0, "an absent BAR reads zero");
+        // Linux sizes a BAR: all ones, read, the old value back.
+        regs.write(0, 0, &u32::MAX.to_le_bytes());
+        assert_eq!(regs.read(0), 0xfff0_0000);
+        regs.write(0, 0, &0xc010_0000u32.to_le_bytes());
+        assert_eq!(regs.read(0), 0xc010_0000);
+        regs.write(3, 0, &u32::MAX.to_le_bytes());
+        regs.write(2, 0, &u32::MAX.to_le_bytes());
+        assert_eq!(
+            (regs.read(3), regs.read(2)),
+            (0xffff_fffc, BAR_MEM64 | BAR_PREFETCH)
+        );
+        regs.write(2, 0, &0u32.to_le_bytes());
+        regs.write(3, 0, &0x80u32.to_le_bytes());
+        assert_eq!(regs.metrics.bar_moves_refused.load(Ordering::Relaxed), 0);
+        // A move is refused and counted; a byte write that keeps the address is not a move.
+        regs.write(0, 0, &0xd000_0000u32.to_le_bytes());
+        regs.write(0, 0, &[0x00]);
+        assert_eq!(regs.read(0), 0xc010_0000);
+        assert_eq!(regs.metrics.bar_moves_refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn bars_are_placed_naturally_aligned_within_the_window() {
+        let mut alloc = BarAllocator::new(0xc000_1000, 0xd000_0000);
+        assert_eq!(alloc.take(0x10_0000), Some(0xc010_0000));
+        assert_eq!(alloc.take(0x1000), Some(0xc020_0000));
+        assert_eq!(alloc.take(0x800_0000), Some(0xc800_0000));
+        assert_eq!(alloc.take(0x800_0000), None, "past the window");
+        assert_eq!(BarAllocator::new(u64::MAX - 4, u64::MAX).take(16), None);
+    }
+}
