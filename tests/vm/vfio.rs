@@ -197,3 +197,108 @@ fn devices_an_agent_cannot_have_are_refused_in_one_line() {
     );
     scratch.assert_nothing_left();
 }
+
+/// A guest page the agent's kernel leaves alone (`memmap=4K$0x7000000` on its command line),
+/// below edu's 28-bit DMA limit, which the guest reaches through /dev/mem.
+const DMA_PAGE: &str = "0x7000000";
+const RESERVE_DMA_PAGE: &str = "memmap=4K$0x7000000";
+
+/// Turns on edu's bus mastering (command register: memory space and bus master), has it copy
+/// 8 bytes from guest RAM into its own buffer (its DMA address 0x40000, not readable through
+/// the BAR), and back from its buffer to another place in guest RAM: both ways through the
+/// IOMMU, at guest-physical addresses.
+const EDU_DMA_IN_THE_GUEST: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
+done
+bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
+page=$(( PAGE ))
+dma() { # source, destination, count, command
+  busybox devmem $((bar + 0x80)) 64 $1
+  busybox devmem $((bar + 0x88)) 64 $2
+  busybox devmem $((bar + 0x90)) 64 $3
+  busybox devmem $((bar + 0x98)) 64 $4
+  n=0
+  while [ $(( $(busybox devmem $((bar + 0x98)) 64) & 1 )) -ne 0 ] && [ $n -lt 1000 ]; do n=$((n + 1)); done
+}
+printf '\006\000' | dd of=$dev/config bs=1 seek=4 count=2 conv=notrunc 2>/dev/null
+echo "command=$(dd if=$dev/config bs=1 skip=4 count=2 2>/dev/null | od -An -tx2 | tr -d ' ')"
+busybox devmem $page 32 0x11223344
+busybox devmem $((page + 4)) 32 0x55667788
+busybox devmem $((page + 0x100)) 64 0
+dma $page 0x40000 8 1
+dma 0x40000 $((page + 0x100)) 8 3
+echo "back=$(busybox devmem $((page + 0x100)) 32),$(busybox devmem $((page + 0x104)) 32)"
+"#;
+
+#[test]
+fn the_test_device_reads_and_writes_guest_memory_by_dma() {
+    let scratch = Scratch::new("vfio-dma");
+    let address = bound_test_device(&scratch);
+    let script = EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE);
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &format!("vfio:{address}"),
+            "--kernel-args",
+            RESERVE_DMA_PAGE,
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("command=0006"), "{text}");
+    assert!(stdout.contains("back=0x11223344,0x55667788"), "{text}");
+    scratch.assert_nothing_left();
+}
+
+/// Binds edu to the guest's generic userspace I/O driver, has edu raise its interrupt (0x60),
+/// and waits for it: a read of /dev/uio0 returns the number of interrupts once one came. Then
+/// acknowledges it (0x64).
+const EDU_INTERRUPT_IN_THE_GUEST: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
+done
+bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
+echo 1234 11e8 > /sys/bus/pci/drivers/uio_pci_generic/new_id
+[ -e /dev/uio0 ] || { echo "no /dev/uio0"; exit 3; }
+dd if=/dev/uio0 of=/tmp/irqs bs=4 count=1 2>/dev/null &
+waiter=$!
+sleep 1
+busybox devmem $((bar + 0x60)) 32 1
+n=0
+while kill -0 $waiter 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+busybox devmem $((bar + 0x64)) 32 1
+echo "interrupts=$(od -An -tu4 /tmp/irqs | tr -d ' ')"
+"#;
+
+#[test]
+fn the_test_devices_interrupt_reaches_the_guest() {
+    let scratch = Scratch::new("vfio-intx");
+    let address = bound_test_device(&scratch);
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &format!("vfio:{address}"),
+            "--",
+            "/bin/sh",
+            "-c",
+            EDU_INTERRUPT_IN_THE_GUEST,
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("interrupts=1\n"),
+        "{text}"
+    );
+    scratch.assert_nothing_left();
+}

@@ -720,6 +720,8 @@ mod tests {
             ("nd_virtio", "virtio,libnvdimm"),
             ("virtio_pmem", "virtio,libnvdimm,nd_virtio"),
             ("erofs", ""),
+            ("uio", ""),
+            ("uio_pci_generic", "uio"),
             ("vfio", ""),
             ("vfio_iommu_type1", "vfio"),
             ("vfio_virqfd", ""),
@@ -804,7 +806,7 @@ mod tests {
         assert!(entry("lib/modules/vmw_vsock_virtio_transport.ko").is_some());
         let config: serde_json::Value =
             serde_json::from_slice(&entry("etc/agentos/init.json").unwrap().data).unwrap();
-        assert_eq!(config["modules"].as_array().unwrap().len(), 13);
+        assert_eq!(config["modules"].as_array().unwrap().len(), 15);
         assert_eq!(config["modules"][0], "/lib/modules/virtio_ring.ko");
         assert_eq!(config["transport"]["vsock"]["port"], 1024);
 

@@ -21,7 +21,9 @@ const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// The virtio-mmio vsock stack, in the order that was verified to bring up `/dev/vsock`, the
 /// virtio-blk driver for the disks an agent is given (`/dev/vda` onwards), the pmem stack for
 /// the model disks (`/dev/pmem0` onwards: the namespace driver before the device's, so that a
-/// region is claimed as it appears), and erofs, their file system.
+/// region is claimed as it appears), erofs, their file system, and the generic userspace I/O
+/// driver, which an agent binds a passed-through PCI device to (`new_id`) to wait for its
+/// interrupts without a driver of its own (it binds nothing by itself).
 const AGENT_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -33,6 +35,7 @@ const AGENT_MODULES: &[&str] = &[
     "nd_pmem",
     "virtio_pmem",
     "erofs",
+    "uio_pci_generic",
 ];
 
 /// KVM for the nested guests, virtio-pci with a console for the control port, and VFIO for a

@@ -192,7 +192,8 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             .insert_str(&config.cmdline)
             .map_err(BuildError::Cmdline)?;
     }
-    let pci = assembled.passthrough.as_ref().map(|p| p.root);
+    let pci = assembled.passthrough.as_ref().map(|p| p.root.clone());
+    let reserved: Vec<(u64, u64)> = pci.iter().map(|r| (r.ecam, r.ecam_size)).collect();
     let rsdp = write_acpi_tables(
         &mem,
         &AcpiConfig {
@@ -201,7 +202,6 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             pci,
         },
     )?;
-    let reserved: Vec<(u64, u64)> = pci.iter().map(|r| (r.ecam, r.ecam_size)).collect();
     boot::write_boot_params(&mem, &kernel, &cmdline, initrd, rsdp, &reserved)?;
     write_boot_tables(&mem, kernel.entry)?;
 

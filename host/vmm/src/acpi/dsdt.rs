@@ -3,7 +3,7 @@
 use acpi_tables::Aml;
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt, Memory32Fixed,
-    Name, Path, ResourceTemplate, Scope,
+    Name, Package, Path, ResourceTemplate, Scope,
 };
 use acpi_tables::sdt::Sdt;
 
@@ -113,6 +113,25 @@ fn pci_root(root: &PciRoot, sink: &mut Vec<u8>) -> Result<(), AcpiError> {
         size: root.ecam_size,
     })?;
     let (bar_min, bar_max) = window(root.bars.0, root.bars.1)?;
+    for route in &root.intx {
+        if route.gsi >= layout::IOAPIC_PINS {
+            return Err(AcpiError::GsiWithoutPin {
+                gsi: route.gsi,
+                pins: layout::IOAPIC_PINS,
+            });
+        }
+    }
+    // Each entry: the slot (any function), its pin, no link device, the global interrupt.
+    let entries: Vec<(u32, u8, u32)> = root
+        .intx
+        .iter()
+        .map(|r| (u32::from(r.slot) << 16 | 0xffff, r.pin, r.gsi))
+        .collect();
+    let packages: Vec<Package> = entries
+        .iter()
+        .map(|(address, pin, gsi)| Package::new(vec![address, pin, &aml::ZERO, gsi]))
+        .collect();
+    let routes = Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
     Device::new(
         Path::new("PC00"),
         vec![
@@ -123,6 +142,7 @@ fn pci_root(root: &PciRoot, sink: &mut Vec<u8>) -> Result<(), AcpiError> {
             &Name::new("_UID".into(), &aml::ZERO),
             &Name::new("_BBN".into(), &aml::ZERO),
             &Name::new("_CCA".into(), &aml::ONE),
+            &Name::new("_PRT".into(), &routes),
             &Name::new(
                 "_CRS".into(),
                 &ResourceTemplate::new(vec![

@@ -57,13 +57,24 @@ pub struct AcpiConfig {
 }
 
 /// Where the guest finds the PCI root bus's configuration space and its BARs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciRoot {
     /// The ECAM window of bus 0, and its size.
     pub ecam: u64,
     pub ecam_size: u64,
     /// The window BARs are placed in: start, end (exclusive), below 4 GiB.
     pub bars: (u64, u64),
+    /// The interrupt routing of the slots' INTx pins (`_PRT`).
+    pub intx: Vec<IntxRoute>,
+}
+
+/// A slot's INTx pin wired to an IOAPIC pin (level-triggered, active low, as PCI's are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntxRoute {
+    pub slot: u8,
+    /// 0 for INTA to 3 for INTD.
+    pub pin: u8,
+    pub gsi: u32,
 }
 
 /// A device the guest should find in the DSDT.

@@ -2,7 +2,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{AcpiConfig, AcpiDevice, AcpiError, PciRoot, write_acpi_tables};
+use super::{AcpiConfig, AcpiDevice, AcpiError, IntxRoute, PciRoot, write_acpi_tables};
 use crate::arch::x86_64::layout;
 
 const MEMORY_BYTES: usize = 4 << 20;
@@ -238,11 +238,16 @@ fn a_pci_root_gets_an_mcfg_entry_and_a_root_device() {
         ecam: layout::PCI_ECAM_START,
         ecam_size: 1 << 20,
         bars: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_END),
+        intx: vec![IntxRoute {
+            slot: 1,
+            pin: 0,
+            gsi: 22,
+        }],
     };
     let mut cfg = typical_config(1, 1);
     let without = write_and_follow(&cfg);
     assert!(without.mcfg.is_none());
-    cfg.pci = Some(root);
+    cfg.pci = Some(root.clone());
     let tables = write_and_follow(&cfg);
     let mcfg = tables.mcfg.expect("MCFG in the XSDT");
     // After the header and 8 reserved bytes: base, segment, first and last bus.
@@ -258,14 +263,31 @@ fn a_pci_root_gets_an_mcfg_entry_and_a_root_device() {
     ecam.extend_from_slice(&(layout::PCI_ECAM_START as u32).to_le_bytes());
     ecam.extend_from_slice(&(1u32 << 20).to_le_bytes());
     assert!(find(&ecam), "ECAM in _CRS");
+    // _PRT: Package(1) { Package(4) { 0x0001ffff, 0 (INTA), 0, 22 } }.
+    assert!(find(b"_PRT"));
+    assert!(find(&[
+        0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x16
+    ]));
     // A window above 4 GiB cannot be described as 32-bit.
     cfg.pci = Some(PciRoot {
         bars: (0xffff_0000, 0x1_0001_0000),
-        ..root
+        ..root.clone()
     });
     assert!(matches!(
         write_acpi_tables(&memory(), &cfg),
         Err(AcpiError::MmioWindowAbove4G { .. })
+    ));
+    cfg.pci = Some(PciRoot {
+        intx: vec![IntxRoute {
+            slot: 1,
+            pin: 0,
+            gsi: 24,
+        }],
+        ..root
+    });
+    assert!(matches!(
+        write_acpi_tables(&memory(), &cfg),
+        Err(AcpiError::GsiWithoutPin { .. })
     ));
 }
 

@@ -51,6 +51,10 @@ pub const PMEM_REGION_ALIGN: u64 = 128 << 20;
 pub const PCI_MMIO32_START: u64 = MMIO_GAP_START;
 pub const PCI_MMIO32_END: u64 = MMIO_DEVICES_START;
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// IOAPIC pins for PCI INTx, shared by the slots (each slot's pins rotated over them, as PCI
+/// bridges swizzle): those past the virtio-mmio slots'.
+pub const PCI_INTX_GSIS: [u32; 3] = [21, 22, 23];
+const _: () = assert!(FIRST_VIRTIO_IRQ + MAX_MMIO_DEVICES as u32 <= PCI_INTX_GSIS[0]);
 
 /// virtio-mmio device slots.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;

@@ -6,16 +6,20 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioOps};
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::vfio::{BarAllocator, TrappedBar, VfioPci, VfioPciError, map_bar};
 use super::{
     CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PciAddress, PciBus,
     PciMetrics,
 };
-use crate::acpi::PciRoot;
-use crate::arch::x86_64::layout::{PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
+use crate::acpi::{IntxRoute, PciRoot};
+use crate::arch::x86_64::layout::{
+    PCI_ECAM_START, PCI_INTX_GSIS, PCI_MMIO32_END, PCI_MMIO32_START,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::{Vm, VmError};
@@ -47,6 +51,12 @@ pub enum PassthroughError {
     },
     #[error("the guest's PCI bus is full")]
     BusFull,
+    #[error("cannot wire {address}'s INTx interrupt")]
+    Intx {
+        address: PciAddress,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot map guest memory for the devices' DMA (RLIMIT_MEMLOCK too low?)")]
     Dma(#[source] VfioError),
     #[error("cannot give the guest a BAR")]
@@ -59,6 +69,8 @@ pub enum PassthroughError {
 /// (after the VM, whose memory slots map their BARs).
 pub struct Passthrough {
     pub devices: Vec<Arc<VfioDevice>>,
+    /// The wired INTx lines.
+    pub intx: Vec<IntxLine>,
     pub container: Arc<VfioContainer>,
     pub metrics: Arc<PciMetrics>,
     /// How the ACPI tables describe the bus.
@@ -93,6 +105,7 @@ pub fn attach(
     let mut bars = BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END);
     let mut slot = first_slot;
     let mut devices = Vec::with_capacity(addresses.len());
+    let (mut routes, mut intx) = (Vec::new(), Vec::new());
     for &address in addresses {
         let sysfs = Path::new(SYSFS_PCI_DEVICES).join(address.to_string());
         let ops: Arc<dyn VfioOps> = container.clone();
@@ -126,8 +139,15 @@ pub fn attach(
             }
             tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped = bar.mappable, "BAR placed");
         }
-        bus.add(Arc::new(Mutex::new(function)))
+        let pci_slot = bus
+            .add(Arc::new(Mutex::new(function)))
             .ok_or(PassthroughError::BusFull)?;
+        if let Some((route, fds)) = wire_intx(vm, &device, pci_slot)
+            .map_err(|source| PassthroughError::Intx { address, source })?
+        {
+            routes.push(route);
+            intx.push(fds);
+        }
         devices.push(device);
     }
     // The devices' DMA addresses are guest-physical: the guest's RAM is mapped at them.
@@ -146,14 +166,62 @@ pub fn attach(
     )?;
     Ok(Passthrough {
         devices,
+        intx,
         container,
         metrics,
         root: PciRoot {
             ecam: PCI_ECAM_START,
             ecam_size: ECAM_BUS_SIZE,
             bars: (PCI_MMIO32_START, PCI_MMIO32_END),
+            intx: routes,
         },
     })
+}
+
+/// A device's INTx line: the eventfd VFIO signals on an interrupt, and the one KVM signals
+/// when the guest has acknowledged it.
+pub struct IntxLine {
+    pub trigger: EventFd,
+    pub resample: EventFd,
+}
+
+/// Wires the device's INTx pin, if it has one, to an IOAPIC pin: VFIO signals an eventfd that
+/// KVM turns into a level interrupt, and when the guest acknowledges it KVM signals the
+/// resample eventfd, which makes VFIO unmask the device's line (VFIO masks it on each
+/// interrupt). None when the device has no INTx.
+fn wire_intx(
+    vm: &Vm,
+    device: &VfioDevice,
+    slot: u8,
+) -> Result<Option<(IntxRoute, IntxLine)>, std::io::Error> {
+    let mut config = [0u8; 4];
+    // Register 15: interrupt line, then pin (1 for INTA to 4 for INTD, 0 for none).
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut config, 0x3c);
+    let pin = config[1];
+    let lines = device
+        .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+        .map_or(0, |irq| irq.count);
+    if !(1..=4).contains(&pin) || lines == 0 {
+        return Ok(None);
+    }
+    let pin = pin - 1;
+    let gsi = PCI_INTX_GSIS[(usize::from(slot) + usize::from(pin)) % PCI_INTX_GSIS.len()];
+    let trigger = EventFd::new(EFD_NONBLOCK)?;
+    let resample = EventFd::new(EFD_NONBLOCK)?;
+    vm.fd()
+        .register_irqfd_with_resample(&trigger, &resample, gsi)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let vfio = |e: VfioError| std::io::Error::other(e.to_string());
+    device
+        .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&trigger])
+        .map_err(vfio)?;
+    device
+        .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&resample])
+        .map_err(vfio)?;
+    Ok(Some((
+        IntxRoute { slot, pin, gsi },
+        IntxLine { trigger, resample },
+    )))
 }
 
 /// Whether VFIO refused because another process holds the device's group (`EBUSY`).
