@@ -302,3 +302,55 @@ fn the_test_devices_interrupt_reaches_the_guest() {
     );
     scratch.assert_nothing_left();
 }
+
+/// Programs edu's MSI capability by hand (no driver in the guest): bus mastering on, the
+/// message to local APIC 0 with vector 0xe0, which no guest driver owns, MSI on; then has edu
+/// raise its interrupt. The guest kernel logs the vector it had no handler for.
+const EDU_MSI_IN_THE_GUEST: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
+done
+bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
+put() { printf "$1" | dd of=$dev/config bs=1 seek=$2 conv=notrunc 2>/dev/null; }
+cap=$(od -An -tu1 -j 52 -N 1 $dev/config | tr -d ' ')
+[ "$(od -An -tu1 -j $cap -N 1 $dev/config | tr -d ' ')" = 5 ] || { echo "no MSI capability"; exit 3; }
+control=$(od -An -tu2 -j $((cap + 2)) -N 2 $dev/config | tr -d ' ')
+put '\006\000' 4
+put '\000\000\340\376' $((cap + 4))
+if [ $((control & 0x80)) -ne 0 ]; then
+  put '\000\000\000\000' $((cap + 8)); data=$((cap + 12))
+else
+  data=$((cap + 8))
+fi
+put '\340\000' $data
+put '\001' $((cap + 2))
+busybox devmem $((bar + 0x60)) 32 1
+sleep 1
+busybox devmem $((bar + 0x64)) 32 1
+dmesg | grep "No irq handler for vector"
+"#;
+
+#[test]
+fn the_test_devices_msi_reaches_the_vector_the_guest_chose() {
+    let scratch = Scratch::new("vfio-msi");
+    let address = bound_test_device(&scratch);
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &format!("vfio:{address}"),
+            "--",
+            "/bin/sh",
+            "-c",
+            EDU_MSI_IN_THE_GUEST,
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0.224 No irq handler for vector"),
+        "{text}"
+    );
+    scratch.assert_nothing_left();
+}

@@ -13,14 +13,15 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irq_routing, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave,
 };
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// How a VMM killed by its filter exits: 128 + SIGSYS, as a shell reports a death by `SIGSYS`.
 pub const EXIT_BAD_SYSCALL: i32 = 128 + libc::SIGSYS;
@@ -41,6 +42,11 @@ ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+// What a vCPU thread of a VM with passed-through devices does when the guest turns MSI on or
+// off: the VM's routes, an irqfd, the device's interrupts (VFIO's `_IO(';', 100 + 10)`).
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, 0x3b, 110);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -216,7 +222,10 @@ fn rules(role: Role, passthrough: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>
     }
     match role {
         Role::Vcpu => {
-            let ioctls = [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()];
+            let mut ioctls = vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()];
+            if passthrough {
+                ioctls.extend([KVM_SET_GSI_ROUTING(), KVM_IRQFD(), VFIO_DEVICE_SET_IRQS()]);
+            }
             rules.insert(
                 libc::SYS_ioctl,
                 ioctls

@@ -39,7 +39,8 @@ const TABLE_ALIGNMENT: usize = 8;
 /// IA-PC boot architecture flags (FADT `IAPC_BOOT_ARCH`, ACPI 6.5 table 5.11).
 /// There is no display; probing VGA ports would only cost exits.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
-/// Devices interrupt through IOAPIC pins; nothing would answer an MSI write.
+/// Without PCI devices, devices interrupt through IOAPIC pins and nothing would answer an
+/// MSI write.
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 /// The VMM emulates no RTC; this keeps the guest from registering one.
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
@@ -123,7 +124,7 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let mut image = TableImage::new();
     let dsdt_addr = image.append(&dsdt::build(&cfg.devices, cfg.pci.as_ref())?);
     let madt_addr = image.append(&madt::build(cfg.vcpus));
-    let fadt_addr = image.append(&fadt(dsdt_addr));
+    let fadt_addr = image.append(&fadt(dsdt_addr, cfg.pci.is_some()));
     let mut tables = vec![fadt_addr, madt_addr];
     if let Some(root) = &cfg.pci {
         let mut mcfg = MCFG::new(OEM_ID, *b"AGNTMCFG", OEM_REVISION);
@@ -150,7 +151,8 @@ pub fn write_acpi_tables<M: GuestMemory>(
     Ok(GuestAddress(layout::RSDP_START))
 }
 
-fn fadt(dsdt_addr: u64) -> FADT {
+/// The FADT; `msi` when the VM has PCI devices, whose MSI the VMM routes.
+fn fadt(dsdt_addr: u64, msi: bool) -> FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"AGNTFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -159,8 +161,8 @@ fn fadt(dsdt_addr: u64) -> FADT {
         .flag(Flags::SlpButton);
     // The 8042 flag stays clear: the guest then skips probing for a PS/2 controller, which costs
     // boot time and buys nothing, while the reset through port 0x64 (`reboot=k`) needs no driver.
-    fadt.iapc_boot_arch =
-        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    let no_msi = if msi { 0 } else { IAPC_MSI_NOT_SUPPORTED };
+    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | no_msi | IAPC_CMOS_RTC_NOT_PRESENT).into();
     fadt.finalize()
 }
 

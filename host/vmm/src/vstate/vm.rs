@@ -63,7 +63,7 @@ pub struct VmState {
 
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: std::sync::Arc<VmFd>,
     supported_cpuid: CpuId,
     host_caps: HostCaps,
     msr_indices: Vec<u32>,
@@ -105,7 +105,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(|e| VmError::Setup("PIT", e))?;
         Ok(Self {
             kvm,
-            fd,
+            fd: std::sync::Arc::new(fd),
             supported_cpuid,
             host_caps,
             msr_indices,
@@ -170,6 +170,11 @@ impl Vm {
             self.fd.set_irqchip(&chip).map_err(set(what))?;
         }
         Ok(())
+    }
+
+    /// The VM's file descriptor, for a device that changes interrupt routes as the guest runs.
+    pub fn shared_fd(&self) -> std::sync::Arc<VmFd> {
+        self.fd.clone()
     }
 
     pub fn kvm(&self) -> &Kvm {

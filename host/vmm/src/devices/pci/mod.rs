@@ -7,6 +7,7 @@
 //! access that is not 1, 2 or 4 bytes or crosses a register reads all ones and writes nothing,
 //! and is counted.
 
+pub mod msi;
 pub mod passthrough;
 pub mod vfio;
 
@@ -106,6 +107,8 @@ pub struct PciMetrics {
     pub absent_functions: AtomicU64,
     /// BAR writes that would have moved a BAR (BARs stay where the VMM placed them).
     pub bar_moves_refused: AtomicU64,
+    /// Interrupt set-ups the guest asked for (MSI on, off, a new message) that failed.
+    pub interrupt_failures: AtomicU64,
 }
 
 impl PciMetrics {
@@ -119,6 +122,7 @@ impl PciMetrics {
             bad_accesses: load(&self.bad_accesses),
             absent_functions: load(&self.absent_functions),
             bar_moves_refused: load(&self.bar_moves_refused),
+            interrupt_failures: load(&self.interrupt_failures),
         }
     }
 }
@@ -129,6 +133,7 @@ pub struct PciMetricsSnapshot {
     pub bad_accesses: u64,
     pub absent_functions: u64,
     pub bar_moves_refused: u64,
+    pub interrupt_failures: u64,
 }
 
 /// The root bus: slot 0 holds the host bridge, devices take the next free slots.

@@ -11,7 +11,8 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioOps};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::vfio::{BarAllocator, TrappedBar, VfioPci, VfioPciError, map_bar};
+use super::msi::MsiRoutes;
+use super::vfio::{BarAllocator, IntxLine, Msi, TrappedBar, VfioPci, VfioPciError, map_bar};
 use super::{
     CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PciAddress, PciBus,
     PciMetrics,
@@ -51,8 +52,8 @@ pub enum PassthroughError {
     },
     #[error("the guest's PCI bus is full")]
     BusFull,
-    #[error("cannot wire {address}'s INTx interrupt")]
-    Intx {
+    #[error("cannot wire {address}'s interrupts")]
+    Interrupts {
         address: PciAddress,
         #[source]
         source: std::io::Error,
@@ -69,8 +70,6 @@ pub enum PassthroughError {
 /// (after the VM, whose memory slots map their BARs).
 pub struct Passthrough {
     pub devices: Vec<Arc<VfioDevice>>,
-    /// The wired INTx lines.
-    pub intx: Vec<IntxLine>,
     pub container: Arc<VfioContainer>,
     pub metrics: Arc<PciMetrics>,
     /// How the ACPI tables describe the bus.
@@ -105,7 +104,8 @@ pub fn attach(
     let mut bars = BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END);
     let mut slot = first_slot;
     let mut devices = Vec::with_capacity(addresses.len());
-    let (mut routes, mut intx) = (Vec::new(), Vec::new());
+    let mut routes = Vec::new();
+    let msi_routes = Arc::new(Mutex::new(MsiRoutes::new(vm.shared_fd())));
     for &address in addresses {
         let sysfs = Path::new(SYSFS_PCI_DEVICES).join(address.to_string());
         let ops: Arc<dyn VfioOps> = container.clone();
@@ -139,15 +139,18 @@ pub fn attach(
             }
             tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped = bar.mappable, "BAR placed");
         }
-        let pci_slot = bus
-            .add(Arc::new(Mutex::new(function)))
-            .ok_or(PassthroughError::BusFull)?;
-        if let Some((route, fds)) = wire_intx(vm, &device, pci_slot)
-            .map_err(|source| PassthroughError::Intx { address, source })?
-        {
+        let function = Arc::new(Mutex::new(function));
+        let pci_slot = bus.add(function.clone()).ok_or(PassthroughError::BusFull)?;
+        let interrupts = |source| PassthroughError::Interrupts { address, source };
+        let line = wire_intx(vm, &device, pci_slot).map_err(interrupts)?;
+        let msi = Msi::of(&device, &msi_routes, vm.shared_fd()).map_err(interrupts)?;
+        let mut function = function.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((route, line)) = line {
             routes.push(route);
-            intx.push(fds);
+            function.intx = Some(line);
         }
+        function.set_msi(msi);
+        drop(function);
         devices.push(device);
     }
     // The devices' DMA addresses are guest-physical: the guest's RAM is mapped at them.
@@ -166,7 +169,6 @@ pub fn attach(
     )?;
     Ok(Passthrough {
         devices,
-        intx,
         container,
         metrics,
         root: PciRoot {
@@ -176,13 +178,6 @@ pub fn attach(
             intx: routes,
         },
     })
-}
-
-/// A device's INTx line: the eventfd VFIO signals on an interrupt, and the one KVM signals
-/// when the guest has acknowledged it.
-pub struct IntxLine {
-    pub trigger: EventFd,
-    pub resample: EventFd,
 }
 
 /// Wires the device's INTx pin, if it has one, to an IOAPIC pin: VFIO signals an eventfd that

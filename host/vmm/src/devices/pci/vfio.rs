@@ -7,17 +7,24 @@
 //! whose kernel driver guards what the guest may change there. A BAR the kernel lets us map is
 //! mapped into the guest as memory (accesses never leave the guest); the others are trapped and
 //! forwarded. I/O BARs are hidden. Guest RAM is mapped for the device's DMA at its guest
-//! physical addresses; interrupts are not wired yet (the guest is told it has no MSI).
+//! physical addresses. Interrupts: INTx through a KVM irqfd with resampling, or, once the guest
+//! enables the MSI capability, one MSI vector through a route of the VM's GSI table.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
+use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_CAPS,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::VfioDevice;
+use vmm_sys_util::eventfd::EventFd;
 
+use super::msi::{MsiCapability, MsiMessage, MsiRoutes};
 use super::{PciFunction, PciMetrics, merge};
 use crate::devices::bus::BusDevice;
 
@@ -84,6 +91,59 @@ impl BarAllocator {
 pub struct VfioPci {
     device: Arc<VfioDevice>,
     bars: BarRegisters,
+    /// The wired INTx line, while MSI is off.
+    pub intx: Option<IntxLine>,
+    msi: Option<Msi>,
+}
+
+/// A device's INTx line: the eventfd VFIO signals on an interrupt, and the one KVM signals
+/// when the guest has acknowledged it.
+pub struct IntxLine {
+    pub trigger: EventFd,
+    pub resample: EventFd,
+}
+
+/// A function's MSI: its capability, its one vector's eventfd and GSI, and whether it is on.
+pub struct Msi {
+    cap: MsiCapability,
+    routes: Arc<Mutex<MsiRoutes>>,
+    vm: Arc<VmFd>,
+    event: EventFd,
+    gsi: u32,
+    irqfd: bool,
+    on: Option<MsiMessage>,
+}
+
+impl Msi {
+    /// The MSI of `device`, if it has the capability and VFIO offers the interrupt.
+    pub fn of(
+        device: &VfioDevice,
+        routes: &Arc<Mutex<MsiRoutes>>,
+        vm: Arc<VmFd>,
+    ) -> std::io::Result<Option<Self>> {
+        let mut config = vec![0u8; 256];
+        for (reg, chunk) in config.chunks_mut(4).enumerate() {
+            chunk.copy_from_slice(&config_dword(device, reg).to_le_bytes());
+        }
+        let vectors = device
+            .get_irq_info(VFIO_PCI_MSI_IRQ_INDEX)
+            .map_or(0, |irq| irq.count);
+        let Some(cap) = MsiCapability::find(&config).filter(|_| vectors > 0) else {
+            return Ok(None);
+        };
+        let Some(gsi) = routes.lock().unwrap_or_else(|e| e.into_inner()).allocate() else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            cap,
+            routes: routes.clone(),
+            vm,
+            event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            gsi,
+            irqfd: false,
+            on: None,
+        }))
+    }
 }
 
 /// The six BAR registers as the guest sees them: the addresses the VMM gave, sizing probes
@@ -146,9 +206,111 @@ impl VfioPci {
                 probing: [false; BARS],
                 metrics,
             },
+            intx: None,
+            msi: None,
         })
     }
 
+    /// Gives the function its MSI (see [`Msi::of`]).
+    pub fn set_msi(&mut self, msi: Option<Msi>) {
+        self.msi = msi;
+    }
+
+    /// Follows a guest write into the MSI capability: on enable, the device's vector is routed
+    /// to the guest's message (INTx off, since VFIO serves one kind at a time); on a new message,
+    /// the route follows; on disable, INTx comes back. Failures are counted and logged: the
+    /// guest then gets no interrupts from the device.
+    fn msi_write(&mut self, at: usize, data: &[u8]) {
+        let Some(msi) = &mut self.msi else {
+            return;
+        };
+        let start = msi.cap.offset;
+        let end = start + msi.cap.span();
+        if at + data.len() <= start || at >= end {
+            return;
+        }
+        // The capability as it will be once the write lands (VFIO keeps what the guest wrote).
+        let first_reg = start / 4;
+        let mut cap = Vec::with_capacity(end.div_ceil(4) * 4 - first_reg * 4);
+        for reg in first_reg..end.div_ceil(4) {
+            cap.extend_from_slice(&config_dword(&self.device, reg).to_le_bytes());
+        }
+        for (i, byte) in data.iter().enumerate() {
+            if let Some(b) = cap.get_mut(at + i - first_reg * 4) {
+                *b = *byte;
+            }
+        }
+        let Some((enable, message)) = msi.cap.decode(&cap[start - first_reg * 4..]) else {
+            return;
+        };
+        let result = match (enable, msi.on) {
+            (true, None) => enable_msi(&self.device, msi, message, self.intx.as_ref()),
+            (true, Some(old)) if old != message => msi
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set(msi.gsi, Some(message))
+                .map(|()| msi.on = Some(message))
+                .map_err(|e| e.to_string()),
+            (false, Some(_)) => disable_msi(&self.device, msi, self.intx.as_ref()),
+            _ => Ok(()),
+        };
+        if let Err(why) = result {
+            PciMetrics::count(&self.bars.metrics.interrupt_failures);
+            tracing::warn!(%why, "cannot follow the guest's MSI set-up");
+        }
+    }
+}
+
+fn enable_msi(
+    device: &VfioDevice,
+    msi: &mut Msi,
+    message: MsiMessage,
+    intx: Option<&IntxLine>,
+) -> Result<(), String> {
+    msi.routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set(msi.gsi, Some(message))
+        .map_err(|e| format!("route: {e}"))?;
+    if !msi.irqfd {
+        msi.vm
+            .register_irqfd(&msi.event, msi.gsi)
+            .map_err(|e| format!("irqfd: {e}"))?;
+        msi.irqfd = true;
+    }
+    if intx.is_some() {
+        device
+            .disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
+            .map_err(|e| format!("INTx off: {e}"))?;
+    }
+    device
+        .enable_msi(vec![&msi.event])
+        .map_err(|e| format!("MSI on: {e}"))?;
+    msi.on = Some(message);
+    Ok(())
+}
+
+fn disable_msi(device: &VfioDevice, msi: &mut Msi, intx: Option<&IntxLine>) -> Result<(), String> {
+    msi.on = None;
+    device.disable_msi().map_err(|e| format!("MSI off: {e}"))?;
+    msi.routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set(msi.gsi, None)
+        .map_err(|e| format!("route: {e}"))?;
+    if let Some(line) = intx {
+        device
+            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&line.trigger])
+            .map_err(|e| format!("INTx on: {e}"))?;
+        device
+            .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&line.resample])
+            .map_err(|e| format!("INTx resample: {e}"))?;
+    }
+    Ok(())
+}
+
+impl VfioPci {
     /// The memory BARs, each once.
     pub fn bars(&self) -> Vec<Bar> {
         self.bars
@@ -222,11 +384,16 @@ impl PciFunction for VfioPci {
                 self.bars.write(r - FIRST_BAR_REG, offset, data)
             }
             ROM_REG => {}
-            _ => self.device.region_write(
-                VFIO_PCI_CONFIG_REGION_INDEX,
-                data,
-                (reg * 4 + offset) as u64,
-            ),
+            _ => {
+                // The interrupt set-up first: VFIO keeps MSI off in the capability until it
+                // has been set up.
+                self.msi_write(reg * 4 + offset, data);
+                self.device.region_write(
+                    VFIO_PCI_CONFIG_REGION_INDEX,
+                    data,
+                    (reg * 4 + offset) as u64,
+                )
+            }
         }
     }
 }
