@@ -8,7 +8,7 @@ use std::path::Path;
 use agentos::carrier::PCI_TEST_DEVICE_IDS;
 use agentos::pci;
 
-use crate::common::{Scratch, describe};
+use crate::common::{Scratch, describe, vmm_process};
 
 /// `agentos doctor --json`'s findings by name, and its PCI devices.
 fn doctor(scratch: &Scratch) -> (serde_json::Value, Vec<serde_json::Value>) {
@@ -350,6 +350,64 @@ fn the_test_devices_msi_reaches_the_vector_the_guest_chose() {
     assert!(out.status.success(), "{text}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("0.224 No irq handler for vector"),
+        "{text}"
+    );
+    scratch.assert_nothing_left();
+}
+
+#[test]
+fn a_vm_killed_during_dma_leaves_the_device_to_the_next() {
+    let scratch = Scratch::new("vfio-killed");
+    let address = bound_test_device(&scratch);
+    let device = format!("vfio:{address}");
+    // The first agent copies into guest RAM over and over, saying so once it has started.
+    let looping = EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE).replace(
+        "dma 0x40000 $((page + 0x100)) 8 3\n",
+        "dma 0x40000 $((page + 0x100)) 8 3\necho copying\nwhile :; do dma 0x40000 $((page + 0x200)) 8 3; done\n",
+    );
+    assert!(looping.contains("while :"), "the loop is in the script");
+    let mut first = scratch.spawn(&[
+        "run",
+        "--device",
+        &device,
+        "--kernel-args",
+        RESERVE_DMA_PAGE,
+        "--",
+        "/bin/sh",
+        "-c",
+        &looping,
+    ]);
+    let mut stdout = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut line = String::new();
+    while line != "copying\n" {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(read > 0, "the first agent ended before copying");
+    }
+    let vmm = vmm_process(&scratch.run_dir().display().to_string()).expect("the first VMM");
+    // SAFETY: a signal to a process of this test's run directory.
+    unsafe { libc::kill(vmm as libc::pid_t, libc::SIGKILL) };
+    let status = first.wait().unwrap();
+    assert!(!status.success(), "the first agent's VM was killed");
+
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &device,
+            "--kernel-args",
+            RESERVE_DMA_PAGE,
+            "--",
+            "/bin/sh",
+            "-c",
+            &EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE),
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("back=0x11223344,0x55667788"),
         "{text}"
     );
     scratch.assert_nothing_left();
