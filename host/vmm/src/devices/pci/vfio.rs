@@ -236,7 +236,10 @@ impl VfioPci {
             cap.extend_from_slice(&config_dword(&self.device, reg).to_le_bytes());
         }
         for (i, byte) in data.iter().enumerate() {
-            if let Some(b) = cap.get_mut(at + i - first_reg * 4) {
+            if let Some(b) = (at + i)
+                .checked_sub(first_reg * 4)
+                .and_then(|j| cap.get_mut(j))
+            {
                 *b = *byte;
             }
         }
