@@ -4,6 +4,7 @@
 //! bound to vfio-pci.
 
 use std::path::Path;
+use std::process::Output;
 
 use agentos::carrier::PCI_TEST_DEVICE_IDS;
 use agentos::pci;
@@ -49,7 +50,7 @@ fn doctor_shows_the_test_device_and_what_it_needs_until_bound_to_vfio() {
             .starts_with("on: "),
         "{findings}"
     );
-    let edu = test_device(&devices);
+    let mut edu = test_device(&devices);
     let group = edu["iommu_group"].as_u64().expect("edu has an IOMMU group");
     let members: Vec<_> = devices
         .iter()
@@ -60,15 +61,25 @@ fn doctor_shows_the_test_device_and_what_it_needs_until_bound_to_vfio() {
     let address = edu["address"].as_str().unwrap().to_owned();
     assert!(pci::is_address(&address), "{address}");
 
-    if edu["driver"].is_null() {
-        assert_eq!(edu["ready"], false, "{edu}");
-        let problem = edu["problem"].as_str().unwrap();
-        assert!(
-            problem.contains("not bound to vfio-pci")
-                && problem.contains("echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id"),
-            "{problem}"
-        );
-        // What the problem says to do.
+    // Whatever an earlier test left: unbound first, so that both states are checked.
+    let was_bound = !edu["driver"].is_null();
+    if was_bound {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &address).unwrap();
+        let (_, devices) = doctor(&scratch);
+        edu = test_device(&devices);
+    }
+    assert!(edu["driver"].is_null(), "{edu}");
+    assert_eq!(edu["ready"], false, "{edu}");
+    let problem = edu["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("not bound to vfio-pci")
+            && problem.contains("echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id"),
+        "{problem}"
+    );
+    // What the problem says to do (once the id is known to vfio-pci, `bind` does the same).
+    if was_bound {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/bind", &address).unwrap();
+    } else {
         std::fs::write("/sys/bus/pci/drivers/vfio-pci/new_id", "1234 11e8")
             .expect("binding edu to vfio-pci");
     }
@@ -80,12 +91,8 @@ fn doctor_shows_the_test_device_and_what_it_needs_until_bound_to_vfio() {
     assert!(edu.get("problem").is_none(), "{edu}");
     let vfio = findings["vfio"]["detail"].as_str().unwrap();
     assert!(vfio.contains(&format!("{address} (ready)")), "{vfio}");
-    let node = pci::group_node(u32::try_from(group).unwrap());
-    assert!(
-        Path::new(&node).exists(),
-        "{} after binding",
-        node.display()
-    );
+    let node = format!("/dev/vfio/{group}");
+    assert!(Path::new(&node).exists(), "{node} after binding");
     let text = scratch.output(&["doctor"], b"");
     assert!(
         describe(&text).contains(&format!(
@@ -107,12 +114,34 @@ fn bound_test_device(scratch: &Scratch) -> String {
     edu["address"].as_str().unwrap().to_owned()
 }
 
-/// Finds edu on the guest's PCI bus and uses its registers at BAR0: the id, the liveness
-/// register (which returns the complement of what was written) and the factorial unit.
-const EDU_IN_THE_GUEST: &str = r#"
+/// Where every guest script starts: `$dev`, edu's directory on the guest's PCI bus.
+const FIND_EDU: &str = r#"
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
 done
+"#;
+
+/// Runs `script` (after [`FIND_EDU`]) in an agent given the test device, `extra` flags before
+/// the program; returns the output and its account for assertion messages.
+fn run_with_edu(
+    scratch: &Scratch,
+    address: &str,
+    extra: &[&str],
+    script: &str,
+) -> (Output, String) {
+    let device = format!("vfio:{address}");
+    let script = format!("{FIND_EDU}{script}");
+    let mut args = vec!["run", "--device", device.as_str()];
+    args.extend_from_slice(extra);
+    args.extend(["--", "/bin/sh", "-c", script.as_str()]);
+    let out = scratch.output(&args, b"");
+    let text = describe(&out);
+    (out, text)
+}
+
+/// Finds edu on the guest's PCI bus and uses its registers at BAR0: the id, the liveness
+/// register (which returns the complement of what was written) and the factorial unit.
+const EDU_IN_THE_GUEST: &str = r#"
 [ -n "$dev" ] || { echo "no edu among: $(ls /sys/bus/pci/devices)"; exit 3; }
 bar=$(head -n 1 $dev/resource | cut -d' ' -f1)
 echo "bar0=$bar"
@@ -129,20 +158,7 @@ echo "fact=$(busybox devmem $((bar + 8)) 32)"
 fn an_agent_uses_the_test_device_through_its_own_pci_bus() {
     let scratch = Scratch::new("vfio-run");
     let address = bound_test_device(&scratch);
-    let device = format!("vfio:{address}");
-    let out = scratch.output(
-        &[
-            "run",
-            "--device",
-            &device,
-            "--",
-            "/bin/sh",
-            "-c",
-            EDU_IN_THE_GUEST,
-        ],
-        b"",
-    );
-    let text = describe(&out);
+    let (out, text) = run_with_edu(&scratch, &address, &[], EDU_IN_THE_GUEST);
     assert!(out.status.success(), "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("id=0x010000ED"), "{text}");
@@ -208,9 +224,6 @@ const RESERVE_DMA_PAGE: &str = "memmap=4K$0x7000000";
 /// the BAR), and back from its buffer to another place in guest RAM: both ways through the
 /// IOMMU, at guest-physical addresses.
 const EDU_DMA_IN_THE_GUEST: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
-done
 bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
 page=$(( PAGE ))
 dma() { # source, destination, count, command
@@ -236,21 +249,12 @@ fn the_test_device_reads_and_writes_guest_memory_by_dma() {
     let scratch = Scratch::new("vfio-dma");
     let address = bound_test_device(&scratch);
     let script = EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE);
-    let out = scratch.output(
-        &[
-            "run",
-            "--device",
-            &format!("vfio:{address}"),
-            "--kernel-args",
-            RESERVE_DMA_PAGE,
-            "--",
-            "/bin/sh",
-            "-c",
-            &script,
-        ],
-        b"",
+    let (out, text) = run_with_edu(
+        &scratch,
+        &address,
+        &["--kernel-args", RESERVE_DMA_PAGE],
+        &script,
     );
-    let text = describe(&out);
     assert!(out.status.success(), "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("command=0006"), "{text}");
@@ -262,9 +266,6 @@ fn the_test_device_reads_and_writes_guest_memory_by_dma() {
 /// and waits for it: a read of /dev/uio0 returns the number of interrupts once one came. Then
 /// acknowledges it (0x64).
 const EDU_INTERRUPT_IN_THE_GUEST: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
-done
 bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
 echo 1234 11e8 > /sys/bus/pci/drivers/uio_pci_generic/new_id
 [ -e /dev/uio0 ] || { echo "no /dev/uio0"; exit 3; }
@@ -282,19 +283,7 @@ echo "interrupts=$(od -An -tu4 /tmp/irqs | tr -d ' ')"
 fn the_test_devices_interrupt_reaches_the_guest() {
     let scratch = Scratch::new("vfio-intx");
     let address = bound_test_device(&scratch);
-    let out = scratch.output(
-        &[
-            "run",
-            "--device",
-            &format!("vfio:{address}"),
-            "--",
-            "/bin/sh",
-            "-c",
-            EDU_INTERRUPT_IN_THE_GUEST,
-        ],
-        b"",
-    );
-    let text = describe(&out);
+    let (out, text) = run_with_edu(&scratch, &address, &[], EDU_INTERRUPT_IN_THE_GUEST);
     assert!(out.status.success(), "{text}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("interrupts=1\n"),
@@ -307,9 +296,6 @@ fn the_test_devices_interrupt_reaches_the_guest() {
 /// message to local APIC 0 with vector 0xe0, which no guest driver owns, MSI on; then has edu
 /// raise its interrupt. The guest kernel logs the vector it had no handler for.
 const EDU_MSI_IN_THE_GUEST: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1234:0x11e8 ] && dev=$d
-done
 bar=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
 put() { printf "$1" | dd of=$dev/config bs=1 seek=$2 conv=notrunc 2>/dev/null; }
 cap=$(od -An -tu1 -j 52 -N 1 $dev/config | tr -d ' ')
@@ -334,19 +320,7 @@ dmesg | grep "No irq handler for vector"
 fn the_test_devices_msi_reaches_the_vector_the_guest_chose() {
     let scratch = Scratch::new("vfio-msi");
     let address = bound_test_device(&scratch);
-    let out = scratch.output(
-        &[
-            "run",
-            "--device",
-            &format!("vfio:{address}"),
-            "--",
-            "/bin/sh",
-            "-c",
-            EDU_MSI_IN_THE_GUEST,
-        ],
-        b"",
-    );
-    let text = describe(&out);
+    let (out, text) = run_with_edu(&scratch, &address, &[], EDU_MSI_IN_THE_GUEST);
     assert!(out.status.success(), "{text}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("0.224 No irq handler for vector"),
@@ -361,7 +335,9 @@ fn a_vm_killed_during_dma_leaves_the_device_to_the_next() {
     let address = bound_test_device(&scratch);
     let device = format!("vfio:{address}");
     // The first agent copies into guest RAM over and over, saying so once it has started.
-    let looping = EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE).replace(
+    let looping = format!("{FIND_EDU}{EDU_DMA_IN_THE_GUEST}")
+        .replace("PAGE", DMA_PAGE)
+        .replace(
         "dma 0x40000 $((page + 0x100)) 8 3\n",
         "dma 0x40000 $((page + 0x100)) 8 3\necho copying\nwhile :; do dma 0x40000 $((page + 0x200)) 8 3; done\n",
     );
@@ -390,21 +366,12 @@ fn a_vm_killed_during_dma_leaves_the_device_to_the_next() {
     let status = first.wait().unwrap();
     assert!(!status.success(), "the first agent's VM was killed");
 
-    let out = scratch.output(
-        &[
-            "run",
-            "--device",
-            &device,
-            "--kernel-args",
-            RESERVE_DMA_PAGE,
-            "--",
-            "/bin/sh",
-            "-c",
-            &EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE),
-        ],
-        b"",
+    let (out, text) = run_with_edu(
+        &scratch,
+        &address,
+        &["--kernel-args", RESERVE_DMA_PAGE],
+        &EDU_DMA_IN_THE_GUEST.replace("PAGE", DMA_PAGE),
     );
-    let text = describe(&out);
     assert!(out.status.success(), "{text}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("back=0x11223344,0x55667788"),

@@ -5,13 +5,12 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agentos_vmm::devices::pci::PciAddress;
 use serde::Serialize;
 
-/// Where the kernel lists PCI devices.
-pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+pub use agentos_vmm::devices::pci::passthrough::SYSFS_PCI_DEVICES;
 /// The driver a device must be bound to before a VM can have it.
 pub const VFIO_DRIVER: &str = "vfio-pci";
 /// Drivers besides [`VFIO_DRIVER`] that the kernel accepts in a group handed to a VM.
@@ -226,11 +225,6 @@ pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<String, Passthro
         why: why.describe(dev),
     })?;
     Ok(address.to_owned())
-}
-
-/// The device node of an IOMMU group for VFIO.
-pub fn group_node(group: u32) -> PathBuf {
-    PathBuf::from(format!("/dev/vfio/{group}"))
 }
 
 #[cfg(test)]
