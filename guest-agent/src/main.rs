@@ -13,6 +13,7 @@ macro_rules! console {
 }
 
 mod config;
+mod edu;
 mod exec;
 mod infer;
 mod init;
@@ -82,10 +83,12 @@ enum Event {
 fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // Not as PID 1, the binary is also the tool guest programs message their peers with.
+    // Not as PID 1, the binary is also the tool guest programs message their peers with, and
+    // the one `agentos bench vfio` times a passed-through test device with.
     if !pid1 {
         let tool = match args.first().map(String::as_str) {
             Some("ping") => Some(("ping", peer::ping_command(&args[1..]))),
+            Some("edu") => Some(("edu", edu::command(&args[1..]))),
             Some("send") => Some((
                 "send",
                 peer::send_command(&args[1..]).map(|id| format!("accepted {id}")),

@@ -379,3 +379,66 @@ fn a_vm_killed_during_dma_leaves_the_device_to_the_next() {
     );
     scratch.assert_nothing_left();
 }
+
+#[test]
+fn the_benchmark_times_the_device_in_agents_beside_the_host() {
+    let scratch = Scratch::new("vfio-bench");
+    let address = bound_test_device(&scratch);
+    let out = scratch.output(
+        &[
+            "bench",
+            "vfio",
+            "--json",
+            "--read-batches",
+            "2",
+            "--dma",
+            "1",
+            "--interrupts",
+            "3",
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&text);
+    assert_eq!(bench["device"], address.as_str(), "{bench}");
+    // The mapped BAR's reads never reach the VMM; with mmap=off each of the guest's 200 timed
+    // reads (and its check of the id register) does.
+    assert_eq!(bench["trapped_bar_accesses"]["vm_mapped"], 0, "{bench}");
+    assert!(
+        bench["trapped_bar_accesses"]["vm_trapped"]
+            .as_u64()
+            .unwrap()
+            >= 201,
+        "{bench}"
+    );
+    for reads in ["host_mapped", "host_vfio_read", "vm_mapped", "vm_trapped"] {
+        assert!(
+            bench["register_read_ns"][reads]["median"].as_f64().unwrap() > 0.0,
+            "{reads}: {bench}"
+        );
+    }
+    for side in ["host", "vm"] {
+        assert!(
+            bench["dma_round_trip_ms"][side]["median"].as_f64().unwrap() > 0.0,
+            "{bench}"
+        );
+        assert!(
+            bench["interrupt_us"][side]["p50"].as_f64().unwrap() > 0.0,
+            "{bench}"
+        );
+    }
+    for ratio in [
+        "read_mapped",
+        "read_trapped",
+        "read_trapped_vs_mapped",
+        "dma",
+        "interrupt_p50",
+    ] {
+        assert!(
+            bench["ratios"][ratio].as_f64().unwrap() > 0.0,
+            "{ratio}: {bench}"
+        );
+    }
+    scratch.assert_nothing_left();
+}

@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use agentos_vmm::devices::pci::PciAddress;
+use agentos_vmm::devices::pci::{BadPassedDevice, PassedDevice, PciAddress};
 use serde::Serialize;
 
 pub use agentos_vmm::devices::pci::passthrough::SYSFS_PCI_DEVICES;
@@ -200,6 +200,8 @@ pub enum PassthroughError {
         "{0:?}: give a device as vfio:ADDRESS, with the address as sysfs names it, like vfio:0000:01:00.0"
     )]
     Syntax(String),
+    #[error("{0}")]
+    Option(String),
     #[error("{0}: no such PCI device on this host (`agentos doctor` lists them)")]
     Absent(String),
     #[error("{address}: {why}")]
@@ -208,23 +210,29 @@ pub enum PassthroughError {
     Sysfs(#[source] io::Error),
 }
 
-/// The address of a device given as `vfio:ADDRESS`, checked against the devices under `root`:
-/// it exists, is bound to vfio-pci, and its IOMMU group is viable.
-pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<String, PassthroughError> {
-    let address = spec
+/// A device given as `vfio:ADDRESS[,mmap=off]`, checked against the devices under `root`: it
+/// exists, is bound to vfio-pci, and its IOMMU group is viable.
+pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<PassedDevice, PassthroughError> {
+    let syntax = || PassthroughError::Syntax(spec.to_owned());
+    let passed: PassedDevice = spec
         .strip_prefix("vfio:")
-        .filter(|a| is_address(a))
-        .ok_or_else(|| PassthroughError::Syntax(spec.to_owned()))?;
+        .ok_or_else(syntax)?
+        .parse()
+        .map_err(|e| match e {
+            BadPassedDevice::Address(_) => syntax(),
+            option @ BadPassedDevice::Option(_) => PassthroughError::Option(option.to_string()),
+        })?;
+    let address = passed.address.to_string();
     let all = devices(root).map_err(PassthroughError::Sysfs)?;
     let dev = all
         .iter()
         .find(|d| d.address == address)
-        .ok_or_else(|| PassthroughError::Absent(address.to_owned()))?;
+        .ok_or_else(|| PassthroughError::Absent(address.clone()))?;
     readiness(dev, &all).map_err(|why| PassthroughError::Unready {
-        address: address.to_owned(),
+        address: address.clone(),
         why: why.describe(dev),
     })?;
-    Ok(address.to_owned())
+    Ok(passed)
 }
 
 #[cfg(test)]
@@ -402,9 +410,13 @@ mod tests {
             0,
         );
         assert_eq!(
-            ready_for_passthrough("vfio:0000:00:04.0", root.path()).unwrap(),
+            ready_for_passthrough("vfio:0000:00:04.0", root.path())
+                .unwrap()
+                .to_string(),
             "0000:00:04.0"
         );
+        let trapped = ready_for_passthrough("vfio:0000:00:04.0,mmap=off", root.path()).unwrap();
+        assert!(!trapped.map_bars);
         let refused = |spec: &str| {
             ready_for_passthrough(spec, root.path())
                 .unwrap_err()
@@ -412,6 +424,7 @@ mod tests {
         };
         assert!(refused("0000:00:04.0").contains("give a device as vfio:ADDRESS"));
         assert!(refused("vfio:../../../etc").contains("give a device as vfio:ADDRESS"));
+        assert!(refused("vfio:0000:00:04.0,mmap=no").contains("unknown device option"));
         assert!(refused("vfio:0000:00:06.0").contains("no such PCI device"));
         assert!(refused("vfio:0000:00:05.0").contains("not bound to vfio-pci"));
     }

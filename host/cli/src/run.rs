@@ -55,10 +55,11 @@ pub struct RunArgs {
     pub snapshot_to: Option<PathBuf>,
     /// Pass a host PCI device to the agent with VFIO: vfio:ADDRESS, the address as sysfs names
     /// it (vfio:0000:01:00.0), the device bound to vfio-pci and its IOMMU group viable (`agentos
-    /// doctor` says what is missing). Repeatable. Needs a host whose KVM boots Linux; elsewhere
+    /// doctor` says what is missing). Repeatable. `vfio:ADDRESS,mmap=off` traps every access to
+    /// the device's BARs instead of mapping them into the guest (slower). Needs a host whose KVM boots Linux; elsewhere
     /// run it inside a carrier that has the device (`agentos carrier --pci-test-device -- ...`
     /// gives one a test device).
-    #[arg(long = "device", value_name = "vfio:ADDRESS", conflicts_with_all = ["from", "snapshot_to"])]
+    #[arg(long = "device", value_name = "vfio:ADDRESS[,mmap=off]", conflicts_with_all = ["from", "snapshot_to"])]
     pub devices: Vec<String>,
     /// The program and its arguments.
     #[arg(
@@ -138,7 +139,10 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     opts.pci_devices = args
         .devices
         .iter()
-        .map(|d| agentos::pci::ready_for_passthrough(d, Path::new(agentos::pci::SYSFS_PCI_DEVICES)))
+        .map(|d| {
+            agentos::pci::ready_for_passthrough(d, Path::new(agentos::pci::SYSFS_PCI_DEVICES))
+                .map(|device| device.to_string())
+        })
         .collect::<Result<_, _>>()?;
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,

@@ -30,8 +30,8 @@ use agentos_vmm::builder::{build_vm, restore_vm};
 use agentos_vmm::config::{
     ConsoleConfig, DiskConfig, PmemConfig, RestoreConfig, SnapshotFiles, VmConfig, VsockConfig,
 };
-use agentos_vmm::devices::pci::PciAddress;
 use agentos_vmm::devices::pci::passthrough::SYSFS_PCI_DEVICES;
+use agentos_vmm::devices::pci::{PassedDevice, PciAddress};
 use agentos_vmm::exit::{ExitReason, ExitSignal};
 use agentos_vmm::seccomp::SeccompError;
 use agentos_vmm::seccomp::{Role, SeccompFilters};
@@ -100,11 +100,12 @@ pub enum VmmProcessError {
     Report(#[source] io::Error),
 }
 
-/// Logs to stderr as `AGENTOS_LOG` says (default `warn`), each line with the process's uptime:
-/// how `agentos-vmm` and `agentos` log.
+/// Logs to stderr as `AGENTOS_LOG` says (default `warn`, without `vfio-ioctls`' warning about
+/// each optional interrupt kind a device lacks), each line with the process's uptime: how
+/// `agentos-vmm` and `agentos` log.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTOS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,vfio_ioctls=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -174,10 +175,11 @@ pub struct VmmArgs {
     pub pmem: Vec<PathBuf>,
     /// Pass the host PCI function at ADDRESS (as sysfs names it, `vfio:0000:01:00.0`) to the
     /// guest, on its PCI bus: bound to vfio-pci, its IOMMU group viable (see `agentos doctor`).
-    /// Repeat for more. The jail holds /dev/vfio/vfio, the function's group node and its sysfs
+    /// Repeat for more. `vfio:ADDRESS,mmap=off` traps every access to the function's BARs
+    /// instead of mapping them into the guest. The jail holds /dev/vfio/vfio, the function's group node and its sysfs
     /// directory (read-only), and may lock the guest's memory, which the device's DMA pins.
-    #[arg(long = "device", value_name = "vfio:ADDRESS", value_parser = parse_device, conflicts_with = "from")]
-    pub devices: Vec<PciAddress>,
+    #[arg(long = "device", value_name = "vfio:ADDRESS[,mmap=off]", value_parser = parse_device, conflicts_with = "from")]
+    pub devices: Vec<PassedDevice>,
     /// Write a JSON report of the run here when the VM ends (the file is opened before the jail,
     /// never through a symlink).
     #[arg(long)]
@@ -312,21 +314,21 @@ impl VmmArgs {
     }
 }
 
-/// `vfio:ADDRESS`, the one kind of device there is.
-fn parse_device(text: &str) -> Result<PciAddress, String> {
+/// `vfio:ADDRESS[,mmap=off]`, the one kind of device there is.
+fn parse_device(text: &str) -> Result<PassedDevice, String> {
     let address = text.strip_prefix("vfio:").ok_or_else(|| {
         format!("{text:?}: give a device as vfio:ADDRESS, like vfio:0000:01:00.0")
     })?;
     address
         .parse()
-        .map_err(|e: agentos_vmm::devices::pci::BadPciAddress| e.to_string())
+        .map_err(|e: agentos_vmm::devices::pci::BadPassedDevice| e.to_string())
 }
 
 /// The IOMMU group of each passed-through function (its node is `/dev/vfio/<group>`).
-fn iommu_groups(addresses: &[PciAddress]) -> Result<Vec<u32>, VmmProcessError> {
-    addresses
+fn iommu_groups(devices: &[PassedDevice]) -> Result<Vec<u32>, VmmProcessError> {
+    devices
         .iter()
-        .map(|&address| {
+        .map(|&PassedDevice { address, .. }| {
             let link = Path::new(SYSFS_PCI_DEVICES)
                 .join(address.to_string())
                 .join("iommu_group");
@@ -613,7 +615,7 @@ fn jail_plan(args: &VmmArgs, iommu_groups: &[u32]) -> JailPlan {
         read_only_dirs: args
             .devices
             .iter()
-            .map(|a| Path::new(SYSFS_PCI_DEVICES).join(a.to_string()))
+            .map(|d| Path::new(SYSFS_PCI_DEVICES).join(d.address.to_string()))
             .collect(),
         // VFIO pins every page of guest RAM for the devices' DMA.
         locked_memory_bytes: if args.devices.is_empty() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Largest VM the VMM builds; the MADT and the topology leaves number vCPUs in a byte.
 pub const MAX_VCPUS: u8 = 64;
 
-pub use crate::devices::pci::PciAddress;
+pub use crate::devices::pci::{PassedDevice, PciAddress};
 pub use crate::devices::virtio::block::MAX_DISKS;
 pub use crate::devices::virtio::pmem::MAX_PMEM;
 
@@ -27,7 +27,7 @@ pub struct VmConfig {
     /// Read-only virtio-pmem regions, `/dev/pmem0` onwards in the guest.
     pub pmem: Vec<PmemConfig>,
     /// Host PCI functions passed to the guest with VFIO, each bound to `vfio-pci`.
-    pub pci_devices: Vec<PciAddress>,
+    pub pci_devices: Vec<PassedDevice>,
     /// Where the VM is saved when it is asked to ([`crate::exit::ExitReason::Snapshot`]).
     pub snapshot_to: Option<SnapshotFiles>,
 }
@@ -136,8 +136,8 @@ impl VmConfig {
             return Err(ConfigError::PciDevices(self.pci_devices.len()));
         }
         let mut seen = std::collections::BTreeSet::new();
-        if let Some(twice) = self.pci_devices.iter().find(|a| !seen.insert(**a)) {
-            return Err(ConfigError::PciDeviceTwice(*twice));
+        if let Some(twice) = self.pci_devices.iter().find(|d| !seen.insert(d.address)) {
+            return Err(ConfigError::PciDeviceTwice(twice.address));
         }
         if !self.pci_devices.is_empty() && self.snapshot_to.is_some() {
             return Err(ConfigError::SnapshotWithPciDevices);

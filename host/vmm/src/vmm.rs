@@ -251,6 +251,10 @@ impl Vmm {
         start.open();
         let reason = self.parts.event_loop.run(&self.parts.exit);
         let vcpus: Vec<Option<Vcpu>> = handles.into_iter().map(VcpuHandle::stop).collect();
+        // Passed-through devices are released by the kernel when this process exits (closing
+        // a device resets the function): VFIO's own teardown needs system calls this thread's
+        // filter does not allow, and would kill the VMM before it reports.
+        std::mem::forget(self.parts.passthrough.take());
         let reason = reason?;
         self.parts.console.flush_line();
 

@@ -8,6 +8,7 @@ pub mod ipc;
 pub mod isolation;
 pub mod sched;
 pub mod start;
+pub mod vfio;
 
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::BootOptions;
@@ -29,6 +30,10 @@ pub enum BenchCommand {
     /// disks): time to the first exec reply (or inference) and host memory per idle agent, with
     /// ratios.
     Start(start::StartBenchArgs),
+    /// A PCI device passed to an agent with VFIO (QEMU's edu test device) beside the same
+    /// operations done by the host through VFIO: register reads (BAR mapped and trapped), DMA
+    /// round trips, interrupt latency, with VM / host ratios.
+    Vfio(vfio::VfioBenchArgs),
 }
 
 /// The options of a benchmark's agent: `request` checked as every agent's is, with this host's
@@ -46,6 +51,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Infer(args) => infer::run(args),
         BenchCommand::Ipc(args) => ipc::run(args),
         BenchCommand::Start(args) => start::run(args),
+        BenchCommand::Vfio(args) => vfio::run(args),
     }
 }
 

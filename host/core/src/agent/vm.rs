@@ -99,7 +99,8 @@ pub struct BootOptions {
     pub from: Option<PathBuf>,
     /// Let [`AgentVm::snapshot`] save the agent to this directory (which must exist).
     pub snapshot_to: Option<PathBuf>,
-    /// Host PCI functions passed to the agent with VFIO (addresses as sysfs names them).
+    /// Host PCI functions passed to the agent with VFIO (`ADDRESS[,mmap=off]`, addresses as
+    /// sysfs names them).
     pub pci_devices: Vec<String>,
 }
 

@@ -90,6 +90,56 @@ impl fmt::Display for PciAddress {
     }
 }
 
+/// A host PCI function to pass to the guest, and how: `ADDRESS`, or `ADDRESS,mmap=off` to trap
+/// every access to its BARs instead of mapping them into the guest (slower, for a device that
+/// misbehaves when mapped, and to measure what mapping saves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassedDevice {
+    pub address: PciAddress,
+    pub map_bars: bool,
+}
+
+/// The option that traps a passed device's BARs.
+const NO_MMAP: &str = "mmap=off";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BadPassedDevice {
+    #[error(transparent)]
+    Address(#[from] BadPciAddress),
+    #[error("{0:?}: unknown device option; the one there is, mmap=off, traps the device's BARs")]
+    Option(String),
+}
+
+impl FromStr for PassedDevice {
+    type Err = BadPassedDevice;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, option) = match text.split_once(',') {
+            Some((address, option)) => (address, Some(option)),
+            None => (text, None),
+        };
+        let map_bars = match option {
+            None => true,
+            Some(NO_MMAP) => false,
+            Some(other) => return Err(BadPassedDevice::Option(other.to_owned())),
+        };
+        Ok(Self {
+            address: address.parse()?,
+            map_bars,
+        })
+    }
+}
+
+impl fmt::Display for PassedDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.address)?;
+        if !self.map_bars {
+            write!(f, ",{NO_MMAP}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A function on the guest's bus: its configuration space, one dword register at a time.
 pub trait PciFunction: Send {
     /// The dword register `reg` (`reg` < [`CONFIG_REGISTERS`]).
@@ -98,7 +148,7 @@ pub trait PciFunction: Send {
     fn write_config(&mut self, reg: usize, offset: usize, data: &[u8]);
 }
 
-/// Counts of the guest's configuration accesses that were refused.
+/// Counts of the guest's PCI accesses that were refused, and of those the VMM served itself.
 #[derive(Debug, Default)]
 pub struct PciMetrics {
     /// Accesses of a width other than 1, 2 or 4 bytes, or across a register.
@@ -109,6 +159,9 @@ pub struct PciMetrics {
     pub bar_moves_refused: AtomicU64,
     /// Interrupt set-ups the guest asked for (MSI on, off, a new message) that failed.
     pub interrupt_failures: AtomicU64,
+    /// Guest accesses to trapped BARs, forwarded to the device by the VMM (a mapped BAR's
+    /// accesses never leave the guest).
+    pub trapped_bar_accesses: AtomicU64,
 }
 
 impl PciMetrics {
@@ -123,6 +176,7 @@ impl PciMetrics {
             absent_functions: load(&self.absent_functions),
             bar_moves_refused: load(&self.bar_moves_refused),
             interrupt_failures: load(&self.interrupt_failures),
+            trapped_bar_accesses: load(&self.trapped_bar_accesses),
         }
     }
 }
@@ -134,6 +188,7 @@ pub struct PciMetricsSnapshot {
     pub absent_functions: u64,
     pub bar_moves_refused: u64,
     pub interrupt_failures: u64,
+    pub trapped_bar_accesses: u64,
 }
 
 /// The root bus: slot 0 holds the host bridge, devices take the next free slots.
@@ -365,6 +420,25 @@ mod tests {
             "+000:00:03.0",
         ] {
             assert!(bad.parse::<PciAddress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passed_devices_map_their_bars_unless_told_not_to() {
+        let mapped: PassedDevice = "0000:00:01.0".parse().unwrap();
+        assert!(mapped.map_bars);
+        assert_eq!(mapped.to_string(), "0000:00:01.0");
+        let trapped: PassedDevice = "0000:00:01.0,mmap=off".parse().unwrap();
+        assert!(!trapped.map_bars);
+        assert_eq!(trapped.address, mapped.address);
+        assert_eq!(trapped.to_string(), "0000:00:01.0,mmap=off");
+        for bad in [
+            "0000:00:01.0,mmap=on",
+            "0000:00:01.0,",
+            "0000:00:01.0,mmap=off,x",
+            "x,mmap=off",
+        ] {
+            assert!(bad.parse::<PassedDevice>().is_err(), "{bad}");
         }
     }
 

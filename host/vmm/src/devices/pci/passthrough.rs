@@ -14,8 +14,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::msi::MsiRoutes;
 use super::vfio::{BarAllocator, IntxLine, Msi, TrappedBar, VfioPci, VfioPciError, map_bar};
 use super::{
-    CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PciAddress, PciBus,
-    PciMetrics,
+    CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PassedDevice,
+    PciAddress, PciBus, PciMetrics,
 };
 use crate::acpi::{IntxRoute, PciRoot};
 use crate::arch::x86_64::layout::{
@@ -76,14 +76,15 @@ pub struct Passthrough {
     pub root: PciRoot,
 }
 
-/// Opens `addresses` through VFIO and puts them on a new root bus reached through `io_bus` and
-/// `mmio_bus`; BARs that may be mapped become KVM memory slots from `first_slot` on.
+/// Opens `passed` through VFIO and puts them on a new root bus reached through `io_bus` and
+/// `mmio_bus`; BARs that may be mapped (unless the device is to have them trapped) become KVM
+/// memory slots from `first_slot` on.
 pub fn attach(
     vm: &Vm,
     mem: &GuestMemory,
     io_bus: &mut Bus,
     mmio_bus: &mut Bus,
-    addresses: &[PciAddress],
+    passed: &[PassedDevice],
     first_slot: u32,
 ) -> Result<Passthrough, PassthroughError> {
     let mut kvm_vfio = kvm_create_device {
@@ -103,10 +104,10 @@ pub fn attach(
     let mut bus = PciBus::new(metrics.clone());
     let mut bars = BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END);
     let mut slot = first_slot;
-    let mut devices = Vec::with_capacity(addresses.len());
+    let mut devices = Vec::with_capacity(passed.len());
     let mut routes = Vec::new();
     let msi_routes = Arc::new(Mutex::new(MsiRoutes::new(vm.shared_fd())));
-    for &address in addresses {
+    for &PassedDevice { address, map_bars } in passed {
         let sysfs = Path::new(SYSFS_PCI_DEVICES).join(address.to_string());
         let ops: Arc<dyn VfioOps> = container.clone();
         let device = Arc::new(VfioDevice::new(&sysfs, ops, false).map_err(|source| {
@@ -122,7 +123,8 @@ pub fn attach(
         let function =
             VfioPci::new(device.clone(), &mut bars, metrics.clone()).map_err(bars_error)?;
         for bar in function.bars() {
-            if bar.mappable {
+            let mapped = bar.mappable && map_bars;
+            if mapped {
                 let host = map_bar(&device, &bar).map_err(bars_error)?;
                 // SAFETY: `host` maps the whole BAR, shared, and is never unmapped: the
                 // mapping lasts as long as this process, past the VM.
@@ -134,10 +136,11 @@ pub fn attach(
                 let trapped = TrappedBar {
                     device: device.clone(),
                     bar,
+                    metrics: metrics.clone(),
                 };
                 mmio_bus.insert(bar.guest_addr, bar.size, Arc::new(Mutex::new(trapped)))?;
             }
-            tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped = bar.mappable, "BAR placed");
+            tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped, "BAR placed");
         }
         let function = Arc::new(Mutex::new(function));
         let pci_slot = bus.add(function.clone()).ok_or(PassthroughError::BusFull)?;

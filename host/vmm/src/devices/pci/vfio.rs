@@ -408,14 +408,16 @@ fn config_dword(device: &VfioDevice, reg: usize) -> u32 {
     u32::from_le_bytes(bytes)
 }
 
-/// A BAR that cannot be mapped: every access is forwarded to the device.
+/// A BAR that is not mapped into the guest: every access is forwarded to the device.
 pub struct TrappedBar {
     pub device: Arc<VfioDevice>,
     pub bar: Bar,
+    pub metrics: Arc<PciMetrics>,
 }
 
 impl BusDevice for TrappedBar {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        PciMetrics::count(&self.metrics.trapped_bar_accesses);
         data.fill(0xff);
         if offset
             .checked_add(data.len() as u64)
@@ -426,6 +428,7 @@ impl BusDevice for TrappedBar {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        PciMetrics::count(&self.metrics.trapped_bar_accesses);
         if offset
             .checked_add(data.len() as u64)
             .is_some_and(|end| end <= self.bar.size)
