@@ -12,7 +12,7 @@ use crate::common::{Scratch, describe, take_machine, text, vm_available};
 
 const HANG_TIMEOUT_S: &str = "10";
 
-struct Daemon<'a> {
+pub(crate) struct Daemon<'a> {
     t: &'a Scratch,
     socket: PathBuf,
     child: Child,
@@ -20,7 +20,7 @@ struct Daemon<'a> {
 }
 
 impl<'a> Daemon<'a> {
-    fn start(t: &'a Scratch) -> Self {
+    pub(crate) fn start(t: &'a Scratch) -> Self {
         let socket = t.dir.join("daemon.sock");
         let log = t.dir.join("daemon.log");
         let child = t
@@ -45,7 +45,7 @@ impl<'a> Daemon<'a> {
         daemon
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         let mut cmd: Command = self.t.agentos();
         cmd.args(args)
             .env("AGENTOS_SOCKET", &self.socket)
@@ -56,7 +56,7 @@ impl<'a> Daemon<'a> {
         self.t.finish(child, crate::common::command_limit())
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             out.status.success(),
@@ -68,7 +68,7 @@ impl<'a> Daemon<'a> {
     }
 
     /// A command that must fail with one line on stderr containing `why`.
-    fn refused(&self, args: &[&str], why: &str) {
+    pub(crate) fn refused(&self, args: &[&str], why: &str) {
         let out = self.cli(args);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "agentos {args:?} succeeded");
@@ -76,7 +76,7 @@ impl<'a> Daemon<'a> {
         assert!(stderr.contains(why), "{}", describe(&out));
     }
 
-    fn agent(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn agent(&self, name: &str) -> serde_json::Value {
         let ps: serde_json::Value = serde_json::from_str(&self.ok(&["ps", "--json"])).unwrap();
         ps["agents"]
             .as_array()
@@ -111,7 +111,7 @@ impl<'a> Daemon<'a> {
     }
 
     /// Sends `signal` and waits for the daemon to exit.
-    fn signal_and_wait(mut self, signal: i32) -> std::process::ExitStatus {
+    pub(crate) fn signal_and_wait(mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::process::Output;
 
-use agentos::carrier::PCI_TEST_DEVICE_IDS;
+use agentos::carrier::{PCI_TEST_DEVICE_IDS, PCI_TEST_DISPLAY_IDS};
 use agentos::pci;
 
 use crate::common::{Scratch, describe, vmm_process};
+use crate::daemon::Daemon;
 
 /// `agentos doctor --json`'s findings by name, and its PCI devices.
 fn doctor(scratch: &Scratch) -> (serde_json::Value, Vec<serde_json::Value>) {
@@ -440,5 +441,110 @@ fn the_benchmark_times_the_device_in_agents_beside_the_host() {
             "{ratio}: {bench}"
         );
     }
+    scratch.assert_nothing_left();
+}
+
+/// The id register of edu, read in a daemon's agent.
+const READ_EDU_ID: &str = "bar=$(head -n 1 $dev/resource | cut -d' ' -f1); busybox devmem $bar 32";
+
+#[test]
+fn the_daemon_gives_a_device_to_one_agent_at_a_time() {
+    let scratch = Scratch::new("vfio-daemon");
+    let address = bound_test_device(&scratch);
+    let device = format!("vfio:{address}");
+    let d = Daemon::start(&scratch);
+    d.ok(&["spawn", "--name", "a", "--device", &device]);
+    assert_eq!(d.agent("a")["devices"], serde_json::json!([address]));
+    let script = format!("{FIND_EDU}{READ_EDU_ID}");
+    let id = d.ok(&["exec", "a", "--", "/bin/sh", "-c", &script]);
+    assert_eq!(id.trim(), "0x010000ED");
+    let ps = d.ok(&["ps"]);
+    assert!(ps.contains(&format!("devices: {address}")), "{ps}");
+
+    // Held by `a`: refused to another agent, a group member included, before any boot.
+    d.refused(
+        &["spawn", "--name", "b", "--device", &device],
+        &format!("{address}: in use by agent `a`; `agentos rm a` frees it"),
+    );
+    let group = scratch.dir.join("edu.toml");
+    std::fs::write(
+        &group,
+        format!(
+            "name = \"edu\"\nchannels = [\"input -> user\", \"user -> output\"]\n\n[[agent]]\nname = \"user\"\nexec = [\"/bin/cat\"]\ndevices = [\"{device}\"]\n"
+        ),
+    )
+    .unwrap();
+    let group = group.to_str().unwrap();
+    d.refused(&["group", "up", group], "agent `edu/user`: ");
+    d.refused(&["group", "up", group], "in use by agent `a`");
+    let snapshots = scratch.dir.join("snap");
+    std::fs::create_dir(&snapshots).unwrap();
+    d.refused(
+        &["snapshot", "a", "--to", snapshots.to_str().unwrap()],
+        "a VM with a passed-through device cannot be saved",
+    );
+
+    // Freed by `rm`, it goes to the next: the group's member.
+    d.ok(&["rm", "--force", "a"]);
+    d.ok(&["group", "up", group]);
+    assert_eq!(d.agent("edu/user")["devices"], serde_json::json!([address]));
+    let id = d.ok(&["exec", "edu/user", "--", "/bin/sh", "-c", &script]);
+    assert_eq!(id.trim(), "0x010000ED");
+    d.ok(&["group", "down", "edu"]);
+    d.signal_and_wait(libc::SIGTERM);
+    scratch.assert_nothing_left();
+}
+
+/// The address of the carrier's display test device, bound to vfio-pci.
+fn bound_display_device(scratch: &Scratch) -> String {
+    let (_, devices) = doctor(scratch);
+    let (vendor, device) = PCI_TEST_DISPLAY_IDS;
+    let display = devices
+        .iter()
+        .find(|d| d["vendor"] == vendor && d["device"] == device)
+        .unwrap_or_else(|| panic!("no display test device among {devices:?}"));
+    if display["driver"].is_null() {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/new_id", "1234 1111")
+            .expect("binding the display device to vfio-pci");
+    }
+    display["address"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn gpus_are_display_devices_bound_to_vfio_one_agent_each() {
+    let scratch = Scratch::new("vfio-gpu");
+    let address = bound_display_device(&scratch);
+    // The agent finds a display-class device on its bus.
+    let out = scratch.output(
+        &[
+            "run",
+            "--gpu",
+            "1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /sys/bus/pci/devices/*/class",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|c| c.starts_with("0x03")),
+        "{}",
+        describe(&out)
+    );
+    let d = Daemon::start(&scratch);
+    d.ok(&["spawn", "--name", "g1", "--gpu", "1"]);
+    assert_eq!(d.agent("g1")["devices"], serde_json::json!([address]));
+    d.refused(
+        &["spawn", "--name", "g2", "--gpu", "1"],
+        "1 GPU(s) asked for; this host has 1 ready to pass",
+    );
+    d.refused(&["spawn", "--name", "g2", "--gpu", "1"], "1 of them in use");
+    d.ok(&["rm", "--force", "g1"]);
+    d.ok(&["spawn", "--name", "g2", "--gpu", "1"]);
+    d.signal_and_wait(libc::SIGTERM);
     scratch.assert_nothing_left();
 }

@@ -72,22 +72,27 @@ const CARRIER_ID: u32 = 65534;
 /// above; the combination with `idle=poll` is what the VM test suite runs on.
 const CARRIER_CPU: &str = "max,vgif=off";
 
-/// The carrier's PCI test device: Intel's IOMMU emulated with interrupt remapping (which the
+/// The carrier's PCI test devices: Intel's IOMMU emulated with interrupt remapping (which the
 /// split irqchip allows) and `caching-mode`, which makes QEMU see every mapping its guest's
-/// VFIO sets up, and QEMU's `edu` device (1234:11e8: registers, a DMA engine, MSI) behind it, in
-/// an IOMMU group of its own. Enough to pass a device to an agent exactly as a GPU on a host with
-/// an IOMMU, and to test it.
+/// VFIO sets up, and behind it, each in an IOMMU group of its own, QEMU's `edu` device
+/// (1234:11e8: registers, a DMA engine, MSI) and its `bochs-display` (1234:1111, PCI class
+/// display: what `--gpu` takes). Enough to pass a device to an agent exactly as a GPU on a host
+/// with an IOMMU, and to test it.
 pub const PCI_TEST_DEVICE: &[&str] = &[
     "-device",
     "intel-iommu,intremap=on,caching-mode=on",
     "-device",
     "edu",
+    "-device",
+    "bochs-display",
 ];
 /// The carrier kernel's part: the IOMMU on, host devices (the carrier's own virtio ones) kept on
 /// identity mappings.
 const PCI_TEST_CMDLINE: &str = "intel_iommu=on iommu=pt";
 /// The test device's vendor and device ids.
 pub const PCI_TEST_DEVICE_IDS: (u16, u16) = (0x1234, 0x11e8);
+/// The test display device's (`bochs-display`).
+pub const PCI_TEST_DISPLAY_IDS: (u16, u16) = (0x1234, 0x1111);
 
 /// Why a carrier did not run a command.
 #[derive(Debug, thiserror::Error)]

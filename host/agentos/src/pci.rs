@@ -206,6 +206,23 @@ pub enum PassthroughError {
     Absent(String),
     #[error("{address}: {why}")]
     Unready { address: String, why: String },
+    #[error(
+        "{address}: in use by agent `{holder}`{}; `agentos rm {holder}` frees it",
+        if *.shared_group { " (its IOMMU group, which goes to one VM at a time)" } else { "" }
+    )]
+    InUse {
+        address: String,
+        holder: String,
+        shared_group: bool,
+    },
+    #[error(
+        "{asked} GPU(s) asked for; this host has {ready} ready to pass (PCI class display, bound to vfio-pci, group viable), {in_use} of them in use by other agents; `agentos doctor` says what the others need"
+    )]
+    NotEnoughGpus {
+        asked: u32,
+        ready: usize,
+        in_use: usize,
+    },
     #[error("cannot read {}", SYSFS_PCI_DEVICES)]
     Sysfs(#[source] io::Error),
 }
@@ -222,17 +239,105 @@ pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<PassedDevice, Pa
             BadPassedDevice::Address(_) => syntax(),
             option @ BadPassedDevice::Option(_) => PassthroughError::Option(option.to_string()),
         })?;
-    let address = passed.address.to_string();
     let all = devices(root).map_err(PassthroughError::Sysfs)?;
+    check_ready(&passed, &all)?;
+    Ok(passed)
+}
+
+/// `passed` is among `all`, bound to vfio-pci, its group viable.
+fn check_ready<'a>(
+    passed: &PassedDevice,
+    all: &'a [PciDevice],
+) -> Result<&'a PciDevice, PassthroughError> {
+    let address = passed.address.to_string();
     let dev = all
         .iter()
         .find(|d| d.address == address)
         .ok_or_else(|| PassthroughError::Absent(address.clone()))?;
-    readiness(dev, &all).map_err(|why| PassthroughError::Unready {
-        address: address.clone(),
+    readiness(dev, all).map_err(|why| PassthroughError::Unready {
+        address,
         why: why.describe(dev),
     })?;
-    Ok(passed)
+    Ok(dev)
+}
+
+/// A device another agent holds: its address and that agent's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub address: String,
+    pub holder: String,
+}
+
+/// What an agent asking for `named` devices and `gpus` GPUs gets on the host whose devices
+/// are under `root`, beside the devices other agents hold (`held`): each named device, ready
+/// and free, and the first `gpus` ready display devices that are free and not named. A
+/// device is not free when another agent holds it or a device of its IOMMU group, which VFIO
+/// gives to one VM at a time.
+pub fn assign(
+    named: &[PassedDevice],
+    gpus: u32,
+    held: &[Held],
+    root: &Path,
+) -> Result<Vec<PassedDevice>, PassthroughError> {
+    if named.is_empty() && gpus == 0 {
+        return Ok(Vec::new());
+    }
+    let all = devices(root).map_err(PassthroughError::Sysfs)?;
+    let group_of = |address: &str| {
+        all.iter()
+            .find(|d| d.address == address)
+            .and_then(|d| d.iommu_group)
+    };
+    let holder_of = |dev: &PciDevice| {
+        held.iter().find(|h| {
+            h.address == dev.address
+                || (dev.iommu_group.is_some() && group_of(&h.address) == dev.iommu_group)
+        })
+    };
+    let mut assigned = Vec::with_capacity(named.len() + gpus as usize);
+    for passed in named {
+        let dev = check_ready(passed, &all)?;
+        if let Some(h) = holder_of(dev) {
+            return Err(PassthroughError::InUse {
+                address: dev.address.clone(),
+                holder: h.holder.clone(),
+                shared_group: h.address != dev.address,
+            });
+        }
+        assigned.push(*passed);
+    }
+    if gpus > 0 {
+        let ready: Vec<&PciDevice> = all
+            .iter()
+            .filter(|d| d.base_class() == DISPLAY_CLASS && readiness(d, &all).is_ok())
+            .collect();
+        let free: Vec<&PciDevice> = ready
+            .iter()
+            .copied()
+            .filter(|d| holder_of(d).is_none())
+            .filter(|d| !named.iter().any(|n| n.address.to_string() == d.address))
+            .collect();
+        if free.len() < gpus as usize {
+            return Err(PassthroughError::NotEnoughGpus {
+                asked: gpus,
+                ready: ready.len(),
+                in_use: ready.len() - free.len(),
+            });
+        }
+        for dev in free.into_iter().take(gpus as usize) {
+            let address = dev.address.parse().map_err(|_| {
+                PassthroughError::Sysfs(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a PCI address", dev.address),
+                ))
+            })?;
+            assigned.push(PassedDevice {
+                address,
+                map_bars: true,
+            });
+        }
+    }
+    Ok(assigned)
 }
 
 #[cfg(test)]
@@ -427,6 +532,89 @@ mod tests {
         assert!(refused("vfio:0000:00:04.0,mmap=no").contains("unknown device option"));
         assert!(refused("vfio:0000:00:06.0").contains("no such PCI device"));
         assert!(refused("vfio:0000:00:05.0").contains("not bound to vfio-pci"));
+    }
+
+    #[test]
+    fn agents_get_free_devices_and_gpus_one_vm_per_group() {
+        let root = tempfile::tempdir().unwrap();
+        let vga = (0x10de, 0x2330, 0x030000);
+        let bound = Some("vfio-pci");
+        fake(root.path(), "0000:01:00.0", vga, bound, Some(1), 0);
+        // A GPU and its audio function share a group.
+        fake(root.path(), "0000:02:00.0", vga, bound, Some(2), 0);
+        fake(
+            root.path(),
+            "0000:02:00.1",
+            (0x10de, 0x22bb, 0x040300),
+            bound,
+            Some(2),
+            0,
+        );
+        fake(root.path(), "0000:03:00.0", vga, None, Some(3), 0);
+        fake(
+            root.path(),
+            "0000:04:00.0",
+            (0x1234, 0x11e8, 0x00ff00),
+            bound,
+            Some(4),
+            0,
+        );
+        let dev = |a: &str| PassedDevice {
+            address: a.parse().unwrap(),
+            map_bars: true,
+        };
+        let held = |address: &str, holder: &str| Held {
+            address: address.into(),
+            holder: holder.into(),
+        };
+        let names = |v: Vec<PassedDevice>| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        let got = assign(&[dev("0000:04:00.0")], 2, &[], root.path()).unwrap();
+        assert_eq!(names(got), ["0000:04:00.0", "0000:01:00.0", "0000:02:00.0"]);
+        // The unbound GPU is never picked; a held one is skipped.
+        let got = assign(&[], 1, &[held("0000:01:00.0", "a")], root.path()).unwrap();
+        assert_eq!(names(got), ["0000:02:00.0"]);
+        let short = assign(&[], 2, &[held("0000:01:00.0", "a")], root.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.starts_with("2 GPU(s) asked for; this host has 2 ready"),
+            "{short}"
+        );
+        assert!(short.contains("1 of them in use"), "{short}");
+        let busy = assign(
+            &[dev("0000:04:00.0")],
+            0,
+            &[held("0000:04:00.0", "b")],
+            root.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            busy,
+            "0000:04:00.0: in use by agent `b`; `agentos rm b` frees it"
+        );
+        // Its group-mate is held: the GPU goes to no other VM.
+        let mate = assign(
+            &[dev("0000:02:00.0")],
+            0,
+            &[held("0000:02:00.1", "c")],
+            root.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            mate.contains("in use by agent `c` (its IOMMU group"),
+            "{mate}"
+        );
+        let got = assign(&[], 2, &[held("0000:02:00.1", "c")], root.path());
+        assert!(got.is_err(), "the GPU whose group is held is not free");
+        assert!(
+            assign(&[dev("0000:03:00.0")], 0, &[], root.path())
+                .unwrap_err()
+                .to_string()
+                .contains("not bound to vfio-pci")
+        );
+        assert_eq!(assign(&[], 0, &[], Path::new("/nonexistent")).unwrap(), []);
     }
 
     #[test]

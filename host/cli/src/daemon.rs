@@ -40,6 +40,8 @@ pub struct SpawnArgs {
     pub memory: Option<u64>,
     #[command(flatten)]
     pub slice: crate::flags::SliceArgs,
+    #[command(flatten)]
+    pub devices: crate::flags::DeviceArgs,
     /// When its VM ends: never boot it again, on-failure (crash or hang), or always.
     #[arg(long, value_enum, default_value_t = RestartPolicy::OnFailure)]
     pub restart: RestartPolicy,
@@ -248,6 +250,8 @@ pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
         queue: args.slice.wait,
         from: args.from.as_deref().map(absolute).transpose()?,
         pool: args.pool.clone(),
+        devices: args.devices.devices.clone(),
+        gpus: args.devices.gpus,
     });
     let info: AgentInfo = client(&args.socket)?.call(&request)?;
     if args.json {
@@ -308,6 +312,9 @@ pub fn ps(args: &PsArgs) -> anyhow::Result<i32> {
             a.model.as_deref().unwrap_or("-"),
             a.last_error.as_deref().unwrap_or(""),
         )?;
+        if !a.devices.is_empty() {
+            writeln!(out, "{:<20} devices: {}", "", a.devices.join(", "))?;
+        }
     }
     Ok(0)
 }

@@ -37,6 +37,29 @@ pub struct SliceArgs {
     pub wait: bool,
 }
 
+/// Host PCI devices for an agent, as `run` and `spawn` take them.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// Pass a host PCI device to the agent with VFIO: vfio:ADDRESS, the address as sysfs names
+    /// it (vfio:0000:01:00.0), the device bound to vfio-pci and its IOMMU group viable (`agentos
+    /// doctor` says what is missing). Repeatable. `vfio:ADDRESS,mmap=off` traps every access to
+    /// the device's BARs instead of mapping them into the guest (slower). Needs a host whose
+    /// KVM boots Linux; elsewhere run it inside a carrier that has the device (`agentos carrier
+    /// --pci-test-device -- ...` gives one a test device).
+    #[arg(long = "device", value_name = "vfio:ADDRESS[,mmap=off]")]
+    pub devices: Vec<String>,
+    /// Pass N GPUs: devices of PCI class display bound to vfio-pci, groups viable, that no
+    /// other agent holds.
+    #[arg(long = "gpu", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=31))]
+    pub gpus: Option<u32>,
+}
+
+impl DeviceArgs {
+    pub fn any(&self) -> bool {
+        !self.devices.is_empty() || self.gpus.is_some()
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
     /// Number of vCPUs.
@@ -128,17 +151,25 @@ impl VmArgs {
             disks: self.disk.clone(),
             kernel_args: self.kernel_args.clone(),
             from: from.map(Path::to_owned),
+            devices: Vec::new(),
+            gpus: None,
         }
     }
 
-    /// Checks what a user can get wrong, before anything is started; warns of `--no-jail`.
-    pub fn validate(&self, from: Option<&Path>) -> anyhow::Result<AgentSpec> {
+    /// Checks what a user can get wrong, before anything is started (the agent given `devices`
+    /// too); warns of `--no-jail`.
+    pub fn validate(&self, from: Option<&Path>, devices: &DeviceArgs) -> anyhow::Result<AgentSpec> {
         if self.no_jail {
             eprintln!(
                 "agentos: WARNING: --no-jail runs the VMM unconfined (no namespaces, private root or capability drop); a guest that breaks out of KVM reaches this host with the VMM's privileges. Use it for debugging only."
             );
         }
-        Ok(self.request(from).validate()?)
+        Ok(AgentRequest {
+            devices: devices.devices.clone(),
+            gpus: devices.gpus,
+            ..self.request(from)
+        }
+        .validate()?)
     }
 
     /// The VMM's options for `spec`, run as these flags say: console, boot timeout, jail, and

@@ -16,6 +16,7 @@ use agentos::carrier::{self, CarrierRun};
 use agentos::daemon::agent::{Agent, AgentConfig};
 use agentos::daemon::api::AgentState;
 use agentos::daemon::api::{MAX_BOOT_TIMEOUT_S, MAX_TIMEOUT_S};
+use agentos::daemon::devices;
 use agentos::group::file::{self, GroupSpec, MAX_RESTARTS, OUTPUT};
 use agentos::group::member::{MemberHooks, member_name};
 use agentos::group::report::{AgentReport, GroupReport, groups_dir, trace_path};
@@ -300,12 +301,13 @@ fn run_here(
 
     // Every agent boots at once, each on its supervisor's thread; each VM is its own process.
     let mut agents = Vec::new();
+    let mut held = Vec::new();
     for (member, agent) in spec.members() {
         let opts = opts_of
             .get(&agent.name)
             .cloned()
             .context("a member of the group has no options")?;
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             name: member_name(&spec.name, &member),
             model: agent.model.clone(),
             restart: agent.restart,
@@ -320,7 +322,12 @@ fn run_here(
                 router: router.clone(),
                 member: member.clone(),
             })),
+            devices: agent.vm.devices().to_vec(),
+            gpus: agent.vm.gpus(),
         };
+        devices::admit_beside(&held, &mut config)
+            .map_err(|e| anyhow::anyhow!("agent `{member}`: {}", e.message))?;
+        held.extend(devices::held_by(std::iter::once(&config)));
         agents.push((
             member,
             Agent::spawn(config).context("cannot start an agent")?,

@@ -10,7 +10,7 @@ use agentos_vmm::snapshot::{MEMORY_FILE, STATE_FILE};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::flags::{VmArgs, parse_env};
+use crate::flags::{DeviceArgs, VmArgs, parse_env};
 use agentos::carrier;
 use agentos::daemon::api::MAX_TIMEOUT_S;
 use agentos::placement::{self, Placement};
@@ -53,14 +53,8 @@ pub struct RunArgs {
     /// `memory` and `vm.state` are replaced) instead of shutting it down.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub snapshot_to: Option<PathBuf>,
-    /// Pass a host PCI device to the agent with VFIO: vfio:ADDRESS, the address as sysfs names
-    /// it (vfio:0000:01:00.0), the device bound to vfio-pci and its IOMMU group viable (`agentos
-    /// doctor` says what is missing). Repeatable. `vfio:ADDRESS,mmap=off` traps every access to
-    /// the device's BARs instead of mapping them into the guest (slower). Needs a host whose KVM boots Linux; elsewhere
-    /// run it inside a carrier that has the device (`agentos carrier --pci-test-device -- ...`
-    /// gives one a test device).
-    #[arg(long = "device", value_name = "vfio:ADDRESS[,mmap=off]", conflicts_with_all = ["from", "snapshot_to"])]
-    pub devices: Vec<String>,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// The program and its arguments.
     #[arg(
         last = true,
@@ -101,18 +95,23 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     if args.infer.model.is_some() {
         return crate::infer::run(&args.vm, &args.infer, args.json, started);
     }
-    let spec = args.vm.validate(args.from.as_deref())?;
+    let spec = args.vm.validate(args.from.as_deref(), &args.devices)?;
     if let Some(dir) = &args.from {
         // Refused here, before a carrier would be started for it.
         snapshot_shape(dir)?;
     }
     if let Some(dir) = &args.snapshot_to {
+        if args.devices.any() {
+            bail!(
+                "--snapshot-to with --device or --gpu: a VM with a passed-through device cannot be saved"
+            );
+        }
         check_snapshot_target(dir, args.from.as_deref())?;
     }
     if placement::decide(args.vm.carrier)? == Placement::Carrier {
-        if !args.devices.is_empty() {
+        if args.devices.any() {
             bail!(
-                "--device needs a host whose KVM boots Linux; here agents run in a carrier, which has no PCI device to pass unless started with one: run `agentos carrier --pci-test-device -- agentos run --device ...`"
+                "--device and --gpu need a host whose KVM boots Linux; here agents run in a carrier, which has no PCI device to pass unless started with one: run `agentos carrier --pci-test-device -- agentos run --device ...`"
             );
         }
         if args.snapshot_to.is_some() {
@@ -136,14 +135,15 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
     }
     let mut opts = args.vm.boot_options(&spec)?;
     opts.snapshot_to = args.snapshot_to.clone();
-    opts.pci_devices = args
-        .devices
-        .iter()
-        .map(|d| {
-            agentos::pci::ready_for_passthrough(d, Path::new(agentos::pci::SYSFS_PCI_DEVICES))
-                .map(|device| device.to_string())
-        })
-        .collect::<Result<_, _>>()?;
+    opts.pci_devices = agentos::pci::assign(
+        spec.devices(),
+        spec.gpus(),
+        &[],
+        Path::new(agentos::pci::SYSFS_PCI_DEVICES),
+    )?
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),
@@ -253,7 +253,12 @@ mod tests {
     #[test]
     fn too_little_memory_is_refused_with_the_minimum() {
         let cli = Cli::parse_from(["t", "--memory", "64", "--", "true"]);
-        let err = cli.run.vm.validate(None).unwrap_err().to_string();
+        let err = cli
+            .run
+            .vm
+            .validate(None, &cli.run.devices)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("memory 64 MiB: use 128 to"), "{err}");
     }
 
@@ -285,7 +290,10 @@ mod tests {
         let request = cli.run.vm.request(cli.run.from.as_deref());
         assert_eq!(request.vcpus, None);
         assert_eq!(request.from, Some(PathBuf::from("/s")));
-        let err = cli.run.vm.validate(Some(std::path::Path::new("/s")));
+        let err = cli
+            .run
+            .vm
+            .validate(Some(std::path::Path::new("/s")), &cli.run.devices);
         assert!(err.is_ok(), "{err:?}");
     }
 
@@ -303,10 +311,10 @@ mod tests {
     #[test]
     fn a_class_is_a_weight_and_excludes_one() {
         let cli = Cli::parse_from(["t", "--class", "interactive", "--", "true"]);
-        let spec = cli.run.vm.validate(None).unwrap();
+        let spec = cli.run.vm.validate(None, &cli.run.devices).unwrap();
         assert_eq!(spec.cpu().weight, Some(10_000));
         let cli = Cli::parse_from(["t", "--weight", "300", "--", "true"]);
-        let spec = cli.run.vm.validate(None).unwrap();
+        let spec = cli.run.vm.validate(None, &cli.run.devices).unwrap();
         assert_eq!(spec.cpu().weight, Some(300));
         assert!(Cli::try_parse_from(["t", "--class", "idle", "--weight", "5", "--", "x"]).is_err());
         assert!(Cli::try_parse_from(["t", "--class", "urgent", "--", "x"]).is_err());

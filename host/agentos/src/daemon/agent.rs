@@ -25,6 +25,7 @@ use agentos_core::agent::supervision::{AgentHooks, Backoff};
 use agentos_core::agent::vm::{AgentVm, BootOptions, VmError};
 use agentos_core::cgroup::AgentCgroup;
 use agentos_core::cgroup::slice::PriorityClass;
+use agentos_vmm::devices::pci::PassedDevice;
 
 /// How often an idle agent's thread looks at its VM.
 const WATCH_TICK: Duration = Duration::from_millis(250);
@@ -60,6 +61,10 @@ pub struct AgentConfig {
     /// Told of each VM once it is up (before it counts as running: a group member joins its
     /// group there) and when it ends.
     pub hooks: Option<Arc<dyn AgentHooks>>,
+    /// The PCI devices asked for by address and the number of GPUs, which admission turns
+    /// into `opts.pci_devices` (see [`super::devices`]).
+    pub devices: Vec<PassedDevice>,
+    pub gpus: u32,
 }
 
 /// A request for the agent's thread: what to do, when its client stops waiting, and where the
@@ -200,6 +205,7 @@ impl Agent {
             last_error: status.last_error.clone(),
             paused: status.cgroup.as_ref().is_some_and(|c| c.is_frozen()),
             jail: status.jail,
+            devices: self.config.opts.pci_devices.clone(),
         }
     }
 

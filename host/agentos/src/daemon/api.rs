@@ -201,6 +201,13 @@ pub struct SpawnRequest {
     /// once; its snapshot decides what `from` would.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Host PCI devices passed to the agent with VFIO, `vfio:ADDRESS[,mmap=off]`: each bound to
+    /// vfio-pci and held by no other agent (`no_room` otherwise).
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// This many GPUs (PCI class display, bound to vfio-pci) that no other agent holds.
+    #[serde(default)]
+    pub gpus: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -489,6 +496,9 @@ pub struct AgentInfo {
     /// The jail its current VM's VMM runs in (`full`, `rootless`, `none`).
     #[serde(default)]
     pub jail: Option<agentos_jail::JailLevel>,
+    /// The host PCI devices it holds (`ADDRESS[,mmap=off]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ use super::api::{
     AgentState, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, GroupInputRequest, GroupUpReply,
     GroupUpRequest,
 };
+use super::devices;
 use super::{Daemon, configure, to_value, unknown_agent};
 use crate::group::file::{self, GroupSpec, MAX_RESTARTS};
 use crate::group::member::{MemberHooks, member_name};
@@ -117,6 +118,14 @@ impl Daemon {
                         super::MAX_AGENTS
                     ),
                 ));
+            }
+            let mut configs = configs;
+            let mut held = devices::held_by(agents.values().map(Agent::config));
+            for config in &mut configs {
+                devices::admit_beside(&held, config).map_err(|e| {
+                    ApiError::new(e.kind, format!("agent `{}`: {}", config.name, e.message))
+                })?;
+                held.extend(devices::held_by(std::iter::once(&*config)));
             }
             for config in configs {
                 let name = config.name.clone();

@@ -197,6 +197,7 @@ mod tests {
             last_error: None,
             paused: false,
             jail: None,
+            devices: Vec::new(),
         };
         let stats = CgroupStats {
             cpu_usage_us: 1_500_000,

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 mod arbiter;
 pub mod client;
+pub mod devices;
 mod groups;
 mod metrics;
 mod server;
@@ -418,11 +419,13 @@ impl Daemon {
                 || request.pin
                 || request.weight.is_some()
                 || request.class.is_some()
-                || request.queue;
+                || request.queue
+                || !request.devices.is_empty()
+                || request.gpus.is_some();
             if others {
                 return Err(ApiError::new(
                     ErrorKind::Invalid,
-                    "a pool's agents are alike: give no from, model, vcpus, memory or slice with pool".to_owned(),
+                    "a pool's agents are alike: give no from, model, vcpus, memory, slice or devices with pool".to_owned(),
                 ));
             }
             let opts = self
@@ -451,9 +454,10 @@ impl Daemon {
         let wait = request.wait;
         let log = self.state.join(&format!("{name}.log"));
         let hang_timeout = self.hang_timeout;
-        let config = tokio::task::spawn_blocking(move || agent_config(request, log, hang_timeout))
-            .await
-            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))??;
+        let mut config =
+            tokio::task::spawn_blocking(move || agent_config(request, log, hang_timeout))
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))??;
         {
             let mut agents = self.lock_agents();
             // Checked again: another client may have taken the name meanwhile.
@@ -463,6 +467,7 @@ impl Daemon {
                     format!("an agent named `{name}` exists already; pick another name"),
                 ));
             }
+            devices::admit(&agents, &mut config)?;
             let _ = std::fs::remove_file(&config.log);
             // A pool with none ready is a restore from its snapshot, by the agent's thread.
             let claimed = match &pool {
@@ -629,6 +634,17 @@ impl Daemon {
                 format!(
                     "snapshot to {}: give an existing directory of the daemon's host, as an absolute path (not a symlink)",
                     request.to
+                ),
+            ));
+        }
+        let devices = self.with_agent(&request.name, |a| a.config().opts.pci_devices.clone())?;
+        if !devices.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!(
+                    "agent `{}` holds PCI devices ({}): a VM with a passed-through device cannot be saved",
+                    request.name,
+                    devices.join(", ")
                 ),
             ));
         }
@@ -816,6 +832,8 @@ fn agent_config(
         pin: request.pin,
         model: request.model.clone(),
         from,
+        devices: request.devices.clone(),
+        gpus: request.gpus,
         ..Default::default()
     }
     .validate()
@@ -853,7 +871,9 @@ fn configure(
                 format!("cannot create {}: {e}", own.display()),
             )
         })?;
-    opts.snapshot_to = Some(own);
+    // A VM with a PCI device cannot be saved.
+    let with_devices = !spec.devices().is_empty() || spec.gpus() > 0;
+    opts.snapshot_to = (!with_devices).then_some(own);
     Ok(AgentConfig {
         name,
         // A restored agent's is its snapshot's.
@@ -866,6 +886,8 @@ fn configure(
         class: spec.class(),
         max_restarts: None,
         hooks: None,
+        devices: spec.devices().to_vec(),
+        gpus: spec.gpus(),
     })
 }
 

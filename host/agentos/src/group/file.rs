@@ -163,6 +163,10 @@ struct RawAgent {
     #[serde(default)]
     restart: RestartPolicy,
     count: Option<u32>,
+    /// Host PCI devices, `vfio:ADDRESS[,mmap=off]` (see `agentos run --device`).
+    #[serde(default)]
+    devices: Vec<String>,
+    gpus: Option<u32>,
 }
 
 /// Reads and checks the group file at `path`; returns it with its text.
@@ -371,11 +375,18 @@ fn agent_spec(
         class: raw.class,
         cpuset: raw.cpuset.clone(),
         model: raw.model.clone(),
+        devices: raw.devices.clone(),
+        gpus: raw.gpus,
         ..Default::default()
     }
     .validate()
     .map_err(|e| here(format!("agent `{name}`: {}", error_chain(&e))))?;
     let count = raw.count.unwrap_or(1);
+    if count > 1 && !raw.devices.is_empty() {
+        return Err(here(format!(
+            "agent `{name}`: replicas cannot share `devices` (a device goes to one VM); give `gpus` instead, or one agent per device"
+        )));
+    }
     if !(1..=MAX_AGENTS as u32).contains(&count) {
         return Err(here(format!(
             "agent `{name}`: count = {count}; give 1 to {MAX_AGENTS} replicas"
@@ -573,6 +584,32 @@ class = "interactive"
                 ("translator-2".to_owned(), "translator"),
                 ("translator-3".to_owned(), "translator"),
             ]
+        );
+    }
+
+    #[test]
+    fn agents_ask_for_devices_and_gpus_and_replicas_only_for_gpus() {
+        let spec = parse(&DIGEST.replace(
+            "memory = 256",
+            "devices = [\"vfio:0000:00:01.0\"]\ngpus = 1",
+        ))
+        .unwrap();
+        assert_eq!(spec.agents[1].vm.devices()[0].to_string(), "0000:00:01.0");
+        assert_eq!(spec.agents[1].vm.gpus(), 1);
+        let gpus = parse(&DIGEST.replace("memory = 256", "count = 2\ngpus = 1")).unwrap();
+        assert_eq!(gpus.agents[1].vm.gpus(), 1);
+        let (_, problem) = error(&DIGEST.replace(
+            "memory = 256",
+            "count = 2\ndevices = [\"vfio:0000:00:01.0\"]",
+        ));
+        assert!(
+            problem.contains("replicas cannot share `devices`"),
+            "{problem}"
+        );
+        let (_, problem) = error(&DIGEST.replace("memory = 256", "devices = [\"0000:00:01.0\"]"));
+        assert!(
+            problem.contains("give a device as vfio:ADDRESS"),
+            "{problem}"
         );
     }
 

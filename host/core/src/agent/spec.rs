@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use agentos_image::model::{ModelError, ModelStore, model_disks};
 use agentos_image::{AGENT_IMAGE, BuiltImage, ImageError};
-use agentos_vmm::config::{MAX_DISKS, MAX_VCPUS};
+use agentos_vmm::config::{MAX_DISKS, MAX_PCI_DEVICES, MAX_VCPUS};
+use agentos_vmm::devices::pci::PassedDevice;
 use agentos_vmm::devices::virtio::block::{BlockError, disk_size};
 
 use super::snapshot::{SavedAgent, SnapshotDirError, model_disks_of, snapshot_shape};
@@ -43,6 +44,12 @@ pub struct AgentRequest {
     /// Restore the agent saved in this snapshot directory: vCPUs, memory and model are the
     /// snapshot's.
     pub from: Option<PathBuf>,
+    /// Host PCI devices passed to the agent with VFIO, `vfio:ADDRESS[,mmap=off]`. Whether they
+    /// exist, are bound to vfio-pci and free is for the front end that places the agent.
+    pub devices: Vec<String>,
+    /// Devices of PCI class display (GPUs) bound to vfio-pci, picked by the front end from
+    /// those no other agent has.
+    pub gpus: Option<u32>,
 }
 
 /// A checked [`AgentRequest`].
@@ -58,6 +65,8 @@ pub struct AgentSpec {
     disks: Vec<PathBuf>,
     kernel_args: Option<String>,
     from: Option<PathBuf>,
+    devices: Vec<PassedDevice>,
+    gpus: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +101,18 @@ pub enum SpecError {
         "an agent restored from a snapshot has the snapshot's vCPUs, memory, kernel and model; give none"
     )]
     RestoreShape,
+    #[error(
+        "{0:?}: give a device as vfio:ADDRESS, with the address as sysfs names it, like vfio:0000:01:00.0 (`,mmap=off` after it traps its BARs)"
+    )]
+    Device(String),
+    #[error("{0} is given twice")]
+    DeviceTwice(String),
+    #[error("{0} PCI devices asked for (GPUs included); a VM has at most {MAX_PCI_DEVICES}")]
+    TooManyDevices(usize),
+    #[error(
+        "an agent restored from a snapshot cannot be given PCI devices (a VM with one cannot be saved)"
+    )]
+    RestoreWithDevices,
     #[error(transparent)]
     Snapshot(#[from] SnapshotDirError),
     /// Its message says how to build the image.
@@ -177,6 +198,7 @@ impl AgentRequest {
                 source,
             })?;
         }
+        let devices = self.passed_devices()?;
         Ok(AgentSpec {
             vcpus,
             memory_mib,
@@ -188,7 +210,34 @@ impl AgentRequest {
             disks: self.disks.clone(),
             kernel_args: self.kernel_args.clone(),
             from: self.from.clone(),
+            devices,
+            gpus: self.gpus.unwrap_or(0),
         })
+    }
+
+    /// The devices asked for, each once, within the VMM's limit with the GPUs; none beside a
+    /// snapshot.
+    fn passed_devices(&self) -> Result<Vec<PassedDevice>, SpecError> {
+        let gpus = self.gpus.unwrap_or(0) as usize;
+        if self.from.is_some() && (!self.devices.is_empty() || gpus > 0) {
+            return Err(SpecError::RestoreWithDevices);
+        }
+        let asked = self.devices.len().saturating_add(gpus);
+        if asked > MAX_PCI_DEVICES {
+            return Err(SpecError::TooManyDevices(asked));
+        }
+        let mut devices: Vec<PassedDevice> = Vec::with_capacity(self.devices.len());
+        for text in &self.devices {
+            let device: PassedDevice = text
+                .strip_prefix("vfio:")
+                .and_then(|d| d.parse().ok())
+                .ok_or_else(|| SpecError::Device(text.clone()))?;
+            if devices.iter().any(|d| d.address == device.address) {
+                return Err(SpecError::DeviceTwice(device.address.to_string()));
+            }
+            devices.push(device);
+        }
+        Ok(devices)
     }
 }
 
@@ -230,6 +279,16 @@ impl AgentSpec {
     /// The snapshot the agent is restored from.
     pub fn from(&self) -> Option<&Path> {
         self.from.as_deref()
+    }
+
+    /// The PCI devices asked for by address.
+    pub fn devices(&self) -> &[PassedDevice] {
+        &self.devices
+    }
+
+    /// How many GPUs the agent is to be given besides [`Self::devices`].
+    pub fn gpus(&self) -> u32 {
+        self.gpus
     }
 
     /// The VMM's boot options for this agent, with images and models from `cache`: the agent
@@ -282,6 +341,7 @@ impl AgentSpec {
             model_disks,
             extra_cmdline: self.kernel_args.clone(),
             cpu: self.cpu.clone(),
+            pci_devices: self.devices.iter().map(ToString::to_string).collect(),
             ..BootOptions::blank()
         })
     }
@@ -425,6 +485,40 @@ mod tests {
             ..Default::default()
         };
         assert!(refused(kernel).ends_with("vmlinuz does not exist or is not a file"));
+    }
+
+    #[test]
+    fn devices_are_given_as_vfio_addresses_each_once_and_not_beside_a_snapshot() {
+        let with = |devices: &[&str], gpus: Option<u32>| AgentRequest {
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            gpus,
+            ..Default::default()
+        };
+        let spec = with(
+            &["vfio:0000:00:01.0", "vfio:0000:00:02.0,mmap=off"],
+            Some(2),
+        )
+        .validate()
+        .unwrap();
+        assert_eq!(spec.devices().len(), 2);
+        assert!(!spec.devices()[1].map_bars);
+        assert_eq!(spec.gpus(), 2);
+        assert!(refused(with(&["0000:00:01.0"], None)).contains("give a device as vfio:ADDRESS"));
+        assert!(refused(with(&["vfio:0000:00:01.0,mmap=no"], None)).contains("give a device"));
+        assert_eq!(
+            refused(with(
+                &["vfio:0000:00:01.0", "vfio:0000:00:01.0,mmap=off"],
+                None
+            )),
+            "0000:00:01.0 is given twice"
+        );
+        assert!(refused(with(&["vfio:0000:00:01.0"], Some(31))).starts_with("32 PCI devices"));
+        let restored = AgentRequest {
+            from: Some(PathBuf::from("/nowhere")),
+            gpus: Some(1),
+            ..Default::default()
+        };
+        assert!(refused(restored).contains("cannot be given PCI devices"));
     }
 
     #[test]
