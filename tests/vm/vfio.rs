@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::process::Output;
 
-use agentos::carrier::{PCI_TEST_DEVICE_IDS, PCI_TEST_DISPLAY_IDS};
+use agentos::carrier::{
+    PCI_TEST_DEVICE_IDS, PCI_TEST_DISPLAY_IDS, PCI_TEST_MSIX_IDS, PCI_TEST_WIDE_BAR_IDS,
+};
 use agentos::pci;
 
 use crate::common::{Scratch, describe, vmm_process};
@@ -495,25 +497,27 @@ fn the_daemon_gives_a_device_to_one_agent_at_a_time() {
     scratch.assert_nothing_left();
 }
 
-/// The address of the carrier's display test device, bound to vfio-pci.
-fn bound_display_device(scratch: &Scratch) -> String {
+/// The address of the carrier's test device with these ids, bound to vfio-pci.
+fn bound_device(scratch: &Scratch, (vendor, device): (u16, u16)) -> String {
     let (_, devices) = doctor(scratch);
-    let (vendor, device) = PCI_TEST_DISPLAY_IDS;
-    let display = devices
+    let found = devices
         .iter()
         .find(|d| d["vendor"] == vendor && d["device"] == device)
-        .unwrap_or_else(|| panic!("no display test device among {devices:?}"));
-    if display["driver"].is_null() {
-        std::fs::write("/sys/bus/pci/drivers/vfio-pci/new_id", "1234 1111")
-            .expect("binding the display device to vfio-pci");
+        .unwrap_or_else(|| panic!("no {vendor:04x}:{device:04x} device among {devices:?}"));
+    if found["driver"].is_null() {
+        std::fs::write(
+            "/sys/bus/pci/drivers/vfio-pci/new_id",
+            format!("{vendor:04x} {device:04x}"),
+        )
+        .expect("binding the device to vfio-pci");
     }
-    display["address"].as_str().unwrap().to_owned()
+    found["address"].as_str().unwrap().to_owned()
 }
 
 #[test]
 fn gpus_are_display_devices_bound_to_vfio_one_agent_each() {
     let scratch = Scratch::new("vfio-gpu");
-    let address = bound_display_device(&scratch);
+    let address = bound_device(&scratch, PCI_TEST_DISPLAY_IDS);
     // The agent finds a display-class device on its bus.
     let out = scratch.output(
         &[
@@ -546,5 +550,123 @@ fn gpus_are_display_devices_bound_to_vfio_one_agent_each() {
     d.ok(&["rm", "--force", "g1"]);
     d.ok(&["spawn", "--name", "g2", "--gpu", "1"]);
     d.signal_and_wait(libc::SIGTERM);
+    scratch.assert_nothing_left();
+}
+
+/// Finds the device with the 64-bit BAR (ivshmem) and its BAR 2, the device's memory.
+const FIND_WIDE_BAR: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1110 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "no ivshmem among: $(ls /sys/bus/pci/devices)"; exit 3; }
+set -- $(sed -n 3p $dev/resource)
+echo "bar2=$1-$2"
+"#;
+
+#[test]
+fn a_64_bit_bar_gets_the_window_above_4_gib_and_is_the_devices_memory() {
+    let scratch = Scratch::new("vfio-wide");
+    let address = bound_device(&scratch, PCI_TEST_WIDE_BAR_IDS);
+    let device = format!("vfio:{address}");
+    let run = |script: &str| {
+        let script = format!("{FIND_WIDE_BAR}{script}");
+        let out = scratch.output(
+            &["run", "--device", &device, "--", "/bin/sh", "-c", &script],
+            b"",
+        );
+        let text = describe(&out);
+        assert!(out.status.success(), "{text}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), text)
+    };
+    // 512 MiB does not fit the 256 MiB window below 4 GiB: it is at 128 GiB, whole.
+    let (stdout, text) = run("busybox devmem $(($1 + 0x1000)) 32 0x5eed1234");
+    assert!(
+        stdout.contains("bar2=0x0000002000000000-0x000000201fffffff"),
+        "{text}"
+    );
+    // The next VM reads what the first wrote: the BAR is the device's memory, not the VMM's.
+    let (stdout, text) = run("echo \"read=$(busybox devmem $(($1 + 0x1000)) 32)\"");
+    assert!(stdout.contains("read=0x5EED1234"), "{text}");
+    scratch.assert_nothing_left();
+}
+
+/// Programs two MSI-X vectors of the igb function by hand (no driver in the guest): entry 0 to
+/// vector 0xe2, entry 1 to 0xe1, through the table the VMM emulates; turns MSI-X on; then has
+/// igb raise vector 1 (its extended interrupt cause set register, in MSI-X mode), vector 1
+/// again while its entry is masked, then unmasks it, then raises vector 0. The guest kernel
+/// logs each vector it had no handler for; `count V` counts them.
+const IGB_MSIX_IN_THE_GUEST: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = 0x8086:0x10c9 ] && dev=$d
+done
+[ -n "$dev" ] || { echo "no igb among: $(ls /sys/bus/pci/devices)"; exit 3; }
+byte() { od -An -tu1 -j $1 -N 1 $dev/config | tr -d ' '; }
+put() { printf "$1" | dd of=$dev/config bs=1 seek=$2 conv=notrunc 2>/dev/null; }
+cap=$(byte 52)
+while [ "$cap" != 0 ] && [ "$(byte $cap)" != 17 ]; do cap=$(byte $((cap + 1))); done
+[ "$cap" != 0 ] || { echo "no MSI-X capability"; exit 3; }
+table=$(od -An -tu4 -j $((cap + 4)) -N 4 $dev/config | tr -d ' ')
+t=$(( $(sed -n "$(( (table & 7) + 1 ))p" $dev/resource | cut -d' ' -f1) + (table & ~7) ))
+reg=$(( $(head -n 1 $dev/resource | cut -d' ' -f1) ))
+count() { dmesg | grep -c "0.$1 No irq handler for vector"; }
+raise() { busybox devmem $((reg + 0x1580)) 32 $1; busybox devmem $((reg + 0x1520)) 32 $1; sleep 1; }
+put '\006\000' 4
+entry() { # index, vector, control
+  busybox devmem $((t + $1 * 16)) 32 0xfee00000
+  busybox devmem $((t + $1 * 16 + 4)) 32 0
+  busybox devmem $((t + $1 * 16 + 8)) 32 $2
+  busybox devmem $((t + $1 * 16 + 12)) 32 $3
+}
+entry 0 0xe2 0
+entry 1 0xe1 0
+echo "entry1=$(busybox devmem $((t + 24)) 32)"
+put "\\$(printf %o $(( $(byte $((cap + 3))) | 0x80 )))" $((cap + 3))
+echo "enabled=$(( $(byte $((cap + 3))) >> 7 ))"
+busybox devmem $((reg + 0x1514)) 32 0x10
+busybox devmem $((reg + 0x1524)) 32 0x3
+raise 0x2
+echo "first=$(count 225),$(count 226)"
+busybox devmem $((t + 28)) 32 1
+raise 0x2
+echo "masked=$(count 225)"
+busybox devmem $((t + 28)) 32 0
+sleep 1
+echo "unmasked=$(count 225)"
+raise 0x1
+echo "other=$(count 226)"
+"#;
+
+#[test]
+fn msix_vectors_reach_the_vectors_the_guest_chose_and_wait_while_masked() {
+    let scratch = Scratch::new("vfio-msix");
+    let address = bound_device(&scratch, PCI_TEST_MSIX_IDS);
+    let device = format!("vfio:{address}");
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &device,
+            "--",
+            "/bin/sh",
+            "-c",
+            IGB_MSIX_IN_THE_GUEST,
+        ],
+        b"",
+    );
+    let text = describe(&out);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "entry1=0x000000E1",
+        "enabled=1",
+        // Vector 1 reached 0xe1 (225), not entry 0's 0xe2.
+        "first=1,0",
+        // Masked, its interrupt waited; unmasked, it came.
+        "masked=1",
+        "unmasked=2",
+        "other=1",
+    ] {
+        assert!(stdout.contains(expected), "{expected}: {text}");
+    }
     scratch.assert_nothing_left();
 }

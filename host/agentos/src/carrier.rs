@@ -75,9 +75,11 @@ const CARRIER_CPU: &str = "max,vgif=off";
 /// The carrier's PCI test devices: Intel's IOMMU emulated with interrupt remapping (which the
 /// split irqchip allows) and `caching-mode`, which makes QEMU see every mapping its guest's
 /// VFIO sets up, and behind it, each in an IOMMU group of its own, QEMU's `edu` device
-/// (1234:11e8: registers, a DMA engine, MSI) and its `bochs-display` (1234:1111, PCI class
-/// display: what `--gpu` takes). Enough to pass a device to an agent exactly as a GPU on a host
-/// with an IOMMU, and to test it.
+/// (1234:11e8: registers, a DMA engine, MSI), its `bochs-display` (1234:1111, PCI class
+/// display: what `--gpu` takes), an `ivshmem-plain` (1af4:1110) whose 512 MiB of memory is a
+/// 64-bit prefetchable BAR, as a GPU's is, and an `igb` network function (8086:10c9, not
+/// connected) for its MSI-X, which a GPU's driver uses. Enough to pass a device to an agent
+/// exactly as a GPU on a host with an IOMMU, and to test it.
 pub const PCI_TEST_DEVICE: &[&str] = &[
     "-device",
     "intel-iommu,intremap=on,caching-mode=on",
@@ -85,6 +87,12 @@ pub const PCI_TEST_DEVICE: &[&str] = &[
     "edu",
     "-device",
     "bochs-display",
+    "-object",
+    "memory-backend-ram,id=pci-test-memory,size=512M,share=on",
+    "-device",
+    "ivshmem-plain,memdev=pci-test-memory",
+    "-device",
+    "igb",
 ];
 /// The carrier kernel's part: the IOMMU on, host devices (the carrier's own virtio ones) kept on
 /// identity mappings.
@@ -93,6 +101,10 @@ const PCI_TEST_CMDLINE: &str = "intel_iommu=on iommu=pt";
 pub const PCI_TEST_DEVICE_IDS: (u16, u16) = (0x1234, 0x11e8);
 /// The test display device's (`bochs-display`).
 pub const PCI_TEST_DISPLAY_IDS: (u16, u16) = (0x1234, 0x1111);
+/// The test device with a 64-bit BAR (`ivshmem-plain`).
+pub const PCI_TEST_WIDE_BAR_IDS: (u16, u16) = (0x1af4, 0x1110);
+/// The test device with MSI-X (`igb`).
+pub const PCI_TEST_MSIX_IDS: (u16, u16) = (0x8086, 0x10c9);
 
 /// Why a carrier did not run a command.
 #[derive(Debug, thiserror::Error)]

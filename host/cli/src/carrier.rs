@@ -32,9 +32,10 @@ pub struct CarrierArgs {
     /// them), so that `agentos run --model` works inside.
     #[arg(long)]
     pub models: bool,
-    /// Give the carrier an emulated Intel IOMMU with QEMU's `edu` PCI device (1234:11e8) and
-    /// its `bochs-display` (1234:1111, a display device for `--gpu`), each in an IOMMU group of
-    /// its own, its kernel booted with `intel_iommu=on iommu=pt` and the VFIO modules loaded:
+    /// Give the carrier an emulated Intel IOMMU with QEMU's `edu` PCI device (1234:11e8), its
+    /// `bochs-display` (1234:1111, a display device for `--gpu`), an `ivshmem-plain`
+    /// (1af4:1110, a 512 MiB 64-bit BAR) and an `igb` (8086:10c9, MSI-X), each in an IOMMU
+    /// group of its own, its kernel booted with `intel_iommu=on iommu=pt` and the VFIO modules loaded:
     /// devices to pass to agents with VFIO. Bind one inside with
     /// `echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id`; `agentos doctor` shows them.
     #[arg(long)]

@@ -113,6 +113,14 @@ fn pci_root(root: &PciRoot, sink: &mut Vec<u8>) -> Result<(), AcpiError> {
         size: root.ecam_size,
     })?;
     let (bar_min, bar_max) = window(root.bars.0, root.bars.1)?;
+    let (bar64_min, bar64_max) = match root.bars64.1.checked_sub(1) {
+        Some(max) if max >= root.bars64.0 => (root.bars64.0, max),
+        _ => {
+            return Err(AcpiError::EmptyWindow {
+                base: root.bars64.0,
+            });
+        }
+    };
     for route in &root.intx {
         if route.gsi >= layout::IOAPIC_PINS {
             return Err(AcpiError::GsiWithoutPin {
@@ -159,6 +167,14 @@ fn pci_root(root: &PciRoot, sink: &mut Vec<u8>) -> Result<(), AcpiError> {
                         true,
                         bar_min,
                         bar_max,
+                        None,
+                    ),
+                    // 64-bit BARs are prefetchable memory (a GPU's VRAM), hence cacheable.
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::Cacheable,
+                        true,
+                        bar64_min,
+                        bar64_max,
                         None,
                     ),
                     &AddressSpace::new_io(0u16, 0x0cf7u16, None),

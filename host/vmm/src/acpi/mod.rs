@@ -63,8 +63,10 @@ pub struct PciRoot {
     /// The ECAM window of bus 0, and its size.
     pub ecam: u64,
     pub ecam_size: u64,
-    /// The window BARs are placed in: start, end (exclusive), below 4 GiB.
+    /// The windows BARs are placed in: start, end (exclusive); the first below 4 GiB, the
+    /// second, for 64-bit BARs, above it.
     pub bars: (u64, u64),
+    pub bars64: (u64, u64),
     /// The interrupt routing of the slots' INTx pins (`_PRT`).
     pub intx: Vec<IntxRoute>,
 }
@@ -96,6 +98,8 @@ pub enum AcpiError {
     NoVcpus,
     #[error("virtio-mmio window {base:#x} (+{size:#x} bytes) does not lie below 4 GiB")]
     MmioWindowAbove4G { base: u64, size: u64 },
+    #[error("the 64-bit PCI window at {base:#x} is empty")]
+    EmptyWindow { base: u64 },
     #[error("interrupt {gsi} has no IOAPIC pin (the IOAPIC has {pins})")]
     GsiWithoutPin { gsi: u32, pins: u32 },
     #[error("serial port range {port:#x} (+{len} ports) is empty, too long or past port 0xffff")]

@@ -238,6 +238,7 @@ fn a_pci_root_gets_an_mcfg_entry_and_a_root_device() {
         ecam: layout::PCI_ECAM_START,
         ecam_size: 1 << 20,
         bars: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_END),
+        bars64: (layout::PCI_MMIO64_START, layout::PCI_MMIO64_END),
         intx: vec![IntxRoute {
             slot: 1,
             pin: 0,
@@ -263,6 +264,16 @@ fn a_pci_root_gets_an_mcfg_entry_and_a_root_device() {
     ecam.extend_from_slice(&(layout::PCI_ECAM_START as u32).to_le_bytes());
     ecam.extend_from_slice(&(1u32 << 20).to_le_bytes());
     assert!(find(&ecam), "ECAM in _CRS");
+    // The 64-bit window: a QWord memory descriptor (0x8a), cacheable, with its minimum and
+    // maximum.
+    let qword = tables
+        .dsdt
+        .windows(3)
+        .position(|w| w[0] == 0x8a && w[1] == 0x2b && w[2] == 0x00)
+        .expect("a QWord address space in _CRS");
+    let at = qword + 3 + 3 + 8;
+    assert_eq!(u64_at(&tables.dsdt, at), layout::PCI_MMIO64_START);
+    assert_eq!(u64_at(&tables.dsdt, at + 8), layout::PCI_MMIO64_END - 1);
     // _PRT: Package(1) { Package(4) { 0x0001ffff, 0 (INTA), 0, 22 } }.
     assert!(find(b"_PRT"));
     assert!(find(&[

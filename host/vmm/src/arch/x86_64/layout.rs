@@ -10,6 +10,7 @@
 //! 0x0009_fc00  end of low RAM (EBDA)   0xfec0_0000  IOAPIC
 //!                                      0xfee0_0000  local APICs
 //!                                      0x1_0000_0000 RAM above 3 GiB continues here
+//!                                      0x20_0000_0000 64-bit PCI BARs (128 GiB-256 GiB)
 //! ```
 
 /// Global descriptor table used to enter long mode.
@@ -51,6 +52,11 @@ pub const PMEM_REGION_ALIGN: u64 = 128 << 20;
 pub const PCI_MMIO32_START: u64 = MMIO_GAP_START;
 pub const PCI_MMIO32_END: u64 = MMIO_DEVICES_START;
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// The window for 64-bit BARs (a GPU's memory, often many GiB): 128 GiB to 256 GiB, above the
+/// most RAM and pmem a VM gets, and below 2^39, the fewest physical address bits x86-64 CPUs
+/// have had for years (so that the guest and KVM can reach it).
+pub const PCI_MMIO64_START: u64 = 1 << 37;
+pub const PCI_MMIO64_END: u64 = 1 << 38;
 /// IOAPIC pins for PCI INTx, shared by the slots (each slot's pins rotated over them, as PCI
 /// bridges swizzle): those past the virtio-mmio slots'.
 pub const PCI_INTX_GSIS: [u32; 3] = [21, 22, 23];

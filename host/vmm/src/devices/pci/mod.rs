@@ -7,7 +7,9 @@
 //! access that is not 1, 2 or 4 bytes or crosses a register reads all ones and writes nothing,
 //! and is counted.
 
+pub mod intx;
 pub mod msi;
+pub mod msix;
 pub mod passthrough;
 pub mod vfio;
 

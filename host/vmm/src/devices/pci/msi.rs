@@ -6,7 +6,7 @@
 //! lines 0-23 to the IOAPIC, 0-15 to the PICs as well, which the VMM's own devices use) with the
 //! MSI routes after them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -19,8 +19,8 @@ use crate::arch::x86_64::layout::IOAPIC_PINS;
 
 /// The first GSI past the IOAPIC's pins, where MSI routes go.
 const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
-/// MSI routes a VM may have (one per passed-through function: each gets one vector).
-pub const MAX_MSI_ROUTES: u32 = 64;
+/// MSI routes a VM may have: one per function with MSI, one per unmasked MSI-X vector.
+pub const MAX_MSI_ROUTES: u32 = 256;
 /// Interrupt lines the PICs serve.
 const PIC_LINES: u32 = 16;
 
@@ -34,7 +34,7 @@ pub struct MsiMessage {
 /// The VM's MSI routes, pushed to KVM on every change.
 pub struct MsiRoutes {
     vm: Arc<VmFd>,
-    next_gsi: u32,
+    taken: BTreeSet<u32>,
     routes: BTreeMap<u32, MsiMessage>,
 }
 
@@ -42,18 +42,27 @@ impl MsiRoutes {
     pub fn new(vm: Arc<VmFd>) -> Self {
         Self {
             vm,
-            next_gsi: FIRST_MSI_GSI,
+            taken: BTreeSet::new(),
             routes: BTreeMap::new(),
         }
     }
 
-    /// A GSI of its own for a device's vector; none past [`MAX_MSI_ROUTES`].
+    /// A GSI of its own for a device's vector; none past [`MAX_MSI_ROUTES`] taken at once.
     pub fn allocate(&mut self) -> Option<u32> {
-        let gsi = self.next_gsi;
-        (gsi < FIRST_MSI_GSI + MAX_MSI_ROUTES).then(|| {
-            self.next_gsi += 1;
-            gsi
-        })
+        let gsi =
+            (FIRST_MSI_GSI..FIRST_MSI_GSI + MAX_MSI_ROUTES).find(|g| !self.taken.contains(g))?;
+        self.taken.insert(gsi);
+        Some(gsi)
+    }
+
+    /// Removes `gsi`'s route and gives the GSI back.
+    pub fn release(&mut self, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        self.taken.remove(&gsi);
+        if self.routes.contains_key(&gsi) {
+            self.set(gsi, None)
+        } else {
+            Ok(())
+        }
     }
 
     /// Routes `gsi` to `message`, or removes its route, and gives KVM the new table.
@@ -108,6 +117,23 @@ fn table(routes: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
     entries
 }
 
+/// The byte offset of capability `id` in `config` (the first 256 bytes), its first four bytes
+/// within them; the list is followed at most as many steps as there is room for capabilities,
+/// so that a looping list ends.
+pub(super) fn capability(config: &[u8], id: u8) -> Option<usize> {
+    let mut at = usize::from(*config.get(CAP_POINTER)?) & !3;
+    for _ in 0..STANDARD_CONFIG / 4 {
+        if at < 0x40 || at + 4 > STANDARD_CONFIG.min(config.len()) {
+            return None;
+        }
+        if config[at] == id {
+            return Some(at);
+        }
+        at = usize::from(config[at + 1]) & !3;
+    }
+    None
+}
+
 /// Where a function's MSI capability sits in its configuration space, and its layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsiCapability {
@@ -129,22 +155,13 @@ impl MsiCapability {
     /// Finds the MSI capability in `config` (the first 256 bytes), following the list at most
     /// as many steps as there is room for capabilities, so that a looping list ends.
     pub fn find(config: &[u8]) -> Option<Self> {
-        let mut at = usize::from(*config.get(CAP_POINTER)?) & !3;
-        for _ in 0..STANDARD_CONFIG / 4 {
-            if at < 0x40 || at + 4 > STANDARD_CONFIG.min(config.len()) {
-                return None;
-            }
-            if config[at] == MSI_CAP_ID {
-                let control = u16::from_le_bytes([config[at + 2], config[at + 3]]);
-                let cap = Self {
-                    offset: at,
-                    wide: control & MSI_64BIT != 0,
-                };
-                return (at + cap.span() <= STANDARD_CONFIG).then_some(cap);
-            }
-            at = usize::from(config[at + 1]) & !3;
-        }
-        None
+        let at = capability(config, MSI_CAP_ID)?;
+        let control = u16::from_le_bytes([config[at + 2], config[at + 3]]);
+        let cap = Self {
+            offset: at,
+            wide: control & MSI_64BIT != 0,
+        };
+        (at + cap.span() <= STANDARD_CONFIG).then_some(cap)
     }
 
     /// The bytes the capability spans (control, address, data).

@@ -8,18 +8,23 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioOps};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::intx::IntxLine;
 use super::msi::MsiRoutes;
-use super::vfio::{BarAllocator, IntxLine, Msi, TrappedBar, VfioPci, VfioPciError, map_bar};
+use super::msix::Msix;
+use super::vfio::{
+    BarAllocator, BarWindows, Msi, TrappedBar, VfioPci, VfioPciError, map_bar, standard_config,
+};
 use super::{
     CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PassedDevice,
     PciAddress, PciBus, PciMetrics,
 };
 use crate::acpi::{IntxRoute, PciRoot};
 use crate::arch::x86_64::layout::{
-    PCI_ECAM_START, PCI_INTX_GSIS, PCI_MMIO32_END, PCI_MMIO32_START,
+    PCI_ECAM_START, PCI_INTX_GSIS, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END,
+    PCI_MMIO64_START,
 };
 use crate::devices::bus::{Bus, BusError};
 use crate::vstate::memory::GuestMemory;
@@ -58,6 +63,8 @@ pub enum PassthroughError {
         #[source]
         source: std::io::Error,
     },
+    #[error("guest memory reaches the 64-bit PCI window")]
+    MemoryOverlapsWindow,
     #[error("cannot map guest memory for the devices' DMA (RLIMIT_MEMLOCK too low?)")]
     Dma(#[source] VfioError),
     #[error("cannot give the guest a BAR")]
@@ -102,7 +109,13 @@ pub fn attach(
     );
     let metrics = Arc::new(PciMetrics::default());
     let mut bus = PciBus::new(metrics.clone());
-    let mut bars = BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END);
+    if mem.last_addr().0 >= PCI_MMIO64_START {
+        return Err(PassthroughError::MemoryOverlapsWindow);
+    }
+    let mut bars = BarWindows {
+        low: BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END),
+        high: BarAllocator::new(PCI_MMIO64_START, PCI_MMIO64_END),
+    };
     let mut slot = first_slot;
     let mut devices = Vec::with_capacity(passed.len());
     let mut routes = Vec::new();
@@ -122,8 +135,21 @@ pub fn attach(
         let bars_error = |source| PassthroughError::Bars { address, source };
         let function =
             VfioPci::new(device.clone(), &mut bars, metrics.clone()).map_err(bars_error)?;
+        let msix = Msix::of(
+            device.clone(),
+            &standard_config(&device),
+            msi_routes.clone(),
+            vm.shared_fd(),
+            metrics.clone(),
+        )
+        .map(|m| Arc::new(Mutex::new(m)));
+        let msix_cap = msix
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).cap);
         for bar in function.bars() {
-            let mapped = bar.mappable && map_bars;
+            // The MSI-X table is the VMM's to emulate: its BAR is trapped whole.
+            let holds_msix = msix_cap.is_some_and(|cap| cap.in_bar(bar.index));
+            let mapped = bar.mappable && map_bars && !holds_msix;
             if mapped {
                 let host = map_bar(&device, &bar).map_err(bars_error)?;
                 // SAFETY: `host` maps the whole BAR, shared, and is never unmapped: the
@@ -137,6 +163,7 @@ pub fn attach(
                     device: device.clone(),
                     bar,
                     metrics: metrics.clone(),
+                    msix: msix.clone().filter(|_| holds_msix),
                 };
                 mmio_bus.insert(bar.guest_addr, bar.size, Arc::new(Mutex::new(trapped)))?;
             }
@@ -153,6 +180,7 @@ pub fn attach(
             function.intx = Some(line);
         }
         function.set_msi(msi);
+        function.set_msix(msix);
         drop(function);
         devices.push(device);
     }
@@ -178,6 +206,7 @@ pub fn attach(
             ecam: PCI_ECAM_START,
             ecam_size: ECAM_BUS_SIZE,
             bars: (PCI_MMIO32_START, PCI_MMIO32_END),
+            bars64: (PCI_MMIO64_START, PCI_MMIO64_END),
             intx: routes,
         },
     })

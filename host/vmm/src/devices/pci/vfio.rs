@@ -24,10 +24,14 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::intx::{IntxLine, intx_on};
 use super::msi::{MsiCapability, MsiMessage, MsiRoutes};
+use super::msix::{MSIX_ENABLE, MSIX_FUNCTION_MASK, Msix};
 use super::{PciFunction, PciMetrics, merge};
 use crate::devices::bus::BusDevice;
 
+/// The smallest BAR mapped into the guest: KVM's memory slots are whole pages.
+const PAGE_SIZE: u64 = 4096;
 /// Six BARs, registers 4 to 9; the expansion ROM's at register 12.
 const BARS: usize = 6;
 const FIRST_BAR_REG: usize = 4;
@@ -45,7 +49,9 @@ const BAR_TYPE_MASK: u32 = 0x6;
 pub enum VfioPciError {
     #[error("BAR {index} is {size:#x} bytes, not a power of two of at least 16")]
     BarSize { index: usize, size: u64 },
-    #[error("no room for BAR {index} ({size:#x} bytes) in the guest's PCI window")]
+    #[error(
+        "no room for BAR {index} ({size:#x} bytes) in the guest's PCI window (128 GiB for 64-bit BARs, 256 MiB for 32-bit ones)"
+    )]
     NoRoom { index: usize, size: u64 },
     #[error("cannot map BAR {index} of the device")]
     Map {
@@ -91,16 +97,10 @@ impl BarAllocator {
 pub struct VfioPci {
     device: Arc<VfioDevice>,
     bars: BarRegisters,
-    /// The wired INTx line, while MSI is off.
+    /// The wired INTx line, while MSI and MSI-X are off.
     pub intx: Option<IntxLine>,
     msi: Option<Msi>,
-}
-
-/// A device's INTx line: the eventfd VFIO signals on an interrupt, and the one KVM signals
-/// when the guest has acknowledged it.
-pub struct IntxLine {
-    pub trigger: EventFd,
-    pub resample: EventFd,
+    msix: Option<Arc<Mutex<Msix>>>,
 }
 
 /// A function's MSI: its capability, its one vector's eventfd and GSI, and whether it is on.
@@ -121,10 +121,7 @@ impl Msi {
         routes: &Arc<Mutex<MsiRoutes>>,
         vm: Arc<VmFd>,
     ) -> std::io::Result<Option<Self>> {
-        let mut config = vec![0u8; 256];
-        for (reg, chunk) in config.chunks_mut(4).enumerate() {
-            chunk.copy_from_slice(&config_dword(device, reg).to_le_bytes());
-        }
+        let config = standard_config(device);
         let vectors = device
             .get_irq_info(VFIO_PCI_MSI_IRQ_INDEX)
             .map_or(0, |irq| irq.count);
@@ -156,11 +153,28 @@ struct BarRegisters {
     metrics: Arc<PciMetrics>,
 }
 
+/// The windows BARs are placed in: 32-bit BARs below 4 GiB, 64-bit ones above it.
+pub struct BarWindows {
+    pub low: BarAllocator,
+    pub high: BarAllocator,
+}
+
+impl BarWindows {
+    /// A place for a BAR of `size` bytes, in the window its width calls for.
+    fn take(&mut self, size: u64, is64: bool) -> Option<u64> {
+        if is64 {
+            self.high.take(size)
+        } else {
+            self.low.take(size)
+        }
+    }
+}
+
 impl VfioPci {
-    /// Reads the function's BARs and places its memory BARs with `alloc`.
+    /// Reads the function's BARs and places its memory BARs in `windows`.
     pub fn new(
         device: Arc<VfioDevice>,
-        alloc: &mut BarAllocator,
+        windows: &mut BarWindows,
         metrics: Arc<PciMetrics>,
     ) -> Result<Self, VfioPciError> {
         let mut bars = [None; BARS];
@@ -181,16 +195,18 @@ impl VfioPci {
                 return Err(VfioPciError::BarSize { index, size });
             }
             let flags = device.get_region_flags(region);
-            let guest_addr = alloc
-                .take(size)
+            let guest_addr = windows
+                .take(size, is64)
                 .ok_or(VfioPciError::NoRoom { index, size })?;
             let bar = Bar {
                 index: region,
                 guest_addr,
                 size,
                 flags: raw & (BAR_MEM64 | BAR_PREFETCH),
+                // KVM maps whole pages: a BAR smaller than one is trapped.
                 mappable: flags & VFIO_REGION_INFO_FLAG_MMAP != 0
-                    && flags & VFIO_REGION_INFO_FLAG_CAPS == 0,
+                    && flags & VFIO_REGION_INFO_FLAG_CAPS == 0
+                    && size >= PAGE_SIZE,
             };
             bars[index] = Some((bar, false));
             if is64 && index + 1 < BARS {
@@ -208,12 +224,36 @@ impl VfioPci {
             },
             intx: None,
             msi: None,
+            msix: None,
         })
     }
 
     /// Gives the function its MSI (see [`Msi::of`]).
     pub fn set_msi(&mut self, msi: Option<Msi>) {
         self.msi = msi;
+    }
+
+    /// Gives the function its MSI-X (see [`Msix::of`]), shared with the trapped BAR that
+    /// holds its table.
+    pub fn set_msix(&mut self, msix: Option<Arc<Mutex<Msix>>>) {
+        self.msix = msix;
+    }
+
+    /// Follows a guest write into the MSI-X capability's message control (the rest of the
+    /// capability is read-only).
+    fn msix_write(&mut self, at: usize, data: &[u8]) {
+        let Some(msix) = &self.msix else {
+            return;
+        };
+        let mut msix = msix.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = msix.cap.offset / 4;
+        if at + data.len() <= reg * 4 || at >= reg * 4 + 4 {
+            return;
+        }
+        let bits = u32::from(MSIX_ENABLE | MSIX_FUNCTION_MASK) << 16;
+        let now = config_dword(&self.device, reg) & !bits | u32::from(msix.control_bits()) << 16;
+        let dword = merge(now, at - reg * 4, data);
+        msix.control_written((dword >> 16) as u16, self.intx.as_ref());
     }
 
     /// Follows a guest write into the MSI capability: on enable, the device's vector is routed
@@ -303,12 +343,7 @@ fn disable_msi(device: &VfioDevice, msi: &mut Msi, intx: Option<&IntxLine>) -> R
         .set(msi.gsi, None)
         .map_err(|e| format!("route: {e}"))?;
     if let Some(line) = intx {
-        device
-            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&line.trigger])
-            .map_err(|e| format!("INTx on: {e}"))?;
-        device
-            .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&line.resample])
-            .map_err(|e| format!("INTx resample: {e}"))?;
+        intx_on(device, line)?;
     }
     Ok(())
 }
@@ -377,7 +412,22 @@ impl PciFunction for VfioPci {
             }
             ROM_REG => 0,
             HEADER_REG => config_dword(&self.device, reg) & !MULTI_FUNCTION,
-            _ => config_dword(&self.device, reg),
+            _ => {
+                let value = config_dword(&self.device, reg);
+                match &self.msix {
+                    // MSI-X's enable and function mask are the VMM's to keep.
+                    Some(msix) => {
+                        let msix = msix.lock().unwrap_or_else(|e| e.into_inner());
+                        if reg == msix.cap.offset / 4 {
+                            let bits = u32::from(MSIX_ENABLE | MSIX_FUNCTION_MASK) << 16;
+                            value & !bits | u32::from(msix.control_bits()) << 16
+                        } else {
+                            value
+                        }
+                    }
+                    None => value,
+                }
+            }
         }
     }
 
@@ -391,6 +441,7 @@ impl PciFunction for VfioPci {
                 // The interrupt set-up first: VFIO keeps MSI off in the capability until it
                 // has been set up.
                 self.msi_write(reg * 4 + offset, data);
+                self.msix_write(reg * 4 + offset, data);
                 self.device.region_write(
                     VFIO_PCI_CONFIG_REGION_INDEX,
                     data,
@@ -401,6 +452,15 @@ impl PciFunction for VfioPci {
     }
 }
 
+/// The first 256 bytes of the device's configuration space, where capabilities are listed.
+pub fn standard_config(device: &VfioDevice) -> Vec<u8> {
+    let mut config = vec![0u8; 256];
+    for (reg, chunk) in config.chunks_mut(4).enumerate() {
+        chunk.copy_from_slice(&config_dword(device, reg).to_le_bytes());
+    }
+    config
+}
+
 /// A dword of the device's configuration space (all ones when VFIO cannot read it).
 fn config_dword(device: &VfioDevice, reg: usize) -> u32 {
     let mut bytes = [0xff; 4];
@@ -408,16 +468,37 @@ fn config_dword(device: &VfioDevice, reg: usize) -> u32 {
     u32::from_le_bytes(bytes)
 }
 
-/// A BAR that is not mapped into the guest: every access is forwarded to the device.
+/// A BAR that is not mapped into the guest: every access is forwarded to the device, but for
+/// those of the MSI-X table it holds, if it holds it, which the VMM emulates.
 pub struct TrappedBar {
     pub device: Arc<VfioDevice>,
     pub bar: Bar,
     pub metrics: Arc<PciMetrics>,
+    pub msix: Option<Arc<Mutex<Msix>>>,
+}
+
+impl TrappedBar {
+    /// The function's MSI-X, and `offset` within its table, if the access is the table's.
+    fn table_access(&self, offset: u64) -> Option<(&Mutex<Msix>, u64)> {
+        let msix = self.msix.as_deref()?;
+        let cap = msix.lock().unwrap_or_else(|e| e.into_inner()).cap;
+        let (start, len) = cap.table_span();
+        let within = offset.checked_sub(start).filter(|o| *o < len);
+        within
+            .filter(|_| cap.table.0 == self.bar.index)
+            .map(|o| (msix, o))
+    }
 }
 
 impl BusDevice for TrappedBar {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         PciMetrics::count(&self.metrics.trapped_bar_accesses);
+        if let Some((msix, at)) = self.table_access(offset) {
+            msix.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_table(at, data);
+            return;
+        }
         data.fill(0xff);
         if offset
             .checked_add(data.len() as u64)
@@ -429,6 +510,12 @@ impl BusDevice for TrappedBar {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         PciMetrics::count(&self.metrics.trapped_bar_accesses);
+        if let Some((msix, at)) = self.table_access(offset) {
+            msix.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_table(at, data);
+            return;
+        }
         if offset
             .checked_add(data.len() as u64)
             .is_some_and(|end| end <= self.bar.size)
@@ -545,5 +632,27 @@ mod tests {
         assert_eq!(alloc.take(0x800_0000), Some(0xc800_0000));
         assert_eq!(alloc.take(0x800_0000), None, "past the window");
         assert_eq!(BarAllocator::new(u64::MAX - 4, u64::MAX).take(16), None);
+    }
+
+    #[test]
+    fn wide_bars_go_above_4_gib_and_may_be_as_large_as_a_gpus() {
+        use crate::arch::x86_64::layout::{
+            PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START,
+        };
+        let mut windows = BarWindows {
+            low: BarAllocator::new(PCI_MMIO32_START, PCI_MMIO32_END),
+            high: BarAllocator::new(PCI_MMIO64_START, PCI_MMIO64_END),
+        };
+        const GIB: u64 = 1 << 30;
+        assert_eq!(windows.take(16 * GIB, true), Some(128 * GIB));
+        assert_eq!(windows.take(1 << 20, false), Some(PCI_MMIO32_START));
+        assert_eq!(
+            windows.take(512 << 20, false),
+            None,
+            "a 32-bit BAR past its window"
+        );
+        assert_eq!(windows.take(512 << 20, true), Some(144 * GIB));
+        assert_eq!(windows.take(64 * GIB, true), Some(192 * GIB));
+        assert_eq!(windows.take(64 * GIB, true), None, "past 256 GiB");
     }
 }
