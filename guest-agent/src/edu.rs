@@ -1,6 +1,7 @@
 //! `agentos-guest edu`: times QEMU's `edu` test device from inside an agent it was passed to
 //! (`agentos bench vfio` runs it, and does the same from the host through VFIO): register reads
-//! through the device's BAR, DMA round trips into a reserved page of guest RAM, and the time
+//! through the device's BAR, DMA round trips into guest RAM (a reserved page, or a program's
+//! locked page at the guest-physical address /proc/self/pagemap gives), and the time
 //! from asking the device for an interrupt to a program waiting for it (INTx, through the
 //! kernel's generic userspace I/O driver). Prints one JSON object.
 
@@ -44,8 +45,15 @@ struct Options {
     batches: u32,
     dma: u32,
     interrupts: u32,
-    /// Two pages of guest RAM the kernel leaves alone (`memmap=8K$ADDRESS`).
-    dma_page: Option<u64>,
+    /// Where the DMA goes: two pages of guest RAM the kernel leaves alone (`memmap=8K$ADDRESS`),
+    /// or two pages of this program's own memory, locked, found through /proc/self/pagemap.
+    dma_to: Option<DmaPages>,
+}
+
+#[derive(Clone, Copy)]
+enum DmaPages {
+    Reserved(u64),
+    Locked,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -53,10 +61,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
         batches: 20,
         dma: 0,
         interrupts: 0,
-        dma_page: None,
+        dma_to: None,
     };
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
+        if flag == "--dma-locked" {
+            options.dma_to = Some(DmaPages::Locked);
+            continue;
+        }
         let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let count = || -> Result<u32, String> {
             value
@@ -75,13 +87,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .ok()
                     .filter(|p| p.is_multiple_of(PAGE as u64))
                     .ok_or("--dma-page needs a page-aligned hexadecimal address")?;
-                options.dma_page = Some(page);
+                options.dma_to = Some(DmaPages::Reserved(page));
             }
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
-    if options.dma > 0 && options.dma_page.is_none() {
-        return Err("--dma needs --dma-page".to_owned());
+    if options.dma > 0 && options.dma_to.is_none() {
+        return Err("--dma needs --dma-page ADDRESS or --dma-locked".to_owned());
     }
     Ok(options)
 }
@@ -137,6 +149,49 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// `len` bytes of this process's memory, present and locked, so that their physical pages
+    /// stay where the device writes.
+    fn locked(len: usize) -> Result<Self, String> {
+        // SAFETY: a new private anonymous mapping at an address the kernel picks; checked below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let mapping = Self { at: at.cast(), len };
+        // SAFETY: the mapping just made, whole.
+        if unsafe { libc::mlock(at, len) } != 0 {
+            return Err(format!("mlock: {}", std::io::Error::last_os_error()));
+        }
+        Ok(mapping)
+    }
+}
+
+/// The physical address of the page at `virt`, from /proc/self/pagemap (bit 63: present; bits
+/// 0-54: the frame number, which only root sees).
+fn physical(virt: *mut u8) -> Result<u64, String> {
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, (virt as u64 / PAGE as u64) * 8)
+        .map_err(|e| format!("pagemap: {e}"))?;
+    let entry = u64::from_le_bytes(entry);
+    let frame = entry & ((1 << 55) - 1);
+    if entry & (1 << 63) == 0 || frame == 0 {
+        return Err("the locked page is not present, or its frame is hidden".to_owned());
+    }
+    Ok(frame * PAGE as u64)
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the mapping this value made, not used after this.
@@ -168,7 +223,8 @@ fn set_command(config: &File, set: u16, clear: u16) -> Result<(), String> {
         .map_err(|e| format!("config: {e}"))
 }
 
-/// `agentos-guest edu [--read-batches N] [--dma N --dma-page ADDRESS] [--interrupts N]`.
+/// `agentos-guest edu [--read-batches N] [--dma N (--dma-page ADDRESS | --dma-locked)]
+/// [--interrupts N]`.
 pub fn command(args: &[String]) -> Result<String, String> {
     let options = parse(args)?;
     let dir = find_edu()?;
@@ -198,13 +254,26 @@ pub fn command(args: &[String]) -> Result<String, String> {
     }
 
     let mut dma_us = Vec::new();
-    if let Some(page) = options.dma_page {
-        let mem = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/mem")
-            .map_err(|e| format!("/dev/mem: {e}"))?;
-        let ram = Mapping::new(&mem, page, 2 * PAGE)?;
+    if let Some(to) = options.dma_to {
+        let (ram, addresses) = match to {
+            DmaPages::Reserved(page) => {
+                let mem = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/mem")
+                    .map_err(|e| format!("/dev/mem: {e}"))?;
+                (
+                    Mapping::new(&mem, page, 2 * PAGE)?,
+                    [page, page + PAGE as u64],
+                )
+            }
+            DmaPages::Locked => {
+                let ram = Mapping::locked(2 * PAGE)?;
+                let addresses = [physical(ram.at)?, physical(ram.at.wrapping_add(PAGE))?];
+                (ram, addresses)
+            }
+        };
+        let [page, second] = addresses;
         for round in 0..options.dma {
             for word in 0..EDU_BUFFER_BYTES / 4 {
                 ram.write32(word * 4, round.wrapping_mul(0x9e37_79b9) ^ word as u32);
@@ -212,7 +281,7 @@ pub fn command(args: &[String]) -> Result<String, String> {
             }
             let started = Instant::now();
             dma(&bar, page, EDU_BUFFER, DMA_START)?;
-            dma(&bar, EDU_BUFFER, page + PAGE as u64, DMA_START | DMA_TO_RAM)?;
+            dma(&bar, EDU_BUFFER, second, DMA_START | DMA_TO_RAM)?;
             dma_us.push(started.elapsed().as_secs_f64() * 1e6);
             if let Some(word) =
                 (0..EDU_BUFFER_BYTES / 4).find(|w| ram.read32(w * 4) != ram.read32(PAGE + w * 4))

@@ -78,6 +78,12 @@ pub enum InferError {
         max: u32,
         model: String,
     },
+    #[error(
+        "model `{name}` runs on CUDA, and this agent has {found}: start it with one (`--gpu 1`, a GPU bound to vfio-pci on the host; `agentos doctor` lists them)"
+    )]
+    NoGpu { name: String, found: String },
+    #[error("model `{name}` runs on CUDA: {detail}")]
+    NoGpuProvider { name: String, detail: String },
     #[error("model `{model}`: {detail}")]
     Model { model: String, detail: String },
     #[error("translator `{model}`: {detail}")]

@@ -13,6 +13,7 @@
 mod apertium;
 mod backend;
 mod decode;
+mod gpu;
 mod models;
 mod onnx;
 mod seq2seq;

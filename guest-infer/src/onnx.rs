@@ -8,12 +8,14 @@ use std::time::Instant;
 use agentos_protocol::bundle::{BundleManifest, MODEL_FILE, TOKENIZER_FILE};
 use agentos_protocol::{InferRequest, InferResult, InferTimings, Task};
 use ort::environment::Environment;
+use ort::ep::ExecutionProviderDispatch;
 use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Backend, InferError, Results, micros, unsupported};
 use crate::decode::{self, TokenScores};
+use crate::gpu;
 
 /// ONNX Runtime, loaded from the image once; a failure is kept, so every request reports it.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -45,11 +47,18 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
-/// A session on `threads` intra-op threads and one inter-op thread.
-pub fn load_session(env: &Environment, model: &Path, threads: usize) -> Result<Session, String> {
+/// A session on `threads` intra-op threads and one inter-op thread, on `providers` (none: the
+/// CPU).
+pub fn load_session(
+    env: &Environment,
+    model: &Path,
+    threads: usize,
+    providers: &[ExecutionProviderDispatch],
+) -> Result<Session, String> {
     Session::builder(env)
         .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
         .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+        .and_then(|b| b.with_execution_providers(providers).map_err(Into::into))
         .and_then(|mut b| b.commit_from_file(model))
         .map_err(|e| e.to_string())
 }
@@ -103,8 +112,9 @@ impl Model {
             file: file.to_owned(),
             detail,
         };
+        let providers = gpu::providers(&manifest, Path::new(gpu::SYSFS_PCI_DEVICES))?;
         let tokenizer = load_tokenizer(dir).map_err(|e| load_error(TOKENIZER_FILE, e))?;
-        let session = load_session(env, &dir.join(MODEL_FILE), threads)
+        let session = load_session(env, &dir.join(MODEL_FILE), threads, &providers)
             .map_err(|e| load_error(MODEL_FILE, e))?;
         let mut feeds = Vec::new();
         for input in session.inputs() {

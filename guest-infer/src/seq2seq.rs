@@ -15,6 +15,7 @@ use ort::value::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Backend, InferError, Results, micros};
+use crate::gpu;
 use crate::onnx::{dims_of, environment, load_session, load_tokenizer};
 
 pub struct Translator {
@@ -40,9 +41,10 @@ impl Translator {
             file: file.to_owned(),
             detail,
         };
+        let providers = gpu::providers(&manifest, Path::new(gpu::SYSFS_PCI_DEVICES))?;
         let tokenizer = load_tokenizer(dir).map_err(|e| load_error(TOKENIZER_FILE, e))?;
         let session = |file: &str| {
-            load_session(env, &dir.join(file), threads).map_err(|e| load_error(file, e))
+            load_session(env, &dir.join(file), threads, &providers).map_err(|e| load_error(file, e))
         };
         let encoder = session(&config.encoder)?;
         let decoder = session(&config.decoder)?;

@@ -60,6 +60,17 @@ pub enum Runtime {
     Apertium,
 }
 
+/// Where an ONNX bundle's models run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU kernels.
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider, on an NVIDIA GPU passed to the agent.
+    Cuda,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleManifest {
@@ -70,6 +81,10 @@ pub struct BundleManifest {
     pub licence: String,
     #[serde(default)]
     pub runtime: Runtime,
+    /// Where its ONNX models run (`cpu` by default); a bundle that asks for a GPU is refused,
+    /// saying why, by an agent that has none or whose ONNX Runtime cannot use it.
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
     pub tasks: Vec<Task>,
     /// Longest input, in tokens including the special ones, the model takes.
     #[serde(default = "default_max_tokens")]

@@ -8,6 +8,7 @@ use std::process::Output;
 
 use agentos::carrier::{
     PCI_TEST_DEVICE_IDS, PCI_TEST_DISPLAY_IDS, PCI_TEST_MSIX_IDS, PCI_TEST_WIDE_BAR_IDS,
+    TEST_ROM_MARKER,
 };
 use agentos::pci;
 
@@ -539,6 +540,25 @@ fn gpus_are_display_devices_bound_to_vfio_one_agent_each() {
         "{}",
         describe(&out)
     );
+    // Its expansion ROM (the VBIOS a GPU driver reads), read through the guest's sysfs.
+    let out = scratch.output(
+        &[
+            "run",
+            "--gpu",
+            "1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "for d in /sys/bus/pci/devices/*; do [ -e $d/rom ] && echo 1 > $d/rom && dd if=$d/rom bs=4096 count=1 2>/dev/null; done",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(TEST_ROM_MARKER),
+        "{}",
+        describe(&out)
+    );
     let d = Daemon::start(&scratch);
     d.ok(&["spawn", "--name", "g1", "--gpu", "1"]);
     assert_eq!(d.agent("g1")["devices"], serde_json::json!([address]));
@@ -668,5 +688,28 @@ fn msix_vectors_reach_the_vectors_the_guest_chose_and_wait_while_masked() {
     ] {
         assert!(stdout.contains(expected), "{expected}: {text}");
     }
+    scratch.assert_nothing_left();
+}
+
+#[test]
+fn the_test_device_copies_between_a_programs_locked_pages_by_dma() {
+    let scratch = Scratch::new("vfio-pagemap");
+    let address = bound_test_device(&scratch);
+    // The guest agent's `edu` tool locks two pages of its own, finds their guest-physical
+    // addresses in /proc/self/pagemap, has edu copy 4 KiB of a pattern from one into its buffer
+    // and from there into the other (zeroed first), and fails unless they then match.
+    let (out, text) = run_with_edu(
+        &scratch,
+        &address,
+        &[],
+        "/init edu --read-batches 1 --dma 2 --dma-locked",
+    );
+    assert!(out.status.success(), "{text}");
+    let times: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&text);
+    assert_eq!(
+        times["dma_round_trip_us"].as_array().map(Vec::len),
+        Some(2),
+        "{text}"
+    );
     scratch.assert_nothing_left();
 }

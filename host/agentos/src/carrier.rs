@@ -76,24 +76,67 @@ const CARRIER_CPU: &str = "max,vgif=off";
 /// split irqchip allows) and `caching-mode`, which makes QEMU see every mapping its guest's
 /// VFIO sets up, and behind it, each in an IOMMU group of its own, QEMU's `edu` device
 /// (1234:11e8: registers, a DMA engine, MSI), its `bochs-display` (1234:1111, PCI class
-/// display: what `--gpu` takes), an `ivshmem-plain` (1af4:1110) whose 512 MiB of memory is a
-/// 64-bit prefetchable BAR, as a GPU's is, and an `igb` network function (8086:10c9, not
-/// connected) for its MSI-X, which a GPU's driver uses. Enough to pass a device to an agent
-/// exactly as a GPU on a host with an IOMMU, and to test it.
-pub const PCI_TEST_DEVICE: &[&str] = &[
-    "-device",
-    "intel-iommu,intremap=on,caching-mode=on",
-    "-device",
-    "edu",
-    "-device",
-    "bochs-display",
-    "-object",
-    "memory-backend-ram,id=pci-test-memory,size=512M,share=on",
-    "-device",
-    "ivshmem-plain,memdev=pci-test-memory",
-    "-device",
-    "igb",
-];
+/// display: what `--gpu` takes) with an expansion ROM (`rom`, see [`test_rom`]), as a GPU's
+/// VBIOS, an `ivshmem-plain` (1af4:1110) whose 512 MiB of memory is a 64-bit prefetchable BAR,
+/// as a GPU's is, and an `igb` network function (8086:10c9, not connected) for its MSI-X, which
+/// a GPU's driver uses. Enough to pass a device to an agent exactly as a GPU on a host with an
+/// IOMMU, and to test it.
+pub fn pci_test_device_args(rom: &Path) -> Vec<String> {
+    [
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+        "-device",
+        "edu",
+        "-device",
+        &format!("bochs-display,romfile={}", rom.display()),
+        "-object",
+        "memory-backend-ram,id=pci-test-memory,size=512M,share=on",
+        "-device",
+        "ivshmem-plain,memdev=pci-test-memory",
+        "-device",
+        "igb",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// What the test display device's expansion ROM says after its header, for tests to find.
+pub const TEST_ROM_MARKER: &str = "agentos test ROM";
+/// The test ROM's size: 4 KiB, eight 512-byte units.
+const TEST_ROM_BYTES: usize = 4096;
+
+/// A PCI option ROM image as firmware expects one (and Linux checks before it shows the ROM):
+/// the 0x55 0xAA signature and size, a PCI data structure (`PCIR`) with the display device's
+/// ids and class, marked the last image and as EFI code (so that the carrier's BIOS, which runs
+/// the x86 ROMs of display devices at boot, leaves it alone; its entry point returns at once
+/// all the same), then [`TEST_ROM_MARKER`], and a checksum byte that makes the bytes sum to
+/// zero.
+pub fn test_rom() -> Vec<u8> {
+    let mut rom = vec![0u8; TEST_ROM_BYTES];
+    let units = (TEST_ROM_BYTES / 512) as u16;
+    rom[0] = 0x55;
+    rom[1] = 0xaa;
+    rom[2] = units as u8;
+    // The entry point: a far return.
+    rom[3] = 0xcb;
+    let pcir = 0x1c;
+    rom[0x18..0x1a].copy_from_slice(&(pcir as u16).to_le_bytes());
+    let (vendor, device) = PCI_TEST_DISPLAY_IDS;
+    rom[pcir..pcir + 4].copy_from_slice(b"PCIR");
+    rom[pcir + 4..pcir + 6].copy_from_slice(&vendor.to_le_bytes());
+    rom[pcir + 6..pcir + 8].copy_from_slice(&device.to_le_bytes());
+    rom[pcir + 0xa..pcir + 0xc].copy_from_slice(&0x18u16.to_le_bytes());
+    // Class code, low byte first: display, other (0x038000).
+    rom[pcir + 0xd..pcir + 0x10].copy_from_slice(&[0x00, 0x80, 0x03]);
+    rom[pcir + 0x10..pcir + 0x12].copy_from_slice(&units.to_le_bytes());
+    // Code type 3 (EFI), the last image.
+    rom[pcir + 0x14] = 0x03;
+    rom[pcir + 0x15] = 0x80;
+    rom[0x100..0x100 + TEST_ROM_MARKER.len()].copy_from_slice(TEST_ROM_MARKER.as_bytes());
+    let sum = rom.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+    rom[TEST_ROM_BYTES - 1] = 0u8.wrapping_sub(sum);
+    rom
+}
 /// The carrier kernel's part: the IOMMU on, host devices (the carrier's own virtio ones) kept on
 /// identity mappings.
 const PCI_TEST_CMDLINE: &str = "intel_iommu=on iommu=pt";
@@ -190,7 +233,7 @@ pub struct CarrierRun {
     pub cpus: u8,
     pub console: bool,
     /// Give the carrier an emulated IOMMU and a PCI device to pass to its agents with VFIO
-    /// (see [`PCI_TEST_DEVICE`]).
+    /// (see [`pci_test_device_args`]).
     pub pci_test_device: bool,
 }
 
@@ -210,6 +253,13 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
     let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
 
     let run_dir = RunDir::create("carrier")?;
+    let pci_test_rom = if spec.pci_test_device {
+        let path = run_dir.join("test-rom.bin");
+        std::fs::write(&path, test_rom()).map_err(|e| CarrierError::Create(path.clone(), e))?;
+        Some(path)
+    } else {
+        None
+    };
     let control_path = run_dir.join("ctl.sock");
     let control = UnixListener::bind(&control_path)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
@@ -223,7 +273,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
         control: &control_path,
         console_log: &run_dir.join("console.log"),
         console: spec.console,
-        pci_test_device: spec.pci_test_device,
+        pci_test_rom: pci_test_rom.as_deref(),
     })?;
     let handshake = match first_hello(&control, &mut qemu.child, started + BOOT_TIMEOUT, None) {
         Ok(handshake) => handshake,
@@ -416,7 +466,8 @@ struct QemuConfig<'a> {
     control: &'a Path,
     console_log: &'a Path,
     console: bool,
-    pci_test_device: bool,
+    /// The PCI test devices, with this file as the display device's ROM.
+    pci_test_rom: Option<&'a Path>,
 }
 
 /// A running QEMU, killed when dropped.
@@ -432,7 +483,7 @@ impl Qemu {
             format!("file:{}", cfg.console_log.display())
         };
         let mut cmd = qemu::command();
-        let (machine, cmdline) = if cfg.pci_test_device {
+        let (machine, cmdline) = if cfg.pci_test_rom.is_some() {
             (
                 "q35,kernel-irqchip=split",
                 format!("{CARRIER_CMDLINE} {PCI_TEST_CMDLINE}"),
@@ -457,11 +508,11 @@ impl Qemu {
         .arg(cfg.initrd)
         .args(["-append", &cmdline])
         .args(confinement(euid(), cfg.qemu_major))
-        .args(if cfg.pci_test_device {
-            PCI_TEST_DEVICE
-        } else {
-            &[]
-        })
+        .args(
+            cfg.pci_test_rom
+                .map(pci_test_device_args)
+                .unwrap_or_default(),
+        )
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("socket,id=ctl,path={}", cfg.control.display()))
@@ -543,5 +594,32 @@ mod tests {
         let user = confinement(1000, 10).join(" ");
         assert!(user.contains("elevateprivileges=deny"), "{user}");
         assert!(!user.contains("-run-with"), "{user}");
+    }
+
+    #[test]
+    fn the_test_rom_is_an_option_rom_image_that_sums_to_zero() {
+        let rom = test_rom();
+        assert_eq!(rom.len(), 4096);
+        assert_eq!(&rom[..3], [0x55, 0xaa, 8]);
+        let pcir = usize::from(u16::from_le_bytes([rom[0x18], rom[0x19]]));
+        assert_eq!(&rom[pcir..pcir + 4], b"PCIR");
+        assert_eq!(&rom[pcir + 4..pcir + 8], [0x34, 0x12, 0x11, 0x11]);
+        assert_eq!(u16::from_le_bytes([rom[pcir + 0x10], rom[pcir + 0x11]]), 8);
+        assert_eq!(rom[pcir + 0x15] & 0x80, 0x80, "the last image");
+        assert_eq!(
+            rom[pcir + 0x14],
+            3,
+            "not x86 code, which the BIOS would run"
+        );
+        assert!(
+            rom.windows(TEST_ROM_MARKER.len())
+                .any(|w| w == TEST_ROM_MARKER.as_bytes())
+        );
+        assert_eq!(rom.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
+        let args = pci_test_device_args(Path::new("/run/x/test-rom.bin")).join(" ");
+        assert!(
+            args.contains("bochs-display,romfile=/run/x/test-rom.bin"),
+            "{args}"
+        );
     }
 }

@@ -169,6 +169,16 @@ pub fn attach(
             }
             tracing::info!(%address, bar = bar.index, at = bar.guest_addr, size = bar.size, mapped, "BAR placed");
         }
+        if let Some(rom) = function.rom() {
+            let trapped = TrappedBar {
+                device: device.clone(),
+                bar: rom,
+                metrics: metrics.clone(),
+                msix: None,
+            };
+            mmio_bus.insert(rom.guest_addr, rom.size, Arc::new(Mutex::new(trapped)))?;
+            tracing::info!(%address, at = rom.guest_addr, size = rom.size, "expansion ROM placed");
+        }
         let function = Arc::new(Mutex::new(function));
         let pci_slot = bus.add(function.clone()).ok_or(PassthroughError::BusFull)?;
         let interrupts = |source| PassthroughError::Interrupts { address, source };

@@ -1,14 +1,16 @@
 //! A host PCI function passed to the guest with VFIO.
 //!
-//! The VMM places the function's memory BARs in the guest's PCI window itself, as firmware
+//! The VMM places the function's memory BARs in the guest's PCI windows itself, as firmware
 //! would, and the guest keeps them there: BAR registers are emulated (the guest's sizing probes
-//! are answered, a write that would move a BAR is refused and counted), the expansion ROM is
-//! hidden, and every other register goes to the device's configuration space through VFIO,
-//! whose kernel driver guards what the guest may change there. A BAR the kernel lets us map is
-//! mapped into the guest as memory (accesses never leave the guest); the others are trapped and
+//! are answered, a write that would move a BAR is refused and counted), the expansion ROM's
+//! register too (its content read through VFIO, never mapped), and every other register goes
+//! to the device's configuration space through VFIO, whose kernel driver guards what the guest
+//! may change there. A BAR the kernel lets us map is mapped into the guest as memory (accesses
+//! never leave the guest); the others, and those holding the MSI-X table, are trapped and
 //! forwarded. I/O BARs are hidden. Guest RAM is mapped for the device's DMA at its guest
-//! physical addresses. Interrupts: INTx through a KVM irqfd with resampling, or, once the guest
-//! enables the MSI capability, one MSI vector through a route of the VM's GSI table.
+//! physical addresses. Interrupts: INTx through a KVM irqfd with resampling, one MSI vector
+//! through a route of the VM's GSI table once the guest enables MSI, or MSI-X (see
+//! [`super::msix`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use std::sync::Mutex;
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
@@ -93,10 +95,50 @@ impl BarAllocator {
     }
 }
 
+/// The expansion ROM's register: where the VMM placed the ROM, whether the guest is sizing it
+/// or has turned its decoding on. The ROM is read through VFIO, never mapped.
+struct RomRegister {
+    bar: Bar,
+    probing: bool,
+    enabled: bool,
+}
+
+/// ROM register bits: the address, and decoding on.
+const ROM_ADDRESS_MASK: u32 = 0xffff_f800;
+const ROM_ENABLE: u32 = 1;
+/// The smallest ROM the register can describe.
+const MIN_ROM_SIZE: u64 = 2048;
+
+impl RomRegister {
+    fn read(&self) -> u32 {
+        let address = if self.probing {
+            !(self.bar.size as u32 - 1)
+        } else {
+            self.bar.guest_addr as u32
+        };
+        address & ROM_ADDRESS_MASK | if self.enabled { ROM_ENABLE } else { 0 }
+    }
+
+    fn write(&mut self, offset: usize, data: &[u8], metrics: &PciMetrics) {
+        let value = merge(self.read(), offset, data);
+        self.enabled = value & ROM_ENABLE != 0;
+        if value & ROM_ADDRESS_MASK == ROM_ADDRESS_MASK {
+            self.probing = true;
+            return;
+        }
+        self.probing = false;
+        if value & ROM_ADDRESS_MASK != self.bar.guest_addr as u32 & ROM_ADDRESS_MASK {
+            PciMetrics::count(&metrics.bar_moves_refused);
+            tracing::warn!("the guest tried to move the expansion ROM; it stays");
+        }
+    }
+}
+
 /// The function's configuration space as the guest sees it.
 pub struct VfioPci {
     device: Arc<VfioDevice>,
     bars: BarRegisters,
+    rom: Option<RomRegister>,
     /// The wired INTx line, while MSI and MSI-X are off.
     pub intx: Option<IntxLine>,
     msi: Option<Msi>,
@@ -215,8 +257,10 @@ impl VfioPci {
             }
             index += 1;
         }
+        let rom = place_rom(&device, windows)?;
         Ok(Self {
             device,
+            rom,
             bars: BarRegisters {
                 bars,
                 probing: [false; BARS],
@@ -359,6 +403,40 @@ impl VfioPci {
             .map(|(bar, _)| *bar)
             .collect()
     }
+
+    /// The expansion ROM, if the device has one: always trapped, read through VFIO.
+    pub fn rom(&self) -> Option<Bar> {
+        self.rom.as_ref().map(|r| r.bar)
+    }
+}
+
+/// Places the device's expansion ROM, if it has one, in the window below 4 GiB.
+fn place_rom(
+    device: &VfioDevice,
+    windows: &mut BarWindows,
+) -> Result<Option<RomRegister>, VfioPciError> {
+    let size = device.get_region_size(VFIO_PCI_ROM_REGION_INDEX);
+    if size == 0 {
+        return Ok(None);
+    }
+    let index = VFIO_PCI_ROM_REGION_INDEX as usize;
+    if !size.is_power_of_two() || !(MIN_ROM_SIZE..=1 << 31).contains(&size) {
+        return Err(VfioPciError::BarSize { index, size });
+    }
+    let guest_addr = windows
+        .take(size, false)
+        .ok_or(VfioPciError::NoRoom { index, size })?;
+    Ok(Some(RomRegister {
+        bar: Bar {
+            index: VFIO_PCI_ROM_REGION_INDEX,
+            guest_addr,
+            size,
+            flags: 0,
+            mappable: false,
+        },
+        probing: false,
+        enabled: false,
+    }))
 }
 
 impl BarRegisters {
@@ -410,7 +488,7 @@ impl PciFunction for VfioPci {
             r if (FIRST_BAR_REG..FIRST_BAR_REG + BARS).contains(&r) => {
                 self.bars.read(r - FIRST_BAR_REG)
             }
-            ROM_REG => 0,
+            ROM_REG => self.rom.as_ref().map_or(0, RomRegister::read),
             HEADER_REG => config_dword(&self.device, reg) & !MULTI_FUNCTION,
             _ => {
                 let value = config_dword(&self.device, reg);
@@ -436,7 +514,11 @@ impl PciFunction for VfioPci {
             r if (FIRST_BAR_REG..FIRST_BAR_REG + BARS).contains(&r) => {
                 self.bars.write(r - FIRST_BAR_REG, offset, data)
             }
-            ROM_REG => {}
+            ROM_REG => {
+                if let Some(rom) = &mut self.rom {
+                    rom.write(offset, data, &self.bars.metrics);
+                }
+            }
             _ => {
                 // The interrupt set-up first: VFIO keeps MSI off in the capability until it
                 // has been set up.
@@ -510,6 +592,9 @@ impl BusDevice for TrappedBar {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         PciMetrics::count(&self.metrics.trapped_bar_accesses);
+        if self.bar.index == VFIO_PCI_ROM_REGION_INDEX {
+            return;
+        }
         if let Some((msix, at)) = self.table_access(offset) {
             msix.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -622,6 +707,36 @@ mod tests {
         regs.write(0, 0, &[0x00]);
         assert_eq!(regs.read(0), 0xc010_0000);
         assert_eq!(regs.metrics.bar_moves_refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_rom_register_answers_sizing_keeps_its_address_and_turns_decoding_on() {
+        let metrics = PciMetrics::default();
+        let mut rom = RomRegister {
+            bar: Bar {
+                index: VFIO_PCI_ROM_REGION_INDEX,
+                guest_addr: 0xc004_0000,
+                size: 0x1_0000,
+                flags: 0,
+                mappable: false,
+            },
+            probing: false,
+            enabled: false,
+        };
+        assert_eq!(rom.read(), 0xc004_0000);
+        // Linux sizes it with the enable bit off, then puts the address back and enables it.
+        rom.write(0, &0xffff_f800u32.to_le_bytes(), &metrics);
+        assert_eq!(rom.read(), 0xffff_0000);
+        rom.write(0, &0xc004_0001u32.to_le_bytes(), &metrics);
+        assert_eq!(rom.read(), 0xc004_0001);
+        assert!(rom.enabled);
+        rom.write(0, &0xc008_0000u32.to_le_bytes(), &metrics);
+        assert_eq!(rom.read(), 0xc004_0000, "it stays, decoding off");
+        assert_eq!(metrics.bar_moves_refused.load(Ordering::Relaxed), 1);
+        // A byte write of the low byte only toggles decoding.
+        rom.write(0, &[1], &metrics);
+        assert_eq!(rom.read(), 0xc004_0001);
+        assert_eq!(metrics.bar_moves_refused.load(Ordering::Relaxed), 1);
     }
 
     #[test]
