@@ -211,7 +211,9 @@ impl Msix {
         if offered == 0 {
             return None;
         }
-        let served = usize::from(cap.vectors).min(MAX_MSIX_VECTORS);
+        let served = usize::from(cap.vectors)
+            .min(MAX_MSIX_VECTORS)
+            .min(usize::try_from(offered).unwrap_or(usize::MAX));
         if served < usize::from(cap.vectors) {
             tracing::warn!(
                 vectors = cap.vectors,
