@@ -692,3 +692,47 @@ fn the_test_device_copies_between_a_programs_locked_pages_by_dma() {
     );
     scratch.assert_nothing_left();
 }
+
+#[test]
+fn a_device_whose_iommu_group_has_a_sibling_bound_elsewhere_is_refused_in_one_line() {
+    let scratch = Scratch::new("vfio-group");
+    let first = bound_test_device(&scratch);
+    // The second edu sits behind a PCI bridge, in one group with a virtio device the carrier's
+    // virtio-pci driver has.
+    let (_, devices) = doctor(&scratch);
+    let (vendor, device) = PCI_TEST_DEVICE_IDS;
+    let second = devices
+        .iter()
+        .find(|d| d["vendor"] == vendor && d["device"] == device && d["address"] != first.as_str())
+        .unwrap_or_else(|| panic!("no second edu among {devices:?}"))
+        .clone();
+    let address = second["address"].as_str().unwrap();
+    if second["driver"].is_null() {
+        std::fs::write("/sys/bus/pci/drivers/vfio-pci/bind", address).unwrap();
+    }
+    let sibling = devices
+        .iter()
+        .find(|d| d["iommu_group"] == second["iommu_group"] && d["driver"] == "virtio-pci")
+        .unwrap_or_else(|| panic!("no sibling bound to virtio-pci among {devices:?}"));
+    let out = scratch.output(
+        &[
+            "run",
+            "--device",
+            &format!("vfio:{address}"),
+            "--",
+            "/bin/true",
+        ],
+        b"",
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{address}: its IOMMU group is not viable: {} in the same group is bound to virtio-pci",
+            sibling["address"].as_str().unwrap()
+        )),
+        "{stderr}"
+    );
+    scratch.assert_nothing_left();
+}

@@ -78,9 +78,10 @@ const CARRIER_CPU: &str = "max,vgif=off";
 /// (1234:11e8: registers, a DMA engine, MSI), its `bochs-display` (1234:1111, PCI class
 /// display: what `--gpu` takes) with an expansion ROM (`rom`, see [`test_rom`]), as a GPU's
 /// VBIOS, an `ivshmem-plain` (1af4:1110) whose 512 MiB of memory is a 64-bit prefetchable BAR,
-/// as a GPU's is, and an `igb` network function (8086:10c9, not connected) for its MSI-X, which
-/// a GPU's driver uses. Enough to pass a device to an agent exactly as a GPU on a host with an
-/// IOMMU, and to test it.
+/// as a GPU's is, an `igb` network function (8086:10c9, not connected) for its MSI-X, which a
+/// GPU's driver uses, and, behind a PCI bridge, a second edu whose IOMMU group is not viable.
+/// Enough to pass a device to an agent exactly as a GPU on a host with an IOMMU, and to test
+/// it.
 pub fn pci_test_device_args(rom: &Path) -> Vec<String> {
     [
         "-device",
@@ -95,6 +96,14 @@ pub fn pci_test_device_args(rom: &Path) -> Vec<String> {
         "ivshmem-plain,memdev=pci-test-memory",
         "-device",
         "igb",
+        // Behind a conventional PCI bridge, whose devices share an IOMMU group: a second edu
+        // with a sibling the carrier's virtio-pci driver takes, a group no VM can have.
+        "-device",
+        "pci-bridge,id=pci-test-bridge,chassis_nr=1",
+        "-device",
+        "edu,bus=pci-test-bridge,addr=1",
+        "-device",
+        "virtio-rng-pci,bus=pci-test-bridge,addr=2",
     ]
     .map(str::to_owned)
     .to_vec()
