@@ -124,28 +124,24 @@ impl Mapping {
         Ok(Self { at: at.cast(), len })
     }
 
-    fn read32(&self, offset: usize) -> u32 {
-        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
-        // SAFETY: within the mapping and aligned (checked above).
-        unsafe { self.at.add(offset).cast::<u32>().read_volatile() }
+    /// The value of type `T` at `offset`: within the mapping and aligned.
+    fn place<T>(&self, offset: usize) -> *mut T {
+        assert!(
+            offset + std::mem::size_of::<T>() <= self.len
+                && offset.is_multiple_of(std::mem::align_of::<T>())
+        );
+        // SAFETY: within the mapping (checked above).
+        unsafe { self.at.add(offset).cast() }
     }
 
-    fn write32(&self, offset: usize, value: u32) {
-        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
-        // SAFETY: within the mapping and aligned (checked above).
-        unsafe { self.at.add(offset).cast::<u32>().write_volatile(value) }
+    fn read<T: Copy>(&self, offset: usize) -> T {
+        // SAFETY: within the mapping and aligned (see `place`).
+        unsafe { self.place::<T>(offset).read_volatile() }
     }
 
-    fn read64(&self, offset: usize) -> u64 {
-        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
-        // SAFETY: within the mapping and aligned (checked above).
-        unsafe { self.at.add(offset).cast::<u64>().read_volatile() }
-    }
-
-    fn write64(&self, offset: usize, value: u64) {
-        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
-        // SAFETY: within the mapping and aligned (checked above).
-        unsafe { self.at.add(offset).cast::<u64>().write_volatile(value) }
+    fn write<T: Copy>(&self, offset: usize, value: T) {
+        // SAFETY: as in `read`.
+        unsafe { self.place::<T>(offset).write_volatile(value) }
     }
 }
 
@@ -240,15 +236,18 @@ pub fn command(args: &[String]) -> Result<String, String> {
         .open(dir.join("resource0"))
         .map_err(|e| format!("resource0: {e}"))?;
     let bar = Mapping::new(&bar_file, 0, PAGE)?;
-    if bar.read32(REG_ID) != EDU_ID {
-        return Err(format!("the id register reads {:#x}", bar.read32(REG_ID)));
+    if bar.read::<u32>(REG_ID) != EDU_ID {
+        return Err(format!(
+            "the id register reads {:#x}",
+            bar.read::<u32>(REG_ID)
+        ));
     }
 
     let mut read_ns = Vec::new();
     for _ in 0..options.batches {
         let started = Instant::now();
         for _ in 0..READS_PER_BATCH {
-            bar.read32(REG_ID);
+            bar.read::<u32>(REG_ID);
         }
         read_ns.push(started.elapsed().as_nanos() as f64 / f64::from(READS_PER_BATCH));
     }
@@ -276,15 +275,15 @@ pub fn command(args: &[String]) -> Result<String, String> {
         let [page, second] = addresses;
         for round in 0..options.dma {
             for word in 0..EDU_BUFFER_BYTES / 4 {
-                ram.write32(word * 4, round.wrapping_mul(0x9e37_79b9) ^ word as u32);
-                ram.write32(PAGE + word * 4, 0);
+                ram.write::<u32>(word * 4, round.wrapping_mul(0x9e37_79b9) ^ word as u32);
+                ram.write::<u32>(PAGE + word * 4, 0);
             }
             let started = Instant::now();
             dma(&bar, page, EDU_BUFFER, DMA_START)?;
             dma(&bar, EDU_BUFFER, second, DMA_START | DMA_TO_RAM)?;
             dma_us.push(started.elapsed().as_secs_f64() * 1e6);
-            if let Some(word) =
-                (0..EDU_BUFFER_BYTES / 4).find(|w| ram.read32(w * 4) != ram.read32(PAGE + w * 4))
+            if let Some(word) = (0..EDU_BUFFER_BYTES / 4)
+                .find(|w| ram.read::<u32>(w * 4) != ram.read::<u32>(PAGE + w * 4))
             {
                 return Err(format!(
                     "DMA round {round}: word {word} came back different"
@@ -298,13 +297,13 @@ pub fn command(args: &[String]) -> Result<String, String> {
         let mut uio = open_uio(&dir)?;
         for _ in 0..options.interrupts {
             let started = Instant::now();
-            bar.write32(REG_RAISE, 1);
+            bar.write::<u32>(REG_RAISE, 1);
             wait_readable(&uio)?;
             let mut count = [0u8; 4];
             uio.read_exact(&mut count)
                 .map_err(|e| format!("/dev/uio: {e}"))?;
             interrupt_us.push(started.elapsed().as_secs_f64() * 1e6);
-            bar.write32(REG_ACK, 1);
+            bar.write::<u32>(REG_ACK, 1);
             // The generic driver masks the line on each interrupt; a program unmasks it.
             set_command(&config, 0, COMMAND_INTX_DISABLE)?;
         }
@@ -320,12 +319,12 @@ pub fn command(args: &[String]) -> Result<String, String> {
 
 /// One transfer of the device's whole buffer, waited for.
 fn dma(bar: &Mapping, source: u64, dest: u64, command: u64) -> Result<(), String> {
-    bar.write64(REG_DMA_SOURCE, source);
-    bar.write64(REG_DMA_DEST, dest);
-    bar.write64(REG_DMA_COUNT, EDU_BUFFER_BYTES as u64);
-    bar.write64(REG_DMA_COMMAND, command);
+    bar.write::<u64>(REG_DMA_SOURCE, source);
+    bar.write::<u64>(REG_DMA_DEST, dest);
+    bar.write::<u64>(REG_DMA_COUNT, EDU_BUFFER_BYTES as u64);
+    bar.write::<u64>(REG_DMA_COMMAND, command);
     let started = Instant::now();
-    while bar.read64(REG_DMA_COMMAND) & DMA_START != 0 {
+    while bar.read::<u64>(REG_DMA_COMMAND) & DMA_START != 0 {
         if started.elapsed() > WAIT {
             return Err("a DMA did not finish".to_owned());
         }

@@ -231,14 +231,10 @@ pub enum PassthroughError {
 /// exists, is bound to vfio-pci, and its IOMMU group is viable.
 pub fn ready_for_passthrough(spec: &str, root: &Path) -> Result<PassedDevice, PassthroughError> {
     let syntax = || PassthroughError::Syntax(spec.to_owned());
-    let passed: PassedDevice = spec
-        .strip_prefix("vfio:")
-        .ok_or_else(syntax)?
-        .parse()
-        .map_err(|e| match e {
-            BadPassedDevice::Address(_) => syntax(),
-            option @ BadPassedDevice::Option(_) => PassthroughError::Option(option.to_string()),
-        })?;
+    let passed = PassedDevice::from_spec(spec).map_err(|e| match e {
+        BadPassedDevice::Kind(_) | BadPassedDevice::Address(_) => syntax(),
+        option @ BadPassedDevice::Option(_) => PassthroughError::Option(option.to_string()),
+    })?;
     let all = devices(root).map_err(PassthroughError::Sysfs)?;
     check_ready(&passed, &all)?;
     Ok(passed)

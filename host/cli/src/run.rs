@@ -140,10 +140,7 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
         spec.gpus(),
         &[],
         Path::new(agentos::pci::SYSFS_PCI_DEVICES),
-    )?
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    )?;
     let mut vm = match AgentVm::boot(&opts) {
         Ok(vm) => vm,
         Err(VmError::Interrupted) => return Ok(signals::exit_code()),

@@ -316,12 +316,7 @@ impl VmmArgs {
 
 /// `vfio:ADDRESS[,mmap=off]`, the one kind of device there is.
 fn parse_device(text: &str) -> Result<PassedDevice, String> {
-    let address = text.strip_prefix("vfio:").ok_or_else(|| {
-        format!("{text:?}: give a device as vfio:ADDRESS, like vfio:0000:01:00.0")
-    })?;
-    address
-        .parse()
-        .map_err(|e: agentos_vmm::devices::pci::BadPassedDevice| e.to_string())
+    PassedDevice::from_spec(text).map_err(|e| e.to_string())
 }
 
 /// The IOMMU group of each passed-through function (its node is `/dev/vfio/<group>`).

@@ -205,7 +205,13 @@ impl Agent {
             last_error: status.last_error.clone(),
             paused: status.cgroup.as_ref().is_some_and(|c| c.is_frozen()),
             jail: status.jail,
-            devices: self.config.opts.pci_devices.clone(),
+            devices: self
+                .config
+                .opts
+                .pci_devices
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 

@@ -34,7 +34,7 @@ pub fn admit_beside(held: &[Held], config: &mut AgentConfig) -> Result<(), ApiEr
         };
         ApiError::new(kind, agentos_protocol::error_chain(&e))
     })?;
-    config.opts.pci_devices = assigned.iter().map(ToString::to_string).collect();
+    config.opts.pci_devices = assigned;
     Ok(())
 }
 
@@ -43,8 +43,7 @@ pub fn held_by<'a>(configs: impl Iterator<Item = &'a AgentConfig>) -> Vec<Held> 
     configs
         .flat_map(|config| {
             config.opts.pci_devices.iter().map(|device| Held {
-                // `ADDRESS[,mmap=off]`: the address is what is held.
-                address: device.split(',').next().unwrap_or_default().to_owned(),
+                address: device.address.to_string(),
                 holder: config.name.clone(),
             })
         })

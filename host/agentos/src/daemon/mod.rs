@@ -637,7 +637,7 @@ impl Daemon {
                 ),
             ));
         }
-        let devices = self.with_agent(&request.name, |a| a.config().opts.pci_devices.clone())?;
+        let devices = self.with_agent(&request.name, |a| a.info().devices)?;
         if !devices.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::Invalid,

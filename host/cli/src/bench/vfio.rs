@@ -30,6 +30,7 @@ use agentos::placement::{self, CarrierChoice, Placement};
 use agentos_core::agent::connection::ExecIo;
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::AgentVm;
+use agentos_vmm::devices::pci::PassedDevice;
 
 /// Two pages of the agent's RAM its kernel leaves alone, for the device's DMA: below the
 /// device's 28-bit DMA limit, reached in the guest through /dev/mem.
@@ -180,13 +181,13 @@ pub fn run(args: &VfioBenchArgs) -> anyhow::Result<i32> {
     let host_vfio_read = HostEdu::open(&address)?.vfio_reads(args.read_batches);
 
     eprintln!("agentos bench vfio: {address} in an agent, its BAR mapped");
-    let vm = in_agent(&device.to_string(), args, true)?;
+    let vm = in_agent(device, args, true)?;
     eprintln!("agentos bench vfio: {address} in an agent, its BAR trapped");
     let trapped = pci::ready_for_passthrough(
         &format!("vfio:{address},mmap=off"),
         Path::new(SYSFS_PCI_DEVICES),
     )?;
-    let vm_trapped = in_agent(&trapped.to_string(), args, false)?;
+    let vm_trapped = in_agent(trapped, args, false)?;
 
     let reads = Reads {
         host_mapped: rounded(&host.read_ns, 1),
@@ -320,9 +321,9 @@ fn test_device(asked: Option<&str>) -> anyhow::Result<String> {
 }
 
 /// Boots an agent with `device` and runs `/init edu` in it: everything when `all`, else reads.
-fn in_agent(device: &str, args: &VfioBenchArgs, all: bool) -> anyhow::Result<Times> {
+fn in_agent(device: PassedDevice, args: &VfioBenchArgs, all: bool) -> anyhow::Result<Times> {
     let mut opts = super::agent_options(AgentRequest::default())?;
-    opts.pci_devices = vec![device.to_owned()];
+    opts.pci_devices = vec![device];
     opts.extra_cmdline = Some(RESERVE_GUEST_DMA_PAGES.to_owned());
     let mut vm = AgentVm::boot(&opts).context("the agent with the device did not boot")?;
     let mut argv = vec![
@@ -432,57 +433,38 @@ impl HostEdu {
             &command.to_le_bytes(),
             COMMAND,
         );
-        if edu.read32(0) != EDU_ID {
-            bail!("{address}: the id register reads {:#x}", edu.read32(0));
+        if edu.read::<u32>(0) != EDU_ID {
+            bail!("{address}: the id register reads {:#x}", edu.read::<u32>(0));
         }
         Ok(edu)
     }
 
-    fn read32(&self, offset: u64) -> u32 {
-        assert!(offset as usize + 4 <= self.bar_len);
-        // SAFETY: within the mapped BAR, aligned by the callers' constant offsets.
-        unsafe { self.bar.add(offset as usize).cast::<u32>().read_volatile() }
+    /// The register of type `T` at `offset` of BAR 0: within the mapping and aligned.
+    fn register<T>(&self, offset: u64) -> *mut T {
+        let offset = offset as usize;
+        assert!(
+            offset + std::mem::size_of::<T>() <= self.bar_len
+                && offset.is_multiple_of(std::mem::align_of::<T>())
+        );
+        // SAFETY: within the mapping (checked above).
+        unsafe { self.bar.add(offset).cast() }
     }
 
-    fn write32(&self, offset: u64, value: u32) {
-        assert!(offset as usize + 4 <= self.bar_len);
-        // SAFETY: as in read32.
-        unsafe {
-            self.bar
-                .add(offset as usize)
-                .cast::<u32>()
-                .write_volatile(value)
-        }
+    fn read<T: Copy>(&self, offset: u64) -> T {
+        // SAFETY: a register within the mapped BAR, aligned (see `register`).
+        unsafe { self.register::<T>(offset).read_volatile() }
     }
 
-    fn read64(&self, offset: u64) -> u64 {
-        assert!(offset as usize + 8 <= self.bar_len);
-        // SAFETY: as in read32.
-        unsafe { self.bar.add(offset as usize).cast::<u64>().read_volatile() }
-    }
-
-    fn write64(&self, offset: u64, value: u64) {
-        assert!(offset as usize + 8 <= self.bar_len);
-        // SAFETY: as in read32.
-        unsafe {
-            self.bar
-                .add(offset as usize)
-                .cast::<u64>()
-                .write_volatile(value)
-        }
+    fn write<T: Copy>(&self, offset: u64, value: T) {
+        // SAFETY: as in `read`.
+        unsafe { self.register::<T>(offset).write_volatile(value) }
     }
 
     /// Reads as `/init edu` does them, DMA round trips and interrupts.
     fn measure(&self, args: &VfioBenchArgs) -> anyhow::Result<Times> {
-        let read_ns = (0..args.read_batches)
-            .map(|_| {
-                let started = Instant::now();
-                for _ in 0..READS_PER_BATCH {
-                    self.read32(0);
-                }
-                started.elapsed().as_nanos() as f64 / f64::from(READS_PER_BATCH)
-            })
-            .collect();
+        let read_ns = per_read_ns(args.read_batches, || {
+            self.read::<u32>(0);
+        });
         Ok(Times {
             read_ns,
             dma_round_trip_us: self.dma_round_trips(args.dma)?,
@@ -494,15 +476,7 @@ impl HostEdu {
     /// Reads of the id register through VFIO's region read, as a VMM serves a trapped BAR.
     fn vfio_reads(&self, batches: u32) -> Vec<f64> {
         let mut value = [0u8; 4];
-        (0..batches)
-            .map(|_| {
-                let started = Instant::now();
-                for _ in 0..READS_PER_BATCH {
-                    self.device.region_read(0, &mut value, 0);
-                }
-                started.elapsed().as_nanos() as f64 / f64::from(READS_PER_BATCH)
-            })
-            .collect()
+        per_read_ns(batches, || self.device.region_read(0, &mut value, 0))
     }
 
     fn dma_round_trips(&self, rounds: u32) -> anyhow::Result<Vec<f64>> {
@@ -547,12 +521,12 @@ impl HostEdu {
     }
 
     fn dma(&self, source: u64, dest: u64, command: u64) -> anyhow::Result<()> {
-        self.write64(REG_DMA_SOURCE, source);
-        self.write64(REG_DMA_DEST, dest);
-        self.write64(REG_DMA_COUNT, EDU_BUFFER_BYTES as u64);
-        self.write64(REG_DMA_COMMAND, command);
+        self.write::<u64>(REG_DMA_SOURCE, source);
+        self.write::<u64>(REG_DMA_DEST, dest);
+        self.write::<u64>(REG_DMA_COUNT, EDU_BUFFER_BYTES as u64);
+        self.write::<u64>(REG_DMA_COMMAND, command);
         let started = Instant::now();
-        while self.read64(REG_DMA_COMMAND) & DMA_START != 0 {
+        while self.read::<u64>(REG_DMA_COMMAND) & DMA_START != 0 {
             if started.elapsed() > WAIT {
                 bail!("a DMA did not finish");
             }
@@ -572,11 +546,11 @@ impl HostEdu {
             let mut us = Vec::new();
             for _ in 0..count {
                 let started = Instant::now();
-                self.write32(REG_RAISE, 1);
+                self.write::<u32>(REG_RAISE, 1);
                 wait_readable(trigger.as_raw_fd())?;
                 trigger.read().context("eventfd")?;
                 us.push(started.elapsed().as_secs_f64() * 1e6);
-                self.write32(REG_ACK, 1);
+                self.write::<u32>(REG_ACK, 1);
                 self.device
                     .unmask_irq(VFIO_PCI_INTX_IRQ_INDEX)
                     .context("cannot unmask INTx")?;
@@ -638,6 +612,19 @@ impl Drop for DmaBuffer {
         // SAFETY: the mapping `new` made, no longer mapped for DMA (see its user).
         unsafe { libc::munmap(self.at.cast(), self.len) };
     }
+}
+
+/// Nanoseconds per `read`, over each of `batches` batches of [`READS_PER_BATCH`].
+fn per_read_ns(batches: u32, mut read: impl FnMut()) -> Vec<f64> {
+    (0..batches)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..READS_PER_BATCH {
+                read();
+            }
+            started.elapsed().as_nanos() as f64 / f64::from(READS_PER_BATCH)
+        })
+        .collect()
 }
 
 fn wait_readable(fd: i32) -> anyhow::Result<()> {

@@ -228,10 +228,8 @@ impl AgentRequest {
         }
         let mut devices: Vec<PassedDevice> = Vec::with_capacity(self.devices.len());
         for text in &self.devices {
-            let device: PassedDevice = text
-                .strip_prefix("vfio:")
-                .and_then(|d| d.parse().ok())
-                .ok_or_else(|| SpecError::Device(text.clone()))?;
+            let device =
+                PassedDevice::from_spec(text).map_err(|_| SpecError::Device(text.clone()))?;
             if devices.iter().any(|d| d.address == device.address) {
                 return Err(SpecError::DeviceTwice(device.address.to_string()));
             }
@@ -341,7 +339,7 @@ impl AgentSpec {
             model_disks,
             extra_cmdline: self.kernel_args.clone(),
             cpu: self.cpu.clone(),
-            pci_devices: self.devices.iter().map(ToString::to_string).collect(),
+            pci_devices: self.devices.clone(),
             ..BootOptions::blank()
         })
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use agentos_protocol::AGENT_CONTROL_PORT;
 use agentos_protocol::bundle::{MODEL_DISK_PARAM, RUNTIME_DISK_PARAM};
 use agentos_vmm::config::MAX_DISKS;
+use agentos_vmm::devices::pci::PassedDevice;
 
 use super::connection::{AgentConnection, ConnectionError, poll_readable};
 use crate::admission::{AdmissionLock, HostModel, Refusal};
@@ -101,7 +102,7 @@ pub struct BootOptions {
     pub snapshot_to: Option<PathBuf>,
     /// Host PCI functions passed to the agent with VFIO (`ADDRESS[,mmap=off]`, addresses as
     /// sysfs names them).
-    pub pci_devices: Vec<String>,
+    pub pci_devices: Vec<PassedDevice>,
 }
 
 /// The CPU part of an agent's slice (see [`crate::cgroup::Slice`]).

@@ -106,6 +106,8 @@ const NO_MMAP: &str = "mmap=off";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BadPassedDevice {
+    #[error("{0:?}: give a device as vfio:ADDRESS, like vfio:0000:01:00.0")]
+    Kind(String),
     #[error(transparent)]
     Address(#[from] BadPciAddress),
     #[error("{0:?}: unknown device option; the one there is, mmap=off, traps the device's BARs")]
@@ -129,6 +131,15 @@ impl FromStr for PassedDevice {
             address: address.parse()?,
             map_bars,
         })
+    }
+}
+
+impl PassedDevice {
+    /// A device as users give it: `vfio:ADDRESS[,mmap=off]`, the one kind there is.
+    pub fn from_spec(text: &str) -> Result<Self, BadPassedDevice> {
+        text.strip_prefix("vfio:")
+            .ok_or_else(|| BadPassedDevice::Kind(text.to_owned()))?
+            .parse()
     }
 }
 

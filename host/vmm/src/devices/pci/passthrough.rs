@@ -15,7 +15,8 @@ use super::intx::IntxLine;
 use super::msi::MsiRoutes;
 use super::msix::Msix;
 use super::vfio::{
-    BarAllocator, BarWindows, Msi, TrappedBar, VfioPci, VfioPciError, map_bar, standard_config,
+    BarAllocator, BarWindows, Msi, MsixTableBar, TrappedBar, VfioPci, VfioPciError, map_bar,
+    standard_config,
 };
 use super::{
     CONFIG_IO_LEN, CONFIG_IO_PORT, ConfigPorts, ECAM_BUS_SIZE, EcamWindow, PassedDevice,
@@ -163,7 +164,14 @@ pub fn attach(
                     device: device.clone(),
                     bar,
                     metrics: metrics.clone(),
-                    msix: msix.clone().filter(|_| holds_msix),
+                    msix: msix
+                        .clone()
+                        .zip(msix_cap)
+                        .filter(|(_, cap)| cap.table.0 == bar.index)
+                        .map(|(msix, cap)| MsixTableBar {
+                            msix,
+                            span: cap.table_span(),
+                        }),
                 };
                 mmio_bus.insert(bar.guest_addr, bar.size, Arc::new(Mutex::new(trapped)))?;
             }

@@ -291,12 +291,12 @@ impl VfioPci {
         };
         let mut msix = msix.lock().unwrap_or_else(|e| e.into_inner());
         let reg = msix.cap.offset / 4;
-        if at + data.len() <= reg * 4 || at >= reg * 4 + 4 {
+        let Some(offset) = at.checked_sub(reg * 4).filter(|o| o + data.len() <= 4) else {
             return;
-        }
+        };
         let bits = u32::from(MSIX_ENABLE | MSIX_FUNCTION_MASK) << 16;
         let now = config_dword(&self.device, reg) & !bits | u32::from(msix.control_bits()) << 16;
-        let dword = merge(now, at - reg * 4, data);
+        let dword = merge(now, offset, data);
         msix.control_written((dword >> 16) as u16, self.intx.as_ref());
     }
 
@@ -556,19 +556,23 @@ pub struct TrappedBar {
     pub device: Arc<VfioDevice>,
     pub bar: Bar,
     pub metrics: Arc<PciMetrics>,
-    pub msix: Option<Arc<Mutex<Msix>>>,
+    /// The function's MSI-X, when this BAR holds its table.
+    pub msix: Option<MsixTableBar>,
+}
+
+/// A function's MSI-X and the bytes of the BAR its table takes: start, length.
+pub struct MsixTableBar {
+    pub msix: Arc<Mutex<Msix>>,
+    pub span: (u64, u64),
 }
 
 impl TrappedBar {
     /// The function's MSI-X, and `offset` within its table, if the access is the table's.
     fn table_access(&self, offset: u64) -> Option<(&Mutex<Msix>, u64)> {
-        let msix = self.msix.as_deref()?;
-        let cap = msix.lock().unwrap_or_else(|e| e.into_inner()).cap;
-        let (start, len) = cap.table_span();
-        let within = offset.checked_sub(start).filter(|o| *o < len);
-        within
-            .filter(|_| cap.table.0 == self.bar.index)
-            .map(|o| (msix, o))
+        let table = self.msix.as_ref()?;
+        let (start, len) = table.span;
+        let within = offset.checked_sub(start).filter(|o| *o < len)?;
+        Some((&table.msix, within))
     }
 }
 
