@@ -290,7 +290,7 @@ pub fn assign(
                 || (dev.iommu_group.is_some() && group_of(&h.address) == dev.iommu_group)
         })
     };
-    let mut assigned = Vec::with_capacity(named.len() + gpus as usize);
+    let mut assigned = Vec::with_capacity(named.len());
     for passed in named {
         let dev = check_ready(passed, &all)?;
         if let Some(h) = holder_of(dev) {
