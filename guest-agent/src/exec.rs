@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -91,8 +93,10 @@ pub fn start(
     {
         return Err(StartError::Environment(clip(key)));
     }
-    let mut command = Command::new(&req.run.program);
+    let path = req.run.env.get("PATH").or_else(|| base_env.get("PATH"));
+    let mut command = Command::new(resolve(&req.run.program, path.map(String::as_str)));
     command
+        .arg0(&req.run.program)
         .args(&req.run.args)
         .env_clear()
         .envs(base_env)
@@ -160,6 +164,28 @@ pub fn start(
         return Err(StartError::Thread(err));
     }
     Ok(Running { pgid: pid, stdin })
+}
+
+/// `program` found in the absolute directories of `path`, as the kernel will run it; as given when
+/// it names a path or is found nowhere (the spawn then fails as it would have).
+///
+/// The standard library spawns a bare name that a new PATH must resolve with fork and exec, which
+/// copies this whole process's page tables; a path lets it use `posix_spawn` (a vfork), several
+/// times cheaper in a VM.
+pub fn resolve(program: &str, path: Option<&str>) -> PathBuf {
+    if program.contains('/') || program.is_empty() {
+        return PathBuf::from(program);
+    }
+    path.into_iter()
+        .flat_map(|path| path.split(':'))
+        .filter(|dir| dir.starts_with('/'))
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable(candidate))
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Undoes a spawn that cannot be served.
@@ -435,5 +461,28 @@ impl StdinQueue {
             }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_name_is_found_in_the_absolute_directories_of_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("tool");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        let not_executable = dir.path().join("data");
+        std::fs::write(&not_executable, "").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("relative:/nonexistent:{}", dir.path().display());
+        assert_eq!(resolve("tool", Some(&path)), program);
+        // Found nowhere, not executable, or a path already: left as given.
+        assert_eq!(resolve("data", Some(&path)), PathBuf::from("data"));
+        assert_eq!(resolve("absent", Some(&path)), PathBuf::from("absent"));
+        assert_eq!(resolve("tool", None), PathBuf::from("tool"));
+        assert_eq!(resolve("./tool", Some(&path)), PathBuf::from("./tool"));
+        assert_eq!(resolve("", Some(&path)), PathBuf::from(""));
     }
 }

@@ -272,7 +272,7 @@ fn serve_serial(name: &str, ctx: &Context) -> Result<(), Fatal> {
 
 fn shutdown_requested(served: Result<Ended, ServeError>) -> bool {
     match served {
-        Ok(ended) => matches!(ended, Ended::Shutdown),
+        Ok(ended) => matches!(ended, Ended::Shutdown | Ended::Unrefreshed),
         Err(err) => {
             console!("serving a connection failed: {}", describe(&err));
             false

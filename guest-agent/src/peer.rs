@@ -300,8 +300,10 @@ impl Member {
 
     fn exec(&self, program: &str, args: &[String], delivery: &Delivery) -> Result<Outcome, String> {
         let started = Instant::now();
-        let mut command = Command::new(program);
+        let path = self.env.base_env.get("PATH").map(String::as_str);
+        let mut command = Command::new(crate::exec::resolve(program, path));
         command
+            .arg0(program)
             .args(args)
             .env_clear()
             .envs(&self.env.base_env)

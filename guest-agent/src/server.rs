@@ -106,6 +106,9 @@ pub enum Ended {
     WriterGone,
     /// The host asked for a shutdown and has been answered.
     Shutdown,
+    /// The agent was restored from a snapshot and could not refresh its random state: the VM
+    /// powers off.
+    Unrefreshed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +148,7 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         console!("dropping a connection: {}", describe(err));
     }
     session.kill_all();
-    if !matches!(ended, Ended::Shutdown) {
+    if !matches!(ended, Ended::Shutdown | Ended::Unrefreshed) {
         // Unblocks a writer stuck on a host that stopped reading.
         frames.get_ref().shutdown();
     }
@@ -170,6 +173,8 @@ struct Session<'a> {
 enum Flow {
     Continue,
     Shutdown,
+    /// A restored agent could not take fresh entropy: it must not run anything.
+    Unrefreshed,
 }
 
 impl Session<'_> {
@@ -183,6 +188,7 @@ impl Session<'_> {
             match self.handle(msg) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Shutdown) => return Ended::Shutdown,
+                Ok(Flow::Unrefreshed) => return Ended::Unrefreshed,
                 Err(WriterGone) => return Ended::WriterGone,
             }
         }
@@ -213,7 +219,15 @@ impl Session<'_> {
                 unix_time_ns,
             } => match crate::restore::refresh(&entropy.0, unix_time_ns) {
                 Ok(()) => self.outbox.send(GuestMessage::Restored { id })?,
-                Err(e) => self.error(id, format!("cannot refresh the restored guest: {e}"))?,
+                Err(e) => {
+                    // The host sends its next requests without waiting for this answer: the
+                    // agent goes down before it could run any of them with a clone's random
+                    // state.
+                    let message = format!("cannot refresh the restored guest: {e}");
+                    console!("{message}; powering off");
+                    self.error(id, message)?;
+                    return Ok(Flow::Unrefreshed);
+                }
             },
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.

@@ -383,3 +383,37 @@ fn closing_the_connection_kills_running_programs() {
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_bare_program_name_is_found_in_path_and_keeps_its_name() {
+    let mut host = Host::connect();
+    // argv[0] as the host gave it, although the agent spawned the program by its full path.
+    host.exec(run(1, "sh", &["-c", "head -c 3 /proc/$$/cmdline"]));
+    let output = host.run_to_exit(1);
+    assert_eq!(output.status, exited_with(0));
+    assert_eq!(output.stdout, b"sh\0");
+}
+
+#[test]
+fn a_restored_agent_that_cannot_refresh_runs_nothing_more() {
+    let mut host = Host::connect();
+    let marker = tempfile::tempdir().unwrap().keep().join("ran");
+    // The host sends its next request without waiting for the answer to `restored`.
+    host.send(HostMessage::Restored {
+        id: 1,
+        entropy: StreamData(Vec::new()),
+        unix_time_ns: 0,
+    });
+    host.exec(sh(2, &format!("touch {}", marker.display())));
+    let message = host.expect_error(1);
+    assert!(message.contains("cannot refresh"), "{message}");
+    // Closed with the exec still unread: a reset, or an end.
+    match host.frames.read::<GuestMessage>() {
+        Ok(None) => {}
+        Err(agentos_protocol::FrameError::Io(e))
+            if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection to close, got {other:?}"),
+    }
+    assert!(matches!(host.server.join().unwrap(), Ended::Unrefreshed));
+    assert!(!marker.exists());
+}

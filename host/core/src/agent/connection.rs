@@ -141,6 +141,8 @@ pub struct AgentConnection {
     ping_outstanding: bool,
     /// Says when the far end is paused on purpose (its VM frozen): silence then is no stall.
     paused: Option<Box<dyn Fn() -> bool + Send>>,
+    /// The id of a `restored` request not answered yet (see [`AgentConnection::restored`]).
+    unconfirmed_restore: Option<u64>,
 }
 
 impl AgentConnection {
@@ -173,6 +175,7 @@ impl AgentConnection {
             last_heard: Instant::now(),
             ping_outstanding: false,
             paused: None,
+            unconfirmed_restore: None,
         })
     }
 
@@ -239,6 +242,21 @@ impl AgentConnection {
     }
 
     fn recv(&mut self) -> Result<GuestMessage, ConnectionError> {
+        loop {
+            let msg = self.recv_frame()?;
+            match (self.unconfirmed_restore, msg) {
+                (Some(pending), GuestMessage::Restored { id }) if id == pending => {
+                    self.unconfirmed_restore = None;
+                }
+                (Some(pending), GuestMessage::Error { id, message }) if id == pending => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                (_, msg) => return Ok(msg),
+            }
+        }
+    }
+
+    fn recv_frame(&mut self) -> Result<GuestMessage, ConnectionError> {
         self.await_frame()?;
         self.reader.get_mut().deadline = self.deadline;
         match self.reader.read() {
@@ -274,7 +292,12 @@ impl AgentConnection {
 
     /// Tells an agent restored from a snapshot that it was: it gets fresh entropy for its
     /// kernel's random pool (every clone of a snapshot starts from the same pool) and the wall
-    /// clock, which stood still while it was saved. Waits for it to have done both.
+    /// clock, which stood still while it was saved.
+    ///
+    /// Does not wait for the answer: the agent handles frames in order, so whatever is asked
+    /// next runs after the refresh, and an agent that cannot refresh answers with an error and
+    /// powers off before it runs anything. The answer is checked as later frames arrive; a
+    /// refusal fails the request that meets it.
     pub fn restored(&mut self) -> Result<(), ConnectionError> {
         let mut entropy = vec![0u8; RESTORE_ENTROPY_BYTES];
         std::fs::File::open("/dev/urandom")
@@ -289,15 +312,8 @@ impl AgentConnection {
             entropy: StreamData(entropy),
             unix_time_ns,
         })?;
-        loop {
-            match self.recv()? {
-                GuestMessage::Restored { id: got } if got == id => return Ok(()),
-                GuestMessage::Error { id: got, message } if got == id => {
-                    return Err(ConnectionError::Refused(message));
-                }
-                _ => {}
-            }
-        }
+        self.unconfirmed_restore = Some(id);
+        Ok(())
     }
 
     /// Runs a program to its end, streaming its output as it arrives.
@@ -586,6 +602,42 @@ mod tests {
         });
         let (status, _) = run(&mut conn, "/nope");
         assert!(matches!(status, Err(ConnectionError::Refused(m)) if m == "no such program"));
+    }
+
+    /// A guest that answers `restored` as `refresh` says, then runs programs with status 0.
+    fn restored_guest(refresh: fn(u64) -> GuestMessage) -> AgentConnection {
+        fake_guest(move |msg| match msg {
+            HostMessage::Restored { id, .. } => vec![refresh(id)],
+            HostMessage::Exec(req) => vec![GuestMessage::Exited {
+                id: req.id,
+                status: ExitStatus::default(),
+            }],
+            _ => vec![],
+        })
+    }
+
+    #[test]
+    fn the_answer_to_restored_is_taken_by_the_next_request() {
+        let mut conn = restored_guest(|id| GuestMessage::Restored { id });
+        conn.restored().unwrap();
+        assert_eq!(conn.unconfirmed_restore, Some(1));
+        let (status, _) = run(&mut conn, "/bin/true");
+        assert_eq!(status.unwrap().code, None);
+        assert_eq!(conn.unconfirmed_restore, None);
+    }
+
+    #[test]
+    fn a_guest_that_could_not_refresh_fails_the_next_request() {
+        let mut conn = restored_guest(|id| GuestMessage::Error {
+            id,
+            message: "cannot refresh the restored guest".into(),
+        });
+        conn.restored().unwrap();
+        let (status, _) = run(&mut conn, "/bin/true");
+        assert!(
+            matches!(&status, Err(ConnectionError::Refused(m)) if m.contains("refresh")),
+            "{status:?}"
+        );
     }
 
     #[test]

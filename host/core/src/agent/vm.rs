@@ -342,9 +342,7 @@ impl Starting {
         drop(control);
         let handshake = handshake.and_then(|mut conn| {
             if restored {
-                conn.set_deadline(Some(deadline));
                 conn.restored()?;
-                conn.set_deadline(None);
             }
             Ok(conn)
         });
