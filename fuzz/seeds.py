@@ -2,7 +2,7 @@
 """Writes the seed corpora in fuzz/corpus/<target>/: small inputs that each mean something (a valid
 frame, a valid group file, a packet in one descriptor or split over several, a loop, an indirect
 table (which the device refuses), a buffer outside guest memory, a muxer's connection from open to
-close, a request of each API op), so that fuzzing starts from the interesting shapes.
+close, a request of each API route), so that fuzzing starts from the interesting shapes.
 
 Run from anywhere: python3 fuzz/seeds.py. The layouts below mirror fuzz/src/lib.rs and the
 targets' doc comments; the files it writes are committed, the script is how they were made.
@@ -541,17 +541,26 @@ def vsock_muxer():
         write("vsock_muxer", name, timeout + b"".join(ops))
 
 
-# ---- api_request: the daemon's frames, a 4-byte big-endian length then one JSON request ----
+# ---- api_request: the daemon's HTTP requests as the fuzz target reads them: a byte choosing the
+# method (index into GET, POST, DELETE, PUT, PATCH), the target (path and query), a zero byte,
+# the body ----
 
-MAX_REQUEST_BYTES = 1 << 20
+METHODS = {"GET": 0, "POST": 1, "DELETE": 2, "PUT": 3, "PATCH": 4}
+
+
+def http_request(method, target, body=b""):
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
+    return bytes([METHODS[method]]) + target.encode() + b"\0" + body
 
 
 def api_request():
     seeds = {
-        "version": [{"op": "version"}],
-        "spawn": [
+        "version": ("GET", "/version", b""),
+        "spawn": (
+            "POST",
+            "/agents",
             {
-                "op": "spawn",
                 "name": "summarizer",
                 "model": "minilm",
                 "vcpus": 2,
@@ -563,14 +572,15 @@ def api_request():
                 "restart": "always",
                 "boot_timeout_s": 120,
                 "wait": True,
-            }
-        ],
-        "spawn_defaults": [{"op": "spawn", "name": "w", "class": None, "restart": "never"}],
-        "ps": [{"op": "ps"}],
-        "exec": [
+            },
+        ),
+        "spawn_defaults": ("POST", "/agents", {"name": "w", "class": None, "restart": "never"}),
+        "spawn_from": ("POST", "/agents", {"name": "w", "from": "/var/snap/w", "devices": ["vfio:0000:00:01.0"]}),
+        "ps": ("GET", "/agents", b""),
+        "exec": (
+            "POST",
+            "/agents/w/exec",
             {
-                "op": "exec",
-                "name": "w",
                 "run": {
                     "program": "/bin/sh",
                     "args": ["-c", "cat; echo $K"],
@@ -579,66 +589,55 @@ def api_request():
                     "timeout_ms": 30000,
                 },
                 "stdin": "line one\nline \u00e9\n",
-            }
-        ],
-        "infer": [
+            },
+        ),
+        "infer": (
+            "POST",
+            "/agents/w/infer",
             {
-                "op": "infer",
-                "name": "w",
                 "model": "sentiment",
                 "task": "classify",
                 "inputs": ["I love this", "meh"],
                 "options": {"top_k": 2, "sentences": 3},
-            }
-        ],
-        "infer_summarize": [
-            {"op": "infer", "name": "w", "task": "summarize", "inputs": ["A cat. A mat."]}
-        ],
-        "logs": [{"op": "logs", "name": "w", "offset": 5120}],
-        "stop": [{"op": "stop", "name": "w"}],
-        "rm": [{"op": "rm", "name": "w", "force": True}],
-        "metrics": [{"op": "metrics"}],
-        "group_up": [
+            },
+        ),
+        "infer_summarize": ("POST", "/agents/w/infer", {"task": "summarize", "inputs": ["A cat. A mat."]}),
+        "logs": ("GET", "/agents/w/logs?offset=5120", b""),
+        "stop": ("POST", "/agents/w/stop", b""),
+        "rm": ("DELETE", "/agents/w?force=true", b""),
+        "snapshot": ("POST", "/agents/w/snapshot", {"to": "/var/snap/w"}),
+        "metrics": ("GET", "/metrics", b""),
+        "group_up": (
+            "POST",
+            "/groups",
             {
-                "op": "group_up",
                 "file": "digest.toml",
                 "text": (FUZZ.parent / "examples" / "digest.toml").read_text(),
                 "wait": True,
-            }
-        ],
-        "group_down": [{"op": "group_down", "group": "digest"}],
-        "group_input": [
-            {
-                "op": "group_input",
-                "group": "digest",
-                "text": "The cat is on the mat.",
-                "timeout_s": 60,
-            }
-        ],
-        # Two requests back to back on one connection.
-        "two_frames": [{"op": "logs", "name": "w"}, {"op": "logs", "name": "w", "offset": 17}],
-        "not_json": ["not json"],
-        "empty_body": [""],
-        "unknown_op": [{"op": "launch", "name": "w"}],
-        "no_op": [{"name": "w"}],
-        "unknown_field": [{"op": "spawn", "name": "w", "memroy_mib": 256}],
-        "missing_field": [{"op": "exec", "name": "w"}],
-        "wrong_types": [
-            {"op": "spawn", "name": 7, "vcpus": "two"},
-            {"op": "spawn", "name": "w", "vcpus": 256, "cpus": "half"},
-            {"op": "logs", "name": "w", "offset": -1},
-            {"op": "rm", "name": "w", "force": "yes"},
-            {"op": "infer", "name": "w", "task": "sumarize", "inputs": "text"},
-        ],
-        # An op with an escaped line break, which the error message quotes decoded.
-        "escaped_newline": ['{"op":"sp\\nawn","name":"w"}'],
+            },
+        ),
+        "group_down": ("DELETE", "/groups/digest", b""),
+        "group_input": ("POST", "/groups/digest/input", {"text": "The cat is on the mat.", "timeout_s": 60}),
+        "pool_create": ("POST", "/pools", {"name": "warm", "from": "/var/snap/w", "size": 4}),
+        "pool_rm": ("DELETE", "/pools/warm", b""),
+        "escaped_name": ("DELETE", "/agents/..%2F..%2Fetc", b""),
+        "not_json": ("POST", "/agents", "not json"),
+        "empty_body": ("POST", "/agents", b""),
+        "unknown_path": ("POST", "/agents/w/launch", {}),
+        "wrong_method": ("PUT", "/agents", {}),
+        "name_twice": ("POST", "/agents/w/exec", {"name": "v", "run": {"program": "p"}}),
+        "unknown_field": ("POST", "/agents", {"name": "w", "memroy_mib": 256}),
+        "unknown_query": ("GET", "/agents/w/logs?ofset=1", b""),
+        "missing_field": ("POST", "/agents/w/exec", {}),
+        "wrong_types": ("POST", "/agents", {"name": 7, "vcpus": "two"}),
+        "bad_query": ("DELETE", "/agents/w?force=yes", b""),
+        "huge_timeout": ("POST", "/agents/w/exec", {"run": {"program": "p", "timeout_ms": 18446744073709551615}}),
+        # A name with an escaped line break, which the error message quotes decoded.
+        "escaped_newline": ("POST", "/agents/w%0Ax/stop", b""),
+        "bad_escape": ("GET", "/agents/%ff/logs", b""),
     }
-    for name, requests in seeds.items():
-        write("api_request", name, b"".join(frame(r) for r in requests))
-    # A length one over the limit (the daemon answers too_large and closes), and a frame cut short
-    # inside its body after a good one.
-    write("api_request", "over_limit", struct.pack(">I", MAX_REQUEST_BYTES + 1) + b'{"op":"ps"}')
-    write("api_request", "truncated", frame({"op": "ps"}) + struct.pack(">I", 100) + b'{"op":"ve')
+    for name, (method, target, body) in seeds.items():
+        write("api_request", name, http_request(method, target, body))
 
 
 # virtio_block: the layout of vsock_packet; a request header at DATA, its buffers after it.

@@ -1,32 +1,26 @@
-//! API requests as any local client writes them (a buggy one, or a program that opened the
-//! daemon's socket by mistake): arbitrary bytes read as the daemon reads a connection, a 4-byte
-//! big-endian length and that many bytes of body, frame after frame, until the bytes end, a frame
-//! is cut short (the daemon's read fails and the connection ends) or a length is over
-//! `MAX_REQUEST_BYTES` (answered `too_large` with the body unread, and the connection closed).
-//! Each body goes to `parse_request`, as the daemon hands it over.
+//! API requests as any local client may send them (a buggy one, or a program that opened the
+//! daemon's socket by mistake): a method, a path, a query and a body, each arbitrary, read into a
+//! request as the daemon routes what hyper has parsed (`routes::route`).
 //!
-//! A body it refuses must get a `bad_request` error (or `invalid`, for a duration out of its
-//! range) whose message is one line of at most `MAX_ERROR_BYTES` (and a bit for the ellipsis),
-//! whatever the body quoted, so that the reply always encodes. A body it accepts must be one of
-//! the documented ops, encode under that `op` as the client encodes it, and parse back to the
-//! same request.
+//! A request it refuses must get an error of a kind a client can act on (`bad_request`,
+//! `not_found`, `method_not_allowed`, or `invalid` for a duration out of its range) whose message
+//! is one line of at most `MAX_ERROR_BYTES` (and a bit for the ellipsis), whatever the request
+//! quoted. A request it accepts must be one of the documented operations, and written again as
+//! the client writes it (`routes::call`), be read back as the same request.
 
 #![no_main]
 
-use agentos::daemon::api::{
-    ApiError, ErrorKind, MAX_ERROR_BYTES, MAX_REQUEST_BYTES, Reply, Request, parse_request,
-};
-use agentos_protocol::{FrameError, MAX_FRAME_BYTES, encode_frame};
+use agentos::daemon::api::{ApiError, ErrorKind, MAX_ERROR_BYTES, Request};
+use agentos::daemon::routes::{call, route};
+use hyper::Method;
 use libfuzzer_sys::fuzz_target;
 
-/// The length prefix of every frame.
-const LEN_BYTES: usize = 4;
-
-/// The ops docs/api.md documents.
-const OPS: [&str; 12] = [
+/// The operations docs/api.md documents.
+const OPS: [&str; 16] = [
     "version",
     "spawn",
     "ps",
+    "models",
     "exec",
     "infer",
     "logs",
@@ -36,78 +30,72 @@ const OPS: [&str; 12] = [
     "group_up",
     "group_down",
     "group_input",
+    "snapshot",
+    "pool_create",
+    "pool_rm",
 ];
 
-/// Bytes a request may grow by when encoded again: the optional fields it left out, written as
-/// `null` or their default, and a float written with a fraction.
-const ENCODING_SLACK: usize = 4096;
+const METHODS: [Method; 5] = [
+    Method::GET,
+    Method::POST,
+    Method::DELETE,
+    Method::PUT,
+    Method::PATCH,
+];
 
 fuzz_target!(|data: &[u8]| {
-    let mut rest = data;
-    // Fewer than LEN_BYTES left is the end of the connection, cut inside a length or not.
-    while let Some((prefix, after)) = rest.split_first_chunk::<LEN_BYTES>() {
-        let len = u32::from_be_bytes(*prefix) as usize;
-        if len > MAX_REQUEST_BYTES {
-            let error = ApiError::new(
-                ErrorKind::TooLarge,
-                format!("a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES} bytes"),
-            );
-            encode_frame(&Reply::Error(error)).expect("a too_large reply encodes");
-            return;
-        }
-        let Some((body, after)) = after.split_at_checked(len) else {
-            return;
-        };
-        request(body);
-        rest = after;
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    let method = &METHODS[usize::from(which) % METHODS.len()];
+    // The target's text up to the first zero byte, the body after it.
+    let (target, body) = match rest.iter().position(|&b| b == 0) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, &[][..]),
+    };
+    let target = String::from_utf8_lossy(target);
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (&*target, None),
+    };
+    match route(method, path, query, body) {
+        Ok(request) => accepted(&request),
+        Err(error) => refused(error),
     }
 });
 
-/// What the daemon does with one body, up to handling the request.
-fn request(body: &[u8]) {
-    match parse_request(body) {
-        Ok(request) => accepted(body, &request),
-        Err(error) => refused(body, error),
-    }
-}
-
-fn accepted(body: &[u8], request: &Request) {
+fn accepted(request: &Request) {
     let op = request.op();
     assert!(OPS.contains(&op), "undocumented op `{op}`");
-    let frame = match encode_frame(request) {
-        Ok(frame) => frame,
-        Err(FrameError::TooLarge(_)) if body.len() > MAX_REQUEST_BYTES - ENCODING_SLACK => return,
-        Err(e) => panic!("{request:?} does not encode: {e}"),
+    let again = call(request);
+    let (path, query) = match again.target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (again.target.as_str(), None),
     };
-    let (prefix, again) = frame.split_first_chunk::<LEN_BYTES>().unwrap();
-    assert_eq!(u32::from_be_bytes(*prefix) as usize, again.len());
-    let tag = format!(r#"{{"op":"{op}""#);
-    assert!(
-        again.starts_with(tag.as_bytes()),
-        "{request:?} encodes as {}",
-        String::from_utf8_lossy(again)
+    let back = route(
+        &again.method,
+        path,
+        query,
+        again.body.as_deref().unwrap_or_default(),
     );
-    let back = parse_request(again);
     assert!(
         back.as_ref().is_ok_and(|back| back == request),
-        "{} parses as {back:?}",
-        String::from_utf8_lossy(again)
+        "{again:?} reads as {back:?}"
     );
 }
 
-fn refused(body: &[u8], error: ApiError) {
+fn refused(error: ApiError) {
     assert!(
-        matches!(error.kind, ErrorKind::BadRequest | ErrorKind::Invalid),
+        matches!(
+            error.kind,
+            ErrorKind::BadRequest
+                | ErrorKind::Invalid
+                | ErrorKind::NotFound
+                | ErrorKind::MethodNotAllowed
+        ),
         "{error:?}"
     );
     assert!(!error.message.trim().is_empty(), "{error:?}");
     assert!(!error.message.contains(['\n', '\r']), "{error:?}");
     assert!(error.message.len() <= MAX_ERROR_BYTES + 3, "{error:?}");
-    let frame = encode_frame(&Reply::Error(error)).unwrap_or_else(|e| {
-        panic!(
-            "the reply to a {}-byte body does not encode: {e}",
-            body.len()
-        )
-    });
-    assert!(frame.len() - LEN_BYTES <= MAX_FRAME_BYTES);
 }

@@ -1,9 +1,10 @@
-//! The duties of PID 1: file systems, host name, kernel modules, the status port, power-off.
+//! The duties of PID 1: file systems, host name, loopback, kernel modules, the status port,
+//! power-off.
 
 use std::ffi::{CStr, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -112,10 +113,15 @@ pub fn mount_file_systems() -> Result<(), InitError> {
     ensure_stdio()
 }
 
-/// Applies the configuration: host name, then kernel modules in order.
+/// Applies the configuration: host name, the loopback interface, then kernel modules in order.
 pub fn configure(config: &Config) -> Result<(), InitError> {
     if let Some(name) = &config.hostname {
         set_hostname(name)?;
+    }
+    // Programs talk to themselves over 127.0.0.1 (a server and its client, a listening daemon);
+    // a guest without it still runs everything else.
+    if let Err(err) = loopback_up() {
+        console!("the loopback interface stays down: {err}");
     }
     for module in &config.modules {
         load_module(module)?;
@@ -177,6 +183,33 @@ fn ensure_stdio() -> Result<(), InitError> {
         // Deliberately leaked: lower fds are open and nothing else runs yet, so open(2) handed out
         // exactly `fd`, which must stay open for the life of the agent.
         let _ = file.into_raw_fd();
+    }
+    Ok(())
+}
+
+/// Sets `lo` up: the kernel creates it down.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor socket(2) just returned, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero bytes are a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: `request` is a live ifreq naming an interface; SIOCGIFFLAGS writes its flags.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member, which is read and written here.
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS reads the ifreq.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! and a hang are both noticed and healed by a restart), and an API that answers bad requests
 //! with clear errors and carries on.
 
-use std::io::{Read, Write};
+use agentos::daemon::client::raw;
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -21,11 +22,16 @@ pub(crate) struct Daemon<'a> {
 
 impl<'a> Daemon<'a> {
     pub(crate) fn start(t: &'a Scratch) -> Self {
+        Self::start_with(t, &[])
+    }
+
+    pub(crate) fn start_with(t: &'a Scratch, extra: &[&str]) -> Self {
         let socket = t.dir.join("daemon.sock");
         let log = t.dir.join("daemon.log");
         let child = t
             .agentos()
             .args(["daemon", "--hang-timeout", HANG_TIMEOUT_S])
+            .args(extra)
             .arg("--socket")
             .arg(&socket)
             .stdin(Stdio::null())
@@ -129,23 +135,72 @@ impl<'a> Daemon<'a> {
     }
 }
 
-/// One raw request frame (`body` as is) and the reply, if the daemon sent one.
-fn raw_call(socket: &Path, len: u32, body: &[u8]) -> Option<serde_json::Value> {
+/// One raw HTTP request (`body` as is, its length declared as `length` unless that is the
+/// body's) and the reply, if the daemon sent one.
+fn raw_call(
+    socket: &Path,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    length: Option<u64>,
+) -> Option<raw::Reply> {
     let mut stream = UnixStream::connect(socket).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    stream.write_all(&len.to_be_bytes()).unwrap();
-    let _ = stream.write_all(body);
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).ok()?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut reply).unwrap();
-    Some(serde_json::from_slice(&reply).unwrap())
+    let _ = stream.write_all(&raw::request(method, target, body, length));
+    raw::read_reply(&mut std::io::BufReader::new(stream)).ok()
 }
 
-fn json_call(socket: &Path, request: &str) -> serde_json::Value {
-    raw_call(socket, request.len() as u32, request.as_bytes()).expect("no reply")
+/// A request and its reply's body (`{"error": ...}` for an error).
+fn json_call(socket: &Path, method: &str, target: &str, body: &str) -> serde_json::Value {
+    raw_call(socket, method, target, body.as_bytes(), None)
+        .expect("no reply")
+        .json()
+}
+
+/// The API on TCP (`--listen`): the daemon says where, and where its generated token is (a file
+/// only its user reads); a request without the token, or with another, is `unauthorized`.
+fn over_tcp_with_the_token_only(d: &Daemon<'_>) {
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("listening on http://"))
+        .unwrap_or_else(|| panic!("no TCP address in the daemon's log:\n{log}"));
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let token_file = line
+        .split("(token in ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no token file in {line}"));
+    let mode = std::fs::metadata(token_file).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(token_file).unwrap();
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "{token}");
+    let ask = |authorization: &str| {
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let head = format!("GET /agents HTTP/1.1\r\nHost: a\r\n{authorization}\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        raw::read_reply(&mut std::io::BufReader::new(stream)).unwrap()
+    };
+    for wrong in ["", "Authorization: Bearer nope\r\n"] {
+        let reply = ask(wrong);
+        assert_eq!((reply.status, reply.kind().as_str()), (401, "unauthorized"));
+    }
+    let reply = ask(&format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.json()["agents"].is_array(), "{reply:?}");
 }
 
 /// The process that runs agent `name`'s guest: the child of the VMM the daemon started, when
@@ -174,27 +229,42 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     }
     let _machine = take_machine();
     let t = Scratch::new("daemon");
-    let mut d = Daemon::start(&t);
+    let mut d = Daemon::start_with(&t, &["--listen", "127.0.0.1:0"]);
     let mode = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
+    over_tcp_with_the_token_only(&d);
 
     // Bad requests get an error each, and the daemon carries on.
-    let bad = json_call(&d.socket, "{not json");
+    let bad = json_call(&d.socket, "POST", "/agents", "{not json");
     assert_eq!(bad["error"]["kind"], "bad_request", "{bad}");
-    let unknown_op = json_call(&d.socket, r#"{"op":"launch"}"#);
-    assert_eq!(unknown_op["error"]["kind"], "bad_request", "{unknown_op}");
-    let too_large = raw_call(&d.socket, 64 << 20, b"{}").expect("no reply to a large frame");
-    assert_eq!(too_large["error"]["kind"], "too_large", "{too_large}");
+    let unknown = json_call(&d.socket, "POST", "/agents/a/launch", "{}");
+    assert_eq!(unknown["error"]["kind"], "not_found", "{unknown}");
+    let too_large = raw_call(&d.socket, "POST", "/agents", b"{}", Some(64 << 20))
+        .expect("no reply to a large body");
+    assert_eq!(
+        (too_large.status, too_large.kind().as_str()),
+        (413, "too_large")
+    );
     let nobody = json_call(
         &d.socket,
-        r#"{"op":"exec","name":"nobody","run":{"program":"/bin/true"}}"#,
+        "POST",
+        "/agents/nobody/exec",
+        r#"{"run":{"program":"/bin/true"}}"#,
     );
     assert_eq!(nobody["error"]["kind"], "unknown_agent", "{nobody}");
-    let traversal = json_call(&d.socket, r#"{"op":"spawn","name":"../../etc"}"#);
+    let traversal = json_call(&d.socket, "POST", "/agents", r#"{"name":"../../etc"}"#);
     assert_eq!(traversal["error"]["kind"], "invalid", "{traversal}");
+    // The models the daemon's agents may carry, as `agentos model ls` lists them.
+    let models = json_call(&d.socket, "GET", "/models", "");
+    assert!(
+        models["models"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["name"] == "sentiment" && m["tasks"].is_array())),
+        "{models}"
+    );
     d.refused(&["logs", "nobody"], "no agent named `nobody`");
 
     // An agent with a model: exec and infer through the daemon.
@@ -375,6 +445,11 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     }
     let d = Daemon::start(&t);
     assert_eq!(d.ok(&["ps", "--json"]), "{\"agents\":[],\"pools\":[]}\n");
+    // The killed daemon's token went with its socket.
+    assert!(
+        !t.dir.join("daemon.token").exists(),
+        "a stale token was left"
+    );
 
     // Stopping the daemon stops its agents and leaves nothing behind.
     d.ok(&["spawn", "--name", "y"]);
@@ -475,7 +550,7 @@ fn batch_agents_pause_while_an_interactive_agent_works() {
         "not enough memory for this agent",
     );
     assert_eq!(
-        json_call(&d.socket, r#"{"op":"logs","name":"big"}"#)["error"]["kind"],
+        json_call(&d.socket, "GET", "/agents/big/logs", "")["error"]["kind"],
         "unknown_agent"
     );
     let with_socket = |args: &[&str]| {
@@ -594,7 +669,9 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     );
     let sized = json_call(
         &d.socket,
-        &format!(r#"{{"op":"spawn","name":"third","from":"{saved_arg}","memory_mib":512}}"#),
+        "POST",
+        "/agents",
+        &format!(r#"{{"name":"third","from":"{saved_arg}","memory_mib":512}}"#),
     );
     assert_eq!(sized["error"]["kind"], "invalid", "{sized}");
     // A warm pool of that snapshot: an agent taken from it is up at once, and the pool refills.

@@ -1,30 +1,31 @@
-//! The daemon's API: what a client may ask and what it gets back. Each request and each reply is
-//! one frame, a 4-byte big-endian length and a JSON object, on the daemon's Unix socket; a
-//! connection carries any number of requests, one after the other. `docs/api.md` describes them.
+//! The daemon's API: what a client may ask and what it gets back, whatever carries it. Requests
+//! arrive over HTTP (see [`super::routes`] for which method and path ask for what, and
+//! [`super::server`] for the connections); `docs/api.md` describes them.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agentos_protocol::{InferOptions, MAX_FRAME_BYTES, Program, Task};
+use agentos_protocol::{InferOptions, Program, Task};
 use serde::{Deserialize, Serialize};
 
 use agentos_core::cgroup::slice::PriorityClass;
 
-/// The largest request frame the daemon reads. A longer one gets a `too_large` error and the
+/// The largest request body the daemon reads. A longer one gets a `too_large` error and the
 /// connection is closed (its body is never read).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// What `exec` keeps of each output stream; more is cut and the reply says so.
 pub const MAX_EXEC_OUTPUT_BYTES: usize = 256 * 1024;
 /// The most `logs` reads of the log at once; a client reads on from `next_offset`.
 pub const MAX_LOG_CHUNK_BYTES: u64 = 256 * 1024;
+/// The largest reply body of a request that returns text (`exec`, `logs`).
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
 /// The most one text of a reply (`exec`'s `stdout` and `stderr`, `logs`' `text`) takes once
 /// written as a JSON string: a control byte takes 6 bytes there and a quote 2, so the 256 KiB
-/// kept of a stream could take 1.5 MiB, more than a frame holds. Text is cut to fit (see
+/// kept of a stream could take 1.5 MiB, more than a reply is. Text is cut to fit (see
 /// [`fit_text`]).
 pub const MAX_TEXT_JSON_BYTES: usize = 448 * 1024;
-/// What a reply needs beside its texts (field names, numbers, the `{"ok":...}` around it).
+/// What a reply needs beside its texts (field names, numbers).
 const REPLY_FIELDS_BYTES: usize = 4 * 1024;
-const _: () = assert!(2 * MAX_TEXT_JSON_BYTES + REPLY_FIELDS_BYTES <= MAX_FRAME_BYTES);
+const _: () = assert!(2 * MAX_TEXT_JSON_BYTES + REPLY_FIELDS_BYTES <= MAX_REPLY_BYTES);
 
 /// The longest `exec` (its `run.timeout_ms`) and `group_input` (its `timeout_s`): a day. Durations are range-checked
 /// as requests are read: an instant plus one far past this would overflow, and a panic in the
@@ -39,8 +40,7 @@ pub const DEFAULT_INPUT_TIMEOUT_S: u64 = 600;
 /// How long an `infer` may take.
 pub const INFER_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Request {
     /// The daemon's version and process id.
     Version,
@@ -48,6 +48,8 @@ pub enum Request {
     Spawn(SpawnRequest),
     /// Every agent and its state.
     Ps,
+    /// The model bundles installed for the daemon's agents.
+    Models,
     /// Run a program in an agent and wait for its end.
     Exec(ExecCall),
     /// Run the agent's model on texts.
@@ -82,6 +84,7 @@ impl Request {
             Self::Version => "version",
             Self::Spawn(_) => "spawn",
             Self::Ps => "ps",
+            Self::Models => "models",
             Self::Exec(_) => "exec",
             Self::Infer(_) => "infer",
             Self::Logs(_) => "logs",
@@ -98,31 +101,8 @@ impl Request {
     }
 }
 
-/// Reads one request frame's body; anything else is a `bad_request` error that says why, and a
-/// duration out of its range an `invalid` one.
-pub fn parse_request(body: &[u8]) -> Result<Request, ApiError> {
-    let bad =
-        |why: String| ApiError::new(ErrorKind::BadRequest, format!("{why} (see docs/api.md)"));
-    let request: Request =
-        serde_json::from_slice(body).map_err(|e| bad(format!("not a request: {e}")))?;
-    // serde lets a tagged enum's variants without fields ignore extra keys: refuse them here,
-    // as every other request refuses a field it does not know.
-    if matches!(request, Request::Version | Request::Ps | Request::Metrics) {
-        let fields: BTreeMap<String, serde::de::IgnoredAny> =
-            serde_json::from_slice(body).map_err(|e| bad(format!("not a request: {e}")))?;
-        if let Some(extra) = fields.keys().find(|k| *k != "op") {
-            return Err(bad(format!(
-                "`{}` takes no fields, found `{extra}`",
-                request.op()
-            )));
-        }
-    }
-    check_durations(&request)?;
-    Ok(request)
-}
-
 /// Refuses a duration out of its range.
-fn check_durations(request: &Request) -> Result<(), ApiError> {
+pub fn check_durations(request: &Request) -> Result<(), ApiError> {
     if let Request::Exec(call) = request
         && let Some(ms) = call.run.timeout_ms
         && !(1..=MAX_TIMEOUT_S * 1000).contains(&ms)
@@ -337,12 +317,10 @@ pub struct GroupUpReply {
     pub members: Vec<AgentInfo>,
 }
 
-/// Every reply: `{"ok": ...}` or `{"error": {"kind": ..., "message": ...}}`.
+/// The body of every error answer: `{"error": {"kind": ..., "message": ...}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reply {
-    Ok(serde_json::Value),
-    Error(ApiError),
+pub struct ErrorBody {
+    pub error: ApiError,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -355,9 +333,15 @@ pub struct ApiError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// The frame is not JSON, or not a request this daemon knows.
+    /// The body or the query is not one the path takes.
     BadRequest,
-    /// The frame is longer than [`MAX_REQUEST_BYTES`].
+    /// A TCP client without the API's token.
+    Unauthorized,
+    /// No resource has that path.
+    NotFound,
+    /// The path takes other methods.
+    MethodNotAllowed,
+    /// The body is longer than [`MAX_REQUEST_BYTES`].
     TooLarge,
     /// No agent has that name.
     UnknownAgent,
@@ -382,8 +366,11 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 15] = [
         Self::BadRequest,
+        Self::Unauthorized,
+        Self::NotFound,
+        Self::MethodNotAllowed,
         Self::TooLarge,
         Self::UnknownAgent,
         Self::UnknownGroup,
@@ -400,6 +387,9 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::TooLarge => "too_large",
             Self::UnknownAgent => "unknown_agent",
             Self::UnknownGroup => "unknown_group",
@@ -545,7 +535,7 @@ pub struct FittedText {
 /// The longest start of `bytes` whose text fits `budget` bytes as a JSON string (quotes aside):
 /// the bytes read as UTF-8, each invalid sequence replaced by U+FFFD as
 /// `String::from_utf8_lossy` does, cut between characters. Cutting after escaping is what keeps a
-/// reply within a frame whatever the bytes. With `more_may_follow`, a character whose end is not
+/// reply within [`MAX_REPLY_BYTES`] whatever the bytes. With `more_may_follow`, a character whose end is not
 /// in `bytes` yet is left for the next read, unless it is all there is: a reader always moves on.
 pub fn fit_text(bytes: &[u8], budget: usize, more_may_follow: bool) -> FittedText {
     let mut fitted = FittedText {
@@ -596,6 +586,22 @@ pub struct VersionReply {
     pub pid: u32,
 }
 
+/// Answer to `models`: the installed bundles, and the problems of those that cannot be used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelsReply {
+    pub models: Vec<ModelInfo>,
+    #[serde(default)]
+    pub broken: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Where the bundle is installed.
+    pub dir: String,
+    #[serde(flatten)]
+    pub manifest: agentos_protocol::bundle::BundleManifest,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsReply {
     pub text: String,
@@ -606,62 +612,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_read_as_documented() {
-        let spawn: Request = serde_json::from_str(
-            r#"{"op":"spawn","name":"a","memory_mib":256,"restart":"always"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            spawn,
-            Request::Spawn(SpawnRequest {
-                name: "a".into(),
-                memory_mib: Some(256),
-                restart: RestartPolicy::Always,
-                ..SpawnRequest::default()
-            })
-        );
-        let ps: Request = serde_json::from_str(r#"{"op":"ps"}"#).unwrap();
-        assert_eq!(ps, Request::Ps);
-        for bad in [
-            r#"{"op":"spawn","name":"a","memroy_mib":1}"#,
-            r#"{"op":"launch"}"#,
-            r#"{"name":"a"}"#,
-            r#"{"op":"exec","name":"a"}"#,
-        ] {
-            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn requests_without_fields_refuse_extra_ones() {
-        assert_eq!(
-            parse_request(br#"{"op":"version"}"#).unwrap(),
-            Request::Version
-        );
-        for (body, field) in [
-            (r#"{"op":"version","extra":true}"#, "extra"),
-            (r#"{"force":1,"op":"ps"}"#, "force"),
-            (r#"{"op":"metrics","name":"a"}"#, "name"),
-        ] {
-            let e = parse_request(body.as_bytes()).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::BadRequest);
-            assert!(
-                e.message.contains(&format!("found `{field}`")),
-                "{}",
-                e.message
-            );
-        }
-    }
-
-    #[test]
-    fn replies_carry_ok_or_error() {
-        let error = Reply::Error(ApiError::new(ErrorKind::UnknownAgent, "no agent named `x`"));
+    fn errors_carry_their_kind_and_one_line() {
+        let error = ErrorBody {
+            error: ApiError::new(ErrorKind::UnknownAgent, "no agent named `x`"),
+        };
         assert_eq!(
             serde_json::to_string(&error).unwrap(),
             r#"{"error":{"kind":"unknown_agent","message":"no agent named `x`"}}"#
         );
-        let ok = Reply::Ok(serde_json::json!({"pid": 1}));
-        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"ok":{"pid":1}}"#);
         let long = ApiError::new(ErrorKind::BadRequest, format!("a\nb\r{}", "é".repeat(4000)));
         assert!(!long.message.contains(['\n', '\r']), "{}", long.message);
         assert!(long.message.starts_with("a b "));
@@ -676,46 +634,56 @@ mod tests {
 
     #[test]
     fn durations_out_of_their_range_are_invalid_and_named() {
+        use hyper::Method;
+        let read = |path: &str, body: &str| {
+            crate::daemon::routes::route(&Method::POST, path, None, body.as_bytes())
+        };
         let max = u64::MAX;
-        for (body, field) in [
+        let exec = "/agents/a/exec";
+        for (path, body, field) in [
             (
-                format!(r#"{{"op":"exec","name":"a","run":{{"program":"p","timeout_ms":{max}}}}}"#),
+                exec,
+                format!(r#"{{"run":{{"program":"p","timeout_ms":{max}}}}}"#),
                 "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":86401000}}"#
-                    .to_owned(),
+                exec,
+                r#"{"run":{"program":"p","timeout_ms":86401000}}"#.to_owned(),
                 "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":0}}"#.to_owned(),
+                exec,
+                r#"{"run":{"program":"p","timeout_ms":0}}"#.to_owned(),
                 "exec `run.timeout_ms`",
             ),
             (
-                format!(r#"{{"op":"group_input","group":"g","text":"t","timeout_s":{max}}}"#),
+                "/groups/g/input",
+                format!(r#"{{"text":"t","timeout_s":{max}}}"#),
                 "group_input `timeout_s`",
             ),
             (
-                format!(r#"{{"op":"spawn","name":"a","boot_timeout_s":{max}}}"#),
+                "/agents",
+                format!(r#"{{"name":"a","boot_timeout_s":{max}}}"#),
                 "spawn `boot_timeout_s`",
             ),
             (
-                r#"{"op":"spawn","name":"a","boot_timeout_s":3601}"#.to_owned(),
+                "/agents",
+                r#"{"name":"a","boot_timeout_s":3601}"#.to_owned(),
                 "spawn `boot_timeout_s`",
             ),
         ] {
-            let e = parse_request(body.as_bytes()).unwrap_err();
+            let e = read(path, &body).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Invalid, "{body}");
             assert!(e.message.starts_with(field), "{}", e.message);
             assert!(e.message.contains("use 1 to"), "{}", e.message);
         }
-        for body in [
-            r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":86400000}}"#,
-            r#"{"op":"exec","name":"a","run":{"program":"p","timeout_ms":1}}"#,
-            r#"{"op":"group_input","group":"g","text":"t","timeout_s":86400}"#,
-            r#"{"op":"spawn","name":"a","boot_timeout_s":3600}"#,
+        for (path, body) in [
+            (exec, r#"{"run":{"program":"p","timeout_ms":86400000}}"#),
+            (exec, r#"{"run":{"program":"p","timeout_ms":1}}"#),
+            ("/groups/g/input", r#"{"text":"t","timeout_s":86400}"#),
+            ("/agents", r#"{"name":"a","boot_timeout_s":3600}"#),
         ] {
-            assert!(parse_request(body.as_bytes()).is_ok(), "{body}");
+            assert!(read(path, body).is_ok(), "{body}");
         }
     }
 

@@ -1,6 +1,7 @@
-//! `agentos daemon`: owns long-lived agents and serves the API (see [`api`]) on a Unix socket
-//! only its user can open. Each agent is a thread of this process that owns one VMM child (see
-//! [`agent`]); the event loop (tokio) only reads requests, hands them over and writes replies.
+//! `agentos daemon`: owns long-lived agents and serves the API (see [`api`] and [`routes`]) over
+//! HTTP on a Unix socket only its user can open, and on TCP for those with its token. Each agent
+//! is a thread of this process that owns one VMM child (see [`agent`]); the event loop (tokio)
+//! only reads requests, hands them over and writes replies.
 
 pub mod agent;
 pub mod api;
@@ -9,6 +10,7 @@ pub mod client;
 pub mod devices;
 mod groups;
 mod metrics;
+pub mod routes;
 mod server;
 
 use std::collections::BTreeMap;
@@ -22,9 +24,8 @@ use std::time::{Duration, Instant};
 use agentos_protocol::InferRequest;
 use agentos_protocol::peer::valid_peer_name;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::oneshot;
 
 use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
@@ -47,20 +48,21 @@ pub const MAX_AGENTS: usize = 64;
 const SIGNAL_POLL: Duration = Duration::from_millis(200);
 /// How often `spawn` with `wait` looks whether the agent is up.
 const SPAWN_POLL: Duration = Duration::from_millis(100);
-/// The longest request head a metrics client may send.
-const MAX_METRICS_REQUEST: usize = 8 * 1024;
-/// Metrics clients served at once; more wait in the kernel's backlog.
-const METRICS_CONNECTIONS: usize = 8;
-/// How long a metrics client has to send its request head and take the answer.
-const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
     #[command(flatten)]
     pub socket: SocketArg,
-    /// Also serve the agents' figures as Prometheus text (HTTP) on this Unix socket.
+    /// Also serve the agents' figures as Prometheus text (`GET /metrics`, HTTP) on this Unix
+    /// socket, for a metrics collector that should get nothing else.
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
+    /// Also serve the API on TCP at this address (e.g. 127.0.0.1:8080). Every request there
+    /// carries `Authorization: Bearer TOKEN`: AGENTOS_API_TOKEN, else a token generated at start
+    /// and written (mode 0600) beside the socket (`daemon.token` for `daemon.sock`), whose path
+    /// is printed.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Seconds a guest agent may leave a ping unanswered before its VM counts as hung.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub hang_timeout: u64,
@@ -138,6 +140,14 @@ pub enum DaemonError {
     Stale(PathBuf, #[source] io::Error),
     #[error("cannot listen on {}", .0.display())]
     Listen(PathBuf, #[source] io::Error),
+    #[error("cannot listen on {0}; give --listen an address and a free port this host has")]
+    ListenTcp(std::net::SocketAddr, #[source] io::Error),
+    #[error(
+        "AGENTOS_API_TOKEN must be 16 to 256 visible ASCII characters (no spaces); leave it unset to have one generated"
+    )]
+    BadToken,
+    #[error("cannot write the API token to {}", .0.display())]
+    Token(PathBuf, #[source] io::Error),
     #[error("cannot start the daemon: {0}")]
     Start(&'static str, #[source] io::Error),
 }
@@ -149,6 +159,18 @@ pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
     let path = args.socket.path();
     let listener = bind_private(&path)?;
     let metrics = args.metrics.as_deref().map(bind_private).transpose()?;
+    // A token file beside the socket is a dead daemon's: this one owns the socket now.
+    let token_path = path.with_extension("token");
+    let _ = std::fs::remove_file(&token_path);
+    let tcp = match args.listen {
+        Some(address) => {
+            let listener = std::net::TcpListener::bind(address)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| DaemonError::ListenTcp(address, e))?;
+            Some((listener, api_token(&token_path)?))
+        }
+        None => None,
+    };
     let removed = rundir::remove_stale();
     cgroup::remove_stale(&cgroup::Layout::discover());
     if removed > 0 {
@@ -169,16 +191,34 @@ pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
         path.display(),
         std::process::id()
     );
+    if let Some((listener, token)) = &tcp {
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        eprintln!(
+            "agentos daemon: listening on http://{address} ({})",
+            token.told()
+        );
+    }
+    let token_file = tcp.as_ref().and_then(|(_, token)| token.file.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| DaemonError::Start("its event loop", e))?;
     runtime
-        .block_on(serve(daemon.clone(), listener, metrics))
+        .block_on(serve(
+            daemon.clone(),
+            listener,
+            metrics,
+            tcp.map(|(listener, token)| (listener, token.token)),
+        ))
         .map_err(|e| DaemonError::Start("its listeners", e))?;
     let _ = std::fs::remove_file(&path);
     if let Some(metrics) = &args.metrics {
         let _ = std::fs::remove_file(metrics);
+    }
+    if let Some(file) = &token_file {
+        let _ = std::fs::remove_file(file);
     }
     eprintln!("agentos daemon: every agent stopped; exiting");
     Ok(0)
@@ -216,15 +256,80 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonE
     Ok(listener)
 }
 
+/// The API's token for TCP clients.
+struct ApiToken {
+    token: Arc<str>,
+    /// The file a generated token was written to, removed when the daemon exits.
+    file: Option<PathBuf>,
+}
+
+impl ApiToken {
+    fn told(&self) -> String {
+        match &self.file {
+            Some(file) => format!("token in {}", file.display()),
+            None => "token: AGENTOS_API_TOKEN".into(),
+        }
+    }
+}
+
+/// AGENTOS_API_TOKEN, else a new token written to `path` (beside the socket, in a directory only
+/// the daemon's user may enter).
+fn api_token(path: &Path) -> Result<ApiToken, DaemonError> {
+    if let Some(token) = std::env::var_os("AGENTOS_API_TOKEN") {
+        let token = token.into_string().map_err(|_| DaemonError::BadToken)?;
+        let visible = token.bytes().all(|b| b.is_ascii_graphic());
+        if !visible || !(16..=256).contains(&token.len()) {
+            return Err(DaemonError::BadToken);
+        }
+        return Ok(ApiToken {
+            token: Arc::from(token),
+            file: None,
+        });
+    }
+    let write = || -> io::Result<String> {
+        let mut bytes = [0u8; 32];
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // Made anew (a stale one was removed), never through a link.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        writeln!(file, "{token}")?;
+        Ok(token)
+    };
+    let token = write().map_err(|e| DaemonError::Token(path.to_owned(), e))?;
+    Ok(ApiToken {
+        token: Arc::from(token),
+        file: Some(path.to_owned()),
+    })
+}
+
 async fn serve(
     daemon: Arc<Daemon>,
     listener: std::os::unix::net::UnixListener,
     metrics: Option<std::os::unix::net::UnixListener>,
+    tcp: Option<(std::net::TcpListener, Arc<str>)>,
 ) -> io::Result<()> {
-    let listener = UnixListener::from_std(listener)?;
+    let mut sites = vec![server::Site {
+        listener: server::Listener::Unix(UnixListener::from_std(listener)?),
+        scope: server::Scope::Api,
+    }];
     if let Some(metrics) = metrics {
-        let metrics = UnixListener::from_std(metrics)?;
-        tokio::spawn(serve_metrics(daemon.clone(), metrics, METRICS_TIMEOUT));
+        sites.push(server::Site {
+            listener: server::Listener::Unix(UnixListener::from_std(metrics)?),
+            scope: server::Scope::Metrics,
+        });
+    }
+    if let Some((listener, token)) = tcp {
+        sites.push(server::Site {
+            listener: server::Listener::Tcp(TcpListener::from_std(listener)?, token),
+            scope: server::Scope::Api,
+        });
     }
     let arbiter = {
         let daemon = daemon.clone();
@@ -238,13 +343,7 @@ async fn serve(
                 }
             })?
     };
-    server::serve(
-        listener,
-        daemon.clone(),
-        server::Limits::DAEMON,
-        interrupted(),
-    )
-    .await;
+    server::serve(sites, daemon.clone(), server::Limits::DAEMON, interrupted()).await;
     daemon.stopping.store(true, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || arbiter.join()).await;
     let agents: Vec<Agent> = std::mem::take(&mut *daemon.lock_agents())
@@ -276,6 +375,21 @@ async fn interrupted() {
 
 fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, ApiError> {
     serde_json::to_value(value).map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))
+}
+
+/// The installed model bundles, as `agentos model ls --json` shows them.
+fn models() -> api::ModelsReply {
+    let (bundles, broken) = image::model::ModelStore::new(&image::default_cache_dir()).list();
+    api::ModelsReply {
+        models: bundles
+            .into_iter()
+            .map(|b| api::ModelInfo {
+                dir: b.dir.display().to_string(),
+                manifest: b.manifest,
+            })
+            .collect(),
+        broken: broken.iter().map(|e| e.to_string()).collect(),
+    }
 }
 
 fn unknown_agent(name: &str, agents: &BTreeMap<String, Agent>) -> ApiError {
@@ -352,6 +466,12 @@ impl Daemon {
                 agents: self.lock_agents().values().map(Agent::info).collect(),
                 pools: self.pools.info(),
             }),
+            Request::Models => {
+                let listed = tokio::task::spawn_blocking(models)
+                    .await
+                    .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+                to_value(&listed)
+            }
             Request::Exec(call) => self.exec(call, deadline).await,
             Request::Infer(call) => self.infer(call, deadline).await,
             Request::Logs(LogsRequest { name, offset }) => {
@@ -937,58 +1057,8 @@ fn snapshot_dir(log: &Path) -> PathBuf {
     log.with_extension("snapshot")
 }
 
-/// Serves the metrics as HTTP: a bounded number of clients at once, each with `timeout` to send
-/// its request head and take the answer.
-async fn serve_metrics(daemon: Arc<Daemon>, listener: UnixListener, timeout: Duration) {
-    let turns = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
-    loop {
-        // The turn comes first: past the bound, clients wait in the kernel's backlog.
-        let Ok(turn) = turns.clone().acquire_owned().await else {
-            return;
-        };
-        let mut stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(server::ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let _turn = turn;
-            let answered = tokio::time::timeout(timeout, async {
-                // Whatever the request, the answer is the metrics; read its head so that the
-                // client sees a well-behaved HTTP server.
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while head.len() < MAX_METRICS_REQUEST
-                    && !head.windows(4).any(|w| w == b"\r\n\r\n")
-                {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = daemon.metrics_text();
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(response.as_bytes()).await
-            })
-            .await;
-            if answered.is_err() {
-                tracing::debug!("a metrics client was too slow; dropped");
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
-
     use super::server::tests::{Running, call, connect, kind};
     use super::*;
 
@@ -1007,81 +1077,49 @@ mod tests {
         let server = Running::start(daemon(), server::Limits::DAEMON);
         let mut client = connect(&server.socket);
         let max = u64::MAX;
-        for (body, field) in [
+        for (path, body, field) in [
             (
-                format!(
-                    r#"{{"op":"exec","name":"a","run":{{"program":"/bin/true","timeout_ms":{max}}}}}"#
-                ),
+                "/agents/a/exec",
+                format!(r#"{{"run":{{"program":"/bin/true","timeout_ms":{max}}}}}"#),
                 "exec `run.timeout_ms`",
             ),
             (
-                r#"{"op":"exec","name":"a","run":{"program":"/bin/true","timeout_ms":0}}"#
-                    .to_owned(),
+                "/agents/a/exec",
+                r#"{"run":{"program":"/bin/true","timeout_ms":0}}"#.to_owned(),
                 "exec `run.timeout_ms`",
             ),
             (
-                format!(r#"{{"op":"group_input","group":"g","text":"hi","timeout_s":{max}}}"#),
+                "/groups/g/input",
+                format!(r#"{{"text":"hi","timeout_s":{max}}}"#),
                 "group_input `timeout_s`",
             ),
             (
-                format!(r#"{{"op":"spawn","name":"a","boot_timeout_s":{max},"wait":true}}"#),
+                "/agents",
+                format!(r#"{{"name":"a","boot_timeout_s":{max},"wait":true}}"#),
                 "spawn `boot_timeout_s`",
             ),
             (
-                r#"{"op":"spawn","name":"a","boot_timeout_s":3601}"#.to_owned(),
+                "/agents",
+                r#"{"name":"a","boot_timeout_s":3601}"#.to_owned(),
                 "spawn `boot_timeout_s`",
             ),
         ] {
-            let reply = call(&mut client, &body);
-            assert_eq!(kind(&reply), "invalid", "{body}: {reply}");
-            let message = reply["error"]["message"].as_str().unwrap();
+            let reply = call(&mut client, "POST", path, &body);
+            assert_eq!(kind(&reply), "invalid", "{body}: {reply:?}");
+            assert_eq!(reply.status, 422);
+            let message = reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .to_owned();
             assert!(message.contains(field), "{message}");
             assert!(message.contains("use 1 to"), "{message}");
         }
-        assert_eq!(kind(&call(&mut client, r#"{"op":"version"}"#)), "ok");
-        assert_eq!(kind(&call(&mut client, r#"{"op":"ps"}"#)), "ok");
-    }
-
-    #[test]
-    fn a_silent_metrics_client_is_dropped_and_the_next_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("metrics.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let timeout = Duration::from_millis(300);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = UnixListener::from_std(listener).unwrap();
-                tokio::select! {
-                    () = serve_metrics(daemon(), listener, timeout) => {}
-                    _ = stopped => {}
-                }
-            });
-        });
-        // Every turn taken by a client that says nothing.
-        let started = std::time::Instant::now();
-        let mut silent: Vec<std::os::unix::net::UnixStream> =
-            (0..METRICS_CONNECTIONS).map(|_| connect(&socket)).collect();
-        let mut asking = connect(&socket);
-        asking
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: agentos\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        asking.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-        assert!(answer.contains("agentos_api_requests_total"), "{answer}");
-        // It was answered once a silent one was dropped.
-        assert!(started.elapsed() >= timeout);
-        for stream in &mut silent {
-            let mut sink = Vec::new();
-            assert!(stream.read_to_end(&mut sink).is_ok(), "not dropped");
-        }
-        let _ = stop.send(());
-        thread.join().unwrap();
+        assert_eq!(kind(&call(&mut client, "GET", "/version", "")), "ok");
+        assert_eq!(kind(&call(&mut client, "GET", "/agents", "")), "ok");
+        let metrics = call(&mut client, "GET", "/metrics", "");
+        assert!(
+            String::from_utf8_lossy(&metrics.body).contains("agentos_api_requests_total"),
+            "{metrics:?}"
+        );
     }
 }

@@ -1,32 +1,45 @@
-//! The API's connections: accepting clients, reading their frames, giving each request a lane and
-//! a deadline, writing the replies. What a request does is the [`Handler`]'s business (the
-//! daemon, or a test's stand-in); this part knows requests only by their kind and their limits.
+//! The API's connections: accepting clients, reading their HTTP/1.1 requests (hyper), giving
+//! each a lane and a deadline, writing the replies. Which path asks for what is [`routes`]'
+//! business, what a request does the [`Handler`]'s (the daemon, or a test's stand-in); this part
+//! knows requests only by their kind and their limits.
 //!
-//! A client is any process of the socket's owner, and a careless or hostile one must not take
-//! the API from the others:
+//! A client is any process of the socket's owner (or, on TCP, anyone with the API's token), and
+//! a careless or hostile one must not take the API from the others:
 //! - connections are bounded: the turn is taken before `accept`, so that clients past the bound
 //!   wait in the kernel's backlog, not in our memory;
-//! - a client has [`Limits::idle`] to start a request and [`Limits::frame`] to finish a frame it
-//!   started, and [`Limits::write`] to take a reply; past that its connection is closed;
+//! - a client has [`Limits::idle`] to send a request's head (from connecting, and between
+//!   requests), [`Limits::frame`] to send its body once the head came, and [`Limits::write`]
+//!   for each write of a reply to make progress; past that its connection is closed;
 //! - each request has a deadline from its arrival (see [`time_limit`]), after which it is
 //!   answered `timed_out`, whatever it waits for;
 //! - requests that run programs, models or boots (the work lane) are bounded apart from those
 //!   that look and stop (the control lane), so that `stop` and `ps` get through while work waits.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::agent::EXEC_GRACE;
 use super::api::{
-    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorKind, INFER_TIMEOUT, MAX_REQUEST_BYTES, Reply,
-    Request,
+    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorBody, ErrorKind, INFER_TIMEOUT,
+    MAX_REQUEST_BYTES, Request,
 };
+use super::routes;
 use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
 /// Connections served at once.
@@ -40,12 +53,11 @@ const CONTROL_LANE: usize = 16;
 const WORK_LANE: usize = 64;
 const WORK_WAITING: usize = 128;
 const _: () = assert!(WORK_LANE + WORK_WAITING + CONTROL_LANE < MAX_CONNECTIONS);
-/// How long a client may take to start its next request.
+/// How long a client may take to send a request's head, from connecting or from its last reply.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may take to send the rest of a frame it started (1 MiB at most, on a
-/// local socket).
+/// How long a client may take to send a request's body once its head came (1 MiB at most).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to read its reply.
+/// How long a write of a reply may wait for the client to take it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed `accept` (out of descriptors) pauses the loop, so that it does not spin.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -125,6 +137,7 @@ fn lane(request: &Request) -> Lane {
     match request {
         Request::Version
         | Request::Ps
+        | Request::Models
         | Request::Logs(_)
         | Request::Stop(_)
         | Request::Rm(_)
@@ -160,6 +173,7 @@ fn time_limit(request: &Request) -> Duration {
         Request::Snapshot(_) => SNAPSHOT_TIME,
         Request::Version
         | Request::Ps
+        | Request::Models
         | Request::Logs(_)
         | Request::Stop(_)
         | Request::Rm(_)
@@ -236,124 +250,296 @@ fn timed_out(op: &str, doing: &str) -> ApiError {
     )
 }
 
-/// Serves clients on `listener` until `stop` completes.
+/// Where the server listens, and who may ask what there.
+pub struct Site {
+    pub listener: Listener,
+    /// What the site serves.
+    pub scope: Scope,
+}
+
+pub enum Listener {
+    /// A socket only the daemon's user can open: whoever connects may ask anything.
+    Unix(UnixListener),
+    /// TCP: every request carries `Authorization: Bearer TOKEN`, or is answered `unauthorized`.
+    Tcp(TcpListener, Arc<str>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole API.
+    Api,
+    /// `GET /metrics` only (a socket for a metrics collector).
+    Metrics,
+}
+
+/// What every connection of a server shares.
+struct Shared<H> {
+    handler: Arc<H>,
+    lanes: Lanes,
+    limits: Limits,
+}
+
+/// Serves clients on every site until `stop` completes.
 pub async fn serve<H: Handler>(
-    listener: UnixListener,
+    sites: Vec<Site>,
     handler: Arc<H>,
     limits: Limits,
     stop: impl Future<Output = ()>,
 ) {
-    let connections = Arc::new(Semaphore::new(limits.connections));
-    let lanes = Arc::new(Lanes::new(&limits));
-    tokio::pin!(stop);
+    let shared = Arc::new(Shared {
+        lanes: Lanes::new(&limits),
+        handler,
+        limits,
+    });
+    let loops: Vec<_> = sites
+        .into_iter()
+        .map(|site| tokio::spawn(accept_loop(shared.clone(), site)))
+        .collect();
+    stop.await;
+    for accepting in loops {
+        accepting.abort();
+    }
+}
+
+async fn accept_loop<H: Handler>(shared: Arc<Shared<H>>, site: Site) {
+    let connections = Arc::new(Semaphore::new(shared.limits.connections));
     loop {
         // The turn comes first: past the bound, clients wait in the kernel's backlog.
-        let turn = tokio::select! {
-            turn = connections.clone().acquire_owned() => turn,
-            () = &mut stop => return,
+        let Ok(turn) = connections.clone().acquire_owned().await else {
+            return;
         };
-        let Ok(turn) = turn else { return };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = &mut stop => return,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let (handler, lanes) = (handler.clone(), lanes.clone());
-                tokio::spawn(async move {
-                    let _turn = turn;
-                    handler.count_client();
-                    if let Err(e) = session(&*handler, &lanes, &limits, stream).await {
-                        tracing::debug!(error = %e, "client connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
+        let (shared, scope) = (shared.clone(), site.scope);
+        match &site.listener {
+            Listener::Unix(listener) => match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(shared, stream, scope, None, turn));
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            Listener::Tcp(listener, token) => match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let token = Some(token.clone());
+                    tokio::spawn(connection(shared, stream, scope, token, turn));
+                }
+                Err(e) => accept_failed(e).await,
+            },
         }
     }
 }
 
-/// What a client sent next.
-enum Incoming {
-    Body(Vec<u8>),
-    /// It went, or said nothing for too long.
-    End,
-    /// A frame that cannot be read: answered with this error, then the connection is closed.
-    Refused(ApiError),
+async fn accept_failed(e: io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
 }
 
-/// Reads requests and writes replies until the client goes or breaks a limit.
-async fn session<H: Handler>(
-    handler: &H,
-    lanes: &Lanes,
-    limits: &Limits,
-    mut stream: UnixStream,
-) -> io::Result<()> {
-    loop {
-        let body = match read_frame(&mut stream, limits).await? {
-            Incoming::Body(body) => body,
-            Incoming::End => return Ok(()),
-            Incoming::Refused(error) => {
-                handler.count_error(error.kind);
-                return write_reply(&mut stream, &Reply::Error(error), limits.write).await;
-            }
-        };
-        let reply = match api::parse_request(&body) {
-            Ok(request) => answer(handler, lanes, limits, request).await,
-            Err(e) => Err(e),
-        };
-        let reply = match reply {
-            Ok(value) => Reply::Ok(value),
-            Err(error) => {
-                handler.count_error(error.kind);
-                Reply::Error(error)
-            }
-        };
-        write_reply(&mut stream, &reply, limits.write).await?;
+/// Serves one client's requests, one after another (HTTP/1.1 with keep-alive), until it goes or
+/// breaks a limit: [`Limits::idle`] to send each request's head, [`Limits::frame`] for its
+/// body, [`Limits::write`] for each write of a reply.
+async fn connection<H: Handler, S>(
+    shared: Arc<Shared<H>>,
+    stream: S,
+    scope: Scope,
+    token: Option<Arc<str>>,
+    _turn: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.handler.count_client();
+    let limits = shared.limits;
+    let service = service_fn(move |request| {
+        let (shared, token) = (shared.clone(), token.clone());
+        async move { Ok::<_, Infallible>(respond(&shared, scope, token.as_deref(), request).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(WriteLimit::new(stream, limits.write)), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "client connection ended");
     }
 }
 
-/// Reads one frame: the client has `limits.idle` to start it and `limits.frame` to finish it.
-async fn read_frame(stream: &mut UnixStream, limits: &Limits) -> io::Result<Incoming> {
-    let mut len = [0u8; 4];
-    match tokio::time::timeout(limits.idle, stream.read(&mut len[..1])).await {
-        Err(_) | Ok(Ok(0)) => return Ok(Incoming::End),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(e),
+/// The longest request head (request line and headers) the server reads.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+type Response = hyper::Response<Full<Bytes>>;
+
+async fn respond<H: Handler>(
+    shared: &Shared<H>,
+    scope: Scope,
+    token: Option<&str>,
+    request: hyper::Request<Incoming>,
+) -> Response {
+    let answered = read_and_answer(shared, scope, token, request).await;
+    match answered {
+        Ok(response) => response,
+        Err(Refusal { error, close }) => {
+            shared.handler.count_error(error.kind);
+            let mut response = error_response(error);
+            if close {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     }
-    let until = tokio::time::Instant::now() + limits.frame;
-    let late = || {
-        Incoming::Refused(ApiError::new(
-            ErrorKind::TimedOut,
+}
+
+/// An error answer; with `close`, the connection ends after it (the request's body was not read
+/// whole).
+struct Refusal {
+    error: ApiError,
+    close: bool,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            close: false,
+        }
+    }
+}
+
+async fn read_and_answer<H: Handler>(
+    shared: &Shared<H>,
+    scope: Scope,
+    token: Option<&str>,
+    request: hyper::Request<Incoming>,
+) -> Result<Response, Refusal> {
+    if let Some(token) = token {
+        check_token(request.headers(), token)?;
+    }
+    let (head, body) = request.into_parts();
+    let path = head.uri.path().to_owned();
+    if scope == Scope::Metrics && !(head.method == Method::GET && path == "/metrics") {
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
             format!(
-                "the frame was not complete within {} s of its first byte; send whole frames (docs/api.md)",
-                limits.frame.as_secs_f64()
+                "this socket serves GET /metrics only, not {} {path}",
+                head.method
             ),
-        ))
-    };
-    match tokio::time::timeout_at(until, stream.read_exact(&mut len[1..])).await {
-        Err(_) => return Ok(late()),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Incoming::End),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) => {}
+        )
+        .into());
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_REQUEST_BYTES {
-        return Ok(Incoming::Refused(ApiError::new(
+    if head.method == Method::GET && path == routes::OPENAPI_PATH {
+        return Ok(body_response(
+            StatusCode::OK,
+            "application/json",
+            routes::OPENAPI.into(),
+        ));
+    }
+    let body = read_body(body, &head.headers, shared.limits.frame).await?;
+    let request = routes::route(&head.method, &path, head.uri.query(), &body)?;
+    let metrics = matches!(request, Request::Metrics);
+    let status = routes::success(&request);
+    let value = answer(&*shared.handler, &shared.lanes, &shared.limits, request).await?;
+    if metrics {
+        let text = value["text"].as_str().unwrap_or_default().to_owned();
+        return Ok(body_response(status, METRICS_TYPE, text.into()));
+    }
+    Ok(json_response(status, &value))
+}
+
+/// What the metrics are served as: Prometheus text.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Refuses a request without `Bearer token`. The comparison takes as long whatever the bytes.
+fn check_token(headers: &HeaderMap, token: &str) -> Result<(), Refusal> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            "send the API token as `Authorization: Bearer TOKEN` (AGENTOS_API_TOKEN, or the file the daemon named when it started)",
+        )
+        .into())
+    }
+}
+
+/// Reads a request's body: at most [`MAX_REQUEST_BYTES`], whole within `limit` of its head.
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: Duration) -> Result<Bytes, Refusal> {
+    let too_large = |len: String| Refusal {
+        error: ApiError::new(
             ErrorKind::TooLarge,
-            format!("a request of {len} bytes is over the limit of {MAX_REQUEST_BYTES} bytes"),
-        )));
+            format!("a body of {len} bytes is over the limit of {MAX_REQUEST_BYTES} bytes"),
+        ),
+        close: true,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > MAX_REQUEST_BYTES as u64) {
+        return Err(too_large(len.to_string()));
     }
-    let mut body = vec![0u8; len];
-    match tokio::time::timeout_at(until, stream.read_exact(&mut body)).await {
-        Err(_) => Ok(late()),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Incoming::End),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(_)) => Ok(Incoming::Body(body)),
+    match tokio::time::timeout(limit, Limited::new(body, MAX_REQUEST_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large("more than that".into())),
+        Ok(Err(e)) => Err(Refusal {
+            error: ApiError::new(
+                ErrorKind::BadRequest,
+                format!("the body could not be read: {e}"),
+            ),
+            close: true,
+        }),
+        Err(_) => Err(Refusal {
+            error: ApiError::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the body was not complete within {} s of the request's head; send whole requests (docs/api.md)",
+                    limit.as_secs_f64()
+                ),
+            ),
+            close: true,
+        }),
     }
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => body_response(status, "application/json", body.into()),
+        Err(e) => error_response(ApiError::new(
+            ErrorKind::Failed,
+            format!("the reply cannot be sent: {e}"),
+        )),
+    }
+}
+
+fn error_response(error: ApiError) -> Response {
+    let status = routes::status(error.kind);
+    let body = serde_json::to_vec(&ErrorBody { error }).unwrap_or_default();
+    let mut response = body_response(status, "application/json", body.into());
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+fn body_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response {
+    let mut response = hyper::Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 /// Answers a request in its lane, by its deadline.
@@ -374,29 +560,88 @@ async fn answer<H: Handler>(
     answered.unwrap_or_else(|_| Err(timed_out(op, "before it was done")))
 }
 
-async fn write_reply(stream: &mut UnixStream, reply: &Reply, limit: Duration) -> io::Result<()> {
-    let frame = agentos_protocol::encode_frame(reply).unwrap_or_else(|e| {
-        let error = ApiError::new(ErrorKind::Failed, format!("the reply cannot be sent: {e}"));
-        agentos_protocol::encode_frame(&Reply::Error(error)).unwrap_or_default()
-    });
-    match tokio::time::timeout(limit, stream.write_all(&frame)).await {
-        Ok(written) => written,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the client did not take its reply",
-        )),
+/// A stream whose every write must make progress within a limit: a client that stops taking its
+/// reply loses its connection instead of holding it.
+struct WriteLimit<S> {
+    stream: S,
+    limit: Duration,
+    /// Armed while a write waits.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteLimit<S> {
+    fn new(stream: S, limit: Duration) -> Self {
+        Self {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Turns a pending write into an error once it waited past the limit.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not take its reply",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteLimit<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteLimit<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
 pub(super) mod tests {
-    use std::io::{Read, Write};
+    use std::io::{BufReader, Read, Write};
     use std::os::unix::net::UnixStream as StdStream;
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    use agentos_protocol::FrameReader;
     use serde_json::{Value, json};
+
+    use crate::daemon::client::raw;
 
     use super::*;
     use crate::daemon::api::{ExecCall, GroupInputRequest, SpawnRequest};
@@ -412,6 +657,10 @@ pub(super) mod tests {
 
     impl Running {
         pub fn start<H: Handler>(handler: Arc<H>, limits: Limits) -> Self {
+            Self::serving(handler, limits, Scope::Api)
+        }
+
+        pub fn serving<H: Handler>(handler: Arc<H>, limits: Limits, scope: Scope) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let socket = dir.path().join("api.sock");
             let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -423,8 +672,11 @@ pub(super) mod tests {
                     .build()
                     .unwrap();
                 runtime.block_on(async move {
-                    let listener = UnixListener::from_std(listener).unwrap();
-                    serve(listener, handler, limits, async {
+                    let site = Site {
+                        listener: Listener::Unix(UnixListener::from_std(listener).unwrap()),
+                        scope,
+                    };
+                    serve(vec![site], handler, limits, async {
                         let _ = stopped.await;
                     })
                     .await;
@@ -459,31 +711,28 @@ pub(super) mod tests {
         stream
     }
 
-    pub(in crate::daemon) fn send(stream: &mut StdStream, body: &str) {
+    pub(in crate::daemon) fn send(stream: &mut StdStream, method: &str, target: &str, body: &str) {
         stream
-            .write_all(&(body.len() as u32).to_be_bytes())
+            .write_all(&raw::request(method, target, body.as_bytes(), None))
             .unwrap();
-        stream.write_all(body.as_bytes()).unwrap();
     }
 
-    pub(in crate::daemon) fn receive(stream: &StdStream) -> Value {
-        FrameReader::new(stream.try_clone().unwrap())
-            .read::<Value>()
-            .unwrap()
-            .expect("a reply")
+    pub(in crate::daemon) fn receive(stream: &StdStream) -> raw::Reply {
+        raw::read_reply(&mut BufReader::new(stream.try_clone().unwrap())).expect("a reply")
     }
 
-    pub(in crate::daemon) fn call(stream: &mut StdStream, body: &str) -> Value {
-        send(stream, body);
+    pub(in crate::daemon) fn call(
+        stream: &mut StdStream,
+        method: &str,
+        target: &str,
+        body: &str,
+    ) -> raw::Reply {
+        send(stream, method, target, body);
         receive(stream)
     }
 
-    pub(in crate::daemon) fn kind(reply: &Value) -> &str {
-        if reply.get("ok").is_some() {
-            "ok"
-        } else {
-            reply["error"]["kind"].as_str().unwrap_or("?")
-        }
+    pub(in crate::daemon) fn kind(reply: &raw::Reply) -> String {
+        reply.kind()
     }
 
     /// Answers control requests at once; work waits until `gate` lets it through.
@@ -546,61 +795,64 @@ pub(super) mod tests {
     fn silent_and_stalled_clients_are_dropped_while_others_are_served() {
         let server = Running::start(Arc::new(Stub::default()), TEST_LIMITS);
         let started = std::time::Instant::now();
-        let mut silent = connect(&server.socket);
-        let mut half_length = connect(&server.socket);
-        half_length.write_all(&[0, 0]).unwrap();
+        let silent = connect(&server.socket);
+        let mut half_head = connect(&server.socket);
+        half_head.write_all(b"GET /vers").unwrap();
         let mut half_body = connect(&server.socket);
-        half_body.write_all(&[0, 0, 0, 100, b'{']).unwrap();
+        half_body
+            .write_all(&raw::request("POST", "/agents", b"{", Some(100)))
+            .unwrap();
         let mut other = connect(&server.socket);
         // Asking every 100 ms for longer than the idle limit: a client that keeps asking is
         // not idle.
         for _ in 0..5 {
-            assert_eq!(kind(&call(&mut other, r#"{"op":"version"}"#)), "ok");
+            assert_eq!(kind(&call(&mut other, "GET", "/version", "")), "ok");
             std::thread::sleep(Duration::from_millis(100));
         }
-        let silent_gone = closed_after(&mut silent, started);
-        assert!(
-            silent_gone.is_some_and(|t| t >= TEST_LIMITS.idle),
-            "{silent_gone:?}"
-        );
-        for mut stalled in [half_length, half_body] {
-            let reply = receive(&stalled);
-            assert_eq!(kind(&reply), "timed_out", "{reply}");
-            assert!(
-                reply["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("frame was not complete")),
-                "{reply}"
-            );
-            assert!(closed_after(&mut stalled, started).is_some());
+        for mut dropped in [silent, half_head] {
+            let gone = closed_after(&mut dropped, started);
+            assert!(gone.is_some_and(|t| t >= TEST_LIMITS.idle), "{gone:?}");
         }
+        let reply = receive(&half_body);
+        assert_eq!(kind(&reply), "timed_out", "{reply:?}");
+        assert!(
+            reply.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("body was not complete")),
+            "{reply:?}"
+        );
+        assert!(closed_after(&mut half_body, started).is_some());
+        // The connection that kept asking is still served after the idle limit.
+        assert_eq!(kind(&call(&mut other, "GET", "/version", "")), "ok");
     }
 
     #[test]
     fn with_the_work_lane_full_control_requests_get_through_and_excess_work_is_busy() {
         let stub = Arc::new(Stub::default());
         let server = Running::start(stub.clone(), TEST_LIMITS);
-        let exec = r#"{"op":"exec","name":"a","run":{"program":"/bin/sleep","args":["600"]}}"#;
+        let exec = r#"{"run":{"program":"/bin/sleep","args":["600"]}}"#;
+        let exec_path = "/agents/a/exec";
         // Two run (the lane's size), one waits for a turn.
         let mut working: Vec<StdStream> = (0..3)
             .map(|_| {
                 let mut stream = connect(&server.socket);
-                send(&mut stream, exec);
+                send(&mut stream, "POST", exec_path, exec);
                 stream
             })
             .collect();
         std::thread::sleep(Duration::from_millis(100));
         let mut late = connect(&server.socket);
-        let busy = call(&mut late, exec);
-        assert_eq!(kind(&busy), "busy", "{busy}");
-        for body in [
-            r#"{"op":"ps"}"#,
-            r#"{"op":"version"}"#,
-            r#"{"op":"stop","name":"a"}"#,
+        let busy = call(&mut late, "POST", exec_path, exec);
+        assert_eq!(kind(&busy), "busy", "{busy:?}");
+        assert_eq!(busy.status, 429);
+        for (method, path) in [
+            ("GET", "/agents"),
+            ("GET", "/version"),
+            ("POST", "/agents/a/stop"),
         ] {
             let mut control = connect(&server.socket);
             let asked = std::time::Instant::now();
-            assert_eq!(kind(&call(&mut control, body)), "ok", "{body}");
+            assert_eq!(kind(&call(&mut control, method, path, "")), "ok", "{path}");
             assert!(asked.elapsed() < Duration::from_secs(1));
         }
         stub.gate.add_permits(3);
@@ -619,17 +871,18 @@ pub(super) mod tests {
         };
         let server = Running::start(Arc::new(Stub::default()), limits);
         let mut client = connect(&server.socket);
-        let exec = r#"{"op":"exec","name":"a","run":{"program":"/bin/true"}}"#;
+        let exec = r#"{"run":{"program":"/bin/true"}}"#;
         for _ in 0..2 {
             let asked = std::time::Instant::now();
-            let reply = call(&mut client, exec);
-            assert_eq!(kind(&reply), "timed_out", "{reply}");
+            let reply = call(&mut client, "POST", "/agents/a/exec", exec);
+            assert_eq!(kind(&reply), "timed_out", "{reply:?}");
+            assert_eq!(reply.status, 504);
             // Had the first kept its turn, the second would time out waiting for one.
             assert!(
-                reply["error"]["message"]
+                reply.json()["error"]["message"]
                     .as_str()
                     .is_some_and(|m| m.contains("before it was done")),
-                "{reply}"
+                "{reply:?}"
             );
             assert!(asked.elapsed() < Duration::from_secs(2));
         }
@@ -666,5 +919,174 @@ pub(super) mod tests {
             default,
             Duration::from_secs(crate::daemon::api::DEFAULT_EXEC_TIMEOUT_S) + EXEC_GRACE
         );
+    }
+
+    #[test]
+    fn bodies_over_the_limit_are_refused_unread_and_the_connection_closed() {
+        let server = Running::start(Arc::new(Stub::default()), TEST_LIMITS);
+        let started = std::time::Instant::now();
+        let mut client = connect(&server.socket);
+        let huge = MAX_REQUEST_BYTES as u64 + 1;
+        client
+            .write_all(&raw::request("POST", "/agents", b"{", Some(huge)))
+            .unwrap();
+        let reply = receive(&client);
+        assert_eq!((reply.status, kind(&reply).as_str()), (413, "too_large"));
+        assert!(closed_after(&mut client, started).is_some_and(|t| t < PATIENCE));
+        // Chunked, with no length to refuse up front: read up to the limit, then refused.
+        let mut chunked = connect(&server.socket);
+        chunked
+            .write_all(b"POST /agents HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        let chunk = vec![b' '; 64 * 1024];
+        for _ in 0..=(MAX_REQUEST_BYTES / chunk.len()) {
+            if chunked
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .and_then(|()| chunked.write_all(&chunk))
+                .and_then(|()| chunked.write_all(b"\r\n"))
+                .is_err()
+            {
+                break;
+            }
+        }
+        assert_eq!(kind(&receive(&chunked)), "too_large");
+    }
+
+    #[test]
+    fn a_tcp_site_answers_only_requests_with_its_token() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let site = Site {
+                    listener: Listener::Tcp(
+                        TcpListener::from_std(listener).unwrap(),
+                        Arc::from("s3cret"),
+                    ),
+                    scope: Scope::Api,
+                };
+                serve(vec![site], Arc::new(Stub::default()), TEST_LIMITS, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            });
+        });
+        let ask = |authorization: Option<&str>| {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream.set_read_timeout(Some(PATIENCE)).unwrap();
+            let header = authorization
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            stream
+                .write_all(format!("GET /version HTTP/1.1\r\nHost: a\r\n{header}\r\n").as_bytes())
+                .unwrap();
+            raw::read_reply(&mut BufReader::new(stream)).unwrap()
+        };
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+        ] {
+            let reply = ask(wrong);
+            assert_eq!(
+                (reply.status, reply.kind().as_str()),
+                (401, "unauthorized"),
+                "{wrong:?}"
+            );
+        }
+        assert_eq!(ask(Some("Bearer s3cret")).kind(), "ok");
+        let _ = stop.send(());
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_openapi_document_and_errors_are_served_as_json() {
+        let server = Running::start(Arc::new(Stub::default()), TEST_LIMITS);
+        let mut client = connect(&server.socket);
+        let document = call(&mut client, "GET", "/openapi.json", "");
+        assert_eq!(document.status, 200);
+        assert_eq!(document.content_type, "application/json");
+        assert_eq!(document.json()["openapi"], "3.0.3");
+        let missing = call(&mut client, "GET", "/nowhere", "");
+        assert_eq!(
+            (missing.status, missing.kind().as_str()),
+            (404, "not_found")
+        );
+        let created = call(
+            &mut client,
+            "POST",
+            "/pools",
+            r#"{"name":"p","from":"/s","size":1}"#,
+        );
+        assert_eq!(created.status, 201);
+    }
+
+    #[test]
+    fn a_metrics_site_serves_the_metrics_only() {
+        let server = Running::serving(Arc::new(Stub::default()), TEST_LIMITS, Scope::Metrics);
+        let mut client = connect(&server.socket);
+        let metrics = call(&mut client, "GET", "/metrics", "");
+        assert_eq!(metrics.status, 200, "{metrics:?}");
+        assert_eq!(metrics.content_type, "text/plain; version=0.0.4");
+        for (method, path) in [
+            ("GET", "/version"),
+            ("POST", "/agents"),
+            ("GET", "/openapi.json"),
+        ] {
+            assert_eq!(
+                call(&mut client, method, path, "").kind(),
+                "not_found",
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn curl_gets_an_answer_to_every_request() {
+        let stub = Arc::new(Stub::default());
+        stub.gate.add_permits(1000);
+        let server = Running::start(stub, TEST_LIMITS);
+        for request in crate::daemon::routes::tests::every_request() {
+            let call = routes::call(&request);
+            let mut curl = std::process::Command::new("curl");
+            curl.args(["--silent", "--show-error", "--unix-socket"])
+                .arg(&server.socket)
+                .args(["--request", call.method.as_str()])
+                .args(["--write-out", "\n%{http_code}"]);
+            if let Some(body) = &call.body {
+                curl.args([
+                    "--header",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                ])
+                .arg(String::from_utf8_lossy(body).into_owned());
+            }
+            let out = curl
+                .arg(format!("http://agentos{}", call.target))
+                .output()
+                .expect("curl runs (scripts/setup installs it)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (body, status) = text.rsplit_once('\n').unwrap_or_default();
+            assert!(
+                out.status.success(),
+                "{request:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                status == "200" || status == "201",
+                "{request:?}: {status} {body}"
+            );
+            if !matches!(request, Request::Metrics) {
+                let value: Value = serde_json::from_str(body).unwrap();
+                assert_eq!(value["op"], request.op(), "{body}");
+            }
+        }
     }
 }

@@ -82,10 +82,16 @@ pub enum ListenRequest {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiRequest {
-    /// The frame's body, sent as is.
+    /// The HTTP method, as is (e.g. `GET`, `POST`).
+    pub method: String,
+    /// The path and query, as is.
+    pub path: String,
+    /// The body, sent as is.
+    #[serde(default)]
     pub body: String,
-    /// The declared length, when it should lie about the body's (default: the body's length).
-    pub length: Option<u32>,
+    /// The declared length (`Content-Length`), when it should lie about the body's (default:
+    /// the body's length).
+    pub length: Option<u64>,
     /// The error kind expected back, or `ok`.
     pub reply: String,
     /// Text the error's message must have.
@@ -640,7 +646,7 @@ mod tests {
     fn api_cases_read_their_clients_and_reply_checks() {
         let dir = scratch();
         let text = format!(
-            "{API_CASE}slow_clients = 45\nread_logs = true\nflood = {{ agents = 3, clients = 100, program = \"/bin/sleep\", args = [\"600\"] }}\nrequests = [\n  {{ body = '{{\"op\":\"ps\"}}', reply = \"ok\", within = 10, ok_fields = {{ truncated = true, code = 3 }} }},\n  {{ body = '{{}}', reply = \"invalid\", message_has = \"timeout_s\" }},\n]\n"
+            "{API_CASE}slow_clients = 45\nread_logs = true\nflood = {{ agents = 3, clients = 100, program = \"/bin/sleep\", args = [\"600\"] }}\nrequests = [\n  {{ method = \"GET\", path = \"/agents\", reply = \"ok\", within = 10, ok_fields = {{ truncated = true, code = 3 }} }},\n  {{ method = \"POST\", path = \"/agents\", body = '{{}}', reply = \"invalid\", message_has = \"timeout_s\" }},\n]\n"
         );
         let suite = parse(&text, "api", dir.path()).unwrap();
         let case = &suite.cases[0];
@@ -652,6 +658,10 @@ mod tests {
             (3, 100, &["600".to_owned()][..])
         );
         let ps = &case.requests[0];
+        assert_eq!(
+            (ps.method.as_str(), ps.path.as_str(), ps.body.as_str()),
+            ("GET", "/agents", "")
+        );
         assert_eq!(ps.within, Some(10));
         assert_eq!(ps.ok_fields["truncated"], serde_json::json!(true));
         assert_eq!(ps.ok_fields["code"], serde_json::json!(3));
@@ -668,15 +678,15 @@ mod tests {
                 "flood clients 1000",
             ),
             (
-                "requests = [{ body = 'x', reply = \"ok\", within = 100000 }]\n",
+                "requests = [{ method = \"GET\", path = \"/\", body = 'x', reply = \"ok\", within = 100000 }]\n",
                 "within 100000",
             ),
             (
-                "requests = [{ body = 'x', reply = \"ok\", message_has = \"y\" }]\n",
+                "requests = [{ method = \"GET\", path = \"/\", body = 'x', reply = \"ok\", message_has = \"y\" }]\n",
                 "message_has needs an error reply",
             ),
             (
-                "requests = [{ body = 'x', reply = \"invalid\", ok_fields = { code = 1 } }]\n",
+                "requests = [{ method = \"GET\", path = \"/\", body = 'x', reply = \"invalid\", ok_fields = { code = 1 } }]\n",
                 "ok_fields needs reply",
             ),
             ("read_logs = false\n", "an api case needs"),

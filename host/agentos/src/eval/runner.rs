@@ -9,12 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentos_protocol::{ExecRequest, FrameReader, InferRequest, Program, Task};
+use agentos_protocol::{ExecRequest, InferRequest, Program, Task};
 use serde_json::{Value, json};
 
 use super::case::{ApiRequest, Case, Flood, ListenRequest, VmSpec};
 use super::checks;
 use super::report::{CaseReport, excerpt};
+use crate::daemon::api::{ExecCall, LogsRequest, Request, RestartPolicy, RmRequest, SpawnRequest};
+use crate::daemon::client::raw;
+use crate::daemon::routes;
 use agentos_core::agent::connection::{AgentConnection, CappedOutput, ExecIo};
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, BootOptions, VmEnd};
@@ -784,35 +787,64 @@ fn check_queued(case: &Case, trace: &Value, report: &mut CaseReport) {
     }
 }
 
-/// One request frame (`body`, declared `length`) and the reply, if one came.
-fn api_call(socket: &Path, length: u32, body: &[u8]) -> Result<Value, String> {
-    api_call_within(socket, length, body, COMMAND_LIMIT)
-}
-
-/// [`api_call`], waiting for the reply up to `limit`.
+/// One HTTP request (`body` as is, its length declared as `length`, the body's own unless given)
+/// and the reply, if one came: `{"ok": BODY}` for a success, the error's body otherwise.
 fn api_call_within(
     socket: &Path,
-    length: u32,
+    method: &str,
+    target: &str,
     body: &[u8],
+    length: Option<u64>,
     limit: Duration,
 ) -> Result<Value, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(limit))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(&length.to_be_bytes())
-        .map_err(|e| e.to_string())?;
-    let _ = stream.write_all(body);
-    match FrameReader::new(stream).read::<Value>() {
-        Ok(Some(reply)) => Ok(reply),
-        Ok(None) => Err("no reply: the connection was closed".to_owned()),
+    let _ = stream.write_all(&raw::request(method, target, body, length));
+    match raw::read_reply(&mut std::io::BufReader::new(stream)) {
+        Ok(reply) if reply.kind() == "ok" => Ok(json!({ "ok": reply.json() })),
+        Ok(reply) => match reply.json() {
+            Value::Null => Err(format!("status {} without an error body", reply.status)),
+            error => Ok(error),
+        },
         Err(e) => Err(format!("no usable reply: {e}")),
     }
 }
 
-fn request(socket: &Path, body: &str) -> Result<Value, String> {
-    api_call(socket, body.len() as u32, body.as_bytes())
+/// `request` as the daemon's clients send it, and the reply.
+fn request(socket: &Path, request: &Request) -> Result<Value, String> {
+    request_within(socket, request, COMMAND_LIMIT)
+}
+
+fn request_within(socket: &Path, request: &Request, limit: Duration) -> Result<Value, String> {
+    let call = routes::call(request);
+    api_call_within(
+        socket,
+        call.method.as_str(),
+        &call.target,
+        call.body.as_deref().unwrap_or_default(),
+        None,
+        limit,
+    )
+}
+
+/// A spawn of `name` with the harness's memory, never restarted.
+fn spawn_request(name: &str, wait: bool) -> Request {
+    Request::Spawn(SpawnRequest {
+        name: name.to_owned(),
+        memory_mib: Some(DEFAULT_MEMORY_MIB),
+        restart: RestartPolicy::Never,
+        wait,
+        ..SpawnRequest::default()
+    })
+}
+
+fn rm_request(name: &str) -> Request {
+    Request::Rm(RmRequest {
+        name: name.to_owned(),
+        force: true,
+    })
 }
 
 /// `ok`, or the error kind of a reply.
@@ -846,7 +878,7 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let mut daemon = Self { child, socket };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while request(&daemon.socket, r#"{"op":"version"}"#).is_err() {
+        while request(&daemon.socket, &Request::Version).is_err() {
             if Instant::now() >= deadline || matches!(daemon.child.try_wait(), Ok(Some(_))) {
                 return Err("the daemon did not come up".to_owned());
             }
@@ -897,10 +929,7 @@ pub(super) fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
         }
     };
     let socket = daemon.socket.clone();
-    let spawn = format!(
-        r#"{{"op":"spawn","name":"{API_AGENT}","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":true}}"#
-    );
-    let up = request(&socket, &spawn);
+    let up = request(&socket, &spawn_request(API_AGENT, true));
     report.check(
         "an agent runs under the daemon",
         reply_kind(&up) == "ok",
@@ -935,9 +964,11 @@ pub(super) fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
     }
     let exec = request(
         &socket,
-        &format!(
-            r#"{{"op":"exec","name":"{API_AGENT}","run":{{"program":"/bin/echo","args":["still here"]}}}}"#
-        ),
+        &Request::Exec(ExecCall {
+            name: API_AGENT.into(),
+            run: Program::new("/bin/echo").with_args(["still here"]),
+            stdin: None,
+        }),
     );
     report.check(
         "the agent still runs programs afterwards",
@@ -956,10 +987,16 @@ pub(super) fn api_case(case: &Case, env: &Env, report: &mut CaseReport) {
 
 /// Sends one of a case's requests and checks its reply; returns it as evidence.
 fn api_request(socket: &Path, req: &ApiRequest, report: &mut CaseReport) -> Value {
-    let length = req.length.unwrap_or(req.body.len() as u32);
     let limit = req.within.map_or(COMMAND_LIMIT, Duration::from_secs);
     let asked = Instant::now();
-    let reply = api_call_within(socket, length, req.body.as_bytes(), limit);
+    let reply = api_call_within(
+        socket,
+        &req.method,
+        &req.path,
+        req.body.as_bytes(),
+        req.length,
+        limit,
+    );
     let took = asked.elapsed();
     let kind = reply_kind(&reply);
     let message = reply
@@ -967,7 +1004,7 @@ fn api_request(socket: &Path, req: &ApiRequest, report: &mut CaseReport) -> Valu
         .ok()
         .and_then(|r| r["error"]["message"].as_str().map(str::to_owned))
         .unwrap_or_default();
-    let request = excerpt_line(&req.body);
+    let request = excerpt_line(&format!("{} {} {}", req.method, req.path, req.body));
     report.check(
         format!("`{request}` is answered `{}`", req.reply),
         kind == req.reply,
@@ -1003,8 +1040,8 @@ fn api_request(socket: &Path, req: &ApiRequest, report: &mut CaseReport) -> Valu
     })
 }
 
-/// Clients that stall: one says nothing, one sends half a frame's length, one a length and
-/// part of its body. The daemon must drop each within `limit` of their start.
+/// Clients that stall: one says nothing, one sends part of a request's head, one a head and part
+/// of its body. The daemon must drop each within `limit` of their start.
 struct SlowClients {
     started: Instant,
     limit: Duration,
@@ -1016,10 +1053,13 @@ impl SlowClients {
         let started = Instant::now();
         let stalls: [(&'static str, &[u8]); 3] = [
             ("a client that says nothing", b""),
-            ("a client that stops inside a frame's length", &[0, 0]),
             (
-                "a client that stops inside a frame's body",
-                b"\0\0\0\x40{\"op\":",
+                "a client that stops inside a request's head",
+                b"GET /agents HTTP/1.1\r\nHo",
+            ),
+            (
+                "a client that stops inside a request's body",
+                b"POST /agents HTTP/1.1\r\nHost: a\r\nContent-Length: 64\r\n\r\n{\"name\":",
             ),
         ];
         let clients = stalls
@@ -1081,10 +1121,7 @@ impl FloodClients {
             .map(|i| format!("{FLOOD_AGENT}-{i}"))
             .collect();
         for agent in &agents {
-            let spawn = format!(
-                r#"{{"op":"spawn","name":"{agent}","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":true}}"#
-            );
-            let up = request(socket, &spawn);
+            let up = request(socket, &spawn_request(agent, true));
             report.check(
                 format!("agent `{agent}` runs, for the flood"),
                 reply_kind(&up) == "ok",
@@ -1096,22 +1133,14 @@ impl FloodClients {
         }
         let clients = (0..flood.clients)
             .map(|i| {
-                let body = json!({
-                    "op": "exec",
-                    "name": agents[i % agents.len()],
-                    "program": flood.program,
-                    "args": flood.args,
-                })
-                .to_string();
+                let exec = Request::Exec(ExecCall {
+                    name: agents[i % agents.len()].clone(),
+                    run: Program::new(flood.program.as_str()).with_args(flood.args.iter()),
+                    stdin: None,
+                });
                 let socket = socket.to_owned();
                 std::thread::spawn(move || {
-                    let length = body.len() as u32;
-                    reply_kind(&api_call_within(
-                        &socket,
-                        length,
-                        body.as_bytes(),
-                        FLOOD_REPLY_LIMIT,
-                    ))
+                    reply_kind(&request_within(&socket, &exec, FLOOD_REPLY_LIMIT))
                 })
             })
             .collect();
@@ -1123,10 +1152,7 @@ impl FloodClients {
     /// flooding client must have been answered.
     fn check(self, socket: &Path, report: &mut CaseReport) {
         for agent in &self.agents {
-            let rm = request(
-                socket,
-                &format!(r#"{{"op":"rm","name":"{agent}","force":true}}"#),
-            );
+            let rm = request(socket, &rm_request(agent));
             report.check(
                 format!("the flood's agent `{agent}` is removed"),
                 reply_kind(&rm) == "ok",
@@ -1168,8 +1194,13 @@ fn read_logs_to_end(socket: &Path, agent: &str, report: &mut CaseReport) {
         if chunks >= MAX_LOG_READS {
             break Some(format!("{MAX_LOG_READS} reads did not reach the end"));
         }
-        let body = json!({"op": "logs", "name": agent, "offset": offset}).to_string();
-        let reply = request(socket, &body);
+        let reply = request(
+            socket,
+            &Request::Logs(LogsRequest {
+                name: agent.to_owned(),
+                offset,
+            }),
+        );
         let chunk = match &reply {
             Ok(r) if r.get("ok").is_some() => &r["ok"],
             _ => {
@@ -1210,16 +1241,14 @@ fn read_logs_to_end(socket: &Path, agent: &str, report: &mut CaseReport) {
 /// `clients` connections spawn the same name at once: one wins, the others are told the name
 /// is taken; the winner is then removed.
 fn race_spawn(socket: &Path, clients: usize, report: &mut CaseReport) {
-    let body = format!(
-        r#"{{"op":"spawn","name":"eval-race","memory_mib":{DEFAULT_MEMORY_MIB},"restart":"never","wait":false}}"#
-    );
+    let spawn = spawn_request("eval-race", false);
     let barrier = Arc::new(std::sync::Barrier::new(clients));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let (socket, body, barrier) = (socket.to_owned(), body.clone(), barrier.clone());
+            let (socket, spawn, barrier) = (socket.to_owned(), spawn.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                reply_kind(&request(&socket, &body))
+                reply_kind(&request(&socket, &spawn))
             })
         })
         .collect();
@@ -1235,7 +1264,7 @@ fn race_spawn(socket: &Path, clients: usize, report: &mut CaseReport) {
         won == 1 && lost == clients - 1,
         kinds.join(", "),
     );
-    let rm = request(socket, r#"{"op":"rm","name":"eval-race","force":true}"#);
+    let rm = request(socket, &rm_request("eval-race"));
     report.check(
         "the winner is removed",
         reply_kind(&rm) == "ok",
