@@ -16,10 +16,11 @@ use hyper::Method;
 use libfuzzer_sys::fuzz_target;
 
 /// The operations docs/api.md documents.
-const OPS: [&str; 16] = [
+const OPS: [&str; 17] = [
     "version",
     "spawn",
     "ps",
+    "inspect",
     "models",
     "exec",
     "infer",

@@ -271,6 +271,12 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     let up = d.ok(&["spawn", "--name", "w", "--model", "sentiment", "--json"]);
     let up: serde_json::Value = serde_json::from_str(&up).unwrap();
     assert_eq!(up["state"], "running", "{up}");
+    let one = json_call(&d.socket, "GET", "/agents/w", "");
+    assert_eq!(
+        (one["name"].as_str(), one["state"].as_str()),
+        (Some("w"), Some("running")),
+        "{one}"
+    );
     d.refused(
         &["spawn", "--name", "w"],
         "an agent named `w` exists already",

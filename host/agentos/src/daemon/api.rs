@@ -48,6 +48,8 @@ pub enum Request {
     Spawn(SpawnRequest),
     /// Every agent and its state.
     Ps,
+    /// One agent and its state.
+    Inspect(NameRequest),
     /// The model bundles installed for the daemon's agents.
     Models,
     /// Run a program in an agent and wait for its end.
@@ -84,6 +86,7 @@ impl Request {
             Self::Version => "version",
             Self::Spawn(_) => "spawn",
             Self::Ps => "ps",
+            Self::Inspect(_) => "inspect",
             Self::Models => "models",
             Self::Exec(_) => "exec",
             Self::Infer(_) => "infer",

@@ -466,6 +466,7 @@ impl Daemon {
                 agents: self.lock_agents().values().map(Agent::info).collect(),
                 pools: self.pools.info(),
             }),
+            Request::Inspect(one) => to_value(&self.with_agent(&one.name, Agent::info)?),
             Request::Models => {
                 let listed = tokio::task::spawn_blocking(models)
                     .await

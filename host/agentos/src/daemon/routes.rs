@@ -83,7 +83,14 @@ pub fn route(
                 force,
             })
         }
-        (Resource::Agent(_), _) => return Err(wrong_method("DELETE")),
+        (Resource::Agent(name), Method::GET) => no_input(
+            Request::Inspect(NameRequest {
+                name: name.to_owned(),
+            }),
+            query,
+            body,
+        )?,
+        (Resource::Agent(_), _) => return Err(wrong_method("GET or DELETE")),
         (Resource::AgentAction(name, "logs"), Method::GET) => {
             let LogsQuery { offset } = from_query(query)?;
             no_body(body)?;
@@ -176,6 +183,7 @@ pub fn call(request: &Request) -> HttpCall {
         Request::Metrics => (Method::GET, "/metrics".to_owned(), None),
         Request::Ps => (Method::GET, "/agents".to_owned(), None),
         Request::Models => (Method::GET, "/models".to_owned(), None),
+        Request::Inspect(one) => (Method::GET, format!("/agents/{}", segment(&one.name)), None),
         Request::Spawn(spawn) => (Method::POST, "/agents".to_owned(), Some(body(spawn, None))),
         Request::Rm(rm) => (
             Method::DELETE,
@@ -361,6 +369,7 @@ pub(super) mod tests {
             Request::Metrics,
             Request::Ps,
             Request::Models,
+            Request::Inspect(NameRequest { name: odd.clone() }),
             Request::Spawn(SpawnRequest {
                 name: "a".into(),
                 memory_mib: Some(256),

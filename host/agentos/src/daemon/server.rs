@@ -138,6 +138,7 @@ fn lane(request: &Request) -> Lane {
         Request::Version
         | Request::Ps
         | Request::Models
+        | Request::Inspect(_)
         | Request::Logs(_)
         | Request::Stop(_)
         | Request::Rm(_)
@@ -174,6 +175,7 @@ fn time_limit(request: &Request) -> Duration {
         Request::Version
         | Request::Ps
         | Request::Models
+        | Request::Inspect(_)
         | Request::Logs(_)
         | Request::Stop(_)
         | Request::Rm(_)

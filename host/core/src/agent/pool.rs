@@ -1,5 +1,6 @@
 //! Warm pools: agents restored from a snapshot ahead of need, so that asking for one is taking
-//! one that is up already (its guest agent connected, reseeded and clocked).
+//! one that is up already (its guest agent connected, reseeded and clocked, and one program run
+//! in it: see [`warm_up`]).
 //!
 //! One thread, the [`Spawner`], starts every pool's VMs and lives as long as its owner: a VMM
 //! ends when the thread that started it ends, and a claimed agent must outlive its pool.
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::vm::{AgentVm, BootOptions};
+use agentos_protocol::{ExecRequest, Program};
+
+use super::connection::ExecIo;
+use super::vm::{AgentVm, BootOptions, VmError};
 
 /// Largest pool: each ready agent holds a VMM and what its guest touched.
 pub const MAX_POOL_SIZE: u32 = 64;
@@ -20,6 +24,46 @@ pub const MAX_POOL_SIZE: u32 = 64;
 const FAILURE_PAUSE: Duration = Duration::from_secs(5);
 /// How often an idle spawner looks again (a stop or a claim wakes it at once).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// How long a pool's new agent has to run its warm-up program.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The program a pool's new agent runs before it is ready.
+const WARM_UP_PROGRAM: &str = "/bin/true";
+
+/// Runs one program in a freshly restored agent before anyone claims it. A restored guest's
+/// memory is the snapshot file's pages, mapped in on first touch, each touch an exit to the VMM;
+/// starting a program touches many (the new process's, the guest agent's own on that path), and
+/// the claimer's first program would pay for them. The agent also takes the answer to
+/// `restored` here, so that a guest that could not refresh never reaches a pool.
+fn warm_up(mut vm: AgentVm) -> Result<AgentVm, VmError> {
+    let conn = vm.conn();
+    conn.set_deadline(Some(Instant::now() + WARM_UP_TIMEOUT));
+    let status = conn.exec(
+        ExecRequest {
+            run: Program::new(WARM_UP_PROGRAM),
+            ..ExecRequest::default()
+        },
+        ExecIo {
+            stdin: None,
+            stdout: &mut std::io::sink(),
+            stderr: &mut std::io::sink(),
+        },
+    );
+    conn.set_deadline(None);
+    match status {
+        Ok(status) if status.code == Some(0) => Ok(vm),
+        Ok(status) => {
+            vm.shutdown();
+            Err(VmError::WarmUp(format!(
+                "{WARM_UP_PROGRAM} ended with {status:?}"
+            )))
+        }
+        Err(e) => {
+            vm.shutdown();
+            Err(e.into())
+        }
+    }
+}
 
 /// What `ps` and the metrics show of a pool.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,7 +285,7 @@ fn fill(shared: &(Mutex<Pools>, Condvar), stopping: &Arc<AtomicBool>) {
         };
         let (name, mut opts) = next;
         opts.abort = Some(stopping.clone());
-        let started = AgentVm::boot(&opts);
+        let started = AgentVm::boot(&opts).and_then(warm_up);
         if stopping.load(Ordering::SeqCst) {
             if let Ok(vm) = started {
                 vm.shutdown();

@@ -188,6 +188,8 @@ pub enum VmError {
     Interrupted,
     #[error("cannot talk to the guest agent")]
     Connection(#[from] ConnectionError),
+    #[error("the restored agent's first program failed: {0}")]
+    WarmUp(String),
     #[error("cannot give the VM its CPU and memory slice")]
     Cgroup(#[source] CgroupError),
     #[error(transparent)]
