@@ -8,7 +8,7 @@
 //! - connections are bounded: the turn is taken before `accept`, so that clients past the bound
 //!   wait in the kernel's backlog, not in our memory;
 //! - a client has [`Limits::idle`] to send a request's head (from connecting, and between
-//!   requests), [`Limits::frame`] to send its body once the head came, and [`Limits::write`]
+//!   requests), [`Limits::body`] to send its body once the head came, and [`Limits::write`]
 //!   for each write of a reply to make progress; past that its connection is closed;
 //! - each request has a deadline from its arrival (see [`time_limit`]), after which it is
 //!   answered `timed_out`, whatever it waits for;
@@ -56,7 +56,7 @@ const _: () = assert!(WORK_LANE + WORK_WAITING + CONTROL_LANE < MAX_CONNECTIONS)
 /// How long a client may take to send a request's head, from connecting or from its last reply.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request's body once its head came (1 MiB at most).
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write of a reply may wait for the client to take it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed `accept` (out of descriptors) pauses the loop, so that it does not spin.
@@ -103,7 +103,7 @@ pub struct Limits {
     pub work_lane: usize,
     pub work_waiting: usize,
     pub idle: Duration,
-    pub frame: Duration,
+    pub body: Duration,
     pub write: Duration,
     /// How long a request may take from its arrival.
     pub time_limit: fn(&Request) -> Duration,
@@ -117,7 +117,7 @@ impl Limits {
         work_lane: WORK_LANE,
         work_waiting: WORK_WAITING,
         idle: IDLE_TIMEOUT,
-        frame: FRAME_TIMEOUT,
+        body: BODY_TIMEOUT,
         write: WRITE_TIMEOUT,
         time_limit,
         reply_slack: REPLY_SLACK,
@@ -336,7 +336,7 @@ async fn accept_failed(e: io::Error) {
 }
 
 /// Serves one client's requests, one after another (HTTP/1.1 with keep-alive), until it goes or
-/// breaks a limit: [`Limits::idle`] to send each request's head, [`Limits::frame`] for its
+/// breaks a limit: [`Limits::idle`] to send each request's head, [`Limits::body`] for its
 /// body, [`Limits::write`] for each write of a reply.
 async fn connection<H: Handler, S>(
     shared: Arc<Shared<H>>,
@@ -435,7 +435,7 @@ async fn read_and_answer<H: Handler>(
             routes::OPENAPI.into(),
         ));
     }
-    let body = read_body(body, &head.headers, shared.limits.frame).await?;
+    let body = read_body(body, &head.headers, shared.limits.body).await?;
     let request = routes::route(&head.method, &path, head.uri.query(), &body)?;
     let metrics = matches!(request, Request::Metrics);
     let status = routes::success(&request);
@@ -777,7 +777,7 @@ pub(super) mod tests {
         work_lane: 2,
         work_waiting: 1,
         idle: Duration::from_millis(300),
-        frame: Duration::from_millis(300),
+        body: Duration::from_millis(300),
         write: Duration::from_millis(300),
         time_limit,
         reply_slack: Duration::from_millis(100),
