@@ -159,6 +159,12 @@ fn json_call(socket: &Path, method: &str, target: &str, body: &str) -> serde_jso
         .json()
 }
 
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    let metadata = std::fs::metadata(path).unwrap();
+    std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o777
+}
+
 /// The API on TCP (`--listen`): the daemon says where, and where its generated token is (a file
 /// only its user reads); a request without the token, or with another, is `unauthorized`.
 fn over_tcp_with_the_token_only(d: &Daemon<'_>) {
@@ -177,11 +183,7 @@ fn over_tcp_with_the_token_only(d: &Daemon<'_>) {
         .nth(1)
         .and_then(|rest| rest.strip_suffix(')'))
         .unwrap_or_else(|| panic!("no token file in {line}"));
-    let mode = std::fs::metadata(token_file).unwrap();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
-        0o600
-    );
+    assert_eq!(mode_of(Path::new(token_file)), 0o600);
     let token = std::fs::read_to_string(token_file).unwrap();
     let token = token.trim();
     assert_eq!(token.len(), 64, "{token}");
@@ -230,11 +232,7 @@ fn the_daemon_keeps_agents_running_through_crashes_and_hangs_and_answers_bad_req
     let _machine = take_machine();
     let t = Scratch::new("daemon");
     let mut d = Daemon::start_with(&t, &["--listen", "127.0.0.1:0"]);
-    let mode = std::fs::metadata(&d.socket).unwrap();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
-        0o600
-    );
+    assert_eq!(mode_of(&d.socket), 0o600);
     over_tcp_with_the_token_only(&d);
 
     // Bad requests get an error each, and the daemon carries on.

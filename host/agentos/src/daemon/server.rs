@@ -654,7 +654,7 @@ pub(super) mod tests {
         pub socket: PathBuf,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
-        _dir: tempfile::TempDir,
+        _dir: Option<tempfile::TempDir>,
     }
 
     impl Running {
@@ -667,6 +667,22 @@ pub(super) mod tests {
             let socket = dir.path().join("api.sock");
             let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
             listener.set_nonblocking(true).unwrap();
+            let mut running = Self::on(handler, limits, move || Site {
+                listener: Listener::Unix(UnixListener::from_std(listener).unwrap()),
+                scope,
+            });
+            running.socket = socket;
+            running._dir = Some(dir);
+            running
+        }
+
+        /// A server on the site `site` makes (in the server's runtime, as tokio's listeners
+        /// need).
+        fn on<H: Handler>(
+            handler: Arc<H>,
+            limits: Limits,
+            site: impl FnOnce() -> Site + Send + 'static,
+        ) -> Self {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let thread = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -674,21 +690,17 @@ pub(super) mod tests {
                     .build()
                     .unwrap();
                 runtime.block_on(async move {
-                    let site = Site {
-                        listener: Listener::Unix(UnixListener::from_std(listener).unwrap()),
-                        scope,
-                    };
-                    serve(vec![site], handler, limits, async {
+                    serve(vec![site()], handler, limits, async {
                         let _ = stopped.await;
                     })
                     .await;
                 });
             });
             Self {
-                socket,
+                socket: PathBuf::new(),
                 stop: Some(stop),
                 thread: Some(thread),
-                _dir: dir,
+                _dir: None,
             }
         }
     }
@@ -959,25 +971,12 @@ pub(super) mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let site = Site {
-                    listener: Listener::Tcp(
-                        TcpListener::from_std(listener).unwrap(),
-                        Arc::from("s3cret"),
-                    ),
-                    scope: Scope::Api,
-                };
-                serve(vec![site], Arc::new(Stub::default()), TEST_LIMITS, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            });
+        let _server = Running::on(Arc::new(Stub::default()), TEST_LIMITS, move || Site {
+            listener: Listener::Tcp(
+                TcpListener::from_std(listener).unwrap(),
+                Arc::from("s3cret"),
+            ),
+            scope: Scope::Api,
         });
         let ask = |authorization: Option<&str>| {
             let mut stream = std::net::TcpStream::connect(address).unwrap();
@@ -1004,8 +1003,6 @@ pub(super) mod tests {
             );
         }
         assert_eq!(ask(Some("Bearer s3cret")).kind(), "ok");
-        let _ = stop.send(());
-        thread.join().unwrap();
     }
 
     #[test]
