@@ -15,6 +15,7 @@ macro_rules! console {
 mod config;
 mod edu;
 mod exec;
+mod files;
 mod infer;
 mod init;
 mod model_disks;

@@ -6,12 +6,14 @@ use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use agentos_protocol::files::FsOp;
 use agentos_protocol::{
     BootTimings, ExecRequest, FrameError, FrameReader, GuestMessage, Hello, HostMessage,
     InferRequest, PROTOCOL_VERSION, status, write_frame,
 };
 
 use crate::exec::{self, Finish, Running, StdinError};
+use crate::files::{self, Reads, Writes};
 use crate::infer::Inference;
 use crate::outbox::{Outbox, Writer, WriterGone};
 use crate::peer::{HandlerEnv, Membership};
@@ -134,6 +136,8 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         ctx,
         outbox,
         execs: Arc::default(),
+        reads: Reads::default(),
+        writes: Mutex::default(),
     };
     let mut frames = FrameReader::new(conn);
     let ended = session.run(&mut frames);
@@ -168,6 +172,9 @@ struct Session<'a> {
     ctx: &'a Context,
     outbox: Outbox,
     execs: Execs,
+    reads: Reads,
+    /// Files being written; those not finished when the connection ends are removed.
+    writes: Mutex<Writes>,
 }
 
 enum Flow {
@@ -229,6 +236,27 @@ impl Session<'_> {
                     return Ok(Flow::Unrefreshed);
                 }
             },
+            HostMessage::ReadFile { id, path } => {
+                if let Err(failure) = self.reads.start(id, &path, &self.outbox) {
+                    self.outbox.send(failure.into_message(id))?;
+                }
+            }
+            HostMessage::WriteFile { id, path, mode } => {
+                let begun = lock(&self.writes).begin(id, &path, mode);
+                self.file_answer(id, begun.map(|()| None))?;
+            }
+            HostMessage::FileChunk { id, data } => {
+                let written = lock(&self.writes).write(id, &data.0);
+                self.file_answer(id, written.map(|()| None))?;
+            }
+            HostMessage::FileEnd { id } => {
+                let ended = lock(&self.writes).end(id);
+                self.file_answer(
+                    id,
+                    ended.map(|size| size.map(|size| GuestMessage::FileWritten { id, size })),
+                )?;
+            }
+            HostMessage::Fs { id, fs } => self.fs(id, &fs)?,
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.
                 let _ = self
@@ -238,6 +266,30 @@ impl Session<'_> {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Sends `answer`'s frame, if it has one, or its failure.
+    fn file_answer(
+        &self,
+        id: u64,
+        answer: Result<Option<GuestMessage>, files::Failure>,
+    ) -> Result<(), WriterGone> {
+        match answer {
+            Ok(Some(msg)) => self.outbox.send(msg),
+            Ok(None) => Ok(()),
+            Err(failure) => self.outbox.send(failure.into_message(id)),
+        }
+    }
+
+    fn fs(&self, id: u64, op: &FsOp) -> Result<(), WriterGone> {
+        if let FsOp::List { path, depth } = op {
+            let listed = files::list(path, *depth, |entries, last| {
+                self.outbox.send(GuestMessage::Listed { id, entries, last })
+            })?;
+            return self.file_answer(id, listed.map(|()| None));
+        }
+        let done = files::apply(op).map(|entry| Some(GuestMessage::FsDone { id, entry }));
+        self.file_answer(id, done)
     }
 
     fn infer(&self, req: InferRequest) -> Result<(), WriterGone> {

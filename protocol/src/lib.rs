@@ -10,6 +10,7 @@
 
 pub mod bundle;
 mod codec;
+pub mod files;
 mod infer;
 mod message;
 pub mod peer;
@@ -50,7 +51,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Version of the message set. A guest whose version differs from the host's is refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The well-known CID of the host in vsock addressing.
 pub const HOST_CID: u64 = 2;

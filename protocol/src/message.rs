@@ -7,6 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::files::{Entry, FileErrorKind, FsOp};
 use crate::infer::{InferReply, InferRequest};
 use crate::peer::JoinRequest;
 
@@ -66,6 +67,25 @@ pub enum HostMessage {
         entropy: StreamData,
         unix_time_ns: u64,
     },
+    /// Send the file `path` (absolute) as `file_chunk` frames and one `file_end`, or a
+    /// `file_error`.
+    ReadFile { id: u64, path: String },
+    /// Write the file `path` (absolute; missing parents are made) from the `file_chunk`
+    /// frames that follow, up to a `file_end`. It replaces `path` only once whole: answered
+    /// with `file_written`, or a `file_error` after which the rest of its chunks are dropped.
+    /// `mode` is for a new file (0o644 when absent; a replaced file keeps its own).
+    WriteFile {
+        id: u64,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+    },
+    /// Bytes of the file written by request `id`.
+    FileChunk { id: u64, data: StreamData },
+    /// The file written by request `id` is whole.
+    FileEnd { id: u64 },
+    /// One operation on the file tree (see [`FsOp`]).
+    Fs { id: u64, fs: FsOp },
 }
 
 /// Most entropy bytes a `restored` message may carry.
@@ -79,6 +99,11 @@ impl HostMessage {
             Self::Join(req) => req.id,
             Self::Ping { id }
             | Self::Restored { id, .. }
+            | Self::ReadFile { id, .. }
+            | Self::WriteFile { id, .. }
+            | Self::FileChunk { id, .. }
+            | Self::FileEnd { id }
+            | Self::Fs { id, .. }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
             | Self::Signal { id, .. }
@@ -226,6 +251,39 @@ pub enum GuestMessage {
     /// Answer to `restored`: the random pool is reseeded and the clock set.
     Restored {
         id: u64,
+    },
+    /// Bytes of the file read by request `id`, in order.
+    FileChunk {
+        id: u64,
+        data: StreamData,
+    },
+    /// The file read by request `id` ended after `size` bytes.
+    FileEnd {
+        id: u64,
+        size: u64,
+    },
+    /// The file of `write_file` request `id` is in place, `size` bytes long.
+    FileWritten {
+        id: u64,
+        size: u64,
+    },
+    /// Answer to an `fs` request other than `list`: the entry it found or made, if any.
+    FsDone {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<Entry>,
+    },
+    /// Entries of an `fs` `list`, in batches; the one with `last` ends the listing.
+    Listed {
+        id: u64,
+        entries: Vec<Entry>,
+        last: bool,
+    },
+    /// A file request failed; nothing else follows for it.
+    FileError {
+        id: u64,
+        kind: FileErrorKind,
+        message: String,
     },
 }
 

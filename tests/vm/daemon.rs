@@ -718,3 +718,193 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
 
 /// SHA-256 of a page of zeros.
 const ZERO_PAGE_SHA256: &str = "ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7";
+
+/// SHA-256 of `bytes`, in hexadecimal as `sha256sum` prints it.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn files_go_in_and_out_of_an_agent_whole() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon-files");
+    let d = Daemon::start(&t);
+    d.ok(&["spawn", "--name", "f"]);
+    // 8 MiB of every byte value (eight times the API's limit on a JSON body).
+    let blob: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let local = t.dir.join("blob");
+    std::fs::write(&local, &blob).unwrap();
+    std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    d.ok(&["cp", local.to_str().unwrap(), "f:/home/data/blob"]);
+    let inside = d.ok(&[
+        "exec",
+        "f",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sha256sum /home/data/blob; stat -c %a /home/data/blob",
+    ]);
+    assert_eq!(
+        inside,
+        format!("{}  /home/data/blob\n640\n", sha256_hex(&blob))
+    );
+    let back = t.dir.join("back");
+    d.ok(&["cp", "f:/home/data/blob", back.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&back).unwrap() == blob,
+        "the copy out differs"
+    );
+    let into = t.dir.join("into");
+    std::fs::create_dir(&into).unwrap();
+    d.ok(&["cp", "f:/home/data/blob", into.to_str().unwrap()]);
+    assert!(std::fs::read(into.join("blob")).unwrap() == blob);
+    d.ok(&[
+        "exec",
+        "f",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo -n hi > /home/data/small",
+    ]);
+    assert_eq!(d.ok(&["cp", "f:/home/data/small", "-"]), "hi");
+
+    // Looking and changing, over HTTP.
+    let socket = &d.socket;
+    let stat = json_call(
+        socket,
+        "GET",
+        "/agents/f/files/stat?path=/home/data/blob",
+        "",
+    );
+    assert_eq!(
+        (&stat["kind"], &stat["size"], &stat["mode"]),
+        (&"file".into(), &(8u64 << 20).into(), &0o640.into()),
+        "{stat}"
+    );
+    let made = raw_call(
+        socket,
+        "POST",
+        "/agents/f/files/mkdir",
+        br#"{"path":"/home/data/a/b"}"#,
+        None,
+    )
+    .unwrap();
+    assert_eq!((made.status, &made.json()["kind"]), (201, &"dir".into()));
+    let again = json_call(
+        socket,
+        "POST",
+        "/agents/f/files/mkdir",
+        r#"{"path":"/home/data/a/b"}"#,
+    );
+    assert_eq!(again["error"]["kind"], "already_exists", "{again}");
+    let moved = json_call(
+        socket,
+        "POST",
+        "/agents/f/files/move",
+        r#"{"from":"/home/data/blob","to":"/home/data/a/b/moved"}"#,
+    );
+    assert_eq!(moved["path"], "/home/data/a/b/moved", "{moved}");
+    let listed = json_call(
+        socket,
+        "GET",
+        "/agents/f/files/list?path=/home/data&depth=3",
+        "",
+    );
+    let paths: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/home/data/a",
+            "/home/data/a/b",
+            "/home/data/a/b/moved",
+            "/home/data/small"
+        ],
+        "{listed}"
+    );
+    for (method, target, kind, status) in [
+        (
+            "GET",
+            "/agents/f/files?path=/home/data/blob",
+            "not_found",
+            404,
+        ),
+        ("GET", "/agents/f/files?path=/home", "is_a_directory", 409),
+        (
+            "PUT",
+            "/agents/f/files?path=/home/data/small/x",
+            "not_a_directory",
+            409,
+        ),
+        ("GET", "/agents/f/files/stat?path=home", "invalid", 422),
+        ("GET", "/agents/nobody/files?path=/x", "unknown_agent", 404),
+    ] {
+        let reply = raw_call(socket, method, target, b"", None).expect("no reply");
+        assert_eq!(
+            (reply.kind(), reply.status),
+            (kind.to_owned(), status),
+            "{target}"
+        );
+    }
+
+    // A write cut off halfway changes nothing and leaves nothing beside the file.
+    {
+        let mut cut = UnixStream::connect(socket).unwrap();
+        cut.write_all(&raw::request(
+            "PUT",
+            "/agents/f/files?path=/home/data/a/b/moved",
+            &blob[..1 << 20],
+            Some(4 << 20),
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let entries = |d: &Daemon<'_>| {
+        json_call(
+            &d.socket,
+            "GET",
+            "/agents/f/files/list?path=/home/data/a/b",
+            "",
+        )["entries"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entries(&d) != 1 {
+        assert!(Instant::now() < deadline, "the cut-off write left a file");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = d.ok(&["exec", "f", "--", "sha256sum", "/home/data/a/b/moved"]);
+    assert!(after.starts_with(&sha256_hex(&blob)), "{after}");
+
+    let removed = raw_call(
+        socket,
+        "DELETE",
+        "/agents/f/files?path=/home/data",
+        b"",
+        None,
+    )
+    .unwrap();
+    assert_eq!(removed.status, 200);
+    let gone = json_call(socket, "GET", "/agents/f/files/stat?path=/home/data", "");
+    assert_eq!(gone["error"]["kind"], "not_found", "{gone}");
+    d.refused(&["cp", "f:/home/data/blob", "-"], "No such file");
+
+    d.ok(&["rm", "--force", "f"]);
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    t.assert_nothing_left();
+}

@@ -417,3 +417,89 @@ fn a_restored_agent_that_cannot_refresh_runs_nothing_more() {
     assert!(matches!(host.server.join().unwrap(), Ended::Unrefreshed));
     assert!(!marker.exists());
 }
+
+#[test]
+fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
+    use agentos_protocol::files::{FileErrorKind, FsOp};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f").to_string_lossy().into_owned();
+    let mut host = Host::connect();
+    host.send(HostMessage::WriteFile {
+        id: 1,
+        path: path.clone(),
+        mode: None,
+    });
+    for part in [&b"one "[..], b"two"] {
+        host.send(HostMessage::FileChunk {
+            id: 1,
+            data: StreamData(part.to_vec()),
+        });
+    }
+    host.send(HostMessage::FileEnd { id: 1 });
+    assert_eq!(host.recv(), GuestMessage::FileWritten { id: 1, size: 7 });
+    host.send(HostMessage::ReadFile {
+        id: 2,
+        path: path.clone(),
+    });
+    assert_eq!(
+        host.recv(),
+        GuestMessage::FileChunk {
+            id: 2,
+            data: StreamData(b"one two".to_vec())
+        }
+    );
+    assert_eq!(host.recv(), GuestMessage::FileEnd { id: 2, size: 7 });
+    host.send(HostMessage::Fs {
+        id: 3,
+        fs: FsOp::List {
+            path: dir.path().to_string_lossy().into_owned(),
+            depth: 1,
+        },
+    });
+    match host.recv() {
+        GuestMessage::Listed {
+            id: 3,
+            entries,
+            last: true,
+        } => {
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries[0].path, path);
+        }
+        other => panic!("expected a listing, got {other:?}"),
+    }
+    host.send(HostMessage::Fs {
+        id: 4,
+        fs: FsOp::Stat {
+            path: format!("{path}/below"),
+        },
+    });
+    assert!(matches!(
+        host.recv(),
+        GuestMessage::FileError {
+            id: 4,
+            kind: FileErrorKind::NotADirectory,
+            ..
+        }
+    ));
+    // A write the host never finishes: its temporary file goes with the connection.
+    host.send(HostMessage::WriteFile {
+        id: 5,
+        path: dir.path().join("g").to_string_lossy().into_owned(),
+        mode: None,
+    });
+    host.send(HostMessage::FileChunk {
+        id: 5,
+        data: StreamData(b"partial".to_vec()),
+    });
+    host.send(HostMessage::Ping { id: 6 });
+    assert_eq!(host.recv(), GuestMessage::Pong { id: 6 });
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    drop(host.out);
+    drop(host.frames);
+    host.server.join().unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["f"]);
+}

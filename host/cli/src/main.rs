@@ -8,6 +8,7 @@ mod bench;
 mod carrier;
 mod control;
 mod daemon;
+mod files;
 mod flags;
 mod group;
 mod group_run;
@@ -55,6 +56,11 @@ enum Command {
     /// Run a program in a daemon's agent and exit with its status.
     #[command(after_help = "Example:\n  agentos exec worker -- /bin/uname -a")]
     Exec(daemon::ExecArgs),
+    /// Copy a file into or out of a daemon's agent (any size, any bytes).
+    #[command(
+        after_help = "One side is AGENT:PATH (an absolute path in the agent), the other a local path or `-`.\nA file written into an agent replaces the old one only once whole; missing directories are made.\nExamples:\n  agentos cp data.bin worker:/home/data.bin\n  agentos cp worker:/var/log/app.log .\n  tar c src | agentos cp - worker:/tmp/src.tar"
+    )]
+    Cp(files::CpArgs),
     /// Run a daemon agent's model on texts.
     #[command(
         after_help = "Example:\n  agentos infer sentiment --task classify --input \"I love this\""
@@ -136,6 +142,7 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Spawn(args) => daemon::spawn(args),
         Command::Ps(args) => daemon::ps(args),
         Command::Exec(args) => daemon::exec(args),
+        Command::Cp(args) => files::cp(args),
         Command::Infer(args) => daemon::infer(args),
         Command::Logs(args) => daemon::logs(args),
         Command::Stop(args) => daemon::stop(args),

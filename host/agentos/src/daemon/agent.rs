@@ -107,6 +107,8 @@ struct Status {
     cgroup: Option<Arc<AgentCgroup>>,
     /// The jail of its running VM's VMM.
     jail: Option<agentos_jail::JailLevel>,
+    /// Its running VM's socket for connections to the guest agent.
+    guest_socket: Option<PathBuf>,
 }
 
 /// The daemon's handle on an agent.
@@ -153,6 +155,7 @@ impl Agent {
             busy: false,
             cgroup: None,
             jail: None,
+            guest_socket: None,
         }));
         let (jobs, queue) = mpsc::sync_channel(JOB_QUEUE);
         let shared = Shared {
@@ -212,6 +215,24 @@ impl Agent {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+        }
+    }
+
+    /// Where a connection of its own to the running guest agent is opened (see
+    /// [`agentos_core::agent::vm::connect_to_agent`]); refused while it does not run or is
+    /// paused (a paused guest would not answer).
+    pub fn guest_socket(&self) -> Result<PathBuf, ApiError> {
+        let status = lock(&self.status);
+        match &status.guest_socket {
+            Some(_) if status.cgroup.as_ref().is_some_and(|c| c.is_frozen()) => Err(ApiError::new(
+                ErrorKind::NotRunning,
+                format!(
+                    "agent `{}` is paused; `agentos resume {}` first",
+                    self.config.name, self.config.name
+                ),
+            )),
+            Some(socket) if status.state == AgentState::Running => Ok(socket.clone()),
+            _ => Err(not_running(&self.config.name, status.state)),
         }
     }
 
@@ -319,6 +340,7 @@ impl Shared {
             status.vmm_pid = None;
             status.cgroup = None;
             status.jail = None;
+            status.guest_socket = None;
         }
     }
 
@@ -407,6 +429,7 @@ fn live(shared: &Shared, jobs: &Receiver<Job>, mut first: Option<AgentVm>) {
                     status.boot_ms = Some(boot.as_millis() as u64);
                     status.cgroup = vm.cgroup();
                     status.jail = Some(vm.jail());
+                    status.guest_socket = Some(vm.guest_socket());
                 }
                 shared.set_state(AgentState::Running, None);
                 shared.note(&format!("up, booted in {:.1} s", boot.as_secs_f64()));

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use agentos_protocol::files::{Entry, FileErrorKind, FsOp};
 use agentos_protocol::{InferOptions, Program, Task};
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +78,12 @@ pub enum Request {
     PoolCreate(PoolCreateRequest),
     /// Remove a pool and its ready agents.
     PoolRm(PoolRequest),
+    /// An agent's file, its bytes streamed in the reply's body.
+    ReadFile(FileRequest),
+    /// Write an agent's file from the request's body, streamed.
+    WriteFile(WriteFileRequest),
+    /// Look at or change an agent's files: stat, list, make a directory, move, remove.
+    Fs(FsCall),
 }
 
 impl Request {
@@ -100,6 +107,15 @@ impl Request {
             Self::Snapshot(_) => "snapshot",
             Self::PoolCreate(_) => "pool_create",
             Self::PoolRm(_) => "pool_rm",
+            Self::ReadFile(_) => "read_file",
+            Self::WriteFile(_) => "write_file",
+            Self::Fs(call) => match call.op {
+                FsOp::Stat { .. } => "stat",
+                FsOp::List { .. } => "list",
+                FsOp::MakeDir { .. } => "make_dir",
+                FsOp::Move { .. } => "move",
+                FsOp::Remove { .. } => "remove",
+            },
         }
     }
 }
@@ -263,6 +279,43 @@ pub struct InferCall {
     pub options: InferOptions,
 }
 
+/// An agent's file, by its absolute path in the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRequest {
+    pub name: String,
+    pub path: String,
+}
+
+/// A file to write into an agent; its bytes are the request's body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteFileRequest {
+    pub name: String,
+    pub path: String,
+    /// Permission bits of a new file (0o644 when absent; a replaced file keeps its own).
+    pub mode: Option<u32>,
+}
+
+/// One operation on an agent's files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsCall {
+    pub name: String,
+    pub op: FsOp,
+}
+
+/// The answer to `write_file`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWrittenReply {
+    pub path: String,
+    pub size: u64,
+}
+
+/// The answer to `list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub entries: Vec<Entry>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsRequest {
@@ -366,10 +419,18 @@ pub enum ErrorKind {
     TimedOut,
     /// The daemon serves as many requests of this kind as it takes; try again later.
     Busy,
+    /// The agent's file or directory is already there.
+    AlreadyExists,
+    /// The guest refused access to the file.
+    PermissionDenied,
+    /// A path names a directory where a file was asked for.
+    IsADirectory,
+    /// Something on a path is not a directory where one was needed.
+    NotADirectory,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 19] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
@@ -385,6 +446,10 @@ impl ErrorKind {
         Self::ShuttingDown,
         Self::TimedOut,
         Self::Busy,
+        Self::AlreadyExists,
+        Self::PermissionDenied,
+        Self::IsADirectory,
+        Self::NotADirectory,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -404,6 +469,23 @@ impl ErrorKind {
             Self::ShuttingDown => "shutting_down",
             Self::TimedOut => "timed_out",
             Self::Busy => "busy",
+            Self::AlreadyExists => "already_exists",
+            Self::PermissionDenied => "permission_denied",
+            Self::IsADirectory => "is_a_directory",
+            Self::NotADirectory => "not_a_directory",
+        }
+    }
+
+    /// The kind of a guest's refusal of a file request.
+    pub fn of_file(kind: FileErrorKind) -> Self {
+        match kind {
+            FileErrorKind::NotFound => Self::NotFound,
+            FileErrorKind::AlreadyExists => Self::AlreadyExists,
+            FileErrorKind::PermissionDenied => Self::PermissionDenied,
+            FileErrorKind::IsADirectory => Self::IsADirectory,
+            FileErrorKind::NotADirectory => Self::NotADirectory,
+            FileErrorKind::Invalid => Self::Invalid,
+            FileErrorKind::Failed => Self::Failed,
         }
     }
 }

@@ -6,15 +6,23 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::api::{ApiError, ErrorBody, ErrorKind, Request};
+use super::api::{
+    ApiError, ErrorBody, ErrorKind, FileRequest, FileWrittenReply, Request, WriteFileRequest,
+};
+use super::files::ChunkBody;
 use super::routes;
+use agentos_protocol::files::FILE_CHUNK_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,12 +42,19 @@ pub enum ClientError {
     Unexpected(String),
     #[error("{0}")]
     Api(ApiError),
+    /// The local end of a file transfer failed.
+    #[error("{0}")]
+    Local(#[source] io::Error),
+    #[error("the file was cut off on its way from the daemon: {0}")]
+    CutOff(#[source] hyper::Error),
 }
+
+type RequestBody = BoxBody<Bytes, io::Error>;
 
 /// One connection to the daemon, carrying any number of requests one after the other.
 pub struct Client {
     runtime: tokio::runtime::Runtime,
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<RequestBody>,
 }
 
 impl Client {
@@ -70,22 +85,11 @@ impl Client {
     /// Sends `request` and reads its answer.
     pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
         let call = routes::call(request);
-        let mut http = hyper::Request::new(Full::new(Bytes::from(
-            call.body.clone().unwrap_or_default(),
-        )));
-        *http.method_mut() = call.method;
-        *http.uri_mut() = call
-            .target
-            .parse()
-            .map_err(|e| ClientError::Unexpected(format!("the path {}: {e}", call.target)))?;
-        let headers = http.headers_mut();
-        headers.insert(header::HOST, HeaderValue::from_static("agentos"));
-        if call.body.is_some() {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
+        let json = call.body.is_some();
+        let body = Full::new(Bytes::from(call.body.unwrap_or_default()))
+            .map_err(|never| match never {})
+            .boxed();
+        let http = http_request(call.method, &call.target, body, json)?;
         let sender = &mut self.sender;
         let (status, content_type, body) = self.runtime.block_on(async {
             sender.ready().await?;
@@ -100,16 +104,134 @@ impl Client {
             let body = response.into_body().collect().await?.to_bytes();
             Ok::<_, ClientError>((status, content_type, body))
         })?;
-        if !status.is_success() {
-            return Err(error_of(status.as_u16(), &body));
-        }
-        let value = if content_type.starts_with("text/plain") {
-            serde_json::json!({ "text": String::from_utf8_lossy(&body) })
-        } else {
-            serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected(e.to_string()))?
-        };
-        serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
+        read_answer(status.as_u16(), &content_type, &body)
     }
+
+    /// Reads an agent's file into `sink` as it arrives; its size.
+    pub fn download(
+        &mut self,
+        request: &FileRequest,
+        sink: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
+        let call = routes::call(&Request::ReadFile(request.clone()));
+        let empty = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed();
+        let http = http_request(call.method, &call.target, empty, false)?;
+        let sender = &mut self.sender;
+        self.runtime.block_on(async {
+            sender.ready().await?;
+            let response = sender.send_request(http).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let body = body.collect().await?.to_bytes();
+                return Err(error_of(status.as_u16(), &body));
+            }
+            let mut size = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(ClientError::CutOff)?;
+                if let Ok(data) = frame.into_data() {
+                    sink.write_all(&data).map_err(ClientError::Local)?;
+                    size += data.len() as u64;
+                }
+            }
+            Ok(size)
+        })
+    }
+
+    /// Writes an agent's file from `source`, read to its end on a thread of its own.
+    pub fn upload(
+        &mut self,
+        request: &WriteFileRequest,
+        mut source: Box<dyn Read + Send>,
+    ) -> Result<FileWrittenReply, ClientError> {
+        let call = routes::call(&Request::WriteFile(request.clone()));
+        let (chunks, body) = tokio::sync::mpsc::channel(4);
+        let failed: Arc<Mutex<Option<io::Error>>> = Arc::default();
+        let reader_failed = failed.clone();
+        std::thread::Builder::new()
+            .name("upload".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; FILE_CHUNK_BYTES];
+                loop {
+                    let chunk = match source.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            let why = io::Error::new(e.kind(), e.to_string());
+                            *reader_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                            Err(why)
+                        }
+                    };
+                    let last = chunk.is_err();
+                    if chunks.blocking_send(chunk).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(ClientError::Local)?;
+        let http = http_request(call.method, &call.target, ChunkBody(body).boxed(), false)?;
+        let sender = &mut self.sender;
+        let answered = self.runtime.block_on(async {
+            sender.ready().await?;
+            let response = sender.send_request(http).await?;
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = response.into_body().collect().await?.to_bytes();
+            read_answer(status.as_u16(), &content_type, &body)
+        });
+        if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(ClientError::Local(e));
+        }
+        answered
+    }
+}
+
+/// An HTTP request to the daemon.
+fn http_request(
+    method: hyper::Method,
+    target: &str,
+    body: RequestBody,
+    json: bool,
+) -> Result<hyper::Request<RequestBody>, ClientError> {
+    let mut http = hyper::Request::new(body);
+    *http.method_mut() = method;
+    *http.uri_mut() = target
+        .parse()
+        .map_err(|e| ClientError::Unexpected(format!("the path {target}: {e}")))?;
+    let headers = http.headers_mut();
+    headers.insert(header::HOST, HeaderValue::from_static("agentos"));
+    if json {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(http)
+}
+
+/// An answer read as `T`, or as the error it carries.
+fn read_answer<T: DeserializeOwned>(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> Result<T, ClientError> {
+    if !(200..300).contains(&status) {
+        return Err(error_of(status, body));
+    }
+    let value = if content_type.starts_with("text/plain") {
+        serde_json::json!({ "text": String::from_utf8_lossy(body) })
+    } else {
+        serde_json::from_slice(body).map_err(|e| ClientError::Unexpected(e.to_string()))?
+    };
+    serde_json::from_value(value).map_err(|e| ClientError::Unexpected(e.to_string()))
 }
 
 /// The error an answer with `status` carries in `body`.
@@ -202,19 +324,60 @@ pub mod raw {
                 .map(|h| String::from_utf8_lossy(h.value).into_owned())
         };
         let content_type = value("content-type").unwrap_or_default();
-        let length: u64 = value("content-length")
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| invalid("the answer has no Content-Length"))?;
-        if length > MAX_BODY {
-            return Err(invalid("the answer's body is too long"));
-        }
-        let mut body = Vec::new();
-        stream.take(length).read_to_end(&mut body)?;
+        let chunked = value("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        let body = if chunked {
+            read_chunked(stream)?
+        } else {
+            let length: u64 = value("content-length")
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| invalid("the answer has no Content-Length"))?;
+            if length > MAX_BODY {
+                return Err(invalid("the answer's body is too long"));
+            }
+            let mut body = Vec::new();
+            stream.take(length).read_to_end(&mut body)?;
+            body
+        };
         Ok(Reply {
             status,
             content_type,
             body,
         })
+    }
+
+    /// Reads a chunked body to its last chunk; a body cut short is an error.
+    fn read_chunked(stream: &mut impl BufRead) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            stream.take(1024).read_until(b'\n', &mut line)?;
+            if !line.ends_with(b"\n") {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the answer's body was cut short",
+                ));
+            }
+            let size = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.trim().split(';').next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| invalid("a chunk's size is not hexadecimal"))?;
+            if body.len() as u64 + size > MAX_BODY {
+                return Err(invalid("the answer's body is too long"));
+            }
+            let before = body.len();
+            stream.take(size).read_to_end(&mut body)?;
+            let mut end = [0u8; 2];
+            if (body.len() - before) as u64 != size || stream.read_exact(&mut end).is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the answer's body was cut short",
+                ));
+            }
+            if size == 0 {
+                return Ok(body);
+            }
+        }
     }
 
     fn invalid(why: &str) -> io::Error {

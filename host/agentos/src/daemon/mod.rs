@@ -8,6 +8,7 @@ pub mod api;
 mod arbiter;
 pub mod client;
 pub mod devices;
+mod files;
 mod groups;
 mod metrics;
 pub mod routes;
@@ -30,10 +31,11 @@ use tokio::sync::oneshot;
 use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
 use self::api::{
-    AgentState, ApiError, ErrorKind, ExecCall, InferCall, LogsRequest, MetricsReply,
-    PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy, RmRequest, SnapshotRequest,
-    SpawnRequest, VersionReply,
+    AgentState, ApiError, ErrorKind, ExecCall, FileRequest, FsCall, InferCall, LogsRequest,
+    MetricsReply, PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy, RmRequest,
+    SnapshotRequest, SpawnRequest, VersionReply, WriteFileRequest,
 };
+use self::files::{AgentFiles, Chunks};
 use crate::placement::{self, CarrierChoice, Placement, PlacementError};
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::spec::{AgentRequest, AgentSpec, SpecError};
@@ -413,6 +415,25 @@ impl server::Handler for Daemon {
         self.answer(request, deadline)
     }
 
+    fn read_file(
+        &self,
+        request: FileRequest,
+    ) -> impl Future<Output = Result<Chunks, ApiError>> + Send {
+        self.count_request("read_file");
+        let files = self.agent_files(&request.name);
+        async move { files?.read(request.path).await }
+    }
+
+    fn write_file(
+        &self,
+        request: WriteFileRequest,
+        body: Chunks,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
+        self.count_request("write_file");
+        let files = self.agent_files(&request.name);
+        async move { files?.write(request.path, request.mode, body).await }
+    }
+
     fn count_error(&self, kind: ErrorKind) {
         *lock(&self.counters.errors)
             .entry(kind.as_str())
@@ -437,6 +458,25 @@ impl Daemon {
         })
     }
 
+    fn count_request(&self, op: &'static str) {
+        *lock(&self.counters.requests).entry(op).or_default() += 1;
+    }
+
+    /// The files of the running agent `name`.
+    fn agent_files(&self, name: &str) -> Result<AgentFiles, ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorKind::ShuttingDown,
+                "the daemon is stopping",
+            ));
+        }
+        let socket = self.with_agent(name, Agent::guest_socket)??;
+        Ok(AgentFiles {
+            name: name.to_owned(),
+            socket,
+        })
+    }
+
     fn lock_agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Agent>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -447,9 +487,7 @@ impl Daemon {
         request: Request,
         deadline: Instant,
     ) -> Result<serde_json::Value, ApiError> {
-        *lock(&self.counters.requests)
-            .entry(request.op())
-            .or_default() += 1;
+        self.count_request(request.op());
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::new(
                 ErrorKind::ShuttingDown,
@@ -511,6 +549,15 @@ impl Daemon {
             Request::Metrics => to_value(&MetricsReply {
                 text: self.metrics_text(),
             }),
+            Request::Fs(FsCall { name, op }) => self.agent_files(&name)?.fs(op).await,
+            // The server hands these to `read_file` and `write_file` with their streams.
+            request @ (Request::ReadFile(_) | Request::WriteFile(_)) => Err(ApiError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "`{}` streams its body and is not answered whole",
+                    request.op()
+                ),
+            )),
         }
     }
 

@@ -8,9 +8,11 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use agentos_protocol::files::FsOp;
+
 use super::api::{
-    ApiError, ErrorKind, GroupInputRequest, GroupRequest, LogsRequest, NameRequest, PoolRequest,
-    Request, RmRequest,
+    ApiError, ErrorKind, FileRequest, FsCall, GroupInputRequest, GroupRequest, LogsRequest,
+    NameRequest, PoolRequest, Request, RmRequest, WriteFileRequest,
 };
 
 /// The OpenAPI document of these routes, served at [`OPENAPI_PATH`].
@@ -51,6 +53,8 @@ pub fn route(
         ["models"] => Resource::Models,
         ["agents"] => Resource::Agents,
         ["agents", name] => Resource::Agent(name),
+        ["agents", name, "files"] => Resource::AgentFiles(name),
+        ["agents", name, "files", action] => Resource::AgentFilesAction(name, action),
         ["agents", name, action] => Resource::AgentAction(name, action),
         ["groups"] => Resource::Groups,
         ["groups", group] => Resource::Group(group),
@@ -115,6 +119,49 @@ pub fn route(
             return Err(wrong_method("POST"));
         }
         (Resource::AgentAction(..), _) => return Err(not_found(path)),
+        (Resource::AgentFiles(name), Method::GET) => {
+            let PathQuery { path } = from_query(query)?;
+            no_body(body)?;
+            Request::ReadFile(FileRequest {
+                name: name.to_owned(),
+                path,
+            })
+        }
+        (Resource::AgentFiles(name), Method::PUT) => {
+            let WriteQuery { path, mode } = from_query(query)?;
+            Request::WriteFile(WriteFileRequest {
+                name: name.to_owned(),
+                path,
+                mode: mode.as_deref().map(octal_mode).transpose()?,
+            })
+        }
+        (Resource::AgentFiles(name), Method::DELETE) => {
+            let PathQuery { path } = from_query(query)?;
+            no_body(body)?;
+            fs(name, FsOp::Remove { path })
+        }
+        (Resource::AgentFiles(_), _) => return Err(wrong_method("GET, PUT or DELETE")),
+        (Resource::AgentFilesAction(name, "stat"), Method::GET) => {
+            let PathQuery { path } = from_query(query)?;
+            no_body(body)?;
+            fs(name, FsOp::Stat { path })
+        }
+        (Resource::AgentFilesAction(name, "list"), Method::GET) => {
+            let ListQuery { path, depth } = from_query(query)?;
+            no_body(body)?;
+            fs(name, FsOp::List { path, depth })
+        }
+        (Resource::AgentFilesAction(_, "stat" | "list"), _) => return Err(wrong_method("GET")),
+        (Resource::AgentFilesAction(name, "mkdir"), Method::POST) => {
+            let PathQuery { path } = json(no_query(query, body)?, None)?;
+            fs(name, FsOp::MakeDir { path })
+        }
+        (Resource::AgentFilesAction(name, "move"), Method::POST) => {
+            let MoveBody { from, to } = json(no_query(query, body)?, None)?;
+            fs(name, FsOp::Move { from, to })
+        }
+        (Resource::AgentFilesAction(_, "mkdir" | "move"), _) => return Err(wrong_method("POST")),
+        (Resource::AgentFilesAction(..), _) => return Err(not_found(path)),
         (Resource::Groups, Method::POST) => Request::GroupUp(json(no_query(query, body)?, None)?),
         (Resource::Groups, _) => return Err(wrong_method("POST")),
         (Resource::Group(group), Method::DELETE) => {
@@ -161,6 +208,63 @@ struct LogsQuery {
     offset: u64,
 }
 
+/// A path in an agent: the query of the file routes that take one, and the body of `mkdir`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct PathQuery {
+    path: String,
+}
+
+/// The query of `PUT /agents/{name}/files`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct WriteQuery {
+    path: String,
+    /// Octal permission bits, as `chmod` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+}
+
+/// The query of `GET /agents/{name}/files/list`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    path: String,
+    #[serde(default = "one")]
+    depth: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The body of `POST /agents/{name}/files/move`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MoveBody {
+    from: String,
+    to: String,
+}
+
+fn fs(name: &str, op: FsOp) -> Request {
+    Request::Fs(FsCall {
+        name: name.to_owned(),
+        op,
+    })
+}
+
+/// Permission bits written in octal (`644`, `0600`).
+fn octal_mode(text: &str) -> Result<u32, ApiError> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777 && !text.is_empty() && text.len() <= 5)
+        .ok_or_else(|| {
+            bad(format!(
+                "`mode` is {text:?}: give octal permission bits, 0 to 7777"
+            ))
+        })
+}
+
 /// What a path names, its names decoded.
 enum Resource<'a> {
     Version,
@@ -169,6 +273,8 @@ enum Resource<'a> {
     Agents,
     Agent(&'a str),
     AgentAction(&'a str, &'a str),
+    AgentFiles(&'a str),
+    AgentFilesAction(&'a str, &'a str),
     Groups,
     Group(&'a str),
     GroupInput(&'a str),
@@ -224,12 +330,84 @@ pub fn call(request: &Request) -> HttpCall {
             format!("/pools/{}", segment(&pool.name)),
             None,
         ),
+        Request::ReadFile(file) => (
+            Method::GET,
+            files_target(
+                &file.name,
+                "",
+                &PathQuery {
+                    path: file.path.clone(),
+                },
+            ),
+            None,
+        ),
+        Request::WriteFile(file) => (
+            Method::PUT,
+            files_target(
+                &file.name,
+                "",
+                &WriteQuery {
+                    path: file.path.clone(),
+                    mode: file.mode.map(|mode| format!("{mode:o}")),
+                },
+            ),
+            None,
+        ),
+        Request::Fs(FsCall { name, op }) => match op {
+            FsOp::Stat { path } => (
+                Method::GET,
+                files_target(name, "/stat", &PathQuery { path: path.clone() }),
+                None,
+            ),
+            FsOp::List { path, depth } => (
+                Method::GET,
+                files_target(
+                    name,
+                    "/list",
+                    &ListQuery {
+                        path: path.clone(),
+                        depth: *depth,
+                    },
+                ),
+                None,
+            ),
+            FsOp::Remove { path } => (
+                Method::DELETE,
+                files_target(name, "", &PathQuery { path: path.clone() }),
+                None,
+            ),
+            FsOp::MakeDir { path } => (
+                Method::POST,
+                format!("/agents/{}/files/mkdir", segment(name)),
+                Some(body(&PathQuery { path: path.clone() }, None)),
+            ),
+            FsOp::Move { from, to } => (
+                Method::POST,
+                format!("/agents/{}/files/move", segment(name)),
+                Some(body(
+                    &MoveBody {
+                        from: from.clone(),
+                        to: to.clone(),
+                    },
+                    None,
+                )),
+            ),
+        },
     };
     HttpCall {
         method,
         target,
         body,
     }
+}
+
+/// `/agents/{name}/files{action}?{query}`.
+fn files_target(name: &str, action: &str, query: &impl Serialize) -> String {
+    format!(
+        "/agents/{}/files{action}?{}",
+        segment(name),
+        serde_urlencoded::to_string(query).unwrap_or_default()
+    )
 }
 
 fn agent_action<T: Serialize>(
@@ -267,7 +445,12 @@ pub fn status(kind: ErrorKind) -> StatusCode {
         }
         ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::DuplicateName | ErrorKind::NotRunning => StatusCode::CONFLICT,
+        ErrorKind::DuplicateName
+        | ErrorKind::NotRunning
+        | ErrorKind::AlreadyExists
+        | ErrorKind::IsADirectory
+        | ErrorKind::NotADirectory => StatusCode::CONFLICT,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::NoRoom | ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -279,7 +462,14 @@ pub fn status(kind: ErrorKind) -> StatusCode {
 /// The status a successful `request` is answered with: created for what makes a resource.
 pub fn success(request: &Request) -> StatusCode {
     match request {
-        Request::Spawn(_) | Request::GroupUp(_) | Request::PoolCreate(_) => StatusCode::CREATED,
+        Request::Spawn(_)
+        | Request::GroupUp(_)
+        | Request::PoolCreate(_)
+        | Request::WriteFile(_)
+        | Request::Fs(FsCall {
+            op: FsOp::MakeDir { .. },
+            ..
+        }) => StatusCode::CREATED,
         _ => StatusCode::OK,
     }
 }
@@ -421,7 +611,38 @@ pub(super) mod tests {
                 from: "/snap".into(),
                 size: 2,
             }),
-            Request::PoolRm(PoolRequest { name: odd }),
+            Request::PoolRm(PoolRequest { name: odd.clone() }),
+            Request::ReadFile(FileRequest {
+                name: odd.clone(),
+                path: "/home/a b/&?=é%.txt".into(),
+            }),
+            Request::WriteFile(WriteFileRequest {
+                name: "a".into(),
+                path: "/x".into(),
+                mode: Some(0o4755),
+            }),
+            Request::WriteFile(WriteFileRequest {
+                name: "a".into(),
+                path: "/x".into(),
+                mode: None,
+            }),
+            fs("a", FsOp::Stat { path: "/".into() }),
+            fs(
+                &odd,
+                FsOp::List {
+                    path: "/a&b".into(),
+                    depth: 3,
+                },
+            ),
+            fs("a", FsOp::MakeDir { path: "/d".into() }),
+            fs(
+                "a",
+                FsOp::Move {
+                    from: "/a".into(),
+                    to: "/b".into(),
+                },
+            ),
+            fs("a", FsOp::Remove { path: "/r".into() }),
         ]
     }
 
@@ -544,6 +765,69 @@ pub(super) mod tests {
                 r#"{"run":{"program":"p","timeout_ms":0}}"#,
                 ErrorKind::Invalid,
             ),
+            (
+                Method::GET,
+                "/agents/a/files",
+                None,
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::GET,
+                "/agents/a/files",
+                Some("path=/x&depth=2"),
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::PUT,
+                "/agents/a/files",
+                Some("path=/x&mode=8"),
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::PUT,
+                "/agents/a/files",
+                Some("path=/x&mode=17777"),
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::POST,
+                "/agents/a/files",
+                None,
+                "",
+                ErrorKind::MethodNotAllowed,
+            ),
+            (
+                Method::GET,
+                "/agents/a/files/list",
+                Some("path=/&depth=-1"),
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::POST,
+                "/agents/a/files/move",
+                None,
+                r#"{"from":"/a"}"#,
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::GET,
+                "/agents/a/files/mkdir",
+                Some("path=/d"),
+                "",
+                ErrorKind::MethodNotAllowed,
+            ),
+            (
+                Method::GET,
+                "/agents/a/files/chmod",
+                None,
+                "",
+                ErrorKind::NotFound,
+            ),
         ];
         for (method, path, query, body, kind) in cases {
             let error = route(method, path, *query, body.as_bytes()).unwrap_err();
@@ -567,6 +851,7 @@ pub(super) mod tests {
         let pattern = match segments.as_slice() {
             ["", "agents", _] => "/agents/{name}".to_owned(),
             ["", "agents", _, action] => format!("/agents/{{name}}/{action}"),
+            ["", "agents", _, "files", action] => format!("/agents/{{name}}/files/{action}"),
             ["", "groups", _] => "/groups/{group}".to_owned(),
             ["", "groups", _, "input"] => "/groups/{group}/input".to_owned(),
             ["", "pools", _] => "/pools/{name}".to_owned(),

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
@@ -36,9 +36,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::agent::EXEC_GRACE;
 use super::api::{
-    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorBody, ErrorKind, INFER_TIMEOUT,
-    MAX_REQUEST_BYTES, Request,
+    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorBody, ErrorKind, FileRequest, INFER_TIMEOUT,
+    MAX_REQUEST_BYTES, Request, WriteFileRequest,
 };
+use super::files::{ChunkBody, Chunks};
 use super::routes;
 use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
@@ -66,6 +67,8 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const CONTROL_TIME: Duration = Duration::from_secs(60);
 /// The deadline of a `spawn` or `group_up` that does not wait for the boot.
 const SETUP_TIME: Duration = Duration::from_secs(60);
+/// How long an operation on an agent's files (not a transfer) may take.
+const FS_TIME: Duration = Duration::from_secs(300);
 /// How long saving an agent may take: its guest memory is written, then moved.
 const SNAPSHOT_TIME: Duration = Duration::from_secs(600);
 /// Beyond a boot's own timeout: finding the image and the model, the slice, the cgroup.
@@ -86,6 +89,20 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         request: Request,
         deadline: Instant,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+
+    /// Opens the stream of an agent's file (see [`Request::ReadFile`]).
+    fn read_file(
+        &self,
+        request: FileRequest,
+    ) -> impl Future<Output = Result<Chunks, ApiError>> + Send;
+
+    /// Writes an agent's file from `body` (see [`Request::WriteFile`]), which ends with an
+    /// empty chunk; one that closes without it was cut off.
+    fn write_file(
+        &self,
+        request: WriteFileRequest,
+        body: Chunks,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
 
     /// Counts an error a client was answered.
@@ -146,6 +163,7 @@ fn lane(request: &Request) -> Lane {
         | Request::GroupDown(_)
         | Request::PoolCreate(_)
         | Request::PoolRm(_) => Lane::Control,
+        Request::ReadFile(_) | Request::WriteFile(_) | Request::Fs(_) => Lane::Work,
         Request::Spawn(_)
         | Request::Exec(_)
         | Request::Infer(_)
@@ -172,6 +190,10 @@ fn time_limit(request: &Request) -> Duration {
             secs(input.timeout_s.unwrap_or(DEFAULT_INPUT_TIMEOUT_S)).saturating_add(INPUT_SLACK)
         }
         Request::Snapshot(_) => SNAPSHOT_TIME,
+        // A transfer's deadline is for its start; then each step has its own limit.
+        Request::ReadFile(_) | Request::WriteFile(_) => CONTROL_TIME,
+        // A listing's batches each have the guest's step limit; all of them together, this.
+        Request::Fs(_) => FS_TIME,
         Request::Version
         | Request::Ps
         | Request::Models
@@ -367,7 +389,9 @@ async fn connection<H: Handler, S>(
 /// The longest request head (request line and headers) the server reads.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-type Response = hyper::Response<Full<Bytes>>;
+/// A reply's body: whole, or a file's bytes as they come.
+type ReplyBody = Either<Full<Bytes>, ChunkBody>;
+type Response = hyper::Response<ReplyBody>;
 
 async fn respond<H: Handler>(
     shared: &Shared<H>,
@@ -435,8 +459,18 @@ async fn read_and_answer<H: Handler>(
             routes::OPENAPI.into(),
         ));
     }
+    // Only a file's write streams its body (and only it takes PUT).
+    if head.method == Method::PUT {
+        let request = routes::route(&head.method, &path, head.uri.query(), &[])?;
+        if let Request::WriteFile(write) = request {
+            return write_file(shared, write, body, shared.limits.body).await;
+        }
+    }
     let body = read_body(body, &head.headers, shared.limits.body).await?;
     let request = routes::route(&head.method, &path, head.uri.query(), &body)?;
+    if let Request::ReadFile(read) = request {
+        return read_file(shared, read).await;
+    }
     let metrics = matches!(request, Request::Metrics);
     let status = routes::success(&request);
     let value = answer(&*shared.handler, &shared.lanes, &shared.limits, request).await?;
@@ -446,6 +480,105 @@ async fn read_and_answer<H: Handler>(
     }
     Ok(json_response(status, &value))
 }
+
+/// Streams an agent's file to the client once the guest has opened it; the request's turn is
+/// held until the file is sent.
+async fn read_file<H: Handler>(
+    shared: &Shared<H>,
+    request: FileRequest,
+) -> Result<Response, Refusal> {
+    let probe = Request::ReadFile(request.clone());
+    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&probe);
+    let turn = shared.lanes.enter(&probe, deadline).await?;
+    let opened = tokio::time::timeout_at(deadline, shared.handler.read_file(request))
+        .await
+        .unwrap_or_else(|_| Err(timed_out("read_file", "before the file was opened")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    // The turn goes with the last chunk.
+    tokio::spawn(forward(opened, tx, turn));
+    let mut response = hyper::Response::new(Either::Right(ChunkBody(rx)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}
+
+/// Passes `from`'s chunks on, holding `turn` until they end or the client goes.
+async fn forward(
+    mut from: Chunks,
+    to: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+    turn: Turn,
+) {
+    while let Some(chunk) = from.recv().await {
+        if to.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(turn);
+}
+
+/// Writes an agent's file from the request's body as it arrives: each piece of it must come
+/// within `step` of the one before; the request's turn is held until the file is written.
+async fn write_file<H: Handler>(
+    shared: &Shared<H>,
+    request: WriteFileRequest,
+    mut body: Incoming,
+    step: Duration,
+) -> Result<Response, Refusal> {
+    let whole = Request::WriteFile(request);
+    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&whole);
+    let _turn = shared
+        .lanes
+        .enter(&whole, deadline)
+        .await
+        .map_err(|error| Refusal { error, close: true })?;
+    let status = routes::success(&whole);
+    let Request::WriteFile(request) = whole else {
+        unreachable!("built above")
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(FILE_BODY_CHUNKS);
+    let pump = async move {
+        loop {
+            let frame = match tokio::time::timeout(step, body.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => {
+                    let _ = tx.send(Ok(Bytes::new())).await;
+                    return true;
+                }
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(Err(io::Error::other(e))).await;
+                    return false;
+                }
+                Err(_) => {
+                    let why = format!("no part of the body came for {} s", step.as_secs_f64());
+                    let _ = tx
+                        .send(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+                        .await;
+                    return false;
+                }
+            };
+            if let Ok(data) = frame.into_data()
+                && !data.is_empty()
+                && tx.send(Ok(data)).await.is_err()
+            {
+                // The write failed on the guest's side; its answer says why.
+                return false;
+            }
+        }
+    };
+    let (whole_body, written) = tokio::join!(pump, shared.handler.write_file(request, rx));
+    match written {
+        Ok(value) => Ok(json_response(status, &value)),
+        Err(error) => Err(Refusal {
+            error,
+            close: !whole_body,
+        }),
+    }
+}
+
+/// Pieces of a file's body in flight to the guest.
+const FILE_BODY_CHUNKS: usize = 4;
 
 /// What the metrics are served as: Prometheus text.
 const METRICS_TYPE: &str = "text/plain; version=0.0.4";
@@ -536,7 +669,7 @@ fn error_response(error: ApiError) -> Response {
 }
 
 fn body_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response {
-    let mut response = hyper::Response::new(Full::new(body));
+    let mut response = hyper::Response::new(Either::Left(Full::new(body)));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -749,10 +882,13 @@ pub(super) mod tests {
         reply.kind()
     }
 
-    /// Answers control requests at once; work waits until `gate` lets it through.
+    /// Answers control requests at once; work waits until `gate` lets it through. Its files:
+    /// `/missing` is not found, `/big` is [`BIG_FILE`] bytes, any other holds `{"op":"read_file"}`;
+    /// what it is sent to write is kept in `writes` (its size, or why it was cut off).
     struct Stub {
         gate: tokio::sync::Semaphore,
         errors: Mutex<Vec<ErrorKind>>,
+        writes: Mutex<Vec<Result<u64, String>>>,
     }
 
     impl Default for Stub {
@@ -760,8 +896,16 @@ pub(super) mod tests {
             Self {
                 gate: tokio::sync::Semaphore::new(0),
                 errors: Mutex::default(),
+                writes: Mutex::default(),
             }
         }
+    }
+
+    /// The size of the stub's `/big`, in 64 KiB pieces of one byte value each.
+    const BIG_FILE: usize = 3 << 20;
+
+    fn big_file() -> Vec<u8> {
+        (0..BIG_FILE).map(|i| (i >> 16) as u8).collect()
     }
 
     impl Handler for Stub {
@@ -770,6 +914,44 @@ pub(super) mod tests {
                 let _ = self.gate.acquire().await.map(|p| p.forget());
             }
             Ok(json!({ "op": request.op() }))
+        }
+
+        async fn read_file(&self, request: FileRequest) -> Result<Chunks, ApiError> {
+            let content = match request.path.as_str() {
+                "/missing" => return Err(ApiError::new(ErrorKind::NotFound, "no /missing")),
+                "/big" => big_file(),
+                _ => json!({ "op": "read_file" }).to_string().into_bytes(),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tokio::spawn(async move {
+                for piece in content.chunks(1 << 16) {
+                    if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(rx)
+        }
+
+        async fn write_file(
+            &self,
+            _request: WriteFileRequest,
+            mut body: Chunks,
+        ) -> Result<Value, ApiError> {
+            let mut size = 0u64;
+            let outcome = loop {
+                match body.recv().await {
+                    Some(Ok(chunk)) if chunk.is_empty() => break Ok(size),
+                    Some(Ok(chunk)) => size += chunk.len() as u64,
+                    Some(Err(e)) => break Err(e.to_string()),
+                    None => break Err("closed without its end".to_owned()),
+                }
+            };
+            self.writes.lock().unwrap().push(outcome.clone());
+            match outcome {
+                Ok(size) => Ok(json!({ "op": "write_file", "size": size })),
+                Err(why) => Err(ApiError::new(ErrorKind::BadRequest, why)),
+            }
         }
 
         fn count_error(&self, kind: ErrorKind) {
@@ -1087,5 +1269,95 @@ pub(super) mod tests {
                 assert_eq!(value["op"], request.op(), "{body}");
             }
         }
+    }
+
+    #[test]
+    fn files_stream_both_ways_past_the_body_limit() {
+        let stub = Arc::new(Stub::default());
+        let server = Running::start(stub.clone(), TEST_LIMITS);
+        let mut stream = connect(&server.socket);
+        let big = call(&mut stream, "GET", "/agents/a/files?path=/big", "");
+        assert_eq!(big.status, 200);
+        assert_eq!(big.content_type, "application/octet-stream");
+        assert!(big.body == big_file(), "{} bytes came", big.body.len());
+        let missing = call(&mut stream, "GET", "/agents/a/files?path=/missing", "");
+        assert_eq!(
+            (missing.status, kind(&missing).as_str()),
+            (404, "not_found")
+        );
+
+        // An upload three times the JSON body limit, in one request.
+        let content = big_file();
+        stream
+            .write_all(&raw::request(
+                "PUT",
+                "/agents/a/files?path=/up&mode=600",
+                &content,
+                None,
+            ))
+            .unwrap();
+        let up = receive(&stream);
+        assert_eq!(
+            (up.status, up.json()["size"].as_u64()),
+            (201, Some(BIG_FILE as u64))
+        );
+        // Then the same connection serves on.
+        assert_eq!(kind(&call(&mut stream, "GET", "/version", "")), "ok");
+        assert_eq!(*stub.writes.lock().unwrap(), vec![Ok(BIG_FILE as u64)]);
+    }
+
+    #[test]
+    fn a_cut_off_upload_is_never_taken_as_whole() {
+        let stub = Arc::new(Stub::default());
+        let server = Running::start(stub.clone(), TEST_LIMITS);
+        // A client that stops sending halfway: each piece of a body has `body` to come.
+        let mut stalled = connect(&server.socket);
+        stalled
+            .write_all(&raw::request(
+                "PUT",
+                "/agents/a/files?path=/x",
+                b"half",
+                Some(8),
+            ))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let answer = receive(&stalled);
+        assert_eq!(kind(&answer), "bad_request", "{:?}", answer.json());
+        assert!(closed_after(&mut stalled, started).is_some());
+        // A client that goes away halfway.
+        let mut gone = connect(&server.socket);
+        gone.write_all(&raw::request(
+            "PUT",
+            "/agents/a/files?path=/y",
+            b"half",
+            Some(8),
+        ))
+        .unwrap();
+        drop(gone);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while stub.writes.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let writes = stub.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert!(writes.iter().all(Result::is_err), "{writes:?}");
+    }
+
+    #[test]
+    fn a_bad_mode_is_refused_before_the_body_is_read() {
+        let server = Running::start(Arc::new(Stub::default()), TEST_LIMITS);
+        let mut stream = connect(&server.socket);
+        let answer = call(
+            &mut stream,
+            "PUT",
+            "/agents/a/files?path=/x&mode=999",
+            "data",
+        );
+        assert_eq!(kind(&answer), "bad_request");
+        assert!(
+            String::from_utf8_lossy(&answer.body).contains("octal"),
+            "{:?}",
+            answer.json()
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use agentos_protocol::files::{Entry, FILE_CHUNK_BYTES, FileErrorKind, FsOp, MAX_LISTED_ENTRIES};
 use agentos_protocol::peer::JoinRequest;
 use agentos_protocol::{
     ExecRequest, ExitStatus, FrameError, FrameReader, GuestMessage, Hello, HostMessage, InferReply,
@@ -39,7 +40,21 @@ pub enum ConnectionError {
     TimedOut,
     #[error("the guest agent stopped answering: no reply to a ping for {} s", .0.as_secs())]
     Stalled(Duration),
+    /// A file request failed in the guest, for a reason a client can act on.
+    #[error("{message}")]
+    File {
+        kind: FileErrorKind,
+        message: String,
+    },
+    /// Where a file's bytes came from or went failed (the client of a transfer went away).
+    #[error("the transfer's other end failed")]
+    Transfer(#[source] io::Error),
+    #[error("the guest agent listed more than {MAX_LISTED_ENTRIES} entries")]
+    TooManyEntries,
 }
+
+/// How long a file transfer waits for the guest's next frame.
+pub const FILE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pings an agent that has been quiet for `interval`, and gives up on it when `limit` passes
 /// without a frame: for links whose far end can freeze without closing them.
@@ -386,6 +401,130 @@ impl AgentConnection {
         }
     }
 
+    /// The next frame of a file request, within [`FILE_STEP_TIMEOUT`].
+    fn recv_file_step(&mut self) -> Result<GuestMessage, ConnectionError> {
+        self.deadline = Some(Instant::now() + FILE_STEP_TIMEOUT);
+        self.recv()
+    }
+
+    /// Reads the guest's file `path`, handing its bytes to `sink` as they arrive; returns its
+    /// size. Each frame must arrive within [`FILE_STEP_TIMEOUT`], so a file of any size may take
+    /// as long as it takes.
+    pub fn read_file(
+        &mut self,
+        path: &str,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::ReadFile {
+            id,
+            path: path.to_owned(),
+        })?;
+        let mut got = 0u64;
+        loop {
+            match self.recv_file_step()? {
+                GuestMessage::FileChunk { id: of, data } if of == id => {
+                    got += data.0.len() as u64;
+                    sink(&data.0).map_err(ConnectionError::Transfer)?;
+                }
+                GuestMessage::FileEnd { id: of, size } if of == id => {
+                    if size != got {
+                        return Err(ConnectionError::Refused(format!(
+                            "the guest agent said the file had {size} bytes and sent {got}"
+                        )));
+                    }
+                    return Ok(size);
+                }
+                msg => file_refusal(id, msg)?,
+            }
+        }
+    }
+
+    /// Writes the guest's file `path` from `source` (to its end); returns its size. The guest
+    /// puts the file in place only once whole, with `mode` if it is new (see
+    /// [`HostMessage::WriteFile`]).
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        mode: Option<u32>,
+        source: &mut dyn Read,
+    ) -> Result<u64, ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::WriteFile {
+            id,
+            path: path.to_owned(),
+            mode,
+        })?;
+        let mut buf = vec![0u8; FILE_CHUNK_BYTES];
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ConnectionError::Transfer(e)),
+            };
+            // A refusal (no room, a directory in the way) ends the transfer early.
+            if poll_readable(self.reader.get_ref().stream.as_raw_fd(), Duration::ZERO) {
+                file_refusal(id, self.recv_file_step()?)?;
+            }
+            self.send(&HostMessage::FileChunk {
+                id,
+                data: StreamData(buf[..n].to_vec()),
+            })?;
+        }
+        self.send(&HostMessage::FileEnd { id })?;
+        loop {
+            match self.recv_file_step()? {
+                GuestMessage::FileWritten { id: of, size } if of == id => return Ok(size),
+                msg => file_refusal(id, msg)?,
+            }
+        }
+    }
+
+    /// Runs one operation on the guest's files other than a listing; the entry it found or
+    /// made, if any.
+    pub fn fs(&mut self, op: FsOp) -> Result<Option<Entry>, ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::Fs { id, fs: op })?;
+        loop {
+            match self.recv_file_step()? {
+                GuestMessage::FsDone { id: of, entry } if of == id => return Ok(entry),
+                msg => file_refusal(id, msg)?,
+            }
+        }
+    }
+
+    /// The entries under the guest's directory `path`, `depth` levels down.
+    pub fn list(&mut self, path: &str, depth: u32) -> Result<Vec<Entry>, ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::Fs {
+            id,
+            fs: FsOp::List {
+                path: path.to_owned(),
+                depth,
+            },
+        })?;
+        let mut all = Vec::new();
+        loop {
+            match self.recv_file_step()? {
+                GuestMessage::Listed {
+                    id: of,
+                    entries,
+                    last,
+                } if of == id => {
+                    if all.len() + entries.len() > MAX_LISTED_ENTRIES {
+                        return Err(ConnectionError::TooManyEntries);
+                    }
+                    all.extend(entries);
+                    if last {
+                        return Ok(all);
+                    }
+                }
+                msg => file_refusal(id, msg)?,
+            }
+        }
+    }
+
     /// Asks the agent to power the VM off; returns once it acknowledged (or the link dropped,
     /// which a powering-off guest may do first).
     pub fn shutdown(&mut self) -> Result<(), ConnectionError> {
@@ -410,6 +549,22 @@ impl AgentConnection {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Fails with the guest's refusal of file request `id`, if `msg` is one; other frames (pongs,
+/// frames of other requests) pass.
+fn file_refusal(id: u64, msg: GuestMessage) -> Result<(), ConnectionError> {
+    match msg {
+        GuestMessage::FileError {
+            id: of,
+            kind,
+            message,
+        } if of == id => Err(ConnectionError::File { kind, message }),
+        GuestMessage::Error { id: of, message } if of == id => {
+            Err(ConnectionError::Refused(message))
+        }
+        _ => Ok(()),
     }
 }
 

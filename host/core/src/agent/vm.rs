@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::AGENT_CONTROL_PORT;
 use agentos_protocol::bundle::{MODEL_DISK_PARAM, RUNTIME_DISK_PARAM};
+use agentos_protocol::{AGENT_CONTROL_PORT, FrameError};
 use agentos_vmm::config::MAX_DISKS;
 use agentos_vmm::devices::pci::PassedDevice;
 
@@ -427,6 +427,12 @@ impl AgentVm {
         self.jail
     }
 
+    /// The VMM's socket, through which the host opens connections to the guest (see
+    /// [`connect_to_agent`]).
+    pub fn guest_socket(&self) -> PathBuf {
+        self.vmm_dir.join(VMM_SOCKET)
+    }
+
     /// The vsock device's counters and its host side's tables, as the running VMM reports them
     /// (`METRICS` on its socket; see `agentos_vmm`'s muxer).
     pub fn vsock_metrics(&self) -> io::Result<serde_json::Value> {
@@ -737,6 +743,53 @@ fn spawn_vmm(
 
 /// The program each VM runs in: `agentos-vmm`, the VMM alone (jail and seccomp included), beside
 /// this program's binary.
+/// Longest answer the VMM gives to `CONNECT` (`OK <port>\n`).
+const MAX_CONNECT_ANSWER: usize = 32;
+
+/// Opens a connection of its own to a running agent: through its VMM's socket `socket` (see
+/// [`AgentVm::guest_socket`]) to the guest agent's listening port, and reads its hello, all
+/// within `timeout`. The guest agent serves each such connection apart from the others (what
+/// one runs does not wait for another's), and ends what it started there when it closes.
+pub fn connect_to_agent(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<AgentConnection, ConnectionError> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + timeout;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(FrameError::Io)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(FrameError::Io)?;
+    stream
+        .write_all(format!("CONNECT {}\n", agentos_protocol::AGENT_LISTEN_PORT).as_bytes())
+        .map_err(FrameError::Io)?;
+    // Byte by byte: what follows the line is the guest agent's, and not to be read here.
+    let mut answer = Vec::with_capacity(MAX_CONNECT_ANSWER);
+    let mut byte = [0u8; 1];
+    while answer.last() != Some(&b'\n') {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(ConnectionError::Closed),
+            Ok(_) if answer.len() < MAX_CONNECT_ANSWER => answer.push(byte[0]),
+            Ok(_) => {
+                return Err(ConnectionError::Refused(
+                    "the VMM's answer to CONNECT is too long".into(),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(ConnectionError::TimedOut);
+            }
+            Err(e) => return Err(FrameError::Io(e).into()),
+        }
+    }
+    if !answer.starts_with(b"OK ") {
+        return Err(ConnectionError::Refused(format!(
+            "the VMM answered CONNECT with {:?}",
+            String::from_utf8_lossy(&answer)
+        )));
+    }
+    AgentConnection::handshake(stream, deadline.saturating_duration_since(Instant::now()))
+}
+
 pub fn vmm_binary() -> Result<PathBuf, VmError> {
     let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
         path: VMM_BINARY.into(),
