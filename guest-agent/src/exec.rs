@@ -1,38 +1,32 @@
-//! Programs the host runs in the guest: spawning, streaming output, feeding standard input,
-//! enforcing timeouts.
+//! Programs the host runs in the guest: spawning, streaming output, enforcing timeouts.
 //!
-//! Each program gets a supervisor thread that streams its output and reports its end, and, when
-//! the host feeds its standard input, a feeder thread, so that a program that stops reading blocks
-//! neither the connection nor the other programs on it.
+//! Each program gets a supervisor thread that streams its output to whoever follows it (see
+//! [`crate::processes`]) and reports its end, and, when the host feeds its standard input, a
+//! feeder thread (see [`crate::stdin`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use agentos_protocol::process::{MAX_TAG_BYTES, ProcessInfo};
 use agentos_protocol::{ExecRequest, ExitStatus, GuestMessage, StreamData};
 
-use crate::outbox::Outbox;
+use crate::clip;
+use crate::processes::{Heard, Process, Processes, Watcher};
 use crate::reaper::{Reaper, Waited};
-use crate::{clip, lock};
+use crate::stdin::StdinQueue;
 
 /// Largest piece of output per frame: small enough to keep a frame far below the frame limit and
 /// memory per connection bounded, large enough to keep the frame overhead low.
 pub const OUTPUT_CHUNK_BYTES: usize = 32 * 1024;
-
-/// Standard input queued per program beyond what its pipe holds.
-const STDIN_QUEUE_BYTES: usize = 1 << 20;
-
-/// How long the connection waits for a program to take any of its queued input before it stops
-/// waiting and kills the program: the connection reads nothing else meanwhile.
-pub const STDIN_STALL_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -46,45 +40,36 @@ pub enum StartError {
     },
     #[error("cannot start a thread to serve the program")]
     Thread(#[source] io::Error),
+    #[error("{0}")]
+    Tag(String),
 }
 
-/// Called once with the final status of the program, after its last output.
-pub type Finish = Box<dyn FnOnce(ExitStatus) + Send>;
-
-/// A started program, as its connection keeps it.
-pub struct Running {
-    pgid: i32,
-    stdin: Option<Arc<StdinQueue>>,
-}
-
-impl Running {
-    pub fn stdin(&self) -> Option<&Arc<StdinQueue>> {
-        self.stdin.as_ref()
-    }
-
-    /// Signals the program's whole process group.
-    pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
-        kill_group(self.pgid, signal)
-    }
-
-    /// The program has ended and been reported; stop feeding it.
-    pub fn release(self) {
-        if let Some(stdin) = self.stdin {
-            stdin.abandon();
-        }
-    }
+/// Signals the whole process group of the program `process`.
+pub fn signal(process: &Process, signal: libc::c_int) -> io::Result<()> {
+    let pgid = i32::try_from(process.pid()).map_err(io::Error::other)?;
+    kill_group(pgid, signal)
 }
 
 /// Starts the program of `req` in its own process group, with the base environment plus the
-/// request's. Output goes to `outbox` as `started`, `stdout`/`stderr` frames; `finish` gets the
-/// status.
+/// request's, and lists it in `processes` until it ends. `watcher` follows it first: `started`,
+/// `stdout`/`stderr` frames, then its end.
 pub fn start(
     req: &ExecRequest,
     base_env: &BTreeMap<String, String>,
     reaper: &Arc<Reaper>,
-    outbox: &Outbox,
-    finish: Finish,
-) -> Result<Running, StartError> {
+    processes: &Arc<Processes>,
+    watcher: Watcher,
+) -> Result<Arc<Process>, StartError> {
+    if let Some(tag) = &req.tag
+        && (tag.is_empty() || tag.len() > MAX_TAG_BYTES)
+    {
+        return Err(StartError::Tag(format!(
+            "a tag is 1 to {MAX_TAG_BYTES} bytes"
+        )));
+    }
+    processes
+        .check_tag(req.tag.as_deref())
+        .map_err(StartError::Tag)?;
     if let Some(key) = req
         .run
         .env
@@ -132,11 +117,7 @@ pub fn start(
             .take()
             .map(|pipe| File::from(OwnedFd::from(pipe))),
     ];
-    let stdin = match child
-        .stdin
-        .take()
-        .map(|pipe| StdinQueue::start(pipe, req.id))
-    {
+    let stdin = match child.stdin.take().map(|pipe| StdinQueue::start(pipe, pid)) {
         None => None,
         Some(Ok(queue)) => Some(queue),
         Some(Err(err)) => {
@@ -144,26 +125,36 @@ pub fn start(
             return Err(StartError::Thread(err));
         }
     };
+    let info = ProcessInfo {
+        pid: pid.unsigned_abs(),
+        tag: req.tag.clone(),
+        run: req.run.clone(),
+        keep: req.keep,
+        stdin: req.stdin,
+    };
+    let process = Arc::new(Process::new(info, stdin.clone(), watcher));
+    processes.insert(Arc::clone(&process));
     let supervisor = Supervisor {
-        id: req.id,
+        process: Arc::clone(&process),
+        processes: Arc::clone(processes),
         pid,
         pipes,
         deadline,
         timed_out: false,
-        outbox: outbox.clone(),
         reaper: Arc::clone(reaper),
     };
     let spawned = thread::Builder::new()
-        .name(format!("exec-{}", req.id))
-        .spawn(move || supervisor.run(finish));
+        .name(format!("exec-{pid}"))
+        .spawn(move || supervisor.run());
     if let Err(err) = spawned {
+        processes.remove(pid.unsigned_abs());
         if let Some(stdin) = &stdin {
             stdin.abandon();
         }
         abort(pid, reaper);
         return Err(StartError::Thread(err));
     }
-    Ok(Running { pgid: pid, stdin })
+    Ok(process)
 }
 
 /// `program` found in the absolute directories of `path`, as the kernel will run it; as given when
@@ -203,29 +194,24 @@ fn kill_group(pgid: i32, signal: libc::c_int) -> io::Result<()> {
 }
 
 struct Supervisor {
-    id: u64,
+    process: Arc<Process>,
+    processes: Arc<Processes>,
     pid: i32,
     /// Standard output and standard error, until each reaches its end.
     pipes: [Option<File>; 2],
     deadline: Option<Instant>,
     timed_out: bool,
-    outbox: Outbox,
     reaper: Arc<Reaper>,
 }
 
 impl Supervisor {
-    fn run(mut self, finish: Finish) {
-        let started = GuestMessage::Started {
-            id: self.id,
-            pid: self.pid.unsigned_abs(),
-        };
-        if self.outbox.send(started).is_ok() {
-            self.stream_output();
-        } else {
-            self.abandon_output();
-        }
+    fn run(mut self) {
+        let pid = self.process.pid();
+        self.stream_output();
         let status = self.wait();
-        finish(status);
+        // Unlisted first: a host that reads `exited` finds it gone.
+        self.processes.remove(pid);
+        self.process.finish(status);
     }
 
     fn stream_output(&mut self) {
@@ -251,7 +237,7 @@ impl Supervisor {
                 if err.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                console!("cannot watch the output of request {}: {err}", self.id);
+                console!("cannot watch the output of process {}: {err}", self.pid);
                 self.abandon_output();
                 return;
             }
@@ -271,14 +257,16 @@ impl Supervisor {
                         continue;
                     }
                 };
-                let id = self.id;
                 let data = StreamData(buf[..n].to_vec());
-                let msg = if index == 0 {
-                    GuestMessage::Stdout { id, data }
-                } else {
-                    GuestMessage::Stderr { id, data }
-                };
-                if self.outbox.send(msg).is_err() {
+                let heard = self.process.tell(|id| {
+                    let data = data.clone();
+                    if index == 0 {
+                        GuestMessage::Stdout { id, data }
+                    } else {
+                        GuestMessage::Stderr { id, data }
+                    }
+                });
+                if heard == Heard::Abandoned {
                     self.abandon_output();
                     return;
                 }
@@ -311,7 +299,7 @@ impl Supervisor {
                 }
                 Ok(Waited::DeadlinePassed) => self.expire(),
                 Err(err) => {
-                    console!("cannot collect the status of request {}: {err}", self.id);
+                    console!("cannot collect the status of process {}: {err}", self.pid);
                     return ExitStatus {
                         timed_out: self.timed_out,
                         ..ExitStatus::default()
@@ -326,142 +314,6 @@ impl Supervisor {
 fn poll_timeout(deadline: Instant) -> libc::c_int {
     let left = deadline.saturating_duration_since(Instant::now());
     libc::c_int::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StdinError {
-    #[error("standard input is already closed")]
-    Closed,
-    #[error("the program took none of its input for {} s", STDIN_STALL_LIMIT.as_secs())]
-    Stalled,
-}
-
-/// Standard input on its way to a program, bounded in bytes.
-pub struct StdinQueue {
-    state: Mutex<StdinState>,
-    changed: Condvar,
-}
-
-struct StdinState {
-    chunks: VecDeque<Vec<u8>>,
-    bytes: usize,
-    /// No more input comes: the host closed it, or the program was reported.
-    closed: bool,
-    /// The program no longer reads (its end of the pipe is closed).
-    broken: bool,
-    /// When the program last took some input.
-    last_progress: Instant,
-}
-
-impl StdinQueue {
-    fn start(pipe: ChildStdin, id: u64) -> io::Result<Arc<Self>> {
-        let queue = Arc::new(Self {
-            state: Mutex::new(StdinState {
-                chunks: VecDeque::new(),
-                bytes: 0,
-                closed: false,
-                broken: false,
-                last_progress: Instant::now(),
-            }),
-            changed: Condvar::new(),
-        });
-        let feeder = Arc::clone(&queue);
-        thread::Builder::new()
-            .name(format!("stdin-{id}"))
-            .spawn(move || feeder.feed(pipe))?;
-        Ok(queue)
-    }
-
-    /// Queues `data`, waiting while the queue is full and the program takes input.
-    pub fn push(&self, data: Vec<u8>) -> Result<(), StdinError> {
-        let asked = Instant::now();
-        let mut state = lock(&self.state);
-        loop {
-            if state.closed {
-                return Err(StdinError::Closed);
-            }
-            // Like a write to a pipe nobody reads: the bytes go nowhere, and the program's exit
-            // tells the rest.
-            if state.broken || data.is_empty() {
-                return Ok(());
-            }
-            if state.bytes == 0 || state.bytes + data.len() <= STDIN_QUEUE_BYTES {
-                state.bytes += data.len();
-                state.chunks.push_back(data);
-                self.changed.notify_all();
-                return Ok(());
-            }
-            let idle = state.last_progress.max(asked).elapsed();
-            let left = STDIN_STALL_LIMIT.saturating_sub(idle);
-            if left.is_zero() {
-                return Err(StdinError::Stalled);
-            }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .map(|(state, _)| state)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-    }
-
-    /// Ends the input once the queued bytes are written.
-    pub fn close(&self) -> Result<(), StdinError> {
-        let mut state = lock(&self.state);
-        if state.closed {
-            return Err(StdinError::Closed);
-        }
-        state.closed = true;
-        self.changed.notify_all();
-        Ok(())
-    }
-
-    /// Drops what is queued and ends the feeder.
-    fn abandon(&self) {
-        let mut state = lock(&self.state);
-        state.closed = true;
-        state.chunks.clear();
-        state.bytes = 0;
-        self.changed.notify_all();
-    }
-
-    fn feed(&self, mut pipe: ChildStdin) {
-        while let Some(chunk) = self.next_chunk() {
-            let mut written = 0;
-            while written < chunk.len() {
-                match pipe.write(&chunk[written..]) {
-                    Ok(n) if n > 0 => {
-                        written += n;
-                        lock(&self.state).last_progress = Instant::now();
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    _ => {
-                        let mut state = lock(&self.state);
-                        state.broken = true;
-                        state.chunks.clear();
-                        state.bytes = 0;
-                        self.changed.notify_all();
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The next chunk to write, or `None` once the input is closed and drained.
-    fn next_chunk(&self) -> Option<Vec<u8>> {
-        let mut state = lock(&self.state);
-        loop {
-            if let Some(chunk) = state.chunks.pop_front() {
-                state.bytes = state.bytes.saturating_sub(chunk.len());
-                self.changed.notify_all();
-                return Some(chunk);
-            }
-            if state.closed {
-                return None;
-            }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,11 @@ mod init;
 mod model_disks;
 mod outbox;
 mod peer;
+mod processes;
 mod reaper;
 mod restore;
 mod server;
+mod stdin;
 mod system;
 mod transport;
 

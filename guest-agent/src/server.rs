@@ -7,17 +7,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use agentos_protocol::files::FsOp;
+use agentos_protocol::process::{Control, Selector};
 use agentos_protocol::{
     BootTimings, ExecRequest, FrameError, FrameReader, GuestMessage, Hello, HostMessage,
     InferRequest, PROTOCOL_VERSION, status, write_frame,
 };
 
-use crate::exec::{self, Finish, Running, StdinError};
+use crate::exec;
 use crate::files::{self, Reads, Writes};
 use crate::infer::Inference;
 use crate::outbox::{Outbox, Writer, WriterGone};
 use crate::peer::{HandlerEnv, Membership};
+use crate::processes::{Finish, Process, Processes, Watcher};
 use crate::reaper::Reaper;
+use crate::stdin::{StdinError, StdinQueue};
 use crate::transport::Connection;
 use crate::{describe, init, lock, system};
 
@@ -41,6 +44,8 @@ pub struct Context {
     /// The group the agent joined, and what its handler needs.
     membership: Membership,
     handler_env: Arc<HandlerEnv>,
+    /// Every program started for the host, by any connection.
+    processes: Arc<Processes>,
 }
 
 impl Context {
@@ -68,6 +73,7 @@ impl Context {
             reaper,
             init_ms,
             ready_ms: OnceLock::new(),
+            processes: Arc::default(),
         }
     }
 
@@ -151,7 +157,7 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
     {
         console!("dropping a connection: {}", describe(err));
     }
-    session.kill_all();
+    session.release_all();
     if !matches!(ended, Ended::Shutdown | Ended::Unrefreshed) {
         // Unblocks a writer stuck on a host that stopped reading.
         frames.get_ref().shutdown();
@@ -164,6 +170,15 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         DRAIN_PATIENCE
     });
     Ok(ended)
+}
+
+/// A program a connection follows, by the id of the request that started or attached it.
+struct Running {
+    process: Arc<Process>,
+    /// Its watcher of this connection.
+    watcher: u64,
+    /// This connection started it (and ends it, unless it was kept, when it closes).
+    owner: bool,
 }
 
 type Execs = Arc<Mutex<HashMap<u64, Running>>>;
@@ -257,6 +272,12 @@ impl Session<'_> {
                 )?;
             }
             HostMessage::Fs { id, fs } => self.fs(id, &fs)?,
+            HostMessage::Attach { id, process } => self.attach(id, &process)?,
+            HostMessage::ListProcesses { id } => self.outbox.send(GuestMessage::Processes {
+                id,
+                processes: self.ctx.processes.list(),
+            })?,
+            HostMessage::Control { id, pid, control } => self.control(id, pid, control)?,
             HostMessage::Shutdown { id } => {
                 // The VM goes down whether or not the host still reads; the answer is best effort.
                 let _ = self
@@ -304,35 +325,109 @@ impl Session<'_> {
         let id = req.id;
         // Held while starting, so that a program that ends at once finds itself in the table.
         let mut execs = lock(&self.execs);
-        let refusal = if execs.contains_key(&id) {
-            Some(format!("request {id} is already running"))
-        } else if execs.len() >= MAX_EXECS {
-            Some(format!(
-                "{MAX_EXECS} programs are already running on this connection"
-            ))
-        } else {
-            None
-        };
-        let started = match refusal {
-            Some(refusal) => Err(refusal),
-            None => exec::start(
+        let started = self.room_for(id, &execs).and_then(|()| {
+            let watcher = Watcher::new(id, self.outbox.clone(), self.finisher(id));
+            let key = watcher.key();
+            exec::start(
                 &req,
                 &self.ctx.base_env,
                 &self.ctx.reaper,
-                &self.outbox,
-                self.finisher(id),
+                &self.ctx.processes,
+                watcher,
             )
-            .map_err(|err| describe(&err)),
-        };
+            .map(|process| (process, key))
+            .map_err(|err| describe(&err))
+        });
         match started {
-            Ok(running) => {
-                execs.insert(id, running);
+            Ok((process, watcher)) => {
+                execs.insert(
+                    id,
+                    Running {
+                        process,
+                        watcher,
+                        owner: true,
+                    },
+                );
                 Ok(())
             }
             Err(message) => {
                 drop(execs);
                 self.error(id, message)
             }
+        }
+    }
+
+    /// Refuses a request id in use, or one program too many.
+    fn room_for(&self, id: u64, execs: &HashMap<u64, Running>) -> Result<(), String> {
+        if execs.contains_key(&id) {
+            Err(format!("request {id} is already running"))
+        } else if execs.len() >= MAX_EXECS {
+            Err(format!(
+                "{MAX_EXECS} programs are already followed on this connection"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Follows a running program from now on as request `id`.
+    fn attach(&self, id: u64, selector: &Selector) -> Result<(), WriterGone> {
+        let mut execs = lock(&self.execs);
+        let attached = self.room_for(id, &execs).and_then(|()| {
+            let process = self
+                .ctx
+                .processes
+                .find(selector)
+                .ok_or_else(|| no_such_process(selector))?;
+            let watcher = Watcher::new(id, self.outbox.clone(), self.finisher(id));
+            let key = watcher.key();
+            process.watch(watcher).map(|()| (process, key))
+        });
+        match attached {
+            Ok((process, watcher)) => {
+                execs.insert(
+                    id,
+                    Running {
+                        process,
+                        watcher,
+                        owner: false,
+                    },
+                );
+                Ok(())
+            }
+            Err(message) => {
+                drop(execs);
+                self.error(id, message)
+            }
+        }
+    }
+
+    fn control(&self, id: u64, pid: u32, control: Control) -> Result<(), WriterGone> {
+        let Some(process) = self.ctx.processes.find(&Selector::Pid(pid)) else {
+            return self.error(id, no_such_process(&Selector::Pid(pid)));
+        };
+        let done = match control {
+            Control::Stdin { data } => match process.stdin() {
+                None => Err(format!("process {pid} was not started with stdin")),
+                Some(queue) => queue
+                    .push(data.0)
+                    .map_err(|e| format!("process {pid}: {e}")),
+            },
+            Control::CloseStdin => match process.stdin() {
+                None => Err(format!("process {pid} was not started with stdin")),
+                Some(queue) => queue.close().map_err(|e| format!("process {pid}: {e}")),
+            },
+            Control::Signal { signal } if signal <= 0 => Err(format!("{signal} is not a signal")),
+            Control::Signal { signal } => match exec::signal(&process, signal) {
+                Err(err) if err.raw_os_error() != Some(libc::ESRCH) => {
+                    Err(format!("cannot send signal {signal}: {err}"))
+                }
+                _ => Ok(()),
+            },
+        };
+        match done {
+            Ok(()) => self.outbox.send(GuestMessage::Done { id }),
+            Err(message) => self.error(id, message),
         }
     }
 
@@ -345,9 +440,7 @@ impl Session<'_> {
             // `exited` never finds it still taken.
             let mut execs = lock(&execs);
             let _ = outbox.send(GuestMessage::Exited { id, status });
-            if let Some(running) = execs.remove(&id) {
-                running.release();
-            }
+            execs.remove(&id);
         })
     }
 
@@ -382,10 +475,11 @@ impl Session<'_> {
         }
     }
 
-    fn stdin_of(&self, id: u64) -> Result<Arc<exec::StdinQueue>, String> {
+    fn stdin_of(&self, id: u64) -> Result<Arc<StdinQueue>, String> {
         let execs = lock(&self.execs);
         let running = execs.get(&id).ok_or_else(|| no_such_program(id))?;
         running
+            .process
             .stdin()
             .cloned()
             .ok_or_else(|| format!("request {id} did not ask for standard input"))
@@ -397,7 +491,7 @@ impl Session<'_> {
         }
         let sent = lock(&self.execs)
             .get(&id)
-            .map(|running| running.signal(signal));
+            .map(|running| exec::signal(&running.process, signal));
         match sent {
             None => self.error(id, no_such_program(id)),
             Some(Ok(())) => Ok(()),
@@ -409,18 +503,31 @@ impl Session<'_> {
 
     fn kill(&self, id: u64) {
         if let Some(running) = lock(&self.execs).get(&id) {
-            let _ = running.signal(libc::SIGKILL);
+            let _ = exec::signal(&running.process, libc::SIGKILL);
         }
     }
 
-    fn kill_all(&self) {
+    /// The connection ends: the programs it started are killed, but those kept; it stops
+    /// following the others.
+    fn release_all(&self) {
         for running in lock(&self.execs).values() {
-            let _ = running.signal(libc::SIGKILL);
+            if running.owner && !running.process.info().keep {
+                let _ = exec::signal(&running.process, libc::SIGKILL);
+            } else {
+                running.process.unwatch(running.watcher);
+            }
         }
     }
 
     fn error(&self, id: u64, message: String) -> Result<(), WriterGone> {
         self.outbox.send(GuestMessage::Error { id, message })
+    }
+}
+
+fn no_such_process(selector: &Selector) -> String {
+    match selector {
+        Selector::Pid(pid) => format!("no process {pid} runs in the guest"),
+        Selector::Tag(tag) => format!("no running process is tagged {:?}", crate::clip(tag)),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod files;
 mod infer;
 mod message;
 pub mod peer;
+pub mod process;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME_BYTES, encode_frame, write_frame};
 pub use infer::{

@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::files::{Entry, FileErrorKind, FsOp};
 use crate::infer::{InferReply, InferRequest};
 use crate::peer::JoinRequest;
+use crate::process::{Control, ProcessInfo, Selector};
 
 /// Bytes carried as a base64 string, so that any output survives JSON.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -86,6 +87,14 @@ pub enum HostMessage {
     FileEnd { id: u64 },
     /// One operation on the file tree (see [`FsOp`]).
     Fs { id: u64, fs: FsOp },
+    /// Follow a running program's output from now on, as if this request had started it:
+    /// `started`, its output, `exited`; `stdin`, `close_stdin` and `signal` with this id then
+    /// reach it too. Closing this connection does not end a program it did not start.
+    Attach { id: u64, process: Selector },
+    /// The programs running in the guest; answered with `processes`.
+    ListProcesses { id: u64 },
+    /// Act on a running program by its process id, from any connection; answered with `done`.
+    Control { id: u64, pid: u32, control: Control },
 }
 
 /// Most entropy bytes a `restored` message may carry.
@@ -104,6 +113,9 @@ impl HostMessage {
             | Self::FileChunk { id, .. }
             | Self::FileEnd { id }
             | Self::Fs { id, .. }
+            | Self::Attach { id, .. }
+            | Self::ListProcesses { id }
+            | Self::Control { id, .. }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
             | Self::Signal { id, .. }
@@ -158,6 +170,14 @@ pub struct ExecRequest {
     /// When true the host sends `stdin` frames and a `close_stdin`; otherwise stdin is empty.
     #[serde(default)]
     pub stdin: bool,
+    /// The program outlives this connection: when it closes, the program runs on (its output
+    /// goes to whoever attaches, or nowhere) until it ends or its timeout passes. Otherwise it
+    /// is killed with the connection.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+    /// A name to find it by (see [`Selector`]), unique among running programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// How a program ended.
@@ -279,6 +299,15 @@ pub enum GuestMessage {
         entries: Vec<Entry>,
         last: bool,
     },
+    /// Answer to `list_processes`.
+    Processes {
+        id: u64,
+        processes: Vec<ProcessInfo>,
+    },
+    /// Answer to `control`: it was done.
+    Done {
+        id: u64,
+    },
     /// A file request failed; nothing else follows for it.
     FileError {
         id: u64,
@@ -305,6 +334,8 @@ mod tests {
                 timeout_ms: Some(500),
             },
             stdin: true,
+            keep: false,
+            tag: None,
         });
         assert_eq!(
             serde_json::to_string(&exec).unwrap(),

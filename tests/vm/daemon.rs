@@ -908,3 +908,143 @@ fn files_go_in_and_out_of_an_agent_whole() {
     assert!(status.success(), "{status}");
     t.assert_nothing_left();
 }
+
+#[test]
+fn programs_stream_run_on_and_are_found_followed_and_signalled() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new("daemon-processes");
+    let d = Daemon::start(&t);
+    d.ok(&["spawn", "--name", "p"]);
+
+    // Output streamed without a cap, both streams, the exit code.
+    let out = d.cli(&[
+        "exec",
+        "p",
+        "--",
+        "/bin/sh",
+        "-c",
+        "head -c 3000000 /dev/zero | tr '\\0' x; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(out.stdout.len(), 3_000_000);
+    assert!(out.stdout.iter().all(|&b| b == b'x'));
+    assert_eq!(text(&out.stderr), "err\n");
+
+    // Standard input of any size, passed on as it is read.
+    let input: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut child = t
+        .agentos()
+        .args(["exec", "p", "--stdin", "--", "sha256sum"])
+        .env("AGENTOS_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let fed = input.clone();
+    let feeder = std::thread::spawn(move || stdin.write_all(&fed));
+    let out = t.finish(child, crate::common::command_limit());
+    feeder.join().unwrap().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), format!("{}  -\n", sha256_hex(&input)));
+
+    // Over HTTP: one JSON object per line.
+    let reply = raw_call(
+        &d.socket,
+        "POST",
+        "/agents/p/processes",
+        br#"{"run":{"program":"echo","args":["hi"]}}"#,
+        None,
+    )
+    .unwrap();
+    assert_eq!(reply.content_type, "application/x-ndjson");
+    let lines: Vec<serde_json::Value> = text(&reply.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[0]["started"]["pid"].as_u64().unwrap() > 1);
+    assert_eq!(lines[1]["stdout"], "aGkK");
+    assert_eq!(lines[2]["exited"]["code"], 0);
+
+    // Detached: it runs on, is listed with its tag, followed again and signalled.
+    let pid = d.ok(&[
+        "exec",
+        "p",
+        "--detach",
+        "--tag",
+        "sleeper",
+        "--",
+        "/bin/sh",
+        "-c",
+        "sleep 600",
+    ]);
+    let pid = pid.trim().to_owned();
+    let pid_number: u64 = pid.parse().unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&d.ok(&["processes", "p", "--json"])).unwrap();
+    let sleeper = listed["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid_number)
+        .unwrap_or_else(|| panic!("{pid} not in {listed}"))
+        .clone();
+    assert_eq!(
+        (&sleeper["tag"], &sleeper["keep"]),
+        (&"sleeper".into(), &true.into())
+    );
+    let attached = t
+        .agentos()
+        .args(["attach", "p", &pid])
+        .env("AGENTOS_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    d.ok(&["kill", "p", &pid]);
+    let out = t.finish(attached, crate::common::command_limit());
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", describe(&out));
+    d.refused(&["kill", "p", &pid], "no process");
+
+    // A program that was not detached ends when its client goes.
+    let mut client = t
+        .agentos()
+        .args(["exec", "p", "--tag", "orphan", "--", "/bin/sleep", "600"])
+        .env("AGENTOS_SOCKET", &d.socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = |d: &Daemon<'_>| {
+        let listed: serde_json::Value =
+            serde_json::from_str(&d.ok(&["processes", "p", "--json"])).unwrap();
+        listed["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["tag"] == "orphan")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running(&d) {
+        assert!(Instant::now() < deadline, "the program never showed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(&d) {
+        assert!(Instant::now() < deadline, "the program outlived its client");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    d.ok(&["rm", "--force", "p"]);
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    t.assert_nothing_left();
+}

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -27,13 +28,21 @@ struct Host {
     hello: Hello,
 }
 
+fn context() -> Arc<Context> {
+    let env = BTreeMap::from([("PATH".to_owned(), DEFAULT_PATH.to_owned())]);
+    Arc::new(Context::new(false, env, Reaper::own_children(), 0))
+}
+
 impl Host {
     fn connect() -> Self {
+        Self::connect_to(context())
+    }
+
+    /// A connection to a guest agent whose other connections share `ctx`.
+    fn connect_to(ctx: Arc<Context>) -> Self {
         let (host, guest) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         let server = thread::spawn(move || {
-            let env = BTreeMap::from([("PATH".to_owned(), DEFAULT_PATH.to_owned())]);
-            let ctx = Context::new(false, env, Reaper::own_children(), 0);
             serve(Connection::socket(guest.into()), &ctx, Role::Control).unwrap()
         });
         let out = host.try_clone().unwrap();
@@ -135,6 +144,7 @@ fn run(id: u64, program: &str, args: &[&str]) -> ExecRequest {
             ..Program::default()
         },
         stdin: false,
+        ..Default::default()
     }
 }
 
@@ -502,4 +512,100 @@ fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["f"]);
+}
+
+#[test]
+fn a_kept_program_outlives_its_connection_and_is_found_by_others() {
+    use agentos_protocol::process::{Control, Selector};
+    let ctx = context();
+    let mut first = Host::connect_to(Arc::clone(&ctx));
+    first.exec(ExecRequest {
+        keep: true,
+        tag: Some("cat".into()),
+        stdin: true,
+        ..run(1, "/bin/cat", &[])
+    });
+    let pid = match first.recv() {
+        GuestMessage::Started { id: 1, pid } => pid,
+        other => panic!("expected started, got {other:?}"),
+    };
+    // A second program with that tag is refused while the first runs.
+    first.exec(ExecRequest {
+        tag: Some("cat".into()),
+        ..run(2, "/bin/true", &[])
+    });
+    assert!(first.expect_error(2).contains("tagged"));
+    drop(first.out);
+    drop(first.frames);
+    first.server.join().unwrap();
+
+    let mut second = Host::connect_to(Arc::clone(&ctx));
+    second.send(HostMessage::ListProcesses { id: 3 });
+    match second.recv() {
+        GuestMessage::Processes { id: 3, processes } => {
+            assert_eq!(processes.len(), 1, "{processes:?}");
+            assert_eq!((processes[0].pid, processes[0].keep), (pid, true));
+        }
+        other => panic!("expected processes, got {other:?}"),
+    }
+    second.send(HostMessage::Attach {
+        id: 4,
+        process: Selector::Tag("cat".into()),
+    });
+    assert_eq!(second.recv(), GuestMessage::Started { id: 4, pid });
+    let control = |control| HostMessage::Control {
+        id: 5,
+        pid,
+        control,
+    };
+    second.send(control(Control::Stdin {
+        data: StreamData(b"fed\n".to_vec()),
+    }));
+    assert_eq!(second.recv(), GuestMessage::Done { id: 5 });
+    assert_eq!(
+        second.recv(),
+        GuestMessage::Stdout {
+            id: 4,
+            data: StreamData(b"fed\n".to_vec())
+        }
+    );
+    second.send(control(Control::CloseStdin));
+    assert_eq!(second.recv(), GuestMessage::Done { id: 5 });
+    assert_eq!(
+        second.recv(),
+        GuestMessage::Exited {
+            id: 4,
+            status: exited_with(0)
+        }
+    );
+    second.send(HostMessage::Attach {
+        id: 6,
+        process: Selector::Pid(pid),
+    });
+    assert!(second.expect_error(6).contains("no process"));
+}
+
+#[test]
+fn a_program_not_kept_ends_with_its_connection_even_when_another_follows_it() {
+    use agentos_protocol::process::Selector;
+    let ctx = context();
+    let mut owner = Host::connect_to(Arc::clone(&ctx));
+    owner.exec(run(1, "/bin/sleep", &["30"]));
+    let pid = match owner.recv() {
+        GuestMessage::Started { id: 1, pid } => pid,
+        other => panic!("expected started, got {other:?}"),
+    };
+    let mut follower = Host::connect_to(Arc::clone(&ctx));
+    follower.send(HostMessage::Attach {
+        id: 9,
+        process: Selector::Pid(pid),
+    });
+    assert_eq!(follower.recv(), GuestMessage::Started { id: 9, pid });
+    drop(owner.out);
+    drop(owner.frames);
+    owner.server.join().unwrap();
+    match follower.recv() {
+        GuestMessage::Exited { id: 9, status } => assert_eq!(status.signal, Some(9)),
+        other => panic!("expected exited, got {other:?}"),
+    }
 }

@@ -9,6 +9,7 @@ use agentos_protocol::{InferOptions, InferReply, Task};
 use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 
+use crate::processes;
 use agentos::daemon::SocketArg;
 use agentos::daemon::api::{
     AgentInfo, ErrorKind, ExecCall, ExecReply, GroupInputRequest, GroupRequest, GroupUpReply,
@@ -82,9 +83,16 @@ pub struct PsArgs {
 pub struct ExecArgs {
     /// The agent.
     pub name: String,
-    /// Send this command's standard input to the program (up to 512 KiB).
-    #[arg(long)]
+    /// Send this command's standard input to the program (up to 512 KiB with --json).
+    #[arg(long, conflicts_with = "detach")]
     pub stdin: bool,
+    /// Leave the program running in the agent and print its process id (see `agentos
+    /// processes`, `attach`, `kill`).
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// A name to find the program by among the agent's running programs.
+    #[arg(long)]
+    pub tag: Option<String>,
     /// Kill the program after this many seconds (default: an hour).
     #[arg(
         long,
@@ -98,7 +106,8 @@ pub struct ExecArgs {
     /// Working directory of the program in the guest.
     #[arg(long)]
     pub cwd: Option<String>,
-    /// Print the result (exit code, output, time) as JSON.
+    /// Wait for the program's end and print the result (exit code, output up to 256 KiB per
+    /// stream, time) as JSON; without it, its output is streamed as it comes.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -323,6 +332,28 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
     if args.command.is_empty() {
         anyhow::bail!("give the program to run after `--`");
     }
+    let run = crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout);
+    if args.detach {
+        return processes::exec_detached(
+            &args.socket,
+            &args.name,
+            run,
+            args.tag.clone(),
+            args.json,
+        );
+    }
+    if !args.json {
+        return processes::exec_streamed(
+            &args.socket,
+            &args.name,
+            run,
+            args.stdin,
+            args.tag.clone(),
+        );
+    }
+    if args.tag.is_some() {
+        anyhow::bail!("--tag is for programs streamed or detached, not --json");
+    }
     let stdin = if args.stdin {
         let mut bytes = Vec::new();
         io::stdin()
@@ -340,7 +371,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
     };
     let request = Request::Exec(ExecCall {
         name: args.name.clone(),
-        run: crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout),
+        run,
         stdin,
     });
     let reply: ExecReply = client(&args.socket)?.call(&request)?;

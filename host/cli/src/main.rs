@@ -15,6 +15,7 @@ mod group_run;
 mod image;
 mod infer;
 mod model;
+mod processes;
 mod run;
 
 use agentos::{doctor, eval};
@@ -53,9 +54,18 @@ enum Command {
     Spawn(daemon::SpawnArgs),
     /// List the daemon's agents and their states.
     Ps(daemon::PsArgs),
-    /// Run a program in a daemon's agent and exit with its status.
-    #[command(after_help = "Example:\n  agentos exec worker -- /bin/uname -a")]
+    /// Run a program in a daemon's agent, its output streamed as it comes, and exit with its
+    /// status; or leave it running (--detach).
+    #[command(
+        after_help = "Without --json the output comes as the program writes it, with no cap, and the program is killed\nif this command ends first (Ctrl-C). Examples:\n  agentos exec worker -- /bin/uname -a\n  tar c src | agentos exec worker --stdin -- tar x -C /home\n  agentos exec worker --detach --tag web -- httpd -f -p 8080"
+    )]
     Exec(daemon::ExecArgs),
+    /// The programs running in a daemon's agent.
+    Processes(processes::ProcessesArgs),
+    /// Follow a running program of a daemon's agent from now on, and exit with its status.
+    Attach(processes::AttachArgs),
+    /// Send a signal to a running program of a daemon's agent (TERM unless told).
+    Kill(processes::KillArgs),
     /// Copy a file into or out of a daemon's agent (any size, any bytes).
     #[command(
         after_help = "One side is AGENT:PATH (an absolute path in the agent), the other a local path or `-`.\nA file written into an agent replaces the old one only once whole; missing directories are made.\nExamples:\n  agentos cp data.bin worker:/home/data.bin\n  agentos cp worker:/var/log/app.log .\n  tar c src | agentos cp - worker:/tmp/src.tar"
@@ -143,6 +153,9 @@ fn dispatch(command: &Command, started: Instant) -> anyhow::Result<i32> {
         Command::Ps(args) => daemon::ps(args),
         Command::Exec(args) => daemon::exec(args),
         Command::Cp(args) => files::cp(args),
+        Command::Processes(args) => processes::processes(args),
+        Command::Attach(args) => processes::attach(args),
+        Command::Kill(args) => processes::kill(args),
         Command::Infer(args) => daemon::infer(args),
         Command::Logs(args) => daemon::logs(args),
         Command::Stop(args) => daemon::stop(args),

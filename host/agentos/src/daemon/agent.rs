@@ -735,6 +735,7 @@ fn exec(vm: &mut AgentVm, call: ExecCall, deadline: Instant) -> Result<ExecReply
             ..call.run
         },
         stdin: false,
+        ..Default::default()
     };
     let mut stdout = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);
     let mut stderr = CappedOutput::new(MAX_EXEC_OUTPUT_BYTES);

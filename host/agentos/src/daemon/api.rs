@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use agentos_protocol::files::{Entry, FileErrorKind, FsOp};
-use agentos_protocol::{InferOptions, Program, Task};
+use agentos_protocol::process::{Control, ProcessInfo};
+use agentos_protocol::{ExitStatus, InferOptions, Program, StreamData, Task};
 use serde::{Deserialize, Serialize};
 
 use agentos_core::cgroup::slice::PriorityClass;
@@ -84,6 +85,15 @@ pub enum Request {
     WriteFile(WriteFileRequest),
     /// Look at or change an agent's files: stat, list, make a directory, move, remove.
     Fs(FsCall),
+    /// Start a program in an agent: follow it (its events streamed as they happen) or, with
+    /// `detach`, leave it running.
+    Start(StartCall),
+    /// The programs running in an agent.
+    Processes(NameRequest),
+    /// Follow a running program of an agent from now on.
+    Attach(ProcessRequest),
+    /// Feed, close the input of, or signal a running program of an agent.
+    Control(ControlCall),
 }
 
 impl Request {
@@ -109,6 +119,14 @@ impl Request {
             Self::PoolRm(_) => "pool_rm",
             Self::ReadFile(_) => "read_file",
             Self::WriteFile(_) => "write_file",
+            Self::Start(_) => "start",
+            Self::Processes(_) => "processes",
+            Self::Attach(_) => "attach",
+            Self::Control(call) => match call.control {
+                Control::Stdin { .. } => "stdin",
+                Control::CloseStdin => "close_stdin",
+                Control::Signal { .. } => "signal",
+            },
             Self::Fs(call) => match call.op {
                 FsOp::Stat { .. } => "stat",
                 FsOp::List { .. } => "list",
@@ -122,14 +140,20 @@ impl Request {
 
 /// Refuses a duration out of its range.
 pub fn check_durations(request: &Request) -> Result<(), ApiError> {
-    if let Request::Exec(call) = request
-        && let Some(ms) = call.run.timeout_ms
+    let run = match request {
+        Request::Exec(call) => Some(&call.run),
+        Request::Start(call) => Some(&call.run),
+        _ => None,
+    };
+    if let Some(run) = run
+        && let Some(ms) = run.timeout_ms
         && !(1..=MAX_TIMEOUT_S * 1000).contains(&ms)
     {
         return Err(ApiError::new(
             ErrorKind::Invalid,
             format!(
-                "exec `run.timeout_ms` is {ms}: use 1 to {} ms",
+                "{} `run.timeout_ms` is {ms}: use 1 to {} ms",
+                request.op(),
                 MAX_TIMEOUT_S * 1000
             ),
         ));
@@ -277,6 +301,64 @@ pub struct InferCall {
     pub inputs: Vec<String>,
     #[serde(default)]
     pub options: InferOptions,
+}
+
+/// A program to start in an agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartCall {
+    pub name: String,
+    pub run: Program,
+    /// Its standard input is open, to be fed with `stdin` requests; otherwise it is empty.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Leave it running and answer with its process id at once; otherwise the reply follows it
+    /// to its end, and it is killed if the client goes first.
+    #[serde(default)]
+    pub detach: bool,
+    /// A name to find it by among the agent's running programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// A running program of an agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRequest {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// What to do to a running program of an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlCall {
+    pub name: String,
+    pub pid: u32,
+    pub control: Control,
+}
+
+/// The answer to a `start` with `detach`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartedReply {
+    pub pid: u32,
+}
+
+/// The answer to `processes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessesReply {
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// One line of a followed program's stream (newline-delimited JSON): `started` first, its
+/// output as it comes (base64), then `exited`, or `error` if following it failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgramLine {
+    Started { pid: u32 },
+    Stdout(StreamData),
+    Stderr(StreamData),
+    Exited(ExitStatus),
+    Error(ApiError),
 }
 
 /// An agent's file, by its absolute path in the guest.

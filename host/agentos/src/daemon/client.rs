@@ -18,9 +18,10 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::api::{
-    ApiError, ErrorBody, ErrorKind, FileRequest, FileWrittenReply, Request, WriteFileRequest,
+    ApiError, ErrorBody, ErrorKind, FileRequest, FileWrittenReply, ProgramLine, Request,
+    WriteFileRequest,
 };
-use super::files::ChunkBody;
+use super::link::ChunkBody;
 use super::routes;
 use agentos_protocol::files::FILE_CHUNK_BYTES;
 
@@ -137,6 +138,47 @@ impl Client {
                 }
             }
             Ok(size)
+        })
+    }
+
+    /// Sends a request answered with a program's lines (`start` without `detach`, `attach`)
+    /// and hands each line to `on_line` as it comes, to the stream's end.
+    pub fn follow(
+        &mut self,
+        request: &Request,
+        on_line: &mut dyn FnMut(ProgramLine) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let call = routes::call(request);
+        let json = call.body.is_some();
+        let body = Full::new(Bytes::from(call.body.unwrap_or_default()))
+            .map_err(|never| match never {})
+            .boxed();
+        let http = http_request(call.method, &call.target, body, json)?;
+        let sender = &mut self.sender;
+        self.runtime.block_on(async {
+            sender.ready().await?;
+            let response = sender.send_request(http).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let body = body.collect().await?.to_bytes();
+                return Err(error_of(status.as_u16(), &body));
+            }
+            let mut pending = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(ClientError::CutOff)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = serde_json::from_slice(&line)
+                        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                    on_line(line)?;
+                }
+            }
+            Ok(())
         })
     }
 

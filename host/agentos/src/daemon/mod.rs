@@ -10,7 +10,9 @@ pub mod client;
 pub mod devices;
 mod files;
 mod groups;
+mod link;
 mod metrics;
+mod processes;
 pub mod routes;
 mod server;
 
@@ -31,11 +33,19 @@ use tokio::sync::oneshot;
 use self::agent::{Agent, AgentConfig, Job, Work};
 use self::api::AgentInfo;
 use self::api::{
-    AgentState, ApiError, ErrorKind, ExecCall, FileRequest, FsCall, InferCall, LogsRequest,
-    MetricsReply, PoolCreateRequest, PoolRequest, PsReply, Request, RestartPolicy, RmRequest,
-    SnapshotRequest, SpawnRequest, VersionReply, WriteFileRequest,
+    AgentState, ApiError, ControlCall, ErrorKind, ExecCall, FileRequest, FsCall, InferCall,
+    LogsRequest, MetricsReply, PoolCreateRequest, PoolRequest, ProcessRequest, PsReply, Request,
+    RestartPolicy, RmRequest, SnapshotRequest, SpawnRequest, StartCall, VersionReply,
+    WriteFileRequest,
 };
-use self::files::{AgentFiles, Chunks};
+use self::link::{Chunks, GuestLink};
+
+/// A request answered with a stream, and the agent it goes to.
+enum Streamed {
+    File(GuestLink, String),
+    Start(GuestLink, StartCall),
+    Attach(GuestLink, u32),
+}
 use crate::placement::{self, CarrierChoice, Placement, PlacementError};
 use agentos_core::agent::pool::Spawner;
 use agentos_core::agent::spec::{AgentRequest, AgentSpec, SpecError};
@@ -415,13 +425,30 @@ impl server::Handler for Daemon {
         self.answer(request, deadline)
     }
 
-    fn read_file(
-        &self,
-        request: FileRequest,
-    ) -> impl Future<Output = Result<Chunks, ApiError>> + Send {
-        self.count_request("read_file");
-        let files = self.agent_files(&request.name);
-        async move { files?.read(request.path).await }
+    fn stream(&self, request: Request) -> impl Future<Output = Result<Chunks, ApiError>> + Send {
+        self.count_request(request.op());
+        let answered = match request {
+            Request::ReadFile(FileRequest { name, path }) => {
+                self.link(&name).map(|link| Streamed::File(link, path))
+            }
+            Request::Start(call) => self
+                .link(&call.name.clone())
+                .map(|link| Streamed::Start(link, call)),
+            Request::Attach(ProcessRequest { name, pid }) => {
+                self.link(&name).map(|link| Streamed::Attach(link, pid))
+            }
+            request => Err(ApiError::new(
+                ErrorKind::BadRequest,
+                format!("`{}` is answered whole, not streamed", request.op()),
+            )),
+        };
+        async move {
+            match answered? {
+                Streamed::File(link, path) => link.read(path).await,
+                Streamed::Start(link, call) => link.start_followed(call).await,
+                Streamed::Attach(link, pid) => link.attach(pid).await,
+            }
+        }
     }
 
     fn write_file(
@@ -430,7 +457,7 @@ impl server::Handler for Daemon {
         body: Chunks,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
         self.count_request("write_file");
-        let files = self.agent_files(&request.name);
+        let files = self.link(&request.name);
         async move { files?.write(request.path, request.mode, body).await }
     }
 
@@ -462,18 +489,21 @@ impl Daemon {
         *lock(&self.counters.requests).entry(op).or_default() += 1;
     }
 
-    /// The files of the running agent `name`.
-    fn agent_files(&self, name: &str) -> Result<AgentFiles, ApiError> {
+    /// A way to the running agent `name`'s guest agent of its own.
+    fn link(&self, name: &str) -> Result<GuestLink, ApiError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::new(
                 ErrorKind::ShuttingDown,
                 "the daemon is stopping",
             ));
         }
-        let socket = self.with_agent(name, Agent::guest_socket)??;
-        Ok(AgentFiles {
+        let (socket, cgroup) = self.with_agent(name, |agent| {
+            agent.guest_socket().map(|s| (s, agent.cgroup()))
+        })??;
+        Ok(GuestLink {
             name: name.to_owned(),
             socket,
+            cgroup,
         })
     }
 
@@ -549,14 +579,21 @@ impl Daemon {
             Request::Metrics => to_value(&MetricsReply {
                 text: self.metrics_text(),
             }),
-            Request::Fs(FsCall { name, op }) => self.agent_files(&name)?.fs(op).await,
-            // The server hands these to `read_file` and `write_file` with their streams.
-            request @ (Request::ReadFile(_) | Request::WriteFile(_)) => Err(ApiError::new(
+            Request::Fs(FsCall { name, op }) => self.link(&name)?.fs(op).await,
+            Request::Start(call) if call.detach => {
+                self.link(&call.name.clone())?.start_detached(call).await
+            }
+            Request::Processes(agent) => self.link(&agent.name)?.processes().await,
+            Request::Control(ControlCall { name, pid, control }) => {
+                self.link(&name)?.control(pid, control).await
+            }
+            // The server hands these to `stream` and `write_file`.
+            request @ (Request::ReadFile(_)
+            | Request::WriteFile(_)
+            | Request::Start(_)
+            | Request::Attach(_)) => Err(ApiError::new(
                 ErrorKind::BadRequest,
-                format!(
-                    "`{}` streams its body and is not answered whole",
-                    request.op()
-                ),
+                format!("`{}` streams and is not answered whole", request.op()),
             )),
         }
     }

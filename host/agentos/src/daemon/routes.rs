@@ -8,11 +8,13 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use agentos_protocol::StreamData;
 use agentos_protocol::files::FsOp;
+use agentos_protocol::process::Control;
 
 use super::api::{
-    ApiError, ErrorKind, FileRequest, FsCall, GroupInputRequest, GroupRequest, LogsRequest,
-    NameRequest, PoolRequest, Request, RmRequest, WriteFileRequest,
+    ApiError, ControlCall, ErrorKind, FileRequest, FsCall, GroupInputRequest, GroupRequest,
+    LogsRequest, NameRequest, PoolRequest, ProcessRequest, Request, RmRequest, WriteFileRequest,
 };
 
 /// The OpenAPI document of these routes, served at [`OPENAPI_PATH`].
@@ -54,6 +56,10 @@ pub fn route(
         ["agents"] => Resource::Agents,
         ["agents", name] => Resource::Agent(name),
         ["agents", name, "files"] => Resource::AgentFiles(name),
+        ["agents", name, "processes"] => Resource::Processes(name),
+        ["agents", name, "processes", pid, action] => {
+            Resource::Process(name, process_id(pid)?, action)
+        }
         ["agents", name, "files", action] => Resource::AgentFilesAction(name, action),
         ["agents", name, action] => Resource::AgentAction(name, action),
         ["groups"] => Resource::Groups,
@@ -119,6 +125,53 @@ pub fn route(
             return Err(wrong_method("POST"));
         }
         (Resource::AgentAction(..), _) => return Err(not_found(path)),
+        (Resource::Processes(name), Method::GET) => no_input(
+            Request::Processes(NameRequest {
+                name: name.to_owned(),
+            }),
+            query,
+            body,
+        )?,
+        (Resource::Processes(name), Method::POST) => {
+            Request::Start(json(no_query(query, body)?, Some(("name", name)))?)
+        }
+        (Resource::Processes(_), _) => return Err(wrong_method("GET or POST")),
+        (Resource::Process(name, pid, "output"), Method::GET) => no_input(
+            Request::Attach(ProcessRequest {
+                name: name.to_owned(),
+                pid,
+            }),
+            query,
+            body,
+        )?,
+        (Resource::Process(_, _, "output"), _) => return Err(wrong_method("GET")),
+        (Resource::Process(name, pid, action), Method::POST) => {
+            let body = no_query(query, body)?;
+            let control = match action {
+                // The bytes as they are: no JSON around them.
+                "stdin" => Control::Stdin {
+                    data: StreamData(body.to_vec()),
+                },
+                "close_stdin" => {
+                    no_body(body)?;
+                    Control::CloseStdin
+                }
+                "signal" => {
+                    let SignalBody { signal } = json(body, None)?;
+                    Control::Signal { signal }
+                }
+                _ => return Err(not_found(path)),
+            };
+            Request::Control(ControlCall {
+                name: name.to_owned(),
+                pid,
+                control,
+            })
+        }
+        (Resource::Process(_, _, "stdin" | "close_stdin" | "signal"), _) => {
+            return Err(wrong_method("POST"));
+        }
+        (Resource::Process(..), _) => return Err(not_found(path)),
         (Resource::AgentFiles(name), Method::GET) => {
             let PathQuery { path } = from_query(query)?;
             no_body(body)?;
@@ -208,6 +261,20 @@ struct LogsQuery {
     offset: u64,
 }
 
+/// The body of `POST /agents/{name}/processes/{pid}/signal`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    signal: i32,
+}
+
+/// A process id in a path.
+fn process_id(segment: &str) -> Result<u32, ApiError> {
+    segment
+        .parse()
+        .map_err(|_| bad(format!("`{segment}` is not a process id")))
+}
+
 /// A path in an agent: the query of the file routes that take one, and the body of `mkdir`.
 #[derive(serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -275,6 +342,8 @@ enum Resource<'a> {
     AgentAction(&'a str, &'a str),
     AgentFiles(&'a str),
     AgentFilesAction(&'a str, &'a str),
+    Processes(&'a str),
+    Process(&'a str, u32, &'a str),
     Groups,
     Group(&'a str),
     GroupInput(&'a str),
@@ -330,6 +399,38 @@ pub fn call(request: &Request) -> HttpCall {
             format!("/pools/{}", segment(&pool.name)),
             None,
         ),
+        Request::Start(start) => (
+            Method::POST,
+            format!("/agents/{}/processes", segment(&start.name)),
+            Some(body(start, Some("name"))),
+        ),
+        Request::Processes(agent) => (
+            Method::GET,
+            format!("/agents/{}/processes", segment(&agent.name)),
+            None,
+        ),
+        Request::Attach(process) => (
+            Method::GET,
+            format!(
+                "/agents/{}/processes/{}/output",
+                segment(&process.name),
+                process.pid
+            ),
+            None,
+        ),
+        Request::Control(ControlCall { name, pid, control }) => {
+            let target =
+                |action: &str| format!("/agents/{}/processes/{pid}/{action}", segment(name));
+            match control {
+                Control::Stdin { data } => (Method::POST, target("stdin"), Some(data.0.clone())),
+                Control::CloseStdin => (Method::POST, target("close_stdin"), None),
+                Control::Signal { signal } => (
+                    Method::POST,
+                    target("signal"),
+                    Some(body(&SignalBody { signal: *signal }, None)),
+                ),
+            }
+        }
         Request::ReadFile(file) => (
             Method::GET,
             files_target(
@@ -466,6 +567,7 @@ pub fn success(request: &Request) -> StatusCode {
         | Request::GroupUp(_)
         | Request::PoolCreate(_)
         | Request::WriteFile(_)
+        | Request::Start(_)
         | Request::Fs(FsCall {
             op: FsOp::MakeDir { .. },
             ..
@@ -549,6 +651,7 @@ pub(super) mod tests {
     use super::*;
     use crate::daemon::api::{
         ExecCall, GroupUpRequest, InferCall, PoolCreateRequest, SnapshotRequest, SpawnRequest,
+        StartCall,
     };
     use agentos_protocol::{Program, Task};
 
@@ -643,6 +746,35 @@ pub(super) mod tests {
                 },
             ),
             fs("a", FsOp::Remove { path: "/r".into() }),
+            Request::Start(StartCall {
+                name: odd.clone(),
+                run: Program::new("/bin/cat"),
+                stdin: true,
+                detach: false,
+                tag: Some("t".into()),
+            }),
+            Request::Processes(NameRequest { name: "a".into() }),
+            Request::Attach(ProcessRequest {
+                name: "a".into(),
+                pid: 7,
+            }),
+            Request::Control(ControlCall {
+                name: "a".into(),
+                pid: 7,
+                control: Control::Stdin {
+                    data: StreamData(vec![0, 255, b'{']),
+                },
+            }),
+            Request::Control(ControlCall {
+                name: "a".into(),
+                pid: 7,
+                control: Control::CloseStdin,
+            }),
+            Request::Control(ControlCall {
+                name: "a".into(),
+                pid: 7,
+                control: Control::Signal { signal: 15 },
+            }),
         ]
     }
 
@@ -828,6 +960,41 @@ pub(super) mod tests {
                 "",
                 ErrorKind::NotFound,
             ),
+            (
+                Method::GET,
+                "/agents/a/processes/x/output",
+                None,
+                "",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::POST,
+                "/agents/a/processes/7/signal",
+                None,
+                r#"{"signal":"TERM"}"#,
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::POST,
+                "/agents/a/processes/7/close_stdin",
+                None,
+                "x",
+                ErrorKind::BadRequest,
+            ),
+            (
+                Method::GET,
+                "/agents/a/processes/7/stdin",
+                None,
+                "",
+                ErrorKind::MethodNotAllowed,
+            ),
+            (
+                Method::POST,
+                "/agents/a/processes",
+                None,
+                r#"{"run":{"program":"p","timeout_ms":0}}"#,
+                ErrorKind::Invalid,
+            ),
         ];
         for (method, path, query, body, kind) in cases {
             let error = route(method, path, *query, body.as_bytes()).unwrap_err();
@@ -852,6 +1019,9 @@ pub(super) mod tests {
             ["", "agents", _] => "/agents/{name}".to_owned(),
             ["", "agents", _, action] => format!("/agents/{{name}}/{action}"),
             ["", "agents", _, "files", action] => format!("/agents/{{name}}/files/{action}"),
+            ["", "agents", _, "processes", _, action] => {
+                format!("/agents/{{name}}/processes/{{pid}}/{action}")
+            }
             ["", "groups", _] => "/groups/{group}".to_owned(),
             ["", "groups", _, "input"] => "/groups/{group}/input".to_owned(),
             ["", "pools", _] => "/pools/{name}".to_owned(),

@@ -36,10 +36,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::agent::EXEC_GRACE;
 use super::api::{
-    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorBody, ErrorKind, FileRequest, INFER_TIMEOUT,
+    self, ApiError, DEFAULT_INPUT_TIMEOUT_S, ErrorBody, ErrorKind, INFER_TIMEOUT,
     MAX_REQUEST_BYTES, Request, WriteFileRequest,
 };
-use super::files::{ChunkBody, Chunks};
+use super::link::{ChunkBody, Chunks};
 use super::routes;
 use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
@@ -91,11 +91,9 @@ pub trait Handler: Send + Sync + 'static {
         deadline: Instant,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
 
-    /// Opens the stream of an agent's file (see [`Request::ReadFile`]).
-    fn read_file(
-        &self,
-        request: FileRequest,
-    ) -> impl Future<Output = Result<Chunks, ApiError>> + Send;
+    /// Opens the stream a request is answered with (see [`streams`]): a file's bytes, or a
+    /// followed program's lines.
+    fn stream(&self, request: Request) -> impl Future<Output = Result<Chunks, ApiError>> + Send;
 
     /// Writes an agent's file from `body` (see [`Request::WriteFile`]), which ends with an
     /// empty chunk; one that closes without it was cut off.
@@ -163,7 +161,13 @@ fn lane(request: &Request) -> Lane {
         | Request::GroupDown(_)
         | Request::PoolCreate(_)
         | Request::PoolRm(_) => Lane::Control,
-        Request::ReadFile(_) | Request::WriteFile(_) | Request::Fs(_) => Lane::Work,
+        Request::ReadFile(_)
+        | Request::WriteFile(_)
+        | Request::Fs(_)
+        | Request::Start(_)
+        | Request::Processes(_)
+        | Request::Attach(_)
+        | Request::Control(_) => Lane::Work,
         Request::Spawn(_)
         | Request::Exec(_)
         | Request::Infer(_)
@@ -190,8 +194,11 @@ fn time_limit(request: &Request) -> Duration {
             secs(input.timeout_s.unwrap_or(DEFAULT_INPUT_TIMEOUT_S)).saturating_add(INPUT_SLACK)
         }
         Request::Snapshot(_) => SNAPSHOT_TIME,
-        // A transfer's deadline is for its start; then each step has its own limit.
-        Request::ReadFile(_) | Request::WriteFile(_) => CONTROL_TIME,
+        // A stream's deadline is for its start; then each step has its own limit.
+        Request::ReadFile(_) | Request::WriteFile(_) | Request::Start(_) | Request::Attach(_) => {
+            CONTROL_TIME
+        }
+        Request::Processes(_) | Request::Control(_) => CONTROL_TIME,
         // A listing's batches each have the guest's step limit; all of them together, this.
         Request::Fs(_) => FS_TIME,
         Request::Version
@@ -468,8 +475,8 @@ async fn read_and_answer<H: Handler>(
     }
     let body = read_body(body, &head.headers, shared.limits.body).await?;
     let request = routes::route(&head.method, &path, head.uri.query(), &body)?;
-    if let Request::ReadFile(read) = request {
-        return read_file(shared, read).await;
+    if streams(&request) {
+        return stream(shared, request).await;
     }
     let metrics = matches!(request, Request::Metrics);
     let status = routes::success(&request);
@@ -481,26 +488,38 @@ async fn read_and_answer<H: Handler>(
     Ok(json_response(status, &value))
 }
 
-/// Streams an agent's file to the client once the guest has opened it; the request's turn is
-/// held until the file is sent.
-async fn read_file<H: Handler>(
-    shared: &Shared<H>,
-    request: FileRequest,
-) -> Result<Response, Refusal> {
-    let probe = Request::ReadFile(request.clone());
-    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&probe);
-    let turn = shared.lanes.enter(&probe, deadline).await?;
-    let opened = tokio::time::timeout_at(deadline, shared.handler.read_file(request))
+/// Whether `request` is answered with a stream: a file read, a followed program.
+fn streams(request: &Request) -> bool {
+    match request {
+        Request::ReadFile(_) | Request::Attach(_) => true,
+        Request::Start(start) => !start.detach,
+        _ => false,
+    }
+}
+
+/// What a stream is sent as.
+const NDJSON: &str = "application/x-ndjson";
+
+/// Streams the answer to `request` once it started (the guest opened the file, the program
+/// started); the request's turn is held until the stream ends.
+async fn stream<H: Handler>(shared: &Shared<H>, request: Request) -> Result<Response, Refusal> {
+    let op = request.op();
+    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&request);
+    let turn = shared.lanes.enter(&request, deadline).await?;
+    let content_type = match request {
+        Request::ReadFile(_) => "application/octet-stream",
+        _ => NDJSON,
+    };
+    let opened = tokio::time::timeout_at(deadline, shared.handler.stream(request))
         .await
-        .unwrap_or_else(|_| Err(timed_out("read_file", "before the file was opened")))?;
+        .unwrap_or_else(|_| Err(timed_out(op, "before its stream started")))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     // The turn goes with the last chunk.
     tokio::spawn(forward(opened, tx, turn));
     let mut response = hyper::Response::new(Either::Right(ChunkBody(rx)));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(response)
 }
 
@@ -510,7 +529,16 @@ async fn forward(
     to: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
     turn: Turn,
 ) {
-    while let Some(chunk) = from.recv().await {
+    loop {
+        // The client may go while the stream is quiet: then `from` is dropped at once, which
+        // tells its producer.
+        let chunk = tokio::select! {
+            chunk = from.recv() => chunk,
+            () = to.closed() => None,
+        };
+        let Some(chunk) = chunk else {
+            break;
+        };
         if to.send(chunk).await.is_err() {
             break;
         }
@@ -916,11 +944,15 @@ pub(super) mod tests {
             Ok(json!({ "op": request.op() }))
         }
 
-        async fn read_file(&self, request: FileRequest) -> Result<Chunks, ApiError> {
-            let content = match request.path.as_str() {
+        async fn stream(&self, request: Request) -> Result<Chunks, ApiError> {
+            let path = match &request {
+                Request::ReadFile(read) => read.path.as_str(),
+                _ => "",
+            };
+            let content = match path {
                 "/missing" => return Err(ApiError::new(ErrorKind::NotFound, "no /missing")),
                 "/big" => big_file(),
-                _ => json!({ "op": "read_file" }).to_string().into_bytes(),
+                _ => json!({ "op": request.op() }).to_string().into_bytes(),
             };
             let (tx, rx) = tokio::sync::mpsc::channel(2);
             tokio::spawn(async move {
@@ -1234,6 +1266,7 @@ pub(super) mod tests {
         let stub = Arc::new(Stub::default());
         stub.gate.add_permits(1000);
         let server = Running::start(stub, TEST_LIMITS);
+        let body_dir = tempfile::tempdir().unwrap();
         for request in crate::daemon::routes::tests::every_request() {
             let call = routes::call(&request);
             let mut curl = std::process::Command::new("curl");
@@ -1242,12 +1275,15 @@ pub(super) mod tests {
                 .args(["--request", call.method.as_str()])
                 .args(["--write-out", "\n%{http_code}"]);
             if let Some(body) = &call.body {
+                // From a file: a body may hold any bytes (a program's input).
+                let file = body_dir.path().join("body");
+                std::fs::write(&file, body).unwrap();
                 curl.args([
                     "--header",
                     "Content-Type: application/json",
                     "--data-binary",
                 ])
-                .arg(String::from_utf8_lossy(body).into_owned());
+                .arg(format!("@{}", file.display()));
             }
             let out = curl
                 .arg(format!("http://agentos{}", call.target))

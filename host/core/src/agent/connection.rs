@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use agentos_protocol::files::{Entry, FILE_CHUNK_BYTES, FileErrorKind, FsOp, MAX_LISTED_ENTRIES};
 use agentos_protocol::peer::JoinRequest;
+use agentos_protocol::process::{Control, ProcessInfo, Selector};
 use agentos_protocol::{
     ExecRequest, ExitStatus, FrameError, FrameReader, GuestMessage, Hello, HostMessage, InferReply,
     InferRequest, PROTOCOL_VERSION, StreamData, write_frame,
@@ -53,6 +54,9 @@ pub enum ConnectionError {
     TooManyEntries,
 }
 
+/// How often a wait with a cancel check looks whether anyone still waits.
+pub const CANCEL_POLL: Duration = Duration::from_millis(250);
+
 /// How long a file transfer waits for the guest's next frame.
 pub const FILE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -78,6 +82,23 @@ fn timed_out_or(e: FrameError) -> ConnectionError {
         }
         e => e.into(),
     }
+}
+
+/// The program [`AgentConnection::follow`] follows.
+#[derive(Debug)]
+pub enum Follow {
+    /// One it starts.
+    Start(ExecRequest),
+    /// One that runs already.
+    Attach(Selector),
+}
+
+/// What a followed program does, as it happens.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProgramEvent<'a> {
+    Started { pid: u32 },
+    Stdout(&'a [u8]),
+    Stderr(&'a [u8]),
 }
 
 /// Where the output of a program goes, and where its input comes from.
@@ -156,6 +177,8 @@ pub struct AgentConnection {
     ping_outstanding: bool,
     /// Says when the far end is paused on purpose (its VM frozen): silence then is no stall.
     paused: Option<Box<dyn Fn() -> bool + Send>>,
+    /// Says when whoever waits for the answer went (see [`AgentConnection::set_cancel_check`]).
+    cancelled: Option<Box<dyn Fn() -> bool + Send>>,
     /// The id of a `restored` request not answered yet (see [`AgentConnection::restored`]).
     unconfirmed_restore: Option<u64>,
 }
@@ -190,6 +213,7 @@ impl AgentConnection {
             last_heard: Instant::now(),
             ping_outstanding: false,
             paused: None,
+            cancelled: None,
             unconfirmed_restore: None,
         })
     }
@@ -222,6 +246,13 @@ impl AgentConnection {
         self.paused = paused;
     }
 
+    /// Tells a wait for the agent (with a keepalive) how to know that nobody waits for its
+    /// answer any more: the wait then ends within [`CANCEL_POLL`] with
+    /// [`ConnectionError::Transfer`], even while the agent is silent.
+    pub fn set_cancel_check(&mut self, cancelled: Option<Box<dyn Fn() -> bool + Send>>) {
+        self.cancelled = cancelled;
+    }
+
     /// With a keepalive, waits until a frame starts to arrive, pinging a quiet agent.
     fn await_frame(&mut self) -> Result<(), ConnectionError> {
         let Some(keepalive) = self.keepalive else {
@@ -229,7 +260,16 @@ impl AgentConnection {
         };
         let fd = self.reader.get_ref().stream.as_raw_fd();
         loop {
+            if self.cancelled.as_ref().is_some_and(|cancelled| cancelled()) {
+                return Err(ConnectionError::Transfer(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "nobody waits for the answer any more",
+                )));
+            }
             let mut wait = keepalive.interval;
+            if self.cancelled.is_some() {
+                wait = wait.min(CANCEL_POLL);
+            }
             if let Some(deadline) = self.deadline {
                 wait = wait.min(deadline.saturating_duration_since(Instant::now()));
             }
@@ -359,6 +399,93 @@ impl AgentConnection {
                     write_out(io.stderr, &data.0);
                 }
                 GuestMessage::Exited { id: got, status } if got == id => return Ok(status),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts a program (or, with `attach`, follows a running one) and follows it to its end,
+    /// handing `sink` its process id, then its output as it arrives. A sink that fails ends the
+    /// following ([`ConnectionError::Transfer`]); the caller then closes the connection, which
+    /// ends a program it started unless that was kept.
+    pub fn follow(
+        &mut self,
+        what: Follow,
+        sink: &mut dyn FnMut(ProgramEvent<'_>) -> io::Result<()>,
+    ) -> Result<ExitStatus, ConnectionError> {
+        let id = self.new_id();
+        self.send(&match what {
+            Follow::Start(mut request) => {
+                request.id = id;
+                HostMessage::Exec(request)
+            }
+            Follow::Attach(process) => HostMessage::Attach { id, process },
+        })?;
+        loop {
+            let event = match self.recv()? {
+                GuestMessage::Started { id: got, pid } if got == id => {
+                    sink(ProgramEvent::Started { pid })
+                }
+                GuestMessage::Stdout { id: got, data } if got == id => {
+                    sink(ProgramEvent::Stdout(&data.0))
+                }
+                GuestMessage::Stderr { id: got, data } if got == id => {
+                    sink(ProgramEvent::Stderr(&data.0))
+                }
+                GuestMessage::Exited { id: got, status } if got == id => return Ok(status),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => Ok(()),
+            };
+            event.map_err(ConnectionError::Transfer)?;
+        }
+    }
+
+    /// Starts a program that outlives this connection (`keep`); its process id.
+    pub fn start_kept(&mut self, mut request: ExecRequest) -> Result<u32, ConnectionError> {
+        let id = self.new_id();
+        request.id = id;
+        request.keep = true;
+        self.send(&HostMessage::Exec(request))?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Started { id: got, pid } if got == id => return Ok(pid),
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The programs running in the guest.
+    pub fn processes(&mut self) -> Result<Vec<ProcessInfo>, ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::ListProcesses { id })?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Processes { id: got, processes } if got == id => {
+                    return Ok(processes);
+                }
+                GuestMessage::Error { id: got, message } if got == id => {
+                    return Err(ConnectionError::Refused(message));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Feeds, closes the input of, or signals the running program `pid`.
+    pub fn control(&mut self, pid: u32, control: Control) -> Result<(), ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::Control { id, pid, control })?;
+        loop {
+            match self.recv()? {
+                GuestMessage::Done { id: got } if got == id => return Ok(()),
                 GuestMessage::Error { id: got, message } if got == id => {
                     return Err(ConnectionError::Refused(message));
                 }
