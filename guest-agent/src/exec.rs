@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,12 +17,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::process::{MAX_TAG_BYTES, ProcessInfo};
-use agentos_protocol::{ExecRequest, ExitStatus, GuestMessage, StreamData};
+use agentos_protocol::{ExecRequest, ExitStatus, GuestMessage, PtySize, StreamData};
 
 use crate::clip;
 use crate::processes::{Heard, Process, Processes, Watcher};
 use crate::reaper::{Reaper, Waited};
 use crate::stdin::StdinQueue;
+use crate::users;
 
 /// Largest piece of output per frame: small enough to keep a frame far below the frame limit and
 /// memory per connection bounded, large enough to keep the frame overhead low.
@@ -42,6 +43,88 @@ pub enum StartError {
     Thread(#[source] io::Error),
     #[error("{0}")]
     Tag(String),
+    #[error("{0}")]
+    User(String),
+    #[error("cannot open a terminal for the program")]
+    Terminal(#[source] io::Error),
+}
+
+/// A pseudo-terminal for a program: the near end (the master) stays with the agent, the far end
+/// becomes the program's standard input, output and error.
+struct Terminal {
+    near: OwnedFd,
+    far: OwnedFd,
+}
+
+impl Terminal {
+    fn open(size: PtySize) -> io::Result<Self> {
+        let (mut near, mut far) = (-1, -1);
+        let winsize = libc::winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: the four pointers are valid for the call: two ints it writes, no name, no
+        // termios, and a winsize it reads.
+        let opened = unsafe {
+            libc::openpty(
+                &mut near,
+                &mut far,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &winsize,
+            )
+        };
+        if opened != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openpty succeeded: both descriptors are open and ours alone.
+        let (near, far) = unsafe { (OwnedFd::from_raw_fd(near), OwnedFd::from_raw_fd(far)) };
+        for fd in [&near, &far] {
+            // Neither may leak into the program but as its standard streams.
+            // SAFETY: fcntl on a descriptor we own, with an int argument.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self { near, far })
+    }
+
+    /// A copy of the far end, for one of the program's standard streams.
+    fn far_end(&self) -> io::Result<Stdio> {
+        Ok(Stdio::from(self.far.try_clone()?))
+    }
+
+    /// The near end three times: to read the program's output, to write its input, to resize.
+    /// The far end is closed here: the program holds the only copies, so the output ends when
+    /// it does.
+    fn near_ends(self) -> io::Result<(File, File, File)> {
+        drop(self.far);
+        let near = File::from(self.near);
+        Ok((near.try_clone()?, near.try_clone()?, near))
+    }
+}
+
+/// Sets the size of the terminal `process` runs on.
+pub fn resize(process: &Process, cols: u16, rows: u16) -> io::Result<()> {
+    let Some(terminal) = process.terminal() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("process {} does not run on a terminal", process.pid()),
+        ));
+    };
+    let winsize = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize, which lives across the call.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Signals the whole process group of the program `process`.
@@ -79,45 +162,110 @@ pub fn start(
         return Err(StartError::Environment(clip(key)));
     }
     let path = req.run.env.get("PATH").or_else(|| base_env.get("PATH"));
+    let account = req
+        .run
+        .user
+        .as_deref()
+        .map(users::lookup)
+        .transpose()
+        .map_err(StartError::User)?;
+    let terminal = req
+        .pty
+        .map(Terminal::open)
+        .transpose()
+        .map_err(StartError::Terminal)?;
     let mut command = Command::new(resolve(&req.run.program, path.map(String::as_str)));
     command
         .arg0(&req.run.program)
         .args(&req.run.args)
         .env_clear()
-        .envs(base_env)
-        .envs(&req.run.env)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .envs(base_env);
+    if let Some(account) = &account {
+        command
+            .uid(account.uid)
+            .gid(account.gid)
+            .env("HOME", &account.home)
+            .env("USER", &account.name)
+            .env("LOGNAME", &account.name)
+            .current_dir(&account.home);
+    }
+    command.envs(&req.run.env);
+    match &terminal {
+        Some(terminal) => {
+            let end = |t: &Terminal| t.far_end().map_err(StartError::Terminal);
+            command
+                .stdin(end(terminal)?)
+                .stdout(end(terminal)?)
+                .stderr(end(terminal)?);
+            // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+            // (setsid, ioctl) on the child's own descriptors, and allocates nothing.
+            unsafe {
+                command.pre_exec(|| {
+                    // A session of its own, with the terminal (its standard input) as its
+                    // controlling terminal: its process group is its pid, as for the others.
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        None => {
+            command
+                .stdin(if req.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+        }
+    }
     if let Some(cwd) = &req.run.cwd {
         command.current_dir(cwd);
     }
-    let (mut child, pid) = reaper
-        .spawn(&mut command)
-        .map_err(|source| StartError::Spawn {
-            program: clip(&req.run.program),
-            source,
-        })?;
+    let spawned = reaper.spawn(&mut command);
+    // The terminal's far end stays open in the program only.
+    drop(command);
+    let (mut child, pid) = spawned.map_err(|source| StartError::Spawn {
+        program: clip(&req.run.program),
+        source,
+    })?;
     let deadline = req
         .run
         .timeout_ms
         .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
-    let pipes = [
-        child
-            .stdout
-            .take()
-            .map(|pipe| File::from(OwnedFd::from(pipe))),
-        child
-            .stderr
-            .take()
-            .map(|pipe| File::from(OwnedFd::from(pipe))),
-    ];
-    let stdin = match child.stdin.take().map(|pipe| StdinQueue::start(pipe, pid)) {
+    let (pipes, input, resizer) = match terminal {
+        Some(terminal) => {
+            let (output, input, resizer) = match terminal.near_ends() {
+                Ok(ends) => ends,
+                Err(err) => {
+                    abort(pid, reaper);
+                    return Err(StartError::Terminal(err));
+                }
+            };
+            ([Some(output), None], Some(input), Some(resizer))
+        }
+        None => (
+            [
+                child
+                    .stdout
+                    .take()
+                    .map(|pipe| File::from(OwnedFd::from(pipe))),
+                child
+                    .stderr
+                    .take()
+                    .map(|pipe| File::from(OwnedFd::from(pipe))),
+            ],
+            child
+                .stdin
+                .take()
+                .map(|pipe| File::from(OwnedFd::from(pipe))),
+            None,
+        ),
+    };
+    let stdin = match input.map(|input| StdinQueue::start(input, pid)) {
         None => None,
         Some(Ok(queue)) => Some(queue),
         Some(Err(err)) => {
@@ -130,9 +278,10 @@ pub fn start(
         tag: req.tag.clone(),
         run: req.run.clone(),
         keep: req.keep,
-        stdin: req.stdin,
+        stdin: stdin.is_some(),
+        pty: resizer.is_some(),
     };
-    let process = Arc::new(Process::new(info, stdin.clone(), watcher));
+    let process = Arc::new(Process::new(info, stdin.clone(), resizer, watcher));
     processes.insert(Arc::clone(&process));
     let supervisor = Supervisor {
         process: Arc::clone(&process),

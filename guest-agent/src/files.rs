@@ -41,11 +41,11 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(kind: FileErrorKind, message: String) -> Self {
+    pub fn new(kind: FileErrorKind, message: String) -> Self {
         Self { kind, message }
     }
 
-    fn io(doing: &str, path: &Path, e: &io::Error) -> Self {
+    pub fn io(doing: &str, path: &Path, e: &io::Error) -> Self {
         Self::new(
             FileErrorKind::of(e),
             format!("cannot {doing} {}: {e}", clip(&path.to_string_lossy())),
@@ -62,7 +62,7 @@ impl Failure {
 }
 
 /// `path` if it is absolute and of a length the kernel takes.
-fn absolute(path: &str) -> Result<&Path, Failure> {
+pub fn absolute(path: &str) -> Result<&Path, Failure> {
     if !path.starts_with('/') || path.len() > MAX_PATH_BYTES || path.contains('\0') {
         return Err(Failure::new(
             FileErrorKind::Invalid,

@@ -126,7 +126,27 @@ pub fn configure(config: &Config) -> Result<(), InitError> {
     for module in &config.modules {
         load_module(module)?;
     }
+    make_homes();
     Ok(())
+}
+
+/// Makes the missing home directories of the accounts other than root, owned by them: the
+/// image holds only root's files.
+fn make_homes() {
+    let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
+        return;
+    };
+    for account in crate::users::accounts(&passwd).filter(|a| a.uid != 0) {
+        if account.home.exists() || !account.home.is_absolute() {
+            continue;
+        }
+        let made = std::fs::create_dir_all(&account.home).and_then(|()| {
+            std::os::unix::fs::chown(&account.home, Some(account.uid), Some(account.gid))
+        });
+        if let Err(err) = made {
+            console!("cannot make {}: {err}", account.home.display());
+        }
+    }
 }
 
 fn mount(fs: &Mount) -> Result<(), InitError> {

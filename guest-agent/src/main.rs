@@ -28,6 +28,8 @@ mod server;
 mod stdin;
 mod system;
 mod transport;
+mod users;
+mod watch;
 
 use std::fmt;
 use std::io::{self, Write};

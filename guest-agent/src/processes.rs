@@ -5,6 +5,7 @@
 //! nowhere); any other is killed once nobody does.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +55,8 @@ struct Watchers {
 pub struct Process {
     info: ProcessInfo,
     stdin: Option<Arc<StdinQueue>>,
+    /// The near end of its terminal, if it runs on one.
+    terminal: Option<File>,
     watchers: Mutex<Watchers>,
 }
 
@@ -69,7 +72,12 @@ pub enum Heard {
 
 impl Process {
     /// A program just started, followed by `first`, which is sent `started`.
-    pub fn new(info: ProcessInfo, stdin: Option<Arc<StdinQueue>>, first: Watcher) -> Self {
+    pub fn new(
+        info: ProcessInfo,
+        stdin: Option<Arc<StdinQueue>>,
+        terminal: Option<File>,
+        first: Watcher,
+    ) -> Self {
         let started = GuestMessage::Started {
             id: first.id,
             pid: info.pid,
@@ -82,6 +90,7 @@ impl Process {
         Self {
             info,
             stdin,
+            terminal,
             watchers: Mutex::new(Watchers { list, ended: false }),
         }
     }
@@ -96,6 +105,10 @@ impl Process {
 
     pub fn stdin(&self) -> Option<&Arc<StdinQueue>> {
         self.stdin.as_ref()
+    }
+
+    pub fn terminal(&self) -> Option<&File> {
+        self.terminal.as_ref()
     }
 
     /// Sends each follower the frame `make` builds with its request id; those whose

@@ -22,6 +22,7 @@ use crate::processes::{Finish, Process, Processes, Watcher};
 use crate::reaper::Reaper;
 use crate::stdin::{StdinError, StdinQueue};
 use crate::transport::Connection;
+use crate::watch::Watches;
 use crate::{describe, init, lock, system};
 
 /// Programs one connection may run at once; each costs threads, pipes and queued output.
@@ -144,6 +145,7 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         execs: Arc::default(),
         reads: Reads::default(),
         writes: Mutex::default(),
+        watches: Watches::default(),
     };
     let mut frames = FrameReader::new(conn);
     let ended = session.run(&mut frames);
@@ -190,6 +192,8 @@ struct Session<'a> {
     reads: Reads,
     /// Files being written; those not finished when the connection ends are removed.
     writes: Mutex<Writes>,
+    /// Directories watched; the watches end with the connection.
+    watches: Watches,
 }
 
 enum Flow {
@@ -273,6 +277,15 @@ impl Session<'_> {
             }
             HostMessage::Fs { id, fs } => self.fs(id, &fs)?,
             HostMessage::Attach { id, process } => self.attach(id, &process)?,
+            HostMessage::Watch {
+                id,
+                path,
+                recursive,
+            } => {
+                if let Err(failure) = self.watches.start(id, &path, recursive, &self.outbox) {
+                    self.outbox.send(failure.into_message(id))?;
+                }
+            }
             HostMessage::ListProcesses { id } => self.outbox.send(GuestMessage::Processes {
                 id,
                 processes: self.ctx.processes.list(),
@@ -417,6 +430,9 @@ impl Session<'_> {
                 None => Err(format!("process {pid} was not started with stdin")),
                 Some(queue) => queue.close().map_err(|e| format!("process {pid}: {e}")),
             },
+            Control::Resize { cols, rows } => {
+                exec::resize(&process, cols, rows).map_err(|e| format!("cannot resize: {e}"))
+            }
             Control::Signal { signal } if signal <= 0 => Err(format!("{signal} is not a signal")),
             Control::Signal { signal } => match exec::signal(&process, signal) {
                 Err(err) if err.raw_os_error() != Some(libc::ESRCH) => {
@@ -510,6 +526,7 @@ impl Session<'_> {
     /// The connection ends: the programs it started are killed, but those kept; it stops
     /// following the others.
     fn release_all(&self) {
+        self.watches.stop();
         for running in lock(&self.execs).values() {
             if running.owner && !running.process.info().keep {
                 let _ = exec::signal(&running.process, libc::SIGKILL);

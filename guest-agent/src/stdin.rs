@@ -3,8 +3,8 @@
 //! connection nor the other programs on it.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Write};
-use std::process::ChildStdin;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ struct StdinState {
 }
 
 impl StdinQueue {
-    pub fn start(pipe: ChildStdin, pid: i32) -> io::Result<Arc<Self>> {
+    pub fn start(pipe: File, pid: i32) -> io::Result<Arc<Self>> {
         let queue = Arc::new(Self {
             state: Mutex::new(StdinState {
                 chunks: VecDeque::new(),
@@ -114,7 +114,7 @@ impl StdinQueue {
         self.changed.notify_all();
     }
 
-    fn feed(&self, mut pipe: ChildStdin) {
+    fn feed(&self, mut pipe: File) {
         while let Some(chunk) = self.next_chunk() {
             let mut written = 0;
             while written < chunk.len() {

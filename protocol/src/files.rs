@@ -57,6 +57,34 @@ impl FsOp {
     }
 }
 
+/// What happened to a watched path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Made, or moved in.
+    Create,
+    /// Written to.
+    Write,
+    /// Removed.
+    Remove,
+    /// Moved away (its new name, if under the watched directory, comes as a `create`).
+    Rename,
+    /// Its mode, owner or times changed.
+    Chmod,
+}
+
+/// One change under a watched directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    pub kind: ChangeKind,
+    /// The path that changed (names that are not UTF-8 are shown with U+FFFD).
+    pub path: String,
+}
+
+/// Most directories one recursive watch follows.
+pub const MAX_WATCHED_DIRS: usize = 8192;
+
 /// What an entry of the file tree is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

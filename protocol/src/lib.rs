@@ -23,7 +23,7 @@ pub use infer::{
 };
 pub use message::{
     BootTimings, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage, MAX_RESTORE_ENTROPY,
-    Program, StreamData,
+    Program, PtySize, StreamData,
 };
 
 /// `text` cut to at most `max` bytes (at a character boundary) with `...` appended when cut:

@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::files::{Entry, FileErrorKind, FsOp};
+use crate::files::{Change, Entry, FileErrorKind, FsOp};
 use crate::infer::{InferReply, InferRequest};
 use crate::peer::JoinRequest;
 use crate::process::{Control, ProcessInfo, Selector};
@@ -93,6 +93,15 @@ pub enum HostMessage {
     Attach { id: u64, process: Selector },
     /// The programs running in the guest; answered with `processes`.
     ListProcesses { id: u64 },
+    /// Watch the directory `path` (with `recursive`, and every directory below it, as they
+    /// come and go): answered with `watching`, then `changes` as they happen, until the
+    /// connection closes.
+    Watch {
+        id: u64,
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
     /// Act on a running program by its process id, from any connection; answered with `done`.
     Control { id: u64, pid: u32, control: Control },
 }
@@ -115,6 +124,7 @@ impl HostMessage {
             | Self::Fs { id, .. }
             | Self::Attach { id, .. }
             | Self::ListProcesses { id }
+            | Self::Watch { id, .. }
             | Self::Control { id, .. }
             | Self::Stdin { id, .. }
             | Self::CloseStdin { id }
@@ -141,6 +151,11 @@ pub struct Program {
     /// The program is killed (whole process group) when it runs longer than this.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The user it runs as, by name (from the guest's `/etc/passwd`: its ids, groups and home
+    /// directory, which is also its working directory unless `cwd` says otherwise); root when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl Program {
@@ -178,6 +193,18 @@ pub struct ExecRequest {
     /// A name to find it by (see [`Selector`]), unique among running programs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// Run it on a terminal of this size (a pseudo-terminal, in a session of its own): its
+    /// output comes as `stdout`, and its input is open as with `stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size, in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// How a program ended.
@@ -308,6 +335,15 @@ pub enum GuestMessage {
     Done {
         id: u64,
     },
+    /// Answer to `watch`: changes from now on come as `changes`.
+    Watching {
+        id: u64,
+    },
+    /// Changes under the directory watched by request `id`, in the order they happened.
+    Changes {
+        id: u64,
+        changes: Vec<Change>,
+    },
     /// A file request failed; nothing else follows for it.
     FileError {
         id: u64,
@@ -332,10 +368,12 @@ mod tests {
                 env: BTreeMap::from([("A".into(), "1".into())]),
                 cwd: Some("/tmp".into()),
                 timeout_ms: Some(500),
+                user: None,
             },
             stdin: true,
             keep: false,
             tag: None,
+            pty: None,
         });
         assert_eq!(
             serde_json::to_string(&exec).unwrap(),

@@ -28,6 +28,8 @@ pub enum Control {
     CloseStdin,
     /// Send a signal to its process group.
     Signal { signal: i32 },
+    /// Change the size of its terminal (it was started with `pty`).
+    Resize { cols: u16, rows: u16 },
 }
 
 /// A program running in the guest.
@@ -42,6 +44,9 @@ pub struct ProcessInfo {
     pub keep: bool,
     /// Whether its standard input is open to the host.
     pub stdin: bool,
+    /// Whether it runs on a terminal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pty: bool,
 }
 
 #[cfg(test)]
@@ -77,6 +82,7 @@ mod tests {
                 run: Program::new("sleep"),
                 keep: true,
                 stdin: false,
+                pty: false,
             }],
         };
         let text = serde_json::to_string(&listed).unwrap();

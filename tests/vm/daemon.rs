@@ -860,6 +860,45 @@ fn files_go_in_and_out_of_an_agent_whole() {
         );
     }
 
+    // A watch sees changes below it as they happen.
+    {
+        use std::io::Read;
+        let mut watch = UnixStream::connect(socket).unwrap();
+        watch
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        watch
+            .write_all(&raw::request(
+                "GET",
+                "/agents/f/files/watch?path=/home/data&recursive=true",
+                b"",
+                None,
+            ))
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut read_until = |watch: &mut UnixStream, what: &str| {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains(what) {
+                let n = watch.read(&mut buf).expect("the watch went quiet");
+                assert!(n > 0, "the watch ended: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+        };
+        read_until(&mut watch, r#"{"watching":{"path":"/home/data"}}"#);
+        d.ok(&[
+            "exec",
+            "f",
+            "--",
+            "/bin/sh",
+            "-c",
+            "mkdir /home/data/a/new && sleep 1 && echo x > /home/data/a/new/file",
+        ]);
+        read_until(
+            &mut watch,
+            r#"{"change":{"kind":"create","path":"/home/data/a/new/file"}}"#,
+        );
+    }
+
     // A write cut off halfway changes nothing and leaves nothing beside the file.
     {
         let mut cut = UnixStream::connect(socket).unwrap();
@@ -970,6 +1009,29 @@ fn programs_stream_run_on_and_are_found_followed_and_signalled() {
     assert!(lines[0]["started"]["pid"].as_u64().unwrap() > 1);
     assert_eq!(lines[1]["stdout"], "aGkK");
     assert_eq!(lines[2]["exited"]["code"], 0);
+
+    // As another user, in its home; on a terminal (80x24 when ours is none).
+    assert_eq!(
+        d.ok(&[
+            "exec",
+            "p",
+            "--user",
+            "user",
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; pwd; touch mine"
+        ]),
+        "1000\n/home/user\n"
+    );
+    assert_eq!(
+        d.ok(&["exec", "p", "-t", "--", "/bin/stty", "size"]),
+        "24 80\r\n"
+    );
+    d.refused(
+        &["exec", "p", "--user", "nobody", "--", "/bin/true"],
+        "no user \"nobody\"",
+    );
 
     // Detached: it runs on, is listed with its tag, followed again and signalled.
     let pid = d.ok(&[

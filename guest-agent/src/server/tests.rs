@@ -609,3 +609,113 @@ fn a_program_not_kept_ends_with_its_connection_even_when_another_follows_it() {
         other => panic!("expected exited, got {other:?}"),
     }
 }
+
+#[test]
+fn a_program_on_a_terminal_has_one_of_the_size_asked_and_it_can_be_resized() {
+    use agentos_protocol::PtySize;
+    use agentos_protocol::process::Control;
+    let mut host = Host::connect();
+    // Prints its terminal's size whenever it is told it changed, and ends at its input's end.
+    let script =
+        "trap 'stty size' WINCH; stty size; tty; until read line; do :; done; echo got $line";
+    host.exec(ExecRequest {
+        pty: Some(PtySize {
+            cols: 100,
+            rows: 30,
+        }),
+        ..sh(1, script)
+    });
+    let pid = match host.recv() {
+        GuestMessage::Started { id: 1, pid } => pid,
+        other => panic!("expected started, got {other:?}"),
+    };
+    let mut seen = String::new();
+    let mut wait_for = |host: &mut Host, what: &str| {
+        while !seen.contains(what) {
+            match host.recv() {
+                GuestMessage::Stdout { id: 1, data } => {
+                    seen.push_str(&String::from_utf8_lossy(&data.0))
+                }
+                GuestMessage::Done { .. } => {}
+                other => panic!("unexpected {other:?} waiting for {what:?} in {seen:?}"),
+            }
+        }
+    };
+    wait_for(&mut host, "30 100");
+    wait_for(&mut host, "/dev/pts/");
+    host.send(HostMessage::Control {
+        id: 2,
+        pid,
+        control: Control::Resize { cols: 90, rows: 20 },
+    });
+    wait_for(&mut host, "20 90");
+    host.send(HostMessage::Stdin {
+        id: 1,
+        data: StreamData(b"hello\n".to_vec()),
+    });
+    wait_for(&mut host, "got hello");
+    loop {
+        match host.recv() {
+            GuestMessage::Exited { id: 1, status } => {
+                assert_eq!(status, exited_with(0));
+                break;
+            }
+            GuestMessage::Stdout { .. } | GuestMessage::Done { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_watched_directory_reports_changes_below_it_as_they_happen() {
+    use agentos_protocol::files::{Change, ChangeKind};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_string_lossy().into_owned();
+    let mut host = Host::connect();
+    host.send(HostMessage::Watch {
+        id: 1,
+        path: base.clone(),
+        recursive: true,
+    });
+    assert_eq!(host.recv(), GuestMessage::Watching { id: 1 });
+    std::fs::write(dir.path().join("a"), b"x").unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    // The new directory is watched once its creation is seen; give that a moment.
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(dir.path().join("d/inner"), b"y").unwrap();
+    std::fs::remove_file(dir.path().join("a")).unwrap();
+    let mut seen: Vec<Change> = Vec::new();
+    let wanted = Change {
+        kind: ChangeKind::Remove,
+        path: format!("{base}/a"),
+    };
+    while !seen.contains(&wanted) {
+        match host.recv() {
+            GuestMessage::Changes { id: 1, changes } => seen.extend(changes),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let has = |kind, path: &str| seen.iter().any(|c| c.kind == kind && c.path == path);
+    assert!(has(ChangeKind::Create, &format!("{base}/a")), "{seen:?}");
+    assert!(has(ChangeKind::Write, &format!("{base}/a")), "{seen:?}");
+    assert!(has(ChangeKind::Create, &format!("{base}/d")), "{seen:?}");
+    assert!(
+        has(ChangeKind::Create, &format!("{base}/d/inner")),
+        "{seen:?}"
+    );
+    host.send(HostMessage::Watch {
+        id: 2,
+        path: format!("{base}/missing"),
+        recursive: false,
+    });
+    loop {
+        match host.recv() {
+            GuestMessage::FileError { id: 2, kind, .. } => {
+                assert_eq!(kind, agentos_protocol::files::FileErrorKind::NotFound);
+                break;
+            }
+            GuestMessage::Changes { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentos_protocol::{InferOptions, InferReply, Task};
+use agentos_protocol::{InferOptions, InferReply, Program, Task};
 use agentos_vmm::config::MAX_VCPUS;
 use anyhow::Context;
 
@@ -84,8 +84,16 @@ pub struct ExecArgs {
     /// The agent.
     pub name: String,
     /// Send this command's standard input to the program (up to 512 KiB with --json).
-    #[arg(long, conflicts_with = "detach")]
+    #[arg(long, short = 'i', conflicts_with = "detach")]
     pub stdin: bool,
+    /// Run the program on a terminal the size of this one (raw mode here meanwhile), with this
+    /// command's standard input: `-it` for a shell.
+    #[arg(long, short = 't', conflicts_with_all = ["detach", "json"])]
+    pub tty: bool,
+    /// The user to run the program as (from the agent's /etc/passwd; its home is the working
+    /// directory unless --cwd says otherwise).
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
     /// Leave the program running in the agent and print its process id (see `agentos
     /// processes`, `attach`, `kill`).
     #[arg(long, short = 'd')]
@@ -332,7 +340,10 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
     if args.command.is_empty() {
         anyhow::bail!("give the program to run after `--`");
     }
-    let run = crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout);
+    let run = Program {
+        user: args.user.clone(),
+        ..crate::flags::program(&args.command, &args.env, args.cwd.as_deref(), args.timeout)
+    };
     if args.detach {
         return processes::exec_detached(
             &args.socket,
@@ -348,6 +359,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<i32> {
             &args.name,
             run,
             args.stdin,
+            args.tty,
             args.tag.clone(),
         );
     }

@@ -17,6 +17,7 @@ mod infer;
 mod model;
 mod processes;
 mod run;
+mod terminal;
 
 use agentos::{doctor, eval};
 use agentos_core::signals;
@@ -57,7 +58,7 @@ enum Command {
     /// Run a program in a daemon's agent, its output streamed as it comes, and exit with its
     /// status; or leave it running (--detach).
     #[command(
-        after_help = "Without --json the output comes as the program writes it, with no cap, and the program is killed\nif this command ends first (Ctrl-C). Examples:\n  agentos exec worker -- /bin/uname -a\n  tar c src | agentos exec worker --stdin -- tar x -C /home\n  agentos exec worker --detach --tag web -- httpd -f -p 8080"
+        after_help = "Without --json the output comes as the program writes it, with no cap, and the program is killed\nif this command ends first (Ctrl-C). Examples:\n  agentos exec worker -- /bin/uname -a\n  tar c src | agentos exec worker --stdin -- tar x -C /home\n  agentos exec -it worker -- /bin/sh\n  agentos exec worker --detach --tag web -- httpd -f -p 8080"
     )]
     Exec(daemon::ExecArgs),
     /// The programs running in a daemon's agent.

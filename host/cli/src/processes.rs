@@ -12,8 +12,10 @@ use agentos::daemon::api::{
 };
 use agentos::daemon::client::{Client, ClientError};
 use agentos_protocol::process::Control;
-use agentos_protocol::{ExitStatus, Program, StreamData};
+use agentos_protocol::{ExitStatus, Program, PtySize, StreamData};
 use anyhow::Context;
+
+use crate::terminal;
 
 /// How long input that could not be passed on waits to learn whether its program ended (then
 /// nothing is said).
@@ -26,28 +28,79 @@ fn client(socket: &SocketArg) -> anyhow::Result<Client> {
     Ok(Client::connect(&socket.client_path()?)?)
 }
 
+/// How often the local terminal's size is looked at, to pass a change on.
+const RESIZE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Starts `run` in agent `name` and follows it: its output goes to ours as it comes, our
-/// standard input (with `stdin`) to it; the program's exit status, as a shell gives it.
+/// standard input (with `stdin`, or `tty`) to it; with `tty` it runs on a terminal of our
+/// terminal's size, ours in raw mode meanwhile. The program's exit status, as a shell gives it.
 pub fn exec_streamed(
     socket: &SocketArg,
     name: &str,
     run: Program,
     stdin: bool,
+    tty: bool,
     tag: Option<String>,
 ) -> anyhow::Result<i32> {
+    let pty = tty.then(|| {
+        terminal::size(libc::STDOUT_FILENO)
+            .or_else(|| terminal::size(libc::STDIN_FILENO))
+            .unwrap_or(PtySize { cols: 80, rows: 24 })
+    });
+    let stdin = stdin || tty;
     let request = Request::Start(StartCall {
         name: name.to_owned(),
         run,
         stdin,
         detach: false,
         tag,
+        pty,
     });
+    let _raw = if tty {
+        terminal::RawMode::enter(libc::STDIN_FILENO)
+            .context("cannot put the terminal in raw mode")?
+    } else {
+        None
+    };
     let socket_path = socket.client_path()?;
     let agent = name.to_owned();
     // A program that ends before it read all its input is no failure of ours.
     let ended = Arc::new(AtomicBool::new(false));
     let feeder_ended = Arc::clone(&ended);
     let code = follow(socket, &request, move |pid| {
+        if let Some(mut size) = pty {
+            let (socket_path, agent, ended) = (
+                socket_path.clone(),
+                agent.clone(),
+                Arc::clone(&feeder_ended),
+            );
+            // Passes on changes of our terminal's size while the program runs.
+            let _ = std::thread::Builder::new()
+                .name("resize".into())
+                .spawn(move || {
+                    let Ok(mut client) = Client::connect(&socket_path) else {
+                        return;
+                    };
+                    while !ended.load(Ordering::SeqCst) {
+                        std::thread::sleep(RESIZE_POLL);
+                        match terminal::size(libc::STDOUT_FILENO) {
+                            Some(now) if now != size => {
+                                size = now;
+                                let resize = Request::Control(ControlCall {
+                                    name: agent.clone(),
+                                    pid,
+                                    control: Control::Resize {
+                                        cols: now.cols,
+                                        rows: now.rows,
+                                    },
+                                });
+                                let _ = client.call::<serde_json::Value>(&resize);
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+        }
         if stdin {
             let (socket_path, agent) = (socket_path.clone(), agent.clone());
             let ended = Arc::clone(&feeder_ended);
@@ -141,6 +194,7 @@ pub fn exec_detached(
         stdin: false,
         detach: true,
         tag,
+        pty: None,
     }))?;
     if json {
         println!("{}", serde_json::to_string(&reply)?);

@@ -500,6 +500,9 @@ fn initrd_tree(spec: &ImageSpec, contents: InitrdContents<'_>) -> Result<CpioTre
     for (dir, mode) in &spec.dirs {
         tree.dir(dir, *mode)?;
     }
+    for (path, text) in &spec.files {
+        tree.file(path, DATA_MODE, text.as_bytes().to_vec())?;
+    }
     tree.file(INIT_PATH, EXECUTABLE_MODE, contents.agent)?;
     for library in contents.libraries {
         tree.host_file_at_same_path(library)?;

@@ -60,6 +60,7 @@ const CARRIER_MODULES: &[&str] = &[
 const BASE_DIRS: &[(&str, u32)] = &[
     ("/dev", 0o755),
     ("/etc", 0o755),
+    ("/home", 0o755),
     ("/proc", 0o555),
     ("/root", 0o700),
     ("/run", 0o755),
@@ -68,6 +69,11 @@ const BASE_DIRS: &[(&str, u32)] = &[
 ];
 
 const GUEST_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+
+/// The guest's accounts: root, and `user`, whom programs may run as (`run.user`); the guest
+/// agent makes the homes of the accounts other than root at boot, owned by them.
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n";
+const GROUP: &str = "root:x:0:\nuser:x:1000:\n";
 
 /// Everything that decides an image's contents apart from the package files and the guest agent
 /// binary. It is hashed into the image's inputs key, so any change here rebuilds.
@@ -87,6 +93,8 @@ pub struct ImageSpec {
     pub env: BTreeMap<String, String>,
     /// Empty directories and their modes.
     pub dirs: Vec<(String, u32)>,
+    /// Small text files (the accounts), by path; mode 0644.
+    pub files: BTreeMap<String, String>,
     /// Also keep the ELF kernel unpacked from the bzImage, which agentos boots without the guest
     /// decompressing itself. The carrier, which QEMU boots, does without.
     pub unpack_kernel: bool,
@@ -163,6 +171,10 @@ impl ImageSpec {
                 .iter()
                 .map(|(path, mode)| ((*path).to_owned(), *mode))
                 .collect(),
+            files: BTreeMap::from([
+                ("/etc/passwd".to_owned(), PASSWD.to_owned()),
+                ("/etc/group".to_owned(), GROUP.to_owned()),
+            ]),
             unpack_kernel: false,
         }
     }

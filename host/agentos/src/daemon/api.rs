@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use agentos_protocol::files::{Entry, FileErrorKind, FsOp};
+use agentos_protocol::files::{Change, Entry, FileErrorKind, FsOp};
 use agentos_protocol::process::{Control, ProcessInfo};
-use agentos_protocol::{ExitStatus, InferOptions, Program, StreamData, Task};
+use agentos_protocol::{ExitStatus, InferOptions, Program, PtySize, StreamData, Task};
 use serde::{Deserialize, Serialize};
 
 use agentos_core::cgroup::slice::PriorityClass;
@@ -85,6 +85,8 @@ pub enum Request {
     WriteFile(WriteFileRequest),
     /// Look at or change an agent's files: stat, list, make a directory, move, remove.
     Fs(FsCall),
+    /// Watch a directory of an agent: its changes streamed as they happen.
+    Watch(WatchRequest),
     /// Start a program in an agent: follow it (its events streamed as they happen) or, with
     /// `detach`, leave it running.
     Start(StartCall),
@@ -119,6 +121,7 @@ impl Request {
             Self::PoolRm(_) => "pool_rm",
             Self::ReadFile(_) => "read_file",
             Self::WriteFile(_) => "write_file",
+            Self::Watch(_) => "watch",
             Self::Start(_) => "start",
             Self::Processes(_) => "processes",
             Self::Attach(_) => "attach",
@@ -126,6 +129,7 @@ impl Request {
                 Control::Stdin { .. } => "stdin",
                 Control::CloseStdin => "close_stdin",
                 Control::Signal { .. } => "signal",
+                Control::Resize { .. } => "resize",
             },
             Self::Fs(call) => match call.op {
                 FsOp::Stat { .. } => "stat",
@@ -319,6 +323,30 @@ pub struct StartCall {
     /// A name to find it by among the agent's running programs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// Run it on a terminal of this size; its input is then open as with `stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A directory of an agent to watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    pub name: String,
+    pub path: String,
+    /// Every directory below it too, as they come and go.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// One line of a watch's stream (newline-delimited JSON): `watching` once it began, then each
+/// change as it happens, or `error` if the watch failed on the way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchLine {
+    Watching { path: String },
+    Change(Change),
+    Error(ApiError),
 }
 
 /// A running program of an agent.

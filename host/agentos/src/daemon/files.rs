@@ -9,8 +9,22 @@ use bytes::Bytes;
 use agentos_core::agent::connection::ConnectionError;
 use agentos_protocol::files::FsOp;
 
-use super::api::{ApiError, ErrorKind, FileWrittenReply, ListReply};
-use super::link::{Chunks, GuestLink};
+use agentos_core::agent::connection::Keepalive;
+
+use super::api::{ApiError, ErrorKind, FileWrittenReply, ListReply, WatchLine};
+use super::link::{Chunks, Emit, GuestLink};
+
+/// How often a quiet watch's guest agent is pinged, and how long it may stay silent.
+const WATCH_KEEPALIVE: Keepalive = Keepalive {
+    interval: std::time::Duration::from_secs(10),
+    limit: std::time::Duration::from_secs(30),
+};
+
+fn send_line(emit: &mut Emit, line: &WatchLine) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(line).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    emit.send(Bytes::from(bytes))
+}
 
 impl GuestLink {
     /// Runs one operation other than a transfer; its answer as the API gives it.
@@ -42,6 +56,34 @@ impl GuestLink {
                 Ok(_) => Ok(()),
                 // The client went: nobody to tell.
                 Err(ConnectionError::Transfer(_)) => Ok(()),
+                Err(e) => Err(link.error(e)),
+            }
+        })
+        .await
+    }
+
+    /// Watches the directory `path`: the stream of its changes, once the watch began.
+    pub async fn watch(self, path: String, recursive: bool) -> Result<Chunks, ApiError> {
+        self.stream(move |link, emit| {
+            let mut conn = link.connect()?;
+            conn.set_keepalive(Some(WATCH_KEEPALIVE));
+            conn.set_cancel_check(Some(emit.gone_check()));
+            let mut begun = false;
+            let watched = conn.watch(&path, recursive, &mut |changes| {
+                if !begun {
+                    begun = true;
+                    send_line(emit, &WatchLine::Watching { path: path.clone() })?;
+                }
+                changes
+                    .into_iter()
+                    .try_for_each(|change| send_line(emit, &WatchLine::Change(change)))
+            });
+            match watched {
+                Ok(()) | Err(ConnectionError::Transfer(_)) => Ok(()),
+                Err(e) if emit.started() => {
+                    let _ = send_line(emit, &WatchLine::Error(link.error(e)));
+                    Ok(())
+                }
                 Err(e) => Err(link.error(e)),
             }
         })

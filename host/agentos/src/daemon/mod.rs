@@ -35,7 +35,7 @@ use self::api::AgentInfo;
 use self::api::{
     AgentState, ApiError, ControlCall, ErrorKind, ExecCall, FileRequest, FsCall, InferCall,
     LogsRequest, MetricsReply, PoolCreateRequest, PoolRequest, ProcessRequest, PsReply, Request,
-    RestartPolicy, RmRequest, SnapshotRequest, SpawnRequest, StartCall, VersionReply,
+    RestartPolicy, RmRequest, SnapshotRequest, SpawnRequest, StartCall, VersionReply, WatchRequest,
     WriteFileRequest,
 };
 use self::link::{Chunks, GuestLink};
@@ -45,6 +45,7 @@ enum Streamed {
     File(GuestLink, String),
     Start(GuestLink, StartCall),
     Attach(GuestLink, u32),
+    Watch(GuestLink, String, bool),
 }
 use crate::placement::{self, CarrierChoice, Placement, PlacementError};
 use agentos_core::agent::pool::Spawner;
@@ -437,6 +438,13 @@ impl server::Handler for Daemon {
             Request::Attach(ProcessRequest { name, pid }) => {
                 self.link(&name).map(|link| Streamed::Attach(link, pid))
             }
+            Request::Watch(WatchRequest {
+                name,
+                path,
+                recursive,
+            }) => self
+                .link(&name)
+                .map(|link| Streamed::Watch(link, path, recursive)),
             request => Err(ApiError::new(
                 ErrorKind::BadRequest,
                 format!("`{}` is answered whole, not streamed", request.op()),
@@ -447,6 +455,7 @@ impl server::Handler for Daemon {
                 Streamed::File(link, path) => link.read(path).await,
                 Streamed::Start(link, call) => link.start_followed(call).await,
                 Streamed::Attach(link, pid) => link.attach(pid).await,
+                Streamed::Watch(link, path, recursive) => link.watch(path, recursive).await,
             }
         }
     }
@@ -591,7 +600,8 @@ impl Daemon {
             request @ (Request::ReadFile(_)
             | Request::WriteFile(_)
             | Request::Start(_)
-            | Request::Attach(_)) => Err(ApiError::new(
+            | Request::Attach(_)
+            | Request::Watch(_)) => Err(ApiError::new(
                 ErrorKind::BadRequest,
                 format!("`{}` streams and is not answered whole", request.op()),
             )),

@@ -27,6 +27,7 @@ impl GuestLink {
             run: call.run,
             stdin: call.stdin,
             tag: call.tag,
+            pty: call.pty,
             ..ExecRequest::default()
         };
         self.follow(Follow::Start(request)).await
@@ -80,6 +81,7 @@ impl GuestLink {
                 run: call.run,
                 stdin: call.stdin,
                 tag: call.tag,
+                pty: call.pty,
                 ..ExecRequest::default()
             };
             let pid = conn.start_kept(request).map_err(|e| link.error(e))?;

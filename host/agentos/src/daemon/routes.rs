@@ -8,13 +8,14 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use agentos_protocol::StreamData;
 use agentos_protocol::files::FsOp;
 use agentos_protocol::process::Control;
+use agentos_protocol::{PtySize, StreamData};
 
 use super::api::{
     ApiError, ControlCall, ErrorKind, FileRequest, FsCall, GroupInputRequest, GroupRequest,
-    LogsRequest, NameRequest, PoolRequest, ProcessRequest, Request, RmRequest, WriteFileRequest,
+    LogsRequest, NameRequest, PoolRequest, ProcessRequest, Request, RmRequest, WatchRequest,
+    WriteFileRequest,
 };
 
 /// The OpenAPI document of these routes, served at [`OPENAPI_PATH`].
@@ -160,6 +161,10 @@ pub fn route(
                     let SignalBody { signal } = json(body, None)?;
                     Control::Signal { signal }
                 }
+                "resize" => {
+                    let PtySize { cols, rows } = json(body, None)?;
+                    Control::Resize { cols, rows }
+                }
                 _ => return Err(not_found(path)),
             };
             Request::Control(ControlCall {
@@ -168,7 +173,7 @@ pub fn route(
                 control,
             })
         }
-        (Resource::Process(_, _, "stdin" | "close_stdin" | "signal"), _) => {
+        (Resource::Process(_, _, "stdin" | "close_stdin" | "signal" | "resize"), _) => {
             return Err(wrong_method("POST"));
         }
         (Resource::Process(..), _) => return Err(not_found(path)),
@@ -204,7 +209,18 @@ pub fn route(
             no_body(body)?;
             fs(name, FsOp::List { path, depth })
         }
-        (Resource::AgentFilesAction(_, "stat" | "list"), _) => return Err(wrong_method("GET")),
+        (Resource::AgentFilesAction(name, "watch"), Method::GET) => {
+            let WatchQuery { path, recursive } = from_query(query)?;
+            no_body(body)?;
+            Request::Watch(WatchRequest {
+                name: name.to_owned(),
+                path,
+                recursive,
+            })
+        }
+        (Resource::AgentFilesAction(_, "stat" | "list" | "watch"), _) => {
+            return Err(wrong_method("GET"));
+        }
         (Resource::AgentFilesAction(name, "mkdir"), Method::POST) => {
             let PathQuery { path } = json(no_query(query, body)?, None)?;
             fs(name, FsOp::MakeDir { path })
@@ -305,6 +321,15 @@ fn one() -> u32 {
     1
 }
 
+/// The query of `GET /agents/{name}/files/watch`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    recursive: bool,
+}
+
 /// The body of `POST /agents/{name}/files/move`.
 #[derive(serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -399,6 +424,18 @@ pub fn call(request: &Request) -> HttpCall {
             format!("/pools/{}", segment(&pool.name)),
             None,
         ),
+        Request::Watch(watch) => (
+            Method::GET,
+            files_target(
+                &watch.name,
+                "/watch",
+                &WatchQuery {
+                    path: watch.path.clone(),
+                    recursive: watch.recursive,
+                },
+            ),
+            None,
+        ),
         Request::Start(start) => (
             Method::POST,
             format!("/agents/{}/processes", segment(&start.name)),
@@ -428,6 +465,17 @@ pub fn call(request: &Request) -> HttpCall {
                     Method::POST,
                     target("signal"),
                     Some(body(&SignalBody { signal: *signal }, None)),
+                ),
+                Control::Resize { cols, rows } => (
+                    Method::POST,
+                    target("resize"),
+                    Some(body(
+                        &PtySize {
+                            cols: *cols,
+                            rows: *rows,
+                        },
+                        None,
+                    )),
                 ),
             }
         }
@@ -752,8 +800,24 @@ pub(super) mod tests {
                 stdin: true,
                 detach: false,
                 tag: Some("t".into()),
+                pty: Some(PtySize { cols: 80, rows: 24 }),
+            }),
+            Request::Control(ControlCall {
+                name: "a".into(),
+                pid: 7,
+                control: Control::Resize { cols: 1, rows: 2 },
             }),
             Request::Processes(NameRequest { name: "a".into() }),
+            Request::Watch(WatchRequest {
+                name: "a".into(),
+                path: "/w".into(),
+                recursive: true,
+            }),
+            Request::Watch(WatchRequest {
+                name: "a".into(),
+                path: "/w".into(),
+                recursive: false,
+            }),
             Request::Attach(ProcessRequest {
                 name: "a".into(),
                 pid: 7,

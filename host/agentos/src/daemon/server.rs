@@ -164,6 +164,7 @@ fn lane(request: &Request) -> Lane {
         Request::ReadFile(_)
         | Request::WriteFile(_)
         | Request::Fs(_)
+        | Request::Watch(_)
         | Request::Start(_)
         | Request::Processes(_)
         | Request::Attach(_)
@@ -195,9 +196,11 @@ fn time_limit(request: &Request) -> Duration {
         }
         Request::Snapshot(_) => SNAPSHOT_TIME,
         // A stream's deadline is for its start; then each step has its own limit.
-        Request::ReadFile(_) | Request::WriteFile(_) | Request::Start(_) | Request::Attach(_) => {
-            CONTROL_TIME
-        }
+        Request::ReadFile(_)
+        | Request::WriteFile(_)
+        | Request::Start(_)
+        | Request::Attach(_)
+        | Request::Watch(_) => CONTROL_TIME,
         Request::Processes(_) | Request::Control(_) => CONTROL_TIME,
         // A listing's batches each have the guest's step limit; all of them together, this.
         Request::Fs(_) => FS_TIME,
@@ -491,7 +494,7 @@ async fn read_and_answer<H: Handler>(
 /// Whether `request` is answered with a stream: a file read, a followed program.
 fn streams(request: &Request) -> bool {
     match request {
-        Request::ReadFile(_) | Request::Attach(_) => true,
+        Request::ReadFile(_) | Request::Attach(_) | Request::Watch(_) => true,
         Request::Start(start) => !start.detach,
         _ => false,
     }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use agentos_protocol::files::{Entry, FILE_CHUNK_BYTES, FileErrorKind, FsOp, MAX_LISTED_ENTRIES};
+use agentos_protocol::files::{
+    Change, Entry, FILE_CHUNK_BYTES, FileErrorKind, FsOp, MAX_LISTED_ENTRIES,
+};
 use agentos_protocol::peer::JoinRequest;
 use agentos_protocol::process::{Control, ProcessInfo, Selector};
 use agentos_protocol::{
@@ -649,6 +651,35 @@ impl AgentConnection {
                 }
                 msg => file_refusal(id, msg)?,
             }
+        }
+    }
+
+    /// Watches the guest's directory `path` (and, `recursive`, those below it), handing each
+    /// batch of changes to `sink`, once with none when the watch has begun; returns when the
+    /// sink fails or a cancel check says nobody waits any more ([`ConnectionError::Transfer`]),
+    /// or the guest ends it.
+    pub fn watch(
+        &mut self,
+        path: &str,
+        recursive: bool,
+        sink: &mut dyn FnMut(Vec<Change>) -> io::Result<()>,
+    ) -> Result<(), ConnectionError> {
+        let id = self.new_id();
+        self.send(&HostMessage::Watch {
+            id,
+            path: path.to_owned(),
+            recursive,
+        })?;
+        loop {
+            let passed = match self.recv()? {
+                GuestMessage::Watching { id: of } if of == id => sink(Vec::new()),
+                GuestMessage::Changes { id: of, changes } if of == id => sink(changes),
+                msg => {
+                    file_refusal(id, msg)?;
+                    Ok(())
+                }
+            };
+            passed.map_err(ConnectionError::Transfer)?;
         }
     }
 
