@@ -305,7 +305,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
         .map(|d| d.display().to_string());
     let request = ExecRequest {
         run: Program {
-            env: carrier_env(&cache, &spec.env),
+            env: carrier_env(&cache, &spec.env, &files[0]),
             cwd,
             ..Program::new(&spec.argv[0]).with_args(&spec.argv[1..])
         },
@@ -354,8 +354,13 @@ fn files_cover(files: &[PathBuf], dir: &Path) -> bool {
     files.iter().any(|f| f.starts_with(dir))
 }
 
-/// The command's environment: ours for agentos itself, plus what the caller asked.
-fn carrier_env(cache: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+/// The command's environment: ours for agentos itself, `agentos` (`exe`, copied in at its own
+/// path) found by name first, plus what the caller asked.
+fn carrier_env(
+    cache: &Path,
+    extra: &BTreeMap<String, String>,
+    exe: &Path,
+) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| {
             (k.starts_with("AGENTOS_") || k.starts_with("RUST_")) && k != "AGENTOS_RUN_DIR"
@@ -364,6 +369,12 @@ fn carrier_env(cache: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<Strin
     env.insert("AGENTOS_HOME".into(), cache.display().to_string());
     env.insert(IN_CARRIER_ENV.into(), "1".into());
     env.insert("HOME".into(), "/root".into());
+    if let Some(dir) = exe.parent() {
+        env.insert(
+            "PATH".into(),
+            format!("{}:{}", dir.display(), image::GUEST_PATH),
+        );
+    }
     env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
 }
@@ -591,6 +602,22 @@ impl Drop for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agentos_is_found_by_name_in_the_carrier() {
+        let env = carrier_env(
+            Path::new("/cache"),
+            &BTreeMap::new(),
+            Path::new("/work/x/target/release/agentos"),
+        );
+        assert_eq!(
+            env["PATH"],
+            format!("/work/x/target/release:{}", image::GUEST_PATH)
+        );
+        let asked = BTreeMap::from([("PATH".to_owned(), "/mine".to_owned())]);
+        let env = carrier_env(Path::new("/cache"), &asked, Path::new("/a/agentos"));
+        assert_eq!(env["PATH"], "/mine", "the caller's own PATH wins");
+    }
 
     #[test]
     fn qemu_is_confined_by_its_filter_and_leaves_root() {

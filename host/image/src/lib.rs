@@ -33,7 +33,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use build::{BuildOptions, BuiltImage, ImageError, Step, build_image};
-pub use spec::{AGENT_IMAGE, CARRIER_IMAGE, ImageSpec};
+pub use spec::{AGENT_IMAGE, CARRIER_IMAGE, GUEST_PATH, ImageSpec};
 
 /// Where images are cached: `$AGENTOS_HOME`, else `$XDG_CACHE_HOME/agentos`, else
 /// `$HOME/.cache/agentos`.

@@ -68,7 +68,8 @@ const BASE_DIRS: &[(&str, u32)] = &[
     ("/tmp", 0o1777),
 ];
 
-const GUEST_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+/// Where guests look for programs.
+pub const GUEST_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
 
 /// The guest's accounts: root, and `user`, whom programs may run as (`run.user`); the guest
 /// agent makes the homes of the accounts other than root at boot, owned by them.
