@@ -383,7 +383,7 @@ impl Writes {
                 format!("{MAX_WRITES} files are already being written on this connection"),
             ));
         }
-        let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        let (Some(parent), Some(_)) = (dest.parent(), dest.file_name()) else {
             return Err(Failure::new(
                 FileErrorKind::IsADirectory,
                 "/ is a directory".into(),
@@ -402,9 +402,9 @@ impl Writes {
             (None, None) => DEFAULT_MODE,
         };
         make_dirs(parent)?;
+        // Not named after the file: a name near the kernel's limit would leave no room.
         let temp = parent.join(format!(
-            ".{}.agentos-write-{}",
-            name.to_string_lossy(),
+            ".agentos-write-{}",
             UPLOADS.fetch_add(1, Ordering::Relaxed)
         ));
         let file = OpenOptions::new()

@@ -128,6 +128,8 @@ pub enum FileErrorKind {
     /// The request itself is wrong: a relative path, a depth of 0, a device to read, too many
     /// entries.
     Invalid,
+    /// The guest's file system is full (or the user's quota spent).
+    NoSpace,
     /// Anything else (the disk is full, an I/O error).
     Failed,
 }
@@ -143,6 +145,7 @@ impl FileErrorKind {
             Io::NotADirectory => Self::NotADirectory,
             Io::IsADirectory | Io::DirectoryNotEmpty => Self::IsADirectory,
             Io::InvalidInput | Io::InvalidFilename => Self::Invalid,
+            Io::StorageFull | Io::QuotaExceeded => Self::NoSpace,
             _ => Self::Failed,
         }
     }
@@ -235,5 +238,9 @@ mod tests {
             FileErrorKind::IsADirectory
         );
         assert_eq!(kind(ErrorKind::OutOfMemory), FileErrorKind::Failed);
+        assert_eq!(
+            FileErrorKind::of(&Error::from_raw_os_error(28)),
+            FileErrorKind::NoSpace
+        );
     }
 }

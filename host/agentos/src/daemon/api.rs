@@ -537,10 +537,12 @@ pub enum ErrorKind {
     IsADirectory,
     /// Something on a path is not a directory where one was needed.
     NotADirectory,
+    /// The agent's file system is full.
+    NoSpace,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
@@ -560,6 +562,7 @@ impl ErrorKind {
         Self::PermissionDenied,
         Self::IsADirectory,
         Self::NotADirectory,
+        Self::NoSpace,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -583,6 +586,7 @@ impl ErrorKind {
             Self::PermissionDenied => "permission_denied",
             Self::IsADirectory => "is_a_directory",
             Self::NotADirectory => "not_a_directory",
+            Self::NoSpace => "no_space",
         }
     }
 
@@ -595,6 +599,7 @@ impl ErrorKind {
             FileErrorKind::IsADirectory => Self::IsADirectory,
             FileErrorKind::NotADirectory => Self::NotADirectory,
             FileErrorKind::Invalid => Self::Invalid,
+            FileErrorKind::NoSpace => Self::NoSpace,
             FileErrorKind::Failed => Self::Failed,
         }
     }

@@ -85,12 +85,7 @@ impl Client {
 
     /// Sends `request` and reads its answer.
     pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
-        let call = routes::call(request);
-        let json = call.body.is_some();
-        let body = Full::new(Bytes::from(call.body.unwrap_or_default()))
-            .map_err(|never| match never {})
-            .boxed();
-        let http = http_request(call.method, &call.target, body, json)?;
+        let http = whole_request(routes::call(request))?;
         let sender = &mut self.sender;
         let (status, content_type, body) = self.runtime.block_on(async {
             sender.ready().await?;
@@ -114,31 +109,12 @@ impl Client {
         request: &FileRequest,
         sink: &mut dyn Write,
     ) -> Result<u64, ClientError> {
-        let call = routes::call(&Request::ReadFile(request.clone()));
-        let empty = Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed();
-        let http = http_request(call.method, &call.target, empty, false)?;
-        let sender = &mut self.sender;
-        self.runtime.block_on(async {
-            sender.ready().await?;
-            let response = sender.send_request(http).await?;
-            let status = response.status();
-            let mut body = response.into_body();
-            if !status.is_success() {
-                let body = body.collect().await?.to_bytes();
-                return Err(error_of(status.as_u16(), &body));
-            }
-            let mut size = 0u64;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(ClientError::CutOff)?;
-                if let Ok(data) = frame.into_data() {
-                    sink.write_all(&data).map_err(ClientError::Local)?;
-                    size += data.len() as u64;
-                }
-            }
-            Ok(size)
-        })
+        let mut size = 0u64;
+        self.streamed(&Request::ReadFile(request.clone()), &mut |data| {
+            size += data.len() as u64;
+            sink.write_all(data).map_err(ClientError::Local)
+        })?;
+        Ok(size)
     }
 
     /// Sends a request answered with a program's lines (`start` without `detach`, `attach`)
@@ -148,12 +124,27 @@ impl Client {
         request: &Request,
         on_line: &mut dyn FnMut(ProgramLine) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
-        let call = routes::call(request);
-        let json = call.body.is_some();
-        let body = Full::new(Bytes::from(call.body.unwrap_or_default()))
-            .map_err(|never| match never {})
-            .boxed();
-        let http = http_request(call.method, &call.target, body, json)?;
+        let mut pending = Vec::new();
+        self.streamed(request, &mut |data| {
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                on_line(line)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends a request answered with a stream and hands its bytes to `on_data` as they come,
+    /// to its end; an error answer is the error it carries.
+    fn streamed(
+        &mut self,
+        request: &Request,
+        on_data: &mut dyn FnMut(&[u8]) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let http = whole_request(routes::call(request))?;
         let sender = &mut self.sender;
         self.runtime.block_on(async {
             sender.ready().await?;
@@ -164,18 +155,9 @@ impl Client {
                 let body = body.collect().await?.to_bytes();
                 return Err(error_of(status.as_u16(), &body));
             }
-            let mut pending = Vec::new();
             while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(ClientError::CutOff)?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                pending.extend_from_slice(&data);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let line = serde_json::from_slice(&line)
-                        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-                    on_line(line)?;
+                if let Ok(data) = frame.map_err(ClientError::CutOff)?.into_data() {
+                    on_data(&data)?;
                 }
             }
             Ok(())
@@ -234,6 +216,15 @@ impl Client {
         }
         answered
     }
+}
+
+/// `call` as an HTTP request with its whole body (JSON, when it has one).
+fn whole_request(call: routes::HttpCall) -> Result<hyper::Request<RequestBody>, ClientError> {
+    let json = call.body.is_some();
+    let body = Full::new(Bytes::from(call.body.unwrap_or_default()))
+        .map_err(|never| match never {})
+        .boxed();
+    http_request(call.method, &call.target, body, json)
 }
 
 /// An HTTP request to the daemon.

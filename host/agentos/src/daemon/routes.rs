@@ -600,6 +600,7 @@ pub fn status(kind: ErrorKind) -> StatusCode {
         | ErrorKind::IsADirectory
         | ErrorKind::NotADirectory => StatusCode::CONFLICT,
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::NoRoom | ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,

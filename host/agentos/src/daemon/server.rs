@@ -168,8 +168,8 @@ fn lane(request: &Request) -> Lane {
         | Request::Start(_)
         | Request::Processes(_)
         | Request::Attach(_)
-        | Request::Control(_) => Lane::Work,
-        Request::Spawn(_)
+        | Request::Control(_)
+        | Request::Spawn(_)
         | Request::Exec(_)
         | Request::Infer(_)
         | Request::GroupUp(_)

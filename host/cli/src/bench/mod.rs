@@ -3,6 +3,7 @@
 
 pub mod boot;
 mod burner;
+pub mod files;
 pub mod infer;
 pub mod ipc;
 pub mod isolation;
@@ -22,6 +23,10 @@ pub enum BenchCommand {
     Sched(sched::SchedBenchArgs),
     /// Inference in a VM beside the same code run natively: latency, throughput, load, memory.
     Infer(infer::InferBenchArgs),
+    /// A file written into an agent and read back out (the guest agent's file protocol over
+    /// vsock, as the daemon's file API uses), beside the same bytes through a host Unix socket
+    /// pair: MB/s each way, with ratios.
+    Files(files::FilesBenchArgs),
     /// Messages between two agents through the router, beside the same exchange over a host
     /// Unix socket pair: round trip latency, messages/s, MB/s.
     Ipc(ipc::IpcBenchArgs),
@@ -50,6 +55,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Infer(args) => infer::run(args),
         BenchCommand::Ipc(args) => ipc::run(args),
+        BenchCommand::Files(args) => files::run(args),
         BenchCommand::Start(args) => start::run(args),
         BenchCommand::Vfio(args) => vfio::run(args),
     }
