@@ -82,16 +82,17 @@ pub fn run(args: &FilesBenchArgs) -> anyhow::Result<i32> {
     let socket = (0..args.runs)
         .map(|_| through_socket_pair(&data))
         .collect::<anyhow::Result<Vec<f64>>>()?;
+    let (into, out, socket) = (rounded(&into), rounded(&out), rounded(&socket));
     let report = FilesBench {
         placement: placement.label(),
         mib: args.mib,
         runs: args.runs,
         chunk_bytes: FILE_CHUNK_BYTES,
-        into_agent: Stats::of(&into),
-        out_of_agent: Stats::of(&out),
-        unix_socket: Stats::of(&socket),
-        ratio_in: ratio(Stats::of(&socket).median, Stats::of(&into).median),
-        ratio_out: ratio(Stats::of(&socket).median, Stats::of(&out).median),
+        ratio_in: ratio(socket.median, into.median),
+        ratio_out: ratio(socket.median, out.median),
+        into_agent: into,
+        out_of_agent: out,
+        unix_socket: socket,
     };
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -172,4 +173,14 @@ fn through_socket_pair(data: &[u8]) -> anyhow::Result<f64> {
 
 fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     round(bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9), 1)
+}
+
+/// The median, min and max of `values`, to a tenth.
+fn rounded(values: &[f64]) -> Stats {
+    let stats = Stats::of(values);
+    Stats {
+        median: round(stats.median, 1),
+        min: round(stats.min, 1),
+        max: round(stats.max, 1),
+    }
 }
