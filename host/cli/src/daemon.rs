@@ -101,7 +101,8 @@ pub struct ExecArgs {
     /// A name to find the program by among the agent's running programs.
     #[arg(long)]
     pub tag: Option<String>,
-    /// Kill the program after this many seconds (default: an hour).
+    /// Kill the program after this many seconds (with --json: an hour unless given; otherwise
+    /// none: a streamed program ends with this command, a detached one when it ends).
     #[arg(
         long,
         value_name = "SECS",
