@@ -1043,7 +1043,7 @@ fn programs_stream_run_on_and_are_found_followed_and_signalled() {
         "--",
         "/bin/sh",
         "-c",
-        "sleep 600",
+        "while :; do echo tick; sleep 1; done",
     ]);
     let pid = pid.trim().to_owned();
     let pid_number: u64 = pid.parse().unwrap();
@@ -1060,7 +1060,7 @@ fn programs_stream_run_on_and_are_found_followed_and_signalled() {
         (&sleeper["tag"], &sleeper["keep"]),
         (&"sleeper".into(), &true.into())
     );
-    let attached = t
+    let mut attached = t
         .agentos()
         .args(["attach", "p", &pid])
         .env("AGENTOS_SOCKET", &d.socket)
@@ -1068,7 +1068,18 @@ fn programs_stream_run_on_and_are_found_followed_and_signalled() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Its output reaches the new follower: it is attached.
+    {
+        use std::io::Read;
+        let mut tick = [0u8; 5];
+        attached
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut tick)
+            .expect("no output came to the attached client");
+        assert_eq!(&tick, b"tick\n");
+    }
     d.ok(&["kill", "p", &pid]);
     let out = t.finish(attached, crate::common::command_limit());
     assert_eq!(out.status.code(), Some(128 + 15), "{}", describe(&out));
