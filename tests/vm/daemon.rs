@@ -891,11 +891,13 @@ fn files_go_in_and_out_of_an_agent_whole() {
             "--",
             "/bin/sh",
             "-c",
-            "mkdir /home/data/a/new && sleep 1 && echo x > /home/data/a/new/file",
+            // The new directory is watched once the guest has seen it made: files keep
+            // coming in it for a while.
+            "mkdir /home/data/a/new && for i in 1 2 3 4 5; do sleep 1; echo x > /home/data/a/new/f$i; done",
         ]);
         read_until(
             &mut watch,
-            r#"{"change":{"kind":"create","path":"/home/data/a/new/file"}}"#,
+            r#"{"change":{"kind":"create","path":"/home/data/a/new/f"#,
         );
     }
 
