@@ -48,13 +48,21 @@ done
 rmdir /tmp/share
 for t in 9p virtiofs nfs nfs4 cifs fuse; do grep -qw "$t" /proc/filesystems && [ "$t" != fuse ] && grep -q " $t " /proc/mounts && echo "HOST-VISIBLE: $t mounted"; done
 # Paths that exist on the host, not in an agent image.
-for p in /etc/shadow /etc/hostname /root/.cache/agentos /home /usr/bin/qemu-system-x86_64 /var/lib /dev/kvm /run/agentos; do
+for p in /etc/shadow /etc/hostname /root/.cache/agentos /usr/bin/qemu-system-x86_64 /var/lib /dev/kvm /run/agentos; do
   [ -e "$p" ] && echo "HOST-VISIBLE: $p exists"
+done
+# The image's /home holds the home of its own account `user` (made at boot), nothing else: the
+# host's users' homes would be the host's /home.
+for h in /home/* /home/.[!.]*; do
+  case "$h" in /home/user|'/home/*'|'/home/.[!.]*') ;; *) echo "HOST-VISIBLE: $h exists" ;; esac
 done
 # The guest's PID 1 and its root are its own: /proc/1/root is the initramfs, with none of the
 # host's paths in it.
 echo "pid 1 root: $(ls /proc/1/root | tr '\n' ' ')"
-for p in root/.cache home usr/bin/qemu-system-x86_64 run/agentos; do
+for p in root/.cache usr/bin/qemu-system-x86_64 run/agentos; do
   [ -e "/proc/1/root/$p" ] && echo "HOST-VISIBLE: /proc/1/root/$p exists"
+done
+for h in /proc/1/root/home/*; do
+  case "$h" in /proc/1/root/home/user|'/proc/1/root/home/*') ;; *) echo "HOST-VISIBLE: $h exists" ;; esac
 done
 echo "host paths checked"
