@@ -337,7 +337,7 @@ impl Session<'_> {
     fn exec(&self, req: ExecRequest) -> Result<(), WriterGone> {
         let id = req.id;
         // Held while starting, so that a program that ends at once finds itself in the table.
-        let mut execs = lock(&self.execs);
+        let execs = lock(&self.execs);
         let started = self.room_for(id, &execs).and_then(|()| {
             let watcher = Watcher::new(id, self.outbox.clone(), self.finisher(id));
             let key = watcher.key();
@@ -351,14 +351,26 @@ impl Session<'_> {
             .map(|process| (process, key))
             .map_err(|err| describe(&err))
         });
-        match started {
+        self.follow(id, execs, started, true)
+    }
+
+    /// Records that request `id` follows the program it started (`owner`) or attached to, or
+    /// answers with why it does not.
+    fn follow(
+        &self,
+        id: u64,
+        mut execs: std::sync::MutexGuard<'_, HashMap<u64, Running>>,
+        followed: Result<(Arc<Process>, u64), String>,
+        owner: bool,
+    ) -> Result<(), WriterGone> {
+        match followed {
             Ok((process, watcher)) => {
                 execs.insert(
                     id,
                     Running {
                         process,
                         watcher,
-                        owner: true,
+                        owner,
                     },
                 );
                 Ok(())
@@ -385,7 +397,7 @@ impl Session<'_> {
 
     /// Follows a running program from now on as request `id`.
     fn attach(&self, id: u64, selector: &Selector) -> Result<(), WriterGone> {
-        let mut execs = lock(&self.execs);
+        let execs = lock(&self.execs);
         let attached = self.room_for(id, &execs).and_then(|()| {
             let process = self
                 .ctx
@@ -396,23 +408,7 @@ impl Session<'_> {
             let key = watcher.key();
             process.watch(watcher).map(|()| (process, key))
         });
-        match attached {
-            Ok((process, watcher)) => {
-                execs.insert(
-                    id,
-                    Running {
-                        process,
-                        watcher,
-                        owner: false,
-                    },
-                );
-                Ok(())
-            }
-            Err(message) => {
-                drop(execs);
-                self.error(id, message)
-            }
-        }
+        self.follow(id, execs, attached, false)
     }
 
     fn control(&self, id: u64, pid: u32, control: Control) -> Result<(), WriterGone> {

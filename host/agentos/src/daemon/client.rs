@@ -86,6 +86,14 @@ impl Client {
     /// Sends `request` and reads its answer.
     pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
         let http = whole_request(routes::call(request))?;
+        self.answer(http)
+    }
+
+    /// Sends `http` and reads its whole answer as `T`, or the error it carries.
+    fn answer<T: DeserializeOwned>(
+        &mut self,
+        http: hyper::Request<RequestBody>,
+    ) -> Result<T, ClientError> {
         let sender = &mut self.sender;
         let (status, content_type, body) = self.runtime.block_on(async {
             sender.ready().await?;
@@ -197,20 +205,7 @@ impl Client {
             })
             .map_err(ClientError::Local)?;
         let http = http_request(call.method, &call.target, ChunkBody(body).boxed(), false)?;
-        let sender = &mut self.sender;
-        let answered = self.runtime.block_on(async {
-            sender.ready().await?;
-            let response = sender.send_request(http).await?;
-            let status = response.status();
-            let content_type = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let body = response.into_body().collect().await?.to_bytes();
-            read_answer(status.as_u16(), &content_type, &body)
-        });
+        let answered = self.answer(http);
         if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(ClientError::Local(e));
         }

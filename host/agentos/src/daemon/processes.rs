@@ -23,14 +23,7 @@ const KEEPALIVE: Keepalive = Keepalive {
 impl GuestLink {
     /// Starts `call`'s program and follows it: the stream of its lines, once it started.
     pub async fn start_followed(self, call: StartCall) -> Result<Chunks, ApiError> {
-        let request = ExecRequest {
-            run: call.run,
-            stdin: call.stdin,
-            tag: call.tag,
-            pty: call.pty,
-            ..ExecRequest::default()
-        };
-        self.follow(Follow::Start(request)).await
+        self.follow(Follow::Start(exec_request(call))).await
     }
 
     /// Follows the running program `pid` from now on.
@@ -106,6 +99,18 @@ impl GuestLink {
             Ok(serde_json::json!({}))
         })
         .await
+    }
+}
+
+/// What the guest agent is asked to start for `call` (the connection sets `keep` when it is
+/// detached).
+fn exec_request(call: StartCall) -> ExecRequest {
+    ExecRequest {
+        run: call.run,
+        stdin: call.stdin,
+        tag: call.tag,
+        pty: call.pty,
+        ..ExecRequest::default()
     }
 }
 

@@ -557,17 +557,14 @@ async fn write_file<H: Handler>(
     mut body: Incoming,
     step: Duration,
 ) -> Result<Response, Refusal> {
-    let whole = Request::WriteFile(request);
-    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&whole);
+    let probe = Request::WriteFile(request.clone());
+    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&probe);
     let _turn = shared
         .lanes
-        .enter(&whole, deadline)
+        .enter(&probe, deadline)
         .await
         .map_err(|error| Refusal { error, close: true })?;
-    let status = routes::success(&whole);
-    let Request::WriteFile(request) = whole else {
-        unreachable!("built above")
-    };
+    let status = routes::success(&probe);
     let (tx, rx) = tokio::sync::mpsc::channel(FILE_BODY_CHUNKS);
     let pump = async move {
         loop {
