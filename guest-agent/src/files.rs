@@ -75,11 +75,44 @@ pub fn absolute(path: &str) -> Result<&Path, Failure> {
     Ok(Path::new(path))
 }
 
-/// Makes the directory `dir` and its missing parents. Something in the way that is not a
-/// directory is `not_a_directory` (the kernel says it exists).
-fn make_dirs(dir: &Path) -> Result<(), Failure> {
+/// User and group ids that own what a request makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The owner a request names by account name (none: root's, as the agent makes things).
+fn owner(user: Option<&str>) -> Result<Option<Owner>, Failure> {
+    user.map(|name| {
+        crate::users::lookup(name)
+            .map(|account| Owner {
+                uid: account.uid,
+                gid: account.gid,
+            })
+            .map_err(|why| Failure::new(FileErrorKind::Invalid, why))
+    })
+    .transpose()
+}
+
+/// Makes the directory `dir` and its missing parents, those it made owned by `owner`.
+/// Something in the way that is not a directory is `not_a_directory` (the kernel says it
+/// exists).
+fn make_dirs(dir: &Path, owner: Option<Owner>) -> Result<(), Failure> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| fs::symlink_metadata(d).is_err())
+        .collect();
     match fs::create_dir_all(dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            if let Some(Owner { uid, gid }) = owner {
+                for made in missing {
+                    std::os::unix::fs::lchown(made, Some(uid), Some(gid))
+                        .map_err(|e| Failure::io("give away the directory", made, &e))?;
+                }
+            }
+            Ok(())
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Failure::new(
             FileErrorKind::NotADirectory,
             format!(
@@ -135,7 +168,7 @@ pub fn stat(path: &str) -> Result<Entry, Failure> {
 pub fn apply(op: &FsOp) -> Result<Option<Entry>, Failure> {
     match op {
         FsOp::Stat { path } => stat(path).map(Some),
-        FsOp::MakeDir { path } => make_dir(path).map(Some),
+        FsOp::MakeDir { path, user } => make_dir(path, user.as_deref()).map(Some),
         FsOp::Move { from, to } => move_entry(from, to).map(Some),
         FsOp::Remove { path } => remove(path).map(|()| None),
         FsOp::List { .. } => Err(Failure::new(
@@ -145,8 +178,9 @@ pub fn apply(op: &FsOp) -> Result<Option<Entry>, Failure> {
     }
 }
 
-fn make_dir(path: &str) -> Result<Entry, Failure> {
+fn make_dir(path: &str, user: Option<&str>) -> Result<Entry, Failure> {
     let path = absolute(path)?;
+    let owner = owner(user)?;
     if let Ok(meta) = fs::symlink_metadata(path) {
         let what = if meta.is_dir() {
             "a directory"
@@ -158,7 +192,7 @@ fn make_dir(path: &str) -> Result<Entry, Failure> {
             format!("{} is already {what}", clip(&path.to_string_lossy())),
         ));
     }
-    make_dirs(path)?;
+    make_dirs(path, owner)?;
     stat(&path.to_string_lossy())
 }
 
@@ -166,7 +200,7 @@ fn move_entry(from: &str, to: &str) -> Result<Entry, Failure> {
     let (from, to) = (absolute(from)?, absolute(to)?);
     fs::symlink_metadata(from).map_err(|e| Failure::io("move", from, &e))?;
     if let Some(parent) = to.parent() {
-        make_dirs(parent)?;
+        make_dirs(parent, None)?;
     }
     fs::rename(from, to).map_err(|e| {
         Failure::io(
@@ -368,9 +402,17 @@ pub struct Writes {
 }
 
 impl Writes {
-    /// Starts writing `path` for request `id`.
-    pub fn begin(&mut self, id: u64, path: &str, mode: Option<u32>) -> Result<(), Failure> {
+    /// Starts writing `path` for request `id`: a new file owned by `user` (see [`owner`]), a
+    /// replaced one keeping its owner and mode unless `mode` says.
+    pub fn begin(
+        &mut self,
+        id: u64,
+        path: &str,
+        mode: Option<u32>,
+        user: Option<&str>,
+    ) -> Result<(), Failure> {
         let dest = absolute(path)?;
+        let owner = owner(user)?;
         if self.open.contains_key(&id) {
             return Err(Failure::new(
                 FileErrorKind::Invalid,
@@ -401,7 +443,14 @@ impl Writes {
             (None, Some(meta)) => meta.permissions().mode() & 0o7777,
             (None, None) => DEFAULT_MODE,
         };
-        make_dirs(parent)?;
+        make_dirs(parent, owner)?;
+        let owner = match &existing {
+            Some(meta) => Some(Owner {
+                uid: meta.uid(),
+                gid: meta.gid(),
+            }),
+            None => owner,
+        };
         // Not named after the file: a name near the kernel's limit would leave no room.
         let temp = parent.join(format!(
             ".agentos-write-{}",
@@ -414,9 +463,14 @@ impl Writes {
             .open(&temp)
             .map_err(|e| Failure::io("write", dest, &e))?;
         // The process's umask took bits from `mode`; the request's mode is what was asked.
-        if let Err(e) = file.set_permissions(fs::Permissions::from_mode(mode)) {
+        // Ownership first: changing it clears set-user-ID bits.
+        let given = owner.map_or(Ok(()), |Owner { uid, gid }| {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+        });
+        if let Err(e) = given.and_then(|()| file.set_permissions(fs::Permissions::from_mode(mode)))
+        {
             let _ = fs::remove_file(&temp);
-            return Err(Failure::io("set the mode of", dest, &e));
+            return Err(Failure::io("set the owner and mode of", dest, &e));
         }
         self.open.insert(
             id,

@@ -12,6 +12,7 @@ macro_rules! console {
     };
 }
 
+mod base_disk;
 mod config;
 mod edu;
 mod exec;
@@ -69,6 +70,8 @@ enum Fatal {
     Init(#[from] InitError),
     #[error(transparent)]
     ModelDisks(#[from] model_disks::ModelDisksError),
+    #[error(transparent)]
+    BaseDisk(#[from] base_disk::BaseDiskError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("cannot start a thread")]
@@ -151,6 +154,7 @@ fn run(pid1: bool) -> Result<(), Fatal> {
     if pid1 {
         init::configure(&config)?;
         model_disks::mount_given()?;
+        base_disk::mount_given()?;
     }
     let reaper = if pid1 {
         Reaper::all_children().map_err(Fatal::Thread)?

@@ -89,7 +89,7 @@ pub fn mount_given() -> Result<(), ModelDisksError> {
     Ok(())
 }
 
-fn read_cmdline() -> io::Result<String> {
+pub(crate) fn read_cmdline() -> io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
     fs::File::open("/proc/cmdline")?
@@ -148,7 +148,7 @@ fn parse(cmdline: &str) -> Result<Asked, ModelDisksError> {
 
 /// A pmem device (`pmem0` to `pmem9`), or the first partition of a virtio disk (`vda1` to
 /// `vdz1`).
-fn is_disk(name: &str) -> bool {
+pub(crate) fn is_disk(name: &str) -> bool {
     is_pmem(name)
         || matches!(name.as_bytes(), [b'v', b'd', letter, b'1'] if letter.is_ascii_lowercase())
 }
@@ -159,7 +159,7 @@ fn is_pmem(name: &str) -> bool {
 
 /// Mounts `/dev/<device>` read-only on `target` (a pmem device with its pages mapped from the
 /// host), once its node is there.
-fn mount_disk(device: &str, target: &Path) -> Result<(), ModelDisksError> {
+pub(crate) fn mount_disk(device: &str, target: &Path) -> Result<(), ModelDisksError> {
     let node = PathBuf::from(format!("/dev/{device}"));
     let deadline = Instant::now() + DEVICE_WAIT;
     while !node.exists() {

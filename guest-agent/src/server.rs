@@ -260,8 +260,13 @@ impl Session<'_> {
                     self.outbox.send(failure.into_message(id))?;
                 }
             }
-            HostMessage::WriteFile { id, path, mode } => {
-                let begun = lock(&self.writes).begin(id, &path, mode);
+            HostMessage::WriteFile {
+                id,
+                path,
+                mode,
+                user,
+            } => {
+                let begun = lock(&self.writes).begin(id, &path, mode, user.as_deref());
                 self.file_answer(id, begun.map(|()| None))?;
             }
             HostMessage::FileChunk { id, data } => {

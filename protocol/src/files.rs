@@ -34,9 +34,14 @@ pub enum FsOp {
     /// The entries under the directory `path`, `depth` levels down (1: its own entries);
     /// answered with `listed` frames. Symbolic links are listed, not followed.
     List { path: String, depth: u32 },
-    /// Makes the directory `path` and any missing parents; answered with `fs_done` carrying
-    /// the new directory, or `already_exists` when it was there.
-    MakeDir { path: String },
+    /// Makes the directory `path` and any missing parents, owned by `user` (of the guest's
+    /// `/etc/passwd`; root when absent); answered with `fs_done` carrying the new directory, or
+    /// `already_exists` when it was there.
+    MakeDir {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// Renames `from` to `to`, making `to`'s missing parents; answered with `fs_done` carrying
     /// the entry at `to`.
     Move { from: String, to: String },
@@ -174,6 +179,7 @@ mod tests {
             id: 3,
             path: "/a".into(),
             mode: Some(0o600),
+            user: None,
         };
         assert_eq!(
             serde_json::to_string(&write).unwrap(),

@@ -80,6 +80,10 @@ pub enum HostMessage {
         path: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<u32>,
+        /// The account (of the guest's `/etc/passwd`) that owns the file if it is new, and the
+        /// directories made for it; root when absent. A replaced file keeps its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Bytes of the file written by request `id`.
     FileChunk { id: u64, data: StreamData },

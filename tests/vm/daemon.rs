@@ -112,8 +112,33 @@ impl<'a> Daemon<'a> {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where a daemon started with `--listen` serves TCP, and its token (from the file it named,
+    /// which only its user reads).
+    pub(crate) fn tcp_site(&self) -> (String, String) {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("listening on http://"))
+            .unwrap_or_else(|| panic!("no TCP address in the daemon's log:\n{log}"));
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        let token_file = line
+            .split("(token in ")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("no token file in {line}"));
+        assert_eq!(mode_of(Path::new(token_file)), 0o600);
+        let token = std::fs::read_to_string(token_file).unwrap();
+        let token = token.trim();
+        assert_eq!(token.len(), 64, "{token}");
+        (address.to_owned(), token.to_owned())
     }
 
     /// Sends `signal` and waits for the daemon to exit.
@@ -168,25 +193,9 @@ fn mode_of(path: &Path) -> u32 {
 /// The API on TCP (`--listen`): the daemon says where, and where its generated token is (a file
 /// only its user reads); a request without the token, or with another, is `unauthorized`.
 fn over_tcp_with_the_token_only(d: &Daemon<'_>) {
-    let log = d.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("listening on http://"))
-        .unwrap_or_else(|| panic!("no TCP address in the daemon's log:\n{log}"));
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap();
-    let token_file = line
-        .split("(token in ")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix(')'))
-        .unwrap_or_else(|| panic!("no token file in {line}"));
-    assert_eq!(mode_of(Path::new(token_file)), 0o600);
-    let token = std::fs::read_to_string(token_file).unwrap();
-    let token = token.trim();
-    assert_eq!(token.len(), 64, "{token}");
+    let (address, token) = d.tcp_site();
+    let address = address.as_str();
+    let token = token.as_str();
     let ask = |authorization: &str| {
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         stream
@@ -720,7 +729,7 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
 const ZERO_PAGE_SHA256: &str = "ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7";
 
 /// SHA-256 of `bytes`, in hexadecimal as `sha256sum` prints it.
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)
         .iter()

@@ -4,11 +4,13 @@
 mod cgroup;
 mod common;
 mod daemon;
+mod e2b;
 mod eval;
 mod group;
 mod infer;
 mod jail;
 mod run;
 mod snapshot;
+mod template;
 mod vfio;
 mod vsock;

@@ -78,7 +78,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = path_in(&dir, "deep/er/file");
     let mut writes = Writes::default();
-    writes.begin(1, &path, Some(0o600)).unwrap();
+    writes.begin(1, &path, Some(0o600), None).unwrap();
     writes.write(1, b"hello ").unwrap();
     assert!(fs::metadata(&path).is_err(), "not in place before its end");
     writes.write(1, b"world").unwrap();
@@ -90,7 +90,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     );
 
     // A second write keeps the file's mode and, cut off, leaves it as it was.
-    writes.begin(2, &path, None).unwrap();
+    writes.begin(2, &path, None, None).unwrap();
     writes.write(2, b"partial").unwrap();
     drop(writes);
     assert_eq!(fs::read(&path).unwrap(), b"hello world");
@@ -98,7 +98,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     assert_eq!(left.len(), 1, "the temporary file is gone");
 
     let mut writes = Writes::default();
-    writes.begin(3, &path, None).unwrap();
+    writes.begin(3, &path, None, None).unwrap();
     assert_eq!(writes.end(3).unwrap(), Some(0));
     assert_eq!(fs::read(&path).unwrap(), b"");
     assert_eq!(
@@ -112,7 +112,7 @@ fn writes_refuse_directories_and_unknown_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut writes = Writes::default();
     let err = writes
-        .begin(1, &dir.path().to_string_lossy(), None)
+        .begin(1, &dir.path().to_string_lossy(), None, None)
         .unwrap_err();
     assert_eq!(err.kind, FileErrorKind::IsADirectory);
     assert_eq!(
@@ -124,9 +124,24 @@ fn writes_refuse_directories_and_unknown_requests() {
     fs::write(&file, b"").unwrap();
     let under_a_file = format!("{file}/below");
     assert_eq!(
-        writes.begin(2, &under_a_file, None).unwrap_err().kind,
+        writes.begin(2, &under_a_file, None, None).unwrap_err().kind,
         FileErrorKind::NotADirectory
     );
+}
+
+#[test]
+fn an_unknown_owner_is_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = apply(&FsOp::MakeDir {
+        path: path_in(&dir, "a/b"),
+        user: Some("no-such-account".into()),
+    });
+    assert_eq!(made.unwrap_err().kind, FileErrorKind::Invalid);
+    assert!(!dir.path().join("a").exists());
+    let mut writes = Writes::default();
+    let refused = writes.begin(1, &path_in(&dir, "x/f"), None, Some("no-such-account"));
+    assert_eq!(refused.unwrap_err().kind, FileErrorKind::Invalid);
+    assert!(!dir.path().join("x").exists());
 }
 
 #[test]
@@ -134,12 +149,14 @@ fn stat_make_dir_move_and_remove() {
     let dir = tempfile::tempdir().unwrap();
     let made = apply(&FsOp::MakeDir {
         path: path_in(&dir, "a/b/c"),
+        user: None,
     })
     .unwrap()
     .unwrap();
     assert_eq!((made.name.as_str(), made.kind), ("c", EntryKind::Dir));
     let again = apply(&FsOp::MakeDir {
         path: path_in(&dir, "a/b/c"),
+        user: None,
     });
     assert_eq!(again.unwrap_err().kind, FileErrorKind::AlreadyExists);
 

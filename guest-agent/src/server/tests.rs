@@ -438,6 +438,7 @@ fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
         id: 1,
         path: path.clone(),
         mode: None,
+        user: None,
     });
     for part in [&b"one "[..], b"two"] {
         host.send(HostMessage::FileChunk {
@@ -496,6 +497,7 @@ fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
         id: 5,
         path: dir.path().join("g").to_string_lossy().into_owned(),
         mode: None,
+        user: None,
     });
     host.send(HostMessage::FileChunk {
         id: 5,

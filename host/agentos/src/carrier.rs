@@ -5,21 +5,24 @@
 //! speaking the agentos protocol over a virtio-serial port). Files the command needs (the agentos
 //! binary, the guest images, test binaries, with their shared libraries) are appended to its
 //! initramfs at their own absolute paths, so the command runs inside with the same paths as here.
-//! Nothing of the host is shared with the carrier but those copies and the control socket.
+//! Nothing of the host is shared with the carrier but those copies and the control socket, and,
+//! for a carrier that serves (see [`Forward`]), one TCP port of the host's loopback forwarded in.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use agentos_protocol::{CARRIER_PORT_NAME, ExecRequest, ExitStatus, Program};
 
 use crate::qemu;
-use agentos_core::agent::connection::{ConnectionError, ExecIo, Keepalive};
+use agentos_core::agent::connection::{AgentConnection, ConnectionError, ExecIo, Keepalive};
 use agentos_core::agent::vm::{ChildWait, VmError, first_hello};
 use agentos_core::rundir::{RunDir, RunDirError};
 use agentos_core::signals;
@@ -49,6 +52,8 @@ const CARRIER_KEEPALIVE: Keepalive = Keepalive {
 /// Exit status of `agentos carrier` when the carrier stopped responding and was killed: a
 /// temporary failure (EX_TEMPFAIL); running the command again usually works.
 pub const EXIT_CARRIER_STALLED: i32 = 75;
+/// How often a carrier is looked at while it may be ending.
+const EXIT_POLL: Duration = Duration::from_millis(50);
 /// Combined initramfs files kept in the cache (one per distinct payload).
 const KEEP_COMBINED: usize = 4;
 
@@ -190,6 +195,8 @@ pub enum CarrierError {
     Listen(#[source] io::Error),
     #[error("cannot start {}", qemu::QEMU)]
     Spawn(#[source] io::Error),
+    #[error("cannot forward {0} to the carrier: another process took that port")]
+    PortTaken(SocketAddrV4),
     #[error("the carrier did not come up ({0})")]
     NotUp(String),
     #[error("the carrier's guest agent did not answer")]
@@ -249,68 +256,18 @@ pub struct CarrierRun {
 /// Boots a carrier, runs `spec.argv` in it with our stdin and stderr and its stdout going to
 /// `stdout`, and tears it down.
 pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, CarrierError> {
-    let started = Instant::now();
-    let cache = image::default_cache_dir();
-    let carrier = image::find_image(&cache, CARRIER_IMAGE)?;
-    let qemu_major = which_qemu()?;
-    let exe = std::env::current_exe().map_err(CarrierError::NoExe)?;
-    let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];
-    files.extend(spec.files.iter().cloned());
-    if let Some(hidden) = files.iter().find(|f| f.starts_with(CARRIER_TMP)) {
-        return Err(CarrierError::UnderTmp(hidden.clone()));
-    }
-    let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
-
-    let run_dir = RunDir::create("carrier")?;
-    let pci_test_rom = if spec.pci_test_device {
-        let path = run_dir.join("test-rom.bin");
-        std::fs::write(&path, test_rom()).map_err(|e| CarrierError::Create(path.clone(), e))?;
-        Some(path)
-    } else {
-        None
-    };
-    let control_path = run_dir.join("ctl.sock");
-    let control = UnixListener::bind(&control_path)
-        .and_then(|l| l.set_nonblocking(true).map(|_| l))
-        .map_err(CarrierError::Listen)?;
-    let mut qemu = Qemu::spawn(&QemuConfig {
-        qemu_major,
-        kernel: &carrier.vmlinuz,
-        initrd: &initrd,
+    let machine = CarrierMachine {
+        files: spec.files.clone(),
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
-        control: &control_path,
-        console_log: &run_dir.join("console.log"),
         console: spec.console,
-        pci_test_rom: pci_test_rom.as_deref(),
-    })?;
-    let handshake = match first_hello(&control, &mut qemu.child, started + BOOT_TIMEOUT, None) {
-        Ok(handshake) => handshake,
-        Err(ChildWait::Interrupted) => return Ok(interrupted_status()),
-        Err(why) => {
-            return Err(CarrierError::NotUp(format!(
-                "{}{}",
-                why.describe(BOOT_TIMEOUT),
-                console_tail(&run_dir.join("console.log"))
-            )));
-        }
+        pci_test_device: spec.pci_test_device,
+        forward: None,
     };
-    let mut conn = handshake.map_err(CarrierError::Handshake)?;
-    conn.set_keepalive(Some(CARRIER_KEEPALIVE));
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
-
-    let cwd = std::env::current_dir()
-        .ok()
-        .filter(|d| files_cover(&files, d))
-        .map(|d| d.display().to_string());
-    let request = ExecRequest {
-        run: Program {
-            env: carrier_env(&cache, &spec.env, &files[0]),
-            cwd,
-            ..Program::new(&spec.argv[0]).with_args(&spec.argv[1..])
-        },
-        ..Default::default()
+    let Some((mut carrier, mut conn)) = Carrier::boot(&machine, None)? else {
+        return Ok(interrupted_status());
     };
+    let request = carrier.request(&spec.argv, &spec.env);
     let stderr = io::stderr();
     let result = conn.exec(
         request,
@@ -320,7 +277,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
             stderr: &mut stderr.lock(),
         },
     );
-    drop(qemu);
+    carrier.stop();
     match result {
         Ok(status) => Ok(status),
         Err(_) if signals::interrupted() => Ok(interrupted_status()),
@@ -328,7 +285,7 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
             eprintln!(
                 "agentos: the carrier stopped responding (no answer for {} s) and was stopped (QEMU has been seen to stop delivering the carrier's interrupts when many VMs boot at once); run the command again (exit status {EXIT_CARRIER_STALLED}){}",
                 quiet.as_secs(),
-                console_tail(&run_dir.join("console.log"))
+                carrier.console_tail()
             );
             Ok(ExitStatus {
                 code: Some(EXIT_CARRIER_STALLED),
@@ -336,9 +293,172 @@ pub fn run(spec: &CarrierRun, stdout: &mut dyn io::Write) -> Result<ExitStatus, 
             })
         }
         Err(source) => Err(CarrierError::Command {
-            console: console_tail(&run_dir.join("console.log")),
+            console: carrier.console_tail(),
             source,
         }),
+    }
+}
+
+/// A port of the carrier reachable from the host: QEMU listens on `host` and forwards each
+/// connection to `guest_port` of the carrier's network card (at [`CARRIER_ADDRESS`]), on a
+/// user-mode network that lets nothing out of the carrier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub host: SocketAddrV4,
+    pub guest_port: u16,
+}
+
+/// The carrier's address on its user-mode network (QEMU's default for its guest).
+pub const CARRIER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The prefix length of that network.
+pub const CARRIER_PREFIX: u8 = 24;
+/// The name the carrier's kernel gives its one network card.
+pub const CARRIER_NIC: &str = "eth0";
+
+/// The machine a carrier is: what it carries and how big it is.
+pub struct CarrierMachine {
+    /// Host files to copy in (the agentos and agentos-vmm binaries always come along).
+    pub files: Vec<PathBuf>,
+    pub memory_mib: u64,
+    pub cpus: u8,
+    /// Copy its console to stderr.
+    pub console: bool,
+    /// See [`CarrierRun::pci_test_device`].
+    pub pci_test_device: bool,
+    /// A network card with one port forwarded from the host; none without.
+    pub forward: Option<Forward>,
+}
+
+/// A carrier whose guest agent answered. QEMU is killed when it is dropped (or [`stop`]ped);
+/// its run directory (and console log) is removed when it is dropped.
+///
+/// [`stop`]: Carrier::stop
+pub struct Carrier {
+    qemu: Qemu,
+    run_dir: RunDir,
+    cache: PathBuf,
+    /// What was copied in; the agentos binary first.
+    files: Vec<PathBuf>,
+}
+
+impl Carrier {
+    /// Boots a carrier and waits for its guest agent's hello: the carrier and its connection,
+    /// or None when interrupted (a signal, or `abort` set) first.
+    pub fn boot(
+        machine: &CarrierMachine,
+        abort: Option<&AtomicBool>,
+    ) -> Result<Option<(Self, AgentConnection)>, CarrierError> {
+        let started = Instant::now();
+        let cache = image::default_cache_dir();
+        let carrier = image::find_image(&cache, CARRIER_IMAGE)?;
+        let qemu_major = which_qemu()?;
+        let exe = std::env::current_exe().map_err(CarrierError::NoExe)?;
+        let mut files = vec![exe, agentos_core::agent::vm::vmm_binary()?];
+        files.extend(machine.files.iter().cloned());
+        if let Some(hidden) = files.iter().find(|f| f.starts_with(CARRIER_TMP)) {
+            return Err(CarrierError::UnderTmp(hidden.clone()));
+        }
+        let initrd = combined_initrd(&cache, &carrier.initrd, &files)?;
+
+        let run_dir = RunDir::create("carrier")?;
+        let pci_test_rom = if machine.pci_test_device {
+            let path = run_dir.join("test-rom.bin");
+            std::fs::write(&path, test_rom()).map_err(|e| CarrierError::Create(path.clone(), e))?;
+            Some(path)
+        } else {
+            None
+        };
+        let control_path = run_dir.join("ctl.sock");
+        let control = UnixListener::bind(&control_path)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(CarrierError::Listen)?;
+        let console_log = run_dir.join("console.log");
+        let qemu = Qemu::spawn(&QemuConfig {
+            qemu_major,
+            kernel: &carrier.vmlinuz,
+            initrd: &initrd,
+            memory_mib: machine.memory_mib,
+            cpus: machine.cpus,
+            control: &control_path,
+            console_log: &console_log,
+            console: machine.console,
+            pci_test_rom: pci_test_rom.as_deref(),
+            forward: machine.forward,
+        })?;
+        let mut carrier = Self {
+            qemu,
+            run_dir,
+            cache,
+            files,
+        };
+        let deadline = started + BOOT_TIMEOUT;
+        let handshake = match first_hello(&control, &mut carrier.qemu.child, deadline, abort) {
+            Ok(handshake) => handshake,
+            Err(ChildWait::Interrupted) => return Ok(None),
+            Err(ChildWait::Exited(_))
+                if let Some(forward) = machine.forward
+                    && std::net::TcpListener::bind(forward.host).is_err() =>
+            {
+                return Err(CarrierError::PortTaken(forward.host));
+            }
+            Err(why) => {
+                return Err(CarrierError::NotUp(format!(
+                    "{}{}",
+                    why.describe(BOOT_TIMEOUT),
+                    carrier.console_tail()
+                )));
+            }
+        };
+        let mut conn = handshake.map_err(CarrierError::Handshake)?;
+        conn.set_keepalive(Some(CARRIER_KEEPALIVE));
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "carrier ready");
+        Ok(Some((carrier, conn)))
+    }
+
+    /// The request that runs `argv` in this carrier with `extra` added to its environment
+    /// (see [`carrier_env`]), in our working directory when the carrier has it.
+    pub fn request(&self, argv: &[String], extra: &BTreeMap<String, String>) -> ExecRequest {
+        let cwd = std::env::current_dir()
+            .ok()
+            .filter(|d| files_cover(&self.files, d))
+            .map(|d| d.display().to_string());
+        let (program, args) = argv.split_first().map_or(("", &[][..]), |(p, a)| (p, a));
+        ExecRequest {
+            run: Program {
+                env: carrier_env(&self.cache, extra, &self.files[0]),
+                cwd,
+                ..Program::new(program).with_args(args)
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The agentos binary as the carrier has it.
+    pub fn agentos(&self) -> &Path {
+        &self.files[0]
+    }
+
+    /// How QEMU ended, if it does within `within` (and was not killed by [`Carrier::stop`]).
+    pub fn ended_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while !self.qemu.ended {
+            match self.qemu.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(EXIT_POLL),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Kills QEMU and waits for it to end.
+    pub fn stop(&mut self) {
+        self.qemu.kill();
+    }
+
+    /// The last lines of the carrier's console, as a paragraph to append to a message.
+    pub fn console_tail(&self) -> String {
+        console_tail(&self.run_dir.join("console.log"))
     }
 }
 
@@ -488,11 +608,14 @@ struct QemuConfig<'a> {
     console: bool,
     /// The PCI test devices, with this file as the display device's ROM.
     pci_test_rom: Option<&'a Path>,
+    forward: Option<Forward>,
 }
 
 /// A running QEMU, killed when dropped.
 struct Qemu {
     child: Child,
+    /// Killed and waited for already.
+    ended: bool,
 }
 
 impl Qemu {
@@ -533,6 +656,7 @@ impl Qemu {
                 .map(pci_test_device_args)
                 .unwrap_or_default(),
         )
+        .args(cfg.forward.map(network_args).unwrap_or_default())
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("socket,id=ctl,path={}", cfg.control.display()))
@@ -549,8 +673,27 @@ impl Qemu {
         }
         let child = cmd.spawn().map_err(CarrierError::Spawn)?;
         signals::watch_child(child.id());
-        Ok(Self { child })
+        Ok(Self {
+            child,
+            ended: false,
+        })
     }
+}
+
+/// A virtio network card on QEMU's user-mode network with `forward` its only way in, and no
+/// way out (`restrict=on`: no packet of the carrier's leaves, whatever it is addressed to).
+fn network_args(forward: Forward) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "user,id=net,restrict=on,hostfwd=tcp:{}:{}-{CARRIER_ADDRESS}:{}",
+            forward.host.ip(),
+            forward.host.port(),
+            forward.guest_port
+        ),
+        "-device".into(),
+        "virtio-net-pci,netdev=net".into(),
+    ]
 }
 
 fn euid() -> u32 {
@@ -591,11 +734,22 @@ fn monitor() -> String {
     }
 }
 
-impl Drop for Qemu {
-    fn drop(&mut self) {
+impl Qemu {
+    /// Kills QEMU and waits for it (once; later calls do nothing).
+    fn kill(&mut self) {
+        if self.ended {
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         signals::forget_child(self.child.id());
+        self.ended = true;
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -630,6 +784,18 @@ mod tests {
         let user = confinement(1000, 10).join(" ");
         assert!(user.contains("elevateprivileges=deny"), "{user}");
         assert!(!user.contains("-run-with"), "{user}");
+    }
+
+    #[test]
+    fn a_forwarded_port_is_the_carriers_only_network_and_nothing_goes_out() {
+        let args = network_args(Forward {
+            host: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 40001),
+            guest_port: 7070,
+        });
+        assert_eq!(
+            args.join(" "),
+            "-netdev user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:40001-10.0.2.15:7070 -device virtio-net-pci,netdev=net"
+        );
     }
 
     #[test]

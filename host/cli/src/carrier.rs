@@ -29,7 +29,8 @@ pub struct CarrierArgs {
     #[arg(long)]
     pub console: bool,
     /// Also copy in the disks of every installed model bundle (and the program that builds
-    /// them), so that `agentos run --model` works inside.
+    /// them) and of the `base` template, so that `agentos run --model` and `--template base`
+    /// work inside.
     #[arg(long)]
     pub models: bool,
     /// Give the carrier an emulated Intel IOMMU with QEMU's `edu` PCI device (1234:11e8), its
@@ -60,6 +61,7 @@ pub fn run_command(args: &CarrierArgs) -> anyhow::Result<i32> {
             &agentos_image::model::ModelStore::new(&cache),
             &img.manifest.libraries,
         )?);
+        files.extend(agentos_image::template::carrier_files(&cache));
     }
     // So that `agentos eval` runs in any carrier, its suites and probe come along.
     files.extend(agentos::eval::carrier_files());

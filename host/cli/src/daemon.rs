@@ -34,6 +34,10 @@ pub struct SpawnArgs {
     /// An installed model bundle the agent carries (`agentos model ls`).
     #[arg(long)]
     pub model: Option<String>,
+    /// What the agent has beyond the agent image: `base` gives it GNU bash at /bin/bash and
+    /// python3 with its standard library.
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: Option<u8>,
     /// Guest memory in MiB (default 256).
@@ -55,11 +59,11 @@ pub struct SpawnArgs {
     pub boot_timeout: Option<u64>,
     /// Restore the agent saved in this directory (`agentos snapshot`, or `agentos run
     /// --snapshot-to`) instead of booting one; vCPUs and memory are the snapshot's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "vcpus", "memory"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "template", "vcpus", "memory"])]
     pub from: Option<PathBuf>,
     /// Take an agent from this warm pool (`agentos pool create`): up at once when the pool has
     /// one ready, restored from the pool's snapshot otherwise.
-    #[arg(long, value_name = "POOL", conflicts_with_all = ["from", "model", "vcpus", "memory"])]
+    #[arg(long, value_name = "POOL", conflicts_with_all = ["from", "model", "template", "vcpus", "memory"])]
     pub pool: Option<String>,
     /// Return at once instead of waiting until the agent is up.
     #[arg(long)]
@@ -255,6 +259,7 @@ pub fn spawn(args: &SpawnArgs) -> anyhow::Result<i32> {
     let request = Request::Spawn(SpawnRequest {
         name: args.name.clone(),
         model: args.model.clone(),
+        template: args.template.clone(),
         vcpus: args.vcpus,
         memory_mib: args.memory,
         cpus: args.slice.cpus,

@@ -20,6 +20,10 @@ pub struct CpArgs {
     /// Permission bits of the file in the agent, in octal (default: the local file's, or 644).
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// The agent's account that owns the file if it is new, and the directories made for it
+    /// (default: root; a replaced file keeps its owner).
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
     #[command(flatten)]
     pub socket: SocketArg,
 }
@@ -68,8 +72,8 @@ pub fn cp(args: &CpArgs) -> anyhow::Result<i32> {
             into_agent(args, from, name, path)?;
         }
         (End::Agent { name, path }, End::Local(to)) => {
-            if args.mode.is_some() {
-                anyhow::bail!("--mode is for files copied into an agent");
+            if args.mode.is_some() || args.user.is_some() {
+                anyhow::bail!("--mode and --user are for files copied into an agent");
             }
             out_of_agent(&args.socket, name, path, to)?;
         }
@@ -120,6 +124,7 @@ fn into_agent(args: &CpArgs, from: &str, name: &str, path: &str) -> anyhow::Resu
             name: name.to_owned(),
             path,
             mode,
+            user: args.user.clone(),
         },
         source,
     )?;

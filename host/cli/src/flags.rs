@@ -75,6 +75,10 @@ pub struct VmArgs {
     /// Guest initramfs (default: the agent image's).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// What the agent has beyond the agent image: `base` gives it GNU bash at /bin/bash and
+    /// python3 with its standard library (from a read-only disk all such agents share).
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     /// Give the guest a read-only disk over this file (a whole number of 512-byte sectors):
     /// /dev/vda, then /dev/vdb... in the order given (at most 8). In a carrier, the file is
     /// copied in: give it outside /tmp.
@@ -146,6 +150,7 @@ impl VmArgs {
             cpuset: self.slice.cpuset.clone(),
             pin: self.slice.pin,
             model: None,
+            template: self.template.clone(),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             disks: self.disk.clone(),

@@ -1,14 +1,16 @@
-//! `agentos image build`: the agent and carrier images, from Debian packages, into the cache.
+//! `agentos image build`: the agent and carrier images, and the disk of the `base` template, from
+//! Debian packages, into the cache.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
-use agentos_image::{self as image, BuildOptions, ImageSpec};
+use agentos_image::{self as image, BuildOptions, ImageSpec, template};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Build (or bring up to date) the guest images; a second run with nothing changed is a no-op.
+    /// Build (or bring up to date) the guest images and the `base` template's disk; a second run
+    /// with nothing changed is a no-op.
     Build(BuildArgs),
 }
 
@@ -17,7 +19,8 @@ pub struct BuildArgs {
     /// The guest agent binary to put in the images (default: `agentos-guest` next to this binary).
     #[arg(long)]
     pub guest_agent: Option<PathBuf>,
-    /// Ask apt for the newest kernel and busybox instead of the versions pinned by the last build.
+    /// Ask apt for the newest packages (kernel, busybox, the `base` template's) instead of the
+    /// versions pinned by the last build.
     #[arg(long)]
     pub update: bool,
     /// Which images to build.
@@ -29,6 +32,8 @@ pub struct BuildArgs {
 pub enum Which {
     Agent,
     Carrier,
+    /// The disk of the `base` template (bash, python3), for agents of the agent image.
+    Base,
     All,
 }
 
@@ -53,6 +58,7 @@ pub fn run(cmd: &ImageCommand) -> anyhow::Result<i32> {
     let specs = match args.image {
         Which::Agent => vec![ImageSpec::agent()],
         Which::Carrier => vec![ImageSpec::carrier()],
+        Which::Base => Vec::new(),
         Which::All => vec![ImageSpec::agent(), ImageSpec::carrier()],
     };
     let options = BuildOptions {
@@ -63,6 +69,20 @@ pub fn run(cmd: &ImageCommand) -> anyhow::Result<i32> {
         let built = image::build_image(spec, &cache, &options, &mut |step| eprintln!("{step}"))
             .with_context(|| format!("cannot build the {} image", spec.name))?;
         println!("{}", built.dir.display());
+    }
+    if matches!(args.image, Which::Base | Which::All) {
+        let agent = image::find_image(&cache, image::AGENT_IMAGE)
+            .context("the `base` template's disk is built for the agent image")?;
+        let started = std::time::Instant::now();
+        let disk = template::build_base_disk(&cache, &agent.manifest, args.update)
+            .context("cannot build the disk of the `base` template")?;
+        let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
+        eprintln!(
+            "base template disk: {:.1} MiB ({:.1} s)",
+            size as f64 / (1024.0 * 1024.0),
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", disk.display());
     }
     Ok(0)
 }

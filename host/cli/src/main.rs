@@ -45,7 +45,7 @@ enum Command {
     Run(run::RunArgs),
     /// Run the agent daemon: it keeps agents running and serves the commands below on a socket.
     #[command(
-        after_help = "Stopping it (Ctrl-C, SIGTERM) stops every agent. On a host whose KVM cannot boot Linux, run it\nand its clients in a carrier: `agentos carrier --models -- sh -c 'agentos daemon & ...'`."
+        after_help = "Stopping it (Ctrl-C, SIGTERM) stops every agent. On a host whose KVM cannot boot Linux, it runs\nthe daemon in one QEMU carrier and serves its API here (socket and --listen) all the same; the\ncarrier, and every agent in it, stops with it (see docs/api.md)."
     )]
     Daemon(agentos::daemon::DaemonArgs),
     /// Start a long-lived agent under the daemon.

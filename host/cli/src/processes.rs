@@ -49,6 +49,7 @@ pub fn exec_streamed(
     });
     let stdin = stdin || tty;
     let request = Request::Start(StartCall {
+        keep: false,
         name: name.to_owned(),
         run,
         stdin,
@@ -189,6 +190,7 @@ pub fn exec_detached(
     json: bool,
 ) -> anyhow::Result<i32> {
     let reply: StartedReply = client(socket)?.call(&Request::Start(StartCall {
+        keep: false,
         name: name.to_owned(),
         run,
         stdin: false,

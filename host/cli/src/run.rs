@@ -20,6 +20,7 @@ use agentos_core::agent::snapshot::{
 };
 use agentos_core::agent::vm::{AgentVm, VmError};
 use agentos_core::signals;
+use agentos_image::template;
 
 /// What a shell returns when it cannot run a command.
 const EXIT_CANNOT_RUN: i32 = 127;
@@ -47,7 +48,7 @@ pub struct RunArgs {
     /// Restore the agent saved in this snapshot directory (see --snapshot-to) instead of
     /// booting one: the program runs in the agent as it was saved, programs it had running
     /// and files it had written included. vCPUs and memory are the snapshot's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "memory", "vcpus", "kernel_args", "model"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "memory", "vcpus", "kernel_args", "model", "template"])]
     pub from: Option<PathBuf>,
     /// Once the program has ended, save the agent to this directory (it must exist; its
     /// `memory` and `vm.state` are replaced) instead of shutting it down.
@@ -125,6 +126,9 @@ pub fn run(args: &RunArgs, started: Instant) -> anyhow::Result<i32> {
             .chain(&args.vm.disk)
             .cloned()
             .collect();
+        if spec.template().is_some() {
+            files.extend(template::carrier_files(&agentos_image::default_cache_dir()));
+        }
         if let Some(dir) = &args.from {
             files.extend([STATE_FILE, MEMORY_FILE].map(|name| dir.join(name)));
             if let Some(disks) = model_disks_of(dir)? {

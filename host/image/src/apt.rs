@@ -152,6 +152,44 @@ impl Packages {
         Ok(deb)
     }
 
+    /// [`Self::locate`] for several packages, asking apt once for all those not pinned.
+    pub fn locate_all(&mut self, packages: &[&str], refresh: bool) -> Result<Vec<Deb>, AptError> {
+        let unpinned: Vec<&str> = packages
+            .iter()
+            .copied()
+            .filter(|p| self.pinned(p, refresh).is_none())
+            .collect();
+        let mut fresh = if unpinned.is_empty() {
+            Vec::new()
+        } else {
+            self.candidates(&unpinned)?
+        }
+        .into_iter();
+        let mut found = Vec::with_capacity(packages.len());
+        for package in packages {
+            let deb = match self.pinned(package, refresh) {
+                Some(deb) => deb,
+                // `candidates` answers one file for each package asked, in order.
+                None => {
+                    let deb = match fresh.next() {
+                        Some(deb) => deb,
+                        None => self.candidate(package)?,
+                    };
+                    self.pin(package, &deb)?;
+                    deb
+                }
+            };
+            found.push(deb);
+        }
+        Ok(found)
+    }
+
+    /// The pinned `.deb` of each of `packages`, when every one is pinned and here: what a build
+    /// that must not ask apt can use.
+    pub fn pinned_all(&self, packages: &[&str]) -> Option<Vec<Deb>> {
+        packages.iter().map(|p| self.pinned(p, false)).collect()
+    }
+
     /// Like [`Self::locate`], for a kernel: a meta package (`linux-image-cloud-amd64`) is followed
     /// to the versioned package it depends on, which holds the kernel.
     pub fn locate_kernel(&mut self, package: &str, refresh: bool) -> Result<Deb, AptError> {
@@ -200,6 +238,59 @@ impl Packages {
         // fails.
         let _ = fs::remove_dir_all(&partial);
         result
+    }
+
+    /// Fetches those of `debs` that are not here yet, asking apt once for all of them.
+    pub fn download_all(&mut self, debs: &[Deb]) -> Result<(), AptError> {
+        let missing: Vec<&Deb> = debs.iter().filter(|d| !d.is_downloaded()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        remove_stale_temporaries(&self.downloads, PARTIAL_PREFIX);
+        let partial = self
+            .downloads
+            .join(format!("{PARTIAL_PREFIX}{}", std::process::id()));
+        fs::create_dir_all(&partial).map_err(|source| io_error(&partial, source))?;
+        let wanted: Vec<String> = missing
+            .iter()
+            .map(|d| format!("{}={}", d.package, d.version))
+            .collect();
+        let mut args = vec!["download"];
+        args.extend(wanted.iter().map(String::as_str));
+        let names = missing
+            .iter()
+            .map(|d| d.package.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let result = self.apt(&args, &partial, &names).and_then(|_| {
+            missing.iter().try_for_each(|deb| {
+                let fetched = partial.join(deb.file_name());
+                fs::rename(&fetched, &deb.path).map_err(|source| io_error(&fetched, source))
+            })
+        });
+        let _ = fs::remove_dir_all(&partial);
+        result
+    }
+
+    /// Unpacks `deb` into `dir`, over what is there (`dpkg-deb -x`).
+    pub fn extract_into(&self, deb: &Deb, dir: &Path) -> Result<(), AptError> {
+        let command = format!("dpkg-deb -x {} {}", deb.path.display(), dir.display());
+        let output = run(
+            Command::new("dpkg-deb").arg("-x").arg(&deb.path).arg(dir),
+            &command,
+        )?;
+        if !output.status.success() {
+            return Err(AptError::Failed {
+                command,
+                package: deb.package.clone(),
+                detail: format!(
+                    "{}; delete {} and build again",
+                    last_line(&output.stderr),
+                    deb.path.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The names in the package's `Depends` field (first of each set of alternatives).
@@ -308,6 +399,36 @@ impl Packages {
                 package: package.to_owned(),
                 detail: format!("no package file in {stdout:?}"),
             })
+    }
+
+    /// apt's candidates for `packages`, in their order, from one `apt-get download
+    /// --print-uris` (see [`Self::candidate`]).
+    fn candidates(&mut self, packages: &[&str]) -> Result<Vec<Deb>, AptError> {
+        let query_dir = self.downloads.join(".query");
+        fs::create_dir_all(&query_dir).map_err(|source| io_error(&query_dir, source))?;
+        let names = packages.join(" ");
+        let mut args = vec!["download", "--print-uris"];
+        args.extend_from_slice(packages);
+        let stdout = self.apt(&args, &query_dir, &names)?;
+        let files: Vec<&str> = stdout
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .collect();
+        packages
+            .iter()
+            .map(|package| {
+                let prefix = format!("{package}_");
+                files
+                    .iter()
+                    .find(|file| file.starts_with(&prefix))
+                    .and_then(|file| Deb::from_file_name(&self.downloads, file))
+                    .ok_or_else(|| AptError::Unexpected {
+                        command: format!("apt-get download --print-uris {names}"),
+                        package: (*package).to_owned(),
+                        detail: "no package file for it in apt's answer".to_owned(),
+                    })
+            })
+            .collect()
     }
 
     /// Runs apt-get; when it fails because the package lists were never fetched, fetches them once

@@ -1,6 +1,7 @@
 //! Guest images: Debian's stock cloud kernel plus an initramfs whose `/init` is the guest agent;
 //! the model store and the read-only disks agents with a model map ([`model`]); the host
-//! programs agentos starts ([`programs`]).
+//! programs agentos starts ([`programs`]); the templates agents may be spawned with and the
+//! disk the `base` one gives them ([`template`]).
 //!
 //! An image is built from Debian packages fetched with apt (never installed), into a cache
 //! directory:
@@ -25,6 +26,7 @@ pub mod manifest;
 pub mod model;
 pub mod programs;
 mod spec;
+pub mod template;
 pub mod vmlinux;
 
 use std::ffi::OsString;

@@ -38,9 +38,11 @@ const AGENT_MODULES: &[&str] = &[
     "uio_pci_generic",
 ];
 
-/// KVM for the nested guests, virtio-pci with a console for the control port, and VFIO for a
-/// carrier given a PCI device to pass to its agents (`agentos carrier --pci-test-device`; the
-/// modules load without an IOMMU too, and bind nothing by themselves). The carrier's CPU is
+/// KVM for the nested guests, virtio-pci with a console for the control port, a network card for
+/// a daemon in the carrier to serve its API to the host (QEMU's user-mode network, which forwards
+/// one host port in and lets nothing out), and VFIO for a carrier given a PCI device to pass to
+/// its agents (`agentos carrier --pci-test-device`; the modules load without an IOMMU too, and
+/// bind nothing by themselves). The carrier's CPU is
 /// QEMU's software one, which emulates AMD's SVM and not Intel's VMX: `kvm-intel` would fail to
 /// load, and the guest agent stops at a module that fails.
 const CARRIER_MODULES: &[&str] = &[
@@ -51,6 +53,7 @@ const CARRIER_MODULES: &[&str] = &[
     "virtio",
     "virtio_pci",
     "virtio_console",
+    "virtio_net",
     "vfio",
     "vfio_iommu_type1",
     "vfio-pci",

@@ -193,6 +193,10 @@ pub struct SpawnRequest {
     /// An installed model bundle the agent carries (`agentos model ls`).
     #[serde(default)]
     pub model: Option<String>,
+    /// What the agent has beyond the agent image: `base` gives it GNU bash at `/bin/bash` and
+    /// CPython (`python3`, standard library included); other names are refused.
+    #[serde(default)]
+    pub template: Option<String>,
     #[serde(default)]
     pub vcpus: Option<u8>,
     #[serde(default)]
@@ -320,6 +324,9 @@ pub struct StartCall {
     /// to its end, and it is killed if the client goes first.
     #[serde(default)]
     pub detach: bool,
+    /// Follow it, but let it run on if the client goes (until it ends or its timeout passes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
     /// A name to find it by among the agent's running programs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
@@ -404,6 +411,9 @@ pub struct WriteFileRequest {
     pub path: String,
     /// Permission bits of a new file (0o644 when absent; a replaced file keeps its own).
     pub mode: Option<u32>,
+    /// The guest account that owns a new file and the directories made for it (root when
+    /// absent; a replaced file keeps its owner).
+    pub user: Option<String>,
 }
 
 /// One operation on an agent's files.

@@ -353,7 +353,9 @@ pub mod raw {
         };
         let content_type = value("content-type").unwrap_or_default();
         let chunked = value("transfer-encoding").is_some_and(|v| v.contains("chunked"));
-        let body = if chunked {
+        let body = if status == 204 || status == 304 {
+            Vec::new()
+        } else if chunked {
             read_chunked(stream)?
         } else {
             let length: u64 = value("content-length")

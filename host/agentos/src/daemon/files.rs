@@ -96,6 +96,7 @@ impl GuestLink {
         self,
         path: String,
         mode: Option<u32>,
+        user: Option<String>,
         body: Chunks,
     ) -> Result<serde_json::Value, ApiError> {
         self.blocking(move |link| {
@@ -106,7 +107,7 @@ impl GuestLink {
                 ended: false,
             };
             let size = conn
-                .write_file(&path, mode, &mut source)
+                .write_file(&path, mode, user.as_deref(), &mut source)
                 .map_err(|e| match e {
                     ConnectionError::Transfer(e) => ApiError::new(
                         ErrorKind::BadRequest,

@@ -6,14 +6,18 @@
 pub mod agent;
 pub mod api;
 mod arbiter;
+mod carried;
 pub mod client;
 pub mod devices;
+mod e2b;
 mod files;
 mod groups;
 mod link;
 mod metrics;
 mod processes;
+mod relay;
 pub mod routes;
+mod secret;
 mod server;
 
 use std::collections::BTreeMap;
@@ -139,10 +143,8 @@ struct Daemon {
 pub enum DaemonError {
     #[error(transparent)]
     Placement(#[from] PlacementError),
-    #[error(
-        "this host's KVM cannot boot Linux, so agents cannot run next to this daemon; run it in a carrier: `agentos carrier --models -- agentos daemon` (and the clients in the same carrier)"
-    )]
-    NeedsCarrier,
+    #[error("the carrier that runs the daemon ended: {0}")]
+    CarrierEnded(String),
     #[error(transparent)]
     RunDirBase(#[from] RunDirError),
     #[error("cannot create {}", .0.display())]
@@ -167,23 +169,9 @@ pub enum DaemonError {
 
 pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
     if placement::decide(CarrierChoice::Auto)? == Placement::Carrier {
-        return Err(DaemonError::NeedsCarrier);
+        return carried::run(args);
     }
-    let path = args.socket.path();
-    let listener = bind_private(&path)?;
-    let metrics = args.metrics.as_deref().map(bind_private).transpose()?;
-    // A token file beside the socket is a dead daemon's: this one owns the socket now.
-    let token_path = path.with_extension("token");
-    let _ = std::fs::remove_file(&token_path);
-    let tcp = match args.listen {
-        Some(address) => {
-            let listener = std::net::TcpListener::bind(address)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|e| DaemonError::ListenTcp(address, e))?;
-            Some((listener, api_token(&token_path)?))
-        }
-        None => None,
-    };
+    let listeners = Listeners::bind(args)?;
     let removed = rundir::remove_stale();
     cgroup::remove_stale(&cgroup::Layout::discover());
     if removed > 0 {
@@ -199,21 +187,8 @@ pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
         )
         .map_err(|e| DaemonError::Start("its pool thread", e))?,
     );
-    eprintln!(
-        "agentos daemon: listening on {} (pid {})",
-        path.display(),
-        std::process::id()
-    );
-    if let Some((listener, token)) = &tcp {
-        let address = listener
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        eprintln!(
-            "agentos daemon: listening on http://{address} ({})",
-            token.told()
-        );
-    }
-    let token_file = tcp.as_ref().and_then(|(_, token)| token.file.clone());
+    listeners.announce();
+    let files = listeners.files.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -221,20 +196,81 @@ pub fn run(args: &DaemonArgs) -> Result<i32, DaemonError> {
     runtime
         .block_on(serve(
             daemon.clone(),
-            listener,
-            metrics,
-            tcp.map(|(listener, token)| (listener, token.token)),
+            listeners.api,
+            listeners.metrics,
+            listeners
+                .tcp
+                .map(|(listener, token)| (listener, token.token)),
         ))
         .map_err(|e| DaemonError::Start("its listeners", e))?;
-    let _ = std::fs::remove_file(&path);
-    if let Some(metrics) = &args.metrics {
-        let _ = std::fs::remove_file(metrics);
-    }
-    if let Some(file) = &token_file {
-        let _ = std::fs::remove_file(file);
-    }
+    remove_files(&files);
     eprintln!("agentos daemon: every agent stopped; exiting");
     Ok(0)
+}
+
+/// What the daemon serves on, bound before it does anything else.
+struct Listeners {
+    path: PathBuf,
+    api: std::os::unix::net::UnixListener,
+    metrics: Option<std::os::unix::net::UnixListener>,
+    tcp: Option<(std::net::TcpListener, ApiToken)>,
+    /// What to remove when the daemon exits: the sockets, a generated token's file.
+    files: Vec<PathBuf>,
+}
+
+impl Listeners {
+    fn bind(args: &DaemonArgs) -> Result<Self, DaemonError> {
+        let path = args.socket.path();
+        let api = bind_private(&path)?;
+        let mut files = vec![path.clone()];
+        let metrics = args.metrics.as_deref().map(bind_private).transpose()?;
+        files.extend(args.metrics.clone());
+        // A token file beside the socket is a dead daemon's: this one owns the socket now.
+        let token_path = path.with_extension("token");
+        let _ = std::fs::remove_file(&token_path);
+        let tcp = match args.listen {
+            Some(address) => {
+                let listener = std::net::TcpListener::bind(address)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| DaemonError::ListenTcp(address, e))?;
+                let token = api_token(&token_path)?;
+                files.extend(token.file.clone());
+                Some((listener, token))
+            }
+            None => None,
+        };
+        Ok(Self {
+            path,
+            api,
+            metrics,
+            tcp,
+            files,
+        })
+    }
+
+    /// Says where the daemon serves, once it does (scripts wait for the first line).
+    fn announce(&self) {
+        eprintln!(
+            "agentos daemon: listening on {} (pid {})",
+            self.path.display(),
+            std::process::id()
+        );
+        if let Some((listener, token)) = &self.tcp {
+            let address = listener
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            eprintln!(
+                "agentos daemon: listening on http://{address} ({})",
+                token.told()
+            );
+        }
+    }
+}
+
+fn remove_files(files: &[PathBuf]) {
+    for file in files {
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 /// Binds a Unix socket only its owner can connect to. A socket left by a dead daemon is replaced;
@@ -467,7 +503,11 @@ impl server::Handler for Daemon {
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
         self.count_request("write_file");
         let files = self.link(&request.name);
-        async move { files?.write(request.path, request.mode, body).await }
+        async move {
+            files?
+                .write(request.path, request.mode, request.user, body)
+                .await
+        }
     }
 
     fn count_error(&self, kind: ErrorKind) {
@@ -1046,6 +1086,7 @@ fn agent_config(
         cpuset: request.cpuset.clone(),
         pin: request.pin,
         model: request.model.clone(),
+        template: request.template.clone(),
         from,
         devices: request.devices.clone(),
         gpus: request.gpus,
@@ -1086,9 +1127,10 @@ fn configure(
                 format!("cannot create {}: {e}", own.display()),
             )
         })?;
-    // A VM with a PCI device cannot be saved.
+    // A VM with a PCI device cannot be saved; nor, yet, one with a template (a snapshot does not
+    // keep the template's disk).
     let with_devices = !spec.devices().is_empty() || spec.gpus() > 0;
-    opts.snapshot_to = (!with_devices).then_some(own);
+    opts.snapshot_to = (!with_devices && spec.template().is_none()).then_some(own);
     Ok(AgentConfig {
         name,
         // A restored agent's is its snapshot's.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use agentos_core::agent::connection::{ConnectionError, Follow, Keepalive, ProgramEvent};
+use agentos_core::agent::connection::{
+    AgentConnection, ConnectionError, Follow, Keepalive, ProgramEvent,
+};
 use agentos_protocol::process::{Control, Selector};
 use agentos_protocol::{ExecRequest, StreamData};
 
@@ -32,6 +34,10 @@ impl GuestLink {
     }
 
     async fn follow(self, what: Follow) -> Result<Chunks, ApiError> {
+        let attached = match &what {
+            Follow::Attach(Selector::Pid(pid)) => Some(*pid),
+            _ => None,
+        };
         self.stream(move |link, emit| {
             let mut conn = link.connect()?;
             conn.set_keepalive(Some(KEEPALIVE));
@@ -52,7 +58,12 @@ impl GuestLink {
                 // The client went: the connection closes, and with it a program not kept.
                 Err(ConnectionError::Transfer(_)) => Ok(()),
                 Err(e) => {
-                    let error = link.error(e);
+                    let error = match (attached, e) {
+                        (Some(pid), ConnectionError::Refused(why)) => {
+                            refused(link, &mut conn, pid, why)
+                        }
+                        (_, e) => link.error(e),
+                    };
                     // Once the stream started, the failure is its last line.
                     if emit.started() {
                         let _ = send_line(emit, &ProgramLine::Error(error));
@@ -93,12 +104,26 @@ impl GuestLink {
 
     pub async fn control(self, pid: u32, control: Control) -> Result<serde_json::Value, ApiError> {
         self.blocking(move |link| {
-            link.connect()?
-                .control(pid, control)
-                .map_err(|e| link.error(e))?;
-            Ok(serde_json::json!({}))
+            let mut conn = link.connect()?;
+            match conn.control(pid, control) {
+                Ok(()) => Ok(serde_json::json!({})),
+                Err(ConnectionError::Refused(why)) => Err(refused(link, &mut conn, pid, why)),
+                Err(e) => Err(link.error(e)),
+            }
         })
         .await
+    }
+}
+
+/// Why the guest refused a request about program `pid`: `not_found` when no such program runs
+/// (as far as a look at the guest's table tells), its own words otherwise.
+fn refused(link: &GuestLink, conn: &mut AgentConnection, pid: u32, why: String) -> ApiError {
+    match conn.processes() {
+        Ok(running) if !running.iter().any(|p| p.pid == pid) => ApiError::new(
+            ErrorKind::NotFound,
+            format!("agent `{}`: no program {pid} runs there", link.name),
+        ),
+        _ => link.error(ConnectionError::Refused(why)),
     }
 }
 
@@ -108,6 +133,7 @@ fn exec_request(call: StartCall) -> ExecRequest {
     ExecRequest {
         run: call.run,
         stdin: call.stdin,
+        keep: call.keep,
         tag: call.tag,
         pty: call.pty,
         ..ExecRequest::default()

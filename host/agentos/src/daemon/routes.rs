@@ -186,11 +186,12 @@ pub fn route(
             })
         }
         (Resource::AgentFiles(name), Method::PUT) => {
-            let WriteQuery { path, mode } = from_query(query)?;
+            let WriteQuery { path, mode, user } = from_query(query)?;
             Request::WriteFile(WriteFileRequest {
                 name: name.to_owned(),
                 path,
                 mode: mode.as_deref().map(octal_mode).transpose()?,
+                user,
             })
         }
         (Resource::AgentFiles(name), Method::DELETE) => {
@@ -222,8 +223,8 @@ pub fn route(
             return Err(wrong_method("GET"));
         }
         (Resource::AgentFilesAction(name, "mkdir"), Method::POST) => {
-            let PathQuery { path } = json(no_query(query, body)?, None)?;
-            fs(name, FsOp::MakeDir { path })
+            let MakeDirBody { path, user } = json(no_query(query, body)?, None)?;
+            fs(name, FsOp::MakeDir { path, user })
         }
         (Resource::AgentFilesAction(name, "move"), Method::POST) => {
             let MoveBody { from, to } = json(no_query(query, body)?, None)?;
@@ -306,6 +307,19 @@ struct WriteQuery {
     /// Octal permission bits, as `chmod` takes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mode: Option<String>,
+    /// The guest account that owns a new file and the directories made for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+}
+
+/// The body of `POST /agents/{name}/files/mkdir`.
+#[derive(serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MakeDirBody {
+    path: String,
+    /// The guest account that owns the directories made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
 }
 
 /// The query of `GET /agents/{name}/files/list`.
@@ -498,6 +512,7 @@ pub fn call(request: &Request) -> HttpCall {
                 &WriteQuery {
                     path: file.path.clone(),
                     mode: file.mode.map(|mode| format!("{mode:o}")),
+                    user: file.user.clone(),
                 },
             ),
             None,
@@ -525,10 +540,16 @@ pub fn call(request: &Request) -> HttpCall {
                 files_target(name, "", &PathQuery { path: path.clone() }),
                 None,
             ),
-            FsOp::MakeDir { path } => (
+            FsOp::MakeDir { path, user } => (
                 Method::POST,
                 format!("/agents/{}/files/mkdir", segment(name)),
-                Some(body(&PathQuery { path: path.clone() }, None)),
+                Some(body(
+                    &MakeDirBody {
+                        path: path.clone(),
+                        user: user.clone(),
+                    },
+                    None,
+                )),
             ),
             FsOp::Move { from, to } => (
                 Method::POST,
@@ -772,11 +793,13 @@ pub(super) mod tests {
                 name: "a".into(),
                 path: "/x".into(),
                 mode: Some(0o4755),
+                user: Some("user".into()),
             }),
             Request::WriteFile(WriteFileRequest {
                 name: "a".into(),
                 path: "/x".into(),
                 mode: None,
+                user: None,
             }),
             fs("a", FsOp::Stat { path: "/".into() }),
             fs(
@@ -786,7 +809,13 @@ pub(super) mod tests {
                     depth: 3,
                 },
             ),
-            fs("a", FsOp::MakeDir { path: "/d".into() }),
+            fs(
+                "a",
+                FsOp::MakeDir {
+                    path: "/d".into(),
+                    user: Some("user".into()),
+                },
+            ),
             fs(
                 "a",
                 FsOp::Move {
@@ -800,6 +829,7 @@ pub(super) mod tests {
                 run: Program::new("/bin/cat"),
                 stdin: true,
                 detach: false,
+                keep: true,
                 tag: Some("t".into()),
                 pty: Some(PtySize { cols: 80, rows: 24 }),
             }),

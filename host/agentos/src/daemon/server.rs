@@ -40,7 +40,8 @@ use super::api::{
     MAX_REQUEST_BYTES, Request, WriteFileRequest,
 };
 use super::link::{ChunkBody, Chunks};
-use super::routes;
+use super::secret::{bearer, same_secret};
+use super::{e2b, routes};
 use agentos_core::agent::vm::DEFAULT_BOOT_TIMEOUT;
 
 /// Connections served at once.
@@ -311,6 +312,40 @@ struct Shared<H> {
     handler: Arc<H>,
     lanes: Lanes,
     limits: Limits,
+    /// The sandboxes of E2B's API.
+    sandboxes: e2b::Registry,
+}
+
+/// E2B's API asks the daemon through the server, as a client would: in lanes, by deadlines.
+impl<H: Handler> e2b::Api for Shared<H> {
+    async fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+        api::check_durations(&request)?;
+        answer(&*self.handler, &self.lanes, &self.limits, request).await
+    }
+
+    async fn open(&self, request: Request) -> Result<Chunks, ApiError> {
+        api::check_durations(&request)?;
+        open_stream(self, request).await
+    }
+
+    async fn write_file(
+        &self,
+        request: WriteFileRequest,
+        body: Chunks,
+    ) -> Result<serde_json::Value, ApiError> {
+        let probe = Request::WriteFile(request.clone());
+        let deadline = tokio::time::Instant::now() + (self.limits.time_limit)(&probe);
+        let _turn = self.lanes.enter(&probe, deadline).await?;
+        self.handler.write_file(request, body).await
+    }
+
+    fn registry(&self) -> &e2b::Registry {
+        &self.sandboxes
+    }
+
+    fn count_error(&self, kind: ErrorKind) {
+        self.handler.count_error(kind);
+    }
 }
 
 /// Serves clients on every site until `stop` completes.
@@ -324,14 +359,27 @@ pub async fn serve<H: Handler>(
         lanes: Lanes::new(&limits),
         handler,
         limits,
+        sandboxes: e2b::Registry::default(),
     });
-    let loops: Vec<_> = sites
+    let mut loops: Vec<_> = sites
         .into_iter()
         .map(|site| tokio::spawn(accept_loop(shared.clone(), site)))
         .collect();
+    loops.push(tokio::spawn(expire_sandboxes(shared.clone())));
     stop.await;
-    for accepting in loops {
-        accepting.abort();
+    for task in loops {
+        task.abort();
+    }
+}
+
+/// Removes E2B sandboxes whose time is up.
+async fn expire_sandboxes<H: Handler>(shared: Arc<Shared<H>>) {
+    loop {
+        tokio::time::sleep(e2b::EXPIRY_CHECK).await;
+        for id in shared.sandboxes.take_expired(std::time::SystemTime::now()) {
+            let shared = shared.clone();
+            tokio::spawn(async move { e2b::sandboxes::expire(&*shared, id).await });
+        }
     }
 }
 
@@ -447,10 +495,16 @@ async fn read_and_answer<H: Handler>(
     token: Option<&str>,
     request: hyper::Request<Incoming>,
 ) -> Result<Response, Refusal> {
-    if let Some(token) = token {
-        check_token(request.headers(), token)?;
-    }
     let (head, body) = request.into_parts();
+    if scope == Scope::Api
+        && let Some(target) = e2b::target(&head)
+    {
+        // E2B's API checks its own keys: the API token as `X-API-KEY`, each sandbox's own.
+        return Ok(e2b::serve(shared, token, target, head, body).await);
+    }
+    if let Some(token) = token {
+        check_token(&head.headers, token)?;
+    }
     let path = head.uri.path().to_owned();
     if scope == Scope::Metrics && !(head.method == Method::GET && path == "/metrics") {
         return Err(ApiError::new(
@@ -506,24 +560,31 @@ const NDJSON: &str = "application/x-ndjson";
 /// Streams the answer to `request` once it started (the guest opened the file, the program
 /// started); the request's turn is held until the stream ends.
 async fn stream<H: Handler>(shared: &Shared<H>, request: Request) -> Result<Response, Refusal> {
-    let op = request.op();
-    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&request);
-    let turn = shared.lanes.enter(&request, deadline).await?;
     let content_type = match request {
         Request::ReadFile(_) => "application/octet-stream",
         _ => NDJSON,
     };
+    let rx = open_stream(shared, request).await?;
+    let mut response = hyper::Response::new(Either::Right(ChunkBody(rx)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(response)
+}
+
+/// Opens the stream of `request` in its lane: its chunks, which hold the turn until they end or
+/// are dropped.
+async fn open_stream<H: Handler>(shared: &Shared<H>, request: Request) -> Result<Chunks, ApiError> {
+    let op = request.op();
+    let deadline = tokio::time::Instant::now() + (shared.limits.time_limit)(&request);
+    let turn = shared.lanes.enter(&request, deadline).await?;
     let opened = tokio::time::timeout_at(deadline, shared.handler.stream(request))
         .await
         .unwrap_or_else(|_| Err(timed_out(op, "before its stream started")))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     // The turn goes with the last chunk.
     tokio::spawn(forward(opened, tx, turn));
-    let mut response = hyper::Response::new(Either::Right(ChunkBody(rx)));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    Ok(response)
+    Ok(rx)
 }
 
 /// Passes `from`'s chunks on, holding `turn` until they end or the client goes.
@@ -613,18 +674,7 @@ const METRICS_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Refuses a request without `Bearer token`. The comparison takes as long whatever the bytes.
 fn check_token(headers: &HeaderMap, token: &str) -> Result<(), Refusal> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0;
-    if same {
+    if same_secret(bearer(headers).unwrap_or_default(), token) {
         Ok(())
     } else {
         Err(ApiError::new(

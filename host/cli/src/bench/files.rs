@@ -62,17 +62,7 @@ pub fn run(args: &FilesBenchArgs) -> anyhow::Result<i32> {
     if placement == Placement::Carrier {
         return Ok(carrier::rerun_inside(Vec::new())?);
     }
-    let bytes = args.mib as usize * 1024 * 1024;
-    // Bytes that do not compress or repeat: a cheap generator, not the OS's entropy.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let data: Vec<u8> = (0..bytes)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = pattern(args.mib as usize * 1024 * 1024);
     let options = super::agent_options(AgentRequest::default())?;
     eprintln!("agentos bench files: booting an agent");
     let vm = AgentVm::boot(&options).context("the agent did not boot")?;
@@ -120,7 +110,7 @@ fn measure(vm: &AgentVm, data: &[u8], runs: u32) -> anyhow::Result<(Vec<f64>, Ve
         eprintln!("agentos bench files: run {run} of {runs}");
         let mut conn = connect_to_agent(&vm.guest_socket(), CONNECT_TIMEOUT)?;
         let started = Instant::now();
-        let written = conn.write_file(GUEST_PATH, None, &mut Cursor::new(data))?;
+        let written = conn.write_file(GUEST_PATH, None, None, &mut Cursor::new(data))?;
         into.push(mb_per_s(written, started.elapsed()));
         let started = Instant::now();
         let mut read = 0u64;
@@ -142,8 +132,21 @@ fn measure(vm: &AgentVm, data: &[u8], runs: u32) -> anyhow::Result<(Vec<f64>, Ve
     Ok((into, out))
 }
 
+/// `bytes` bytes that do not compress or repeat: a cheap generator, not the OS's entropy.
+pub(super) fn pattern(bytes: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// MB/s of `data` sent through a Unix socket pair in chunks of the file protocol's size.
-fn through_socket_pair(data: &[u8]) -> anyhow::Result<f64> {
+pub(super) fn through_socket_pair(data: &[u8]) -> anyhow::Result<f64> {
     let (mut sender, mut receiver) = UnixStream::pair()?;
     let total = data.len();
     let started = Instant::now();
@@ -171,12 +174,12 @@ fn through_socket_pair(data: &[u8]) -> anyhow::Result<f64> {
     Ok(mb_per_s(total as u64, started.elapsed()))
 }
 
-fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+pub(super) fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     round(bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9), 1)
 }
 
 /// The median, min and max of `values`, to a tenth.
-fn rounded(values: &[f64]) -> Stats {
+pub(super) fn rounded(values: &[f64]) -> Stats {
     let stats = Stats::of(values);
     Stats {
         median: round(stats.median, 1),

@@ -1,6 +1,7 @@
 //! `agentos bench`: measurements that print JSON, compared side by side in one run because these
 //! machines are shared and noisy.
 
+pub mod api;
 pub mod boot;
 mod burner;
 pub mod files;
@@ -17,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
+    /// E2B's API on the daemon over TCP: sandbox creation to a command's first output beside
+    /// `agentos run`, and a file in and out through `/files` beside a host Unix socket pair.
+    Api(api::ApiBenchArgs),
     /// Boot times of agentos beside QEMU microvm (Linux guest and the tiny guest).
     Boot(boot::BootBenchArgs),
     /// How well cgroups enforce agents' CPU slices: quotas, weights, pause and resume.
@@ -51,6 +55,7 @@ fn agent_options(request: AgentRequest) -> anyhow::Result<BootOptions> {
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<i32> {
     match cmd {
+        BenchCommand::Api(args) => api::run(args),
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Sched(args) => sched::run(args),
         BenchCommand::Infer(args) => infer::run(args),

@@ -576,6 +576,7 @@ impl AgentConnection {
         &mut self,
         path: &str,
         mode: Option<u32>,
+        user: Option<&str>,
         source: &mut dyn Read,
     ) -> Result<u64, ConnectionError> {
         let id = self.new_id();
@@ -583,6 +584,7 @@ impl AgentConnection {
             id,
             path: path.to_owned(),
             mode,
+            user: user.map(str::to_owned),
         })?;
         let mut buf = vec![0u8; FILE_CHUNK_BYTES];
         loop {

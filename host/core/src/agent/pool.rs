@@ -330,6 +330,7 @@ mod tests {
             extra_initrds: Vec::new(),
             disks: Vec::new(),
             model_disks: None,
+            base_disk: None,
             extra_cmdline: None,
             console: false,
             boot_timeout: Duration::from_secs(1),

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use agentos_image::model::{ModelError, ModelStore, model_disks};
+use agentos_image::template::{Template, TemplateError, base_disk};
 use agentos_image::{AGENT_IMAGE, BuiltImage, ImageError};
 use agentos_vmm::config::{MAX_DISKS, MAX_PCI_DEVICES, MAX_VCPUS};
 use agentos_vmm::devices::pci::PassedDevice;
@@ -19,7 +20,7 @@ use super::vm::{BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_M
 use crate::cgroup::{PriorityClass, Slice, SliceError};
 
 /// An agent as a front end asks for it: what is left out takes the default (one vCPU,
-/// [`DEFAULT_MEMORY_MIB`], no slice beyond memory, the agent image, no model).
+/// [`DEFAULT_MEMORY_MIB`], no slice beyond memory, the agent image, no model, no template).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AgentRequest {
     pub vcpus: Option<u8>,
@@ -34,6 +35,9 @@ pub struct AgentRequest {
     pub pin: bool,
     /// A model bundle of the store: its disks are given to the VM.
     pub model: Option<String>,
+    /// A template by name (`base`: bash and python3; see [`agentos_image::template`]): its disk
+    /// is given to the VM.
+    pub template: Option<String>,
     /// A kernel and an initrd instead of the agent image's.
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -60,6 +64,7 @@ pub struct AgentSpec {
     cpu: CpuSlice,
     class: Option<PriorityClass>,
     model: Option<String>,
+    template: Option<Template>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     disks: Vec<PathBuf>,
@@ -98,7 +103,7 @@ pub enum SpecError {
         source: BlockError,
     },
     #[error(
-        "an agent restored from a snapshot has the snapshot's vCPUs, memory, kernel and model; give none"
+        "an agent restored from a snapshot has the snapshot's vCPUs, memory, kernel, model and template; give none"
     )]
     RestoreShape,
     #[error(
@@ -122,6 +127,9 @@ pub enum SpecError {
     Model(Box<ModelError>),
     #[error("the snapshot's model: {0}")]
     SnapshotModel(Box<ModelError>),
+    /// An unknown name (the request's fault), or the template's disk not built.
+    #[error(transparent)]
+    Template(Box<TemplateError>),
     #[error("cannot prepare the disks of model `{name}`")]
     ModelDisks {
         name: String,
@@ -134,7 +142,11 @@ impl SpecError {
     /// Whether the request itself is at fault (rather than this host: its image missing, a
     /// model's disks not built).
     pub fn is_bad_request(&self) -> bool {
-        !matches!(self, Self::NoImage(_) | Self::ModelDisks { .. })
+        match self {
+            Self::NoImage(_) | Self::ModelDisks { .. } => false,
+            Self::Template(e) => matches!(**e, TemplateError::Unknown { .. }),
+            _ => true,
+        }
     }
 }
 
@@ -147,6 +159,7 @@ impl AgentRequest {
             && (self.vcpus.is_some()
                 || self.memory_mib.is_some()
                 || self.model.is_some()
+                || self.template.is_some()
                 || self.kernel.is_some()
                 || self.initrd.is_some()
                 || self.kernel_args.is_some())
@@ -199,12 +212,19 @@ impl AgentRequest {
             })?;
         }
         let devices = self.passed_devices()?;
+        let template = self
+            .template
+            .as_deref()
+            .map(str::parse::<Template>)
+            .transpose()
+            .map_err(|e| SpecError::Template(Box::new(e)))?;
         Ok(AgentSpec {
             vcpus,
             memory_mib,
             cpu,
             class: self.class,
             model: self.model.clone(),
+            template,
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             disks: self.disks.clone(),
@@ -274,6 +294,11 @@ impl AgentSpec {
         self.model.as_deref()
     }
 
+    /// The template asked for.
+    pub fn template(&self) -> Option<Template> {
+        self.template
+    }
+
     /// The snapshot the agent is restored from.
     pub fn from(&self) -> Option<&Path> {
         self.from.as_deref()
@@ -290,8 +315,9 @@ impl AgentSpec {
     }
 
     /// The VMM's boot options for this agent, with images and models from `cache`: the agent
-    /// image (unless a kernel and an initrd were both given to an agent without a model), the
-    /// model's disks (built when missing or stale), or the snapshot's shape and model disks.
+    /// image (unless a kernel and an initrd were both given to an agent without a model or a
+    /// template), the model's disks (built when missing or stale), the template's disk, or the
+    /// snapshot's shape and model disks.
     pub fn boot_options(&self, cache: &Path) -> Result<BootOptions, SpecError> {
         let image = || {
             agentos_image::find_image(cache, AGENT_IMAGE)
@@ -300,9 +326,10 @@ impl AgentSpec {
         if let Some(dir) = &self.from {
             return restore_options(&image()?, dir, cache);
         }
-        let (kernel, initrd, img) = match (&self.kernel, &self.initrd, &self.model) {
-            (Some(k), Some(i), None) => (k.clone(), i.clone(), None),
-            (kernel, initrd, _) => {
+        let own_kernel = self.model.is_none() && self.template.is_none();
+        let (kernel, initrd, img) = match (&self.kernel, &self.initrd) {
+            (Some(k), Some(i)) if own_kernel => (k.clone(), i.clone(), None),
+            (kernel, initrd) => {
                 let img = image()?;
                 (
                     kernel
@@ -330,6 +357,12 @@ impl AgentSpec {
             }
             _ => None,
         };
+        let base_disk = match (self.template, &img) {
+            (Some(Template::Base), Some(img)) => Some(
+                base_disk(cache, &img.manifest).map_err(|e| SpecError::Template(Box::new(e)))?,
+            ),
+            _ => None,
+        };
         Ok(BootOptions {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -337,6 +370,7 @@ impl AgentSpec {
             initrd,
             disks: self.disks.clone(),
             model_disks,
+            base_disk,
             extra_cmdline: self.kernel_args.clone(),
             cpu: self.cpu.clone(),
             pci_devices: self.devices.clone(),

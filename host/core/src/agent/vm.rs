@@ -23,6 +23,7 @@ use crate::cgroup::{self, AgentCgroup, CgroupError, Layout, Slice, SliceError};
 use crate::rundir::{RunDir, RunDirError, VmmDir};
 use crate::signals;
 use agentos_image::model::{DiskDevice, ModelDisks};
+use agentos_image::template::BASE_DISK_PARAM;
 use agentos_jail::JailLevel;
 use agentos_vmm_process::{ReportOutcome, VmmReport};
 
@@ -78,6 +79,9 @@ pub struct BootOptions {
     /// given after `disks`, and named to a booting guest on its command line, so that it mounts
     /// them.
     pub model_disks: Option<ModelDisks>,
+    /// The `base` template's disk (see [`agentos_image::template`]): a pmem region after the
+    /// model disks', named to a booting guest on its command line, so that it mounts it.
+    pub base_disk: Option<PathBuf>,
     /// Appended to [`AGENT_CMDLINE`].
     pub extra_cmdline: Option<String>,
     /// Copy the guest console to our stdout.
@@ -127,6 +131,7 @@ impl BootOptions {
             extra_initrds: Vec::new(),
             disks: Vec::new(),
             model_disks: None,
+            base_disk: None,
             extra_cmdline: None,
             console: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
@@ -673,6 +678,15 @@ fn spawn_vmm(
             model.name
         ));
     }
+    if opts.base_disk.is_some() {
+        // After the model's regions, when it has them.
+        let before = opts
+            .model_disks
+            .as_ref()
+            .filter(|model| model.device == DiskDevice::Pmem)
+            .map_or(0, |_| 2);
+        cmdline.push_str(&format!(" {BASE_DISK_PARAM}=pmem{before}"));
+    }
     let vmm_log = run_dir.create_file(VMM_LOG).map_err(VmError::RunDir)?;
     let mut cmd = Command::new(&exe);
     match &opts.from {
@@ -703,6 +717,9 @@ fn spawn_vmm(
         for image in [&model.runtime, &model.bundle] {
             cmd.arg(flag).arg(image);
         }
+    }
+    if let Some(disk) = &opts.base_disk {
+        cmd.arg("--pmem").arg(disk);
     }
     if let Some(dir) = &opts.snapshot_to {
         cmd.arg("--snapshot-to").arg(dir);

@@ -325,7 +325,7 @@ fn key_start(base_libraries: &[String]) -> Sha256 {
 }
 
 /// The JSON file at `path` (at most [`MAX_INDEX_BYTES`] read), if it reads as a `T`.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     use std::io::Read;
     let mut text = Vec::new();
     fs::File::open(path)
@@ -346,12 +346,12 @@ fn read_index(packed: &Path) -> Option<RuntimeIndex> {
 }
 
 /// An exclusive lock on `<packed>/.disks.lock`, held while a disk is built.
-struct BuildLock {
+pub(crate) struct BuildLock {
     _file: fs::File,
 }
 
 impl BuildLock {
-    fn take(packed: &Path) -> Result<Self, PackError> {
+    pub(crate) fn take(packed: &Path) -> Result<Self, PackError> {
         use std::os::fd::AsRawFd;
         fs::create_dir_all(packed).map_err(|e| PackError::path("create", packed, e))?;
         let path = packed.join(".disks.lock");
@@ -418,7 +418,7 @@ impl PackError {
     }
 }
 
-enum DiskError {
+pub(crate) enum DiskError {
     /// A bundle that fails its check: the store's own error.
     Bundle(ModelError),
     Pack(PackError),
@@ -432,24 +432,24 @@ impl<E: Into<PackError>> From<E> for DiskError {
 
 /// Lays the files out with `lay_out` in a staging directory, writes the image beside its final
 /// name and renames it in. Whatever fails leaves nothing behind.
-fn build(
+pub(crate) fn build<E: From<PackError>>(
     packed: &Path,
     image: &str,
-    lay_out: impl FnOnce(&Path) -> Result<(), DiskError>,
-) -> Result<(), DiskError> {
+    lay_out: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
     crate::remove_stale_temporaries(packed, ".stage-");
     crate::remove_stale_temporaries(packed, &format!(".{image}.tmp-"));
     let pid = std::process::id();
     let staging = packed.join(format!(".stage-{pid}"));
     let partial = packed.join(format!(".{image}.tmp-{pid}"));
-    let built = (|| {
+    let built = (|| -> Result<(), E> {
         let _ = fs::remove_dir_all(&staging);
-        fs::create_dir_all(&staging)?;
+        fs::create_dir_all(&staging).map_err(PackError::from)?;
         lay_out(&staging)?;
         write_image(&staging, &partial)?;
-        let stamp = Stamp::of(&partial)?;
-        fs::rename(&partial, packed.join(image))?;
-        stamp.write(&packed.join(image))?;
+        let stamp = Stamp::of(&partial).map_err(PackError::from)?;
+        fs::rename(&partial, packed.join(image)).map_err(PackError::from)?;
+        stamp.write(&packed.join(image)).map_err(PackError::from)?;
         Ok(())
     })();
     let _ = fs::remove_dir_all(&staging);
@@ -593,7 +593,7 @@ fn write_filesystem(dir: &Path, fs_image: &Path) -> Result<(), PackError> {
 /// which its contents were last seen to hash to that, in `<image>.sha256` beside it.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct Stamp {
+pub(crate) struct Stamp {
     sha256: String,
     size: u64,
     mtime_ns: u128,
@@ -610,7 +610,7 @@ impl Stamp {
         })
     }
 
-    fn path(image: &Path) -> PathBuf {
+    pub(crate) fn path(image: &Path) -> PathBuf {
         let mut name = image.as_os_str().to_owned();
         name.push(".sha256");
         PathBuf::from(name)
@@ -634,7 +634,7 @@ fn mtime_ns(meta: &fs::Metadata) -> u128 {
 }
 
 /// Whether `image` was built whole: it and its stamp are there.
-fn built(image: &Path) -> bool {
+pub(crate) fn built(image: &Path) -> bool {
     image.is_file() && Stamp::path(image).is_file()
 }
 
@@ -690,7 +690,7 @@ pub fn least_image() -> Vec<u8> {
 
 /// Checks a disk image of the store against the stamp written when it was built: its size, its
 /// file system, and (when it was modified since it was last hashed) its SHA-256.
-fn check_image(image: &Path) -> Result<(), ModelError> {
+pub(crate) fn check_image(image: &Path) -> Result<(), ModelError> {
     let bad = |why: String| ModelError::BadDisk {
         path: image.to_owned(),
         why,
@@ -745,7 +745,7 @@ fn remove_archives(packed: &Path) {
 }
 
 /// Removes the images named `<prefix>...img` other than `current`.
-fn remove_replaced(packed: &Path, prefix: &str, current: &str) {
+pub(crate) fn remove_replaced(packed: &Path, prefix: &str, current: &str) {
     let Ok(entries) = fs::read_dir(packed) else {
         return;
     };

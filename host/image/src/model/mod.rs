@@ -10,7 +10,7 @@
 //! Every file of a bundle is hashed when it is added and again when its disk is built,
 //! so a bundle changed behind its manifest's back is refused.
 
-mod disk;
+pub(crate) mod disk;
 
 use std::fs;
 use std::io::{self, Read};

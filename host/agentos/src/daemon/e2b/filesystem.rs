@@ -1,0 +1,608 @@
+//! E2B's `filesystem.Filesystem` service (stat, list, make a directory, move, remove, watch) and
+//! its plain `/files` (a file's bytes out; files in, as multipart form parts or as the body
+//! itself), each translated into the daemon's own file requests.
+
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use agentos_protocol::files::{Change, ChangeKind, Entry, EntryKind, FsOp};
+
+use super::super::api::{
+    ApiError, ErrorKind, FileRequest, FsCall, ListReply, Request, WatchLine, WatchRequest,
+    WriteFileRequest,
+};
+use super::connect;
+use super::{Api, Call, Reply, Translate, relay};
+
+/// How long each piece of an upload may take to come.
+const UPLOAD_STEP: Duration = Duration::from_secs(10);
+/// Pieces of an upload in flight to the guest.
+const UPLOAD_CHUNKS: usize = 4;
+/// The deepest listing a client may ask for (the guest's own bound).
+const MAX_DEPTH: u32 = 64;
+
+#[derive(Deserialize)]
+struct PathRequest {
+    path: String,
+}
+
+#[derive(Deserialize)]
+struct ListDirRequest {
+    path: String,
+    #[serde(default)]
+    depth: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WatcherRequest {
+    watcher_id: String,
+}
+
+#[derive(Deserialize)]
+struct MoveRequest {
+    source: String,
+    destination: String,
+}
+
+#[derive(Deserialize)]
+struct WatchDirRequest {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+fn parse<'a, T: Deserialize<'a>>(message: &'a [u8]) -> Result<T, ApiError> {
+    let message = if message.is_empty() {
+        b"{}".as_slice()
+    } else {
+        message
+    };
+    serde_json::from_slice(message).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("the request is not valid: {e}"),
+        )
+    })
+}
+
+/// Answers a call of `filesystem.Filesystem`.
+pub async fn serve(
+    call: &Call<'_, impl Api>,
+    method: &str,
+    message: &[u8],
+) -> Result<Reply, ApiError> {
+    match method {
+        "Stat" => {
+            let request: PathRequest = parse(message)?;
+            let entry = fs(
+                call,
+                FsOp::Stat {
+                    path: call.path(&request.path),
+                },
+            )
+            .await?;
+            Ok(entry_reply(&entry))
+        }
+        "ListDir" => {
+            let request: ListDirRequest = parse(message)?;
+            let depth = request.depth.unwrap_or(1).clamp(1, MAX_DEPTH);
+            let value = call
+                .api
+                .call(Request::Fs(FsCall {
+                    name: call.sandbox.id.clone(),
+                    op: FsOp::List {
+                        path: call.path(&request.path),
+                        depth,
+                    },
+                }))
+                .await?;
+            let listed: ListReply = serde_json::from_value(value)
+                .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+            let entries: Vec<serde_json::Value> = listed.entries.iter().map(entry_info).collect();
+            Ok(Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({ "entries": entries }),
+            ))
+        }
+        "MakeDir" => {
+            let request: PathRequest = parse(message)?;
+            let entry = fs(
+                call,
+                FsOp::MakeDir {
+                    path: call.path(&request.path),
+                    user: Some(call.user.clone()),
+                },
+            )
+            .await?;
+            Ok(entry_reply(&entry))
+        }
+        "Move" => {
+            let request: MoveRequest = parse(message)?;
+            let op = FsOp::Move {
+                from: call.path(&request.source),
+                to: call.path(&request.destination),
+            };
+            Ok(entry_reply(&fs(call, op).await?))
+        }
+        "Remove" => {
+            let request: PathRequest = parse(message)?;
+            call.api
+                .call(Request::Fs(FsCall {
+                    name: call.sandbox.id.clone(),
+                    op: FsOp::Remove {
+                        path: call.path(&request.path),
+                    },
+                }))
+                .await?;
+            Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+        }
+        "WatchDir" => {
+            let request: WatchDirRequest = parse(message)?;
+            let path = call.path(&request.path);
+            let chunks = call
+                .api
+                .open(Request::Watch(WatchRequest {
+                    name: call.sandbox.id.clone(),
+                    path: path.clone(),
+                    recursive: request.recursive,
+                }))
+                .await?;
+            let events = WatchEvents {
+                root: path,
+                ended: false,
+            };
+            Ok(Reply::stream(connect::STREAM_JSON, relay(chunks, events)))
+        }
+        "CreateWatcher" => {
+            let request: WatchDirRequest = parse(message)?;
+            let path = call.path(&request.path);
+            let registry = call.api.registry();
+            registry.check_watcher_room(&call.sandbox.id)?;
+            let chunks = call
+                .api
+                .open(Request::Watch(WatchRequest {
+                    name: call.sandbox.id.clone(),
+                    path: path.clone(),
+                    recursive: request.recursive,
+                }))
+                .await?;
+            let id = super::random_text(16)?;
+            registry.add_watcher(&id, &call.sandbox.id, path, chunks)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({ "watcherId": id }),
+            ))
+        }
+        "GetWatcherEvents" => {
+            let request: WatcherRequest = parse(message)?;
+            let events = call
+                .api
+                .registry()
+                .watcher_events(&request.watcher_id, &call.sandbox.id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({ "events": events }),
+            ))
+        }
+        "RemoveWatcher" => {
+            let request: WatcherRequest = parse(message)?;
+            call.api
+                .registry()
+                .remove_watcher(&request.watcher_id, &call.sandbox.id)?;
+            Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+        }
+        _ => Err(ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!(
+                "filesystem.Filesystem/{} is not served",
+                agentos_protocol::clip(method, 60)
+            ),
+        )),
+    }
+}
+
+/// An operation answered with an entry.
+async fn fs(call: &Call<'_, impl Api>, op: FsOp) -> Result<Entry, ApiError> {
+    let value = call
+        .api
+        .call(Request::Fs(FsCall {
+            name: call.sandbox.id.clone(),
+            op,
+        }))
+        .await?;
+    serde_json::from_value(value).map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))
+}
+
+fn entry_reply(entry: &Entry) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &serde_json::json!({ "entry": entry_info(entry) }),
+    )
+}
+
+/// An entry as E2B's `EntryInfo`.
+fn entry_info(entry: &Entry) -> serde_json::Value {
+    let kind = match entry.kind {
+        EntryKind::File => "FILE_TYPE_FILE",
+        EntryKind::Dir => "FILE_TYPE_DIRECTORY",
+        EntryKind::Symlink => "FILE_TYPE_SYMLINK",
+        EntryKind::Other => "FILE_TYPE_UNSPECIFIED",
+    };
+    let modified = SystemTime::UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(entry.modified_ms).unwrap_or(0));
+    let mut info = serde_json::json!({
+        "name": entry.name,
+        "type": kind,
+        "path": entry.path,
+        "size": entry.size.to_string(),
+        "mode": entry.mode,
+        "permissions": permissions(entry.kind, entry.mode),
+        "owner": account(entry.uid),
+        "group": account(entry.gid),
+        "modifiedTime": humantime::format_rfc3339_millis(modified).to_string(),
+    });
+    if let Some(target) = &entry.target {
+        info["symlinkTarget"] = serde_json::Value::String(target.clone());
+    }
+    info
+}
+
+/// The names agent images give their accounts (`/etc/passwd`, `/etc/group`).
+fn account(id: u32) -> String {
+    match id {
+        0 => "root".to_owned(),
+        1000 => "user".to_owned(),
+        id => id.to_string(),
+    }
+}
+
+/// Permissions as `ls -l` shows them: `drwxr-xr-x`.
+fn permissions(kind: EntryKind, mode: u32) -> String {
+    let first = match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::File | EntryKind::Other => '-',
+    };
+    let mut text = String::from(first);
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        text.push(if bits & 4 != 0 { 'r' } else { '-' });
+        text.push(if bits & 2 != 0 { 'w' } else { '-' });
+        text.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    text
+}
+
+/// A change under the watched directory `root` as E2B's `FilesystemEvent`.
+pub fn filesystem_event(root: &str, change: &Change) -> serde_json::Value {
+    let kind = match change.kind {
+        ChangeKind::Create => "EVENT_TYPE_CREATE",
+        ChangeKind::Write => "EVENT_TYPE_WRITE",
+        ChangeKind::Remove => "EVENT_TYPE_REMOVE",
+        ChangeKind::Rename => "EVENT_TYPE_RENAME",
+        ChangeKind::Chmod => "EVENT_TYPE_CHMOD",
+    };
+    let name = change
+        .path
+        .strip_prefix(root)
+        .map(|rest| rest.trim_start_matches('/'))
+        .unwrap_or(&change.path);
+    serde_json::json!({ "name": name, "type": kind })
+}
+
+/// The daemon's watch lines as E2B's filesystem events.
+struct WatchEvents {
+    root: String,
+    ended: bool,
+}
+
+impl Translate for WatchEvents {
+    fn line(&mut self, line: &[u8]) -> Vec<Bytes> {
+        let Ok(line) = serde_json::from_slice::<WatchLine>(line) else {
+            return Vec::new();
+        };
+        match line {
+            WatchLine::Watching { .. } => vec![connect::envelope(
+                &serde_json::json!({ "event": { "start": {} } }),
+            )],
+            WatchLine::Change(change) => vec![connect::envelope(&serde_json::json!({
+                "event": { "filesystem": filesystem_event(&self.root, &change) }
+            }))],
+            WatchLine::Error(error) => {
+                self.ended = true;
+                vec![connect::end_of_stream(Some(&error))]
+            }
+        }
+    }
+
+    fn end(&mut self) -> Vec<Bytes> {
+        if self.ended {
+            Vec::new()
+        } else {
+            vec![connect::end_of_stream(None)]
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct FilesQuery {
+    #[serde(default)]
+    path: Option<String>,
+    /// Older SDKs name the user here.
+    #[serde(default)]
+    username: Option<String>,
+}
+
+/// `GET /files?path=`: the file's bytes; `POST /files[?path=]`: files written from multipart
+/// `file` parts (each named by its file name, or the one by `path`) or from the body itself
+/// (`application/octet-stream`, with `path`). With `true` when the connection must close (the
+/// body was not read whole).
+pub async fn files<A: Api>(
+    call: &Call<'_, A>,
+    head: &hyper::http::request::Parts,
+    body: Incoming,
+) -> (Result<Reply, ApiError>, bool) {
+    let query: FilesQuery = match serde_urlencoded::from_str(head.uri.query().unwrap_or("")) {
+        Ok(query) => query,
+        Err(e) => {
+            let error = ApiError::new(
+                ErrorKind::BadRequest,
+                format!("the query is not valid: {e}"),
+            );
+            return (Err(error), true);
+        }
+    };
+    if let Some(user) = &query.username
+        && user != &call.user
+    {
+        let error = ApiError::new(
+            ErrorKind::BadRequest,
+            "name the user with `Authorization: Basic`, not `username`",
+        );
+        return (Err(error), true);
+    }
+    match head.method {
+        Method::GET => (read(call, query.path).await, true),
+        Method::POST => {
+            let written = write(call, &head.headers, query.path, body).await;
+            let close = written.is_err();
+            (written, close)
+        }
+        _ => (
+            Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                "/files takes GET and POST",
+            )),
+            true,
+        ),
+    }
+}
+
+async fn read(call: &Call<'_, impl Api>, path: Option<String>) -> Result<Reply, ApiError> {
+    let Some(path) = path else {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "name the file with `?path=`",
+        ));
+    };
+    let chunks = call
+        .api
+        .open(Request::ReadFile(FileRequest {
+            name: call.sandbox.id.clone(),
+            path: call.path(&path),
+        }))
+        .await?;
+    Ok(Reply::stream(
+        "application/octet-stream",
+        super::ChunkBody(chunks),
+    ))
+}
+
+async fn write(
+    call: &Call<'_, impl Api>,
+    headers: &HeaderMap,
+    path: Option<String>,
+    body: Incoming,
+) -> Result<Reply, ApiError> {
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "compressed uploads are not taken: send the file without `Content-Encoding`",
+        ));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mut written = Vec::new();
+    if content_type.starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(content_type).map_err(|e| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                format!("the multipart body has no boundary: {e}"),
+            )
+        })?;
+        let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
+        let mut named = path;
+        loop {
+            let field = tokio::time::timeout(UPLOAD_STEP, parts.next_field())
+                .await
+                .map_err(|_| cut_off("the next part did not come in time".into()))?
+                .map_err(|e| cut_off(e.to_string()))?;
+            let Some(mut field) = field else {
+                break;
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            let Some(path) = named
+                .take()
+                .or_else(|| field.file_name().map(str::to_owned))
+            else {
+                return Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "a `file` part has no file name and the request no `?path=`",
+                ));
+            };
+            written.push(write_one(call, call.path(&path), Part(&mut field)).await?);
+        }
+    } else {
+        let Some(path) = path else {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "name the file with `?path=`",
+            ));
+        };
+        written.push(write_one(call, call.path(&path), body).await?);
+    }
+    if written.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "the body holds no `file` part",
+        ));
+    }
+    Ok(Reply::json(StatusCode::OK, &written))
+}
+
+fn cut_off(why: String) -> ApiError {
+    ApiError::new(
+        ErrorKind::BadRequest,
+        format!("the upload was cut off or malformed ({why}); nothing of that part was written"),
+    )
+}
+
+/// Where an upload's bytes come from, piece by piece (`None` at its end).
+trait Pieces {
+    fn next(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>>;
+}
+
+/// A request's body.
+impl Pieces for Incoming {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A part of a multipart body.
+struct Part<'a, 'b>(&'a mut multer::Field<'b>);
+
+impl Pieces for Part<'_, '_> {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        self.0.chunk().await.map_err(io::Error::other)
+    }
+}
+
+/// Writes one file from `pieces`, each within [`UPLOAD_STEP`]; E2B's `WriteInfo` of it.
+async fn write_one(
+    call: &Call<'_, impl Api>,
+    path: String,
+    mut pieces: impl Pieces,
+) -> Result<serde_json::Value, ApiError> {
+    let (tx, rx) = mpsc::channel(UPLOAD_CHUNKS);
+    let pump = async move {
+        loop {
+            match tokio::time::timeout(UPLOAD_STEP, pieces.next()).await {
+                Ok(Ok(Some(data))) => {
+                    if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(None)) => {
+                    let _ = tx.send(Ok(Bytes::new())).await;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(_) => {
+                    let why = format!("no part of the body came for {} s", UPLOAD_STEP.as_secs());
+                    let _ = tx
+                        .send(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    let request = WriteFileRequest {
+        name: call.sandbox.id.clone(),
+        path: path.clone(),
+        mode: None,
+        user: Some(call.user.clone()),
+    };
+    let ((), written) = tokio::join!(pump, call.api.write_file(request, rx));
+    written?;
+    let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+    Ok(serde_json::json!({ "name": name, "type": "file", "path": path }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_shown_as_e2b_shows_them() {
+        let entry = Entry {
+            name: "x".into(),
+            path: "/home/user/x".into(),
+            kind: EntryKind::File,
+            size: 12,
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            modified_ms: 1_500,
+            target: None,
+        };
+        let info = entry_info(&entry);
+        assert_eq!(info["type"], "FILE_TYPE_FILE");
+        assert_eq!(info["size"], "12");
+        assert_eq!(info["mode"], 0o644);
+        assert_eq!(info["permissions"], "-rw-r--r--");
+        assert_eq!(info["owner"], "user");
+        assert_eq!(info["modifiedTime"], "1970-01-01T00:00:01.500Z");
+        assert!(info.get("symlinkTarget").is_none());
+        assert_eq!(permissions(EntryKind::Dir, 0o755), "drwxr-xr-x");
+        assert_eq!(account(0), "root");
+        assert_eq!(account(42), "42");
+    }
+
+    #[test]
+    fn watch_changes_are_named_from_the_watched_directory() {
+        let mut events = WatchEvents {
+            root: "/home/user/d".into(),
+            ended: false,
+        };
+        let line = serde_json::to_vec(&WatchLine::Change(agentos_protocol::files::Change {
+            kind: ChangeKind::Create,
+            path: "/home/user/d/sub/f".into(),
+        }))
+        .unwrap();
+        let out = events.line(&line);
+        let value: serde_json::Value = serde_json::from_slice(&out[0][5..]).unwrap();
+        assert_eq!(value["event"]["filesystem"]["name"], "sub/f");
+        assert_eq!(value["event"]["filesystem"]["type"], "EVENT_TYPE_CREATE");
+        assert_eq!(events.end().len(), 1, "the stream ends");
+    }
+}

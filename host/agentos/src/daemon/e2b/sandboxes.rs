@@ -1,0 +1,609 @@
+//! E2B's control plane: sandboxes created, listed, inspected, given more time, connected to and
+//! killed. A sandbox is an agent named by the sandbox's id; what E2B keeps beside it (template,
+//! metadata, environment, end of life, the in-sandbox token) is kept here, for as long as the
+//! daemon runs. A sandbox whose time is up is removed with its agent.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::super::api::{
+    AgentInfo, AgentState, ApiError, ErrorKind, MAX_TIMEOUT_S, NameRequest, Request, RmRequest,
+    SpawnRequest,
+};
+use super::super::link::Chunks;
+use super::watchers::Watchers;
+use super::{Api, Reply, random_text};
+
+/// What sandboxes report as the version of their in-sandbox API: the features of every version
+/// up to it are served (see docs/e2b.md).
+pub const ENVD_VERSION: &str = "0.5.7";
+/// A sandbox's life unless its creator says otherwise (E2B's default).
+const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Sandbox ids: this many lowercase letters and digits, the first a letter.
+const ID_CHARS: usize = 20;
+/// The template a sandbox gets unless it names another (agentos's `base`: bash, python3 and a
+/// `user` account, see docs/templates.md); any other name is a model bundle's.
+pub const BASE_TEMPLATE: &str = "base";
+/// The most sandboxes one listing page holds.
+const MAX_PAGE: usize = 1000;
+
+/// What is kept of a sandbox beside its agent.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub template: String,
+    pub client_id: String,
+    pub metadata: BTreeMap<String, String>,
+    /// Added to every process's environment.
+    pub env: BTreeMap<String, String>,
+    pub started: SystemTime,
+    pub end: SystemTime,
+    /// What in-sandbox requests carry as `X-Access-Token`.
+    pub access_token: String,
+}
+
+/// The daemon's sandboxes.
+#[derive(Default)]
+pub struct Registry {
+    sandboxes: Mutex<BTreeMap<String, Sandbox>>,
+    watchers: Watchers,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Sandbox>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Sandbox> {
+        self.lock().get(id).cloned()
+    }
+
+    fn insert(&self, sandbox: Sandbox) {
+        self.lock().insert(sandbox.id.clone(), sandbox);
+    }
+
+    fn remove(&self, id: &str) -> Option<Sandbox> {
+        self.watchers.remove_sandbox(id);
+        self.lock().remove(id)
+    }
+
+    pub fn check_watcher_room(&self, sandbox: &str) -> Result<(), ApiError> {
+        self.watchers.check_room(sandbox)
+    }
+
+    /// Keeps the events of the watch `chunks` of `root` as watcher `id` of `sandbox` (unless the
+    /// sandbox went meanwhile).
+    pub fn add_watcher(
+        &self,
+        id: &str,
+        sandbox: &str,
+        root: String,
+        chunks: Chunks,
+    ) -> Result<(), ApiError> {
+        let sandboxes = self.lock();
+        if !sandboxes.contains_key(sandbox) {
+            return Err(unknown(sandbox));
+        }
+        self.watchers.add(id, sandbox, root, chunks);
+        Ok(())
+    }
+
+    pub fn watcher_events(
+        &self,
+        id: &str,
+        sandbox: &str,
+    ) -> Result<Vec<serde_json::Value>, ApiError> {
+        self.watchers.take_events(id, sandbox)
+    }
+
+    pub fn remove_watcher(&self, id: &str, sandbox: &str) -> Result<(), ApiError> {
+        self.watchers.remove(id, sandbox)
+    }
+
+    fn all(&self) -> Vec<Sandbox> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Sets when `id` ends; false when there is no such sandbox.
+    fn set_end(&self, id: &str, end: SystemTime) -> bool {
+        match self.lock().get_mut(id) {
+            Some(sandbox) => {
+                sandbox.end = end;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes out the sandboxes whose time is up at `now`.
+    pub fn take_expired(&self, now: SystemTime) -> Vec<String> {
+        let mut sandboxes = self.lock();
+        let expired: Vec<String> = sandboxes
+            .values()
+            .filter(|s| s.end <= now)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &expired {
+            sandboxes.remove(id);
+            self.watchers.remove_sandbox(id);
+        }
+        expired
+    }
+}
+
+/// Removes the agent of a sandbox whose time is up.
+pub async fn expire(api: &impl Api, id: String) {
+    let request = Request::Rm(RmRequest {
+        name: id.clone(),
+        force: true,
+    });
+    match api.call(request).await {
+        Ok(_) => tracing::info!(sandbox = id, "sandbox timed out and was removed"),
+        Err(e) if e.kind == ErrorKind::UnknownAgent => {}
+        Err(e) => {
+            tracing::warn!(sandbox = id, error = %e.message, "cannot remove a timed-out sandbox")
+        }
+    }
+}
+
+/// Whether `path` is one of the control plane's.
+pub fn claims(path: &str) -> bool {
+    ["/sandboxes", "/v2/sandboxes"]
+        .iter()
+        .any(|root| path == *root || path.starts_with(&format!("{root}/")))
+}
+
+/// Answers a control-plane request.
+pub async fn serve(
+    api: &impl Api,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let segments = match segments.as_slice() {
+        ["v2", rest @ ..] => rest,
+        all => all,
+    };
+    match (segments, method.clone()) {
+        (["sandboxes"], Method::POST) => create(api, body).await,
+        (["sandboxes"], Method::GET) => list(api, query).await,
+        (["sandboxes", id], Method::GET) => {
+            let (sandbox, agent) = find(api, id).await?;
+            Ok(Reply::json(StatusCode::OK, &detail(&sandbox, &agent)))
+        }
+        (["sandboxes", id], Method::DELETE) => kill(api, id).await,
+        (["sandboxes", id, "timeout"], Method::POST) => set_timeout(api, id, body).await,
+        (["sandboxes", id, "connect"], Method::POST) => connect(api, id, body).await,
+        (
+            [
+                "sandboxes",
+                _,
+                "pause" | "resume" | "refreshes" | "metrics" | "logs" | "fork" | "snapshots"
+                | "network",
+            ],
+            _,
+        ) => Err(ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("{method} {path} is not served by agentos (see docs/e2b.md for what is)"),
+        )),
+        _ => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no E2B API call is {method} {path} (see docs/e2b.md)"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateBody {
+    #[serde(rename = "templateID", default)]
+    template_id: Option<String>,
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// The answer to create and connect.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Created<'a> {
+    #[serde(rename = "templateID")]
+    template_id: &'a str,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: &'a str,
+    #[serde(rename = "clientID")]
+    client_id: &'a str,
+    envd_version: &'static str,
+    envd_access_token: &'a str,
+    alias: &'a str,
+    domain: Option<&'a str>,
+}
+
+fn created(sandbox: &Sandbox) -> Created<'_> {
+    Created {
+        template_id: &sandbox.template,
+        sandbox_id: &sandbox.id,
+        client_id: &sandbox.client_id,
+        envd_version: ENVD_VERSION,
+        envd_access_token: &sandbox.access_token,
+        alias: &sandbox.template,
+        domain: None,
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ApiError> {
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("the body of {what} is not valid: {e}"),
+        )
+    })
+}
+
+fn timeout_of(secs: Option<u64>) -> Result<Duration, ApiError> {
+    match secs.unwrap_or(DEFAULT_TIMEOUT_S) {
+        secs @ 1..=MAX_TIMEOUT_S => Ok(Duration::from_secs(secs)),
+        secs => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("a timeout of {secs} s is out of range: use 1 to {MAX_TIMEOUT_S} seconds"),
+        )),
+    }
+}
+
+async fn create(api: &impl Api, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: CreateBody = parse(body, "a sandbox to create")?;
+    let life = timeout_of(body.timeout)?;
+    let template = body.template_id.unwrap_or_else(|| BASE_TEMPLATE.to_owned());
+    let id = new_id()?;
+    let mut spawn = SpawnRequest {
+        name: id.clone(),
+        wait: true,
+        ..SpawnRequest::default()
+    };
+    if template == BASE_TEMPLATE {
+        spawn.template = Some(template.clone());
+    } else {
+        // Every other template is a model bundle (`agentos model ls`).
+        spawn.model = Some(template.clone());
+    }
+    api.call(Request::Spawn(spawn)).await?;
+    let started = SystemTime::now();
+    let sandbox = Sandbox {
+        id,
+        template,
+        client_id: random_text(8)?,
+        metadata: body.metadata.unwrap_or_default(),
+        env: body.env_vars.unwrap_or_default(),
+        started,
+        end: started + life,
+        access_token: random_text(32)?,
+    };
+    api.registry().insert(sandbox.clone());
+    tracing::info!(
+        sandbox = sandbox.id,
+        template = sandbox.template,
+        "sandbox created"
+    );
+    Ok(Reply::json(StatusCode::CREATED, &created(&sandbox)))
+}
+
+/// A fresh sandbox id.
+fn new_id() -> Result<String, ApiError> {
+    let tail = random_text(ID_CHARS - 1)?;
+    Ok(format!("i{tail}"))
+}
+
+/// Whether `id` can be a sandbox's id (lowercase letters and digits).
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn unknown(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("sandbox {} not found", agentos_protocol::clip(id, 80)),
+    )
+}
+
+/// A sandbox and its agent; an agent that is gone takes its sandbox with it.
+pub async fn find(api: &impl Api, id: &str) -> Result<(Sandbox, AgentInfo), ApiError> {
+    let sandbox = api.registry().get(id).ok_or_else(|| unknown(id))?;
+    let info = api
+        .call(Request::Inspect(NameRequest {
+            name: id.to_owned(),
+        }))
+        .await;
+    match info {
+        Ok(value) => {
+            let agent: AgentInfo = serde_json::from_value(value)
+                .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+            Ok((sandbox, agent))
+        }
+        Err(e) if e.kind == ErrorKind::UnknownAgent => {
+            api.registry().remove(id);
+            Err(unknown(id))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A sandbox as `GET /sandboxes/{id}` and listings show it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Detail<'a> {
+    #[serde(rename = "templateID")]
+    template_id: &'a str,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: &'a str,
+    #[serde(rename = "clientID")]
+    client_id: &'a str,
+    alias: &'a str,
+    envd_version: &'static str,
+    started_at: String,
+    end_at: String,
+    cpu_count: u8,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    state: &'static str,
+    metadata: &'a BTreeMap<String, String>,
+}
+
+fn state(agent: &AgentInfo) -> &'static str {
+    if agent.paused { "paused" } else { "running" }
+}
+
+fn detail<'a>(sandbox: &'a Sandbox, agent: &AgentInfo) -> Detail<'a> {
+    Detail {
+        template_id: &sandbox.template,
+        sandbox_id: &sandbox.id,
+        client_id: &sandbox.client_id,
+        alias: &sandbox.template,
+        envd_version: ENVD_VERSION,
+        started_at: rfc3339(sandbox.started),
+        end_at: rfc3339(sandbox.end),
+        cpu_count: agent.vcpus,
+        memory_mb: agent.memory_mib,
+        // The guest's files live in its memory.
+        disk_size_mb: 0,
+        state: state(agent),
+        metadata: &sandbox.metadata,
+    }
+}
+
+/// A time as RFC 3339, in UTC, to the second.
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    #[serde(default)]
+    metadata: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    next_token: Option<String>,
+}
+
+async fn list(api: &impl Api, query: Option<&str>) -> Result<Reply, ApiError> {
+    let query: ListQuery = serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("the listing's query is not valid: {e}"),
+        )
+    })?;
+    // `metadata` is itself a query string: `k=v&k2=v2`.
+    let wanted: BTreeMap<String, String> = match &query.metadata {
+        Some(text) => serde_urlencoded::from_str(text).map_err(|e| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                format!("`metadata` is not `key=value&...`: {e}"),
+            )
+        })?,
+        None => BTreeMap::new(),
+    };
+    let states: Option<Vec<&str>> = query.state.as_deref().map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
+    let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let agents: BTreeMap<String, AgentInfo> = match api.call(Request::Ps).await {
+        Ok(value) => serde_json::from_value::<super::super::api::PsReply>(value)
+            .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
+            .agents
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect(),
+        Err(e) => return Err(e),
+    };
+    let mut page = Vec::new();
+    let mut next = None;
+    for sandbox in api.registry().all() {
+        if query
+            .next_token
+            .as_ref()
+            .is_some_and(|after| sandbox.id <= *after)
+        {
+            continue;
+        }
+        let Some(agent) = agents.get(&sandbox.id) else {
+            continue;
+        };
+        if matches!(
+            agent.state,
+            AgentState::Failed | AgentState::Exited | AgentState::Stopped
+        ) {
+            continue;
+        }
+        if !wanted
+            .iter()
+            .all(|(k, v)| sandbox.metadata.get(k) == Some(v))
+        {
+            continue;
+        }
+        if let Some(states) = &states
+            && !states.contains(&state(agent))
+        {
+            continue;
+        }
+        if page.len() == limit {
+            next = page
+                .last()
+                .map(|(s, _): &(Sandbox, AgentInfo)| s.id.clone());
+            break;
+        }
+        page.push((sandbox, agent.clone()));
+    }
+    let listed: Vec<Detail<'_>> = page.iter().map(|(s, a)| detail(s, a)).collect();
+    let mut reply = Reply::json(StatusCode::OK, &listed);
+    if let Some(token) = next {
+        reply = reply.header("x-next-token", &token);
+    }
+    Ok(reply)
+}
+
+async fn kill(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
+    if api.registry().get(id).is_none() {
+        return Err(unknown(id));
+    }
+    let removed = api
+        .call(Request::Rm(RmRequest {
+            name: id.to_owned(),
+            force: true,
+        }))
+        .await;
+    api.registry().remove(id);
+    match removed {
+        Ok(_) => {}
+        Err(e) if e.kind == ErrorKind::UnknownAgent => return Err(unknown(id)),
+        Err(e) => return Err(e),
+    }
+    tracing::info!(sandbox = id, "sandbox killed");
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+#[derive(Deserialize)]
+struct TimeoutBody {
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+async fn set_timeout(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: TimeoutBody = parse(body, "a timeout")?;
+    let Some(secs) = body.timeout else {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "send `{\"timeout\": SECONDS}`",
+        ));
+    };
+    let life = timeout_of(Some(secs))?;
+    find(api, id).await?;
+    if !api.registry().set_end(id, SystemTime::now() + life) {
+        return Err(unknown(id));
+    }
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+async fn connect(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: TimeoutBody = parse(body, "a connection")?;
+    let (sandbox, _) = find(api, id).await?;
+    let mut sandbox = sandbox;
+    if let Some(secs) = body.timeout {
+        // Connecting gives a sandbox more time, never less.
+        let end = SystemTime::now() + timeout_of(Some(secs))?;
+        if end > sandbox.end && api.registry().set_end(id, end) {
+            sandbox.end = end;
+        }
+    }
+    Ok(Reply::json(StatusCode::OK, &created(&sandbox)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_plane_paths_are_told_from_the_api_s_own() {
+        assert!(claims("/sandboxes"));
+        assert!(claims("/v2/sandboxes"));
+        assert!(claims("/sandboxes/i1/timeout"));
+        assert!(!claims("/sandboxesx"));
+        assert!(!claims("/agents"));
+    }
+
+    #[test]
+    fn ids_are_lowercase_letters_and_digits() {
+        let id = new_id().unwrap();
+        assert_eq!(id.len(), ID_CHARS);
+        assert!(valid_id(&id), "{id}");
+        assert!(id.starts_with('i'));
+        assert!(!valid_id("I1"));
+        assert!(!valid_id("a-b"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        assert_eq!(
+            timeout_of(None).unwrap(),
+            Duration::from_secs(DEFAULT_TIMEOUT_S)
+        );
+        assert!(timeout_of(Some(0)).is_err());
+        assert!(timeout_of(Some(MAX_TIMEOUT_S + 1)).is_err());
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
+            "1970-01-02T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn expired_sandboxes_are_taken_out_once() {
+        let registry = Registry::default();
+        let now = SystemTime::now();
+        for (id, end) in [
+            ("a", now - Duration::from_secs(1)),
+            ("b", now + Duration::from_secs(60)),
+        ] {
+            registry.insert(Sandbox {
+                id: id.into(),
+                template: BASE_TEMPLATE.into(),
+                client_id: String::new(),
+                metadata: BTreeMap::new(),
+                env: BTreeMap::new(),
+                started: now,
+                end,
+                access_token: String::new(),
+            });
+        }
+        assert_eq!(registry.take_expired(now), ["a"]);
+        assert!(registry.take_expired(now).is_empty());
+        assert!(registry.set_end("b", now));
+        assert_eq!(registry.take_expired(now), ["b"]);
+        assert!(!registry.set_end("b", now));
+    }
+}
