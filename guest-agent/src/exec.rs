@@ -281,8 +281,10 @@ pub fn start(
         stdin: stdin.is_some(),
         pty: resizer.is_some(),
     };
-    let process = Arc::new(Process::new(info, stdin.clone(), resizer, watcher));
+    let process = Arc::new(Process::new(info, stdin.clone(), resizer));
     processes.insert(Arc::clone(&process));
+    // Not ended: its supervisor has not started.
+    let _ = process.watch(watcher);
     let supervisor = Supervisor {
         process: Arc::clone(&process),
         processes: Arc::clone(processes),

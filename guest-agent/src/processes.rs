@@ -71,27 +71,17 @@ pub enum Heard {
 }
 
 impl Process {
-    /// A program just started, followed by `first`, which is sent `started`.
-    pub fn new(
-        info: ProcessInfo,
-        stdin: Option<Arc<StdinQueue>>,
-        terminal: Option<File>,
-        first: Watcher,
-    ) -> Self {
-        let started = GuestMessage::Started {
-            id: first.id,
-            pid: info.pid,
-        };
-        let list = if first.outbox.send(started).is_ok() {
-            vec![first]
-        } else {
-            Vec::new()
-        };
+    /// A program just started, followed by nobody yet: it is put in the table first, then
+    /// followed (see [`Self::watch`]), so that whoever hears its process id finds it there.
+    pub fn new(info: ProcessInfo, stdin: Option<Arc<StdinQueue>>, terminal: Option<File>) -> Self {
         Self {
             info,
             stdin,
             terminal,
-            watchers: Mutex::new(Watchers { list, ended: false }),
+            watchers: Mutex::new(Watchers {
+                list: Vec::new(),
+                ended: false,
+            }),
         }
     }
 

@@ -132,6 +132,18 @@ class Lifetimes(unittest.TestCase):
         with self.assertRaises(SandboxException):
             Sandbox.get_info(sandbox.sandbox_id)
 
+    def test_a_paused_sandbox_keeps_its_state_and_runs_again_when_connected(self):
+        sandbox = Sandbox.create(metadata={"run": RUN, "role": "paused"})
+        sandbox.files.write("kept.txt", "still here")
+        self.assertTrue(sandbox.pause())
+        self.assertFalse(sandbox.pause(), "it was paused already")
+        self.assertEqual(Sandbox.get_info(sandbox.sandbox_id).state.value, "paused")
+        self.assertFalse(sandbox.is_running())
+        resumed = Sandbox.connect(sandbox.sandbox_id)
+        self.assertEqual(resumed.files.read("kept.txt"), "still here")
+        self.assertEqual(resumed.commands.run("echo up").stdout, "up\n")
+        resumed.kill()
+
     def test_a_killed_sandbox_is_gone(self):
         sandbox = Sandbox.create(metadata={"run": RUN, "role": "killed"})
         self.assertTrue(sandbox.kill())

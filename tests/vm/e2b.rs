@@ -610,6 +610,31 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
     assert_eq!(page.json().as_array().unwrap().len(), 1);
     let health = e2b.call("GET", "/health", &two.headers(&[]), b"");
     assert_eq!(health.status, 204, "{health:?}");
+    // Paused: frozen, not timing out, answering nothing inside until connected to again.
+    let pause = format!("/sandboxes/{}/pause", two.id);
+    assert_eq!(e2b.control("POST", &pause, json!({})).status, 204);
+    assert_eq!(
+        e2b.control("POST", &pause, json!({})).status,
+        409,
+        "paused already"
+    );
+    let info = e2b
+        .control("GET", &format!("/sandboxes/{}", two.id), Value::Null)
+        .json();
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(
+        e2b.call("GET", "/health", &two.headers(&[]), b"").status,
+        502
+    );
+    let refused = two.rpc("process.Process/List", json!({}));
+    assert_eq!(refused.json()["code"], "unavailable", "{refused:?}");
+    let resumed = e2b.control(
+        "POST",
+        &format!("/v2/sandboxes/{}/connect", two.id),
+        json!({"timeout": 60}),
+    );
+    assert_eq!(resumed.status, 201, "{resumed:?}");
+    assert_eq!(two.sh("echo up"), "up\n");
     let reply = e2b.control(
         "POST",
         &format!("/sandboxes/{}/timeout", two.id),

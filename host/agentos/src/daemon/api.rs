@@ -62,6 +62,10 @@ pub enum Request {
     Logs(LogsRequest),
     /// Shut an agent's VM down; the agent stays listed until `rm`.
     Stop(NameRequest),
+    /// Freeze a running agent's VM (its cgroup's freezer: no CPU at all, its memory kept).
+    Pause(NameRequest),
+    /// Let a paused agent's VM run again.
+    Resume(NameRequest),
     /// Forget an agent; a running one is stopped first only with `force`.
     Rm(RmRequest),
     /// The agents' CPU and memory figures as Prometheus text.
@@ -111,6 +115,8 @@ impl Request {
             Self::Infer(_) => "infer",
             Self::Logs(_) => "logs",
             Self::Stop(_) => "stop",
+            Self::Pause(_) => "pause",
+            Self::Resume(_) => "resume",
             Self::Rm(_) => "rm",
             Self::Metrics => "metrics",
             Self::GroupUp(_) => "group_up",

@@ -609,6 +609,8 @@ impl Daemon {
                 self.check_not_member(&rm.name, "remove")?;
                 self.rm(rm).await
             }
+            Request::Pause(api::NameRequest { name }) => self.set_paused(&name, true).await,
+            Request::Resume(api::NameRequest { name }) => self.set_paused(&name, false).await,
             Request::GroupUp(up) => self.group_up(up, deadline).await,
             Request::GroupDown(down) => self.group_down(&down.group).await,
             Request::GroupInput(input) => self.group_input(input, deadline).await,
@@ -947,6 +949,44 @@ impl Daemon {
         let _ = std::fs::remove_file(log);
         tracing::info!(agent = name, "removed");
         to_value(&serde_json::json!({ "removed": name }))
+    }
+
+    /// Freezes (or thaws) agent `name`'s VM; its state after. A VM frozen here is never thawed
+    /// by the arbiter (which thaws only what it froze).
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<serde_json::Value, ApiError> {
+        let (config, cgroup) = self.with_agent(name, |a| (a.shared_config(), a.cgroup()))?;
+        let verb = if paused { "pause" } else { "resume" };
+        let Some(cgroup) = cgroup else {
+            return Err(ApiError::new(
+                ErrorKind::NotRunning,
+                format!("agent `{name}` has no running VM to {verb}"),
+            ));
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            if cgroup.is_frozen() == paused {
+                return Ok(false);
+            }
+            if paused {
+                cgroup.freeze()
+            } else {
+                cgroup.thaw()
+            }
+            .map(|()| true)
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?
+        .map_err(|e| ApiError::new(ErrorKind::Failed, format!("cannot {verb} `{name}`: {e}")))?;
+        if done {
+            agent::note(
+                &config,
+                if paused {
+                    "paused by request"
+                } else {
+                    "resumed by request"
+                },
+            );
+        }
+        self.with_agent(name, |a| to_value(&a.info()))?
     }
 
     /// What the arbiter and the metrics read of each agent, taken under the lock; the cgroup

@@ -121,7 +121,7 @@ fn refused(link: &GuestLink, conn: &mut AgentConnection, pid: u32, why: String) 
     match conn.processes() {
         Ok(running) if !running.iter().any(|p| p.pid == pid) => ApiError::new(
             ErrorKind::NotFound,
-            format!("agent `{}`: no program {pid} runs there", link.name),
+            format!("agent `{}`: no process {pid} runs there", link.name),
         ),
         _ => link.error(ConnectionError::Refused(why)),
     }

@@ -116,13 +116,18 @@ pub fn route(
             let named = Some(("name", name));
             match action {
                 "stop" => Request::Stop(json::<NameRequest>(body, named)?),
+                "pause" => Request::Pause(json::<NameRequest>(body, named)?),
+                "resume" => Request::Resume(json::<NameRequest>(body, named)?),
                 "exec" => Request::Exec(json(body, named)?),
                 "infer" => Request::Infer(json(body, named)?),
                 "snapshot" => Request::Snapshot(json(body, named)?),
                 _ => return Err(not_found(path)),
             }
         }
-        (Resource::AgentAction(_, "stop" | "exec" | "infer" | "snapshot"), _) => {
+        (
+            Resource::AgentAction(_, "stop" | "pause" | "resume" | "exec" | "infer" | "snapshot"),
+            _,
+        ) => {
             return Err(wrong_method("POST"));
         }
         (Resource::AgentAction(..), _) => return Err(not_found(path)),
@@ -418,6 +423,8 @@ pub fn call(request: &Request) -> HttpCall {
             None,
         ),
         Request::Stop(stop) => agent_action(&stop.name, "stop", stop),
+        Request::Pause(pause) => agent_action(&pause.name, "pause", pause),
+        Request::Resume(resume) => agent_action(&resume.name, "resume", resume),
         Request::Exec(exec) => agent_action(&exec.name, "exec", exec),
         Request::Infer(infer) => agent_action(&infer.name, "infer", infer),
         Request::Snapshot(snapshot) => agent_action(&snapshot.name, "snapshot", snapshot),
@@ -752,6 +759,8 @@ pub(super) mod tests {
                 offset: 77,
             }),
             Request::Stop(NameRequest { name: odd.clone() }),
+            Request::Pause(NameRequest { name: odd.clone() }),
+            Request::Resume(NameRequest { name: "a".into() }),
             Request::Exec(ExecCall {
                 name: "a".into(),
                 run: Program::new("/bin/echo"),

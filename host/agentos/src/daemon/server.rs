@@ -157,6 +157,8 @@ fn lane(request: &Request) -> Lane {
         | Request::Inspect(_)
         | Request::Logs(_)
         | Request::Stop(_)
+        | Request::Pause(_)
+        | Request::Resume(_)
         | Request::Rm(_)
         | Request::Metrics
         | Request::GroupDown(_)
@@ -211,6 +213,8 @@ fn time_limit(request: &Request) -> Duration {
         | Request::Inspect(_)
         | Request::Logs(_)
         | Request::Stop(_)
+        | Request::Pause(_)
+        | Request::Resume(_)
         | Request::Rm(_)
         | Request::Metrics
         | Request::GroupDown(_)

@@ -83,14 +83,23 @@ pub async fn serve(
     match method {
         "Stat" => {
             let request: PathRequest = parse(message)?;
-            let entry = fs(
-                call,
-                FsOp::Stat {
-                    path: call.path(&request.path),
-                },
-            )
-            .await?;
-            Ok(entry_reply(&entry))
+            let path = call.path(&request.path);
+            let entry = fs(call, FsOp::Stat { path: path.clone() }).await?;
+            if entry.kind != EntryKind::Symlink {
+                return Ok(entry_reply(&entry));
+            }
+            // As E2B's: a link is described by what it leads to, and where that is.
+            let (target, resolved) = follow_links(call, &path).await?;
+            let mut info = entry_info(&Entry {
+                name: entry.name,
+                path: entry.path,
+                ..target
+            });
+            info["symlinkTarget"] = serde_json::Value::String(resolved);
+            Ok(Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({ "entry": info }),
+            ))
         }
         "ListDir" => {
             let request: ListDirRequest = parse(message)?;
@@ -135,14 +144,21 @@ pub async fn serve(
         }
         "Remove" => {
             let request: PathRequest = parse(message)?;
-            call.api
+            let removed = call
+                .api
                 .call(Request::Fs(FsCall {
                     name: call.sandbox.id.clone(),
                     op: FsOp::Remove {
                         path: call.path(&request.path),
                     },
                 }))
-                .await?;
+                .await;
+            match removed {
+                // As E2B's: what is not there is removed already.
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
         }
         "WatchDir" => {
@@ -208,6 +224,47 @@ pub async fn serve(
             ),
         )),
     }
+}
+
+/// The most links followed from one path, as the kernel's own bound.
+const MAX_LINKS: usize = 40;
+
+/// What the symbolic link `path` leads to, and its absolute path, following links that lead to
+/// links.
+async fn follow_links(call: &Call<'_, impl Api>, path: &str) -> Result<(Entry, String), ApiError> {
+    let mut at = path.to_owned();
+    for _ in 0..MAX_LINKS {
+        let entry = fs(call, FsOp::Stat { path: at.clone() }).await?;
+        let target = match (&entry.kind, &entry.target) {
+            (EntryKind::Symlink, Some(target)) => target.clone(),
+            _ => return Ok((entry, at)),
+        };
+        at = if target.starts_with('/') {
+            target
+        } else {
+            let parent = at.rsplit_once('/').map_or("", |(parent, _)| parent);
+            normalize(&format!("{parent}/{target}"))
+        };
+    }
+    Err(ApiError::new(
+        ErrorKind::Invalid,
+        format!("{path}: more than {MAX_LINKS} symbolic links in a row"),
+    ))
+}
+
+/// `path` without `.` and `..` parts (lexically, as links are resolved one at a time here).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// An operation answered with an entry.
@@ -585,6 +642,8 @@ mod tests {
         assert!(info.get("symlinkTarget").is_none());
         assert_eq!(permissions(EntryKind::Dir, 0o755), "drwxr-xr-x");
         assert_eq!(account(0), "root");
+        assert_eq!(normalize("/home/user/d/./../x//y"), "/home/user/x/y");
+        assert_eq!(normalize("/.."), "/");
         assert_eq!(account(42), "42");
     }
 

@@ -294,6 +294,24 @@ async fn in_sandbox(
             );
         }
     }
+    if sandbox.paused {
+        if head.uri.path() == "/health" {
+            return (
+                Ok(Reply::json(
+                    StatusCode::BAD_GATEWAY,
+                    &serde_json::json!({"code": 502, "message": "The sandbox is paused"}),
+                )),
+                false,
+            );
+        }
+        let error = ApiError::new(
+            ErrorKind::NotRunning,
+            format!(
+                "sandbox {id} is paused: resume it (POST /sandboxes/{id}/resume, or connect to it)"
+            ),
+        );
+        return (Err(error), false);
+    }
     let user = match user_of(&head.headers) {
         Ok(user) => user,
         Err(e) => return (Err(e), false),
@@ -617,6 +635,7 @@ mod tests {
                 started: std::time::SystemTime::now(),
                 end: std::time::SystemTime::now(),
                 access_token: String::new(),
+                paused: false,
             },
             user: "user".into(),
             timeout_ms: None,

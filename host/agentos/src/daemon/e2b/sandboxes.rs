@@ -44,6 +44,8 @@ pub struct Sandbox {
     pub end: SystemTime,
     /// What in-sandbox requests carry as `X-Access-Token`.
     pub access_token: String,
+    /// Paused (its VM frozen): it does not time out, and answers no in-sandbox request.
+    pub paused: bool,
 }
 
 /// The daemon's sandboxes.
@@ -119,12 +121,18 @@ impl Registry {
         }
     }
 
+    fn set_paused(&self, id: &str, paused: bool) {
+        if let Some(sandbox) = self.lock().get_mut(id) {
+            sandbox.paused = paused;
+        }
+    }
+
     /// Takes out the sandboxes whose time is up at `now`.
     pub fn take_expired(&self, now: SystemTime) -> Vec<String> {
         let mut sandboxes = self.lock();
         let expired: Vec<String> = sandboxes
             .values()
-            .filter(|s| s.end <= now)
+            .filter(|s| s.end <= now && !s.paused)
             .map(|s| s.id.clone())
             .collect();
         for id in &expired {
@@ -180,12 +188,13 @@ pub async fn serve(
         (["sandboxes", id], Method::DELETE) => kill(api, id).await,
         (["sandboxes", id, "timeout"], Method::POST) => set_timeout(api, id, body).await,
         (["sandboxes", id, "connect"], Method::POST) => connect(api, id, body).await,
+        (["sandboxes", id, "pause"], Method::POST) => pause(api, id).await,
+        (["sandboxes", id, "resume"], Method::POST) => resume(api, id, body).await,
         (
             [
                 "sandboxes",
                 _,
-                "pause" | "resume" | "refreshes" | "metrics" | "logs" | "fork" | "snapshots"
-                | "network",
+                "refreshes" | "metrics" | "logs" | "fork" | "snapshots" | "network",
             ],
             _,
         ) => Err(ApiError::new(
@@ -291,6 +300,7 @@ async fn create(api: &impl Api, body: &[u8]) -> Result<Reply, ApiError> {
         started,
         end: started + life,
         access_token: random_text(32)?,
+        paused: false,
     };
     api.registry().insert(sandbox.clone());
     tracing::info!(
@@ -528,9 +538,66 @@ async fn set_timeout(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, Api
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
 
+/// Freezes a sandbox's VM: it keeps its memory and its processes, uses no CPU, does not time
+/// out and answers no in-sandbox request until it is resumed (or connected to).
+async fn pause(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
+    let (sandbox, _) = find(api, id).await?;
+    if sandbox.paused {
+        return Err(ApiError::new(
+            ErrorKind::AlreadyExists,
+            format!("sandbox {id} is already paused"),
+        ));
+    }
+    api.call(Request::Pause(NameRequest {
+        name: id.to_owned(),
+    }))
+    .await?;
+    api.registry().set_paused(id, true);
+    tracing::info!(sandbox = id, "sandbox paused");
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+/// Lets a paused sandbox run again, for `timeout` seconds (its creation's default unless
+/// given) from now.
+async fn resume(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    let body: TimeoutBody = parse(body, "a resumption")?;
+    let (sandbox, _) = find(api, id).await?;
+    if !sandbox.paused {
+        return Err(ApiError::new(
+            ErrorKind::AlreadyExists,
+            format!("sandbox {id} is already running"),
+        ));
+    }
+    let sandbox = thaw(api, sandbox, body.timeout).await?;
+    Ok(Reply::json(StatusCode::CREATED, &created(&sandbox)))
+}
+
+async fn thaw(
+    api: &impl Api,
+    mut sandbox: Sandbox,
+    timeout: Option<u64>,
+) -> Result<Sandbox, ApiError> {
+    let life = timeout_of(timeout)?;
+    api.call(Request::Resume(NameRequest {
+        name: sandbox.id.clone(),
+    }))
+    .await?;
+    sandbox.end = SystemTime::now() + life;
+    sandbox.paused = false;
+    api.registry().set_end(&sandbox.id, sandbox.end);
+    api.registry().set_paused(&sandbox.id, false);
+    tracing::info!(sandbox = sandbox.id, "sandbox resumed");
+    Ok(sandbox)
+}
+
 async fn connect(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, ApiError> {
     let body: TimeoutBody = parse(body, "a connection")?;
     let (sandbox, _) = find(api, id).await?;
+    if sandbox.paused {
+        // Connecting resumes a paused sandbox.
+        let sandbox = thaw(api, sandbox, body.timeout).await?;
+        return Ok(Reply::json(StatusCode::CREATED, &created(&sandbox)));
+    }
     let mut sandbox = sandbox;
     if let Some(secs) = body.timeout {
         // Connecting gives a sandbox more time, never less.
@@ -598,8 +665,15 @@ mod tests {
                 started: now,
                 end,
                 access_token: String::new(),
+                paused: false,
             });
         }
+        registry.set_paused("a", true);
+        assert!(
+            registry.take_expired(now).is_empty(),
+            "a paused sandbox does not time out"
+        );
+        registry.set_paused("a", false);
         assert_eq!(registry.take_expired(now), ["a"]);
         assert!(registry.take_expired(now).is_empty());
         assert!(registry.set_end("b", now));
