@@ -122,6 +122,10 @@ class Sandboxes(unittest.TestCase):
         mine = Sandbox.list(query=SandboxQuery(metadata={"run": RUN, "role": "other"})).next_items()
         self.assertEqual([s.sandbox_id for s in mine], [self.other.sandbox_id])
         self.assertTrue(Sandbox.connect(self.sbx.sandbox_id).is_running())
+        metrics = self.sbx.get_metrics()
+        self.assertEqual(len(metrics), 1)
+        self.assertGreater(metrics[0].mem_total, metrics[0].mem_used)
+        self.assertGreater(metrics[0].mem_used, 0)
 
 
 class Lifetimes(unittest.TestCase):

@@ -266,6 +266,20 @@ impl Sandbox<'_> {
     }
 }
 
+/// Reads `stream` until what came holds `needle`; what came.
+fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the stream ended without {needle}: {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
 fn base64(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
@@ -539,8 +553,29 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
         (404, json!(404))
     );
 
-    // A polled watcher sees a file made after it began, until it is removed.
+    // A streamed watch: its start, keep-alives while nothing happens, then the change.
     one.ok("filesystem.Filesystem/MakeDir", json!({"path": "watched"}));
+    let mut watch = e2b.send(
+        "POST",
+        "/filesystem.Filesystem/WatchDir",
+        &one.headers(&[
+            ("Content-Type", "application/connect+json"),
+            ("Keepalive-Ping-Interval", "1"),
+        ]),
+        &envelope(&json!({"path": "watched", "recursive": false})),
+    );
+    let mut seen = Vec::new();
+    read_until(&mut watch, &mut seen, r#"{"event":{"start":{}}}"#);
+    read_until(&mut watch, &mut seen, r#"{"event":{"keepalive":{}}}"#);
+    one.sh("touch watched/streamed.txt");
+    read_until(
+        &mut watch,
+        &mut seen,
+        r#"{"event":{"filesystem":{"name":"streamed.txt","type":"EVENT_TYPE_CREATE"}}}"#,
+    );
+    drop(watch);
+
+    // A polled watcher sees a file made after it began, until it is removed.
     let watcher = one.ok(
         "filesystem.Filesystem/CreateWatcher",
         json!({"path": "watched", "recursive": true}),

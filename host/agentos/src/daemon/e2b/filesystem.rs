@@ -176,7 +176,10 @@ pub async fn serve(
                 root: path,
                 ended: false,
             };
-            Ok(Reply::stream(connect::STREAM_JSON, relay(chunks, events)))
+            Ok(Reply::stream(
+                connect::STREAM_JSON,
+                relay(chunks, events, call.keepalive),
+            ))
         }
         "CreateWatcher" => {
             let request: WatchDirRequest = parse(message)?;
@@ -470,18 +473,26 @@ async fn write(
     path: Option<String>,
     body: Incoming,
 ) -> Result<Reply, ApiError> {
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
-        && encoding.as_bytes() != b"identity"
-    {
-        return Err(ApiError::new(
-            ErrorKind::BadRequest,
-            "compressed uploads are not taken: send the file without `Content-Encoding`",
-        ));
-    }
+    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+        None | Some(b"identity") => false,
+        Some(b"gzip") => true,
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "an upload's `Content-Encoding` is `gzip` or none",
+            ));
+        }
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    if gzip && content_type.starts_with("multipart/form-data") {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "a compressed upload is one file as the body (`application/octet-stream`), not multipart",
+        ));
+    }
     let mut written = Vec::new();
     if content_type.starts_with("multipart/form-data") {
         let boundary = multer::parse_boundary(content_type).map_err(|e| {
@@ -521,7 +532,13 @@ async fn write(
                 "name the file with `?path=`",
             ));
         };
-        written.push(write_one(call, call.path(&path), body).await?);
+        let path = call.path(&path);
+        let one = if gzip {
+            write_one(call, path, Gunzip::new(body)).await?
+        } else {
+            write_one(call, path, body).await?
+        };
+        written.push(one);
     }
     if written.is_empty() {
         return Err(ApiError::new(
@@ -567,6 +584,57 @@ struct Part<'a, 'b>(&'a mut multer::Field<'b>);
 impl Pieces for Part<'_, '_> {
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
         self.0.chunk().await.map_err(io::Error::other)
+    }
+}
+
+/// Compressed input fed to the decoder at a time: deflate expands a byte to 1,032 at most, so
+/// one step's output stays near 4 MiB whatever the input.
+const GUNZIP_STEP: usize = 4096;
+/// Decompressed bytes handed on at a time.
+const GUNZIP_OUT: usize = 256 * 1024;
+
+/// Pieces of a gzip stream, decompressed as they come.
+struct Gunzip<P> {
+    inner: P,
+    decoder: flate2::write::GzDecoder<Vec<u8>>,
+    /// Compressed bytes not fed to the decoder yet.
+    pending: Bytes,
+    ended: bool,
+}
+
+impl<P: Pieces> Gunzip<P> {
+    fn new(inner: P) -> Self {
+        Self {
+            inner,
+            decoder: flate2::write::GzDecoder::new(Vec::new()),
+            pending: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+impl<P: Pieces> Pieces for Gunzip<P> {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        use std::io::Write;
+        loop {
+            while !self.pending.is_empty() && self.decoder.get_ref().len() < GUNZIP_OUT {
+                let step = self.pending.split_to(self.pending.len().min(GUNZIP_STEP));
+                self.decoder.write_all(&step)?;
+            }
+            if !self.decoder.get_ref().is_empty() {
+                return Ok(Some(Bytes::from(std::mem::take(self.decoder.get_mut()))));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.inner.next().await? {
+                Some(data) => self.pending = data,
+                None => {
+                    self.decoder.try_finish()?;
+                    self.ended = true;
+                }
+            }
+        }
     }
 }
 
@@ -645,6 +713,58 @@ mod tests {
         assert_eq!(normalize("/home/user/d/./../x//y"), "/home/user/x/y");
         assert_eq!(normalize("/.."), "/");
         assert_eq!(account(42), "42");
+    }
+
+    /// Pieces from a list.
+    struct Given(std::collections::VecDeque<Bytes>);
+
+    impl Pieces for Given {
+        async fn next(&mut self) -> io::Result<Option<Bytes>> {
+            Ok(self.0.pop_front())
+        }
+    }
+
+    async fn gunzipped(compressed: &[u8], piece: usize) -> io::Result<Vec<u8>> {
+        let pieces = compressed
+            .chunks(piece)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let mut gunzip = Gunzip::new(Given(pieces));
+        let mut out = Vec::new();
+        while let Some(data) = gunzip.next().await? {
+            assert!(
+                data.len() <= GUNZIP_OUT + GUNZIP_STEP * 1032,
+                "{}",
+                data.len()
+            );
+            out.extend_from_slice(&data);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn gzip_bodies_are_decompressed_a_bounded_piece_at_a_time() {
+        use std::io::Write;
+        // Zeros compress about a thousandfold: a small body that decompresses large.
+        let data: Vec<u8> = (0..8u32 << 20)
+            .map(|i| if i % 4096 == 0 { i as u8 } else { 0 })
+            .collect();
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&data).unwrap();
+        let compressed = encoder.finish().unwrap();
+        assert!(compressed.len() < data.len() / 100);
+        for piece in [1, 1000, compressed.len()] {
+            assert!(
+                gunzipped(&compressed, piece).await.unwrap() == data,
+                "piece {piece}"
+            );
+        }
+        let cut = &compressed[..compressed.len() / 2];
+        assert!(
+            gunzipped(cut, 512).await.is_err(),
+            "a stream cut short is an error"
+        );
+        assert!(gunzipped(b"not gzip at all", 4).await.is_err());
     }
 
     #[test]

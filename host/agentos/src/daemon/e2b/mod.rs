@@ -321,6 +321,7 @@ async fn in_sandbox(
         sandbox,
         user,
         timeout_ms: timeout_ms(&head.headers),
+        keepalive: keepalive(&head.headers),
     };
     let path = head.uri.path();
     match (&head.method, path) {
@@ -388,6 +389,8 @@ pub struct Call<'a, A> {
     pub user: String,
     /// `Connect-Timeout-Ms`: for a process, how long it may run.
     pub timeout_ms: Option<u64>,
+    /// `Keepalive-Ping-Interval`: how long a stream may stay silent before a keep-alive.
+    pub keepalive: Option<Duration>,
 }
 
 impl<A> Call<'_, A> {
@@ -447,6 +450,17 @@ fn user_of(headers: &HeaderMap) -> Result<String, ApiError> {
 
 /// Who in-sandbox requests act as unless they say.
 const DEFAULT_USER: &str = "user";
+
+/// The longest keep-alive interval a client may ask for.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
+
+fn keepalive(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs).clamp(Duration::from_secs(1), MAX_KEEPALIVE))
+}
 
 fn timeout_ms(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -526,16 +540,40 @@ pub trait Translate: Send + 'static {
 /// The longest line of a daemon stream that is translated; a longer one ends the stream.
 const MAX_LINE_BYTES: usize = 16 << 20;
 
-/// A body that carries `chunks`' lines translated; when the client goes, `chunks` is dropped at
-/// once, which tells its producer.
-pub fn relay(mut chunks: Chunks, mut translate: impl Translate) -> ChunkBody {
+/// E2B's keep-alive message of a stream (`keepalive` in every stream's event).
+fn keepalive_message() -> Bytes {
+    connect::envelope(&serde_json::json!({ "event": { "keepalive": {} } }))
+}
+
+/// A body that carries `chunks`' lines translated, with a keep-alive message after every
+/// `keepalive` of silence if asked; when the client goes, `chunks` is dropped at once, which
+/// tells its producer.
+pub fn relay(
+    mut chunks: Chunks,
+    mut translate: impl Translate,
+    keepalive: Option<Duration>,
+) -> ChunkBody {
     let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(1);
     tokio::spawn(async move {
         let mut pending: Vec<u8> = Vec::new();
+        // Keep-alives come only once the stream began (its first message is `start`).
+        let mut begun = false;
         loop {
+            let silence = async {
+                match keepalive.filter(|_| begun) {
+                    Some(quiet) => tokio::time::sleep(quiet).await,
+                    None => std::future::pending().await,
+                }
+            };
             let chunk = tokio::select! {
                 chunk = chunks.recv() => chunk,
                 () = tx.closed() => return,
+                () = silence => {
+                    if tx.send(Ok(keepalive_message())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
             };
             let data = match chunk {
                 Some(Ok(data)) => data,
@@ -545,6 +583,7 @@ pub fn relay(mut chunks: Chunks, mut translate: impl Translate) -> ChunkBody {
             while let Some(at) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=at).collect();
                 for message in translate.line(&line[..line.len() - 1]) {
+                    begun = true;
                     if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
@@ -604,6 +643,47 @@ mod tests {
         );
     }
 
+    /// Lines passed through as they are.
+    struct Same;
+
+    impl Translate for Same {
+        fn line(&mut self, line: &[u8]) -> Vec<Bytes> {
+            vec![Bytes::copy_from_slice(line)]
+        }
+        fn end(&mut self) -> Vec<Bytes> {
+            vec![Bytes::from_static(b"end")]
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_gets_keep_alives_once_it_began() {
+        let (tx, rx) = mpsc::channel(4);
+        let ChunkBody(mut out) = relay(rx, Same, Some(Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(Ok(Bytes::from_static(b"first\nsec")))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.recv().await.unwrap().unwrap(),
+            "first",
+            "nothing before it began"
+        );
+        assert_eq!(out.recv().await.unwrap().unwrap(), keepalive_message());
+        tx.send(Ok(Bytes::from_static(b"ond\n"))).await.unwrap();
+        let mut next = out.recv().await.unwrap().unwrap();
+        while next == keepalive_message() {
+            next = out.recv().await.unwrap().unwrap();
+        }
+        assert_eq!(next, "second", "a line split across chunks comes whole");
+        drop(tx);
+        let mut last = out.recv().await.unwrap().unwrap();
+        while last == keepalive_message() {
+            last = out.recv().await.unwrap().unwrap();
+        }
+        assert_eq!(last, "end");
+        assert!(out.recv().await.is_none());
+    }
+
     #[test]
     fn the_user_comes_from_basic_authorization_or_is_user() {
         let mut headers = HeaderMap::new();
@@ -639,6 +719,7 @@ mod tests {
             },
             user: "user".into(),
             timeout_ms: None,
+            keepalive: None,
         };
         assert_eq!(call.path("a/b"), "/home/user/a/b");
         assert_eq!(call.path("~/a"), "/home/user/a");

@@ -217,7 +217,10 @@ async fn follow(
         attached,
         pty,
     };
-    Ok(Reply::stream(connect::STREAM_JSON, relay(chunks, events)))
+    Ok(Reply::stream(
+        connect::STREAM_JSON,
+        relay(chunks, events, call.keepalive),
+    ))
 }
 
 /// The daemon's program lines as E2B's process events.

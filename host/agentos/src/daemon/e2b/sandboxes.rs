@@ -190,11 +190,12 @@ pub async fn serve(
         (["sandboxes", id, "connect"], Method::POST) => connect(api, id, body).await,
         (["sandboxes", id, "pause"], Method::POST) => pause(api, id).await,
         (["sandboxes", id, "resume"], Method::POST) => resume(api, id, body).await,
+        (["sandboxes", id, "metrics"], Method::GET) => metrics(api, id).await,
         (
             [
                 "sandboxes",
                 _,
-                "refreshes" | "metrics" | "logs" | "fork" | "snapshots" | "network",
+                "refreshes" | "logs" | "fork" | "snapshots" | "network",
             ],
             _,
         ) => Err(ApiError::new(
@@ -496,6 +497,52 @@ async fn list(api: &impl Api, query: Option<&str>) -> Result<Reply, ApiError> {
     Ok(reply)
 }
 
+/// How long the CPU use a metrics sample reports is measured over.
+const CPU_SAMPLE: Duration = Duration::from_millis(500);
+
+/// One sample of a sandbox's CPU and memory, measured now (the daemon keeps no history).
+async fn metrics(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
+    let (_, agent) = find(api, id).await?;
+    let cpu_seconds = async || -> Result<(f64, f64), ApiError> {
+        let value = api.call(Request::Metrics).await?;
+        let text = value["text"].as_str().unwrap_or_default();
+        let read = |family: &str| sample(text, family, id).unwrap_or(0.0);
+        Ok((
+            read("agentos_agent_cpu_seconds_total"),
+            read("agentos_agent_memory_bytes"),
+        ))
+    };
+    let (before, _) = cpu_seconds().await?;
+    tokio::time::sleep(CPU_SAMPLE).await;
+    let (after, memory) = cpu_seconds().await?;
+    let cpus = f64::from(agent.vcpus.max(1));
+    let used = ((after - before).max(0.0) / CPU_SAMPLE.as_secs_f64() / cpus * 100.0).min(100.0);
+    let now = SystemTime::now();
+    let unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let sample = serde_json::json!({
+        "timestamp": rfc3339(now),
+        "timestampUnix": unix,
+        "cpuCount": agent.vcpus,
+        "cpuUsedPct": (used * 10.0).round() / 10.0,
+        "memUsed": memory as u64,
+        "memTotal": agent.memory_mib * 1024 * 1024,
+        "memCache": 0,
+        "diskUsed": 0,
+        "diskTotal": 0,
+    });
+    Ok(Reply::json(StatusCode::OK, &[sample]))
+}
+
+/// The value of `family{agent="id"}` in Prometheus text.
+fn sample(text: &str, family: &str, id: &str) -> Option<f64> {
+    let key = format!("{family}{{agent=\"{id}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&key))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 async fn kill(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
     if api.registry().get(id).is_none() {
         return Err(unknown(id));
@@ -646,6 +693,20 @@ mod tests {
             rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400)),
             "1970-01-02T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn samples_are_read_from_the_metrics_text() {
+        let text = "# HELP x\nagentos_agent_cpu_seconds_total{agent=\"i1\"} 1.5\nagentos_agent_cpu_seconds_total{agent=\"i10\"} 9\n";
+        assert_eq!(
+            sample(text, "agentos_agent_cpu_seconds_total", "i1"),
+            Some(1.5)
+        );
+        assert_eq!(
+            sample(text, "agentos_agent_cpu_seconds_total", "i10"),
+            Some(9.0)
+        );
+        assert_eq!(sample(text, "agentos_agent_memory_bytes", "i1"), None);
     }
 
     #[test]
