@@ -74,6 +74,21 @@ pub fn unenvelope(body: &[u8]) -> Result<&[u8], ApiError> {
     Ok(&body[PREFIX..PREFIX + len])
 }
 
+/// A request's message (an empty one is `{}`, as protobuf's JSON form allows).
+pub fn parse<'a, T: serde::Deserialize<'a>>(message: &'a [u8]) -> Result<T, ApiError> {
+    let message = if message.is_empty() {
+        b"{}".as_slice()
+    } else {
+        message
+    };
+    serde_json::from_slice(message).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("the request is not valid: {e}"),
+        )
+    })
+}
+
 /// A Connect error's body.
 #[derive(Debug, Serialize)]
 pub struct ConnectError {

@@ -19,7 +19,7 @@ use super::super::api::{
     ApiError, ErrorKind, FileRequest, FsCall, ListReply, Request, WatchLine, WatchRequest,
     WriteFileRequest,
 };
-use super::connect;
+use super::connect::{self, parse};
 use super::{Api, Call, Reply, Translate, relay};
 
 /// How long each piece of an upload may take to come.
@@ -58,20 +58,6 @@ struct WatchDirRequest {
     path: String,
     #[serde(default)]
     recursive: bool,
-}
-
-fn parse<'a, T: Deserialize<'a>>(message: &'a [u8]) -> Result<T, ApiError> {
-    let message = if message.is_empty() {
-        b"{}".as_slice()
-    } else {
-        message
-    };
-    serde_json::from_slice(message).map_err(|e| {
-        ApiError::new(
-            ErrorKind::BadRequest,
-            format!("the request is not valid: {e}"),
-        )
-    })
 }
 
 /// Answers a call of `filesystem.Filesystem`.

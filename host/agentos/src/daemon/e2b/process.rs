@@ -15,7 +15,7 @@ use super::super::api::{
     ApiError, ControlCall, ErrorKind, MAX_TIMEOUT_S, NameRequest, ProcessRequest, ProcessesReply,
     ProgramLine, Request, StartCall,
 };
-use super::connect::{self, base64_bytes};
+use super::connect::{self, base64_bytes, parse};
 use super::{Api, Call, Reply, Translate, relay};
 
 #[derive(Deserialize, Default)]
@@ -157,20 +157,6 @@ pub async fn serve(
             ),
         )),
     }
-}
-
-fn parse<'a, T: Deserialize<'a>>(message: &'a [u8]) -> Result<T, ApiError> {
-    let message = if message.is_empty() {
-        b"{}".as_slice()
-    } else {
-        message
-    };
-    serde_json::from_slice(message).map_err(|e| {
-        ApiError::new(
-            ErrorKind::BadRequest,
-            format!("the request is not valid: {e}"),
-        )
-    })
 }
 
 async fn start(call: &Call<'_, impl Api>, request: StartRequest) -> Result<Reply, ApiError> {
