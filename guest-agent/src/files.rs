@@ -384,12 +384,36 @@ fn send_file(id: u64, mut file: File, path: &Path, outbox: &Outbox) -> Result<()
 /// Names temporary files apart across connections that reuse request ids.
 static UPLOADS: AtomicU64 = AtomicU64::new(0);
 
-/// A file being written, into a temporary file beside its destination.
+/// A file being written, into a temporary file beside its destination or into the file
+/// itself.
 struct Upload {
     file: File,
-    temp: PathBuf,
+    into: Into,
     dest: PathBuf,
     size: u64,
+}
+
+/// Where an [`Upload`]'s bytes go.
+enum Into {
+    /// A temporary file, renamed over the destination once whole.
+    Temp(PathBuf),
+    /// The destination itself; `made` when the write created it.
+    Place { made: bool },
+}
+
+impl Upload {
+    /// Removes what a write that never ended leaves: its temporary file, or the file it made.
+    fn discard(&self) {
+        match &self.into {
+            Into::Temp(temp) => {
+                let _ = fs::remove_file(temp);
+            }
+            Into::Place { made: true } => {
+                let _ = fs::remove_file(&self.dest);
+            }
+            Into::Place { made: false } => {}
+        }
+    }
 }
 
 /// The files a connection is writing. Dropping it removes the temporary files of writes that
@@ -403,13 +427,15 @@ pub struct Writes {
 
 impl Writes {
     /// Starts writing `path` for request `id`: a new file owned by `user` (see [`owner`]), a
-    /// replaced one keeping its owner and mode unless `mode` says.
+    /// replaced one keeping its owner and mode unless `mode` says; `in_place`, into the file
+    /// itself (see [`HostMessage::WriteFile`](agentos_protocol::HostMessage::WriteFile)).
     pub fn begin(
         &mut self,
         id: u64,
         path: &str,
         mode: Option<u32>,
         user: Option<&str>,
+        in_place: bool,
     ) -> Result<(), Failure> {
         let dest = absolute(path)?;
         let owner = owner(user)?;
@@ -451,36 +477,40 @@ impl Writes {
             }),
             None => owner,
         };
-        // Not named after the file: a name near the kernel's limit would leave no room.
-        let temp = parent.join(format!(
-            ".agentos-write-{}",
-            UPLOADS.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temp)
-            .map_err(|e| Failure::io("write", dest, &e))?;
+        let (file, into) = if in_place {
+            if existing.as_ref().is_some_and(|meta| !meta.is_file()) {
+                return Err(not_a_file(dest));
+            }
+            open_in_place(dest, mode, existing.is_none())?
+        } else {
+            // Not named after the file: a name near the kernel's limit would leave no room.
+            let temp = parent.join(format!(
+                ".agentos-write-{}",
+                UPLOADS.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&temp)
+                .map_err(|e| Failure::io("write", dest, &e))?;
+            (file, Into::Temp(temp))
+        };
+        let upload = Upload {
+            file,
+            into,
+            dest: dest.to_path_buf(),
+            size: 0,
+        };
         // The process's umask took bits from `mode`; the request's mode is what was asked.
-        // Ownership first: changing it clears set-user-ID bits.
-        let given = owner.map_or(Ok(()), |Owner { uid, gid }| {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-        });
-        if let Err(e) = given.and_then(|()| file.set_permissions(fs::Permissions::from_mode(mode)))
-        {
-            let _ = fs::remove_file(&temp);
+        // Ownership first: changing it clears set-user-ID bits. Each only when it changes
+        // something, as each is a change a watcher sees.
+        let given = set_owner_and_mode(&upload.file, owner, mode);
+        if let Err(e) = given {
+            upload.discard();
             return Err(Failure::io("set the owner and mode of", dest, &e));
         }
-        self.open.insert(
-            id,
-            Upload {
-                file,
-                temp,
-                dest: dest.to_path_buf(),
-                size: 0,
-            },
-        );
+        self.open.insert(id, upload);
         Ok(())
     }
 
@@ -516,12 +546,14 @@ impl Writes {
         };
         let Upload {
             file,
-            temp,
+            into,
             dest,
             size,
         } = upload;
         drop(file);
-        if let Err(e) = fs::rename(&temp, &dest) {
+        if let Into::Temp(temp) = into
+            && let Err(e) = fs::rename(&temp, &dest)
+        {
             let _ = fs::remove_file(&temp);
             return Err(Failure::io("write", &dest, &e));
         }
@@ -530,7 +562,7 @@ impl Writes {
 
     fn abandon(&mut self, id: u64) {
         if let Some(upload) = self.open.remove(&id) {
-            let _ = fs::remove_file(&upload.temp);
+            upload.discard();
         }
         if self.dropped.len() >= MAX_DROPPED {
             self.dropped.clear();
@@ -542,9 +574,59 @@ impl Writes {
 impl Drop for Writes {
     fn drop(&mut self) {
         for upload in self.open.values() {
-            let _ = fs::remove_file(&upload.temp);
+            upload.discard();
         }
     }
+}
+
+/// Opens `dest` to be written where it is: truncated, links followed, a regular file only (a
+/// FIFO or a device would hang or misdirect the write; opened without blocking to find out).
+fn open_in_place(dest: &Path, mode: u32, new: bool) -> Result<(File, Into), Failure> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(dest)
+        .map_err(|e| Failure::io("write", dest, &e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Failure::io("write", dest, &e))?;
+    if !meta.is_file() {
+        return Err(not_a_file(dest));
+    }
+    // Truncated here, once it is known to be a file (an empty one is left be: each change is
+    // an event a watcher sees).
+    if meta.len() > 0 {
+        file.set_len(0)
+            .map_err(|e| Failure::io("write", dest, &e))?;
+    }
+    Ok((file, Into::Place { made: new }))
+}
+
+fn not_a_file(path: &Path) -> Failure {
+    Failure::new(
+        FileErrorKind::Invalid,
+        format!(
+            "{} is not a regular file to write into",
+            clip(&path.to_string_lossy())
+        ),
+    )
+}
+
+/// Gives `file` its owner and mode where they differ from what it has.
+fn set_owner_and_mode(file: &File, owner: Option<Owner>, mode: u32) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if let Some(Owner { uid, gid }) = owner
+        && (meta.uid(), meta.gid()) != (uid, gid)
+    {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    if file.metadata()?.permissions().mode() & 0o7777 != mode {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 fn no_write(id: u64) -> Failure {

@@ -265,8 +265,9 @@ impl Session<'_> {
                 path,
                 mode,
                 user,
+                in_place,
             } => {
-                let begun = lock(&self.writes).begin(id, &path, mode, user.as_deref());
+                let begun = lock(&self.writes).begin(id, &path, mode, user.as_deref(), in_place);
                 self.file_answer(id, begun.map(|()| None))?;
             }
             HostMessage::FileChunk { id, data } => {
@@ -275,6 +276,7 @@ impl Session<'_> {
             }
             HostMessage::FileEnd { id } => {
                 let ended = lock(&self.writes).end(id);
+                crate::watch::settle();
                 self.file_answer(
                     id,
                     ended.map(|size| size.map(|size| GuestMessage::FileWritten { id, size })),
@@ -328,6 +330,7 @@ impl Session<'_> {
             return self.file_answer(id, listed.map(|()| None));
         }
         let done = files::apply(op).map(|entry| Some(GuestMessage::FsDone { id, entry }));
+        crate::watch::settle();
         self.file_answer(id, done)
     }
 

@@ -180,6 +180,7 @@ mod tests {
             path: "/a".into(),
             mode: Some(0o600),
             user: None,
+            in_place: false,
         };
         assert_eq!(
             serde_json::to_string(&write).unwrap(),

@@ -84,6 +84,11 @@ pub enum HostMessage {
         /// directories made for it; root when absent. A replaced file keeps its owner.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
+        /// Write into `path` itself (truncated first, links followed) instead of replacing it
+        /// once whole: watchers see the file written, as they would a program's write. A write
+        /// cut short leaves what came; a file it made is removed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        in_place: bool,
     },
     /// Bytes of the file written by request `id`.
     FileChunk { id: u64, data: StreamData },

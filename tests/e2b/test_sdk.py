@@ -4,14 +4,20 @@ Run by scripts/test-e2b, which starts `agentos daemon --listen` and sets E2B_API
 E2B_SANDBOX_URL and E2B_API_KEY for it. Each test says what an E2B user relies on.
 """
 
+import asyncio
 import hashlib
 import os
 import time
 import unittest
 import uuid
 
-from e2b import CommandExitException, Sandbox, SandboxQuery
-from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException
+from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery
+from e2b.exceptions import (
+    AuthenticationException,
+    NotFoundException,
+    SandboxException,
+    TimeoutException,
+)
 
 # Sandboxes of this run carry this in their metadata, so that listings find only them.
 RUN = uuid.uuid4().hex[:12]
@@ -104,15 +110,35 @@ class Sandboxes(unittest.TestCase):
 
     def test_a_watched_directory_tells_what_changed(self):
         self.sbx.files.make_dir("watched")
-        handle = self.sbx.files.watch_dir("watched", recursive=True)
         self.sbx.files.write("watched/x.txt", "1")
-        seen = []
-        wait_for(
-            "the write to be seen",
-            lambda: seen.extend(handle.get_new_events()) or any(e.name == "x.txt" for e in seen),
-            limit=20,
-        )
+        handle = self.sbx.files.watch_dir("watched", recursive=True)
+        self.sbx.files.write("watched/x.txt", "2")
+        self.sbx.files.make_dir("watched/sub")
+        self.sbx.files.write("watched/sub/y.txt", "3")
+        # As E2B's: a file is written where it is, and the changes are there to take as soon
+        # as the calls that made them returned, a new directory's included.
+        events = [(e.type.value, e.name) for e in handle.get_new_events()]
+        self.assertIn(("write", "x.txt"), events)
+        self.assertIn(("create", "sub"), events)
+        self.assertIn(("write", "sub/y.txt"), events)
+        self.assertFalse([name for _, name in events if ".agentos" in name], events)
         handle.stop()
+
+    def test_a_directory_watched_as_a_stream_tells_what_changed(self):
+        # The asynchronous SDK watches through the streamed WatchDir (the synchronous one polls a
+        # watcher): it decodes each message as E2B's WatchDirResponse.
+        async def watch():
+            sbx = await AsyncSandbox.connect(self.sbx.sandbox_id)
+            await sbx.files.make_dir("streamed")
+            seen = asyncio.Queue()
+            handle = await sbx.files.watch_dir("streamed", on_event=seen.put_nowait)
+            await sbx.files.write("streamed/y.txt", "2")
+            names = []
+            while "y.txt" not in names:
+                names.append((await asyncio.wait_for(seen.get(), 20)).name)
+            await handle.stop()
+
+        asyncio.run(watch())
 
     def test_sandboxes_are_inspected_and_listed_by_metadata(self):
         info = self.sbx.get_info()
@@ -150,7 +176,12 @@ class Lifetimes(unittest.TestCase):
 
     def test_a_killed_sandbox_is_gone(self):
         sandbox = Sandbox.create(metadata={"run": RUN, "role": "killed"})
+        running = sandbox.commands.run("sleep 60", background=True)
         self.assertTrue(sandbox.kill())
+        # The command's stream ends as unavailable; the SDK asks /health and learns why.
+        with self.assertRaises(TimeoutException) as waited:
+            running.wait()
+        self.assertIn("killed or reached its end of life", str(waited.exception))
         self.assertFalse(Sandbox.kill(sandbox.sandbox_id), "it was gone already")
         self.assertFalse(sandbox.is_running())
 

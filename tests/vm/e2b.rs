@@ -119,6 +119,24 @@ fn envelopes(mut body: &[u8]) -> Vec<(u8, Value)> {
     out
 }
 
+/// A repeated field of a message: protobuf's JSON form leaves out an empty one.
+fn repeated<'a>(message: &'a Value, field: &str) -> &'a [Value] {
+    match message.get(field) {
+        None => &[],
+        Some(values) => values
+            .as_array()
+            .unwrap_or_else(|| panic!("`{field}` is no list: {message}")),
+    }
+}
+
+/// An `end` event's exit code: protobuf's JSON form leaves out a 0, as every default value.
+fn exit_code(end: &Value) -> i64 {
+    match end.get("exitCode") {
+        None => 0,
+        Some(code) => code.as_i64().unwrap_or_else(|| panic!("exitCode {code}")),
+    }
+}
+
 fn envelope(message: &Value) -> Vec<u8> {
     let text = message.to_string();
     let mut out = vec![0];
@@ -214,7 +232,7 @@ impl Sandbox<'_> {
     fn sh(&self, script: &str) -> String {
         let ran = self.run(json!({"cmd": "/bin/sh", "args": ["-c", script]}));
         assert_eq!(
-            ran.end["exitCode"],
+            exit_code(&ran.end),
             0,
             "{script}: {}",
             String::from_utf8_lossy(&ran.stderr)
@@ -223,9 +241,7 @@ impl Sandbox<'_> {
     }
 
     fn pids(&self) -> Vec<u64> {
-        self.ok("process.Process/List", json!({}))["processes"]
-            .as_array()
-            .unwrap()
+        repeated(&self.ok("process.Process/List", json!({})), "processes")
             .iter()
             .map(|p| p["pid"].as_u64().unwrap())
             .collect()
@@ -403,7 +419,7 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
         events[1].1["event"]["data"]["stdout"], "aGVsbG8K",
         "{events:?}"
     );
-    assert_eq!(events[2].1["event"]["end"]["exitCode"], 0, "{events:?}");
+    assert_eq!(exit_code(&events[2].1["event"]["end"]), 0, "{events:?}");
     // A signal ends the one left running.
     one.ok(
         "process.Process/SendSignal",
@@ -565,13 +581,14 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
         &envelope(&json!({"path": "watched", "recursive": false})),
     );
     let mut seen = Vec::new();
-    read_until(&mut watch, &mut seen, r#"{"event":{"start":{}}}"#);
-    read_until(&mut watch, &mut seen, r#"{"event":{"keepalive":{}}}"#);
+    // A `WatchDirResponse`'s oneof is inlined, as protobuf's JSON form has it.
+    read_until(&mut watch, &mut seen, r#"{"start":{}}"#);
+    read_until(&mut watch, &mut seen, r#"{"keepalive":{}}"#);
     one.sh("touch watched/streamed.txt");
     read_until(
         &mut watch,
         &mut seen,
-        r#"{"event":{"filesystem":{"name":"streamed.txt","type":"EVENT_TYPE_CREATE"}}}"#,
+        r#"{"filesystem":{"name":"streamed.txt","type":"EVENT_TYPE_CREATE"}}"#,
     );
     drop(watch);
 
@@ -586,11 +603,12 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
     one.sh("echo x > watched/new.txt");
     let poll = json!({"watcherId": watcher});
     wait_for(Duration::from_secs(10), "the watcher's event", || {
-        one.ok("filesystem.Filesystem/GetWatcherEvents", poll.clone())["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "new.txt" && e["type"] == "EVENT_TYPE_CREATE")
+        repeated(
+            &one.ok("filesystem.Filesystem/GetWatcherEvents", poll.clone()),
+            "events",
+        )
+        .iter()
+        .any(|e| e["name"] == "new.txt" && e["type"] == "EVENT_TYPE_CREATE")
     });
     one.ok("filesystem.Filesystem/RemoveWatcher", poll.clone());
     let gone = one.rpc("filesystem.Filesystem/GetWatcherEvents", poll);

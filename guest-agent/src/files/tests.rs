@@ -78,7 +78,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = path_in(&dir, "deep/er/file");
     let mut writes = Writes::default();
-    writes.begin(1, &path, Some(0o600), None).unwrap();
+    writes.begin(1, &path, Some(0o600), None, false).unwrap();
     writes.write(1, b"hello ").unwrap();
     assert!(fs::metadata(&path).is_err(), "not in place before its end");
     writes.write(1, b"world").unwrap();
@@ -90,7 +90,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     );
 
     // A second write keeps the file's mode and, cut off, leaves it as it was.
-    writes.begin(2, &path, None, None).unwrap();
+    writes.begin(2, &path, None, None, false).unwrap();
     writes.write(2, b"partial").unwrap();
     drop(writes);
     assert_eq!(fs::read(&path).unwrap(), b"hello world");
@@ -98,7 +98,7 @@ fn a_write_replaces_the_file_only_once_whole() {
     assert_eq!(left.len(), 1, "the temporary file is gone");
 
     let mut writes = Writes::default();
-    writes.begin(3, &path, None, None).unwrap();
+    writes.begin(3, &path, None, None, false).unwrap();
     assert_eq!(writes.end(3).unwrap(), Some(0));
     assert_eq!(fs::read(&path).unwrap(), b"");
     assert_eq!(
@@ -108,11 +108,54 @@ fn a_write_replaces_the_file_only_once_whole() {
 }
 
 #[test]
+fn a_write_in_place_goes_into_the_file_itself() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(&dir, "file");
+    fs::write(&path, b"old content").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+    let inode = fs::metadata(&path).unwrap().ino();
+    let mut writes = Writes::default();
+    writes.begin(1, &path, None, None, true).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"", "truncated at once");
+    writes.write(1, b"new").unwrap();
+    assert_eq!(writes.end(1).unwrap(), Some(3));
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"new");
+    assert_eq!(
+        (meta.ino(), meta.permissions().mode() & 0o777),
+        (inode, 0o640),
+        "the same file, its mode kept"
+    );
+    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "no temporary file");
+
+    // Cut off: a file the write made goes, a file that was there keeps what came.
+    let made = path_in(&dir, "made");
+    writes.begin(2, &made, None, None, true).unwrap();
+    writes.write(2, b"part").unwrap();
+    writes.begin(3, &path, None, None, true).unwrap();
+    writes.write(3, b"part").unwrap();
+    drop(writes);
+    assert!(fs::metadata(&made).is_err());
+    assert_eq!(fs::read(&path).unwrap(), b"part");
+
+    // A pipe is no file to write into, and must not hang the agent.
+    let fifo = path_in(&dir, "fifo");
+    let c = std::ffi::CString::new(fifo.clone()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut writes = Writes::default();
+    let refused = writes.begin(4, &fifo, None, None, true).unwrap_err();
+    assert_eq!(refused.kind, FileErrorKind::Invalid, "{refused:?}");
+}
+
+#[test]
 fn writes_refuse_directories_and_unknown_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut writes = Writes::default();
     let err = writes
-        .begin(1, &dir.path().to_string_lossy(), None, None)
+        .begin(1, &dir.path().to_string_lossy(), None, None, false)
         .unwrap_err();
     assert_eq!(err.kind, FileErrorKind::IsADirectory);
     assert_eq!(
@@ -124,7 +167,10 @@ fn writes_refuse_directories_and_unknown_requests() {
     fs::write(&file, b"").unwrap();
     let under_a_file = format!("{file}/below");
     assert_eq!(
-        writes.begin(2, &under_a_file, None, None).unwrap_err().kind,
+        writes
+            .begin(2, &under_a_file, None, None, false)
+            .unwrap_err()
+            .kind,
         FileErrorKind::NotADirectory
     );
 }
@@ -139,7 +185,13 @@ fn an_unknown_owner_is_refused_before_anything_is_made() {
     assert_eq!(made.unwrap_err().kind, FileErrorKind::Invalid);
     assert!(!dir.path().join("a").exists());
     let mut writes = Writes::default();
-    let refused = writes.begin(1, &path_in(&dir, "x/f"), None, Some("no-such-account"));
+    let refused = writes.begin(
+        1,
+        &path_in(&dir, "x/f"),
+        None,
+        Some("no-such-account"),
+        false,
+    );
     assert_eq!(refused.unwrap_err().kind, FileErrorKind::Invalid);
     assert!(!dir.path().join("x").exists());
 }

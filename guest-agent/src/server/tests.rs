@@ -439,6 +439,7 @@ fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
         path: path.clone(),
         mode: None,
         user: None,
+        in_place: false,
     });
     for part in [&b"one "[..], b"two"] {
         host.send(HostMessage::FileChunk {
@@ -498,6 +499,7 @@ fn files_cross_the_connection_and_unfinished_writes_leave_nothing() {
         path: dir.path().join("g").to_string_lossy().into_owned(),
         mode: None,
         user: None,
+        in_place: false,
     });
     host.send(HostMessage::FileChunk {
         id: 5,
@@ -725,4 +727,69 @@ fn a_watched_directory_reports_changes_below_it_as_they_happen() {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+#[test]
+fn watches_have_sent_what_a_request_changed_before_it_is_answered() {
+    use agentos_protocol::files::{Change, ChangeKind, FsOp};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_string_lossy().into_owned();
+    let ctx = context();
+    let mut watch = Host::connect_to(ctx.clone());
+    let mut files = Host::connect_to(ctx);
+    watch.send(HostMessage::Watch {
+        id: 1,
+        path: base.clone(),
+        recursive: true,
+    });
+    assert_eq!(watch.recv(), GuestMessage::Watching { id: 1 });
+    // A directory made and, right after its answer, a file written into it in place: the
+    // watch took the new directory in before the answer, so it sees the file too.
+    files.send(HostMessage::Fs {
+        id: 2,
+        fs: FsOp::MakeDir {
+            path: format!("{base}/d"),
+            user: None,
+        },
+    });
+    assert!(matches!(files.recv(), GuestMessage::FsDone { id: 2, .. }));
+    files.send(HostMessage::WriteFile {
+        id: 3,
+        path: format!("{base}/d/f"),
+        mode: None,
+        user: None,
+        in_place: true,
+    });
+    files.send(HostMessage::FileChunk {
+        id: 3,
+        data: StreamData(b"data".to_vec()),
+    });
+    files.send(HostMessage::FileEnd { id: 3 });
+    assert_eq!(files.recv(), GuestMessage::FileWritten { id: 3, size: 4 });
+    // Everything was queued for the watch's connection before that answer.
+    watch
+        .frames
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut seen: Vec<Change> = Vec::new();
+    while let Ok(Some(frame)) = watch.frames.read() {
+        match frame {
+            GuestMessage::Changes { id: 1, changes } => seen.extend(changes),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let change = |kind, path: &str| Change {
+        kind,
+        path: format!("{base}/{path}"),
+    };
+    assert_eq!(
+        seen,
+        [
+            change(ChangeKind::Create, "d"),
+            change(ChangeKind::Create, "d/f"),
+            change(ChangeKind::Write, "d/f"),
+        ],
+        "the file is written where it is: no temporary name, as a program's write"
+    );
 }

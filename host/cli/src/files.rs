@@ -125,6 +125,7 @@ fn into_agent(args: &CpArgs, from: &str, name: &str, path: &str) -> anyhow::Resu
             path,
             mode,
             user: args.user.clone(),
+            in_place: false,
         },
         source,
     )?;

@@ -698,9 +698,19 @@ fn stalled_for<T>(result: &Result<T, ConnectionError>) -> Option<Duration> {
     }
 }
 
+/// The error of a request whose agent went away while answering it (its VM stopped, or the
+/// guest agent died): the agent is not running, which a client can tell from a failure.
+pub fn gone(name: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotRunning,
+        format!("agent `{name}` stopped while answering: the guest agent closed the connection"),
+    )
+}
+
 fn job_error(name: &str, e: ConnectionError) -> ApiError {
     match e {
         ConnectionError::Refused(why) => ApiError::new(ErrorKind::Failed, why),
+        ConnectionError::Closed => gone(name),
         ConnectionError::TimedOut => ApiError::new(
             ErrorKind::TimedOut,
             format!(

@@ -420,6 +420,9 @@ pub struct WriteFileRequest {
     /// The guest account that owns a new file and the directories made for it (root when
     /// absent; a replaced file keeps its owner).
     pub user: Option<String>,
+    /// Written into the file itself as it comes (E2B's way, which watchers see as a write),
+    /// not put in place once whole.
+    pub in_place: bool,
 }
 
 /// One operation on an agent's files.

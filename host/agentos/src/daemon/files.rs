@@ -6,12 +6,12 @@ use std::io::{self, Read};
 
 use bytes::Bytes;
 
-use agentos_core::agent::connection::ConnectionError;
+use agentos_core::agent::connection::{ConnectionError, FileWrite};
 use agentos_protocol::files::FsOp;
 
 use agentos_core::agent::connection::Keepalive;
 
-use super::api::{ApiError, ErrorKind, FileWrittenReply, ListReply, WatchLine};
+use super::api::{ApiError, ErrorKind, FileWrittenReply, ListReply, WatchLine, WriteFileRequest};
 use super::link::{Chunks, Emit, GuestLink};
 
 /// How often a quiet watch's guest agent is pinged, and how long it may stay silent.
@@ -94,11 +94,16 @@ impl GuestLink {
     /// whole, so an error on the way (the client went, its body broke) leaves no file changed.
     pub async fn write(
         self,
-        path: String,
-        mode: Option<u32>,
-        user: Option<String>,
+        request: WriteFileRequest,
         body: Chunks,
     ) -> Result<serde_json::Value, ApiError> {
+        let WriteFileRequest {
+            path,
+            mode,
+            user,
+            in_place,
+            ..
+        } = request;
         self.blocking(move |link| {
             let mut conn = link.connect()?;
             let mut source = ChannelReader {
@@ -107,7 +112,15 @@ impl GuestLink {
                 ended: false,
             };
             let size = conn
-                .write_file(&path, mode, user.as_deref(), &mut source)
+                .write_file(
+                    &path,
+                    FileWrite {
+                        mode,
+                        user: user.as_deref(),
+                        in_place,
+                    },
+                    &mut source,
+                )
                 .map_err(|e| match e {
                     ConnectionError::Transfer(e) => ApiError::new(
                         ErrorKind::BadRequest,

@@ -80,6 +80,7 @@ impl GuestLink {
                 ErrorKind::TimedOut,
                 format!("agent `{name}` did not answer in time"),
             ),
+            ConnectionError::Closed => super::agent::gone(name),
             e => ApiError::new(
                 ErrorKind::Failed,
                 format!(

@@ -503,11 +503,7 @@ impl server::Handler for Daemon {
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send {
         self.count_request("write_file");
         let files = self.link(&request.name);
-        async move {
-            files?
-                .write(request.path, request.mode, request.user, body)
-                .await
-        }
+        async move { files?.write(request, body).await }
     }
 
     fn count_error(&self, kind: ErrorKind) {

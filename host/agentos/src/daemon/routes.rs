@@ -191,12 +191,18 @@ pub fn route(
             })
         }
         (Resource::AgentFiles(name), Method::PUT) => {
-            let WriteQuery { path, mode, user } = from_query(query)?;
+            let WriteQuery {
+                path,
+                mode,
+                user,
+                in_place,
+            } = from_query(query)?;
             Request::WriteFile(WriteFileRequest {
                 name: name.to_owned(),
                 path,
                 mode: mode.as_deref().map(octal_mode).transpose()?,
                 user,
+                in_place,
             })
         }
         (Resource::AgentFiles(name), Method::DELETE) => {
@@ -315,6 +321,9 @@ struct WriteQuery {
     /// The guest account that owns a new file and the directories made for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    /// Write into the file as the bytes come instead of replacing it once whole.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    in_place: bool,
 }
 
 /// The body of `POST /agents/{name}/files/mkdir`.
@@ -520,6 +529,7 @@ pub fn call(request: &Request) -> HttpCall {
                     path: file.path.clone(),
                     mode: file.mode.map(|mode| format!("{mode:o}")),
                     user: file.user.clone(),
+                    in_place: file.in_place,
                 },
             ),
             None,
@@ -803,12 +813,14 @@ pub(super) mod tests {
                 path: "/x".into(),
                 mode: Some(0o4755),
                 user: Some("user".into()),
+                in_place: true,
             }),
             Request::WriteFile(WriteFileRequest {
                 name: "a".into(),
                 path: "/x".into(),
                 mode: None,
                 user: None,
+                in_place: false,
             }),
             fs("a", FsOp::Stat { path: "/".into() }),
             fs(

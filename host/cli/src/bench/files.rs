@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::{Stats, ratio, round};
 use agentos::carrier;
 use agentos::placement::{self, CarrierChoice, Placement};
+use agentos_core::agent::connection::FileWrite;
 use agentos_core::agent::spec::AgentRequest;
 use agentos_core::agent::vm::{AgentVm, connect_to_agent};
 
@@ -110,7 +111,7 @@ fn measure(vm: &AgentVm, data: &[u8], runs: u32) -> anyhow::Result<(Vec<f64>, Ve
         eprintln!("agentos bench files: run {run} of {runs}");
         let mut conn = connect_to_agent(&vm.guest_socket(), CONNECT_TIMEOUT)?;
         let started = Instant::now();
-        let written = conn.write_file(GUEST_PATH, None, None, &mut Cursor::new(data))?;
+        let written = conn.write_file(GUEST_PATH, FileWrite::default(), &mut Cursor::new(data))?;
         into.push(mb_per_s(written, started.elapsed()));
         let started = Instant::now();
         let mut read = 0u64;

@@ -103,6 +103,17 @@ pub enum ProgramEvent<'a> {
     Stderr(&'a [u8]),
 }
 
+/// How [`AgentConnection::write_file`] writes a file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileWrite<'a> {
+    /// Permission bits of a new file (0o644 when absent; a replaced file keeps its own).
+    pub mode: Option<u32>,
+    /// The guest account that owns a new file (root when absent).
+    pub user: Option<&'a str>,
+    /// Into the file as the bytes come, rather than in place once whole.
+    pub in_place: bool,
+}
+
 /// Where the output of a program goes, and where its input comes from.
 pub struct ExecIo<'a> {
     pub stdin: Option<Box<dyn Read + Send>>,
@@ -570,21 +581,21 @@ impl AgentConnection {
     }
 
     /// Writes the guest's file `path` from `source` (to its end); returns its size. The guest
-    /// puts the file in place only once whole, with `mode` if it is new (see
+    /// puts the file in place only once whole unless `how` says in place (see
     /// [`HostMessage::WriteFile`]).
     pub fn write_file(
         &mut self,
         path: &str,
-        mode: Option<u32>,
-        user: Option<&str>,
+        how: FileWrite<'_>,
         source: &mut dyn Read,
     ) -> Result<u64, ConnectionError> {
         let id = self.new_id();
         self.send(&HostMessage::WriteFile {
             id,
             path: path.to_owned(),
-            mode,
-            user: user.map(str::to_owned),
+            mode: how.mode,
+            user: how.user.map(str::to_owned),
+            in_place: how.in_place,
         })?;
         let mut buf = vec![0u8; FILE_CHUNK_BYTES];
         loop {

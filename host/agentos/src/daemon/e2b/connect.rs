@@ -1,7 +1,7 @@
 //! The Connect protocol as E2B's in-sandbox API speaks it, with the JSON codec only: unary calls
 //! are a JSON body each way; server streams are enveloped messages (a flag byte, a big-endian
 //! length, the message), the last one flagged as the end of the stream. Errors carry Connect's
-//! codes as strings; bytes are base64.
+//! codes as strings. The messages themselves are E2B's (`agentos-e2b-proto`).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::StatusCode;
@@ -138,29 +138,6 @@ pub fn status(code: &str) -> StatusCode {
     }
 }
 
-/// Bytes in JSON: standard base64.
-pub mod base64_bytes {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        // Connect clients may send URL-safe base64 or leave the padding out.
-        let text = text
-            .trim_end_matches('=')
-            .replace('-', "+")
-            .replace('_', "/");
-        base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(text)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,19 +169,5 @@ mod tests {
             "past the limit"
         );
         assert!(unenvelope(&[1, 0, 0, 0, 0]).is_err(), "compressed");
-    }
-
-    #[test]
-    fn bytes_come_as_base64_padded_or_not() {
-        #[derive(serde::Deserialize)]
-        struct Data {
-            #[serde(with = "base64_bytes")]
-            c: Vec<u8>,
-        }
-        let padded: Data = serde_json::from_str(r#"{"c":"aGk="}"#).unwrap();
-        assert_eq!(padded.c, b"hi");
-        let unpadded: Data = serde_json::from_str(r#"{"c":"aGk"}"#).unwrap();
-        assert_eq!(unpadded.c, b"hi");
-        assert!(serde_json::from_str::<Data>(r#"{"c":"!!"}"#).is_err());
     }
 }

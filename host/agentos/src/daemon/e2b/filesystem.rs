@@ -3,7 +3,7 @@
 //! itself), each translated into the daemon's own file requests.
 
 use std::io;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -13,6 +13,10 @@ use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use agentos_e2b_proto::Timestamp;
+use agentos_e2b_proto::filesystem::{
+    self as pb, EntryInfo, EventType, FileType, FilesystemEvent, watch_dir_response,
+};
 use agentos_protocol::files::{Change, ChangeKind, Entry, EntryKind, FsOp};
 
 use super::super::api::{
@@ -29,37 +33,6 @@ const UPLOAD_CHUNKS: usize = 4;
 /// The deepest listing a client may ask for (the guest's own bound).
 const MAX_DEPTH: u32 = 64;
 
-#[derive(Deserialize)]
-struct PathRequest {
-    path: String,
-}
-
-#[derive(Deserialize)]
-struct ListDirRequest {
-    path: String,
-    #[serde(default)]
-    depth: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WatcherRequest {
-    watcher_id: String,
-}
-
-#[derive(Deserialize)]
-struct MoveRequest {
-    source: String,
-    destination: String,
-}
-
-#[derive(Deserialize)]
-struct WatchDirRequest {
-    path: String,
-    #[serde(default)]
-    recursive: bool,
-}
-
 /// Answers a call of `filesystem.Filesystem`.
 pub async fn serve(
     call: &Call<'_, impl Api>,
@@ -68,28 +41,32 @@ pub async fn serve(
 ) -> Result<Reply, ApiError> {
     match method {
         "Stat" => {
-            let request: PathRequest = parse(message)?;
+            let request: pb::StatRequest = parse(message)?;
             let path = call.path(&request.path);
             let entry = fs(call, FsOp::Stat { path: path.clone() }).await?;
-            if entry.kind != EntryKind::Symlink {
-                return Ok(entry_reply(&entry));
-            }
-            // As E2B's: a link is described by what it leads to, and where that is.
-            let (target, resolved) = follow_links(call, &path).await?;
-            let mut info = entry_info(&Entry {
-                name: entry.name,
-                path: entry.path,
-                ..target
-            });
-            info["symlinkTarget"] = serde_json::Value::String(resolved);
+            let entry = if entry.kind == EntryKind::Symlink {
+                // As E2B's: a link is described by what it leads to, and where that is.
+                let (target, resolved) = follow_links(call, &path).await?;
+                EntryInfo {
+                    symlink_target: Some(resolved),
+                    ..entry_info(&Entry {
+                        name: entry.name,
+                        path: entry.path,
+                        ..target
+                    })
+                }
+            } else {
+                entry_info(&entry)
+            };
             Ok(Reply::json(
                 StatusCode::OK,
-                &serde_json::json!({ "entry": info }),
+                &pb::StatResponse { entry: Some(entry) },
             ))
         }
         "ListDir" => {
-            let request: ListDirRequest = parse(message)?;
-            let depth = request.depth.unwrap_or(1).clamp(1, MAX_DEPTH);
+            let request: pb::ListDirRequest = parse(message)?;
+            // protobuf's default, 0, is a listing of the directory itself, as 1.
+            let depth = request.depth.clamp(1, MAX_DEPTH);
             let value = call
                 .api
                 .call(Request::Fs(FsCall {
@@ -102,14 +79,14 @@ pub async fn serve(
                 .await?;
             let listed: ListReply = serde_json::from_value(value)
                 .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
-            let entries: Vec<serde_json::Value> = listed.entries.iter().map(entry_info).collect();
+            let entries = listed.entries.iter().map(entry_info).collect();
             Ok(Reply::json(
                 StatusCode::OK,
-                &serde_json::json!({ "entries": entries }),
+                &pb::ListDirResponse { entries },
             ))
         }
         "MakeDir" => {
-            let request: PathRequest = parse(message)?;
+            let request: pb::MakeDirRequest = parse(message)?;
             let entry = fs(
                 call,
                 FsOp::MakeDir {
@@ -118,18 +95,29 @@ pub async fn serve(
                 },
             )
             .await?;
-            Ok(entry_reply(&entry))
+            Ok(Reply::json(
+                StatusCode::OK,
+                &pb::MakeDirResponse {
+                    entry: Some(entry_info(&entry)),
+                },
+            ))
         }
         "Move" => {
-            let request: MoveRequest = parse(message)?;
+            let request: pb::MoveRequest = parse(message)?;
             let op = FsOp::Move {
                 from: call.path(&request.source),
                 to: call.path(&request.destination),
             };
-            Ok(entry_reply(&fs(call, op).await?))
+            let entry = fs(call, op).await?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                &pb::MoveResponse {
+                    entry: Some(entry_info(&entry)),
+                },
+            ))
         }
         "Remove" => {
-            let request: PathRequest = parse(message)?;
+            let request: pb::RemoveRequest = parse(message)?;
             let removed = call
                 .api
                 .call(Request::Fs(FsCall {
@@ -145,10 +133,10 @@ pub async fn serve(
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+            Ok(Reply::json(StatusCode::OK, &pb::RemoveResponse {}))
         }
         "WatchDir" => {
-            let request: WatchDirRequest = parse(message)?;
+            let request: pb::WatchDirRequest = parse(message)?;
             let path = call.path(&request.path);
             let chunks = call
                 .api
@@ -168,7 +156,7 @@ pub async fn serve(
             ))
         }
         "CreateWatcher" => {
-            let request: WatchDirRequest = parse(message)?;
+            let request: pb::CreateWatcherRequest = parse(message)?;
             let path = call.path(&request.path);
             let registry = call.api.registry();
             registry.check_watcher_room(&call.sandbox.id)?;
@@ -184,26 +172,26 @@ pub async fn serve(
             registry.add_watcher(&id, &call.sandbox.id, path, chunks)?;
             Ok(Reply::json(
                 StatusCode::OK,
-                &serde_json::json!({ "watcherId": id }),
+                &pb::CreateWatcherResponse { watcher_id: id },
             ))
         }
         "GetWatcherEvents" => {
-            let request: WatcherRequest = parse(message)?;
+            let request: pb::GetWatcherEventsRequest = parse(message)?;
             let events = call
                 .api
                 .registry()
                 .watcher_events(&request.watcher_id, &call.sandbox.id)?;
             Ok(Reply::json(
                 StatusCode::OK,
-                &serde_json::json!({ "events": events }),
+                &pb::GetWatcherEventsResponse { events },
             ))
         }
         "RemoveWatcher" => {
-            let request: WatcherRequest = parse(message)?;
+            let request: pb::RemoveWatcherRequest = parse(message)?;
             call.api
                 .registry()
                 .remove_watcher(&request.watcher_id, &call.sandbox.id)?;
-            Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+            Ok(Reply::json(StatusCode::OK, &pb::RemoveWatcherResponse {}))
         }
         _ => Err(ApiError::new(
             ErrorKind::MethodNotAllowed,
@@ -268,38 +256,32 @@ async fn fs(call: &Call<'_, impl Api>, op: FsOp) -> Result<Entry, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))
 }
 
-fn entry_reply(entry: &Entry) -> Reply {
-    Reply::json(
-        StatusCode::OK,
-        &serde_json::json!({ "entry": entry_info(entry) }),
-    )
-}
-
 /// An entry as E2B's `EntryInfo`.
-fn entry_info(entry: &Entry) -> serde_json::Value {
+fn entry_info(entry: &Entry) -> EntryInfo {
     let kind = match entry.kind {
-        EntryKind::File => "FILE_TYPE_FILE",
-        EntryKind::Dir => "FILE_TYPE_DIRECTORY",
-        EntryKind::Symlink => "FILE_TYPE_SYMLINK",
-        EntryKind::Other => "FILE_TYPE_UNSPECIFIED",
+        EntryKind::File => FileType::File,
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::Other => FileType::Unspecified,
     };
-    let modified = SystemTime::UNIX_EPOCH
-        + Duration::from_millis(u64::try_from(entry.modified_ms).unwrap_or(0));
-    let mut info = serde_json::json!({
-        "name": entry.name,
-        "type": kind,
-        "path": entry.path,
-        "size": entry.size.to_string(),
-        "mode": entry.mode,
-        "permissions": permissions(entry.kind, entry.mode),
-        "owner": account(entry.uid),
-        "group": account(entry.gid),
-        "modifiedTime": humantime::format_rfc3339_millis(modified).to_string(),
-    });
-    if let Some(target) = &entry.target {
-        info["symlinkTarget"] = serde_json::Value::String(target.clone());
+    let modified_ms = entry.modified_ms.max(0);
+    EntryInfo {
+        name: entry.name.clone(),
+        r#type: kind.into(),
+        path: entry.path.clone(),
+        size: i64::try_from(entry.size).unwrap_or(i64::MAX),
+        mode: entry.mode,
+        permissions: permissions(entry.kind, entry.mode),
+        owner: account(entry.uid),
+        group: account(entry.gid),
+        modified_time: Some(Timestamp {
+            seconds: modified_ms / 1000,
+            // Below 1,000,000,000: the remainder of a division by 1000, in nanoseconds.
+            nanos: i32::try_from(modified_ms % 1000).unwrap_or(0) * 1_000_000,
+        }),
+        symlink_target: entry.target.clone(),
+        metadata: Default::default(),
     }
-    info
 }
 
 /// The names agent images give their accounts (`/etc/passwd`, `/etc/group`).
@@ -329,26 +311,34 @@ fn permissions(kind: EntryKind, mode: u32) -> String {
 }
 
 /// A change under the watched directory `root` as E2B's `FilesystemEvent`.
-pub fn filesystem_event(root: &str, change: &Change) -> serde_json::Value {
+pub fn filesystem_event(root: &str, change: &Change) -> FilesystemEvent {
     let kind = match change.kind {
-        ChangeKind::Create => "EVENT_TYPE_CREATE",
-        ChangeKind::Write => "EVENT_TYPE_WRITE",
-        ChangeKind::Remove => "EVENT_TYPE_REMOVE",
-        ChangeKind::Rename => "EVENT_TYPE_RENAME",
-        ChangeKind::Chmod => "EVENT_TYPE_CHMOD",
+        ChangeKind::Create => EventType::Create,
+        ChangeKind::Write => EventType::Write,
+        ChangeKind::Remove => EventType::Remove,
+        ChangeKind::Rename => EventType::Rename,
+        ChangeKind::Chmod => EventType::Chmod,
     };
     let name = change
         .path
         .strip_prefix(root)
         .map(|rest| rest.trim_start_matches('/'))
         .unwrap_or(&change.path);
-    serde_json::json!({ "name": name, "type": kind })
+    FilesystemEvent {
+        name: name.to_owned(),
+        r#type: kind.into(),
+        entry: None,
+    }
 }
 
-/// The daemon's watch lines as E2B's filesystem events.
+/// The daemon's watch lines as E2B's `WatchDirResponse`s.
 struct WatchEvents {
     root: String,
     ended: bool,
+}
+
+fn watch_message(event: watch_dir_response::Event) -> Bytes {
+    connect::envelope(&pb::WatchDirResponse { event: Some(event) })
 }
 
 impl Translate for WatchEvents {
@@ -357,17 +347,23 @@ impl Translate for WatchEvents {
             return Vec::new();
         };
         match line {
-            WatchLine::Watching { .. } => vec![connect::envelope(
-                &serde_json::json!({ "event": { "start": {} } }),
+            WatchLine::Watching { .. } => vec![watch_message(watch_dir_response::Event::Start(
+                watch_dir_response::StartEvent {},
+            ))],
+            WatchLine::Change(change) => vec![watch_message(
+                watch_dir_response::Event::Filesystem(filesystem_event(&self.root, &change)),
             )],
-            WatchLine::Change(change) => vec![connect::envelope(&serde_json::json!({
-                "event": { "filesystem": filesystem_event(&self.root, &change) }
-            }))],
             WatchLine::Error(error) => {
                 self.ended = true;
                 vec![connect::end_of_stream(Some(&error))]
             }
         }
+    }
+
+    fn keepalive(&self) -> Bytes {
+        watch_message(watch_dir_response::Event::Keepalive(
+            watch_dir_response::KeepAlive {},
+        ))
     }
 
     fn end(&mut self) -> Vec<Bytes> {
@@ -662,6 +658,8 @@ async fn write_one(
         path: path.clone(),
         mode: None,
         user: Some(call.user.clone()),
+        // As E2B's: the file is written where it is, so a watcher sees it written.
+        in_place: true,
     };
     let ((), written) = tokio::join!(pump, call.api.write_file(request, rx));
     written?;
@@ -686,13 +684,14 @@ mod tests {
             modified_ms: 1_500,
             target: None,
         };
-        let info = entry_info(&entry);
+        let info = serde_json::to_value(entry_info(&entry)).unwrap();
         assert_eq!(info["type"], "FILE_TYPE_FILE");
         assert_eq!(info["size"], "12");
         assert_eq!(info["mode"], 0o644);
         assert_eq!(info["permissions"], "-rw-r--r--");
         assert_eq!(info["owner"], "user");
-        assert_eq!(info["modifiedTime"], "1970-01-01T00:00:01.500Z");
+        let modified = info["modifiedTime"].as_str().unwrap();
+        assert!(modified.starts_with("1970-01-01T00:00:01.5"), "{modified}");
         assert!(info.get("symlinkTarget").is_none());
         assert_eq!(permissions(EntryKind::Dir, 0o755), "drwxr-xr-x");
         assert_eq!(account(0), "root");
@@ -766,8 +765,11 @@ mod tests {
         .unwrap();
         let out = events.line(&line);
         let value: serde_json::Value = serde_json::from_slice(&out[0][5..]).unwrap();
-        assert_eq!(value["event"]["filesystem"]["name"], "sub/f");
-        assert_eq!(value["event"]["filesystem"]["type"], "EVENT_TYPE_CREATE");
+        assert_eq!(
+            value,
+            serde_json::json!({"filesystem": {"name": "sub/f", "type": "EVENT_TYPE_CREATE"}})
+        );
+        assert_eq!(&events.keepalive()[5..], br#"{"keepalive":{}}"#);
         assert_eq!(events.end().len(), 1, "the stream ends");
     }
 }

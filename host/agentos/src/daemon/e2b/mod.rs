@@ -533,17 +533,14 @@ pub fn random_text(len: usize) -> Result<String, ApiError> {
 pub trait Translate: Send + 'static {
     /// The messages for one line of the daemon's stream.
     fn line(&mut self, line: &[u8]) -> Vec<Bytes>;
+    /// The message that keeps a quiet stream alive.
+    fn keepalive(&self) -> Bytes;
     /// The messages that end the stream, once the daemon's ended.
     fn end(&mut self) -> Vec<Bytes>;
 }
 
 /// The longest line of a daemon stream that is translated; a longer one ends the stream.
 const MAX_LINE_BYTES: usize = 16 << 20;
-
-/// E2B's keep-alive message of a stream (`keepalive` in every stream's event).
-fn keepalive_message() -> Bytes {
-    connect::envelope(&serde_json::json!({ "event": { "keepalive": {} } }))
-}
 
 /// A body that carries `chunks`' lines translated, with a keep-alive message after every
 /// `keepalive` of silence if asked; when the client goes, `chunks` is dropped at once, which
@@ -569,7 +566,7 @@ pub fn relay(
                 chunk = chunks.recv() => chunk,
                 () = tx.closed() => return,
                 () = silence => {
-                    if tx.send(Ok(keepalive_message())).await.is_err() {
+                    if tx.send(Ok(translate.keepalive())).await.is_err() {
                         return;
                     }
                     continue;
@@ -650,6 +647,9 @@ mod tests {
         fn line(&mut self, line: &[u8]) -> Vec<Bytes> {
             vec![Bytes::copy_from_slice(line)]
         }
+        fn keepalive(&self) -> Bytes {
+            Bytes::from_static(b"alive")
+        }
         fn end(&mut self) -> Vec<Bytes> {
             vec![Bytes::from_static(b"end")]
         }
@@ -668,16 +668,16 @@ mod tests {
             "first",
             "nothing before it began"
         );
-        assert_eq!(out.recv().await.unwrap().unwrap(), keepalive_message());
+        assert_eq!(out.recv().await.unwrap().unwrap(), "alive");
         tx.send(Ok(Bytes::from_static(b"ond\n"))).await.unwrap();
         let mut next = out.recv().await.unwrap().unwrap();
-        while next == keepalive_message() {
+        while next == "alive" {
             next = out.recv().await.unwrap().unwrap();
         }
         assert_eq!(next, "second", "a line split across chunks comes whole");
         drop(tx);
         let mut last = out.recv().await.unwrap().unwrap();
-        while last == keepalive_message() {
+        while last == "alive" {
             last = out.recv().await.unwrap().unwrap();
         }
         assert_eq!(last, "end");
@@ -716,6 +716,7 @@ mod tests {
                 end: std::time::SystemTime::now(),
                 access_token: String::new(),
                 paused: false,
+                ending: Default::default(),
             },
             user: "user".into(),
             timeout_ms: None,

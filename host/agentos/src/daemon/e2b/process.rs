@@ -2,12 +2,16 @@
 //! and `end` events), followed again, listed, fed, signalled and resized, each translated into
 //! the daemon's own program requests.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use serde::{Deserialize, Serialize};
 
+use agentos_e2b_proto::process::{
+    self as pb, ProcessEvent, ProcessSelector, process_event::Event, process_input,
+    process_selector, stream_input_request,
+};
 use agentos_protocol::process::{Control, ProcessInfo};
 use agentos_protocol::{ExitStatus, Program, PtySize, StreamData};
 
@@ -15,86 +19,8 @@ use super::super::api::{
     ApiError, ControlCall, ErrorKind, MAX_TIMEOUT_S, NameRequest, ProcessRequest, ProcessesReply,
     ProgramLine, Request, StartCall,
 };
-use super::connect::{self, base64_bytes, parse};
+use super::connect::{self, parse};
 use super::{Api, Call, Reply, Translate, relay};
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct ProcessConfig {
-    cmd: String,
-    #[serde(default)]
-    args: Vec<String>,
-    #[serde(default)]
-    envs: BTreeMap<String, String>,
-    #[serde(default)]
-    cwd: Option<String>,
-}
-
-#[derive(Deserialize, Default, Clone, Copy)]
-struct Size {
-    cols: u16,
-    rows: u16,
-}
-
-#[derive(Deserialize, Default)]
-struct Pty {
-    #[serde(default)]
-    size: Option<Size>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StartRequest {
-    process: ProcessConfig,
-    #[serde(default)]
-    pty: Option<Pty>,
-    #[serde(default)]
-    tag: Option<String>,
-    #[serde(default)]
-    stdin: Option<bool>,
-}
-
-/// A process by its id or its tag.
-#[derive(Deserialize, Default)]
-struct Selector {
-    #[serde(default)]
-    pid: Option<u32>,
-    #[serde(default)]
-    tag: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ProcessOnly {
-    process: Selector,
-}
-
-#[derive(Deserialize, Default)]
-struct Input {
-    #[serde(default, with = "base64_bytes")]
-    stdin: Vec<u8>,
-    #[serde(default, with = "base64_bytes")]
-    pty: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-struct SendInputRequest {
-    process: Selector,
-    #[serde(default)]
-    input: Input,
-}
-
-#[derive(Deserialize)]
-struct SendSignalRequest {
-    process: Selector,
-    signal: serde_json::Value,
-}
-
-#[derive(Deserialize)]
-struct UpdateRequest {
-    process: Selector,
-    #[serde(default)]
-    pty: Option<Pty>,
-}
 
 /// Answers a call of `process.Process`; `body` is the request's whole body (a client stream's
 /// envelopes, for `StreamInput`).
@@ -107,7 +33,7 @@ pub async fn serve(
     match method {
         "Start" => start(call, parse(message)?).await,
         "Connect" => {
-            let request: ProcessOnly = parse(message)?;
+            let request: pb::ConnectRequest = parse(message)?;
             let pid = pid_of(call, request.process).await?;
             follow(
                 call,
@@ -122,32 +48,33 @@ pub async fn serve(
         }
         "List" => list(call).await,
         "SendInput" => {
-            let request: SendInputRequest = parse(message)?;
+            let request: pb::SendInputRequest = parse(message)?;
             let pid = pid_of(call, request.process).await?;
             send_input(call, pid, request.input).await?;
-            Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+            Ok(Reply::json(StatusCode::OK, &pb::SendInputResponse {}))
         }
         "StreamInput" => stream_input(call, body).await,
         "CloseStdin" => {
-            let request: ProcessOnly = parse(message)?;
+            let request: pb::CloseStdinRequest = parse(message)?;
             let pid = pid_of(call, request.process).await?;
-            control(call, pid, Control::CloseStdin).await
+            control(call, pid, Control::CloseStdin).await?;
+            Ok(Reply::json(StatusCode::OK, &pb::CloseStdinResponse {}))
         }
         "SendSignal" => {
-            let request: SendSignalRequest = parse(message)?;
-            let signal = signal_of(&request.signal)?;
+            let request: pb::SendSignalRequest = parse(message)?;
+            let signal = signal_of(request.signal)?;
             let pid = pid_of(call, request.process).await?;
-            control(call, pid, Control::Signal { signal }).await
+            control(call, pid, Control::Signal { signal }).await?;
+            Ok(Reply::json(StatusCode::OK, &pb::SendSignalResponse {}))
         }
         "Update" => {
-            let request: UpdateRequest = parse(message)?;
+            let request: pb::UpdateRequest = parse(message)?;
+            let size = pty_size(request.pty)?;
             let pid = pid_of(call, request.process).await?;
-            match request.pty.and_then(|p| p.size) {
-                Some(Size { cols, rows }) => {
-                    control(call, pid, Control::Resize { cols, rows }).await
-                }
-                None => Ok(Reply::json(StatusCode::OK, &serde_json::json!({}))),
+            if let Some(PtySize { cols, rows }) = size {
+                control(call, pid, Control::Resize { cols, rows }).await?;
             }
+            Ok(Reply::json(StatusCode::OK, &pb::UpdateResponse {}))
         }
         _ => Err(ApiError::new(
             ErrorKind::MethodNotAllowed,
@@ -159,15 +86,34 @@ pub async fn serve(
     }
 }
 
-async fn start(call: &Call<'_, impl Api>, request: StartRequest) -> Result<Reply, ApiError> {
-    let config = request.process;
+/// A PTY's size, checked: the guest's terminals count columns and rows in 16 bits.
+fn pty_size(pty: Option<pb::Pty>) -> Result<Option<PtySize>, ApiError> {
+    let Some(size) = pty.and_then(|p| p.size) else {
+        return Ok(None);
+    };
+    match (u16::try_from(size.cols), u16::try_from(size.rows)) {
+        (Ok(cols), Ok(rows)) => Ok(Some(PtySize { cols, rows })),
+        _ => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "a PTY of {} columns and {} rows is too large (at most 65535 each)",
+                size.cols, size.rows
+            ),
+        )),
+    }
+}
+
+async fn start(call: &Call<'_, impl Api>, request: pb::StartRequest) -> Result<Reply, ApiError> {
+    let config = request.process.ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            "`process` (its `cmd`, `args`, `envs`, `cwd`) is missing",
+        )
+    })?;
     let mut env = call.sandbox.env.clone();
     env.extend(config.envs);
     let timeout_ms = call.timeout_ms.map(|ms| ms.min(MAX_TIMEOUT_S * 1000));
-    let pty = request
-        .pty
-        .and_then(|p| p.size)
-        .map(|Size { cols, rows }| PtySize { cols, rows });
+    let pty = pty_size(request.pty)?;
     let start = StartCall {
         name: call.sandbox.id.clone(),
         run: Program {
@@ -202,6 +148,7 @@ async fn follow(
         ended: false,
         attached,
         pty,
+        sandbox_ending: Arc::clone(&call.sandbox.ending),
     };
     Ok(Reply::stream(
         connect::STREAM_JSON,
@@ -213,41 +160,53 @@ async fn follow(
 struct Events {
     started: bool,
     ended: bool,
-    /// A followed process's id: its stream begins with a `start` event too.
+    /// A followed process's id (a `Connect` call): its stream begins with a `start` event too.
     attached: Option<u32>,
     /// Output comes as `pty` data.
     pty: bool,
-}
-
-#[derive(Serialize)]
-struct Event<T: Serialize> {
-    event: T,
+    /// Set once the sandbox is being killed or timed out: a process ending then ends with it,
+    /// and its stream ends as cut off (as E2B's does when its sandbox goes), not with an exit.
+    sandbox_ending: Arc<AtomicBool>,
 }
 
 impl Events {
+    /// One event as the call's response message: `ConnectResponse` for a followed process,
+    /// `StartResponse` for a started one.
+    fn message(&self, event: Event) -> Bytes {
+        let event = Some(ProcessEvent { event: Some(event) });
+        if self.attached.is_some() {
+            connect::envelope(&pb::ConnectResponse { event })
+        } else {
+            connect::envelope(&pb::StartResponse { event })
+        }
+    }
+
     fn begin(&mut self, out: &mut Vec<Bytes>) {
         if !self.started {
             self.started = true;
             if let Some(pid) = self.attached {
-                out.push(connect::envelope(&Event {
-                    event: serde_json::json!({ "start": { "pid": pid } }),
-                }));
+                out.push(self.message(Event::Start(pb::process_event::StartEvent { pid })));
             }
         }
     }
 
-    fn data(&self, stream: &str, data: &[u8]) -> Bytes {
-        #[derive(Serialize)]
-        struct Data<'a> {
-            #[serde(with = "base64_bytes")]
-            data: &'a [u8],
-        }
-        let key = if self.pty { "pty" } else { stream };
-        let encoded = serde_json::to_value(Data { data }).unwrap_or_default();
-        connect::envelope(&Event {
-            event: serde_json::json!({ "data": { key: encoded["data"] } }),
-        })
+    fn data(&self, output: Output, data: Vec<u8>) -> Bytes {
+        use pb::process_event::data_event::Output as Out;
+        let output = match output {
+            _ if self.pty => Out::Pty(data),
+            Output::Stdout => Out::Stdout(data),
+            Output::Stderr => Out::Stderr(data),
+        };
+        self.message(Event::Data(pb::process_event::DataEvent {
+            output: Some(output),
+        }))
     }
+}
+
+#[derive(Clone, Copy)]
+enum Output {
+    Stdout,
+    Stderr,
 }
 
 impl Translate for Events {
@@ -259,24 +218,27 @@ impl Translate for Events {
         match line {
             ProgramLine::Started { pid } => {
                 self.started = true;
-                out.push(connect::envelope(&Event {
-                    event: serde_json::json!({ "start": { "pid": pid } }),
-                }));
+                out.push(self.message(Event::Start(pb::process_event::StartEvent { pid })));
             }
             ProgramLine::Stdout(StreamData(data)) => {
                 self.begin(&mut out);
-                out.push(self.data("stdout", &data));
+                out.push(self.data(Output::Stdout, data));
             }
             ProgramLine::Stderr(StreamData(data)) => {
                 self.begin(&mut out);
-                out.push(self.data("stderr", &data));
+                out.push(self.data(Output::Stderr, data));
+            }
+            ProgramLine::Exited(_) if self.sandbox_ending.load(Ordering::SeqCst) => {
+                self.ended = true;
+                out.push(connect::end_of_stream(Some(&ApiError::new(
+                    ErrorKind::NotRunning,
+                    "the sandbox ended (killed, or its time was up) while the process ran",
+                ))));
             }
             ProgramLine::Exited(status) => {
                 self.begin(&mut out);
                 self.ended = true;
-                out.push(connect::envelope(&Event {
-                    event: serde_json::json!({ "end": end_event(&status) }),
-                }));
+                out.push(self.message(Event::End(end_event(&status))));
                 out.push(connect::end_of_stream(None));
             }
             ProgramLine::Error(error) => {
@@ -285,6 +247,10 @@ impl Translate for Events {
             }
         }
         out
+    }
+
+    fn keepalive(&self) -> Bytes {
+        self.message(Event::Keepalive(pb::process_event::KeepAlive {}))
     }
 
     fn end(&mut self) -> Vec<Bytes> {
@@ -300,21 +266,18 @@ impl Translate for Events {
 }
 
 /// E2B's `end` event for how a process ended.
-fn end_event(status: &ExitStatus) -> serde_json::Value {
+fn end_event(status: &ExitStatus) -> pb::process_event::EndEvent {
     let (code, text) = match (status.code, status.signal) {
         (Some(code), _) => (code, format!("exit status {code}")),
         (None, Some(signal)) => (-1, format!("signal: {}", signal_name(signal))),
         (None, None) => (-1, "exited".to_owned()),
     };
-    let mut end = serde_json::json!({
-        "exitCode": code,
-        "exited": status.code.is_some(),
-        "status": text,
-    });
-    if code != 0 {
-        end["error"] = serde_json::Value::String(text);
+    pb::process_event::EndEvent {
+        exit_code: code,
+        exited: status.code.is_some(),
+        error: (code != 0).then(|| text.clone()),
+        status: text,
     }
-    end
 }
 
 fn signal_name(signal: i32) -> &'static str {
@@ -328,35 +291,26 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-/// E2B's `Signal` (a name or its number) as a signal number; only the ones it defines.
-fn signal_of(value: &serde_json::Value) -> Result<i32, ApiError> {
-    let signal = match value {
-        serde_json::Value::String(name) => match name.as_str() {
-            "SIGNAL_SIGKILL" => libc::SIGKILL,
-            "SIGNAL_SIGTERM" => libc::SIGTERM,
-            _ => 0,
-        },
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(9) => libc::SIGKILL,
-            Some(15) => libc::SIGTERM,
-            _ => 0,
-        },
-        _ => 0,
-    };
-    if signal == 0 {
-        return Err(ApiError::new(
+/// E2B's `Signal` as a signal number: only the ones it defines.
+fn signal_of(signal: i32) -> Result<i32, ApiError> {
+    match pb::Signal::try_from(signal) {
+        Ok(pb::Signal::Sigkill) => Ok(libc::SIGKILL),
+        Ok(pb::Signal::Sigterm) => Ok(libc::SIGTERM),
+        Ok(pb::Signal::Unspecified) | Err(_) => Err(ApiError::new(
             ErrorKind::BadRequest,
-            format!("`signal` {value} is not one of SIGNAL_SIGKILL, SIGNAL_SIGTERM"),
-        ));
+            "`signal` is missing: send SIGNAL_SIGKILL or SIGNAL_SIGTERM",
+        )),
     }
-    Ok(signal)
 }
 
 /// The process a selector names: by id, or by tag among the running ones.
-async fn pid_of(call: &Call<'_, impl Api>, selector: Selector) -> Result<u32, ApiError> {
-    match selector {
-        Selector { pid: Some(pid), .. } => Ok(pid),
-        Selector { tag: Some(tag), .. } => processes(call)
+async fn pid_of(
+    call: &Call<'_, impl Api>,
+    selector: Option<ProcessSelector>,
+) -> Result<u32, ApiError> {
+    match selector.and_then(|s| s.selector) {
+        Some(process_selector::Selector::Pid(pid)) => Ok(pid),
+        Some(process_selector::Selector::Tag(tag)) => processes(call)
             .await?
             .into_iter()
             .find(|p| p.tag.as_deref() == Some(tag.as_str()))
@@ -370,7 +324,7 @@ async fn pid_of(call: &Call<'_, impl Api>, selector: Selector) -> Result<u32, Ap
                     ),
                 )
             }),
-        _ => Err(ApiError::new(
+        None => Err(ApiError::new(
             ErrorKind::BadRequest,
             "name the process by `pid` or `tag`",
         )),
@@ -390,32 +344,24 @@ async fn processes(call: &Call<'_, impl Api>) -> Result<Vec<ProcessInfo>, ApiErr
 }
 
 async fn list(call: &Call<'_, impl Api>) -> Result<Reply, ApiError> {
-    let listed: Vec<serde_json::Value> = processes(call)
+    let processes = processes(call)
         .await?
         .into_iter()
-        .map(|p| {
-            let mut info = serde_json::json!({
-                "pid": p.pid,
-                "config": {
-                    "cmd": p.run.program,
-                    "args": p.run.args,
-                    "envs": p.run.env,
-                    "cwd": p.run.cwd,
-                },
-            });
-            if let Some(tag) = p.tag {
-                info["tag"] = serde_json::Value::String(tag);
-            }
-            info
+        .map(|p| pb::ProcessInfo {
+            config: Some(pb::ProcessConfig {
+                cmd: p.run.program,
+                args: p.run.args,
+                envs: p.run.env,
+                cwd: p.run.cwd,
+            }),
+            pid: p.pid,
+            tag: p.tag,
         })
         .collect();
-    Ok(Reply::json(
-        StatusCode::OK,
-        &serde_json::json!({ "processes": listed }),
-    ))
+    Ok(Reply::json(StatusCode::OK, &pb::ListResponse { processes }))
 }
 
-async fn control(call: &Call<'_, impl Api>, pid: u32, control: Control) -> Result<Reply, ApiError> {
+async fn control(call: &Call<'_, impl Api>, pid: u32, control: Control) -> Result<(), ApiError> {
     call.api
         .call(Request::Control(ControlCall {
             name: call.sandbox.id.clone(),
@@ -423,14 +369,17 @@ async fn control(call: &Call<'_, impl Api>, pid: u32, control: Control) -> Resul
             control,
         }))
         .await?;
-    Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+    Ok(())
 }
 
-async fn send_input(call: &Call<'_, impl Api>, pid: u32, input: Input) -> Result<(), ApiError> {
-    let data = if input.pty.is_empty() {
-        input.stdin
-    } else {
-        input.pty
+async fn send_input(
+    call: &Call<'_, impl Api>,
+    pid: u32,
+    input: Option<pb::ProcessInput>,
+) -> Result<(), ApiError> {
+    let data = match input.and_then(|i| i.input) {
+        Some(process_input::Input::Stdin(data) | process_input::Input::Pty(data)) => data,
+        None => return Ok(()),
     };
     if data.is_empty() {
         return Ok(());
@@ -442,25 +391,12 @@ async fn send_input(call: &Call<'_, impl Api>, pid: u32, input: Input) -> Result
             data: StreamData(data),
         },
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// `StreamInput`: a client stream of `start{process}`, then `data{input}` and `keepalive`
 /// messages, each passed on in order.
 async fn stream_input(call: &Call<'_, impl Api>, mut body: &[u8]) -> Result<Reply, ApiError> {
-    #[derive(Deserialize)]
-    struct Message {
-        #[serde(default)]
-        start: Option<ProcessOnly>,
-        #[serde(default)]
-        data: Option<DataMessage>,
-    }
-    #[derive(Deserialize)]
-    struct DataMessage {
-        #[serde(default)]
-        input: Input,
-    }
     let mut pid = None;
     while !body.is_empty() {
         let message = connect::unenvelope(body)?;
@@ -470,30 +406,24 @@ async fn stream_input(call: &Call<'_, impl Api>, mut body: &[u8]) -> Result<Repl
         if flags & 2 != 0 {
             break;
         }
-        let Ok(message) = serde_json::from_slice::<serde_json::Value>(message) else {
-            return Err(ApiError::new(
-                ErrorKind::BadRequest,
-                "a StreamInput message is not JSON",
-            ));
-        };
-        let Some(event) = message.get("event") else {
-            continue;
-        };
-        let event: Message = serde_json::from_value(event.clone())
-            .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
-        if let Some(start) = event.start {
-            pid = Some(pid_of(call, start.process).await?);
-        } else if let Some(data) = event.data {
-            let Some(pid) = pid else {
-                return Err(ApiError::new(
-                    ErrorKind::BadRequest,
-                    "StreamInput sent data before `start` named the process",
-                ));
-            };
-            send_input(call, pid, data.input).await?;
+        let request: pb::StreamInputRequest = parse(message)?;
+        match request.event {
+            Some(stream_input_request::Event::Start(start)) => {
+                pid = Some(pid_of(call, start.process).await?);
+            }
+            Some(stream_input_request::Event::Data(data)) => {
+                let Some(pid) = pid else {
+                    return Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        "StreamInput sent data before `start` named the process",
+                    ));
+                };
+                send_input(call, pid, data.input).await?;
+            }
+            Some(stream_input_request::Event::Keepalive(_)) | None => {}
         }
     }
-    Ok(Reply::json(StatusCode::OK, &serde_json::json!({})))
+    Ok(Reply::json(StatusCode::OK, &pb::StreamInputResponse {}))
 }
 
 #[cfg(test)]
@@ -524,6 +454,7 @@ mod tests {
             ended: false,
             attached: None,
             pty: false,
+            sandbox_ending: Arc::default(),
         };
         let out = lines(
             &mut events,
@@ -559,6 +490,7 @@ mod tests {
             ended: false,
             attached: Some(9),
             pty: true,
+            sandbox_ending: Arc::default(),
         };
         let out = lines(
             &mut events,
@@ -573,22 +505,79 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_ends_with_its_sandbox_has_its_stream_cut_off() {
+        let mut events = Events {
+            started: false,
+            ended: false,
+            attached: None,
+            pty: false,
+            sandbox_ending: Arc::new(AtomicBool::new(true)),
+        };
+        let out = lines(
+            &mut events,
+            &[
+                ProgramLine::Started { pid: 7 },
+                ProgramLine::Exited(ExitStatus {
+                    signal: Some(libc::SIGKILL),
+                    ..Default::default()
+                }),
+            ],
+        );
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[1]["end_of_stream"]["error"]["code"], "unavailable");
+    }
+
+    #[test]
     fn ends_say_how_the_process_ended() {
         let killed = end_event(&ExitStatus {
             signal: Some(libc::SIGKILL),
             ..Default::default()
         });
-        assert_eq!(killed["exitCode"], -1);
-        assert_eq!(killed["status"], "signal: killed");
-        assert_eq!(killed["exited"], false);
+        assert_eq!(killed.exit_code, -1);
+        assert_eq!(killed.status, "signal: killed");
+        assert!(!killed.exited);
         let fine = end_event(&ExitStatus {
             code: Some(0),
             ..Default::default()
         });
-        assert!(fine.get("error").is_none());
-        assert_eq!(signal_of(&serde_json::json!("SIGNAL_SIGKILL")).unwrap(), 9);
-        assert_eq!(signal_of(&serde_json::json!(15)).unwrap(), 15);
-        assert!(signal_of(&serde_json::json!("SIGNAL_SIGSTOP")).is_err());
-        assert!(signal_of(&serde_json::json!(19)).is_err());
+        assert!(fine.error.is_none());
+        let named: pb::SendSignalRequest =
+            parse(br#"{"process":{"pid":4},"signal":"SIGNAL_SIGKILL"}"#).unwrap();
+        assert_eq!(signal_of(named.signal).unwrap(), 9);
+        assert_eq!(signal_of(15).unwrap(), 15);
+        assert!(signal_of(0).is_err(), "unspecified");
+        assert!(signal_of(19).is_err());
+        assert!(parse::<pb::SendSignalRequest>(br#"{"signal":"SIGNAL_SIGSTOP"}"#).is_err());
+    }
+
+    #[test]
+    fn keep_alives_and_stream_input_are_shaped_as_e2b_s_messages() {
+        let events = Events {
+            started: true,
+            ended: false,
+            attached: None,
+            pty: false,
+            sandbox_ending: Arc::default(),
+        };
+        let keepalive = events.keepalive();
+        assert_eq!(&keepalive[5..], br#"{"event":{"keepalive":{}}}"#);
+        let request: pb::StreamInputRequest =
+            parse(br#"{"data":{"input":{"stdin":"aGk="}}}"#).unwrap();
+        let Some(stream_input_request::Event::Data(data)) = request.event else {
+            panic!("{request:?}");
+        };
+        assert_eq!(
+            data.input.and_then(|i| i.input),
+            Some(process_input::Input::Stdin(b"hi".to_vec()))
+        );
+        assert!(
+            pty_size(Some(pb::Pty {
+                size: Some(pb::pty::Size {
+                    cols: 70_000,
+                    rows: 24
+                })
+            }))
+            .is_err()
+        );
     }
 }

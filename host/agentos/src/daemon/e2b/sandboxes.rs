@@ -4,11 +4,14 @@
 //! daemon runs. A sandbox whose time is up is removed with its agent.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
+
+use agentos_e2b_proto::filesystem::FilesystemEvent;
 
 use super::super::api::{
     AgentInfo, AgentState, ApiError, ErrorKind, MAX_TIMEOUT_S, NameRequest, Request, RmRequest,
@@ -46,6 +49,9 @@ pub struct Sandbox {
     pub access_token: String,
     /// Paused (its VM frozen): it does not time out, and answers no in-sandbox request.
     pub paused: bool,
+    /// Set (for every copy) once the sandbox is being killed or its time is up: what its
+    /// processes then do is the sandbox's end, not theirs.
+    pub ending: Arc<AtomicBool>,
 }
 
 /// The daemon's sandboxes.
@@ -98,7 +104,7 @@ impl Registry {
         &self,
         id: &str,
         sandbox: &str,
-    ) -> Result<Vec<serde_json::Value>, ApiError> {
+    ) -> Result<Vec<FilesystemEvent>, ApiError> {
         self.watchers.take_events(id, sandbox)
     }
 
@@ -136,7 +142,9 @@ impl Registry {
             .map(|s| s.id.clone())
             .collect();
         for id in &expired {
-            sandboxes.remove(id);
+            if let Some(sandbox) = sandboxes.remove(id) {
+                sandbox.ending.store(true, Ordering::SeqCst);
+            }
             self.watchers.remove_sandbox(id);
         }
         expired
@@ -302,6 +310,7 @@ async fn create(api: &impl Api, body: &[u8]) -> Result<Reply, ApiError> {
         end: started + life,
         access_token: random_text(32)?,
         paused: false,
+        ending: Default::default(),
     };
     api.registry().insert(sandbox.clone());
     tracing::info!(
@@ -544,9 +553,10 @@ fn sample(text: &str, family: &str, id: &str) -> Option<f64> {
 }
 
 async fn kill(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
-    if api.registry().get(id).is_none() {
+    let Some(sandbox) = api.registry().get(id) else {
         return Err(unknown(id));
-    }
+    };
+    sandbox.ending.store(true, Ordering::SeqCst);
     let removed = api
         .call(Request::Rm(RmRequest {
             name: id.to_owned(),
@@ -727,6 +737,7 @@ mod tests {
                 end,
                 access_token: String::new(),
                 paused: false,
+                ending: Default::default(),
             });
         }
         registry.set_paused("a", true);
@@ -735,7 +746,9 @@ mod tests {
             "a paused sandbox does not time out"
         );
         registry.set_paused("a", false);
+        let a = registry.get("a").unwrap();
         assert_eq!(registry.take_expired(now), ["a"]);
+        assert!(a.ending.load(Ordering::SeqCst), "its streams learn it ends");
         assert!(registry.take_expired(now).is_empty());
         assert!(registry.set_end("b", now));
         assert_eq!(registry.take_expired(now), ["b"]);

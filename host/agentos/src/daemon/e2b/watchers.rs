@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::super::api::{ApiError, ErrorKind, WatchLine};
 use super::super::link::Chunks;
+use agentos_e2b_proto::filesystem::FilesystemEvent;
+
 use super::filesystem::filesystem_event;
 
 /// Watchers one sandbox may keep.
@@ -18,7 +20,7 @@ const MAX_EVENTS: usize = 10_000;
 
 struct Watcher {
     sandbox: String,
-    events: Arc<Mutex<VecDeque<serde_json::Value>>>,
+    events: Arc<Mutex<VecDeque<FilesystemEvent>>>,
     task: tokio::task::AbortHandle,
 }
 
@@ -63,7 +65,7 @@ impl Watchers {
 
     /// Keeps the events of the watch `chunks` of `root` for `sandbox`, as watcher `id`.
     pub fn add(&self, id: &str, sandbox: &str, root: String, mut chunks: Chunks) {
-        let events: Arc<Mutex<VecDeque<serde_json::Value>>> = Arc::default();
+        let events: Arc<Mutex<VecDeque<FilesystemEvent>>> = Arc::default();
         let kept = events.clone();
         let task = tokio::spawn(async move {
             let mut pending: Vec<u8> = Vec::new();
@@ -100,7 +102,7 @@ impl Watchers {
     }
 
     /// The events of watcher `id` of `sandbox` since the last time.
-    pub fn take_events(&self, id: &str, sandbox: &str) -> Result<Vec<serde_json::Value>, ApiError> {
+    pub fn take_events(&self, id: &str, sandbox: &str) -> Result<Vec<FilesystemEvent>, ApiError> {
         let watchers = lock(&self.watchers);
         let watcher = watchers
             .get(id)
@@ -162,8 +164,8 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            got,
-            [serde_json::json!({"name": "f", "type": "EVENT_TYPE_CREATE"})]
+            serde_json::to_value(&got).unwrap(),
+            serde_json::json!([{"name": "f", "type": "EVENT_TYPE_CREATE"}])
         );
         assert!(
             watchers.take_events("w1", "s1").unwrap().is_empty(),
