@@ -397,8 +397,9 @@ struct Upload {
 enum Into {
     /// A temporary file, renamed over the destination once whole.
     Temp(PathBuf),
-    /// The destination itself; `made` when the write created it.
-    Place { made: bool },
+    /// The destination itself; `made`, the file the write created (where the destination's
+    /// links led), removed if the write is cut off.
+    Place { made: Option<PathBuf> },
 }
 
 impl Upload {
@@ -408,10 +409,10 @@ impl Upload {
             Into::Temp(temp) => {
                 let _ = fs::remove_file(temp);
             }
-            Into::Place { made: true } => {
-                let _ = fs::remove_file(&self.dest);
+            Into::Place { made: Some(made) } => {
+                let _ = fs::remove_file(made);
             }
-            Into::Place { made: false } => {}
+            Into::Place { made: None } => {}
         }
     }
 }
@@ -602,7 +603,9 @@ fn open_in_place(dest: &Path, mode: u32, new: bool) -> Result<(File, Into), Fail
         file.set_len(0)
             .map_err(|e| Failure::io("write", dest, &e))?;
     }
-    Ok((file, Into::Place { made: new }))
+    // A new file may be where a dangling link led: the file is removed, not the link.
+    let made = new.then(|| fs::canonicalize(dest).unwrap_or_else(|_| dest.to_path_buf()));
+    Ok((file, Into::Place { made }))
 }
 
 fn not_a_file(path: &Path) -> Failure {

@@ -330,7 +330,9 @@ impl Session<'_> {
             return self.file_answer(id, listed.map(|()| None));
         }
         let done = files::apply(op).map(|entry| Some(GuestMessage::FsDone { id, entry }));
-        crate::watch::settle();
+        if !matches!(op, FsOp::Stat { .. }) {
+            crate::watch::settle();
+        }
         self.file_answer(id, done)
     }
 

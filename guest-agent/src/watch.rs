@@ -187,7 +187,11 @@ impl Watches {
             self.0.fetch_sub(1, Ordering::SeqCst);
             return Ok(());
         }
-        lock(&LIVE).push(Arc::downgrade(&settle));
+        {
+            let mut live = lock(&LIVE);
+            live.retain(|w| w.strong_count() > 0);
+            live.push(Arc::downgrade(&settle));
+        }
         let (count, stop, outbox) = (Arc::clone(&self.0), Arc::clone(&self.1), outbox.clone());
         let spawned = thread::Builder::new()
             .name(format!("watch-{id}"))

@@ -136,9 +136,18 @@ fn a_write_in_place_goes_into_the_file_itself() {
     writes.write(2, b"part").unwrap();
     writes.begin(3, &path, None, None, true).unwrap();
     writes.write(3, b"part").unwrap();
+    let link = path_in(&dir, "link");
+    symlink("target", &link).unwrap();
+    writes.begin(4, &link, None, None, true).unwrap();
+    writes.write(4, b"part").unwrap();
+    assert_eq!(fs::read(path_in(&dir, "target")).unwrap(), b"part");
     drop(writes);
     assert!(fs::metadata(&made).is_err());
     assert_eq!(fs::read(&path).unwrap(), b"part");
+    assert!(
+        fs::symlink_metadata(&link).is_ok() && fs::metadata(path_in(&dir, "target")).is_err(),
+        "the file the link led to is removed, not the link"
+    );
 
     // A pipe is no file to write into, and must not hang the agent.
     let fifo = path_in(&dir, "fifo");
