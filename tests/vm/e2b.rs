@@ -663,9 +663,14 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
     assert_eq!(page.json().as_array().unwrap().len(), 1);
     let health = e2b.call("GET", "/health", &two.headers(&[]), b"");
     assert_eq!(health.status, 204, "{health:?}");
-    // Paused: frozen, not timing out, answering nothing inside until connected to again.
+    // Paused: saved to disk (its VM gone), not timing out, answering nothing inside until
+    // connected to again, then restored with its files and its running programs.
+    two.sh("echo before > kept.txt");
+    let (held, sleeper) = two.start_and_hold("sleep 600", None);
+    drop(held);
     let pause = format!("/sandboxes/{}/pause", two.id);
     assert_eq!(e2b.control("POST", &pause, json!({})).status, 204);
+    assert_eq!(d.agent(&two.id)["state"], "stopped", "its VM ended");
     assert_eq!(
         e2b.control("POST", &pause, json!({})).status,
         409,
@@ -687,7 +692,20 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
         json!({"timeout": 60}),
     );
     assert_eq!(resumed.status, 201, "{resumed:?}");
-    assert_eq!(two.sh("echo up"), "up\n");
+    assert_eq!(two.sh("echo up; cat kept.txt"), "up\nbefore\n");
+    assert!(
+        two.pids().contains(&sleeper),
+        "a program running when it was paused runs on"
+    );
+    // Saved again from the restored VM (into a directory of its own), and back once more.
+    assert_eq!(e2b.control("POST", &pause, json!({})).status, 204);
+    let again = e2b.control(
+        "POST",
+        &format!("/sandboxes/{}/resume", two.id),
+        json!({"timeout": 60}),
+    );
+    assert_eq!(again.status, 201, "{again:?}");
+    assert_eq!(two.sh("cat kept.txt"), "before\n");
     let reply = e2b.control(
         "POST",
         &format!("/sandboxes/{}/timeout", two.id),

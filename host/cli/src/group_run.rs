@@ -310,6 +310,7 @@ fn run_here(
         let mut config = AgentConfig {
             name: member_name(&spec.name, &member),
             model: agent.model.clone(),
+            template: agent.vm.template().map(|t| t.name().to_owned()),
             restart: agent.restart,
             opts,
             log: trace_dir.join(format!("{member}.log").as_str()),

@@ -46,6 +46,8 @@ pub const EXEC_GRACE: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     pub name: String,
     pub model: Option<String>,
+    /// Its template (`base`), whose disk is `opts.base_disk`.
+    pub template: Option<String>,
     pub restart: RestartPolicy,
     pub opts: BootOptions,
     /// The serial console of each of its VMs, and the daemon's notes between them.
@@ -619,10 +621,12 @@ fn save(
             own,
             &to,
             shared.config.opts.model_disks.as_ref(),
+            shared.config.opts.base_disk.as_deref(),
         )
         .and_then(|bytes| {
             let agent = agentos_core::agent::snapshot::SavedAgent {
                 model: shared.config.model.clone(),
+                template: shared.config.template.clone(),
             };
             agent.write(&to).map(|()| bytes)
         }) {

@@ -454,6 +454,10 @@ fn unknown_agent(name: &str, agents: &BTreeMap<String, Agent>) -> ApiError {
 }
 
 impl server::Handler for Daemon {
+    fn saved_sandboxes(&self) -> Option<PathBuf> {
+        Some(self.state.join("saved-sandboxes"))
+    }
+
     fn handle(
         &self,
         request: Request,
@@ -1163,14 +1167,17 @@ fn configure(
                 format!("cannot create {}: {e}", own.display()),
             )
         })?;
-    // A VM with a PCI device cannot be saved; nor, yet, one with a template (a snapshot does not
-    // keep the template's disk).
+    // A VM with a PCI device cannot be saved.
     let with_devices = !spec.devices().is_empty() || spec.gpus() > 0;
-    opts.snapshot_to = (!with_devices && spec.template().is_none()).then_some(own);
+    opts.snapshot_to = (!with_devices).then_some(own);
     Ok(AgentConfig {
         name,
-        // A restored agent's is its snapshot's.
+        // A restored agent's are its snapshot's.
         model: opts.model_disks.as_ref().map(|disks| disks.name.clone()),
+        template: opts
+            .base_disk
+            .as_ref()
+            .map(|_| agentos_image::template::Template::Base.name().to_owned()),
         restart,
         opts,
         log,

@@ -18,6 +18,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -109,6 +110,12 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Counts a connection.
     fn count_client(&self);
+
+    /// Where E2B's pause saves a sandbox (a directory per sandbox, made when it is paused):
+    /// none keeps a paused sandbox frozen in memory instead.
+    fn saved_sandboxes(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// How much of the daemon one client, and all of them, may hold, and for how long.
@@ -359,11 +366,12 @@ pub async fn serve<H: Handler>(
     limits: Limits,
     stop: impl Future<Output = ()>,
 ) {
+    let sandboxes = e2b::Registry::new(handler.saved_sandboxes());
     let shared = Arc::new(Shared {
         lanes: Lanes::new(&limits),
         handler,
         limits,
-        sandboxes: e2b::Registry::default(),
+        sandboxes,
     });
     let mut loops: Vec<_> = sites
         .into_iter()

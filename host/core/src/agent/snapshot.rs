@@ -17,6 +17,8 @@ pub const AGENT_FILE: &str = "agent.json";
 /// those images whatever the store holds later.
 pub const RUNTIME_DISK_FILE: &str = "runtime.img";
 pub const MODEL_DISK_FILE: &str = "model.img";
+/// The disk of a saved agent's template (see [`agentos_image::template`]), kept the same way.
+pub const BASE_DISK_FILE: &str = "base.img";
 /// The most of an agent file that is read.
 const MAX_AGENT_FILE_BYTES: u64 = 64 * 1024;
 
@@ -27,6 +29,9 @@ pub struct SavedAgent {
     /// The model bundle it carries (loaded, if it ran).
     #[serde(default)]
     pub model: Option<String>,
+    /// The template it was spawned with, whose disk is [`BASE_DISK_FILE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl SavedAgent {
@@ -190,16 +195,55 @@ pub fn model_disks_of(dir: &Path) -> Result<Option<ModelDisks>, SnapshotDirError
     }))
 }
 
+/// The template disk of the snapshot in `dir`, when it was saved with a template (its
+/// `agent.json` names it).
+pub fn base_disk_of(dir: &Path) -> Result<Option<PathBuf>, SnapshotDirError> {
+    let Some(name) = SavedAgent::read(dir)?.template else {
+        return Ok(None);
+    };
+    if name.parse::<agentos_image::template::Template>().is_err() {
+        return Err(SnapshotDirError::Unrestorable {
+            dir: dir.to_owned(),
+            why: format!(
+                "it was saved with the template `{}`, which this host does not know",
+                agentos_protocol::clip(&name, 40)
+            ),
+        });
+    }
+    let path = dir.join(BASE_DISK_FILE);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => {
+            agentos_image::model::check_filesystem(&path)
+                .map_err(|e| SnapshotDirError::ModelDisk(dir.to_owned(), Box::new(e)))?;
+            Ok(Some(path))
+        }
+        _ => Err(SnapshotDirError::Unrestorable {
+            dir: dir.to_owned(),
+            why: format!(
+                "it was saved with the template `{name}`, but {} is missing",
+                path.display()
+            ),
+        }),
+    }
+}
+
 /// Moves the snapshot in `from` into the directory `to` (replacing what is there, never through
 /// a symlink, never rewriting a file in place): the memory file first, then links to the
-/// agent's model disks (or copies, on another file system), and the state last, so that `to`
-/// holds a whole snapshot or none. Returns what the memory file takes on disk.
-pub fn move_snapshot(from: &Path, to: &Path, disks: Option<&ModelDisks>) -> io::Result<u64> {
+/// agent's model disks and template disk (or copies, on another file system), and the state
+/// last, so that `to` holds a whole snapshot or none. Returns what the memory file takes on
+/// disk.
+pub fn move_snapshot(
+    from: &Path,
+    to: &Path,
+    disks: Option<&ModelDisks>,
+    base: Option<&Path>,
+) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     for name in [MEMORY_FILE, RUNTIME_DISK_FILE, STATE_FILE] {
         if name == RUNTIME_DISK_FILE {
             place_disk(disks.map(|d| d.runtime.as_path()), to, RUNTIME_DISK_FILE)?;
             place_disk(disks.map(|d| d.bundle.as_path()), to, MODEL_DISK_FILE)?;
+            place_disk(base, to, BASE_DISK_FILE)?;
             continue;
         }
         let (src, dst) = (from.join(name), to.join(name));
@@ -293,7 +337,7 @@ mod tests {
         std::fs::write(from.join(STATE_FILE), b"new state").unwrap();
         std::fs::write(to.join(MEMORY_FILE), b"old memory").unwrap();
         std::fs::write(to.join(STATE_FILE), b"old state").unwrap();
-        move_snapshot(&from, &to, None).unwrap();
+        move_snapshot(&from, &to, None, None).unwrap();
         assert_eq!(std::fs::read(to.join(MEMORY_FILE)).unwrap(), b"new memory");
         assert_eq!(std::fs::read(to.join(STATE_FILE)).unwrap(), b"new state");
         assert!(!from.join(MEMORY_FILE).exists());
@@ -303,7 +347,7 @@ mod tests {
         std::fs::write(from.join(STATE_FILE), b"s").unwrap();
         std::fs::remove_file(to.join(MEMORY_FILE)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", to.join(MEMORY_FILE)).unwrap();
-        assert!(move_snapshot(&from, &to, None).is_err());
+        assert!(move_snapshot(&from, &to, None, None).is_err());
         assert!(from.join(MEMORY_FILE).exists());
         for dir in [from, to] {
             std::fs::remove_dir_all(dir).unwrap();
@@ -340,7 +384,7 @@ mod tests {
         let save = |disks: Option<&ModelDisks>| {
             std::fs::write(from.join(MEMORY_FILE), b"memory").unwrap();
             std::fs::write(from.join(STATE_FILE), b"state").unwrap();
-            move_snapshot(&from, &to, disks).unwrap();
+            move_snapshot(&from, &to, disks, None).unwrap();
         };
         save(Some(&disks));
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
@@ -350,6 +394,7 @@ mod tests {
         assert_eq!(model_disks_of(&to).unwrap(), None);
         SavedAgent {
             model: Some("m".into()),
+            template: None,
         }
         .write(&to)
         .unwrap();
@@ -378,11 +423,58 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_with_a_template_keeps_its_disk() {
+        use std::os::unix::fs::MetadataExt;
+        let (from, to, images) = (
+            scratch("base-from"),
+            scratch("base-to"),
+            scratch("base-images"),
+        );
+        let disk = images.join("base-1.img");
+        std::fs::write(&disk, agentos_image::model::least_image()).unwrap();
+        std::fs::write(from.join(MEMORY_FILE), b"memory").unwrap();
+        std::fs::write(from.join(STATE_FILE), b"state").unwrap();
+        move_snapshot(&from, &to, None, Some(&disk)).unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&to.join(BASE_DISK_FILE)),
+            ino(&disk),
+            "a link, not a copy"
+        );
+        assert_eq!(
+            base_disk_of(&to).unwrap(),
+            None,
+            "agent.json names no template"
+        );
+        let saved = |template: &str| {
+            SavedAgent {
+                model: None,
+                template: Some(template.into()),
+            }
+            .write(&to)
+            .unwrap()
+        };
+        saved("base");
+        assert_eq!(base_disk_of(&to).unwrap(), Some(to.join(BASE_DISK_FILE)));
+        saved("desktop");
+        let err = agentos_protocol::error_chain(&base_disk_of(&to).unwrap_err());
+        assert!(err.contains("does not know"), "{err}");
+        saved("base");
+        std::fs::remove_file(to.join(BASE_DISK_FILE)).unwrap();
+        let err = agentos_protocol::error_chain(&base_disk_of(&to).unwrap_err());
+        assert!(err.contains("base.img is missing"), "{err}");
+        for dir in [from, to, images] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
     fn the_saved_agent_reads_back_and_defaults_to_no_model() {
         let dir = scratch("agent");
         assert_eq!(SavedAgent::read(&dir).unwrap(), SavedAgent::default());
         let agent = SavedAgent {
             model: Some("sentiment".into()),
+            template: None,
         };
         agent.write(&dir).unwrap();
         agent.write(&dir).unwrap();

@@ -15,7 +15,7 @@ use agentos_vmm::config::{MAX_DISKS, MAX_PCI_DEVICES, MAX_VCPUS};
 use agentos_vmm::devices::pci::PassedDevice;
 use agentos_vmm::devices::virtio::block::{BlockError, disk_size};
 
-use super::snapshot::{SavedAgent, SnapshotDirError, model_disks_of, snapshot_shape};
+use super::snapshot::{SavedAgent, SnapshotDirError, base_disk_of, model_disks_of, snapshot_shape};
 use super::vm::{BootOptions, CpuSlice, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::cgroup::{PriorityClass, Slice, SliceError};
 
@@ -394,6 +394,7 @@ fn restore_options(img: &BuiltImage, dir: &Path, cache: &Path) -> Result<BootOpt
         kernel: img.boot_kernel().to_owned(),
         initrd: img.initrd.clone(),
         model_disks: model_disks_of(dir)?,
+        base_disk: base_disk_of(dir)?,
         from: Some(dir.to_owned()),
         ..BootOptions::blank()
     })

@@ -716,6 +716,7 @@ mod tests {
                 end: std::time::SystemTime::now(),
                 access_token: String::new(),
                 paused: false,
+                saved: None,
                 ending: Default::default(),
             },
             user: "user".into(),

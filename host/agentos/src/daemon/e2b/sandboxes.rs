@@ -1,9 +1,11 @@
-//! E2B's control plane: sandboxes created, listed, inspected, given more time, connected to and
-//! killed. A sandbox is an agent named by the sandbox's id; what E2B keeps beside it (template,
-//! metadata, environment, end of life, the in-sandbox token) is kept here, for as long as the
-//! daemon runs. A sandbox whose time is up is removed with its agent.
+//! E2B's control plane: sandboxes created, listed, inspected, given more time, connected to,
+//! paused, resumed and killed. A sandbox is an agent named by the sandbox's id; what E2B keeps
+//! beside it (template, metadata, environment, end of life, the in-sandbox token) is kept here,
+//! for as long as the daemon runs. A sandbox whose time is up is removed with its agent; a
+//! paused one is saved (a snapshot of its agent, whose VM ends) and restored when resumed.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -15,7 +17,7 @@ use agentos_e2b_proto::filesystem::FilesystemEvent;
 
 use super::super::api::{
     AgentInfo, AgentState, ApiError, ErrorKind, MAX_TIMEOUT_S, NameRequest, Request, RmRequest,
-    SpawnRequest,
+    SnapshotRequest, SpawnRequest,
 };
 use super::super::link::Chunks;
 use super::watchers::Watchers;
@@ -47,8 +49,11 @@ pub struct Sandbox {
     pub end: SystemTime,
     /// What in-sandbox requests carry as `X-Access-Token`.
     pub access_token: String,
-    /// Paused (its VM frozen): it does not time out, and answers no in-sandbox request.
+    /// Paused: it does not time out, and answers no in-sandbox request.
     pub paused: bool,
+    /// Where it was saved when it was paused (its VM ended; resumed from there), rather than
+    /// frozen.
+    pub saved: Option<PathBuf>,
     /// Set (for every copy) once the sandbox is being killed or its time is up: what its
     /// processes then do is the sandbox's end, not theirs.
     pub ending: Arc<AtomicBool>,
@@ -59,9 +64,23 @@ pub struct Sandbox {
 pub struct Registry {
     sandboxes: Mutex<BTreeMap<String, Sandbox>>,
     watchers: Watchers,
+    /// Where paused sandboxes are saved (see [`super::super::server::Handler::saved_sandboxes`]).
+    saves: Option<PathBuf>,
 }
 
 impl Registry {
+    pub fn new(saves: Option<PathBuf>) -> Self {
+        Self {
+            saves,
+            ..Self::default()
+        }
+    }
+
+    /// The directory a sandbox is saved into when it is paused (none: it is frozen instead).
+    pub fn saves_of(&self, id: &str) -> Option<PathBuf> {
+        self.saves.as_ref().map(|saves| saves.join(id))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Sandbox>> {
         self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -127,9 +146,10 @@ impl Registry {
         }
     }
 
-    fn set_paused(&self, id: &str, paused: bool) {
+    fn set_paused(&self, id: &str, paused: bool, saved: Option<PathBuf>) {
         if let Some(sandbox) = self.lock().get_mut(id) {
             sandbox.paused = paused;
+            sandbox.saved = saved;
         }
     }
 
@@ -163,6 +183,9 @@ pub async fn expire(api: &impl Api, id: String) {
         Err(e) => {
             tracing::warn!(sandbox = id, error = %e.message, "cannot remove a timed-out sandbox")
         }
+    }
+    if let Some(saves) = api.registry().saves_of(&id) {
+        remove_save_dir(&saves);
     }
 }
 
@@ -310,6 +333,7 @@ async fn create(api: &impl Api, body: &[u8]) -> Result<Reply, ApiError> {
         end: started + life,
         access_token: random_text(32)?,
         paused: false,
+        saved: None,
         ending: Default::default(),
     };
     api.registry().insert(sandbox.clone());
@@ -356,6 +380,13 @@ pub async fn find(api: &impl Api, id: &str) -> Result<(Sandbox, AgentInfo), ApiE
                 .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
             Ok((sandbox, agent))
         }
+        // A saved sandbox's agent is away while it is restored.
+        Err(e) if e.kind == ErrorKind::UnknownAgent && sandbox.saved.is_some() => {
+            Err(ApiError::new(
+                ErrorKind::NotRunning,
+                format!("sandbox {id} is being resumed; try again"),
+            ))
+        }
         Err(e) if e.kind == ErrorKind::UnknownAgent => {
             api.registry().remove(id);
             Err(unknown(id))
@@ -387,8 +418,12 @@ struct Detail<'a> {
     metadata: &'a BTreeMap<String, String>,
 }
 
-fn state(agent: &AgentInfo) -> &'static str {
-    if agent.paused { "paused" } else { "running" }
+fn state(sandbox: &Sandbox, agent: &AgentInfo) -> &'static str {
+    if sandbox.paused || agent.paused {
+        "paused"
+    } else {
+        "running"
+    }
 }
 
 fn detail<'a>(sandbox: &'a Sandbox, agent: &AgentInfo) -> Detail<'a> {
@@ -404,7 +439,7 @@ fn detail<'a>(sandbox: &'a Sandbox, agent: &AgentInfo) -> Detail<'a> {
         memory_mb: agent.memory_mib,
         // The guest's files live in its memory.
         disk_size_mb: 0,
-        state: state(agent),
+        state: state(sandbox, agent),
         metadata: &sandbox.metadata,
     }
 }
@@ -473,10 +508,13 @@ async fn list(api: &impl Api, query: Option<&str>) -> Result<Reply, ApiError> {
         let Some(agent) = agents.get(&sandbox.id) else {
             continue;
         };
-        if matches!(
-            agent.state,
-            AgentState::Failed | AgentState::Exited | AgentState::Stopped
-        ) {
+        // A sandbox saved by its pause has a stopped agent until it resumes.
+        if sandbox.saved.is_none()
+            && matches!(
+                agent.state,
+                AgentState::Failed | AgentState::Exited | AgentState::Stopped
+            )
+        {
             continue;
         }
         if !wanted
@@ -486,7 +524,7 @@ async fn list(api: &impl Api, query: Option<&str>) -> Result<Reply, ApiError> {
             continue;
         }
         if let Some(states) = &states
-            && !states.contains(&state(agent))
+            && !states.contains(&state(&sandbox, agent))
         {
             continue;
         }
@@ -564,6 +602,9 @@ async fn kill(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
         }))
         .await;
     api.registry().remove(id);
+    if let Some(saves) = api.registry().saves_of(id) {
+        remove_save_dir(&saves);
+    }
     match removed {
         Ok(_) => {}
         Err(e) if e.kind == ErrorKind::UnknownAgent => return Err(unknown(id)),
@@ -595,8 +636,10 @@ async fn set_timeout(api: &impl Api, id: &str, body: &[u8]) -> Result<Reply, Api
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
 
-/// Freezes a sandbox's VM: it keeps its memory and its processes, uses no CPU, does not time
-/// out and answers no in-sandbox request until it is resumed (or connected to).
+/// Pauses a sandbox: saves it (the daemon's `snapshot`: its memory, processes and devices
+/// written into its own directory of the daemon's, its VM ended) where the daemon keeps saved
+/// sandboxes, or else freezes its VM in memory. Either way it does not time out and answers no
+/// in-sandbox request until it is resumed (or connected to).
 async fn pause(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
     let (sandbox, _) = find(api, id).await?;
     if sandbox.paused {
@@ -605,13 +648,64 @@ async fn pause(api: &impl Api, id: &str) -> Result<Reply, ApiError> {
             format!("sandbox {id} is already paused"),
         ));
     }
-    api.call(Request::Pause(NameRequest {
-        name: id.to_owned(),
-    }))
-    .await?;
-    api.registry().set_paused(id, true);
-    tracing::info!(sandbox = id, "sandbox paused");
+    let saved = match api.registry().saves_of(id) {
+        Some(saves) => {
+            // A directory of its own each time: a sandbox restored from one is saved into
+            // another, then the older ones go.
+            let dir = saves.join(random_text(8)?);
+            make_save_dir(&dir)?;
+            let saving = api.call(Request::Snapshot(SnapshotRequest {
+                name: id.to_owned(),
+                to: dir.display().to_string(),
+            }));
+            if let Err(e) = saving.await {
+                remove_save_dir(&dir);
+                return Err(e);
+            }
+            for older in std::fs::read_dir(&saves).into_iter().flatten().flatten() {
+                if older.path() != dir {
+                    remove_save_dir(&older.path());
+                }
+            }
+            Some(dir)
+        }
+        None => {
+            api.call(Request::Pause(NameRequest {
+                name: id.to_owned(),
+            }))
+            .await?;
+            None
+        }
+    };
+    tracing::info!(sandbox = id, saved = saved.is_some(), "sandbox paused");
+    api.registry().set_paused(id, true, saved);
     Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+/// A fresh directory (private to the daemon's user) for a sandbox to be saved into.
+fn make_save_dir(dir: &Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let failed = |e: std::io::Error| {
+        ApiError::new(
+            ErrorKind::Failed,
+            format!("cannot make {} to save the sandbox in: {e}", dir.display()),
+        )
+    };
+    remove_save_dir(dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)
+}
+
+/// Removes a saved sandbox's directory (its memory file with it), as best it can.
+fn remove_save_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a saved sandbox");
+    }
 }
 
 /// Lets a paused sandbox run again, for `timeout` seconds (its creation's default unless
@@ -635,14 +729,42 @@ async fn thaw(
     timeout: Option<u64>,
 ) -> Result<Sandbox, ApiError> {
     let life = timeout_of(timeout)?;
-    api.call(Request::Resume(NameRequest {
-        name: sandbox.id.clone(),
-    }))
-    .await?;
+    match &sandbox.saved {
+        Some(dir) => {
+            // The saved agent is stopped: it goes, and comes back from its snapshot under the
+            // same name.
+            match api
+                .call(Request::Rm(RmRequest {
+                    name: sandbox.id.clone(),
+                    force: true,
+                }))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::UnknownAgent => {}
+                Err(e) => return Err(e),
+            }
+            api.call(Request::Spawn(SpawnRequest {
+                name: sandbox.id.clone(),
+                from: Some(dir.display().to_string()),
+                wait: true,
+                ..SpawnRequest::default()
+            }))
+            .await?;
+        }
+        None => {
+            api.call(Request::Resume(NameRequest {
+                name: sandbox.id.clone(),
+            }))
+            .await?;
+        }
+    }
     sandbox.end = SystemTime::now() + life;
     sandbox.paused = false;
     api.registry().set_end(&sandbox.id, sandbox.end);
-    api.registry().set_paused(&sandbox.id, false);
+    // The restored VM maps the saved memory: its directory stays until the sandbox is saved
+    // again or goes.
+    api.registry().set_paused(&sandbox.id, false, None);
     tracing::info!(sandbox = sandbox.id, "sandbox resumed");
     Ok(sandbox)
 }
@@ -737,15 +859,16 @@ mod tests {
                 end,
                 access_token: String::new(),
                 paused: false,
+                saved: None,
                 ending: Default::default(),
             });
         }
-        registry.set_paused("a", true);
+        registry.set_paused("a", true, None);
         assert!(
             registry.take_expired(now).is_empty(),
             "a paused sandbox does not time out"
         );
-        registry.set_paused("a", false);
+        registry.set_paused("a", false, None);
         let a = registry.get("a").unwrap();
         assert_eq!(registry.take_expired(now), ["a"]);
         assert!(a.ending.load(Ordering::SeqCst), "its streams learn it ends");
