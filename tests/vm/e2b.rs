@@ -29,21 +29,32 @@ struct Sandbox<'a> {
 
 impl E2b {
     fn send(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream {
+        let mut stream = self.send_head(method, target, headers, body.len() as u64);
+        stream.write_all(body).unwrap();
+        stream
+    }
+
+    /// A request's head alone, declaring a body of `len` bytes.
+    fn send_head(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        len: u64,
+    ) -> TcpStream {
         let mut stream = TcpStream::connect(&self.address).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(120)))
             .unwrap();
         let mut head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
-            self.address,
-            body.len()
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {len}\r\n",
+            self.address
         );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
         stream
     }
 
@@ -568,6 +579,21 @@ fn sandboxes_of_e2b_s_api_run_commands_and_keep_files_apart() {
         (missing.status, missing.json()["code"].clone()),
         (404, json!(404))
     );
+    // An upload larger than the sandbox's memory is refused before a byte of it is read.
+    let huge = e2b.send_head(
+        "POST",
+        "/files?path=huge.bin",
+        &one.headers(&[("Content-Type", "application/octet-stream")]),
+        64 << 30,
+    );
+    let refused = raw::read_reply(&mut BufReader::new(huge)).unwrap();
+    assert_eq!(
+        (refused.status, refused.json()["code"].clone()),
+        (413, json!(413)),
+        "{refused:?}"
+    );
+    let absent = one.rpc("filesystem.Filesystem/Stat", json!({"path": "huge.bin"}));
+    assert_eq!(absent.status, 404, "nothing was written: {absent:?}");
 
     // A streamed watch: its start, keep-alives while nothing happens, then the change.
     one.ok("filesystem.Filesystem/MakeDir", json!({"path": "watched"}));

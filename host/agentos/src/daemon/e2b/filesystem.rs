@@ -20,8 +20,8 @@ use agentos_e2b_proto::filesystem::{
 use agentos_protocol::files::{Change, ChangeKind, Entry, EntryKind, FsOp};
 
 use super::super::api::{
-    ApiError, ErrorKind, FileRequest, FsCall, ListReply, Request, WatchLine, WatchRequest,
-    WriteFileRequest,
+    AgentInfo, ApiError, ErrorKind, FileRequest, FsCall, ListReply, NameRequest, Request,
+    WatchLine, WatchRequest, WriteFileRequest,
 };
 use super::connect::{self, parse};
 use super::{Api, Call, Reply, Translate, relay};
@@ -449,6 +449,38 @@ async fn read(call: &Call<'_, impl Api>, path: Option<String>) -> Result<Reply, 
     ))
 }
 
+/// Refuses, before a byte of it is read, an upload whose declared length is more than the
+/// sandbox's memory, where its files live (one that is not declared, or that the guest finds no
+/// room for on the way, ends `no_space`, the part written removed).
+async fn check_room(call: &Call<'_, impl Api>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(declared) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return Ok(());
+    };
+    let value = call
+        .api
+        .call(Request::Inspect(NameRequest {
+            name: call.sandbox.id.clone(),
+        }))
+        .await?;
+    let agent: AgentInfo = serde_json::from_value(value)
+        .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+    let memory = agent.memory_mib.saturating_mul(1 << 20);
+    if declared > memory {
+        return Err(ApiError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "an upload of {declared} bytes is more than the sandbox's memory ({} MiB), where its files live",
+                agent.memory_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn write(
     call: &Call<'_, impl Api>,
     headers: &HeaderMap,
@@ -465,6 +497,7 @@ async fn write(
             ));
         }
     };
+    check_room(call, headers).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
