@@ -14,16 +14,15 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use agentos_e2b_proto::Timestamp;
-use agentos_e2b_proto::filesystem::{
-    self as pb, EntryInfo, EventType, FileType, FilesystemEvent, watch_dir_response,
-};
-use agentos_protocol::files::{Change, ChangeKind, Entry, EntryKind, FsOp};
+use agentos_e2b_proto::filesystem::{self as pb, EntryInfo, FileType, watch_dir_response};
+use agentos_protocol::files::{Entry, EntryKind, FsOp};
 
 use super::super::api::{
-    AgentInfo, ApiError, ErrorKind, FileRequest, FsCall, ListReply, NameRequest, Request,
-    WatchLine, WatchRequest, WriteFileRequest,
+    ApiError, ErrorKind, FileRequest, FsCall, ListReply, Request, WatchLine, WatchRequest,
+    WriteFileRequest,
 };
 use super::connect::{self, parse};
+use super::watchers::filesystem_event;
 use super::{Api, Call, Reply, Translate, relay};
 
 /// How long each piece of an upload may take to come.
@@ -310,27 +309,6 @@ fn permissions(kind: EntryKind, mode: u32) -> String {
     text
 }
 
-/// A change under the watched directory `root` as E2B's `FilesystemEvent`.
-pub fn filesystem_event(root: &str, change: &Change) -> FilesystemEvent {
-    let kind = match change.kind {
-        ChangeKind::Create => EventType::Create,
-        ChangeKind::Write => EventType::Write,
-        ChangeKind::Remove => EventType::Remove,
-        ChangeKind::Rename => EventType::Rename,
-        ChangeKind::Chmod => EventType::Chmod,
-    };
-    let name = change
-        .path
-        .strip_prefix(root)
-        .map(|rest| rest.trim_start_matches('/'))
-        .unwrap_or(&change.path);
-    FilesystemEvent {
-        name: name.to_owned(),
-        r#type: kind.into(),
-        entry: None,
-    }
-}
-
 /// The daemon's watch lines as E2B's `WatchDirResponse`s.
 struct WatchEvents {
     root: String,
@@ -460,14 +438,7 @@ async fn check_room(call: &Call<'_, impl Api>, headers: &HeaderMap) -> Result<()
     else {
         return Ok(());
     };
-    let value = call
-        .api
-        .call(Request::Inspect(NameRequest {
-            name: call.sandbox.id.clone(),
-        }))
-        .await?;
-    let agent: AgentInfo = serde_json::from_value(value)
-        .map_err(|e| ApiError::new(ErrorKind::Failed, e.to_string()))?;
+    let (_, agent) = super::sandboxes::find(call.api, &call.sandbox.id).await?;
     let memory = agent.memory_mib.saturating_mul(1 << 20);
     if declared > memory {
         return Err(ApiError::new(
@@ -792,7 +763,7 @@ mod tests {
             ended: false,
         };
         let line = serde_json::to_vec(&WatchLine::Change(agentos_protocol::files::Change {
-            kind: ChangeKind::Create,
+            kind: agentos_protocol::files::ChangeKind::Create,
             path: "/home/user/d/sub/f".into(),
         }))
         .unwrap();

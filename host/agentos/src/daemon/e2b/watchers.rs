@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use agentos_e2b_proto::filesystem::{EventType, FilesystemEvent};
+use agentos_protocol::files::{Change, ChangeKind};
+
 use super::super::api::{ApiError, ErrorKind, WatchLine};
 use super::super::link::Chunks;
-use agentos_e2b_proto::filesystem::FilesystemEvent;
-
-use super::filesystem::filesystem_event;
 
 /// Watchers one sandbox may keep.
 const MAX_PER_SANDBOX: usize = 8;
@@ -127,10 +127,30 @@ impl Watchers {
     }
 }
 
+/// A change under the watched directory `root` as E2B's `FilesystemEvent`.
+pub fn filesystem_event(root: &str, change: &Change) -> FilesystemEvent {
+    let kind = match change.kind {
+        ChangeKind::Create => EventType::Create,
+        ChangeKind::Write => EventType::Write,
+        ChangeKind::Remove => EventType::Remove,
+        ChangeKind::Rename => EventType::Rename,
+        ChangeKind::Chmod => EventType::Chmod,
+    };
+    let name = change
+        .path
+        .strip_prefix(root)
+        .map(|rest| rest.trim_start_matches('/'))
+        .unwrap_or(&change.path);
+    FilesystemEvent {
+        name: name.to_owned(),
+        r#type: kind.into(),
+        entry: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentos_protocol::files::{Change, ChangeKind};
     use bytes::Bytes;
 
     fn line(line: &WatchLine) -> Result<Bytes, std::io::Error> {
