@@ -16,9 +16,12 @@ fn runs_a_command_with_the_requested_vcpus_and_memory() {
     let _machine = share_machine();
     let t = Scratch::new("basic");
     // Also what the guest kernel found in the machine the VMM gave it: MTRRs on (so it sets up
-    // PAT, with write-combining) and a TSC-deadline local APIC timer.
+    // PAT, with write-combining) and a TSC-deadline local APIC timer; and the cgroup2 mount of
+    // the guest agent's init (a carrier's too), made for cheap moves between cgroups.
     let script = "echo hi; nproc; grep MemTotal /proc/meminfo; \
-                  grep -c tsc_deadline_timer /proc/cpuinfo; dmesg | grep -e MTRR -e x86/PAT";
+                  grep -c tsc_deadline_timer /proc/cpuinfo; \
+                  grep -c '^cgroup2 /sys/fs/cgroup .*favordynmods' /proc/mounts; \
+                  dmesg | grep -e MTRR -e x86/PAT";
     let out = t.output(
         &[
             "run", "--vcpus", "2", "--memory", "256", "--", "/bin/sh", "-c", script,
@@ -44,7 +47,12 @@ fn runs_a_command_with_the_requested_vcpus_and_memory() {
         Some(&"2"),
         "TSC deadline timer on both vCPUs: {stdout}"
     );
-    let pat = &lines[4..];
+    assert_eq!(
+        lines.get(4),
+        Some(&"1"),
+        "cgroup2 mounted with favordynmods: {stdout}"
+    );
+    let pat = &lines[5..];
     assert!(
         pat.iter()
             .any(|l| l.contains("x86/PAT: Configuration") && l.contains(" WC ")),

@@ -1,6 +1,7 @@
 //! `agentos-vmm` and its jail, with the tiny guest on this host's KVM: a jail that cannot be
-//! built stops the VMM; the VMM's directory must be its user's own; the files it writes outside
-//! it are opened as the caller, never through a symlink, and nothing changes owner.
+//! built stops the VMM, and so does a cgroup it cannot join; the VMM's directory must be its
+//! user's own; the files it writes outside it are opened as the caller, never through a symlink,
+//! and nothing changes owner.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,35 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// A VMM that cannot join the cgroup it is given does not run: it never runs outside the
+/// limits its starter set.
+#[test]
+fn a_cgroup_the_vmm_cannot_join_stops_it_before_the_guest_runs() {
+    let Some(guest) = Guest::new() else {
+        return;
+    };
+    let missing = guest.path("no-such-cgroup").join("cgroup.procs");
+    let out = guest
+        .vmm(
+            &["--cgroup-procs", missing.to_str().unwrap()],
+            guest.dir.path(),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains("cannot join the cgroup through") && stderr.contains("no-such-cgroup"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(BANNER),
+        "the guest ran: {}",
+        describe(&out)
+    );
 }
 
 /// Root without a single capability (an empty bounding set, as in a container that drops them

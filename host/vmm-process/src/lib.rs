@@ -53,6 +53,8 @@ pub enum VmmProcessError {
     },
     #[error("give --kernel, or --from a snapshot")]
     NoKernel,
+    #[error("cannot join the cgroup through {}", .0.display())]
+    Cgroup(PathBuf, #[source] io::Error),
     #[error("cannot block stop signals")]
     SignalMask,
     #[error("cannot start the signal thread")]
@@ -206,6 +208,11 @@ pub struct VmmArgs {
     /// UNSAFE, for debugging.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// A cgroup's `cgroup.procs` to move this process into first, before it starts a thread or
+    /// maps guest memory (repeatable: one per hierarchy). Every thread of the VMM, its vCPUs
+    /// included, then runs in that cgroup.
+    #[arg(long, value_name = "FILE")]
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// How a VM ended, as a report says.
@@ -397,6 +404,8 @@ fn spawn_signal_thread(
 }
 
 pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
+    // Still one thread, so the whole process moves.
+    join_cgroups(&args.cgroup_procs)?;
     // The VMM must not outlive whoever started it.
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; no memory is involved.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
@@ -469,6 +478,19 @@ pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
         Outcome::Shutdown | Outcome::Stopped | Outcome::Snapshotted => {}
     }
     Ok(code)
+}
+
+/// Moves this process into the cgroups of `procs` (writing `0` to a `cgroup.procs` moves the
+/// writer).
+fn join_cgroups(procs: &[PathBuf]) -> Result<(), VmmProcessError> {
+    for path in procs {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(b"0"))
+            .map_err(|e| VmmProcessError::Cgroup(path.clone(), e))?;
+    }
+    Ok(())
 }
 
 /// Creates the snapshot files in `dir` anew, never through a symlink.

@@ -4,7 +4,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -743,15 +742,12 @@ fn spawn_vmm(
     } else {
         cmd.stdout(Stdio::null());
     }
-    let procs = match cgroup {
-        Some(cgroup) => cgroup.procs_files().map_err(VmError::Cgroup)?,
-        None => Vec::new(),
-    };
-    let fds: Vec<_> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: the closure runs in the child between fork and exec and only calls write(2) on
-    // descriptors that `procs` keeps open until `spawn` returns. Joining there means every
-    // thread of the VMM, vCPUs included, starts inside the cgroup.
-    unsafe { cmd.pre_exec(move || cgroup::join(&fds)) };
+    // The VMM joins its cgroup first thing, before it starts a thread or maps guest memory.
+    // Joining between fork and exec instead would make every start fork this process, page
+    // tables and all, where a spawn can vfork.
+    for procs in cgroup.map(AgentCgroup::procs_paths).unwrap_or_default() {
+        cmd.arg("--cgroup-procs").arg(procs);
+    }
     cmd.spawn().map_err(|source| VmError::Spawn {
         path: exe.display().to_string(),
         source,

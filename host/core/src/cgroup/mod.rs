@@ -1,12 +1,12 @@
 //! Each agent's VMM, with all its threads, in a cgroup of its own under an `agentos` parent:
 //! CPU quota and weight, cpuset, memory and pids limits. Every controller is used in the
-//! hierarchy the host mounts it in (v2 or v1, see [`layout`]); the VMM joins its cgroup between
-//! fork and exec, so that no vCPU ever runs outside it.
+//! hierarchy the host mounts it in (v2 or v1, see [`layout`]); the VMM joins its cgroup before
+//! it starts a thread (`agentos-vmm --cgroup-procs`), so that no vCPU ever runs outside it.
 
 pub mod layout;
 pub mod slice;
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -177,18 +177,11 @@ impl AgentCgroup {
         dirs
     }
 
-    /// Opens every `cgroup.procs` for writing: a process that writes `0` to them joins the
-    /// cgroup (see [`join`]).
-    pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
+    /// Every `cgroup.procs` of the cgroup: a process that writes `0` to them joins it.
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
         self.dirs()
             .into_iter()
-            .map(|dir| {
-                let path = dir.join("cgroup.procs");
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|source| CgroupError::Open { path, source })
-            })
+            .map(|dir| dir.join("cgroup.procs"))
             .collect()
     }
 
@@ -424,19 +417,6 @@ impl Drop for AgentCgroup {
             }
         }
     }
-}
-
-/// Moves the calling process into the cgroups whose `cgroup.procs` files are open as `fds`.
-/// Meant for the child between fork and exec: it only calls write(2).
-pub fn join(fds: &[std::os::fd::RawFd]) -> io::Result<()> {
-    for &fd in fds {
-        // SAFETY: writes one byte from a static buffer to a descriptor the caller owns.
-        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        if n != 1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Removes the cgroups of agents whose owner process is gone (a run or daemon that was killed),

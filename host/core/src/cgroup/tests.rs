@@ -1,9 +1,7 @@
 //! These tests create real cgroups in the hierarchies this host mounts (v1, v2 or both), so they
 //! need root; elsewhere they say why they skip.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::*;
@@ -22,12 +20,19 @@ fn writable_layout() -> Option<Layout> {
     Some(layout)
 }
 
+/// Moves `child` into every hierarchy's cgroup, as the VMM moves itself.
+fn move_into(cgroup: &AgentCgroup, child: &Child) {
+    for procs in cgroup.procs_paths() {
+        std::fs::write(&procs, child.id().to_string()).unwrap();
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap().trim().to_string()
 }
 
 #[test]
-fn a_process_joined_between_fork_and_exec_runs_under_the_slice_and_nothing_is_left() {
+fn a_process_moved_in_runs_under_the_slice_and_nothing_is_left() {
     let Some(layout) = writable_layout() else {
         return;
     };
@@ -44,14 +49,8 @@ fn a_process_joined_between_fork_and_exec_runs_under_the_slice_and_nothing_is_le
     let held = cgroup.held();
     assert_eq!(held.cpus, slice.cpus);
     assert_eq!(held.memory_bytes, slice.memory_bytes);
-    let files = cgroup.procs_files().unwrap();
-    let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: the closure only calls write(2) on descriptors that stay open until spawn returns.
-    unsafe { cmd.pre_exec(move || join(&fds)) };
-    let mut child = cmd.spawn().unwrap();
-    drop(files);
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    move_into(&cgroup, &child);
 
     for dir in cgroup.dirs() {
         let procs = read(&dir.join("cgroup.procs"));
@@ -150,14 +149,11 @@ fn a_frozen_cgroup_uses_no_cpu_until_thawed() {
     }
     let name = format!("test-{}-2", std::process::id());
     let cgroup = AgentCgroup::create(&layout, &name, &Slice::default()).unwrap();
-    let files = cgroup.procs_files().unwrap();
-    let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "while :; do :; done"]);
-    // SAFETY: the closure only calls write(2) on descriptors that stay open until spawn returns.
-    unsafe { cmd.pre_exec(move || join(&fds)) };
-    let mut child = cmd.spawn().unwrap();
-    drop(files);
+    let mut child = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .unwrap();
+    move_into(&cgroup, &child);
     let burn = Duration::from_millis(300);
 
     std::thread::sleep(burn);
