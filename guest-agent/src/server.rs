@@ -38,8 +38,11 @@ pub struct Context {
     base_env: BTreeMap<String, String>,
     reaper: Arc<Reaper>,
     init_ms: u64,
-    /// Set by the first `hello`: boot timings describe the boot, not each connection.
-    ready_ms: OnceLock<u64>,
+    /// Made for the first connection and sent on every one: its boot timings describe the boot,
+    /// and the machine it describes (kernel, vCPUs, memory) stays as it is for the VM's life and
+    /// its clones' (a snapshot restores onto the same machine only). Reading it again from
+    /// `/proc` would cost each connection's hello, a restored VM's first above all.
+    hello: OnceLock<Hello>,
     /// The inference worker, shared by every connection.
     inference: Arc<Inference>,
     /// The group the agent joined, and what its handler needs.
@@ -73,16 +76,13 @@ impl Context {
             handler_env,
             reaper,
             init_ms,
-            ready_ms: OnceLock::new(),
+            hello: OnceLock::new(),
             processes: Arc::default(),
         }
     }
 
-    fn hello(&self) -> Hello {
-        let ready_ms = *self
-            .ready_ms
-            .get_or_init(|| system::uptime_ms().unwrap_or(0));
-        Hello {
+    fn hello(&self) -> &Hello {
+        self.hello.get_or_init(|| Hello {
             protocol: PROTOCOL_VERSION,
             agent: format!("agentos-guest {}", env!("CARGO_PKG_VERSION")),
             kernel: system::kernel_release(),
@@ -90,9 +90,9 @@ impl Context {
             memory_kib: system::memory_kib(),
             boot: BootTimings {
                 init_ms: self.init_ms,
-                ready_ms,
+                ready_ms: system::uptime_ms().unwrap_or(0),
             },
-        }
+        })
     }
 }
 
@@ -134,7 +134,8 @@ pub enum ServeError {
 /// receive their output.
 pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, ServeError> {
     let mut writer = conn.try_clone().map_err(ServeError::Clone)?;
-    write_frame(&mut writer, &GuestMessage::Hello(ctx.hello())).map_err(ServeError::Hello)?;
+    write_frame(&mut writer, &GuestMessage::Hello(ctx.hello().clone()))
+        .map_err(ServeError::Hello)?;
     if role == Role::Control && ctx.pid1 {
         init::report(status::READY);
     }
@@ -160,7 +161,9 @@ pub fn serve(conn: Connection, ctx: &Context, role: Role) -> Result<Ended, Serve
         console!("dropping a connection: {}", describe(err));
     }
     session.release_all();
-    if !matches!(ended, Ended::Shutdown | Ended::Unrefreshed) {
+    // A reset connection has no writer to unblock: writes to it fail at once. (Shutting it down
+    // anyway cost a restored VM's reconnection 20 ms in the carrier.)
+    if !reset && !matches!(ended, Ended::Shutdown | Ended::Unrefreshed) {
         // Unblocks a writer stuck on a host that stopped reading.
         frames.get_ref().shutdown();
     }

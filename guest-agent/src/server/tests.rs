@@ -166,6 +166,16 @@ fn hello_comes_first_with_the_protocol_version() {
 }
 
 #[test]
+fn every_connection_gets_the_hello_made_for_the_first() {
+    let ctx = context();
+    let first = Host::connect_to(Arc::clone(&ctx));
+    let made = std::ptr::from_ref(ctx.hello());
+    let second = Host::connect_to(Arc::clone(&ctx));
+    assert!(std::ptr::eq(made, ctx.hello()), "the hello was made again");
+    assert_eq!(second.hello, first.hello);
+}
+
+#[test]
 fn ping_is_answered_with_pong() {
     let mut host = Host::connect();
     host.send(HostMessage::Ping { id: 41 });
