@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use agentos_core::agent::vm::VMM_BINARY;
@@ -44,6 +44,42 @@ pub fn agentos_bin() -> PathBuf {
 /// (`AGENTOS_TEST_NO_SKIP`, as `scripts/test` sets): then a missing KVM is a failure.
 pub fn vm_available() -> bool {
     Path::new("/dev/kvm").exists() || agentos_core::testing::skip("no /dev/kvm")
+}
+
+/// A snapshot of an agent as `agentos run` boots one by default, saved after it ran a program:
+/// made once per test process by the first test that asks for it, and removed when the process
+/// exits. Tests that need a booted agent but not a boot restore it (`run --from`), which takes a
+/// small part of a cold boot's time (see docs/snapshots.md).
+pub fn booted_snapshot() -> &'static str {
+    static SNAPSHOT: OnceLock<String> = OnceLock::new();
+    SNAPSHOT.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("agentos-test-snapshot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.into_os_string().into_string().unwrap();
+        let _ = SNAPSHOT_DIR.set(dir.clone());
+        // SAFETY: registers a function without arguments that only touches a set static.
+        unsafe { libc::atexit(remove_booted_snapshot) };
+        let t = Scratch::new("booted-snapshot");
+        let out = t.output(&["run", "--snapshot-to", &dir, "--", "/bin/true"], b"");
+        assert!(
+            out.status.success(),
+            "the snapshot that tests restore was not made: {}",
+            describe(&out)
+        );
+        t.assert_nothing_left();
+        dir
+    })
+}
+
+/// Where [`booted_snapshot`] saved, for the exit handler that removes it.
+static SNAPSHOT_DIR: OnceLock<String> = OnceLock::new();
+
+extern "C" fn remove_booted_snapshot() {
+    if let Some(dir) = SNAPSHOT_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// One test's scratch space: VMs it starts keep their run directories here, so that the test

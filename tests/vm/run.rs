@@ -1,11 +1,14 @@
 //! `agentos run`: boot, exec, exit statuses, standard I/O, read-only disks, crashes,
-//! concurrency, Ctrl-C.
+//! concurrency, Ctrl-C. Tests of what runs in a booted agent restore one from a snapshot
+//! ([`booted_snapshot`]) instead of booting it: they hold for restored agents too, and the boot
+//! itself is tested by the others.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Scratch, command_limit, describe, share_machine, take_machine, text, vm_available,
+    Scratch, booted_snapshot, command_limit, describe, share_machine, take_machine, text,
+    vm_available,
 };
 
 #[test]
@@ -74,7 +77,19 @@ fn exit_code_and_output_come_back_as_json() {
     let _machine = share_machine();
     let t = Scratch::new("json");
     let script = "echo out; echo err >&2; exit 7";
-    let out = t.output(&["run", "--json", "--", "/bin/sh", "-c", script], b"");
+    let out = t.output(
+        &[
+            "run",
+            "--json",
+            "--from",
+            booted_snapshot(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
@@ -94,7 +109,18 @@ fn a_program_killed_by_a_signal_exits_128_plus_the_signal() {
     }
     let _machine = share_machine();
     let t = Scratch::new("signal");
-    let out = t.output(&["run", "--", "/bin/sh", "-c", "kill -KILL $$"], b"");
+    let out = t.output(
+        &[
+            "run",
+            "--from",
+            booted_snapshot(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "kill -KILL $$",
+        ],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(128 + 9), "{}", describe(&out));
     t.assert_nothing_left();
 }
@@ -106,7 +132,10 @@ fn a_missing_program_is_reported_with_status_127() {
     }
     let _machine = share_machine();
     let t = Scratch::new("missing");
-    let out = t.output(&["run", "--", "/no/such/program"], b"");
+    let out = t.output(
+        &["run", "--from", booted_snapshot(), "--", "/no/such/program"],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
     assert!(
         text(&out.stderr).contains("/no/such/program"),
@@ -125,7 +154,10 @@ fn stdin_passes_through_byte_for_byte() {
     let t = Scratch::new("stdin");
     // Every byte value, many times over, and no trailing newline.
     let input: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 256) as u8).collect();
-    let out = t.output(&["run", "--", "/bin/cat"], &input);
+    let out = t.output(
+        &["run", "--from", booted_snapshot(), "--", "/bin/cat"],
+        &input,
+    );
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         out.stdout == input,
@@ -142,7 +174,18 @@ fn four_mib_of_stdout_arrive_whole_and_in_order() {
     }
     let _machine = share_machine();
     let t = Scratch::new("stream");
-    let out = t.output(&["run", "--", "/bin/sh", "-c", "seq 1 620000"], b"");
+    let out = t.output(
+        &[
+            "run",
+            "--from",
+            booted_snapshot(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "seq 1 620000",
+        ],
+        b"",
+    );
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         out.stdout.len() >= 4 << 20,
@@ -221,7 +264,15 @@ fn a_guest_kernel_panic_is_reported_as_an_error() {
     let _machine = share_machine();
     let t = Scratch::new("panic");
     let out = t.output(
-        &["run", "--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger"],
+        &[
+            "run",
+            "--from",
+            booted_snapshot(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo c > /proc/sysrq-trigger",
+        ],
         b"",
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -268,7 +319,15 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
     }
     let _machine = share_machine();
     let t = Scratch::new("ctrlc");
-    let mut child = t.spawn(&["run", "--", "/bin/sh", "-c", "echo ready; exec sleep 600"]);
+    let mut child = t.spawn(&[
+        "run",
+        "--from",
+        booted_snapshot(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo ready; exec sleep 600",
+    ]);
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
