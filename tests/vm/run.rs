@@ -4,6 +4,7 @@
 //! itself is tested by the others.
 
 use std::io::{BufRead, BufReader};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::common::{
@@ -69,6 +70,15 @@ fn runs_a_command_with_the_requested_vcpus_and_memory() {
     t.assert_nothing_left();
 }
 
+/// `agentos run ARGS...` of the agent in [`booted_snapshot`], restored.
+fn restored<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    [&["run", "--from", booted_snapshot()], args].concat()
+}
+
+fn run_restored(t: &Scratch, args: &[&str], stdin: &[u8]) -> Output {
+    t.output(&restored(args), stdin)
+}
+
 #[test]
 fn exit_code_and_output_come_back_as_json() {
     if !vm_available() {
@@ -77,19 +87,7 @@ fn exit_code_and_output_come_back_as_json() {
     let _machine = share_machine();
     let t = Scratch::new("json");
     let script = "echo out; echo err >&2; exit 7";
-    let out = t.output(
-        &[
-            "run",
-            "--json",
-            "--from",
-            booted_snapshot(),
-            "--",
-            "/bin/sh",
-            "-c",
-            script,
-        ],
-        b"",
-    );
+    let out = run_restored(&t, &["--json", "--", "/bin/sh", "-c", script], b"");
     assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
@@ -109,18 +107,7 @@ fn a_program_killed_by_a_signal_exits_128_plus_the_signal() {
     }
     let _machine = share_machine();
     let t = Scratch::new("signal");
-    let out = t.output(
-        &[
-            "run",
-            "--from",
-            booted_snapshot(),
-            "--",
-            "/bin/sh",
-            "-c",
-            "kill -KILL $$",
-        ],
-        b"",
-    );
+    let out = run_restored(&t, &["--", "/bin/sh", "-c", "kill -KILL $$"], b"");
     assert_eq!(out.status.code(), Some(128 + 9), "{}", describe(&out));
     t.assert_nothing_left();
 }
@@ -132,10 +119,7 @@ fn a_missing_program_is_reported_with_status_127() {
     }
     let _machine = share_machine();
     let t = Scratch::new("missing");
-    let out = t.output(
-        &["run", "--from", booted_snapshot(), "--", "/no/such/program"],
-        b"",
-    );
+    let out = run_restored(&t, &["--", "/no/such/program"], b"");
     assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
     assert!(
         text(&out.stderr).contains("/no/such/program"),
@@ -154,10 +138,7 @@ fn stdin_passes_through_byte_for_byte() {
     let t = Scratch::new("stdin");
     // Every byte value, many times over, and no trailing newline.
     let input: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 256) as u8).collect();
-    let out = t.output(
-        &["run", "--from", booted_snapshot(), "--", "/bin/cat"],
-        &input,
-    );
+    let out = run_restored(&t, &["--", "/bin/cat"], &input);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         out.stdout == input,
@@ -174,18 +155,7 @@ fn four_mib_of_stdout_arrive_whole_and_in_order() {
     }
     let _machine = share_machine();
     let t = Scratch::new("stream");
-    let out = t.output(
-        &[
-            "run",
-            "--from",
-            booted_snapshot(),
-            "--",
-            "/bin/sh",
-            "-c",
-            "seq 1 620000",
-        ],
-        b"",
-    );
+    let out = run_restored(&t, &["--", "/bin/sh", "-c", "seq 1 620000"], b"");
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         out.stdout.len() >= 4 << 20,
@@ -263,16 +233,9 @@ fn a_guest_kernel_panic_is_reported_as_an_error() {
     }
     let _machine = share_machine();
     let t = Scratch::new("panic");
-    let out = t.output(
-        &[
-            "run",
-            "--from",
-            booted_snapshot(),
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo c > /proc/sysrq-trigger",
-        ],
+    let out = run_restored(
+        &t,
+        &["--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger"],
         b"",
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -319,15 +282,12 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
     }
     let _machine = share_machine();
     let t = Scratch::new("ctrlc");
-    let mut child = t.spawn(&[
-        "run",
-        "--from",
-        booted_snapshot(),
+    let mut child = t.spawn(&restored(&[
         "--",
         "/bin/sh",
         "-c",
         "echo ready; exec sleep 600",
-    ]);
+    ]));
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();

@@ -42,12 +42,6 @@ pub enum CgroupError {
     },
     #[error("no running agent is called `{0}` (see `agentos top`)")]
     NoAgent(String),
-    #[error("cannot open {path}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 impl CgroupError {
@@ -55,9 +49,7 @@ impl CgroupError {
     pub fn is_not_permitted(&self) -> bool {
         let source = match self {
             CgroupError::NoController(_) | CgroupError::NoAgent(_) => return false,
-            CgroupError::Create { source, .. }
-            | CgroupError::Write { source, .. }
-            | CgroupError::Open { source, .. } => source,
+            CgroupError::Create { source, .. } | CgroupError::Write { source, .. } => source,
         };
         source.kind() == io::ErrorKind::PermissionDenied
             || source.raw_os_error() == Some(libc::EROFS)
