@@ -69,32 +69,41 @@ fn describe(out: &Output) -> String {
 }
 
 /// A VMM that cannot join the cgroup it is given does not run: it never runs outside the
-/// limits its starter set.
+/// limits its starter set. Nor does one given another file than a `cgroup.procs`, which it
+/// leaves as it was.
 #[test]
 fn a_cgroup_the_vmm_cannot_join_stops_it_before_the_guest_runs() {
     let Some(guest) = Guest::new() else {
         return;
     };
     let missing = guest.path("no-such-cgroup").join("cgroup.procs");
-    let out = guest
-        .vmm(
-            &["--cgroup-procs", missing.to_str().unwrap()],
-            guest.dir.path(),
-        )
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(
-        stderr.contains("cannot join the cgroup through") && stderr.contains("no-such-cgroup"),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains(BANNER),
-        "the guest ran: {}",
-        describe(&out)
-    );
+    let other = guest.path("notes.txt");
+    std::fs::write(&other, "kept").unwrap();
+    for (procs, error) in [
+        (&missing, "cannot join the cgroup through"),
+        (&other, "takes a cgroup's `cgroup.procs` file"),
+    ] {
+        let out = guest
+            .vmm(
+                &["--cgroup-procs", procs.to_str().unwrap()],
+                guest.dir.path(),
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(
+            stderr.contains(error) && stderr.contains(procs.to_str().unwrap()),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains(BANNER),
+            "the guest ran: {}",
+            describe(&out)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "kept");
 }
 
 /// Root without a single capability (an empty bounding set, as in a container that drops them

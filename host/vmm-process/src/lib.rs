@@ -55,6 +55,8 @@ pub enum VmmProcessError {
     NoKernel,
     #[error("cannot join the cgroup through {}", .0.display())]
     Cgroup(PathBuf, #[source] io::Error),
+    #[error("--cgroup-procs takes a cgroup's `cgroup.procs` file, not {}", .0.display())]
+    NotCgroupProcs(PathBuf),
     #[error("cannot block stop signals")]
     SignalMask,
     #[error("cannot start the signal thread")]
@@ -484,6 +486,10 @@ pub fn run(args: &VmmArgs, started: Instant) -> Result<i32, VmmProcessError> {
 /// writer).
 fn join_cgroups(procs: &[PathBuf]) -> Result<(), VmmProcessError> {
     for path in procs {
+        // Anything else would be some file of the caller's with a `0` written into it.
+        if path.file_name() != Some(std::ffi::OsStr::new("cgroup.procs")) {
+            return Err(VmmProcessError::NotCgroupProcs(path.clone()));
+        }
         std::fs::OpenOptions::new()
             .write(true)
             .open(path)
