@@ -68,6 +68,18 @@ fn describe(out: &Output) -> String {
     )
 }
 
+/// The VMM exited with status 1, saying each of `said` on stderr, and the guest never ran.
+fn refused_before_the_guest_ran(out: &Output, said: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
+    assert!(said.iter().all(|s| stderr.contains(s)), "{}", describe(out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(BANNER),
+        "the guest ran: {}",
+        describe(out)
+    );
+}
+
 /// A VMM that cannot join the cgroup it is given does not run: it never runs outside the
 /// limits its starter set. Nor does one given another file than a `cgroup.procs`, which it
 /// leaves as it was.
@@ -90,18 +102,7 @@ fn a_cgroup_the_vmm_cannot_join_stops_it_before_the_guest_runs() {
             )
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-        assert!(
-            stderr.contains(error) && stderr.contains(procs.to_str().unwrap()),
-            "{}",
-            describe(&out)
-        );
-        assert!(
-            !String::from_utf8_lossy(&out.stdout).contains(BANNER),
-            "the guest ran: {}",
-            describe(&out)
-        );
+        refused_before_the_guest_ran(&out, &[error, procs.to_str().unwrap()]);
     }
     assert_eq!(std::fs::read_to_string(&other).unwrap(), "kept");
 }
@@ -119,18 +120,7 @@ fn the_jail_fails_closed_when_a_layer_cannot_be_applied() {
         vmm.output().unwrap()
     };
     let out = without_capabilities(&[]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(
-        stderr.contains("cannot jail the VMM") && stderr.contains("PID namespace"),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains(BANNER),
-        "the guest ran: {}",
-        describe(&out)
-    );
+    refused_before_the_guest_ran(&out, &["cannot jail the VMM", "PID namespace"]);
     // Asked for explicitly, the same VMM runs unconfined.
     let out = without_capabilities(&["--no-jail"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
