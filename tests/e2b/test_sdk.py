@@ -155,15 +155,22 @@ class Sandboxes(unittest.TestCase):
 
 
 class Lifetimes(unittest.TestCase):
+    def sandbox(self, role):
+        """A sandbox of this test's, killed when the test ends however it ends, so that a failed
+        test leaves no sandbox behind for the listings of the others."""
+        sandbox = Sandbox.create(metadata={"run": RUN, "role": role})
+        self.addCleanup(Sandbox.kill, sandbox.sandbox_id)
+        return sandbox
+
     def test_a_sandbox_ends_when_its_time_is_up(self):
-        sandbox = Sandbox.create(metadata={"run": RUN, "role": "short"})
+        sandbox = self.sandbox("short")
         sandbox.set_timeout(3)
         wait_for("the sandbox to time out", lambda: not sandbox.is_running())
         with self.assertRaises(SandboxException):
             Sandbox.get_info(sandbox.sandbox_id)
 
     def test_a_paused_sandbox_keeps_its_state_and_runs_again_when_connected(self):
-        sandbox = Sandbox.create(metadata={"run": RUN, "role": "paused"})
+        sandbox = self.sandbox("paused")
         sandbox.files.write("kept.txt", "still here")
         self.assertTrue(sandbox.pause())
         self.assertFalse(sandbox.pause(), "it was paused already")
@@ -175,7 +182,7 @@ class Lifetimes(unittest.TestCase):
         resumed.kill()
 
     def test_a_killed_sandbox_is_gone(self):
-        sandbox = Sandbox.create(metadata={"run": RUN, "role": "killed"})
+        sandbox = self.sandbox("killed")
         running = sandbox.commands.run("sleep 60", background=True)
         self.assertTrue(sandbox.kill())
         # The command's stream ends as unavailable; the SDK asks /health and learns why.

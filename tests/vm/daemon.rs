@@ -649,6 +649,9 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     let first = infer(&d, "first");
     assert!(first["timings"]["load_us"].as_u64().unwrap() > 0, "{first}");
     d.ok(&["exec", "first", "--", "/bin/sh", "-c", "echo kept > /tmp/k"]);
+    // A host connection open when the agent is saved: the restored guest still holds its socket
+    // (reset) until its program closes it, so no connection after the restore may take its port.
+    let (_held, held_port) = connect_by_hand(&t);
     let saved = t.dir.join("saved");
     std::fs::create_dir_all(&saved).unwrap();
     let saved_arg = saved.to_str().unwrap();
@@ -664,6 +667,11 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     );
 
     d.ok(&["spawn", "--name", "second", "--from", saved_arg]);
+    let (_after, port) = connect_by_hand(&t);
+    assert!(
+        port > held_port,
+        "the restored VMM gave a host connection port {port}, the saved guest's had {held_port}"
+    );
     assert_eq!(
         d.ok(&["exec", "second", "--", "/bin/cat", "/tmp/k"]),
         "kept\n"
@@ -723,6 +731,36 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
     let status = d.signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "{status}");
     t.assert_nothing_left();
+}
+
+/// Opens a connection to the guest agent of the one VM the test's run directory holds, through
+/// its VMM's socket: the connection and the host port the VMM gave it (`OK PORT`).
+fn connect_by_hand(t: &Scratch) -> (UnixStream, u32) {
+    use std::io::Read;
+    let sockets: Vec<PathBuf> = std::fs::read_dir(t.run_dir())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().join("vmm/vsock.sock"))
+        .filter(|socket| socket.exists())
+        .collect();
+    assert_eq!(sockets.len(), 1, "one VM runs: {sockets:?}");
+    let mut stream = UnixStream::connect(&sockets[0]).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    writeln!(stream, "CONNECT {}", agentos_protocol::AGENT_LISTEN_PORT).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') && line.len() < 32 {
+        stream.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    let line = text(&line);
+    let port = line
+        .strip_prefix("OK ")
+        .and_then(|port| port.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the VMM answered {line:?}"));
+    (stream, port)
 }
 
 /// SHA-256 of a page of zeros.

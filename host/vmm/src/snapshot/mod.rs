@@ -25,7 +25,7 @@ pub const MEMORY_FILE: &str = "memory";
 
 const MAGIC: &str = "agentos-vm-snapshot";
 /// Bumped whenever the body changes shape.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The VMM that wrote a snapshot is the only one that restores it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The most a state file may hold: 64 vCPUs of about 40 KiB of JSON each, and devices.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::devices::virtio::DeviceState;
 use crate::devices::virtio::mmio::SavedQueue;
 
 fn sample() -> VmSnapshot {
@@ -46,6 +47,9 @@ fn sample() -> VmSnapshot {
         bad_sizes: vec![false],
         interrupt_status: 1,
         config_generation: 0,
+        device: Some(DeviceState::Vsock {
+            next_host_port: (1 << 30) + 5,
+        }),
     };
     VmSnapshot {
         memory_mib: 256,

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{Activation, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
+use super::{Activation, DeviceState, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -126,6 +126,8 @@ pub struct TransportState {
     pub bad_sizes: Vec<bool>,
     pub interrupt_status: u32,
     pub config_generation: u32,
+    /// The device's own state, if it keeps any.
+    pub device: Option<DeviceState>,
 }
 
 /// Why a saved transport cannot be put back: a snapshot is host input and checked as a guest's
@@ -142,6 +144,8 @@ pub enum TransportRestoreError {
     Queue { device: u32, queue: usize },
     #[error("the snapshot's device of type {0} was running but cannot start again")]
     Activate(u32),
+    #[error("the snapshot's device of type {device} cannot be put back: {why}")]
+    DeviceState { device: u32, why: String },
 }
 
 /// A virtio-mmio slot as the snapshot code sees it, whatever its device.
@@ -507,6 +511,7 @@ impl<D: VirtioDevice> SavedSlot for MmioTransport<D> {
             bad_sizes: self.bad_sizes.clone(),
             interrupt_status: self.interrupt.status(),
             config_generation: self.config_generation,
+            device: self.device.save_state(),
         }
     }
 
@@ -543,6 +548,9 @@ impl<D: VirtioDevice> SavedSlot for MmioTransport<D> {
                 Queue::try_from(QueueState::from(saved)).map_err(|_| bad())
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.device
+            .restore_state(state.device.as_ref())
+            .map_err(|why| TransportRestoreError::DeviceState { device: here, why })?;
         self.status = state.status;
         self.features_select = state.features_select;
         self.acked_features_select = state.acked_features_select;

@@ -15,6 +15,8 @@ pub(crate) use metrics::{count_refusal, device_metrics};
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -103,6 +105,25 @@ pub trait VirtioDevice: Send {
     /// Called once a device restored from a snapshot is active again: the host side it had
     /// (connections, open requests) is gone, and the device tells the guest if it must.
     fn restored(&mut self) {}
+    /// What the device keeps beyond its transport's registers and queues, for a snapshot.
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+    /// Takes back what [`VirtioDevice::save_state`] gave, before the device starts again. A
+    /// snapshot is host input: a state the device cannot take is refused, with the reason.
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(state) => Err(format!("it keeps no state, and the snapshot has {state:?}")),
+        }
+    }
+}
+
+/// A device's own state in a snapshot, by kind of device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// The vsock device: where its numbering of the host's connections stood.
+    Vsock { next_host_port: u32 },
 }
 
 /// Bytes of one descriptor in a split queue's table.

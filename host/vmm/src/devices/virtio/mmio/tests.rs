@@ -665,12 +665,17 @@ fn a_saved_transport_that_does_not_fit_the_device_is_refused() {
     bad_queue.queues[0].size = 3;
     let mut outside_memory = saved.clone();
     outside_memory.queues[1].used_ring = MEM_SIZE as u64 * 2;
+    let mut foreign_state = saved.clone();
+    foreign_state.device = Some(DeviceState::Vsock {
+        next_host_port: 1 << 30,
+    });
     for (what, state) in [
         ("device type", other_type),
         ("features", unoffered),
         ("queue count", fewer_queues),
         ("queue size", bad_queue),
         ("ring outside memory", outside_memory),
+        ("a state the device does not keep", foreign_state),
     ] {
         let mut fresh = harness();
         assert!(fresh.transport.restore(&state).is_err(), "{what}");

@@ -28,8 +28,9 @@ use self::packet::{
 };
 use super::events::Polled;
 use super::{
-    ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    VirtioInterrupt, avail_ring_corrupt, count_refusal, drain_queue, read_config_bytes,
+    ActivateError, Activation, DeviceState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, VirtioInterrupt, avail_ring_corrupt, count_refusal, drain_queue,
+    read_config_bytes,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -62,6 +63,20 @@ pub trait VsockBackend: Send {
     fn on_host_ready(&mut self);
     /// The driver reset the device: forget every connection.
     fn reset(&mut self);
+    /// The host port the next connection the host opens will take, for a snapshot; `None` for
+    /// a backend that numbers none.
+    fn next_host_port(&self) -> Option<u32> {
+        None
+    }
+    /// Numbers the host's connections from `port` on, as a snapshot's backend stood: a restored
+    /// guest may still hold sockets of the connections before it (reset, but open until its
+    /// programs close them), and a new connection under one of their port pairs would be
+    /// refused by the guest's kernel.
+    fn number_host_ports_from(&mut self, port: u32) -> Result<(), String> {
+        Err(format!(
+            "this backend numbers no host ports (snapshot: {port})"
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +356,21 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn active_queues(&self) -> Option<&[Queue]> {
         self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
+    fn save_state(&self) -> Option<DeviceState> {
+        self.backend
+            .next_host_port()
+            .map(|next_host_port| DeviceState::Vsock { next_host_port })
+    }
+
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            Some(DeviceState::Vsock { next_host_port }) => {
+                self.backend.number_host_ports_from(*next_host_port)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The connections the guest had ended with the VMM that saved it: a transport-reset event

@@ -651,6 +651,20 @@ impl VsockBackend for UnixMuxer {
         self.rx_work.clear();
         self.resets.clear();
     }
+
+    fn next_host_port(&self) -> Option<u32> {
+        Some(self.next_local_port)
+    }
+
+    fn number_host_ports_from(&mut self, port: u32) -> Result<(), String> {
+        if port < FIRST_LOCAL_PORT {
+            return Err(format!(
+                "host ports are numbered from {FIRST_LOCAL_PORT}, the snapshot has {port}"
+            ));
+        }
+        self.next_local_port = port;
+        Ok(())
+    }
 }
 
 impl Drop for UnixMuxer {

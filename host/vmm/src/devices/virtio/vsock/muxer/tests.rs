@@ -455,6 +455,29 @@ fn host_connections_get_distinct_local_ports() {
 }
 
 #[test]
+fn a_restored_muxer_numbers_host_connections_on_from_where_the_saved_one_stood() {
+    let mut saved = Host::new();
+    let (_a, first) = saved.connect_host(52, b"");
+    let (_b, second) = saved.connect_host(52, b"");
+    let next = saved.muxer.next_host_port().unwrap();
+
+    // The restored guest may still hold sockets of both: the next connection takes neither port.
+    let mut restored = Host::new();
+    restored.muxer.number_host_ports_from(next).unwrap();
+    let (_c, port) = restored.connect_host(52, b"");
+    assert!(
+        port > first.max(second),
+        "{port} after {first} and {second}"
+    );
+    assert!(
+        restored
+            .muxer
+            .number_host_ports_from(FIRST_LOCAL_PORT - 1)
+            .is_err()
+    );
+}
+
+#[test]
 fn data_written_right_after_the_connect_line_is_delivered_after_the_response() {
     let mut h = Host::new();
     let (mut client, local_port) = h.connect_host(52, b"early bytes");
