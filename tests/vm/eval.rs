@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Scratch, describe, take_machine, text, vm_available};
+use crate::common::{Scratch, describe, share_machine, take_machine, text, vm_available};
 
 /// How long one suite may take: its VMs boot one after the other under emulation.
 const SUITE_LIMIT: Duration = Duration::from_secs(1500);
@@ -72,4 +72,54 @@ fn the_host_suite_holds() {
 #[test]
 fn the_vm_suite_holds() {
     suite_holds("vm");
+}
+
+/// A VM that the suite's cases share and that ends inside a case (its kernel made to panic, in a
+/// case that expects the guest to go on): the case fails, and its evidence says how the VM ended
+/// and what its console said last, which is all there is to explain it by once it is gone.
+#[test]
+fn a_shared_vm_that_ends_inside_a_case_is_explained_by_the_evidence() {
+    if !vm_available() {
+        return;
+    }
+    let _machine = share_machine();
+    let t = Scratch::new("eval-ends");
+    let cases = t.dir.join("cases");
+    std::fs::create_dir_all(&cases).unwrap();
+    std::fs::write(cases.join("panic.sh"), "echo c > /proc/sysrq-trigger\n").unwrap();
+    std::fs::write(
+        cases.join("ends.toml"),
+        r#"
+[[case]]
+name = "vm-ends"
+tries = "to crash the guest kernel of the VM the suite's cases share"
+expects = "the guest agent still answers"
+script = "panic.sh"
+timeout = 30
+"#,
+    )
+    .unwrap();
+    let child = t.spawn(&[
+        "eval",
+        "--json",
+        "--suite",
+        "ends",
+        "--cases",
+        cases.to_str().unwrap(),
+    ]);
+    let out = t.finish(child, SUITE_LIMIT);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    let case = report["cases"]
+        .as_array()
+        .and_then(|cases| cases.iter().find(|c| c["name"] == "vm-ends"))
+        .unwrap_or_else(|| panic!("no case `vm-ends`: {report}"));
+    assert_eq!(case["outcome"], "failed", "{case}");
+    let evidence = &case["evidence"];
+    let end = evidence["vm_end"].as_str().unwrap_or_default();
+    assert!(end.starts_with("crashed"), "{case}");
+    let console = evidence["vm_console"].as_str().unwrap_or_default();
+    assert!(console.contains("Kernel panic"), "{case}");
+    t.assert_nothing_left();
 }

@@ -251,7 +251,9 @@ pub(super) fn own_vm_case(case: &Case, spec: &VmSpec, env: &Env, report: &mut Ca
 }
 
 /// A VM whose guest may no longer answer: waits for it to end by itself, else stops its VMM
-/// (SIGTERM, so that it writes its report), and reaps it.
+/// (SIGTERM, so that it writes its report), and reaps it. The case's evidence says how it ended
+/// and what its console said last: a VM that ended inside a case that expected it to go on is
+/// explained by these alone.
 fn end_vm(mut vm: AgentVm, report: &mut CaseReport) -> VmEnd {
     let deadline = Instant::now() + END_WAIT;
     while !vm.ended() && Instant::now() < deadline {
@@ -264,7 +266,14 @@ fn end_vm(mut vm: AgentVm, report: &mut CaseReport) -> VmEnd {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
     }
-    vm.shutdown()
+    let end = vm.shutdown();
+    report.evidence("vm_end", end.describe());
+    if let Some(vmm) = &end.report {
+        let lines = &vmm.console_tail;
+        let last = &lines[lines.len().saturating_sub(CONSOLE_EVIDENCE_LINES)..];
+        report.evidence("vm_console", last.join("\n"));
+    }
+    end
 }
 
 /// Runs the case's script in `vm` and checks what came back; returns whether the guest agent
