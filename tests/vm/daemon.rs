@@ -3,6 +3,7 @@
 //! with clear errors and carries on.
 
 use agentos::daemon::client::raw;
+use agentos_core::agent::vm::connect_through_vmm;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -734,9 +735,8 @@ fn an_agent_the_daemon_saved_runs_again_from_its_snapshot() {
 }
 
 /// Opens a connection to the guest agent of the one VM the test's run directory holds, through
-/// its VMM's socket: the connection and the host port the VMM gave it (`OK PORT`).
+/// its VMM's socket: the connection and the host port the VMM gave it.
 fn connect_by_hand(t: &Scratch) -> (UnixStream, u32) {
-    use std::io::Read;
     let sockets: Vec<PathBuf> = std::fs::read_dir(t.run_dir())
         .unwrap()
         .flatten()
@@ -744,23 +744,12 @@ fn connect_by_hand(t: &Scratch) -> (UnixStream, u32) {
         .filter(|socket| socket.exists())
         .collect();
     assert_eq!(sockets.len(), 1, "one VM runs: {sockets:?}");
-    let mut stream = UnixStream::connect(&sockets[0]).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    writeln!(stream, "CONNECT {}", agentos_protocol::AGENT_LISTEN_PORT).unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') && line.len() < 32 {
-        stream.read_exact(&mut byte).unwrap();
-        line.push(byte[0]);
-    }
-    let line = text(&line);
-    let port = line
-        .strip_prefix("OK ")
-        .and_then(|port| port.trim().parse().ok())
-        .unwrap_or_else(|| panic!("the VMM answered {line:?}"));
-    (stream, port)
+    connect_through_vmm(
+        &sockets[0],
+        agentos_protocol::AGENT_LISTEN_PORT,
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("cannot connect to the guest agent: {e}"))
 }
 
 /// SHA-256 of a page of zeros.

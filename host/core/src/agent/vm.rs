@@ -754,8 +754,6 @@ fn spawn_vmm(
     })
 }
 
-/// The program each VM runs in: `agentos-vmm`, the VMM alone (jail and seccomp included), beside
-/// this program's binary.
 /// Longest answer the VMM gives to `CONNECT` (`OK <port>\n`).
 const MAX_CONNECT_ANSWER: usize = 32;
 
@@ -767,16 +765,28 @@ pub fn connect_to_agent(
     socket: &Path,
     timeout: Duration,
 ) -> Result<AgentConnection, ConnectionError> {
-    use std::io::{Read, Write};
     let deadline = Instant::now() + timeout;
+    let (stream, _) = connect_through_vmm(socket, agentos_protocol::AGENT_LISTEN_PORT, timeout)?;
+    AgentConnection::handshake(stream, deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Opens a connection through a VMM's socket `socket` to the guest's vsock port `port`, within
+/// `timeout`: the stream once the VMM answered `OK`, and the host port the VMM gave it. Nothing
+/// after the VMM's line is read: that is the guest's.
+pub fn connect_through_vmm(
+    socket: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<(std::os::unix::net::UnixStream, u32), ConnectionError> {
+    use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(FrameError::Io)?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(FrameError::Io)?;
     stream
-        .write_all(format!("CONNECT {}\n", agentos_protocol::AGENT_LISTEN_PORT).as_bytes())
+        .write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(FrameError::Io)?;
-    // Byte by byte: what follows the line is the guest agent's, and not to be read here.
+    // Byte by byte: what follows the line is the guest's, and not to be read here.
     let mut answer = Vec::with_capacity(MAX_CONNECT_ANSWER);
     let mut byte = [0u8; 1];
     while answer.last() != Some(&b'\n') {
@@ -794,15 +804,21 @@ pub fn connect_to_agent(
             Err(e) => return Err(FrameError::Io(e).into()),
         }
     }
-    if !answer.starts_with(b"OK ") {
-        return Err(ConnectionError::Refused(format!(
+    let host_port = std::str::from_utf8(&answer)
+        .ok()
+        .and_then(|line| line.strip_prefix("OK "))
+        .and_then(|port| port.trim_end().parse().ok());
+    match host_port {
+        Some(host_port) => Ok((stream, host_port)),
+        None => Err(ConnectionError::Refused(format!(
             "the VMM answered CONNECT with {:?}",
             String::from_utf8_lossy(&answer)
-        )));
+        ))),
     }
-    AgentConnection::handshake(stream, deadline.saturating_duration_since(Instant::now()))
 }
 
+/// The program each VM runs in: `agentos-vmm`, the VMM alone (jail and seccomp included), beside
+/// this program's binary.
 pub fn vmm_binary() -> Result<PathBuf, VmError> {
     let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
         path: VMM_BINARY.into(),
