@@ -12,7 +12,9 @@ use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{Activation, DeviceState, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, DeviceState, DeviceStateError, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
+};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -145,7 +147,7 @@ pub enum TransportRestoreError {
     #[error("the snapshot's device of type {0} was running but cannot start again")]
     Activate(u32),
     #[error("the snapshot's device of type {device} cannot be put back: {why}")]
-    DeviceState { device: u32, why: String },
+    DeviceState { device: u32, why: DeviceStateError },
 }
 
 /// A virtio-mmio slot as the snapshot code sees it, whatever its device.

@@ -111,12 +111,20 @@ pub trait VirtioDevice: Send {
     }
     /// Takes back what [`VirtioDevice::save_state`] gave, before the device starts again. A
     /// snapshot is host input: a state the device cannot take is refused, with the reason.
-    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
-        match state {
-            None => Ok(()),
-            Some(state) => Err(format!("it keeps no state, and the snapshot has {state:?}")),
-        }
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), DeviceStateError> {
+        state.map_or(Ok(()), |state| {
+            Err(DeviceStateError::NotKept(state.clone()))
+        })
     }
+}
+
+/// Why a device cannot take the state a snapshot gives it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("the device keeps no state of its own, and the snapshot gives it {0:?}")]
+    NotKept(DeviceState),
+    #[error("host ports are numbered from {first}, and the snapshot's numbering stood at {port}")]
+    HostPortBelowRange { port: u32, first: u32 },
 }
 
 /// A device's own state in a snapshot, by kind of device.

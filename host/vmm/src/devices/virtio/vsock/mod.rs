@@ -28,9 +28,9 @@ use self::packet::{
 };
 use super::events::Polled;
 use super::{
-    ActivateError, Activation, DeviceState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice, VirtioInterrupt, avail_ring_corrupt, count_refusal, drain_queue,
-    read_config_bytes,
+    ActivateError, Activation, DeviceState, DeviceStateError, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt, avail_ring_corrupt, count_refusal,
+    drain_queue, read_config_bytes,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -72,10 +72,10 @@ pub trait VsockBackend: Send {
     /// guest may still hold sockets of the connections before it (reset, but open until its
     /// programs close them), and a new connection under one of their port pairs would be
     /// refused by the guest's kernel.
-    fn number_host_ports_from(&mut self, port: u32) -> Result<(), String> {
-        Err(format!(
-            "this backend numbers no host ports (snapshot: {port})"
-        ))
+    fn number_host_ports_from(&mut self, port: u32) -> Result<(), DeviceStateError> {
+        Err(DeviceStateError::NotKept(DeviceState::Vsock {
+            next_host_port: port,
+        }))
     }
 }
 
@@ -364,7 +364,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
             .map(|next_host_port| DeviceState::Vsock { next_host_port })
     }
 
-    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), DeviceStateError> {
         match state {
             Some(DeviceState::Vsock { next_host_port }) => {
                 self.backend.number_host_ports_from(*next_host_port)

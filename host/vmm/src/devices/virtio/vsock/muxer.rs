@@ -32,6 +32,7 @@ use super::packet::{
     Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
     OP_SHUTDOWN, TxPacket,
 };
+use crate::devices::virtio::DeviceStateError;
 
 /// Connections per VM, either direction.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -656,11 +657,12 @@ impl VsockBackend for UnixMuxer {
         Some(self.next_local_port)
     }
 
-    fn number_host_ports_from(&mut self, port: u32) -> Result<(), String> {
+    fn number_host_ports_from(&mut self, port: u32) -> Result<(), DeviceStateError> {
         if port < FIRST_LOCAL_PORT {
-            return Err(format!(
-                "host ports are numbered from {FIRST_LOCAL_PORT}, the snapshot has {port}"
-            ));
+            return Err(DeviceStateError::HostPortBelowRange {
+                port,
+                first: FIRST_LOCAL_PORT,
+            });
         }
         self.next_local_port = port;
         Ok(())

@@ -469,12 +469,10 @@ fn a_restored_muxer_numbers_host_connections_on_from_where_the_saved_one_stood()
         port > first.max(second),
         "{port} after {first} and {second}"
     );
-    assert!(
-        restored
-            .muxer
-            .number_host_ports_from(FIRST_LOCAL_PORT - 1)
-            .is_err()
-    );
+    assert!(matches!(
+        restored.muxer.number_host_ports_from(FIRST_LOCAL_PORT - 1),
+        Err(DeviceStateError::HostPortBelowRange { .. })
+    ));
 }
 
 #[test]
