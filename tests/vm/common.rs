@@ -53,14 +53,12 @@ pub fn vm_available() -> bool {
 pub fn booted_snapshot() -> &'static str {
     static SNAPSHOT: OnceLock<String> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("agentos-test-snapshot-{}", std::process::id()));
+        let dir = booted_snapshot_dir();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let dir = dir.into_os_string().into_string().unwrap();
-        let _ = SNAPSHOT_DIR.set(dir.clone());
-        // SAFETY: registers a function without arguments that only touches a set static.
+        // SAFETY: registers a function without arguments that only removes a directory.
         unsafe { libc::atexit(remove_booted_snapshot) };
+        let dir = dir.into_os_string().into_string().unwrap();
         let t = Scratch::new("booted-snapshot");
         let out = t.output(&["run", "--snapshot-to", &dir, "--", "/bin/true"], b"");
         assert!(
@@ -73,13 +71,13 @@ pub fn booted_snapshot() -> &'static str {
     })
 }
 
-/// Where [`booted_snapshot`] saved, for the exit handler that removes it.
-static SNAPSHOT_DIR: OnceLock<String> = OnceLock::new();
+/// Where [`booted_snapshot`] saves: this test process's own directory.
+fn booted_snapshot_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("agentos-test-snapshot-{}", std::process::id()))
+}
 
 extern "C" fn remove_booted_snapshot() {
-    if let Some(dir) = SNAPSHOT_DIR.get() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    let _ = std::fs::remove_dir_all(booted_snapshot_dir());
 }
 
 /// One test's scratch space: VMs it starts keep their run directories here, so that the test

@@ -2,6 +2,8 @@
 //! per test (so that the suites run side by side in the VM test lanes), every case passes, and
 //! each run leaves the host as it found it (its last case, `host-unchanged`).
 
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use crate::common::{Scratch, describe, share_machine, take_machine, text, vm_available};
@@ -9,18 +11,8 @@ use crate::common::{Scratch, describe, share_machine, take_machine, text, vm_ava
 /// How long one suite may take: its VMs boot one after the other under emulation.
 const SUITE_LIMIT: Duration = Duration::from_secs(1500);
 
-fn suite_holds(suite: &str) {
-    if !vm_available() {
-        return;
-    }
-    let _machine = take_machine();
-    let t = Scratch::new(&format!("eval-{suite}"));
-    // The source tree's cases (the carrier that runs the VM tests copies them at this path).
-    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace")
-        .to_owned();
-    let cases = top.join("eval/cases");
+/// Runs `agentos eval --json` of `suite` in `cases`: its output and its JSON report.
+fn eval(t: &Scratch, suite: &str, cases: &Path) -> (Output, serde_json::Value) {
     let child = t.spawn(&[
         "eval",
         "--json",
@@ -30,8 +22,23 @@ fn suite_holds(suite: &str) {
         cases.to_str().unwrap(),
     ]);
     let out = t.finish(child, SUITE_LIMIT);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let report = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    (out, report)
+}
+
+fn suite_holds(suite: &str) {
+    if !vm_available() {
+        return;
+    }
+    let _machine = take_machine();
+    let t = Scratch::new(&format!("eval-{suite}"));
+    // The source tree's cases (the carrier that runs the VM tests copies them at this path).
+    let top = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace")
+        .to_owned();
+    let (out, report) = eval(&t, suite, &top.join("eval/cases"));
     let cases = report["cases"].as_array().expect("no cases");
     let failed: Vec<String> = cases
         .iter()
@@ -99,18 +106,8 @@ timeout = 30
 "#,
     )
     .unwrap();
-    let child = t.spawn(&[
-        "eval",
-        "--json",
-        "--suite",
-        "ends",
-        "--cases",
-        cases.to_str().unwrap(),
-    ]);
-    let out = t.finish(child, SUITE_LIMIT);
+    let (out, report) = eval(&t, "ends", &cases);
     assert!(!out.status.success(), "{}", describe(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
     let case = report["cases"]
         .as_array()
         .and_then(|cases| cases.iter().find(|c| c["name"] == "vm-ends"))
